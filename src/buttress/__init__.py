@@ -1,0 +1,58 @@
+"""buttress: make the calls a service makes to other services survive failure.
+
+Stack ``circuit_breaker``, ``retry_with_backoff``, ``with_timeout``, ``with_bulkhead``,
+``with_rate_limit`` and ``with_fallback`` on ``def`` and ``async def`` functions, or build the
+whole stack for a named service with ``resilient("openfga")``; tune it from settings; watch it in
+Prometheus, OpenTelemetry and logs.
+"""
+
+from __future__ import annotations
+
+from buttress._context import attempt, idempotency_key, remaining
+from buttress.config import get_settings, reload_settings
+from buttress.decorators import (
+    circuit_breaker,
+    resilient,
+    retry_with_backoff,
+    with_bulkhead,
+    with_fallback,
+    with_rate_limit,
+    with_timeout,
+)
+from buttress.exceptions import (
+    BulkheadFullError,
+    ButtressError,
+    CircuitOpenError,
+    ConfigurationError,
+    RateLimitedError,
+    RejectedError,
+    TimeoutExceededError,
+)
+from buttress.health import health
+from buttress.policy import Policy
+
+__all__ = [
+    "BulkheadFullError",
+    "ButtressError",
+    "CircuitOpenError",
+    "ConfigurationError",
+    "Policy",
+    "RateLimitedError",
+    "RejectedError",
+    "TimeoutExceededError",
+    "attempt",
+    "circuit_breaker",
+    "get_settings",
+    "health",
+    "idempotency_key",
+    "reload_settings",
+    "remaining",
+    "resilient",
+    "retry_with_backoff",
+    "with_bulkhead",
+    "with_fallback",
+    "with_rate_limit",
+    "with_timeout",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,128 @@
+"""The one place buttress reads time and waits.
+
+Every duration is measured on a monotonic clock and every wait goes through the active
+:class:`Clock`. Tests replace it (:class:`buttress.testing.FakeClock`) so that backoff, open
+circuits, rate-limit refills and timeouts move with simulated time, and testing mode replaces it
+with one whose sleeps return at once.
+
+The hot path calls the module-level functions (``_clock.monotonic()``), which are rebound when the
+clock changes, so reading time costs one global lookup and one C call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol, runtime_checkable
+
+__all__ = [
+    "Clock",
+    "SystemClock",
+    "ZeroWaitClock",
+    "asleep",
+    "get_clock",
+    "monotonic",
+    "set_clock",
+    "sleep",
+    "timeout",
+    "wait",
+    "wall",
+]
+
+
+@runtime_checkable
+class Clock(Protocol):
+    """What a clock must provide. Durations are seconds as floats."""
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never goes backwards; only differences are meaningful."""
+
+    def wall(self) -> float:
+        """Seconds since the epoch (only for HTTP dates in ``Retry-After``)."""
+
+    def sleep(self, seconds: float) -> None:
+        """Block the current thread for ``seconds``."""
+
+    async def asleep(self, seconds: float) -> None:
+        """Suspend the current task for ``seconds``."""
+
+    def wait(self, event: threading.Event, seconds: float | None) -> bool:
+        """Wait until ``event`` is set or ``seconds`` pass; return whether it was set."""
+
+    def timeout(self, seconds: float | None) -> AbstractAsyncContextManager[None]:
+        """An ``asyncio.timeout``: cancels the enclosed block and raises ``TimeoutError``."""
+
+
+class SystemClock:
+    """The real clock: ``time.monotonic``, ``time.sleep``, ``asyncio.sleep``, ``asyncio.timeout``."""
+
+    monotonic = staticmethod(time.monotonic)
+    wall = staticmethod(time.time)
+    sleep = staticmethod(time.sleep)
+
+    async def asleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    def wait(self, event: threading.Event, seconds: float | None) -> bool:
+        return event.wait(seconds)
+
+    def timeout(self, seconds: float | None) -> AbstractAsyncContextManager[None]:
+        return asyncio.timeout(seconds)
+
+
+class ZeroWaitClock(SystemClock):
+    """Real time, but every sleep returns at once: the clock of testing mode.
+
+    Waits for another party (a bulkhead slot, a timeout) still take real time; only the waits
+    buttress chooses itself (backoff, rate-limit pacing) are skipped.
+    """
+
+    def sleep(self, seconds: float) -> None:  # noqa: ARG002 - the point is to ignore it
+        return
+
+    async def asleep(self, seconds: float) -> None:  # noqa: ARG002
+        # One trip through the loop keeps the cooperative-scheduling behaviour of a real sleep.
+        await asyncio.sleep(0)
+
+
+_lock = threading.Lock()
+_current: Clock = SystemClock()
+
+monotonic: Callable[[], float] = _current.monotonic
+wall: Callable[[], float] = _current.wall
+sleep: Callable[[float], None] = _current.sleep
+
+
+async def asleep(seconds: float) -> None:
+    """Suspend the current task for ``seconds`` on the active clock."""
+    await _current.asleep(seconds)
+
+
+def wait(event: threading.Event, seconds: float | None) -> bool:
+    """Wait for ``event`` at most ``seconds`` on the active clock; return whether it was set."""
+    return _current.wait(event, seconds)
+
+
+def timeout(seconds: float | None) -> AbstractAsyncContextManager[None]:
+    """``asyncio.timeout(seconds)`` on the active clock."""
+    return _current.timeout(seconds)
+
+
+def get_clock() -> Clock:
+    """The active clock."""
+    return _current
+
+
+def set_clock(clock: Clock) -> Clock:
+    """Make ``clock`` the active clock and return the previous one."""
+    global _current, monotonic, wall, sleep
+    with _lock:
+        previous = _current
+        _current = clock
+        monotonic = clock.monotonic
+        wall = clock.wall
+        sleep = clock.sleep
+    return previous

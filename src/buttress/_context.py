@@ -1,0 +1,66 @@
+"""What code running inside a protected call can ask about it.
+
+``attempt()`` and ``idempotency_key()`` read the innermost retry; ``remaining()`` reads the tightest
+deadline of the enclosing ``with_timeout`` scopes. All three are context variables, so they follow
+the call into ``asyncio`` tasks and into the worker thread of a sync timeout.
+"""
+
+from __future__ import annotations
+
+import uuid
+from contextvars import ContextVar
+
+from buttress import _clock
+
+__all__ = ["RetryScope", "attempt", "deadline", "idempotency_key", "remaining"]
+
+
+class RetryScope:
+    """One logical call under a retry: its attempt number and its lazily made idempotency key."""
+
+    __slots__ = ("attempt", "key")
+
+    def __init__(self) -> None:
+        self.attempt = 1
+        self.key: str | None = None
+
+
+retry_scope: ContextVar[RetryScope | None] = ContextVar("buttress_retry_scope", default=None)
+
+# Absolute deadline on the buttress clock (``_clock.monotonic()``), or None when no timeout encloses.
+deadline: ContextVar[float | None] = ContextVar("buttress_deadline", default=None)
+
+
+def attempt() -> int:
+    """The attempt number of the innermost retried call: 1 for the first call, 2 for the first retry.
+
+    Outside a retried call it is 1.
+    """
+    scope = retry_scope.get()
+    return 1 if scope is None else scope.attempt
+
+
+def idempotency_key() -> str | None:
+    """A key that stays the same across all attempts of one logical retried call.
+
+    Send it with a request (for example as an ``Idempotency-Key`` header) so the server can tell a
+    retry from a new request. ``None`` outside a retried call.
+    """
+    scope = retry_scope.get()
+    if scope is None:
+        return None
+    if scope.key is None:
+        scope.key = uuid.uuid4().hex
+    return scope.key
+
+
+def remaining() -> float | None:
+    """Seconds left before the tightest enclosing ``with_timeout`` deadline, or ``None`` if none.
+
+    Pass it down as the I/O timeout of a socket, HTTP or database call: a sync call that times out
+    cannot be stopped from outside, so cooperating is the only way to stop its work early.
+    """
+    limit = deadline.get()
+    if limit is None:
+        return None
+    return max(0.0, limit - _clock.monotonic())

@@ -1,0 +1,258 @@
+"""The public decorators: each is thin sugar over a one-pattern :class:`~buttress.Policy`.
+
+Every argument defaults to ``None``, meaning "not set here": the value then comes from settings,
+the preset, or the built-in default (see ``docs/configuration.md``). Arguments are validated when
+the decorator is applied, so ``with_bulkhead(limit=0)`` fails at import time, naming ``limit``.
+Stacked decorators fuse into one policy (see :mod:`buttress.policy`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, ParamSpec, TypeVar
+
+from buttress.exceptions import ConfigurationError
+from buttress.patterns.circuit_breaker import ExcludeSpec
+from buttress.patterns.fallback import MISSING
+from buttress.patterns.retry import RetryOn
+from buttress.policy import Policy, Spec
+
+__all__ = [
+    "circuit_breaker",
+    "resilient",
+    "retry_with_backoff",
+    "with_bulkhead",
+    "with_fallback",
+    "with_rate_limit",
+    "with_timeout",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+Decorator = Callable[[Callable[P, R]], Callable[P, R]]
+
+# resilient() stacks every pattern in this order, outermost first (design §3).
+CANONICAL_ORDER = ("fallback", "retry", "circuit_breaker", "rate_limit", "timeout", "bulkhead")
+
+
+def _given(**kwargs: Any) -> dict[str, Any]:
+    return {key: value for key, value in kwargs.items() if value is not None}
+
+
+def _one(pattern: str, name: str | None, code_args: Mapping[str, Any]) -> Policy:
+    return Policy(Spec(pattern, name, code_args))
+
+
+def circuit_breaker(
+    name: str | None = None,
+    *,
+    fail_max: int | None = None,
+    timeout: float | None = None,
+    reset_timeout: float | None = None,
+    success_threshold: int | None = None,
+    half_open_max_calls: int | None = None,
+    failure_rate_threshold: float | None = None,
+    minimum_calls: int | None = None,
+    window_seconds: float | None = None,
+    slow_call_duration: float | None = None,
+    slow_call_rate_threshold: float | None = None,
+    exclude: tuple[ExcludeSpec, ...] | list[ExcludeSpec] | None = None,
+    state_url: str | None = None,
+) -> Policy:
+    """Stop calling a failing dependency for a while, then probe it.
+
+    Args:
+        name: the service; call sites with the same name share one breaker.
+        fail_max: consecutive failures that open the circuit (default 5).
+        timeout: seconds the circuit stays open (default 60); ``reset_timeout`` is an alias.
+        success_threshold: successful half-open trials that close it (default 1).
+        half_open_max_calls: concurrent trial calls while half-open (default 1).
+        failure_rate_threshold: also open when this fraction of the calls in the window failed.
+        minimum_calls: calls in the window before a rate counts (default 10).
+        window_seconds: length of the rate window (default 60).
+        slow_call_duration: seconds after which a call counts as slow.
+        slow_call_rate_threshold: also open when this fraction of the window's calls were slow.
+        exclude: exception types or predicates that are neither success nor failure.
+        state_url: ``redis://`` URL to share the circuit across processes.
+
+    Raises:
+        ConfigurationError: an argument is invalid (also a ``ValueError``).
+    """
+    if timeout is not None and reset_timeout is not None and timeout != reset_timeout:
+        raise ConfigurationError(
+            "circuit_breaker: give timeout or reset_timeout (its alias), not two different values"
+        )
+    return _one(
+        "circuit_breaker",
+        name,
+        _given(
+            fail_max=fail_max,
+            timeout=timeout if timeout is not None else reset_timeout,
+            success_threshold=success_threshold,
+            half_open_max_calls=half_open_max_calls,
+            failure_rate_threshold=failure_rate_threshold,
+            minimum_calls=minimum_calls,
+            window_seconds=window_seconds,
+            slow_call_duration=slow_call_duration,
+            slow_call_rate_threshold=slow_call_rate_threshold,
+            exclude=tuple(exclude) if exclude is not None else None,
+            state_url=state_url,
+        ),
+    )
+
+
+def retry_with_backoff(
+    name: str | None = None,
+    *,
+    max_attempts: int | None = None,
+    initial: float | None = None,
+    exponential_base: float | None = None,
+    max_delay: float | None = None,
+    jitter: Literal["none", "full", "equal", "decorrelated"] | None = None,
+    retry_on: RetryOn | list[type[BaseException]] | type[BaseException] | None = None,
+    idempotent: bool | None = None,
+    respect_retry_after: bool | None = None,
+    retry_rejected: bool | None = None,
+) -> Policy:
+    """Retry transient failures with exponential backoff and jitter.
+
+    Args:
+        name: the service (settings section and metric label).
+        max_attempts: attempts including the first call (default 3).
+        initial: seconds before the first retry, before jitter (default 0.1).
+        exponential_base: growth factor of the delay (default 2).
+        max_delay: cap on any single delay, Retry-After included (default 30).
+        jitter: ``"full"`` (default), ``"equal"``, ``"decorrelated"`` or ``"none"``.
+        retry_on: ``"transient"`` (default), ``"network"``, exception types, or a predicate.
+        idempotent: ``False`` turns retries off for this call site.
+        respect_retry_after: a server's ``Retry-After`` sets the next delay (default true).
+        retry_rejected: retry a ``RejectedError`` carrying ``retry_after`` (default false).
+    """
+    if isinstance(retry_on, type):
+        retry_on = (retry_on,)
+    elif isinstance(retry_on, list):
+        retry_on = tuple(retry_on)
+    return _one(
+        "retry",
+        name,
+        _given(
+            max_attempts=max_attempts,
+            initial=initial,
+            exponential_base=exponential_base,
+            max_delay=max_delay,
+            jitter=jitter,
+            retry_on=retry_on,
+            idempotent=idempotent,
+            respect_retry_after=respect_retry_after,
+            retry_rejected=retry_rejected,
+        ),
+    )
+
+
+def with_timeout(name: str | None = None, *, seconds: float | None = None) -> Policy:
+    """Give up on a call after ``seconds`` with ``TimeoutExceededError``.
+
+    ``async def`` calls are cancelled. A ``def`` call runs on a worker thread that cannot be
+    killed: the caller gets the error on time, and ``buttress.remaining()`` lets the function
+    stop its own work early.
+    """
+    return _one("timeout", name, _given(seconds=seconds))
+
+
+def with_bulkhead(
+    name: str | None = None,
+    *,
+    limit: int | None = None,
+    max_queue: int | None = None,
+    queue_timeout: float | None = None,
+) -> Policy:
+    """Allow at most ``limit`` concurrent calls; ``max_queue`` more wait up to ``queue_timeout``."""
+    return _one(
+        "bulkhead",
+        name,
+        _given(limit=limit, max_queue=max_queue, queue_timeout=queue_timeout),
+    )
+
+
+def with_rate_limit(
+    name: str | None = None,
+    *,
+    rate: float | None = None,
+    burst: int | None = None,
+    max_wait: float | None = None,
+) -> Policy:
+    """Pace calls with a token bucket: ``rate`` per second, bursts of ``burst``."""
+    return _one("rate_limit", name, _given(rate=rate, burst=burst, max_wait=max_wait))
+
+
+def with_fallback(
+    value: Any = MISSING,
+    *,
+    name: str | None = None,
+    handler: Callable[..., Any] | None = None,
+    chain: tuple[Callable[..., Any], ...] | list[Callable[..., Any]] | None = None,
+    cache_ttl: float | None = None,
+    on: tuple[type[BaseException], ...]
+    | list[type[BaseException]]
+    | type[BaseException]
+    | Callable[[BaseException], bool]
+    | None = None,
+) -> Policy:
+    """Answer with something useful when the call fails with one of the ``on`` exceptions.
+
+    Args:
+        value: returned instead of the failure.
+        name: the service (settings section and metric label).
+        handler: called as ``handler(exc, *args, **kwargs)``; its result is returned.
+        chain: handlers tried in order until one succeeds.
+        cache_ttl: serve the last good result for the same arguments within this many seconds.
+        on: exceptions (types or a predicate) that trigger it; default ``ButtressError`` and
+            transient errors.
+    """
+    if isinstance(on, type):
+        on = (on,)
+    elif isinstance(on, list):
+        on = tuple(on)
+    code_args = _given(
+        handler=handler,
+        chain=tuple(chain) if chain is not None else None,
+        cache_ttl=cache_ttl,
+        on=on,
+    )
+    if value is not MISSING:
+        code_args["value"] = value
+    if not code_args.keys() & {"value", "handler", "chain", "cache_ttl"}:
+        raise TypeError("with_fallback needs a value, a handler, a chain or a cache_ttl")
+    return _one("fallback", name, code_args)
+
+
+def resilient(
+    name: str,
+    *,
+    preset: Literal["api", "ai", "database", "external", "critical"] | None = None,
+    fallback: Mapping[str, Any] | None = None,
+    retry: Mapping[str, Any] | None = None,
+    circuit_breaker: Mapping[str, Any] | None = None,
+    rate_limit: Mapping[str, Any] | None = None,
+    timeout: Mapping[str, Any] | None = None,
+    bulkhead: Mapping[str, Any] | None = None,
+) -> Policy:
+    """The whole stack for service ``name``, from settings, in the canonical order.
+
+    fallback → retry → circuit breaker → rate limit → timeout (per attempt) → bulkhead → call.
+    Each mapping gives code defaults for one pattern that settings may override; ``preset``
+    names a set of defaults. Rate limit and fallback act only when configured.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"resilient() needs a service name, got {name!r}")
+    given = {
+        "fallback": fallback,
+        "retry": retry,
+        "circuit_breaker": circuit_breaker,
+        "rate_limit": rate_limit,
+        "timeout": timeout,
+        "bulkhead": bulkhead,
+    }
+    return Policy(
+        *(Spec(pattern, name, dict(given[pattern] or {}), preset) for pattern in CANONICAL_ORDER)
+    )

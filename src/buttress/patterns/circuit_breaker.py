@@ -1,0 +1,55 @@
+"""Circuit breaker: stop calling a dependency that keeps failing, probe it, close when it recovers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+from pydantic import Field, model_validator
+
+from buttress.patterns._base import BuildContext, Options, Strategy
+
+PATTERN = "circuit_breaker"
+
+ExcludeSpec = type[BaseException] | Callable[[BaseException], bool]
+
+
+class CircuitBreakerOptions(Options):
+    """Options of ``circuit_breaker`` (and of ``services.<name>.circuit_breaker``)."""
+
+    code_only: ClassVar[frozenset[str]] = frozenset({"exclude"})
+
+    enabled: bool = True
+    fail_max: int = Field(5, gt=0, description="consecutive failures that open the circuit")
+    timeout: float = Field(60.0, gt=0, description="seconds the circuit stays open")
+    success_threshold: int = Field(1, gt=0, description="half-open successes that close it")
+    half_open_max_calls: int = Field(1, gt=0, description="concurrent half-open trial calls")
+    failure_rate_threshold: float | None = Field(
+        None, gt=0, le=1, description="failure rate over the window that opens it (off if unset)"
+    )
+    slow_call_duration: float | None = Field(
+        None, gt=0, description="seconds after which a call counts as slow"
+    )
+    slow_call_rate_threshold: float | None = Field(
+        None, gt=0, le=1, description="slow-call rate over the window that opens it"
+    )
+    minimum_calls: int = Field(10, gt=0, description="calls in the window before rates count")
+    window_seconds: float = Field(60.0, gt=0, description="length of the rate window")
+    exclude: tuple[ExcludeSpec, ...] = Field(
+        (), description="exceptions (types or predicates) that are neither success nor failure"
+    )
+    state_url: str | None = Field(
+        None, description="redis:// or rediss:// URL to share circuit state across processes"
+    )
+
+    @model_validator(mode="after")
+    def _slow_calls_need_both(self) -> CircuitBreakerOptions:
+        if (self.slow_call_duration is None) != (self.slow_call_rate_threshold is None):
+            raise ValueError(
+                "slow_call_duration and slow_call_rate_threshold must be set together"
+            )
+        return self
+
+
+def build(ctx: BuildContext) -> Strategy | None:
+    raise NotImplementedError  # being written

@@ -1,0 +1,399 @@
+"""Policy: an immutable, ordered stack of patterns, and the two drivers that run a call through it.
+
+A :class:`Policy` is a tuple of :class:`Spec` (which pattern, for which service, with which code
+arguments), outermost first. It decides nothing at decoration time beyond validating arguments:
+settings are read when a call happens. The first call (and the first call after
+``reload_settings()``) *compiles* the stack: it resolves each pattern's options for its service,
+builds the strategies and chains their ``wrap`` (sync) or ``awrap`` (async) steps into one
+callable. Every later call only checks that the settings snapshot is still the same object.
+
+Stacked decorators fuse: decorating a function that buttress already decorated adds the new
+pattern to the existing policy instead of wrapping a wrapper, so a four-decorator stack costs one
+wrapper, and ``FF_ENABLE_RESILIENCE_PATTERNS=false`` costs one flag check.
+
+Service names: a spec without a ``name`` takes the service of the stack it is part of (the first
+named spec), else the function's qualified name. Specs that share a service share its breaker,
+bulkhead and rate limiter.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, ParamSpec, TypeVar, cast
+
+from buttress import _clock, config, events, registry
+from buttress.events import CallFinished
+from buttress.exceptions import ConfigurationError, RejectedError, TimeoutExceededError
+from buttress.patterns._base import AsyncCall, BuildContext, Call, Strategy
+
+__all__ = ["Policy", "Spec"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+_POLICY_ATTR = "__buttress_policy__"
+_TARGET_ATTR = "__buttress_target__"
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """One pattern of a policy: its name, the service it belongs to, the arguments given in code.
+
+    ``code_args`` holds only the arguments the caller actually passed (``None`` means "not set"),
+    already validated against the pattern's options model.
+    """
+
+    pattern: str
+    service: str | None = None
+    code_args: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    preset: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pattern not in config.PATTERNS:
+            raise ValueError(f"unknown pattern {self.pattern!r}; expected one of {config.PATTERNS}")
+        if self.service is not None and (not isinstance(self.service, str) or not self.service):
+            raise TypeError(f"name must be a non-empty string, got {self.service!r}")
+        object.__setattr__(self, "code_args", MappingProxyType(dict(self.code_args)))
+        # Validate now so a misuse fails at decoration time, naming the argument.
+        try:
+            config.options_model(self.pattern).model_validate(dict(self.code_args))
+        except ValueError as exc:
+            raise _argument_error(self.pattern, exc) from None
+
+
+def _argument_error(pattern: str, exc: ValueError) -> ConfigurationError:
+    from pydantic import ValidationError  # noqa: PLC0415 - only on the error path
+
+    if isinstance(exc, ValidationError):
+        problems = tuple(
+            (".".join(str(p) for p in err["loc"]) or pattern, "code", err["msg"])
+            for err in exc.errors()
+        )
+        detail = "; ".join(f"{loc or pattern}: {msg}" for loc, _, msg in problems)
+        return ConfigurationError(f"invalid argument for {pattern}: {detail}", errors=problems)
+    return ConfigurationError(f"invalid argument for {pattern}: {exc}")
+
+
+def _build(spec: Spec, service: str, key: str, snapshot: config.Snapshot) -> Strategy | None:
+    view = snapshot.service(service)
+    if not view.enabled or not view.pattern_enabled(spec.pattern):
+        return None
+    options = view.options(spec.pattern, spec.code_args, spec.preset)
+    if not getattr(options, "enabled", True):
+        return None
+    module = importlib.import_module(f"buttress.patterns.{spec.pattern}")
+    ctx = BuildContext(service=service, options=options, key=key, mode=view.mode)
+    return cast("Strategy | None", module.build(ctx))
+
+
+def _outcome(exc: BaseException) -> str:
+    if isinstance(exc, RejectedError):
+        return "rejected"
+    if isinstance(exc, TimeoutExceededError):
+        return "timeout"
+    return "failure"
+
+
+class _Compiled:
+    """A policy compiled for one function and one settings snapshot."""
+
+    __slots__ = ("direct", "run", "snapshot")
+
+    def __init__(self, snapshot: config.Snapshot, run: Any, *, direct: bool) -> None:
+        self.snapshot = snapshot
+        self.run = run
+        self.direct = direct
+
+
+class _Bound:
+    """A policy applied to one function: knows the services and compiles per settings snapshot."""
+
+    def __init__(self, policy: Policy, fn: Callable[..., Any], *, is_async: bool) -> None:
+        self.policy = policy
+        self.fn = fn
+        self.is_async = is_async
+        site = _site(fn)
+        self.service = policy.service or _qualified_name(fn)
+        # A spec that names no service shares the stack's service when the stack names one; when
+        # nothing in the stack is named, its state is private to this call site.
+        self.keys: list[tuple[Spec, str, str]] = []
+        for spec in policy.specs:
+            service = spec.service or self.service
+            key = service if (spec.service or policy.service) else f"{service}@{site}"
+            registry.claim(spec.pattern, key, spec.code_args, site)
+            self.keys.append((spec, service, key))
+        self._lock = threading.Lock()
+        self.compiled = _Compiled(_NO_SNAPSHOT, None, direct=True)
+
+    def compile(self, snapshot: config.Snapshot) -> _Compiled:
+        with self._lock:
+            if self.compiled.snapshot is snapshot:
+                return self.compiled
+            compiled = self._compile(snapshot)
+            self.compiled = compiled
+            return compiled
+
+    def _compile(self, snapshot: config.Snapshot) -> _Compiled:
+        if not snapshot.enabled:
+            return _Compiled(snapshot, None, direct=True)
+        strategies = [
+            strategy
+            for spec, service, key in self.keys
+            if (strategy := _build(spec, service, key, snapshot)) is not None
+        ]
+        view = snapshot.service(self.service)
+        if not strategies and not view.enabled:
+            return _Compiled(snapshot, None, direct=True)
+        run = self._chain_async(strategies) if self.is_async else self._chain_sync(strategies)
+        if view.rollout < 1.0:
+            run = self._rollout(run, view)
+        return _Compiled(snapshot, run, direct=False)
+
+    def _chain_sync(self, strategies: list[Strategy]) -> Call:
+        fn = self.fn
+
+        def innermost(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            return fn(*args, **kwargs)
+
+        step: Call = innermost
+        for strategy in reversed(strategies):
+            step = strategy.wrap(step)
+        chain = step
+        service = self.service
+
+        def run(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            handlers = events.ROUTES.get(CallFinished)
+            if not handlers:
+                return chain(args, kwargs)
+            started = _clock.monotonic()
+            try:
+                result = chain(args, kwargs)
+            except Exception as exc:
+                events.dispatch(
+                    handlers,
+                    CallFinished(
+                        service, _outcome(exc), _clock.monotonic() - started, type(exc).__name__
+                    ),
+                )
+                raise
+            events.dispatch(
+                handlers, CallFinished(service, "success", _clock.monotonic() - started, None)
+            )
+            return result
+
+        return run
+
+    def _chain_async(self, strategies: list[Strategy]) -> AsyncCall:
+        fn = self.fn
+
+        def innermost(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Awaitable[Any]:
+            return cast("Awaitable[Any]", fn(*args, **kwargs))
+
+        step: AsyncCall = innermost
+        for strategy in reversed(strategies):
+            step = strategy.awrap(step)
+        chain = step
+        service = self.service
+
+        async def run(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            handlers = events.ROUTES.get(CallFinished)
+            if not handlers:
+                return await chain(args, kwargs)
+            started = _clock.monotonic()
+            try:
+                result = await chain(args, kwargs)
+            except Exception as exc:
+                events.dispatch(
+                    handlers,
+                    CallFinished(
+                        service, _outcome(exc), _clock.monotonic() - started, type(exc).__name__
+                    ),
+                )
+                raise
+            events.dispatch(
+                handlers, CallFinished(service, "success", _clock.monotonic() - started, None)
+            )
+            return result
+
+        return run
+
+    def _rollout(self, run: Any, view: config.ServiceView) -> Any:
+        fn = self.fn
+        sample = view.sample
+        if self.is_async:
+
+            async def rolled_out_async(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+                if sample():
+                    return await run(args, kwargs)
+                return await fn(*args, **kwargs)
+
+            return rolled_out_async
+
+        def rolled_out(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if sample():
+                return run(args, kwargs)
+            return fn(*args, **kwargs)
+
+        return rolled_out
+
+
+class _NoSnapshot:
+    """Sentinel snapshot: never the current one, so the first call compiles."""
+
+
+_NO_SNAPSHOT = cast("config.Snapshot", _NoSnapshot())
+
+
+class Policy:
+    """An immutable stack of patterns, outermost first; also a decorator.
+
+    ``policy(fn)`` decorates; ``policy.call(fn, *args, **kwargs)`` and
+    ``await policy.acall(fn, *args, **kwargs)`` run one call through it.
+    """
+
+    __slots__ = ("_cache", "_cache_lock", "service", "specs")
+
+    def __init__(self, *specs: Spec) -> None:
+        if not specs:
+            raise ValueError("a Policy needs at least one pattern")
+        for spec in specs:
+            if not isinstance(spec, Spec):
+                raise TypeError(f"Policy takes Spec objects, got {spec!r}")
+        # Immutable: attributes are set once here, through object.__setattr__.
+        init = object.__setattr__
+        init(self, "specs", specs)
+        init(self, "service", next((s.service for s in specs if s.service), None))
+        init(self, "_cache", {})
+        init(self, "_cache_lock", threading.Lock())
+
+    def __repr__(self) -> str:
+        inner = ", ".join(
+            f"{s.pattern}({s.service or ''}{', ' if s.service and s.code_args else ''}"
+            + ", ".join(f"{k}={v!r}" for k, v in s.code_args.items())
+            + ")"
+            for s in self.specs
+        )
+        return f"Policy({inner})"
+
+    specs: tuple[Spec, ...]
+    service: str | None
+    _cache: dict[Any, Callable[..., Any]]
+    _cache_lock: threading.Lock
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"Policy is immutable: cannot set {name!r}")
+
+    def then(self, other: Policy) -> Policy:
+        """A policy with ``other``'s patterns inside this one's."""
+        return Policy(*self.specs, *other.specs)
+
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
+        _check_decoratable(fn)
+        inner_policy = getattr(fn, _POLICY_ATTR, None)
+        if isinstance(inner_policy, Policy):
+            # Fuse with the policy already on fn: one wrapper for the whole stack.
+            target = getattr(fn, _TARGET_ATTR)
+            return cast("Callable[P, R]", Policy(*self.specs, *inner_policy.specs)(target))
+        if inspect.iscoroutinefunction(fn):
+            return cast("Callable[P, R]", _wrap_async(self, fn))
+        return _wrap_sync(self, fn)
+
+    def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(*args, **kwargs)`` through the policy (``fn`` must be a ``def`` function)."""
+        if inspect.iscoroutinefunction(fn):
+            raise TypeError("Policy.call() runs def functions; use `await policy.acall(...)`")
+        return cast("T", self._decorated(fn)(*args, **kwargs))
+
+    async def acall(self, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T:
+        """Run ``await fn(*args, **kwargs)`` through the policy."""
+        if not inspect.iscoroutinefunction(fn):
+            raise TypeError("Policy.acall() runs async def functions; use policy.call(...)")
+        return cast("T", await self._decorated(fn)(*args, **kwargs))
+
+    def _decorated(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        # Cached per function so the call site keeps one compiled chain (and one registry claim).
+        try:
+            return self._cache[fn]
+        except KeyError:
+            pass
+        except TypeError:
+            return self(fn)
+        with self._cache_lock:
+            decorated = self._cache.get(fn)
+            if decorated is None:
+                decorated = self(fn)
+                self._cache[fn] = decorated
+        return decorated
+
+
+def _wrap_sync(policy: Policy, fn: Callable[P, R]) -> Callable[P, R]:
+    bound = _Bound(policy, fn, is_async=False)
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        compiled = bound.compiled
+        snapshot = config.SNAPSHOT
+        if compiled.snapshot is not snapshot:
+            compiled = bound.compile(snapshot)
+        if compiled.direct:
+            return fn(*args, **kwargs)
+        return cast("R", compiled.run(args, kwargs))
+
+    _mark(wrapper, policy, fn)
+    return wrapper
+
+
+def _wrap_async(policy: Policy, fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    bound = _Bound(policy, fn, is_async=True)
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        compiled = bound.compiled
+        snapshot = config.SNAPSHOT
+        if compiled.snapshot is not snapshot:
+            compiled = bound.compile(snapshot)
+        if compiled.direct:
+            return await fn(*args, **kwargs)
+        return cast("R", await compiled.run(args, kwargs))
+
+    _mark(wrapper, policy, fn)
+    return wrapper
+
+
+def _mark(wrapper: Callable[..., Any], policy: Policy, fn: Callable[..., Any]) -> None:
+    setattr(wrapper, _POLICY_ATTR, policy)
+    setattr(wrapper, _TARGET_ATTR, fn)
+
+
+def _check_decoratable(fn: object) -> None:
+    if isinstance(fn, type):
+        raise TypeError(
+            f"buttress decorates functions and methods, not classes: got class {fn.__qualname__}"
+        )
+    if not callable(fn):
+        raise TypeError(f"buttress decorates callables, got {type(fn).__name__}: {fn!r}")
+    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        raise TypeError(
+            f"{_qualified_name(fn)} is a generator function: its body runs while the caller "
+            "iterates, after the protected call has returned, so no pattern could cover it. "
+            "Decorate a function that returns the collected results instead."
+        )
+
+
+def _qualified_name(fn: Callable[..., Any]) -> str:
+    module = getattr(fn, "__module__", None) or "<unknown>"
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{module}.{name}"
+
+
+def _site(fn: Callable[..., Any]) -> str:
+    code = getattr(inspect.unwrap(fn), "__code__", None)
+    where = f" ({code.co_filename}:{code.co_firstlineno})" if code is not None else ""
+    return _qualified_name(fn) + where
