@@ -59,7 +59,7 @@ class Mode:
         """Like ``run`` but returns the exception instead of raising it."""
         try:
             return self.run(fn, *args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - the test inspects it
+        except Exception as exc:
             return exc
 
     def gather(self, fn: Callable[..., Any], n: int, *args: Any) -> list[Any]:
@@ -76,7 +76,7 @@ class Mode:
             for future in futures:
                 try:
                     out.append(future.result())
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     out.append(exc)
             return out
 

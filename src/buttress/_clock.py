@@ -52,16 +52,18 @@ class Clock(Protocol):
     def wait(self, event: threading.Event, seconds: float | None) -> bool:
         """Wait until ``event`` is set or ``seconds`` pass; return whether it was set."""
 
-    def timeout(self, seconds: float | None) -> AbstractAsyncContextManager[None]:
+    def timeout(self, seconds: float | None) -> AbstractAsyncContextManager[object]:
         """An ``asyncio.timeout``: cancels the enclosed block and raises ``TimeoutError``."""
 
 
 class SystemClock:
-    """The real clock: ``time.monotonic``, ``time.sleep``, ``asyncio.sleep``, ``asyncio.timeout``."""
+    """The real clock: time.monotonic, time.sleep, asyncio.sleep and asyncio.timeout."""
 
     monotonic = staticmethod(time.monotonic)
     wall = staticmethod(time.time)
-    sleep = staticmethod(time.sleep)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
 
     async def asleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -69,7 +71,7 @@ class SystemClock:
     def wait(self, event: threading.Event, seconds: float | None) -> bool:
         return event.wait(seconds)
 
-    def timeout(self, seconds: float | None) -> AbstractAsyncContextManager[None]:
+    def timeout(self, seconds: float | None) -> AbstractAsyncContextManager[object]:
         return asyncio.timeout(seconds)
 
 
@@ -80,10 +82,10 @@ class ZeroWaitClock(SystemClock):
     buttress chooses itself (backoff, rate-limit pacing) are skipped.
     """
 
-    def sleep(self, seconds: float) -> None:  # noqa: ARG002 - the point is to ignore it
+    def sleep(self, seconds: float) -> None:
         return
 
-    async def asleep(self, seconds: float) -> None:  # noqa: ARG002
+    async def asleep(self, seconds: float) -> None:
         # One trip through the loop keeps the cooperative-scheduling behaviour of a real sleep.
         await asyncio.sleep(0)
 
@@ -106,7 +108,7 @@ def wait(event: threading.Event, seconds: float | None) -> bool:
     return _current.wait(event, seconds)
 
 
-def timeout(seconds: float | None) -> AbstractAsyncContextManager[None]:
+def timeout(seconds: float | None) -> AbstractAsyncContextManager[object]:
     """``asyncio.timeout(seconds)`` on the active clock."""
     return _current.timeout(seconds)
 

@@ -27,12 +27,12 @@ class RetryScope:
 
 retry_scope: ContextVar[RetryScope | None] = ContextVar("buttress_retry_scope", default=None)
 
-# Absolute deadline on the buttress clock (``_clock.monotonic()``), or None when no timeout encloses.
+# Absolute deadline on the buttress clock (``_clock.monotonic()``); None when no timeout encloses.
 deadline: ContextVar[float | None] = ContextVar("buttress_deadline", default=None)
 
 
 def attempt() -> int:
-    """The attempt number of the innermost retried call: 1 for the first call, 2 for the first retry.
+    """The attempt number of the innermost retried call: 1 for the first call, 2 for a retry.
 
     Outside a retried call it is 1.
     """

@@ -243,7 +243,8 @@ def resilient(
     Each mapping gives code defaults for one pattern that settings may override; ``preset``
     names a set of defaults. Rate limit and fallback act only when configured.
     """
-    if not isinstance(name, str) or not name:
+    service: object = name  # checked at run time for untyped callers
+    if not isinstance(service, str) or service == "":
         raise TypeError(f"resilient() needs a service name, got {name!r}")
     given = {
         "fallback": fallback,

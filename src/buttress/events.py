@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_args
 
 __all__ = [
     "ROUTES",
@@ -297,11 +297,11 @@ Event = (
     | StateStoreError
     | ChaosInjected
 )
-EVENT_TYPES: tuple[type[Any], ...] = Event.__args__  # type: ignore[attr-defined]
+EVENT_TYPES: tuple[type[Any], ...] = get_args(Event)
 
 Handler = Callable[[Any], object]
 
-# --- the hub ---------------------------------------------------------------------------------------
+# --- the hub ------------------------------------------------------------------------------------
 
 # Event class -> the handlers subscribed to it. Replaced wholesale (copy on write) under _lock, so
 # the hot path reads it without locking and never sees a half-updated route.
@@ -349,7 +349,7 @@ def dispatch(handlers: tuple[Handler, ...], event: Any) -> None:
     for handler in handlers:
         try:
             handler(event)
-        except Exception:  # a metrics backend or listener must never break the protected call
+        except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
             key = id(handler)
             if key not in _failed_handlers:
                 _failed_handlers.add(key)

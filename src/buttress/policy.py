@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import itertools
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ R = TypeVar("R")
 T = TypeVar("T")
 
 _POLICY_ATTR = "__buttress_policy__"
+# Numbers the decorations whose state is private (no service named anywhere in the stack).
+_private_keys = itertools.count(1)
 _TARGET_ATTR = "__buttress_target__"
 
 
@@ -58,7 +61,8 @@ class Spec:
     def __post_init__(self) -> None:
         if self.pattern not in config.PATTERNS:
             raise ValueError(f"unknown pattern {self.pattern!r}; expected one of {config.PATTERNS}")
-        if self.service is not None and (not isinstance(self.service, str) or not self.service):
+        service: object = self.service  # checked at run time for untyped callers
+        if service is not None and (not isinstance(service, str) or service == ""):
             raise TypeError(f"name must be a non-empty string, got {self.service!r}")
         object.__setattr__(self, "code_args", MappingProxyType(dict(self.code_args)))
         # Validate now so a misuse fails at decoration time, naming the argument.
@@ -124,11 +128,14 @@ class _Bound:
         # A spec that names no service shares the stack's service when the stack names one; when
         # nothing in the stack is named, its state is private to this call site.
         self.keys: list[tuple[Spec, str, str]] = []
+        private = f"{self.service}#{next(_private_keys)}"
         for spec in policy.specs:
             service = spec.service or self.service
-            key = service if (spec.service or policy.service) else f"{service}@{site}"
-            registry.claim(spec.pattern, key, spec.code_args, site)
-            self.keys.append((spec, service, key))
+            if spec.service or policy.service:
+                registry.claim(spec.pattern, service, spec.code_args, site)
+                self.keys.append((spec, service, service))
+            else:
+                self.keys.append((spec, service, private))
         self._lock = threading.Lock()
         self.compiled = _Compiled(_NO_SNAPSHOT, None, direct=True)
 

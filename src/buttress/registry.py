@@ -54,7 +54,7 @@ def shared(pattern: str, key: str, options: Any, factory: Callable[[Any], T]) ->
         elif _options[slot] != options:
             instance.reconfigure(options)
         _options[slot] = options
-        return instance  # type: ignore[no-any-return]
+        return instance
 
 
 def instances(pattern: str) -> dict[str, Any]:

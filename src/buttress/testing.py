@@ -117,7 +117,7 @@ class FakeClock:
         expired = threading.Event()
 
         def on_deadline() -> None:
-            # Decided at the simulated instant of the deadline: whoever sets the event later is late.
+            # Decided at the simulated instant of the deadline: an event set later is late.
             if not event.is_set():
                 expired.set()
 
@@ -130,7 +130,7 @@ class FakeClock:
             timer.cancel()
         return not expired.is_set()
 
-    def timeout(self, seconds: float | None) -> AbstractAsyncContextManager[None]:
+    def timeout(self, seconds: float | None) -> AbstractAsyncContextManager[object]:
         return self._timeout(seconds)
 
     @asynccontextmanager
@@ -168,7 +168,7 @@ def fake_clock(clock: FakeClock | None = None) -> Iterator[FakeClock]:
         _clock.set_clock(previous)
 
 
-def set_testing(on: bool) -> None:  # noqa: FBT001 - mirrors stamina.set_testing
+def set_testing(on: bool) -> None:
     """Switch testing mode: real time, but backoff and rate-limit waits return at once."""
     _clock.set_clock(_clock.ZeroWaitClock() if on else _clock.SystemClock())
 

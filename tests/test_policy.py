@@ -1,0 +1,247 @@
+"""Policy and the public decorators: decoration, fusion, errors at decoration time, stacking."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+import buttress
+from buttress import (
+    CircuitOpenError,
+    ConfigurationError,
+    Policy,
+    circuit_breaker,
+    resilient,
+    retry_with_backoff,
+    with_bulkhead,
+    with_fallback,
+    with_rate_limit,
+    with_timeout,
+)
+from buttress.policy import Spec
+from buttress.testing import capture_events
+
+ALL_DECORATORS = [
+    circuit_breaker(name="svc"),
+    retry_with_backoff(max_attempts=2),
+    with_timeout(seconds=5),
+    with_bulkhead(limit=3),
+    with_rate_limit(rate=10),
+    with_fallback(0),
+    resilient("svc"),
+]
+
+
+@pytest.mark.parametrize("decorator", ALL_DECORATORS, ids=repr)
+def test_decorators_keep_name_doc_signature_and_kind(decorator, mode):
+    def body(user: str, resource: str = "doc") -> bool:
+        """Check a permission."""
+        return True
+
+    original = mode.define(body, name="check_permission")
+    original.__doc__ = "Check a permission."
+    decorated = decorator(original)
+    assert decorated.__name__ == "check_permission"
+    assert decorated.__doc__ == "Check a permission."
+    assert inspect.signature(decorated) == inspect.signature(original)
+    assert inspect.iscoroutinefunction(decorated) is mode.is_async
+    assert mode.run(decorated, "alice") is True
+
+
+def test_stacked_decorators_fuse_into_one_policy(mode):
+    target = mode.define(name="fused")
+    stacked = circuit_breaker(name="openfga", fail_max=5, timeout=60)(
+        retry_with_backoff(max_attempts=3, exponential_base=2)(
+            with_timeout(seconds=5)(with_bulkhead(limit=50)(target))
+        )
+    )
+    policy = stacked.__buttress_policy__
+    assert [spec.pattern for spec in policy.specs] == [
+        "circuit_breaker",
+        "retry",
+        "timeout",
+        "bulkhead",
+    ]
+    assert policy.service == "openfga"
+    # One wrapper around the original function, whatever the depth of the stack.
+    assert stacked.__wrapped__ is target
+    assert mode.run(stacked) == "ok"
+
+
+def test_adr_example_works_verbatim_on_async_def():
+    import asyncio
+
+    @circuit_breaker(name="openfga", fail_max=5, timeout=60)
+    @retry_with_backoff(max_attempts=3, exponential_base=2)
+    @with_timeout(seconds=5)
+    @with_bulkhead(limit=50)
+    async def check_permission(user: str, resource: str) -> bool:
+        return user == "alice" and resource == "doc"
+
+    assert inspect.iscoroutinefunction(check_permission)
+    assert asyncio.run(check_permission("alice", "doc")) is True
+
+
+def test_adr_example_works_verbatim_on_def():
+    @circuit_breaker(name="openfga", fail_max=5, timeout=60)
+    @retry_with_backoff(max_attempts=3, exponential_base=2)
+    @with_timeout(seconds=5)
+    @with_bulkhead(limit=50)
+    def check_permission(user: str, resource: str) -> bool:
+        return user == "alice" and resource == "doc"
+
+    assert check_permission("alice", "doc") is True
+    assert check_permission("bob", "doc") is False
+
+
+def test_methods_are_decorated_like_functions(mode):
+    calls = []
+
+    if mode.is_async:
+
+        class Client:
+            @retry_with_backoff(max_attempts=2)
+            async def get(self, key: str) -> str:
+                calls.append((self, key))
+                return key.upper()
+
+    else:
+
+        class Client:  # type: ignore[no-redef]
+            @retry_with_backoff(max_attempts=2)
+            def get(self, key: str) -> str:
+                calls.append((self, key))
+                return key.upper()
+
+    client = Client()
+    assert mode.run(client.get, "k") == "K"
+    assert calls == [(client, "k")]
+
+
+def test_policy_call_acall_and_decorator_share_the_breaker(mode):
+    policy = Policy(Spec("circuit_breaker", "shared-svc", {"fail_max": 1, "timeout": 30}))
+
+    def fail() -> None:
+        raise ConnectionError("down")
+
+    failing = mode.define(fail)
+    first = (
+        mode.outcome(policy.acall, failing) if mode.is_async else mode.outcome(policy.call, failing)
+    )
+    assert isinstance(first, ConnectionError)
+    decorated = policy(mode.define(name="other"))
+    # The same service, so the same (now open) breaker.
+    assert isinstance(mode.outcome(decorated), CircuitOpenError)
+
+
+def test_policy_call_rejects_the_wrong_kind_of_function():
+    policy = Policy(Spec("retry"))
+
+    async def coroutine_function() -> None:
+        return None
+
+    with pytest.raises(TypeError, match="acall"):
+        policy.call(coroutine_function)
+
+
+def test_policy_is_immutable():
+    policy = Policy(Spec("retry"))
+    with pytest.raises(AttributeError, match="immutable"):
+        policy.specs = ()  # type: ignore[misc]
+
+
+# --- misuse fails at decoration time -----------------------------------------------------------
+
+
+def test_generator_functions_are_refused():
+    def gen():
+        yield 1
+
+    async def agen():
+        yield 1
+
+    for fn in (gen, agen):
+        with pytest.raises(TypeError, match="generator function"):
+            retry_with_backoff()(fn)
+
+
+def test_classes_and_non_callables_are_refused():
+    class Thing:
+        pass
+
+    with pytest.raises(TypeError, match="not classes"):
+        with_timeout(seconds=1)(Thing)
+    with pytest.raises(TypeError, match="callables"):
+        with_timeout(seconds=1)(42)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("make", "argument"),
+    [
+        (lambda: with_bulkhead(limit=0), "limit"),
+        (lambda: with_timeout(seconds=-1), "seconds"),
+        (lambda: with_timeout(seconds=0), "seconds"),
+        (lambda: retry_with_backoff(max_attempts=0), "max_attempts"),
+        (lambda: circuit_breaker(fail_max=0), "fail_max"),
+        (lambda: circuit_breaker(timeout=-5), "timeout"),
+        (lambda: with_rate_limit(rate=0), "rate"),
+        (lambda: retry_with_backoff(initial=5, max_delay=1), "max_delay"),
+        (lambda: retry_with_backoff(jitter="sometimes"), "jitter"),  # type: ignore[arg-type]
+        (lambda: with_bulkhead(max_queue=-1), "max_queue"),
+    ],
+)
+def test_impossible_arguments_name_the_argument(make, argument):
+    with pytest.raises(ValueError, match=argument) as info:
+        make()
+    assert isinstance(info.value, ConfigurationError)
+
+
+def test_unnamed_service_must_be_a_string():
+    with pytest.raises(TypeError, match="non-empty string"):
+        circuit_breaker(name="")
+
+
+def test_fallback_needs_something_to_fall_back_to():
+    with pytest.raises(TypeError, match="needs a value"):
+        with_fallback()
+
+
+def test_conflicting_code_arguments_for_one_service_fail_at_decoration():
+    @circuit_breaker(name="conflict", fail_max=5)
+    def first() -> None: ...
+
+    @circuit_breaker(name="conflict", fail_max=5)
+    def same_values() -> None: ...
+
+    with pytest.raises(ConfigurationError, match=r"conflict.*fail_max=5.*fail_max=10"):
+
+        @circuit_breaker(name="conflict", fail_max=10)
+        def different() -> None: ...
+
+
+def test_unnamed_call_sites_do_not_share_state(mode):
+    def fail() -> None:
+        raise ConnectionError("down")
+
+    one = circuit_breaker(fail_max=1)(mode.define(fail, name="same"))
+    two = circuit_breaker(fail_max=1)(mode.define(name="same"))
+    assert isinstance(mode.outcome(one), ConnectionError)
+    assert isinstance(mode.outcome(one), CircuitOpenError)
+    assert mode.run(two) == "ok"
+
+
+def test_call_finished_event_per_logical_call(mode):
+    def fail() -> None:
+        raise ConnectionError("down")
+
+    ok = with_bulkhead(name="events-svc", limit=2)(mode.define())
+    bad = with_bulkhead(name="events-svc")(mode.define(fail))
+    with capture_events([buttress.events.CallFinished]) as seen:
+        mode.run(ok)
+        mode.outcome(bad)
+    assert [(e.service, e.outcome, e.error_type) for e in seen] == [
+        ("events-svc", "success", None),
+        ("events-svc", "failure", "ConnectionError"),
+    ]
+    assert all(e.duration >= 0 for e in seen)

@@ -1,0 +1,57 @@
+"""Checked by mypy --strict (``make typecheck``): decorated functions keep their types."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from typing_extensions import assert_type
+
+from buttress import (
+    Policy,
+    circuit_breaker,
+    resilient,
+    retry_with_backoff,
+    with_bulkhead,
+    with_fallback,
+    with_rate_limit,
+    with_timeout,
+)
+
+
+@circuit_breaker(name="openfga", fail_max=5, timeout=60)
+@retry_with_backoff(max_attempts=3, exponential_base=2)
+@with_timeout(seconds=5)
+@with_bulkhead(limit=50)
+async def check_permission(user: str, resource: str) -> bool:
+    return user == resource
+
+
+@resilient("db", preset="database")
+@with_rate_limit(rate=5)
+@with_fallback([], name="db")
+def list_rows(table: str, *, limit: int = 10) -> list[str]:
+    return [table] * limit
+
+
+assert_type(check_permission, Callable[[str, str], Coroutine[Any, Any, bool]])
+assert_type(list_rows("t", limit=2), list[str])
+
+
+async def use() -> bool:
+    allowed = await check_permission("alice", "doc")
+    assert_type(allowed, bool)
+    return allowed
+
+
+def policy_calls(policy: Policy) -> None:
+    assert_type(policy.call(list_rows, "t"), list[str])
+
+
+async def policy_acalls(policy: Policy) -> bool:
+    result = await policy.acall(check_permission, "a", "b")
+    assert_type(result, bool)
+    return result
+
+
+_: Callable[..., Awaitable[bool]] = check_permission
