@@ -1,13 +1,29 @@
-"""Fallback: answer with something useful when the protected call fails."""
+"""Fallback: answer with something useful when the protected call fails.
+
+The alternatives, in the order they are tried: the last good result for the same arguments (when
+``cache_ttl`` is set), then ``handler``, then each ``chain`` handler, then ``value``. A handler that
+raises passes the turn to the next alternative; when none is left, the caller gets the original
+exception with a note naming each alternative that failed.
+
+Only the failures ``on`` selects trigger it (default: buttress's own errors, such as an open
+circuit, a full bulkhead or a timeout, and transient errors). A bug in the protected code is not
+papered over, and cancellation and interpreter exits are never caught.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from typing import Any, ClassVar
 
 from pydantic import Field
 
-from buttress.patterns._base import BuildContext, Options, Strategy
+from buttress import _clock, events
+from buttress.exceptions import ButtressError, ConfigurationError
+from buttress.patterns import _transient
+from buttress.patterns._base import AsyncCall, BuildContext, Call, Mode, Options, error_type
 
 PATTERN = "fallback"
 
@@ -42,9 +58,249 @@ class FallbackOptions(Options):
         None, gt=0, description="serve the last good result for the same arguments this long"
     )
     on: tuple[type[BaseException], ...] | Callable[[BaseException], bool] | None = Field(
-        None, description="exceptions that trigger the fallback (default: ButtressError + transient)"
+        None,
+        description="exceptions that trigger the fallback (default: ButtressError + transient)",
     )
 
 
-def build(ctx: BuildContext) -> Strategy | None:
-    raise NotImplementedError  # being written
+# Results kept per call site for ``cache_ttl``; past this the oldest stored result is dropped.
+CACHE_SIZE = 1024
+
+
+def default_on(exc: BaseException) -> bool:
+    """The default trigger: buttress's own errors and transient errors.
+
+    ``ConfigurationError`` is excluded: a broken setting must surface, not be answered around.
+    """
+    if isinstance(exc, ButtressError):
+        return not isinstance(exc, ConfigurationError)
+    return _transient.is_transient(exc)
+
+
+def _selector(
+    on: tuple[type[BaseException], ...] | Callable[[BaseException], bool] | None,
+) -> Callable[[BaseException], bool]:
+    if on is None:
+        return default_on
+    if isinstance(on, tuple):
+        types = on
+
+        def is_listed(exc: BaseException) -> bool:
+            return isinstance(exc, types)
+
+        return is_listed
+    return on
+
+
+def _cache_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable | None:
+    """The arguments as a cache key, or ``None`` when they cannot be hashed."""
+    key: Hashable = (args, tuple(sorted(kwargs.items()))) if kwargs else args
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _name(handler: Callable[..., Any]) -> str:
+    return getattr(handler, "__qualname__", None) or repr(handler)
+
+
+class FallbackStrategy:
+    """Fallback for one call site: the decisions (plain methods) and the two wrappers.
+
+    The cache is local to the strategy, so it starts empty again after ``reload_settings()``.
+    """
+
+    pattern: ClassVar[str] = PATTERN
+
+    def __init__(self, service: str, options: FallbackOptions, mode: Mode = "enforce") -> None:
+        self.service = service
+        self.options = options
+        self._shadow = mode == "shadow"
+        self._selects = _selector(options.on)
+        handlers = () if options.handler is None else (options.handler,)
+        self._alternatives: tuple[tuple[Callable[..., Any], str], ...] = (
+            *((handler, "callable") for handler in handlers),
+            *((handler, "chain") for handler in options.chain),
+        )
+        self._cache: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()
+        self._cache_lock = threading.Lock()
+
+    # -- decisions --------------------------------------------------------------------------------
+    def applies(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is answered by the fallback (in shadow mode: reported, not answered)."""
+        if not isinstance(exc, Exception) or not self._selects(exc):
+            return False
+        if self._shadow:
+            events.emit(events.ShadowDecision(self.service, PATTERN, "fallback"))
+            return False
+        return True
+
+    def remember(self, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> None:
+        """Keep ``result`` as the last good answer for these arguments."""
+        key = _cache_key(args, kwargs)
+        if key is None:
+            return
+        entry = (_clock.monotonic(), result)
+        with self._cache_lock:
+            cache = self._cache
+            cache[key] = entry
+            cache.move_to_end(key)
+            if len(cache) > CACHE_SIZE:
+                cache.popitem(last=False)
+
+    def recall(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The last good result for these arguments if younger than ``cache_ttl``, else MISSING."""
+        ttl = self.options.cache_ttl
+        if ttl is None:
+            return MISSING
+        key = _cache_key(args, kwargs)
+        if key is None:
+            return MISSING
+        with self._cache_lock:
+            entry = self._cache.get(key)
+            if entry is None:
+                return MISSING
+            stored_at, result = entry
+            if _clock.monotonic() - stored_at > ttl:
+                del self._cache[key]
+                return MISSING
+        return result
+
+    def used(self, source: str, exc: BaseException) -> None:
+        events.emit(events.FallbackUsed(self.service, source, error_type(exc)))
+
+    def failed(
+        self, exc: BaseException, errors: list[tuple[Callable[..., Any], Exception]]
+    ) -> None:
+        """Nothing could answer: note why on the original exception, which then propagates."""
+        if errors:
+            tried = "; ".join(f"{_name(h)} raised {error_type(e)}" for h, e in errors)
+            exc.add_note(f"buttress fallback ({self.service}): every alternative failed: {tried}")
+        else:
+            exc.add_note(f"buttress fallback ({self.service}): no cached result to fall back to")
+        events.emit(events.FallbackFailed(self.service, error_type(exc)))
+
+    # -- wrappers ---------------------------------------------------------------------------------
+    def wrap(self, call: Call) -> Call:
+        for handler, _ in self._alternatives:
+            if inspect.iscoroutinefunction(handler):
+                raise TypeError(
+                    f"with_fallback: handler {_name(handler)} is async but the protected function "
+                    "is not; give a def handler"
+                )
+        fall_back = self._fall_back
+        if self.options.cache_ttl is None:
+
+            def fallback_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+                try:
+                    return call(args, kwargs)
+                except Exception as exc:  # noqa: BLE001 - selected by `on` in _fall_back
+                    failure = exc
+                # Answered outside the except block, so a failing handler does not chain onto it.
+                return fall_back(failure, args, kwargs)
+
+            return fallback_step
+        remember = self.remember
+
+        def caching_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            try:
+                result = call(args, kwargs)
+            except Exception as exc:  # noqa: BLE001 - selected by `on` in _fall_back
+                failure = exc
+            else:
+                remember(args, kwargs, result)
+                return result
+            return fall_back(failure, args, kwargs)
+
+        return caching_step
+
+    def awrap(self, call: AsyncCall) -> AsyncCall:
+        fall_back = self._afall_back
+        if self.options.cache_ttl is None:
+
+            async def fallback_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+                try:
+                    return await call(args, kwargs)
+                except Exception as exc:  # noqa: BLE001 - selected by `on` in _afall_back
+                    failure = exc
+                return await fall_back(failure, args, kwargs)
+
+            return fallback_step
+        remember = self.remember
+
+        async def caching_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            try:
+                result = await call(args, kwargs)
+            except Exception as exc:  # noqa: BLE001 - selected by `on` in _afall_back
+                failure = exc
+            else:
+                remember(args, kwargs, result)
+                return result
+            return await fall_back(failure, args, kwargs)
+
+        return caching_step
+
+    def _fall_back(self, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not self.applies(exc):
+            raise exc
+        cached = self.recall(args, kwargs)
+        if cached is not MISSING:
+            self.used("cache", exc)
+            return cached
+        errors: list[tuple[Callable[..., Any], Exception]] = []
+        for handler, source in self._alternatives:
+            try:
+                result = handler(exc, *args, **kwargs)
+            except Exception as handler_error:  # noqa: BLE001 - the next alternative takes over
+                errors.append((handler, handler_error))
+                continue
+            self.used(source, exc)
+            return result
+        if self.options.value is not MISSING:
+            self.used("value", exc)
+            return self.options.value
+        self.failed(exc, errors)
+        raise exc
+
+    async def _afall_back(
+        self, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        if not self.applies(exc):
+            raise exc
+        cached = self.recall(args, kwargs)
+        if cached is not MISSING:
+            self.used("cache", exc)
+            return cached
+        errors: list[tuple[Callable[..., Any], Exception]] = []
+        for handler, source in self._alternatives:
+            try:
+                result = handler(exc, *args, **kwargs)
+                if inspect.isawaitable(result):
+                    result = await result
+            except Exception as handler_error:  # noqa: BLE001 - the next alternative takes over
+                errors.append((handler, handler_error))
+                continue
+            self.used(source, exc)
+            return result
+        if self.options.value is not MISSING:
+            self.used("value", exc)
+            return self.options.value
+        self.failed(exc, errors)
+        raise exc
+
+
+def build(ctx: BuildContext) -> FallbackStrategy | None:
+    """The fallback strategy for ``ctx.options``, or ``None`` with nothing to fall back to."""
+    options: FallbackOptions = ctx.options
+    if not options.enabled:
+        return None
+    if (
+        options.value is MISSING
+        and options.handler is None
+        and not options.chain
+        and options.cache_ttl is None
+    ):
+        return None
+    return FallbackStrategy(ctx.service, options, ctx.mode)

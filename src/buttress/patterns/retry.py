@@ -1,13 +1,32 @@
-"""Retry with backoff: try a failed call again, for transient errors only, without a retry storm."""
+"""Retry with backoff: try a failed call again, for transient errors only, without a retry storm.
+
+Adapts tenacity. The first attempt runs with no retry machinery at all (one ``try``, one context
+variable), because tenacity's per-call set-up costs tens of microseconds and most calls succeed.
+Only a failure the predicate calls retryable enters tenacity: a ``Retrying``/``AsyncRetrying``
+template built once, copied per failed call (a shared instance keeps per-call state on itself, so
+concurrent tasks would clobber each other), and fed the first failure as its attempt 1. buttress
+supplies every decision tenacity asks for: the predicate (tenacity's default retries everything,
+bugs included), the delay (backoff with jitter, or the server's ``Retry-After``), the stop (attempts
+used up, or an enclosing deadline too close) and the give-up, which re-raises the caller's own last
+exception with a note of the attempts, so tenacity's ``RetryError`` never escapes.
+
+Waits go through ``_clock``, so a fake clock drives them in tests and testing mode skips them.
+"""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
+import tenacity
 from pydantic import Field, model_validator
 
-from buttress.patterns._base import BuildContext, Options, Strategy
+from buttress import _clock, _context, events
+from buttress._context import RetryScope
+from buttress.exceptions import RejectedError
+from buttress.patterns import _transient
+from buttress.patterns._base import AsyncCall, BuildContext, Call, Mode, Options, error_type
 
 PATTERN = "retry"
 
@@ -25,16 +44,21 @@ class RetryOptions(Options):
     max_attempts: int = Field(3, gt=0, description="attempts including the first call")
     initial: float = Field(0.1, ge=0, description="seconds before the first retry (before jitter)")
     exponential_base: float = Field(2.0, ge=1, description="growth factor of the delay")
-    max_delay: float = Field(30.0, ge=0, description="cap on any single delay, Retry-After included")
+    max_delay: float = Field(
+        30.0, ge=0, description="cap on any single delay, Retry-After included"
+    )
     jitter: Literal["none", "full", "equal", "decorrelated"] = "full"
     retry_on: RetryOn = Field(
         "transient",
         description='"transient" (default), "network", exception types, or a predicate',
     )
-    idempotent: bool = Field(True, description="False disables retries for the call site")
-    respect_retry_after: bool = Field(True, description="a server's Retry-After sets the delay")
+    idempotent: bool = Field(default=True, description="False disables retries for the call site")
+    respect_retry_after: bool = Field(
+        default=True, description="a server's Retry-After sets the delay"
+    )
     retry_rejected: bool = Field(
-        False, description="retry a RejectedError that carries retry_after, after that delay"
+        default=False,
+        description="retry a RejectedError that carries retry_after, after that delay",
     )
 
     code_only: ClassVar[frozenset[str]] = frozenset()
@@ -46,5 +70,334 @@ class RetryOptions(Options):
         return self
 
 
-def build(ctx: BuildContext) -> Strategy | None:
-    raise NotImplementedError  # being written
+# Jitter draws from this generator; tests seed it (``retry._rng.seed(1)``) for repeatable delays.
+_rng = random.Random()
+
+# Decorrelated jitter grows the window to this multiple of the previous delay (the factor of the
+# AWS Architecture Blog's "Exponential Backoff And Jitter", where the scheme comes from).
+_DECORRELATED_GROWTH = 3.0
+
+
+def _sleep(seconds: float) -> None:
+    _clock.sleep(float(seconds))
+
+
+async def _asleep(seconds: float) -> None:
+    await _clock.asleep(float(seconds))
+
+
+def _predicate(retry_on: RetryOn) -> Callable[[BaseException], bool]:
+    if retry_on == "transient":
+        return _transient.is_transient
+    if retry_on == "network":
+        return _transient.is_network
+    if isinstance(retry_on, tuple):
+        types = retry_on
+
+        def is_listed(exc: BaseException) -> bool:
+            return isinstance(exc, types)
+
+        return is_listed
+    return retry_on
+
+
+def _failure(state: tenacity.RetryCallState) -> BaseException:
+    # tenacity calls the wait, stop, before_sleep and give-up hooks only after a failed attempt.
+    return cast("BaseException", cast("tenacity.Future", state.outcome).exception())
+
+
+class RetryStrategy:
+    """Retry for one service: the decisions (plain methods) and the two wrappers that wait.
+
+    The decisions are shared by the sync and async paths: ``retryable`` (the predicate), ``delay``
+    (how long before the next attempt, and why), ``fits_deadline`` and ``should_retry`` (whether a
+    first failure enters the retry loop at all).
+    """
+
+    pattern: ClassVar[str] = PATTERN
+
+    def __init__(self, service: str, options: RetryOptions, mode: Mode = "enforce") -> None:
+        self.service = service
+        self.options = options
+        self._shadow = mode == "shadow"
+        self._matches = _predicate(options.retry_on)
+        predicate = tenacity.retry_if_exception(self.retryable)
+        self._retrying = tenacity.Retrying(sleep=_sleep, retry=predicate)
+        self._aretrying = tenacity.AsyncRetrying(sleep=_asleep, retry=predicate)
+
+    # -- decisions --------------------------------------------------------------------------------
+    def retryable(self, exc: BaseException) -> bool:
+        """Whether another attempt may help: the ``retry_on`` predicate, within the hard rules.
+
+        Cancellation and interpreter exits (not ``Exception``) are never retried; a
+        ``RejectedError`` only with ``retry_rejected`` and a ``retry_after`` to wait for.
+        """
+        if not isinstance(exc, Exception):
+            return False
+        if isinstance(exc, RejectedError):
+            return self.options.retry_rejected and exc.retry_after is not None
+        return self._matches(exc)
+
+    def delay(self, exc: BaseException, failed_attempt: int, previous: float) -> tuple[float, str]:
+        """Seconds to wait after ``failed_attempt`` failed with ``exc``, and the reason.
+
+        Args:
+            exc: the failure of that attempt.
+            failed_attempt: its number, 1 for the first call.
+            previous: the delay before it (``initial`` for the first), for decorrelated jitter.
+
+        Returns:
+            ``(seconds, "retry_after")`` when the server or a rejection said how long, else
+            ``(seconds, "backoff")``; never more than ``max_delay``.
+        """
+        options = self.options
+        if isinstance(exc, RejectedError) and exc.retry_after is not None:
+            return min(options.max_delay, max(0.0, exc.retry_after)), "retry_after"
+        if options.respect_retry_after:
+            asked = _transient.retry_after(exc, _clock.wall())
+            if asked is not None:
+                return min(options.max_delay, asked), "retry_after"
+        return self._backoff(failed_attempt, previous), "backoff"
+
+    def _backoff(self, failed_attempt: int, previous: float) -> float:
+        options = self.options
+        if options.jitter == "decorrelated":
+            upper = max(options.initial, previous * _DECORRELATED_GROWTH)
+            return min(options.max_delay, _rng.uniform(options.initial, upper))
+        try:
+            ceiling = min(
+                options.max_delay,
+                options.initial * options.exponential_base ** (failed_attempt - 1),
+            )
+        except OverflowError:  # a long run of attempts: the cap was reached long ago
+            ceiling = options.max_delay
+        if options.jitter == "full":
+            return _rng.uniform(0.0, ceiling)
+        if options.jitter == "equal":
+            return ceiling / 2 + _rng.uniform(0.0, ceiling / 2)
+        return ceiling
+
+    def fits_deadline(self, delay: float) -> bool:
+        """Whether waiting ``delay`` still ends before the enclosing ``with_timeout`` deadline."""
+        limit = _context.deadline.get()
+        return limit is None or _clock.monotonic() + delay < limit
+
+    def should_retry(self, exc: BaseException) -> bool:
+        """Whether the first failure enters the retry loop; reports the cases where it does not."""
+        if not self.retryable(exc):
+            return False
+        options = self.options
+        if not options.idempotent:
+            events.emit(events.RetryExhausted(self.service, 1, error_type(exc), "not_idempotent"))
+            return False
+        if self._shadow:
+            if options.max_attempts > 1 and self.fits_deadline(
+                self.delay(exc, 1, options.initial)[0]
+            ):
+                events.emit(events.ShadowDecision(self.service, PATTERN, "retry"))
+            return False
+        return True
+
+    # -- wrappers ---------------------------------------------------------------------------------
+    def wrap(self, call: Call) -> Call:
+        scope_var = _context.retry_scope
+        recover = self._recover
+
+        def retry_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            scope = RetryScope()
+            token = scope_var.set(scope)
+            try:
+                try:
+                    return call(args, kwargs)
+                except Exception as exc:  # noqa: BLE001 - classified by the predicate in _recover
+                    failure = exc
+                # Retried outside the except block, so later failures do not chain onto this one.
+                return recover(call, args, kwargs, scope, failure)
+            finally:
+                scope_var.reset(token)
+
+        return retry_step
+
+    def awrap(self, call: AsyncCall) -> AsyncCall:
+        scope_var = _context.retry_scope
+        arecover = self._arecover
+
+        async def retry_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            scope = RetryScope()
+            token = scope_var.set(scope)
+            try:
+                try:
+                    return await call(args, kwargs)
+                except Exception as exc:  # noqa: BLE001 - classified by the predicate in _arecover
+                    failure = exc
+                return await arecover(call, args, kwargs, scope, failure)
+            finally:
+                scope_var.reset(token)
+
+        return retry_step
+
+    def _recover(
+        self,
+        call: Call,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        scope: RetryScope,
+        failure: Exception,
+    ) -> Any:
+        if not self.should_retry(failure):
+            raise failure
+        run = _Run(self, scope, failure)
+        retrying = self._retrying.copy(
+            before=run.before,
+            wait=run.wait,
+            stop=run.stop,
+            before_sleep=run.before_sleep,
+            retry_error_callback=run.give_up,
+        )
+
+        def attempt() -> Any:
+            replay = run.take_replay()
+            if replay is not None:
+                raise replay
+            return call(args, kwargs)
+
+        try:
+            result = retrying(attempt)
+        except Exception as exc:
+            run.annotate(exc)
+            raise
+        run.succeeded()
+        return result
+
+    async def _arecover(
+        self,
+        call: AsyncCall,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        scope: RetryScope,
+        failure: Exception,
+    ) -> Any:
+        if not self.should_retry(failure):
+            raise failure
+        run = _Run(self, scope, failure)
+        retrying = self._aretrying.copy(
+            before=run.before,
+            wait=run.wait,
+            stop=run.stop,
+            before_sleep=run.before_sleep,
+            retry_error_callback=run.give_up,
+        )
+
+        async def attempt() -> Any:
+            replay = run.take_replay()
+            if replay is not None:
+                raise replay
+            return await call(args, kwargs)
+
+        try:
+            result: Any = await retrying(attempt)
+        except Exception as exc:
+            run.annotate(exc)
+            raise
+        run.succeeded()
+        return result
+
+
+class _Run:
+    """One logical call inside the retry loop: the tenacity hooks, bound to its own state.
+
+    Attempt 1 already happened outside tenacity; its failure is *replayed* as tenacity's first
+    attempt, so tenacity's attempt numbers are the caller's.
+    """
+
+    __slots__ = (
+        "gave_up",
+        "history",
+        "previous",
+        "reason",
+        "replay",
+        "scope",
+        "strategy",
+        "upcoming",
+    )
+
+    def __init__(self, strategy: RetryStrategy, scope: RetryScope, failure: Exception) -> None:
+        self.strategy = strategy
+        self.scope = scope
+        self.replay: Exception | None = failure
+        self.previous = strategy.options.initial
+        self.upcoming = 0.0
+        self.reason = "backoff"
+        self.gave_up: str | None = None
+        # (error type, seconds waited after it) for every attempt that was retried
+        self.history: list[tuple[str, float]] = []
+
+    def take_replay(self) -> Exception | None:
+        replay, self.replay = self.replay, None
+        return replay
+
+    # -- tenacity hooks ---------------------------------------------------------------------------
+    def before(self, state: tenacity.RetryCallState) -> None:
+        self.scope.attempt = state.attempt_number
+
+    def wait(self, state: tenacity.RetryCallState) -> float:
+        delay, self.reason = self.strategy.delay(
+            _failure(state), state.attempt_number, self.previous
+        )
+        self.previous = self.upcoming = delay
+        return delay
+
+    def stop(self, state: tenacity.RetryCallState) -> bool:
+        if state.attempt_number >= self.strategy.options.max_attempts:
+            self.gave_up = "max_attempts"
+        elif not self.strategy.fits_deadline(state.upcoming_sleep):
+            self.gave_up = "deadline"
+        return self.gave_up is not None
+
+    def before_sleep(self, state: tenacity.RetryCallState) -> None:
+        kind = error_type(_failure(state))
+        self.history.append((kind, state.upcoming_sleep))
+        events.emit(
+            events.RetryScheduled(
+                self.strategy.service, state.attempt_number, state.upcoming_sleep, kind, self.reason
+            )
+        )
+
+    def give_up(self, state: tenacity.RetryCallState) -> Any:
+        exc = _failure(state)
+        events.emit(
+            events.RetryExhausted(
+                self.strategy.service, state.attempt_number, error_type(exc), str(self.gave_up)
+            )
+        )
+        raise exc
+
+    # -- outcome ----------------------------------------------------------------------------------
+    def succeeded(self) -> None:
+        events.emit(events.RetrySucceeded(self.strategy.service, self.scope.attempt))
+
+    def annotate(self, exc: Exception) -> None:
+        """Add a note of the attempts to the exception the caller is about to get."""
+        attempts = self.scope.attempt
+        if self.gave_up == "max_attempts":
+            why = f"gave up after {attempts} attempts (max_attempts)"
+        elif self.gave_up == "deadline":
+            why = (
+                f"gave up after {attempts} attempts: the next wait ({self.upcoming:.3g}s) "
+                "would end past the enclosing deadline"
+            )
+        else:
+            why = f"attempt {attempts} raised {error_type(exc)}, which is not retried"
+        steps = [
+            f"#{n} {kind}, waited {slept:.3g}s" for n, (kind, slept) in enumerate(self.history, 1)
+        ]
+        steps.append(f"#{attempts} {error_type(exc)}")
+        exc.add_note(f"buttress retry ({self.strategy.service}): {why}: {'; '.join(steps)}")
+
+
+def build(ctx: BuildContext) -> RetryStrategy | None:
+    """The retry strategy for ``ctx.options``, or ``None`` when retry is switched off."""
+    options: RetryOptions = ctx.options
+    if not options.enabled:
+        return None
+    return RetryStrategy(ctx.service, options, ctx.mode)
