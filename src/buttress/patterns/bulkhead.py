@@ -1,10 +1,34 @@
-"""Bulkhead: cap the concurrent calls to a dependency so one slow service cannot take them all."""
+"""Bulkhead: cap the concurrent calls to a dependency so one slow service cannot take them all.
+
+One :class:`Bulkhead` per service (shared by every call site that names it) counts the calls in
+flight under a plain lock and keeps a FIFO queue of waiters. A released slot is handed straight to
+the oldest waiter, so a newcomer never overtakes the queue. Waiters are threads (a
+``threading.Event``) or tasks on any event loop (a future resolved on its own loop), so one bulkhead
+serves threads and several event loops at once. The lock is never held while a protected call runs
+or while anybody waits.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from collections import deque
+from typing import Any, ClassVar, TypedDict
+
 from pydantic import Field
 
-from buttress.patterns._base import BuildContext, Options, Strategy
+from buttress import _clock, events, registry
+from buttress.exceptions import BulkheadFullError
+from buttress.patterns._base import AsyncCall, BuildContext, Call, Mode, Options, Strategy
+
+__all__ = [
+    "PATTERN",
+    "Bulkhead",
+    "BulkheadOptions",
+    "BulkheadSnapshot",
+    "BulkheadStrategy",
+    "build",
+]
 
 PATTERN = "bulkhead"
 
@@ -20,5 +44,335 @@ class BulkheadOptions(Options):
     )
 
 
+class BulkheadSnapshot(TypedDict):
+    """A bulkhead at one instant (what ``buttress.health()`` shows)."""
+
+    service: str
+    active: int
+    queued: int
+    limit: int
+    utilization: float  # active / limit
+
+
+class _Waiter:
+    """A call waiting for a slot. ``granted`` is written under the bulkhead's lock only."""
+
+    __slots__ = ("granted",)
+
+    def __init__(self) -> None:
+        self.granted = False
+
+    def wake(self) -> bool:
+        """Tell the waiter it holds a slot now; ``False`` if it can no longer be told."""
+        raise NotImplementedError
+
+
+class _ThreadWaiter(_Waiter):
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.event = threading.Event()
+
+    def wake(self) -> bool:
+        self.event.set()
+        return True
+
+
+class _TaskWaiter(_Waiter):
+    __slots__ = ("future", "loop", "thread")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self.loop = loop
+        self.future: asyncio.Future[None] = loop.create_future()
+        self.thread = threading.get_ident()
+
+    def wake(self) -> bool:
+        if threading.get_ident() == self.thread:
+            # Released from the waiter's own loop thread: resolve directly, no self-pipe write.
+            _resolve(self.future)
+            return True
+        try:
+            self.loop.call_soon_threadsafe(_resolve, self.future)
+        except RuntimeError:  # its loop was closed under it; that task will never run again
+            return False
+        return True
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Bulkhead:
+    """The shared state of one service's bulkhead: slots in use and the queue of waiters."""
+
+    def __init__(self, service: str, options: BulkheadOptions) -> None:
+        self.service = service
+        self._lock = threading.Lock()
+        self._active = 0
+        # Calls let through by shadow mode although no slot was free (never queued, never counted
+        # in ``active``): how far over the limit enforcement would have been.
+        self._overflow = 0
+        self._waiters: deque[_Waiter] = deque()
+        self.limit = options.limit
+        self.max_queue = options.max_queue
+        self.queue_timeout = options.queue_timeout
+
+    # -- decisions (plain sync code shared by both drivers) ----------------------------------------
+    def try_acquire(self) -> bool:
+        """Take a free slot if there is one (never waits). Waiters exist only while all are busy."""
+        with self._lock:
+            if self._active < self.limit:
+                self._active += 1
+                return True
+            return False
+
+    def _enqueue(self, waiter: _Waiter) -> str | None:
+        """Queue ``waiter``, or take a slot freed meanwhile; return the rejection reason if full."""
+        with self._lock:
+            if self._active < self.limit:
+                self._active += 1
+                waiter.granted = True
+                return None
+            if len(self._waiters) >= self.max_queue:
+                return "full"
+            self._waiters.append(waiter)
+            queued = len(self._waiters)
+        handlers = events.ROUTES.get(events.BulkheadQueued)
+        if handlers:
+            events.dispatch(handlers, events.BulkheadQueued(self.service, queued))
+        return None
+
+    def _withdraw(self, waiter: _Waiter) -> bool:
+        """The waiter stops waiting (timeout, cancellation); return whether it was granted a slot.
+
+        A slot granted in the same instant is the waiter's: it either uses it or releases it.
+        """
+        with self._lock:
+            if waiter.granted:
+                return True
+            self._waiters.remove(waiter)
+            return False
+
+    def release(self) -> None:
+        """Give a slot back: to the oldest waiter if the limit allows, else to the pool."""
+        with self._lock:
+            if self._active <= self.limit:
+                while self._waiters:
+                    waiter = self._waiters.popleft()
+                    waiter.granted = True
+                    if waiter.wake():
+                        break
+                    waiter.granted = False
+                else:
+                    self._active -= 1
+            else:  # over a lowered limit: shrink instead of handing the slot on
+                self._active -= 1
+            active, queued = self._active, len(self._waiters)
+        handlers = events.ROUTES.get(events.BulkheadReleased)
+        if handlers:
+            events.dispatch(handlers, events.BulkheadReleased(self.service, active, queued))
+
+    def note_acquired(self, waited: float) -> None:
+        """Emit ``BulkheadAcquired`` (if anyone listens) for a slot taken after ``waited`` s."""
+        handlers = events.ROUTES.get(events.BulkheadAcquired)
+        if handlers:
+            event = events.BulkheadAcquired(
+                self.service, waited, self._active, len(self._waiters), self.limit
+            )
+            events.dispatch(handlers, event)
+
+    def _rejected(self, reason: str) -> BulkheadFullError:
+        handlers = events.ROUTES.get(events.CallRejected)
+        if handlers:
+            events.dispatch(handlers, events.CallRejected(self.service, PATTERN, reason, None))
+        if reason == "full":
+            detail = f"{self.limit} calls in flight and {self.max_queue} queued"
+        else:
+            detail = f"no slot freed within {self.queue_timeout:g} s"
+        return BulkheadFullError(
+            f"bulkhead of {self.service!r} is full: {detail}", service=self.service
+        )
+
+    # -- waiting -----------------------------------------------------------------------------------
+    def acquire(self) -> None:
+        """Take a slot for a thread, waiting in the queue if allowed, else ``BulkheadFullError``."""
+        start = _clock.monotonic()
+        waiter = _ThreadWaiter()
+        reason = self._enqueue(waiter)
+        if reason is not None:
+            raise self._rejected(reason)
+        if not waiter.granted:
+            try:
+                _clock.wait(waiter.event, self.queue_timeout)
+            except BaseException:
+                if self._withdraw(waiter):
+                    self.release()
+                raise
+            if not self._withdraw(waiter):
+                raise self._rejected("queue_timeout")
+        self.note_acquired(_clock.monotonic() - start)
+
+    async def aacquire(self) -> None:
+        """Take a slot for a task, waiting in the queue if allowed, else ``BulkheadFullError``."""
+        start = _clock.monotonic()
+        waiter = _TaskWaiter(asyncio.get_running_loop())
+        reason = self._enqueue(waiter)
+        if reason is not None:
+            raise self._rejected(reason)
+        if not waiter.granted:
+            try:
+                async with _clock.timeout(self.queue_timeout):
+                    await waiter.future
+            except TimeoutError:
+                if not self._withdraw(waiter):
+                    raise self._rejected("queue_timeout") from None
+            except BaseException:  # cancelled while queued, possibly just as a slot was granted
+                if self._withdraw(waiter):
+                    self.release()
+                raise
+        self.note_acquired(_clock.monotonic() - start)
+
+    # -- administration ----------------------------------------------------------------------------
+    def reconfigure(self, options: BulkheadOptions) -> None:
+        """Adopt new options; calls in flight and queued keep their places.
+
+        A raised limit admits waiters at once; a lowered one lets calls in flight finish and admits
+        nobody until the count is under it. A smaller ``max_queue`` only affects new arrivals.
+        """
+        with self._lock:
+            self.limit = options.limit
+            self.max_queue = options.max_queue
+            self.queue_timeout = options.queue_timeout
+            while self._waiters and self._active < self.limit:
+                waiter = self._waiters.popleft()
+                waiter.granted = True
+                if waiter.wake():
+                    self._active += 1
+                else:
+                    waiter.granted = False
+
+    def snapshot(self) -> BulkheadSnapshot:
+        """Calls in flight and queued, the limit and the utilization (active / limit)."""
+        with self._lock:
+            active, queued, limit = self._active, len(self._waiters), self.limit
+        return BulkheadSnapshot(
+            service=self.service,
+            active=active,
+            queued=queued,
+            limit=limit,
+            utilization=active / limit,
+        )
+
+    # -- shadow mode -------------------------------------------------------------------------------
+    def shadow_acquire(self) -> bool:
+        """Take a slot if one is free; else note where enforcement would have rejected.
+
+        Returns whether a slot was taken (the caller releases it). A call that would have been
+        queued is let through uncounted; one that would have been rejected also emits a
+        ``ShadowDecision``.
+        """
+        with self._lock:
+            if self._active < self.limit:
+                self._active += 1
+                return True
+            would_reject = self._overflow >= self.max_queue
+            self._overflow += 1
+        if would_reject:
+            handlers = events.ROUTES.get(events.ShadowDecision)
+            if handlers:
+                events.dispatch(handlers, events.ShadowDecision(self.service, PATTERN, "reject"))
+        return False
+
+    def shadow_release(self, counted: bool) -> None:
+        if counted:
+            self.release()
+        else:
+            with self._lock:
+                self._overflow -= 1
+
+
+class BulkheadStrategy:
+    """``with_bulkhead`` at one call site, over the service's shared :class:`Bulkhead`."""
+
+    pattern: ClassVar[str] = PATTERN
+
+    def __init__(self, bulkhead: Bulkhead, mode: Mode = "enforce") -> None:
+        self.bulkhead = bulkhead
+        self.mode = mode
+
+    def wrap(self, call: Call) -> Call:
+        bulkhead = self.bulkhead
+        if self.mode == "shadow":
+
+            def observed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+                counted = bulkhead.shadow_acquire()
+                try:
+                    return call(args, kwargs)
+                finally:
+                    bulkhead.shadow_release(counted)
+
+            return observed
+
+        try_acquire, acquire, acquired, release = (
+            bulkhead.try_acquire,
+            bulkhead.acquire,
+            bulkhead.note_acquired,
+            bulkhead.release,
+        )
+
+        def guarded(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if try_acquire():
+                acquired(0.0)
+            else:
+                acquire()
+            try:
+                return call(args, kwargs)
+            finally:
+                release()
+
+        return guarded
+
+    def awrap(self, call: AsyncCall) -> AsyncCall:
+        bulkhead = self.bulkhead
+        if self.mode == "shadow":
+
+            async def observed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+                counted = bulkhead.shadow_acquire()
+                try:
+                    return await call(args, kwargs)
+                finally:
+                    bulkhead.shadow_release(counted)
+
+            return observed
+
+        try_acquire, aacquire, acquired, release = (
+            bulkhead.try_acquire,
+            bulkhead.aacquire,
+            bulkhead.note_acquired,
+            bulkhead.release,
+        )
+
+        async def guarded(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if try_acquire():
+                acquired(0.0)
+            else:
+                await aacquire()
+            try:
+                return await call(args, kwargs)
+            finally:
+                release()
+
+        return guarded
+
+
 def build(ctx: BuildContext) -> Strategy | None:
-    raise NotImplementedError  # being written
+    """A :class:`BulkheadStrategy` over the shared :class:`Bulkhead` of ``ctx.key``."""
+    options: BulkheadOptions = ctx.options
+    if not options.enabled:
+        return None
+    service = ctx.service
+    bulkhead = registry.shared(PATTERN, ctx.key, options, lambda opts: Bulkhead(service, opts))
+    return BulkheadStrategy(bulkhead, ctx.mode)

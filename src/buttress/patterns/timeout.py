@@ -1,12 +1,49 @@
-"""Timeout: give up on a call that takes too long (async: cancelled; sync: abandoned, counted)."""
+"""Timeout: give up on a call that takes too long (async: cancelled; sync: abandoned, counted).
+
+An ``async def`` call runs inside ``asyncio.timeout`` (through ``_clock.timeout``) and is
+cancelled when its time is up. A ``def`` call cannot be interrupted safely from outside, so it runs
+on a worker thread of a small daemon pool while the caller waits for at most the time limit; when
+the limit passes the caller gets :class:`~buttress.TimeoutExceededError` and the worker is
+*abandoned*: left to finish on its own, counted, and reported when it does.
+
+Both publish the call's deadline (``buttress.remaining()``), the tighter of the enclosing deadline
+and ``now + seconds``, so cooperative code can pass it down as an I/O timeout, and a nested timeout
+or a retry never waits past it.
+"""
 
 from __future__ import annotations
 
+import contextvars
+import threading
+from collections import deque
+from typing import Any, ClassVar, Final, TypedDict
+
 from pydantic import Field
 
-from buttress.patterns._base import BuildContext, Options, Strategy
+from buttress import _clock, _context, events
+from buttress.exceptions import TimeoutExceededError
+from buttress.patterns._base import AsyncCall, BuildContext, Call, Mode, Options, Strategy
+
+__all__ = [
+    "MAX_WORKERS",
+    "PATTERN",
+    "TimeoutOptions",
+    "TimeoutStrategy",
+    "WorkerPoolSnapshot",
+    "build",
+    "worker_pool_snapshot",
+]
 
 PATTERN = "timeout"
+
+# Process-wide cap on worker threads for sync timeouts. Abandoned work keeps its thread until it
+# ends, so the cap is what stops a hung dependency from growing threads without bound; past it a
+# call waits (within its own deadline) for a worker to free up. See docs/patterns/timeout.md.
+MAX_WORKERS: Final = 256
+
+# An idle worker thread exits after this long (real time: thread housekeeping, not a duration any
+# caller observes, so it deliberately bypasses the fakeable clock).
+_IDLE_SECONDS: Final = 30.0
 
 
 class TimeoutOptions(Options):
@@ -16,5 +53,313 @@ class TimeoutOptions(Options):
     seconds: float = Field(30.0, gt=0, description="time limit of one attempt")
 
 
+class WorkerPoolSnapshot(TypedDict):
+    """The sync-timeout worker pool at one instant."""
+
+    threads: int  # worker threads alive
+    idle: int  # of which waiting for work
+    pending: int  # calls waiting for a free worker
+    abandoned: dict[str, int]  # per service: workers still running after their caller gave up
+
+
+# --- the worker pool of sync timeouts -------------------------------------------------------------
+
+# Job states. A job moves PENDING -> RUNNING -> DONE; the caller may give up on it first, turning
+# PENDING into DROPPED (removed from the queue, never runs) or RUNNING into ABANDONED (it finishes
+# unobserved). LATE is only a verdict: the job is DONE, but finished after its deadline.
+_PENDING, _RUNNING, _DONE, _DROPPED, _ABANDONED, _LATE = range(6)
+
+
+class _Job:
+    __slots__ = (
+        "args",
+        "call",
+        "context",
+        "deadline",
+        "done",
+        "error",
+        "finished_at",
+        "kwargs",
+        "result",
+        "service",
+        "state",
+    )
+
+    def __init__(
+        self,
+        call: Call,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        context: contextvars.Context,
+        service: str,
+        deadline: float,
+    ) -> None:
+        self.call = call
+        self.args = args
+        self.kwargs = kwargs
+        self.context = context
+        self.service = service
+        self.deadline = deadline
+        self.done = threading.Event()
+        self.state = _PENDING
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.finished_at = 0.0
+
+
+class _WorkerPool:
+    """Daemon worker threads, started on demand up to ``max_workers``, retired when idle.
+
+    Not a ``ThreadPoolExecutor``: its threads are joined at interpreter exit, so one abandoned call
+    stuck in I/O would keep the process from exiting.
+    """
+
+    def __init__(self, max_workers: int, idle_seconds: float = _IDLE_SECONDS) -> None:
+        self._max_workers = max_workers
+        self._idle_seconds = idle_seconds
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._jobs: deque[_Job] = deque()
+        self._threads = 0
+        self._idle = 0
+        self._abandoned: dict[str, int] = {}
+
+    def submit(self, job: _Job) -> None:
+        with self._lock:
+            self._jobs.append(job)
+            if len(self._jobs) > self._idle and self._threads < self._max_workers:
+                self._threads += 1
+                threading.Thread(
+                    target=self._serve, name=f"buttress-timeout-{self._threads}", daemon=True
+                ).start()
+            else:
+                self._work.notify()
+
+    def settle(self, job: _Job) -> int:
+        """Decide the fate of ``job`` once its caller stops waiting; return its state.
+
+        ``DONE`` only if it finished by its deadline. A job that finished later is still late, even
+        if the caller looked after it ended: the verdict depends on when it finished, never on when
+        the caller happened to look.
+        """
+        with self._lock:
+            state = job.state
+            if state == _DONE:
+                return _DONE if job.finished_at <= job.deadline else _LATE
+            if state == _PENDING:
+                job.state = _DROPPED
+                self._jobs.remove(job)
+                return _DROPPED
+            job.state = _ABANDONED
+            count = self._abandoned.get(job.service, 0) + 1
+            self._abandoned[job.service] = count
+        handlers = events.ROUTES.get(events.WorkerAbandoned)
+        if handlers:
+            events.dispatch(handlers, events.WorkerAbandoned(job.service, count))
+        return _ABANDONED
+
+    def snapshot(self) -> WorkerPoolSnapshot:
+        with self._lock:
+            return WorkerPoolSnapshot(
+                threads=self._threads,
+                idle=self._idle,
+                pending=len(self._jobs),
+                abandoned={service: n for service, n in self._abandoned.items() if n},
+            )
+
+    def _serve(self) -> None:
+        while True:
+            with self._lock:
+                while not self._jobs:
+                    self._idle += 1
+                    woken = self._work.wait(self._idle_seconds)
+                    self._idle -= 1
+                    if not woken and not self._jobs:
+                        self._threads -= 1
+                        return
+                job = self._jobs.popleft()
+                job.state = _RUNNING
+            self._run(job)
+
+    def _run(self, job: _Job) -> None:
+        try:
+            job.result = job.context.run(job.call, job.args, job.kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread and re-raised there
+            job.error = exc
+        finished_at = _clock.monotonic()
+        with self._lock:
+            abandoned = job.state == _ABANDONED
+            job.state = _DONE
+            job.finished_at = finished_at
+            if abandoned:
+                count = self._abandoned[job.service] - 1
+                self._abandoned[job.service] = count
+        job.done.set()
+        if abandoned:
+            # Nobody will read the outcome; drop it so a large result or a traceback is not kept.
+            job.result = job.error = None
+            handlers = events.ROUTES.get(events.WorkerFinishedLate)
+            if handlers:
+                overran = finished_at - job.deadline
+                events.dispatch(handlers, events.WorkerFinishedLate(job.service, count, overran))
+
+
+_POOL = _WorkerPool(MAX_WORKERS)
+
+
+def worker_pool_snapshot() -> WorkerPoolSnapshot:
+    """Threads, idle threads, calls waiting for a worker, and abandoned workers per service."""
+    return _POOL.snapshot()
+
+
+# --- the strategy ---------------------------------------------------------------------------------
+
+_deadline = _context.deadline
+
+
+class TimeoutStrategy:
+    """``with_timeout`` for one call site: ``seconds`` per call, within any enclosing deadline."""
+
+    pattern: ClassVar[str] = PATTERN
+
+    def __init__(self, service: str, seconds: float, mode: Mode = "enforce") -> None:
+        self.service = service
+        self.seconds = seconds
+        self.mode = mode
+
+    def _limit(self, start: float) -> float:
+        """Seconds this call may take: ``seconds``, or less when an enclosing deadline is nearer."""
+        enclosing = _deadline.get()
+        if enclosing is not None and enclosing - start < self.seconds:
+            return enclosing - start
+        return self.seconds
+
+    def _exceeded(self, limit: float, elapsed: float, detail: str = "") -> TimeoutExceededError:
+        handlers = events.ROUTES.get(events.TimeoutExceeded)
+        if handlers:
+            events.dispatch(handlers, events.TimeoutExceeded(self.service, limit, elapsed))
+        return TimeoutExceededError(
+            f"call to {self.service!r} did not finish within {max(limit, 0.0):g} s{detail}",
+            service=self.service,
+            seconds=max(limit, 0.0),
+        )
+
+    def _finished(self, elapsed: float, timed_out: bool) -> None:
+        handlers = events.ROUTES.get(events.TimedCallFinished)
+        if handlers:
+            events.dispatch(handlers, events.TimedCallFinished(self.service, elapsed, timed_out))
+
+    def _shadow(self, limit: float, elapsed: float) -> None:
+        if elapsed > limit:
+            handlers = events.ROUTES.get(events.ShadowDecision)
+            if handlers:
+                events.dispatch(handlers, events.ShadowDecision(self.service, PATTERN, "timeout"))
+        self._finished(elapsed, timed_out=False)
+
+    # -- sync ------------------------------------------------------------------------------------
+    def wrap(self, call: Call) -> Call:
+        if self.mode == "shadow":
+            return self._wrap_shadow(call)
+        service = self.service
+        pool = _POOL
+
+        def timed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            start = _clock.monotonic()
+            limit = self._limit(start)
+            if limit <= 0:
+                self._finished(0.0, timed_out=True)
+                raise self._exceeded(limit, 0.0, " (the enclosing deadline had already passed)")
+            deadline = start + limit
+            # The worker runs in a copy of the caller's context so retry attempt numbers, the
+            # idempotency key and this deadline are visible there; the caller's own is untouched.
+            context = contextvars.copy_context()
+            context.run(_deadline.set, deadline)
+            job = _Job(call, args, kwargs, context=context, service=service, deadline=deadline)
+            pool.submit(job)
+            try:
+                wait = deadline - _clock.monotonic()
+                if wait > 0:
+                    _clock.wait(job.done, wait)
+            except BaseException:
+                pool.settle(job)  # interrupted (KeyboardInterrupt): the worker is abandoned too
+                raise
+            state = pool.settle(job)
+            elapsed = _clock.monotonic() - start
+            if state == _DONE:
+                self._finished(job.finished_at - start, timed_out=False)
+                error = job.error
+                if error is None:
+                    return job.result
+                try:
+                    raise error
+                finally:
+                    del error, job  # break the frame <-> traceback cycle
+            self._finished(elapsed, timed_out=True)
+            detail = " (no worker thread was free in time)" if state == _DROPPED else ""
+            raise self._exceeded(limit, elapsed, detail)
+
+        return timed
+
+    def _wrap_shadow(self, call: Call) -> Call:
+        def observed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            start = _clock.monotonic()
+            limit = self._limit(start)
+            try:
+                return call(args, kwargs)
+            finally:
+                self._shadow(limit, _clock.monotonic() - start)
+
+        return observed
+
+    # -- async -----------------------------------------------------------------------------------
+    def awrap(self, call: AsyncCall) -> AsyncCall:
+        if self.mode == "shadow":
+            return self._awrap_shadow(call)
+
+        async def timed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            start = _clock.monotonic()
+            limit = self._limit(start)
+            if limit <= 0:
+                self._finished(0.0, timed_out=True)
+                raise self._exceeded(limit, 0.0, " (the enclosing deadline had already passed)")
+            token = _deadline.set(start + limit)
+            raised_by_call = False
+            timed_out = False
+            try:
+                async with _clock.timeout(limit):
+                    try:
+                        return await call(args, kwargs)
+                    except TimeoutError:
+                        # The call's own TimeoutError (or a nested with_timeout's) is not ours.
+                        raised_by_call = True
+                        raise
+            except TimeoutError as exc:
+                if raised_by_call:
+                    raise
+                timed_out = True
+                raise self._exceeded(limit, _clock.monotonic() - start) from exc
+            finally:
+                _deadline.reset(token)
+                self._finished(_clock.monotonic() - start, timed_out)
+
+        return timed
+
+    def _awrap_shadow(self, call: AsyncCall) -> AsyncCall:
+        async def observed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            start = _clock.monotonic()
+            limit = self._limit(start)
+            try:
+                return await call(args, kwargs)
+            finally:
+                self._shadow(limit, _clock.monotonic() - start)
+
+        return observed
+
+
 def build(ctx: BuildContext) -> Strategy | None:
-    raise NotImplementedError  # being written
+    """A :class:`TimeoutStrategy` from ``ctx.options`` (a :class:`TimeoutOptions`)."""
+    options: TimeoutOptions = ctx.options
+    if not options.enabled:
+        return None
+    return TimeoutStrategy(ctx.service, options.seconds, ctx.mode)
