@@ -115,5 +115,7 @@ def clock() -> Iterator[FakeClock]:
 @pytest.fixture(autouse=True)
 def _fresh_registry() -> Iterator[None]:
     registry.clear()
+    registry.clear_claims()
     yield
     registry.clear()
+    registry.clear_claims()

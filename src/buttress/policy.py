@@ -89,7 +89,9 @@ def _build(spec: Spec, service: str, key: str, snapshot: config.Snapshot) -> Str
     view = snapshot.service(service)
     if not view.enabled or not view.pattern_enabled(spec.pattern):
         return None
-    options = view.options(spec.pattern, spec.code_args, spec.preset)
+    # A shared instance is configured by the code arguments of every call site of its service.
+    code_args = registry.code_args(spec.pattern, key) if key == service else spec.code_args
+    options = view.options(spec.pattern, code_args, spec.preset)
     if not getattr(options, "enabled", True):
         return None
     module = importlib.import_module(f"buttress.patterns.{spec.pattern}")
@@ -108,10 +110,11 @@ def _outcome(exc: BaseException) -> str:
 class _Compiled:
     """A policy compiled for one function and one settings snapshot."""
 
-    __slots__ = ("direct", "run", "snapshot")
+    __slots__ = ("direct", "epoch", "run", "snapshot")
 
-    def __init__(self, snapshot: config.Snapshot, run: Any, *, direct: bool) -> None:
+    def __init__(self, snapshot: config.Snapshot, epoch: object, run: Any, *, direct: bool) -> None:
         self.snapshot = snapshot
+        self.epoch = epoch
         self.run = run
         self.direct = direct
 
@@ -131,25 +134,27 @@ class _Bound:
         private = f"{self.service}#{next(_private_keys)}"
         for spec in policy.specs:
             service = spec.service or self.service
-            if spec.service or policy.service:
+            if spec.pattern in registry.SHARED_PATTERNS and (spec.service or policy.service):
                 registry.claim(spec.pattern, service, spec.code_args, site)
                 self.keys.append((spec, service, service))
             else:
                 self.keys.append((spec, service, private))
         self._lock = threading.Lock()
-        self.compiled = _Compiled(_NO_SNAPSHOT, None, direct=True)
+        self.compiled = _Compiled(_NO_SNAPSHOT, None, None, direct=True)
 
     def compile(self, snapshot: config.Snapshot) -> _Compiled:
         with self._lock:
-            if self.compiled.snapshot is snapshot:
-                return self.compiled
-            compiled = self._compile(snapshot)
+            epoch = registry.EPOCH
+            current = self.compiled
+            if current.snapshot is snapshot and current.epoch is epoch:
+                return current
+            compiled = self._compile(snapshot, epoch)
             self.compiled = compiled
             return compiled
 
-    def _compile(self, snapshot: config.Snapshot) -> _Compiled:
+    def _compile(self, snapshot: config.Snapshot, epoch: object) -> _Compiled:
         if not snapshot.enabled:
-            return _Compiled(snapshot, None, direct=True)
+            return _Compiled(snapshot, epoch, None, direct=True)
         strategies = [
             strategy
             for spec, service, key in self.keys
@@ -157,11 +162,11 @@ class _Bound:
         ]
         view = snapshot.service(self.service)
         if not strategies and not view.enabled:
-            return _Compiled(snapshot, None, direct=True)
+            return _Compiled(snapshot, epoch, None, direct=True)
         run = self._chain_async(strategies) if self.is_async else self._chain_sync(strategies)
         if view.rollout < 1.0:
             run = self._rollout(run, view)
-        return _Compiled(snapshot, run, direct=False)
+        return _Compiled(snapshot, epoch, run, direct=False)
 
     def _chain_sync(self, strategies: list[Strategy]) -> Call:
         fn = self.fn
@@ -347,7 +352,7 @@ def _wrap_sync(policy: Policy, fn: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         compiled = bound.compiled
         snapshot = config.SNAPSHOT
-        if compiled.snapshot is not snapshot:
+        if compiled.snapshot is not snapshot or compiled.epoch is not registry.EPOCH:
             compiled = bound.compile(snapshot)
         if compiled.direct:
             return fn(*args, **kwargs)
@@ -364,7 +369,7 @@ def _wrap_async(policy: Policy, fn: Callable[P, Awaitable[R]]) -> Callable[P, Aw
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         compiled = bound.compiled
         snapshot = config.SNAPSHOT
-        if compiled.snapshot is not snapshot:
+        if compiled.snapshot is not snapshot or compiled.epoch is not registry.EPOCH:
             compiled = bound.compile(snapshot)
         if compiled.direct:
             return await fn(*args, **kwargs)

@@ -5,11 +5,16 @@ the first time a call needs them, from the options resolved at that moment, and 
 place when ``reload_settings()`` changes those options, so state (an open circuit, busy slots)
 survives a reload.
 
-Conflicting code arguments: two call sites that name the same service may not give the same
-pattern different code arguments (``fail_max=5`` here, ``fail_max=10`` there). Which one should win
+Only the patterns with state shared by a service (:data:`SHARED_PATTERNS`) have instances here;
+retry, timeout and fallback options belong to each call site (one call site may be idempotent and
+retry while another may not).
+
+Conflicting code arguments: two call sites that name the same service may not give one argument
+of a pattern different values (``fail_max=5`` here, ``fail_max=10`` there). Which one should win
 would depend on import order, so the second decoration raises ``ConfigurationError`` naming both
-sites. Call sites that give the same values, or none, share freely; operators override code
-arguments for everyone through settings.
+sites. Call sites that give the same value, or leave the argument out, share freely (an argument
+given at one site applies to the shared instance); operators override code arguments for everyone
+through settings.
 """
 
 from __future__ import annotations
@@ -20,7 +25,19 @@ from typing import Any, Protocol, TypeVar
 
 from buttress.exceptions import ConfigurationError
 
-__all__ = ["Reconfigurable", "claim", "clear", "instances", "shared"]
+__all__ = [
+    "EPOCH",
+    "SHARED_PATTERNS",
+    "Reconfigurable",
+    "claim",
+    "clear",
+    "clear_claims",
+    "code_args",
+    "instances",
+    "shared",
+]
+
+SHARED_PATTERNS = frozenset({"circuit_breaker", "bulkhead", "rate_limit"})
 
 
 class Reconfigurable(Protocol):
@@ -33,7 +50,16 @@ T = TypeVar("T", bound=Reconfigurable)
 _lock = threading.RLock()
 _instances: dict[tuple[str, str], Any] = {}
 _options: dict[tuple[str, str], Any] = {}
-_claims: dict[tuple[str, str], tuple[Mapping[str, Any], str]] = {}
+# (pattern, key) -> argument name -> (value, the call site that gave it)
+_claims: dict[tuple[str, str], dict[str, tuple[Any, str]]] = {}
+
+
+class _Epoch:
+    """A token: replaced whenever a claim adds an argument, so policies built before it rebuild."""
+
+
+# Read on every call by the policy wrappers (an identity check); replaced, never mutated.
+EPOCH = _Epoch()
 
 
 def shared(pattern: str, key: str, options: Any, factory: Callable[[Any], T]) -> T:
@@ -70,30 +96,50 @@ def claim(pattern: str, key: str, code_args: Mapping[str, Any], site: str) -> No
         ConfigurationError: another site already gave different code arguments for the same
             shared instance.
     """
+    global EPOCH
     slot = (pattern, key)
     with _lock:
-        previous = _claims.get(slot)
-        if previous is None or previous[1] == site:
-            _claims[slot] = (dict(code_args), site)
-            return
-        previous_args, previous_site = previous
-        if dict(previous_args) != dict(code_args):
-            raise ConfigurationError(
-                f"service {key!r}: {pattern} is configured in code twice with different arguments: "
-                f"{_show(previous_args)} at {previous_site} and {_show(code_args)} at {site}. "
-                "Give both call sites the same arguments, move the values to settings "
-                f"(services.{key}.{pattern}), or use different service names.",
-                errors=((f"services.{key}.{pattern}", site, "conflicting code arguments"),),
-            )
+        given = _claims.setdefault(slot, {})
+        for name, value in code_args.items():
+            previous = given.get(name)
+            if previous is not None and previous[1] != site and previous[0] != value:
+                raise ConfigurationError(
+                    f"service {key!r}: {pattern} argument {name} is given two values in code: "
+                    f"{name}={previous[0]!r} at {previous[1]} and {name}={value!r} at {site}. "
+                    "Give both call sites the same value (or give it at one only), move it to "
+                    f"settings (services.{key}.{pattern}.{name}), or use different service names.",
+                    errors=((f"services.{key}.{pattern}.{name}", site, "conflicting values"),),
+                )
+        added = code_args.keys() - given.keys()
+        for name in added:
+            given[name] = (code_args[name], site)
+        if added:
+            EPOCH = _Epoch()
+
+
+def code_args(pattern: str, key: str) -> dict[str, Any]:
+    """The code arguments every call site gave ``pattern`` of ``key``, merged."""
+    with _lock:
+        return {name: value for name, (value, _) in _claims.get((pattern, key), {}).items()}
 
 
 def clear() -> None:
-    """Forget every instance and claim (tests; a process that re-creates its services)."""
+    """Forget every built instance; the next call of each policy builds fresh ones.
+
+    The code arguments claimed at decoration time are kept: they belong to functions that still
+    exist. (Test suites that re-decorate the same service with other arguments call
+    :func:`clear_claims` too.)
+    """
+    global EPOCH
     with _lock:
         _instances.clear()
         _options.clear()
+        EPOCH = _Epoch()
+
+
+def clear_claims() -> None:
+    """Forget the code arguments claimed by call sites (test isolation)."""
+    global EPOCH
+    with _lock:
         _claims.clear()
-
-
-def _show(args: Mapping[str, Any]) -> str:
-    return "(" + ", ".join(f"{k}={v!r}" for k, v in sorted(args.items())) + ")" if args else "()"
+        EPOCH = _Epoch()
