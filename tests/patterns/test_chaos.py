@@ -1,0 +1,214 @@
+"""Chaos: injected exceptions, latency and wrong results at a rate; off by default, kill switch."""
+
+from __future__ import annotations
+
+import pytest
+
+from buttress import config, events
+from buttress.exceptions import ConfigurationError
+from buttress.patterns import chaos
+from buttress.patterns._base import BuildContext
+from buttress.patterns.chaos import ChaosOptions, InjectedConnectionError
+from buttress.testing import capture_events
+
+
+@pytest.fixture
+def armed(monkeypatch):
+    """The process-wide kill switch on, for this test only."""
+    monkeypatch.setenv(chaos.KILL_SWITCH, "true")
+    config.reload_settings()
+    yield
+    monkeypatch.delenv(chaos.KILL_SWITCH)
+    config.reload_settings()
+
+
+def built(mode_name="enforce", service="upstream", **options):
+    ctx = BuildContext(
+        service=service, options=ChaosOptions(enabled=True, **options), key=service, mode=mode_name
+    )
+    return chaos.build(ctx)
+
+
+def counting(mode, result="real"):
+    calls = []
+
+    def body():
+        calls.append(1)
+        return result
+
+    return mode.define(body), calls
+
+
+def test_options_are_off_by_default():
+    options = ChaosOptions()
+    assert options.enabled is False
+    assert (options.exception_rate, options.latency_rate, options.result_rate) == (0.0, 0.0, 0.0)
+    assert options.exception is InjectedConnectionError
+    assert issubclass(InjectedConnectionError, ConnectionError)
+    assert ChaosOptions.code_only == {"exception", "result"}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("exception_rate", 1.5),
+        ("latency_rate", -0.1),
+        ("result_rate", 2),
+        ("latency_seconds", 0),
+        ("exception", KeyboardInterrupt),
+        ("exception", "ConnectionError"),
+        ("surprise", 1),
+    ],
+)
+def test_invalid_options_are_rejected(field, value):
+    with pytest.raises(ValueError, match=field):
+        ChaosOptions(**{field: value})
+
+
+def test_nothing_is_built_unless_enabled_armed_and_some_rate_is_set(armed, monkeypatch):
+    assert built(exception_rate=1.0) is not None
+    assert built() is None  # enabled, but no fault has a rate
+    disabled = BuildContext("upstream", ChaosOptions(exception_rate=1.0), "upstream")
+    assert chaos.build(disabled) is None
+    monkeypatch.setenv(chaos.KILL_SWITCH, "false")
+    config.reload_settings()
+    assert chaos.armed() is False
+    assert built(exception_rate=1.0) is None
+
+
+def test_kill_switch_is_off_when_unset(monkeypatch):
+    monkeypatch.delenv(chaos.KILL_SWITCH, raising=False)
+    config.reload_settings()
+    assert chaos.armed() is False
+    assert built(exception_rate=1.0, latency_rate=1.0, result_rate=1.0) is None
+
+
+def test_kill_switch_rejects_a_value_that_is_not_a_boolean(monkeypatch):
+    monkeypatch.setenv(chaos.KILL_SWITCH, "sometimes")
+
+    def reload_and_read():
+        config.reload_settings()
+        return chaos.armed()
+
+    with pytest.raises(ConfigurationError, match=chaos.KILL_SWITCH):
+        reload_and_read()
+    monkeypatch.delenv(chaos.KILL_SWITCH)
+    config.reload_settings()
+
+
+def test_injected_exception_replaces_the_call(mode, armed):
+    fn, calls = counting(mode)
+    wrapped = mode.chain(built(exception_rate=1.0), fn)
+    with capture_events([events.ChaosInjected]) as seen:
+        outcome = mode.outcome(wrapped)
+    assert isinstance(outcome, InjectedConnectionError)
+    assert "upstream" in str(outcome)
+    assert calls == []
+    assert seen == [events.ChaosInjected("upstream", "exception")]
+
+
+def test_exception_factory_and_class_are_both_accepted(mode, armed):
+    class Unavailable(Exception):
+        def __init__(self, status: int) -> None:
+            super().__init__(f"status {status}")
+            self.status = status
+
+    fn, _ = counting(mode)
+    from_factory = mode.chain(built(exception_rate=1.0, exception=lambda: Unavailable(503)), fn)
+    outcome = mode.outcome(from_factory)
+    assert isinstance(outcome, Unavailable)
+    assert outcome.status == 503
+    from_class = mode.chain(built(exception_rate=1.0, exception=TimeoutError), fn)
+    assert isinstance(mode.outcome(from_class), TimeoutError)
+
+
+def test_a_factory_that_returns_no_exception_is_a_type_error(mode, armed):
+    fn, _ = counting(mode)
+    wrapped = mode.chain(built(exception_rate=1.0, exception=lambda: "not an exception"), fn)
+    outcome = mode.outcome(wrapped)
+    assert isinstance(outcome, TypeError)
+    assert "not an Exception" in str(outcome)
+
+
+def test_injected_latency_waits_on_the_buttress_clock_then_calls(mode, armed, clock):
+    fn, calls = counting(mode)
+    wrapped = mode.chain(built(latency_rate=1.0, latency_seconds=2.5), fn)
+    started = clock.monotonic()
+    with capture_events([events.ChaosInjected]) as seen:
+        assert mode.run(wrapped) == "real"
+    assert clock.monotonic() - started == 2.5
+    assert clock.sleeps == [2.5]
+    assert calls == [1]
+    assert seen.of(events.ChaosInjected) == [events.ChaosInjected("upstream", "latency")]
+
+
+def test_injected_result_replaces_the_call(mode, armed):
+    fn, calls = counting(mode)
+    wrapped = mode.chain(built(result_rate=1.0, result={"allowed": True}), fn)
+    with capture_events([events.ChaosInjected]) as seen:
+        assert mode.run(wrapped) == {"allowed": True}
+    assert calls == []
+    assert [e.kind for e in seen] == ["result"]
+
+
+def test_an_exception_wins_over_a_result_and_latency_comes_first(mode, armed, clock):
+    fn, calls = counting(mode)
+    wrapped = mode.chain(
+        built(exception_rate=1.0, result_rate=1.0, latency_rate=1.0, latency_seconds=1.0), fn
+    )
+    with capture_events([events.ChaosInjected]) as seen:
+        assert isinstance(mode.outcome(wrapped), InjectedConnectionError)
+    assert [e.kind for e in seen] == ["latency", "exception"]
+    assert calls == []
+    assert clock.sleeps == [1.0]
+
+
+def test_rates_are_fractions_of_calls_and_a_seed_repeats_them(mode, armed):
+    def run_many(seed):
+        fn, calls = counting(mode)
+        wrapped = mode.chain(built(exception_rate=0.25, seed=seed), fn)
+        return [
+            isinstance(mode.outcome(wrapped), InjectedConnectionError) for _ in range(2000)
+        ], calls
+
+    first, calls = run_many(seed=7)
+    again, _ = run_many(seed=7)
+    other, _ = run_many(seed=8)
+    assert first == again
+    assert first != other
+    assert 0.21 < sum(first) / len(first) < 0.29
+    assert len(calls) == len(first) - sum(first)
+
+
+def test_shadow_mode_injects_nothing_and_says_what_it_would_have_done(mode, armed, clock):
+    fn, calls = counting(mode)
+    wrapped = mode.chain(built("shadow", exception_rate=1.0, latency_rate=1.0), fn)
+    with capture_events() as seen:
+        assert mode.run(wrapped) == "real"
+    assert calls == [1]
+    assert clock.sleeps == []
+    assert seen.of(events.ChaosInjected) == []
+    assert seen.of(events.ShadowDecision) == [
+        events.ShadowDecision("upstream", "chaos", "latency"),
+        events.ShadowDecision("upstream", "chaos", "exception"),
+    ]
+
+
+def test_no_event_is_built_without_a_subscriber(mode, armed):
+    fn, _ = counting(mode)
+    wrapped = mode.chain(built(result_rate=1.0, result="wrong"), fn)
+    assert events.ROUTES.get(events.ChaosInjected) is None
+    assert mode.run(wrapped) == "wrong"
+
+
+def test_callers_exceptions_pass_through_unchanged(mode, armed):
+    class Mine(Exception):
+        pass
+
+    def body():
+        raise Mine("mine")
+
+    wrapped = mode.chain(built(result_rate=0.5, result="wrong", seed=1), mode.define(body))
+    outcomes = [mode.outcome(wrapped) for _ in range(40)]
+    assert {type(o) for o in outcomes} == {Mine, str}
+    assert {str(o) for o in outcomes} == {"mine", "wrong"}
