@@ -1,0 +1,375 @@
+"""Timeout: async calls cancelled, sync calls abandoned on a daemon worker, deadlines published."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import buttress
+from buttress import _context, events, registry
+from buttress.events import (
+    ShadowDecision,
+    TimedCallFinished,
+    TimeoutExceeded,
+    WorkerAbandoned,
+    WorkerFinishedLate,
+)
+from buttress.exceptions import TimeoutExceededError
+from buttress.patterns import timeout
+from buttress.patterns._base import BuildContext
+from buttress.patterns.timeout import TimeoutOptions, TimeoutStrategy
+from buttress.testing import capture_events
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def strategy(seconds: float, service: str = "svc", mode: str = "enforce") -> TimeoutStrategy:
+    built = timeout.build(BuildContext(service, TimeoutOptions(seconds=seconds), service, mode))
+    assert isinstance(built, TimeoutStrategy)
+    return built
+
+
+def timed(mode, seconds, body=None, *, latency=0.0, service="svc", shadow=False):
+    """``body`` (plain code) after ``latency`` simulated seconds, behind one timeout."""
+    fn = mode.define(body, latency=latency)
+    return mode.chain(strategy(seconds, service, "shadow" if shadow else "enforce"), fn)
+
+
+def calling(mode, inner):
+    """A function of ``mode`` whose body calls (and awaits) ``inner``."""
+    if mode.is_async:
+
+        async def outer():
+            return await inner()
+
+        return outer
+    return lambda: inner()
+
+
+def wait_for(predicate, seconds: float = 5.0) -> None:
+    """Real-time poll for another thread's progress (bounded; never a duration under test)."""
+    limit = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < limit, "condition not reached in time"
+        time.sleep(0.001)
+
+
+# --- the basic contract ---------------------------------------------------------------------------
+
+
+def test_build_gives_a_timeout_strategy_or_nothing_when_disabled():
+    built = strategy(5)
+    assert built.pattern == "timeout"
+    assert built.seconds == 5
+    off = TimeoutOptions(seconds=5, enabled=False)
+    assert timeout.build(BuildContext("svc", off, "svc")) is None
+
+
+def test_a_call_in_time_returns_its_result(mode, clock):
+    fn = timed(mode, 5, lambda x: x * 2, latency=1)
+    with capture_events([TimedCallFinished, TimeoutExceeded]) as seen:
+        assert mode.run(fn, 21) == 42
+    assert seen == [TimedCallFinished("svc", 1.0, False)]
+
+
+def test_a_slow_call_raises_timeout_exceeded(mode, clock):
+    fn = timed(mode, 5, latency=10, service="slow")
+    with capture_events([TimedCallFinished, TimeoutExceeded]) as seen:
+        error = mode.outcome(fn)
+    assert isinstance(error, TimeoutExceededError)
+    assert isinstance(error, TimeoutError)
+    assert (error.service, error.seconds) == ("slow", 5)
+    assert "5 s" in str(error)
+    [exceeded] = seen.of(TimeoutExceeded)
+    assert exceeded.service == "slow"
+    assert exceeded.seconds == 5
+    assert exceeded.elapsed >= 5  # the fake clock jumps by the whole sleep
+    [finished] = seen.of(TimedCallFinished)
+    assert finished.timed_out is True
+    if mode.is_async:
+        assert isinstance(error.__cause__, TimeoutError)  # chained from asyncio's
+
+
+def test_the_functions_own_timeout_error_passes_through_unchanged(mode, clock):
+    own = TimeoutError("the upstream's own socket timeout")
+
+    def body():
+        raise own
+
+    with capture_events([TimeoutExceeded, TimedCallFinished]) as seen:
+        error = mode.outcome(timed(mode, 5, body))
+    assert error is own
+    assert seen.of(TimeoutExceeded) == []
+    assert [e.timed_out for e in seen.of(TimedCallFinished)] == [False]
+
+
+def test_the_callers_exceptions_pass_through_unchanged(mode, clock):
+    own = KeyError("missing")
+
+    def body():
+        raise own
+
+    assert mode.outcome(timed(mode, 5, body)) is own
+
+
+def test_remaining_is_published_inside_the_call(mode, clock):
+    assert buttress.remaining() is None
+    fn = timed(mode, 5, buttress.remaining)
+    assert mode.run(fn) == 5.0
+    assert buttress.remaining() is None
+
+
+def test_a_sync_call_runs_on_a_worker_thread_that_sees_the_deadline(clock):
+    seen = {}
+
+    def body():
+        seen["thread"] = threading.current_thread()
+        clock.advance(1)
+        seen["remaining"] = buttress.remaining()
+        return "ok"
+
+    step = strategy(5).wrap(lambda a, kw: body())
+    assert step((), {}) == "ok"
+    assert seen["thread"] is not threading.current_thread()
+    assert seen["thread"].daemon is True
+    assert seen["remaining"] == 4.0
+
+
+def test_retry_context_reaches_the_sync_worker(mode, clock):
+    attempts, keys = [], []
+
+    def body():
+        attempts.append(buttress.attempt())
+        keys.append(buttress.idempotency_key())
+        if len(attempts) < 3:
+            raise ConnectionError("flaky")
+        return "ok"
+
+    fn = buttress.retry_with_backoff(max_attempts=3, jitter="none")(
+        buttress.with_timeout(seconds=5)(mode.define(body))
+    )
+    assert mode.run(fn) == "ok"
+    assert attempts == [1, 2, 3]
+    assert len(set(keys)) == 1
+    assert keys[0] is not None
+
+
+# --- nesting --------------------------------------------------------------------------------------
+
+
+def test_nested_timeouts_use_the_tighter_outer_deadline(mode, clock):
+    inner = timed(mode, 10, buttress.remaining, service="inner")
+    outer = mode.chain(strategy(5, "outer"), calling(mode, inner))
+    assert mode.run(outer) == 5.0
+
+
+def test_a_tighter_inner_timeout_fires_first(mode, clock):
+    inner = timed(mode, 2, latency=3, service="inner")
+    outer = mode.chain(strategy(10, "outer"), calling(mode, inner))
+    error = mode.outcome(outer)
+    assert isinstance(error, TimeoutExceededError)
+    assert (error.service, error.seconds) == ("inner", 2)
+
+
+def test_the_outer_deadline_bounds_a_looser_inner_timeout(mode, clock):
+    inner = timed(mode, 10, latency=30, service="inner")
+    outer = mode.chain(strategy(5, "outer"), calling(mode, inner))
+    error = mode.outcome(outer)
+    assert isinstance(error, TimeoutExceededError)
+    assert error.seconds == 5  # whichever scope reports it, the limit was the outer 5 s
+
+
+def test_a_call_whose_enclosing_deadline_passed_is_not_started(mode, clock):
+    calls = []
+    fn = timed(mode, 5, lambda: calls.append(1))
+    token = _context.deadline.set(clock.monotonic() - 1)
+    try:
+        with capture_events([TimeoutExceeded]) as seen:
+            error = mode.outcome(fn)
+    finally:
+        _context.deadline.reset(token)
+    assert isinstance(error, TimeoutExceededError)
+    assert error.seconds == 0
+    assert "already passed" in str(error)
+    assert calls == []
+    assert [e.elapsed for e in seen] == [0.0]
+
+
+# --- abandoned sync work ------------------------------------------------------------------------
+
+
+def test_an_abandoned_worker_is_counted_until_it_finishes(clock):
+    gate = threading.Event()
+    finished_late = threading.Event()
+
+    def body():
+        clock.sleep(10)  # passes the caller's 5 s deadline
+        gate.wait(5)  # and keeps the worker busy after the caller gave up
+        return "late"
+
+    step = strategy(5, "hung").wrap(lambda a, kw: body())
+    with capture_events([WorkerAbandoned, WorkerFinishedLate]) as seen:
+        unsubscribe = events.subscribe(lambda e: finished_late.set(), [WorkerFinishedLate])
+        try:
+            with pytest.raises(TimeoutExceededError):
+                step((), {})
+            assert seen.of(WorkerAbandoned) == [WorkerAbandoned("hung", 1)]
+            assert timeout.worker_pool_snapshot()["abandoned"] == {"hung": 1}
+            gate.set()
+            assert finished_late.wait(5)
+        finally:
+            unsubscribe()
+    assert seen.of(WorkerFinishedLate) == [WorkerFinishedLate("hung", 0, 5.0)]
+    assert timeout.worker_pool_snapshot()["abandoned"] == {}
+
+
+def test_a_call_waits_for_a_worker_within_its_deadline_and_never_runs_late(clock, monkeypatch):
+    pool = timeout._WorkerPool(max_workers=1)
+    monkeypatch.setattr(timeout, "_POOL", pool)
+    gate = threading.Event()
+    ran = []
+
+    def hog():
+        clock.sleep(10)
+        gate.wait(5)
+
+    try:
+        with pytest.raises(TimeoutExceededError):
+            strategy(5, "hog").wrap(lambda a, kw: hog())((), {})
+        assert pool.snapshot()["threads"] == 1  # the only worker is abandoned and still busy
+        done = threading.Event()
+        result = {}
+
+        def caller():
+            try:
+                strategy(5, "next").wrap(lambda a, kw: ran.append(1))((), {})
+            except TimeoutExceededError as exc:
+                result["error"] = exc
+            done.set()
+
+        thread = threading.Thread(target=caller)
+        thread.start()
+        wait_for(lambda: pool.snapshot()["pending"] == 1)
+        while not done.is_set():  # move simulated time until the caller's deadline fires
+            clock.advance(1)
+            done.wait(0.001)
+        thread.join(5)
+    finally:
+        gate.set()
+    assert "no worker thread was free" in str(result["error"])
+    assert result["error"].seconds == 5
+    wait_for(lambda: pool.snapshot()["abandoned"] == {})
+    assert ran == []  # dropped before it started: a late start would be a surprise side effect
+    assert pool.snapshot()["pending"] == 0
+
+
+def test_many_concurrent_sync_calls_each_get_their_own_result(clock):
+    step = strategy(5).wrap(lambda a, kw: a[0] * 2)
+    results: dict[int, int] = {}
+
+    def worker(i: int) -> None:
+        results[i] = step((i,), {})
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert results == {i: i * 2 for i in range(32)}
+    assert timeout.worker_pool_snapshot()["threads"] <= timeout.MAX_WORKERS
+
+
+@pytest.mark.realtime
+def test_interpreter_exit_is_not_blocked_by_an_abandoned_worker():
+    script = textwrap.dedent(
+        """
+        import time
+        from buttress import TimeoutExceededError, with_timeout
+
+        @with_timeout(seconds=0.05)
+        def hang():
+            time.sleep(60)
+
+        try:
+            hang()
+        except TimeoutExceededError as exc:
+            print("timed out", exc.seconds)
+        """
+    )
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env={"PYTHONPATH": str(SRC)},
+        check=False,
+    )
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "timed out 0.05"
+    assert elapsed < 10  # interpreter start-up included; an awaited worker would take 60 s
+
+
+# --- async specifics ------------------------------------------------------------------------------
+
+
+def test_an_outside_cancellation_is_not_turned_into_a_timeout(clock):
+    async def scenario():
+        entered = asyncio.Event()
+
+        async def body(args, kwargs):
+            entered.set()
+            await asyncio.Event().wait()
+
+        step = strategy(5).awrap(body)
+        with capture_events([TimeoutExceeded]) as seen:
+            task = asyncio.create_task(step((), {}))
+            await entered.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert seen == []
+        assert buttress.remaining() is None
+
+    asyncio.run(scenario())
+
+
+# --- shadow mode ----------------------------------------------------------------------------------
+
+
+def test_shadow_mode_never_times_out_but_says_it_would_have(mode, clock):
+    slow = timed(mode, 5, latency=10, service="shady", shadow=True)
+    fast = timed(mode, 5, latency=1, service="shady", shadow=True)
+    with capture_events([ShadowDecision, TimeoutExceeded, TimedCallFinished]) as seen:
+        assert mode.run(slow) == "ok"
+        assert mode.run(fast) == "ok"
+    assert seen.of(ShadowDecision) == [ShadowDecision("shady", "timeout", "timeout")]
+    assert seen.of(TimeoutExceeded) == []
+    assert [e.elapsed for e in seen.of(TimedCallFinished)] == [10.0, 1.0]
+
+
+def test_shadow_mode_publishes_no_deadline(mode, clock):
+    # Cooperative code that honoured a shadow deadline would change behaviour.
+    fn = timed(mode, 5, buttress.remaining, shadow=True)
+    assert mode.run(fn) is None
+
+
+# --- through the public decorator -----------------------------------------------------------------
+
+
+def test_with_timeout_decorator_on_def_and_async_def(mode, clock):
+    fn = buttress.with_timeout(name="deco", seconds=1)(mode.define(latency=2))
+    error = mode.outcome(fn)
+    assert isinstance(error, TimeoutExceededError)
+    assert (error.service, error.seconds) == ("deco", 1)
+    quick = buttress.with_timeout(name="deco", seconds=1)(mode.define(lambda: "fine", latency=0.5))
+    assert mode.run(quick) == "fine"
+    assert registry.instances("timeout") == {}  # a timeout keeps no shared state
