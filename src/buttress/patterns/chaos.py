@@ -9,7 +9,7 @@ Three kinds of fault, each at its own rate (a fraction of calls, drawn independe
 * ``result``: return ``result`` instead of calling (a wrong answer, not an error).
 
 Chaos is off twice over: per service (``enabled`` defaults to false) and per process, behind its own
-kill switch (``BUTTRESS_CHAOS_ENABLED``, default false, read when settings load). A config file
+kill switch (``FF_ENABLE_CHAOS_INJECTION``, default false, read when settings load). A config file
 that enables chaos therefore injects nothing in a process that was not armed, and switching the
 kill switch off (plus ``reload_settings()``) stops every injection at once. A built policy whose
 chaos is inactive carries no chaos step at all.
@@ -46,10 +46,12 @@ __all__ = [
 PATTERN = "chaos"
 
 # The process-wide kill switch. Chaos injects only when it is true AND the service enables chaos.
-KILL_SWITCH: Final = "BUTTRESS_CHAOS_ENABLED"
+# Named like FF_ENABLE_RESILIENCE_PATTERNS, the switch operators already know, and outside the
+# BUTTRESS_ prefix, whose variables name settings keys.
+KILL_SWITCH: Final = "FF_ENABLE_CHAOS_INJECTION"
 
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off", ""})
+_TRUE = frozenset({"1", "true", "yes", "on", "y", "t"})
+_FALSE = frozenset({"0", "false", "no", "off", "n", "f", ""})
 
 
 class InjectedConnectionError(ConnectionError):
@@ -104,13 +106,14 @@ class ChaosOptions(Options):
 def armed() -> bool:
     """Whether this process allows fault injection at all (the kill switch, default off).
 
-    Read from the settings in force (``chaos_enabled``, set by ``BUTTRESS_CHAOS_ENABLED``), so it
-    changes with ``reload_settings()`` and never in the middle of a compiled policy.
+    Read when a policy compiles, that is on its first call and after every ``reload_settings()``,
+    never in the middle of a compiled policy. Settings that model the switch (a ``chaos_enabled``
+    field fed by the same variable) are the source; otherwise the variable itself, as strictly
+    as settings read ``FF_ENABLE_RESILIENCE_PATTERNS``.
     """
     flag = getattr(config.get_settings(), "chaos_enabled", None)
     if isinstance(flag, bool):
         return flag
-    # Settings that do not model the switch: read the variable itself, as strictly as settings do.
     raw = os.environ.get(KILL_SWITCH, "").strip().lower()
     if raw in _TRUE:
         return True
@@ -119,7 +122,7 @@ def armed() -> bool:
     raise ConfigurationError(
         f"{KILL_SWITCH}: expected a boolean, got {raw!r} "
         f"(source: environment variable {KILL_SWITCH})",
-        errors=((KILL_SWITCH, "environment", "expected a boolean"),),
+        errors=((KILL_SWITCH, f"env {KILL_SWITCH}", "expected a boolean"),),
     )
 
 
