@@ -1,0 +1,124 @@
+"""Where buttress's events go: Prometheus, OpenTelemetry and logging subscribers.
+
+All three are on by default (``import buttress`` calls :func:`install_defaults`): metrics go to
+``prometheus_client``'s default registry, span events to the current span through the
+OpenTelemetry API, and records to the ``buttress`` logger. :func:`configure` turns each off or
+points it somewhere else::
+
+    from prometheus_client import CollectorRegistry
+    from buttress import instrumentation
+
+    registry = CollectorRegistry()
+    instrumentation.configure(prometheus=registry, logging=False)
+
+Calling either function again with the same targets changes nothing, so it is safe from several
+import paths. The patterns never import a subscriber: they emit events (:mod:`buttress.events`),
+and an event that nobody subscribed to is never built.
+"""
+
+from __future__ import annotations
+
+import logging as _stdlib_logging
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from opentelemetry.trace import TracerProvider
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from buttress import events
+from buttress.instrumentation.logging import LoggingSubscriber
+from buttress.instrumentation.otel import OTelSubscriber
+from buttress.instrumentation.prometheus import PrometheusSubscriber
+
+__all__ = ["configure", "install_defaults", "installed"]
+
+_lock = threading.RLock()
+# Subscriber name -> (its target, the function that unsubscribes it).
+_installed: dict[str, tuple[object, Callable[[], None]]] = {}
+# One subscriber per registry: its families can be registered in a registry only once, so turning
+# Prometheus off and on again must reuse them. Weak, so a test's throwaway registry can go.
+_prometheus: weakref.WeakKeyDictionary[CollectorRegistry, PrometheusSubscriber] = (
+    weakref.WeakKeyDictionary()
+)
+_GLOBAL_PROVIDER = object()  # target of otel=True: the global tracer provider, resolved lazily
+_health_undo: Callable[[], None] | None = None
+
+
+def install_defaults() -> None:
+    """Switch on the three default subscribers (idempotent)."""
+    global _health_undo
+    configure(prometheus=True, otel=True, logging=True)
+    with _lock:
+        if _health_undo is None:
+            # Imported here: health imports the settings and the registry.
+            from buttress.health import record_fallback  # noqa: PLC0415
+
+            _health_undo = events.subscribe(record_fallback, [events.FallbackUsed])
+
+
+def configure(
+    *,
+    prometheus: bool | CollectorRegistry | None = None,
+    otel: bool | TracerProvider | None = None,
+    logging: bool | _stdlib_logging.Logger | None = None,
+) -> None:
+    """Turn subscribers on or off, or point them elsewhere; ``None`` leaves one as it is.
+
+    Args:
+        prometheus: ``True`` for the default registry, a ``CollectorRegistry`` for another one,
+            ``False`` for none.
+        otel: ``True`` for the global tracer provider, a ``TracerProvider`` for another one (used
+            only for the spans of state changes outside any span), ``False`` for none.
+        logging: ``True`` for the ``buttress`` logger, a ``Logger`` for another one, ``False``
+            for none.
+    """
+    with _lock:
+        if prometheus is not None:
+            registry = REGISTRY if prometheus is True else prometheus or None
+            _switch("prometheus", registry, _prometheus_subscriber)
+        if otel is not None:
+            provider = _GLOBAL_PROVIDER if otel is True else otel or None
+            _switch("otel", provider, _otel_subscriber)
+        if logging is not None:
+            logger = _stdlib_logging.getLogger("buttress") if logging is True else logging or None
+            _switch("logging", logger, LoggingSubscriber)
+
+
+def installed() -> dict[str, object]:
+    """The target of each subscriber that is on: ``{"prometheus": registry, ...}``."""
+    with _lock:
+        return {name: target for name, (target, _) in _installed.items()}
+
+
+def _switch(name: str, target: Any, build: Callable[[Any], Any]) -> None:
+    current = _installed.get(name)
+    if current is not None:
+        if current[0] is target:
+            return
+        current[1]()
+        del _installed[name]
+    if target is None:
+        return
+    subscriber = build(target)
+    undos = [events.subscribe(handler, [kind]) for kind, handler in subscriber.handlers().items()]
+
+    def undo() -> None:
+        for each in undos:
+            each()
+
+    _installed[name] = (target, undo)
+
+
+def _prometheus_subscriber(registry: CollectorRegistry) -> PrometheusSubscriber:
+    subscriber = _prometheus.get(registry)
+    if subscriber is None:
+        subscriber = PrometheusSubscriber(registry)
+        _prometheus[registry] = subscriber
+    subscriber.write_settings()
+    return subscriber
+
+
+def _otel_subscriber(provider: object) -> OTelSubscriber:
+    return OTelSubscriber(None if provider is _GLOBAL_PROVIDER else provider)  # type: ignore[arg-type]
