@@ -1,17 +1,72 @@
-"""Circuit breaker: stop calling a dependency that keeps failing, probe it, close when it recovers."""
+"""Circuit breaker: stop calling a dependency that keeps failing, probe it, close when it recovers.
+
+:class:`CircuitBreaker` is a ``pybreaker.CircuitBreaker`` (listeners, storages, ``current_state``
+and the public setters keep working) whose calls never run under a lock:
+
+1. **admit**: decide under the breaker's lock whether the call may run, and hand out a *token*
+   (the generation of the state it was admitted in, and whether it is a half-open trial);
+2. **run** the protected call with no lock held, from any number of threads and tasks;
+3. **record** the outcome under the lock, but only if the state it was admitted in is still the
+   current one. Every transition bumps the generation, so a result that lands after a trip, a
+   manual reset or another trial's failure is not evidence about the new state (gobreaker does
+   the same).
+
+In the closed state with local storage the hot path takes no lock at all: admission reads one
+attribute, and a success with no failure to clear and no rate window has nothing to record.
+
+States are ``closed``, ``open``, ``half_open`` and three manual overrides: ``forced_open``
+(reject everything), ``forced_closed`` (admit everything, keep counting, never trip) and
+``disabled`` (a pass-through that records nothing). Durations are measured on
+``_clock.monotonic()``, never on pybreaker's ``datetime.now()``.
+
+Shared state (the seam for ``state_url``): every read and write of the storage goes through five
+methods, and only they touch it (``self._store``):
+
+* ``_sync_shared(now)``: before admitting, adopt a state another process wrote;
+* ``_save_state(state, opened_at_wall)``: a transition this process made;
+* ``_count_failure()`` / ``_clear_failures()``: the consecutive-failure counter;
+* ``_count_success()``: half-open successes.
+
+With a plain ``pybreaker.CircuitMemoryStorage`` nobody else writes the storage, so the breaker
+trusts its own copy of the state and skips ``_sync_shared``. With any other storage it re-reads the
+state on every admission and keeps no local fast path. Half-open trial limits, the rate window and
+the manual overrides are per process.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import ClassVar
+import contextlib
+import datetime as dt
+import functools
+import math
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any, ClassVar, Final, TypedDict, TypeVar
 
+import pybreaker
 from pydantic import Field, model_validator
 
-from buttress.patterns._base import BuildContext, Options, Strategy
+from buttress import _clock, config, events, registry
+from buttress.events import CircuitCallRecorded
+from buttress.exceptions import CircuitOpenError, RejectedError
+from buttress.patterns._base import AsyncCall, BuildContext, Call, Options
+from buttress.patterns._pybreaker_compat import CompatBreaker
+
+__all__ = [
+    "PATTERN",
+    "CircuitBreaker",
+    "CircuitBreakerOptions",
+    "CircuitBreakerStrategy",
+    "CircuitSnapshot",
+    "ExcludeSpec",
+    "breaker",
+    "build",
+]
 
 PATTERN = "circuit_breaker"
 
 ExcludeSpec = type[BaseException] | Callable[[BaseException], bool]
+
+T = TypeVar("T")
 
 
 class CircuitBreakerOptions(Options):
@@ -45,11 +100,779 @@ class CircuitBreakerOptions(Options):
     @model_validator(mode="after")
     def _slow_calls_need_both(self) -> CircuitBreakerOptions:
         if (self.slow_call_duration is None) != (self.slow_call_rate_threshold is None):
-            raise ValueError(
-                "slow_call_duration and slow_call_rate_threshold must be set together"
-            )
+            raise ValueError("slow_call_duration and slow_call_rate_threshold must be set together")
         return self
 
 
-def build(ctx: BuildContext) -> Strategy | None:
-    raise NotImplementedError  # being written
+# --- states and vocabularies (the event and metric labels of events.py) ---------------------------
+
+CLOSED: Final = "closed"
+OPEN: Final = "open"
+HALF_OPEN: Final = "half_open"
+FORCED_OPEN: Final = "forced_open"
+FORCED_CLOSED: Final = "forced_closed"
+DISABLED: Final = "disabled"
+
+_TO_PYBREAKER = {
+    CLOSED: pybreaker.STATE_CLOSED,
+    OPEN: pybreaker.STATE_OPEN,
+    HALF_OPEN: pybreaker.STATE_HALF_OPEN,
+}
+_FROM_PYBREAKER = {name: state for state, name in _TO_PYBREAKER.items()}
+
+SUCCESS: Final = "success"
+FAILURE: Final = "failure"
+IGNORED: Final = "ignored"
+
+# Admission tokens: ``generation << 1 | is_trial`` for a call whose outcome counts; the negative
+# values mark calls whose outcome must not touch the state.
+_BYPASS: Final = -1  # disabled: not even an event
+_UNCOUNTED: Final = -2  # shadow mode let through a call it would have rejected: event only
+
+# The rate window slides in this many steps: a call leaves it at most window_seconds/20 late.
+_BUCKETS: Final = 20
+
+_NEVER = -math.inf
+
+
+class CircuitSnapshot(TypedDict):
+    """One circuit as health checks see it."""
+
+    service: str
+    state: str  # closed | open | half_open | forced_open | forced_closed | disabled
+    failures: int  # consecutive failures counted towards fail_max
+    successes: int  # half-open successes counted towards success_threshold
+    trials_in_flight: int
+    seconds_left_open: float | None  # open: time until the next trial (0: the next call is one)
+    failure_rate: float | None  # over the window; None when no rate threshold is configured
+    slow_call_rate: float | None
+
+
+class _Window:
+    """Calls, failures and slow calls of the last ``seconds``, in buckets: O(1) per call."""
+
+    __slots__ = ("_calls", "_failures", "_head", "_slow", "_width", "calls", "failures", "slow")
+
+    def __init__(self, seconds: float, now: float) -> None:
+        self._width = seconds / _BUCKETS
+        self._head = int(now // self._width)  # the bucket number that ``now`` falls in
+        self._calls = [0] * _BUCKETS
+        self._failures = [0] * _BUCKETS
+        self._slow = [0] * _BUCKETS
+        self.calls = self.failures = self.slow = 0
+
+    def roll(self, now: float) -> int:
+        """Drop the buckets that fell out of the window; return the index of ``now``'s bucket."""
+        tick = int(now // self._width)
+        head = self._head
+        if tick > head:
+            if tick - head >= _BUCKETS:
+                self._calls = [0] * _BUCKETS
+                self._failures = [0] * _BUCKETS
+                self._slow = [0] * _BUCKETS
+                self.calls = self.failures = self.slow = 0
+            else:
+                for passed in range(head + 1, tick + 1):
+                    i = passed % _BUCKETS
+                    self.calls -= self._calls[i]
+                    self.failures -= self._failures[i]
+                    self.slow -= self._slow[i]
+                    self._calls[i] = self._failures[i] = self._slow[i] = 0
+            self._head = tick
+        # A thread that read the clock before another one recorded lands in the newest bucket.
+        return self._head % _BUCKETS
+
+    def add(self, now: float, *, failed: bool, slow: bool) -> None:
+        i = self.roll(now)
+        self._calls[i] += 1
+        self.calls += 1
+        if failed:
+            self._failures[i] += 1
+            self.failures += 1
+        if slow:
+            self._slow[i] += 1
+            self.slow += 1
+
+    @property
+    def failure_rate(self) -> float:
+        return self.failures / self.calls if self.calls else 0.0
+
+    @property
+    def slow_call_rate(self) -> float:
+        return self.slow / self.calls if self.calls else 0.0
+
+
+# --- pybreaker listeners, delivered through the event hub's guard ---------------------------------
+# A listener that raises must never lose the caller's result (pybreaker does not guard them), so
+# each listener method becomes a stable handler for events.dispatch, which logs a failing one once.
+
+
+class _StateChangeHook:
+    __slots__ = ("breaker", "listener")
+
+    def __init__(self, listener: pybreaker.CircuitBreakerListener, cb: CircuitBreaker) -> None:
+        self.listener = listener
+        self.breaker = cb
+
+    def __call__(
+        self, change: tuple[pybreaker.CircuitBreakerState, pybreaker.CircuitBreakerState]
+    ) -> None:
+        self.listener.state_change(self.breaker, *change)
+
+
+class _BeforeCallHook:
+    __slots__ = ("breaker", "listener")
+
+    def __init__(self, listener: pybreaker.CircuitBreakerListener, cb: CircuitBreaker) -> None:
+        self.listener = listener
+        self.breaker = cb
+
+    def __call__(self, call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]) -> None:
+        func, args, kwargs = call
+        self.listener.before_call(self.breaker, func, *args, **kwargs)
+
+
+def _exclusions(
+    excluded: Sequence[object],
+) -> tuple[tuple[type, ...], tuple[Callable[[BaseException], object], ...]]:
+    # isinstance(x, type) holds for classes with a custom metaclass (ABCMeta) too; pybreaker's
+    # ``type(x) is type`` does not, and then calls the class as a predicate, excluding everything.
+    types: list[type] = []
+    predicates: list[Callable[[BaseException], object]] = []
+    for item in excluded:
+        if isinstance(item, type):
+            types.append(item)
+        elif callable(item):
+            predicates.append(item)
+    return tuple(types), tuple(predicates)
+
+
+class CircuitBreaker(CompatBreaker):
+    """The shared breaker of one service: lock-free calls over pybreaker's state and storage.
+
+    Args:
+        service: the service name (events, errors, registry key).
+        options: the breaker's options; ``reconfigure()`` swaps them in place.
+        state_storage: any ``pybreaker.CircuitBreakerStorage`` (default: in memory).
+        listeners: ``pybreaker.CircuitBreakerListener`` objects; more via ``add_listener``.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        options: CircuitBreakerOptions | None = None,
+        *,
+        state_storage: pybreaker.CircuitBreakerStorage | None = None,
+        listeners: Sequence[pybreaker.CircuitBreakerListener] = (),
+    ) -> None:
+        opts = options if options is not None else CircuitBreakerOptions.model_validate({})
+        super().__init__(
+            name=service,
+            fail_max=opts.fail_max,
+            reset_timeout=opts.timeout,
+            success_threshold=opts.success_threshold,
+            exclude=opts.exclude,
+            listeners=listeners,
+            state_storage=state_storage,
+        )
+        now = _clock.monotonic()
+        self.service = service
+        self.options = opts
+        self._messages = {
+            "open": f"circuit of {service!r} is open",
+            "half_open_full": f"circuit of {service!r} is half-open and its trial calls are taken",
+            "forced_open": f"circuit of {service!r} is forced open",
+        }
+        self._store = self.storage
+        self._shared = type(self._store) is not pybreaker.CircuitMemoryStorage
+        self._phase: str = CLOSED  # closed | open | half_open (the overrides sit on top)
+        self._override: str | None = None
+        self._generation = 0
+        self._since = now  # when the current state (as labelled) began
+        self._opened_at = now
+        self._trials = 0
+        self._max_trials = opts.half_open_max_calls
+        self._slow_after = opts.slow_call_duration
+        self._window = self._new_window(opts, now)
+        self._fast_token: int | None = None
+        self._open_until = _NEVER
+        self._excluded_types, self._excluded_predicates = _exclusions(self.excluded_exceptions)
+        self._refresh_listeners()
+        with self.lock:
+            stored = _FROM_PYBREAKER.get(self._store.state, CLOSED)
+            if stored != CLOSED:
+                self._adopt(stored, now)
+            self._refresh_fast_paths()
+
+    # --- the per-call protocol (used by the strategy's steps and by call/acall/calling) ----------
+
+    def admit(self, *, shadow: bool = False) -> int:
+        """Decide whether a call may run; return its token.
+
+        Raises:
+            CircuitOpenError: the circuit is open, forced open, or its trial slots are taken
+                (never in shadow mode, which emits ``ShadowDecision`` and lets the call through).
+        """
+        token = self._fast_token
+        if token is not None:
+            return token
+        until = self._open_until
+        if until != _NEVER:
+            now = _clock.monotonic()
+            if until > now:
+                return self._reject("open", until - now, shadow=shadow)
+        with self.lock:
+            return self._admit_locked(shadow=shadow)
+
+    def on_success(self, token: int, started: float) -> None:
+        """Record a call admitted with ``token`` and started at ``started`` that returned."""
+        now = _clock.monotonic()
+        if token < 0:
+            if token == _UNCOUNTED:
+                self._announce(SUCCESS, now - started, None)
+            return
+        elapsed = now - started
+        slow = self._slow_after is not None and elapsed >= self._slow_after
+        if token != self._fast_token or self._window is not None or self._store.counter:
+            with self.lock:
+                self._record(token, SUCCESS, now, slow=slow)
+        self._announce(SUCCESS, elapsed, None, slow=slow)
+
+    def on_error(self, token: int, exc: BaseException, started: float) -> None:
+        """Record a call admitted with ``token`` that raised ``exc``; never raises itself."""
+        if token == _BYPASS:
+            return
+        now = _clock.monotonic()
+        elapsed = now - started
+        outcome = FAILURE if self.is_system_error(exc) else IGNORED
+        slow = self._slow_after is not None and elapsed >= self._slow_after
+        if token >= 0:
+            with self.lock:
+                self._record(token, outcome, now, slow=slow)
+        self._announce(outcome, elapsed, exc, slow=slow)
+
+    @property
+    def listening(self) -> bool:
+        """Whether pybreaker listeners want ``before_call``."""
+        return bool(self._before_hooks)
+
+    def notify_before_call(
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """Tell pybreaker listeners a call was admitted.
+
+        ``func`` is the next step of the policy's chain (a ``(args, kwargs)`` callable), the
+        function given to ``call``/``acall``, or ``breaker.calling`` for a ``calling()`` block.
+        """
+        events.dispatch(self._before_hooks, (func, args, kwargs))
+
+    # --- manual control ------------------------------------------------------------------------
+
+    def force_open(self) -> None:
+        """Reject every call until ``reset()`` (or ``close()``), whatever the outcomes."""
+        self._manual(OPEN, FORCED_OPEN, "manual")
+
+    def force_closed(self) -> None:
+        """Admit every call until ``reset()``; outcomes are counted but never trip the circuit."""
+        self._manual(CLOSED, FORCED_CLOSED, "manual")
+
+    def disable(self) -> None:
+        """Let every call straight through and record nothing until ``enable()`` or ``reset()``."""
+        self._manual(CLOSED, DISABLED, "manual")
+
+    def enable(self) -> None:
+        """Undo ``disable()``: back to closed with fresh counters (no effect unless disabled)."""
+        with self.lock:
+            if self._override == DISABLED:
+                self._move(CLOSED, None, "manual", _clock.monotonic())
+
+    def reset(self) -> None:
+        """Closed, with every counter and the rate window cleared; ends any override."""
+        self._manual(CLOSED, None, "reset")
+
+    def open(self) -> bool:
+        """Trip now: open for ``timeout`` seconds, then half-open as usual (pybreaker's ``open``).
+
+        Returns:
+            False: buttress never raises pybreaker's ``CircuitBreakerError`` (pybreaker returns
+            whether it would).
+        """
+        self._manual(OPEN, None, "manual")
+        return False
+
+    def half_open(self) -> None:
+        """Half-open now: the next calls are trials (pybreaker's ``half_open``)."""
+        self._manual(HALF_OPEN, None, "manual")
+
+    def close(self) -> None:
+        """Close now, clearing the counters (pybreaker's ``close``); ends any override."""
+        self._manual(CLOSED, None, "manual")
+
+    # --- options -------------------------------------------------------------------------------
+
+    def reconfigure(self, options: CircuitBreakerOptions) -> None:
+        """Adopt new options, keeping the state (an open circuit stays open, counted failures
+        stay counted). A changed window length or rate threshold starts an empty window.
+        """
+        with self.lock:
+            previous = self.options
+            self.options = options
+            self.fail_max = options.fail_max
+            self.reset_timeout = options.timeout
+            self.success_threshold = options.success_threshold
+            self._max_trials = options.half_open_max_calls
+            self._slow_after = options.slow_call_duration
+            if options.exclude != previous.exclude:
+                for old in self.excluded_exceptions:
+                    super().remove_excluded_exception(old)  # type: ignore[arg-type,type-var]
+                for new in options.exclude:
+                    super().add_excluded_exception(new)  # type: ignore[arg-type,type-var]
+                self._excluded_types, self._excluded_predicates = _exclusions(
+                    self.excluded_exceptions
+                )
+            if _window_shape(options) != _window_shape(previous):
+                self._window = self._new_window(options, _clock.monotonic())
+            self._refresh_fast_paths()
+
+    # --- what health checks read ---------------------------------------------------------------
+
+    @property
+    def state_label(self) -> str:
+        """closed, open, half_open, forced_open, forced_closed or disabled."""
+        return self._override or self._phase
+
+    def snapshot(self) -> CircuitSnapshot:
+        """The circuit's state and counters, read consistently under the lock."""
+        with self.lock:
+            now = _clock.monotonic()
+            window = self._window
+            if window is not None:
+                window.roll(now)
+            left: float | None = None
+            if self._override is None and self._phase == OPEN:
+                left = max(0.0, self._opened_at + self.reset_timeout - now)
+            return CircuitSnapshot(
+                service=self.service,
+                state=self._override or self._phase,
+                failures=self._store.counter,
+                successes=self._store.success_counter,
+                trials_in_flight=self._trials,
+                seconds_left_open=left,
+                failure_rate=window.failure_rate if window is not None else None,
+                slow_call_rate=window.slow_call_rate if window is not None else None,
+            )
+
+    # --- pybreaker's public API, rerouted through admit/record -----------------------------------
+
+    def call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``func(*args, **kwargs)`` through the breaker, with no lock held while it runs.
+
+        Raises:
+            CircuitOpenError: instead of pybreaker's ``CircuitBreakerError``.
+        """
+        with self._guard(func, args, kwargs):
+            return func(*args, **kwargs)
+
+    async def acall(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """``await func(*args, **kwargs)`` through the breaker (asyncio; no tornado needed)."""
+        with self._guard(func, args, kwargs):
+            return await func(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def calling(self) -> Iterator[None]:
+        """The block (which may ``await``) as one call through the breaker."""
+        with self._guard(self.calling, (), {}):
+            yield
+
+    @contextlib.contextmanager
+    def _guard(
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Iterator[None]:
+        token = self.admit()
+        if token == _BYPASS:
+            yield
+            return
+        if self.listening:
+            self.notify_before_call(func, args, kwargs)
+        started = _clock.monotonic()
+        try:
+            yield
+        except BaseException as exc:
+            self.on_error(token, exc, started)
+            raise
+        self.on_success(token, started)
+
+    def call_async(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        """pybreaker's tornado entry point: not supported, use ``acall`` (asyncio)."""
+        raise NotImplementedError(
+            "buttress's circuit breaker supports asyncio, not tornado: "
+            "use `await breaker.acall(...)`"
+        )
+
+    def is_system_error(self, exception: BaseException) -> bool:
+        """Whether ``exception`` counts as a failure of the dependency.
+
+        Not: ``exclude``-d exceptions, ``RejectedError`` from inner patterns, and anything that
+        is not an ``Exception`` (cancellation, ``KeyboardInterrupt``, ``SystemExit``).
+        """
+        if not isinstance(exception, Exception) or isinstance(exception, RejectedError):
+            return False
+        if isinstance(exception, self._excluded_types):
+            return False
+        for predicate in self._excluded_predicates:
+            try:
+                if predicate(exception):
+                    return False
+            except Exception:  # noqa: BLE001 - a broken predicate must not replace the error
+                return True
+        return True
+
+    def add_excluded_exception(self, exception: type[BaseException]) -> None:
+        super().add_excluded_exception(exception)
+        self._excluded_types, self._excluded_predicates = _exclusions(self.excluded_exceptions)
+
+    def remove_excluded_exception(self, exception: type[BaseException]) -> None:
+        super().remove_excluded_exception(exception)
+        self._excluded_types, self._excluded_predicates = _exclusions(self.excluded_exceptions)
+
+    def add_listener(self, listener: pybreaker.CircuitBreakerListener) -> None:
+        super().add_listener(listener)
+        self._refresh_listeners()
+
+    def remove_listener(self, listener: pybreaker.CircuitBreakerListener) -> None:
+        super().remove_listener(listener)
+        self._refresh_listeners()
+
+    def __repr__(self) -> str:
+        return f"<buttress CircuitBreaker {self.service!r} {self.state_label}>"
+
+    # --- decisions (the caller holds the lock) ---------------------------------------------------
+
+    def _admit_locked(self, *, shadow: bool) -> int:
+        override = self._override
+        if override is not None:
+            if override == DISABLED:
+                return _BYPASS
+            if override == FORCED_CLOSED:
+                return self._generation << 1
+            return self._reject("forced_open", None, shadow=shadow)
+        now = _clock.monotonic()
+        if self._shared:
+            self._sync_shared(now)
+        phase = self._phase
+        if phase == CLOSED:
+            return self._generation << 1
+        if phase == OPEN:
+            left = self._opened_at + self.reset_timeout - now
+            if left > 0:
+                return self._reject("open", left, shadow=shadow)
+            self._move(HALF_OPEN, None, "timeout_elapsed", now)
+        if self._trials >= self._max_trials:
+            return self._reject("half_open_full", None, shadow=shadow)
+        self._trials += 1
+        handlers = events.ROUTES.get(events.CircuitTrialStarted)
+        if handlers:
+            events.dispatch(handlers, events.CircuitTrialStarted(self.service, self._trials))
+        return self._generation << 1 | 1
+
+    def _record(self, token: int, outcome: str, now: float, *, slow: bool) -> None:
+        if token >> 1 != self._generation:
+            return  # admitted under a state that has ended: not evidence about this one
+        if token & 1:
+            self._trials -= 1
+        if outcome == IGNORED:
+            return
+        if self._phase == HALF_OPEN:
+            if outcome == FAILURE:
+                self._move(OPEN, None, "trial_failed", now)
+            elif self._count_success() >= self.success_threshold:
+                self._move(CLOSED, None, "success_threshold", now)
+            return
+        # Closed (or forced closed: counted, never tripped).
+        window = self._window
+        if window is not None:
+            window.add(now, failed=outcome == FAILURE, slow=slow)
+        if outcome == FAILURE:
+            if self._count_failure() >= self.fail_max and self._override is None:
+                self._move(OPEN, None, "fail_max", now)
+                return
+        else:
+            self._clear_failures()
+        if window is None or self._override is not None:
+            return
+        opts = self.options
+        if window.calls >= opts.minimum_calls:
+            rate = opts.failure_rate_threshold
+            if rate is not None and window.failures >= rate * window.calls:
+                self._move(OPEN, None, "failure_rate", now)
+                return
+            rate = opts.slow_call_rate_threshold
+            if rate is not None and window.slow >= rate * window.calls:
+                self._move(OPEN, None, "slow_call_rate", now)
+
+    def _reject(self, reason: str, retry_after: float | None, *, shadow: bool) -> int:
+        if shadow:
+            handlers = events.ROUTES.get(events.ShadowDecision)
+            if handlers:
+                events.dispatch(handlers, events.ShadowDecision(self.service, PATTERN, "reject"))
+            return _UNCOUNTED
+        handlers = events.ROUTES.get(events.CallRejected)
+        if handlers:
+            events.dispatch(
+                handlers, events.CallRejected(self.service, PATTERN, reason, retry_after)
+            )
+        raise _open_error(self._messages[reason], self.service, retry_after)
+
+    def _announce(
+        self, outcome: str, elapsed: float, exc: BaseException | None, *, slow: bool = False
+    ) -> None:
+        handlers = events.ROUTES.get(CircuitCallRecorded)
+        if handlers:
+            window = self._window
+            events.dispatch(
+                handlers,
+                CircuitCallRecorded(
+                    self.service,
+                    outcome,
+                    elapsed,
+                    slow,
+                    None if exc is None else type(exc).__name__,
+                    None if window is None else window.failure_rate,
+                    None if window is None else window.slow_call_rate,
+                ),
+            )
+        if outcome == SUCCESS:
+            if self._success_hooks:
+                events.dispatch(self._success_hooks, self)
+        elif outcome == FAILURE and self._failure_hooks:
+            events.dispatch(self._failure_hooks, exc)
+
+    def _manual(self, phase: str, override: str | None, reason: str) -> None:
+        with self.lock:
+            self._move(phase, override, reason, _clock.monotonic())
+
+    def _move(self, phase: str, override: str | None, reason: str, now: float) -> None:
+        """Enter a state: a new generation, fresh counters for it, storage, listeners, event."""
+        old_label = self._override or self._phase
+        self._generation += 1
+        self._trials = 0
+        if phase == OPEN:
+            self._opened_at = now
+        opened_wall = _wall_datetime() if phase == OPEN else None
+        self._save_state(phase, opened_wall)
+        if phase == CLOSED and self._window is not None:
+            self._window = self._new_window(self.options, now)
+        self._phase = phase
+        self._override = override
+        self._refresh_fast_paths()
+        self._announce_state(old_label, reason, now)
+
+    def _adopt(self, phase: str, now: float) -> None:
+        """Take on a state another process wrote to the shared storage (nothing is written)."""
+        old_label = self._override or self._phase
+        self._generation += 1
+        self._trials = 0
+        if phase == OPEN:
+            self._opened_at = self._stored_opened_at(now)
+        if phase == CLOSED and self._window is not None:
+            self._window = self._new_window(self.options, now)
+        self._phase = phase
+        self._refresh_fast_paths()
+        self._announce_state(old_label, "shared_state", now)
+
+    def _announce_state(self, old_label: str, reason: str, now: float) -> None:
+        change = self._show_state(_TO_PYBREAKER[self._phase])
+        if change is not None and self._change_hooks:
+            events.dispatch(self._change_hooks, change)
+        new_label = self._override or self._phase
+        if new_label == old_label:
+            return
+        handlers = events.ROUTES.get(events.CircuitStateChanged)
+        if handlers:
+            events.dispatch(
+                handlers,
+                events.CircuitStateChanged(
+                    self.service, old_label, new_label, reason, now - self._since
+                ),
+            )
+        self._since = now
+
+    def _refresh_fast_paths(self) -> None:
+        # Readers look at these without the lock: each is one attribute, replaced whole.
+        local = not self._shared
+        if self._override == DISABLED:
+            self._fast_token = _BYPASS
+        elif self._override is None and self._phase == CLOSED and local:
+            self._fast_token = self._generation << 1
+        else:
+            self._fast_token = None
+        if self._override is None and self._phase == OPEN and local:
+            self._open_until = self._opened_at + self.reset_timeout
+        else:
+            self._open_until = _NEVER
+
+    def _refresh_listeners(self) -> None:
+        listeners = self.listeners
+        self._before_hooks = tuple(_BeforeCallHook(x, self) for x in listeners)
+        self._success_hooks = tuple(x.success for x in listeners)
+        self._failure_hooks = tuple(functools.partial(x.failure, self) for x in listeners)
+        self._change_hooks = tuple(_StateChangeHook(x, self) for x in listeners)
+
+    @staticmethod
+    def _new_window(options: CircuitBreakerOptions, now: float) -> _Window | None:
+        if options.failure_rate_threshold is None and options.slow_call_rate_threshold is None:
+            return None
+        return _Window(options.window_seconds, now)
+
+    # --- the storage seam: the only methods that read or write self._store ------------------------
+
+    def _sync_shared(self, now: float) -> None:
+        stored = _FROM_PYBREAKER.get(self._store.state)
+        if stored is not None and stored != self._phase:
+            self._adopt(stored, now)
+
+    def _stored_opened_at(self, now: float) -> float:
+        opened = self._store.opened_at
+        if opened is None:
+            return now
+        return now - max(0.0, _clock.wall() - opened.timestamp())
+
+    def _save_state(self, phase: str, opened_at: dt.datetime | None) -> None:
+        store = self._store
+        if opened_at is not None:
+            store.opened_at = opened_at
+        if phase == CLOSED:
+            store.reset_counter()
+        store.reset_success_counter()
+        store.state = _TO_PYBREAKER[phase]
+
+    def _count_failure(self) -> int:
+        self._store.increment_counter()
+        return self._store.counter
+
+    def _clear_failures(self) -> None:
+        if self._store.counter:
+            self._store.reset_counter()
+
+    def _count_success(self) -> int:
+        self._store.increment_success_counter()
+        return self._store.success_counter
+
+
+def _open_error(message: str, service: str, retry_after: float | None) -> CircuitOpenError:
+    """``CircuitOpenError(message, service=service, retry_after=retry_after)``, at half the cost.
+
+    Rejecting is the breaker's other hot path: while open it is all the breaker does, so it must
+    cost well under pybreaker's rejection. Running ``RejectedError.__init__`` (a Python frame with
+    keyword arguments) was a third of it. A test checks that this builds the same object.
+    The messages are built once per breaker for the same reason; ``retry_after`` is an attribute.
+    """
+    error = CircuitOpenError.__new__(CircuitOpenError, message)
+    error.service = service
+    error.retry_after = retry_after
+    return error
+
+
+def _wall_datetime() -> dt.datetime:
+    return dt.datetime.fromtimestamp(_clock.wall(), dt.UTC)
+
+
+def _window_shape(options: CircuitBreakerOptions) -> tuple[object, ...]:
+    return (
+        options.window_seconds,
+        options.failure_rate_threshold,
+        options.slow_call_rate_threshold,
+    )
+
+
+# --- the steps of a policy's chain ----------------------------------------------------------------
+
+
+def _sync_step(cb: CircuitBreaker, call: Call, *, shadow: bool) -> Call:
+    admit = cb.admit
+    on_success = cb.on_success
+    on_error = cb.on_error
+
+    def circuit_breaker_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        token = admit(shadow=shadow)
+        if token == _BYPASS:
+            return call(args, kwargs)
+        if cb.listening:
+            cb.notify_before_call(call, args, kwargs)
+        started = _clock.monotonic()
+        try:
+            result = call(args, kwargs)
+        except BaseException as exc:
+            on_error(token, exc, started)
+            raise
+        on_success(token, started)
+        return result
+
+    return circuit_breaker_step
+
+
+def _async_step(cb: CircuitBreaker, call: AsyncCall, *, shadow: bool) -> AsyncCall:
+    admit = cb.admit
+    on_success = cb.on_success
+    on_error = cb.on_error
+
+    async def circuit_breaker_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        token = admit(shadow=shadow)
+        if token == _BYPASS:
+            return await call(args, kwargs)
+        if cb.listening:
+            cb.notify_before_call(call, args, kwargs)
+        started = _clock.monotonic()
+        try:
+            result = await call(args, kwargs)
+        except BaseException as exc:
+            on_error(token, exc, started)
+            raise
+        on_success(token, started)
+        return result
+
+    return circuit_breaker_step
+
+
+class CircuitBreakerStrategy:
+    """The circuit breaker as one link of a policy's chain."""
+
+    pattern: ClassVar[str] = PATTERN
+    __slots__ = ("breaker", "shadow")
+
+    def __init__(self, cb: CircuitBreaker, *, shadow: bool) -> None:
+        self.breaker = cb
+        self.shadow = shadow
+
+    def wrap(self, call: Call) -> Call:
+        return _sync_step(self.breaker, call, shadow=self.shadow)
+
+    def awrap(self, call: AsyncCall) -> AsyncCall:
+        return _async_step(self.breaker, call, shadow=self.shadow)
+
+
+def build(ctx: BuildContext) -> CircuitBreakerStrategy | None:
+    """The strategy over the shared breaker of ``ctx.key`` (built on first use).
+
+    ``state_url`` is accepted but not used yet: the breaker keeps its state in memory.
+    """
+    options: CircuitBreakerOptions = ctx.options
+    if not options.enabled:
+        return None
+    cb = registry.shared(PATTERN, ctx.key, options, functools.partial(CircuitBreaker, ctx.service))
+    return CircuitBreakerStrategy(cb, shadow=ctx.mode == "shadow")
+
+
+def breaker(service: str) -> CircuitBreaker:
+    """The shared breaker of ``service``; built from its current settings if no call built it yet.
+
+    Manual control and health checks use it: ``breaker("openfga").force_open()``.
+    """
+    existing = registry.instances(PATTERN).get(service)
+    if isinstance(existing, CircuitBreaker):
+        return existing
+    # The same options the service's call sites would resolve: settings over their code arguments.
+    options = config.SNAPSHOT.service(service).options(
+        PATTERN, registry.code_args(PATTERN, service)
+    )
+    return registry.shared(PATTERN, service, options, functools.partial(CircuitBreaker, service))
