@@ -226,6 +226,12 @@ def test_on_exception_types(mode) -> None:
     assert mode.outcome(protect(mode, raising(down), value="x", on=(LookupError,))) is down
 
 
+def test_on_a_lone_exception_class_is_that_type_not_a_predicate(mode) -> None:
+    down = ConnectionError("down")
+    assert mode.outcome(protect(mode, raising(down), value="x", on=KeyError)) is down
+    assert mode.run(protect(mode, raising(KeyError("k")), value="x", on=KeyError)) == "x"
+
+
 def test_on_a_predicate(mode) -> None:
     def is_quota(exc: BaseException) -> bool:
         return "quota" in str(exc)

@@ -259,6 +259,18 @@ def test_retry_on_exception_types(mode, clock: FakeClock) -> None:
     assert script.calls == 1
 
 
+def test_retry_on_a_lone_exception_class_is_that_type_not_a_predicate(
+    mode, clock: FakeClock
+) -> None:
+    # A class is callable: used as a predicate it would return a (truthy) instance for anything.
+    down = ConnectionError("down")
+    script = Script(down)
+    assert mode.outcome(protect(mode, script, retry_on=KeyError)) is down
+    assert script.calls == 1
+    script = Script(KeyError("k"), "ok")
+    assert mode.run(protect(mode, script, retry_on=KeyError)) == "ok"
+
+
 def test_retry_on_a_predicate(mode, clock: FakeClock) -> None:
     def flaky_only(exc: BaseException) -> bool:
         return "flaky" in str(exc)

@@ -82,7 +82,9 @@ def _selector(
 ) -> Callable[[BaseException], bool]:
     if on is None:
         return default_on
-    if isinstance(on, tuple):
+    # A lone exception class is callable too, but as a predicate every call would return a truthy
+    # instance: treat it as the one type it names.
+    if isinstance(on, tuple | type):
         types = on
 
         def is_listed(exc: BaseException) -> bool:

@@ -91,7 +91,9 @@ def _predicate(retry_on: RetryOn) -> Callable[[BaseException], bool]:
         return _transient.is_transient
     if retry_on == "network":
         return _transient.is_network
-    if isinstance(retry_on, tuple):
+    # A lone exception class is also a callable; called as a predicate it would build an instance,
+    # which is truthy, and retry everything. Treat it as the one type it names.
+    if isinstance(retry_on, tuple | type):
         types = retry_on
 
         def is_listed(exc: BaseException) -> bool:
