@@ -90,7 +90,8 @@ def test_full_bulkhead_is_neither_retried_nor_a_breaker_failure(mode, clock):
             outcome = mode.outcome(stacked)
         assert isinstance(outcome, BulkheadFullError)
         assert seen.of(RetryScheduled) == []
-        assert seen.of(CircuitCallRecorded) == []
+        # The breaker may note the rejection as "ignored"; it never counts it as a failure.
+        assert all(e.outcome == "ignored" for e in seen.of(CircuitCallRecorded))
         assert breaker_of("crowded").snapshot()["state"] == "closed"
     finally:
         held()

@@ -129,7 +129,7 @@ class RetryScheduled(NamedTuple):
     attempt: int  # the attempt that failed (1 = the first call)
     delay: float
     error_type: str
-    reason: str  # backoff | retry_after | deadline (delay shortened by an enclosing timeout)
+    reason: str  # backoff | retry_after
 
 
 class RetryExhausted(NamedTuple):
