@@ -1,4 +1,4 @@
-"""The pytest plugin, exercised the way users meet it: inside a pytest run of their own (pytester)."""
+"""The pytest plugin, exercised the way users meet it: inside a pytest run (pytester)."""
 
 from __future__ import annotations
 
