@@ -58,6 +58,8 @@ from buttress import events
 from buttress.exceptions import ConfigurationError
 from buttress.patterns._base import Options
 from buttress.patterns.bulkhead import BulkheadOptions
+from buttress.patterns.chaos import KILL_SWITCH as CHAOS_VARIABLE
+from buttress.patterns.chaos import ChaosOptions
 from buttress.patterns.circuit_breaker import CircuitBreakerOptions
 from buttress.patterns.fallback import FallbackOptions
 from buttress.patterns.rate_limit import RateLimitOptions
@@ -83,8 +85,16 @@ __all__ = [
     "resolve",
 ]
 
-# Canonical order of resilient(), outermost first (design section 3).
-PATTERNS: Final = ("fallback", "retry", "circuit_breaker", "rate_limit", "timeout", "bulkhead")
+# Canonical order, outermost first (design section 3); chaos sits innermost, around the call.
+PATTERNS: Final = (
+    "fallback",
+    "retry",
+    "circuit_breaker",
+    "rate_limit",
+    "timeout",
+    "bulkhead",
+    "chaos",
+)
 
 _OPTIONS: Final[Mapping[str, type[Options]]] = MappingProxyType(
     {
@@ -94,6 +104,7 @@ _OPTIONS: Final[Mapping[str, type[Options]]] = MappingProxyType(
         "rate_limit": RateLimitOptions,
         "timeout": TimeoutOptions,
         "bulkhead": BulkheadOptions,
+        "chaos": ChaosOptions,
     }
 )
 
@@ -208,6 +219,7 @@ if TYPE_CHECKING:
     RateLimitSettings: TypeAlias = Any
     TimeoutSettings: TypeAlias = Any
     BulkheadSettings: TypeAlias = Any
+    ChaosSettings: TypeAlias = Any
 else:
     FallbackSettings = SECTIONS["fallback"]
     RetrySettings = SECTIONS["retry"]
@@ -215,6 +227,7 @@ else:
     RateLimitSettings = SECTIONS["rate_limit"]
     TimeoutSettings = SECTIONS["timeout"]
     BulkheadSettings = SECTIONS["bulkhead"]
+    ChaosSettings = SECTIONS["chaos"]
 
 
 class ServiceSettings(_Strict):
@@ -238,6 +251,7 @@ class ServiceSettings(_Strict):
     rate_limit: RateLimitSettings = RateLimitSettings()
     timeout: TimeoutSettings = TimeoutSettings()
     bulkhead: BulkheadSettings = BulkheadSettings()
+    chaos: ChaosSettings = ChaosSettings()
 
 
 FLAGS: Final = tuple(name for name in ServiceSettings.model_fields if name not in PATTERNS)
@@ -263,6 +277,11 @@ class Settings(BaseSettings):
         default=True,
         validation_alias=AliasChoices(*KILL_SWITCH_VARIABLES, "enabled"),
         description="global kill switch: false sends every call straight to the function",
+    )
+    chaos_enabled: bool = Field(
+        default=False,
+        validation_alias=AliasChoices(CHAOS_VARIABLE, "chaos_enabled"),
+        description="arms fault injection in this process; only its environment variable sets it",
     )
     defaults: ServiceSettings = ServiceSettings()
     services: dict[str, ServiceSettings] = Field(default_factory=dict)
@@ -329,8 +348,8 @@ def _unknown(name: str, known: Iterator[str] | tuple[str, ...] | list[str]) -> s
 def _classify(parts: tuple[str, ...]) -> _Key:
     """What the key path ``parts`` names in the settings document, or why it names nothing."""
     top = parts[0]
-    if top == "enabled":
-        return _Key("value") if len(parts) == 1 else _Key("bad", 1, "'enabled' is a value")
+    if top in ("enabled", "chaos_enabled"):
+        return _Key("value") if len(parts) == 1 else _Key("bad", 1, f"{top!r} is a value")
     if top not in ("defaults", "services"):
         return _Key("bad", 0, _unknown(top, ["enabled", "defaults", "services"]))
     offset = 1
@@ -430,9 +449,14 @@ def _env_parts(name: str) -> tuple[str, ...] | None:
     upper = name.upper()
     if upper in KILL_SWITCH_VARIABLES:
         return ("enabled",)
+    if upper == CHAOS_VARIABLE:
+        return ("chaos_enabled",)
     if upper.startswith(ENV_PREFIX) and upper != CONFIG_FILE_VARIABLE:
         return tuple(upper[len(ENV_PREFIX) :].lower().split("__"))
     return None
+
+
+_CHAOS_ARMING: Final = f"only the environment variable {CHAOS_VARIABLE} arms fault injection"
 
 
 def _read_env(
@@ -446,6 +470,9 @@ def _read_env(
         if parts is None:
             continue
         label = f"env {name}"
+        if parts == ("chaos_enabled",) and name.upper() != CHAOS_VARIABLE:
+            problems.append(_Problem("chaos_enabled", label, _CHAOS_ARMING))
+            continue
         verdict = _classify(parts)
         if verdict.kind == "bad":
             problems.append(_Problem(".".join(parts[: verdict.depth + 1]), label, verdict.message))
@@ -473,6 +500,8 @@ def _read_env(
     for key in list(raw):
         if key.upper() in KILL_SWITCH_VARIABLES:
             raw["enabled"] = raw.pop(key)
+        elif key.upper() == CHAOS_VARIABLE:
+            raw["chaos_enabled"] = raw.pop(key)
     _normalise_services(raw, "environment", problems)
 
     def label_of(path: tuple[str, ...]) -> str:
@@ -529,6 +558,10 @@ def _read_file(
         problems.append(_Problem("config_file", label, "the top level must be a mapping"))
         return {}, {}
     raw = {str(key): value for key, value in raw.items()}
+    if "chaos_enabled" in raw:
+        # A file that enables chaos for services must not also arm it: arming is per process.
+        problems.append(_Problem("chaos_enabled", label, _CHAOS_ARMING))
+        del raw["chaos_enabled"]
     _normalise_services(raw, label, problems)
     _check_tree(raw, lambda _path: label, problems)
     return raw, dict.fromkeys(_leaves(raw), label)
