@@ -116,7 +116,6 @@ def _prometheus_subscriber(registry: CollectorRegistry) -> PrometheusSubscriber:
     if subscriber is None:
         subscriber = PrometheusSubscriber(registry)
         _prometheus[registry] = subscriber
-    subscriber.write_settings()
     return subscriber
 
 

@@ -4,30 +4,31 @@
 the event kinds that feed it; ``docs/metrics.md``, the Grafana dashboard, the alert rules and the
 tests are all checked against it.
 
-Cost on the hot path: label children are bound once per service (and per outcome) and kept in
-dicts, so a handler does a dict lookup and calls ``inc()``/``observe()`` on a ready child, never
-``.labels()``. Gauges whose value races between threads (bulkhead occupancy, abandoned workers) are
-moved with ``inc()``/``dec()``, which commute, instead of being ``set()`` to a value computed
-before the handler ran.
+Counters and histograms are written by event handlers. On the hot path a handler does a dict
+lookup and calls ``inc()``/``observe()`` on a label child bound once per service, never
+``.labels()``.
 
-Multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``): counters and histograms are summed across
-processes by ``prometheus_client``; every gauge declares how processes combine
-(:attr:`Family.multiprocess_mode`). The ``live*`` modes drop a process's values once
-``prometheus_client.multiprocess.mark_process_dead(pid)`` ran for it (gunicorn ``child_exit``).
+Gauges hold current state (circuit states, bulkhead occupancy, tokens, flags). In a single process
+they are read from the objects themselves when Prometheus scrapes: exact, and free for the calls.
+In multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``) a scrape reads files that every worker
+writes, so event handlers write the gauges instead, and each family's
+:attr:`Family.multiprocess_mode` says how the workers' values combine. The ``live*`` modes drop a
+worker's values once ``prometheus_client.multiprocess.mark_process_dead(pid)`` ran for it
+(gunicorn's ``child_exit`` hook).
 """
 
 from __future__ import annotations
 
-import math
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.core import GaugeMetricFamily, Metric
 
-from buttress import _clock, config, events
+from buttress import _clock, config, events, registry
 from buttress.events import (
     BulkheadAcquired,
     BulkheadQueued,
@@ -53,6 +54,8 @@ from buttress.events import (
     WorkerFinishedLate,
 )
 from buttress.exceptions import ConfigurationError
+from buttress.health import degradation_level
+from buttress.patterns.timeout import worker_pool_snapshot
 
 __all__ = [
     "CATALOG",
@@ -107,7 +110,7 @@ class Family:
         fed_by: the event kinds whose handlers write it.
         multiprocess_mode: for gauges, how ``prometheus_client`` combines processes.
         buckets: for histograms, the upper bounds in seconds.
-        dashboard: whether a Grafana panel shows it; when not, ``off_dashboard`` says why.
+        off_dashboard: why no Grafana panel shows it (``None``: a panel does).
     """
 
     name: str
@@ -118,10 +121,6 @@ class Family:
     multiprocess_mode: str | None = None
     buckets: tuple[float, ...] | None = None
     off_dashboard: str | None = None
-
-    @property
-    def dashboard(self) -> bool:
-        return self.off_dashboard is None
 
 
 def _counter(name: str, help_: str, labels: tuple[str, ...], *fed_by: type[Any]) -> Family:
@@ -463,26 +462,35 @@ CATALOG: tuple[Family, ...] = (
 FAMILIES: dict[str, Family] = {family.name: family for family in CATALOG}
 
 
+GAUGES = tuple(family for family in CATALOG if family.kind == "gauge")
+
+Inc = Callable[[], None]
+Observe = Callable[[float], None]
+
+
 def attempt_label(attempt: int) -> str:
     """The bounded ``attempt_number`` label: ``"1"`` ... ``"9"``, then ``"10+"``."""
     return str(attempt) if attempt < MAX_ATTEMPT_LABEL else f"{MAX_ATTEMPT_LABEL}+"
 
 
-def _create(family: Family, registry: CollectorRegistry | None) -> MetricWrapperBase:
+def multiprocess_mode() -> bool:
+    """Whether ``prometheus_client`` keeps values in files (``PROMETHEUS_MULTIPROC_DIR``)."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def _create(family: Family, registry: CollectorRegistry | None) -> Any:
     if family.kind == "counter":
         return Counter(family.name, family.help, family.labels, registry=registry)
     if family.kind == "histogram":
-        assert family.buckets is not None  # noqa: S101 - every histogram of the catalog has them
         return Histogram(
-            family.name, family.help, family.labels, registry=registry, buckets=family.buckets
+            family.name, family.help, family.labels, registry=registry, buckets=family.buckets or ()
         )
-    assert family.multiprocess_mode is not None  # noqa: S101 - every gauge of the catalog has one
     return Gauge(
         family.name,
         family.help,
         family.labels,
         registry=registry,
-        multiprocess_mode=family.multiprocess_mode,  # type: ignore[arg-type]
+        multiprocess_mode=family.multiprocess_mode or "all",  # type: ignore[arg-type]
     )
 
 
@@ -494,7 +502,7 @@ class _Lazy(dict[K, V], Generic[K, V]):
     """A dict that builds a missing entry with ``factory(key)``.
 
     Two threads may both build the same entry; ``setdefault`` keeps the first, and the loser only
-    re-bound the same label children, which ``prometheus_client`` returns again.
+    re-bound the same label children, which ``prometheus_client`` hands out again.
     """
 
     __slots__ = ("_factory",)
@@ -507,204 +515,113 @@ class _Lazy(dict[K, V], Generic[K, V]):
         return self.setdefault(key, self._factory(key))
 
 
-class _Circuit:
-    """Children of one service's breaker metrics, and what the recovery histogram needs."""
+def _children(metric: Any, method: str | None) -> _Lazy[Any, Any]:
+    """Children of ``metric`` by label values (a tuple, or one string), or their ``method``."""
 
-    __slots__ = (
-        "failures",
-        "ignored",
-        "opened_at",
-        "rate",
-        "slow",
-        "slow_rate",
-        "state",
-        "states",
-        "successes",
-    )
+    def bind(labels: Any) -> Any:
+        child = metric.labels(*labels) if isinstance(labels, tuple) else metric.labels(labels)
+        return child if method is None else getattr(child, method)
 
-    def __init__(self, metrics: dict[str, Any], service: str) -> None:
-        self.successes: Callable[[], None] = (
-            metrics["buttress_circuit_breaker_successes_total"].labels(service).inc
-        )
-        self.slow: Callable[[], None] = (
-            metrics["buttress_circuit_breaker_slow_calls_total"].labels(service).inc
-        )
-        failures = metrics["buttress_circuit_breaker_failures_total"]
-        ignored = metrics["buttress_circuit_breaker_ignored_total"]
-        self.failures: _Lazy[str, Callable[[], None]] = _Lazy(
-            lambda error: failures.labels(service, error).inc
-        )
-        self.ignored: _Lazy[str, Callable[[], None]] = _Lazy(
-            lambda error: ignored.labels(service, error).inc
-        )
-        rate = metrics["buttress_circuit_breaker_failure_rate"]
-        slow_rate = metrics["buttress_circuit_breaker_slow_call_rate"]
-        self.rate: _Lazy[None, Callable[[float], None]] = _Lazy(lambda _: rate.labels(service).set)
-        self.slow_rate: _Lazy[None, Callable[[float], None]] = _Lazy(
-            lambda _: slow_rate.labels(service).set
-        )
-        state = metrics["buttress_circuit_breaker_state"]
-        self.states = {name: state.labels(service, name) for name in CIRCUIT_STATES}
-        self.state = ""
-        self.opened_at: float | None = None
-
-    def enter(self, new_state: str) -> None:
-        for name, child in self.states.items():
-            child.set(1 if name == new_state else 0)
-        self.state = new_state
+    return _Lazy(bind)
 
 
 class PrometheusSubscriber:
-    """Writes every event into the families of :data:`CATALOG`, registered in ``registry``.
+    """Writes buttress's events into the families of :data:`CATALOG`, registered in ``registry``.
 
-    Build it once per registry (buttress keeps one per registry, see
-    :func:`buttress.instrumentation.configure`): the families are registered in the constructor,
-    and a registry refuses a second family of the same name.
+    Build one per registry (:func:`buttress.instrumentation.configure` keeps one per registry): the
+    families are registered here, and a registry refuses a second family of the same name.
+
+    Args:
+        registry: where the families are registered (``None``: nowhere).
+        multiprocess: whether values live in files for a multiprocess scrape; by default, whether
+            ``PROMETHEUS_MULTIPROC_DIR`` is set. In a single process the gauges are read from the
+            live objects at scrape time; in multiprocess mode events write them.
     """
 
-    def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
-        self.metrics: dict[str, Any] = {f.name: _create(f, registry) for f in CATALOG}
+    def __init__(
+        self, registry: CollectorRegistry | None = REGISTRY, *, multiprocess: bool | None = None
+    ) -> None:
+        self.multiprocess = multiprocess_mode() if multiprocess is None else multiprocess
         self._lock = threading.Lock()
-        self._calls: _Lazy[str, _Lazy[str, tuple[Callable[[], None], Callable[[float], None]]]]
-        self._calls = _Lazy(self._bind_calls)
-        self._circuits: _Lazy[str, _Circuit] = _Lazy(self._bind_circuit)
-        self._flagged: set[str] = set()
-        m = self.metrics
-        self._degradation = m["buttress_health_degradation_level"]
-        self._degradation.set_function(self._level)
-        m["buttress_flag_enabled"].set_function(_from_settings(lambda s: s.enabled))
-        m["buttress_config_generation"].set_function(_from_settings(lambda s: s.generation))
-        self._counters: dict[str, _Lazy[Any, Callable[[], None]]] = {
-            name: self._children(name, "inc")
-            for name, family in FAMILIES.items()
-            if family.kind == "counter" and family.labels and family.name != "buttress_calls_total"
+        # In multiprocess mode an unlabelled gauge shows 0 from the moment it exists, and 0 would
+        # read "kill switch off": that one is created when first written.
+        self._registry = registry if self.multiprocess else None
+        self.metrics: dict[str, Any] = {
+            family.name: _create(family, registry)
+            for family in CATALOG
+            if family.kind != "gauge" or (self.multiprocess and family.name != _KILL_SWITCH)
         }
-        self._observers: dict[str, _Lazy[Any, Callable[[float], None]]] = {
-            name: self._children(name, "observe")
-            for name, family in FAMILIES.items()
-            if family.kind == "histogram" and family.name != "buttress_call_duration_seconds"
+        if not self.multiprocess and registry is not None:
+            registry.register(_LiveGauges(self))
+        # Services that made a call: their flags are shown even when they have no breaker.
+        self.services: set[str] = set()
+        # Services whose sync calls were ever abandoned: shown with 0 once their workers finish.
+        self.abandoning: set[str] = set()
+        self._opened_at: dict[str, float] = {}
+        self._states: dict[str, str] = {}
+        self._inc = {
+            f.name: _children(self.metrics[f.name], "inc") for f in CATALOG if f.kind == "counter"
         }
-        self._gauges: dict[str, _Lazy[Any, Any]] = {
-            name: self._children(name, None)
-            for name, family in FAMILIES.items()
-            if family.kind == "gauge" and family.labels
+        self._observe = {
+            f.name: _children(self.metrics[f.name], "observe")
+            for f in CATALOG
+            if f.kind == "histogram"
+        }
+        self._set = {
+            f.name: _children(self.metrics[f.name], "set")
+            for f in GAUGES
+            if f.labels and f.name in self.metrics
         }
 
-    def _children(self, name: str, method: str | None) -> _Lazy[Any, Any]:
-        metric = self.metrics[name]
-
-        def bind(labels: Any) -> Any:
-            child = metric.labels(*labels) if isinstance(labels, tuple) else metric.labels(labels)
-            return child if method is None else getattr(child, method)
-
-        return _Lazy(bind)
-
-    # -- binding --------------------------------------------------------------------------------
-    def _bind_calls(
-        self, service: str
-    ) -> _Lazy[str, tuple[Callable[[], None], Callable[[float], None]]]:
-        calls = self.metrics["buttress_calls_total"]
-        durations = self.metrics["buttress_call_duration_seconds"]
-
-        def bind(outcome: str) -> tuple[Callable[[], None], Callable[[float], None]]:
-            return calls.labels(service, outcome).inc, durations.labels(service, outcome).observe
-
-        by_outcome: _Lazy[str, tuple[Callable[[], None], Callable[[float], None]]] = _Lazy(bind)
-        # Every outcome exists from the first call, so ratios such as timeouts / calls have a
-        # denominator and rate() sees the first increment of a new outcome.
-        for outcome in OUTCOMES:
-            by_outcome[outcome] = bind(outcome)
-        self._write_flags(service)
-        return by_outcome
-
-    def _bind_circuit(self, service: str) -> _Circuit:
-        return _Circuit(self.metrics, service)
-
-    # -- handlers -------------------------------------------------------------------------------
+    # -- handlers of the per-call events: a dict lookup and a ready child each ---------------------
     def handlers(self) -> dict[type[Any], events.Handler]:
         """The handler for each event kind this subscriber consumes."""
-        calls = self._calls
-        circuits = self._circuits
-        counters = self._counters
-        observers = self._observers
-        gauges = self._gauges
+        calls: _Lazy[str, dict[str, tuple[Inc, Observe]]] = _Lazy(self._bind_calls)
+        inc, observe = self._inc, self._observe
+        successes = inc["buttress_circuit_breaker_successes_total"]
+        failures = inc["buttress_circuit_breaker_failures_total"]
+        ignored = inc["buttress_circuit_breaker_ignored_total"]
+        slow_calls = inc["buttress_circuit_breaker_slow_calls_total"]
+        queue_waits = observe["buttress_bulkhead_queue_wait_seconds"]
+        timed = observe["buttress_timeout_elapsed_seconds"]
+        rate_waits = inc["buttress_rate_limit_waits_total"]
+        rate_wait_seconds = observe["buttress_rate_limit_wait_seconds"]
 
         def on_call_finished(event: CallFinished) -> None:
-            inc, observe = calls[event.service][event.outcome]
-            inc()
-            observe(event.duration)
+            count, time = calls[event.service][event.outcome]
+            count()
+            time(event.duration)
 
         def on_circuit_call(event: CircuitCallRecorded) -> None:
-            circuit = circuits[event.service]
-            if not circuit.state:
-                circuit.enter("closed")
             outcome = event.outcome
             if outcome == "success":
-                circuit.successes()
+                successes[event.service]()
             elif outcome == "failure":
-                circuit.failures[event.error_type or "unknown"]()
+                failures[event.service, event.error_type or "unknown"]()
             else:
-                circuit.ignored[event.error_type or "unknown"]()
+                ignored[event.service, event.error_type or "unknown"]()
             if event.slow:
-                circuit.slow()
-            if event.failure_rate is not None:
-                circuit.rate[None](event.failure_rate)
-            if event.slow_call_rate is not None:
-                circuit.slow_rate[None](event.slow_call_rate)
-
-        active = gauges["buttress_bulkhead_active"]
-        queue_depth = gauges["buttress_bulkhead_queue_depth"]
-        limits = gauges["buttress_bulkhead_limit"]
-        queue_waits = observers["buttress_bulkhead_queue_wait_seconds"]
-        # Services whose bulkhead ever queued: only those pay for updating the queue gauge.
-        queued_services: set[str] = set()
+                slow_calls[event.service]()
 
         def on_bulkhead_acquired(event: BulkheadAcquired) -> None:
-            service = event.service
-            if service not in limits:
-                limits[service].set(event.limit)
-            active[service].inc()
-            if service in queued_services:
-                queue_depth[service].set(event.queued)
-                if event.waited > 0:
-                    queue_waits[service](event.waited)
-
-        def on_bulkhead_released(event: BulkheadReleased) -> None:
-            service = event.service
-            active[service].dec()
-            if service in queued_services:
-                queue_depth[service].set(event.queued)
-
-        queued_total = counters["buttress_bulkhead_queued_total"]
-
-        def on_bulkhead_queued(event: BulkheadQueued) -> None:
-            queued_services.add(event.service)
-            queued_total[event.service]()
-            queue_depth[event.service].set(event.queued)
-
-        timed = observers["buttress_timeout_elapsed_seconds"]
+            if event.waited > 0:
+                queue_waits[event.service](event.waited)
 
         def on_timed_call(event: TimedCallFinished) -> None:
             timed[event.service](event.elapsed)
 
-        tokens = gauges["buttress_rate_limit_tokens"]
-        rate_waits = counters["buttress_rate_limit_waits_total"]
-        rate_wait_seconds = observers["buttress_rate_limit_wait_seconds"]
-
         def on_rate_limit(event: RateLimitAcquired) -> None:
-            tokens[event.service].set(event.tokens)
             if event.waited > 0:
                 rate_waits[event.service]()
                 rate_wait_seconds[event.service](event.waited)
 
-        return {
+        handlers: dict[type[Any], events.Handler] = {
             CallFinished: on_call_finished,
             CircuitCallRecorded: on_circuit_call,
             BulkheadAcquired: on_bulkhead_acquired,
-            BulkheadReleased: on_bulkhead_released,
-            BulkheadQueued: on_bulkhead_queued,
             TimedCallFinished: on_timed_call,
             RateLimitAcquired: on_rate_limit,
+            BulkheadQueued: self._on_queued,
             CallRejected: self._on_rejected,
             CircuitStateChanged: self._on_state_changed,
             CircuitTrialStarted: self._on_trial,
@@ -721,150 +638,317 @@ class PrometheusSubscriber:
             StateStoreError: self._on_state_store,
             ChaosInjected: self._on_chaos,
         }
+        if self.multiprocess:
+            handlers.update(self._multiprocess_handlers(handlers))
+        return handlers
 
-    # Handlers of events off the success path: clarity over speed.
+    def _bind_calls(self, service: str) -> dict[str, tuple[Inc, Observe]]:
+        calls = self.metrics["buttress_calls_total"]
+        durations = self.metrics["buttress_call_duration_seconds"]
+
+        def bind(outcome: str) -> tuple[Inc, Observe]:
+            return calls.labels(service, outcome).inc, durations.labels(service, outcome).observe
+
+        # Every outcome exists from the first call, so a ratio such as timeouts / calls has its
+        # series, and rate() sees the first increment of a new outcome.
+        by_outcome: dict[str, tuple[Inc, Observe]] = _Lazy(bind)
+        for outcome in OUTCOMES:
+            by_outcome[outcome] = bind(outcome)
+        with self._lock:
+            self.services.add(service)
+        if self.multiprocess:
+            self._write_flags(service)
+        return by_outcome
+
+    # -- handlers of the other events: clarity over speed ------------------------------------------
+    def _on_queued(self, event: BulkheadQueued) -> None:
+        self._inc["buttress_bulkhead_queued_total"][event.service]()
 
     def _on_rejected(self, event: CallRejected) -> None:
         name = _REJECTED.get(event.pattern)
-        if name is None:
-            return
-        if event.pattern == "circuit_breaker":
-            circuit = self._circuits[event.service]
-            if not circuit.state:
-                circuit.enter(_STATE_OF_REJECTION.get(event.reason, "open"))
-        self._counters[name][event.service, event.reason]()
+        if name is not None:
+            self._inc[name][event.service, event.reason]()
 
     def _on_state_changed(self, event: CircuitStateChanged) -> None:
         service = event.service
-        self._counters["buttress_circuit_breaker_transitions_total"][
+        self._inc["buttress_circuit_breaker_transitions_total"][
             service, event.new_state, event.reason
         ]()
+        now = _clock.monotonic()
         with self._lock:
-            circuit = self._circuits[service]
-            circuit.enter(event.new_state)
-            now = _clock.monotonic()
-            if event.new_state in _OPEN_STATES:
-                if circuit.opened_at is None:
-                    circuit.opened_at = now
-            elif event.new_state in _CLOSED_STATES and circuit.opened_at is not None:
-                self._observers["buttress_circuit_breaker_recovery_seconds"][service](
-                    now - circuit.opened_at
-                )
-                circuit.opened_at = None
-            self._degradation.set(self._level())
+            opened_at = self._opened_at.get(service)
+            if event.new_state in _DOWN_STATES and opened_at is None:
+                self._opened_at[service] = now
+            elif event.new_state in _UP_STATES and opened_at is not None:
+                del self._opened_at[service]
+                self._observe["buttress_circuit_breaker_recovery_seconds"][service](now - opened_at)
 
     def _on_trial(self, event: CircuitTrialStarted) -> None:
-        circuit = self._circuits[event.service]
-        if not circuit.state:
-            circuit.enter("half_open")
-        self._counters["buttress_circuit_breaker_trials_total"][event.service]()
+        self._inc["buttress_circuit_breaker_trials_total"][event.service]()
 
     def _on_retry(self, event: RetryScheduled) -> None:
         service = event.service
-        self._counters["buttress_retry_attempts_total"][service, attempt_label(event.attempt + 1)]()
-        self._counters["buttress_retry_errors_total"][service, event.error_type]()
-        self._observers["buttress_retry_delay_seconds"][service, event.reason](event.delay)
+        self._inc["buttress_retry_attempts_total"][service, attempt_label(event.attempt + 1)]()
+        self._inc["buttress_retry_errors_total"][service, event.error_type]()
+        self._observe["buttress_retry_delay_seconds"][service, event.reason](event.delay)
 
     def _on_exhausted(self, event: RetryExhausted) -> None:
-        self._counters["buttress_retry_exhausted_total"][
-            event.service, event.reason, event.error_type
-        ]()
+        self._inc["buttress_retry_exhausted_total"][event.service, event.reason, event.error_type]()
 
     def _on_retry_succeeded(self, event: RetrySucceeded) -> None:
-        self._counters["buttress_retry_succeeded_total"][event.service]()
+        self._inc["buttress_retry_succeeded_total"][event.service]()
 
     def _on_timeout(self, event: TimeoutExceeded) -> None:
-        self._counters["buttress_timeout_exceeded_total"][event.service]()
+        self._inc["buttress_timeout_exceeded_total"][event.service]()
 
     def _on_abandoned(self, event: WorkerAbandoned) -> None:
-        self._counters["buttress_timeout_abandoned_total"][event.service]()
-        self._gauges["buttress_timeout_abandoned_workers"][event.service].inc()
+        with self._lock:
+            self.abandoning.add(event.service)
+        self._inc["buttress_timeout_abandoned_total"][event.service]()
 
     def _on_finished_late(self, event: WorkerFinishedLate) -> None:
-        self._gauges["buttress_timeout_abandoned_workers"][event.service].dec()
-        self._observers["buttress_timeout_overrun_seconds"][event.service](event.overran)
+        self._observe["buttress_timeout_overrun_seconds"][event.service](event.overran)
 
     def _on_fallback(self, event: FallbackUsed) -> None:
-        self._counters["buttress_fallback_used_total"][event.service, event.source]()
+        self._inc["buttress_fallback_used_total"][event.service, event.source]()
 
     def _on_fallback_failed(self, event: FallbackFailed) -> None:
-        self._counters["buttress_fallback_failed_total"][event.service, event.error_type]()
+        self._inc["buttress_fallback_failed_total"][event.service, event.error_type]()
 
     def _on_settings(self, event: SettingsReloaded) -> None:
-        self._counters["buttress_config_reloads_total"]["success" if event.ok else "failure"]()
-        if not event.ok:
-            return
-        self.metrics["buttress_config_generation"].set(event.generation)
-        self.write_settings()
+        self._inc["buttress_config_reloads_total"]["success" if event.ok else "failure"]()
 
     def _on_shadow(self, event: ShadowDecision) -> None:
-        self._counters["buttress_shadow_decisions_total"][
-            event.service, event.pattern, event.action
-        ]()
+        self._inc["buttress_shadow_decisions_total"][event.service, event.pattern, event.action]()
 
     def _on_state_store(self, event: StateStoreError) -> None:
-        self._counters["buttress_circuit_breaker_state_store_errors_total"][
+        self._inc["buttress_circuit_breaker_state_store_errors_total"][
             event.service, event.operation, event.error_type
         ]()
 
     def _on_chaos(self, event: ChaosInjected) -> None:
-        self._counters["buttress_chaos_injections_total"][event.service, event.kind]()
+        self._inc["buttress_chaos_injections_total"][event.service, event.kind]()
 
-    # -- values derived from settings -----------------------------------------------------------
-    # These gauges are computed at scrape time (set_function) so they are right even before the
-    # first call; in multiprocess mode a scrape reads files instead, so they are also written
-    # whenever settings are reloaded and when a service makes its first call.
+    # -- multiprocess mode: gauges written from events ---------------------------------------------
+    # A value computed under a pattern's lock reaches its handler after the lock is released, so
+    # two handlers can write in the opposite order: each gauge holds the value of the last event
+    # handled, exact again at the next event. A single process never has this problem (its gauges
+    # are read from the objects at scrape time).
 
-    def write_settings(self) -> None:
-        """Write the flag gauges and the degradation level from the current settings."""
+    def _multiprocess_handlers(
+        self, single: dict[type[Any], events.Handler]
+    ) -> dict[type[Any], events.Handler]:
+        gauges = self._set
+        active = gauges["buttress_bulkhead_active"]
+        depth = gauges["buttress_bulkhead_queue_depth"]
+        limits = gauges["buttress_bulkhead_limit"]
+        tokens = gauges["buttress_rate_limit_tokens"]
+        rates = gauges["buttress_circuit_breaker_failure_rate"]
+        slow_rates = gauges["buttress_circuit_breaker_slow_call_rate"]
+        abandoned = gauges["buttress_timeout_abandoned_workers"]
+        count_circuit_call = single[CircuitCallRecorded]
+        count_wait = single[BulkheadAcquired]
+        count_rate_limit = single[RateLimitAcquired]
+        count_queued = single[BulkheadQueued]
+        count_rejected = single[CallRejected]
+        count_change = single[CircuitStateChanged]
+        count_trial = single[CircuitTrialStarted]
+        count_abandoned = single[WorkerAbandoned]
+        count_late = single[WorkerFinishedLate]
+        count_reload = single[SettingsReloaded]
+
+        def on_circuit_call(event: CircuitCallRecorded) -> None:
+            count_circuit_call(event)
+            self._seen_circuit(event.service, "closed")
+            if event.failure_rate is not None:
+                rates[event.service](event.failure_rate)
+            if event.slow_call_rate is not None:
+                slow_rates[event.service](event.slow_call_rate)
+
+        def on_bulkhead_acquired(event: BulkheadAcquired) -> None:
+            count_wait(event)
+            service = event.service
+            active[service](event.active)
+            depth[service](event.queued)
+            limits[service](event.limit)
+
+        def on_bulkhead_released(event: BulkheadReleased) -> None:
+            active[event.service](event.active)
+            depth[event.service](event.queued)
+
+        def on_queued(event: BulkheadQueued) -> None:
+            count_queued(event)
+            depth[event.service](event.queued)
+
+        def on_rate_limit(event: RateLimitAcquired) -> None:
+            count_rate_limit(event)
+            tokens[event.service](event.tokens)
+
+        def on_rejected(event: CallRejected) -> None:
+            count_rejected(event)
+            if event.pattern == "circuit_breaker":
+                self._seen_circuit(event.service, _STATE_OF_REJECTION.get(event.reason, "open"))
+
+        def on_state_changed(event: CircuitStateChanged) -> None:
+            count_change(event)
+            self._write_state(event.service, event.new_state)
+
+        def on_trial(event: CircuitTrialStarted) -> None:
+            count_trial(event)
+            self._seen_circuit(event.service, "half_open")
+
+        def on_abandoned(event: WorkerAbandoned) -> None:
+            count_abandoned(event)
+            abandoned[event.service](event.abandoned)
+
+        def on_finished_late(event: WorkerFinishedLate) -> None:
+            count_late(event)
+            abandoned[event.service](event.abandoned)
+
+        def on_settings(event: SettingsReloaded) -> None:
+            count_reload(event)
+            if event.ok:
+                self.metrics["buttress_config_generation"].set(event.generation)
+                with self._lock:
+                    services = sorted(self.services)
+                for service in services:
+                    self._write_flags(service)
+                self._write_level()
+
+        return {
+            CircuitCallRecorded: on_circuit_call,
+            BulkheadAcquired: on_bulkhead_acquired,
+            BulkheadReleased: on_bulkhead_released,
+            BulkheadQueued: on_queued,
+            RateLimitAcquired: on_rate_limit,
+            CallRejected: on_rejected,
+            CircuitStateChanged: on_state_changed,
+            CircuitTrialStarted: on_trial,
+            WorkerAbandoned: on_abandoned,
+            WorkerFinishedLate: on_finished_late,
+            SettingsReloaded: on_settings,
+        }
+
+    def _seen_circuit(self, service: str, state: str) -> None:
+        # A circuit first heard of through a call: its state is inferred once from that event.
+        if service not in self._states:
+            self._write_state(service, state)
+
+    def _write_state(self, service: str, new_state: str) -> None:
+        states = self._set["buttress_circuit_breaker_state"]
         with self._lock:
-            services = sorted(self._flagged)
-        for service in services:
-            self._write_flags(service)
-        self.metrics["buttress_flag_enabled"].set(config.SNAPSHOT.enabled)
-        self._degradation.set(self._level())
+            self._states[service] = new_state
+            for state in CIRCUIT_STATES:
+                states[service, state](1 if state == new_state else 0)
+        self._write_level()
+
+    def _write_level(self) -> None:
+        with self._lock:
+            pairs = list(self._states.items())
+        self.metrics["buttress_health_degradation_level"].set(degradation_level(pairs))
 
     def _write_flags(self, service: str) -> None:
-        enabled = self._gauges["buttress_flag_service_enabled"][service]
-        rollout = self._gauges["buttress_flag_rollout_ratio"][service]
-        shadow = self._gauges["buttress_flag_shadow_mode"][service]
-        with self._lock:
-            if service not in self._flagged:
-                self._flagged.add(service)
-                enabled.set_function(lambda: config.SNAPSHOT.service(service).enabled)
-                rollout.set_function(lambda: config.SNAPSHOT.service(service).rollout)
-                shadow.set_function(lambda: config.SNAPSHOT.service(service).mode == "shadow")
         snapshot = config.SNAPSHOT
         view = snapshot.service(service)
-        enabled.set(view.enabled)
-        rollout.set(view.rollout)
-        shadow.set(view.mode == "shadow")
-        self.metrics["buttress_flag_enabled"].set(snapshot.enabled)
-
-    def _level(self) -> float:
-        # Imported here: health imports the registry and settings, which the hot path of this
-        # module never needs.
-        from buttress.health import degradation_level  # noqa: PLC0415
-
-        circuits = list(self._circuits.items())
-        return degradation_level((service, circuit.state) for service, circuit in circuits)
+        self._set["buttress_flag_service_enabled"][service](view.enabled)
+        self._set["buttress_flag_rollout_ratio"][service](view.rollout)
+        self._set["buttress_flag_shadow_mode"][service](view.mode == "shadow")
+        with self._lock:
+            kill_switch = self.metrics.get(_KILL_SWITCH)
+            if kill_switch is None:
+                kill_switch = _create(FAMILIES[_KILL_SWITCH], self._registry)
+                self.metrics[_KILL_SWITCH] = kill_switch
+        kill_switch.set(snapshot.enabled)
 
 
-def _from_settings(read: Callable[[config.Snapshot], float]) -> Callable[[], float]:
-    def value() -> float:
+class _LiveGauges:
+    """The catalog's gauges in a single process, read from the objects at scrape time."""
+
+    def __init__(self, subscriber: PrometheusSubscriber) -> None:
+        self._subscriber = subscriber
+
+    def describe(self) -> list[Metric]:
+        return [GaugeMetricFamily(f.name, f.help, labels=f.labels) for f in GAUGES]
+
+    def collect(self) -> list[Metric]:
+        out = {f.name: GaugeMetricFamily(f.name, f.help, labels=f.labels) for f in GAUGES}
+
+        def add(name: str, labels: tuple[str, ...], value: float) -> None:
+            out[name].add_metric(labels, value)
+
+        circuits = [b.snapshot() for b in registry.instances("circuit_breaker").values()]
+        in_state: dict[tuple[str, str], int] = {}
+        worst_rate: dict[str, dict[str, float]] = {"failure_rate": {}, "slow_call_rate": {}}
+        for circuit in circuits:
+            service = circuit["service"]
+            for state in CIRCUIT_STATES:
+                key = (service, state)
+                in_state[key] = in_state.get(key, 0) + (circuit["state"] == state)
+            for field, worst in worst_rate.items():
+                rate = circuit.get(field)
+                if rate is not None:
+                    worst[service] = max(rate, worst.get(service, 0.0))
+        for (service, state), count in sorted(in_state.items()):
+            add("buttress_circuit_breaker_state", (service, state), count)
+        for service, rate in sorted(worst_rate["failure_rate"].items()):
+            add("buttress_circuit_breaker_failure_rate", (service,), rate)
+        for service, rate in sorted(worst_rate["slow_call_rate"].items()):
+            add("buttress_circuit_breaker_slow_call_rate", (service,), rate)
+        add(
+            "buttress_health_degradation_level",
+            (),
+            degradation_level((c["service"], c["state"]) for c in circuits),
+        )
+
+        bulkheads: dict[str, list[int]] = {}
+        for bulkhead in registry.instances("bulkhead").values():
+            snap = bulkhead.snapshot()
+            total = bulkheads.setdefault(snap["service"], [0, 0, 0])
+            total[0] += snap["active"]
+            total[1] += snap["queued"]
+            total[2] += snap["limit"]
+        for service, (active, queued, limit) in sorted(bulkheads.items()):
+            add("buttress_bulkhead_active", (service,), active)
+            add("buttress_bulkhead_queue_depth", (service,), queued)
+            add("buttress_bulkhead_limit", (service,), limit)
+
+        tokens: dict[str, float] = {}
+        for limiter in registry.instances("rate_limit").values():
+            snap = limiter.snapshot()
+            tokens[snap["service"]] = tokens.get(snap["service"], 0.0) + snap["tokens"]
+        for service, left in sorted(tokens.items()):
+            add("buttress_rate_limit_tokens", (service,), left)
+
+        running = worker_pool_snapshot()["abandoned"]
+        with self._subscriber._lock:
+            abandoning = set(self._subscriber.abandoning)
+            services = set(self._subscriber.services)
+        for service in sorted(abandoning | set(running)):
+            add("buttress_timeout_abandoned_workers", (service,), running.get(service, 0))
+
         try:
-            return float(read(config.SNAPSHOT))
+            snapshot = config.SNAPSHOT
         except ConfigurationError:
-            return math.nan  # invalid settings: the first protected call raises and says why
+            pass  # invalid settings: the first protected call raises and says why
+        else:
+            add(_KILL_SWITCH, (), 1 if snapshot.enabled else 0)
+            add("buttress_config_generation", (), snapshot.generation)
+            services |= {c["service"] for c in circuits} | set(bulkheads) | set(tokens)
+            for service in sorted(services):
+                view = snapshot.service(service)
+                add("buttress_flag_service_enabled", (service,), 1 if view.enabled else 0)
+                add("buttress_flag_rollout_ratio", (service,), view.rollout)
+                add("buttress_flag_shadow_mode", (service,), 1 if view.mode == "shadow" else 0)
+        return list(out.values())
 
-    return value
 
-
+_KILL_SWITCH = "buttress_flag_enabled"
 _REJECTED = {
     "circuit_breaker": "buttress_circuit_breaker_rejected_total",
     "bulkhead": "buttress_bulkhead_rejected_total",
     "rate_limit": "buttress_rate_limit_rejected_total",
 }
 _STATE_OF_REJECTION = {"forced_open": "forced_open", "half_open_full": "half_open"}
-_OPEN_STATES = frozenset({"open", "forced_open", "half_open"})
-_CLOSED_STATES = frozenset({"closed", "forced_closed", "disabled"})
+# A circuit that is down until it closes again, and the states that end that (recovery time).
+_DOWN_STATES = frozenset({"open", "forced_open", "half_open"})
+_UP_STATES = frozenset({"closed", "forced_closed", "disabled"})
