@@ -484,13 +484,18 @@ def _read_env(
             )
             continue
         other = variables.get(parts)
-        if other is not None and _truth(environ[other]) != _truth(value):
-            # Only the two kill switches can name the same key.
-            problems.append(
-                _Problem("enabled", f"env {other}, {label}", "the kill switches disagree")
+        if other is not None:
+            # Only the two kill switches name the same key; the FF_ variable is the one in force.
+            first, second = sorted(
+                (other, name), key=lambda n: KILL_SWITCH_VARIABLES.index(n.upper())
             )
-        variables.setdefault(parts, name)
-        accepted[name] = value
+            if _truth(environ[first]) != _truth(environ[second]):
+                problems.append(
+                    _Problem("enabled", f"env {first}, env {second}", "the kill switches disagree")
+                )
+            name = first
+        variables[parts] = name
+        accepted[name] = environ[name]
 
     try:
         raw = dict(_EnvSource(Settings, accepted)())

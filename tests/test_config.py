@@ -1,0 +1,752 @@
+"""Settings: sources and their precedence, deep merge, presets, validation errors, reload."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from buttress import (
+    CircuitOpenError,
+    ConfigurationError,
+    circuit_breaker,
+    config,
+    events,
+    get_settings,
+    reload_settings,
+    resilient,
+    with_timeout,
+)
+from buttress.patterns.circuit_breaker import breaker
+from buttress.testing import capture_events
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def apply(monkeypatch):
+    """Install settings from an explicit environment (and file); the previous ones come back after."""
+    monkeypatch.setattr(config, "SNAPSHOT", config.SNAPSHOT)
+
+    def install(env=None, config_file=None):
+        return reload_settings(env=env or {}, config_file=config_file)
+
+    return install
+
+
+@pytest.fixture
+def write(tmp_path):
+    def write(text: str, name: str = "buttress.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return write
+
+
+def view(env=None, config_file=None, service="svc"):
+    return config.Snapshot(0, config.load_settings(env or {}, config_file)).service(service)
+
+
+def problems(env=None, config_file=None):
+    with pytest.raises(ConfigurationError) as caught:
+        config.load_settings(env or {}, config_file)
+    return caught.value
+
+
+def failing(*exc_args):
+    calls = []
+
+    def body(*_a, **_kw):
+        calls.append(1)
+        raise ConnectionError(*exc_args)
+
+    return body, calls
+
+
+# --- precedence ------------------------------------------------------------------------------
+
+SOURCES = ("env", "file", "code", "preset")
+FAIL_MAX = {"env": 11, "file": 12, "code": 13, "preset": 10, "builtin": 5}  # preset: database
+ENV_VAR = "BUTTRESS_SERVICES__SVC__CIRCUIT_BREAKER__FAIL_MAX"
+COMBINATIONS = [c for n in range(len(SOURCES) + 1) for c in itertools.combinations(SOURCES, n)]
+
+
+@pytest.mark.parametrize("present", COMBINATIONS, ids=lambda c: "+".join(c) or "builtin")
+def test_precedence_matrix_environment_file_code_preset_builtin(present, write):
+    env = {ENV_VAR: "11"} if "env" in present else {}
+    path = write("[services.svc.circuit_breaker]\nfail_max = 12\n") if "file" in present else None
+    code = {"fail_max": 13} if "code" in present else {}
+    preset = "database" if "preset" in present else None
+
+    service = view(env, path)
+    winner = next((source for source in SOURCES if source in present), "builtin")
+    assert service.options("circuit_breaker", code, preset).fail_max == FAIL_MAX[winner]
+    label = {
+        "env": f"env {ENV_VAR}",
+        "file": f"file {path}",
+        "code": "code",
+        "preset": "preset database",
+        "builtin": "default",
+    }[winner]
+    explained = service.explain({"circuit_breaker": code}, preset)
+    assert explained["circuit_breaker"]["fail_max"] == {"value": FAIL_MAX[winner], "source": label}
+
+
+def test_environment_beats_code_arguments_at_the_call(mode, clock, apply):
+    apply({ENV_VAR: "2"})
+    body, calls = failing()
+    protected = circuit_breaker(name="svc", fail_max=4)(mode.define(body))
+    outcomes = [type(mode.outcome(protected)).__name__ for _ in range(3)]
+    assert outcomes == ["ConnectionError", "ConnectionError", "CircuitOpenError"]
+    assert len(calls) == 2
+    assert breaker("svc").options.fail_max == 2
+
+
+def test_code_arguments_beat_the_preset_at_the_call(mode, clock, apply):
+    apply()
+    protected = resilient("svc", preset="database", circuit_breaker={"fail_max": 3})(mode.define())
+    assert mode.run(protected) == "ok"
+    assert breaker("svc").options.fail_max == 3
+    assert breaker("svc").options.timeout == 30.0  # the database preset's
+
+
+def test_kill_switch_from_the_environment_beats_the_file(write):
+    path = write("enabled = false\n")
+    assert config.load_settings({}, path).enabled is False
+    settings = config.load_settings({"FF_ENABLE_RESILIENCE_PATTERNS": "true"}, path)
+    assert settings.enabled is True
+    assert settings.source_of(("enabled",)) == "env FF_ENABLE_RESILIENCE_PATTERNS"
+
+
+def test_buttress_enabled_is_an_alias_and_must_agree_with_the_ff_variable():
+    assert config.load_settings({"BUTTRESS_ENABLED": "0"}).enabled is False
+    agreed = {"BUTTRESS_ENABLED": "off", "FF_ENABLE_RESILIENCE_PATTERNS": "false"}
+    assert config.load_settings(agreed).enabled is False
+    error = problems({"BUTTRESS_ENABLED": "1", "FF_ENABLE_RESILIENCE_PATTERNS": "false"})
+    assert error.errors == (
+        (
+            "enabled",
+            "env FF_ENABLE_RESILIENCE_PATTERNS, env BUTTRESS_ENABLED",
+            "the kill switches disagree",
+        ),
+    )
+
+
+def test_config_file_comes_from_buttress_config_file(write):
+    path = write("[services.svc.timeout]\nseconds = 4\n")
+    settings = config.load_settings({"BUTTRESS_CONFIG_FILE": str(path)})
+    assert settings.config_file == str(path)
+    assert settings.services["svc"].timeout.seconds == 4
+    # An explicit file wins over the variable.
+    other = write("[services.other]\n", "other.toml")
+    assert set(config.load_settings({"BUTTRESS_CONFIG_FILE": str(path)}, other).services) == {
+        "other"
+    }
+
+
+# --- defaults and deep merge -----------------------------------------------------------------
+
+
+def test_partial_service_section_deep_merges_onto_defaults(write):
+    path = write(
+        """
+        [defaults]
+        mode = "shadow"
+        [defaults.bulkhead]
+        limit = 30
+        max_queue = 5
+        queue_timeout = 1.5
+        [services.svc]
+        rollout = 0.5
+        [services.svc.bulkhead]
+        limit = 7
+        """.replace("        ", "")
+    )
+    env = {"BUTTRESS_SERVICES__SVC__BULKHEAD__MAX_QUEUE": "9"}
+    svc = view(env, path)
+    bulkhead = svc.options("bulkhead", {}, None)
+    assert (bulkhead.limit, bulkhead.max_queue, bulkhead.queue_timeout) == (7, 9, 1.5)
+    assert (svc.mode, svc.rollout) == ("shadow", 0.5)
+    sources = svc.explain()["bulkhead"]
+    assert sources["limit"]["source"] == f"file {path}"
+    assert sources["max_queue"]["source"] == "env BUTTRESS_SERVICES__SVC__BULKHEAD__MAX_QUEUE"
+    assert sources["queue_timeout"]["source"] == f"file {path} (defaults)"
+    # A service with no section of its own gets exactly the defaults.
+    other = view(env, path, "other").options("bulkhead", {}, None)
+    assert (other.limit, other.max_queue, other.queue_timeout) == (30, 5, 1.5)
+
+
+def test_environment_merges_key_by_key_into_a_file_section(write):
+    path = write("[services.svc.retry]\nmax_attempts = 4\ninitial = 0.5\n")
+    retry = view({"BUTTRESS_SERVICES__SVC__RETRY__MAX_ATTEMPTS": "6"}, path).options(
+        "retry", {}, None
+    )
+    assert (retry.max_attempts, retry.initial) == (6, 0.5)
+
+
+def test_a_service_key_beats_a_defaults_key_whatever_their_sources(write):
+    # Settings merge first (environment over file), then the service section over defaults.
+    path = write("[services.svc.timeout]\nseconds = 3\n")
+    env = {"BUTTRESS_DEFAULTS__TIMEOUT__SECONDS": "7"}
+    assert view(env, path).options("timeout", {}, None).seconds == 3
+    # defaults are settings, so they also beat code arguments.
+    assert view(env, path, "other").options("timeout", {"seconds": 9}, None).seconds == 7
+
+
+def test_a_whole_section_as_json_in_one_variable():
+    env = {"BUTTRESS_SERVICES": '{"Svc": {"retry": {"max_attempts": 2}, "mode": "shadow"}}'}
+    svc = view(env)
+    assert svc.options("retry", {}, None).max_attempts == 2
+    assert svc.mode == "shadow"
+    assert svc.explain()["retry"]["max_attempts"]["source"] == "env BUTTRESS_SERVICES"
+
+
+# --- service names ---------------------------------------------------------------------------
+
+
+def test_service_names_are_case_insensitive_across_sources(write):
+    path = write("[services.OpenFGA.timeout]\nseconds = 5\n")
+    env = {"BUTTRESS_SERVICES__OPENFGA__BULKHEAD__LIMIT": "50"}
+    settings = config.load_settings(env, path)
+    assert list(settings.services) == ["openfga"]
+    snapshot = config.Snapshot(0, settings)
+    assert snapshot.service("OpenFGA") is snapshot.service("openfga")
+    assert snapshot.service("OpenFGA").options("timeout", {}, None).seconds == 5
+    assert snapshot.service("OpenFGA").options("bulkhead", {}, None).limit == 50
+
+
+def test_one_service_spelled_twice_in_one_file_is_an_error(write):
+    path = write(
+        "[services.OpenFGA.timeout]\nseconds = 5\n[services.openfga.timeout]\nseconds = 6\n"
+    )
+    error = problems(config_file=path)
+    assert error.errors == (
+        (
+            "services.openfga",
+            f"file {path}",
+            "service defined twice, as 'OpenFGA' and 'openfga' (service names are case-insensitive)",
+        ),
+    )
+
+
+# --- validation: every error names its key path and its source ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "path", "message"),
+    [
+        ({"BUTTRESS_SERVCES__X__ENABLED": "1"}, "servces", "did you mean 'services'?"),
+        ({"BUTTRESS_TYPO": "1"}, "typo", "unknown key 'typo'"),
+        ({"BUTTRESS_DEFAULT__RETRY__MAX_ATTEMPTS": "2"}, "default", "did you mean 'defaults'?"),
+        ({"BUTTRESS_SERVICES__X__RETRYY__MAX_ATTEMPTS": "2"}, "services.x.retryy", "'retry'?"),
+        ({"BUTTRESS_SERVICES__X__ROLLOUTT": "0.5"}, "services.x.rolloutt", "'rollout'?"),
+        (
+            {"BUTTRESS_SERVICES__X__CIRCUIT_BREAKER__FAIL_MAXX": "5"},
+            "services.x.circuit_breaker.fail_maxx",
+            "did you mean 'fail_max'?",
+        ),
+        (
+            {"BUTTRESS_DEFAULTS__RETRY__MAX_ATTEMPTS__MORE": "5"},
+            "defaults.retry.max_attempts.more",
+            "'max_attempts' is a value",
+        ),
+        ({"BUTTRESS_SERVICES____RETRY": "{}"}, "services.", "empty service name"),
+        ({"BUTTRESS_SERVICES__X__RETRY": "3"}, "services.x.retry", "expected a JSON object"),
+        (
+            {"BUTTRESS_SERVICES__X__CIRCUIT_BREAKER__EXCLUDE": "ValueError"},
+            "services.x.circuit_breaker.exclude",
+            "can only be given in code",
+        ),
+        (
+            {"BUTTRESS_SERVICES": '{"x": {"retry": {"max_atempts": 2}}}'},
+            "services.x.retry.max_atempts",
+            "did you mean 'max_attempts'?",
+        ),
+    ],
+)
+def test_misspelled_variables_are_errors_naming_path_and_variable(env, path, message):
+    error = problems(env)
+    [(key_path, source, text)] = error.errors
+    (variable,) = env
+    assert (key_path, source) == (path, f"env {variable}")
+    assert message in text
+    assert path in str(error)
+    assert variable in str(error)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "path", "message"),
+    [
+        ("SERVICES__X__CIRCUIT_BREAKER__FAIL_MAX", "abc", None, "valid integer"),
+        ("SERVICES__X__CIRCUIT_BREAKER__FAIL_MAX", "0", None, "greater than 0"),
+        ("SERVICES__X__CIRCUIT_BREAKER__TIMEOUT", "-1", None, "greater than 0"),
+        ("SERVICES__X__CIRCUIT_BREAKER__SUCCESS_THRESHOLD", "0", None, "greater than 0"),
+        ("SERVICES__X__CIRCUIT_BREAKER__FAILURE_RATE_THRESHOLD", "1.5", None, "less than or equal"),
+        ("SERVICES__X__TIMEOUT__SECONDS", "0", None, "greater than 0"),
+        ("SERVICES__X__BULKHEAD__LIMIT", "-3", None, "greater than 0"),
+        ("SERVICES__X__BULKHEAD__MAX_QUEUE", "-1", None, "greater than or equal to 0"),
+        ("SERVICES__X__RATE_LIMIT__RATE", "0", None, "greater than 0"),
+        ("SERVICES__X__RETRY__MAX_ATTEMPTS", "0", None, "greater than 0"),
+        ("SERVICES__X__RETRY__EXPONENTIAL_BASE", "0.5", None, "greater than or equal to 1"),
+        ("SERVICES__X__RETRY__JITTER", "some", None, "'none', 'full', 'equal' or 'decorrelated'"),
+        ("SERVICES__X__RETRY__RETRY_ON", "ValueError", None, "'transient' or 'network'"),
+        ("SERVICES__X__RETRY__INITIAL", "60", "services.x.retry", "max_delay (30.0) must be >="),
+        ("SERVICES__X__ROLLOUT", "1.5", None, "less than or equal to 1"),
+        ("SERVICES__X__ROLLOUT", "-0.1", None, "greater than or equal to 0"),
+        ("SERVICES__X__MODE", "loud", None, "'enforce' or 'shadow'"),
+        ("SERVICES__X__PRESET", "fast", None, "'api', 'ai', 'database', 'external' or 'critical'"),
+        ("SERVICES__X__CRITICALITY", "urgent", None, "'low', 'normal', 'high' or 'critical'"),
+        ("SERVICES__X__SEED", "lucky", None, "valid integer"),
+        ("SERVICES__X__ENABLED", "maybe", None, "valid boolean"),
+        ("DEFAULTS__TIMEOUT__SECONDS", "-5", None, "greater than 0"),
+        (
+            "SERVICES__X__CIRCUIT_BREAKER__SLOW_CALL_DURATION",
+            "2",
+            "services.x.circuit_breaker",
+            "must be set together",
+        ),
+    ],
+)
+def test_bad_values_from_the_environment_name_path_and_variable(variable, value, path, message):
+    name = f"BUTTRESS_{variable}"
+    error = problems({name: value})
+    [(key_path, source, text)] = error.errors
+    assert key_path == (path or variable.lower().replace("__", "."))
+    assert source == f"env {name}"
+    assert message in text
+    assert f"{key_path} (from env {name})" in str(error)
+
+
+def test_kill_switch_with_a_bad_value_names_its_variable():
+    error = problems({"FF_ENABLE_RESILIENCE_PATTERNS": "maybe"})
+    assert error.errors == (
+        (
+            "enabled",
+            "env FF_ENABLE_RESILIENCE_PATTERNS",
+            "Input should be a valid boolean, unable to interpret input (got 'maybe')",
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "message"),
+    [
+        ("typo = 1\n", "typo", "unknown key 'typo'"),
+        ("[defaults]\nrolout = 0.5\n", "defaults.rolout", "did you mean 'rollout'?"),
+        (
+            "[services.x.circuitbreaker]\nfail_max = 3\n",
+            "services.x.circuitbreaker",
+            "'circuit_breaker'",
+        ),
+        (
+            "[services.x.bulkhead]\nlimits = 3\n",
+            "services.x.bulkhead.limits",
+            "did you mean 'limit'?",
+        ),
+        (
+            "[services.x.fallback]\nvalue = 3\n",
+            "services.x.fallback.value",
+            "only be given in code",
+        ),
+        (
+            "[services.x.retry]\nmax_attempts = 'three'\n",
+            "services.x.retry.max_attempts",
+            "integer",
+        ),
+        ("[services.x.retry]\ninitial = 5\nmax_delay = 1\n", "services.x.retry", "max_delay (1.0)"),
+        ("[services.x]\nrollout = 2\n", "services.x.rollout", "less than or equal to 1"),
+        ("chaos_enabled = true\n", "chaos_enabled", "only the environment variable"),
+    ],
+)
+def test_file_errors_at_any_depth_name_path_and_file(text, path, message, write):
+    file = write(text)
+    error = problems(config_file=file)
+    [(key_path, source, found)] = error.errors
+    assert (key_path, source) == (path, f"file {file}")
+    assert message in found
+
+
+def test_yaml_files_are_checked_the_same_way(write):
+    file = write("services:\n  x:\n    timeout:\n      second: 5\n", "buttress.yaml")
+    [(key_path, source, found)] = problems(config_file=file).errors
+    assert (key_path, source) == ("services.x.timeout.second", f"file {file}")
+    assert "did you mean 'seconds'?" in found
+
+
+def test_every_problem_is_reported_at_once(write):
+    file = write("[services.x.timeout]\nseconds = 0\n[services.x.bulkhead]\nlimitt = 1\n")
+    env = {"BUTTRESS_TYPO": "1", "BUTTRESS_SERVICES__Y__RETRY__MAX_ATTEMPTS": "x"}
+    error = problems(env, file)
+    assert sorted(path for path, _, _ in error.errors) == [
+        "services.x.bulkhead.limitt",
+        "services.x.timeout.seconds",
+        "services.y.retry.max_attempts",
+        "typo",
+    ]
+    assert str(error).startswith("invalid buttress settings (4 problems):")
+
+
+def test_cross_field_checks_use_the_merged_section(write):
+    # initial in the service, max_delay in defaults: valid together, and neither alone decides.
+    file = write("[defaults.retry]\nmax_delay = 120\n[services.x.retry]\ninitial = 60\n")
+    assert view(config_file=file, service="x").options("retry", {}, None).initial == 60
+    # A defaults section that is invalid on its own is reported once, not once per service.
+    bad = write("[defaults.retry]\ninitial = 60\n[services.a]\n[services.b]\n", "bad.toml")
+    assert [path for path, _, _ in problems(config_file=bad).errors] == ["defaults.retry"]
+
+
+def test_retry_on_accepts_the_two_named_predicates_from_settings():
+    assert (
+        view({"BUTTRESS_SERVICES__SVC__RETRY__RETRY_ON": "network"})
+        .options("retry", {}, None)
+        .retry_on
+        == "network"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[services\n", "cannot be parsed"),
+        ("- just\n- a list\n", "the top level must be a mapping"),
+    ],
+)
+def test_unreadable_files_are_errors(text, message, write):
+    file = write(text, "buttress.yaml" if text.startswith("-") else "buttress.toml")
+    [(key_path, source, found)] = problems(config_file=file).errors
+    assert (key_path, source) == ("config_file", f"file {file}")
+    assert message in found
+
+
+def test_missing_or_unsupported_config_file_names_the_variable(tmp_path):
+    missing = tmp_path / "nope.toml"
+    [(path, source, message)] = problems({"BUTTRESS_CONFIG_FILE": str(missing)}).errors
+    assert (path, source, message) == (
+        "config_file",
+        "env BUTTRESS_CONFIG_FILE",
+        f"{missing}: no such file",
+    )
+    [(_, source, message)] = problems(config_file=tmp_path / "buttress.ini").errors
+    assert source == "argument config_file"
+    assert "expected a .toml, .yaml or .yml file" in message
+
+
+def test_invalid_combination_with_code_arguments_names_every_source(write):
+    file = write("[services.svc.retry]\ninitial = 20\n")
+    svc = view(config_file=file)
+    with pytest.raises(ConfigurationError) as caught:
+        svc.options("retry", {"max_delay": 10.0}, None)
+    [(path, source, message)] = caught.value.errors
+    assert path == "services.svc.retry"
+    assert source == f"code, file {file}"
+    assert "max_delay (10.0) must be >= initial (20.0)" in message
+
+
+def test_unknown_preset_named_in_code():
+    with pytest.raises(ConfigurationError, match="unknown preset 'fast'"):
+        view().options("retry", {}, "fast")
+
+
+# --- presets ---------------------------------------------------------------------------------
+
+# (fail_max, open seconds, attempts, timeout seconds, bulkhead limit, queue) from issue 3.
+PRESET_TABLE = {
+    "api": (5, 60.0, 3, 30.0, 50, 100),
+    "ai": (3, 120.0, 3, 120.0, 10, 50),
+    "database": (10, 30.0, 3, 30.0, 100, 200),
+    "external": (5, 60.0, 3, 15.0, 20, 50),
+    "critical": (None, None, 5, 60.0, 5, 10),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_TABLE))
+def test_presets_have_the_documented_values(preset):
+    svc = view()
+    breaker_opts = svc.options("circuit_breaker", {}, preset)
+    retry = svc.options("retry", {}, preset)
+    fail_max, open_for, attempts, seconds, limit, queue = PRESET_TABLE[preset]
+    if fail_max is None:
+        assert breaker_opts.enabled is False
+        assert svc.pattern_enabled("circuit_breaker") is True  # named in code, not settings
+    else:
+        assert (breaker_opts.enabled, breaker_opts.fail_max, breaker_opts.timeout) == (
+            True,
+            fail_max,
+            open_for,
+        )
+    assert retry.max_attempts == attempts
+    assert svc.options("timeout", {}, preset).seconds == seconds
+    bulkhead = svc.options("bulkhead", {}, preset)
+    assert (bulkhead.limit, bulkhead.max_queue) == (limit, queue)
+    assert retry.retry_on == ("network" if preset == "external" else "transient")
+    assert retry.respect_retry_after is True
+
+
+def test_presets_are_exactly_the_five_of_the_issue():
+    assert set(config.PRESETS) == set(PRESET_TABLE)
+    for values in config.PRESETS.values():
+        assert set(values) == {"circuit_breaker", "retry", "timeout", "bulkhead"}
+
+
+def test_ai_preset_retries_a_429_after_its_retry_after(mode, clock, apply):
+    apply()
+    request = httpx.Request("POST", "http://127.0.0.1/v1/completions")
+    limited = httpx.HTTPStatusError(
+        "HTTP 429",
+        request=request,
+        response=httpx.Response(429, headers={"Retry-After": "4"}, request=request),
+    )
+    outcomes = [limited, "answer"]
+    protected = resilient("llm", preset="ai")(mode.define(lambda: _next(outcomes)))
+    assert mode.run(protected) == "answer"
+    assert clock.sleeps == [4.0]
+
+
+def test_external_preset_retries_network_errors_only(mode, clock, apply):
+    apply()
+    request = httpx.Request("GET", "http://127.0.0.1/")
+    unavailable = httpx.HTTPStatusError(
+        "HTTP 503", request=request, response=httpx.Response(503, request=request)
+    )
+    outcomes = [unavailable, "late"]
+    protected = resilient("ext", preset="external")(mode.define(lambda: _next(outcomes)))
+    assert mode.outcome(protected) is unavailable
+    outcomes[:] = [ConnectionResetError("reset"), "ok"]
+    assert mode.run(protected) == "ok"
+
+
+def test_critical_preset_never_opens_a_circuit(mode, clock, apply):
+    apply()
+    body, calls = failing()
+    protected = resilient("core", preset="critical")(mode.define(body))
+    for _ in range(20):
+        assert isinstance(mode.outcome(protected), ConnectionError)
+    assert len(calls) == 20 * 5  # five attempts each, and no rejection ever
+
+
+def test_a_preset_chosen_in_settings_replaces_the_one_in_code(mode, clock, apply):
+    apply({"BUTTRESS_SERVICES__CORE__PRESET": "critical"})
+    assert config.SNAPSHOT.service("core").pattern_enabled("circuit_breaker") is False
+    body, calls = failing()
+    protected = resilient("core", preset="api")(mode.define(body))
+    for _ in range(8):
+        assert not isinstance(mode.outcome(protected), CircuitOpenError)
+    assert len(calls) == 8 * 5
+
+
+def _next(outcomes):
+    outcome = outcomes.pop(0)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+# --- flags resolved per service ------------------------------------------------------------
+
+
+def test_flags_default_and_come_from_settings():
+    svc = view()
+    assert (svc.enabled, svc.mode, svc.rollout, svc.criticality, svc.preset) == (
+        True,
+        "enforce",
+        1.0,
+        "normal",
+        None,
+    )
+    env = {
+        "BUTTRESS_SERVICES__SVC__CRITICALITY": "critical",
+        "BUTTRESS_DEFAULTS__MODE": "shadow",
+        "BUTTRESS_SERVICES__SVC__RETRY__ENABLED": "false",
+    }
+    svc = view(env)
+    assert (svc.criticality, svc.mode) == ("critical", "shadow")
+    assert svc.pattern_enabled("retry") is False
+    assert svc.pattern_enabled("timeout") is True
+    assert svc.options("retry", {}, None).enabled is False
+
+
+def test_options_are_cached_per_arguments_and_preset():
+    svc = view()
+    first = svc.options("retry", {"max_attempts": 4}, None)
+    assert svc.options("retry", {"max_attempts": 4}, None) is first
+    assert svc.options("retry", {"max_attempts": 4}, "api") is not first
+    # Unhashable code arguments still resolve.
+    assert svc.options("circuit_breaker", {"exclude": [ValueError]}, None).exclude == (ValueError,)
+
+
+# --- reload ----------------------------------------------------------------------------------
+
+
+def test_reload_swaps_settings_and_emits_an_event(apply):
+    apply()
+    before = config.SNAPSHOT
+    with capture_events([events.SettingsReloaded]) as captured:
+        settings = reload_settings(env={"BUTTRESS_SERVICES__SVC__TIMEOUT__SECONDS": "3"})
+    assert get_settings() is settings
+    assert config.SNAPSHOT is not before
+    assert config.SNAPSHOT.generation > before.generation
+    assert config.SNAPSHOT.service("svc").options("timeout", {}, None).seconds == 3
+    assert captured == [events.SettingsReloaded(True, config.SNAPSHOT.generation, None)]
+
+
+def test_failed_reload_keeps_the_old_settings_and_says_why(apply):
+    apply({"BUTTRESS_SERVICES__SVC__TIMEOUT__SECONDS": "3"})
+    before = config.SNAPSHOT
+    with capture_events([events.SettingsReloaded]) as captured:
+        with pytest.raises(ConfigurationError) as caught:
+            reload_settings(env={"BUTTRESS_SERVICES__SVC__TIMEOUT__SECONDS": "-1"})
+    assert config.SNAPSHOT is before
+    assert config.SNAPSHOT.service("svc").options("timeout", {}, None).seconds == 3
+    [event] = captured
+    assert (event.ok, event.generation) == (False, before.generation)
+    assert "services.svc.timeout.seconds" in event.error
+    assert "BUTTRESS_SERVICES__SVC__TIMEOUT__SECONDS" in event.error
+    assert caught.value.errors[0][0] == "services.svc.timeout.seconds"
+
+
+def test_reload_applies_to_existing_call_sites_without_redecorating(mode, apply):
+    apply()
+    protected = with_timeout(name="svc", seconds=10)(mode.define())
+    assert mode.run(protected) == "ok"
+    built = config.SNAPSHOT.service("svc").options("timeout", {"seconds": 10}, None)
+    assert built.seconds == 10
+    apply({"BUTTRESS_SERVICES__SVC__TIMEOUT__SECONDS": "2"})
+    assert mode.run(protected) == "ok"
+    assert config.SNAPSHOT.service("svc").options("timeout", {"seconds": 10}, None).seconds == 2
+
+
+def test_readers_never_see_half_of_a_reload(apply):
+    # Every generation gives limit == max_queue; a reader mixing two generations would see them differ.
+    apply(
+        {
+            "BUTTRESS_SERVICES__SVC__BULKHEAD__LIMIT": "99",
+            "BUTTRESS_SERVICES__SVC__BULKHEAD__MAX_QUEUE": "99",
+        }
+    )
+    stop = threading.Event()
+    mixed = []
+
+    def read():
+        while not stop.is_set():
+            options = config.SNAPSHOT.service("svc").options("bulkhead", {}, None)
+            if options.limit != options.max_queue:
+                mixed.append(options)
+
+    readers = [threading.Thread(target=read) for _ in range(3)]
+    for reader in readers:
+        reader.start()
+    try:
+        for n in range(1, 60):
+            reload_settings(
+                env={
+                    "BUTTRESS_SERVICES__SVC__BULKHEAD__LIMIT": str(n),
+                    "BUTTRESS_SERVICES__SVC__BULKHEAD__MAX_QUEUE": str(n),
+                }
+            )
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join()
+    assert mixed == []
+    assert config.SNAPSHOT.service("svc").options("bulkhead", {}, None).limit == 59
+
+
+def test_bad_environment_does_not_break_import_and_fails_at_first_use():
+    env = {**os.environ, "FF_ENABLE_RESILIENCE_PATTERNS": "maybe", "PYTHONPATH": str(ROOT / "src")}
+    env.pop("BUTTRESS_CONFIG_FILE", None)
+    script = (
+        "import buttress\n"
+        "try:\n"
+        "    buttress.get_settings()\n"
+        "except buttress.ConfigurationError as exc:\n"
+        "    print(exc.errors[0][:2])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "('enabled', 'env FF_ENABLE_RESILIENCE_PATTERNS')"
+
+
+# --- describe, secrets -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:s3cret@redis:6379/0", "redis://:***@redis:6379/0"),
+        ("rediss://app:s3cret@redis.internal:6380/1", "rediss://app:***@redis.internal:6380/1"),
+        ("redis://redis:6379/0", "redis://redis:6379/0"),
+        ("redis://redis:6379/0?password=s3cret&db=2", "redis://redis:6379/0?password=***&db=2"),
+    ],
+)
+def test_redact_hides_passwords(url, shown):
+    assert config.redact(url) == shown
+
+
+def test_describe_lists_services_with_sources_and_redacts_state_url(write):
+    file = write(
+        '[services.db.circuit_breaker]\nstate_url = "redis://:s3cret@redis:6379/0"\n'
+        '[services.llm]\npreset = "ai"\n'
+    )
+    described = config.describe(config.load_settings({}, file))
+    assert list(described["services"]) == ["db", "llm"]
+    assert described["services"]["db"]["circuit_breaker"]["state_url"] == {
+        "value": "redis://:***@redis:6379/0",
+        "source": f"file {file}",
+    }
+    assert described["services"]["llm"]["timeout"]["seconds"] == {
+        "value": 120.0,
+        "source": "preset ai",
+    }
+    assert described["defaults"]["timeout"]["seconds"] == {"value": 30.0, "source": "default"}
+    assert "s3cret" not in repr(described)
+
+
+# --- the shipped examples --------------------------------------------------------------------
+
+
+def test_example_toml_is_valid_and_protects_the_seed_services():
+    example = ROOT / "config" / "buttress.toml"
+    snapshot = config.Snapshot(0, config.load_settings({}, example))
+    assert set(snapshot.settings.services) == {
+        "llm",
+        "openfga",
+        "redis",
+        "keycloak",
+        "prometheus",
+        "database",
+    }
+
+    def seconds(name):
+        return snapshot.service(name).options("timeout", {}, None).seconds
+
+    def limit(name):
+        return snapshot.service(name).options("bulkhead", {}, None).limit
+
+    assert (seconds("llm"), limit("llm")) == (60, 10)
+    assert (seconds("openfga"), limit("openfga")) == (5, 50)
+    assert limit("redis") == 100
+    assert seconds("keycloak") == 5
+    assert (seconds("database"), limit("database")) == (10, 20)
+    assert snapshot.service("prometheus").options("rate_limit", {}, None).rate == 5
+
+
+def test_example_yaml_says_the_same_as_the_toml():
+    from_toml = config.describe(config.load_settings({}, ROOT / "config" / "buttress.toml"))
+    from_yaml = config.describe(config.load_settings({}, ROOT / "config" / "buttress.yaml"))
+    assert _values(from_yaml) == _values(from_toml)
+
+
+def _values(described):
+    if isinstance(described, dict):
+        if set(described) == {"value", "source"}:
+            return described["value"]
+        return {key: _values(value) for key, value in described.items() if key != "config_file"}
+    return described
