@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def apply(monkeypatch):
-    """Install settings from an explicit environment (and file); the previous ones come back after."""
+    """Install settings from an explicit environment (and file); the old ones return after."""
     monkeypatch.setattr(config, "SNAPSHOT", config.SNAPSHOT)
 
     def install(env=None, config_file=None):
@@ -231,7 +231,8 @@ def test_one_service_spelled_twice_in_one_file_is_an_error(write):
         (
             "services.openfga",
             f"file {path}",
-            "service defined twice, as 'OpenFGA' and 'openfga' (service names are case-insensitive)",
+            "service defined twice, as 'OpenFGA' and 'openfga' "
+            "(service names are case-insensitive)",
         ),
     )
 
@@ -623,7 +624,7 @@ def test_reload_applies_to_existing_call_sites_without_redecorating(mode, apply)
 
 
 def test_readers_never_see_half_of_a_reload(apply):
-    # Every generation gives limit == max_queue; a reader mixing two generations would see them differ.
+    # Each generation has limit == max_queue; a reader mixing two generations would see them differ.
     apply(
         {
             "BUTTRESS_SERVICES__SVC__BULKHEAD__LIMIT": "99",

@@ -493,9 +493,12 @@ def _read_env(
                 problems.append(
                     _Problem("enabled", f"env {first}, env {second}", "the kill switches disagree")
                 )
-            name = first
+            del accepted[other]
+            variables[parts] = first
+            accepted[first] = environ[first]
+            continue
         variables[parts] = name
-        accepted[name] = environ[name]
+        accepted[name] = value
 
     try:
         raw = dict(_EnvSource(Settings, accepted)())
