@@ -24,13 +24,11 @@ from typing import TYPE_CHECKING, Final
 
 import pytest
 
-from buttress import events, registry, testing
+from buttress import registry, testing
 from buttress.testing import CapturedEvents, FakeClock
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
-
-    from buttress.patterns.circuit_breaker import CircuitBreaker
 
 __all__ = [
     "CircuitControl",
@@ -44,8 +42,6 @@ __all__ = [
 ]
 
 _INI_TESTING: Final = "buttress_testing"
-
-CIRCUIT_STATES: Final = ("closed", "open", "half_open", "forced_open", "forced_closed", "disabled")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -90,27 +86,24 @@ def buttress_events() -> Iterator[CapturedEvents]:
 
 @pytest.fixture
 def buttress_metrics() -> Iterator[CollectorRegistry]:
-    """A fresh ``CollectorRegistry`` that receives buttress's metrics for the test.
+    """A fresh ``CollectorRegistry`` that receives buttress's metrics instead of the usual one.
 
-    Read it with ``buttress_metrics.get_sample_value(name, labels)``; it holds only what happened
-    during the test, whatever the process-wide registry has seen before.
+    Read it with ``buttress_metrics.get_sample_value(name, labels)``: it holds only what happened
+    during the test. Afterwards metrics go where they went before.
     """
-    # Imported here: only tests that ask for metrics pay for prometheus_client.
+    # Imported here: only tests that ask for metrics pay for the instrumentation.
     from prometheus_client import CollectorRegistry  # noqa: PLC0415
 
-    from buttress.instrumentation.prometheus import PrometheusSubscriber  # noqa: PLC0415
+    from buttress import instrumentation  # noqa: PLC0415
 
     fresh = CollectorRegistry()
-    subscriber = PrometheusSubscriber(fresh)
-    handlers = subscriber.handlers()
-    for kind, handler in handlers.items():
-        events.subscribe(handler, [kind])
-    subscriber.write_settings()
+    previous = instrumentation.installed().get("prometheus")
+    instrumentation.configure(prometheus=fresh)
     try:
         yield fresh
     finally:
-        for handler in handlers.values():
-            events.unsubscribe(handler)
+        restored = previous if isinstance(previous, CollectorRegistry) else False
+        instrumentation.configure(prometheus=restored)
 
 
 class CircuitControl:
@@ -126,39 +119,24 @@ class CircuitControl:
         usual), ``half_open`` (the next calls are trials), ``forced_open`` (rejects until the test
         ends), ``forced_closed`` (admits everything, never trips) or ``disabled`` (calls go
         straight through, nothing is recorded).
+
+        Raises:
+            ValueError: an unknown state.
         """
-        if state not in CIRCUIT_STATES:
-            raise ValueError(f"unknown circuit state {state!r}; expected one of {CIRCUIT_STATES}")
-        breaker = _breaker(service)
+        testing.force_circuit_state(service, state)
         self._forced.add(service)
-        if state == "closed":
-            breaker.close()
-        elif state == "open":
-            breaker.open()
-        elif state == "half_open":
-            breaker.half_open()
-        elif state == "forced_open":
-            breaker.force_open()
-        elif state == "forced_closed":
-            breaker.force_closed()
-        else:
-            breaker.disable()
 
     def state(self, service: str) -> str:
         """The state of the circuit of ``service`` now."""
-        return _breaker(service).state_label
+        from buttress.patterns.circuit_breaker import breaker  # noqa: PLC0415 - only when used
+
+        return breaker(service).state_label
 
     def reset_all(self) -> None:
         """Close every circuit this test forced, with fresh counters."""
         for service in sorted(self._forced):
-            _breaker(service).reset()
+            testing.force_circuit_state(service, "closed")
         self._forced.clear()
-
-
-def _breaker(service: str) -> CircuitBreaker:
-    from buttress.patterns.circuit_breaker import breaker  # noqa: PLC0415 - only when used
-
-    return breaker(service)
 
 
 @pytest.fixture

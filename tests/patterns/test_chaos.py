@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from buttress import config, events
+from buttress import CircuitOpenError, Policy, config, events
 from buttress.exceptions import ConfigurationError
 from buttress.patterns import chaos
 from buttress.patterns._base import BuildContext
 from buttress.patterns.chaos import ChaosOptions, InjectedConnectionError
+from buttress.policy import Spec
 from buttress.testing import capture_events
 
 
@@ -85,13 +86,8 @@ def test_kill_switch_is_off_when_unset(monkeypatch):
 
 def test_kill_switch_rejects_a_value_that_is_not_a_boolean(monkeypatch):
     monkeypatch.setenv(chaos.KILL_SWITCH, "sometimes")
-
-    def reload_and_read():
-        config.reload_settings()
-        return chaos.armed()
-
     with pytest.raises(ConfigurationError, match=chaos.KILL_SWITCH):
-        reload_and_read()
+        config.reload_settings()
     monkeypatch.delenv(chaos.KILL_SWITCH)
     config.reload_settings()
 
@@ -212,3 +208,61 @@ def test_callers_exceptions_pass_through_unchanged(mode, armed):
     outcomes = [mode.outcome(wrapped) for _ in range(40)]
     assert {type(o) for o in outcomes} == {Mine, str}
     assert {str(o) for o in outcomes} == {"mine", "wrong"}
+
+
+# --- through a Policy, with settings ---------------------------------------------------------
+
+
+def chaos_policy(service="payments", **code_args):
+    return Policy(Spec("chaos", service, code_args))
+
+
+def test_settings_turn_chaos_on_for_a_service(mode, armed, monkeypatch):
+    fn, calls = counting(mode)
+    decorated = chaos_policy(result_rate=1.0, result="from chaos")(fn)
+    assert mode.run(decorated) == "real"  # enabled defaults to false
+    monkeypatch.setenv("BUTTRESS_SERVICES__PAYMENTS__CHAOS__ENABLED", "true")
+    config.reload_settings()
+    assert mode.run(decorated) == "from chaos"
+    assert calls == [1]
+
+
+def test_settings_rates_override_code_and_code_only_keys_stay_in_code(mode, armed, monkeypatch):
+    fn, _ = counting(mode)
+    decorated = chaos_policy(enabled=True, exception_rate=1.0, exception=TimeoutError)(fn)
+    assert isinstance(mode.outcome(decorated), TimeoutError)
+    monkeypatch.setenv("BUTTRESS_SERVICES__PAYMENTS__CHAOS__EXCEPTION_RATE", "0")
+    config.reload_settings()
+    assert mode.run(decorated) == "real"
+    monkeypatch.setenv("BUTTRESS_SERVICES__PAYMENTS__CHAOS__EXCEPTION", "ValueError")
+    with pytest.raises(ConfigurationError, match="only be given in code"):
+        config.reload_settings()
+    monkeypatch.delenv("BUTTRESS_SERVICES__PAYMENTS__CHAOS__EXCEPTION")
+
+
+def test_disarming_and_reloading_stops_every_injection(mode, armed, monkeypatch):
+    fn, calls = counting(mode)
+    decorated = chaos_policy(enabled=True, exception_rate=1.0)(fn)
+    assert isinstance(mode.outcome(decorated), InjectedConnectionError)
+    monkeypatch.setenv(chaos.KILL_SWITCH, "false")
+    config.reload_settings()
+    assert mode.run(decorated) == "real"
+    assert calls == [1]
+
+
+def test_injected_faults_are_retried_and_trip_the_breaker_like_real_ones(mode, armed, clock):
+    fn, calls = counting(mode)
+    stacked = Policy(
+        Spec("retry", "payments", {"max_attempts": 3, "jitter": "none"}),
+        Spec("circuit_breaker", "payments", {"fail_max": 3}),
+        Spec("chaos", "payments", {"enabled": True, "exception_rate": 1.0}),
+    )(fn)
+    with capture_events() as seen:
+        first = mode.outcome(stacked)
+        second = mode.outcome(stacked)
+    assert isinstance(first, InjectedConnectionError)
+    assert isinstance(second, CircuitOpenError)
+    assert calls == []
+    assert len(seen.of(events.ChaosInjected)) == 3
+    assert [e.attempt for e in seen.of(events.RetryScheduled)] == [1, 2]
+    assert [e.new_state for e in seen.of(events.CircuitStateChanged)] == ["open"]

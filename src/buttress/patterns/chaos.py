@@ -22,7 +22,6 @@ to an injected fault exactly as it would to a real one. Every injection emits
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Callable
 from typing import Any, ClassVar, Final
@@ -30,7 +29,6 @@ from typing import Any, ClassVar, Final
 from pydantic import Field, field_validator
 
 from buttress import _clock, config, events
-from buttress.exceptions import ConfigurationError
 from buttress.patterns._base import AsyncCall, BuildContext, Call, Options
 
 __all__ = [
@@ -49,9 +47,6 @@ PATTERN = "chaos"
 # Named like FF_ENABLE_RESILIENCE_PATTERNS, the switch operators already know, and outside the
 # BUTTRESS_ prefix, whose variables name settings keys.
 KILL_SWITCH: Final = "FF_ENABLE_CHAOS_INJECTION"
-
-_TRUE = frozenset({"1", "true", "yes", "on", "y", "t"})
-_FALSE = frozenset({"0", "false", "no", "off", "n", "f", ""})
 
 
 class InjectedConnectionError(ConnectionError):
@@ -106,24 +101,11 @@ class ChaosOptions(Options):
 def armed() -> bool:
     """Whether this process allows fault injection at all (the kill switch, default off).
 
-    Read when a policy compiles, that is on its first call and after every ``reload_settings()``,
-    never in the middle of a compiled policy. Settings that model the switch (a ``chaos_enabled``
-    field fed by the same variable) are the source; otherwise the variable itself, as strictly
-    as settings read ``FF_ENABLE_RESILIENCE_PATTERNS``.
+    Settings read the switch when they load (a config file cannot arm it, only the process's
+    environment can); a policy asks when it compiles, on its first call and after every
+    ``reload_settings()``, never in the middle of a compiled policy.
     """
-    flag = getattr(config.get_settings(), "chaos_enabled", None)
-    if isinstance(flag, bool):
-        return flag
-    raw = os.environ.get(KILL_SWITCH, "").strip().lower()
-    if raw in _TRUE:
-        return True
-    if raw in _FALSE:
-        return False
-    raise ConfigurationError(
-        f"{KILL_SWITCH}: expected a boolean, got {raw!r} "
-        f"(source: environment variable {KILL_SWITCH})",
-        errors=((KILL_SWITCH, f"env {KILL_SWITCH}", "expected a boolean"),),
-    )
+    return config.get_settings().chaos_enabled
 
 
 class ChaosStrategy:
