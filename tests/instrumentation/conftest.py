@@ -1,0 +1,54 @@
+"""Fixtures of the instrumentation tests: a fresh metrics registry, the subscribers restored after."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from buttress import instrumentation
+
+
+class Metrics:
+    """A fresh ``CollectorRegistry`` that buttress's Prometheus subscriber writes to."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def value(self, name: str, **labels: str) -> float | None:
+        """The sample ``name{labels}``, or ``None`` when it does not exist."""
+        return self.registry.get_sample_value(name, labels)
+
+    def samples(self, family: str) -> dict[tuple[tuple[str, str], ...], float]:
+        """Every sample named exactly ``family``, by sorted label pairs."""
+        out = {}
+        for metric in self.registry.collect():
+            for sample in metric.samples:
+                if sample.name == family:
+                    out[tuple(sorted(sample.labels.items()))] = sample.value
+        return out
+
+    def names(self) -> set[str]:
+        """The sample names that have at least one sample."""
+        return {s.name for m in self.registry.collect() for s in m.samples}
+
+
+@pytest.fixture
+def restore_subscribers() -> Iterator[None]:
+    """Whatever a test configures, the subscribers in force before it come back afterwards."""
+    before = instrumentation.installed()
+    yield
+    instrumentation.configure(
+        prometheus=before.get("prometheus", False),  # type: ignore[arg-type]
+        otel=before.get("otel", False),  # type: ignore[arg-type]
+        logging=before.get("logging", False),  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def metrics(restore_subscribers: None) -> Metrics:
+    """Only the Prometheus subscriber, writing to a fresh registry."""
+    registry = CollectorRegistry()
+    instrumentation.configure(prometheus=registry, otel=False, logging=False)
+    return Metrics(registry)

@@ -1,0 +1,486 @@
+"""The metric catalog and the Prometheus subscriber: naming, registries, gauges, multiprocess mode."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from buttress import circuit_breaker, config, events, instrumentation, with_bulkhead
+from buttress.events import (
+    BulkheadAcquired,
+    BulkheadQueued,
+    BulkheadReleased,
+    CallFinished,
+    CallRejected,
+    CircuitCallRecorded,
+    CircuitStateChanged,
+    CircuitTrialStarted,
+    RateLimitAcquired,
+    RetryScheduled,
+    SettingsReloaded,
+    WorkerAbandoned,
+    WorkerFinishedLate,
+)
+from buttress.instrumentation import prometheus
+from buttress.instrumentation.prometheus import CATALOG, FAMILIES, LABELS, PrometheusSubscriber
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+GAUGE_MODES = {
+    "all",
+    "liveall",
+    "min",
+    "livemin",
+    "max",
+    "livemax",
+    "sum",
+    "livesum",
+    "mostrecent",
+    "livemostrecent",
+}
+
+
+@contextmanager
+def attached(subscriber: PrometheusSubscriber) -> Iterator[PrometheusSubscriber]:
+    """``subscriber``'s handlers subscribed for the block (without touching configure())."""
+    undos = [events.subscribe(h, [kind]) for kind, h in subscriber.handlers().items()]
+    try:
+        yield subscriber
+    finally:
+        for undo in undos:
+            undo()
+
+
+# --- the catalog ---------------------------------------------------------------------------------
+
+
+def test_the_catalog_has_at_least_30_uniquely_named_families():
+    names = [family.name for family in CATALOG]
+    assert len(names) >= 30
+    assert len(set(names)) == len(names)
+    assert set(FAMILIES) == set(names)
+
+
+@pytest.mark.parametrize("family", CATALOG, ids=lambda f: f.name)
+def test_names_follow_the_convention(family):
+    assert family.name.startswith("buttress_")
+    assert family.name == family.name.lower()
+    if family.kind == "counter":
+        assert family.name.endswith("_total")
+    else:
+        assert not family.name.endswith("_total")
+    if family.kind == "histogram":
+        assert family.name.endswith("_seconds")
+        assert family.buckets == tuple(sorted(family.buckets or ()))
+    assert family.help.strip()
+
+
+@pytest.mark.parametrize("family", CATALOG, ids=lambda f: f.name)
+def test_labels_are_bounded_vocabularies(family):
+    assert set(family.labels) <= LABELS
+    assert len(set(family.labels)) == len(family.labels)
+
+
+@pytest.mark.parametrize("family", CATALOG, ids=lambda f: f.name)
+def test_every_family_is_fed_by_events_both_subscriber_modes_consume(family):
+    assert family.fed_by, f"{family.name} is fed by no event"
+    # Multiprocess mode writes every family from events; a single process reads gauges at scrape.
+    multiprocess = PrometheusSubscriber(None, multiprocess=True).handlers()
+    assert set(family.fed_by) <= set(multiprocess)
+    if family.kind != "gauge":
+        assert set(family.fed_by) <= set(PrometheusSubscriber(None, multiprocess=False).handlers())
+
+
+@pytest.mark.parametrize("family", [f for f in CATALOG if f.kind == "gauge"], ids=lambda f: f.name)
+def test_every_gauge_says_how_processes_combine(family):
+    assert family.multiprocess_mode in GAUGE_MODES
+
+
+def test_attempt_numbers_are_capped():
+    labels = [prometheus.attempt_label(n) for n in range(1, 13)]
+    assert labels == ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10+", "10+", "10+"]
+
+
+# --- registries and configure() -------------------------------------------------------------------
+
+
+def test_a_custom_registry_gets_every_family(metrics):
+    exposed = {metric.name for metric in metrics.registry.collect()}
+    # prometheus_client names a counter family without its _total suffix.
+    assert exposed == {f.name.removesuffix("_total") for f in CATALOG}
+
+
+def test_the_default_registry_has_the_families_after_install_defaults(restore_subscribers):
+    instrumentation.install_defaults()
+    instrumentation.install_defaults()  # idempotent: no duplicate registration
+    assert instrumentation.installed()["prometheus"] is REGISTRY
+    registered = {metric.name for metric in REGISTRY.collect()}
+    assert {f.name.removesuffix("_total") for f in CATALOG} <= registered
+
+
+def test_configure_again_with_the_same_targets_changes_nothing(restore_subscribers):
+    registry = CollectorRegistry()
+    instrumentation.configure(prometheus=registry, otel=False, logging=False)
+    routes = dict(events.ROUTES)
+    instrumentation.configure(prometheus=registry, otel=False, logging=False)
+    assert events.ROUTES == routes
+    events.emit(CallFinished("svc", "success", 0.01, None))
+    assert (
+        registry.get_sample_value("buttress_calls_total", {"service": "svc", "outcome": "success"})
+        == 1
+    )
+
+
+def test_off_and_on_again_reuses_the_registered_families(restore_subscribers):
+    registry = CollectorRegistry()
+    instrumentation.configure(prometheus=registry, otel=False, logging=False)
+    events.emit(CallFinished("svc", "failure", 0.01, "ValueError"))
+    instrumentation.configure(prometheus=False)
+    assert "prometheus" not in instrumentation.installed()
+    events.emit(CallFinished("svc", "failure", 0.01, "ValueError"))  # nobody counts it
+    instrumentation.configure(prometheus=registry)  # no DuplicateTimeseries
+    events.emit(CallFinished("svc", "failure", 0.01, "ValueError"))
+    labels = {"service": "svc", "outcome": "failure"}
+    assert registry.get_sample_value("buttress_calls_total", labels) == 2
+
+
+def test_switching_registries_moves_the_counting(restore_subscribers):
+    first, second = CollectorRegistry(), CollectorRegistry()
+    instrumentation.configure(prometheus=first, otel=False, logging=False)
+    events.emit(CallFinished("svc", "success", 0.01, None))
+    instrumentation.configure(prometheus=second)
+    events.emit(CallFinished("svc", "success", 0.01, None))
+    events.emit(CallFinished("svc", "success", 0.01, None))
+    labels = {"service": "svc", "outcome": "success"}
+    assert first.get_sample_value("buttress_calls_total", labels) == 1
+    assert second.get_sample_value("buttress_calls_total", labels) == 2
+
+
+def test_with_every_subscriber_off_no_event_is_routed_to_them(restore_subscribers):
+    instrumentation.configure(prometheus=False, otel=False, logging=False)
+    assert instrumentation.installed() == {}
+    ours = [
+        handler
+        for handlers in events.ROUTES.values()
+        for handler in handlers
+        if handler.__module__.startswith("buttress.instrumentation")
+    ]
+    assert ours == []
+
+
+def test_label_children_are_bound_once_per_service_and_outcome(metrics):
+    calls = 0
+    metric = metrics_family(metrics, "buttress_calls_total")
+    original = metric.labels
+
+    def counting_labels(*values):
+        nonlocal calls
+        calls += 1
+        return original(*values)
+
+    metric.labels = counting_labels
+    try:
+        for _ in range(50):
+            events.emit(CallFinished("svc", "success", 0.001, None))
+            events.emit(CallFinished("svc", "failure", 0.001, "ValueError"))
+    finally:
+        del metric.labels
+    # One child per outcome, bound at the first call of the service; none afterwards.
+    assert calls == len(prometheus.OUTCOMES)
+    assert metrics.value("buttress_calls_total", service="svc", outcome="success") == 50
+
+
+def metrics_family(metrics, name):
+    subscriber = instrumentation._prometheus[metrics.registry]
+    return subscriber.metrics[name]
+
+
+# --- counters and histograms from events ----------------------------------------------------------
+
+
+def test_calls_count_every_outcome_from_the_first_call(metrics):
+    events.emit(CallFinished("openfga", "timeout", 5.0, "TimeoutExceededError"))
+    for outcome in prometheus.OUTCOMES:
+        expected = 1 if outcome == "timeout" else 0
+        assert metrics.value("buttress_calls_total", service="openfga", outcome=outcome) == expected
+    bucket = metrics.value(
+        "buttress_call_duration_seconds_bucket", service="openfga", outcome="timeout", le="5.0"
+    )
+    assert bucket == 1
+
+
+def test_retry_attempts_are_labelled_with_the_attempt_about_to_run(metrics):
+    for failed in (1, 2, 9, 10, 30):
+        events.emit(RetryScheduled("llm", failed, 0.5, "ConnectionError", "backoff"))
+    samples = metrics.samples("buttress_retry_attempts_total")
+    by_number = {dict(labels)["attempt_number"]: value for labels, value in samples.items()}
+    assert by_number == {"2": 1, "3": 1, "10+": 3}
+    assert (
+        metrics.value("buttress_retry_errors_total", service="llm", error_type="ConnectionError")
+        == 5
+    )
+    assert metrics.value("buttress_retry_delay_seconds_count", service="llm", reason="backoff") == 5
+
+
+def test_recovery_time_runs_from_opening_to_closing_across_half_open_retrips(metrics, clock):
+    changes = [
+        ("closed", "open", "fail_max", 0),
+        ("open", "half_open", "timeout_elapsed", 30),
+        ("half_open", "open", "trial_failed", 1),
+        ("open", "half_open", "timeout_elapsed", 30),
+        ("half_open", "closed", "success_threshold", 2),
+    ]
+    for old, new, reason, after in changes:
+        clock.advance(after)
+        events.emit(CircuitStateChanged("redis", old, new, reason, None))
+    assert metrics.value("buttress_circuit_breaker_recovery_seconds_count", service="redis") == 1
+    assert metrics.value("buttress_circuit_breaker_recovery_seconds_sum", service="redis") == 63
+    transitions = metrics.samples("buttress_circuit_breaker_transitions_total")
+    assert sum(transitions.values()) == 5
+    key = (("reason", "trial_failed"), ("service", "redis"), ("state", "open"))
+    assert transitions[key] == 1
+
+
+def test_waits_are_observed_only_for_calls_that_waited(metrics):
+    events.emit(BulkheadAcquired("db", 0.0, 1, 0, 10))
+    events.emit(BulkheadAcquired("db", 0.25, 10, 3, 10))
+    events.emit(RateLimitAcquired("db", 0.0, 4.0))
+    events.emit(RateLimitAcquired("db", 0.5, 0.0))
+    assert metrics.value("buttress_bulkhead_queue_wait_seconds_count", service="db") == 1
+    assert metrics.value("buttress_bulkhead_queue_wait_seconds_sum", service="db") == 0.25
+    assert metrics.value("buttress_rate_limit_waits_total", service="db") == 1
+    assert metrics.value("buttress_rate_limit_wait_seconds_sum", service="db") == 0.5
+
+
+def test_rejections_are_counted_per_pattern(metrics):
+    events.emit(CallRejected("api", "circuit_breaker", "open", 12.0))
+    events.emit(CallRejected("api", "bulkhead", "full", None))
+    events.emit(CallRejected("api", "bulkhead", "queue_timeout", None))
+    events.emit(CallRejected("api", "rate_limit", "no_tokens", 0.2))
+    assert (
+        metrics.value("buttress_circuit_breaker_rejected_total", service="api", reason="open") == 1
+    )
+    assert metrics.value("buttress_bulkhead_rejected_total", service="api", reason="full") == 1
+    assert (
+        metrics.value("buttress_bulkhead_rejected_total", service="api", reason="queue_timeout")
+        == 1
+    )
+    assert (
+        metrics.value("buttress_rate_limit_rejected_total", service="api", reason="no_tokens") == 1
+    )
+
+
+# --- gauges in a single process: read from the objects at scrape time ------------------------------
+
+
+def test_gauges_show_the_live_state_of_breakers_and_bulkheads(metrics, clock):
+    inside = {}
+
+    @circuit_breaker(name="billing", fail_max=2, timeout=30)
+    @with_bulkhead(limit=4)
+    def charge(fail=False):
+        inside["active"] = metrics.value("buttress_bulkhead_active", service="billing")
+        if fail:
+            raise ConnectionError("down")
+        return "ok"
+
+    assert charge() == "ok"
+    assert inside["active"] == 1  # read during the call
+    assert metrics.value("buttress_bulkhead_active", service="billing") == 0
+    assert metrics.value("buttress_bulkhead_limit", service="billing") == 4
+    assert metrics.value("buttress_bulkhead_queue_depth", service="billing") == 0
+    assert metrics.value("buttress_circuit_breaker_state", service="billing", state="closed") == 1
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            charge(fail=True)
+    states = {
+        dict(labels)["state"]: value
+        for labels, value in metrics.samples("buttress_circuit_breaker_state").items()
+    }
+    assert states == {
+        "closed": 0,
+        "open": 1,
+        "half_open": 0,
+        "forced_open": 0,
+        "forced_closed": 0,
+        "disabled": 0,
+    }
+    assert metrics.value("buttress_health_degradation_level") == 2  # normal criticality
+    assert metrics.value("buttress_flag_enabled") == 1
+    assert metrics.value("buttress_flag_service_enabled", service="billing") == 1
+    assert metrics.value("buttress_flag_shadow_mode", service="billing") == 0
+    assert metrics.value("buttress_flag_rollout_ratio", service="billing") == 1
+    assert metrics.value("buttress_config_generation") == config.SNAPSHOT.generation
+
+
+def test_a_breaker_forced_open_shows_before_any_call(metrics):
+    from buttress import registry
+    from buttress.patterns.circuit_breaker import CircuitBreaker, CircuitBreakerOptions
+
+    breaker = registry.shared(
+        "circuit_breaker",
+        "search",
+        CircuitBreakerOptions(),
+        lambda opts: CircuitBreaker("search", opts),
+    )
+    breaker.force_open()
+    assert (
+        metrics.value("buttress_circuit_breaker_state", service="search", state="forced_open") == 1
+    )
+    assert metrics.value("buttress_flag_service_enabled", service="search") == 1
+
+
+# --- gauges in multiprocess mode: written from events ----------------------------------------------
+
+
+def test_multiprocess_gauges_follow_the_events():
+    registry = CollectorRegistry()
+    subscriber = PrometheusSubscriber(registry, multiprocess=True)
+
+    def value(name, **labels):
+        return registry.get_sample_value(name, labels)
+
+    with attached(subscriber):
+        assert value("buttress_flag_enabled") is None  # not 0 ("switched off") before it is known
+        events.emit(CallFinished("pay", "success", 0.01, None))
+        assert value("buttress_flag_enabled") == 1
+        assert value("buttress_flag_service_enabled", service="pay") == 1
+        events.emit(CircuitCallRecorded("pay", "failure", 0.01, False, "OSError", 0.75, None))
+        assert value("buttress_circuit_breaker_state", service="pay", state="closed") == 1
+        assert value("buttress_circuit_breaker_failure_rate", service="pay") == 0.75
+        events.emit(CircuitStateChanged("pay", "closed", "open", "failure_rate", 12.0))
+        assert value("buttress_circuit_breaker_state", service="pay", state="open") == 1
+        assert value("buttress_circuit_breaker_state", service="pay", state="closed") == 0
+        assert value("buttress_health_degradation_level") == 2
+        events.emit(CircuitTrialStarted("pay", 1))
+        events.emit(BulkheadQueued("pay", 2))
+        assert value("buttress_bulkhead_queue_depth", service="pay") == 2
+        events.emit(BulkheadAcquired("pay", 0.1, 5, 1, 5))
+        assert value("buttress_bulkhead_active", service="pay") == 5
+        assert value("buttress_bulkhead_limit", service="pay") == 5
+        events.emit(BulkheadReleased("pay", 4, 0))
+        assert value("buttress_bulkhead_active", service="pay") == 4
+        assert value("buttress_bulkhead_queue_depth", service="pay") == 0
+        events.emit(RateLimitAcquired("pay", 0.0, 7.5))
+        assert value("buttress_rate_limit_tokens", service="pay") == 7.5
+        events.emit(WorkerAbandoned("pay", 2))
+        assert value("buttress_timeout_abandoned_workers", service="pay") == 2
+        events.emit(WorkerFinishedLate("pay", 1, 0.3))
+        assert value("buttress_timeout_abandoned_workers", service="pay") == 1
+        events.emit(SettingsReloaded(ok=True, generation=7, error=None))
+        assert value("buttress_config_generation") == 7
+        assert value("buttress_config_reloads_total", outcome="success") == 1
+
+
+def test_multiprocess_circuit_state_is_inferred_from_a_rejection():
+    registry = CollectorRegistry()
+    with attached(PrometheusSubscriber(registry, multiprocess=True)):
+        events.emit(CallRejected("pay", "circuit_breaker", "forced_open", None))
+    assert (
+        registry.get_sample_value(
+            "buttress_circuit_breaker_state", {"service": "pay", "state": "forced_open"}
+        )
+        == 1
+    )
+
+
+WORKER = """
+import os, sys
+import buttress
+from buttress import circuit_breaker, instrumentation, with_bulkhead
+instrumentation.install_defaults()
+
+@circuit_breaker(name="openfga", fail_max=2, timeout=60)
+@with_bulkhead(limit=5)
+def check(ok):
+    if not ok:
+        raise ConnectionError("down")
+    return True
+
+for ok in (True, True, True, False, False):
+    try:
+        check(ok)
+    except ConnectionError:
+        pass
+print(os.getpid())
+"""
+
+SCRAPE = """
+import sys
+from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+for pid in sys.argv[1:]:
+    multiprocess.mark_process_dead(int(pid))
+registry = CollectorRegistry()
+multiprocess.MultiProcessCollector(registry)
+sys.stdout.write(generate_latest(registry).decode())
+"""
+
+
+def scrape(env, *dead_pids):
+    run = subprocess.run(
+        [sys.executable, "-c", SCRAPE, *map(str, dead_pids)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    values = {}
+    for family in text_string_to_metric_families(run.stdout):
+        for sample in family.samples:
+            values[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+    return values
+
+
+def test_two_worker_processes_and_one_scrape(tmp_path):
+    env = {
+        **os.environ,
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+        "PYTHONPATH": str(SRC),
+    }
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(WORKER)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    pids = []
+    for worker in workers:
+        out, err = worker.communicate(timeout=60)
+        assert worker.returncode == 0, err
+        pids.append(int(out.strip()))
+    both = scrape(env)
+    service = ("service", "openfga")
+    assert both["buttress_calls_total", (("outcome", "success"), service)] == 6
+    assert both["buttress_calls_total", (("outcome", "failure"), service)] == 4
+    assert (
+        both[
+            "buttress_circuit_breaker_failures_total", (("error_type", "ConnectionError"), service)
+        ]
+        == 4
+    )
+    assert both["buttress_call_duration_seconds_count", (("outcome", "success"), service)] == 6
+    # Gauges combine per their mode: livesum counts the workers in each state and adds the limits.
+    assert both["buttress_circuit_breaker_state", (service, ("state", "open"))] == 2
+    assert both["buttress_circuit_breaker_state", (service, ("state", "closed"))] == 0
+    assert both["buttress_bulkhead_limit", (service,)] == 10
+    assert both["buttress_bulkhead_active", (service,)] == 0
+    assert both["buttress_health_degradation_level", ()] == 2  # livemax
+    assert both["buttress_flag_enabled", ()] == 1  # livemostrecent
+    # A worker that died (gunicorn's child_exit) leaves the live gauges, not the counters.
+    one = scrape(env, pids[0])
+    assert one["buttress_circuit_breaker_state", (service, ("state", "open"))] == 1
+    assert one["buttress_bulkhead_limit", (service,)] == 5
+    assert one["buttress_calls_total", (("outcome", "success"), service)] == 6
