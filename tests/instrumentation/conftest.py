@@ -1,4 +1,4 @@
-"""Fixtures of the instrumentation tests: a fresh metrics registry, the subscribers restored after."""
+"""Instrumentation test fixtures: a fresh metrics registry; subscribers restored afterwards."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The metric catalog and the Prometheus subscriber: naming, registries, gauges, multiprocess mode."""
+"""The metric catalog and the Prometheus subscriber: names, registries, gauges, multiprocess."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def attached(subscriber: PrometheusSubscriber) -> Iterator[PrometheusSubscriber]
             undo()
 
 
-# --- the catalog ---------------------------------------------------------------------------------
+# --- the catalog ----------------------------------------------------------------------------------
 
 
 def test_the_catalog_has_at_least_30_uniquely_named_families():
@@ -131,7 +131,7 @@ def test_configure_again_with_the_same_targets_changes_nothing(restore_subscribe
     instrumentation.configure(prometheus=registry, otel=False, logging=False)
     routes = dict(events.ROUTES)
     instrumentation.configure(prometheus=registry, otel=False, logging=False)
-    assert events.ROUTES == routes
+    assert routes == events.ROUTES
     events.emit(CallFinished("svc", "success", 0.01, None))
     assert (
         registry.get_sample_value("buttress_calls_total", {"service": "svc", "outcome": "success"})
@@ -278,7 +278,7 @@ def test_rejections_are_counted_per_pattern(metrics):
     )
 
 
-# --- gauges in a single process: read from the objects at scrape time ------------------------------
+# --- gauges in a single process: read from the objects at scrape time -----------------------------
 
 
 def test_gauges_show_the_live_state_of_breakers_and_bulkheads(metrics, clock):
@@ -338,7 +338,7 @@ def test_a_breaker_forced_open_shows_before_any_call(metrics):
     assert metrics.value("buttress_flag_service_enabled", service="search") == 1
 
 
-# --- gauges in multiprocess mode: written from events ----------------------------------------------
+# --- gauges in multiprocess mode: written from events ---------------------------------------------
 
 
 def test_multiprocess_gauges_follow_the_events():
