@@ -20,12 +20,14 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager, context
 from typing import Any, TypeVar
 
 from buttress import _clock, events
+from buttress.patterns import circuit_breaker as _circuit_breaker
 
 __all__ = [
     "CapturedEvents",
     "FakeClock",
     "capture_events",
     "fake_clock",
+    "force_circuit_state",
     "set_testing",
     "testing_mode",
 ]
@@ -206,3 +208,33 @@ def capture_events(kinds: Iterable[type[Any]] | None = None) -> Iterator[Capture
         yield captured
     finally:
         undo()
+
+
+def force_circuit_state(service: str, state: str) -> None:
+    """Put the circuit of ``service`` into ``state`` (building its breaker if no call has yet).
+
+    ``state`` is one of:
+
+    * ``closed``: reset: closed, counters and rate window cleared, any override ended;
+    * ``open``: trip now; after ``timeout`` seconds the next call is a half-open trial;
+    * ``half_open``: the next calls are trials;
+    * ``forced_open``: reject every call until the next ``closed``;
+    * ``forced_closed``: admit every call, never trip, until the next ``closed``;
+    * ``disabled``: no breaker at all until the next ``closed``.
+    """
+    cb = _circuit_breaker.breaker(service)
+    moves: dict[str, Callable[[], object]] = {
+        "closed": cb.reset,
+        "open": cb.open,
+        "half_open": cb.half_open,
+        "forced_open": cb.force_open,
+        "forced_closed": cb.force_closed,
+        "disabled": cb.disable,
+    }
+    try:
+        move = moves[state]
+    except KeyError:
+        raise ValueError(
+            f"unknown circuit state {state!r}; expected one of {sorted(moves)}"
+        ) from None
+    move()

@@ -346,6 +346,9 @@ class CircuitBreaker(CompatBreaker):
         elapsed = now - started
         outcome = FAILURE if self.is_system_error(exc) else IGNORED
         slow = self._slow_after is not None and elapsed >= self._slow_after
+        if outcome == FAILURE and self._failure_hooks:
+            # pybreaker's order: the failure, then the state change it causes.
+            events.dispatch(self._failure_hooks, exc)
         if token >= 0:
             with self.lock:
                 self._record(token, outcome, now, slow=slow)
@@ -641,11 +644,8 @@ class CircuitBreaker(CompatBreaker):
                     None if window is None else window.slow_call_rate,
                 ),
             )
-        if outcome == SUCCESS:
-            if self._success_hooks:
-                events.dispatch(self._success_hooks, self)
-        elif outcome == FAILURE and self._failure_hooks:
-            events.dispatch(self._failure_hooks, exc)
+        if outcome == SUCCESS and self._success_hooks:
+            events.dispatch(self._success_hooks, self)
 
     def _manual(self, phase: str, override: str | None, reason: str) -> None:
         with self.lock:
