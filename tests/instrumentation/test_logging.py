@@ -1,0 +1,147 @@
+"""Logging subscriber: stable names, structured fields, trace ids, levels, and nothing secret."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+
+from buttress import (
+    circuit_breaker,
+    events,
+    instrumentation,
+    retry_with_backoff,
+    with_timeout,
+)
+from buttress.events import CallFinished, SettingsReloaded
+from buttress.instrumentation import logging as log_subscriber
+from buttress.instrumentation.logging import EVENT_NAMES
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def named(self, name: str) -> list[logging.LogRecord]:
+        return [r for r in self.records if r.getMessage() == name]
+
+
+@pytest.fixture
+def logged(restore_subscribers):
+    """The logging subscriber alone, writing to a dedicated logger (level INFO)."""
+    logger = logging.getLogger("tests.buttress")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    handler = Records()
+    logger.addHandler(handler)
+    instrumentation.configure(prometheus=False, otel=False, logging=logger)
+    yield handler
+    logger.removeHandler(handler)
+
+
+def test_event_names_are_stable_and_namespaced():
+    names = [name for name, _ in EVENT_NAMES.values()]
+    assert len(set(names)) == len(names)
+    assert all(name.startswith("buttress.") and name == name.lower() for name in names)
+    assert EVENT_NAMES[events.CircuitStateChanged][0] == "buttress.circuit.state_changed"
+
+
+def test_the_library_logger_has_a_null_handler():
+    handlers = logging.getLogger("buttress").handlers
+    assert any(isinstance(h, logging.NullHandler) for h in handlers)
+
+
+def test_a_circuit_opening_is_a_warning_with_structured_fields(logged, mode, clock):
+    def down(user, password):
+        raise ConnectionError(f"cannot reach openfga as {user}:{password}")
+
+    fn = circuit_breaker(name="openfga", fail_max=1, timeout=30)(mode.define(down))
+    with pytest.raises(ConnectionError):
+        mode.run(fn, "alice", "s3cr3t-pw")
+    (record,) = logged.named("buttress.circuit.state_changed")
+    assert record.levelno == logging.WARNING
+    assert (record.service, record.old_state, record.new_state, record.reason) == (
+        "openfga",
+        "closed",
+        "open",
+        "fail_max",
+    )
+    assert record.event == "buttress.circuit.state_changed"
+    (finished,) = logged.named("buttress.call.finished")
+    assert finished.levelno == logging.INFO
+    assert (finished.outcome, finished.error_type) == ("failure", "ConnectionError")
+
+
+def test_no_argument_value_or_exception_message_reaches_a_record(logged, mode, clock):
+    def down(user, password):
+        raise ConnectionError(f"cannot reach openfga as {user}:{password}")
+
+    fn = retry_with_backoff(name="openfga", max_attempts=3)(
+        circuit_breaker(name="openfga", fail_max=2)(mode.define(down))
+    )
+    logging.getLogger("tests.buttress").setLevel(logging.DEBUG)
+    for _ in range(3):
+        mode.outcome(fn, "alice", "s3cr3t-pw")
+    assert len(logged.records) >= 5
+    for record in logged.records:
+        text = repr(vars(record)) + record.getMessage()
+        assert "s3cr3t-pw" not in text
+        assert "alice" not in text
+        assert "cannot reach" not in text
+
+
+def test_trace_and_span_ids_are_added_inside_a_span(logged, mode, clock):
+    tracer = TracerProvider().get_tracer("tests")
+    fn = with_timeout(name="llm", seconds=1)(mode.define(latency=2))
+    with tracer.start_as_current_span("request") as span:
+        mode.outcome(fn)
+    (record,) = logged.named("buttress.timeout.exceeded")
+    context = span.get_span_context()
+    assert record.trace_id == format(context.trace_id, "032x")
+    assert record.span_id == format(context.span_id, "016x")
+    assert record.levelno == logging.WARNING
+
+
+def test_without_a_span_there_are_no_trace_ids(logged):
+    events.emit(events.RetryExhausted("llm", 3, "ConnectionError", "max_attempts"))
+    (record,) = logged.named("buttress.retry.exhausted")
+    assert not hasattr(record, "trace_id")
+    assert (record.attempts, record.reason) == (3, "max_attempts")
+
+
+def test_success_is_debug_and_builds_nothing_when_debug_is_off(logged, monkeypatch):
+    def refuse(*_args):
+        raise AssertionError("fields built for a record that is not logged")
+
+    monkeypatch.setattr(log_subscriber, "_fields", refuse)
+    events.emit(CallFinished("svc", "success", 0.01, None))
+    assert logged.records == []
+    monkeypatch.undo()
+    logging.getLogger("tests.buttress").setLevel(logging.DEBUG)
+    events.emit(CallFinished("svc", "success", 0.01, None))
+    (record,) = logged.named("buttress.call.finished")
+    assert record.levelno == logging.DEBUG
+    assert (record.service, record.outcome, record.duration) == ("svc", "success", 0.01)
+
+
+def test_a_failed_reload_is_an_error_with_credentials_masked(logged):
+    error = "services.db.circuit_breaker.state_url (from env X): bad URL redis://app:hunter2@cache:6379/0"
+    events.emit(SettingsReloaded(ok=False, generation=3, error=error))
+    (record,) = logged.named("buttress.settings.reloaded")
+    assert record.levelno == logging.ERROR
+    assert "hunter2" not in record.error
+    assert "redis://***@cache:6379/0" in record.error
+    assert record.ok is False
+
+
+def test_rejections_by_an_open_circuit_are_debug_but_a_full_bulkhead_is_info(logged):
+    logging.getLogger("tests.buttress").setLevel(logging.DEBUG)
+    events.emit(events.CallRejected("api", "circuit_breaker", "open", 3.0))
+    events.emit(events.CallRejected("api", "bulkhead", "full", None))
+    levels = [(r.pattern, r.levelno) for r in logged.named("buttress.call.rejected")]
+    assert levels == [("circuit_breaker", logging.DEBUG), ("bulkhead", logging.INFO)]
