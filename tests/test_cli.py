@@ -1,0 +1,187 @@
+"""``python -m buttress``: config show and config check, their output and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from buttress.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "config" / "buttress.toml"
+
+
+def run(*args, env=None):
+    clean = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.upper().startswith(("BUTTRESS_", "FF_ENABLE_"))
+    }
+    clean["PYTHONPATH"] = str(ROOT / "src")
+    clean.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "buttress", *args],
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_check_accepts_the_example_file():
+    done = run("config", "check", env={"BUTTRESS_CONFIG_FILE": str(EXAMPLE)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (
+        f"settings ok (file {EXAMPLE}); patterns on; "
+        "services: database, keycloak, llm, openfga, prometheus, redis\n"
+    )
+    assert done.stderr == ""
+
+
+def test_check_without_any_settings_is_ok():
+    done = run("config", "check")
+    assert (done.returncode, done.stdout) == (
+        0,
+        "settings ok (no config file); patterns on; services: none\n",
+    )
+
+
+def test_check_reports_every_error_with_path_and_source_and_exits_1(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[services.llm.timeout]\nseconds = -1\n[services.llm.bulkhed]\nlimit = 3\n")
+    done = run(
+        "config",
+        "check",
+        "--config",
+        str(bad),
+        env={"BUTTRESS_SERVICES__REDIS__RETRY__MAX_ATEMPTS": "2"},
+    )
+    assert done.returncode == 1
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert lines[0] == "invalid buttress settings (3 problems):"
+    assert sorted(lines[1:]) == [
+        f"  services.llm.bulkhed (from file {bad}): "
+        "unknown key 'bulkhed'; did you mean 'bulkhead'?",
+        f"  services.llm.timeout.seconds (from file {bad}): "
+        "Input should be greater than 0 (got -1)",
+        "  services.redis.retry.max_atempts "
+        "(from env BUTTRESS_SERVICES__REDIS__RETRY__MAX_ATEMPTS): "
+        "unknown key 'max_atempts'; did you mean 'max_attempts'?",
+    ]
+
+
+def test_check_reports_the_kill_switch_state():
+    done = run("config", "check", env={"FF_ENABLE_RESILIENCE_PATTERNS": "false"})
+    assert done.returncode == 0
+    assert "patterns OFF (kill switch)" in done.stdout
+
+
+def test_show_prints_values_with_their_sources():
+    done = run(
+        "config",
+        "show",
+        "--service",
+        "OpenFGA",
+        env={
+            "BUTTRESS_CONFIG_FILE": str(EXAMPLE),
+            "BUTTRESS_SERVICES__OPENFGA__TIMEOUT__SECONDS": "3",
+        },
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "[services.openfga.timeout]" in lines
+    assert "[defaults]" not in lines  # one service asked for: only that one
+
+    def line(key_value):
+        [found] = [entry for entry in lines if entry.startswith(key_value + " ")]
+        return found.split("  # ")[1]
+
+    assert line("seconds = 3.0") == "env BUTTRESS_SERVICES__OPENFGA__TIMEOUT__SECONDS"
+    assert line("limit = 50") == f"file {EXAMPLE}"
+    assert line('jitter = "full"') == f"file {EXAMPLE} (defaults)"
+    assert line("success_threshold = 1") == "default"
+    assert line('criticality = "critical"') == f"file {EXAMPLE}"
+
+
+def test_show_json_is_machine_readable():
+    done = run("config", "show", "--format", "json", env={"BUTTRESS_CONFIG_FILE": str(EXAMPLE)})
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout)
+    assert shown["config_file"] == str(EXAMPLE)
+    assert shown["enabled"] == {"value": True, "source": f"file {EXAMPLE}"}
+    llm = shown["services"]["llm"]
+    assert llm["circuit_breaker"]["fail_max"] == {"value": 3, "source": "preset ai"}
+    assert llm["timeout"]["seconds"] == {"value": 60.0, "source": f"file {EXAMPLE}"}
+    assert llm["preset"] == {"value": "ai", "source": f"file {EXAMPLE}"}
+    assert shown["defaults"]["bulkhead"]["limit"] == {"value": 10, "source": "default"}
+
+
+def test_show_an_unconfigured_service_gives_the_defaults():
+    done = run(
+        "config",
+        "show",
+        "--service",
+        "billing",
+        "--format",
+        "json",
+        env={"BUTTRESS_DEFAULTS__BULKHEAD__LIMIT": "12"},
+    )
+    shown = json.loads(done.stdout)
+    assert list(shown["services"]) == ["billing"]
+    assert shown["services"]["billing"]["bulkhead"]["limit"] == {
+        "value": 12,
+        "source": "env BUTTRESS_DEFAULTS__BULKHEAD__LIMIT (defaults)",
+    }
+
+
+def test_show_redacts_passwords_in_state_url():
+    secret = {
+        "BUTTRESS_SERVICES__DB__CIRCUIT_BREAKER__STATE_URL": "redis://app:s3cret@redis:6379/0"
+    }
+    for fmt in ("text", "json"):
+        done = run("config", "show", "--format", fmt, env=secret)
+        assert done.returncode == 0, done.stderr
+        assert "s3cret" not in done.stdout
+        assert "redis://app:***@redis:6379/0" in done.stdout
+
+
+def test_show_with_invalid_settings_exits_1():
+    done = run("config", "show", env={"BUTTRESS_DEFAULTS__MODE": "loud"})
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert "defaults.mode (from env BUTTRESS_DEFAULTS__MODE)" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (),
+        ("config",),
+        ("config", "show", "--format", "xml"),
+        ("config", "check", "--bogus"),
+        ("nope",),
+    ],
+)
+def test_usage_errors_exit_2(args):
+    done = run(*args)
+    assert done.returncode == 2
+    assert "usage:" in done.stderr
+
+
+def test_demo_is_imported_only_when_asked_for(monkeypatch, capsys):
+    assert main(["config", "check"]) == 0
+    assert "buttress.demo" not in sys.modules
+    received = []
+    demo = types.ModuleType("buttress.demo")
+    demo.main = lambda argv: received.append(argv) or 3
+    monkeypatch.setitem(sys.modules, "buttress.demo", demo)
+    assert main(["demo", "--duration", "5"]) == 3
+    assert received == [["--duration", "5"]]
