@@ -1,0 +1,1103 @@
+"""Circuit state shared through Redis: one breaker for a whole fleet, that survives Redis failing.
+
+``circuit_breaker(state_url="redis://...")`` makes every process of a service decide from one
+state kept in Redis. One server-side Lua script takes every decision, so each is atomic:
+
+* **admit**: read the state; when the open period is over, move open -> half-open; hand out a
+  half-open trial *lease*, at most ``half_open_max_calls`` across the fleet (a lease expires, so
+  a process that dies mid-trial does not wedge the circuit);
+* **record**: count a failure and trip at ``fail_max``; count a trial's success and close at
+  ``success_threshold``; re-open on a failed trial; give the trial lease back.
+
+Time is Redis's own clock (``TIME``, in milliseconds), so hosts whose clocks disagree still agree
+on when a circuit opened. Each state has a *generation* that changes on every transition; an
+outcome is recorded only in the generation its call was admitted in, so a call that started
+before a trip, a close or a Redis restart cannot disturb the new state.
+
+Consecutive failures without erasing anyone's: the closed state keeps ``seq`` (failures recorded
+in this generation) and ``base`` (failures cleared by successes); ``fail_max`` trips when
+``seq - base`` reaches it. A success clears only the failures recorded *before its call was
+admitted* (``base = max(base, seq_at_admission)``), so a slow success cannot wipe failures other
+processes saw while it ran, and reading the state never resets anything (pybreaker's
+``CircuitRedisStorage`` wipes the shared counter whenever a process notices a close).
+
+One round trip on the closed-state success path: the admission is the only request. A success
+that has failures to clear is not sent on its own; it rides on the process's next request (see
+``docs/distributed.md`` for what that delay means). Failures, trial outcomes and transitions are
+sent at once.
+
+When Redis fails (refused, reset, timed out, frozen, out of memory, restarted empty) the storage
+goes on with a local copy of the state, starting from the last state it saw in Redis (closed and
+clean if it never reached Redis), emits ``events.StateStoreError``, and stops asking Redis for a
+while: the next attempt waits ``reconnect_min`` seconds, doubling up to ``reconnect_max``, and one
+caller probes while the others stay local. The first answer from Redis replaces the local copy.
+A request never waits more than ``connect_timeout + 2 * socket_timeout`` (``max_delay``), and the
+client never retries.
+
+Keys, both with the service name as a Redis Cluster hash tag so they live in one slot:
+
+* ``buttress:{service}:circuit``: a hash: ``state``, ``gen``, ``seq``, ``base``, ``succ`` (trial
+  successes), ``since`` (Redis ms of the last transition);
+* ``buttress:{service}:trials``: a sorted set of trial leases scored by expiry (Redis ms).
+
+A missing hash means closed with no failures; the script writes only when something changes (a
+clean closed circuit is never written), and every write renews a TTL of ``idle_ttl``, so an idle
+service leaves nothing behind.
+
+Two ways to drive it:
+
+* the **decision API** (``admit``/``aadmit``, ``record``/``arecord``, ``force``/``aforce``):
+  one request per decision, the fleet-wide trial limit, and asyncio callers that never block the
+  event loop; this is what :mod:`buttress.patterns.circuit_breaker` should call;
+* pybreaker's ``CircuitBreakerStorage`` interface, for a plain ``pybreaker.CircuitBreaker`` or a
+  breaker that only speaks that interface. It is synchronous, and decisions stay in the breaker:
+  transitions are compare-and-set on the generation the calling thread (or task) last read, so
+  racing processes cannot trip twice or close an open circuit, but half-open trials are limited
+  per process only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import datetime as dt
+import functools
+import hashlib
+import itertools
+import math
+import os
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Final, NamedTuple
+
+import pybreaker
+
+from buttress import _clock, events
+from buttress.exceptions import ConfigurationError
+
+__all__ = [
+    "KEY_PREFIX",
+    "Decision",
+    "Limits",
+    "SharedStateStorage",
+    "make_storage",
+]
+
+KEY_PREFIX: Final = "buttress"
+
+CLOSED: Final = "closed"
+OPEN: Final = "open"
+HALF_OPEN: Final = "half_open"
+
+SUCCESS: Final = "success"
+FAILURE: Final = "failure"
+IGNORED: Final = "ignored"
+
+_TO_PYBREAKER: Final = {
+    CLOSED: pybreaker.STATE_CLOSED,
+    OPEN: pybreaker.STATE_OPEN,
+    HALF_OPEN: pybreaker.STATE_HALF_OPEN,
+}
+_FROM_PYBREAKER: Final = {name: state for state, name in _TO_PYBREAKER.items()}
+
+# One script for every operation: one SHA to load after a Redis restart, one code path to review.
+# ARGV: 1 op, 2 ttl_ms, 3 reset_ms, 4 max_trials, 5 lease_ms, 6 fail_max ('' never trips),
+# 7 success_threshold ('' never closes), 8 cleared_gen, 9 cleared_seq (a success to apply first,
+# '' none), 10 lease, 11 generation the call was admitted in ('' any), 12 outcome | target state,
+# 13 seq at admission | set mode ('force' or '').
+# Reply: state, gen, seq, base, succ, since, now, admitted, trial, change, lease granted.
+_SCRIPT: Final = """
+local circuit, trials = KEYS[1], KEYS[2]
+local op = ARGV[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local h = redis.call('HMGET', circuit, 'state', 'gen', 'seq', 'base', 'succ', 'since')
+local state = h[1] or 'closed'
+local gen = tonumber(h[2]) or 0
+local seq = tonumber(h[3]) or 0
+local base = tonumber(h[4]) or 0
+local succ = tonumber(h[5]) or 0
+local since = tonumber(h[6]) or 0
+local ttl = tonumber(ARGV[2])
+local dirty = false
+local admitted, trial, change = 0, 0, ''
+
+local function move(to, why)
+  state = to
+  -- generations follow Redis time, so a Redis restarted empty never reuses one
+  gen = math.max(gen + 1, now)
+  seq, base, succ, since = 0, 0, 0, now
+  redis.call('DEL', trials)
+  dirty = true
+  change = why
+end
+
+local function clear_before(upto)
+  local cleared = math.min(upto, seq)
+  if cleared > base then
+    base = cleared
+    dirty = true
+  end
+end
+
+if ARGV[8] ~= '' and state == 'closed' and tonumber(ARGV[8]) == gen then
+  clear_before(tonumber(ARGV[9]))
+end
+
+if op == 'admit' then
+  if state == 'open' and now >= since + tonumber(ARGV[3]) then
+    move('half_open', 'timeout_elapsed')
+  end
+  if state == 'closed' then
+    admitted = 1
+  elseif state == 'half_open' then
+    redis.call('ZREMRANGEBYSCORE', trials, '-inf', now)
+    if redis.call('ZCARD', trials) < tonumber(ARGV[4]) then
+      redis.call('ZADD', trials, now + tonumber(ARGV[5]), ARGV[10])
+      redis.call('PEXPIRE', trials, ttl)
+      admitted, trial = 1, 1
+    end
+  end
+elseif op == 'record' then
+  if ARGV[10] ~= '' then
+    redis.call('ZREM', trials, ARGV[10])
+  end
+  if ARGV[11] ~= '' and tonumber(ARGV[11]) ~= gen then
+    change = 'stale'
+  elseif ARGV[12] == 'failure' then
+    if state == 'closed' then
+      seq = seq + 1
+      dirty = true
+      if ARGV[6] ~= '' and seq - base >= tonumber(ARGV[6]) then
+        move('open', 'fail_max')
+      end
+    elseif state == 'half_open' then
+      move('open', 'trial_failed')
+    end
+  elseif ARGV[12] == 'success' then
+    if state == 'half_open' then
+      succ = succ + 1
+      dirty = true
+      if ARGV[7] ~= '' and succ >= tonumber(ARGV[7]) then
+        move('closed', 'success_threshold')
+      end
+    elseif state == 'closed' and ARGV[13] ~= '' then
+      clear_before(tonumber(ARGV[13]))
+    end
+  end
+elseif op == 'set' then
+  if ARGV[11] ~= '' and tonumber(ARGV[11]) ~= gen then
+    change = 'stale'
+  elseif ARGV[13] == 'force' or ARGV[12] ~= state then
+    move(ARGV[12], 'manual')
+  end
+end
+
+if dirty then
+  redis.call('HSET', circuit, 'state', state, 'gen', gen, 'seq', seq, 'base', base,
+    'succ', succ, 'since', since)
+  redis.call('PEXPIRE', circuit, ttl)
+end
+return {state, gen, seq, base, succ, since, now, admitted, trial, change,
+  trial == 1 and ARGV[10] or ''}
+"""
+_SCRIPT_BYTES: Final = _SCRIPT.encode()
+_SHA: Final = hashlib.sha1(_SCRIPT_BYTES, usedforsecurity=False).hexdigest().encode()
+
+
+class Limits(NamedTuple):
+    """The breaker options a shared decision depends on (passed on every call: they may change)."""
+
+    fail_max: int
+    reset_timeout: float
+    success_threshold: int
+    half_open_max_calls: int
+
+
+class Decision(NamedTuple):
+    """What the storage decided for one call, or the state after recording its outcome.
+
+    Attributes:
+        state: ``closed``, ``open`` or ``half_open``.
+        generation: identifies this state instance; it changes on every transition (shared
+            generations are positive, local ones negative).
+        admitted: the call may run.
+        trial: the call is a half-open trial (its outcome must be recorded, even if ignored).
+        retry_after: open: seconds until a trial may run; otherwise None.
+        failures: consecutive failures counted towards ``fail_max``.
+        successes: trial successes counted towards ``success_threshold``.
+        change: the reason when this very request made a transition (``timeout_elapsed``,
+            ``fail_max``, ``trial_failed``, ``success_threshold``, ``manual``), else None.
+        shared: decided by Redis; False when the local fallback decided.
+        age: seconds since the state began (Redis's clock when shared).
+        seq: failures recorded in this closed generation when decided (bookkeeping).
+        lease: the trial lease held in Redis, or ``""`` (bookkeeping).
+    """
+
+    state: str
+    generation: int
+    admitted: bool
+    trial: bool
+    retry_after: float | None
+    failures: int
+    successes: int
+    change: str | None
+    shared: bool
+    age: float
+    seq: int = 0
+    lease: str = ""
+
+
+# --- the local fallback -------------------------------------------------------------------------
+
+
+class _Local:
+    """The circuit as this process alone sees it: used while Redis cannot be reached.
+
+    It mirrors every shared decision, so an outage starts from the last state seen in Redis.
+    Not thread-safe: the storage holds its lock around every method.
+    """
+
+    __slots__ = (
+        "_generations",
+        "failures",
+        "generation",
+        "opened_at",
+        "since",
+        "state",
+        "successes",
+        "trials",
+    )
+
+    def __init__(self, now: float) -> None:
+        self._generations = itertools.count(-1, -1)
+        self.state = CLOSED
+        self.generation = 0
+        self.failures = 0
+        self.successes = 0
+        self.trials = 0  # local trials in flight
+        self.since = now
+        self.opened_at = now
+
+    def _decision(
+        self,
+        now: float,
+        reset_timeout: float,
+        *,
+        admitted: bool = False,
+        trial: bool = False,
+        change: str | None = None,
+    ) -> Decision:
+        retry_after = None
+        if self.state == OPEN:
+            retry_after = max(0.0, self.opened_at + reset_timeout - now)
+        return Decision(
+            self.state,
+            self.generation,
+            admitted,
+            trial,
+            retry_after,
+            self.failures,
+            self.successes,
+            change,
+            shared=False,
+            age=now - self.since,
+        )
+
+    def _move(self, state: str, now: float) -> None:
+        self.state = state
+        self.generation = next(self._generations)
+        self.failures = self.successes = self.trials = 0
+        self.since = now
+        if state == OPEN:
+            self.opened_at = now
+
+    def adopt(self, decision: Decision, now: float) -> None:
+        if decision.generation != self.generation:
+            self.trials = 0
+            self.since = now - decision.age
+            if decision.state == OPEN:
+                self.opened_at = self.since
+        self.state = decision.state
+        self.generation = decision.generation
+        self.failures = decision.failures
+        self.successes = decision.successes
+
+    def admit(self, limits: Limits, now: float) -> Decision:
+        change = None
+        if self.state == OPEN:
+            if now < self.opened_at + limits.reset_timeout:
+                return self._decision(now, limits.reset_timeout)
+            self._move(HALF_OPEN, now)
+            change = "timeout_elapsed"
+        if self.state == HALF_OPEN:
+            if self.trials >= limits.half_open_max_calls:
+                return self._decision(now, limits.reset_timeout, change=change)
+            self.trials += 1
+            return self._decision(
+                now, limits.reset_timeout, admitted=True, trial=True, change=change
+            )
+        return self._decision(now, limits.reset_timeout, admitted=True)
+
+    def record(self, ticket: Decision, outcome: str, limits: Limits | None, now: float) -> Decision:
+        """Apply an outcome; ``limits`` None: count only, the caller decides transitions."""
+        if ticket.generation != self.generation:
+            return self._decision(now, 0.0 if limits is None else limits.reset_timeout)
+        if ticket.trial and not ticket.shared:
+            self.trials = max(0, self.trials - 1)
+        change = None
+        if outcome == FAILURE:
+            if self.state == CLOSED:
+                self.failures += 1
+                if limits is not None and self.failures >= limits.fail_max:
+                    self._move(OPEN, now)
+                    change = "fail_max"
+            elif self.state == HALF_OPEN and limits is not None:
+                self._move(OPEN, now)
+                change = "trial_failed"
+        elif outcome == SUCCESS:
+            if self.state == CLOSED:
+                self.failures = 0
+            elif self.state == HALF_OPEN:
+                self.successes += 1
+                if limits is not None and self.successes >= limits.success_threshold:
+                    self._move(CLOSED, now)
+                    change = "success_threshold"
+        reset_timeout = 0.0 if limits is None else limits.reset_timeout
+        return self._decision(now, reset_timeout, change=change)
+
+    def force(self, state: str, now: float, *, always: bool) -> Decision:
+        change = None
+        if always or state != self.state:
+            self._move(state, now)
+            change = "manual"
+        return self._decision(now, 0.0, change=change)
+
+    def observe(self, now: float) -> Decision:
+        return self._decision(now, 0.0)
+
+
+# --- the connections ----------------------------------------------------------------------------
+
+
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def _command(*parts: bytes) -> bytes:
+    return b"*%d\r\n" % len(parts) + b"".join(_bulk(part) for part in parts)
+
+
+_LOAD: Final = _command(b"SCRIPT", b"LOAD", _SCRIPT_BYTES)
+
+
+def _is_noscript(exc: BaseException) -> bool:
+    return type(exc).__name__ == "NoScriptError"
+
+
+class _SyncLink:
+    """Requests on redis-py's synchronous connections, pooled LIFO; no client-side retries.
+
+    It talks to redis-py's ``Connection`` directly with requests packed once, which costs about
+    a third of ``Redis.evalsha``'s Python overhead per call.
+    """
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self._idle: deque[tuple[int, Any]] = deque()
+        self._incarnation = 0
+
+    def call(self, request: bytes) -> Any:
+        incarnation = self._incarnation
+        try:
+            born, conn = self._idle.pop()
+        except IndexError:
+            born, conn = incarnation, self._make()
+        try:
+            conn.send_packed_command((request,), check_health=False)
+            try:
+                reply = conn.read_response()
+            except Exception as exc:
+                if not _is_noscript(exc):
+                    raise
+                # Redis restarted or flushed its scripts: load ours and ask again.
+                conn.send_packed_command((_LOAD, request), check_health=False)
+                conn.read_response()
+                reply = conn.read_response()
+        except BaseException:
+            conn.disconnect()
+            raise
+        if born == self._incarnation:
+            self._idle.append((born, conn))
+        else:
+            conn.disconnect()
+        return reply
+
+    def reset(self) -> None:
+        """Drop every pooled connection (after a failure they are probably broken)."""
+        self._incarnation += 1
+        idle = self._idle
+        while idle:
+            try:
+                _, conn = idle.pop()
+            except IndexError:
+                break
+            conn.disconnect()
+
+    def forget(self) -> None:
+        """After fork: the pooled sockets belong to the parent; leave them alone."""
+        self._incarnation += 1
+        self._idle = deque()
+
+
+class _AsyncLink:
+    """The same on redis-py's asyncio connections, one pool per event loop."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, deque[tuple[int, Any]]]
+        self._pools = weakref.WeakKeyDictionary()
+        self._incarnation = 0
+
+    def _idle(self) -> deque[tuple[int, Any]]:
+        loop = asyncio.get_running_loop()
+        idle = self._pools.get(loop)
+        if idle is None:
+            idle = self._pools[loop] = deque()
+        return idle
+
+    async def call(self, request: bytes) -> Any:
+        idle = self._idle()
+        try:
+            born, conn = idle.pop()
+        except IndexError:
+            born, conn = self._incarnation, self._make()
+        try:
+            await conn.send_packed_command((request,), check_health=False)
+            try:
+                reply = await conn.read_response()
+            except Exception as exc:
+                if not _is_noscript(exc):
+                    raise
+                await conn.send_packed_command((_LOAD, request), check_health=False)
+                await conn.read_response()
+                reply = await conn.read_response()
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        if born == self._incarnation:
+            idle.append((born, conn))
+        else:
+            await conn.disconnect(nowait=True)
+        return reply
+
+    def reset(self) -> None:
+        # Connections of other loops can only be closed from their loop: they are dropped when
+        # next taken there, by the incarnation check.
+        self._incarnation += 1
+
+    async def close(self) -> None:
+        idle = self._idle()
+        while idle:
+            _, conn = idle.pop()
+            await conn.disconnect()
+
+    def forget(self) -> None:
+        self._incarnation += 1
+        self._pools = weakref.WeakKeyDictionary()
+
+
+# --- the storage --------------------------------------------------------------------------------
+
+_NOT_DOWN: Final = -math.inf
+
+
+class SharedStateStorage(pybreaker.CircuitBreakerStorage):
+    """A service's circuit state in Redis, shared by every process, with a local fallback.
+
+    Build it with :func:`make_storage`. The decision API (``admit``, ``record``, ``force`` and
+    their ``a``-prefixed asyncio twins) is what buttress's breaker uses; pybreaker's storage
+    interface works on top of the same script for any ``pybreaker.CircuitBreaker``.
+
+    Attributes:
+        service: the service whose circuit this is (key namespace and event label).
+        url: the Redis URL with its password replaced by ``***``.
+        max_delay: the longest a request to Redis may take before the call goes on locally.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        *,
+        url: str,
+        make_sync: Callable[[], Any],
+        make_async: Callable[[], Any],
+        socket_timeout: float,
+        connect_timeout: float,
+        idle_ttl: float,
+        reconnect_min: float,
+        reconnect_max: float,
+        trial_lease: float | None,
+    ) -> None:
+        super().__init__("redis")
+        self.service = service
+        self.url = url
+        self.max_delay = connect_timeout + 2 * socket_timeout
+        self.idle_ttl = idle_ttl
+        self.trial_lease = trial_lease
+        self._reconnect = (reconnect_min, reconnect_max)
+        tag = service.encode()
+        self._keys = (
+            b"%s:{%s}:circuit" % (KEY_PREFIX.encode(), tag),
+            b"%s:{%s}:trials" % (KEY_PREFIX.encode(), tag),
+        )
+        self._link = _SyncLink(make_sync)
+        self._alink = _AsyncLink(make_async)
+        self._lock = threading.Lock()
+        self._local = _Local(_clock.monotonic())
+        self._mirrored: tuple[int, int, int, str] | None = None
+        # (generation, seq): a success that clears the failures before seq, not yet sent.
+        self._cleared: tuple[int, int] | None = None
+        self._down_until = _NOT_DOWN
+        self._probing = False
+        self._faults = 0
+        self._prefixes: dict[tuple[bytes, Limits | None], bytes] = {}
+        self._lease_ids = itertools.count()
+        self._lease_prefix = os.urandom(6).hex()
+        self._seen: contextvars.ContextVar[Decision] = contextvars.ContextVar(
+            f"buttress_seen_{service}"
+        )
+        os.register_at_fork(after_in_child=functools.partial(_after_fork, weakref.ref(self)))
+
+    def __repr__(self) -> str:
+        return f"<SharedStateStorage {self.service!r} at {self.url}>"
+
+    @property
+    def keys(self) -> tuple[str, str]:
+        """The Redis keys of this circuit: the state hash and the trial-lease sorted set."""
+        return self._keys[0].decode(), self._keys[1].decode()
+
+    @property
+    def available(self) -> bool:
+        """False while Redis is considered down (calls decide locally)."""
+        return self._down_until == _NOT_DOWN
+
+    # --- the decision API ------------------------------------------------------------------------
+
+    def admit(self, limits: Limits) -> Decision:
+        """Decide whether a call may run (one request to Redis, or local while it is down)."""
+        if self._may_try():
+            request, cleared = self._admit_request(limits)
+            try:
+                reply = self._link.call(request)
+                decision = self._accept(reply, limits)
+            except Exception as exc:  # noqa: BLE001 - any Redis fault means: go on locally
+                self._failed("admit", exc, cleared)
+            else:
+                self._recovered()
+                return decision
+        with self._lock:
+            return self._local.admit(limits, _clock.monotonic())
+
+    async def aadmit(self, limits: Limits) -> Decision:
+        """``admit`` for asyncio callers: awaits Redis, never blocks the event loop."""
+        if self._may_try():
+            request, cleared = self._admit_request(limits)
+            try:
+                reply = await self._alink.call(request)
+                decision = self._accept(reply, limits)
+            except Exception as exc:  # noqa: BLE001 - any Redis fault means: go on locally
+                self._failed("admit", exc, cleared)
+            else:
+                self._recovered()
+                return decision
+        with self._lock:
+            return self._local.admit(limits, _clock.monotonic())
+
+    def record(self, ticket: Decision, outcome: str, limits: Limits | None) -> Decision | None:
+        """Record the ``outcome`` (success, failure, ignored) of a call admitted with ``ticket``.
+
+        ``limits`` None counts without tripping or closing (for a breaker that decides
+        transitions itself, like pybreaker).
+
+        Returns:
+            the state after, or None when nothing needed sending (a closed-state success or an
+            ignored outcome of a call that was not a trial).
+        """
+        if not ticket.shared:
+            with self._lock:
+                return self._local.record(ticket, outcome, limits, _clock.monotonic())
+        request, cleared = self._record_request(ticket, outcome, limits)
+        if request is None:
+            return None
+        if self._may_try():
+            try:
+                reply = self._link.call(request)
+                decision = self._accept(reply, limits)
+            except Exception as exc:  # noqa: BLE001 - any Redis fault means: go on locally
+                self._failed("record", exc, cleared)
+            else:
+                self._recovered()
+                return decision
+        with self._lock:
+            return self._local.record(ticket, outcome, limits, _clock.monotonic())
+
+    async def arecord(
+        self, ticket: Decision, outcome: str, limits: Limits | None
+    ) -> Decision | None:
+        """``record`` for asyncio callers."""
+        if not ticket.shared:
+            with self._lock:
+                return self._local.record(ticket, outcome, limits, _clock.monotonic())
+        request, cleared = self._record_request(ticket, outcome, limits)
+        if request is None:
+            return None
+        if self._may_try():
+            try:
+                reply = await self._alink.call(request)
+                decision = self._accept(reply, limits)
+            except Exception as exc:  # noqa: BLE001 - any Redis fault means: go on locally
+                self._failed("record", exc, cleared)
+            else:
+                self._recovered()
+                return decision
+        with self._lock:
+            return self._local.record(ticket, outcome, limits, _clock.monotonic())
+
+    def force(self, state: str, limits: Limits | None = None) -> Decision:
+        """Put the fleet's circuit in ``state`` (closed, open, half_open) with fresh counters.
+
+        For manual control: it always starts a new generation, even in the same state.
+        """
+        return self._set(state, limits, expected=None, always=True)
+
+    async def aforce(self, state: str, limits: Limits | None = None) -> Decision:
+        """``force`` for asyncio callers."""
+        request = self._set_request(state, limits, expected=None, always=True)
+        if self._may_try():
+            try:
+                reply = await self._alink.call(request)
+                decision = self._accept(reply, limits)
+            except Exception as exc:  # noqa: BLE001 - any Redis fault means: go on locally
+                self._failed("set_state", exc, None)
+            else:
+                self._recovered()
+                return decision
+        with self._lock:
+            return self._local.force(state, _clock.monotonic(), always=True)
+
+    def observe(self) -> Decision:
+        """The current state, read from Redis (or local while it is down); changes nothing."""
+        return self._observe()
+
+    def close(self) -> None:
+        """Close the pooled synchronous connections."""
+        self._link.reset()
+
+    async def aclose(self) -> None:
+        """Close the pooled connections of the running event loop."""
+        await self._alink.close()
+
+    # --- requests and replies --------------------------------------------------------------------
+
+    def _prefix(self, op: bytes, limits: Limits | None) -> bytes:
+        """The constant head of a request: command, keys and the limits-derived arguments."""
+        key = (op, limits)
+        prefix = self._prefixes.get(key)
+        if prefix is None:
+            if limits is None:
+                ttl = self.idle_ttl
+                numbers = (b"0", b"0", b"0", b"", b"")
+            else:
+                lease = self._lease_seconds(limits)
+                ttl = max(self.idle_ttl, 2 * limits.reset_timeout + lease)
+                numbers = (
+                    b"%d" % math.ceil(limits.reset_timeout * 1000),
+                    b"%d" % limits.half_open_max_calls,
+                    b"%d" % math.ceil(lease * 1000),
+                    b"%d" % limits.fail_max,
+                    b"%d" % limits.success_threshold,
+                )
+            head = (b"EVALSHA", _SHA, b"2", *self._keys, op, b"%d" % math.ceil(ttl * 1000))
+            # six per-request arguments follow (ARGV 8-13)
+            prefix = b"*%d\r\n" % (len(head) + len(numbers) + 6) + b"".join(
+                _bulk(part) for part in (*head, *numbers)
+            )
+            if len(self._prefixes) > 64:  # limits change rarely; never grow without bound
+                self._prefixes.clear()
+            self._prefixes[key] = prefix
+        return prefix
+
+    def _lease_seconds(self, limits: Limits) -> float:
+        if self.trial_lease is not None:
+            return self.trial_lease
+        return max(1.0, limits.reset_timeout)
+
+    def _take_cleared(self) -> tuple[int, int] | None:
+        if self._cleared is None:
+            return None
+        with self._lock:
+            cleared, self._cleared = self._cleared, None
+        return cleared
+
+    def _admit_request(self, limits: Limits) -> tuple[bytes, tuple[int, int] | None]:
+        cleared = self._take_cleared()
+        lease = f"{self._lease_prefix}:{next(self._lease_ids)}".encode()
+        tail = (
+            _bulk(b"") + _bulk(b"")
+            if cleared is None
+            else _bulk(b"%d" % cleared[0]) + _bulk(b"%d" % cleared[1])
+        )
+        return (
+            self._prefix(b"admit", limits) + tail + _bulk(lease) + b"$0\r\n\r\n" * 3,
+            cleared,
+        )
+
+    def _record_request(
+        self, ticket: Decision, outcome: str, limits: Limits | None
+    ) -> tuple[bytes | None, tuple[int, int] | None]:
+        if not ticket.trial:
+            if outcome == IGNORED:
+                return None, None
+            if outcome == SUCCESS:
+                if ticket.failures:
+                    self._note_cleared(ticket.generation, ticket.seq)
+                return None, None
+        cleared = self._take_cleared()
+        return self._prefix(b"record", limits) + b"".join(
+            _bulk(part)
+            for part in (
+                b"" if cleared is None else b"%d" % cleared[0],
+                b"" if cleared is None else b"%d" % cleared[1],
+                ticket.lease.encode(),
+                b"%d" % ticket.generation,
+                outcome.encode(),
+                b"%d" % ticket.seq,
+            )
+        ), cleared
+
+    def _set_request(
+        self, state: str, limits: Limits | None, *, expected: int | None, always: bool
+    ) -> bytes:
+        if state not in _TO_PYBREAKER:
+            raise ValueError(f"unknown circuit state {state!r}: closed, open or half_open")
+        return self._prefix(b"set", limits) + b"".join(
+            _bulk(part)
+            for part in (
+                b"",
+                b"",
+                b"",
+                b"" if expected is None else b"%d" % expected,
+                state.encode(),
+                b"force" if always else b"",
+            )
+        )
+
+    def _note_cleared(self, generation: int, seq: int) -> None:
+        # Generations only grow, so the newest generation's highest seq is the one that matters.
+        with self._lock:
+            if self._cleared is None or (generation, seq) > self._cleared:
+                self._cleared = (generation, seq)
+
+    def _accept(self, reply: Any, limits: Limits | None) -> Decision:
+        """Turn the script's reply into a decision and mirror it locally."""
+        state_b, gen, seq, base, succ, since, now, admitted, trial, change_b, lease_b = reply
+        state = state_b.decode()
+        if state == OPEN and limits is not None:
+            retry_after: float | None = max(
+                0.0, (since + math.ceil(limits.reset_timeout * 1000) - now) / 1000
+            )
+        else:
+            retry_after = None
+        change = change_b.decode()
+        decision = Decision(
+            state,
+            gen,
+            bool(admitted),
+            bool(trial),
+            retry_after,
+            seq - base,
+            succ,
+            None if change in {"", "stale"} else change,
+            shared=True,
+            age=max(0, now - since) / 1000 if since else 0.0,
+            seq=seq,
+            lease=lease_b.decode(),
+        )
+        mirrored = (gen, seq - base, succ, state)
+        if mirrored != self._mirrored:
+            with self._lock:
+                self._mirrored = mirrored
+                self._local.adopt(decision, _clock.monotonic())
+        return decision
+
+    # --- Redis health ----------------------------------------------------------------------------
+
+    def _may_try(self) -> bool:
+        """Whether to ask Redis now: always while it works; after a fault, one probe at a time."""
+        until = self._down_until
+        if until == _NOT_DOWN:
+            return True
+        if _clock.monotonic() < until:
+            return False
+        with self._lock:
+            if self._probing or _clock.monotonic() < self._down_until:
+                return False
+            self._probing = True
+            return True
+
+    def _recovered(self) -> None:
+        if self._down_until != _NOT_DOWN or self._probing:
+            with self._lock:
+                self._down_until = _NOT_DOWN
+                self._probing = False
+                self._faults = 0
+
+    def _failed(self, operation: str, exc: Exception, cleared: tuple[int, int] | None) -> None:
+        with self._lock:
+            self._faults += 1
+            low, high = self._reconnect
+            delay = min(high, low * 2 ** min(self._faults - 1, 30))
+            self._down_until = _clock.monotonic() + delay
+            self._probing = False
+            if cleared is not None and (self._cleared is None or cleared > self._cleared):
+                self._cleared = cleared
+        self._link.reset()
+        self._alink.reset()
+        handlers = events.ROUTES.get(events.StateStoreError)
+        if handlers:
+            events.dispatch(
+                handlers, events.StateStoreError(self.service, operation, type(exc).__name__)
+            )
+
+    def _after_fork(self) -> None:
+        self._link.forget()
+        self._alink.forget()
+        self._lease_prefix = os.urandom(6).hex()
+        self._lock = threading.Lock()
+        self._probing = False
+
+    # --- pybreaker's CircuitBreakerStorage interface ---------------------------------------------
+
+    def _observe(self) -> Decision:
+        if self._may_try():
+            cleared = self._take_cleared()
+            request = self._prefix(b"observe", None) + b"".join(
+                _bulk(part)
+                for part in (
+                    b"" if cleared is None else b"%d" % cleared[0],
+                    b"" if cleared is None else b"%d" % cleared[1],
+                    b"",
+                    b"",
+                    b"",
+                    b"",
+                )
+            )
+            try:
+                reply = self._link.call(request)
+                decision = self._accept(reply, None)
+            except Exception as exc:  # noqa: BLE001 - any Redis fault means: go on locally
+                self._failed("read", exc, cleared)
+            else:
+                self._recovered()
+                return decision
+        with self._lock:
+            return self._local.observe(_clock.monotonic())
+
+    def _set(
+        self, state: str, limits: Limits | None, *, expected: int | None, always: bool
+    ) -> Decision:
+        request = self._set_request(state, limits, expected=expected, always=always)
+        if self._may_try():
+            try:
+                reply = self._link.call(request)
+                decision = self._accept(reply, limits)
+            except Exception as exc:  # noqa: BLE001 - any Redis fault means: go on locally
+                self._failed("set_state", exc, None)
+            else:
+                self._recovered()
+                return decision
+        with self._lock:
+            return self._local.force(state, _clock.monotonic(), always=always)
+
+    def _last_seen(self) -> Decision:
+        seen = self._seen.get(None)
+        if seen is None:
+            with self._lock:
+                seen = self._local.observe(_clock.monotonic())
+        return seen
+
+    @property
+    def state(self) -> str:
+        """pybreaker: the state (one request). Remembers what this thread or task read."""
+        decision = self._observe()
+        self._seen.set(decision)
+        return _TO_PYBREAKER[decision.state]
+
+    @state.setter
+    def state(self, state: str) -> None:
+        """pybreaker: a transition, applied only to the state this thread or task last read."""
+        target = _FROM_PYBREAKER.get(state)
+        if target is None:
+            raise ValueError(f"unknown pybreaker state {state!r}")
+        seen = self._seen.get(None)
+        expected = seen.generation if seen is not None and seen.shared else None
+        self._seen.set(self._set(target, None, expected=expected, always=False))
+
+    def increment_counter(self) -> None:
+        """pybreaker: one more failure in the state this thread or task last read."""
+        seen = self._last_seen()
+        after = self.record(seen._replace(trial=False, lease=""), FAILURE, None)
+        if after is not None:
+            self._seen.set(after)
+
+    def reset_counter(self) -> None:
+        """pybreaker: a success clears the failures recorded before it was admitted."""
+        seen = self._seen.get(None)
+        if seen is not None and seen.state == CLOSED and seen.failures:
+            if seen.shared:
+                self._note_cleared(seen.generation, seen.seq)
+            else:
+                with self._lock:
+                    self._local.record(seen, SUCCESS, None, _clock.monotonic())
+            self._seen.set(seen._replace(failures=0))
+
+    def increment_success_counter(self) -> None:
+        """pybreaker: one more half-open success (pybreaker closes the circuit itself)."""
+        seen = self._last_seen()
+        after = self.record(seen._replace(trial=True, lease=""), SUCCESS, None)
+        if after is not None:
+            self._seen.set(after)
+
+    def reset_success_counter(self) -> None:
+        """pybreaker: nothing to do, every transition starts with fresh counters."""
+
+    @property
+    def counter(self) -> int:
+        """pybreaker: consecutive failures as last read by this thread or task (no request)."""
+        return self._last_seen().failures
+
+    @property
+    def success_counter(self) -> int:
+        """pybreaker: half-open successes as last read by this thread or task (no request)."""
+        return self._last_seen().successes
+
+    @property
+    def opened_at(self) -> dt.datetime | None:
+        """pybreaker: when the circuit opened, on this host's clock (measured on Redis's)."""
+        seen = self._last_seen()
+        if seen.state != OPEN:
+            return None
+        return dt.datetime.fromtimestamp(_clock.wall() - seen.age, dt.UTC)
+
+    @opened_at.setter
+    def opened_at(self, value: dt.datetime) -> None:
+        """pybreaker: ignored; the transition to open stamps Redis's own time."""
+
+
+def _after_fork(ref: weakref.ref[SharedStateStorage]) -> None:
+    storage = ref()
+    if storage is not None:
+        storage._after_fork()
+
+
+def make_storage(
+    state_url: str,
+    service: str,
+    *,
+    socket_timeout: float = 0.1,
+    connect_timeout: float = 0.1,
+    idle_ttl: float = 3600.0,
+    reconnect_min: float = 0.5,
+    reconnect_max: float = 5.0,
+    trial_lease: float | None = None,
+) -> SharedStateStorage:
+    """The shared state of ``service``'s circuit in the Redis at ``state_url``.
+
+    Nothing connects until the first call, so an unreachable Redis at start-up only means the
+    first calls decide locally.
+
+    Args:
+        state_url: ``redis://[user:password@]host[:port][/db]``, ``rediss://`` (TLS) or
+            ``unix://``.
+        service: the service name (the keys are ``buttress:{service}:...``).
+        socket_timeout: seconds a Redis reply may take.
+        connect_timeout: seconds a connection may take.
+        idle_ttl: seconds a circuit's keys outlive its last change.
+        reconnect_min: seconds before asking Redis again after the first fault (doubles).
+        reconnect_max: the longest wait between attempts while Redis stays down.
+        trial_lease: seconds a half-open trial holds its slot if its process never reports
+            (default: ``max(1, reset_timeout)``).
+
+    Raises:
+        ConfigurationError: the URL is not a Redis URL, or the ``redis`` package is missing.
+    """
+    shown = _redact(state_url)
+    try:
+        import redis  # noqa: PLC0415 - optional dependency, needed only when state is shared
+        import redis.asyncio  # noqa: PLC0415
+        from redis.backoff import NoBackoff  # noqa: PLC0415
+        from redis.retry import Retry  # noqa: PLC0415
+    except ImportError:
+        raise ConfigurationError(
+            f"service {service!r}: circuit_breaker.state_url is set ({shown}) but the 'redis' "
+            "package is not installed; install buttress[redis]",
+            errors=(
+                (
+                    f"services.{service}.circuit_breaker.state_url",
+                    "state_url",
+                    "redis not installed",
+                ),
+            ),
+        ) from None
+    scheme = state_url.partition("://")[0].lower()
+    if scheme not in {"redis", "rediss", "unix"}:
+        raise ConfigurationError(
+            f"service {service!r}: circuit_breaker.state_url must be a redis://, rediss:// or "
+            f"unix:// URL, not {shown}",
+            errors=(
+                (f"services.{service}.circuit_breaker.state_url", "state_url", "not a Redis URL"),
+            ),
+        )
+    options = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": connect_timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "retry_on_timeout": False,
+        "health_check_interval": 0,
+    }
+    try:
+        sync_pool = redis.ConnectionPool.from_url(state_url, **options)
+        async_pool = redis.asyncio.ConnectionPool.from_url(state_url, **options)
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(
+            f"service {service!r}: circuit_breaker.state_url {shown} is not valid: "
+            f"{type(exc).__name__}",
+            errors=((f"services.{service}.circuit_breaker.state_url", "state_url", "invalid URL"),),
+        ) from None
+    # The pools only parsed the URL; the storage keeps its own connections (see _SyncLink).
+    make_sync = functools.partial(sync_pool.connection_class, **sync_pool.connection_kwargs)
+    make_async = functools.partial(async_pool.connection_class, **async_pool.connection_kwargs)
+    return SharedStateStorage(
+        service,
+        url=shown,
+        make_sync=make_sync,
+        make_async=make_async,
+        socket_timeout=socket_timeout,
+        connect_timeout=connect_timeout,
+        idle_ttl=idle_ttl,
+        reconnect_min=reconnect_min,
+        reconnect_max=reconnect_max,
+        trial_lease=trial_lease,
+    )
+
+
+def _redact(url: str) -> str:
+    from buttress.config import redact  # noqa: PLC0415 - config imports the patterns
+
+    try:
+        return redact(url)
+    except ValueError:
+        return "<unparsable URL>"
