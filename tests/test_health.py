@@ -1,0 +1,334 @@
+"""buttress.health(): degradation level and status, and the ASGI/WSGI apps with admin actions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+import buttress
+from buttress import (
+    circuit_breaker,
+    config,
+    instrumentation,
+    registry,
+    with_bulkhead,
+    with_fallback,
+)
+from buttress.exceptions import ConfigurationError
+from buttress.health import asgi_app, degradation_level, wsgi_app
+
+TOKEN = "correct-horse-battery-staple"
+
+
+@pytest.fixture
+def criticality():
+    """Declare services' criticality through settings (environment), restored afterwards."""
+
+    def declare(**levels: str) -> None:
+        env = {f"BUTTRESS_SERVICES__{s.upper()}__CRITICALITY": c for s, c in levels.items()}
+        config.reload_settings(env=env)
+
+    yield declare
+    config.reload_settings()
+
+
+@pytest.fixture
+def restore_subscribers():
+    before = instrumentation.installed()
+    yield
+    instrumentation.configure(
+        prometheus=before.get("prometheus", False),  # type: ignore[arg-type]
+        otel=before.get("otel", False),  # type: ignore[arg-type]
+        logging=before.get("logging", False),  # type: ignore[arg-type]
+    )
+
+
+def tripped(service: str, *, fail_max: int = 1):
+    """A sync call site of ``service`` whose circuit is now open."""
+
+    @circuit_breaker(name=service, fail_max=fail_max, timeout=60)
+    def call(fail: bool = True) -> str:
+        if fail:
+            raise ConnectionError("down")
+        return "ok"
+
+    for _ in range(fail_max):
+        with pytest.raises(ConnectionError):
+            call()
+    return call
+
+
+def breaker(service: str):
+    return registry.instances("circuit_breaker")[service]
+
+
+# --- the rule ------------------------------------------------------------------------------------
+
+
+def test_no_circuit_means_healthy(clock):
+    snapshot = buttress.health()
+    assert snapshot == {
+        "status": "healthy",
+        "degradation_level": 0,
+        "enabled": True,
+        "circuits": {},
+        "bulkheads": {},
+        "fallbacks": {},
+    }
+
+
+@pytest.mark.parametrize(
+    ("declared", "level", "status"),
+    [
+        ("low", 1, "degraded"),
+        ("normal", 2, "degraded"),
+        ("high", 3, "degraded"),
+        ("critical", 4, "critical"),
+    ],
+)
+def test_an_open_circuit_degrades_by_its_services_criticality(
+    criticality, clock, declared, level, status
+):
+    criticality(payments=declared)
+    tripped("payments")
+    snapshot = buttress.health()
+    assert (snapshot["degradation_level"], snapshot["status"]) == (level, status)
+    circuit = snapshot["circuits"]["payments"]
+    assert circuit["state"] == "open"
+    assert circuit["criticality"] == declared
+    assert circuit["failures"] == 1
+    assert circuit["seconds_left_open"] == 60
+
+
+def test_the_level_is_the_worst_service_and_half_open_counts_as_one(criticality, clock):
+    criticality(search="low", ledger="high")
+    tripped("search")
+    assert buttress.health()["degradation_level"] == 1
+    tripped("ledger")
+    assert buttress.health()["degradation_level"] == 3
+    breaker("ledger").reset()
+    breaker("search").half_open()
+    snapshot = buttress.health()
+    assert snapshot["circuits"]["search"]["state"] == "half_open"
+    assert (snapshot["degradation_level"], snapshot["status"]) == (1, "degraded")
+
+
+def test_forced_states_count_like_the_state_they_force(clock):
+    tripped("a")
+    breaker("a").force_closed()
+    assert buttress.health()["degradation_level"] == 0
+    breaker("a").force_open()
+    assert buttress.health()["degradation_level"] == 2
+    breaker("a").disable()
+    assert buttress.health()["status"] == "healthy"
+
+
+def test_degradation_level_of_plain_pairs():
+    assert degradation_level([]) == 0
+    assert degradation_level([("x", "closed"), ("y", "disabled")]) == 0
+    assert degradation_level([("x", "half_open"), ("y", "forced_open")]) == 2
+
+
+def test_a_fallback_served_recently_degrades_the_status_for_a_minute(
+    restore_subscribers, clock, mode
+):
+    instrumentation.install_defaults()
+
+    def down():
+        raise ConnectionError("down")
+
+    fn = with_fallback("cached", name="prices")(mode.define(down))
+    assert mode.run(fn) == "cached"
+    snapshot = buttress.health()
+    assert (snapshot["status"], snapshot["degradation_level"]) == ("degraded", 0)
+    assert snapshot["fallbacks"] == {"prices": 0.0}
+    clock.advance(59)
+    assert buttress.health()["fallbacks"] == {"prices": 59.0}
+    clock.advance(2)
+    assert buttress.health()["status"] == "healthy"
+    assert buttress.health()["fallbacks"] == {}
+
+
+def test_bulkheads_show_active_queued_limit_and_utilization(mode, clock):
+    seen = {}
+
+    def inside():
+        seen.update(buttress.health()["bulkheads"]["db"])
+        return "ok"
+
+    fn = with_bulkhead(name="db", limit=4)(mode.define(inside))
+    assert mode.run(fn) == "ok"
+    assert seen == {"service": "db", "active": 1, "queued": 0, "limit": 4, "utilization": 0.25}
+    assert buttress.health()["bulkheads"]["db"]["active"] == 0
+
+
+def test_the_kill_switch_is_shown(clock):
+    config.reload_settings(env={"FF_ENABLE_RESILIENCE_PATTERNS": "false"})
+    try:
+        assert buttress.health()["enabled"] is False
+    finally:
+        config.reload_settings()
+
+
+# --- the apps ------------------------------------------------------------------------------------
+
+
+class Client:
+    """One HTTP client over either app, so every route is tested on ASGI and on WSGI."""
+
+    def __init__(self, kind: str, **options: str) -> None:
+        self.kind = kind
+        self.app = asgi_app(**options) if kind == "asgi" else wsgi_app(**options)
+
+    def request(self, method: str, path: str, token: str | None = None, *, scheme: str = "Bearer"):
+        headers = {"authorization": f"{scheme} {token}"} if token is not None else {}
+        if self.kind == "wsgi":
+            transport = httpx.WSGITransport(app=self.app)
+            with httpx.Client(transport=transport, base_url="http://health") as client:
+                return client.request(method, path, headers=headers)
+
+        async def send() -> httpx.Response:
+            transport = httpx.ASGITransport(app=self.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://health") as client:
+                return await client.request(method, path, headers=headers)
+
+        return asyncio.run(send())
+
+
+@pytest.fixture(params=["asgi", "wsgi"])
+def app_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def test_get_serves_the_snapshot_as_json_with_200_while_degraded(app_kind, clock):
+    tripped("openfga")
+    response = Client(app_kind, admin_token="").request("GET", "/")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["cache-control"] == "no-store"
+    body = response.json()
+    assert body == json.loads(json.dumps(buttress.health()))
+    assert (body["status"], body["circuits"]["openfga"]["state"]) == ("degraded", "open")
+
+
+def test_critical_is_503(app_kind, criticality, clock):
+    criticality(auth="critical")
+    tripped("auth")
+    response = Client(app_kind, admin_token="").request("GET", "/")
+    assert response.status_code == 503
+    assert response.json()["status"] == "critical"
+
+
+def test_head_has_the_status_and_no_body(app_kind, clock):
+    response = Client(app_kind, admin_token="").request("HEAD", "/")
+    assert (response.status_code, response.content) == (200, b"")
+
+
+def test_other_methods_and_paths_are_refused(app_kind):
+    client = Client(app_kind, admin_token="")
+    assert client.request("POST", "/").status_code == 405
+    assert client.request("DELETE", "/").headers["allow"] == "GET, HEAD"
+    assert client.request("GET", "/nothing").status_code == 404
+
+
+def test_without_a_token_the_admin_actions_do_not_exist(app_kind, monkeypatch, clock):
+    monkeypatch.delenv("BUTTRESS_ADMIN_TOKEN", raising=False)
+    tripped("openfga")
+    client = Client(app_kind)
+    for action in ("reset", "force_open", "force_closed"):
+        response = client.request("POST", f"/circuits/openfga/{action}", TOKEN)
+        assert response.status_code == 404
+    assert breaker("openfga").snapshot()["state"] == "open"
+
+
+@pytest.mark.parametrize(
+    ("given", "scheme"),
+    [
+        (None, "Bearer"),
+        ("wrong-token-of-some-length", "Bearer"),
+        (TOKEN[:-1] + "X", "Bearer"),  # same length, last character differs
+        (TOKEN, "Basic"),
+        ("", "Bearer"),
+    ],
+)
+def test_a_missing_or_wrong_token_is_refused(app_kind, clock, given, scheme):
+    tripped("openfga")
+    client = Client(app_kind, admin_token=TOKEN)
+    response = client.request("POST", "/circuits/openfga/reset", given, scheme=scheme)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert breaker("openfga").snapshot()["state"] == "open"
+
+
+def test_admin_actions_with_the_token(app_kind, clock):
+    tripped("openfga")
+    client = Client(app_kind, admin_token=TOKEN)
+    response = client.request("POST", "/circuits/openfga/reset", TOKEN)
+    assert response.status_code == 200
+    assert response.json()["circuit"]["state"] == "closed"
+    assert breaker("openfga").snapshot()["state"] == "closed"
+    response = client.request("POST", "/circuits/openfga/force_open", TOKEN)
+    assert (response.status_code, response.json()["action"]) == (200, "force_open")
+    assert breaker("openfga").snapshot()["state"] == "forced_open"
+    client.request("POST", "/circuits/openfga/force_closed", TOKEN)
+    assert breaker("openfga").snapshot()["state"] == "forced_closed"
+    assert client.request("POST", "/circuits/nobody/reset", TOKEN).status_code == 404
+    assert client.request("GET", "/circuits/openfga/reset", TOKEN).status_code == 405
+    assert client.request("POST", "/circuits/openfga/explode", TOKEN).status_code == 404
+
+
+def test_the_token_can_come_from_the_environment(app_kind, monkeypatch, clock):
+    tripped("openfga")
+    monkeypatch.setenv("BUTTRESS_ADMIN_TOKEN", TOKEN)
+    client = Client(app_kind)
+    disabled = Client(app_kind, admin_token="")  # an explicit empty token wins over the variable
+    monkeypatch.delenv("BUTTRESS_ADMIN_TOKEN")
+    assert client.request("POST", "/circuits/openfga/force_open", TOKEN).status_code == 200
+    assert disabled.request("POST", "/circuits/openfga/reset", TOKEN).status_code == 404
+    assert breaker("openfga").snapshot()["state"] == "forced_open"
+
+
+def test_a_short_token_is_a_configuration_error(app_kind):
+    with pytest.raises(ConfigurationError, match="at least 16 characters"):
+        Client(app_kind, admin_token="short")
+
+
+def test_the_asgi_app_routes_below_its_mount_point(clock):
+    tripped("openfga")
+    app = asgi_app(admin_token=TOKEN)
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/ops/health/circuits/openfga/reset",
+        "root_path": "/ops/health",
+        "headers": [(b"authorization", f"Bearer {TOKEN}".encode())],
+    }
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 200
+    assert breaker("openfga").snapshot()["state"] == "closed"
+
+
+def test_the_asgi_app_answers_lifespan_messages():
+    app = asgi_app(admin_token="")
+    incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent = []
+
+    async def receive():
+        return incoming.pop(0)
+
+    async def send(message):
+        sent.append(message["type"])
+
+    asyncio.run(app({"type": "lifespan"}, receive, send))
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
