@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -52,3 +55,15 @@ def metrics(restore_subscribers: None) -> Metrics:
     registry = CollectorRegistry()
     instrumentation.configure(prometheus=registry, otel=False, logging=False)
     return Metrics(registry)
+
+
+@pytest.fixture(scope="session")
+def scenarios() -> ModuleType:
+    """``scenarios.py`` beside this file (tests are not a package, so it is loaded by path)."""
+    path = Path(__file__).with_name("scenarios.py")
+    spec = importlib.util.spec_from_file_location("buttress_test_scenarios", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
