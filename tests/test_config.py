@@ -21,6 +21,7 @@ from buttress import (
     get_settings,
     reload_settings,
     resilient,
+    retry_with_backoff,
     with_timeout,
 )
 from buttress.patterns.circuit_breaker import breaker
@@ -751,3 +752,52 @@ def _values(described):
             return described["value"]
         return {key: _values(value) for key, value in described.items() if key != "config_file"}
     return described
+
+
+# --- shared instances: code arguments of several call sites --------------------------------
+
+
+def test_call_sites_of_one_service_merge_their_code_arguments(mode, clock, apply):
+    apply()
+    first = circuit_breaker(name="svc", fail_max=3)(mode.define(name="first"))
+    second = circuit_breaker(name="svc", timeout=30)(mode.define(name="second"))
+    assert (mode.run(first), mode.run(second)) == ("ok", "ok")
+    options = breaker("svc").options
+    assert (options.fail_max, options.timeout) == (3, 30.0)
+
+
+def test_settings_override_the_code_arguments_of_every_call_site(mode, clock, apply):
+    apply({"BUTTRESS_SERVICES__SVC__CIRCUIT_BREAKER__FAIL_MAX": "7"})
+    first = circuit_breaker(name="svc", fail_max=3)(mode.define(name="first"))
+    second = circuit_breaker(name="svc", fail_max=3)(mode.define(name="second"))
+    assert (mode.run(first), mode.run(second)) == ("ok", "ok")
+    assert breaker("svc").options.fail_max == 7
+
+
+def test_two_values_for_one_shared_argument_fail_naming_both_sites_and_the_setting():
+    def first():
+        return "ok"
+
+    def second():
+        return "ok"
+
+    circuit_breaker(name="svc", fail_max=5)(first)
+    with pytest.raises(ConfigurationError) as caught:
+        circuit_breaker(name="svc", fail_max=10)(second)
+    [(path, site, _)] = caught.value.errors
+    assert path == "services.svc.circuit_breaker.fail_max"
+    assert "second" in site
+    message = str(caught.value)
+    assert "fail_max=5" in message
+    assert "fail_max=10" in message
+    assert "first" in message
+
+
+def test_per_call_site_patterns_may_differ_for_one_service(mode, clock, apply):
+    apply()
+    body, calls = failing()
+    twice = retry_with_backoff(name="svc", max_attempts=2)(mode.define(body, name="twice"))
+    once = retry_with_backoff(name="svc", max_attempts=1)(mode.define(body, name="once"))
+    mode.outcome(twice)
+    mode.outcome(once)
+    assert len(calls) == 3

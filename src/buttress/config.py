@@ -675,25 +675,22 @@ def _check_sections(settings: Settings, sources: Mapping[tuple[str, ...], str]) 
             section.preset if "preset" in section.model_fields_set else settings.defaults.preset
         )
         for pattern in PATTERNS:
-            values: dict[str, Any] = dict(PRESETS[preset].get(pattern, {})) if preset else {}
-            values.update(_explicit(settings.defaults, pattern))
+            inherited = _explicit(settings.defaults, pattern)
             own = _explicit(section, pattern)
-            values.update(own)
+            values = {**(PRESETS[preset].get(pattern, {}) if preset else {}), **inherited, **own}
             try:
                 _OPTIONS[pattern].model_validate(values)
             except ValidationError as exc:
-                if name != "defaults" and not own and pattern in failed_defaults:
-                    continue  # reported once, at defaults
                 if name == "defaults":
                     failed_defaults.add(pattern)
+                elif not own and pattern in failed_defaults:
+                    continue  # the defaults alone are wrong: reported once, there
+                keys: list[tuple[str, ...]] = [("defaults", pattern, f) for f in inherited]
+                keys += [(*prefix, pattern, f) for f in own]
+                labels = sorted({sources[key] for key in keys if key in sources})
+                source = ", ".join(labels) if labels else f"preset {preset}"
                 for error in exc.errors():
-                    loc = (*prefix, pattern, *(str(part) for part in error["loc"]))
-                    path = ".".join(loc)
-                    involved = [(*prefix, pattern, f) for f in own] or [
-                        ("defaults", pattern, f) for f in values
-                    ]
-                    labels = sorted({sources[k] for k in involved if k in sources})
-                    source = ", ".join(labels) if labels else f"preset {preset}"
+                    path = ".".join((*prefix, pattern, *(str(part) for part in error["loc"])))
                     problems.append(_Problem(path, source, _message(error, path)))
     return problems
 
