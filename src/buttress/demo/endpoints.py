@@ -1,0 +1,62 @@
+"""``/metrics`` and ``/health`` on a loopback port while the demo runs.
+
+The same two apps an application mounts: prometheus_client's exposition of the default registry
+(where buttress's Prometheus subscriber writes) and :func:`buttress.health.wsgi_app`.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.types import StartResponse, WSGIEnvironment
+
+from prometheus_client import make_wsgi_app
+
+from buttress.health import wsgi_app
+
+__all__ = ["Endpoints"]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Silent: a scrape every few seconds would interleave with the progress line."""
+
+
+class Endpoints:
+    """A small WSGI server routing ``/metrics`` and ``/health`` (and below it) on 127.0.0.1."""
+
+    def __init__(self, port: int = 0) -> None:
+        metrics = make_wsgi_app()
+        health = wsgi_app()
+
+        def route(environ: WSGIEnvironment, start_response: StartResponse) -> Any:
+            path = environ.get("PATH_INFO", "")
+            if path == "/metrics":
+                return metrics(environ, start_response)
+            if path == "/health" or path.startswith("/health/"):
+                environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "") + "/health"
+                environ["PATH_INFO"] = path.removeprefix("/health")
+                return health(environ, start_response)
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"try /metrics or /health\n"]
+
+        self._server: WSGIServer = make_server(
+            "127.0.0.1", port, route, handler_class=_QuietHandler
+        )
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="demo-endpoints", daemon=True
+        )
+
+    @property
+    def base(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
