@@ -66,6 +66,7 @@ import hashlib
 import itertools
 import math
 import os
+import sys
 import threading
 import weakref
 from collections import deque
@@ -101,6 +102,8 @@ _TO_PYBREAKER: Final = {
     HALF_OPEN: pybreaker.STATE_HALF_OPEN,
 }
 _FROM_PYBREAKER: Final = {name: state for state, name in _TO_PYBREAKER.items()}
+# The one caller of reset_counter() that does not report a success (pybreaker 1.4, pinned).
+_CLOSED_STATE_INIT: Final = pybreaker.CircuitClosedState.__init__.__code__
 
 # One script for every operation: one SHA to load after a Redis restart, one code path to review.
 # ARGV: 1 op, 2 ttl_ms, 3 reset_ms, 4 max_trials, 5 lease_ms, 6 fail_max ('' never trips),
@@ -954,7 +957,14 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
             self._seen.set(after)
 
     def reset_counter(self) -> None:
-        """pybreaker: a success clears the failures recorded before it was admitted."""
+        """pybreaker: a success clears the failures recorded before it was admitted.
+
+        pybreaker also calls this when it merely *notices* that the circuit closed (its
+        ``CircuitClosedState`` constructor); that call is not a success and is ignored, or it
+        would wipe the failures other processes recorded since the close.
+        """
+        if sys._getframe(1).f_code is _CLOSED_STATE_INIT:
+            return
         seen = self._seen.get(None)
         if seen is not None and seen.state == CLOSED and seen.failures:
             if seen.shared:
@@ -1036,10 +1046,10 @@ def make_storage(
     """
     shown = _redact(state_url)
     try:
-        import redis  # noqa: PLC0415 - optional dependency, needed only when state is shared
+        # The optional dependency, imported only when a service shares its state.
         import redis.asyncio  # noqa: PLC0415
-        from redis.backoff import NoBackoff  # noqa: PLC0415
-        from redis.retry import Retry  # noqa: PLC0415
+        import redis.backoff  # noqa: PLC0415
+        import redis.retry  # noqa: PLC0415
     except ImportError:
         raise ConfigurationError(
             f"service {service!r}: circuit_breaker.state_url is set ({shown}) but the 'redis' "
@@ -1052,11 +1062,10 @@ def make_storage(
                 ),
             ),
         ) from None
-    scheme = state_url.partition("://")[0].lower()
-    if scheme not in {"redis", "rediss", "unix"}:
+    if shown.startswith("<"):
         raise ConfigurationError(
             f"service {service!r}: circuit_breaker.state_url must be a redis://, rediss:// or "
-            f"unix:// URL, not {shown}",
+            "unix:// URL (the value is not repeated here: it may hold a password)",
             errors=(
                 (f"services.{service}.circuit_breaker.state_url", "state_url", "not a Redis URL"),
             ),
@@ -1064,7 +1073,7 @@ def make_storage(
     options = {
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": connect_timeout,
-        "retry": Retry(NoBackoff(), 0),
+        "retry": redis.retry.Retry(redis.backoff.NoBackoff(), 0),
         "retry_on_timeout": False,
         "health_check_interval": 0,
     }
@@ -1095,8 +1104,12 @@ def make_storage(
 
 
 def _redact(url: str) -> str:
+    """``url`` fit for messages: password masked, and nothing at all of a URL that is not one."""
     from buttress.config import redact  # noqa: PLC0415 - config imports the patterns
 
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in {"redis", "rediss", "unix"} or not rest:
+        return "<not a redis://, rediss:// or unix:// URL>"
     try:
         return redact(url)
     except ValueError:

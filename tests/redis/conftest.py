@@ -1,0 +1,241 @@
+"""A real ``redis-server`` per test, on a free loopback port, with its faults at hand.
+
+The binary comes from the Debian package ``redis-server`` (``.ci/run`` installs it). Without it
+the tests here are skipped locally, and fail when ``CI`` is set: a CI run that silently skipped
+the shared-state tests would prove nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REDIS_SERVER = shutil.which("redis-server")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """One ``redis-server`` process: start, kill, freeze, thaw, restart (always empty)."""
+
+    def __init__(self, binary: str, directory: Path, password: str | None = None) -> None:
+        self.binary = binary
+        self.directory = directory
+        self.password = password
+        self.port = _free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.frozen = False
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        args = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.directory),
+            "--logfile", str(self.directory / "redis.log"),
+        ]  # fmt: skip
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}")
+            try:
+                if self.client().ping():
+                    return
+            except OSError:
+                pass
+            except Exception as exc:  # redis.ConnectionError while it boots
+                if "onnect" not in type(exc).__name__ and "Loading" not in type(exc).__name__:
+                    raise
+            time.sleep(0.01)
+        raise RuntimeError("redis-server did not answer within 10 s")
+
+    def client(self) -> Any:
+        import redis
+
+        return redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            password=self.password,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+            decode_responses=True,
+        )
+
+    def counter(self) -> Callable[[], dict[str, int]]:
+        """Start counting commands; the returned function gives the count since, by name.
+
+        From ``INFO commandstats``, which also counts what scripts run inside Redis. The
+        counting connection's own ``INFO`` is left out.
+        """
+        client = self.client()
+
+        def calls() -> dict[str, int]:
+            stats = client.info("commandstats")
+            return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+        before = calls()
+
+        def since() -> dict[str, int]:
+            now = calls()
+            ran = {name: n - before.get(name, 0) for name, n in now.items()}
+            ran["info"] -= 1
+            return {name: n for name, n in ran.items() if n}
+
+        return since
+
+    def kill(self) -> None:
+        """SIGKILL: the port refuses connections until ``restart``."""
+        if self.process is not None:
+            if self.frozen:
+                self.thaw()
+            self.process.kill()
+            self.process.wait(5)
+            self.process = None
+
+    def freeze(self) -> None:
+        """SIGSTOP: connections are accepted by the kernel but nothing answers."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+        self.frozen = True
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+        self.frozen = False
+
+    def restart(self) -> None:
+        """Start again, empty, on the same port."""
+        self.kill()
+        self.start()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            if self.frozen:
+                self.thaw()
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+            self.process = None
+
+
+def _binary() -> str:
+    if REDIS_SERVER is None:
+        message = "redis-server is not installed (Debian package redis-server)"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; CI must run the shared-state tests")
+        pytest.skip(message)
+    return REDIS_SERVER
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh, empty redis-server for this test only; stopped afterwards."""
+    server = RedisServer(_binary(), tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def secured_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server that requires a password (``requirepass``)."""
+    server = RedisServer(_binary(), tmp_path, password="s3cr3t-p4ss")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def closed_port() -> str:
+    """A Redis URL on a loopback port where nothing listens."""
+    return f"redis://127.0.0.1:{_free_port()}/0"
+
+
+class Peer:
+    """One storage, as one process of the fleet sees it, driven as ``def`` or ``async def``.
+
+    The ``mode`` fixture decides: sync calls ``admit``/``record``/``force``, async awaits
+    ``aadmit``/``arecord``/``aforce`` on the mode's event loop.
+    """
+
+    def __init__(self, storage: Any, mode: Any) -> None:
+        self.storage = storage
+        self.mode = mode
+
+    def admit(self, limits: Any) -> Any:
+        fn = self.storage.aadmit if self.mode.is_async else self.storage.admit
+        return self.mode.run(fn, limits)
+
+    def record(self, ticket: Any, outcome: str, limits: Any) -> Any:
+        fn = self.storage.arecord if self.mode.is_async else self.storage.record
+        return self.mode.run(fn, ticket, outcome, limits)
+
+    def force(self, state: str, limits: Any = None) -> Any:
+        fn = self.storage.aforce if self.mode.is_async else self.storage.force
+        return self.mode.run(fn, state, limits)
+
+    def call(self, limits: Any, body: Any = None) -> Any:
+        """One protected call the way a breaker makes it: admit, run ``body``, record.
+
+        Returns ``"rejected"`` when not admitted, else ``body()``'s result (``"ok"`` if None);
+        re-raises what ``body`` raised.
+        """
+        ticket = self.admit(limits)
+        if not ticket.admitted:
+            return "rejected"
+        try:
+            result = "ok" if body is None else body()
+        except Exception:
+            self.record(ticket, "failure", limits)
+            raise
+        self.record(ticket, "success", limits)
+        return result
+
+
+@pytest.fixture
+def peers(mode: Any, redis_server: RedisServer) -> Iterator[Callable[..., Peer]]:
+    """``peers(service="svc", url=None, **make_storage_options)``: a new storage on the server."""
+    from buttress.patterns.redis_storage import make_storage
+
+    made: list[Any] = []
+
+    def make(service: str = "svc", url: str | None = None, **options: Any) -> Peer:
+        storage = make_storage(url or redis_server.url, service, **options)
+        made.append(storage)
+        return Peer(storage, mode)
+
+    yield make
+    for storage in made:
+        if mode.is_async:
+            mode.run(storage.aclose)
+        storage.close()
