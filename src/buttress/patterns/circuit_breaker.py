@@ -46,7 +46,7 @@ import pybreaker
 from pydantic import Field, model_validator
 
 from buttress import _clock, config, events, registry
-from buttress.events import CircuitCallRecorded
+from buttress.events import CallRejected, CircuitCallRecorded
 from buttress.exceptions import CircuitOpenError, RejectedError
 from buttress.patterns._base import AsyncCall, BuildContext, Call, Options
 from buttress.patterns._pybreaker_compat import CompatBreaker
@@ -132,7 +132,9 @@ _UNCOUNTED: Final = -2  # shadow mode let through a call it would have rejected:
 # The rate window slides in this many steps: a call leaves it at most window_seconds/20 late.
 _BUCKETS: Final = 20
 
+# ``_open_until`` values: no lock-free rejection / rejected until a manual change (forced open).
 _NEVER = -math.inf
+_FOREVER = math.inf
 
 
 class CircuitSnapshot(TypedDict):
@@ -306,7 +308,7 @@ class CircuitBreaker(CompatBreaker):
 
     # --- the per-call protocol (used by the strategy's steps and by call/acall/calling) ----------
 
-    def admit(self, *, shadow: bool = False) -> int:
+    def admit(self, shadow: bool = False) -> int:
         """Decide whether a call may run; return its token.
 
         Raises:
@@ -318,11 +320,16 @@ class CircuitBreaker(CompatBreaker):
             return token
         until = self._open_until
         if until != _NEVER:
-            now = _clock.monotonic()
-            if until > now:
-                return self._reject("open", until - now, shadow=shadow)
+            reason, retry_after = (
+                ("forced_open", None) if until == _FOREVER else ("open", until - _clock.monotonic())
+            )
+            if retry_after is None or retry_after > 0:
+                if shadow or CallRejected in events.ROUTES:
+                    return self._reject(reason, retry_after, shadow)
+                # While open, rejecting is all the breaker does: the shortest path raises here.
+                raise _open_error(self._messages[reason], self.service, retry_after)
         with self.lock:
-            return self._admit_locked(shadow=shadow)
+            return self._admit_locked(shadow)
 
     def on_success(self, token: int, started: float) -> None:
         """Record a call admitted with ``token`` and started at ``started`` that returned."""
@@ -551,14 +558,14 @@ class CircuitBreaker(CompatBreaker):
 
     # --- decisions (the caller holds the lock) ---------------------------------------------------
 
-    def _admit_locked(self, *, shadow: bool) -> int:
+    def _admit_locked(self, shadow: bool) -> int:
         override = self._override
         if override is not None:
             if override == DISABLED:
                 return _BYPASS
             if override == FORCED_CLOSED:
                 return self._generation << 1
-            return self._reject("forced_open", None, shadow=shadow)
+            return self._reject("forced_open", None, shadow)
         now = _clock.monotonic()
         if self._shared:
             self._sync_shared(now)
@@ -568,10 +575,10 @@ class CircuitBreaker(CompatBreaker):
         if phase == OPEN:
             left = self._opened_at + self.reset_timeout - now
             if left > 0:
-                return self._reject("open", left, shadow=shadow)
+                return self._reject("open", left, shadow)
             self._move(HALF_OPEN, None, "timeout_elapsed", now)
         if self._trials >= self._max_trials:
-            return self._reject("half_open_full", None, shadow=shadow)
+            return self._reject("half_open_full", None, shadow)
         self._trials += 1
         handlers = events.ROUTES.get(events.CircuitTrialStarted)
         if handlers:
@@ -613,17 +620,15 @@ class CircuitBreaker(CompatBreaker):
             if rate is not None and window.slow >= rate * window.calls:
                 self._move(OPEN, None, "slow_call_rate", now)
 
-    def _reject(self, reason: str, retry_after: float | None, *, shadow: bool) -> int:
+    def _reject(self, reason: str, retry_after: float | None, shadow: bool) -> int:
         if shadow:
             handlers = events.ROUTES.get(events.ShadowDecision)
             if handlers:
                 events.dispatch(handlers, events.ShadowDecision(self.service, PATTERN, "reject"))
             return _UNCOUNTED
-        handlers = events.ROUTES.get(events.CallRejected)
+        handlers = events.ROUTES.get(CallRejected)
         if handlers:
-            events.dispatch(
-                handlers, events.CallRejected(self.service, PATTERN, reason, retry_after)
-            )
+            events.dispatch(handlers, CallRejected(self.service, PATTERN, reason, retry_after))
         raise _open_error(self._messages[reason], self.service, retry_after)
 
     def _announce(
@@ -706,7 +711,9 @@ class CircuitBreaker(CompatBreaker):
             self._fast_token = self._generation << 1
         else:
             self._fast_token = None
-        if self._override is None and self._phase == OPEN and local:
+        if self._override == FORCED_OPEN:
+            self._open_until = _FOREVER
+        elif self._override is None and self._phase == OPEN and local:
             self._open_until = self._opened_at + self.reset_timeout
         else:
             self._open_until = _NEVER
@@ -794,7 +801,9 @@ def _sync_step(cb: CircuitBreaker, call: Call, *, shadow: bool) -> Call:
     on_error = cb.on_error
 
     def circuit_breaker_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        token = admit(shadow=shadow)
+        token = cb._fast_token  # admit()'s own first check, without the call
+        if token is None:
+            token = admit(shadow)
         if token == _BYPASS:
             return call(args, kwargs)
         if cb.listening:
@@ -817,7 +826,9 @@ def _async_step(cb: CircuitBreaker, call: AsyncCall, *, shadow: bool) -> AsyncCa
     on_error = cb.on_error
 
     async def circuit_breaker_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        token = admit(shadow=shadow)
+        token = cb._fast_token
+        if token is None:
+            token = admit(shadow)
         if token == _BYPASS:
             return await call(args, kwargs)
         if cb.listening:
