@@ -569,7 +569,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         self._prefixes: dict[tuple[bytes, Limits | None], bytes] = {}
         self._lease_ids = itertools.count()
         self._lease_prefix = os.urandom(6).hex()
-        self._seen: contextvars.ContextVar[Decision] = contextvars.ContextVar(
+        # pybreaker's interface: what this thread or task last read, and when (wall clock).
+        self._seen: contextvars.ContextVar[tuple[Decision, float]] = contextvars.ContextVar(
             f"buttress_seen_{service}"
         )
         os.register_at_fork(after_in_child=functools.partial(_after_fork, weakref.ref(self)))
@@ -925,18 +926,21 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         with self._lock:
             return self._local.force(state, _clock.monotonic(), always=always)
 
+    def _remember(self, decision: Decision) -> None:
+        self._seen.set((decision, _clock.wall()))
+
     def _last_seen(self) -> Decision:
         seen = self._seen.get(None)
-        if seen is None:
-            with self._lock:
-                seen = self._local.observe(_clock.monotonic())
-        return seen
+        if seen is not None:
+            return seen[0]
+        with self._lock:
+            return self._local.observe(_clock.monotonic())
 
     @property
     def state(self) -> str:
         """pybreaker: the state (one request). Remembers what this thread or task read."""
         decision = self._observe()
-        self._seen.set(decision)
+        self._remember(decision)
         return _TO_PYBREAKER[decision.state]
 
     @state.setter
@@ -946,15 +950,15 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         if target is None:
             raise ValueError(f"unknown pybreaker state {state!r}")
         seen = self._seen.get(None)
-        expected = seen.generation if seen is not None and seen.shared else None
-        self._seen.set(self._set(target, None, expected=expected, always=False))
+        expected = seen[0].generation if seen is not None and seen[0].shared else None
+        self._remember(self._set(target, None, expected=expected, always=False))
 
     def increment_counter(self) -> None:
         """pybreaker: one more failure in the state this thread or task last read."""
         seen = self._last_seen()
         after = self.record(seen._replace(trial=False, lease=""), FAILURE, None)
         if after is not None:
-            self._seen.set(after)
+            self._remember(after)
 
     def reset_counter(self) -> None:
         """pybreaker: a success clears the failures recorded before it was admitted.
@@ -966,20 +970,23 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         if sys._getframe(1).f_code is _CLOSED_STATE_INIT:
             return
         seen = self._seen.get(None)
-        if seen is not None and seen.state == CLOSED and seen.failures:
-            if seen.shared:
-                self._note_cleared(seen.generation, seen.seq)
+        if seen is None:
+            return
+        decision, read_at = seen
+        if decision.state == CLOSED and decision.failures:
+            if decision.shared:
+                self._note_cleared(decision.generation, decision.seq)
             else:
                 with self._lock:
-                    self._local.record(seen, SUCCESS, None, _clock.monotonic())
-            self._seen.set(seen._replace(failures=0))
+                    self._local.record(decision, SUCCESS, None, _clock.monotonic())
+            self._seen.set((decision._replace(failures=0), read_at))
 
     def increment_success_counter(self) -> None:
         """pybreaker: one more half-open success (pybreaker closes the circuit itself)."""
         seen = self._last_seen()
         after = self.record(seen._replace(trial=True, lease=""), SUCCESS, None)
         if after is not None:
-            self._seen.set(after)
+            self._remember(after)
 
     def reset_success_counter(self) -> None:
         """pybreaker: nothing to do, every transition starts with fresh counters."""
@@ -997,10 +1004,14 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
     @property
     def opened_at(self) -> dt.datetime | None:
         """pybreaker: when the circuit opened, on this host's clock (measured on Redis's)."""
-        seen = self._last_seen()
-        if seen.state != OPEN:
+        seen = self._seen.get(None)
+        if seen is None:
+            decision, read_at = self._last_seen(), _clock.wall()
+        else:
+            decision, read_at = seen
+        if decision.state != OPEN:
             return None
-        return dt.datetime.fromtimestamp(_clock.wall() - seen.age, dt.UTC)
+        return dt.datetime.fromtimestamp(read_at - decision.age, dt.UTC)
 
     @opened_at.setter
     def opened_at(self, value: dt.datetime) -> None:
