@@ -636,6 +636,15 @@ def test_shadow_mode_never_rejects_but_says_where_it_would_have(mode, clock):
     assert g.breaker.state_label == "closed"
 
 
+def test_shadow_mode_lets_calls_past_a_forced_open_circuit(mode, clock):
+    g = Guarded(mode, shadow=True)
+    g.breaker.force_open()
+    assert g.ok()[0] == "ok"
+    with capture_events([ShadowDecision]) as seen:
+        assert g.ok()[0] == "ok"
+    assert seen == [ShadowDecision("svc", "circuit_breaker", "reject")]
+
+
 def test_shadow_mode_lets_calls_past_a_full_half_open(mode, clock):
     strat = strategy(mode="shadow", fail_max=1, timeout=5)
     strat.breaker.open()
@@ -703,6 +712,22 @@ def test_reconfigure_swaps_the_exclusions(mode, clock):
     assert g.breaker.excluded_exceptions == ()
     g.fail(NotFound("now it counts"))
     assert g.breaker.state_label == "open"
+
+
+def test_reconfigure_keeps_the_window_unless_its_length_changes(mode, clock):
+    g = Guarded(mode, fail_max=100, failure_rate_threshold=0.9, minimum_calls=2)
+    g.fail()
+    g.ok()
+    strategy(fail_max=100, failure_rate_threshold=0.5, minimum_calls=2)
+    assert g.breaker.snapshot()["failure_rate"] == pytest.approx(0.5)
+    g.fail()
+    assert g.breaker.state_label == "open"
+    g.breaker.reset()
+    g.fail()
+    strategy(fail_max=100, failure_rate_threshold=0.5, minimum_calls=2, window_seconds=30)
+    assert g.breaker.snapshot()["failure_rate"] == 0.0
+    strategy(fail_max=100)
+    assert g.breaker.snapshot()["failure_rate"] is None
 
 
 def test_disabled_options_build_nothing():

@@ -333,14 +333,15 @@ class CircuitBreaker(CompatBreaker):
 
     def on_success(self, token: int, started: float) -> None:
         """Record a call admitted with ``token`` and started at ``started`` that returned."""
-        now = _clock.monotonic()
-        if token < 0:
-            if token == _UNCOUNTED:
-                self._announce(SUCCESS, now - started, None)
+        if token == _BYPASS:
             return
+        now = _clock.monotonic()
         elapsed = now - started
         slow = self._slow_after is not None and elapsed >= self._slow_after
-        if token != self._fast_token or self._window is not None or self._store.counter:
+        # Closed, no failure to clear, no window: there is nothing to record, so no lock.
+        if token >= 0 and (
+            token != self._fast_token or self._window is not None or self._store.counter
+        ):
             with self.lock:
                 self._record(token, SUCCESS, now, slow=slow)
         self._announce(SUCCESS, elapsed, None, slow=slow)
@@ -422,7 +423,7 @@ class CircuitBreaker(CompatBreaker):
 
     def reconfigure(self, options: CircuitBreakerOptions) -> None:
         """Adopt new options, keeping the state (an open circuit stays open, counted failures
-        stay counted). A changed window length or rate threshold starts an empty window.
+        stay counted). A changed ``window_seconds`` starts an empty window.
         """
         with self.lock:
             previous = self.options
@@ -440,8 +441,12 @@ class CircuitBreaker(CompatBreaker):
                 self._excluded_types, self._excluded_predicates = _exclusions(
                     self.excluded_exceptions
                 )
-            if _window_shape(options) != _window_shape(previous):
+            if self._window is None or options.window_seconds != previous.window_seconds:
                 self._window = self._new_window(options, _clock.monotonic())
+            elif (
+                options.failure_rate_threshold is None and options.slow_call_rate_threshold is None
+            ):
+                self._window = None
             self._refresh_fast_paths()
 
     # --- what health checks read ---------------------------------------------------------------
@@ -538,20 +543,24 @@ class CircuitBreaker(CompatBreaker):
         return True
 
     def add_excluded_exception(self, exception: type[BaseException]) -> None:
-        super().add_excluded_exception(exception)
-        self._excluded_types, self._excluded_predicates = _exclusions(self.excluded_exceptions)
+        with self.lock:
+            super().add_excluded_exception(exception)
+            self._excluded_types, self._excluded_predicates = _exclusions(self.excluded_exceptions)
 
     def remove_excluded_exception(self, exception: type[BaseException]) -> None:
-        super().remove_excluded_exception(exception)
-        self._excluded_types, self._excluded_predicates = _exclusions(self.excluded_exceptions)
+        with self.lock:
+            super().remove_excluded_exception(exception)
+            self._excluded_types, self._excluded_predicates = _exclusions(self.excluded_exceptions)
 
     def add_listener(self, listener: pybreaker.CircuitBreakerListener) -> None:
-        super().add_listener(listener)
-        self._refresh_listeners()
+        with self.lock:
+            super().add_listener(listener)
+            self._refresh_listeners()
 
     def remove_listener(self, listener: pybreaker.CircuitBreakerListener) -> None:
-        super().remove_listener(listener)
-        self._refresh_listeners()
+        with self.lock:
+            super().remove_listener(listener)
+            self._refresh_listeners()
 
     def __repr__(self) -> str:
         return f"<buttress CircuitBreaker {self.service!r} {self.state_label}>"
@@ -782,14 +791,6 @@ def _open_error(message: str, service: str, retry_after: float | None) -> Circui
 
 def _wall_datetime() -> dt.datetime:
     return dt.datetime.fromtimestamp(_clock.wall(), dt.UTC)
-
-
-def _window_shape(options: CircuitBreakerOptions) -> tuple[object, ...]:
-    return (
-        options.window_seconds,
-        options.failure_rate_threshold,
-        options.slow_call_rate_threshold,
-    )
 
 
 # --- the steps of a policy's chain ----------------------------------------------------------------
