@@ -294,9 +294,13 @@ def exporter(tmp_path):
     log.close()
 
 
+@pytest.fixture
+def prometheus() -> str:
+    return binary("prometheus")
+
+
 @pytest.mark.prometheus
-def test_a_real_prometheus_answers_every_panel_query(tmp_path, exporter):
-    prometheus = binary("prometheus")
+def test_a_real_prometheus_answers_every_panel_query(tmp_path, prometheus, exporter):
     port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(PROMETHEUS_CONFIG.format(rules=RULES, port=exporter))
