@@ -24,7 +24,9 @@ from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from typing import Any, Final, TextIO, cast
 
-from buttress import _clock, config
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from buttress import _clock, config, instrumentation
 from buttress.demo.endpoints import Endpoints
 from buttress.demo.report import Report, build_report
 from buttress.demo.schedule import DESCRIPTIONS, Schedule, build_schedule
@@ -343,7 +345,10 @@ def run(options: DemoOptions, *, out: TextIO) -> DemoResult:
     # A process that ran the demo before (a test session) must not start with its open circuit.
     circuit_breaker.breaker(SERVICE).reset()
     upstream = FlakyUpstream(schedule, options.seed, started=_clock.monotonic())
-    endpoints = Endpoints(options.port)
+    metrics_before = instrumentation.installed().get("prometheus")
+    if not isinstance(metrics_before, CollectorRegistry):
+        instrumentation.configure(prometheus=True)
+    endpoints = Endpoints(options.port, _metrics_registry())
     fleet = _Fleet(options, upstream.url, env) if options.workers > 1 else None
     try:
         upstream.start()
@@ -381,6 +386,8 @@ def run(options: DemoOptions, *, out: TextIO) -> DemoResult:
     finally:
         endpoints.stop()
         upstream.stop()
+        if not isinstance(metrics_before, CollectorRegistry):
+            instrumentation.configure(prometheus=False)
         _restore_settings(out)
     hits = upstream.hits()
     report = build_report(
@@ -427,6 +434,11 @@ def _introduce(
         "  phases    " + ", ".join(f"{p.name} {p.seconds:.1f} s" for p in schedule.phases), file=out
     )
     print("", file=out)
+
+
+def _metrics_registry() -> CollectorRegistry:
+    registry = instrumentation.installed().get("prometheus")
+    return registry if isinstance(registry, CollectorRegistry) else REGISTRY
 
 
 def _restore_settings(out: TextIO) -> None:

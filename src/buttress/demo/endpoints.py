@@ -1,7 +1,7 @@
 """``/metrics`` and ``/health`` on a loopback port while the demo runs.
 
-The same two apps an application mounts: prometheus_client's exposition of the default registry
-(where buttress's Prometheus subscriber writes) and :func:`buttress.health.wsgi_app`.
+The same two apps an application mounts: prometheus_client's exposition of the registry buttress's
+Prometheus subscriber writes to, and :func:`buttress.health.wsgi_app`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from wsgiref.types import StartResponse, WSGIEnvironment
 
-from prometheus_client import make_wsgi_app
+from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
 
 from buttress.health import wsgi_app
 
@@ -26,8 +26,8 @@ class _QuietHandler(WSGIRequestHandler):
 class Endpoints:
     """A small WSGI server routing ``/metrics`` and ``/health`` (and below it) on 127.0.0.1."""
 
-    def __init__(self, port: int = 0) -> None:
-        metrics = make_wsgi_app()
+    def __init__(self, port: int = 0, registry: CollectorRegistry = REGISTRY) -> None:
+        metrics = make_wsgi_app(registry)
         health = wsgi_app()
 
         def route(environ: WSGIEnvironment, start_response: StartResponse) -> Any:
@@ -57,6 +57,7 @@ class Endpoints:
         self._thread.start()
 
     def stop(self) -> None:
-        self._server.shutdown()
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._thread.join()
         self._server.server_close()
-        self._thread.join()

@@ -163,13 +163,10 @@ class Report:
         return "\n".join(lines)
 
     def _phase_table(self) -> str:
-        header = (
-            f"{'phase':<13} {'seconds':>7}   {'calls':>6} {'answd':>6} {'p95':>8} {'upstream':>8}"
-            f"   {'calls':>6} {'answd':>6} {'p95':>8} {'upstream':>8}"
-        )
+        columns = f"{'calls':>6} {'answered':>8} {'p95':>8} {'upstream':>8}"
         lines = [
-            f"{'':<21}   {'protected':-^31}   {'unprotected':-^31}",
-            header,
+            f"{'':<21}   {' protected ':-^33}   {' unprotected ':-^33}",
+            f"{'phase':<13} {'seconds':>7}   {columns}   {columns}",
         ]
         by_phase = {(f.phase, f.client): f for f in self.phases}
         for phase in self.schedule.phases:
@@ -177,7 +174,7 @@ class Report:
             for client in CLIENTS:
                 f = by_phase[phase.name, client]
                 cells.append(
-                    f"{f.requests:>6} {_rate(f.success_rate):>6} {_ms(f.p95):>8} "
+                    f"{f.requests:>6} {_rate(f.success_rate):>8} {_ms(f.p95):>8} "
                     f"{f.upstream_calls:>8}"
                 )
             lines.append(f"{phase.name:<13} {phase.seconds:>7.1f}   {cells[0]}   {cells[1]}")

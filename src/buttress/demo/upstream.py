@@ -88,9 +88,10 @@ class FlakyUpstream:
         self._thread.start()
 
     def stop(self) -> None:
-        self._server.shutdown()
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._thread.join()
         self._server.server_close()
-        self._thread.join()
 
     def hits(self) -> list[Hit]:
         """Every request that reached the server so far, in arrival order."""

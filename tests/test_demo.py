@@ -1,0 +1,299 @@
+"""The demo: a short real run whose report must agree with what independently observed it.
+
+One run (8 s, fixed seed) is shared by the module: the test session captures every buttress event
+itself, and the upstream counts the requests that reached it; each figure of the report is checked
+against those records, not against constants. The pieces (phases, the upstream's behaviour per
+phase, the report arithmetic, the endpoints) are also tested on their own, without real time where
+none is needed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import urllib.request
+from collections import Counter
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from buttress import config, events, instrumentation, with_fallback
+from buttress.demo import DemoOptions, main, run
+from buttress.demo.endpoints import Endpoints
+from buttress.demo.report import build_report, percentile
+from buttress.demo.schedule import PHASES, build_schedule
+from buttress.demo.traffic import NETWORK, PROTECTED, SERVICE, UNPROTECTED, CallRecord, Observed
+from buttress.demo.upstream import RETRY_AFTER_SECONDS, FlakyUpstream, Hit
+from buttress.testing import capture_events, fake_clock
+
+DURATION = 8.0
+SEED = 5
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """One short demo run, watched from outside: (result, events captured here, output, paths)."""
+    out = tmp_path_factory.mktemp("demo")
+    options = DemoOptions(
+        duration=DURATION, seed=SEED, output=out / "timeline.png", json=out / "report.json"
+    )
+    printed = io.StringIO()
+    with capture_events() as seen:
+        result = run(options, out=printed)
+    return result, seen, printed.getvalue(), options
+
+
+def of(seen, kind, service=SERVICE):
+    return [e for e in seen.of(kind) if e.service == service]
+
+
+# --- the report agrees with what observed the run ---------------------------------------------
+
+
+@pytest.mark.realtime
+def test_protected_client_spares_the_upstream_during_the_outage(demo):
+    result, _, _, _ = demo
+    report = result.report
+    outage_hits = Counter(h.client for h in result.hits if h.phase == "outage")
+    protected, unprotected = report.client(PROTECTED), report.client(UNPROTECTED)
+    assert protected.upstream_calls_during_outage == outage_hits[PROTECTED]
+    assert unprotected.upstream_calls_during_outage == outage_hits[UNPROTECTED]
+    assert protected.upstream_calls_during_outage * 3 < unprotected.upstream_calls_during_outage
+    every_hit = Counter(h.client for h in result.hits)
+    assert (protected.upstream_calls, unprotected.upstream_calls) == (
+        every_hit[PROTECTED],
+        every_hit[UNPROTECTED],
+    )
+
+
+@pytest.mark.realtime
+def test_the_circuit_opened_and_closed_as_the_events_say(demo):
+    result, seen, _, _ = demo
+    changes = of(seen, events.CircuitStateChanged)
+    trips = [c for c in changes if (c.old_state, c.new_state) == ("closed", "open")]
+    reopened = [c for c in changes if (c.old_state, c.new_state) == ("half_open", "open")]
+    protected = result.report.client(PROTECTED)
+    assert protected.circuit_trips == len(trips) >= 1
+    assert protected.failed_trials == len(reopened)
+    assert changes[-1].new_state == "closed"
+    assert result.report.circuit_closed_at is not None
+    assert [t.new_state for t in result.report.transitions] == [c.new_state for c in changes]
+
+
+@pytest.mark.realtime
+def test_retries_fallbacks_and_faults_match_the_events(demo):
+    result, seen, _, _ = demo
+    protected, unprotected = result.report.client(PROTECTED), result.report.client(UNPROTECTED)
+    assert protected.retries == len(of(seen, events.RetryScheduled)) > 0
+    fallbacks = of(seen, events.FallbackUsed)
+    assert protected.fallbacks_served == len(fallbacks) > 0
+    assert protected.answered_by_fallback == len(fallbacks)
+    injected = of(seen, events.ChaosInjected, NETWORK)
+    assert protected.faults_injected + unprotected.faults_injected == len(injected)
+    assert unprotected.retries is None
+    assert unprotected.circuit_trips is None
+
+
+@pytest.mark.realtime
+def test_call_counts_and_latencies_come_from_the_calls(demo):
+    result, seen, _, _ = demo
+    report = result.report
+    for client in (PROTECTED, UNPROTECTED):
+        mine = [r for r in result.records if r.client == client]
+        figures = report.client(client)
+        assert figures.requests == len(mine)
+        outcomes = Counter(r.outcome for r in mine)
+        assert figures.answered_by_upstream == outcomes["ok"]
+        assert figures.failed == outcomes["error"]
+        assert figures.p95 == percentile([r.latency for r in mine], 95)
+        assert {r.site for r in mine} == {"sync", "async"}
+    # Each protected call finished exactly once, as the policy reported it.
+    assert report.client(PROTECTED).requests == len(of(seen, events.CallFinished))
+    assert report.client(PROTECTED).success_rate > report.client(UNPROTECTED).success_rate
+
+
+@pytest.mark.realtime
+def test_phases_follow_the_seed_and_every_phase_saw_traffic(demo):
+    result, _, _, _ = demo
+    assert result.report.schedule == build_schedule(DURATION, SEED)
+    assert tuple(p.name for p in result.report.schedule.phases) == PHASES
+    for phase in PHASES:
+        calls = [f for f in result.report.phases if f.phase == phase]
+        assert all(f.requests > 0 for f in calls), phase
+    assert {h.phase for h in result.hits} == set(PHASES)
+    assert {h.status for h in result.hits} >= {200, 429, 503}
+
+
+@pytest.mark.realtime
+def test_output_timeline_and_json(demo):
+    result, _, printed, options = demo
+    png = options.output.read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    assert len(png) > 10_000
+    assert result.timeline == options.output
+    figures = json.loads(options.json.read_text())
+    protected = next(c for c in figures["clients"] if c["client"] == PROTECTED)
+    assert protected["upstream_calls_during_outage"] == (
+        result.report.client(PROTECTED).upstream_calls_during_outage
+    )
+    assert "/metrics" in printed
+    assert "/health" in printed
+    assert f"{result.report.client(PROTECTED).requests:,}" in printed
+    assert "calls that reached the upstream" in printed
+
+
+@pytest.mark.realtime
+def test_the_process_settings_are_restored_afterwards(demo):
+    _, _, _, options = demo
+    assert config.get_settings().chaos_enabled is False
+    assert config.get_settings().config_file != str(options.config_file)
+
+
+# --- the pieces, without the whole run ---------------------------------------------------------
+
+
+def test_same_seed_same_phases_other_seed_other_phases():
+    first = build_schedule(60, 11)
+    assert first == build_schedule(60, 11)
+    assert first != build_schedule(60, 12)
+    assert first.phases[0].start == 0
+    assert first.phases[-1].end == 60
+    for before, after in zip(first.phases, first.phases[1:], strict=False):
+        assert before.end == after.start
+    assert first.at(first.get("slow").start + 0.01).name == "slow"
+
+
+def test_upstream_behaviour_per_phase():
+    schedule = build_schedule(50, 3)
+    with fake_clock() as clock:
+        upstream = FlakyUpstream(schedule, seed=3, started=clock.monotonic())
+
+        def at(phase, offset=0.1):
+            clock.advance(upstream.started + schedule.get(phase).start + offset - clock.monotonic())
+
+        status, _, body = upstream.respond("a", 4)
+        assert (status, body["item"]) == (200, 4)
+        assert 0.005 <= clock.sleeps[-1] <= 0.03
+        at("outage")
+        assert upstream.respond("a", 4)[0] == 503
+        at("slow")
+        assert upstream.respond("a", 4)[0] == 200
+        assert 1.0 <= clock.sleeps[-1] <= 2.0
+        at("rate_limited")
+        answers = [upstream.respond("a", 1) for _ in range(8)]
+        assert [a[0] for a in answers].count(200) == 5  # the burst, then 429
+        assert answers[-1][1] == {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        assert upstream.respond("b", 1)[0] == 200  # each client has its own budget
+        at("recovery")
+        assert upstream.respond("a", 1)[0] == 200
+        phases = [h.phase for h in upstream.hits()]
+        assert phases[:3] == ["healthy", "outage", "slow"]
+        assert phases[-1] == "recovery"
+        upstream.stop()
+
+
+def test_report_arithmetic_on_known_records():
+    schedule = build_schedule(10, 1)
+    outage = schedule.get("outage")
+    records = [
+        CallRecord(PROTECTED, "sync", 0, 0.1, 0.010, "ok", None),
+        CallRecord(PROTECTED, "async", 0, outage.start + 0.1, 0.001, "fallback", None),
+        CallRecord(UNPROTECTED, "sync", 0, outage.start + 0.1, 0.020, "error", "HTTPStatusError"),
+        CallRecord(UNPROTECTED, "async", 0, schedule.get("recovery").start + 0.1, 0.5, "ok", None),
+    ]
+    hits = [
+        Hit(outage.start + 0.1, UNPROTECTED, "outage", 503),
+        Hit(0.1, PROTECTED, "healthy", 200),
+    ]
+    observed = [
+        Observed(
+            outage.start,
+            PROTECTED,
+            0,
+            events.CircuitStateChanged(SERVICE, "closed", "open", "fail_max", 1.0),
+        ),
+        Observed(
+            outage.start, PROTECTED, 0, events.FallbackUsed(SERVICE, "value", "CircuitOpenError")
+        ),
+    ]
+    report = build_report(
+        seed=1, schedule=schedule, workers=1, records=records, observed=observed, hits=hits
+    )
+    protected, unprotected = report.client(PROTECTED), report.client(UNPROTECTED)
+    assert (protected.requests, protected.answered_by_fallback, protected.success_rate) == (
+        2,
+        1,
+        1.0,
+    )
+    assert (unprotected.failed, unprotected.success_rate) == (1, 0.5)
+    assert (protected.circuit_trips, protected.fallbacks_served) == (1, 1)
+    assert (protected.upstream_calls_during_outage, unprotected.upstream_calls_during_outage) == (
+        0,
+        1,
+    )
+    assert unprotected.time_to_recover == pytest.approx(0.6)
+    assert protected.time_to_recover is None
+    assert report.circuit_closed_at is None
+    assert "was not closed at the end of the run" in report.render()
+    assert unprotected.errors == {"HTTPStatusError": 1}
+
+
+def test_percentile_is_nearest_rank():
+    assert percentile([], 50) is None
+    assert percentile([3.0], 99) == 3.0
+    values = [float(v) for v in range(1, 101)]
+    assert (percentile(values, 50), percentile(values, 95), percentile(values, 99)) == (50, 95, 99)
+
+
+@pytest.mark.realtime
+def test_endpoints_serve_metrics_and_health():
+    registry = CollectorRegistry()
+    previous = instrumentation.installed().get("prometheus")
+    instrumentation.configure(prometheus=registry)
+    endpoints = Endpoints(registry=registry)
+    endpoints.start()
+    try:
+
+        def probe():
+            return "live"
+
+        assert with_fallback("cached", name="probe")(probe)() == "live"
+        with urllib.request.urlopen(endpoints.base + "/metrics", timeout=2) as response:
+            exposition = response.read().decode()
+        assert 'buttress_calls_total{outcome="success",service="probe"} 1.0' in exposition
+        with urllib.request.urlopen(endpoints.base + "/health", timeout=2) as response:
+            assert json.loads(response.read())["status"] in {"healthy", "degraded"}
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(endpoints.base + "/nothing", timeout=2)
+        assert missing.value.code == 404
+        missing.value.close()
+    finally:
+        endpoints.stop()
+        instrumentation.configure(prometheus=previous if previous is not None else False)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--duration", "2"], "--duration must be at least 5"),
+        (["--workers", "0"], "--workers must be at least 1"),
+        (["--redis", "localhost:6379"], "redis:// or rediss://"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_missing_settings_file_is_reported(tmp_path, capsys):
+    assert main(["--config", str(tmp_path / "absent.toml")]) == 2
+    assert "no settings file" in capsys.readouterr().err
+
+
+def test_invalid_demo_settings_are_reported(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[services.inventory.retry]\nmax_attempts = 0\n")
+    assert main(["--config", str(bad)]) == 1
+    assert "max_attempts" in capsys.readouterr().err
