@@ -11,6 +11,7 @@ or while anybody waits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import deque
 from typing import Any, ClassVar, TypedDict
@@ -89,12 +90,12 @@ class _TaskWaiter(_Waiter):
         self.thread = threading.get_ident()
 
     def wake(self) -> bool:
-        if threading.get_ident() == self.thread:
-            # Released from the waiter's own loop thread: resolve directly, no self-pipe write.
-            _resolve(self.future)
-            return True
         try:
-            self.loop.call_soon_threadsafe(_resolve, self.future)
+            if threading.get_ident() == self.thread:
+                # Released from the waiter's own thread: resolve directly, no self-pipe write.
+                _resolve(self.future)
+            else:
+                self.loop.call_soon_threadsafe(_resolve, self.future)
         except RuntimeError:  # its loop was closed under it; that task will never run again
             return False
         return True
@@ -153,7 +154,9 @@ class Bulkhead:
         with self._lock:
             if waiter.granted:
                 return True
-            self._waiters.remove(waiter)
+            # Gone already if a release found its event loop closed and passed the slot on.
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
             return False
 
     def release(self) -> None:

@@ -1,0 +1,764 @@
+"""Bulkhead: bounded concurrency with a FIFO queue, for threads and tasks on any event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from buttress import _clock, registry, with_bulkhead, with_timeout
+from buttress.events import (
+    BulkheadAcquired,
+    BulkheadQueued,
+    BulkheadReleased,
+    CallRejected,
+    ShadowDecision,
+)
+from buttress.exceptions import BulkheadFullError, TimeoutExceededError
+from buttress.patterns import bulkhead
+from buttress.patterns._base import BuildContext
+from buttress.patterns.bulkhead import Bulkhead, BulkheadOptions, BulkheadStrategy
+from buttress.testing import FakeClock, capture_events
+
+
+def strategy(service: str = "svc", mode: str = "enforce", **options: Any) -> BulkheadStrategy:
+    built = bulkhead.build(BuildContext(service, BulkheadOptions(**options), service, mode))
+    assert isinstance(built, BulkheadStrategy)
+    return built
+
+
+def wait_for(predicate, seconds: float = 5.0) -> None:
+    """Real-time poll for another thread's progress (bounded; never a duration under test)."""
+    limit = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < limit, "condition not reached in time"
+        time.sleep(0.0005)
+
+
+class Background:
+    """One call of a ``mode`` function on its own thread (async: on its own event loop)."""
+
+    def __init__(self, mode, fn, *args: Any) -> None:
+        self.outcome: Any = None
+        self.done = threading.Event()
+
+        def run() -> None:
+            try:
+                self.outcome = asyncio.run(fn(*args)) if mode.is_async else fn(*args)
+            except BaseException as exc:  # the test inspects it
+                self.outcome = exc
+            finally:
+                self.done.set()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def result(self) -> Any:
+        assert self.done.wait(5), "background call did not finish"
+        return self.outcome
+
+
+class Scene:
+    """Calls through one bulkhead that can be held open and let go from the test."""
+
+    def __init__(self, mode, built: BulkheadStrategy) -> None:
+        self.mode = mode
+        self.built = built
+        self.gates: list[threading.Event] = []
+        self.order: list[str] = []
+
+    def function(self, label: str = "call", *, hold: bool = False):
+        gate = threading.Event()
+        self.gates.append(gate)
+
+        def body() -> str:
+            self.order.append(label)
+            if hold:
+                assert gate.wait(5)
+            return label
+
+        return self.mode.chain(self.built, self.mode.define(body)), gate
+
+    def start(
+        self, label: str = "call", *, hold: bool = False
+    ) -> tuple[Background, threading.Event]:
+        fn, gate = self.function(label, hold=hold)
+        return Background(self.mode, fn), gate
+
+    def hold(self, n: int) -> list[tuple[Background, threading.Event]]:
+        held = [self.start(f"holder{i}", hold=True) for i in range(n)]
+        wait_for(lambda: self.snapshot()["active"] == n)
+        return held
+
+    def snapshot(self):
+        return self.built.bulkhead.snapshot()
+
+    def release_all(self) -> None:
+        for gate in self.gates:
+            gate.set()
+
+
+@pytest.fixture
+def scenes():
+    made: list[Scene] = []
+
+    def make(mode, *, shadow: bool = False, **options: Any) -> Scene:
+        scene = Scene(mode, strategy(mode="shadow" if shadow else "enforce", **options))
+        made.append(scene)
+        return scene
+
+    yield make
+    for scene in made:
+        scene.release_all()
+
+
+def advance_until(clock: FakeClock, done: threading.Event, step: float = 0.5) -> None:
+    """Move simulated time until ``done`` (the waiter registers its deadline at its own pace)."""
+    limit = time.monotonic() + 5
+    while not done.is_set():
+        assert time.monotonic() < limit
+        clock.advance(step)
+        done.wait(0.001)
+
+
+# --- admission ------------------------------------------------------------------------------------
+
+
+def test_build_shares_one_bulkhead_per_key_and_is_off_when_disabled():
+    first, second = strategy("shared", limit=3), strategy("shared", limit=3)
+    assert first.bulkhead is second.bulkhead
+    assert first.pattern == "bulkhead"
+    off = BulkheadOptions(enabled=False)
+    assert bulkhead.build(BuildContext("svc", off, "svc")) is None
+
+
+def test_a_call_takes_and_gives_back_a_slot(mode, clock):
+    fn = mode.chain(strategy(limit=2), mode.define(lambda x: x + 1))
+    with capture_events([BulkheadAcquired, BulkheadReleased]) as seen:
+        assert mode.run(fn, 1) == 2
+    assert seen == [BulkheadAcquired("svc", 0.0, 1, 0, 2), BulkheadReleased("svc", 0, 0)]
+
+
+def test_limit_calls_run_and_the_next_is_rejected_without_a_queue(mode, clock, scenes):
+    scene = scenes(mode, limit=2)
+    held = scene.hold(2)
+    probe, _ = scene.function("probe")
+    with capture_events([CallRejected]) as seen:
+        error = mode.outcome(probe)
+    assert isinstance(error, BulkheadFullError)
+    assert (error.service, error.retry_after) == ("svc", None)
+    assert "2 calls in flight" in str(error)
+    assert seen == [CallRejected("svc", "bulkhead", "full", None)]
+    assert "probe" not in scene.order
+    scene.release_all()
+    assert [call.result() for call, _ in held] == ["holder0", "holder1"]
+    assert scene.snapshot()["active"] == 0
+    assert mode.run(probe) == "probe"
+
+
+def test_queued_calls_get_freed_slots_in_arrival_order(mode, clock, scenes):
+    scene = scenes(mode, limit=1, max_queue=2)
+    [(holder, gate)] = scene.hold(1)
+    with capture_events([BulkheadQueued]) as seen:
+        first, _ = scene.start("first")
+        wait_for(lambda: scene.snapshot()["queued"] == 1)
+        second, _ = scene.start("second")
+        wait_for(lambda: scene.snapshot()["queued"] == 2)
+    assert seen == [BulkheadQueued("svc", 1), BulkheadQueued("svc", 2)]
+    gate.set()
+    assert (holder.result(), first.result(), second.result()) == ("holder0", "first", "second")
+    assert scene.order == ["holder0", "first", "second"]
+    assert scene.snapshot() == {
+        "service": "svc",
+        "active": 0,
+        "queued": 0,
+        "limit": 1,
+        "utilization": 0.0,
+    }
+
+
+def test_a_full_queue_rejects_at_once(mode, clock, scenes):
+    scene = scenes(mode, limit=1, max_queue=1)
+    scene.hold(1)
+    waiting, _ = scene.start("waiting")
+    wait_for(lambda: scene.snapshot()["queued"] == 1)
+    probe, _ = scene.function("probe")
+    error = mode.outcome(probe)
+    assert isinstance(error, BulkheadFullError)
+    assert "1 queued" in str(error)
+    scene.release_all()
+    assert waiting.result() == "waiting"
+    assert (scene.snapshot()["active"], scene.snapshot()["queued"]) == (0, 0)
+
+
+def test_a_queued_call_gives_up_after_queue_timeout(mode, clock, scenes):
+    scene = scenes(mode, limit=1, max_queue=1, queue_timeout=2)
+    scene.hold(1)
+    with capture_events([CallRejected]) as seen:
+        waiting, _ = scene.start("waiting")
+        wait_for(lambda: scene.snapshot()["queued"] == 1)
+        advance_until(clock, waiting.done)
+    error = waiting.result()
+    assert isinstance(error, BulkheadFullError)
+    assert "within 2 s" in str(error)
+    assert seen == [CallRejected("svc", "bulkhead", "queue_timeout", None)]
+    assert scene.snapshot()["queued"] == 0
+    assert "waiting" not in scene.order
+    scene.release_all()
+    wait_for(lambda: scene.snapshot()["active"] == 0)
+
+
+def test_a_queued_call_reports_how_long_it_waited(mode, clock, scenes):
+    scene = scenes(mode, limit=1, max_queue=1)
+    [(_, gate)] = scene.hold(1)
+    with capture_events([BulkheadAcquired]) as seen:
+        waiting, _ = scene.start("waiting")
+        wait_for(lambda: scene.snapshot()["queued"] == 1)
+        clock.advance(3)
+        gate.set()
+        assert waiting.result() == "waiting"
+    assert [e.waited for e in seen] == [3.0]
+
+
+# --- slots come back on every path ----------------------------------------------------------------
+
+
+def test_a_failing_call_gives_its_slot_back(mode, clock):
+    own = ConnectionError("down")
+
+    def body():
+        raise own
+
+    built = strategy(limit=1)
+    assert mode.outcome(mode.chain(built, mode.define(body))) is own
+    assert built.bulkhead.snapshot()["active"] == 0
+
+
+def test_a_timed_out_async_call_gives_its_slot_back(clock):
+    fn = with_timeout(name="slow", seconds=1)(
+        with_bulkhead(name="slow", limit=1)(_async_sleeper(10))
+    )
+    with pytest.raises(TimeoutExceededError):
+        asyncio.run(fn())
+    assert registry.instances("bulkhead")["slow"].snapshot()["active"] == 0
+
+
+def _async_sleeper(seconds: float):
+    async def sleeper() -> str:
+        await _clock.asleep(seconds)
+        return "done"
+
+    return sleeper
+
+
+def test_an_abandoned_sync_call_keeps_its_slot_until_it_really_ends(clock):
+    gate = threading.Event()
+
+    def hung() -> str:
+        clock.sleep(10)
+        gate.wait(5)
+        return "late"
+
+    fn = with_timeout(name="hung", seconds=1)(with_bulkhead(name="hung", limit=1)(hung))
+    with pytest.raises(TimeoutExceededError):
+        fn()
+    shared = registry.instances("bulkhead")["hung"]
+    # The dependency is still busy with the abandoned call: the slot says so.
+    assert shared.snapshot()["active"] == 1
+    gate.set()
+    wait_for(lambda: shared.snapshot()["active"] == 0)
+
+
+def test_a_task_cancelled_while_queued_leaves_no_trace(clock):
+    async def scenario() -> None:
+        bh = Bulkhead("svc", BulkheadOptions(limit=1, max_queue=2))
+        assert bh.try_acquire()
+        waiters = [asyncio.create_task(bh.aacquire()) for _ in range(2)]
+        await asyncio.sleep(0)
+        assert bh.snapshot()["queued"] == 2
+        waiters[0].cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiters[0]
+        assert (bh.snapshot()["active"], bh.snapshot()["queued"]) == (1, 1)
+        bh.release()  # goes to the remaining waiter, not to the cancelled one
+        await waiters[1]
+        assert (bh.snapshot()["active"], bh.snapshot()["queued"]) == (1, 0)
+        bh.release()
+        assert (bh.snapshot()["active"], bh.snapshot()["queued"]) == (0, 0)
+
+    asyncio.run(scenario())
+
+
+def test_a_task_granted_a_slot_as_it_is_cancelled_gives_it_back(clock):
+    async def scenario() -> None:
+        bh = Bulkhead("svc", BulkheadOptions(limit=1, max_queue=1))
+        assert bh.try_acquire()
+        waiter = asyncio.create_task(bh.aacquire())
+        await asyncio.sleep(0)
+        bh.release()  # hands the slot to the waiter ...
+        waiter.cancel()  # ... which is cancelled before it runs again
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert (bh.snapshot()["active"], bh.snapshot()["queued"]) == (0, 0)
+
+    asyncio.run(scenario())
+
+
+def test_a_task_granted_a_slot_from_another_thread_as_it_is_cancelled_gives_it_back(clock):
+    async def scenario() -> None:
+        bh = Bulkhead("svc", BulkheadOptions(limit=1, max_queue=1))
+        assert bh.try_acquire()
+        waiter = asyncio.create_task(bh.aacquire())
+        await asyncio.sleep(0)
+        releaser = threading.Thread(target=bh.release)
+        releaser.start()
+        releaser.join(5)  # the grant is in flight to this loop through call_soon_threadsafe
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert (bh.snapshot()["active"], bh.snapshot()["queued"]) == (0, 0)
+
+    asyncio.run(scenario())
+
+
+def test_a_task_granted_a_slot_as_its_queue_timeout_fires_keeps_it(clock):
+    async def scenario() -> None:
+        bh = Bulkhead("svc", BulkheadOptions(limit=1, max_queue=1, queue_timeout=1))
+        assert bh.try_acquire()
+        waiter = asyncio.create_task(bh.aacquire())
+        await asyncio.sleep(0)
+        clock.advance(1)  # the queue timeout fires ...
+        bh.release()  # ... and a slot is handed over in the same instant
+        await waiter  # the slot won: no BulkheadFullError
+        assert (bh.snapshot()["active"], bh.snapshot()["queued"]) == (1, 0)
+        bh.release()
+        assert bh.snapshot()["active"] == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_thread_granted_a_slot_as_its_queue_timeout_fires_never_leaks(clock):
+    # Which side wins the race is up to the scheduler; either way nothing leaks.
+    outcomes = set()
+    for _ in range(20):
+        bh = Bulkhead("svc", BulkheadOptions(limit=1, max_queue=1, queue_timeout=1))
+        assert bh.try_acquire()
+        result: list[object] = []
+
+        def waiter(bh: Bulkhead = bh, result: list[object] = result) -> None:
+            try:
+                bh.acquire()
+            except BulkheadFullError as exc:
+                result.append(exc)
+                return
+            result.append("slot")
+            bh.release()
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        wait_for(lambda bh=bh: bh.snapshot()["queued"] == 1)
+        clock.advance(1)
+        bh.release()
+        thread.join(5)
+        outcomes.add(type(result[0]).__name__)
+        assert (bh.snapshot()["active"], bh.snapshot()["queued"]) == (0, 0)
+    assert outcomes <= {"str", "BulkheadFullError"}
+
+
+def test_a_closed_event_loop_does_not_swallow_the_slot(clock):
+    bh = Bulkhead("svc", BulkheadOptions(limit=1, max_queue=2))
+    assert bh.try_acquire()
+    loop = asyncio.new_event_loop()
+    abandoned = loop.create_task(bh.aacquire())
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.close()  # with its waiter still queued: that task can never take a slot
+    thread_got_it = threading.Event()
+
+    def waiter() -> None:
+        bh.acquire()
+        thread_got_it.set()
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    wait_for(lambda: bh.snapshot()["queued"] == 2)
+    bh.release()
+    assert thread_got_it.wait(5)
+    thread.join(5)
+    assert (bh.snapshot()["active"], bh.snapshot()["queued"]) == (1, 0)
+    abandoned._log_destroy_pending = False
+
+
+# --- concurrency ----------------------------------------------------------------------------------
+
+
+class Peak:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.now = 0
+        self.peak = 0
+
+    def enter(self) -> None:
+        with self.lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+
+    def leave(self) -> None:
+        with self.lock:
+            self.now -= 1
+
+
+@pytest.mark.realtime
+def test_64_threads_never_exceed_the_limit():
+    built = strategy("threads", limit=8, max_queue=64)
+    peak = Peak()
+    gate = threading.Event()
+
+    def body(args, kwargs):
+        peak.enter()
+        gate.wait(5)
+        time.sleep(0.0005)  # overlap the waiters' hand-offs with calls still leaving
+        peak.leave()
+        return args[0]
+
+    step = built.wrap(body)
+    results: list[int] = []
+    threads = [
+        threading.Thread(target=lambda i=i: results.append(step((i,), {}))) for i in range(64)
+    ]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: built.bulkhead.snapshot()["queued"] == 56)
+    assert (peak.peak, built.bulkhead.snapshot()["active"]) == (8, 8)
+    gate.set()
+    for thread in threads:
+        thread.join(5)
+    assert sorted(results) == list(range(64))
+    assert peak.peak == 8
+    snapshot = built.bulkhead.snapshot()
+    assert (snapshot["active"], snapshot["queued"]) == (0, 0)
+
+
+def test_1000_tasks_never_exceed_the_limit():
+    built = strategy("tasks", limit=16, max_queue=1000)
+    peak = Peak()
+
+    async def body(args, kwargs):
+        peak.enter()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        peak.leave()
+        return args[0]
+
+    step = built.awrap(body)
+
+    async def scenario() -> list[int]:
+        return await asyncio.gather(*(step((i,), {}) for i in range(1000)))
+
+    assert asyncio.run(scenario()) == list(range(1000))
+    assert peak.peak == 16
+    snapshot = built.bulkhead.snapshot()
+    assert (snapshot["active"], snapshot["queued"]) == (0, 0)
+
+
+def test_1000_tasks_with_cancellations_and_timeouts_leak_nothing(clock):
+    built = strategy("churn", limit=8, max_queue=1000, queue_timeout=5)
+    peak = Peak()
+
+    async def body(args, kwargs):
+        peak.enter()
+        try:
+            await _clock.asleep(args[0] % 3)  # the fake clock jumps: queue timeouts fire
+        finally:
+            peak.leave()
+        return args[0]
+
+    step = built.awrap(body)
+
+    async def scenario() -> list[object]:
+        tasks = [asyncio.create_task(step((i,), {})) for i in range(1000)]
+        await asyncio.sleep(0)
+        for task in tasks[::7]:
+            task.cancel()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    outcomes = asyncio.run(scenario())
+    kinds = {type(o).__name__ for o in outcomes}
+    assert kinds <= {"int", "CancelledError", "BulkheadFullError"}
+    assert "CancelledError" in kinds
+    assert peak.peak <= 8
+    snapshot = built.bulkhead.snapshot()
+    assert (snapshot["active"], snapshot["queued"]) == (0, 0)
+
+
+@pytest.mark.realtime
+def test_one_bulkhead_serves_four_event_loops_in_four_threads_at_once():
+    built = strategy("loops", limit=3, max_queue=200)
+    peak = Peak()
+    loops_seen: set[int] = set()
+
+    async def body(args, kwargs):
+        peak.enter()
+        loops_seen.add(id(asyncio.get_running_loop()))
+        await asyncio.sleep(0.001)
+        peak.leave()
+        return args[0]
+
+    step = built.awrap(body)
+    results: dict[int, list[int]] = {}
+
+    def run_loop(n: int) -> None:
+        async def many() -> list[int]:
+            return await asyncio.gather(*(step((n * 100 + i,), {}) for i in range(25)))
+
+        results[n] = asyncio.run(many())
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=run_loop, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert time.monotonic() - started < 2
+    assert results == {n: [n * 100 + i for i in range(25)] for n in range(4)}
+    assert len(loops_seen) == 4
+    assert peak.peak <= 3
+    snapshot = built.bulkhead.snapshot()
+    assert (snapshot["active"], snapshot["queued"]) == (0, 0)
+
+
+# --- reconfiguration, snapshot, shadow ------------------------------------------------------------
+
+
+def test_reconfigure_keeps_calls_in_flight_and_a_raised_limit_admits_waiters(mode, clock, scenes):
+    scene = scenes(mode, limit=1, max_queue=2)
+    scene.hold(1)
+    first, _ = scene.start("first")
+    wait_for(lambda: scene.snapshot()["queued"] == 1)
+    scene.built.bulkhead.reconfigure(BulkheadOptions(limit=2, max_queue=2))
+    assert first.result() == "first"  # admitted by the raised limit while the holder still runs
+    assert scene.snapshot()["active"] == 1
+    scene.built.bulkhead.reconfigure(BulkheadOptions(limit=1, max_queue=0))
+    assert scene.snapshot()["limit"] == 1
+    scene.release_all()
+    wait_for(lambda: scene.snapshot()["active"] == 0)
+
+
+def test_a_lowered_limit_admits_nobody_until_calls_in_flight_drop_below_it(mode, clock, scenes):
+    scene = scenes(mode, limit=3, max_queue=1)
+    held = scene.hold(3)
+    scene.built.bulkhead.reconfigure(BulkheadOptions(limit=1, max_queue=1))
+    snapshot = scene.snapshot()
+    assert (snapshot["active"], snapshot["limit"], snapshot["utilization"]) == (3, 1, 3.0)
+    waiting, _ = scene.start("waiting")
+    wait_for(lambda: scene.snapshot()["queued"] == 1)
+    held[0][1].set()
+    held[1][1].set()
+    wait_for(lambda: scene.snapshot()["active"] == 1)
+    assert not waiting.done.is_set()  # the last holder is still at the (new) limit
+    held[2][1].set()
+    assert waiting.result() == "waiting"
+    assert (scene.snapshot()["active"], scene.snapshot()["queued"]) == (0, 0)
+
+
+def test_registry_reconfigures_the_shared_instance_in_place(clock):
+    first = strategy("svc", limit=1)
+    assert first.bulkhead.try_acquire()
+    second = strategy("svc", limit=4)
+    assert second.bulkhead is first.bulkhead
+    assert first.bulkhead.snapshot()["limit"] == 4
+    assert first.bulkhead.snapshot()["active"] == 1
+    first.bulkhead.release()
+
+
+def test_snapshot_reports_utilization(mode, clock, scenes):
+    scene = scenes(mode, limit=4)
+    scene.hold(1)
+    assert scene.snapshot() == {
+        "service": "svc",
+        "active": 1,
+        "queued": 0,
+        "limit": 4,
+        "utilization": 0.25,
+    }
+
+
+def test_shadow_mode_never_rejects_but_says_when_it_would_have(mode, clock, scenes):
+    scene = scenes(mode, shadow=True, limit=1, max_queue=1)
+    scene.hold(1)
+    fn, _ = scene.function("extra")
+    with capture_events([ShadowDecision, CallRejected]) as seen:
+        assert mode.run(fn) == "extra"  # would have queued: let through silently
+        overflow, _ = scene.start("overflow", hold=True)
+        wait_for(lambda: "overflow" in scene.order)
+        assert mode.run(fn) == "extra"  # the queue would have been full: would have rejected
+    assert seen == [ShadowDecision("svc", "bulkhead", "reject")]
+    assert scene.snapshot()["active"] == 1  # only calls that found a free slot are counted
+    scene.release_all()
+    assert overflow.result() == "overflow"
+    wait_for(lambda: scene.snapshot()["active"] == 0)
+    assert scene.built.bulkhead._overflow == 0
+
+
+def test_with_bulkhead_decorator_shares_the_service_bulkhead(mode, clock):
+    one = with_bulkhead(name="api", limit=2)(mode.define(lambda: "one"))
+    two = with_bulkhead(name="api", limit=2)(mode.define(lambda: "two"))
+    assert (mode.run(one), mode.run(two)) == ("one", "two")
+    assert list(registry.instances("bulkhead")) == ["api"]
+    assert registry.instances("bulkhead")["api"].snapshot()["limit"] == 2
+
+
+# --- a stateful model -----------------------------------------------------------------------------
+
+
+class BulkheadMachine(RuleBasedStateMachine):
+    """Tasks start, finish, get cancelled, time out in the queue, and the limits change.
+
+    After every step the real bulkhead must agree with a plain model: who holds a slot, who waits
+    in which order, and why each rejected call was rejected.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = FakeClock()
+        self.previous_clock = _clock.set_clock(self.clock)
+        self.loop = asyncio.new_event_loop()
+        self.tasks: dict[int, asyncio.Task[Any]] = {}
+        self.gates: dict[int, asyncio.Event] = {}
+        self.inside: set[int] = set()
+        self.next_id = 0
+        # The model.
+        self.running: set[int] = set()
+        self.queue: list[tuple[int, float]] = []  # (call, simulated time it queued)
+        self.rejected: dict[int, str] = {}
+        self.cancelled: set[int] = set()
+
+    @initialize(
+        limit=st.integers(1, 3),
+        max_queue=st.integers(0, 3),
+        queue_timeout=st.none() | st.sampled_from([1.0, 2.5]),
+    )
+    def setup(self, limit: int, max_queue: int, queue_timeout: float | None) -> None:
+        self.options = BulkheadOptions(
+            limit=limit, max_queue=max_queue, queue_timeout=queue_timeout
+        )
+        self.built = strategy("model", **self.options.model_dump())
+        self.step = self.built.awrap(self._body)
+
+    async def _body(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+        call = args[0]
+        self.inside.add(call)
+        try:
+            await self.gates[call].wait()
+        finally:
+            self.inside.discard(call)
+        return call
+
+    def _settle(self) -> None:
+        for _ in range(6):
+            self.loop.run_until_complete(asyncio.sleep(0))
+
+    def _hand_off(self, leaving: int) -> None:
+        """Model of release: the oldest waiter takes the slot unless over a lowered limit."""
+        over_limit = len(self.running) > self.options.limit
+        self.running.discard(leaving)
+        if self.queue and not over_limit:
+            self.running.add(self.queue.pop(0)[0])
+
+    @rule()
+    def start(self) -> None:
+        call = self.next_id
+        self.next_id += 1
+        self.gates[call] = asyncio.Event()
+        self.tasks[call] = self.loop.create_task(self.step((call,), {}))
+        if len(self.running) < self.options.limit:
+            self.running.add(call)
+        elif len(self.queue) < self.options.max_queue:
+            self.queue.append((call, self.clock.monotonic()))
+        else:
+            self.rejected[call] = "full"
+        self._settle()
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data())
+    def finish(self, data: st.DataObject) -> None:
+        call = data.draw(st.sampled_from(sorted(self.running)))
+        self.gates[call].set()
+        self._hand_off(call)
+        self._settle()
+
+    @precondition(lambda self: self.running or self.queue)
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        call = data.draw(st.sampled_from(sorted(self.running | {c for c, _ in self.queue})))
+        self.tasks[call].cancel()
+        self.cancelled.add(call)
+        if call in self.running:
+            self._hand_off(call)
+        else:
+            self.queue = [(c, t) for c, t in self.queue if c != call]
+        self._settle()
+
+    @rule(seconds=st.sampled_from([0.5, 1.0, 2.0]))
+    def advance(self, seconds: float) -> None:
+        async def move() -> None:
+            self.clock.advance(seconds)
+
+        self.loop.run_until_complete(move())
+        timeout = self.options.queue_timeout
+        if timeout is not None:
+            now = self.clock.monotonic()
+            for call, since in list(self.queue):
+                if since + timeout <= now:
+                    self.queue.remove((call, since))
+                    self.rejected[call] = "queue_timeout"
+        self._settle()
+
+    @rule(limit=st.integers(1, 3), max_queue=st.integers(0, 3))
+    def reconfigure(self, limit: int, max_queue: int) -> None:
+        self.options = self.options.model_copy(update={"limit": limit, "max_queue": max_queue})
+        self.built.bulkhead.reconfigure(self.options)
+        while self.queue and len(self.running) < limit:
+            self.running.add(self.queue.pop(0)[0])
+        self._settle()
+
+    @invariant()
+    def agrees_with_the_model(self) -> None:
+        if not hasattr(self, "built"):
+            return
+        snapshot = self.built.bulkhead.snapshot()
+        assert self.inside == self.running
+        assert snapshot["active"] == len(self.running)
+        assert snapshot["queued"] == len(self.queue)
+        for call, reason in self.rejected.items():
+            task = self.tasks[call]
+            assert task.done()
+            error = task.exception()
+            assert isinstance(error, BulkheadFullError)
+            assert ("within" in str(error)) == (reason == "queue_timeout")
+
+    def teardown(self) -> None:
+        try:
+            for gate in self.gates.values():
+                gate.set()
+            self._settle()
+            if hasattr(self, "built"):
+                snapshot = self.built.bulkhead.snapshot()
+                assert (snapshot["active"], snapshot["queued"]) == (0, 0)
+        finally:
+            for task in self.tasks.values():
+                if not task.done():
+                    task.cancel()
+            self._settle()
+            self.loop.close()
+            _clock.set_clock(self.previous_clock)
+            registry.clear()
+
+
+TestBulkheadMachine = BulkheadMachine.TestCase
+TestBulkheadMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
