@@ -394,6 +394,7 @@ def _command(*parts: bytes) -> bytes:
 
 
 _LOAD: Final = _command(b"SCRIPT", b"LOAD", _SCRIPT_BYTES)
+_EMPTY: Final = _bulk(b"")
 
 
 def _is_noscript(exc: BaseException) -> bool:
@@ -594,13 +595,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         """Decide whether a call may run (one request to Redis, or local while it is down)."""
         if self._may_try():
             request, cleared = self._admit_request(limits)
-            try:
-                reply = self._link.call(request)
-                decision = self._accept(reply, limits)
-            except Exception as exc:  # noqa: BLE001 - any Redis fault means: go on locally
-                self._failed("admit", exc, cleared)
-            else:
-                self._recovered()
+            decision = self._send("admit", request, cleared, limits)
+            if decision is not None:
                 return decision
         with self._lock:
             return self._local.admit(limits, _clock.monotonic())
@@ -609,13 +605,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         """``admit`` for asyncio callers: awaits Redis, never blocks the event loop."""
         if self._may_try():
             request, cleared = self._admit_request(limits)
-            try:
-                reply = await self._alink.call(request)
-                decision = self._accept(reply, limits)
-            except Exception as exc:  # noqa: BLE001 - any Redis fault means: go on locally
-                self._failed("admit", exc, cleared)
-            else:
-                self._recovered()
+            decision = await self._asend("admit", request, cleared, limits)
+            if decision is not None:
                 return decision
         with self._lock:
             return self._local.admit(limits, _clock.monotonic())
@@ -630,21 +621,14 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
             the state after, or None when nothing needed sending (a closed-state success or an
             ignored outcome of a call that was not a trial).
         """
-        if not ticket.shared:
-            with self._lock:
-                return self._local.record(ticket, outcome, limits, _clock.monotonic())
-        request, cleared = self._record_request(ticket, outcome, limits)
-        if request is None:
-            return None
-        if self._may_try():
-            try:
-                reply = self._link.call(request)
-                decision = self._accept(reply, limits)
-            except Exception as exc:  # noqa: BLE001 - any Redis fault means: go on locally
-                self._failed("record", exc, cleared)
-            else:
-                self._recovered()
-                return decision
+        if ticket.shared:
+            if not self._worth_sending(ticket, outcome):
+                return None
+            if self._may_try():
+                request, cleared = self._record_request(ticket, outcome, limits)
+                decision = self._send("record", request, cleared, limits)
+                if decision is not None:
+                    return decision
         with self._lock:
             return self._local.record(ticket, outcome, limits, _clock.monotonic())
 
@@ -652,23 +636,28 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         self, ticket: Decision, outcome: str, limits: Limits | None
     ) -> Decision | None:
         """``record`` for asyncio callers."""
-        if not ticket.shared:
-            with self._lock:
-                return self._local.record(ticket, outcome, limits, _clock.monotonic())
-        request, cleared = self._record_request(ticket, outcome, limits)
-        if request is None:
-            return None
-        if self._may_try():
-            try:
-                reply = await self._alink.call(request)
-                decision = self._accept(reply, limits)
-            except Exception as exc:  # noqa: BLE001 - any Redis fault means: go on locally
-                self._failed("record", exc, cleared)
-            else:
-                self._recovered()
-                return decision
+        if ticket.shared:
+            if not self._worth_sending(ticket, outcome):
+                return None
+            if self._may_try():
+                request, cleared = self._record_request(ticket, outcome, limits)
+                decision = await self._asend("record", request, cleared, limits)
+                if decision is not None:
+                    return decision
         with self._lock:
             return self._local.record(ticket, outcome, limits, _clock.monotonic())
+
+    def transition(self, state: str, generation: int, limits: Limits | None) -> Decision:
+        """Move to ``state`` if the circuit is still in ``generation`` (compare-and-set).
+
+        For transitions a breaker decides itself (a failure-rate trip): of several processes
+        making the same move from the same state, the first one wins and the others see it.
+        """
+        return self._set(state, limits, expected=generation, always=False)
+
+    async def atransition(self, state: str, generation: int, limits: Limits | None) -> Decision:
+        """``transition`` for asyncio callers."""
+        return await self._aset(state, limits, expected=generation, always=False)
 
     def force(self, state: str, limits: Limits | None = None) -> Decision:
         """Put the fleet's circuit in ``state`` (closed, open, half_open) with fresh counters.
@@ -679,22 +668,21 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
 
     async def aforce(self, state: str, limits: Limits | None = None) -> Decision:
         """``force`` for asyncio callers."""
-        request = self._set_request(state, limits, expected=None, always=True)
-        if self._may_try():
-            try:
-                reply = await self._alink.call(request)
-                decision = self._accept(reply, limits)
-            except Exception as exc:  # noqa: BLE001 - any Redis fault means: go on locally
-                self._failed("set_state", exc, None)
-            else:
-                self._recovered()
-                return decision
-        with self._lock:
-            return self._local.force(state, _clock.monotonic(), always=True)
+        return await self._aset(state, limits, expected=None, always=True)
 
     def observe(self) -> Decision:
         """The current state, read from Redis (or local while it is down); changes nothing."""
-        return self._observe()
+        if self._may_try():
+            request, cleared = self._observe_request()
+            decision = self._send("read", request, cleared, None)
+            if decision is not None:
+                return decision
+        return self.last_known()
+
+    def last_known(self) -> Decision:
+        """The state as this process last saw it (no request): for health checks."""
+        with self._lock:
+            return self._local.observe(_clock.monotonic())
 
     def close(self) -> None:
         """Close the pooled synchronous connections."""
@@ -703,6 +691,59 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
     async def aclose(self) -> None:
         """Close the pooled connections of the running event loop."""
         await self._alink.close()
+
+    # --- sending -------------------------------------------------------------------------------
+
+    def _send(
+        self, operation: str, request: bytes, cleared: tuple[int, int] | None, limits: Any
+    ) -> Decision | None:
+        """One request to Redis; None (and the store marked down) if it failed."""
+        try:
+            decision = self._accept(self._link.call(request), limits)
+        except Exception as exc:  # noqa: BLE001 - any Redis fault means: go on locally
+            self._failed(operation, exc, cleared)
+            return None
+        except BaseException:
+            self._abandoned(cleared)
+            raise
+        self._recovered()
+        return decision
+
+    async def _asend(
+        self, operation: str, request: bytes, cleared: tuple[int, int] | None, limits: Any
+    ) -> Decision | None:
+        try:
+            decision = self._accept(await self._alink.call(request), limits)
+        except Exception as exc:  # noqa: BLE001 - any Redis fault means: go on locally
+            self._failed(operation, exc, cleared)
+            return None
+        except BaseException:  # cancelled: the next caller may probe
+            self._abandoned(cleared)
+            raise
+        self._recovered()
+        return decision
+
+    def _set(
+        self, state: str, limits: Limits | None, *, expected: int | None, always: bool
+    ) -> Decision:
+        if self._may_try():
+            request = self._set_request(state, limits, expected=expected, always=always)
+            decision = self._send("set_state", request, None, limits)
+            if decision is not None:
+                return decision
+        with self._lock:
+            return self._local.force(state, _clock.monotonic(), always=always)
+
+    async def _aset(
+        self, state: str, limits: Limits | None, *, expected: int | None, always: bool
+    ) -> Decision:
+        if self._may_try():
+            request = self._set_request(state, limits, expected=expected, always=always)
+            decision = await self._asend("set_state", request, None, limits)
+            if decision is not None:
+                return decision
+        with self._lock:
+            return self._local.force(state, _clock.monotonic(), always=always)
 
     # --- requests and replies --------------------------------------------------------------------
 
@@ -746,41 +787,52 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
             cleared, self._cleared = self._cleared, None
         return cleared
 
+    @staticmethod
+    def _cleared_args(cleared: tuple[int, int] | None) -> bytes:
+        if cleared is None:
+            return _EMPTY * 2
+        return _bulk(b"%d" % cleared[0]) + _bulk(b"%d" % cleared[1])
+
     def _admit_request(self, limits: Limits) -> tuple[bytes, tuple[int, int] | None]:
         cleared = self._take_cleared()
         lease = f"{self._lease_prefix}:{next(self._lease_ids)}".encode()
-        tail = (
-            _bulk(b"") + _bulk(b"")
-            if cleared is None
-            else _bulk(b"%d" % cleared[0]) + _bulk(b"%d" % cleared[1])
+        request = (
+            self._prefix(b"admit", limits) + self._cleared_args(cleared) + _bulk(lease) + _EMPTY * 3
         )
-        return (
-            self._prefix(b"admit", limits) + tail + _bulk(lease) + b"$0\r\n\r\n" * 3,
-            cleared,
-        )
+        return request, cleared
+
+    def _worth_sending(self, ticket: Decision, outcome: str) -> bool:
+        """Whether an outcome changes the shared state now (else it rides on the next request)."""
+        if ticket.trial or outcome == FAILURE:
+            return True
+        if outcome == SUCCESS and ticket.failures:
+            self._note_cleared(ticket.generation, ticket.seq)
+            with self._lock:  # and in the local copy, in case Redis is down by now
+                self._local.record(ticket, SUCCESS, None, _clock.monotonic())
+        return False
 
     def _record_request(
         self, ticket: Decision, outcome: str, limits: Limits | None
-    ) -> tuple[bytes | None, tuple[int, int] | None]:
-        if not ticket.trial:
-            if outcome == IGNORED:
-                return None, None
-            if outcome == SUCCESS:
-                if ticket.failures:
-                    self._note_cleared(ticket.generation, ticket.seq)
-                return None, None
+    ) -> tuple[bytes, tuple[int, int] | None]:
         cleared = self._take_cleared()
-        return self._prefix(b"record", limits) + b"".join(
-            _bulk(part)
-            for part in (
-                b"" if cleared is None else b"%d" % cleared[0],
-                b"" if cleared is None else b"%d" % cleared[1],
-                ticket.lease.encode(),
-                b"%d" % ticket.generation,
-                outcome.encode(),
-                b"%d" % ticket.seq,
+        request = (
+            self._prefix(b"record", limits)
+            + self._cleared_args(cleared)
+            + b"".join(
+                _bulk(part)
+                for part in (
+                    ticket.lease.encode(),
+                    b"%d" % ticket.generation,
+                    outcome.encode(),
+                    b"%d" % ticket.seq,
+                )
             )
-        ), cleared
+        )
+        return request, cleared
+
+    def _observe_request(self) -> tuple[bytes, tuple[int, int] | None]:
+        cleared = self._take_cleared()
+        return self._prefix(b"observe", None) + self._cleared_args(cleared) + _EMPTY * 4, cleared
 
     def _set_request(
         self, state: str, limits: Limits | None, *, expected: int | None, always: bool
@@ -790,9 +842,9 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         return self._prefix(b"set", limits) + b"".join(
             _bulk(part)
             for part in (
+                b"",  # no success to apply
                 b"",
-                b"",
-                b"",
+                b"",  # no lease
                 b"" if expected is None else b"%d" % expected,
                 state.encode(),
                 b"force" if always else b"",
@@ -876,6 +928,13 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
                 handlers, events.StateStoreError(self.service, operation, type(exc).__name__)
             )
 
+    def _abandoned(self, cleared: tuple[int, int] | None) -> None:
+        """A request was cancelled: nothing is known about Redis; let the next caller probe."""
+        with self._lock:
+            self._probing = False
+            if cleared is not None and (self._cleared is None or cleared > self._cleared):
+                self._cleared = cleared
+
     def _after_fork(self) -> None:
         self._link.forget()
         self._alink.forget()
@@ -884,47 +943,6 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         self._probing = False
 
     # --- pybreaker's CircuitBreakerStorage interface ---------------------------------------------
-
-    def _observe(self) -> Decision:
-        if self._may_try():
-            cleared = self._take_cleared()
-            request = self._prefix(b"observe", None) + b"".join(
-                _bulk(part)
-                for part in (
-                    b"" if cleared is None else b"%d" % cleared[0],
-                    b"" if cleared is None else b"%d" % cleared[1],
-                    b"",
-                    b"",
-                    b"",
-                    b"",
-                )
-            )
-            try:
-                reply = self._link.call(request)
-                decision = self._accept(reply, None)
-            except Exception as exc:  # noqa: BLE001 - any Redis fault means: go on locally
-                self._failed("read", exc, cleared)
-            else:
-                self._recovered()
-                return decision
-        with self._lock:
-            return self._local.observe(_clock.monotonic())
-
-    def _set(
-        self, state: str, limits: Limits | None, *, expected: int | None, always: bool
-    ) -> Decision:
-        request = self._set_request(state, limits, expected=expected, always=always)
-        if self._may_try():
-            try:
-                reply = self._link.call(request)
-                decision = self._accept(reply, limits)
-            except Exception as exc:  # noqa: BLE001 - any Redis fault means: go on locally
-                self._failed("set_state", exc, None)
-            else:
-                self._recovered()
-                return decision
-        with self._lock:
-            return self._local.force(state, _clock.monotonic(), always=always)
 
     def _remember(self, decision: Decision) -> None:
         self._seen.set((decision, _clock.wall()))
@@ -939,7 +957,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
     @property
     def state(self) -> str:
         """pybreaker: the state (one request). Remembers what this thread or task read."""
-        decision = self._observe()
+        decision = self.observe()
         self._remember(decision)
         return _TO_PYBREAKER[decision.state]
 
