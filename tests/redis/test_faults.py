@@ -9,13 +9,14 @@ real, so the frozen-server tests run in real time.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 import pytest
 
 from buttress import events
-from buttress.patterns.redis_storage import Limits
+from buttress.patterns.redis_storage import Limits, make_storage
 from buttress.testing import capture_events
 
 pytestmark = pytest.mark.redis
@@ -154,3 +155,26 @@ def test_a_frozen_or_killed_redis_delays_one_call_by_at_most_max_delay(
         redis_server.start()
     time.sleep(0.35)
     assert peer.admit(LIMITS).shared
+
+
+def test_a_cancelled_probe_lets_the_next_caller_probe(redis_server: Any, clock: Any) -> None:
+    # asyncio only: a task can be cancelled while it waits for Redis, a thread cannot
+    storage = make_storage(redis_server.url, "svc", socket_timeout=5, reconnect_min=0.5)
+
+    async def scenario() -> tuple[bool, bool]:
+        redis_server.kill()
+        during_outage = (await storage.aadmit(LIMITS)).shared
+        redis_server.start()
+        redis_server.freeze()
+        clock.advance(0.5)
+        probe = asyncio.ensure_future(storage.aadmit(LIMITS))
+        await asyncio.sleep(0.05)  # the probe waits on the frozen server
+        probe.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await probe
+        redis_server.thaw()
+        after = (await storage.aadmit(LIMITS)).shared
+        await storage.aclose()
+        return during_outage, after
+
+    assert asyncio.run(scenario()) == (False, True)

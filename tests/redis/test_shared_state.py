@@ -138,6 +138,25 @@ def test_an_ignored_trial_gives_its_slot_back(peers: Any) -> None:
     assert b.admit(limits).trial
 
 
+def test_a_transition_applies_only_to_the_generation_it_was_decided_in(peers: Any) -> None:
+    a, b = peers(), peers()
+    seen = a.admit(LIMITS)
+    first = a.storage.transition("open", seen.generation, LIMITS)  # say a failure-rate trip
+    second = b.storage.transition("open", seen.generation, LIMITS)  # the same trip, decided late
+    assert (first.state, first.change) == ("open", "manual")
+    assert (second.state, second.generation, second.change) == ("open", first.generation, None)
+    assert second.age >= first.age  # the open period was not restarted
+
+
+def test_last_known_reads_nothing_from_redis(peers: Any, redis_server: Any) -> None:
+    a, b = peers(), peers()
+    fail_times(a, 3)
+    counts = redis_server.counter()
+    assert (b.storage.last_known().state, b.storage.last_known().shared) == ("closed", False)
+    assert (a.storage.last_known().state, a.storage.last_known().shared) == ("open", False)
+    assert counts() == {}
+
+
 @pytest.mark.realtime
 def test_a_trial_whose_process_vanished_frees_its_slot_after_the_lease(peers: Any) -> None:
     limits = LIMITS._replace(half_open_max_calls=1)
