@@ -19,8 +19,16 @@ from buttress import (
 )
 from buttress.exceptions import ConfigurationError
 from buttress.health import asgi_app, degradation_level, wsgi_app
+from buttress.health import reset as forget_fallbacks
 
 TOKEN = "correct-horse-battery-staple"
+
+
+@pytest.fixture(autouse=True)
+def _no_fallbacks_seen():
+    forget_fallbacks()
+    yield
+    forget_fallbacks()
 
 
 @pytest.fixture

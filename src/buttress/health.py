@@ -48,6 +48,7 @@ __all__ = [
     "degradation_level",
     "health",
     "record_fallback",
+    "reset",
     "wsgi_app",
 ]
 
@@ -111,6 +112,12 @@ def record_fallback(event: FallbackUsed) -> None:
     """Event handler: remember that a service served a fallback (it is degraded for a while)."""
     with _fallbacks_lock:
         _fallbacks[event.service] = _clock.monotonic()
+
+
+def reset() -> None:
+    """Forget the fallbacks seen so far (with ``registry.clear()``: a fresh start for tests)."""
+    with _fallbacks_lock:
+        _fallbacks.clear()
 
 
 def _recent_fallbacks() -> dict[str, float]:

@@ -11,6 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from buttress import instrumentation
+from buttress.health import reset as forget_fallbacks
 
 
 class Metrics:
@@ -35,6 +36,13 @@ class Metrics:
     def names(self) -> set[str]:
         """The sample names that have at least one sample."""
         return {s.name for m in self.registry.collect() for s in m.samples}
+
+
+@pytest.fixture(autouse=True)
+def _no_fallbacks_seen() -> Iterator[None]:
+    forget_fallbacks()
+    yield
+    forget_fallbacks()
 
 
 @pytest.fixture

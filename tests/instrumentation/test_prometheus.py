@@ -176,31 +176,69 @@ def test_with_every_subscriber_off_no_event_is_routed_to_them(restore_subscriber
     assert ours == []
 
 
-def test_label_children_are_bound_once_per_service_and_outcome(metrics):
-    calls = 0
-    metric = metrics_family(metrics, "buttress_calls_total")
-    original = metric.labels
+class Counting:
+    """Wraps a binding function and counts the calls (a spy on the hot path's cost)."""
 
-    def counting_labels(*values):
-        nonlocal calls
-        calls += 1
-        return original(*values)
+    def __init__(self, fn):
+        self.fn = fn
+        self.calls = 0
 
-    metric.labels = counting_labels
-    try:
+    def __call__(self, *args):
+        self.calls += 1
+        return self.fn(*args)
+
+
+def test_series_are_bound_once_per_service_and_outcome_in_a_single_process():
+    subscriber = PrometheusSubscriber(CollectorRegistry(), multiprocess=False)
+    spy = subscriber.local.child = Counting(subscriber.local.child)
+    with attached(subscriber):
         for _ in range(50):
             events.emit(CallFinished("svc", "success", 0.001, None))
             events.emit(CallFinished("svc", "failure", 0.001, "ValueError"))
-    finally:
-        del metric.labels
-    # One child per outcome, bound at the first call of the service; none afterwards.
-    assert calls == len(prometheus.OUTCOMES)
-    assert metrics.value("buttress_calls_total", service="svc", outcome="success") == 50
+    assert spy.calls == len(prometheus.OUTCOMES)  # all bound at the service's first call
+    (series,) = [
+        s
+        for labels, s in subscriber.local.series["buttress_call_duration_seconds"].items()
+        if labels == ("svc", "success")
+    ]
+    assert sum(series.read()[0]) == 50
 
 
-def metrics_family(metrics, name):
-    subscriber = instrumentation._prometheus[metrics.registry]
-    return subscriber.metrics[name]
+def test_label_children_are_bound_once_per_service_and_outcome_in_multiprocess_mode():
+    registry = CollectorRegistry()
+    subscriber = PrometheusSubscriber(registry, multiprocess=True)
+    metric = subscriber.metrics["buttress_calls_total"]
+    spy = metric.labels = Counting(metric.labels)
+    with attached(subscriber):
+        for _ in range(50):
+            events.emit(CallFinished("svc", "success", 0.001, None))
+            events.emit(CallFinished("svc", "failure", 0.001, "ValueError"))
+    assert spy.calls == len(prometheus.OUTCOMES)
+    labels = {"service": "svc", "outcome": "success"}
+    assert registry.get_sample_value("buttress_calls_total", labels) == 50
+
+
+def test_a_single_process_exposes_counters_and_histograms_like_prometheus_client(metrics):
+    for duration in (0.0005, 0.001, 0.3, 200.0):
+        events.emit(CallFinished("svc", "success", duration, None))
+    buckets = {
+        dict(labels)["le"]: value
+        for labels, value in metrics.samples("buttress_call_duration_seconds_bucket").items()
+        if dict(labels)["outcome"] == "success"
+    }
+    assert buckets["0.001"] == 2  # le is inclusive
+    assert buckets["0.25"] == 2
+    assert buckets["0.5"] == 3
+    assert buckets["120.0"] == 3
+    assert buckets["+Inf"] == 4
+    assert (
+        metrics.value("buttress_call_duration_seconds_count", service="svc", outcome="success") == 4
+    )
+    assert metrics.value(
+        "buttress_call_duration_seconds_sum", service="svc", outcome="success"
+    ) == pytest.approx(200.3015)
+    assert metrics.value("buttress_calls_total", service="svc", outcome="success") == 4
+    assert metrics.value("buttress_calls_total", service="svc", outcome="timeout") == 0
 
 
 # --- counters and histograms from events ----------------------------------------------------------

@@ -21,12 +21,20 @@ from __future__ import annotations
 
 import os
 import threading
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any, Generic, Literal, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
 
 from buttress import _clock, config, events, registry
 from buttress.events import (
@@ -525,6 +533,92 @@ def _children(metric: Any, method: str | None) -> _Lazy[Any, Any]:
     return _Lazy(bind)
 
 
+class _CounterSeries:
+    """One series of a counter, kept in this process (a single process's fast path)."""
+
+    __slots__ = ("_lock", "value")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        # acquire/try/finally rather than ``with``: the same guarantee, a third of the cost.
+        lock = self._lock
+        lock.acquire()
+        try:
+            self.value += amount
+        finally:
+            lock.release()
+
+    def read(self) -> float:
+        with self._lock:
+            return self.value
+
+
+class _HistogramSeries:
+    """One series of a histogram, kept in this process: per-bucket counts and the sum."""
+
+    __slots__ = ("_bounds", "_lock", "buckets", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self._lock = threading.Lock()
+        self.buckets = [0] * (len(bounds) + 1)  # not cumulative; the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        index = bisect_left(self._bounds, amount)  # the first bound >= amount: Prometheus's le
+        lock = self._lock
+        lock.acquire()
+        try:
+            self.buckets[index] += 1
+            self.sum += amount
+        finally:
+            lock.release()
+
+    def read(self) -> tuple[list[int], float]:
+        with self._lock:
+            return list(self.buckets), self.sum
+
+
+class _LocalFamilies:
+    """The counters and histograms of a single process, by family and label values.
+
+    ``prometheus_client``'s own metric objects cost about 0.4 us per counter increment and
+    0.9 us per histogram observation; these series cost a third of that, which matters for the
+    few events of every successful call. They are exposed by :class:`_Exporter` at scrape time.
+    In multiprocess mode the values must live in ``prometheus_client``'s files instead.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.series: dict[str, dict[tuple[str, ...], Any]] = {
+            family.name: {} for family in CATALOG if family.kind != "gauge"
+        }
+
+    def child(self, family: Family, labels: tuple[str, ...]) -> Any:
+        with self._lock:
+            by_labels = self.series[family.name]
+            series = by_labels.get(labels)
+            if series is None:
+                if family.kind == "counter":
+                    series = _CounterSeries()
+                else:
+                    series = _HistogramSeries(family.buckets or ())
+                by_labels[labels] = series
+            return series
+
+    def binder(self, name: str, method: str) -> _Lazy[Any, Any]:
+        family = FAMILIES[name]
+
+        def bind(labels: Any) -> Any:
+            values = labels if isinstance(labels, tuple) else (labels,)
+            return getattr(self.child(family, values), method)
+
+        return _Lazy(bind)
+
+
 class PrometheusSubscriber:
     """Writes buttress's events into the families of :data:`CATALOG`, registered in ``registry``.
 
@@ -543,35 +637,49 @@ class PrometheusSubscriber:
     ) -> None:
         self.multiprocess = multiprocess_mode() if multiprocess is None else multiprocess
         self._lock = threading.Lock()
-        # In multiprocess mode an unlabelled gauge shows 0 from the moment it exists, and 0 would
-        # read "kill switch off": that one is created when first written.
-        self._registry = registry if self.multiprocess else None
-        self.metrics: dict[str, Any] = {
-            family.name: _create(family, registry)
-            for family in CATALOG
-            if family.kind != "gauge" or (self.multiprocess and family.name != _KILL_SWITCH)
-        }
-        if not self.multiprocess and registry is not None:
-            registry.register(_LiveGauges(self))
         # Services that made a call: their flags are shown even when they have no breaker.
         self.services: set[str] = set()
         # Services whose sync calls were ever abandoned: shown with 0 once their workers finish.
         self.abandoning: set[str] = set()
         self._opened_at: dict[str, float] = {}
         self._states: dict[str, str] = {}
-        self._inc = {
-            f.name: _children(self.metrics[f.name], "inc") for f in CATALOG if f.kind == "counter"
-        }
-        self._observe = {
-            f.name: _children(self.metrics[f.name], "observe")
-            for f in CATALOG
-            if f.kind == "histogram"
-        }
-        self._set = {
-            f.name: _children(self.metrics[f.name], "set")
-            for f in GAUGES
-            if f.labels and f.name in self.metrics
-        }
+        self.metrics: dict[str, Any] = {}
+        if self.multiprocess:
+            # An unlabelled gauge shows 0 from the moment it exists in a file, and 0 would read
+            # "kill switch off": that one is created when first written.
+            self._registry = registry
+            self.metrics = {
+                family.name: _create(family, registry)
+                for family in CATALOG
+                if family.name != _KILL_SWITCH
+            }
+            self._inc = {
+                f.name: _children(self.metrics[f.name], "inc")
+                for f in CATALOG
+                if f.kind == "counter"
+            }
+            self._observe = {
+                f.name: _children(self.metrics[f.name], "observe")
+                for f in CATALOG
+                if f.kind == "histogram"
+            }
+            self._set = {
+                f.name: _children(self.metrics[f.name], "set")
+                for f in GAUGES
+                if f.labels and f.name in self.metrics
+            }
+        else:
+            self.local = _LocalFamilies()
+            self._inc = {
+                f.name: self.local.binder(f.name, "inc") for f in CATALOG if f.kind == "counter"
+            }
+            self._observe = {
+                f.name: self.local.binder(f.name, "observe")
+                for f in CATALOG
+                if f.kind == "histogram"
+            }
+            if registry is not None:
+                registry.register(_Exporter(self))
 
     # -- handlers of the per-call events: a dict lookup and a ready child each ---------------------
     def handlers(self) -> dict[type[Any], events.Handler]:
@@ -591,6 +699,12 @@ class PrometheusSubscriber:
             count, time = calls[event.service][event.outcome]
             count()
             time(event.duration)
+
+        local_calls: _Lazy[str, dict[str, Observe]] = _Lazy(self._bind_local_calls)
+
+        def on_call_finished_locally(event: CallFinished) -> None:
+            # buttress_calls_total is the count of this histogram series, read at scrape time.
+            local_calls[event.service][event.outcome](event.duration)
 
         def on_circuit_call(event: CircuitCallRecorded) -> None:
             outcome = event.outcome
@@ -616,7 +730,7 @@ class PrometheusSubscriber:
                 rate_wait_seconds[event.service](event.waited)
 
         handlers: dict[type[Any], events.Handler] = {
-            CallFinished: on_call_finished,
+            CallFinished: on_call_finished if self.multiprocess else on_call_finished_locally,
             CircuitCallRecorded: on_circuit_call,
             BulkheadAcquired: on_bulkhead_acquired,
             TimedCallFinished: on_timed_call,
@@ -649,16 +763,27 @@ class PrometheusSubscriber:
         def bind(outcome: str) -> tuple[Inc, Observe]:
             return calls.labels(service, outcome).inc, durations.labels(service, outcome).observe
 
-        # Every outcome exists from the first call, so a ratio such as timeouts / calls has its
-        # series, and rate() sees the first increment of a new outcome.
         by_outcome: dict[str, tuple[Inc, Observe]] = _Lazy(bind)
         for outcome in OUTCOMES:
             by_outcome[outcome] = bind(outcome)
+        self._first_call(service)
+        return by_outcome
+
+    def _bind_local_calls(self, service: str) -> dict[str, Observe]:
+        durations = self._observe["buttress_call_duration_seconds"]
+        by_outcome: dict[str, Observe] = _Lazy(lambda outcome: durations[service, outcome])
+        for outcome in OUTCOMES:
+            by_outcome[outcome] = durations[service, outcome]
+        self._first_call(service)
+        return by_outcome
+
+    def _first_call(self, service: str) -> None:
+        # Every outcome exists from the first call, so a ratio such as timeouts / calls has its
+        # series, and rate() sees the first increment of a new outcome.
         with self._lock:
             self.services.add(service)
         if self.multiprocess:
             self._write_flags(service)
-        return by_outcome
 
     # -- handlers of the other events: clarity over speed ------------------------------------------
     def _on_queued(self, event: BulkheadQueued) -> None:
@@ -861,17 +986,45 @@ class PrometheusSubscriber:
         kill_switch.set(snapshot.enabled)
 
 
-class _LiveGauges:
-    """The catalog's gauges in a single process, read from the objects at scrape time."""
+class _Exporter:
+    """Every family of a single process, at scrape time.
+
+    Counters and histograms come from the subscriber's :class:`_LocalFamilies`; gauges are read
+    from the objects themselves (breakers, bulkheads, rate limiters, the worker pool, settings).
+    """
 
     def __init__(self, subscriber: PrometheusSubscriber) -> None:
         self._subscriber = subscriber
 
     def describe(self) -> list[Metric]:
-        return [GaugeMetricFamily(f.name, f.help, labels=f.labels) for f in GAUGES]
+        return [_empty(family) for family in CATALOG]
 
     def collect(self) -> list[Metric]:
-        out = {f.name: GaugeMetricFamily(f.name, f.help, labels=f.labels) for f in GAUGES}
+        out = {family.name: _empty(family) for family in CATALOG}
+        self._collect_recorded(out)
+        self._collect_gauges(out)
+        return list(out.values())
+
+    def _collect_recorded(self, out: dict[str, Any]) -> None:
+        series = self._subscriber.local.series
+        calls = out["buttress_calls_total"]
+        for family in CATALOG:
+            if family.kind == "gauge":
+                continue
+            metric = out[family.name]
+            for labels, one in sorted(series[family.name].items()):
+                if family.kind == "counter":
+                    metric.add_metric(labels, one.read())
+                    continue
+                buckets, total = one.read()
+                bounds = [*map(floatToGoString, family.buckets or ()), "+Inf"]
+                metric.add_metric(
+                    labels, list(zip(bounds, accumulate(buckets), strict=True)), total
+                )
+                if family.name == "buttress_call_duration_seconds":
+                    calls.add_metric(labels, sum(buckets))
+
+    def _collect_gauges(self, out: dict[str, Any]) -> None:
 
         def add(name: str, labels: tuple[str, ...], value: float) -> None:
             out[name].add_metric(labels, value)
@@ -939,7 +1092,14 @@ class _LiveGauges:
                 add("buttress_flag_service_enabled", (service,), 1 if view.enabled else 0)
                 add("buttress_flag_rollout_ratio", (service,), view.rollout)
                 add("buttress_flag_shadow_mode", (service,), 1 if view.mode == "shadow" else 0)
-        return list(out.values())
+
+
+def _empty(family: Family) -> Metric:
+    if family.kind == "counter":
+        return CounterMetricFamily(family.name, family.help, labels=family.labels)
+    if family.kind == "histogram":
+        return HistogramMetricFamily(family.name, family.help, labels=family.labels)
+    return GaugeMetricFamily(family.name, family.help, labels=family.labels)
 
 
 _KILL_SWITCH = "buttress_flag_enabled"
