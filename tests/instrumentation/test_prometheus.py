@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -522,3 +523,35 @@ def test_two_worker_processes_and_one_scrape(tmp_path):
     assert one["buttress_circuit_breaker_state", (service, ("state", "open"))] == 1
     assert one["buttress_bulkhead_limit", (service,)] == 5
     assert one["buttress_calls_total", (("outcome", "success"), service)] == 6
+
+
+# --- docs/metrics.md ------------------------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
+ROW = re.compile(
+    r"^\| `(buttress_[a-z_]+)` \| (counter|gauge|histogram)(?: \(`(\w+)`\))? \| ([^|]+) \|"
+)
+
+
+def test_docs_list_every_family_with_its_type_mode_and_labels():
+    documented = {}
+    for line in DOCS.read_text().splitlines():
+        match = ROW.match(line)
+        if match:
+            name, kind, mode, labels = match.groups()
+            assert name not in documented, f"{name} documented twice"
+            documented[name] = (kind, mode, tuple(re.findall(r"`(\w+)`", labels)))
+    expected = {f.name: (f.kind, f.multiprocess_mode, f.labels) for f in CATALOG}
+    assert documented == expected
+
+
+def test_docs_map_the_adr_names():
+    text = DOCS.read_text()
+    for adr in (
+        "circuit_breaker_state{service, state}",
+        "retry_attempts_total{service, attempt_number}",
+        "circuit_breaker_failures_total{service, error_type}",
+        "retry_success_after_retry_total{service}",
+        "bulkhead_queue_depth{service}",
+    ):
+        assert f"`{adr}`" in text

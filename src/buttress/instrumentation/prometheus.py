@@ -166,8 +166,8 @@ CATALOG: tuple[Family, ...] = (
     # --- circuit breaker ---------------------------------------------------------------------
     _gauge(
         "buttress_circuit_breaker_state",
-        "1 for the state the circuit is in, 0 for the others (one series per state). In "
-        "multiprocess mode: the number of live processes whose circuit is in that state.",
+        "1 for the state the circuit is in, 0 for the others (one series per state); with "
+        "several circuits or processes per service, how many are in that state.",
         ("service", "state"),
         "livesum",
         CircuitStateChanged,
@@ -207,15 +207,14 @@ CATALOG: tuple[Family, ...] = (
     ),
     _gauge(
         "buttress_circuit_breaker_failure_rate",
-        "Failure rate over the breaker's window at the last recorded call (rate window only).",
+        "Failure rate over the breaker's window (breakers with a failure-rate threshold).",
         S,
         "livemax",
         CircuitCallRecorded,
     ),
     _gauge(
         "buttress_circuit_breaker_slow_call_rate",
-        "Slow-call rate over the breaker's window at the last recorded call (slow-call "
-        "detection only).",
+        "Slow-call rate over the breaker's window (breakers with slow-call detection).",
         S,
         "livemax",
         CircuitCallRecorded,
@@ -361,7 +360,7 @@ CATALOG: tuple[Family, ...] = (
     # --- rate limit --------------------------------------------------------------------------
     _gauge(
         "buttress_rate_limit_tokens",
-        "Tokens left in the bucket after the last acquisition.",
+        "Tokens in the bucket.",
         S,
         "livesum",
         RateLimitAcquired,

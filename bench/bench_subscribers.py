@@ -1,0 +1,226 @@
+"""What each default subscriber adds to a successful call (``python bench/bench_subscribers.py``).
+
+Two measurements, both on the success path:
+
+* **per stack**: the full sync stack (breaker + retry + bulkhead) and async stack (+ timeout)
+  through the public decorators, with no subscriber, each subscriber alone, and all three. The
+  added cost is the same-round difference to "no subscriber", then the median over rounds and
+  over fresh interpreters (the host is shared and noisy; see bench/run.py).
+* **per handler**: each handler a subscriber registers for a per-call event (CallFinished,
+  CircuitCallRecorded, BulkheadAcquired/Released, TimedCallFinished, RateLimitAcquired), called
+  directly with a ready event.
+
+OpenTelemetry is measured with the API only (no SDK), as most services run it; logging with the
+``buttress`` logger at its default level (WARNING), so DEBUG records are not built.
+
+Usage: ``python bench/bench_subscribers.py [--runs N] [--rounds N] [--json FILE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+import timeit
+from collections.abc import Callable
+from itertools import repeat
+from pathlib import Path
+from typing import Any
+
+SAMPLE_MS = 8.0
+SETUPS = ("none", "prometheus", "otel", "logging", "all three")
+PER_CALL_EVENTS = (
+    "CallFinished",
+    "CircuitCallRecorded",
+    "BulkheadAcquired",
+    "BulkheadReleased",
+    "TimedCallFinished",
+    "RateLimitAcquired",
+)
+
+
+def configure(setup: str) -> None:
+    from buttress import instrumentation
+
+    instrumentation.configure(
+        prometheus=setup in {"prometheus", "all three"},
+        otel=setup in {"otel", "all three"},
+        logging=setup in {"logging", "all three"},
+    )
+
+
+def stacks() -> dict[str, tuple[str, Callable[..., Any]]]:
+    from buttress import circuit_breaker, retry_with_backoff, with_bulkhead, with_timeout
+
+    @circuit_breaker(name="bench-sync", fail_max=5, timeout=60)
+    @retry_with_backoff(max_attempts=3, exponential_base=2)
+    @with_bulkhead(limit=50)
+    def sync_stack() -> int:
+        return 1
+
+    @circuit_breaker(name="bench-async", fail_max=5, timeout=60)
+    @retry_with_backoff(max_attempts=3, exponential_base=2)
+    @with_timeout(seconds=5)
+    @with_bulkhead(limit=50)
+    async def async_stack() -> int:
+        return 1
+
+    return {"sync": ("sync", sync_stack), "async": ("async", async_stack)}
+
+
+ASYNC_TEMPLATE = """
+async def _bench(_n):
+    _t0 = _pc()
+    for _ in _repeat(None, _n):
+        await x()
+    return _pc() - _t0
+"""
+
+
+def runner(kind: str, fn: Callable[..., Any], loop: asyncio.AbstractEventLoop, setup: str):
+    if kind == "sync":
+        timer = timeit.Timer("x()", setup="gc.enable()", globals={"x": fn, "gc": gc})
+
+        def run(n: int) -> float:
+            configure(setup)
+            return timer.timeit(n) * 1e9 / n
+
+        return run
+    namespace: dict[str, Any] = {"x": fn, "_pc": time.perf_counter_ns, "_repeat": repeat}
+    exec(ASYNC_TEMPLATE, namespace)
+    bench = namespace["_bench"]
+
+    def arun(n: int) -> float:
+        configure(setup)
+        return float(loop.run_until_complete(bench(n))) / n
+
+    return arun
+
+
+def calibrate(run: Callable[[int], float]) -> int:
+    run(50)
+    n = 1
+    while True:
+        per = run(n)
+        if per * n >= 3e6 or n >= 1 << 22:
+            break
+        n *= 4
+    return max(1, int(SAMPLE_MS * 1e6 / max(per, 1.0)))
+
+
+def handler_costs() -> dict[str, dict[str, float]]:
+    """ns per direct call of each subscriber's handler for each per-call event."""
+    from prometheus_client import CollectorRegistry
+
+    from buttress import events
+    from buttress.instrumentation.logging import LoggingSubscriber
+    from buttress.instrumentation.otel import OTelSubscriber
+    from buttress.instrumentation.prometheus import PrometheusSubscriber
+
+    samples = {
+        "CallFinished": events.CallFinished("svc", "success", 0.0004, None),
+        "CircuitCallRecorded": events.CircuitCallRecorded(
+            "svc",
+            "success",
+            0.0004,
+            slow=False,
+            error_type=None,
+            failure_rate=None,
+            slow_call_rate=None,
+        ),
+        "BulkheadAcquired": events.BulkheadAcquired("svc", 0.0, 1, 0, 50),
+        "BulkheadReleased": events.BulkheadReleased("svc", 0, 0),
+        "TimedCallFinished": events.TimedCallFinished("svc", 0.0004, timed_out=False),
+        "RateLimitAcquired": events.RateLimitAcquired("svc", 0.0, 9.0),
+    }
+    subscribers = {
+        "prometheus": PrometheusSubscriber(CollectorRegistry()).handlers(),
+        "otel": OTelSubscriber().handlers(),
+        "logging": LoggingSubscriber().handlers(),
+    }
+    out: dict[str, dict[str, float]] = {}
+    for name, handlers in subscribers.items():
+        out[name] = {}
+        for kind in PER_CALL_EVENTS:
+            handler = next((h for k, h in handlers.items() if k.__name__ == kind), None)
+            if handler is None:
+                continue  # not subscribed: costs nothing
+            event = samples[kind]
+            timer = timeit.Timer("h(e)", globals={"h": handler, "e": event})
+            n = 20000
+            out[name][kind] = min(timer.repeat(5, n)) * 1e9 / n
+    return out
+
+
+def single_run(rounds: int) -> dict[str, Any]:
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    cases = [
+        (stack, setup, runner(kind, fn, loop, setup))
+        for stack, (kind, fn) in stacks().items()
+        for setup in SETUPS
+    ]
+    sizes = [calibrate(run) for _, _, run in cases]
+    samples: dict[tuple[str, str], list[float]] = {(s, c): [] for s, c, _ in cases}
+    for _ in range(rounds):
+        for (stack, setup, run), n in zip(cases, sizes, strict=True):
+            samples[stack, setup].append(run(n))
+    ns = {f"{s} / {c}": statistics.median(v) for (s, c), v in samples.items()}
+    added = {}
+    for stack, _ in stacks().items():
+        base = samples[stack, "none"]
+        for setup in SETUPS[1:]:
+            diffs = [a - b for a, b in zip(samples[stack, setup], base, strict=True)]
+            added[f"{stack} / {setup}"] = statistics.median(diffs)
+    return {"ns": ns, "added": added, "handlers": handler_costs()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="fresh interpreters (default 3)")
+    parser.add_argument("--rounds", type=int, default=9, help="samples per case per run")
+    parser.add_argument("--json", type=Path, help="write the aggregated figures here")
+    parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.single:
+        print(json.dumps(single_run(args.rounds)))
+        return 0
+    runs = []
+    for i in range(args.runs):
+        out = subprocess.run(
+            [sys.executable, __file__, "--single", "--rounds", str(args.rounds)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"run {i + 1}/{args.runs} done", file=sys.stderr)
+
+    ns = {k: statistics.median(r["ns"][k] for r in runs) for k in runs[0]["ns"]}
+    added = {k: statistics.median(r["added"][k] for r in runs) for k in runs[0]["added"]}
+    handlers = {
+        sub: {k: statistics.median(r["handlers"][sub][k] for r in runs) for k in kinds}
+        for sub, kinds in runs[0]["handlers"].items()
+    }
+    print(f"\n{'stack / subscribers':<28} {'ns/call':>10} {'added ns':>10}")
+    for key, value in ns.items():
+        extra = added.get(key)
+        shown = f"{extra:>10,.0f}" if extra is not None else f"{'-':>10}"
+        print(f"{key:<28} {value:>10,.0f} {shown}")
+    print(f"\n{'subscriber':<12} {'event':<22} {'ns/handler call':>16}")
+    for sub, kinds in handlers.items():
+        for kind, value in kinds.items():
+            print(f"{sub:<12} {kind:<22} {value:>16,.0f}")
+    if args.json:
+        payload = {"ns": ns, "added": added, "handlers": handlers, "runs": len(runs)}
+        args.json.write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
