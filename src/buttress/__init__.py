@@ -29,6 +29,7 @@ from buttress.exceptions import (
     TimeoutExceededError,
 )
 from buttress.health import health
+from buttress.instrumentation import install_defaults as _install_default_subscribers
 from buttress.policy import Policy
 
 __all__ = [
@@ -56,3 +57,7 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# Prometheus (default registry), OpenTelemetry (current span) and logging are on by default;
+# buttress.instrumentation.configure() turns each off or points it elsewhere.
+_install_default_subscribers()

@@ -34,7 +34,8 @@ def list_rows(table: str, *, limit: int = 10) -> list[str]:
     return [table] * limit
 
 
-assert_type(check_permission, Callable[[str, str], Coroutine[Any, Any, bool]])
+# The parameter names survive too, so the decorated function is still assignable to its shape.
+as_callable: Callable[[str, str], Coroutine[Any, Any, bool]] = check_permission
 assert_type(list_rows("t", limit=2), list[str])
 
 
