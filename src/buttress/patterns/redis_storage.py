@@ -110,7 +110,7 @@ _CLOSED_STATE_INIT: Final = pybreaker.CircuitClosedState.__init__.__code__
 # 7 success_threshold ('' never closes), 8 cleared_gen, 9 cleared_seq (a success to apply first,
 # '' none), 10 lease, 11 generation the call was admitted in ('' any), 12 outcome | target state,
 # 13 seq at admission | set mode ('force' or '').
-# Reply: state, gen, seq, base, succ, since, now, admitted, trial, change, lease granted.
+# Reply: "state gen seq base succ since now admitted trial change lease" (lease: if granted).
 _SCRIPT: Final = """
 local circuit, trials = KEYS[1], KEYS[2]
 local op = ARGV[1]
@@ -203,8 +203,9 @@ if dirty then
     'succ', succ, 'since', since)
   redis.call('PEXPIRE', circuit, ttl)
 end
-return {state, gen, seq, base, succ, since, now, admitted, trial, change,
-  trial == 1 and ARGV[10] or ''}
+-- one bulk string: parsing an 11-element array costs the client more than the round trip
+return string.format('%s %d %d %d %d %d %d %d %d %s %s', state, gen, seq, base, succ, since,
+  now, admitted, trial, change, trial == 1 and ARGV[10] or '')
 """
 _SCRIPT_BYTES: Final = _SCRIPT.encode()
 _SHA: Final = hashlib.sha1(_SCRIPT_BYTES, usedforsecurity=False).hexdigest().encode()
@@ -457,10 +458,17 @@ class _SyncLink:
 
 
 class _AsyncLink:
-    """The same on redis-py's asyncio connections, one pool per event loop."""
+    """The same on redis-py's asyncio connections, one pool per event loop.
 
-    def __init__(self, make: Callable[[], Any]) -> None:
+    A connection is opened (handshake included) under its ``socket_timeout``; after that each
+    reply is awaited with an explicit read timeout instead, because redis-py wraps every send
+    of a connection with a ``socket_timeout`` in ``asyncio.wait_for``, a task per request. A
+    request of a few hundred bytes never waits for the socket to drain, so the send needs none.
+    """
+
+    def __init__(self, make: Callable[[], Any], timeout: float) -> None:
         self._make = make
+        self._timeout = timeout
         self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, deque[tuple[int, Any]]]
         self._pools = weakref.WeakKeyDictionary()
         self._incarnation = 0
@@ -479,15 +487,18 @@ class _AsyncLink:
         except IndexError:
             born, conn = self._incarnation, self._make()
         try:
+            if not conn.is_connected:
+                await conn.connect()
+                conn.socket_timeout = None
             await conn.send_packed_command((request,), check_health=False)
             try:
-                reply = await conn.read_response()
+                reply = await self._reply(conn)
             except Exception as exc:
                 if not _is_noscript(exc):
                     raise
                 await conn.send_packed_command((_LOAD, request), check_health=False)
-                await conn.read_response()
-                reply = await conn.read_response()
+                await self._reply(conn)
+                reply = await self._reply(conn)
         except BaseException:
             await conn.disconnect(nowait=True)
             raise
@@ -495,6 +506,12 @@ class _AsyncLink:
             idle.append((born, conn))
         else:
             await conn.disconnect(nowait=True)
+        return reply
+
+    async def _reply(self, conn: Any) -> Any:
+        reply = await conn.read_response(timeout=self._timeout)
+        if reply is None:  # redis-py's answer to an explicit read timeout
+            raise TimeoutError(f"no reply from Redis within {self._timeout}s")
         return reply
 
     def reset(self) -> None:
@@ -558,7 +575,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
             b"%s:{%s}:trials" % (KEY_PREFIX.encode(), tag),
         )
         self._link = _SyncLink(make_sync)
-        self._alink = _AsyncLink(make_async)
+        self._alink = _AsyncLink(make_async, socket_timeout)
         self._lock = threading.Lock()
         self._local = _Local(_clock.monotonic())
         self._mirrored: tuple[int, int, int, str] | None = None
@@ -859,8 +876,10 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
 
     def _accept(self, reply: Any, limits: Limits | None) -> Decision:
         """Turn the script's reply into a decision and mirror it locally."""
-        state_b, gen, seq, base, succ, since, now, admitted, trial, change_b, lease_b = reply
-        state = state_b.decode()
+        fields = reply.split(b" ")
+        state = fields[0].decode()
+        gen, seq, base, succ, since, now, admitted, trial = map(int, fields[1:9])
+        change_b, lease_b = fields[9], fields[10]
         if state == OPEN and limits is not None:
             retry_after: float | None = max(
                 0.0, (since + math.ceil(limits.reset_timeout * 1000) - now) / 1000
