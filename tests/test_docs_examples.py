@@ -160,6 +160,7 @@ def test_examples_of_page_run(page, pytester):
     tests = [b for b in blocks if b.marker == "pytest"]
     if not plain and not tests:
         pytest.skip("no Python example on this page")
+    saved_environment = dict(os.environ)  # examples may set variables themselves
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(pytester.path)
         _clean_environment(patch)
@@ -174,6 +175,8 @@ def test_examples_of_page_run(page, pytester):
         finally:
             registry.clear()
             patch.undo()
+            os.environ.clear()
+            os.environ.update(saved_environment)
             config.reload_settings()
 
 
