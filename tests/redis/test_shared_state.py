@@ -292,6 +292,31 @@ def test_a_wrong_password_is_a_store_error_that_names_no_secret(
         storage.close()
 
 
+# The least-privilege ACL of docs/distributed.md.
+ACL = (
+    "+evalsha +script|load +hello +time +hmget +hset +pexpire +del +zadd +zrem +zcard "
+    "+zremrangebyscore"
+)
+
+
+def test_the_documented_acl_is_enough(peers: Any, redis_server: Any) -> None:
+    admin = redis_server.client()
+    admin.execute_command(
+        "ACL", "SETUSER", "buttress", "on", ">acl-pw", "~buttress:*", *ACL.split()
+    )
+    url = f"redis://buttress:acl-pw@127.0.0.1:{redis_server.port}/0"
+    a, b = peers(url=url), peers(url=url)
+    with capture_events([events.StateStoreError]) as seen:
+        fail_times(a, 3)
+        a.force("half_open", LIMITS)
+        trial = b.admit(LIMITS)
+        assert b.record(trial, "success", LIMITS).state == "closed"
+        admin.script_flush()
+        assert a.admit(LIMITS).shared
+    assert seen == []
+    assert admin.execute_command("ACL", "LOG") == []
+
+
 @pytest.mark.parametrize(
     "url", ["http://:pw-123@host/0", "redis//:pw-123@host", "postgres://u:pw-123@h/db"]
 )
