@@ -109,6 +109,17 @@ def _resolve(future: asyncio.Future[None]) -> None:
 class Bulkhead:
     """The shared state of one service's bulkhead: slots in use and the queue of waiters."""
 
+    __slots__ = (
+        "_active",
+        "_lock",
+        "_overflow",
+        "_waiters",
+        "limit",
+        "max_queue",
+        "queue_timeout",
+        "service",
+    )
+
     def __init__(self, service: str, options: BulkheadOptions) -> None:
         self.service = service
         self._lock = threading.Lock()
@@ -319,7 +330,7 @@ class BulkheadStrategy:
 
             return observed
 
-        try_acquire, acquire, acquired, release = (
+        try_acquire, acquire, note_acquired, release = (
             bulkhead.try_acquire,
             bulkhead.acquire,
             bulkhead.note_acquired,
@@ -327,10 +338,10 @@ class BulkheadStrategy:
         )
 
         def guarded(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if try_acquire():
-                acquired(0.0)
-            else:
+            if not try_acquire():
                 acquire()
+            elif events.ROUTES.get(events.BulkheadAcquired):
+                note_acquired(0.0)
             try:
                 return call(args, kwargs)
             finally:
@@ -351,7 +362,7 @@ class BulkheadStrategy:
 
             return observed
 
-        try_acquire, aacquire, acquired, release = (
+        try_acquire, aacquire, note_acquired, release = (
             bulkhead.try_acquire,
             bulkhead.aacquire,
             bulkhead.note_acquired,
@@ -359,10 +370,10 @@ class BulkheadStrategy:
         )
 
         async def guarded(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if try_acquire():
-                acquired(0.0)
-            else:
+            if not try_acquire():
                 await aacquire()
+            elif events.ROUTES.get(events.BulkheadAcquired):
+                note_acquired(0.0)
             try:
                 return await call(args, kwargs)
             finally:

@@ -62,6 +62,8 @@ def _settings(options: RateLimitOptions) -> tuple[float, int]:
 class RateLimiter:
     """The shared token bucket of one service."""
 
+    __slots__ = ("_lock", "_tokens", "_updated", "burst", "max_wait", "rate", "service")
+
     def __init__(self, service: str, options: RateLimitOptions) -> None:
         self.service = service
         self._lock = threading.Lock()
@@ -183,7 +185,8 @@ class RateLimitStrategy:
                 except BaseException:
                     limiter.refund()
                     raise
-            note_acquired(wait)
+            if events.ROUTES.get(events.RateLimitAcquired):
+                note_acquired(wait)
             return call(args, kwargs)
 
         return paced
@@ -209,7 +212,8 @@ class RateLimitStrategy:
                 except BaseException:  # cancelled while waiting: the reservation goes back
                     limiter.refund()
                     raise
-            note_acquired(wait)
+            if events.ROUTES.get(events.RateLimitAcquired):
+                note_acquired(wait)
             return await call(args, kwargs)
 
         return paced
