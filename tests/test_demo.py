@@ -18,7 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from buttress import config, events, instrumentation, with_fallback
-from buttress.demo import DemoOptions, main, run
+from buttress.demo import DemoOptions, _Progress, main, run
 from buttress.demo.endpoints import Endpoints
 from buttress.demo.report import build_report, percentile
 from buttress.demo.schedule import PHASES, build_schedule
@@ -297,3 +297,44 @@ def test_invalid_demo_settings_are_reported(tmp_path, capsys):
     bad.write_text("[services.inventory.retry]\nmax_attempts = 0\n")
     assert main(["--config", str(bad)]) == 1
     assert "max_attempts" in capsys.readouterr().err
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_one_refreshed_line_on_a_terminal_and_phase_lines_otherwise():
+    schedule = build_schedule(20, 2)
+    records = [
+        CallRecord(PROTECTED, "sync", 0, 4.0, 0.01, "fallback", None),
+        CallRecord(UNPROTECTED, "sync", 0, 4.0, 0.01, "error", "HTTPStatusError"),
+        CallRecord(UNPROTECTED, "async", 0, 4.5, 0.01, "ok", None),
+    ]
+    terminal = _Terminal()
+    progress = _Progress(terminal, schedule)
+    progress.update(5.0, records)
+    progress.finish()
+    line = terminal.getvalue()
+    assert line.startswith("\r")
+    assert line.endswith("\n")
+    assert schedule.at(5.0).name in line
+    assert "protected 100.0% answered" in line
+    assert "unprotected  50.0% answered" in line
+    assert "circuit closed" in line
+
+    log = io.StringIO()
+    progress = _Progress(log, schedule)
+    for second in range(20):
+        progress.update(float(second), records)
+    lines = log.getvalue().splitlines()
+    assert [line.split()[2].rstrip(":") for line in lines] == list(PHASES)
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    usage = capsys.readouterr().out
+    for option in ("--duration", "--seed", "--workers", "--redis", "--no-chaos", "--output"):
+        assert option in usage

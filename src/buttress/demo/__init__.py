@@ -50,6 +50,7 @@ __all__ = ["DemoOptions", "DemoResult", "main", "run"]
 EXIT_OK: Final = 0
 EXIT_INVALID: Final = 1
 EXIT_USAGE: Final = 2
+EXIT_INTERRUPTED: Final = 130  # the shell's convention for SIGINT
 
 MIN_DURATION: Final = 5.0
 # The circuit must be able to close within the recovery phase: it stays open at most this share
@@ -160,6 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\ndemo interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_OK
 
 
@@ -273,25 +277,48 @@ class _Fleet:
         for process in self._processes:
             process.start()
         for _ in self._processes:
-            self._ready.get(timeout=_WORKER_READY_TIMEOUT)
+            try:
+                self._ready.get(timeout=_WORKER_READY_TIMEOUT)
+            except queue.Empty:
+                self.stop()
+                raise RuntimeError(
+                    f"the demo's worker processes did not start within "
+                    f"{_WORKER_READY_TIMEOUT:g} s (see their errors above)"
+                ) from None
+
+    def stop(self) -> None:
+        for process in self._processes:
+            if process.is_alive():
+                process.terminate()
+            process.join(timeout=5)
 
     def go(self, started: float) -> None:
         self._start_at.value = started
         self._go.set()
 
-    def collect(self) -> tuple[list[CallRecord], list[Observed]]:
+    def collect(self) -> tuple[list[CallRecord], list[Observed], list[str]]:
+        """Every worker's records, and a note for each worker that did not report."""
         records: list[CallRecord] = []
         observed: list[Observed] = []
+        reported: set[int] = set()
         for _ in self._processes:
             try:
-                _, worker_records, worker_observed = self._results.get(timeout=60)
+                index, worker_records, worker_observed = self._results.get(
+                    timeout=_WORKER_READY_TIMEOUT
+                )
             except queue.Empty:
                 break
+            reported.add(index)
             records += worker_records
             observed += worker_observed
-        for process in self._processes:
-            process.join(timeout=10)
-        return records, observed
+        self.stop()
+        notes = [
+            f"worker {index} did not report (exit code {process.exitcode}); "
+            "the figures leave it out"
+            for index, process in enumerate(self._processes, start=1)
+            if index not in reported
+        ]
+        return records, observed, notes
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -379,11 +406,15 @@ def run(options: DemoOptions, *, out: TextIO) -> DemoResult:
             traffic.join()
         progress.finish()
         records, observed = list(traffic.records), list(log.observed)
+        missing: list[str] = []
         if fleet is not None:
-            more_records, more_observed = fleet.collect()
+            more_records, more_observed, missing = fleet.collect()
             records += more_records
             observed += more_observed
+            notes += missing
     finally:
+        if fleet is not None:
+            fleet.stop()
         endpoints.stop()
         upstream.stop()
         if not isinstance(metrics_before, CollectorRegistry):
@@ -401,6 +432,8 @@ def run(options: DemoOptions, *, out: TextIO) -> DemoResult:
     timeline = write_timeline(report, records, hits, options.output)
     print("", file=out)
     print(report.render(), file=out)
+    for note in missing:
+        print(f"note: {note}", file=out)
     print(f"\ntimeline: {timeline}", file=out)
     if options.json is not None:
         options.json.parent.mkdir(parents=True, exist_ok=True)
