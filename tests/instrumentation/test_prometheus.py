@@ -205,6 +205,21 @@ def test_series_are_bound_once_per_service_and_outcome_in_a_single_process():
     assert sum(series.read()[0]) == 50
 
 
+def test_suspended_removes_every_subscriber_and_restores_them(restore_subscribers):
+    instrumentation.install_defaults()
+    registry = CollectorRegistry()
+    instrumentation.configure(prometheus=registry)
+    before = instrumentation.installed()
+    assert before["prometheus"] is registry
+    routes = dict(events.ROUTES)
+    with instrumentation.suspended():
+        assert instrumentation.installed() == {}
+        assert events.ROUTES.get(events.ChaosInjected) is None
+        assert events.ROUTES.get(events.FallbackUsed) is None  # health's tracking too
+    assert instrumentation.installed() == before
+    assert {k: len(v) for k, v in events.ROUTES.items()} == {k: len(v) for k, v in routes.items()}
+
+
 def test_label_children_are_bound_once_per_service_and_outcome_in_multiprocess_mode():
     registry = CollectorRegistry()
     subscriber = PrometheusSubscriber(registry, multiprocess=True)

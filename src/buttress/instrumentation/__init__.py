@@ -12,7 +12,8 @@ points it somewhere else::
     instrumentation.configure(prometheus=registry, logging=False)
 
 Calling either function again with the same targets changes nothing, so it is safe from several
-import paths. The patterns never import a subscriber: they emit events (:mod:`buttress.events`),
+import paths. ``with instrumentation.suspended():`` removes every subscriber for a block (a test of
+the path where nobody listens) and puts the same ones back afterwards. The patterns never import a subscriber: they emit events (:mod:`buttress.events`),
 and an event that nobody subscribed to is never built.
 """
 
@@ -21,7 +22,8 @@ from __future__ import annotations
 import logging as _stdlib_logging
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from opentelemetry.trace import TracerProvider
@@ -32,7 +34,7 @@ from buttress.instrumentation.logging import LoggingSubscriber
 from buttress.instrumentation.otel import OTelSubscriber
 from buttress.instrumentation.prometheus import PrometheusSubscriber
 
-__all__ = ["configure", "install_defaults", "installed"]
+__all__ = ["configure", "install_defaults", "installed", "suspended"]
 
 _lock = threading.RLock()
 # Subscriber name -> (its target, the function that unsubscribes it).
@@ -47,15 +49,43 @@ _health_undo: Callable[[], None] | None = None
 
 
 def install_defaults() -> None:
-    """Switch on the three default subscribers (idempotent)."""
-    global _health_undo
+    """Switch on the three default subscribers, and health's tracking of fallbacks (idempotent)."""
     configure(prometheus=True, otel=True, logging=True)
+    _track_fallbacks(on=True)
+
+
+@contextmanager
+def suspended() -> Iterator[None]:
+    """No buttress subscriber at all inside the block; afterwards, the same ones as before.
+
+    For tests and benchmarks of the path where nobody listens (no event is built there).
+    """
     with _lock:
-        if _health_undo is None:
+        before = installed()
+        tracking = _health_undo is not None
+        for name in list(_installed):
+            _switch(name, None, _BUILDERS[name])
+        _track_fallbacks(on=False)
+    try:
+        yield
+    finally:
+        with _lock:
+            for name, target in before.items():
+                _switch(name, target, _BUILDERS[name])
+            _track_fallbacks(on=tracking)
+
+
+def _track_fallbacks(*, on: bool) -> None:
+    global _health_undo
+    with _lock:
+        if on and _health_undo is None:
             # Imported here: health imports the settings and the registry.
             from buttress.health import record_fallback  # noqa: PLC0415
 
             _health_undo = events.subscribe(record_fallback, [events.FallbackUsed])
+        elif not on and _health_undo is not None:
+            _health_undo()
+            _health_undo = None
 
 
 def configure(
@@ -77,13 +107,13 @@ def configure(
     with _lock:
         if prometheus is not None:
             registry = REGISTRY if prometheus is True else prometheus or None
-            _switch("prometheus", registry, _prometheus_subscriber)
+            _switch("prometheus", registry, _BUILDERS["prometheus"])
         if otel is not None:
             provider = _GLOBAL_PROVIDER if otel is True else otel or None
-            _switch("otel", provider, _otel_subscriber)
+            _switch("otel", provider, _BUILDERS["otel"])
         if logging is not None:
             logger = _stdlib_logging.getLogger("buttress") if logging is True else logging or None
-            _switch("logging", logger, LoggingSubscriber)
+            _switch("logging", logger, _BUILDERS["logging"])
 
 
 def installed() -> dict[str, object]:
@@ -121,3 +151,10 @@ def _prometheus_subscriber(registry: CollectorRegistry) -> PrometheusSubscriber:
 
 def _otel_subscriber(provider: object) -> OTelSubscriber:
     return OTelSubscriber(None if provider is _GLOBAL_PROVIDER else provider)  # type: ignore[arg-type]
+
+
+_BUILDERS: dict[str, Callable[[Any], Any]] = {
+    "prometheus": _prometheus_subscriber,
+    "otel": _otel_subscriber,
+    "logging": LoggingSubscriber,
+}
