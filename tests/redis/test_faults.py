@@ -157,6 +157,7 @@ def test_a_frozen_or_killed_redis_delays_one_call_by_at_most_max_delay(
     assert peer.admit(LIMITS).shared
 
 
+@pytest.mark.realtime
 def test_a_cancelled_probe_lets_the_next_caller_probe(redis_server: Any, clock: Any) -> None:
     # asyncio only: a task can be cancelled while it waits for Redis, a thread cannot
     storage = make_storage(redis_server.url, "svc", socket_timeout=5, reconnect_min=0.5)
