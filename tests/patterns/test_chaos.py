@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from buttress import CircuitOpenError, Policy, config, events
+from buttress import CircuitOpenError, Policy, config, events, instrumentation
 from buttress.exceptions import ConfigurationError
 from buttress.patterns import chaos
 from buttress.patterns._base import BuildContext
@@ -190,7 +190,18 @@ def test_shadow_mode_injects_nothing_and_says_what_it_would_have_done(mode, arme
     ]
 
 
-def test_no_event_is_built_without_a_subscriber(mode, armed):
+@pytest.fixture
+def no_subscribers():
+    """The default subscribers (metrics, traces, logs) off for the test, then as they were."""
+    before = instrumentation.installed()
+    instrumentation.configure(prometheus=False, otel=False, logging=False)
+    yield
+    instrumentation.configure(
+        **{name: before.get(name, False) for name in ("prometheus", "otel", "logging")}
+    )
+
+
+def test_no_event_is_built_without_a_subscriber(mode, armed, no_subscribers):
     fn, _ = counting(mode)
     wrapped = mode.chain(built(result_rate=1.0, result="wrong"), fn)
     assert events.ROUTES.get(events.ChaosInjected) is None
