@@ -268,6 +268,7 @@ def test_a_password_in_the_url_is_used_and_never_shown(
         assert decision.shared
         assert "s3cr3t" not in repr(storage)
         assert "s3cr3t" not in storage.url
+        assert "s3cr3t" not in repr(vars(storage)) + repr(vars(storage._link))
         assert storage.url == f"redis://:***@127.0.0.1:{secured_redis_server.port}/0"
     finally:
         if mode.is_async:

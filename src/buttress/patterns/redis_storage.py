@@ -41,14 +41,15 @@ Keys, both with the service name as a Redis Cluster hash tag so they live in one
 * ``buttress:{service}:trials``: a sorted set of trial leases scored by expiry (Redis ms).
 
 A missing hash means closed with no failures; the script writes only when something changes (a
-clean closed circuit is never written), and every write renews a TTL of ``idle_ttl``, so an idle
-service leaves nothing behind.
+clean closed circuit is never written), and every write renews a TTL of ``idle_ttl`` (at least two
+open periods and a trial lease), so an idle service leaves nothing behind.
 
 Two ways to drive it:
 
-* the **decision API** (``admit``/``aadmit``, ``record``/``arecord``, ``force``/``aforce``):
-  one request per decision, the fleet-wide trial limit, and asyncio callers that never block the
-  event loop; this is what :mod:`buttress.patterns.circuit_breaker` should call;
+* the **decision API** (``admit``, ``record``, ``transition``, ``force``, each with an asyncio
+  twin prefixed ``a``; ``observe`` and ``last_known`` for health): one request per decision, the
+  fleet-wide trial limit, and asyncio callers that never block the event loop; this is what
+  :mod:`buttress.patterns.circuit_breaker` should call;
 * pybreaker's ``CircuitBreakerStorage`` interface, for a plain ``pybreaker.CircuitBreaker`` or a
   breaker that only speaks that interface. It is synchronous, and decisions stay in the breaker:
   transitions are compare-and-set on the generation the calling thread (or task) last read, so
@@ -1135,8 +1136,8 @@ def make_storage(
             errors=((f"services.{service}.circuit_breaker.state_url", "state_url", "invalid URL"),),
         ) from None
     # The pools only parsed the URL; the storage keeps its own connections (see _SyncLink).
-    make_sync = functools.partial(sync_pool.connection_class, **sync_pool.connection_kwargs)
-    make_async = functools.partial(async_pool.connection_class, **async_pool.connection_kwargs)
+    make_sync = _connector(sync_pool.connection_class, sync_pool.connection_kwargs)
+    make_async = _connector(async_pool.connection_class, async_pool.connection_kwargs)
     return SharedStateStorage(
         service,
         url=shown,
@@ -1149,6 +1150,14 @@ def make_storage(
         reconnect_max=reconnect_max,
         trial_lease=trial_lease,
     )
+
+
+def _connector(connection_class: Any, kwargs: dict[str, Any]) -> Callable[[], Any]:
+    # A closure, not functools.partial: a partial's repr would show the password.
+    def connect() -> Any:
+        return connection_class(**kwargs)
+
+    return connect
 
 
 def _redact(url: str) -> str:
