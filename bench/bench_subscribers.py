@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 SAMPLE_MS = 8.0
-SETUPS = ("none", "prometheus", "otel", "logging", "all three")
+SETUPS = ("none", "no-op handler", "prometheus", "otel", "logging", "all three")
 PER_CALL_EVENTS = (
     "CallFinished",
     "CircuitCallRecorded",
@@ -44,14 +44,28 @@ PER_CALL_EVENTS = (
 )
 
 
-def configure(setup: str) -> None:
-    from buttress import instrumentation
+_NOOP: list[Callable[[], None]] = []
 
+
+def configure(setup: str) -> None:
+    """Install the subscribers of ``setup``.
+
+    "no-op handler" subscribes a handler that does nothing to the per-call events the Prometheus
+    subscriber consumes: what is left is the cost of building and dispatching those events, which
+    the patterns pay as soon as anybody listens.
+    """
+    from buttress import events, instrumentation
+
+    while _NOOP:
+        _NOOP.pop()()
     instrumentation.configure(
         prometheus=setup in {"prometheus", "all three"},
         otel=setup in {"otel", "all three"},
         logging=setup in {"logging", "all three"},
     )
+    if setup == "no-op handler":
+        kinds = [getattr(events, name) for name in PER_CALL_EVENTS if name != "BulkheadReleased"]
+        _NOOP.append(events.subscribe(lambda event: None, kinds))
 
 
 def stacks() -> dict[str, tuple[str, Callable[..., Any]]]:

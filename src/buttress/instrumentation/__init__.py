@@ -13,8 +13,10 @@ points it somewhere else::
 
 Calling either function again with the same targets changes nothing, so it is safe from several
 import paths. ``with instrumentation.suspended():`` removes every subscriber for a block (a test of
-the path where nobody listens) and puts the same ones back afterwards. The patterns never import a subscriber: they emit events (:mod:`buttress.events`),
-and an event that nobody subscribed to is never built.
+the path where nobody listens) and puts the same ones back afterwards.
+
+The patterns never import a subscriber: they emit events (:mod:`buttress.events`), and an event
+that nobody subscribed to is never built.
 """
 
 from __future__ import annotations

@@ -728,6 +728,12 @@ class PrometheusSubscriber:
                 rate_waits[event.service]()
                 rate_wait_seconds[event.service](event.waited)
 
+        # Rejections come in floods while a circuit is open: one lookup per event.
+        rejections: _Lazy[tuple[str, str, str], Inc] = _Lazy(self._bind_rejection)
+
+        def on_rejected(event: CallRejected) -> None:
+            rejections[event.pattern, event.service, event.reason]()
+
         handlers: dict[type[Any], events.Handler] = {
             CallFinished: on_call_finished if self.multiprocess else on_call_finished_locally,
             CircuitCallRecorded: on_circuit_call,
@@ -735,7 +741,7 @@ class PrometheusSubscriber:
             TimedCallFinished: on_timed_call,
             RateLimitAcquired: on_rate_limit,
             BulkheadQueued: self._on_queued,
-            CallRejected: self._on_rejected,
+            CallRejected: on_rejected,
             CircuitStateChanged: self._on_state_changed,
             CircuitTrialStarted: self._on_trial,
             RetryScheduled: self._on_retry,
@@ -788,10 +794,13 @@ class PrometheusSubscriber:
     def _on_queued(self, event: BulkheadQueued) -> None:
         self._inc["buttress_bulkhead_queued_total"][event.service]()
 
-    def _on_rejected(self, event: CallRejected) -> None:
-        name = _REJECTED.get(event.pattern)
-        if name is not None:
-            self._inc[name][event.service, event.reason]()
+    def _bind_rejection(self, key: tuple[str, str, str]) -> Inc:
+        pattern, service, reason = key
+        name = _REJECTED.get(pattern)
+        if name is None:
+            return _ignore
+        inc: Inc = self._inc[name][service, reason]
+        return inc
 
     def _on_state_changed(self, event: CircuitStateChanged) -> None:
         service = event.service
@@ -1099,6 +1108,10 @@ def _empty(family: Family) -> Metric:
     if family.kind == "histogram":
         return HistogramMetricFamily(family.name, family.help, labels=family.labels)
     return GaugeMetricFamily(family.name, family.help, labels=family.labels)
+
+
+def _ignore() -> None:
+    """What a rejection by a pattern without a rejection counter increments."""
 
 
 _KILL_SWITCH = "buttress_flag_enabled"
