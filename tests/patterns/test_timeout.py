@@ -9,6 +9,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -268,6 +269,38 @@ def test_a_call_waits_for_a_worker_within_its_deadline_and_never_runs_late(clock
     wait_for(lambda: pool.snapshot()["abandoned"] == {})
     assert ran == []  # dropped before it started: a late start would be a surprise side effect
     assert pool.snapshot()["pending"] == 0
+
+
+def test_a_process_out_of_threads_times_out_the_call_without_running_it(clock, monkeypatch):
+    class NoThread(threading.Thread):
+        def start(self):
+            raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(
+        timeout, "threading", SimpleNamespace(**{**vars(threading), "Thread": NoThread})
+    )
+    pool = timeout._WorkerPool(max_workers=4)
+    monkeypatch.setattr(timeout, "_POOL", pool)
+    ran, outcome = [], {}
+    done = threading.Event()
+
+    def caller():
+        try:
+            strategy(5, "starved").wrap(lambda a, kw: ran.append(1))((), {})
+        except TimeoutExceededError as exc:
+            outcome["error"] = exc
+        done.set()
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    wait_for(lambda: pool.snapshot()["pending"] == 1)
+    while not done.is_set():
+        clock.advance(1)
+        done.wait(0.001)
+    thread.join(5)
+    assert "no worker thread was free" in str(outcome["error"])
+    assert ran == []
+    assert pool.snapshot() == {"threads": 0, "idle": 0, "pending": 0, "abandoned": {}}
 
 
 def test_many_concurrent_sync_calls_each_get_their_own_result(clock):

@@ -14,6 +14,7 @@ or a retry never waits past it.
 from __future__ import annotations
 
 import contextvars
+import itertools
 import threading
 from collections import deque
 from typing import Any, ClassVar, Final, TypedDict
@@ -124,17 +125,25 @@ class _WorkerPool:
         self._threads = 0
         self._idle = 0
         self._abandoned: dict[str, int] = {}
+        self._names = itertools.count(1)
 
     def submit(self, job: _Job) -> None:
         with self._lock:
             self._jobs.append(job)
-            if len(self._jobs) > self._idle and self._threads < self._max_workers:
+            spawn = len(self._jobs) > self._idle and self._threads < self._max_workers
+            if spawn:
                 self._threads += 1
-                threading.Thread(
-                    target=self._serve, name=f"buttress-timeout-{self._threads}", daemon=True
-                ).start()
             else:
                 self._work.notify()
+        if spawn:
+            name = f"buttress-timeout-{next(self._names)}"
+            try:
+                threading.Thread(target=self._serve, name=name, daemon=True).start()
+            except RuntimeError:
+                # The process is out of threads. The job stays queued for a busy worker; if none
+                # frees up before the deadline, the caller times out without the call starting.
+                with self._lock:
+                    self._threads -= 1
 
     def settle(self, job: _Job) -> int:
         """Decide the fate of ``job`` once its caller stops waiting; return its state.
