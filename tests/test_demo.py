@@ -23,7 +23,13 @@ from buttress.demo.endpoints import Endpoints
 from buttress.demo.report import build_report, percentile
 from buttress.demo.schedule import PHASES, build_schedule
 from buttress.demo.traffic import NETWORK, PROTECTED, SERVICE, UNPROTECTED, CallRecord, Observed
-from buttress.demo.upstream import RETRY_AFTER_SECONDS, FlakyUpstream, Hit
+from buttress.demo.upstream import (
+    HEALTHY_LATENCY,
+    RETRY_AFTER_SECONDS,
+    SLOW_LATENCY,
+    FlakyUpstream,
+    Hit,
+)
 from buttress.testing import capture_events, fake_clock
 
 DURATION = 8.0
@@ -173,12 +179,12 @@ def test_upstream_behaviour_per_phase():
 
         status, _, body = upstream.respond("a", 4)
         assert (status, body["item"]) == (200, 4)
-        assert 0.005 <= clock.sleeps[-1] <= 0.03
+        assert HEALTHY_LATENCY[0] <= clock.sleeps[-1] <= HEALTHY_LATENCY[1]
         at("outage")
         assert upstream.respond("a", 4)[0] == 503
         at("slow")
         assert upstream.respond("a", 4)[0] == 200
-        assert 1.0 <= clock.sleeps[-1] <= 2.0
+        assert SLOW_LATENCY[0] <= clock.sleeps[-1] <= SLOW_LATENCY[1]
         at("rate_limited")
         answers = [upstream.respond("a", 1) for _ in range(8)]
         assert [a[0] for a in answers].count(200) == 5  # the burst, then 429

@@ -29,7 +29,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from buttress import _clock, config, instrumentation
 from buttress.demo.endpoints import Endpoints
 from buttress.demo.report import Report, build_report
-from buttress.demo.schedule import DESCRIPTIONS, Schedule, build_schedule
+from buttress.demo.schedule import Schedule, build_schedule
 from buttress.demo.timeline import write_timeline
 from buttress.demo.traffic import (
     PROTECTED,
@@ -40,7 +40,7 @@ from buttress.demo.traffic import (
     Observed,
     Traffic,
 )
-from buttress.demo.upstream import FlakyUpstream, Hit
+from buttress.demo.upstream import DESCRIPTIONS, FlakyUpstream, Hit
 from buttress.exceptions import ConfigurationError
 from buttress.patterns import circuit_breaker
 from buttress.patterns.chaos import KILL_SWITCH

@@ -16,14 +16,6 @@ PHASES: Final = ("healthy", "outage", "slow", "rate_limited", "recovery")
 _WEIGHTS: Final = (0.17, 0.23, 0.2, 0.2, 0.2)
 _JITTER: Final = 0.15
 
-DESCRIPTIONS: Final = {
-    "healthy": "answers in 5-30 ms",
-    "outage": "hard outage: every request fails with 503",
-    "slow": "answers, but after 1-2 s",
-    "rate_limited": "over 10 requests/s per client: 429 with Retry-After",
-    "recovery": "healthy again",
-}
-
 
 @dataclass(frozen=True, slots=True)
 class Phase:

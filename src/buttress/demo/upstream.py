@@ -1,7 +1,7 @@
 """The flaky upstream: a real HTTP server on a free loopback port that misbehaves on schedule.
 
 ``GET /items/<id>`` answers ``{"item": id, "stock": n}``, unless the current phase says otherwise
-(see :data:`~buttress.demo.schedule.DESCRIPTIONS`). Every request that reaches it is recorded with
+(see :data:`DESCRIPTIONS`). Every request that reaches it is recorded with
 the client that sent it (header ``X-Demo-Client``), so "calls that reached the upstream" is counted
 where it happens, not inferred by the clients.
 """
@@ -20,15 +20,27 @@ from typing import Any, ClassVar, Final
 from buttress import _clock
 from buttress.demo.schedule import Schedule
 
-__all__ = ["CLIENT_HEADER", "FlakyUpstream", "Hit"]
+__all__ = ["CLIENT_HEADER", "DESCRIPTIONS", "FlakyUpstream", "Hit"]
 
 CLIENT_HEADER: Final = "X-Demo-Client"
 _ITEM = re.compile(r"^/items/(\d+)$")
 
+# Seconds an answer takes while healthy, and while slow.
+HEALTHY_LATENCY: Final = (0.005, 0.03)
+SLOW_LATENCY: Final = (1.0, 2.0)
 # Per client, during the rate-limited phase: a token bucket of this rate and burst.
 RATE_LIMIT_PER_SECOND: Final = 10.0
 RATE_LIMIT_BURST: Final = 5.0
 RETRY_AFTER_SECONDS: Final = 1
+
+DESCRIPTIONS: Final = {
+    "healthy": f"answers in {HEALTHY_LATENCY[0] * 1000:g}-{HEALTHY_LATENCY[1] * 1000:g} ms",
+    "outage": "hard outage: every request fails with 503",
+    "slow": f"answers, but after {SLOW_LATENCY[0]:g}-{SLOW_LATENCY[1]:g} s",
+    "rate_limited": f"over {RATE_LIMIT_PER_SECOND:g} requests/s per client: 429 with "
+    f"Retry-After: {RETRY_AFTER_SECONDS}",
+    "recovery": "healthy again",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,8 +115,8 @@ class FlakyUpstream:
         elapsed = _clock.monotonic() - self.started
         phase = self.schedule.at(elapsed).name
         with self._lock:
-            latency = self._random.uniform(0.005, 0.03)
-            slow = self._random.uniform(1.0, 2.0)
+            latency = self._random.uniform(*HEALTHY_LATENCY)
+            slow = self._random.uniform(*SLOW_LATENCY)
             stock = self._random.randint(0, 40)
         status, headers = 200, {}
         body: dict[str, Any] = {"item": item, "stock": stock}
