@@ -36,7 +36,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
-from buttress import _clock, config, events, registry
+from buttress import _clock, config, events
 from buttress.events import (
     BulkheadAcquired,
     BulkheadQueued,
@@ -64,6 +64,7 @@ from buttress.events import (
 from buttress.exceptions import ConfigurationError
 from buttress.health import degradation_level
 from buttress.patterns.timeout import worker_pool_snapshot
+from buttress.registry import instances as shared_instances
 
 __all__ = [
     "CATALOG",
@@ -1037,7 +1038,7 @@ class _Exporter:
         def add(name: str, labels: tuple[str, ...], value: float) -> None:
             out[name].add_metric(labels, value)
 
-        circuits = [b.snapshot() for b in registry.instances("circuit_breaker").values()]
+        circuits = [b.snapshot() for b in shared_instances("circuit_breaker").values()]
         in_state: dict[tuple[str, str], int] = {}
         worst_rate: dict[str, dict[str, float]] = {"failure_rate": {}, "slow_call_rate": {}}
         for circuit in circuits:
@@ -1062,7 +1063,7 @@ class _Exporter:
         )
 
         bulkheads: dict[str, list[int]] = {}
-        for bulkhead in registry.instances("bulkhead").values():
+        for bulkhead in shared_instances("bulkhead").values():
             snap = bulkhead.snapshot()
             total = bulkheads.setdefault(snap["service"], [0, 0, 0])
             total[0] += snap["active"]
@@ -1074,7 +1075,7 @@ class _Exporter:
             add("buttress_bulkhead_limit", (service,), limit)
 
         tokens: dict[str, float] = {}
-        for limiter in registry.instances("rate_limit").values():
+        for limiter in shared_instances("rate_limit").values():
             snap = limiter.snapshot()
             tokens[snap["service"]] = tokens.get(snap["service"], 0.0) + snap["tokens"]
         for service, left in sorted(tokens.items()):
