@@ -510,7 +510,7 @@ class _Lazy(dict[K, V], Generic[K, V]):
     """A dict that builds a missing entry with ``factory(key)``.
 
     Two threads may both build the same entry; ``setdefault`` keeps the first, and the loser only
-    re-bound the same label children, which ``prometheus_client`` hands out again.
+    bound the same series again (both kinds of series store hand out one object per label set).
     """
 
     __slots__ = ("_factory",)
@@ -543,7 +543,7 @@ class _CounterSeries:
         self.value = 0.0
 
     def inc(self, amount: float = 1.0) -> None:
-        # acquire/try/finally rather than ``with``: the same guarantee, a third of the cost.
+        # acquire/try/finally rather than ``with``: the same guarantee, about 200 ns cheaper.
         lock = self._lock
         lock.acquire()
         try:
