@@ -371,6 +371,39 @@ def test_a_thread_granted_a_slot_as_its_queue_timeout_fires_never_leaks(clock):
     assert outcomes <= {"str", "BulkheadFullError"}
 
 
+class Interrupt(BaseException):
+    """Stands in for a KeyboardInterrupt arriving while a thread waits."""
+
+
+def test_a_thread_interrupted_while_queued_leaves_no_trace(clock, monkeypatch):
+    bh = Bulkhead("svc", BulkheadOptions(limit=1, max_queue=1))
+    assert bh.try_acquire()
+
+    def interrupted(event, seconds):
+        raise Interrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_clock, "wait", interrupted)
+        with pytest.raises(Interrupt):
+            bh.acquire()
+    assert (bh.snapshot()["active"], bh.snapshot()["queued"]) == (1, 0)
+
+
+def test_a_thread_granted_a_slot_as_it_is_interrupted_gives_it_back(clock, monkeypatch):
+    bh = Bulkhead("svc", BulkheadOptions(limit=1, max_queue=1))
+    assert bh.try_acquire()
+
+    def granted_then_interrupted(event, seconds):
+        bh.release()  # the slot is handed to this waiter ...
+        raise Interrupt  # ... just before the interrupt lands
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_clock, "wait", granted_then_interrupted)
+        with pytest.raises(Interrupt):
+            bh.acquire()
+    assert (bh.snapshot()["active"], bh.snapshot()["queued"]) == (0, 0)
+
+
 def test_a_closed_event_loop_does_not_swallow_the_slot(clock):
     bh = Bulkhead("svc", BulkheadOptions(limit=1, max_queue=2))
     assert bh.try_acquire()

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from buttress import registry, with_rate_limit
+from buttress import _clock, registry, with_rate_limit
 from buttress.events import CallRejected, RateLimitAcquired, ShadowDecision
 from buttress.exceptions import RateLimitedError
 from buttress.patterns import rate_limit
@@ -139,6 +139,26 @@ def test_a_waiter_cancelled_before_its_turn_gives_the_token_back(clock):
     asyncio.run(scenario())
     # The refill during the wait brought the debt back to zero; the refund adds the unused token.
     assert built.limiter.snapshot()["tokens"] == 1.0
+
+
+class Interrupt(BaseException):
+    """Stands in for a KeyboardInterrupt arriving while a thread waits."""
+
+
+def test_a_thread_interrupted_while_waiting_gives_the_token_back(clock, monkeypatch):
+    built = strategy(rate=1, burst=1, max_wait=10)
+    step = built.wrap(lambda a, kw: "ran")
+    assert step((), {}) == "ran"
+
+    def interrupted(seconds):
+        raise Interrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_clock, "sleep", interrupted)
+        with pytest.raises(Interrupt):
+            step((), {})
+    clock.advance(1)
+    assert built.limiter.snapshot()["tokens"] == 1.0  # not 0: the reservation was returned
 
 
 def test_one_bucket_is_shared_per_key_and_reconfigure_keeps_its_tokens(clock):

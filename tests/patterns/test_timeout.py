@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 import buttress
-from buttress import _context, events, registry
+from buttress import _clock, _context, events, registry
 from buttress.events import (
     ShadowDecision,
     TimedCallFinished,
@@ -228,6 +228,42 @@ def test_an_abandoned_worker_is_counted_until_it_finishes(clock):
         finally:
             unsubscribe()
     assert seen.of(WorkerFinishedLate) == [WorkerFinishedLate("hung", 0, 5.0)]
+    assert timeout.worker_pool_snapshot()["abandoned"] == {}
+
+
+class Interrupt(BaseException):
+    """Stands in for a KeyboardInterrupt arriving while the caller waits."""
+
+
+def test_a_caller_interrupted_while_waiting_abandons_its_worker(clock, monkeypatch):
+    gate = threading.Event()
+    started = threading.Event()
+    finished = threading.Event()
+
+    def body(args, kwargs):
+        started.set()
+        return gate.wait(5)
+
+    def interrupted(event, seconds):
+        assert started.wait(5)  # the interrupt lands while the call runs
+        raise Interrupt
+
+    step = strategy(5, "interrupted").wrap(body)
+    with capture_events([WorkerAbandoned, TimeoutExceeded]) as seen:
+        unsubscribe = events.subscribe(lambda e: finished.set(), [WorkerFinishedLate])
+        try:
+            with monkeypatch.context() as patch:
+                patch.setattr(_clock, "wait", interrupted)
+                with pytest.raises(Interrupt):
+                    step((), {})
+            assert seen.of(WorkerAbandoned) == [WorkerAbandoned("interrupted", 1)]
+            assert timeout.worker_pool_snapshot()["abandoned"] == {"interrupted": 1}
+            gate.set()
+            assert finished.wait(5)
+        finally:
+            gate.set()
+            unsubscribe()
+    assert seen.of(TimeoutExceeded) == []  # an interrupt is not a timeout
     assert timeout.worker_pool_snapshot()["abandoned"] == {}
 
 
