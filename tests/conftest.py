@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from buttress import _clock, registry
+from buttress.health import reset as forget_fallbacks
 from buttress.testing import FakeClock
 
 
@@ -116,6 +117,8 @@ def clock() -> Iterator[FakeClock]:
 def _fresh_registry() -> Iterator[None]:
     registry.clear()
     registry.clear_claims()
+    forget_fallbacks()
     yield
     registry.clear()
     registry.clear_claims()
+    forget_fallbacks()

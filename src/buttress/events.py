@@ -74,7 +74,6 @@ class CallFinished(NamedTuple):
     outcome: str  # success | failure | rejected | timeout
     duration: float  # seconds, whole call including retries
     error_type: str | None  # class name of the exception that escaped, if any
-    fallback: bool = False  # the result came from a fallback
 
 
 class CallRejected(NamedTuple):

@@ -28,6 +28,7 @@ __all__ = [
     "capture_events",
     "fake_clock",
     "force_circuit_state",
+    "reset",
     "set_testing",
     "testing_mode",
 ]
@@ -238,3 +239,16 @@ def force_circuit_state(service: str, state: str) -> None:
             f"unknown circuit state {state!r}; expected one of {sorted(moves)}"
         ) from None
     move()
+
+
+def reset() -> None:
+    """Forget every built breaker, bulkhead and rate limiter, and the fallbacks health remembers.
+
+    The next call of each decorated function builds fresh instances from the current settings:
+    a clean start between tests without re-importing the code under test.
+    """
+    from buttress import registry  # noqa: PLC0415 - health imports the settings
+    from buttress.health import reset as forget_fallbacks  # noqa: PLC0415
+
+    registry.clear()
+    forget_fallbacks()
