@@ -18,9 +18,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from buttress import config, events, instrumentation, with_fallback
-from buttress.demo import DemoOptions, _Progress, main, run
+from buttress.demo import main
 from buttress.demo.endpoints import Endpoints
 from buttress.demo.report import build_report, percentile
+from buttress.demo.runner import DemoOptions, _Progress, run
 from buttress.demo.schedule import PHASES, build_schedule
 from buttress.demo.traffic import NETWORK, PROTECTED, SERVICE, UNPROTECTED, CallRecord, Observed
 from buttress.demo.upstream import (
