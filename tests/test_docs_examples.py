@@ -111,6 +111,12 @@ def _clean_environment(patch: pytest.MonkeyPatch) -> None:
             patch.delenv(name)
 
 
+def _forget_shared_state() -> None:
+    # Pages are independent: a service one page names may be configured differently on another.
+    testing.reset()
+    registry.clear_claims()
+
+
 def run_blocks(blocks: list[Block]) -> None:
     """Run plain blocks in order, in one namespace, like a reader pasting them into a session."""
     namespace: dict[str, object] = {"__name__": "__docs__"}
@@ -165,15 +171,15 @@ def test_examples_of_page_run(page, pytester):
         patch.chdir(pytester.path)
         _clean_environment(patch)
         config.reload_settings()
-        registry.clear()
+        _forget_shared_state()
         try:
             with testing.testing_mode():
                 run_blocks(plain)
-            registry.clear()
+            _forget_shared_state()
             if tests:
                 run_test_blocks(pytester, tests)
         finally:
-            registry.clear()
+            _forget_shared_state()
             patch.undo()
             os.environ.clear()
             os.environ.update(saved_environment)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Final
 
 import pytest
 
-from buttress import registry, testing
+from buttress import testing
 from buttress.testing import CapturedEvents, FakeClock
 
 if TYPE_CHECKING:
@@ -168,9 +168,12 @@ def buttress_chaos() -> Iterator[None]:
 
 @pytest.fixture
 def buttress_fresh() -> Iterator[None]:
-    """No shared breaker, bulkhead or rate limiter survives from before the test, or after it."""
-    registry.clear()
+    """No shared breaker, bulkhead or rate limiter survives from before the test, or after it.
+
+    Health also forgets the fallbacks it remembered, so ``buttress.health()`` starts healthy.
+    """
+    testing.reset()
     try:
         yield
     finally:
-        registry.clear()
+        testing.reset()
