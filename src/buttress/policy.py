@@ -110,12 +110,21 @@ def _outcome(exc: BaseException) -> str:
 class _Compiled:
     """A policy compiled for one function and one settings snapshot."""
 
-    __slots__ = ("direct", "epoch", "run", "snapshot")
+    __slots__ = ("chain", "direct", "epoch", "observed", "snapshot")
 
-    def __init__(self, snapshot: config.Snapshot, epoch: object, run: Any, *, direct: bool) -> None:
+    def __init__(
+        self,
+        snapshot: config.Snapshot,
+        epoch: object,
+        chain: Any,
+        observed: Any,
+        *,
+        direct: bool,
+    ) -> None:
         self.snapshot = snapshot
         self.epoch = epoch
-        self.run = run
+        self.chain = chain  # the patterns, for calls nobody observes
+        self.observed = observed  # the same, emitting CallFinished
         self.direct = direct
 
 
@@ -140,7 +149,7 @@ class _Bound:
             else:
                 self.keys.append((spec, service, private))
         self._lock = threading.Lock()
-        self.compiled = _Compiled(_NO_SNAPSHOT, None, None, direct=True)
+        self.compiled = _Compiled(_NO_SNAPSHOT, None, None, None, direct=True)
 
     def compile(self, snapshot: config.Snapshot) -> _Compiled:
         with self._lock:
@@ -154,7 +163,7 @@ class _Bound:
 
     def _compile(self, snapshot: config.Snapshot, epoch: object) -> _Compiled:
         if not snapshot.enabled:
-            return _Compiled(snapshot, epoch, None, direct=True)
+            return _Compiled(snapshot, epoch, None, None, direct=True)
         strategies = [
             strategy
             for spec, service, key in self.keys
@@ -162,11 +171,16 @@ class _Bound:
         ]
         view = snapshot.service(self.service)
         if not strategies and not view.enabled:
-            return _Compiled(snapshot, epoch, None, direct=True)
-        run = self._chain_async(strategies) if self.is_async else self._chain_sync(strategies)
+            return _Compiled(snapshot, epoch, None, None, direct=True)
+        chain = self._chain_async(strategies) if self.is_async else self._chain_sync(strategies)
         if view.rollout < 1.0:
-            run = self._rollout(run, view)
-        return _Compiled(snapshot, epoch, run, direct=False)
+            chain = self._rollout(chain, view)
+        observed = (
+            _observe_async(chain, self.service)
+            if self.is_async
+            else _observe_sync(chain, self.service)
+        )
+        return _Compiled(snapshot, epoch, chain, observed, direct=False)
 
     def _chain_sync(self, strategies: list[Strategy]) -> Call:
         fn = self.fn
@@ -177,30 +191,7 @@ class _Bound:
         step: Call = innermost
         for strategy in reversed(strategies):
             step = strategy.wrap(step)
-        chain = step
-        service = self.service
-
-        def run(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            handlers = events.ROUTES.get(CallFinished)
-            if not handlers:
-                return chain(args, kwargs)
-            started = _clock.monotonic()
-            try:
-                result = chain(args, kwargs)
-            except Exception as exc:
-                events.dispatch(
-                    handlers,
-                    CallFinished(
-                        service, _outcome(exc), _clock.monotonic() - started, type(exc).__name__
-                    ),
-                )
-                raise
-            events.dispatch(
-                handlers, CallFinished(service, "success", _clock.monotonic() - started, None)
-            )
-            return result
-
-        return run
+        return step
 
     def _chain_async(self, strategies: list[Strategy]) -> AsyncCall:
         fn = self.fn
@@ -211,30 +202,7 @@ class _Bound:
         step: AsyncCall = innermost
         for strategy in reversed(strategies):
             step = strategy.awrap(step)
-        chain = step
-        service = self.service
-
-        async def run(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            handlers = events.ROUTES.get(CallFinished)
-            if not handlers:
-                return await chain(args, kwargs)
-            started = _clock.monotonic()
-            try:
-                result = await chain(args, kwargs)
-            except Exception as exc:
-                events.dispatch(
-                    handlers,
-                    CallFinished(
-                        service, _outcome(exc), _clock.monotonic() - started, type(exc).__name__
-                    ),
-                )
-                raise
-            events.dispatch(
-                handlers, CallFinished(service, "success", _clock.monotonic() - started, None)
-            )
-            return result
-
-        return run
+        return step
 
     def _rollout(self, run: Any, view: config.ServiceView) -> Any:
         fn = self.fn
@@ -254,6 +222,54 @@ class _Bound:
             return fn(*args, **kwargs)
 
         return rolled_out
+
+
+def _observe_sync(chain: Call, service: str) -> Call:
+    """``chain`` plus one ``CallFinished`` per call (used only while somebody listens)."""
+
+    def observed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        handlers = events.ROUTES.get(CallFinished)
+        if not handlers:
+            return chain(args, kwargs)
+        started = _clock.monotonic()
+        try:
+            result = chain(args, kwargs)
+        except Exception as exc:
+            elapsed = _clock.monotonic() - started
+            events.dispatch(
+                handlers, CallFinished(service, _outcome(exc), elapsed, type(exc).__name__)
+            )
+            raise
+        events.dispatch(
+            handlers, CallFinished(service, "success", _clock.monotonic() - started, None)
+        )
+        return result
+
+    return observed
+
+
+def _observe_async(chain: AsyncCall, service: str) -> AsyncCall:
+    """``chain`` plus one ``CallFinished`` per call (used only while somebody listens)."""
+
+    async def observed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        handlers = events.ROUTES.get(CallFinished)
+        if not handlers:
+            return await chain(args, kwargs)
+        started = _clock.monotonic()
+        try:
+            result = await chain(args, kwargs)
+        except Exception as exc:
+            elapsed = _clock.monotonic() - started
+            events.dispatch(
+                handlers, CallFinished(service, _outcome(exc), elapsed, type(exc).__name__)
+            )
+            raise
+        events.dispatch(
+            handlers, CallFinished(service, "success", _clock.monotonic() - started, None)
+        )
+        return result
+
+    return observed
 
 
 class _NoSnapshot:
@@ -356,7 +372,9 @@ def _wrap_sync(policy: Policy, fn: Callable[P, R]) -> Callable[P, R]:
             compiled = bound.compile(snapshot)
         if compiled.direct:
             return fn(*args, **kwargs)
-        return cast("R", compiled.run(args, kwargs))
+        if CallFinished in events.ROUTES:
+            return cast("R", compiled.observed(args, kwargs))
+        return cast("R", compiled.chain(args, kwargs))
 
     _mark(wrapper, policy, fn)
     return wrapper
@@ -373,7 +391,9 @@ def _wrap_async(policy: Policy, fn: Callable[P, Awaitable[R]]) -> Callable[P, Aw
             compiled = bound.compile(snapshot)
         if compiled.direct:
             return await fn(*args, **kwargs)
-        return cast("R", await compiled.run(args, kwargs))
+        if CallFinished in events.ROUTES:
+            return cast("R", await compiled.observed(args, kwargs))
+        return cast("R", await compiled.chain(args, kwargs))
 
     _mark(wrapper, policy, fn)
     return wrapper
