@@ -248,3 +248,35 @@ def test_a_failing_user_test_still_fails(run):
         """
     )
     result.assert_outcomes(failed=1)
+
+
+def test_fresh_forgets_shared_state_and_remembered_fallbacks(run):
+    result = run(
+        """
+        import pytest
+        import buttress
+        from buttress import CircuitOpenError, circuit_breaker, with_fallback
+
+        @circuit_breaker(name="ledger", fail_max=1)
+        def post(entry):
+            raise ConnectionError("ledger is down")
+
+        @with_fallback(0, name="balance")
+        def balance():
+            raise ConnectionError("down")
+
+        def test_trips_and_degrades(buttress_fresh):
+            with pytest.raises(ConnectionError):
+                post(1)
+            with pytest.raises(CircuitOpenError):
+                post(1)
+            assert balance() == 0
+            assert buttress.health()["status"] == "degraded"
+
+        def test_starts_clean(buttress_fresh):
+            assert buttress.health()["status"] == "healthy"
+            with pytest.raises(ConnectionError):  # the circuit is closed again: the call runs
+                post(1)
+        """
+    )
+    result.assert_outcomes(passed=2)
