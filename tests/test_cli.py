@@ -176,9 +176,24 @@ def test_usage_errors_exit_2(args):
     assert "usage:" in done.stderr
 
 
-def test_demo_is_imported_only_when_asked_for(monkeypatch, capsys):
-    assert main(["config", "check"]) == 0
-    assert "buttress.demo" not in sys.modules
+def test_config_commands_do_not_import_the_demo():
+    probe = (
+        "import sys; from buttress.__main__ import main; code = main(['config', 'check']); "
+        "print(code, 'buttress.demo' in sys.modules)"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.upper().startswith("BUTTRESS_")}
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**clean, "PYTHONPATH": str(ROOT / "src")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.splitlines()[-1] == "0 False"
+
+
+def test_demo_passes_its_arguments_and_exit_code_through(monkeypatch):
     received = []
     demo = types.ModuleType("buttress.demo")
     demo.main = lambda argv: received.append(argv) or 3
