@@ -4,9 +4,10 @@ Where a value comes from, strongest first (design section 4)::
 
     environment  >  config file  >  code arguments  >  preset  >  built-in default
 
-The environment and the file are *settings*: pydantic-settings reads them (``BUTTRESS_*``
-variables, ``BUTTRESS_CONFIG_FILE`` in TOML or YAML) into one :class:`Settings` document with a
-``defaults`` section and one ``services.<name>`` section per service. Within settings a service's
+The environment and the file are *settings*: pydantic-settings' environment source reads the
+``BUTTRESS_*`` variables, the file named by ``BUTTRESS_CONFIG_FILE`` (TOML or YAML) is read as
+written, and the two merge, key by key, into one :class:`Settings` document with a ``defaults``
+section and one ``services.<name>`` section per service. Within settings a service's
 own section deep-merges onto ``defaults``, so a service key beats a ``defaults`` key whichever of
 the two sources each came from. Code arguments are the keyword arguments of the decorators; a
 preset (``api``, ``ai``, ``database``, ``external``, ``critical``) is named in code or in settings.
@@ -67,10 +68,13 @@ from buttress.patterns.retry import RetryOptions
 from buttress.patterns.timeout import TimeoutOptions
 
 __all__ = [
+    "CHAOS_VARIABLE",
     "CONFIG_FILE_VARIABLE",
+    "FLAGS",
     "KILL_SWITCH_VARIABLES",
     "PATTERNS",
     "PRESETS",
+    "SECTIONS",
     "SNAPSHOT",
     "ServiceSettings",
     "ServiceView",
@@ -261,8 +265,9 @@ class Settings(BaseSettings):
     """The validated settings document: the environment merged over the config file.
 
     Build it with :func:`load_settings` (or read the current one with :func:`get_settings`): that
-    function runs pydantic-settings' environment and file sources, checks what they let through,
-    and records the source of every value, then validates the merged data here.
+    function runs pydantic-settings' environment source over this class's configuration, reads the
+    file, checks every key, records the source of every value, and validates the merged data here.
+
     """
 
     model_config = SettingsConfigDict(
@@ -985,7 +990,8 @@ def reload_settings(
     """Read settings again, validate them, and swap them in atomically.
 
     The next call through any decorator obeys the new settings; nothing is re-decorated.
-    Emits :class:`buttress.events.SettingsReloaded` either way.
+    Emits :class:`buttress.events.SettingsReloaded` either way: on success with the new
+    generation, on failure with the generation still in force (``-1`` if none was loaded yet).
 
     Args:
         env: the environment variables to read (default ``os.environ``).
