@@ -36,6 +36,8 @@ check: lint typecheck docs
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/bench_flags.py --check
+	$(BIN)/python bench/bench_subscribers.py
 
 clean:
 	rm -rf $(VENV) site .mypy_cache .ruff_cache

@@ -19,6 +19,7 @@ EXPECTED = {
     "resilient",
     "retry_with_backoff",
     "with_bulkhead",
+    "with_chaos",
     "with_fallback",
     "with_rate_limit",
     "with_timeout",

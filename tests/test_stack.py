@@ -141,6 +141,7 @@ def test_resilient_builds_the_canonical_stack(mode, clock):
         "rate_limit",
         "timeout",
         "bulkhead",
+        "chaos",
     ]
     with capture_events([CallFinished]) as seen:
         assert mode.run(fn) == "ok"

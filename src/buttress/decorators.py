@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal, ParamSpec, TypeVar
 
 from buttress.exceptions import ConfigurationError
+from buttress.patterns.chaos import ExceptionSpec
 from buttress.patterns.circuit_breaker import ExcludeSpec
 from buttress.patterns.fallback import MISSING
 from buttress.patterns.retry import RetryOn
@@ -22,6 +23,7 @@ __all__ = [
     "resilient",
     "retry_with_backoff",
     "with_bulkhead",
+    "with_chaos",
     "with_fallback",
     "with_rate_limit",
     "with_timeout",
@@ -31,8 +33,17 @@ P = ParamSpec("P")
 R = TypeVar("R")
 Decorator = Callable[[Callable[P, R]], Callable[P, R]]
 
-# resilient() stacks every pattern in this order, outermost first (design §3).
-CANONICAL_ORDER = ("fallback", "retry", "circuit_breaker", "rate_limit", "timeout", "bulkhead")
+# resilient() stacks every pattern in this order, outermost first (design §3); chaos sits
+# innermost so every other pattern meets an injected fault as it would a real one.
+CANONICAL_ORDER = (
+    "fallback",
+    "retry",
+    "circuit_breaker",
+    "rate_limit",
+    "timeout",
+    "bulkhead",
+    "chaos",
+)
 
 
 def _given(**kwargs: Any) -> dict[str, Any]:
@@ -226,6 +237,48 @@ def with_fallback(
     return _one("fallback", name, code_args)
 
 
+def with_chaos(
+    name: str | None = None,
+    *,
+    enabled: bool | None = None,
+    exception_rate: float | None = None,
+    exception: ExceptionSpec | None = None,
+    latency_rate: float | None = None,
+    latency_seconds: float | None = None,
+    result_rate: float | None = None,
+    result: Any = None,
+    seed: int | None = None,
+) -> Policy:
+    """Inject faults on purpose: exceptions, latency and wrong results, each at a rate.
+
+    Off unless both this pattern is ``enabled`` (here or in ``services.<name>.chaos``) and the
+    process armed it with ``FF_ENABLE_CHAOS_INJECTION=true``. See ``docs/chaos.md``.
+
+    Args:
+        name: the service (settings section and metric label).
+        enabled: inject for this call site (default false).
+        exception_rate: fraction of calls that raise ``exception`` instead of running.
+        exception: exception class or zero-argument factory (default ``InjectedConnectionError``).
+        latency_rate: fraction of calls delayed by ``latency_seconds`` first.
+        latency_seconds: the added delay (default 1).
+        result_rate: fraction of calls answered with ``result`` instead of running.
+        result: the wrong answer (``None`` unless given).
+        seed: seed of the draws: the same seed gives the same faults.
+    """
+    code_args = _given(
+        enabled=enabled,
+        exception_rate=exception_rate,
+        exception=exception,
+        latency_rate=latency_rate,
+        latency_seconds=latency_seconds,
+        result_rate=result_rate,
+        seed=seed,
+    )
+    if result is not None:
+        code_args["result"] = result
+    return _one("chaos", name, code_args)
+
+
 def resilient(
     name: str,
     *,
@@ -236,12 +289,14 @@ def resilient(
     rate_limit: Mapping[str, Any] | None = None,
     timeout: Mapping[str, Any] | None = None,
     bulkhead: Mapping[str, Any] | None = None,
+    chaos: Mapping[str, Any] | None = None,
 ) -> Policy:
     """The whole stack for service ``name``, from settings, in the canonical order.
 
-    fallback → retry → circuit breaker → rate limit → timeout (per attempt) → bulkhead → call.
+    fallback → retry → circuit breaker → rate limit → timeout (per attempt) → bulkhead → chaos →
+    call.
     Each mapping gives code defaults for one pattern that settings may override; ``preset``
-    names a set of defaults. Rate limit and fallback act only when configured.
+    names a set of defaults. Rate limit, fallback and chaos act only when configured.
     """
     service: object = name  # checked at run time for untyped callers
     if not isinstance(service, str) or service == "":
@@ -253,6 +308,7 @@ def resilient(
         "rate_limit": rate_limit,
         "timeout": timeout,
         "bulkhead": bulkhead,
+        "chaos": chaos,
     }
     return Policy(
         *(Spec(pattern, name, dict(given[pattern] or {}), preset) for pattern in CANONICAL_ORDER)
