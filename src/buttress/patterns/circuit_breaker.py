@@ -19,13 +19,17 @@ States are ``closed``, ``open``, ``half_open`` and three manual overrides: ``for
 ``disabled`` (a pass-through that records nothing). Durations are measured on
 ``_clock.monotonic()``, never on pybreaker's ``datetime.now()``.
 
-Shared state (the seam for ``state_url``): every read and write of the storage goes through five
-methods, and only they touch it (``self._store``):
+Shared state (the seam for ``state_url``): the storage (``self._store``) is written only by these
+methods, which are also where it is read to make decisions:
 
-* ``_sync_shared(now)``: before admitting, adopt a state another process wrote;
+* ``_sync_shared(now)`` / ``_stored_opened_at(now)``: before admitting, adopt a state another
+  process wrote (also once at construction);
 * ``_save_state(state, opened_at_wall)``: a transition this process made;
 * ``_count_failure()`` / ``_clear_failures()``: the consecutive-failure counter;
 * ``_count_success()``: half-open successes.
+
+Besides them, ``snapshot()`` reads the two counters, and the lock-free success path reads the
+failure counter (with local storage only).
 
 With a plain ``pybreaker.CircuitMemoryStorage`` nobody else writes the storage, so the breaker
 trusts its own copy of the state and skips ``_sync_shared``. With any other storage it re-reads the
