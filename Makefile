@@ -30,7 +30,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy tests/typing
 
 docs: $(STAMP)
-	$(BIN)/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 check: lint typecheck docs
 
