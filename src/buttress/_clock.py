@@ -19,10 +19,12 @@ from contextlib import AbstractAsyncContextManager
 from typing import Protocol, runtime_checkable
 
 __all__ = [
+    "Cancellable",
     "Clock",
     "SystemClock",
     "ZeroWaitClock",
     "asleep",
+    "call_later",
     "get_clock",
     "monotonic",
     "set_clock",
@@ -55,6 +57,16 @@ class Clock(Protocol):
     def timeout(self, seconds: float | None) -> AbstractAsyncContextManager[object]:
         """An ``asyncio.timeout``: cancels the enclosed block and raises ``TimeoutError``."""
 
+    def call_later(self, seconds: float, callback: Callable[[], object]) -> Cancellable:
+        """Run ``callback`` on the running event loop's thread after ``seconds``."""
+
+
+class Cancellable(Protocol):
+    """A scheduled callback that can be called off."""
+
+    def cancel(self) -> None:
+        """Make sure the callback does not run (no effect once it has)."""
+
 
 class SystemClock:
     """The real clock: time.monotonic, time.sleep, asyncio.sleep and asyncio.timeout."""
@@ -73,6 +85,10 @@ class SystemClock:
 
     def timeout(self, seconds: float | None) -> AbstractAsyncContextManager[object]:
         return asyncio.timeout(seconds)
+
+    def call_later(self, seconds: float, callback: Callable[[], object]) -> Cancellable:
+        loop = asyncio.get_running_loop()
+        return loop.call_at(loop.time() + seconds, callback)
 
 
 class ZeroWaitClock(SystemClock):
@@ -111,6 +127,14 @@ def wait(event: threading.Event, seconds: float | None) -> bool:
 def timeout(seconds: float | None) -> AbstractAsyncContextManager[object]:
     """``asyncio.timeout(seconds)`` on the active clock."""
     return _current.timeout(seconds)
+
+
+def call_later(seconds: float, callback: Callable[[], object]) -> Cancellable:
+    """Run ``callback`` on the running loop's thread after ``seconds`` on the active clock.
+
+    Cheaper than ``timeout()`` (no context manager, no coroutine) for the per-call async deadline.
+    """
+    return _current.call_later(seconds, callback)
 
 
 def get_clock() -> Clock:

@@ -136,6 +136,20 @@ class FakeClock:
     def timeout(self, seconds: float | None) -> AbstractAsyncContextManager[object]:
         return self._timeout(seconds)
 
+    def call_later(self, seconds: float, callback: Callable[[], object]) -> _Timer:
+        loop = asyncio.get_running_loop()
+        loop_thread = threading.get_ident()
+
+        def fire() -> None:
+            # From the loop's thread (a task's own simulated sleep) it must run now, before the
+            # sleeping task resumes; from another thread it is handed to the loop.
+            if threading.get_ident() == loop_thread:
+                callback()
+            else:
+                loop.call_soon_threadsafe(callback)
+
+        return self.call_at(self._now + seconds, fire)
+
     @asynccontextmanager
     async def _timeout(self, seconds: float | None) -> AsyncIterator[None]:
         if seconds is None:

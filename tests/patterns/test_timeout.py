@@ -95,7 +95,8 @@ def test_a_slow_call_raises_timeout_exceeded(mode, clock):
     [finished] = seen.of(TimedCallFinished)
     assert finished.timed_out is True
     if mode.is_async:
-        assert isinstance(error.__cause__, TimeoutError)  # chained from asyncio's
+        # Chained from the cancellation, whose traceback shows where the call was waiting.
+        assert isinstance(error.__cause__, asyncio.CancelledError)
 
 
 def test_the_functions_own_timeout_error_passes_through_unchanged(mode, clock):
@@ -407,6 +408,41 @@ def test_an_outside_cancellation_is_not_turned_into_a_timeout(clock):
                 await task
         assert seen == []
         assert buttress.remaining() is None
+
+    asyncio.run(scenario())
+
+
+def test_a_call_that_swallows_the_expiry_leaves_no_cancellation_behind(clock):
+    async def scenario():
+        async def stubborn(args, kwargs):
+            try:
+                await clock.asleep(10)
+            except asyncio.CancelledError:
+                return "finished anyway"
+            return "in time"
+
+        step = strategy(1).awrap(stubborn)
+        assert await step((), {}) == "finished anyway"
+        task = asyncio.current_task()
+        assert task is not None
+        assert task.cancelling() == 0
+        await asyncio.sleep(0)  # the caller's next await is not hit by the withdrawn cancel
+        return "caller carried on"
+
+    assert asyncio.run(scenario()) == "caller carried on"
+
+
+def test_an_outside_cancellation_racing_the_deadline_stays_a_cancellation(clock):
+    async def scenario():
+        async def body(args, kwargs):
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()  # somebody else asks first ...
+            await clock.asleep(10)  # ... and then the deadline passes too
+
+        step = strategy(1).awrap(body)
+        with pytest.raises(asyncio.CancelledError):
+            await step((), {})
 
     asyncio.run(scenario())
 
