@@ -111,6 +111,11 @@ def _clean_environment(patch: pytest.MonkeyPatch) -> None:
             patch.delenv(name)
 
 
+def _restore_environment(saved: dict[str, str]) -> None:
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def _forget_shared_state() -> None:
     # Pages are independent: a service one page names may be configured differently on another.
     testing.reset()
@@ -172,17 +177,20 @@ def test_examples_of_page_run(page, pytester):
         _clean_environment(patch)
         config.reload_settings()
         _forget_shared_state()
+        clean_environment = dict(os.environ)
         try:
             with testing.testing_mode():
                 run_blocks(plain)
+            # The test modules start from the clean state too, whatever the examples changed.
+            _restore_environment(clean_environment)
+            config.reload_settings()
             _forget_shared_state()
             if tests:
                 run_test_blocks(pytester, tests)
         finally:
             _forget_shared_state()
             patch.undo()
-            os.environ.clear()
-            os.environ.update(saved_environment)
+            _restore_environment(saved_environment)
             config.reload_settings()
 
 
