@@ -26,9 +26,8 @@ from typing import Any, Final
 
 import httpx
 
-from buttress import Policy, _clock, events, remaining, resilient
+from buttress import Policy, _clock, events, remaining, resilient, with_chaos
 from buttress.demo.upstream import CLIENT_HEADER
-from buttress.policy import Spec
 
 __all__ = [
     "NETWORK",
@@ -157,7 +156,7 @@ def _deadline() -> float:
 
 def _network(seed: int) -> Policy:
     # Settings (services.network.chaos) say whether and how often; the code fixes the seed.
-    return Policy(Spec("chaos", NETWORK, {"seed": seed}))
+    return with_chaos(name=NETWORK, seed=seed)
 
 
 Fetch = Callable[[int], Any]
