@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from buttress import CircuitOpenError, Policy, config, events, instrumentation
+from buttress import (
+    CircuitOpenError,
+    circuit_breaker,
+    config,
+    events,
+    instrumentation,
+    resilient,
+    retry_with_backoff,
+    with_chaos,
+)
 from buttress.exceptions import ConfigurationError
 from buttress.patterns import chaos
 from buttress.patterns._base import BuildContext
 from buttress.patterns.chaos import ChaosOptions, InjectedConnectionError
-from buttress.policy import Spec
 from buttress.testing import capture_events
 
 
@@ -225,7 +233,7 @@ def test_callers_exceptions_pass_through_unchanged(mode, armed):
 
 
 def chaos_policy(service="payments", **code_args):
-    return Policy(Spec("chaos", service, code_args))
+    return with_chaos(name=service, **code_args)
 
 
 def test_settings_turn_chaos_on_for_a_service(mode, armed, monkeypatch):
@@ -263,11 +271,11 @@ def test_disarming_and_reloading_stops_every_injection(mode, armed, monkeypatch)
 
 def test_injected_faults_are_retried_and_trip_the_breaker_like_real_ones(mode, armed, clock):
     fn, calls = counting(mode)
-    stacked = Policy(
-        Spec("retry", "payments", {"max_attempts": 3, "jitter": "none"}),
-        Spec("circuit_breaker", "payments", {"fail_max": 3}),
-        Spec("chaos", "payments", {"enabled": True, "exception_rate": 1.0}),
-    )(fn)
+    stacked = retry_with_backoff(name="payments", max_attempts=3, jitter="none")(
+        circuit_breaker(name="payments", fail_max=3)(
+            with_chaos(enabled=True, exception_rate=1.0)(fn)
+        )
+    )
     with capture_events() as seen:
         first = mode.outcome(stacked)
         second = mode.outcome(stacked)
@@ -277,3 +285,21 @@ def test_injected_faults_are_retried_and_trip_the_breaker_like_real_ones(mode, a
     assert len(seen.of(events.ChaosInjected)) == 3
     assert [e.attempt for e in seen.of(events.RetryScheduled)] == [1, 2]
     assert [e.new_state for e in seen.of(events.CircuitStateChanged)] == ["open"]
+
+
+def test_resilient_carries_chaos_innermost_and_inactive_until_enabled(mode, armed, monkeypatch):
+    fn, calls = counting(mode)
+    decorated = resilient("ledger", fallback={"value": "fallback"})(fn)
+    assert [s.pattern for s in decorated.__buttress_policy__.specs][-1] == "chaos"
+    assert mode.run(decorated) == "real"
+    monkeypatch.setenv("BUTTRESS_SERVICES__LEDGER__CHAOS__ENABLED", "true")
+    monkeypatch.setenv("BUTTRESS_SERVICES__LEDGER__CHAOS__EXCEPTION_RATE", "1")
+    monkeypatch.setenv("BUTTRESS_SERVICES__LEDGER__RETRY__MAX_ATTEMPTS", "1")
+    config.reload_settings()
+    with capture_events([events.FallbackUsed]) as seen:
+        assert mode.run(decorated) == "fallback"
+    assert seen == [events.FallbackUsed("ledger", "value", "InjectedConnectionError")]
+    assert calls == [1]
+    for name in ("ENABLED", "EXCEPTION_RATE"):
+        monkeypatch.delenv(f"BUTTRESS_SERVICES__LEDGER__CHAOS__{name}")
+    monkeypatch.delenv("BUTTRESS_SERVICES__LEDGER__RETRY__MAX_ATTEMPTS")
