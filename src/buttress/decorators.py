@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, ParamSpec, TypeVar
 
+from buttress import config
 from buttress.exceptions import ConfigurationError
 from buttress.patterns.chaos import ExceptionSpec
 from buttress.patterns.circuit_breaker import ExcludeSpec
@@ -33,17 +34,9 @@ P = ParamSpec("P")
 R = TypeVar("R")
 Decorator = Callable[[Callable[P, R]], Callable[P, R]]
 
-# resilient() stacks every pattern in this order, outermost first (design §3); chaos sits
-# innermost so every other pattern meets an injected fault as it would a real one.
-CANONICAL_ORDER = (
-    "fallback",
-    "retry",
-    "circuit_breaker",
-    "rate_limit",
-    "timeout",
-    "bulkhead",
-    "chaos",
-)
+# resilient() stacks every pattern in the canonical order, outermost first (design §3); chaos
+# sits innermost so every other pattern meets an injected fault as it would a real one.
+CANONICAL_ORDER = config.PATTERNS
 
 
 def _given(**kwargs: Any) -> dict[str, Any]:
