@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from buttress.events import (
     CircuitStateChanged,
     CircuitTrialStarted,
     ShadowDecision,
+    StateStoreError,
 )
 from buttress.exceptions import BulkheadFullError, CircuitOpenError, TimeoutExceededError
 from buttress.patterns import circuit_breaker as cbmod
@@ -34,6 +36,7 @@ from buttress.patterns.circuit_breaker import (
     CircuitBreakerOptions,
     CircuitBreakerStrategy,
 )
+from buttress.patterns.redis_storage import SharedStateStorage
 from buttress.testing import capture_events, force_circuit_state
 
 
@@ -735,9 +738,31 @@ def test_disabled_options_build_nothing():
     assert cbmod.build(ctx) is None
 
 
-def test_state_url_is_accepted_and_the_state_kept_in_memory(mode, clock):
-    g = Guarded(mode, state_url="redis://127.0.0.1:6379/0")
+def unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_state_url_shares_the_state_and_calls_go_on_while_redis_is_unreachable(mode, clock):
+    # tests/redis runs a real Redis; here nothing listens on the port
+    g = Guarded(mode, fail_max=2, state_url=f"redis://:pw@127.0.0.1:{unused_port()}/0")
+    assert isinstance(g.breaker.storage, SharedStateStorage)
+    with capture_events([StateStoreError, CircuitStateChanged]) as seen:
+        assert g.ok()[0] == "ok"
+        g.fail()
+        g.fail()  # trips on the local copy: the dependency stays protected
+        assert isinstance(g.ok(), CircuitOpenError)
+    assert g.dep.calls == 3
+    assert seen.of(StateStoreError) == [StateStoreError("svc", "admit", "ConnectionError")]
+    assert [(e.new_state, e.reason) for e in seen.of(CircuitStateChanged)] == [("open", "fail_max")]
+    assert "pw" not in repr(g.breaker.storage)
+
+
+def test_memory_is_the_default_and_no_storage_is_made_without_a_state_url(mode, clock):
+    g = Guarded(mode)
     assert type(g.breaker.storage) is pybreaker.CircuitMemoryStorage
+    assert g.breaker._fast_token is not None  # the lock-free closed path
 
 
 def test_slow_call_options_must_come_together():

@@ -44,7 +44,7 @@ class Dependency:
 
 
 @pytest.fixture
-def storages(redis_server: Any) -> Any:
+def storages(redis_server: Any, request: pytest.FixtureRequest) -> Any:
     made: list[Any] = []
 
     def make(**options: Any) -> Any:
@@ -53,7 +53,11 @@ def storages(redis_server: Any) -> Any:
         return storage
 
     yield make
+    # asyncio connections are closed on the loop that opened them (the mode's)
+    mode = request.getfixturevalue("mode") if "mode" in request.fixturenames else None
     for storage in made:
+        if mode is not None and mode.is_async:
+            mode.run(storage.aclose)
         storage.close()
 
 

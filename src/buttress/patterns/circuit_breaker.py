@@ -39,9 +39,11 @@ the manual overrides are per process.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import functools
+import itertools
 import math
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, ClassVar, Final, TypedDict, TypeVar
@@ -52,8 +54,10 @@ from pydantic import Field, model_validator
 from buttress import _clock, config, events, registry
 from buttress.events import CallRejected, CircuitCallRecorded
 from buttress.exceptions import CircuitOpenError, RejectedError
+from buttress.patterns import redis_storage
 from buttress.patterns._base import AsyncCall, BuildContext, Call, Options
 from buttress.patterns._pybreaker_compat import CompatBreaker
+from buttress.patterns.redis_storage import Decision, Limits, SharedStateStorage
 
 __all__ = [
     "PATTERN",
@@ -132,6 +136,11 @@ IGNORED: Final = "ignored"
 # values mark calls whose outcome must not touch the state.
 _BYPASS: Final = -1  # disabled: not even an event
 _UNCOUNTED: Final = -2  # shadow mode let through a call it would have rejected: event only
+# The state is in Redis: the caller takes the shared path (admission decided by the storage).
+_REROUTE: Final = -3
+
+# A shared call's ticket: the storage's admission, and this breaker's generation at that moment.
+_Ticket = tuple[Decision, int]
 
 # The rate window slides in this many steps: a call leaves it at most window_seconds/20 late.
 _BUCKETS: Final = 20
@@ -257,10 +266,14 @@ class CircuitBreaker(CompatBreaker):
     """The shared breaker of one service: lock-free calls over pybreaker's state and storage.
 
     Args:
-        service: the service name (events, errors, registry key).
+        service: the service name (events, errors, registry key, Redis keys).
         options: the breaker's options; ``reconfigure()`` swaps them in place.
-        state_storage: any ``pybreaker.CircuitBreakerStorage`` (default: in memory).
+        state_storage: any ``pybreaker.CircuitBreakerStorage``. Default: the Redis of
+            ``options.state_url`` when set (:func:`redis_storage.make_storage`), else in memory.
         listeners: ``pybreaker.CircuitBreakerListener`` objects; more via ``add_listener``.
+
+    Raises:
+        ConfigurationError: ``state_url`` is set but the ``redis`` package is missing.
     """
 
     def __init__(
@@ -272,6 +285,14 @@ class CircuitBreaker(CompatBreaker):
         listeners: Sequence[pybreaker.CircuitBreakerListener] = (),
     ) -> None:
         opts = options if options is not None else CircuitBreakerOptions.model_validate({})
+        if state_storage is None and opts.state_url is not None:
+            state_storage = redis_storage.make_storage(opts.state_url, service)
+        remote = state_storage if isinstance(state_storage, SharedStateStorage) else None
+        # Every decision of a shared circuit takes these; fail_max, reset_timeout and
+        # success_threshold (pybreaker's public setters included) read and write them here.
+        self._limits = Limits(
+            opts.fail_max, opts.timeout, opts.success_threshold, opts.half_open_max_calls
+        )
         super().__init__(
             name=service,
             fail_max=opts.fail_max,
@@ -279,7 +300,9 @@ class CircuitBreaker(CompatBreaker):
             success_threshold=opts.success_threshold,
             exclude=opts.exclude,
             listeners=listeners,
-            state_storage=state_storage,
+            # pybreaker's constructor reads the storage's state: for Redis that is a request,
+            # and nothing may talk to Redis before the first call. The storage is set below.
+            state_storage=None if remote is not None else state_storage,
         )
         now = _clock.monotonic()
         self.service = service
@@ -289,8 +312,11 @@ class CircuitBreaker(CompatBreaker):
             "half_open_full": f"circuit of {service!r} is half-open and its trial calls are taken",
             "forced_open": f"circuit of {service!r} is forced open",
         }
-        self._store = self.storage
-        self._shared = type(self._store) is not pybreaker.CircuitMemoryStorage
+        self._remote: SharedStateStorage | None = None
+        self._use_storage(remote)
+        self._asked = itertools.count(1)  # numbers the requests to the shared storage
+        self._seen_generation: int | None = None  # of the last shared decision adopted
+        self._adopted_at = 0  # the number of the request that decision answered
         self._phase: str = CLOSED  # closed | open | half_open (the overrides sit on top)
         self._override: str | None = None
         self._generation = 0
@@ -307,13 +333,18 @@ class CircuitBreaker(CompatBreaker):
         with self.lock:
             stored = _FROM_PYBREAKER.get(self._store.state, CLOSED)
             if stored != CLOSED:
-                self._adopt(stored, now)
+                opened_at = self._stored_opened_at(now) if stored == OPEN else now
+                self._adopt(stored, "shared_state", now, opened_at)
             self._refresh_fast_paths()
 
     # --- the per-call protocol (used by the strategy's steps and by call/acall/calling) ----------
 
     def admit(self, shadow: bool = False) -> int:
         """Decide whether a call may run; return its token.
+
+        With state in Redis (``state_url``) the decision is not taken here: the token is
+        ``_REROUTE`` and the caller takes the shared path (the strategy's steps, ``call``,
+        ``acall`` and ``calling`` do), which asks the storage without holding the lock.
 
         Raises:
             CircuitOpenError: the circuit is open, forced open, or its trial slots are taken
@@ -428,14 +459,37 @@ class CircuitBreaker(CompatBreaker):
     def reconfigure(self, options: CircuitBreakerOptions) -> None:
         """Adopt new options, keeping the state (an open circuit stays open, counted failures
         stay counted). A changed ``window_seconds`` starts an empty window.
+
+        A changed ``state_url`` swaps the storage: a new Redis is asked from the next call on
+        (its state is adopted then); with no URL any more, the breaker goes on in memory from
+        the state it last knew. Calls in flight record their outcome where they were admitted.
+
+        Raises:
+            ConfigurationError: a new ``state_url`` needs the ``redis`` package, which is missing
+                (the breaker is left as it was).
         """
+        previous = self.options
+        swap = options.state_url != previous.state_url
+        new_remote = None
+        if swap and options.state_url is not None:
+            new_remote = redis_storage.make_storage(options.state_url, self.service)
+        retired = None
         with self.lock:
-            previous = self.options
             self.options = options
-            self.fail_max = options.fail_max
-            self.reset_timeout = options.timeout
-            self.success_threshold = options.success_threshold
+            self._limits = Limits(
+                options.fail_max,
+                options.timeout,
+                options.success_threshold,
+                options.half_open_max_calls,
+            )
             self._max_trials = options.half_open_max_calls
+            if swap:
+                retired = self._remote
+                if new_remote is None:
+                    # Back in memory, from the state this process last knew.
+                    self._state_storage = pybreaker.CircuitMemoryStorage(_TO_PYBREAKER[self._phase])
+                self._use_storage(new_remote)
+                self._seen_generation = None
             self._slow_after = options.slow_call_duration
             if options.exclude != previous.exclude:
                 for old in self.excluded_exceptions:
@@ -452,6 +506,39 @@ class CircuitBreaker(CompatBreaker):
             ):
                 self._window = None
             self._refresh_fast_paths()
+        if retired is not None:
+            _retire(retired)
+
+    # pybreaker's public limits, kept where the shared decisions read them.
+
+    @property
+    def fail_max(self) -> int:
+        """Consecutive failures that open the circuit (pybreaker's setter works)."""
+        return self._limits.fail_max
+
+    @fail_max.setter
+    def fail_max(self, number: int) -> None:
+        self._limits = self._limits._replace(fail_max=number)
+
+    @property
+    def reset_timeout(self) -> float:
+        """Seconds the circuit stays open (pybreaker's name for ``timeout``)."""
+        return self._limits.reset_timeout
+
+    @reset_timeout.setter
+    def reset_timeout(self, timeout: float) -> None:
+        with self.lock:
+            self._limits = self._limits._replace(reset_timeout=timeout)
+            self._refresh_fast_paths()
+
+    @property
+    def success_threshold(self) -> int:
+        """Half-open successes that close the circuit."""
+        return self._limits.success_threshold
+
+    @success_threshold.setter
+    def success_threshold(self, threshold: int) -> None:
+        self._limits = self._limits._replace(success_threshold=threshold)
 
     # --- what health checks read ---------------------------------------------------------------
 
@@ -461,20 +548,31 @@ class CircuitBreaker(CompatBreaker):
         return self._override or self._phase
 
     def snapshot(self) -> CircuitSnapshot:
-        """The circuit's state and counters, read consistently under the lock."""
+        """The circuit's state and counters, read consistently under the lock.
+
+        A shared circuit reports the fleet's counters as this process last saw them (no request
+        to Redis) and this process's trial calls in flight; under a manual override, the
+        override's own counters.
+        """
+        remote = self._remote
+        known = remote.last_known() if remote is not None else None
         with self.lock:
             now = _clock.monotonic()
             window = self._window
             if window is not None:
                 window.roll(now)
+            if known is not None and self._override is None:
+                failures, successes = known.failures, known.successes
+            else:
+                failures, successes = self._store.counter, self._store.success_counter
             left: float | None = None
             if self._override is None and self._phase == OPEN:
                 left = max(0.0, self._opened_at + self.reset_timeout - now)
             return CircuitSnapshot(
                 service=self.service,
                 state=self._override or self._phase,
-                failures=self._store.counter,
-                successes=self._store.success_counter,
+                failures=failures,
+                successes=successes,
                 trials_in_flight=self._trials,
                 seconds_left_open=left,
                 failure_rate=window.failure_rate if window is not None else None,
@@ -489,25 +587,64 @@ class CircuitBreaker(CompatBreaker):
         Raises:
             CircuitOpenError: instead of pybreaker's ``CircuitBreakerError``.
         """
-        with self._guard(func, args, kwargs):
+        with self._guard(func, args, kwargs, self.admit()):
             return func(*args, **kwargs)
 
     async def acall(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-        """``await func(*args, **kwargs)`` through the breaker (asyncio; no tornado needed)."""
-        with self._guard(func, args, kwargs):
+        """``await func(*args, **kwargs)`` through the breaker (asyncio; no tornado needed).
+
+        With state in Redis, the requests are awaited: the event loop is never blocked.
+        """
+        token = self.admit()
+        remote = self._remote
+        if token == _REROUTE and remote is not None:
+            asked = next(self._asked)
+            ticket = self._enter_shared(await remote.aadmit(self._limits), asked, shadow=False)
+            if self.listening:
+                self.notify_before_call(func, args, kwargs)
+            started = _clock.monotonic()
+            try:
+                result = await func(*args, **kwargs)
+            except BaseException as exc:
+                await self._afinish_shared(remote, ticket, exc, started)
+                raise
+            await self._afinish_shared(remote, ticket, None, started)
+            return result
+        with self._guard(func, args, kwargs, token):
             return await func(*args, **kwargs)
 
     @contextlib.contextmanager
     def calling(self) -> Iterator[None]:
-        """The block (which may ``await``) as one call through the breaker."""
-        with self._guard(self.calling, (), {}):
+        """The block as one call through the breaker.
+
+        The block may ``await``, but with state in Redis entering it makes a blocking request:
+        asyncio code should use ``acall`` or the decorators.
+        """
+        with self._guard(self.calling, (), {}, self.admit()):
             yield
 
     @contextlib.contextmanager
     def _guard(
-        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        token: int,
     ) -> Iterator[None]:
-        token = self.admit()
+        remote = self._remote
+        if token == _REROUTE and remote is not None:
+            asked = next(self._asked)
+            ticket = self._enter_shared(remote.admit(self._limits), asked, shadow=False)
+            if self.listening:
+                self.notify_before_call(func, args, kwargs)
+            started = _clock.monotonic()
+            try:
+                yield
+            except BaseException as exc:
+                self._finish_shared(remote, ticket, exc, started)
+                raise
+            self._finish_shared(remote, ticket, None, started)
+            return
         if token == _BYPASS:
             yield
             return
@@ -581,6 +718,8 @@ class CircuitBreaker(CompatBreaker):
             return self._reject("forced_open", None, shadow)
         now = _clock.monotonic()
         if self._shared:
+            if self._remote is not None:
+                return _REROUTE
             self._sync_shared(now)
         phase = self._phase
         if phase == CLOSED:
@@ -623,15 +762,21 @@ class CircuitBreaker(CompatBreaker):
             self._clear_failures()
         if window is None or self._override is not None:
             return
+        reason = self._window_trip(window)
+        if reason is not None:
+            self._move(OPEN, None, reason, now)
+
+    def _window_trip(self, window: _Window) -> str | None:
+        """The reason the rate window trips the circuit now (failure_rate, slow_call_rate)."""
         opts = self.options
         if window.calls >= opts.minimum_calls:
             rate = opts.failure_rate_threshold
             if rate is not None and window.failures >= rate * window.calls:
-                self._move(OPEN, None, "failure_rate", now)
-                return
+                return "failure_rate"
             rate = opts.slow_call_rate_threshold
             if rate is not None and window.slow >= rate * window.calls:
-                self._move(OPEN, None, "slow_call_rate", now)
+                return "slow_call_rate"
+        return None
 
     def _reject(self, reason: str, retry_after: float | None, shadow: bool) -> int:
         if shadow:
@@ -666,6 +811,16 @@ class CircuitBreaker(CompatBreaker):
             events.dispatch(self._success_hooks, self)
 
     def _manual(self, phase: str, override: str | None, reason: str) -> None:
+        remote = self._remote
+        if remote is not None and override is None:
+            # The fleet's circuit moves (the overrides stay in this process).
+            asked = next(self._asked)
+            decision = remote.force(phase, self._limits)
+            with self.lock:
+                self._move(decision.state, None, reason, _clock.monotonic())
+                self._seen_generation = decision.generation
+                self._adopted_at = max(asked, self._adopted_at)
+            return
         with self.lock:
             self._move(phase, override, reason, _clock.monotonic())
 
@@ -674,6 +829,7 @@ class CircuitBreaker(CompatBreaker):
         old_label = self._override or self._phase
         self._generation += 1
         self._trials = 0
+        self._seen_generation = None  # a shared circuit adopts the next state it is told
         if phase == OPEN:
             self._opened_at = now
         opened_wall = _wall_datetime() if phase == OPEN else None
@@ -685,18 +841,18 @@ class CircuitBreaker(CompatBreaker):
         self._refresh_fast_paths()
         self._announce_state(old_label, reason, now)
 
-    def _adopt(self, phase: str, now: float) -> None:
+    def _adopt(self, phase: str, reason: str, now: float, opened_at: float) -> None:
         """Take on a state another process wrote to the shared storage (nothing is written)."""
         old_label = self._override or self._phase
         self._generation += 1
         self._trials = 0
         if phase == OPEN:
-            self._opened_at = self._stored_opened_at(now)
+            self._opened_at = opened_at
         if phase == CLOSED and self._window is not None:
             self._window = self._new_window(self.options, now)
         self._phase = phase
         self._refresh_fast_paths()
-        self._announce_state(old_label, "shared_state", now)
+        self._announce_state(old_label, reason, now)
 
     def _announce_state(self, old_label: str, reason: str, now: float) -> None:
         change = self._show_state(_TO_PYBREAKER[self._phase])
@@ -744,12 +900,160 @@ class CircuitBreaker(CompatBreaker):
             return None
         return _Window(options.window_seconds, now)
 
+    # --- the shared path: Redis decides, this process keeps its labels, events and window ------
+
+    def _enter_shared(self, decision: Decision, asked: int, *, shadow: bool) -> _Ticket | None:
+        """Act on the storage's admission (request number ``asked``); return the call's ticket.
+
+        Returns:
+            None for a call shadow mode lets through although it was not admitted.
+
+        Raises:
+            CircuitOpenError: not admitted (open, or the fleet's trial calls are all taken).
+        """
+        with self.lock:
+            if self._is_news(decision, asked):
+                self._adopt_decision(decision, decision.change or "shared_state", asked)
+            if decision.admitted:
+                if decision.trial:
+                    self._trials += 1
+                    handlers = events.ROUTES.get(events.CircuitTrialStarted)
+                    if handlers:
+                        events.dispatch(
+                            handlers, events.CircuitTrialStarted(self.service, self._trials)
+                        )
+                return decision, self._generation
+        if decision.state == OPEN:
+            self._reject("open", decision.retry_after, shadow)
+        else:
+            self._reject("half_open_full", None, shadow)
+        return None
+
+    def _finish_shared(
+        self,
+        remote: SharedStateStorage,
+        ticket: _Ticket | None,
+        exc: BaseException | None,
+        started: float,
+    ) -> None:
+        """Record a shared call's outcome: at most one request (two when the window trips)."""
+        outcome, now, elapsed, slow = self._outcome(exc, started)
+        if ticket is not None:
+            asked = next(self._asked)
+            after = remote.record(ticket[0], outcome, self._limits)
+            reason = self._settle(ticket, outcome, after, asked, now=now, slow=slow)
+            if reason is not None:
+                asked = next(self._asked)
+                moved = remote.transition(OPEN, ticket[0].generation, self._limits)
+                self._settle_trip(moved, asked, reason)
+        self._announce(outcome, elapsed, exc, slow=slow)
+
+    async def _afinish_shared(
+        self,
+        remote: SharedStateStorage,
+        ticket: _Ticket | None,
+        exc: BaseException | None,
+        started: float,
+    ) -> None:
+        """``_finish_shared`` for asyncio callers: awaits Redis, never blocks the event loop."""
+        outcome, now, elapsed, slow = self._outcome(exc, started)
+        if ticket is not None:
+            asked = next(self._asked)
+            after = await remote.arecord(ticket[0], outcome, self._limits)
+            reason = self._settle(ticket, outcome, after, asked, now=now, slow=slow)
+            if reason is not None:
+                asked = next(self._asked)
+                moved = await remote.atransition(OPEN, ticket[0].generation, self._limits)
+                self._settle_trip(moved, asked, reason)
+        self._announce(outcome, elapsed, exc, slow=slow)
+
+    def _outcome(self, exc: BaseException | None, started: float) -> tuple[str, float, float, bool]:
+        """``(outcome, now, elapsed, slow)`` of a call that ended; tells pybreaker listeners."""
+        now = _clock.monotonic()
+        elapsed = now - started
+        slow = self._slow_after is not None and elapsed >= self._slow_after
+        if exc is None:
+            return SUCCESS, now, elapsed, slow
+        outcome = FAILURE if self.is_system_error(exc) else IGNORED
+        if outcome == FAILURE and self._failure_hooks:
+            events.dispatch(self._failure_hooks, exc)
+        return outcome, now, elapsed, slow
+
+    def _settle(
+        self,
+        ticket: _Ticket,
+        outcome: str,
+        after: Decision | None,
+        asked: int,
+        *,
+        now: float,
+        slow: bool,
+    ) -> str | None:
+        """Bookkeeping once the storage recorded an outcome; the reason if the window trips."""
+        decision, generation = ticket
+        with self.lock:
+            current = generation == self._generation
+            if decision.trial and current:
+                self._trials -= 1
+            if after is not None and self._is_news(after, asked):
+                self._adopt_decision(after, after.change or "shared_state", asked)
+                return None
+            window = self._window
+            if (
+                window is None
+                or not current
+                or outcome == IGNORED
+                or decision.state != CLOSED
+                or self._override is not None
+            ):
+                return None
+            window.add(now, failed=outcome == FAILURE, slow=slow)
+            return self._window_trip(window)
+
+    def _settle_trip(self, moved: Decision, asked: int, reason: str) -> None:
+        # The storage moves only from the generation the window counted in: if another
+        # process moved first, this process learns that move instead of making its own.
+        with self.lock:
+            if self._is_news(moved, asked):
+                self._adopt_decision(moved, reason if moved.change else "shared_state", asked)
+
+    def _is_news(self, decision: Decision, asked: int) -> bool:
+        """Whether ``decision`` (the answer to request ``asked``) is a state to adopt."""
+        seen = self._seen_generation
+        generation = decision.generation
+        if generation == seen:
+            return False
+        # Answers to concurrent requests arrive in any order: one to a request sent before the
+        # answer last adopted is old news, unless its shared generation is visibly newer.
+        return asked > self._adopted_at or (seen is not None and generation > seen > 0)
+
+    def _adopt_decision(self, decision: Decision, reason: str, asked: int) -> None:
+        self._seen_generation = decision.generation
+        self._adopted_at = max(asked, self._adopted_at)
+        now = _clock.monotonic()
+        self._adopt(decision.state, reason, now, now - decision.age)
+
     # --- the storage seam: the only methods that read or write self._store ------------------------
+
+    def _use_storage(self, remote: SharedStateStorage | None) -> None:
+        """Decide with ``remote`` (Redis), or with pybreaker's storage when it is None."""
+        self._remote = remote
+        if remote is None:
+            self._store = self.storage
+            self._shared = type(self._store) is not pybreaker.CircuitMemoryStorage
+            return
+        # pybreaker's storage (``breaker.storage``, ``fail_counter``) is the shared one; the
+        # overrides, which stay in this process, count in a private one.
+        # (pybreaker has no setter: _state_storage is one of the members _pybreaker_compat lists.)
+        self._state_storage = remote
+        self._store = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
+        self._shared = True
 
     def _sync_shared(self, now: float) -> None:
         stored = _FROM_PYBREAKER.get(self._store.state)
         if stored is not None and stored != self._phase:
-            self._adopt(stored, now)
+            opened_at = self._stored_opened_at(now) if stored == OPEN else now
+            self._adopt(stored, "shared_state", now, opened_at)
 
     def _stored_opened_at(self, now: float) -> float:
         opened = self._store.opened_at
@@ -793,6 +1097,23 @@ def _open_error(message: str, service: str, retry_after: float | None) -> Circui
     return error
 
 
+# Closing connections of a storage taken out of use on a running event loop (strong references:
+# the loop keeps only weak ones to its tasks).
+_closing: set[asyncio.Task[None]] = set()
+
+
+def _retire(storage: SharedStateStorage) -> None:
+    """Close the connections of a storage a breaker stopped using."""
+    storage.close()
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return  # asyncio connections of other loops are closed when collected
+    task = loop.create_task(storage.aclose())
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
 def _wall_datetime() -> dt.datetime:
     return dt.datetime.fromtimestamp(_clock.wall(), dt.UTC)
 
@@ -809,6 +1130,8 @@ def _sync_step(cb: CircuitBreaker, call: Call, *, shadow: bool) -> Call:
         token = cb._fast_token  # admit()'s own first check, without the call
         if token is None:
             token = admit(shadow)
+            if token == _REROUTE:
+                return shared_step(args, kwargs)
         if token == _BYPASS:
             return call(args, kwargs)
         if cb.listening:
@@ -820,6 +1143,23 @@ def _sync_step(cb: CircuitBreaker, call: Call, *, shadow: bool) -> Call:
             on_error(token, exc, started)
             raise
         on_success(token, started)
+        return result
+
+    def shared_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        remote = cb._remote
+        if remote is None:  # back in memory since admit() looked
+            return circuit_breaker_step(args, kwargs)
+        asked = next(cb._asked)  # numbered before it is sent
+        ticket = cb._enter_shared(remote.admit(cb._limits), asked, shadow=shadow)
+        if cb.listening:
+            cb.notify_before_call(call, args, kwargs)
+        started = _clock.monotonic()
+        try:
+            result = call(args, kwargs)
+        except BaseException as exc:
+            cb._finish_shared(remote, ticket, exc, started)
+            raise
+        cb._finish_shared(remote, ticket, None, started)
         return result
 
     return circuit_breaker_step
@@ -834,6 +1174,8 @@ def _async_step(cb: CircuitBreaker, call: AsyncCall, *, shadow: bool) -> AsyncCa
         token = cb._fast_token
         if token is None:
             token = admit(shadow)
+            if token == _REROUTE:
+                return await shared_step(args, kwargs)
         if token == _BYPASS:
             return await call(args, kwargs)
         if cb.listening:
@@ -845,6 +1187,23 @@ def _async_step(cb: CircuitBreaker, call: AsyncCall, *, shadow: bool) -> AsyncCa
             on_error(token, exc, started)
             raise
         on_success(token, started)
+        return result
+
+    async def shared_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        remote = cb._remote
+        if remote is None:  # back in memory since admit() looked
+            return await circuit_breaker_step(args, kwargs)
+        asked = next(cb._asked)  # numbered before it is sent
+        ticket = cb._enter_shared(await remote.aadmit(cb._limits), asked, shadow=shadow)
+        if cb.listening:
+            cb.notify_before_call(call, args, kwargs)
+        started = _clock.monotonic()
+        try:
+            result = await call(args, kwargs)
+        except BaseException as exc:
+            await cb._afinish_shared(remote, ticket, exc, started)
+            raise
+        await cb._afinish_shared(remote, ticket, None, started)
         return result
 
     return circuit_breaker_step
@@ -870,7 +1229,9 @@ class CircuitBreakerStrategy:
 def build(ctx: BuildContext) -> CircuitBreakerStrategy | None:
     """The strategy over the shared breaker of ``ctx.key`` (built on first use).
 
-    ``state_url`` is accepted but not used yet: the breaker keeps its state in memory.
+    With ``state_url`` the breaker keeps its state in that Redis, under ``ctx.service``'s keys;
+    the storage is made with the breaker (connecting on its first call), and swapped when a
+    reload changes the URL.
     """
     options: CircuitBreakerOptions = ctx.options
     if not options.enabled:
