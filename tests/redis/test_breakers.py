@@ -52,9 +52,9 @@ def storages(redis_server: Any, request: pytest.FixtureRequest) -> Any:
         made.append(storage)
         return storage
 
-    yield make
     # asyncio connections are closed on the loop that opened them (the mode's)
     mode = request.getfixturevalue("mode") if "mode" in request.fixturenames else None
+    yield make
     for storage in made:
         if mode is not None and mode.is_async:
             mode.run(storage.aclose)

@@ -1,14 +1,17 @@
 """Four worker processes share one circuit through a real redis-server.
 
-Each worker is a forked process with its own storage, driven three ways: the sync decision API
-from threads, the asyncio decision API from tasks, and buttress's ``CircuitBreaker`` (which today
-reaches the storage through pybreaker's interface) from threads. The dependency is shared: a
-counter in shared memory tells how many calls reached it, and how many ran at once.
+Each worker is a forked process with its own storage, driven five ways: the sync decision API
+from threads, the asyncio decision API from tasks, buttress's ``CircuitBreaker`` given the
+storage (``breaker.call``, from threads), and what users write: ``@circuit_breaker(name=...,
+state_url=...)`` on a ``def`` (from threads) and on an ``async def`` (from tasks). The dependency
+is shared: a counter in shared memory tells how many calls reached it, and how many ran at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import multiprocessing
 import threading
 import time
@@ -25,7 +28,8 @@ pytestmark = [pytest.mark.redis, pytest.mark.realtime]
 
 FORK = multiprocessing.get_context("fork")
 WORKERS = 4
-KINDS = ["sync", "async", "breaker"]
+KINDS = ["sync", "async", "breaker", "decorated", "adecorated"]
+ASYNC_KINDS = {"async", "adecorated"}
 
 
 class Down(ConnectionError):
@@ -67,18 +71,20 @@ class Worker:
         return process, results
 
     def _main(self, results: Any, target: Callable[..., dict[str, Any]], *args: Any) -> None:
-        storage = make_storage(self.url, "fleet", **self.storage_options)
         faults: list[Any] = []
         events.subscribe(faults.append, [events.StateStoreError])
         try:
-            summary = target(self._caller(storage), *args)
+            summary = target(self._caller(), *args)
         except BaseException as exc:  # reported to the test, which fails with it
             summary = {"crashed": repr(exc)}
         summary["store_errors"] = len(faults)
         results.put(summary)
 
-    def _caller(self, storage: Any) -> Any:
+    def _caller(self) -> Any:
         limits = self.limits
+        if self.kind in {"decorated", "adecorated"}:
+            return self._decorated()
+        storage = make_storage(self.url, "fleet", **self.storage_options)
         if self.kind == "breaker":
             from buttress.patterns.circuit_breaker import CircuitBreaker, CircuitBreakerOptions
 
@@ -128,10 +134,62 @@ class Worker:
 
         return call
 
+    def _decorated(self) -> Any:
+        """A function decorated the way users do, in this worker process."""
+        from buttress import circuit_breaker
+        from buttress.patterns import redis_storage
+
+        if self.storage_options:
+            # Faster reconnects than the defaults, so a test of a few seconds sees the fleet
+            # come back (the breaker builds its storage through this module function).
+            redis_storage.make_storage = functools.partial(
+                redis_storage.make_storage, **self.storage_options
+            )
+        limits = self.limits
+        protect = circuit_breaker(
+            name="fleet",
+            fail_max=limits.fail_max,
+            timeout=limits.reset_timeout,
+            success_threshold=limits.success_threshold,
+            half_open_max_calls=limits.half_open_max_calls,
+            state_url=self.url,
+        )
+        # A call was a half-open trial when the breaker announced one in the caller's context.
+        trial: contextvars.ContextVar[bool] = contextvars.ContextVar("trial", default=False)
+        events.subscribe(lambda _: trial.set(True), [events.CircuitTrialStarted])
+
+        if self.kind == "adecorated":
+
+            @protect
+            async def athrough(fn: Callable[[], Any]) -> Any:
+                return await fn()
+
+            async def acall(fn: Callable[[], Any]) -> tuple[str, bool]:
+                trial.set(False)
+                try:
+                    return await athrough(fn), trial.get()
+                except CircuitOpenError:
+                    return "rejected", False
+
+            return acall
+
+        @protect
+        def through(fn: Callable[[], Any]) -> Any:
+            return fn()
+
+        def call(fn: Callable[[], Any]) -> tuple[str, bool]:
+            trial.set(False)
+            try:
+                return through(fn), trial.get()
+            except CircuitOpenError:
+                return "rejected", False
+
+        return call
+
 
 def run_concurrently(kind: str, n: int, body: Callable[[int], Any]) -> list[Any]:
     """``body(i)`` for i in range(n), on n threads, or as n tasks of one event loop."""
-    if kind == "async":
+    if kind in ASYNC_KINDS:
 
         async def main() -> list[Any]:
             return list(await asyncio.gather(*(body(i) for i in range(n))))
@@ -161,7 +219,7 @@ def dependency_call(kind: str, dep: Dependency, seconds: float, *, fails: bool) 
         finally:
             dep.leave()
 
-    if kind != "async":
+    if kind not in ASYNC_KINDS:
         return enter_and_leave
 
     async def aenter_and_leave() -> str:
@@ -220,7 +278,7 @@ def hammer_failing(
             rejected_in_a_row += outcome == "rejected"
         return rejected_in_a_row
 
-    ends = run_concurrently(kind, concurrency, loop_async if kind == "async" else loop_sync)
+    ends = run_concurrently(kind, concurrency, loop_async if kind in ASYNC_KINDS else loop_sync)
     return {"rejecting_at_end": all(n >= 3 for n in ends)}
 
 
@@ -228,7 +286,7 @@ def trip_then_signal(call: Any, kind: str, fail_max: int, dep: Dependency, tripp
     fn = dependency_call(kind, dep, 0.0, fails=True)
     for _ in range(fail_max):
         try:
-            if kind == "async":
+            if kind in ASYNC_KINDS:
                 asyncio.run(call(fn))
             else:
                 call(fn)
@@ -241,7 +299,7 @@ def trip_then_signal(call: Any, kind: str, fail_max: int, dep: Dependency, tripp
 def call_after_signal(call: Any, kind: str, dep: Dependency, tripped: Any) -> dict[str, Any]:
     fn = dependency_call(kind, dep, 0.0, fails=False)
     tripped.wait(10)
-    outcome, _trial = asyncio.run(call(fn)) if kind == "async" else call(fn)
+    outcome, _trial = asyncio.run(call(fn)) if kind in ASYNC_KINDS else call(fn)
     return {"outcome": outcome}
 
 
@@ -256,7 +314,7 @@ def probe(call: Any, kind: str, concurrency: int, dep: Dependency, barrier: Any)
     async def one_async(_: int) -> tuple[str, bool]:
         return await call(fn)
 
-    outcomes = run_concurrently(kind, concurrency, one_async if kind == "async" else one_sync)
+    outcomes = run_concurrently(kind, concurrency, one_async if kind in ASYNC_KINDS else one_sync)
     return {
         "trials": sum(trial for _, trial in outcomes),
         "rejected": sum(outcome == "rejected" for outcome, _ in outcomes),
@@ -267,7 +325,7 @@ def steady_load(call: Any, kind: str, concurrency: int, seconds: float, barrier:
     """Succeeding calls for ``seconds``: count failures, the slowest call, and shared decisions."""
     barrier.wait(10)
     deadline = time.monotonic() + seconds
-    if kind == "async":
+    if kind in ASYNC_KINDS:
 
         async def ok() -> str:
             return "ok"
@@ -308,7 +366,7 @@ def steady_load(call: Any, kind: str, concurrency: int, seconds: float, barrier:
             await asyncio.sleep(0.005)
         return calls, failed, slowest
 
-    per_loop = run_concurrently(kind, concurrency, loop_async if kind == "async" else loop_sync)
+    per_loop = run_concurrently(kind, concurrency, loop_async if kind in ASYNC_KINDS else loop_sync)
     return {
         "calls": sum(c for c, _, _ in per_loop),
         "failed": sum(f for _, f, _ in per_loop),
@@ -324,7 +382,7 @@ def test_the_fleet_opens_after_fail_max_plus_the_calls_in_flight(
     redis_server: Any, kind: str
 ) -> None:
     limits = Limits(fail_max=5, reset_timeout=30, success_threshold=1, half_open_max_calls=1)
-    concurrency = 3 if kind == "async" else 2
+    concurrency = 3 if kind in ASYNC_KINDS else 2
     dep = Dependency()
     barrier = FORK.Barrier(WORKERS)
     worker = Worker(kind, redis_server.url, limits)
@@ -355,7 +413,7 @@ def test_a_trip_in_one_process_makes_the_others_reject_without_calling(
     assert others.hits.value == 0
 
 
-@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("kind", ["sync", "async", "decorated", "adecorated"])
 def test_concurrent_half_open_probes_across_processes_are_limited(
     redis_server: Any, kind: str
 ) -> None:

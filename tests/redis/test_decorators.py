@@ -1,0 +1,392 @@
+"""``@circuit_breaker(name=..., state_url=...)`` on a real redis-server, in one process.
+
+The decorated function is this process; a storage of its own (the ``peers`` fixture) stands for
+another process of the fleet, meeting it only in Redis. Every behaviour runs on ``def`` and on
+``async def`` (the ``mode`` fixture). The worker-process fleet is in ``test_fleet.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pybreaker
+import pytest
+
+from buttress import circuit_breaker, config, events, registry
+from buttress.exceptions import CircuitOpenError
+from buttress.patterns.circuit_breaker import breaker
+from buttress.patterns.redis_storage import Limits, SharedStateStorage, make_storage
+from buttress.testing import capture_events
+
+pytestmark = pytest.mark.redis
+
+SERVICE = "svc"
+LIMITS = Limits(fail_max=3, reset_timeout=30.0, success_threshold=1, half_open_max_calls=1)
+
+
+class Down(ConnectionError):
+    """The dependency failed."""
+
+
+class Dependency:
+    """Counts the calls that reached it; fails while ``down``."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.down = False
+
+    def __call__(self) -> str:
+        self.calls += 1
+        if self.down:
+            raise Down("dependency down")
+        return "ok"
+
+
+def fail() -> None:
+    raise Down("dependency down")
+
+
+@pytest.fixture(autouse=True)
+def _close_breaker_storages(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Close the connections of the breakers the test built (asyncio: on the mode's loop)."""
+    mode = request.getfixturevalue("mode") if "mode" in request.fixturenames else None
+    yield
+    if mode is not None and mode.is_async:
+        mode.run(asyncio.sleep, 0.05)  # a storage a reload retired closes on this loop
+    for built in registry.instances("circuit_breaker").values():
+        storage = built.storage
+        if isinstance(storage, SharedStateStorage):
+            if mode is not None and mode.is_async:
+                mode.run(storage.aclose)
+            storage.close()
+    config.reload_settings()
+
+
+def protected(mode: Any, url: str, dep: Dependency, **options: Any) -> Any:
+    limits = {
+        "fail_max": LIMITS.fail_max,
+        "timeout": LIMITS.reset_timeout,
+        "success_threshold": LIMITS.success_threshold,
+        "half_open_max_calls": LIMITS.half_open_max_calls,
+    }
+    return circuit_breaker(name=SERVICE, state_url=url, **{**limits, **options})(mode.define(dep))
+
+
+def state_in_redis(server: Any) -> str | None:
+    return server.client().hget(f"buttress:{{{SERVICE}}}:circuit", "state")
+
+
+# --- one circuit for the fleet ------------------------------------------------------------------
+
+
+def test_failures_of_the_fleet_add_up_and_the_trip_is_shared(
+    mode: Any, redis_server: Any, peers: Any
+) -> None:
+    dep = Dependency()
+    call = protected(mode, redis_server.url, dep)
+    other = peers(SERVICE)
+    assert mode.run(call) == "ok"
+    dep.down = True
+    with capture_events([events.CircuitStateChanged]) as changes:
+        with pytest.raises(Down):
+            other.call(LIMITS, fail)
+        assert isinstance(mode.outcome(call), Down)
+        assert isinstance(mode.outcome(call), Down)  # the fleet's third failure trips it
+        rejected = mode.outcome(call)
+    assert isinstance(rejected, CircuitOpenError)
+    assert 29 < rejected.retry_after <= 30
+    assert dep.calls == 3
+    assert [(c.old_state, c.new_state, c.reason) for c in changes] == [
+        ("closed", "open", "fail_max")
+    ]
+    assert state_in_redis(redis_server) == "open"
+    assert other.admit(LIMITS).admitted is False  # the other process fails fast too
+    assert isinstance(breaker(SERVICE).storage, SharedStateStorage)
+
+
+def test_a_trip_elsewhere_rejects_here_without_calling(
+    mode: Any, redis_server: Any, peers: Any
+) -> None:
+    dep = Dependency()
+    call = protected(mode, redis_server.url, dep)
+    assert mode.run(call) == "ok"
+    peers(SERVICE).force("open", LIMITS)
+    with capture_events([events.CircuitStateChanged, events.CallRejected]) as seen:
+        rejected = mode.outcome(call)
+    assert isinstance(rejected, CircuitOpenError)
+    assert dep.calls == 1
+    assert [(e.new_state, e.reason) for e in seen.of(events.CircuitStateChanged)] == [
+        ("open", "shared_state")
+    ]
+    assert [e.reason for e in seen.of(events.CallRejected)] == ["open"]
+    assert breaker(SERVICE).snapshot()["state"] == "open"
+
+
+def test_half_open_trials_are_limited_across_the_fleet(
+    mode: Any, redis_server: Any, peers: Any
+) -> None:
+    dep = Dependency()
+    call = protected(mode, redis_server.url, dep)
+    other = peers(SERVICE)
+    other.force("half_open", LIMITS)
+    trial = other.admit(LIMITS)  # the other process holds the only trial
+    assert trial.trial
+    with capture_events([events.CallRejected]) as rejections:
+        assert isinstance(mode.outcome(call), CircuitOpenError)
+    assert [e.reason for e in rejections] == ["half_open_full"]
+    assert dep.calls == 0
+    other.record(trial, "success", LIMITS)  # its success closes the fleet's circuit
+    with capture_events([events.CircuitStateChanged]) as changes:
+        assert mode.run(call) == "ok"
+    assert [(c.old_state, c.new_state) for c in changes] == [("half_open", "closed")]
+
+
+def test_a_trial_here_closes_the_fleet_and_an_excluded_error_gives_its_slot_back(
+    mode: Any, redis_server: Any, peers: Any
+) -> None:
+    outcomes: list[BaseException | None] = [KeyError("not a failure"), None]
+
+    def body() -> str:
+        outcome = outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+        return "ok"
+
+    call = circuit_breaker(name=SERVICE, state_url=redis_server.url, exclude=[KeyError])(
+        mode.define(body)
+    )
+    other = peers(SERVICE)
+    other.force("half_open")
+    with capture_events([events.CircuitTrialStarted, events.CircuitStateChanged]) as seen:
+        assert isinstance(mode.outcome(call), KeyError)  # a trial, neither success nor failure
+        assert mode.run(call) == "ok"  # the slot was given back: another trial, which closes
+    assert len(seen.of(events.CircuitTrialStarted)) == 2
+    assert [(c.new_state, c.reason) for c in seen.of(events.CircuitStateChanged)] == [
+        ("half_open", "shared_state"),
+        ("closed", "success_threshold"),
+    ]
+    assert other.admit(LIMITS).state == "closed"
+
+
+def test_a_failure_rate_trip_opens_the_fleet(mode: Any, redis_server: Any, peers: Any) -> None:
+    dep = Dependency()
+    call = protected(
+        mode, redis_server.url, dep, fail_max=100, failure_rate_threshold=0.5, minimum_calls=4
+    )
+    for _ in range(2):
+        assert mode.run(call) == "ok"
+    dep.down = True
+    with capture_events([events.CircuitStateChanged]) as changes:
+        for _ in range(2):
+            assert isinstance(mode.outcome(call), Down)
+    assert [(c.new_state, c.reason) for c in changes] == [("open", "failure_rate")]
+    assert state_in_redis(redis_server) == "open"
+    assert peers(SERVICE).admit(LIMITS).admitted is False
+
+
+# --- manual control -------------------------------------------------------------------------------
+
+
+def test_reset_open_and_half_open_move_the_fleet_and_overrides_stay_local(
+    mode: Any, redis_server: Any, peers: Any
+) -> None:
+    dep = Dependency()
+    call = protected(mode, redis_server.url, dep)
+    other = peers(SERVICE)
+    assert mode.run(call) == "ok"
+    cb = breaker(SERVICE)
+
+    cb.open()
+    assert state_in_redis(redis_server) == "open"
+    assert other.admit(LIMITS).admitted is False
+    cb.reset()
+    assert state_in_redis(redis_server) == "closed"
+    assert other.admit(LIMITS).admitted is True
+    cb.half_open()
+    assert state_in_redis(redis_server) == "half_open"
+    cb.close()
+    assert state_in_redis(redis_server) == "closed"
+
+    cb.force_open()  # this process only
+    assert isinstance(mode.outcome(call), CircuitOpenError)
+    assert state_in_redis(redis_server) == "closed"
+    assert other.admit(LIMITS).admitted is True
+    cb.force_closed()
+    dep.down = True
+    for _ in range(LIMITS.fail_max + 1):
+        assert isinstance(mode.outcome(call), Down)  # counted here, never tripping, not shared
+    assert cb.snapshot()["failures"] == LIMITS.fail_max + 1
+    assert other.admit(LIMITS).failures == 0
+    dep.down = False
+    cb.disable()
+    assert mode.run(call) == "ok"
+    cb.enable()  # back to the fleet's circuit
+    other.force("open", LIMITS)
+    assert isinstance(mode.outcome(call), CircuitOpenError)
+    assert cb.state_label == "open"
+
+
+def test_snapshot_reports_the_fleet_without_a_request(
+    mode: Any, redis_server: Any, peers: Any
+) -> None:
+    dep = Dependency()
+    call = protected(mode, redis_server.url, dep)
+    with pytest.raises(Down):
+        peers(SERVICE).call(LIMITS, fail)
+    dep.down = True
+    assert isinstance(mode.outcome(call), Down)  # recording it, Redis told the fleet's count
+    commands = redis_server.counter()
+    snapshot = breaker(SERVICE).snapshot()
+    assert commands() == {}
+    assert (snapshot["state"], snapshot["failures"], snapshot["trials_in_flight"]) == (
+        "closed",
+        2,
+        0,
+    )
+
+
+# --- settings -------------------------------------------------------------------------------------
+
+
+def test_state_url_from_settings_and_a_reload_swaps_the_storage(
+    mode: Any, redis_server: Any, peers: Any
+) -> None:
+    dep = Dependency()
+    call = circuit_breaker(name=SERVICE, fail_max=3, timeout=30)(mode.define(dep))
+    assert mode.run(call) == "ok"
+    assert type(breaker(SERVICE).storage) is pybreaker.CircuitMemoryStorage
+    peers(SERVICE).force("open", LIMITS)
+    variable = "BUTTRESS_SERVICES__SVC__CIRCUIT_BREAKER__STATE_URL"
+
+    config.reload_settings(env={variable: redis_server.url})
+    assert isinstance(mode.outcome(call), CircuitOpenError)  # the fleet's state, adopted
+    assert isinstance(breaker(SERVICE).storage, SharedStateStorage)
+
+    config.reload_settings(env={})  # applied when a call next runs
+    assert isinstance(mode.outcome(call), CircuitOpenError)  # in memory, from the state it knew
+    cb = breaker(SERVICE)
+    assert type(cb.storage) is pybreaker.CircuitMemoryStorage
+    assert cb.state_label == "open"
+    assert dep.calls == 1
+
+
+def test_shadow_mode_lets_a_call_through_an_open_fleet(
+    mode: Any, redis_server: Any, peers: Any
+) -> None:
+    dep = Dependency()
+    config.reload_settings(env={"BUTTRESS_SERVICES__SVC__MODE": "shadow"})
+    call = protected(mode, redis_server.url, dep)
+    peers(SERVICE).force("open", LIMITS)
+    with capture_events([events.ShadowDecision]) as seen:
+        assert mode.run(call) == "ok"
+    assert seen == [events.ShadowDecision(SERVICE, "circuit_breaker", "reject")]
+    assert dep.calls == 1
+
+
+# --- Redis failing ------------------------------------------------------------------------------
+
+
+def test_calls_never_fail_because_redis_does_and_the_password_stays_hidden(
+    mode: Any, secured_redis_server: Any, clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = secured_redis_server
+    password = server.password
+    dep = Dependency()
+    call = protected(mode, server.url, dep)
+    assert mode.run(call) == "ok"
+    server.kill()
+    caplog.set_level(logging.DEBUG, logger="buttress")
+    with capture_events() as seen:
+        assert [mode.run(call) for _ in range(3)] == ["ok"] * 3
+        dep.down = True
+        for _ in range(LIMITS.fail_max):
+            assert isinstance(mode.outcome(call), Down)
+        rejected = mode.outcome(call)  # tripped on the local copy
+    assert isinstance(rejected, CircuitOpenError)
+    assert dep.calls == 1 + 3 + LIMITS.fail_max
+    faults = seen.of(events.StateStoreError)
+    assert [(e.service, e.operation) for e in faults] == [(SERVICE, "admit")]
+    cb = breaker(SERVICE)
+    logged = [caplog.text, *(repr(vars(record)) for record in caplog.records)]
+    shown = [repr(cb), repr(cb.storage), str(rejected), *logged, *map(repr, seen)]
+    assert [text for text in shown if password in text] == []
+    assert "***" in repr(cb.storage)
+
+
+@pytest.mark.realtime
+def test_redis_restarted_empty_the_fleet_state_is_used_again(
+    mode: Any, redis_server: Any, peers: Any
+) -> None:
+    dep = Dependency()
+    call = protected(mode, redis_server.url, dep)
+    peers(SERVICE).force("open", LIMITS)
+    assert isinstance(mode.outcome(call), CircuitOpenError)
+    redis_server.restart()  # empty: the circuit there is closed
+    assert isinstance(mode.outcome(call), CircuitOpenError)  # local copy: still open
+    time.sleep(0.55)  # the first reconnect wait
+    assert mode.run(call) == "ok"
+    assert breaker(SERVICE).state_label == "closed"
+
+
+@pytest.mark.realtime
+def test_an_async_call_waiting_on_a_frozen_redis_does_not_block_the_event_loop(
+    redis_server: Any,
+) -> None:
+    @circuit_breaker(name=SERVICE, state_url=redis_server.url)
+    async def call() -> str:
+        return "ok"
+
+    async def main() -> tuple[str, int, float]:
+        assert await call() == "ok"  # connected
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.005)
+                ticks += 1
+
+        redis_server.freeze()
+        ticking = asyncio.ensure_future(ticker())
+        started = time.monotonic()
+        try:
+            result = await call()  # waits for the frozen Redis, then decides locally
+        finally:
+            elapsed = time.monotonic() - started
+            ticking.cancel()
+            redis_server.thaw()
+        await breaker(SERVICE).storage.aclose()
+        return result, ticks, elapsed
+
+    result, ticks, elapsed = asyncio.run(main())
+    assert result == "ok"
+    assert 0.09 <= elapsed < breaker(SERVICE).storage.max_delay
+    assert ticks >= 5  # the loop ran other tasks meanwhile
+
+
+def test_a_cancelled_async_trial_gives_its_slot_back(redis_server: Any) -> None:
+    started = asyncio.Event()
+
+    @circuit_breaker(name=SERVICE, state_url=redis_server.url)
+    async def hang() -> str:
+        started.set()
+        await asyncio.Event().wait()
+        return "never"
+
+    async def main() -> None:
+        task = asyncio.ensure_future(hang())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await breaker(SERVICE).storage.aclose()
+
+    other = make_storage(redis_server.url, SERVICE)
+    other.force("half_open")
+    asyncio.run(main())
+    assert other.admit(LIMITS).trial  # the lease came back at once, not after it expired
+    other.close()
