@@ -3,8 +3,9 @@
 ``run_all(mode, clock)`` exercises every pattern on its success and failure paths (a circuit trips,
 rejects, half-opens and closes; retries succeed and run out; calls time out and workers are
 abandoned; a bulkhead queues and rejects; a rate limiter makes calls wait and refuses one;
-fallbacks serve and fail; shadow mode and chaos injection act; settings reload and fail to). It
-can run again and again in one process: every run ends with the circuits closed.
+fallbacks serve and fail; shadow mode and chaos injection act; a circuit's shared state store
+cannot be reached; settings reload and fail to). It can run again and again in one process: every
+run ends with the circuits closed.
 
 Used by ``test_scenarios.py`` (fresh registry, fake clock) and by the exporter process that the
 real-Prometheus test scrapes.
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -42,13 +45,13 @@ SETTINGS_ENV = {
 }
 BAD_SETTINGS_ENV = {**SETTINGS_ENV, "BUTTRESS_SERVICES__SHADOWED__RETRY__MAX_ATTEMPTS": "many"}
 
-# Families no public API can produce yet, with the event that stands in until it can.
-DIRECT_EVENTS: dict[str, Any] = {
-    # Shared state on Redis is its own piece of work; its storage emits StateStoreError.
-    "buttress_circuit_breaker_state_store_errors_total": events.StateStoreError(
-        "openfga", "read_state", "ConnectionError"
-    ),
-}
+
+@functools.cache
+def closed_port_url() -> str:
+    """A Redis URL on a loopback port where nothing listens (the same one for every run)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
 
 
 def wait_for(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
@@ -219,6 +222,12 @@ def shadow(mode: Any, clock: FakeClock) -> None:
     mode.outcome(fn)
 
 
+def shared_state(mode: Any, clock: FakeClock) -> None:
+    """inventory keeps its circuit in a Redis that is not there: the call goes on locally."""
+    protect = circuit_breaker(name="inventory", state_url=closed_port_url())
+    mode.run(protect(mode.define()))
+
+
 def chaos_injection(mode: Any, clock: FakeClock) -> None:
     """flaky: every call gets an injected connection error."""
     inject = Policy(Spec("chaos", "flaky", {"enabled": True, "exception_rate": 1.0}))
@@ -237,10 +246,9 @@ def run_all(mode: Any, clock: FakeClock) -> None:
         rate_limits,
         fallbacks,
         shadow,
+        shared_state,
         chaos_injection,
     ):
         scenario(mode, clock)
-    for event in DIRECT_EVENTS.values():
-        events.emit(event)
     with contextlib.suppress(ConfigurationError):  # a failed reload: the settings stay
         config.reload_settings(env=BAD_SETTINGS_ENV)
