@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
 import urllib.request
 from collections import Counter
 
@@ -345,3 +350,62 @@ def test_help_lists_every_option(capsys):
     usage = capsys.readouterr().out
     for option in ("--duration", "--seed", "--workers", "--redis", "--no-chaos", "--output"):
         assert option in usage
+
+
+# --- several processes, one circuit in Redis ---------------------------------------------------
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    """A fresh redis-server on a free loopback port (skipped without the binary, failed in CI)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        message = "redis-server is not installed (Debian package redis-server)"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; CI must run the shared-state demo")
+        pytest.skip(message)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_pong(port)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        server.wait(5)
+
+
+def _wait_for_pong(port: int) -> None:
+    for _ in range(200):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as connection:
+                connection.sendall(b"PING\r\n")
+                if connection.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            pass
+        threading.Event().wait(0.05)
+    raise RuntimeError("redis-server did not answer within 10 s")
+
+
+@pytest.mark.realtime
+@pytest.mark.redis
+def test_workers_share_one_circuit_through_redis(redis_url, tmp_path):
+    options = DemoOptions(
+        duration=6.0, seed=SEED, workers=2, redis=redis_url, output=tmp_path / "fleet.png"
+    )
+    printed = io.StringIO()
+    result = run(options, out=printed)
+    assert {r.worker for r in result.records} == {0, 1}
+    assert result.report.workers == 2
+    assert "2 processes, circuit shared in redis://" in printed.getvalue()
+    changes = [o for o in result.observed if type(o.event) is events.CircuitStateChanged]
+    assert {o.worker for o in changes} == {0, 1}
+    # A worker adopted a state the other one wrote: the circuit lived in Redis, not in a process.
+    assert any(o.event.reason == "shared_state" for o in changes)

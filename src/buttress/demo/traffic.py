@@ -28,6 +28,8 @@ import httpx
 
 from buttress import Policy, _clock, events, remaining, resilient, with_chaos
 from buttress.demo.upstream import CLIENT_HEADER
+from buttress.patterns.circuit_breaker import breaker
+from buttress.patterns.redis_storage import SharedStateStorage
 
 __all__ = [
     "NETWORK",
@@ -272,6 +274,11 @@ class Traffic:
                     rng = random.Random(f"{self.seed}/{self.worker}/demo-{client}-async-{index}")
                     callers.append(self._async_caller(client, fetch, rng))
             await asyncio.gather(*callers)
+        # With --redis the circuit's asyncio connections belong to this loop, which asyncio.run
+        # closes next: close them while it still runs.
+        storage = breaker(SERVICE).storage
+        if isinstance(storage, SharedStateStorage):
+            await storage.aclose()
 
     async def _async_caller(self, client: str, fetch: AsyncFetch, rng: random.Random) -> None:
         while (started := self.elapsed()) < self.duration:
