@@ -230,7 +230,7 @@ def test_reset_open_and_half_open_move_the_fleet_and_overrides_stay_local(
     assert cb.state_label == "open"
 
 
-def test_snapshot_reports_the_fleet_without_a_request(
+def test_snapshot_and_pybreaker_counters_report_the_fleet_without_a_request(
     mode: Any, redis_server: Any, peers: Any
 ) -> None:
     dep = Dependency()
@@ -239,14 +239,17 @@ def test_snapshot_reports_the_fleet_without_a_request(
         peers(SERVICE).call(LIMITS, fail)
     dep.down = True
     assert isinstance(mode.outcome(call), Down)  # recording it, Redis told the fleet's count
+    cb = breaker(SERVICE)
     commands = redis_server.counter()
-    snapshot = breaker(SERVICE).snapshot()
+    snapshot = cb.snapshot()
+    pybreaker_view = (cb.current_state, cb.fail_counter, cb.success_counter)
     assert commands() == {}
     assert (snapshot["state"], snapshot["failures"], snapshot["trials_in_flight"]) == (
         "closed",
         2,
         0,
     )
+    assert pybreaker_view == ("closed", 2, 0)
 
 
 # --- settings -------------------------------------------------------------------------------------

@@ -313,6 +313,7 @@ class CircuitBreaker(CompatBreaker):
         self._limits = Limits(
             opts.fail_max, opts.timeout, opts.success_threshold, opts.half_open_max_calls
         )
+        self._remote: SharedStateStorage | None = None  # read by current_state, below
         super().__init__(
             name=service,
             fail_max=opts.fail_max,
@@ -320,8 +321,9 @@ class CircuitBreaker(CompatBreaker):
             success_threshold=opts.success_threshold,
             exclude=opts.exclude,
             listeners=listeners,
-            # pybreaker's constructor reads the storage's state: for Redis that is a request,
-            # and nothing may talk to Redis before the first call. The storage is set below.
+            # With Redis, pybreaker's own storage is a private one in memory: the overrides,
+            # which stay in this process, count there (and pybreaker's constructor reads it:
+            # nothing may talk to Redis before the first call).
             state_storage=None if remote is not None else state_storage,
         )
         now = _clock.monotonic()
@@ -332,7 +334,6 @@ class CircuitBreaker(CompatBreaker):
             "half_open_full": f"circuit of {service!r} is half-open and its trial calls are taken",
             "forced_open": f"circuit of {service!r} is forced open",
         }
-        self._remote: SharedStateStorage | None = None
         self._use_storage(remote)
         self._asked = itertools.count(1)  # numbers the requests to the shared storage
         self._seen_generation: int | None = None  # of the last shared decision adopted
@@ -505,11 +506,11 @@ class CircuitBreaker(CompatBreaker):
             self._max_trials = options.half_open_max_calls
             if swap:
                 retired = self._remote
-                if new_remote is None:
-                    # Back in memory, from the state this process last knew.
-                    self._state_storage = pybreaker.CircuitMemoryStorage(_TO_PYBREAKER[self._phase])
                 self._use_storage(new_remote)
                 self._seen_generation = None
+                if retired is not None and not self._shared:
+                    # Back in memory, from the state this process last knew.
+                    self._save_state(self._phase, self._opened_wall())
             self._slow_after = options.slow_call_duration
             if options.exclude != previous.exclude:
                 for old in self.excluded_exceptions:
@@ -529,7 +530,36 @@ class CircuitBreaker(CompatBreaker):
         if retired is not None:
             _retire(retired)
 
-    # pybreaker's public limits, kept where the shared decisions read them.
+    # --- pybreaker's public readers and limits, also for a circuit kept in Redis ----------------
+
+    @property
+    def storage(self) -> pybreaker.CircuitBreakerStorage:
+        """The storage that decides: the Redis one with ``state_url``, else pybreaker's own."""
+        remote = self._remote
+        return remote if remote is not None else super().storage
+
+    @property
+    def current_state(self) -> str:
+        """pybreaker's state name (closed, open, half-open); in Redis: as last seen, no request."""
+        if self._remote is not None:
+            return self.state.name
+        return super().current_state
+
+    @property
+    def fail_counter(self) -> int:
+        """Consecutive failures towards ``fail_max``; in Redis: the fleet's, as last seen."""
+        remote = self._remote
+        if remote is not None and self._override is None:
+            return remote.last_known().failures
+        return self._store.counter
+
+    @property
+    def success_counter(self) -> int:
+        """Half-open successes towards ``success_threshold``; in Redis: as last seen."""
+        remote = self._remote
+        if remote is not None and self._override is None:
+            return remote.last_known().successes
+        return self._store.success_counter
 
     @property
     def fail_max(self) -> int:
@@ -1056,18 +1086,21 @@ class CircuitBreaker(CompatBreaker):
     # --- the storage seam: the only methods that read or write self._store ------------------------
 
     def _use_storage(self, remote: SharedStateStorage | None) -> None:
-        """Decide with ``remote`` (Redis), or with pybreaker's storage when it is None."""
+        """Decide with ``remote`` (Redis), or with pybreaker's own storage when it is None.
+
+        pybreaker's storage stays the one it was given (or made); with Redis it only counts
+        for the overrides.
+        """
         self._remote = remote
-        if remote is None:
-            self._store = self.storage
-            self._shared = type(self._store) is not pybreaker.CircuitMemoryStorage
-            return
-        # pybreaker's storage (``breaker.storage``, ``fail_counter``) is the shared one; the
-        # overrides, which stay in this process, count in a private one.
-        # (pybreaker has no setter: _state_storage is one of the members _pybreaker_compat lists.)
-        self._state_storage = remote
-        self._store = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
-        self._shared = True
+        self._store = super().storage
+        self._shared = remote is not None or type(self._store) is not pybreaker.CircuitMemoryStorage
+
+    def _opened_wall(self) -> dt.datetime | None:
+        """When the circuit opened, on the wall clock; None unless open."""
+        if self._phase != OPEN:
+            return None
+        ago = _clock.monotonic() - self._opened_at
+        return dt.datetime.fromtimestamp(_clock.wall() - ago, dt.UTC)
 
     def _sync_shared(self, now: float) -> None:
         stored = _FROM_PYBREAKER.get(self._store.state)
