@@ -409,3 +409,4 @@ def test_workers_share_one_circuit_through_redis(redis_url, tmp_path):
     assert {o.worker for o in changes} == {0, 1}
     # A worker adopted a state the other one wrote: the circuit lived in Redis, not in a process.
     assert any(o.event.reason == "shared_state" for o in changes)
+    assert "from the circuit shared in Redis" in printed.getvalue()

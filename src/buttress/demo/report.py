@@ -205,6 +205,12 @@ class Report:
                 f"{protected.failed_trials} trial call{'s' if protected.failed_trials != 1 else ''}"
                 f" while the upstream was still unwell, and {after}."
             )
+        learned = sum(1 for t in self.transitions if t.reason == "shared_state")
+        if learned:
+            notes.append(
+                f"{learned} circuit state change{'s' if learned != 1 else ''} reached a worker "
+                "from the circuit shared in Redis, decided by another worker."
+            )
         notes.append(
             f"Success rate: {_rate(protected.success_rate)} protected "
             f"({_rate(_share(protected.answered_by_fallback, protected.requests))} of calls "
