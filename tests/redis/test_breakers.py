@@ -136,7 +136,7 @@ def test_pybreaker_goes_on_locally_when_redis_is_gone(storages: Any, redis_serve
     assert not storage.available
 
 
-# --- buttress's CircuitBreaker (through the seam it has today: pybreaker's interface) -------------
+# --- buttress's CircuitBreaker given the storage (it uses the storage's decision API) -------------
 
 
 def chained(mode: Any, storage: Any, dep: Dependency, **options: Any) -> Any:
@@ -186,3 +186,25 @@ def test_a_buttress_breaker_call_never_fails_because_redis_does(
     assert [mode.run(call) for _ in range(5)] == ["ok"] * 5
     redis_server.restart()
     assert mode.run(call) == "ok"
+
+
+def test_a_chain_built_before_the_storage_changed_follows_it(
+    mode: Any, storages: Any, redis_server: Any
+) -> None:
+    dep = Dependency()
+    cb = CircuitBreaker("svc", CircuitBreakerOptions(fail_max=2, timeout=30))
+    call = mode.chain(CircuitBreakerStrategy(cb, shadow=False), mode.define(dep))  # in memory
+    storages().force("open")
+    cb.reconfigure(CircuitBreakerOptions(fail_max=2, timeout=30, state_url=redis_server.url))
+    assert isinstance(mode.outcome(call), CircuitOpenError)  # the fleet's state
+    assert dep.calls == 0
+    shared = cb.storage
+    shared_call = mode.chain(CircuitBreakerStrategy(cb, shadow=False), mode.define(dep))
+    cb.reconfigure(CircuitBreakerOptions(fail_max=2, timeout=30))
+    commands = redis_server.counter()
+    assert isinstance(mode.outcome(shared_call), CircuitOpenError)  # in memory: still open
+    cb.reset()
+    assert [mode.run(shared_call), mode.run(call)] == ["ok", "ok"]
+    assert commands() == {}
+    if mode.is_async:
+        mode.run(shared.aclose)

@@ -989,13 +989,16 @@ class CircuitBreaker(CompatBreaker):
         """Record a shared call's outcome: at most one request (two when the window trips)."""
         outcome, now, elapsed, slow = self._outcome(exc, started)
         if ticket is not None:
+            decision = ticket[0]
             asked = next(self._asked)
-            after = remote.record(ticket[0], outcome, self._limits)
-            reason = self._settle(ticket, outcome, after, asked, now=now, slow=slow)
-            if reason is not None:
-                asked = next(self._asked)
-                moved = remote.transition(OPEN, ticket[0].generation, self._limits)
-                self._settle_trip(moved, asked, reason)
+            after = remote.record(decision, outcome, self._limits)
+            # Nothing to settle after a plain closed-state call with no window: no lock.
+            if after is not None or decision.trial or self._window is not None:
+                reason = self._settle(ticket, outcome, after, asked, now=now, slow=slow)
+                if reason is not None:
+                    asked = next(self._asked)
+                    moved = remote.transition(OPEN, decision.generation, self._limits)
+                    self._settle_trip(moved, asked, reason)
         self._announce(outcome, elapsed, exc, slow=slow)
 
     async def _afinish_shared(
@@ -1008,13 +1011,16 @@ class CircuitBreaker(CompatBreaker):
         """``_finish_shared`` for asyncio callers: awaits Redis, never blocks the event loop."""
         outcome, now, elapsed, slow = self._outcome(exc, started)
         if ticket is not None:
+            decision = ticket[0]
             asked = next(self._asked)
-            after = await remote.arecord(ticket[0], outcome, self._limits)
-            reason = self._settle(ticket, outcome, after, asked, now=now, slow=slow)
-            if reason is not None:
-                asked = next(self._asked)
-                moved = await remote.atransition(OPEN, ticket[0].generation, self._limits)
-                self._settle_trip(moved, asked, reason)
+            after = await remote.arecord(decision, outcome, self._limits)
+            # Nothing to settle after a plain closed-state call with no window: no lock.
+            if after is not None or decision.trial or self._window is not None:
+                reason = self._settle(ticket, outcome, after, asked, now=now, slow=slow)
+                if reason is not None:
+                    asked = next(self._asked)
+                    moved = await remote.atransition(OPEN, decision.generation, self._limits)
+                    self._settle_trip(moved, asked, reason)
         self._announce(outcome, elapsed, exc, slow=slow)
 
     def _outcome(self, exc: BaseException | None, started: float) -> tuple[str, float, float, bool]:
@@ -1200,7 +1206,7 @@ def _sync_step(cb: CircuitBreaker, call: Call, *, shadow: bool) -> Call:
 
     def shared_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         remote = cb._remote
-        if remote is None:  # back in memory since admit() looked
+        if remote is None or cb._override is not None:  # in memory now, or overridden here
             return circuit_breaker_step(args, kwargs)
         asked = next(cb._asked)  # numbered before it is sent
         ticket = cb._enter_shared(remote.admit(cb._limits), asked, shadow=shadow)
@@ -1215,7 +1221,8 @@ def _sync_step(cb: CircuitBreaker, call: Call, *, shadow: bool) -> Call:
         cb._finish_shared(remote, ticket, None, started)
         return result
 
-    return circuit_breaker_step
+    # Each step hands over to the other when the storage changed after the chain was built.
+    return shared_step if cb._remote is not None else circuit_breaker_step
 
 
 def _async_step(cb: CircuitBreaker, call: AsyncCall, *, shadow: bool) -> AsyncCall:
@@ -1244,7 +1251,7 @@ def _async_step(cb: CircuitBreaker, call: AsyncCall, *, shadow: bool) -> AsyncCa
 
     async def shared_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         remote = cb._remote
-        if remote is None:  # back in memory since admit() looked
+        if remote is None or cb._override is not None:  # in memory now, or overridden here
             return await circuit_breaker_step(args, kwargs)
         asked = next(cb._asked)  # numbered before it is sent
         ticket = cb._enter_shared(await remote.aadmit(cb._limits), asked, shadow=shadow)
@@ -1259,7 +1266,7 @@ def _async_step(cb: CircuitBreaker, call: AsyncCall, *, shadow: bool) -> AsyncCa
         await cb._afinish_shared(remote, ticket, None, started)
         return result
 
-    return circuit_breaker_step
+    return shared_step if cb._remote is not None else circuit_breaker_step
 
 
 class CircuitBreakerStrategy:
