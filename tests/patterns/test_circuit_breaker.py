@@ -28,7 +28,12 @@ from buttress.events import (
     ShadowDecision,
     StateStoreError,
 )
-from buttress.exceptions import BulkheadFullError, CircuitOpenError, TimeoutExceededError
+from buttress.exceptions import (
+    BulkheadFullError,
+    CircuitOpenError,
+    ConfigurationError,
+    TimeoutExceededError,
+)
 from buttress.patterns import circuit_breaker as cbmod
 from buttress.patterns._base import BuildContext
 from buttress.patterns.circuit_breaker import (
@@ -757,6 +762,14 @@ def test_state_url_shares_the_state_and_calls_go_on_while_redis_is_unreachable(m
     assert seen.of(StateStoreError) == [StateStoreError("svc", "admit", "ConnectionError")]
     assert [(e.new_state, e.reason) for e in seen.of(CircuitStateChanged)] == [("open", "fail_max")]
     assert "pw" not in repr(g.breaker.storage)
+
+
+def test_a_state_url_that_is_not_a_redis_url_fails_the_first_call_without_repeating_it(mode):
+    call = circuit_breaker(name="svc", state_url="hunter2@cache:6379")(mode.define())
+    error = mode.outcome(call)
+    assert isinstance(error, ConfigurationError)
+    assert "redis://" in str(error)
+    assert "hunter2" not in str(error)
 
 
 def test_memory_is_the_default_and_no_storage_is_made_without_a_state_url(mode, clock):
