@@ -393,3 +393,34 @@ def test_a_cancelled_async_trial_gives_its_slot_back(redis_server: Any) -> None:
     asyncio.run(main())
     assert other.admit(LIMITS).trial  # the lease came back at once, not after it expired
     other.close()
+
+
+def test_pybreaker_call_acall_and_calling_go_through_the_fleet_circuit(
+    mode: Any, redis_server: Any, peers: Any
+) -> None:
+    dep = Dependency()
+    protected(mode, redis_server.url, dep)
+    cb = breaker(SERVICE)
+    fn = mode.define(dep)
+    other = peers(SERVICE)
+
+    def through() -> Any:
+        return mode.outcome(cb.acall, fn) if mode.is_async else mode.outcome(cb.call, fn)
+
+    def block() -> Any:
+        try:
+            with cb.calling():
+                return dep()
+        except Exception as exc:
+            return exc
+
+    assert [through(), block()] == ["ok", "ok"]
+    other.force("open", LIMITS)
+    assert [type(through()), type(block())] == [CircuitOpenError, CircuitOpenError]
+    dep.down = True
+    other.force("closed", LIMITS)
+    for _ in range(LIMITS.fail_max - 1):
+        assert isinstance(through(), Down)
+    assert isinstance(block(), Down)  # the fleet's third failure
+    assert state_in_redis(redis_server) == "open"
+    assert dep.calls == 2 + LIMITS.fail_max

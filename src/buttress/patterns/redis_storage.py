@@ -49,7 +49,7 @@ Two ways to drive it:
 * the **decision API** (``admit``, ``record``, ``transition``, ``force``, each with an asyncio
   twin prefixed ``a``; ``observe`` and ``last_known`` for health): one request per decision, the
   fleet-wide trial limit, and asyncio callers that never block the event loop; this is what
-  :mod:`buttress.patterns.circuit_breaker` should call;
+  :mod:`buttress.patterns.circuit_breaker` calls (``state_url``);
 * pybreaker's ``CircuitBreakerStorage`` interface, for a plain ``pybreaker.CircuitBreaker`` or a
   breaker that only speaks that interface. It is synchronous, and decisions stay in the breaker:
   transitions are compare-and-set on the generation the calling thread (or task) last read, so
