@@ -38,6 +38,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/bench_flags.py --check
 	$(BIN)/python bench/bench_subscribers.py
+	@if command -v redis-server >/dev/null; then $(BIN)/python bench/bench_redis.py; \
+	else echo "redis-server is not installed: skipping the shared-state benchmark"; fi
 
 clean:
 	rm -rf $(VENV) site .mypy_cache .ruff_cache
