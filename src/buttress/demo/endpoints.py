@@ -6,13 +6,13 @@ Prometheus subscriber writes to, and :func:`buttress.health.wsgi_app`.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from wsgiref.types import StartResponse, WSGIEnvironment
 
 from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
 
+from buttress.demo._serving import Serving
 from buttress.health import wsgi_app
 
 __all__ = ["Endpoints"]
@@ -41,23 +41,15 @@ class Endpoints:
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"try /metrics or /health\n"]
 
-        self._server: WSGIServer = make_server(
-            "127.0.0.1", port, route, handler_class=_QuietHandler
-        )
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="demo-endpoints", daemon=True
-        )
+        server: WSGIServer = make_server("127.0.0.1", port, route, handler_class=_QuietHandler)
+        self._serving = Serving(server, "demo-endpoints")
 
     @property
     def base(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return self._serving.url
 
     def start(self) -> None:
-        self._thread.start()
+        self._serving.start()
 
     def stop(self) -> None:
-        if self._thread.is_alive():
-            self._server.shutdown()
-            self._thread.join()
-        self._server.server_close()
+        self._serving.stop()

@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar, Final
 
 from buttress import _clock
+from buttress.demo._serving import Serving
 from buttress.demo.schedule import Schedule
 
 __all__ = ["CLIENT_HEADER", "DESCRIPTIONS", "FlakyUpstream", "Hit"]
@@ -86,24 +87,17 @@ class FlakyUpstream:
         self._lock = threading.Lock()
         self._hits: list[Hit] = []
         self._buckets: dict[str, _Bucket] = {}
-        self._server = _Server(("127.0.0.1", 0), _handler_for(self))
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="demo-upstream", daemon=True
-        )
+        self._serving = Serving(_Server(("127.0.0.1", 0), _handler_for(self)), "demo-upstream")
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return self._serving.url
 
     def start(self) -> None:
-        self._thread.start()
+        self._serving.start()
 
     def stop(self) -> None:
-        if self._thread.is_alive():
-            self._server.shutdown()
-            self._thread.join()
-        self._server.server_close()
+        self._serving.stop()
 
     def hits(self) -> list[Hit]:
         """Every request that reached the server so far, in arrival order."""
