@@ -20,19 +20,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import statistics
-import subprocess
 import sys
-import time
 import timeit
 from collections.abc import Callable
-from itertools import repeat
 from pathlib import Path
 from typing import Any
 
-SAMPLE_MS = 8.0
+from _harness import Runner, calibrate, fresh_runs, runner
+
 SETUPS = ("none", "no-op handler", "prometheus", "otel", "logging", "all three")
 PER_CALL_EVENTS = (
     "CallFinished",
@@ -87,44 +84,11 @@ def stacks() -> dict[str, tuple[str, Callable[..., Any]]]:
     return {"sync": ("sync", sync_stack), "async": ("async", async_stack)}
 
 
-ASYNC_TEMPLATE = """
-async def _bench(_n):
-    _t0 = _pc()
-    for _ in _repeat(None, _n):
-        await x()
-    return _pc() - _t0
-"""
-
-
-def runner(kind: str, fn: Callable[..., Any], loop: asyncio.AbstractEventLoop, setup: str):
-    if kind == "sync":
-        timer = timeit.Timer("x()", setup="gc.enable()", globals={"x": fn, "gc": gc})
-
-        def run(n: int) -> float:
-            configure(setup)
-            return timer.timeit(n) * 1e9 / n
-
-        return run
-    namespace: dict[str, Any] = {"x": fn, "_pc": time.perf_counter_ns, "_repeat": repeat}
-    exec(ASYNC_TEMPLATE, namespace)
-    bench = namespace["_bench"]
-
-    def arun(n: int) -> float:
-        configure(setup)
-        return float(loop.run_until_complete(bench(n))) / n
-
-    return arun
-
-
-def calibrate(run: Callable[[int], float]) -> int:
-    run(50)
-    n = 1
-    while True:
-        per = run(n)
-        if per * n >= 3e6 or n >= 1 << 22:
-            break
-        n *= 4
-    return max(1, int(SAMPLE_MS * 1e6 / max(per, 1.0)))
+def make_runner(
+    kind: str, fn: Callable[..., Any], loop: asyncio.AbstractEventLoop, setup: str
+) -> Runner:
+    stmt = "x()" if kind == "sync" else "await x()"
+    return runner(kind, stmt, {"x": fn}, loop, lambda: configure(setup))
 
 
 def handler_costs() -> dict[str, dict[str, float]]:
@@ -175,7 +139,7 @@ def single_run(rounds: int) -> dict[str, Any]:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     cases = [
-        (stack, setup, runner(kind, fn, loop, setup))
+        (stack, setup, make_runner(kind, fn, loop, setup))
         for stack, (kind, fn) in stacks().items()
         for setup in SETUPS
     ]
@@ -204,16 +168,7 @@ def main() -> int:
     if args.single:
         print(json.dumps(single_run(args.rounds)))
         return 0
-    runs = []
-    for i in range(args.runs):
-        out = subprocess.run(
-            [sys.executable, __file__, "--single", "--rounds", str(args.rounds)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"run {i + 1}/{args.runs} done", file=sys.stderr)
+    runs = fresh_runs(__file__, args.runs, args.rounds)
 
     ns = {k: statistics.median(r["ns"][k] for r in runs) for k in runs[0]["ns"]}
     added = {k: statistics.median(r["added"][k] for r in runs) for k in runs[0]["added"]}

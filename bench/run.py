@@ -22,21 +22,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
-import timeit
 from collections.abc import Callable
-from itertools import repeat
 from pathlib import Path
 from typing import Any
 
-SAMPLE_MS = 8.0
+from _harness import Runner, calibrate, fresh_runs, runner
 
 # (name, numerator case, denominator case, target ratio)
 RATIOS = [
@@ -253,49 +249,9 @@ def build_cases() -> list[dict[str, Any]]:
     return cases
 
 
-ASYNC_TEMPLATE = """
-async def _bench(_n):
-    _t0 = _pc()
-    for _ in _repeat(None, _n):
-{body}
-    return _pc() - _t0
-"""
-
-
-def make_runner(case: dict[str, Any], loop: asyncio.AbstractEventLoop) -> Callable[[int], float]:
+def make_runner(case: dict[str, Any], loop: asyncio.AbstractEventLoop) -> Runner:
     state = {"enabled": case["enabled"], "instrumented": case["instrumented"]}
-    if case["kind"] == "sync":
-        case["g"].setdefault("gc", gc)
-        timer = timeit.Timer(case["stmt"], setup="gc.enable()", globals=case["g"])
-
-        def run(n: int) -> float:
-            _prepare(**state)
-            return timer.timeit(n) * 1e9 / n
-
-        return run
-    namespace = dict(case["g"])
-    namespace["_pc"] = time.perf_counter_ns
-    namespace["_repeat"] = repeat
-    body = "\n".join("        " + line for line in case["stmt"].splitlines())
-    exec(ASYNC_TEMPLATE.format(body=body), namespace)
-    bench = namespace["_bench"]
-
-    def arun(n: int) -> float:
-        _prepare(**state)
-        return float(loop.run_until_complete(bench(n))) / n
-
-    return arun
-
-
-def calibrate(run: Callable[[int], float]) -> int:
-    run(50)
-    n = 1
-    while True:
-        per = run(n)
-        if per * n >= 3e6 or n >= 1 << 22:
-            break
-        n *= 4
-    return max(1, int(SAMPLE_MS * 1e6 / max(per, 1.0)))
+    return runner(case["kind"], case["stmt"], case["g"], loop, lambda: _prepare(**state))
 
 
 def single_run(rounds: int) -> dict[str, Any]:
@@ -333,16 +289,7 @@ def main() -> int:
         print(json.dumps(single_run(args.rounds)))
         return 0
 
-    runs = []
-    for i in range(args.runs):
-        out = subprocess.run(
-            [sys.executable, __file__, "--single", "--rounds", str(args.rounds)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"run {i + 1}/{args.runs} done", file=sys.stderr)
+    runs = fresh_runs(__file__, args.runs, args.rounds)
 
     names = list(runs[0]["ns"])
     print(f"\n{'case':<32} {'median ns/call':>15}")
