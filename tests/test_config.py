@@ -801,3 +801,16 @@ def test_per_call_site_patterns_may_differ_for_one_service(mode, clock, apply):
     mode.outcome(twice)
     mode.outcome(once)
     assert len(calls) == 3
+
+
+def test_a_state_url_that_is_not_a_redis_url_fails_at_load_without_being_echoed():
+    from buttress import config
+
+    secret = "hunter2-typed-in-the-wrong-place"
+    with pytest.raises(ConfigurationError) as info:
+        config.load_settings(env={"BUTTRESS_SERVICES__PAY__CIRCUIT_BREAKER__STATE_URL": secret})
+    message = str(info.value)
+    assert "services.pay.circuit_breaker.state_url" in message
+    assert "BUTTRESS_SERVICES__PAY__CIRCUIT_BREAKER__STATE_URL" in message
+    assert "must be a redis://, rediss:// or unix:// URL" in message
+    assert secret not in message

@@ -245,3 +245,9 @@ def test_call_finished_event_per_logical_call(mode):
         ("events-svc", "failure", "ConnectionError"),
     ]
     assert all(e.duration >= 0 for e in seen)
+
+
+def test_a_state_url_that_is_not_a_redis_url_fails_at_decoration_without_being_echoed():
+    with pytest.raises(ConfigurationError, match=r"state_url: must be a redis://") as info:
+        circuit_breaker(name="pay", state_url="s3cret")
+    assert "s3cret" not in str(info.value)

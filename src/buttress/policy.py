@@ -77,7 +77,11 @@ def _argument_error(pattern: str, exc: ValueError) -> ConfigurationError:
 
     if isinstance(exc, ValidationError):
         problems = tuple(
-            (".".join(str(p) for p in err["loc"]) or pattern, "code", err["msg"])
+            (
+                ".".join(str(p) for p in err["loc"]) or pattern,
+                "code",
+                str(err["msg"]).removeprefix("Value error, "),
+            )
             for err in exc.errors()
         )
         detail = "; ".join(f"{loc or pattern}: {msg}" for loc, _, msg in problems)

@@ -69,7 +69,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, ClassVar, Final, TypedDict, TypeVar
 
 import pybreaker
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from buttress import _clock, config, events, registry
 from buttress.events import CallRejected, CircuitCallRecorded
@@ -124,6 +124,17 @@ class CircuitBreakerOptions(Options):
     state_url: str | None = Field(
         None, description="redis:// or rediss:// URL to share circuit state across processes"
     )
+
+    @field_validator("state_url")
+    @classmethod
+    def _a_redis_url(cls, value: str | None) -> str | None:
+        # Checked when settings load (not on the first call); the message never repeats the
+        # value, which may be a password typed in the wrong place.
+        if value is not None:
+            scheme, sep, rest = value.partition("://")
+            if not sep or scheme.lower() not in {"redis", "rediss", "unix"} or not rest:
+                raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
 
     @model_validator(mode="after")
     def _slow_calls_need_both(self) -> CircuitBreakerOptions:
