@@ -764,12 +764,11 @@ def test_state_url_shares_the_state_and_calls_go_on_while_redis_is_unreachable(m
     assert "pw" not in repr(g.breaker.storage)
 
 
-def test_a_state_url_that_is_not_a_redis_url_fails_the_first_call_without_repeating_it(mode):
-    call = circuit_breaker(name="svc", state_url="hunter2@cache:6379")(mode.define())
-    error = mode.outcome(call)
-    assert isinstance(error, ConfigurationError)
-    assert "redis://" in str(error)
-    assert "hunter2" not in str(error)
+def test_a_state_url_that_is_not_a_redis_url_fails_at_decoration_without_repeating_it():
+    with pytest.raises(ConfigurationError) as caught:
+        circuit_breaker(name="svc", state_url="hunter2@cache:6379")
+    assert "redis://" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
 
 
 def test_memory_is_the_default_and_no_storage_is_made_without_a_state_url(mode, clock):
