@@ -404,7 +404,7 @@ def test_fallback_outside_retry_answers_after_the_retries_ran_out(mode, clock: F
     with capture_events([events.RetryExhausted, events.FallbackUsed]) as seen:
         assert mode.run(decorated) == (
             "fallback after: buttress retry (catalog): gave up after 3 attempts (max_attempts): "
-            "#1 ConnectionError, waited 0.1s; #2 ConnectionError, waited 0.2s; #3 ConnectionError"
+            "#1 ConnectionError, backoff 0.1s; #2 ConnectionError, backoff 0.2s; #3 ConnectionError"
         )
     assert calls == [1, 2, 3]
     assert clock.sleeps == [0.1, 0.2]

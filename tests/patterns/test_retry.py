@@ -114,7 +114,7 @@ def test_exhausted_retries_raise_the_last_original_exception_with_a_note(
     assert clock.sleeps == [0.5, 1.5]
     assert notes(exc) == [
         "buttress retry (svc): gave up after 3 attempts (max_attempts): "
-        "#1 ConnectionError, waited 0.5s; #2 TimeoutError, waited 1.5s; #3 ConnectionError"
+        "#1 ConnectionError, backoff 0.5s; #2 TimeoutError, backoff 1.5s; #3 ConnectionError"
     ]
     assert seen.of(events.RetryExhausted) == [
         events.RetryExhausted("svc", 3, "ConnectionError", "max_attempts")
@@ -234,7 +234,7 @@ def test_a_non_retryable_error_after_retries_carries_the_history(mode, clock: Fa
     assert script.calls == 2
     assert notes(exc) == [
         "buttress retry (svc): attempt 2 raised ValueError, which is not retried: "
-        "#1 ConnectionError, waited 0.25s; #2 ValueError"
+        "#1 ConnectionError, backoff 0.25s; #2 ValueError"
     ]
     assert seen.of(events.RetryExhausted) == []
 
@@ -404,7 +404,7 @@ def test_never_sleeps_past_an_enclosing_deadline(mode, clock: FakeClock) -> None
     ]
     assert notes(exc) == [
         "buttress retry (svc): gave up after 2 attempts: the next wait (0.2s) would end past "
-        "the enclosing deadline: #1 ConnectionError, waited 0.1s; #2 ConnectionError"
+        "the enclosing deadline: #1 ConnectionError, backoff 0.1s; #2 ConnectionError"
     ]
 
 

@@ -331,7 +331,8 @@ class _Run:
         self.upcoming = 0.0
         self.reason = "backoff"
         self.gave_up: str | None = None
-        # (error type, seconds waited after it) for every attempt that was retried
+        # (error type, backoff chosen after it) for each retried attempt; testing mode and fake
+        # clocks may not really wait it, so the note says "backoff", not "waited"
         self.history: list[tuple[str, float]] = []
 
     def take_replay(self) -> Exception | None:
@@ -391,7 +392,7 @@ class _Run:
         else:
             why = f"attempt {attempts} raised {error_type(exc)}, which is not retried"
         steps = [
-            f"#{n} {kind}, waited {slept:.3g}s" for n, (kind, slept) in enumerate(self.history, 1)
+            f"#{n} {kind}, backoff {slept:.3g}s" for n, (kind, slept) in enumerate(self.history, 1)
         ]
         steps.append(f"#{attempts} {error_type(exc)}")
         exc.add_note(f"buttress retry ({self.strategy.service}): {why}: {'; '.join(steps)}")
