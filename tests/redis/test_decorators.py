@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -424,3 +426,30 @@ def test_pybreaker_call_acall_and_calling_go_through_the_fleet_circuit(
     assert isinstance(block(), Down)  # the fleet's third failure
     assert state_in_redis(redis_server) == "open"
     assert dep.calls == 2 + LIMITS.fail_max
+
+
+def test_asyncio_run_twice_leaves_no_unclosed_redis_connection(redis_server: Any) -> None:
+    # An application that calls asyncio.run() more than once (a CLI, a test suite) must not leak
+    # the shared-state connections of the loops that ended.
+    script = f"""
+import asyncio, gc, warnings
+warnings.simplefilter("error", ResourceWarning)
+from buttress import circuit_breaker
+
+@circuit_breaker(name="leak-check", state_url={redis_server.url!r})
+async def ok() -> str:
+    return "ok"
+
+print(asyncio.run(ok()), asyncio.run(ok()))
+gc.collect()
+"""
+    result = subprocess.run(
+        [sys.executable, "-X", "dev", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok ok"
+    assert "ResourceWarning" not in result.stderr, result.stderr
