@@ -12,6 +12,7 @@ from buttress import (
     ConfigurationError,
     Policy,
     circuit_breaker,
+    registry,
     resilient,
     retry_with_backoff,
     with_bulkhead,
@@ -251,3 +252,57 @@ def test_a_state_url_that_is_not_a_redis_url_fails_at_decoration_without_being_e
     with pytest.raises(ConfigurationError, match=r"state_url: must be a redis://") as info:
         circuit_breaker(name="pay", state_url="s3cret")
     assert "s3cret" not in str(info.value)
+
+
+def test_policy_call_with_fresh_lambdas_shares_one_stack_and_keeps_nothing(mode):
+    policy = Policy(Spec("circuit_breaker", None, {"fail_max": 2, "timeout": 30}))
+
+    def fail(n: int) -> None:
+        raise ConnectionError(f"down {n}")
+
+    outcomes = []
+    for n in range(3):
+        # A new function object every call: the usual shape of policy.call(lambda: ...).
+        target = mode.define(lambda n=n: fail(n))
+        runner = policy.acall if mode.is_async else policy.call
+        outcomes.append(type(mode.outcome(runner, target)).__name__)
+    # The policy is the call site: the failures of different lambdas trip its one breaker.
+    assert outcomes == ["ConnectionError", "ConnectionError", "CircuitOpenError"]
+    assert len(registry.instances("circuit_breaker")) == 1
+
+
+def test_policy_call_passes_the_callers_arguments_to_fallback_handlers(mode):
+    seen = []
+
+    def handler(exc: BaseException, *args: object, **kwargs: object) -> str:
+        seen.append((type(exc).__name__, args, kwargs))
+        return "fallback"
+
+    policy = Policy(Spec("fallback", "fb-args", {"handler": handler}))
+
+    def fail(user: str, *, resource: str) -> str:
+        raise ConnectionError("down")
+
+    runner = policy.acall if mode.is_async else policy.call
+    assert mode.run(runner, mode.define(fail), "alice", resource="doc") == "fallback"
+    assert seen == [("ConnectionError", ("alice",), {"resource": "doc"})]
+
+
+def test_policy_acall_takes_any_callable_returning_an_awaitable_and_refuses_others():
+    import asyncio
+
+    policy = Policy(Spec("retry", "acall-kinds"))
+
+    async def coroutine_function(x: int) -> int:
+        return x * 2
+
+    async def scenario() -> int:
+        return await policy.acall(lambda x: coroutine_function(x), 21)
+
+    assert asyncio.run(scenario()) == 42
+
+    async def wrong() -> None:
+        await policy.acall(lambda: 42)
+
+    with pytest.raises(TypeError, match="returns an awaitable"):
+        asyncio.run(wrong())

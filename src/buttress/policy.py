@@ -24,6 +24,7 @@ import inspect
 import itertools
 import threading
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ParamSpec, TypeVar, cast
@@ -287,10 +288,12 @@ class Policy:
     """An immutable stack of patterns, outermost first; also a decorator.
 
     ``policy(fn)`` decorates; ``policy.call(fn, *args, **kwargs)`` and
-    ``await policy.acall(fn, *args, **kwargs)`` run one call through it.
+    ``await policy.acall(fn, *args, **kwargs)`` run one call through it. The calls of one policy
+    object share one compiled stack whatever ``fn`` is (a fresh lambda per call costs nothing
+    extra and keeps nothing): when no spec names a service, that state is private to the policy.
     """
 
-    __slots__ = ("_cache", "_cache_lock", "service", "specs")
+    __slots__ = ("_runners", "_runners_lock", "service", "specs")
 
     def __init__(self, *specs: Spec) -> None:
         if not specs:
@@ -302,8 +305,8 @@ class Policy:
         init = object.__setattr__
         init(self, "specs", specs)
         init(self, "service", next((s.service for s in specs if s.service), None))
-        init(self, "_cache", {})
-        init(self, "_cache_lock", threading.Lock())
+        init(self, "_runners", {})
+        init(self, "_runners_lock", threading.Lock())
 
     def __repr__(self) -> str:
         inner = ", ".join(
@@ -316,8 +319,8 @@ class Policy:
 
     specs: tuple[Spec, ...]
     service: str | None
-    _cache: dict[Any, Callable[..., Any]]
-    _cache_lock: threading.Lock
+    _runners: dict[bool, Callable[..., Any]]
+    _runners_lock: threading.Lock
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"Policy is immutable: cannot set {name!r}")
@@ -341,28 +344,55 @@ class Policy:
         """Run ``fn(*args, **kwargs)`` through the policy (``fn`` must be a ``def`` function)."""
         if inspect.iscoroutinefunction(fn):
             raise TypeError("Policy.call() runs def functions; use `await policy.acall(...)`")
-        return cast("T", self._decorated(fn)(*args, **kwargs))
+        token = _call_target.set(fn)
+        try:
+            return cast("T", self._runner(is_async=False)(*args, **kwargs))
+        finally:
+            _call_target.reset(token)
 
     async def acall(self, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T:
         """Run ``await fn(*args, **kwargs)`` through the policy."""
-        if not inspect.iscoroutinefunction(fn):
-            raise TypeError("Policy.acall() runs async def functions; use policy.call(...)")
-        return cast("T", await self._decorated(fn)(*args, **kwargs))
-
-    def _decorated(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        # Cached per function so the call site keeps one compiled chain (and one registry claim).
+        token = _call_target.set(fn)
         try:
-            return self._cache[fn]
-        except KeyError:
-            pass
-        except TypeError:
-            return self(fn)
-        with self._cache_lock:
-            decorated = self._cache.get(fn)
-            if decorated is None:
-                decorated = self(fn)
-                self._cache[fn] = decorated
-        return decorated
+            return cast("T", await self._runner(is_async=True)(*args, **kwargs))
+        finally:
+            _call_target.reset(token)
+
+    def _runner(self, *, is_async: bool) -> Callable[..., Any]:
+        runner = self._runners.get(is_async)
+        if runner is None:
+            with self._runners_lock:
+                runner = self._runners.get(is_async)
+                if runner is None:
+                    runner = self(_target_runner(is_async=is_async))
+                    self._runners[is_async] = runner
+        return runner
+
+
+# The function Policy.call()/acall() is running: a context variable, so it follows the call into
+# the worker thread of a sync timeout and across the attempts of a retry, while the arguments
+# the patterns see (fallback handlers, the fallback cache) stay the caller's own.
+_call_target: ContextVar[Callable[..., Any]] = ContextVar("buttress_call_target")
+
+
+def _target_runner(*, is_async: bool) -> Callable[..., Any]:
+    if is_async:
+
+        async def policy_acall(*args: Any, **kwargs: Any) -> Any:
+            awaitable = _call_target.get()(*args, **kwargs)
+            if not inspect.isawaitable(awaitable):
+                raise TypeError(
+                    "Policy.acall() needs a function that returns an awaitable "
+                    f"(got {type(awaitable).__name__}); use policy.call(...) for a def function"
+                )
+            return await awaitable
+
+        return policy_acall
+
+    def policy_call(*args: Any, **kwargs: Any) -> Any:
+        return _call_target.get()(*args, **kwargs)
+
+    return policy_call
 
 
 def _wrap_sync(policy: Policy, fn: Callable[P, R]) -> Callable[P, R]:
