@@ -306,3 +306,19 @@ def test_policy_acall_takes_any_callable_returning_an_awaitable_and_refuses_othe
 
     with pytest.raises(TypeError, match="returns an awaitable"):
         asyncio.run(wrong())
+
+
+def test_private_state_goes_with_the_function_decorated():
+    import gc
+
+    def decorate_and_call() -> None:
+        @with_bulkhead(limit=2)
+        def per_request() -> str:
+            return "ok"
+
+        assert per_request() == "ok"
+
+    for _ in range(50):
+        decorate_and_call()
+    gc.collect()
+    assert registry.instances("bulkhead") == {}

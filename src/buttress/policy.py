@@ -23,6 +23,7 @@ import importlib
 import inspect
 import itertools
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -146,6 +147,9 @@ class _Bound:
         # nothing in the stack is named, its state is private to this call site.
         self.keys: list[tuple[Spec, str, str]] = []
         private = f"{self.service}#{next(_private_keys)}"
+        # Private state lives as long as the decorated function: a function decorated per
+        # request (a closure, a lambda) must not leave a breaker behind for each one.
+        weakref.finalize(self, registry.forget, private)
         for spec in policy.specs:
             service = spec.service or self.service
             if spec.pattern in registry.SHARED_PATTERNS and (spec.service or policy.service):

@@ -33,6 +33,7 @@ __all__ = [
     "clear",
     "clear_claims",
     "code_args",
+    "forget",
     "instances",
     "shared",
 ]
@@ -121,6 +122,14 @@ def code_args(pattern: str, key: str) -> dict[str, Any]:
     """The code arguments every call site gave ``pattern`` of ``key``, merged."""
     with _lock:
         return {name: value for name, (value, _) in _claims.get((pattern, key), {}).items()}
+
+
+def forget(key: str) -> None:
+    """Drop every instance built for ``key`` (a call site's private key, when it is gone)."""
+    with _lock:
+        for slot in [slot for slot in _instances if slot[1] == key]:
+            del _instances[slot]
+            del _options[slot]
 
 
 def clear() -> None:
