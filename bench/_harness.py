@@ -33,6 +33,30 @@ async def _bench(_n):
 """
 
 
+def buttress_stacks() -> tuple[Callable[[], int], Callable[[], Any]]:
+    """The two stacks whose per-call cost is the headline figure: (sync, async).
+
+    Sync: breaker + retry + bulkhead. Async: breaker + retry + timeout + bulkhead. Every
+    benchmark that reports on "the stack" measures these, so their figures compare.
+    """
+    from buttress import circuit_breaker, retry_with_backoff, with_bulkhead, with_timeout
+
+    @circuit_breaker(name="bench-sync", fail_max=5, timeout=60)
+    @retry_with_backoff(max_attempts=3, exponential_base=2)
+    @with_bulkhead(limit=50)
+    def sync_stack() -> int:
+        return 1
+
+    @circuit_breaker(name="bench-async", fail_max=5, timeout=60)
+    @retry_with_backoff(max_attempts=3, exponential_base=2)
+    @with_timeout(seconds=5)
+    @with_bulkhead(limit=50)
+    async def async_stack() -> int:
+        return 1
+
+    return sync_stack, async_stack
+
+
 def runner(
     kind: str,
     stmt: str,

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _harness import Runner, calibrate, fresh_runs, runner
+from _harness import Runner, buttress_stacks, calibrate, fresh_runs, runner
 
 SETUPS = ("none", "no-op handler", "prometheus", "otel", "logging", "all three")
 PER_CALL_EVENTS = (
@@ -66,21 +66,7 @@ def configure(setup: str) -> None:
 
 
 def stacks() -> dict[str, tuple[str, Callable[..., Any]]]:
-    from buttress import circuit_breaker, retry_with_backoff, with_bulkhead, with_timeout
-
-    @circuit_breaker(name="bench-sync", fail_max=5, timeout=60)
-    @retry_with_backoff(max_attempts=3, exponential_base=2)
-    @with_bulkhead(limit=50)
-    def sync_stack() -> int:
-        return 1
-
-    @circuit_breaker(name="bench-async", fail_max=5, timeout=60)
-    @retry_with_backoff(max_attempts=3, exponential_base=2)
-    @with_timeout(seconds=5)
-    @with_bulkhead(limit=50)
-    async def async_stack() -> int:
-        return 1
-
+    sync_stack, async_stack = buttress_stacks()
     return {"sync": ("sync", sync_stack), "async": ("async", async_stack)}
 
 

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _harness import Runner, calibrate, fresh_runs, runner
+from _harness import Runner, buttress_stacks, calibrate, fresh_runs, runner
 
 # (name, numerator case, denominator case, target ratio)
 RATIOS = [
@@ -81,9 +81,6 @@ def build_cases() -> list[dict[str, Any]]:
     from buttress import (
         CircuitOpenError,
         circuit_breaker,
-        retry_with_backoff,
-        with_bulkhead,
-        with_timeout,
     )
 
     cases: list[dict[str, Any]] = []
@@ -191,18 +188,7 @@ def build_cases() -> list[dict[str, Any]]:
     add("obvious async stack", "await x()", {"x": aobserved(naive_async)}, kind="async")
 
     # --- buttress, default instrumentation (Prometheus, OpenTelemetry API, logging) ---------------
-    @circuit_breaker(name="bench-sync", fail_max=5, timeout=60)
-    @retry_with_backoff(max_attempts=3, exponential_base=2)
-    @with_bulkhead(limit=50)
-    def buttress_sync() -> int:
-        return 1
-
-    @circuit_breaker(name="bench-async", fail_max=5, timeout=60)
-    @retry_with_backoff(max_attempts=3, exponential_base=2)
-    @with_timeout(seconds=5)
-    @with_bulkhead(limit=50)
-    async def buttress_async() -> int:
-        return 1
+    buttress_sync, buttress_async = buttress_stacks()
 
     add("buttress sync stack", "x()", {"x": buttress_sync})
     add("buttress async stack", "await x()", {"x": buttress_async}, kind="async")
