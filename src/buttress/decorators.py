@@ -9,7 +9,7 @@ Stacked decorators fuse into one policy (see :mod:`buttress.policy`).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import Any, Literal
 
 from buttress import config
 from buttress.exceptions import ConfigurationError
@@ -30,9 +30,6 @@ __all__ = [
     "with_timeout",
 ]
 
-P = ParamSpec("P")
-R = TypeVar("R")
-Decorator = Callable[[Callable[P, R]], Callable[P, R]]
 
 # resilient() stacks every pattern in the canonical order, outermost first (design §3); chaos
 # sits innermost so every other pattern meets an injected fault as it would a real one.
