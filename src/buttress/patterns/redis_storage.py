@@ -1097,6 +1097,7 @@ def make_storage(
     try:
         # The optional dependency, imported only when a service shares its state.
         import redis.asyncio  # noqa: PLC0415
+        import redis.asyncio.retry  # noqa: PLC0415
         import redis.backoff  # noqa: PLC0415
         import redis.retry  # noqa: PLC0415
     except ImportError:
@@ -1122,13 +1123,18 @@ def make_storage(
     options = {
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": connect_timeout,
-        "retry": redis.retry.Retry(redis.backoff.NoBackoff(), 0),
         "retry_on_timeout": False,
         "health_check_interval": 0,
     }
     try:
-        sync_pool = redis.ConnectionPool.from_url(state_url, **options)
-        async_pool = redis.asyncio.ConnectionPool.from_url(state_url, **options)
+        # No client retries: a fault falls back to local state at once. Each pool gets the
+        # Retry of its own world; redis-py 8.2 warns when a sync one reaches an asyncio pool.
+        sync_pool = redis.ConnectionPool.from_url(
+            state_url, retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0), **options
+        )
+        async_pool = redis.asyncio.ConnectionPool.from_url(
+            state_url, retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0), **options
+        )
     except (ValueError, TypeError) as exc:
         raise ConfigurationError(
             f"service {service!r}: circuit_breaker.state_url {shown} is not valid: "
