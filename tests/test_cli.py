@@ -71,7 +71,7 @@ def test_check_reports_every_error_with_path_and_source_and_exits_1(tmp_path):
         f"  services.llm.bulkhed (from file {bad}): "
         "unknown key 'bulkhed'; did you mean 'bulkhead'?",
         f"  services.llm.timeout.seconds (from file {bad}): "
-        "Input should be greater than 0 (got -1)",
+        "Input should be greater than or equal to 0.001 (got -1)",
         "  services.redis.retry.max_atempts "
         "(from env BUTTRESS_SERVICES__REDIS__RETRY__MAX_ATEMPTS): "
         "unknown key 'max_atempts'; did you mean 'max_attempts'?",
@@ -121,7 +121,7 @@ def test_show_json_is_machine_readable():
     assert llm["circuit_breaker"]["fail_max"] == {"value": 3, "source": "preset ai"}
     assert llm["timeout"]["seconds"] == {"value": 60.0, "source": f"file {EXAMPLE}"}
     assert llm["preset"] == {"value": "ai", "source": f"file {EXAMPLE}"}
-    assert shown["defaults"]["bulkhead"]["limit"] == {"value": 10, "source": "default"}
+    assert shown["defaults"]["bulkhead"]["limit"] == {"value": None, "source": "default"}
 
 
 def test_show_an_unconfigured_service_gives_the_defaults():

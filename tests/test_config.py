@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import subprocess
 import sys
 import threading
+import typing
 from pathlib import Path
 
 import httpx
@@ -15,16 +17,22 @@ import pytest
 from buttress import (
     CircuitOpenError,
     ConfigurationError,
+    Policy,
+    RejectedError,
+    TimeoutExceededError,
     circuit_breaker,
     config,
     events,
     get_settings,
+    registry,
     reload_settings,
     resilient,
     retry_with_backoff,
     with_timeout,
 )
+from buttress import _values as bounds
 from buttress.patterns.circuit_breaker import breaker
+from buttress.policy import Spec
 from buttress.testing import capture_events
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -288,13 +296,13 @@ def test_misspelled_variables_are_errors_naming_path_and_variable(env, path, mes
     [
         ("SERVICES__X__CIRCUIT_BREAKER__FAIL_MAX", "abc", None, "valid integer"),
         ("SERVICES__X__CIRCUIT_BREAKER__FAIL_MAX", "0", None, "greater than 0"),
-        ("SERVICES__X__CIRCUIT_BREAKER__TIMEOUT", "-1", None, "greater than 0"),
+        ("SERVICES__X__CIRCUIT_BREAKER__TIMEOUT", "-1", None, "greater than or equal to 0.001"),
         ("SERVICES__X__CIRCUIT_BREAKER__SUCCESS_THRESHOLD", "0", None, "greater than 0"),
         ("SERVICES__X__CIRCUIT_BREAKER__FAILURE_RATE_THRESHOLD", "1.5", None, "less than or equal"),
-        ("SERVICES__X__TIMEOUT__SECONDS", "0", None, "greater than 0"),
+        ("SERVICES__X__TIMEOUT__SECONDS", "0", None, "greater than or equal to 0.001"),
         ("SERVICES__X__BULKHEAD__LIMIT", "-3", None, "greater than 0"),
         ("SERVICES__X__BULKHEAD__MAX_QUEUE", "-1", None, "greater than or equal to 0"),
-        ("SERVICES__X__RATE_LIMIT__RATE", "0", None, "greater than 0"),
+        ("SERVICES__X__RATE_LIMIT__RATE", "0", None, "greater than or equal to 0.000001"),
         ("SERVICES__X__RETRY__MAX_ATTEMPTS", "0", None, "greater than 0"),
         ("SERVICES__X__RETRY__EXPONENTIAL_BASE", "0.5", None, "greater than or equal to 1"),
         ("SERVICES__X__RETRY__JITTER", "some", None, "'none', 'full', 'equal' or 'decorrelated'"),
@@ -307,7 +315,7 @@ def test_misspelled_variables_are_errors_naming_path_and_variable(env, path, mes
         ("SERVICES__X__CRITICALITY", "urgent", None, "'low', 'normal', 'high' or 'critical'"),
         ("SERVICES__X__SEED", "lucky", None, "valid integer"),
         ("SERVICES__X__ENABLED", "maybe", None, "valid boolean"),
-        ("DEFAULTS__TIMEOUT__SECONDS", "-5", None, "greater than 0"),
+        ("DEFAULTS__TIMEOUT__SECONDS", "-5", None, "greater than or equal to 0.001"),
         (
             "SERVICES__X__CIRCUIT_BREAKER__SLOW_CALL_DURATION",
             "2",
@@ -814,3 +822,191 @@ def test_a_state_url_that_is_not_a_redis_url_fails_at_load_without_being_echoed(
     assert "BUTTRESS_SERVICES__PAY__CIRCUIT_BREAKER__STATE_URL" in message
     assert "must be a redis://, rediss:// or unix:// URL" in message
     assert secret not in message
+
+
+# --- durations and rates: refused at the door, or they work --------------------------------
+
+EXTREMES = [
+    math.inf,
+    -math.inf,
+    math.nan,
+    1e19,
+    5e-324,
+    -1.0,
+    0.0,
+    1.0,
+    bounds.MIN_SECONDS,
+    bounds.MAX_SECONDS,
+    bounds.MIN_RATE,
+    bounds.MAX_RATE,
+    bounds.MAX_FACTOR,
+]
+
+# What a field needs beside it so that its own value decides (a breaker that opens on one
+# failure, a rate window that counts, a slow-call rule with both halves...).
+COMPANIONS = {
+    ("circuit_breaker", "timeout"): {"fail_max": 1},
+    ("circuit_breaker", "failure_rate_threshold"): {"minimum_calls": 2, "fail_max": 100},
+    ("circuit_breaker", "window_seconds"): {
+        "failure_rate_threshold": 0.5,
+        "minimum_calls": 2,
+        "fail_max": 100,
+    },
+    ("circuit_breaker", "slow_call_duration"): {
+        "slow_call_rate_threshold": 0.5,
+        "minimum_calls": 1,
+    },
+    ("circuit_breaker", "slow_call_rate_threshold"): {
+        "slow_call_duration": 1.0,
+        "minimum_calls": 1,
+    },
+    ("retry", "initial"): {"max_delay": bounds.MAX_SECONDS},
+    ("retry", "exponential_base"): {},
+    ("retry", "max_delay"): {"initial": 0.0},
+    ("timeout", "seconds"): {},
+    ("bulkhead", "queue_timeout"): {"limit": 1, "max_queue": 1},
+    ("rate_limit", "rate"): {},  # the default burst, max(1, rate), is derived from it
+    ("rate_limit", "max_wait"): {"rate": 1.0, "burst": 1},
+    ("fallback", "cache_ttl"): {},
+    ("chaos", "exception_rate"): {"enabled": True},
+    ("chaos", "latency_rate"): {"enabled": True},
+    ("chaos", "latency_seconds"): {"enabled": True, "latency_rate": 1.0},
+    ("chaos", "result_rate"): {"enabled": True},
+    ("flags", "rollout"): {},
+}
+
+
+def is_float(annotation):
+    """``float``, ``float | None``, or the same with pydantic metadata (``Seconds | None``)."""
+    if annotation is float:
+        return True
+    if typing.get_origin(annotation) is typing.Annotated:
+        return is_float(typing.get_args(annotation)[0])
+    args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    return len(args) == 1 and is_float(args[0])
+
+
+def float_fields():
+    """Every float option of every pattern (and the float flag), found in the models."""
+    for pattern in config.PATTERNS:
+        for name, info in config.options_model(pattern).model_fields.items():
+            if is_float(info.annotation):
+                yield pattern, name
+    for name, info in config.ServiceSettings.model_fields.items():
+        if is_float(info.annotation):
+            yield "flags", name
+
+
+FLOAT_FIELDS = sorted(COMPANIONS)
+
+
+def test_every_float_field_is_covered_by_the_extremes_tests():
+    assert sorted(float_fields()) == FLOAT_FIELDS
+
+
+def env_name(pattern, field):
+    middle = "" if pattern == "flags" else f"{pattern.upper()}__"
+    return f"BUTTRESS_SERVICES__SVC__{middle}{field.upper()}"
+
+
+def settings_verdict(pattern, field, value):
+    """``None`` when settings accept ``value``; else the error's (path, source) pairs."""
+    env = {env_name(pattern, key): str(v) for key, v in COMPANIONS[pattern, field].items()}
+    env[env_name(pattern, field)] = str(value)
+    try:
+        config.load_settings(env)
+    except ConfigurationError as exc:
+        return {(path, source) for path, source, _ in exc.errors}
+    return None
+
+
+def code_verdict(pattern, field, value):
+    """``None`` when a decorator accepts ``value``; else the ConfigurationError."""
+    try:
+        Spec(pattern, "svc", {**COMPANIONS[pattern, field], field: value})
+    except ConfigurationError as exc:
+        return exc
+    return None
+
+
+@pytest.mark.parametrize(("pattern", "field"), FLOAT_FIELDS)
+def test_settings_and_code_refuse_the_same_extremes_naming_the_key(pattern, field):
+    for value in EXTREMES:
+        verdict = settings_verdict(pattern, field, value)
+        path = "services.svc." + (field if pattern == "flags" else f"{pattern}.{field}")
+        if verdict is not None:
+            assert (path, f"env {env_name(pattern, field)}") in verdict, (value, verdict)
+        if pattern == "flags":
+            continue
+        error = code_verdict(pattern, field, value)
+        assert (error is None) == (verdict is None), (value, error, verdict)
+        if error is not None:
+            assert isinstance(error, ValueError)
+            assert f"invalid argument for {pattern}: {field}:" in str(error), value
+    for value in (math.inf, math.nan, 1e19, -1.0):
+        assert settings_verdict(pattern, field, value) is not None, value
+
+
+def accepted_extremes():
+    for pattern, field in FLOAT_FIELDS:
+        for value in EXTREMES:
+            if settings_verdict(pattern, field, value) is None:
+                yield pytest.param(pattern, field, value, id=f"{pattern}.{field}={value!r}")
+
+
+# What a call may answer: its result, chaos's injected result (None), or an error it is allowed.
+ANSWERS = (str, type(None), ConnectionError, RejectedError, TimeoutExceededError)
+
+
+def drive(mode, pattern, field, value, clock=None):
+    """Calls through ``pattern`` configured with ``field=value``: successes, failures, slow calls,
+    concurrent calls, and time passing by the value. Returns every outcome."""
+    args = {**COMPANIONS[pattern, field], field: value}
+    if pattern == "flags":
+        reload_settings(env={env_name(pattern, field): str(value)})
+        policy = retry_with_backoff("svc", max_attempts=2)
+    else:
+        if pattern == "chaos":
+            reload_settings(env={"FF_ENABLE_CHAOS_INJECTION": "true"})
+        elif pattern == "fallback":
+            args["value"] = "default"
+        policy = Policy(Spec(pattern, "svc", args))
+    failing = {"now": False}
+
+    def body():
+        if failing["now"]:
+            raise ConnectionError("down")
+        return "ok"
+
+    duration = min(value, bounds.MAX_SECONDS) if value > 0 else 0.0
+    fn = policy(mode.define(body, name="fn"))
+    slow = policy(mode.define(latency=min(2 * duration, 0.02 if clock is None else 1e6)))
+    outcomes = [mode.outcome(fn), mode.outcome(slow)]
+    failing["now"] = True
+    outcomes += [mode.outcome(fn) for _ in range(3)]
+    if clock is not None:
+        clock.advance(duration or 1.0)
+    failing["now"] = False
+    outcomes += [mode.outcome(fn), *mode.gather(slow, 3), mode.outcome(fn)]
+    return outcomes
+
+
+@pytest.mark.parametrize(("pattern", "field", "value"), list(accepted_extremes()))
+def test_every_accepted_extreme_works_in_real_calls(mode, clock, apply, pattern, field, value):
+    apply()
+    for outcome in drive(mode, pattern, field, value, clock):
+        assert isinstance(outcome, ANSWERS), repr(outcome)
+
+
+@pytest.mark.realtime
+@pytest.mark.parametrize(
+    ("pattern", "field"), [("timeout", "seconds"), ("bulkhead", "queue_timeout")]
+)
+def test_accepted_extremes_of_real_waits_work_on_the_real_clock(mode, apply, pattern, field):
+    # Thread and event-loop waits take these values as they are (the fake clock does not).
+    apply()
+    for value in EXTREMES:
+        registry.clear_claims()  # each value is a new set of call sites for the service
+        if settings_verdict(pattern, field, value) is None:
+            for outcome in drive(mode, pattern, field, value):
+                assert isinstance(outcome, ANSWERS), (value, repr(outcome))

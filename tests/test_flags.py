@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+from pathlib import Path
+
 import pytest
 
 from buttress import (
@@ -12,6 +17,7 @@ from buttress import (
     circuit_breaker,
     config,
     events,
+    get_settings,
     reload_settings,
     resilient,
     retry_with_backoff,
@@ -251,3 +257,127 @@ def test_different_seeds_sample_differently():
 
     assert draws(1) == draws(1)
     assert draws(1) != draws(2)
+
+
+# --- the kill switch beats invalid settings ------------------------------------------------
+
+
+@pytest.fixture
+def environment(monkeypatch):
+    """``os.environ`` without buttress variables, and no settings loaded yet (a fresh process).
+
+    ``set(**variables)`` sets variables; the next protected call loads settings from them.
+    """
+    for name in list(os.environ):
+        if name.upper().startswith(("BUTTRESS_", "FF_ENABLE_")):
+            monkeypatch.delenv(name)
+    monkeypatch.delattr(config, "SNAPSHOT", raising=False)
+
+    def set_variables(**variables):
+        for name, value in variables.items():
+            monkeypatch.setenv(name, value)
+
+    return set_variables
+
+
+def test_the_admin_token_variable_is_not_a_settings_error(mode, clock, environment):
+    # health.asgi_app() reads BUTTRESS_ADMIN_TOKEN; settings must accept it, not fail every call.
+    environment(BUTTRESS_ADMIN_TOKEN="a-long-enough-admin-token")
+    fn, dependency = retried(mode)
+    assert attempts(mode, fn, dependency) == 3
+    assert reload_settings(env={"BUTTRESS_ADMIN_TOKEN": "x" * 20}).enabled is True
+
+
+def test_every_buttress_variable_read_in_the_source_is_recognised():
+    # Variables buttress reads that are not settings keys live in one list, OTHER_VARIABLES.
+    found = set()
+    for path in (Path(__file__).resolve().parents[1] / "src" / "buttress").rglob("*.py"):
+        found |= set(re.findall(r"[\"'](BUTTRESS_[A-Z0-9_]*[A-Z0-9])[\"']", path.read_text()))
+    assert {"BUTTRESS_ADMIN_TOKEN", "BUTTRESS_CONFIG_FILE"} <= found
+    for variable in found - set(config.KILL_SWITCH_VARIABLES):
+        assert variable in config.OTHER_VARIABLES, variable
+        assert "unknown key" not in str(_problems_of({variable: "x"}))
+
+
+def _problems_of(env):
+    try:
+        config.load_settings(env)
+    except ConfigurationError as exc:
+        return exc.errors
+    return ()
+
+
+@pytest.mark.parametrize(
+    ("variable", "meant"),
+    [
+        ("BUTTRESS_ADMIN_TOKN", "BUTTRESS_ADMIN_TOKEN"),
+        ("BUTTRESS_CONFIGFILE", "BUTTRESS_CONFIG_FILE"),
+    ],
+)
+def test_a_misspelled_non_settings_variable_is_still_caught(variable, meant):
+    [(path, source, message)] = _problems_of({variable: "x"})
+    assert (path, source) == (variable.removeprefix("BUTTRESS_").lower(), f"env {variable}")
+    assert f"did you mean the variable {meant}?" in message
+
+
+BROKEN = {
+    "a misspelled variable": {"BUTTRESS_SERVICES__SVC__RETRY__MAX_ATEMPTS": "2"},
+    "a bad value": {"BUTTRESS_SERVICES__SVC__RETRY__MAX_ATTEMPTS": "none"},
+    "a missing config file": {"BUTTRESS_CONFIG_FILE": "/nonexistent/buttress.toml"},
+}
+
+
+@pytest.mark.parametrize("broken", BROKEN.values(), ids=BROKEN.keys())
+@pytest.mark.parametrize("switch", ["FF_ENABLE_RESILIENCE_PATTERNS", "BUTTRESS_ENABLED"])
+def test_kill_switch_off_sends_calls_through_invalid_settings(
+    mode, clock, environment, caplog, broken, switch
+):
+    environment(**{switch: "false"}, **broken)
+    fn, dependency = retried(mode)
+    with caplog.at_level(logging.WARNING, logger="buttress.config"):
+        assert [attempts(mode, fn, dependency) for _ in range(3)] == [1, 1, 1]
+        assert get_settings().enabled is False
+    # Said once, on the load that fell back, with what is wrong.
+    [record] = caplog.records
+    assert "the kill switch is off" in record.getMessage()
+    assert "invalid buttress settings" in record.getMessage()
+
+
+def test_kill_switch_off_in_the_config_file_beats_the_rest_of_that_file(
+    mode, clock, environment, tmp_path
+):
+    file = tmp_path / "buttress.toml"
+    file.write_text("enabled = false\n[services.svc.retry]\nmax_attempts = 'three'\n")
+    environment(BUTTRESS_CONFIG_FILE=str(file))
+    fn, dependency = retried(mode)
+    assert attempts(mode, fn, dependency) == 1
+    assert get_settings().source_of(("enabled",)) == f"file {file}"
+
+
+@pytest.mark.parametrize("switch", [None, "true", "maybe"])
+def test_with_the_switch_on_invalid_settings_fail_every_call_naming_path_and_source(
+    mode, clock, environment, switch
+):
+    environment(BUTTRESS_TYPO="1", **({"FF_ENABLE_RESILIENCE_PATTERNS": switch} if switch else {}))
+    fn, dependency = retried(mode)
+    for _ in range(2):  # every call, not only the first: nothing half-loaded stays behind
+        error = mode.outcome(fn)
+        assert isinstance(error, ConfigurationError)
+        assert (
+            "typo",
+            "env BUTTRESS_TYPO",
+            "unknown key 'typo'; known keys: enabled, defaults, services",
+        ) in error.errors
+        assert "typo (from env BUTTRESS_TYPO)" in str(error)
+    assert dependency.calls == 0
+
+
+def test_a_reload_that_turns_the_switch_off_takes_effect_despite_invalid_settings(
+    mode, clock, apply
+):
+    fn, dependency = retried(mode)
+    with pytest.raises(ConfigurationError, match="typo"):
+        reload_settings(env={"FF_ENABLE_RESILIENCE_PATTERNS": "false", "BUTTRESS_TYPO": "1"})
+    assert attempts(mode, fn, dependency) == 1
+    apply()
+    assert attempts(mode, fn, dependency) == 3

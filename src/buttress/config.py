@@ -28,15 +28,16 @@ from __future__ import annotations
 import difflib
 import itertools
 import json
+import logging
 import os
 import random
 import threading
 import tomllib
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, TypeAlias
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import (
     AliasChoices,
@@ -55,7 +56,8 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from buttress import events
+from buttress import events, registry
+from buttress._values import redact, shown
 from buttress.exceptions import ConfigurationError
 from buttress.patterns._base import Options
 from buttress.patterns.bulkhead import BulkheadOptions
@@ -68,10 +70,12 @@ from buttress.patterns.retry import RetryOptions
 from buttress.patterns.timeout import TimeoutOptions
 
 __all__ = [
+    "ADMIN_TOKEN_VARIABLE",
     "CHAOS_VARIABLE",
     "CONFIG_FILE_VARIABLE",
     "FLAGS",
     "KILL_SWITCH_VARIABLES",
+    "OTHER_VARIABLES",
     "PATTERNS",
     "PRESETS",
     "SECTIONS",
@@ -114,7 +118,19 @@ _OPTIONS: Final[Mapping[str, type[Options]]] = MappingProxyType(
 
 ENV_PREFIX: Final = "BUTTRESS_"
 CONFIG_FILE_VARIABLE: Final = "BUTTRESS_CONFIG_FILE"
+ADMIN_TOKEN_VARIABLE: Final = "BUTTRESS_ADMIN_TOKEN"  # noqa: S105 - a variable's name, not a token
 KILL_SWITCH_VARIABLES: Final = ("FF_ENABLE_RESILIENCE_PATTERNS", "BUTTRESS_ENABLED")
+# The BUTTRESS_* variables buttress reads that name no settings key, and what reads them: the
+# settings check accepts exactly these besides the keys, so a typo in any other is still caught.
+# A new variable read anywhere in buttress belongs here (tests/test_config.py checks the source).
+OTHER_VARIABLES: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        CONFIG_FILE_VARIABLE: "the config file to read",
+        ADMIN_TOKEN_VARIABLE: "the health app's admin token (buttress.health)",
+    }
+)
+
+_log = logging.getLogger("buttress.config")
 
 Mode = Literal["enforce", "shadow"]
 Criticality = Literal["low", "normal", "high", "critical"]
@@ -423,7 +439,7 @@ def _normalise_services(raw: dict[str, Any], label: str, problems: list[_Problem
     normalised: dict[str, Any] = {}
     spelled: dict[str, str] = {}
     for name, section in services.items():
-        key = str(name).lower()
+        key = registry.service_name(str(name))
         if key in normalised:
             problems.append(
                 _Problem(
@@ -456,7 +472,7 @@ def _env_parts(name: str) -> tuple[str, ...] | None:
         return ("enabled",)
     if upper == CHAOS_VARIABLE:
         return ("chaos_enabled",)
-    if upper.startswith(ENV_PREFIX) and upper != CONFIG_FILE_VARIABLE:
+    if upper.startswith(ENV_PREFIX) and upper not in OTHER_VARIABLES:
         return tuple(upper[len(ENV_PREFIX) :].lower().split("__"))
     return None
 
@@ -480,12 +496,15 @@ def _read_env(
             continue
         verdict = _classify(parts)
         if verdict.kind == "bad":
-            problems.append(_Problem(".".join(parts[: verdict.depth + 1]), label, verdict.message))
+            message = _other_variable_hint(parts[0]) if verdict.depth == 0 else None
+            problems.append(
+                _Problem(".".join(parts[: verdict.depth + 1]), label, message or verdict.message)
+            )
             continue
         if verdict.kind == "section" and not _is_json_object(value):
             # pydantic-settings parses a variable that names a whole section as JSON.
             problems.append(
-                _Problem(".".join(parts), label, f"expected a JSON object, got {value!r}")
+                _Problem(".".join(parts), label, f"expected a JSON object{_got(value)}")
             )
             continue
         other = variables.get(parts)
@@ -525,6 +544,22 @@ def _read_env(
 
     _check_tree(raw, label_of, problems)
     return raw, {leaf: label_of(leaf) for leaf in _leaves(raw)}
+
+
+def _other_variable_hint(top: str) -> str | None:
+    """A message for a misspelt non-settings variable (``BUTTRESS_ADMIN_TOKN``), else ``None``."""
+    others = {name[len(ENV_PREFIX) :].lower(): name for name in OTHER_VARIABLES}
+    close = difflib.get_close_matches(top, [*others, "enabled", "defaults", "services"], n=1)
+    if close and close[0] in others:
+        return f"unknown key {top!r}; did you mean the variable {others[close[0]]}?"
+    return None
+
+
+def _got(value: object) -> str:
+    """`` (got VALUE)`` for an error message; nothing for a URL, which may hold a password."""
+    if isinstance(value, str) and "://" in value:
+        return " (the value is not repeated: it looks like a URL, which may hold a password)"
+    return f" (got {value!r})"
 
 
 def _is_json_object(text: str) -> bool:
@@ -607,14 +642,7 @@ def load_settings(
     """
     environ = os.environ if env is None else env
     problems: list[_Problem] = []
-    if config_file is not None:
-        file_name: str | None = os.fspath(config_file)
-        path_source = "argument config_file"
-    else:
-        file_name = next(
-            (v for k, v in environ.items() if k.upper() == CONFIG_FILE_VARIABLE and v), None
-        )
-        path_source = f"env {CONFIG_FILE_VARIABLE}"
+    file_name, path_source = _file_name(environ, config_file)
     file_raw: dict[str, Any] = {}
     file_sources: dict[tuple[str, ...], str] = {}
     if file_name is not None:
@@ -645,6 +673,45 @@ def load_settings(
     return settings
 
 
+def _file_name(
+    environ: Mapping[str, str], config_file: str | os.PathLike[str] | None
+) -> tuple[str | None, str]:
+    """The config file to read (``None``: none), and what named it."""
+    if config_file is not None:
+        return os.fspath(config_file), "argument config_file"
+    named = next((v for k, v in environ.items() if k.upper() == CONFIG_FILE_VARIABLE and v), None)
+    return named, f"env {CONFIG_FILE_VARIABLE}"
+
+
+def _switched_off(
+    env: Mapping[str, str] | None, config_file: str | os.PathLike[str] | None
+) -> Settings | None:
+    """The kill switch alone, when the sources that failed to load still turn it off clearly.
+
+    Invalid settings must never stop ``FF_ENABLE_RESILIENCE_PATTERNS=false`` from working: the
+    switch is read the way the settings would read it (a kill switch variable, the FF_ one
+    first, else ``enabled`` at the top of the config file) and, when it says off, the settings in
+    force are "off" and nothing else. ``None`` when the switch is on, unset or unreadable.
+    """
+    environ = os.environ if env is None else env
+    for variable in KILL_SWITCH_VARIABLES:
+        for name, value in environ.items():
+            if name.upper() == variable:
+                return _off(f"env {name}") if _truth(value) is False else None
+    file_name, path_source = _file_name(environ, config_file)
+    if file_name is not None:
+        raw, _ = _read_file(Path(file_name), path_source, [])
+        if raw.get("enabled") is False:
+            return _off(f"file {file_name}")
+    return None
+
+
+def _off(source: str) -> Settings:
+    settings = Settings(enabled=False)
+    settings._sources = {("enabled",): source}
+    return settings
+
+
 def _source_of_loc(loc: tuple[int | str, ...], sources: Mapping[tuple[str, ...], str]) -> str:
     path = tuple(str(part) for part in loc)
     for end in range(len(path), 0, -1):
@@ -663,7 +730,7 @@ def _message(error: Mapping[str, Any], path: str) -> str:
         # A rejected state_url is not shown at all: it may be a secret in the wrong place.
         return message
     if isinstance(value, str | int | float | bool) and error.get("type") != "extra_forbidden":
-        message = f"{message} (got {value!r})"
+        message += _got(value)
     return message
 
 
@@ -721,6 +788,10 @@ def _configuration_error(problems: list[_Problem]) -> ConfigurationError:
 # A value and where it came from: "env NAME", "file PATH", "code", "preset NAME" or "default".
 Sourced = tuple[Any, str]
 
+# Resolved options kept per service view (see ServiceView.options). Options are resolved when a
+# decorated function first runs after a reload, not per call, so a miss costs one validation.
+CACHE_SIZE: Final = 256
+
 
 class ServiceView:
     """The flags and resolved options of one service in one snapshot.
@@ -740,6 +811,7 @@ class ServiceView:
 
     __slots__ = (
         "_cache",
+        "_cache_lock",
         "_flag_sources",
         "_layers",
         "criticality",
@@ -788,7 +860,11 @@ class ServiceView:
                     source = settings.source_of(("services", name, pattern, field)) or "default"
                     layer[field] = (value, source)
             self._layers[pattern] = layer
-        self._cache: dict[Any, Options] = {}
+        # Resolved options by (pattern, preset, code arguments): least recently used first, and
+        # at most CACHE_SIZE of them, since a function decorated per request with its own
+        # arguments (with_timeout(seconds=budget)) would otherwise add one per request.
+        self._cache: OrderedDict[Any, Options] = OrderedDict()
+        self._cache_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return (
@@ -822,14 +898,20 @@ class ServiceView:
         """
         try:
             key: Any = (pattern, preset, frozenset(code_args.items()))
-            return self._cache[key]
-        except KeyError:
-            pass
+            hash(key)
         except TypeError:  # an unhashable code argument: resolve without caching
-            key = None
+            return self._resolve(pattern, code_args, preset)[0]
+        cache = self._cache
+        with self._cache_lock:
+            cached = cache.get(key)
+            if cached is not None:
+                cache.move_to_end(key)
+                return cached
         resolved, _ = self._resolve(pattern, code_args, preset)
-        if key is not None:
-            self._cache[key] = resolved
+        with self._cache_lock:
+            cache[key] = resolved
+            if len(cache) > CACHE_SIZE:
+                cache.popitem(last=False)
         return resolved
 
     def explain(
@@ -853,7 +935,7 @@ class ServiceView:
             section = SECTIONS[pattern].model_fields
             described[pattern] = {
                 field: {
-                    "value": _shown(field, getattr(resolved, field)),
+                    "value": shown(getattr(resolved, field)),
                     "source": sources.get(field, "default"),
                 }
                 for field in type(resolved).model_fields
@@ -924,7 +1006,7 @@ class _Views(dict[str, ServiceView]):
         self._settings = settings
 
     def __missing__(self, name: str) -> ServiceView:
-        canonical = name.lower()
+        canonical = registry.service_name(name)
         view = self.get(canonical)
         if view is None:
             # Two threads may build a view at once; setdefault keeps one for everybody.
@@ -972,17 +1054,49 @@ def __getattr__(name: str) -> Snapshot:
 
 def _current() -> Snapshot:
     snapshot: Snapshot | None = globals().get("SNAPSHOT")
-    if snapshot is None:
-        with _lock:
-            snapshot = globals().get("SNAPSHOT")
-            if snapshot is None:
-                snapshot = Snapshot(next(_generations), load_settings())
-                globals()["SNAPSHOT"] = snapshot
-    return snapshot
+    if snapshot is not None:
+        return snapshot
+    with _lock:
+        loaded: Snapshot | None = globals().get("SNAPSHOT")
+        error: ConfigurationError | None = None
+        if loaded is None:
+            settings, error = _load(None, None)
+            if settings is None:
+                assert error is not None  # noqa: S101 - _load gives settings, an error, or both
+                raise error
+            loaded = Snapshot(next(_generations), settings)
+            globals()["SNAPSHOT"] = loaded
+    if error is not None:
+        _warn_switched_off(error)  # outside the lock: a log handler may read the settings
+    return loaded
+
+
+def _load(
+    env: Mapping[str, str] | None, config_file: str | os.PathLike[str] | None
+) -> tuple[Settings | None, ConfigurationError | None]:
+    """The settings to put in force, and the error that made them the kill switch alone."""
+    try:
+        return load_settings(env, config_file), None
+    except ConfigurationError as exc:
+        return _switched_off(env, config_file), exc
+
+
+def _warn_switched_off(error: ConfigurationError) -> None:
+    # Once per load (the first, or a reload): calls go straight through, so nothing else says it.
+    _log.warning(
+        "buttress.settings.invalid_while_switched_off: the kill switch is off, so every call "
+        "goes straight to its function; the settings are invalid and were not applied:\n%s",
+        error,
+    )
 
 
 def get_settings() -> Settings:
-    """The settings in force (loaded from the environment and file on first use)."""
+    """The settings in force (loaded from the environment and file on first use).
+
+    Raises:
+        ConfigurationError: the settings are invalid; never while the kill switch is off, when
+            the settings in force are the switch alone (and a warning is logged).
+    """
     return _current().settings
 
 
@@ -1000,23 +1114,23 @@ def reload_settings(
         config_file: the config file (default ``BUTTRESS_CONFIG_FILE`` from ``env``).
 
     Raises:
-        ConfigurationError: the new settings are invalid; the old ones stay in force.
+        ConfigurationError: the new settings are invalid; the old ones stay in force, unless the
+            new sources turn the kill switch off: the switch then takes effect on its own.
     """
     global SNAPSHOT
     with _lock:
-        previous: Snapshot | None = globals().get("SNAPSHOT")
-        try:
-            settings = load_settings(env, config_file)
-        except ConfigurationError as exc:
-            error: ConfigurationError | None = exc
-        else:
-            error = None
+        settings, error = _load(env, config_file)
+        if settings is not None:
             SNAPSHOT = Snapshot(next(_generations), settings)
+        current: Snapshot | None = globals().get("SNAPSHOT")
+    generation = current.generation if current is not None else -1
     if error is not None:
-        generation = previous.generation if previous is not None else -1
+        if settings is not None:
+            _warn_switched_off(error)
         events.emit(events.SettingsReloaded(ok=False, generation=generation, error=str(error)))
         raise error
-    events.emit(events.SettingsReloaded(ok=True, generation=SNAPSHOT.generation, error=None))
+    assert settings is not None  # noqa: S101 - no error means it loaded
+    events.emit(events.SettingsReloaded(ok=True, generation=generation, error=None))
     return settings
 
 
@@ -1047,27 +1161,6 @@ def describe(settings: Settings | None = None, service: str | None = None) -> di
         described["defaults"] = ServiceView("*", settings).explain()
         names = sorted(settings.services)
     else:
-        names = [service.lower()]
+        names = [registry.service_name(service)]
     described["services"] = {name: ServiceView(name, settings).explain() for name in names}
     return described
-
-
-def redact(url: str) -> str:
-    """``url`` with its password (and ``password=`` query values) replaced by ``***``."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        userinfo, _, host = netloc.rpartition("@")
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:***@{host}"
-    query = parts.query
-    if "password" in query.lower():
-        query = urlencode(
-            [(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(query)],
-            safe="*",
-        )
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
-
-
-def _shown(field: str, value: Any) -> Any:
-    return redact(value) if field == "state_url" and isinstance(value, str) else value

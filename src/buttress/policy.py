@@ -31,6 +31,7 @@ from types import MappingProxyType
 from typing import Any, ParamSpec, TypeVar, cast
 
 from buttress import _clock, config, events, registry
+from buttress._values import RedisURL
 from buttress.events import CallFinished
 from buttress.exceptions import ConfigurationError, RejectedError, TimeoutExceededError
 from buttress.patterns._base import AsyncCall, BuildContext, Call, Strategy
@@ -66,12 +67,21 @@ class Spec:
         service: object = self.service  # checked at run time for untyped callers
         if service is not None and (not isinstance(service, str) or service == ""):
             raise TypeError(f"name must be a non-empty string, got {self.service!r}")
-        object.__setattr__(self, "code_args", MappingProxyType(dict(self.code_args)))
+        if self.service is not None:
+            # Names are case-insensitive: one spelling for instances, labels and settings.
+            object.__setattr__(self, "service", registry.service_name(self.service))
         # Validate now so a misuse fails at decoration time, naming the argument.
         try:
-            config.options_model(self.pattern).model_validate(dict(self.code_args))
+            validated = config.options_model(self.pattern).model_validate(dict(self.code_args))
         except ValueError as exc:
             raise _argument_error(self.pattern, exc) from None
+        # A URL that may hold a password is kept in its validated form, whose repr masks it, so
+        # no repr of this spec, its policy or a conflict between call sites shows the secret.
+        code_args = {
+            name: value if not isinstance(kept := getattr(validated, name), RedisURL) else kept
+            for name, value in self.code_args.items()
+        }
+        object.__setattr__(self, "code_args", MappingProxyType(code_args))
 
 
 def _argument_error(pattern: str, exc: ValueError) -> ConfigurationError:
@@ -142,7 +152,7 @@ class _Bound:
         self.fn = fn
         self.is_async = is_async
         site = _site(fn)
-        self.service = policy.service or _qualified_name(fn)
+        self.service = policy.service or registry.service_name(_qualified_name(fn))
         # A spec that names no service shares the stack's service when the stack names one; when
         # nothing in the stack is named, its state is private to this call site.
         self.keys: list[tuple[Spec, str, str]] = []

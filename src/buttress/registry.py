@@ -9,6 +9,10 @@ Only the patterns with state shared by a service (:data:`SHARED_PATTERNS`) have 
 retry, timeout and fallback options belong to each call site (one call site may be idempotent and
 retry while another may not).
 
+Service names are case-insensitive: :func:`service_name` gives the one spelling (lower case) that
+keys instances, labels metrics and names the settings section. Every function here accepts any
+spelling, so ``breaker("OpenFGA")`` and ``@resilient("openfga")`` meet.
+
 Conflicting code arguments: two call sites that name the same service may not give one argument
 of a pattern different values (``fail_max=5`` here, ``fail_max=10`` there). Which one should win
 would depend on import order, so the second decoration raises ``ConfigurationError`` naming both
@@ -23,6 +27,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
+from buttress._values import shown
 from buttress.exceptions import ConfigurationError
 
 __all__ = [
@@ -35,10 +40,16 @@ __all__ = [
     "code_args",
     "forget",
     "instances",
+    "service_name",
     "shared",
 ]
 
 SHARED_PATTERNS = frozenset({"circuit_breaker", "bulkhead", "rate_limit"})
+
+
+def service_name(name: str) -> str:
+    """The canonical spelling of a service name (names are case-insensitive)."""
+    return name.lower()
 
 
 class Reconfigurable(Protocol):
@@ -69,7 +80,7 @@ def shared(pattern: str, key: str, options: Any, factory: Callable[[Any], T]) ->
     When it exists and ``options`` differ from those it was built or last reconfigured with, it is
     reconfigured in place.
     """
-    slot = (pattern, key)
+    slot = (pattern, service_name(key))
     instance = _instances.get(slot)
     if instance is not None and _options[slot] == options:
         return instance  # type: ignore[no-any-return]
@@ -84,10 +95,28 @@ def shared(pattern: str, key: str, options: Any, factory: Callable[[Any], T]) ->
         return instance
 
 
+class _ByService(dict[str, Any]):
+    """Instances by key, looked up by any spelling of the service name."""
+
+    def __missing__(self, key: str) -> Any:
+        canonical = service_name(key)
+        if canonical == key:
+            raise KeyError(key)
+        return self[canonical]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and dict.__contains__(self, service_name(key))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return dict.get(self, service_name(key), default)
+
+
 def instances(pattern: str) -> dict[str, Any]:
-    """Every built instance of ``pattern``, by key."""
+    """Every built instance of ``pattern``, by key (looked up by any spelling of the name)."""
     with _lock:
-        return {key: inst for (kind, key), inst in _instances.items() if kind == pattern}
+        return _ByService(
+            {key: inst for (kind, key), inst in _instances.items() if kind == pattern}
+        )
 
 
 def claim(pattern: str, key: str, code_args: Mapping[str, Any], site: str) -> None:
@@ -98,6 +127,7 @@ def claim(pattern: str, key: str, code_args: Mapping[str, Any], site: str) -> No
             shared instance.
     """
     global EPOCH
+    key = service_name(key)
     slot = (pattern, key)
     with _lock:
         given = _claims.setdefault(slot, {})
@@ -106,7 +136,8 @@ def claim(pattern: str, key: str, code_args: Mapping[str, Any], site: str) -> No
             if previous is not None and previous[1] != site and previous[0] != value:
                 raise ConfigurationError(
                     f"service {key!r}: {pattern} argument {name} is given two values in code: "
-                    f"{name}={previous[0]!r} at {previous[1]} and {name}={value!r} at {site}. "
+                    f"{name}={shown(previous[0])!r} at {previous[1]} and "
+                    f"{name}={shown(value)!r} at {site}. "
                     "Give both call sites the same value (or give it at one only), move it to "
                     f"settings (services.{key}.{pattern}.{name}), or use different service names.",
                     errors=((f"services.{key}.{pattern}.{name}", site, "conflicting values"),),
@@ -121,11 +152,13 @@ def claim(pattern: str, key: str, code_args: Mapping[str, Any], site: str) -> No
 def code_args(pattern: str, key: str) -> dict[str, Any]:
     """The code arguments every call site gave ``pattern`` of ``key``, merged."""
     with _lock:
-        return {name: value for name, (value, _) in _claims.get((pattern, key), {}).items()}
+        claims = _claims.get((pattern, service_name(key)), {})
+        return {name: value for name, (value, _) in claims.items()}
 
 
 def forget(key: str) -> None:
     """Drop every instance built for ``key`` (a call site's private key, when it is gone)."""
+    key = service_name(key)
     with _lock:
         for slot in [slot for slot in _instances if slot[1] == key]:
             del _instances[slot]

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, TypedDict
 from pydantic import Field
 
 from buttress import _clock, events, registry
+from buttress._values import Seconds
 from buttress.exceptions import BulkheadFullError
 from buttress.patterns._base import AsyncCall, BuildContext, Call, Mode, Options, Strategy
 
@@ -38,10 +39,12 @@ class BulkheadOptions(Options):
     """Options of ``with_bulkhead`` (and of ``services.<name>.bulkhead``)."""
 
     enabled: bool = True
-    limit: int = Field(10, gt=0, description="concurrent calls")
+    limit: int | None = Field(
+        None, gt=0, description="concurrent calls (unset: no limit, the pattern is off)"
+    )
     max_queue: int = Field(0, ge=0, description="calls that may wait for a slot")
-    queue_timeout: float | None = Field(
-        None, ge=0, description="seconds a queued call waits (unset: until a slot frees)"
+    queue_timeout: Seconds | None = Field(
+        None, description="seconds a queued call waits (unset: until a slot frees)"
     )
 
 
@@ -106,6 +109,12 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+def _limit(options: BulkheadOptions) -> int:
+    if options.limit is None:  # build() makes no bulkhead without a limit
+        raise ValueError("a bulkhead needs a limit")
+    return options.limit
+
+
 class Bulkhead:
     """The shared state of one service's bulkhead: slots in use and the queue of waiters."""
 
@@ -128,7 +137,7 @@ class Bulkhead:
         # in ``active``): how far over the limit enforcement would have been.
         self._overflow = 0
         self._waiters: deque[_Waiter] = deque()
-        self.limit = options.limit
+        self.limit = _limit(options)
         self.max_queue = options.max_queue
         self.queue_timeout = options.queue_timeout
 
@@ -257,7 +266,7 @@ class Bulkhead:
         nobody until the count is under it. A smaller ``max_queue`` only affects new arrivals.
         """
         with self._lock:
-            self.limit = options.limit
+            self.limit = _limit(options)
             self.max_queue = options.max_queue
             self.queue_timeout = options.queue_timeout
             while self._waiters and self._active < self.limit:
@@ -383,9 +392,9 @@ class BulkheadStrategy:
 
 
 def build(ctx: BuildContext) -> Strategy | None:
-    """A :class:`BulkheadStrategy` over the shared :class:`Bulkhead` of ``ctx.key``."""
+    """A :class:`BulkheadStrategy` over the shared bulkhead of ``ctx.key``; no limit: ``None``."""
     options: BulkheadOptions = ctx.options
-    if not options.enabled:
+    if not options.enabled or options.limit is None:
         return None
     service = ctx.service
     bulkhead = registry.shared(PATTERN, ctx.key, options, lambda opts: Bulkhead(service, opts))

@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Final
 from pydantic import Field, field_validator
 
 from buttress import _clock, config, events
+from buttress._values import PositiveSeconds
 from buttress.patterns._base import AsyncCall, BuildContext, Call, Options
 
 __all__ = [
@@ -75,7 +76,7 @@ class ChaosOptions(Options):
         description="exception class (called with a message) or zero-argument factory",
     )
     latency_rate: float = Field(0.0, ge=0, le=1, description="fraction of calls delayed")
-    latency_seconds: float = Field(1.0, gt=0, description="delay added before a delayed call")
+    latency_seconds: PositiveSeconds = Field(1.0, description="delay added before a delayed call")
     result_rate: float = Field(
         0.0, ge=0, le=1, description="fraction of calls answered with `result` instead"
     )

@@ -72,6 +72,7 @@ import pybreaker
 from pydantic import Field, field_validator, model_validator
 
 from buttress import _clock, config, events, registry
+from buttress._values import PositiveSeconds, StateURL
 from buttress.events import CallRejected, CircuitCallRecorded
 from buttress.exceptions import CircuitOpenError, RejectedError
 from buttress.patterns import redis_storage
@@ -104,24 +105,24 @@ class CircuitBreakerOptions(Options):
 
     enabled: bool = True
     fail_max: int = Field(5, gt=0, description="consecutive failures that open the circuit")
-    timeout: float = Field(60.0, gt=0, description="seconds the circuit stays open")
+    timeout: PositiveSeconds = Field(60.0, description="seconds the circuit stays open")
     success_threshold: int = Field(1, gt=0, description="half-open successes that close it")
     half_open_max_calls: int = Field(1, gt=0, description="concurrent half-open trial calls")
     failure_rate_threshold: float | None = Field(
         None, gt=0, le=1, description="failure rate over the window that opens it (off if unset)"
     )
-    slow_call_duration: float | None = Field(
-        None, gt=0, description="seconds after which a call counts as slow"
+    slow_call_duration: PositiveSeconds | None = Field(
+        None, description="seconds after which a call counts as slow"
     )
     slow_call_rate_threshold: float | None = Field(
         None, gt=0, le=1, description="slow-call rate over the window that opens it"
     )
     minimum_calls: int = Field(10, gt=0, description="calls in the window before rates count")
-    window_seconds: float = Field(60.0, gt=0, description="length of the rate window")
+    window_seconds: PositiveSeconds = Field(60.0, description="length of the rate window")
     exclude: tuple[ExcludeSpec, ...] = Field(
         (), description="exceptions (types or predicates) that are neither success nor failure"
     )
-    state_url: str | None = Field(
+    state_url: StateURL | None = Field(
         None, description="redis:// or rediss:// URL to share circuit state across processes"
     )
 
@@ -1316,6 +1317,7 @@ def breaker(service: str) -> CircuitBreaker:
 
     Manual control and health checks use it: ``breaker("openfga").force_open()``.
     """
+    service = registry.service_name(service)
     existing = registry.instances(PATTERN).get(service)
     if isinstance(existing, CircuitBreaker):
         return existing

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 from buttress import _clock, events
+from buttress._values import PositiveSeconds
 from buttress.exceptions import ButtressError, ConfigurationError
 from buttress.patterns import _transient
 from buttress.patterns._base import AsyncCall, BuildContext, Call, Mode, Options, error_type
@@ -54,8 +55,8 @@ class FallbackOptions(Options):
     chain: tuple[Callable[..., Any], ...] = Field(
         (), description="alternatives handler(exc, *args, **kwargs) tried in order"
     )
-    cache_ttl: float | None = Field(
-        None, gt=0, description="serve the last good result for the same arguments this long"
+    cache_ttl: PositiveSeconds | None = Field(
+        None, description="serve the last good result for the same arguments this long"
     )
     on: tuple[type[BaseException], ...] | Callable[[BaseException], bool] | None = Field(
         None,

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, TypedDict
 from pydantic import Field
 
 from buttress import _clock, events, registry
+from buttress._values import Rate, Seconds
 from buttress.exceptions import RateLimitedError
 from buttress.patterns._base import AsyncCall, BuildContext, Call, Mode, Options, Strategy
 
@@ -37,9 +38,9 @@ class RateLimitOptions(Options):
     """
 
     enabled: bool = True
-    rate: float | None = Field(None, gt=0, description="tokens added per second")
+    rate: Rate | None = Field(None, description="tokens added per second")
     burst: int | None = Field(None, gt=0, description="bucket size (default: max(1, rate))")
-    max_wait: float = Field(0.0, ge=0, description="seconds a call may wait for a token")
+    max_wait: Seconds = Field(0.0, description="seconds a call may wait for a token")
 
 
 class RateLimitSnapshot(TypedDict):

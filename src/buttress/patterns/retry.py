@@ -24,6 +24,7 @@ from pydantic import Field, model_validator
 
 from buttress import _clock, _context, events
 from buttress._context import RetryScope
+from buttress._values import GrowthFactor, Seconds
 from buttress.exceptions import RejectedError
 from buttress.patterns import _transient
 from buttress.patterns._base import AsyncCall, BuildContext, Call, Mode, Options, error_type
@@ -42,11 +43,9 @@ class RetryOptions(Options):
 
     enabled: bool = True
     max_attempts: int = Field(3, gt=0, description="attempts including the first call")
-    initial: float = Field(0.1, ge=0, description="seconds before the first retry (before jitter)")
-    exponential_base: float = Field(2.0, ge=1, description="growth factor of the delay")
-    max_delay: float = Field(
-        30.0, ge=0, description="cap on any single delay, Retry-After included"
-    )
+    initial: Seconds = Field(0.1, description="seconds before the first retry (before jitter)")
+    exponential_base: GrowthFactor = Field(2.0, description="growth factor of the delay")
+    max_delay: Seconds = Field(30.0, description="cap on any single delay, Retry-After included")
     jitter: Literal["none", "full", "equal", "decorrelated"] = "full"
     retry_on: RetryOn = Field(
         "transient",

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Final, TypedDict
 from pydantic import Field
 
 from buttress import _clock, _context, events
+from buttress._values import PositiveSeconds
 from buttress.exceptions import TimeoutExceededError
 from buttress.patterns._base import AsyncCall, BuildContext, Call, Mode, Options, Strategy
 
@@ -55,7 +56,7 @@ class TimeoutOptions(Options):
     """Options of ``with_timeout`` (and of ``services.<name>.timeout``)."""
 
     enabled: bool = True
-    seconds: float = Field(30.0, gt=0, description="time limit of one attempt")
+    seconds: PositiveSeconds = Field(30.0, description="time limit of one attempt")
 
 
 class WorkerPoolSnapshot(TypedDict):

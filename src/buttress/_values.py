@@ -1,0 +1,118 @@
+"""Value types shared by every pattern's options and by settings, defined once.
+
+Durations and rates reach ``time.monotonic() + x``, thread and event-loop timeouts, ``1 / rate``
+and window arithmetic on every call. A value those cannot take (``inf``, ``1e19``, a subnormal
+``5e-324``) would make every call raise ``OverflowError`` or ``ZeroDivisionError``, so the types
+below refuse it where the value enters (a decorator argument, a settings key), naming the key.
+
+The bounds are wide enough for any real use and narrow enough for every consumer:
+
+* a positive duration is at least :data:`MIN_SECONDS` (1 ms: below that no timer in a Python
+  process means anything) and at most :data:`MAX_SECONDS` (one week: longer than any sane wait,
+  far below where timestamps or thread timeouts overflow);
+* a duration that may be zero (``0``: do not wait) is ``0`` or up to :data:`MAX_SECONDS`;
+* a rate (events per second) is between :data:`MIN_RATE` (one in about 12 days) and
+  :data:`MAX_RATE`;
+* a growth factor (retry's ``exponential_base``) is between 1 and :data:`MAX_FACTOR`.
+
+``inf`` and ``nan`` are refused everywhere.
+
+A Redis URL (``state_url``) may carry a password. :class:`RedisURL` is the URL itself (a ``str``,
+so the storage connects with it as given) whose ``repr()`` masks the password, so no repr of
+options, settings, a policy or an error that shows it reveals the secret; JSON dumps mask it too.
+:func:`redact` is the one redaction helper.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Final
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from pydantic import AfterValidator, Field, PlainSerializer
+
+__all__ = [
+    "MAX_FACTOR",
+    "MAX_RATE",
+    "MAX_SECONDS",
+    "MIN_RATE",
+    "MIN_SECONDS",
+    "GrowthFactor",
+    "PositiveSeconds",
+    "Rate",
+    "RedisURL",
+    "Seconds",
+    "StateURL",
+    "redact",
+    "shown",
+]
+
+MIN_SECONDS: Final = 0.001
+MAX_SECONDS: Final = 7 * 24 * 3600.0
+MIN_RATE: Final = 1e-6
+MAX_RATE: Final = 1e9
+MAX_FACTOR: Final = 100.0
+
+# A duration that must be positive: a time limit, how long a circuit stays open, a window.
+PositiveSeconds = Annotated[float, Field(ge=MIN_SECONDS, le=MAX_SECONDS, allow_inf_nan=False)]
+# A duration where 0 means "do not wait": a delay, a queue or token wait.
+Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)]
+# Events per second.
+Rate = Annotated[float, Field(ge=MIN_RATE, le=MAX_RATE, allow_inf_nan=False)]
+# How much a delay grows per attempt.
+GrowthFactor = Annotated[float, Field(ge=1, le=MAX_FACTOR, allow_inf_nan=False)]
+
+_URL_SCHEMES: Final = frozenset({"redis", "rediss", "unix"})
+
+
+def redact(url: str) -> str:
+    """``url`` fit to show: its password and ``password=`` query values replaced by ``***``.
+
+    A value that is not a ``redis://``, ``rediss://`` or ``unix://`` URL is not shown at all: it
+    may be a secret typed in the wrong place.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in _URL_SCHEMES or not rest:
+        return "<not a redis://, rediss:// or unix:// URL>"
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            userinfo, _, host = netloc.rpartition("@")
+            user = userinfo.split(":", 1)[0]
+            netloc = f"{user}:***@{host}"
+        query = parts.query
+        if "password" in query.lower():
+            query = urlencode(
+                [(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(query)],
+                safe="*",
+            )
+    except ValueError:
+        return "<unparsable URL>"
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+class RedisURL(str):
+    """A Redis URL: the full URL as a string, with its password masked in ``repr()``."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(redact(self))
+
+
+def _as_redis_url(value: str) -> RedisURL:
+    return RedisURL(value)
+
+
+# The annotation of ``state_url``: validated as a string, kept as a RedisURL (usable as is by the
+# storage), dumped to JSON redacted, like pydantic's SecretStr.
+StateURL = Annotated[
+    str,
+    AfterValidator(_as_redis_url),
+    PlainSerializer(redact, return_type=str, when_used="json"),
+]
+
+
+def shown(value: object) -> object:
+    """``value`` as it may be printed: a :class:`RedisURL` redacted, anything else unchanged."""
+    return redact(value) if isinstance(value, RedisURL) else value
