@@ -200,3 +200,101 @@ def test_demo_passes_its_arguments_and_exit_code_through(monkeypatch):
     monkeypatch.setitem(sys.modules, "buttress.demo", demo)
     assert main(["demo", "--duration", "5"]) == 3
     assert received == [["--duration", "5"]]
+
+
+# --- which file, and the code arguments of call sites ------------------------------------
+
+
+def test_show_says_which_config_file_it_read_or_that_it_read_none():
+    done = run("config", "show", "--service", "llm")
+    assert done.returncode == 0, done.stderr
+    header = done.stdout.splitlines()[:3]
+    assert header[1] == (
+        "# config file: none (BUTTRESS_CONFIG_FILE is not set; "
+        "buttress never reads a file it was not pointed at)"
+    )
+    assert header[2].startswith("# code arguments are not shown")
+    named = run("config", "show", "--service", "llm", env={"BUTTRESS_CONFIG_FILE": str(EXAMPLE)})
+    assert named.stdout.splitlines()[1] == f"# config file: {EXAMPLE}"
+
+
+APP = """
+from buttress import circuit_breaker, resilient, retry_with_backoff, with_timeout
+
+@resilient("LLM", preset="ai", timeout={"seconds": 7})
+async def complete(prompt): ...
+
+class Client:
+    @with_timeout(seconds=3)
+    def fetch(self): ...
+
+@circuit_breaker("llm", fail_max=2, state_url="redis://app:s3cret@127.0.0.1:6379/0")
+def other(): ...
+
+@retry_with_backoff("pay", max_delay=10)
+def charge(): ...
+"""
+
+
+@pytest.fixture
+def app_module(tmp_path):
+    (tmp_path / "app_under_test.py").write_text(APP)
+    return {"PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{tmp_path}"}
+
+
+def test_show_with_a_module_shows_the_code_arguments_of_its_call_sites(app_module):
+    done = run("config", "show", "--format", "json", "--module", "app_under_test", env=app_module)
+    assert done.returncode == 0, done.stderr
+    sites = json.loads(done.stdout)["call_sites"]
+    assert sorted(sites) == [
+        "app_under_test.Client.fetch",
+        "app_under_test.charge",
+        "app_under_test.complete",
+        "app_under_test.other",
+    ]
+    complete = sites["app_under_test.complete"]
+    assert complete["service"] == {"value": "llm", "source": "code"}
+    assert complete["timeout"]["seconds"] == {"value": 7.0, "source": "code"}
+    assert complete["retry"]["max_attempts"] == {"value": 3, "source": "preset ai"}
+    # The shared breaker of "llm" takes the code arguments of both of its call sites.
+    assert complete["circuit_breaker"]["fail_max"] == {"value": 2, "source": "code"}
+    assert complete["circuit_breaker"]["timeout"] == {"value": 120.0, "source": "preset ai"}
+    fetch = sites["app_under_test.Client.fetch"]
+    assert fetch["service"]["value"] == "app_under_test.client.fetch"
+    assert fetch["timeout"]["seconds"] == {"value": 3.0, "source": "code"}
+    assert "s3cret" not in done.stdout
+    text = run("config", "show", "--module", "app_under_test", env=app_module).stdout
+    assert '[call_sites."app_under_test.other".circuit_breaker]' in text
+    assert "s3cret" not in text
+
+
+def test_settings_still_beat_code_arguments_in_the_call_site_view(app_module):
+    env = {**app_module, "BUTTRESS_SERVICES__LLM__TIMEOUT__SECONDS": "4"}
+    done = run("config", "show", "--format", "json", "--module", "app_under_test", env=env)
+    seconds = json.loads(done.stdout)["call_sites"]["app_under_test.complete"]["timeout"]
+    assert seconds["seconds"] == {
+        "value": 4.0,
+        "source": "env BUTTRESS_SERVICES__LLM__TIMEOUT__SECONDS",
+    }
+
+
+def test_check_with_a_module_checks_its_call_sites_against_the_settings(app_module):
+    done = run("config", "check", "--module", "app_under_test", env=app_module)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.endswith("; call sites: 4\n")
+    # Valid settings that make a call site's own arguments invalid: found before any call.
+    env = {**app_module, "BUTTRESS_SERVICES__PAY__RETRY__INITIAL": "20"}
+    assert run("config", "check", env=env).returncode == 0
+    done = run("config", "check", "--module", "app_under_test", env=env)
+    assert done.returncode == 1
+    assert done.stderr.startswith("call site app_under_test.charge: ")
+    assert (
+        "services.pay.retry (from code, env BUTTRESS_SERVICES__PAY__RETRY__INITIAL): "
+        "max_delay (10.0) must be >= initial (20.0)"
+    ) in done.stderr
+
+
+def test_a_module_that_cannot_be_imported_is_a_usage_error(app_module):
+    done = run("config", "show", "--module", "no_such_module_here", env=app_module)
+    assert done.returncode == 2
+    assert "module no_such_module_here cannot be imported" in done.stderr

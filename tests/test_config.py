@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import itertools
 import math
 import os
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from buttress import (
     CircuitOpenError,
@@ -31,6 +34,8 @@ from buttress import (
     with_timeout,
 )
 from buttress import _values as bounds
+from buttress.health import wsgi_app
+from buttress.patterns._base import BuildContext
 from buttress.patterns.circuit_breaker import breaker
 from buttress.policy import Spec
 from buttress.testing import capture_events
@@ -1010,3 +1015,221 @@ def test_accepted_extremes_of_real_waits_work_on_the_real_clock(mode, apply, pat
         if settings_verdict(pattern, field, value) is None:
             for outcome in drive(mode, pattern, field, value):
                 assert isinstance(outcome, ANSWERS), (value, repr(outcome))
+
+
+# --- state_url passwords are never shown ---------------------------------------------------
+
+SECRET = "s3cret-pw"
+URL = f"redis://app:{SECRET}@127.0.0.1:6379/0"
+OTHER_URL = f"redis://app:{SECRET}@127.0.0.1:6380/0"
+
+
+def test_state_url_is_redacted_in_policies_and_resolved_options():
+    policies = [
+        circuit_breaker("svc", state_url=URL),
+        resilient("svc", circuit_breaker={"state_url": URL}),
+    ]
+    for policy in policies:
+        assert SECRET not in repr(policy)
+        assert "redis://app:***@127.0.0.1:6379/0" in repr(policy)
+    options = view().options("circuit_breaker", {"state_url": URL}, None)
+    assert SECRET not in repr(options)
+    assert SECRET not in str(options)
+    assert SECRET not in options.model_dump_json()
+    assert SECRET not in repr(options.model_dump())
+
+
+def test_a_redacted_state_url_still_connects_with_its_password():
+    options = view().options("circuit_breaker", {"state_url": URL}, None)
+    assert options.state_url == URL
+    assert str(options.state_url) == URL
+    pool = redis.ConnectionPool.from_url(options.state_url)
+    assert pool.connection_kwargs["password"] == SECRET
+
+
+def test_state_url_is_redacted_in_the_settings_in_force(apply, write):
+    env = {"BUTTRESS_SERVICES__SVC__CIRCUIT_BREAKER__STATE_URL": URL}
+    apply(env, write(f'[defaults.circuit_breaker]\nstate_url = "{OTHER_URL}"\n'))
+    settings = get_settings()
+    assert settings.services["svc"].circuit_breaker.state_url == URL
+    for shown in (
+        repr(settings),
+        str(settings),
+        repr(settings.model_dump()),
+        settings.model_dump_json(),
+        repr(config.SNAPSHOT.service("svc").options("circuit_breaker", {}, None)),
+    ):
+        assert SECRET not in shown
+
+
+def test_two_call_sites_with_different_state_urls_conflict_without_showing_them():
+    def first():
+        return "ok"
+
+    def second():
+        return "ok"
+
+    circuit_breaker("svc", state_url=URL)(first)
+    with pytest.raises(ConfigurationError) as caught:
+        circuit_breaker("svc", state_url=OTHER_URL)(second)
+    message = str(caught.value)
+    assert "state_url is given two values in code" in message
+    assert "redis://app:***@127.0.0.1:6379/0" in message
+    assert SECRET not in message
+    assert SECRET not in repr(caught.value.errors)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"BUTTRESS_SERVICES__X__CIRCUIT_BREAKER": URL},
+        {"BUTTRESS_SERVICES__X__CIRCUIT_BREAKER__FAIL_MAX": URL},
+        {"BUTTRESS_SERVICES__X": f'{{"circuit_breaker": "{URL}"}}'},
+        {"BUTTRESS_DEFAULTS__TIMEOUT__SECONDS": URL},
+    ],
+    ids=["section", "another key", "section in JSON", "defaults key"],
+)
+def test_a_url_typed_into_the_wrong_variable_is_not_echoed(env):
+    error = problems(env)
+    [(path, source, _)] = error.errors
+    (variable,) = env
+    assert source == f"env {variable}"
+    assert path in str(error)
+    assert SECRET not in str(error)
+    assert SECRET not in repr(error.errors)
+
+
+# --- service names are case-insensitive everywhere -----------------------------------------
+
+
+def test_two_spellings_of_a_service_share_one_breaker_one_label_one_section(mode, clock, apply):
+    apply({"BUTTRESS_SERVICES__OPENFGA__CIRCUIT_BREAKER__FAIL_MAX": "2"})
+    body, calls = failing()
+    upper = circuit_breaker("OpenFGA")(mode.define(body, name="upper"))
+    lower = resilient("openfga", retry={"enabled": False})(mode.define(body, name="lower"))
+    with capture_events([events.CircuitStateChanged, events.CallFinished]) as seen:
+        assert isinstance(mode.outcome(upper), ConnectionError)
+        assert isinstance(mode.outcome(lower), ConnectionError)
+        # Two failures through the two spellings opened the one circuit, which both now see.
+        assert isinstance(mode.outcome(upper), CircuitOpenError)
+        assert isinstance(mode.outcome(lower), CircuitOpenError)
+    assert len(calls) == 2
+    assert list(registry.instances("circuit_breaker")) == ["openfga"]
+    assert {event.service for event in seen} == {"openfga"}
+    assert (
+        breaker("OpenFGA") is breaker("openfga") is registry.instances("circuit_breaker")["openfga"]
+    )
+    assert breaker("OPENFGA").options.fail_max == 2
+
+
+def test_a_breaker_looked_up_before_any_call_has_the_canonical_name(mode, clock, apply):
+    apply()
+    early = breaker("Billing")
+    assert early.service == "billing"
+    protected = circuit_breaker("BILLING")(mode.define())
+    assert mode.run(protected) == "ok"
+    assert breaker("billing") is early
+    assert list(registry.instances("circuit_breaker")) == ["billing"]
+
+
+def test_the_admin_route_finds_a_circuit_by_any_spelling(mode, clock, apply):
+    apply()
+    protected = circuit_breaker("OpenFGA")(mode.define())
+    assert mode.run(protected) == "ok"
+    token = "t" * 24
+    app = wsgi_app(admin_token=token)
+    statuses = []
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/circuits/OPENFGA/force_open",
+        "HTTP_AUTHORIZATION": f"Bearer {token}",
+    }
+    app(environ, lambda status, _headers: statuses.append(status))
+    assert statuses == ["200 OK"]
+    assert isinstance(mode.outcome(protected), CircuitOpenError)
+
+
+# --- the options cache stays bounded -------------------------------------------------------
+
+
+def test_ten_thousand_per_request_decorations_leave_the_options_cache_bounded(apply):
+    apply()
+    for request in range(10_000):
+        # A per-request budget, as a handler computes it from the request's own deadline.
+        budget = with_timeout("svc", seconds=1 + request / 10_000)(lambda: "ok")
+        assert budget() == "ok"
+    cache = config.SNAPSHOT.service("svc")._cache
+    assert 0 < len(cache) <= config.CACHE_SIZE
+
+
+def test_the_options_cache_keeps_the_entries_in_use():
+    svc = view()
+    hot = svc.options("timeout", {"seconds": 5.0}, None)
+    for n in range(config.CACHE_SIZE * 2):
+        svc.options("timeout", {"seconds": 10.0 + n}, None)
+        assert svc.options("timeout", {"seconds": 5.0}, None) is hot
+
+
+# --- the defaults of @resilient("x") with no configuration ---------------------------------
+
+CONCURRENT = 40
+
+
+def concurrent_calls(mode, protected_factory):
+    """``CONCURRENT`` calls that are all in flight at once before any returns."""
+    if mode.is_async:
+        inside = 0
+        everyone = asyncio.Event()
+
+        async def op():
+            nonlocal inside
+            inside += 1
+            if inside == CONCURRENT:
+                everyone.set()
+            await asyncio.wait_for(everyone.wait(), 2)
+            return "ok"
+
+    else:
+        barrier = threading.Barrier(CONCURRENT, timeout=2)
+
+        def op():  # type: ignore[misc]
+            barrier.wait()
+            return "ok"
+
+    return mode.gather(protected_factory(op), CONCURRENT)
+
+
+def test_resilient_with_no_configuration_caps_no_concurrency(mode, apply):
+    apply()
+    outcomes = concurrent_calls(mode, resilient("x"))
+    assert outcomes == ["ok"] * CONCURRENT
+    assert registry.instances("bulkhead") == {}
+
+
+def test_resilient_with_no_configuration_gets_the_documented_defaults():
+    svc = view(service="x")
+    built = {
+        pattern: importlib.import_module(f"buttress.patterns.{pattern}").build(
+            BuildContext("x", svc.options(pattern, {}, None), "x#defaults")
+        )
+        is not None
+        for pattern in config.PATTERNS
+    }
+    assert built == {
+        "fallback": False,
+        "retry": True,
+        "circuit_breaker": True,
+        "rate_limit": False,
+        "timeout": True,
+        "bulkhead": False,
+        "chaos": False,
+    }
+    assert svc.options("bulkhead", {}, None).limit is None
+    assert svc.options("timeout", {}, None).seconds == 30.0
+    cb = svc.options("circuit_breaker", {}, None)
+    assert (cb.fail_max, cb.timeout) == (5, 60.0)
+    # A limit from code, settings or a preset turns the bulkhead on.
+    assert svc.options("bulkhead", {}, "api").limit == 50
+    assert (
+        view({"BUTTRESS_DEFAULTS__BULKHEAD__LIMIT": "8"}).options("bulkhead", {}, None).limit == 8
+    )

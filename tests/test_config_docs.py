@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from buttress import config
+from buttress.patterns._base import BuildContext
 
 PAGE = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text("utf-8")
 
@@ -102,3 +104,20 @@ def test_presets_table_matches_the_presets():
 def test_every_preset_has_a_paragraph():
     for name in config.PRESETS:
         assert f"* **{name}**:" in PAGE
+
+
+def test_the_defaults_table_says_what_resilient_does_with_no_configuration():
+    rows = keyed(table_after('## Defaults: `@resilient("x")` with no configuration'))
+    assert list(rows) == list(config.PATTERNS)
+    view = config.Snapshot(0, config.load_settings({})).service("x")
+    for pattern, (_, state, defaults, why) in rows.items():
+        options = view.options(pattern, {}, None)
+        module = importlib.import_module(f"buttress.patterns.{pattern}")
+        built = module.build(BuildContext("x", options, "x#docs")) is not None
+        assert state == ("on" if built else "off"), pattern
+        documented = dict(re.findall(r"`(\w+) = ([^`]+)`", defaults))
+        for key, value in documented.items():
+            assert getattr(options, key) == json.loads(value), (pattern, key)
+        for key in re.findall(r"`(\w+)` unset", defaults):
+            assert getattr(options, key) is None, (pattern, key)
+        assert why

@@ -167,7 +167,10 @@ def with_bulkhead(
     max_queue: int | None = None,
     queue_timeout: float | None = None,
 ) -> Policy:
-    """Allow at most ``limit`` concurrent calls; ``max_queue`` more wait up to ``queue_timeout``."""
+    """Allow at most ``limit`` concurrent calls; ``max_queue`` more wait up to ``queue_timeout``.
+
+    With no ``limit`` (here, in settings or from a preset) the pattern is off.
+    """
     return _one(
         "bulkhead",
         name,
@@ -285,8 +288,10 @@ def resilient(
 
     fallback → retry → circuit breaker → rate limit → timeout (per attempt) → bulkhead → chaos →
     call.
+    ``name`` is case-insensitive: ``"OpenFGA"`` and ``"openfga"`` are one service, ``openfga``.
     Each mapping gives code defaults for one pattern that settings may override; ``preset``
-    names a set of defaults. Rate limit, fallback and chaos act only when configured.
+    names a set of defaults. Bulkhead, rate limit, fallback and chaos act only when configured
+    (a ``limit``, a ``rate``, something to fall back to, chaos enabled and armed).
     """
     service: object = name  # checked at run time for untyped callers
     if not isinstance(service, str) or service == "":
