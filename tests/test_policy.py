@@ -322,3 +322,74 @@ def test_private_state_goes_with_the_function_decorated():
         decorate_and_call()
     gc.collect()
     assert registry.instances("bulkhead") == {}
+
+
+# --- a foreign decorator in the stack ------------------------------------------------------------
+
+
+def counting_decorator(mode, seen: list[str], label: str):
+    """A well-behaved third-party decorator (``functools.wraps``) that records each call."""
+    import functools
+
+    def decorate(fn):
+        if mode.is_async:
+
+            @functools.wraps(fn)
+            async def wrapper(*args, **kwargs):
+                seen.append(label)
+                return await fn(*args, **kwargs)
+
+        else:
+
+            @functools.wraps(fn)
+            def wrapper(*args, **kwargs):
+                seen.append(label)
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def test_a_foreign_decorator_between_two_buttress_decorators_runs_once_per_call(mode, clock):
+    seen: list[str] = []
+
+    def body() -> str:
+        seen.append("call")
+        if seen.count("call") == 1:
+            raise ConnectionError("down")
+        return "ok"
+
+    foreign = counting_decorator(mode, seen, "foreign")
+    # wraps() copies the inner wrapper's attributes (its policy marker included) onto the foreign
+    # wrapper: the outer decorator must still see a function it did not make, and not fuse past it.
+    stacked = retry_with_backoff(max_attempts=2, jitter="none")(
+        foreign(circuit_breaker(name="foreign-mid")(mode.define(body)))
+    )
+    assert mode.run(stacked) == "ok"
+    # The retry is outside the foreign decorator, so it runs again with the second attempt.
+    assert seen == ["foreign", "call", "foreign", "call"]
+    assert [s.pattern for s in stacked.__buttress_policy__.specs] == ["retry"]
+
+
+@pytest.mark.parametrize("where", ["top", "bottom", "middle"])
+def test_a_foreign_decorator_anywhere_in_the_stack_keeps_its_place(mode, where):
+    seen: list[str] = []
+    foreign = counting_decorator(mode, seen, "foreign")
+    target = mode.define(lambda: seen.append("call") or "ok")
+    outer, inner = with_timeout(seconds=5), with_bulkhead(limit=3)
+    if where == "top":
+        stacked = foreign(outer(inner(target)))
+    elif where == "bottom":
+        stacked = outer(inner(foreign(target)))
+    else:
+        stacked = outer(foreign(inner(target)))
+    for _ in range(3):
+        assert mode.run(stacked) == "ok"
+    assert seen == ["foreign", "call"] * 3
+    assert inspect.iscoroutinefunction(stacked) is mode.is_async
+    # Only buttress's own wrappers fuse: the two patterns are one policy unless the foreign
+    # decorator sits between them.
+    outermost = stacked.__wrapped__ if where == "top" else stacked
+    fused = [s.pattern for s in outermost.__buttress_policy__.specs]
+    assert fused == (["timeout"] if where == "middle" else ["timeout", "bulkhead"])

@@ -44,7 +44,12 @@ T = TypeVar("T")
 _POLICY_ATTR = "__buttress_policy__"
 # Numbers the decorations whose state is private (no service named anywhere in the stack).
 _private_keys = itertools.count(1)
-_TARGET_ATTR = "__buttress_target__"
+# The wrappers buttress made, with their policy and target. Fusion trusts only this, never the
+# __buttress_policy__ attribute: functools.wraps copies a function's __dict__, so a third-party
+# decorator stacked over a buttress wrapper carries it too, and fusing past it would drop it.
+_wrappers: weakref.WeakKeyDictionary[Callable[..., Any], tuple[Policy, Callable[..., Any]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,10 +340,10 @@ class Policy:
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
         _check_decoratable(fn)
-        inner_policy = getattr(fn, _POLICY_ATTR, None)
-        if isinstance(inner_policy, Policy):
+        inner = _wrappers.get(fn) if fn in _wrappers else None  # `in`: fn may not be weakrefable
+        if inner is not None:
             # Fuse with the policy already on fn: one wrapper for the whole stack.
-            target = getattr(fn, _TARGET_ATTR)
+            inner_policy, target = inner
             return cast("Callable[P, R]", Policy(*self.specs, *inner_policy.specs)(target))
         if inspect.iscoroutinefunction(fn):
             return cast("Callable[P, R]", _wrap_async(self, fn))
@@ -439,7 +444,7 @@ def _wrap_async(policy: Policy, fn: Callable[P, Awaitable[R]]) -> Callable[P, Aw
 
 def _mark(wrapper: Callable[..., Any], policy: Policy, fn: Callable[..., Any]) -> None:
     setattr(wrapper, _POLICY_ATTR, policy)
-    setattr(wrapper, _TARGET_ATTR, fn)
+    _wrappers[wrapper] = (policy, fn)
 
 
 def _check_decoratable(fn: object) -> None:
