@@ -23,6 +23,13 @@ from buttress import (
 from buttress.policy import Spec
 from buttress.testing import capture_events
 
+
+@retry_with_backoff(max_attempts=2)
+@circuit_breaker(name="pickled-by-reference")
+def module_level_lookup(key: str) -> str:
+    return key.upper()
+
+
 ALL_DECORATORS = [
     circuit_breaker(name="svc"),
     retry_with_backoff(max_attempts=2),
@@ -393,3 +400,37 @@ def test_a_foreign_decorator_anywhere_in_the_stack_keeps_its_place(mode, where):
     outermost = stacked.__wrapped__ if where == "top" else stacked
     fused = [s.pattern for s in outermost.__buttress_policy__.specs]
     assert fused == (["timeout"] if where == "middle" else ["timeout", "bulkhead"])
+
+
+# --- pickling ------------------------------------------------------------------------------------
+
+
+def test_a_policy_pickles_to_an_equal_stack():
+    import pickle
+
+    def shout(exc: BaseException, *args: object) -> str:
+        return "fallback"
+
+    policies = [
+        retry_with_backoff(max_attempts=2, retry_on=(KeyError,)).then(circuit_breaker(name="db")),
+        resilient("payments", preset="api", timeout={"seconds": 2}, fallback={"value": None}),
+        with_fallback(handler=module_level_lookup, cache_ttl=5),
+    ]
+    for policy in policies:
+        clone = pickle.loads(pickle.dumps(policy))
+        assert clone.specs == policy.specs
+        assert repr(clone) == repr(policy)
+        assert clone.service == policy.service
+    # Still a working decorator on the other side.
+    clone = pickle.loads(pickle.dumps(retry_with_backoff(max_attempts=2)))
+    assert clone(lambda: "ok")() == "ok"
+    # A code argument that cannot be pickled (a local function) says so.
+    with pytest.raises((pickle.PicklingError, AttributeError)):
+        pickle.dumps(with_fallback(handler=shout))
+
+
+def test_a_decorated_module_level_function_pickles_by_reference():
+    import pickle
+
+    assert pickle.loads(pickle.dumps(module_level_lookup)) is module_level_lookup
+    assert module_level_lookup("a") == "A"

@@ -78,6 +78,10 @@ class Spec:
         except ValueError as exc:
             raise _argument_error(self.pattern, exc) from None
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A mappingproxy cannot be pickled: rebuild from a plain dict (validated again on load).
+        return (Spec, (self.pattern, self.service, dict(self.code_args), self.preset))
+
 
 def _argument_error(pattern: str, exc: ValueError) -> ConfigurationError:
     from pydantic import ValidationError  # noqa: PLC0415 - only on the error path
@@ -333,6 +337,10 @@ class Policy:
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"Policy is immutable: cannot set {name!r}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A policy is its specs: the compiled runners and their lock are rebuilt on first use.
+        return (Policy, self.specs)
 
     def then(self, other: Policy) -> Policy:
         """A policy with ``other``'s patterns inside this one's."""
