@@ -284,6 +284,22 @@ def test_retry_on_a_predicate(mode, clock: FakeClock) -> None:
     assert script.calls == 1
 
 
+@pytest.mark.parametrize(
+    "outcomes", [("a", "b", "ok"), ("a", "b", "c")], ids=["recovers", "gives_up"]
+)
+def test_the_predicate_runs_once_per_failed_attempt(mode, clock: FakeClock, outcomes) -> None:
+    asked: list[str] = []
+
+    def counting(exc: BaseException) -> bool:
+        asked.append(str(exc))
+        return True
+
+    script = Script(*(o if o == "ok" else ConnectionError(o) for o in outcomes))
+    mode.outcome(protect(mode, script, retry_on=counting, max_attempts=3))
+    assert script.calls == 3
+    assert asked == [o for o in outcomes if o != "ok"]
+
+
 def test_rejections_are_never_retried_even_when_listed(mode, clock: FakeClock) -> None:
     rejected = CircuitOpenError("open", service="svc", retry_after=2.0)
     script = Script(rejected)

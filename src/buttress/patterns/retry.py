@@ -123,9 +123,8 @@ class RetryStrategy:
         self.options = options
         self._shadow = mode == "shadow"
         self._matches = _predicate(options.retry_on)
-        predicate = tenacity.retry_if_exception(self.retryable)
-        self._retrying = tenacity.Retrying(sleep=_sleep, retry=predicate)
-        self._aretrying = tenacity.AsyncRetrying(sleep=_asleep, retry=predicate)
+        self._retrying = tenacity.Retrying(sleep=_sleep)
+        self._aretrying = tenacity.AsyncRetrying(sleep=_asleep)
 
     # -- decisions --------------------------------------------------------------------------------
     def retryable(self, exc: BaseException) -> bool:
@@ -250,6 +249,7 @@ class RetryStrategy:
             raise failure
         run = _Run(self, scope, failure)
         retrying = self._retrying.copy(
+            retry=run.retry,
             before=run.before,
             wait=run.wait,
             stop=run.stop,
@@ -283,6 +283,7 @@ class RetryStrategy:
             raise failure
         run = _Run(self, scope, failure)
         retrying = self._aretrying.copy(
+            retry=run.retry,
             before=run.before,
             wait=run.wait,
             stop=run.stop,
@@ -340,6 +341,14 @@ class _Run:
         return replay
 
     # -- tenacity hooks ---------------------------------------------------------------------------
+    def retry(self, state: tenacity.RetryCallState) -> bool:
+        outcome = cast("tenacity.Future", state.outcome)
+        if not outcome.failed:
+            return False
+        # The replayed first failure was classified by should_retry already: a predicate with a
+        # cost or a side effect (a counter, a log line) runs once per failed attempt.
+        return state.attempt_number == 1 or self.strategy.retryable(_failure(state))
+
     def before(self, state: tenacity.RetryCallState) -> None:
         self.scope.attempt = state.attempt_number
 
