@@ -96,3 +96,15 @@ class ConfigurationError(ButtressError, ValueError):
     def __init__(self, message: str, *, errors: tuple[tuple[str, str, str], ...] = ()) -> None:
         super().__init__(message)
         self.errors = errors
+
+
+def set_note(exc: BaseException, prefix: str, note: str) -> None:
+    """Add ``note`` (which starts with ``prefix``) to ``exc``, replacing one an earlier call left.
+
+    The same exception object may be raised again and again (a module-level constant, a cached
+    error); appending on every call would grow its ``__notes__`` without bound.
+    """
+    notes = getattr(exc, "__notes__", None)
+    if isinstance(notes, list):
+        notes[:] = [n for n in notes if not (isinstance(n, str) and n.startswith(prefix))]
+    exc.add_note(note)

@@ -122,6 +122,22 @@ def test_exhausted_retries_raise_the_last_original_exception_with_a_note(
     assert notes(first) == notes(second) == []
 
 
+# Raised again and again, like an exception a module keeps as a constant.
+REUSED = ConnectionError("reused")
+
+
+def test_a_reused_exception_keeps_one_retry_note(mode, clock: FakeClock) -> None:
+    REUSED.__notes__ = ["the caller's own note"]
+    protected = protect(mode, Script(REUSED), max_attempts=2)
+    for _ in range(1000):
+        assert mode.outcome(protected) is REUSED
+    assert notes(REUSED) == [
+        "the caller's own note",
+        "buttress retry (svc): gave up after 2 attempts (max_attempts): "
+        "#1 ConnectionError, backoff 0.1s; #2 ConnectionError",
+    ]
+
+
 def test_max_attempts_counts_the_first_call(mode, clock: FakeClock) -> None:
     script = Script(ConnectionError("down"))
     with capture_events() as seen:

@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 
 from buttress import _clock, _context, events
 from buttress._context import RetryScope
-from buttress.exceptions import RejectedError
+from buttress.exceptions import RejectedError, set_note
 from buttress.patterns import _transient
 from buttress.patterns._base import AsyncCall, BuildContext, Call, Mode, Options, error_type
 
@@ -404,7 +404,8 @@ class _Run:
             f"#{n} {kind}, backoff {slept:.3g}s" for n, (kind, slept) in enumerate(self.history, 1)
         ]
         steps.append(f"#{attempts} {error_type(exc)}")
-        exc.add_note(f"buttress retry ({self.strategy.service}): {why}: {'; '.join(steps)}")
+        prefix = f"buttress retry ({self.strategy.service}): "
+        set_note(exc, prefix, f"{prefix}{why}: {'; '.join(steps)}")
 
 
 def build(ctx: BuildContext) -> RetryStrategy | None:
