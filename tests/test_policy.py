@@ -57,6 +57,37 @@ def test_decorators_keep_name_doc_signature_and_kind(decorator, mode):
     assert mode.run(decorated, "alice") is True
 
 
+@pytest.mark.parametrize("decorator", ALL_DECORATORS, ids=repr)
+def test_decorators_keep_defaults_and_keyword_defaults(decorator, mode):
+    def body(user: str, resource: str = "doc", *, level: int = 1) -> tuple[str, str, int]:
+        return (user, resource, level)
+
+    if mode.is_async:
+
+        async def original(user: str, resource: str = "doc", *, level: int = 1) -> object:
+            return body(user, resource, level=level)
+
+    else:
+
+        def original(user: str, resource: str = "doc", *, level: int = 1) -> object:  # type: ignore[misc]
+            return body(user, resource, level=level)
+
+    decorated = decorator(original)
+    assert decorated.__defaults__ == ("doc",)
+    assert decorated.__kwdefaults__ == {"level": 1}
+    assert inspect.signature(decorated) == inspect.signature(original)
+    # The wrapper takes *args/**kwargs: the copied defaults change nothing in how calls bind.
+    own = inspect.signature(decorated, follow_wrapped=False).parameters.values()
+    assert [p.kind for p in own] == [
+        inspect.Parameter.VAR_POSITIONAL,
+        inspect.Parameter.VAR_KEYWORD,
+    ]
+    assert mode.run(decorated, "alice") == ("alice", "doc", 1)
+    assert mode.run(decorated, "bob", "page", level=3) == ("bob", "page", 3)
+    with pytest.raises(TypeError):
+        mode.run(decorated)
+
+
 def test_stacked_decorators_fuse_into_one_policy(mode):
     target = mode.define(name="fused")
     stacked = circuit_breaker(name="openfga", fail_max=5, timeout=60)(

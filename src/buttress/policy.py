@@ -412,10 +412,16 @@ def _target_runner(*, is_async: bool) -> Callable[..., Any]:
     return policy_call
 
 
+# What a wrapper copies from the function it wraps: functools.wraps's list plus the defaults, which
+# readers of fn.__defaults__ expect to see. They change nothing in how the wrapper binds its
+# arguments: it has no named parameters for them to apply to (it takes *args, **kwargs).
+_ASSIGNED = (*functools.WRAPPER_ASSIGNMENTS, "__defaults__", "__kwdefaults__")
+
+
 def _wrap_sync(policy: Policy, fn: Callable[P, R]) -> Callable[P, R]:
     bound = _Bound(policy, fn, is_async=False)
 
-    @functools.wraps(fn)
+    @functools.wraps(fn, assigned=_ASSIGNED)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         compiled = bound.compiled
         snapshot = config.SNAPSHOT
@@ -434,7 +440,7 @@ def _wrap_sync(policy: Policy, fn: Callable[P, R]) -> Callable[P, R]:
 def _wrap_async(policy: Policy, fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     bound = _Bound(policy, fn, is_async=True)
 
-    @functools.wraps(fn)
+    @functools.wraps(fn, assigned=_ASSIGNED)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         compiled = bound.compiled
         snapshot = config.SNAPSHOT
