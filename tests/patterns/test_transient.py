@@ -1,6 +1,7 @@
 """Which failures are transient, and what a server's Retry-After header asks for.
 
-The HTTP errors are real httpx, requests, urllib3 and aiohttp objects built locally (no network).
+The errors are real httpx, requests, urllib3, aiohttp and redis-py objects built locally (no
+network).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import textwrap
 import aiohttp
 import httpx
 import pytest
+import redis.exceptions
 import requests
 import urllib3
 from multidict import CIMultiDict
@@ -73,6 +75,18 @@ NETWORK_ERRORS = [
     aiohttp.ServerDisconnectedError(),
     aiohttp.ServerTimeoutError("slow"),
     aiohttp.ClientPayloadError("truncated body"),
+    redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused."),
+    redis.exceptions.ConnectionError("Connection closed by server."),
+    redis.exceptions.TimeoutError("Timeout reading from 127.0.0.1:6379"),
+    redis.exceptions.MaxConnectionsError("Too many connections"),
+]
+
+# The server answered, but only to say "not now": worth another try, though not a network error.
+REDIS_BUSY = [
+    redis.exceptions.BusyLoadingError("Redis is loading the dataset in memory"),
+    redis.exceptions.TryAgainError("TRYAGAIN Multiple keys request during rehashing of slot"),
+    redis.exceptions.ClusterDownError("CLUSTERDOWN The cluster is down"),
+    redis.exceptions.MasterDownError("MASTERDOWN Link with MASTER is down"),
 ]
 
 NOT_TRANSIENT = [
@@ -94,6 +108,12 @@ NOT_TRANSIENT = [
     requests.exceptions.MissingSchema("no scheme"),
     aiohttp.ServerFingerprintMismatch(b"a", b"b", "127.0.0.1", 443),
     aiohttp.InvalidURL("not a url"),
+    redis.exceptions.ResponseError("WRONGTYPE Operation against a key holding the wrong kind"),
+    redis.exceptions.AuthenticationError("invalid username-password pair"),
+    redis.exceptions.AuthorizationError("NOPERM"),
+    redis.exceptions.DataError("Invalid input of type: 'dict'"),
+    redis.exceptions.NoScriptError("NOSCRIPT No matching script"),
+    redis.exceptions.ReadOnlyError("READONLY You can't write against a read only replica."),
 ]
 
 
@@ -109,6 +129,12 @@ def test_programming_errors_rejections_and_tls_failures_are_not_transient(
 ) -> None:
     assert _transient.is_network(exc) is False
     assert _transient.is_transient(exc) is False
+
+
+@pytest.mark.parametrize("exc", REDIS_BUSY, ids=lambda e: type(e).__name__)
+def test_a_busy_or_failing_over_redis_is_transient_not_network(exc: BaseException) -> None:
+    assert _transient.is_transient(exc) is True
+    assert _transient.is_network(exc) is False
 
 
 @pytest.mark.parametrize("make", HTTP_ERRORS, ids=lambda f: f.__name__)

@@ -3,15 +3,18 @@
 Shared by retry (its default ``retry_on="transient"``) and fallback (its default ``on``).
 
 * *network* errors: the connection failed or timed out. The builtin ``ConnectionError`` and
-  ``TimeoutError`` (``TimeoutExceededError`` included), and the transport errors of httpx,
-  requests, urllib3 and aiohttp. Certificate and TLS failures are not network errors: trying again
-  gets the same certificate.
+  ``TimeoutError`` (``TimeoutExceededError`` included), the transport errors of httpx, requests,
+  urllib3 and aiohttp, and redis-py's ``ConnectionError`` and ``TimeoutError`` (which are not the
+  builtins). Certificate, TLS and authentication failures are not network errors: trying again
+  gets the same certificate or the same refusal.
 * *transient* errors: network errors, plus HTTP responses 408, 429 and 5xx raised as exceptions by
-  httpx (``HTTPStatusError``), requests (``HTTPError``) and aiohttp (``ClientResponseError``).
+  httpx (``HTTPStatusError``), requests (``HTTPError``) and aiohttp (``ClientResponseError``), and
+  the Redis answers that mean "not now" (``LOADING``, ``TRYAGAIN``, ``CLUSTERDOWN``,
+  ``MASTERDOWN``).
 
-The HTTP libraries are optional and never imported here: their exception classes are looked up in
-``sys.modules`` only when a call has already failed. If a library was never imported, none of its
-exceptions can exist, so a missing module simply means "not one of those".
+The HTTP and Redis libraries are optional and never imported here: their exception classes are
+looked up in ``sys.modules`` only when a call has already failed. If a library was never imported,
+none of its exceptions can exist, so a missing module simply means "not one of those".
 """
 
 from __future__ import annotations
@@ -30,6 +33,16 @@ __all__ = [
     "parse_retry_after",
     "retry_after",
 ]
+
+
+_REDIS_NOT_NETWORK = (
+    "AuthenticationError",
+    "AuthorizationError",
+    "ExternalAuthProviderError",
+    "BusyLoadingError",
+)
+# Redis answers that mean "not now": loading its data, a slot migrating, a failover under way.
+_REDIS_BUSY = ("BusyLoadingError", "TryAgainError", "ClusterDownError")
 
 
 def _is_transient_status(status: int) -> bool:
@@ -64,7 +77,13 @@ def is_network(exc: BaseException) -> bool:
         return True
     if isinstance(exc, _classes("aiohttp", "ClientSSLError", "ServerFingerprintMismatch")):
         return False
-    return isinstance(exc, _classes("aiohttp", "ClientConnectionError", "ClientPayloadError"))
+    if isinstance(exc, _classes("aiohttp", "ClientConnectionError", "ClientPayloadError")):
+        return True
+    # redis-py's ConnectionError family also holds refused credentials (which another try only
+    # repeats) and a server still loading its data (an answer, counted by is_transient).
+    if isinstance(exc, _classes("redis.exceptions", *_REDIS_NOT_NETWORK)):
+        return False
+    return isinstance(exc, _classes("redis.exceptions", "ConnectionError", "TimeoutError"))
 
 
 def _response(exc: BaseException) -> tuple[int | None, Mapping[str, str] | None]:
@@ -91,6 +110,8 @@ def http_status(exc: BaseException) -> int | None:
 def is_transient(exc: BaseException) -> bool:
     """Network errors and HTTP 408, 429 and 5xx: failures that another try may not repeat."""
     if is_network(exc):
+        return True
+    if isinstance(exc, _classes("redis.exceptions", *_REDIS_BUSY)):
         return True
     status = http_status(exc)
     return status is not None and _is_transient_status(status)
