@@ -465,3 +465,94 @@ def test_a_decorated_module_level_function_pickles_by_reference():
 
     assert pickle.loads(pickle.dumps(module_level_lookup)) is module_level_lookup
     assert module_level_lookup("a") == "A"
+
+
+# --- what can be decorated -----------------------------------------------------------------------
+
+
+def test_a_callable_object_with_an_async_call_is_protected_as_async(clock):
+    import asyncio
+
+    class Fetch:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def __call__(self, key: str) -> str:
+            self.calls += 1
+            if self.calls == 1:
+                raise ConnectionError("down")
+            return key.upper()
+
+    fetch = Fetch()
+    decorated = retry_with_backoff(max_attempts=2, jitter="none")(fetch)
+    assert inspect.iscoroutinefunction(decorated)
+    assert asyncio.run(decorated("k")) == "K"
+    assert fetch.calls == 2
+    with pytest.raises(TypeError, match="acall"):
+        Policy(Spec("retry")).call(fetch, "k")
+
+
+def test_a_callable_object_with_a_def_call_stays_sync(clock):
+    class Lookup:
+        def __call__(self, key: str) -> str:
+            return key.upper()
+
+    decorated = with_timeout(seconds=1)(Lookup())
+    assert not inspect.iscoroutinefunction(decorated)
+    assert decorated("k") == "K"
+
+
+def test_a_callable_object_with_a_generator_call_is_refused():
+    class Rows:
+        def __call__(self):
+            yield 1
+
+    class AsyncRows:
+        async def __call__(self):
+            yield 1
+
+    for rows in (Rows(), AsyncRows()):
+        with pytest.raises(TypeError, match="generator function"):
+            retry_with_backoff()(rows)
+
+
+@pytest.mark.parametrize("kind", ["staticmethod", "classmethod"])
+def test_a_decorator_above_staticmethod_or_classmethod(mode, kind):
+    wrap = staticmethod if kind == "staticmethod" else classmethod
+    calls = []
+
+    def body(first: object, key: str) -> str:
+        calls.append(first)
+        if len(calls) == 1:
+            raise ConnectionError("down")
+        return key.upper()
+
+    if mode.is_async:
+
+        async def method(*args: object) -> str:
+            return body(*args) if kind == "classmethod" else body(None, *args)
+
+    else:
+
+        def method(*args: object) -> str:  # type: ignore[misc]
+            return body(*args) if kind == "classmethod" else body(None, *args)
+
+    # Written in a class body as `@circuit_breaker(...)` over `@staticmethod`, fused with a retry.
+    Client = type(
+        "Client",
+        (),
+        {
+            "get": circuit_breaker(name=f"above-{kind}")(
+                retry_with_backoff(max_attempts=2, jitter="none")(wrap(method))
+            )
+        },
+    )
+    assert isinstance(Client.__dict__["get"], wrap)
+    expected_first = None if kind == "staticmethod" else Client
+    assert mode.run(Client().get, "a") == "A"
+    assert mode.run(Client.get, "b") == "B"
+    assert calls == [expected_first] * 3
+    assert [s.pattern for s in Client.__dict__["get"].__func__.__buttress_policy__.specs] == [
+        "circuit_breaker",
+        "retry",
+    ]

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, ParamSpec, TypeVar, cast, overload
 
 from buttress import _clock, config, events, registry
 from buttress.events import CallFinished
@@ -346,20 +346,33 @@ class Policy:
         """A policy with ``other``'s patterns inside this one's."""
         return Policy(*self.specs, *other.specs)
 
-    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
+    @overload
+    def __call__(self, fn: staticmethod[P, R]) -> staticmethod[P, R]: ...
+    @overload
+    def __call__(self, fn: classmethod[T, P, R]) -> classmethod[T, P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]: ...
+    def __call__(self, fn: Any) -> Any:
+        # Placed above @staticmethod or @classmethod in a class body: protect the function inside
+        # and re-wrap it, or the wrapper (a plain function) would bind the instance as an
+        # argument of a static method, and a classmethod object is not even callable.
+        if isinstance(fn, staticmethod):
+            return staticmethod(self(fn.__func__))
+        if isinstance(fn, classmethod):
+            return classmethod(self(fn.__func__))
         _check_decoratable(fn)
         inner = _wrappers.get(fn) if fn in _wrappers else None  # `in`: fn may not be weakrefable
         if inner is not None:
             # Fuse with the policy already on fn: one wrapper for the whole stack.
             inner_policy, target = inner
-            return cast("Callable[P, R]", Policy(*self.specs, *inner_policy.specs)(target))
-        if inspect.iscoroutinefunction(fn):
-            return cast("Callable[P, R]", _wrap_async(self, fn))
+            return Policy(*self.specs, *inner_policy.specs)(target)
+        if _is_async(fn):
+            return _wrap_async(self, fn)
         return _wrap_sync(self, fn)
 
     def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` through the policy (``fn`` must be a ``def`` function)."""
-        if inspect.iscoroutinefunction(fn):
+        if _is_async(fn):
             raise TypeError("Policy.call() runs def functions; use `await policy.acall(...)`")
         token = _call_target.set(fn)
         try:
@@ -461,6 +474,13 @@ def _mark(wrapper: Callable[..., Any], policy: Policy, fn: Callable[..., Any]) -
     _wrappers[wrapper] = (policy, fn)
 
 
+def _is_async(fn: object) -> bool:
+    """``async def`` functions, and objects whose ``__call__`` is one (inspect misses those)."""
+    return inspect.iscoroutinefunction(fn) or (
+        callable(fn) and inspect.iscoroutinefunction(type(fn).__call__)
+    )
+
+
 def _check_decoratable(fn: object) -> None:
     if isinstance(fn, type):
         raise TypeError(
@@ -468,7 +488,8 @@ def _check_decoratable(fn: object) -> None:
         )
     if not callable(fn):
         raise TypeError(f"buttress decorates callables, got {type(fn).__name__}: {fn!r}")
-    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+    call = type(fn).__call__  # a callable object's generator __call__ counts too
+    if any(inspect.isgeneratorfunction(f) or inspect.isasyncgenfunction(f) for f in (fn, call)):
         raise TypeError(
             f"{_qualified_name(fn)} is a generator function: its body runs while the caller "
             "iterates, after the protected call has returned, so no pattern could cover it. "
