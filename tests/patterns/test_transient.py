@@ -17,6 +17,7 @@ import pytest
 import redis.exceptions
 import requests
 import urllib3
+import yarl
 from multidict import CIMultiDict
 
 from buttress.exceptions import (
@@ -219,3 +220,93 @@ def test_classification_never_imports_an_http_library() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
     ).stdout.strip()
     assert out == "(True, False, None) []"
+
+
+def _redis_error_from(cause: BaseException) -> redis.exceptions.ConnectionError:
+    try:
+        raise redis.exceptions.ConnectionError("Error connecting") from cause
+    except redis.exceptions.ConnectionError as exc:
+        return exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (ConnectionRefusedError(111, "refused"), True),
+        (httpx.ConnectError("refused"), True),
+        (httpx.ConnectTimeout("slow connect"), True),
+        (httpx.PoolTimeout("no connection free"), True),
+        (requests.ConnectTimeout("slow connect"), True),
+        (
+            requests.ConnectionError(
+                urllib3.exceptions.MaxRetryError(
+                    None,  # type: ignore[arg-type]
+                    "/",
+                    urllib3.exceptions.NewConnectionError(None, "refused"),  # type: ignore[arg-type]
+                )
+            ),
+            True,
+        ),
+        (aiohttp.ConnectionTimeoutError("slow connect"), True),
+        (_redis_error_from(ConnectionRefusedError(111, "refused")), True),
+        # The request may have been sent: a reset, a read timeout, a dropped answer.
+        (ConnectionResetError(104, "reset"), False),
+        (httpx.ReadTimeout("slow"), False),
+        (httpx.RemoteProtocolError("hung up"), False),
+        (requests.ReadTimeout("slow"), False),
+        (requests.ConnectionError(urllib3.exceptions.ProtocolError("aborted")), False),
+        (aiohttp.ServerDisconnectedError(), False),
+        (aiohttp.SocketTimeoutError("slow read"), False),
+        (_redis_error_from(ConnectionResetError(104, "reset")), False),
+        (redis.exceptions.TimeoutError("Timeout reading"), False),
+    ],
+    ids=lambda v: v if isinstance(v, bool) else type(v).__name__,
+)
+def test_never_sent_only_when_no_connection_was_made(exc: BaseException, expected: bool) -> None:
+    assert _transient.never_sent(exc) is expected
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "expected"),
+    [
+        ("POST", {}, True),
+        ("PATCH", {}, True),
+        ("post", {}, True),
+        ("POST", {"Idempotency-Key": "k1"}, False),
+        ("POST", {"idempotency-key": "k1"}, False),
+        ("POST", {"Idempotency-Key": ""}, True),
+        ("GET", {}, False),
+        ("HEAD", {}, False),
+        ("OPTIONS", {}, False),
+        ("PUT", {}, False),
+        ("DELETE", {}, False),
+        ("TRACE", {}, False),
+    ],
+)
+def test_not_idempotent_reads_the_method_and_idempotency_key_of_each_library(
+    method: str, headers: dict[str, str], expected: bool
+) -> None:
+    url = "http://127.0.0.1/resource"
+    request = httpx.Request(method, url, headers=headers)
+    response = httpx.Response(503, request=request)
+    prepared = requests.Request(method, url, headers=headers).prepare()
+    info = aiohttp.RequestInfo(yarl.URL(url), method, CIMultiDict(headers), yarl.URL(url))
+    for exc in (
+        httpx.HTTPStatusError("503", request=request, response=response),
+        httpx.ReadTimeout("slow", request=request),
+        requests.HTTPError("503", request=prepared),
+        requests.ReadTimeout("slow", request=prepared),
+        aiohttp.ClientResponseError(info, (), status=503),
+    ):
+        assert _transient.not_idempotent(exc) is expected, type(exc).__name__
+
+
+def test_an_error_that_names_no_request_is_not_judged() -> None:
+    for exc in (
+        httpx.ReadTimeout("made without a request"),
+        requests.ReadTimeout("made without a request"),
+        aiohttp.ServerDisconnectedError(),
+        ConnectionResetError(104, "reset"),
+        redis.exceptions.ConnectionError("Connection closed by server."),
+    ):
+        assert _transient.not_idempotent(exc) is False, type(exc).__name__

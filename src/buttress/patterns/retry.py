@@ -52,7 +52,11 @@ class RetryOptions(Options):
         "transient",
         description='"transient" (default), "network", exception types, or a predicate',
     )
-    idempotent: bool = Field(default=True, description="False disables retries for the call site")
+    idempotent: bool | None = Field(
+        default=None,
+        description="true: always safe to repeat; false: repeat only a call never sent; "
+        "unset: decided per HTTP request from its method and Idempotency-Key",
+    )
     respect_retry_after: bool = Field(
         default=True, description="a server's Retry-After sets the delay"
     )
@@ -139,6 +143,20 @@ class RetryStrategy:
             return self.options.retry_rejected and exc.retry_after is not None
         return self._matches(exc)
 
+    def repeatable(self, exc: BaseException) -> bool:
+        """Whether running the call again is safe, as far as ``idempotent`` and ``exc`` tell.
+
+        A call that never reached the dependency (refused or timed-out connection, a rejection)
+        is always safe. Otherwise ``idempotent=True`` says yes and ``False`` no; unset, only an
+        HTTP request with a non-idempotent method and no ``Idempotency-Key`` is unsafe.
+        """
+        idempotent = self.options.idempotent
+        if idempotent:
+            return True
+        if isinstance(exc, RejectedError) or _transient.never_sent(exc):
+            return True
+        return idempotent is None and not _transient.not_idempotent(exc)
+
     def delay(self, exc: BaseException, failed_attempt: int, previous: float) -> tuple[float, str]:
         """Seconds to wait after ``failed_attempt`` failed with ``exc``, and the reason.
 
@@ -188,7 +206,7 @@ class RetryStrategy:
         if not self.retryable(exc):
             return False
         options = self.options
-        if not options.idempotent:
+        if not self.repeatable(exc):
             events.emit(events.RetryExhausted(self.service, 1, error_type(exc), "not_idempotent"))
             return False
         if self._shadow:
@@ -347,7 +365,22 @@ class _Run:
             return False
         # The replayed first failure was classified by should_retry already: a predicate with a
         # cost or a side effect (a counter, a log line) runs once per failed attempt.
-        return state.attempt_number == 1 or self.strategy.retryable(_failure(state))
+        if state.attempt_number == 1:
+            return True
+        strategy = self.strategy
+        exc = _failure(state)
+        if not strategy.retryable(exc):
+            return False
+        if not strategy.repeatable(exc):
+            # An earlier attempt never reached the server; this one may have.
+            self.gave_up = "not_idempotent"
+            events.emit(
+                events.RetryExhausted(
+                    strategy.service, state.attempt_number, error_type(exc), "not_idempotent"
+                )
+            )
+            return False
+        return True
 
     def before(self, state: tenacity.RetryCallState) -> None:
         self.scope.attempt = state.attempt_number
@@ -393,6 +426,11 @@ class _Run:
         attempts = self.scope.attempt
         if self.gave_up == "max_attempts":
             why = f"gave up after {attempts} attempts (max_attempts)"
+        elif self.gave_up == "not_idempotent":
+            why = (
+                f"attempt {attempts} raised {error_type(exc)} after the request may have reached "
+                "the server, and it is not idempotent"
+            )
         elif self.gave_up == "deadline":
             why = (
                 f"gave up after {attempts} attempts: the next wait ({self.upcoming:.3g}s) "
