@@ -12,6 +12,10 @@ Shared by retry (its default ``retry_on="transient"``) and fallback (its default
   the Redis answers that mean "not now" (``LOADING``, ``TRYAGAIN``, ``CLUSTERDOWN``,
   ``MASTERDOWN``).
 
+Retry also asks whether a failed call is safe to repeat: ``never_sent`` (no connection was made, so
+the server cannot have seen the request) and ``not_idempotent`` (an HTTP request whose method is
+not idempotent and that carries no ``Idempotency-Key``, read from the request the error names).
+
 The HTTP and Redis libraries are optional and never imported here: their exception classes are
 looked up in ``sys.modules`` only when a call has already failed. If a library was never imported,
 none of its exceptions can exist, so a missing module simply means "not one of those".

@@ -372,7 +372,7 @@ class _Run:
         if not strategy.retryable(exc):
             return False
         if not strategy.repeatable(exc):
-            # An earlier attempt never reached the server; this one may have.
+            # The earlier attempts were safe to repeat (say, a refused connection); this one is not.
             self.gave_up = "not_idempotent"
             events.emit(
                 events.RetryExhausted(
