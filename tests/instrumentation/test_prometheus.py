@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +34,7 @@ from buttress.events import (
 )
 from buttress.instrumentation import prometheus
 from buttress.instrumentation.prometheus import CATALOG, FAMILIES, LABELS, PrometheusSubscriber
+from buttress.patterns import circuit_breaker as cbmod
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 GAUGE_MODES = {
@@ -375,6 +377,29 @@ def test_gauges_show_the_live_state_of_breakers_and_bulkheads(metrics, clock):
     assert metrics.value("buttress_config_generation") == config.SNAPSHOT.generation
 
 
+def test_an_open_circuit_whose_time_ran_out_is_scraped_as_half_open(metrics, clock, mode):
+    # Nothing calls the service (its instance left the load balancer): the scrape must not show
+    # the circuit open, nor the level critical, for ever. The breaker itself is not moved.
+    config.reload_settings(env={"BUTTRESS_SERVICES__AUTH__CRITICALITY": "critical"})
+    try:
+
+        def down():
+            raise ConnectionError("down")
+
+        call = circuit_breaker(name="auth", fail_max=1, timeout=30)(mode.define(down))
+        assert isinstance(mode.outcome(call), ConnectionError)
+        assert metrics.value("buttress_circuit_breaker_state", service="auth", state="open") == 1
+        assert metrics.value("buttress_health_degradation_level") == 4
+        clock.advance(30)
+        state = metrics.samples("buttress_circuit_breaker_state")
+        assert {dict(k)["state"] for k, v in state.items() if v == 1} == {"half_open"}
+        assert metrics.value("buttress_health_degradation_level") == 1
+        moves = metrics.samples("buttress_circuit_breaker_transitions_total")
+        assert [dict(k)["state"] for k in moves] == ["open"]  # no transition was made
+    finally:
+        config.reload_settings()
+
+
 def test_a_breaker_forced_open_shows_before_any_call(metrics):
     from buttress import registry
     from buttress.patterns.circuit_breaker import CircuitBreaker, CircuitBreakerOptions
@@ -432,6 +457,52 @@ def test_multiprocess_gauges_follow_the_events():
         events.emit(SettingsReloaded(ok=True, generation=7, error=None))
         assert value("buttress_config_generation") == 7
         assert value("buttress_config_reloads_total", outcome="success") == 1
+
+
+def wait_for(condition, seconds=2.0):
+    """Poll ``condition`` (a background thread writes the value) for at most ``seconds``."""
+    done = threading.Event()
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return True
+        done.wait(0.01)
+    return condition()
+
+
+def test_multiprocess_gauges_follow_an_open_circuit_whose_time_runs_out(clock, mode):
+    # In multiprocess mode gauges are written from events, and an idle circuit emits none: a
+    # watcher thread of the subscriber writes half_open when the open time has run out.
+    registry = CollectorRegistry()
+    subscriber = PrometheusSubscriber(registry, multiprocess=True)
+
+    def state(name):
+        return registry.get_sample_value(
+            "buttress_circuit_breaker_state", {"service": "pay", "state": name}
+        )
+
+    def down():
+        raise ConnectionError("down")
+
+    call = circuit_breaker(name="pay", fail_max=1, timeout=20)(mode.define(down))
+    with attached(subscriber):
+        assert isinstance(mode.outcome(call), ConnectionError)
+        assert (state("open"), registry.get_sample_value("buttress_health_degradation_level")) == (
+            1,
+            2,
+        )
+        clock.advance(19)
+        assert not wait_for(lambda: state("half_open") == 1, seconds=0.3)
+        clock.advance(1)
+        assert wait_for(lambda: state("half_open") == 1)
+        assert state("open") == 0
+        assert registry.get_sample_value("buttress_health_degradation_level") == 1
+        assert wait_for(lambda: subscriber._watcher is None)  # nothing left to watch
+        assert cbmod.breaker("pay").current_state == "open"  # the breaker was not moved
+        # A failed trial opens it again, for another 20 s: watched again.
+        assert isinstance(mode.outcome(call), ConnectionError)
+        assert state("open") == 1
+        clock.advance(20)
+        assert wait_for(lambda: state("half_open") == 1)
 
 
 def test_multiprocess_circuit_state_is_inferred_from_a_rejection():
