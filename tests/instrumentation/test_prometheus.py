@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
@@ -16,7 +17,14 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from buttress import circuit_breaker, config, events, instrumentation, with_bulkhead
+from buttress import (
+    circuit_breaker,
+    config,
+    events,
+    instrumentation,
+    with_bulkhead,
+    with_timeout,
+)
 from buttress.events import (
     BulkheadAcquired,
     BulkheadQueued,
@@ -503,6 +511,78 @@ def test_multiprocess_gauges_follow_an_open_circuit_whose_time_runs_out(clock, m
         assert state("open") == 1
         clock.advance(20)
         assert wait_for(lambda: state("half_open") == 1)
+
+
+def test_multiprocess_queue_depth_drops_after_a_queue_timeout(clock):
+    registry = CollectorRegistry()
+    release = threading.Event()
+    entered = threading.Event()
+
+    @with_bulkhead(name="db", limit=1, max_queue=1, queue_timeout=5)
+    def hold():
+        entered.set()
+        release.wait(10)
+        return "done"
+
+    def depth():
+        return registry.get_sample_value("buttress_bulkhead_queue_depth", {"service": "db"})
+
+    with attached(PrometheusSubscriber(registry, multiprocess=True)):
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert entered.wait(5)
+        outcome = []
+        waiter = threading.Thread(target=lambda: outcome.append(_outcome(hold)))
+        waiter.start()
+        assert wait_for(lambda: depth() == 1)
+        for _ in range(100):  # until the queued call has timed out (it may not wait yet)
+            clock.advance(5)
+            waiter.join(0.05)
+            if not waiter.is_alive():
+                break
+        assert type(outcome[0]).__name__ == "BulkheadFullError"
+        assert depth() == 0
+        release.set()
+        holder.join(5)
+
+
+def test_multiprocess_queue_depth_drops_when_a_queued_task_times_out(clock):
+    registry = CollectorRegistry()
+
+    async def hang():
+        await asyncio.Event().wait()  # until cancelled
+
+    held = with_bulkhead(name="db", limit=1, max_queue=1)(hang)
+    timed = with_timeout(name="db", seconds=1)(held)
+
+    def depth():
+        return registry.get_sample_value("buttress_bulkhead_queue_depth", {"service": "db"})
+
+    async def scenario():
+        holder = asyncio.create_task(held())
+        await asyncio.sleep(0)
+        queued = asyncio.create_task(timed())
+        for _ in range(20):  # until it waits in the queue
+            await asyncio.sleep(0)
+        assert depth() == 1
+        clock.advance(1)  # its timeout cancels it out of the queue; the holder keeps its slot
+        outcome = await asyncio.gather(queued, return_exceptions=True)
+        in_queue = depth()
+        holder.cancel()
+        await asyncio.gather(holder, return_exceptions=True)
+        return outcome[0], in_queue
+
+    with attached(PrometheusSubscriber(registry, multiprocess=True)):
+        outcome, in_queue = asyncio.run(scenario())
+    assert type(outcome).__name__ == "TimeoutExceededError"
+    assert in_queue == 0
+
+
+def _outcome(fn):
+    try:
+        return fn()
+    except Exception as exc:
+        return exc
 
 
 def test_multiprocess_circuit_state_is_inferred_from_a_rejection():

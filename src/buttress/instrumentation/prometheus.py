@@ -332,6 +332,8 @@ CATALOG: tuple[Family, ...] = (
         BulkheadQueued,
         BulkheadAcquired,
         BulkheadReleased,
+        CallRejected,
+        TimeoutExceeded,
     ),
     _gauge(
         "buttress_bulkhead_limit",
@@ -897,6 +899,7 @@ class PrometheusSubscriber:
         count_abandoned = single[WorkerAbandoned]
         count_late = single[WorkerFinishedLate]
         count_reload = single[SettingsReloaded]
+        count_timeout = single[TimeoutExceeded]
 
         def on_circuit_call(event: CircuitCallRecorded) -> None:
             count_circuit_call(event)
@@ -929,6 +932,15 @@ class PrometheusSubscriber:
             count_rejected(event)
             if event.pattern == "circuit_breaker":
                 self._seen_circuit(event.service, _STATE_OF_REJECTION.get(event.reason, "open"))
+            elif event.pattern == "bulkhead" and event.reason != "full":
+                # A waiter that gave up (queue_timeout) left the queue with no acquisition or
+                # release to say so: read the depth from the bulkheads themselves.
+                depth[event.service](self._queued(event.service))
+
+        def on_timeout(event: TimeoutExceeded) -> None:
+            count_timeout(event)
+            # An async call that timed out while queued was cancelled out of the queue.
+            depth[event.service](self._queued(event.service))
 
         def on_state_changed(event: CircuitStateChanged) -> None:
             count_change(event)
@@ -963,6 +975,7 @@ class PrometheusSubscriber:
             BulkheadQueued: on_queued,
             RateLimitAcquired: on_rate_limit,
             CallRejected: on_rejected,
+            TimeoutExceeded: on_timeout,
             CircuitStateChanged: on_state_changed,
             CircuitTrialStarted: on_trial,
             WorkerAbandoned: on_abandoned,
@@ -1061,6 +1074,13 @@ class PrometheusSubscriber:
         while (left := deadline - _clock.monotonic()) > 0:
             if self._wake.wait(min(left, _WATCH_SLICE_SECONDS)):
                 return
+
+    def _queued(self, service: str) -> int:
+        return sum(
+            bulkhead.snapshot()["queued"]
+            for bulkhead in shared_instances("bulkhead").values()
+            if bulkhead.service == service
+        )
 
     def _write_level(self) -> None:
         with self._lock:
