@@ -691,6 +691,42 @@ def test_two_worker_processes_and_one_scrape(tmp_path):
     assert one["buttress_calls_total", (("outcome", "success"), service)] == 6
 
 
+IDLE_WORKER = """
+import os, threading
+from buttress import circuit_breaker, instrumentation
+instrumentation.install_defaults()
+
+@circuit_breaker(name="openfga", fail_max=1, timeout=0.2)
+def check():
+    raise ConnectionError("down")
+
+try:
+    check()
+except ConnectionError:
+    pass
+threading.Event().wait(0.6)  # idle, as an instance its load balancer dropped: no call at all
+print(os.getpid())
+"""
+
+
+@pytest.mark.realtime
+def test_an_idle_worker_writes_its_open_circuit_ready_to_probe(tmp_path):
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(SRC)}
+    worker = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(IDLE_WORKER)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert worker.returncode == 0, worker.stderr
+    values = scrape(env)
+    service = ("service", "openfga")
+    assert values["buttress_circuit_breaker_state", (service, ("state", "half_open"))] == 1
+    assert values["buttress_circuit_breaker_state", (service, ("state", "open"))] == 0
+    assert values["buttress_health_degradation_level", ()] == 1
+
+
 # --- docs/metrics.md ------------------------------------------------------------------------------
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
