@@ -414,7 +414,7 @@ class _Quiet(WSGIRequestHandler):
 def served(app: Any) -> Iterator[str]:
     """``app`` served by wsgiref on a free loopback port, from a thread; yields its base URL."""
     server = make_server("127.0.0.1", 0, app, handler_class=_Quiet)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_port}"

@@ -477,6 +477,7 @@ def wait_for(condition, seconds=2.0):
     return condition()
 
 
+@pytest.mark.realtime  # waits (< 1 s) for the watcher thread, which reads the clock in slices
 def test_multiprocess_gauges_follow_an_open_circuit_whose_time_runs_out(clock, mode):
     # In multiprocess mode gauges are written from events, and an idle circuit emits none: a
     # watcher thread of the subscriber writes half_open when the open time has run out.
