@@ -19,6 +19,7 @@ import threading
 import urllib.request
 from collections import Counter
 
+import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -28,7 +29,16 @@ from buttress.demo.endpoints import Endpoints
 from buttress.demo.report import build_report, percentile
 from buttress.demo.runner import DemoOptions, _Progress, run
 from buttress.demo.schedule import PHASES, build_schedule
-from buttress.demo.traffic import NETWORK, PROTECTED, SERVICE, UNPROTECTED, CallRecord, Observed
+from buttress.demo.traffic import (
+    NETWORK,
+    PROTECTED,
+    SERVICE,
+    UNPROTECTED,
+    CallRecord,
+    Observed,
+    describe_chaos,
+    sync_clients,
+)
 from buttress.demo.upstream import (
     HEALTHY_LATENCY,
     RETRY_AFTER_SECONDS,
@@ -36,6 +46,7 @@ from buttress.demo.upstream import (
     FlakyUpstream,
     Hit,
 )
+from buttress.patterns.chaos import InjectedConnectionError
 from buttress.testing import capture_events, fake_clock
 
 DURATION = 8.0
@@ -152,6 +163,8 @@ def test_output_timeline_and_json(demo):
     assert "/health" in printed
     assert f"{result.report.client(PROTECTED).requests:,}" in printed
     assert "calls that reached the upstream" in printed
+    assert "chaos: 2% of requests fail to connect, 3% are delayed 0.2 s" in printed
+    assert "(*) Time to recover: " in printed
 
 
 @pytest.mark.realtime
@@ -229,7 +242,13 @@ def test_report_arithmetic_on_known_records():
         ),
     ]
     report = build_report(
-        seed=1, schedule=schedule, workers=1, records=records, observed=observed, hits=hits
+        seed=1,
+        schedule=schedule,
+        workers=1,
+        records=records,
+        observed=observed,
+        hits=hits,
+        chaos="off (--no-chaos): no fault injected",
     )
     protected, unprotected = report.client(PROTECTED), report.client(UNPROTECTED)
     assert (protected.requests, protected.answered_by_fallback, protected.success_rate) == (
@@ -248,6 +267,85 @@ def test_report_arithmetic_on_known_records():
     assert report.circuit_closed_at is None
     assert "was not closed at the end of the run" in report.render()
     assert unprotected.errors == {"HTTPStatusError": 1}
+
+
+def test_the_report_explains_time_to_recover_and_says_what_chaos_injected_where():
+    schedule = build_schedule(10, 1)
+    recovery = schedule.get("recovery")
+    records = [
+        CallRecord(PROTECTED, "sync", 0, recovery.start + 0.1, 0.0, "fallback", None),
+        CallRecord(PROTECTED, "sync", 0, recovery.start + 0.7, 0.02, "ok", None),
+        CallRecord(UNPROTECTED, "sync", 0, recovery.start + 0.1, 0.02, "ok", None),
+    ]
+    opened = events.CircuitStateChanged(SERVICE, "closed", "open", "fail_max", 1.0)
+    observed = [
+        Observed(recovery.start - 0.2, PROTECTED, 0, opened),
+        Observed(1.0, PROTECTED, 0, events.ChaosInjected(NETWORK, "exception")),
+        Observed(2.0, UNPROTECTED, 0, events.ChaosInjected(NETWORK, "exception")),
+        Observed(2.5, UNPROTECTED, 0, events.ChaosInjected(NETWORK, "latency")),
+    ]
+    chaos = "2% of requests fail to connect, under both clients alike"
+    report = build_report(
+        seed=1,
+        schedule=schedule,
+        workers=1,
+        records=records,
+        observed=observed,
+        hits=[],
+        chaos=chaos,
+    )
+    assert report.client(PROTECTED).time_to_recover == pytest.approx(0.72)
+    assert report.client(UNPROTECTED).time_to_recover == pytest.approx(0.12)
+    assert report.circuit_at_recovery == "open"
+    assert report.client(PROTECTED).faults_by_kind == {"exception": 1}
+    assert report.client(UNPROTECTED).faults_by_kind == {"exception": 1, "latency": 1}
+    text = report.render()
+    assert f"chaos: {chaos}" in text
+    rows = {line[:36].strip(): line[36:].split() for line in text.splitlines()}
+    assert rows["faults injected (chaos)"] == ["1", "2"]
+    assert rows["failed connections"] == ["1", "1"]
+    assert rows["delays"] == ["0", "1"]
+    assert rows["time to recover (*)"] == ["0.72", "s", "0.12", "s"]
+    assert "(*) Time to recover: from the start of the recovery phase" in text
+    assert "circuit was open then: it answered from fallbacks" in text
+    assert report.to_json()["chaos"] == chaos
+
+
+def test_each_client_meets_the_faults_of_its_own_chaos_stream(clock):
+    # Same rates under both clients, but one client's traffic must not decide which faults the
+    # other one gets: the unprotected client's faults are the same with or without the other's.
+    config.reload_settings(
+        env={
+            "FF_ENABLE_CHAOS_INJECTION": "true",
+            "BUTTRESS_SERVICES__NETWORK__CHAOS__ENABLED": "true",
+            "BUTTRESS_SERVICES__NETWORK__CHAOS__EXCEPTION_RATE": "0.5",
+        }
+    )
+    try:
+        assert describe_chaos().startswith("50% of requests fail to connect, under both clients")
+
+        def faults(*, with_protected_traffic: bool) -> list[bool]:
+            upstream = httpx.MockTransport(lambda request: httpx.Response(200, json={}))
+            with httpx.Client(transport=upstream, base_url="http://upstream") as http:
+                fetch = sync_clients(http, seed=7)
+                seen = []
+                for _ in range(30):
+                    if with_protected_traffic:
+                        fetch[PROTECTED](1)
+                    try:
+                        fetch[UNPROTECTED](1)
+                    except InjectedConnectionError:
+                        seen.append(True)
+                    else:
+                        seen.append(False)
+                return seen
+
+        alone = faults(with_protected_traffic=False)
+        assert 0 < sum(alone) < 30
+        assert faults(with_protected_traffic=True) == alone
+    finally:
+        config.reload_settings()
+    assert describe_chaos() == "off (--no-chaos): no fault injected"
 
 
 def test_percentile_is_nearest_rank():

@@ -1,4 +1,18 @@
+import concurrent.futures
+import copy
+import multiprocessing
+import pickle
+
+import pytest
+
 import buttress
+from buttress import (
+    BulkheadFullError,
+    CircuitOpenError,
+    ConfigurationError,
+    RateLimitedError,
+    TimeoutExceededError,
+)
 
 EXPECTED = {
     "BulkheadFullError",
@@ -66,3 +80,56 @@ def test_exception_tree():
     assert (exc.service, exc.retry_after) == ("openfga", 3.5)
     timeout = TimeoutExceededError("late", service="llm", seconds=5)
     assert (timeout.service, timeout.seconds) == ("llm", 5)
+
+
+def errors() -> list[Exception]:
+    return [
+        CircuitOpenError("circuit open", service="openfga", retry_after=3.5),
+        BulkheadFullError("bulkhead full", service="db"),
+        RateLimitedError("rate limited", service="llm", retry_after=0.25),
+        TimeoutExceededError("too slow", service="llm", seconds=5.0),
+        ConfigurationError(
+            "invalid setting", errors=(("services.db.bulkhead.limit", "env", "must be > 0"),)
+        ),
+    ]
+
+
+def attributes(exc: BaseException) -> tuple[object, ...]:
+    return (type(exc), exc.args, str(exc), dict(vars(exc)))
+
+
+@pytest.mark.parametrize("exc", errors(), ids=lambda e: type(e).__name__)
+def test_every_error_survives_pickle_and_copy_with_its_attributes(exc):
+    exc.add_note("a note the caller added")
+    for clone in (
+        pickle.loads(pickle.dumps(exc)),
+        pickle.loads(pickle.dumps(exc, protocol=0)),
+        copy.copy(exc),
+        copy.deepcopy(exc),
+    ):
+        assert attributes(clone) == attributes(exc)
+        assert clone.__notes__ == ["a note the caller added"]
+
+
+def test_every_error_crosses_a_process_pool():
+    # Raised in a child process, sent back pickled: a process pool used to break on them.
+    raising = [
+        "from buttress import CircuitOpenError as E; "
+        "raise E('circuit open', service='openfga', retry_after=3.5)",
+        "from buttress import BulkheadFullError as E; raise E('bulkhead full', service='db')",
+        "from buttress import RateLimitedError as E; "
+        "raise E('rate limited', service='llm', retry_after=0.25)",
+        "from buttress import TimeoutExceededError as E; "
+        "raise E('too slow', service='llm', seconds=5.0)",
+        "from buttress import ConfigurationError as E; raise E('invalid setting', "
+        "errors=(('services.db.bulkhead.limit', 'env', 'must be > 0'),))",
+    ]
+    context = multiprocessing.get_context("spawn")  # fork is unsafe in a threaded test process
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        outcomes = [pool.submit(exec, code).exception(timeout=60) for code in raising]
+        policy = buttress.resilient("payments", retry={"max_attempts": 2})
+        seen_by_child = pool.submit(repr, policy).result(timeout=60)
+    assert [attributes(exc) for exc in outcomes if exc is not None] == [
+        attributes(exc) for exc in errors()
+    ]
+    assert seen_by_child == repr(policy)

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import httpx
 import pytest
@@ -17,9 +25,11 @@ from buttress import (
     with_bulkhead,
     with_fallback,
 )
+from buttress.events import CircuitStateChanged, CircuitTrialStarted
 from buttress.exceptions import ConfigurationError
 from buttress.health import asgi_app, degradation_level, wsgi_app
 from buttress.health import reset as forget_fallbacks
+from buttress.testing import capture_events
 
 TOKEN = "correct-horse-battery-staple"
 
@@ -122,6 +132,56 @@ def test_the_level_is_the_worst_service_and_half_open_counts_as_one(criticality,
     snapshot = buttress.health()
     assert snapshot["circuits"]["search"]["state"] == "half_open"
     assert (snapshot["degradation_level"], snapshot["status"]) == (1, "degraded")
+
+
+def test_an_open_circuit_whose_time_ran_out_is_ready_to_probe_not_critical(
+    mode, criticality, clock
+):
+    # An instance its load balancer dropped gets no calls, so nothing moves the breaker: health
+    # must not stay 503 for ever. Reading it changes nothing and takes no trial slot.
+    criticality(auth="critical")
+
+    def down():
+        raise ConnectionError("down")
+
+    fn = circuit_breaker(name="auth", fail_max=1, timeout=30, half_open_max_calls=1)(
+        mode.define(lambda: "ok")
+    )
+    failing = circuit_breaker(name="auth", fail_max=1, timeout=30, half_open_max_calls=1)(
+        mode.define(down)
+    )
+    assert isinstance(mode.outcome(failing), ConnectionError)
+    assert (buttress.health()["status"], breaker("auth").state_label) == ("critical", "open")
+    clock.advance(29.9)
+    assert buttress.health()["circuits"]["auth"]["seconds_left_open"] == pytest.approx(0.1)
+    with capture_events([CircuitStateChanged, CircuitTrialStarted]) as seen:
+        clock.advance(0.1)
+        for _ in range(3):
+            snapshot = buttress.health()
+            assert (snapshot["status"], snapshot["degradation_level"]) == ("degraded", 1)
+            circuit = snapshot["circuits"]["auth"]
+            assert (circuit["state"], circuit["seconds_left_open"]) == ("half_open", None)
+            assert circuit["trials_in_flight"] == 0
+        assert breaker("auth").state_label == "half_open"
+        assert breaker("auth").current_state == "open"  # pybreaker's state: not moved
+        assert seen == []
+        assert mode.run(fn) == "ok"  # the one trial slot was still free
+    assert [e.new_state for e in seen.of(CircuitStateChanged)] == ["half_open", "closed"]
+    assert seen.of(CircuitStateChanged)[0].reason == "timeout_elapsed"
+    assert len(seen.of(CircuitTrialStarted)) == 1
+    assert buttress.health()["status"] == "healthy"
+
+
+def test_the_apps_answer_200_once_the_open_time_ran_out(app_kind, criticality, clock):
+    criticality(auth="critical")
+    tripped("auth")
+    client = Client(app_kind, admin_token="")
+    assert client.request("GET", "/").status_code == 503
+    clock.advance(60)
+    response = client.request("GET", "/")
+    assert response.status_code == 200
+    assert response.json()["circuits"]["auth"]["state"] == "half_open"
+    assert breaker("auth").current_state == "open"
 
 
 def test_forced_states_count_like_the_state_they_force(clock):
@@ -340,3 +400,105 @@ def test_the_asgi_app_answers_lifespan_messages():
 
     asyncio.run(app({"type": "lifespan"}, receive, send))
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+# --- served for real, and under the frameworks the docs show ------------------------------------
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No access log on the test's output."""
+
+
+@contextmanager
+def served(app: Any) -> Iterator[str]:
+    """``app`` served by wsgiref on a free loopback port, from a thread; yields its base URL."""
+    server = make_server("127.0.0.1", 0, app, handler_class=_Quiet)
+    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
+
+
+def get(url: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, json.loads(error.read())
+
+
+def mounted_at_health(environ: Any, start_response: Any) -> Any:
+    """What werkzeug's DispatcherMiddleware does for ``{"/health": wsgi_app()}`` (docs)."""
+    path = environ["PATH_INFO"]
+    if path != "/health" and not path.startswith("/health/"):
+        start_response("404 Not Found", [("content-type", "text/plain")])
+        return [b"not here"]
+    environ["SCRIPT_NAME"] += "/health"
+    environ["PATH_INFO"] = path.removeprefix("/health")
+    return HEALTH_WSGI(environ, start_response)
+
+
+HEALTH_WSGI = wsgi_app(admin_token="")
+
+
+def test_a_served_health_endpoint_leaves_503_without_any_call(criticality, clock):
+    # The load balancer's view: it stopped sending traffic on 503, and polls only /health.
+    criticality(auth="critical")
+    tripped("auth")
+    with served(mounted_at_health) as base:
+        status, body = get(base + "/health")
+        assert (status, body["status"]) == (503, "critical")
+        assert get(base + "/health/")[0] == 503
+        clock.advance(60)
+        status, body = get(base + "/health")
+        assert (status, body["status"], body["circuits"]["auth"]["state"]) == (
+            200,
+            "degraded",
+            "half_open",
+        )
+    assert breaker("auth").current_state == "open"
+
+
+def _starlette() -> Any:
+    try:
+        import starlette
+    except ImportError:
+        message = "starlette is not installed (dev dependency: the documented mount is checked)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return starlette
+
+
+def test_under_a_starlette_mount_the_health_url_ends_with_a_slash(clock):
+    # Starlette's router answers /health with a 307 to /health/ before the app is reached; the
+    # docs give /health/ as the URL to probe.
+    _starlette()
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    tripped("openfga")
+    app = Starlette(routes=[Mount("/health", app=asgi_app(admin_token=TOKEN))])
+
+    async def requests() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://svc") as client:
+            return [
+                await client.get("/health"),
+                await client.get("/health/"),
+                await client.post(
+                    "/health/circuits/openfga/force_open",
+                    headers={"authorization": f"Bearer {TOKEN}"},
+                ),
+            ]
+
+    redirect, snapshot, admin = asyncio.run(requests())
+    assert (redirect.status_code, redirect.headers["location"]) == (307, "http://svc/health/")
+    assert (snapshot.status_code, snapshot.json()["circuits"]["openfga"]["state"]) == (200, "open")
+    assert (admin.status_code, admin.json()["circuit"]["state"]) == (200, "forced_open")

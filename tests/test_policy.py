@@ -23,6 +23,13 @@ from buttress import (
 from buttress.policy import Spec
 from buttress.testing import capture_events
 
+
+@retry_with_backoff(max_attempts=2)
+@circuit_breaker(name="pickled-by-reference")
+def module_level_lookup(key: str) -> str:
+    return key.upper()
+
+
 ALL_DECORATORS = [
     circuit_breaker(name="svc"),
     retry_with_backoff(max_attempts=2),
@@ -48,6 +55,37 @@ def test_decorators_keep_name_doc_signature_and_kind(decorator, mode):
     assert inspect.signature(decorated) == inspect.signature(original)
     assert inspect.iscoroutinefunction(decorated) is mode.is_async
     assert mode.run(decorated, "alice") is True
+
+
+@pytest.mark.parametrize("decorator", ALL_DECORATORS, ids=repr)
+def test_decorators_keep_defaults_and_keyword_defaults(decorator, mode):
+    def body(user: str, resource: str = "doc", *, level: int = 1) -> tuple[str, str, int]:
+        return (user, resource, level)
+
+    if mode.is_async:
+
+        async def original(user: str, resource: str = "doc", *, level: int = 1) -> object:
+            return body(user, resource, level=level)
+
+    else:
+
+        def original(user: str, resource: str = "doc", *, level: int = 1) -> object:  # type: ignore[misc]
+            return body(user, resource, level=level)
+
+    decorated = decorator(original)
+    assert decorated.__defaults__ == ("doc",)
+    assert decorated.__kwdefaults__ == {"level": 1}
+    assert inspect.signature(decorated) == inspect.signature(original)
+    # The wrapper takes *args/**kwargs: the copied defaults change nothing in how calls bind.
+    own = inspect.signature(decorated, follow_wrapped=False).parameters.values()
+    assert [p.kind for p in own] == [
+        inspect.Parameter.VAR_POSITIONAL,
+        inspect.Parameter.VAR_KEYWORD,
+    ]
+    assert mode.run(decorated, "alice") == ("alice", "doc", 1)
+    assert mode.run(decorated, "bob", "page", level=3) == ("bob", "page", 3)
+    with pytest.raises(TypeError):
+        mode.run(decorated)
 
 
 def test_stacked_decorators_fuse_into_one_policy(mode):
@@ -322,3 +360,199 @@ def test_private_state_goes_with_the_function_decorated():
         decorate_and_call()
     gc.collect()
     assert registry.instances("bulkhead") == {}
+
+
+# --- a foreign decorator in the stack ------------------------------------------------------------
+
+
+def counting_decorator(mode, seen: list[str], label: str):
+    """A well-behaved third-party decorator (``functools.wraps``) that records each call."""
+    import functools
+
+    def decorate(fn):
+        if mode.is_async:
+
+            @functools.wraps(fn)
+            async def wrapper(*args, **kwargs):
+                seen.append(label)
+                return await fn(*args, **kwargs)
+
+        else:
+
+            @functools.wraps(fn)
+            def wrapper(*args, **kwargs):
+                seen.append(label)
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def test_a_foreign_decorator_between_two_buttress_decorators_runs_once_per_call(mode, clock):
+    seen: list[str] = []
+
+    def body() -> str:
+        seen.append("call")
+        if seen.count("call") == 1:
+            raise ConnectionError("down")
+        return "ok"
+
+    foreign = counting_decorator(mode, seen, "foreign")
+    # wraps() copies the inner wrapper's attributes (its policy marker included) onto the foreign
+    # wrapper: the outer decorator must still see a function it did not make, and not fuse past it.
+    stacked = retry_with_backoff(max_attempts=2, jitter="none")(
+        foreign(circuit_breaker(name="foreign-mid")(mode.define(body)))
+    )
+    assert mode.run(stacked) == "ok"
+    # The retry is outside the foreign decorator, so it runs again with the second attempt.
+    assert seen == ["foreign", "call", "foreign", "call"]
+    assert [s.pattern for s in stacked.__buttress_policy__.specs] == ["retry"]
+
+
+@pytest.mark.parametrize("where", ["top", "bottom", "middle"])
+def test_a_foreign_decorator_anywhere_in_the_stack_keeps_its_place(mode, where):
+    seen: list[str] = []
+    foreign = counting_decorator(mode, seen, "foreign")
+    target = mode.define(lambda: seen.append("call") or "ok")
+    outer, inner = with_timeout(seconds=5), with_bulkhead(limit=3)
+    if where == "top":
+        stacked = foreign(outer(inner(target)))
+    elif where == "bottom":
+        stacked = outer(inner(foreign(target)))
+    else:
+        stacked = outer(foreign(inner(target)))
+    for _ in range(3):
+        assert mode.run(stacked) == "ok"
+    assert seen == ["foreign", "call"] * 3
+    assert inspect.iscoroutinefunction(stacked) is mode.is_async
+    # Only buttress's own wrappers fuse: the two patterns are one policy unless the foreign
+    # decorator sits between them.
+    outermost = stacked.__wrapped__ if where == "top" else stacked
+    fused = [s.pattern for s in outermost.__buttress_policy__.specs]
+    assert fused == (["timeout"] if where == "middle" else ["timeout", "bulkhead"])
+
+
+# --- pickling ------------------------------------------------------------------------------------
+
+
+def test_a_policy_pickles_to_an_equal_stack():
+    import pickle
+
+    def shout(exc: BaseException, *args: object) -> str:
+        return "fallback"
+
+    policies = [
+        retry_with_backoff(max_attempts=2, retry_on=(KeyError,)).then(circuit_breaker(name="db")),
+        resilient("payments", preset="api", timeout={"seconds": 2}, fallback={"value": None}),
+        with_fallback(handler=module_level_lookup, cache_ttl=5),
+    ]
+    for policy in policies:
+        clone = pickle.loads(pickle.dumps(policy))
+        assert clone.specs == policy.specs
+        assert repr(clone) == repr(policy)
+        assert clone.service == policy.service
+    # Still a working decorator on the other side.
+    clone = pickle.loads(pickle.dumps(retry_with_backoff(max_attempts=2)))
+    assert clone(lambda: "ok")() == "ok"
+    # A code argument that cannot be pickled (a local function) says so.
+    with pytest.raises((pickle.PicklingError, AttributeError)):
+        pickle.dumps(with_fallback(handler=shout))
+
+
+def test_a_decorated_module_level_function_pickles_by_reference():
+    import pickle
+
+    assert pickle.loads(pickle.dumps(module_level_lookup)) is module_level_lookup
+    assert module_level_lookup("a") == "A"
+
+
+# --- what can be decorated -----------------------------------------------------------------------
+
+
+def test_a_callable_object_with_an_async_call_is_protected_as_async(clock):
+    import asyncio
+
+    class Fetch:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def __call__(self, key: str) -> str:
+            self.calls += 1
+            if self.calls == 1:
+                raise ConnectionError("down")
+            return key.upper()
+
+    fetch = Fetch()
+    decorated = retry_with_backoff(max_attempts=2, jitter="none")(fetch)
+    assert inspect.iscoroutinefunction(decorated)
+    assert asyncio.run(decorated("k")) == "K"
+    assert fetch.calls == 2
+    with pytest.raises(TypeError, match="acall"):
+        Policy(Spec("retry")).call(fetch, "k")
+
+
+def test_a_callable_object_with_a_def_call_stays_sync(clock):
+    class Lookup:
+        def __call__(self, key: str) -> str:
+            return key.upper()
+
+    decorated = with_timeout(seconds=1)(Lookup())
+    assert not inspect.iscoroutinefunction(decorated)
+    assert decorated("k") == "K"
+
+
+def test_a_callable_object_with_a_generator_call_is_refused():
+    class Rows:
+        def __call__(self):
+            yield 1
+
+    class AsyncRows:
+        async def __call__(self):
+            yield 1
+
+    for rows in (Rows(), AsyncRows()):
+        with pytest.raises(TypeError, match="generator function"):
+            retry_with_backoff()(rows)
+
+
+@pytest.mark.parametrize("kind", ["staticmethod", "classmethod"])
+def test_a_decorator_above_staticmethod_or_classmethod(mode, kind):
+    wrap = staticmethod if kind == "staticmethod" else classmethod
+    calls = []
+
+    def body(first: object, key: str) -> str:
+        calls.append(first)
+        if len(calls) == 1:
+            raise ConnectionError("down")
+        return key.upper()
+
+    if mode.is_async:
+
+        async def method(*args: object) -> str:
+            return body(*args) if kind == "classmethod" else body(None, *args)
+
+    else:
+
+        def method(*args: object) -> str:  # type: ignore[misc]
+            return body(*args) if kind == "classmethod" else body(None, *args)
+
+    # Written in a class body as `@circuit_breaker(...)` over `@staticmethod`, fused with a retry.
+    Client = type(
+        "Client",
+        (),
+        {
+            "get": circuit_breaker(name=f"above-{kind}")(
+                retry_with_backoff(max_attempts=2, jitter="none")(wrap(method))
+            )
+        },
+    )
+    assert isinstance(Client.__dict__["get"], wrap)
+    expected_first = None if kind == "staticmethod" else Client
+    assert mode.run(Client().get, "a") == "A"
+    assert mode.run(Client.get, "b") == "B"
+    assert calls == [expected_first] * 3
+    assert [s.pattern for s in Client.__dict__["get"].__func__.__buttress_policy__.specs] == [
+        "circuit_breaker",
+        "retry",
+    ]

@@ -138,7 +138,8 @@ PresetName = Literal["api", "ai", "database", "external", "critical"]
 
 # The presets of issue 3, mapped onto the options of each pattern. A preset names only what it
 # changes; every other option keeps its built-in default. "ai" retries rely on the default
-# retry_on="transient" (which includes HTTP 429) and respect_retry_after=True; "critical" runs
+# retry_on="transient" (which includes HTTP 429) and respect_retry_after=True, and declare the
+# calls idempotent: a model call is a POST that changes nothing when repeated; "critical" runs
 # without a circuit breaker because a critical dependency must never be cut off by buttress.
 PRESETS: Final[Mapping[str, Mapping[str, Mapping[str, Any]]]] = MappingProxyType(
     {
@@ -150,7 +151,12 @@ PRESETS: Final[Mapping[str, Mapping[str, Mapping[str, Any]]]] = MappingProxyType
         },
         "ai": {
             "circuit_breaker": {"fail_max": 3, "timeout": 120.0},
-            "retry": {"max_attempts": 3, "retry_on": "transient", "respect_retry_after": True},
+            "retry": {
+                "max_attempts": 3,
+                "retry_on": "transient",
+                "respect_retry_after": True,
+                "idempotent": True,
+            },
             "timeout": {"seconds": 120.0},
             "bulkhead": {"limit": 10, "max_queue": 50},
         },

@@ -125,7 +125,10 @@ def retry_with_backoff(
         max_delay: cap on any single delay, Retry-After included (default 30).
         jitter: ``"full"`` (default), ``"equal"``, ``"decorrelated"`` or ``"none"``.
         retry_on: ``"transient"`` (default), ``"network"``, exception types, or a predicate.
-        idempotent: ``False`` turns retries off for this call site.
+        idempotent: ``True``: the call is safe to repeat. ``False``: repeat only a call that
+            never reached the dependency (connection refused or timed out). Unset (default): an
+            HTTP request that is not idempotent (POST, PATCH, ... without an ``Idempotency-Key``
+            header) is treated as ``False``, anything else as ``True``.
         respect_retry_after: a server's ``Retry-After`` sets the next delay (default true).
         retry_rejected: retry a ``RejectedError`` carrying ``retry_after`` (default false).
     """

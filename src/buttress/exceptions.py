@@ -13,6 +13,8 @@ Callers only ever see these or their own exceptions; pybreaker's and tenacity's 
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "BulkheadFullError",
     "ButtressError",
@@ -25,7 +27,23 @@ __all__ = [
 
 
 class ButtressError(Exception):
-    """Base class of every exception buttress raises on its own behalf."""
+    """Base class of every exception buttress raises on its own behalf.
+
+    Every one survives ``pickle`` and ``copy`` with its attributes (a process pool sends a child's
+    exception back pickled).
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception pickles as ``cls(*args)`` plus ``__dict__``, but the keyword-only arguments
+        # (service, retry_after, seconds, errors) are not in ``args``, so ``cls(*args)`` fails.
+        # Rebuild without calling __init__; the attributes come back with ``__dict__``.
+        return (_rebuild, (type(self), self.args), self.__dict__)
+
+
+def _rebuild(cls: type[ButtressError], args: tuple[Any, ...]) -> ButtressError:
+    exc = cls.__new__(cls, *args)
+    exc.args = args  # OSError's __new__ (TimeoutError's) leaves args to an overridden __init__
+    return exc
 
 
 class RejectedError(ButtressError):
@@ -78,3 +96,15 @@ class ConfigurationError(ButtressError, ValueError):
     def __init__(self, message: str, *, errors: tuple[tuple[str, str, str], ...] = ()) -> None:
         super().__init__(message)
         self.errors = errors
+
+
+def set_note(exc: BaseException, prefix: str, note: str) -> None:
+    """Add ``note`` (which starts with ``prefix``) to ``exc``, replacing one an earlier call left.
+
+    The same exception object may be raised again and again (a module-level constant, a cached
+    error); appending on every call would grow its ``__notes__`` without bound.
+    """
+    notes = getattr(exc, "__notes__", None)
+    if isinstance(notes, list):
+        notes[:] = [n for n in notes if not (isinstance(n, str) and n.startswith(prefix))]
+    exc.add_note(note)

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, ParamSpec, TypeVar, cast, overload
 
 from buttress import _clock, config, events, registry
 from buttress._values import RedisURL
@@ -45,7 +45,12 @@ T = TypeVar("T")
 _POLICY_ATTR = "__buttress_policy__"
 # Numbers the decorations whose state is private (no service named anywhere in the stack).
 _private_keys = itertools.count(1)
-_TARGET_ATTR = "__buttress_target__"
+# The wrappers buttress made, with their policy and target. Fusion trusts only this, never the
+# __buttress_policy__ attribute: functools.wraps copies a function's __dict__, so a third-party
+# decorator stacked over a buttress wrapper carries it too, and fusing past it would drop it.
+_wrappers: weakref.WeakKeyDictionary[Callable[..., Any], tuple[Policy, Callable[..., Any]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +87,10 @@ class Spec:
             for name, value in self.code_args.items()
         }
         object.__setattr__(self, "code_args", MappingProxyType(code_args))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A mappingproxy cannot be pickled: rebuild from a plain dict (validated again on load).
+        return (Spec, (self.pattern, self.service, dict(self.code_args), self.preset))
 
 
 def _argument_error(pattern: str, exc: ValueError) -> ConfigurationError:
@@ -339,24 +348,41 @@ class Policy:
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"Policy is immutable: cannot set {name!r}")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A policy is its specs: the compiled runners and their lock are rebuilt on first use.
+        return (Policy, self.specs)
+
     def then(self, other: Policy) -> Policy:
         """A policy with ``other``'s patterns inside this one's."""
         return Policy(*self.specs, *other.specs)
 
-    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
+    @overload
+    def __call__(self, fn: staticmethod[P, R]) -> staticmethod[P, R]: ...
+    @overload
+    def __call__(self, fn: classmethod[T, P, R]) -> classmethod[T, P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]: ...
+    def __call__(self, fn: Any) -> Any:
+        # Placed above @staticmethod or @classmethod in a class body: protect the function inside
+        # and re-wrap it, or the wrapper (a plain function) would bind the instance as an
+        # argument of a static method, and a classmethod object is not even callable.
+        if isinstance(fn, staticmethod):
+            return staticmethod(self(fn.__func__))
+        if isinstance(fn, classmethod):
+            return classmethod(self(fn.__func__))
         _check_decoratable(fn)
-        inner_policy = getattr(fn, _POLICY_ATTR, None)
-        if isinstance(inner_policy, Policy):
+        inner = _wrappers.get(fn) if fn in _wrappers else None  # `in`: fn may not be weakrefable
+        if inner is not None:
             # Fuse with the policy already on fn: one wrapper for the whole stack.
-            target = getattr(fn, _TARGET_ATTR)
-            return cast("Callable[P, R]", Policy(*self.specs, *inner_policy.specs)(target))
-        if inspect.iscoroutinefunction(fn):
-            return cast("Callable[P, R]", _wrap_async(self, fn))
+            inner_policy, target = inner
+            return Policy(*self.specs, *inner_policy.specs)(target)
+        if _is_async(fn):
+            return _wrap_async(self, fn)
         return _wrap_sync(self, fn)
 
     def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` through the policy (``fn`` must be a ``def`` function)."""
-        if inspect.iscoroutinefunction(fn):
+        if _is_async(fn):
             raise TypeError("Policy.call() runs def functions; use `await policy.acall(...)`")
         token = _call_target.set(fn)
         try:
@@ -409,10 +435,16 @@ def _target_runner(*, is_async: bool) -> Callable[..., Any]:
     return policy_call
 
 
+# What a wrapper copies from the function it wraps: functools.wraps's list plus the defaults, which
+# readers of fn.__defaults__ expect to see. They change nothing in how the wrapper binds its
+# arguments: it has no named parameters for them to apply to (it takes *args, **kwargs).
+_ASSIGNED = (*functools.WRAPPER_ASSIGNMENTS, "__defaults__", "__kwdefaults__")
+
+
 def _wrap_sync(policy: Policy, fn: Callable[P, R]) -> Callable[P, R]:
     bound = _Bound(policy, fn, is_async=False)
 
-    @functools.wraps(fn)
+    @functools.wraps(fn, assigned=_ASSIGNED)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         compiled = bound.compiled
         snapshot = config.SNAPSHOT
@@ -431,7 +463,7 @@ def _wrap_sync(policy: Policy, fn: Callable[P, R]) -> Callable[P, R]:
 def _wrap_async(policy: Policy, fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     bound = _Bound(policy, fn, is_async=True)
 
-    @functools.wraps(fn)
+    @functools.wraps(fn, assigned=_ASSIGNED)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         compiled = bound.compiled
         snapshot = config.SNAPSHOT
@@ -449,7 +481,14 @@ def _wrap_async(policy: Policy, fn: Callable[P, Awaitable[R]]) -> Callable[P, Aw
 
 def _mark(wrapper: Callable[..., Any], policy: Policy, fn: Callable[..., Any]) -> None:
     setattr(wrapper, _POLICY_ATTR, policy)
-    setattr(wrapper, _TARGET_ATTR, fn)
+    _wrappers[wrapper] = (policy, fn)
+
+
+def _is_async(fn: object) -> bool:
+    """``async def`` functions, and objects whose ``__call__`` is one (inspect misses those)."""
+    return inspect.iscoroutinefunction(fn) or (
+        callable(fn) and inspect.iscoroutinefunction(type(fn).__call__)
+    )
 
 
 def _check_decoratable(fn: object) -> None:
@@ -459,7 +498,8 @@ def _check_decoratable(fn: object) -> None:
         )
     if not callable(fn):
         raise TypeError(f"buttress decorates callables, got {type(fn).__name__}: {fn!r}")
-    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+    call = type(fn).__call__  # a callable object's generator __call__ counts too
+    if any(inspect.isgeneratorfunction(f) or inspect.isasyncgenfunction(f) for f in (fn, call)):
         raise TypeError(
             f"{_qualified_name(fn)} is a generator function: its body runs while the caller "
             "iterates, after the protected call has returned, so no pattern could cover it. "

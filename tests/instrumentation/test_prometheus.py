@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +17,14 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from buttress import circuit_breaker, config, events, instrumentation, with_bulkhead
+from buttress import (
+    circuit_breaker,
+    config,
+    events,
+    instrumentation,
+    with_bulkhead,
+    with_timeout,
+)
 from buttress.events import (
     BulkheadAcquired,
     BulkheadQueued,
@@ -33,6 +42,7 @@ from buttress.events import (
 )
 from buttress.instrumentation import prometheus
 from buttress.instrumentation.prometheus import CATALOG, FAMILIES, LABELS, PrometheusSubscriber
+from buttress.patterns import circuit_breaker as cbmod
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 GAUGE_MODES = {
@@ -375,6 +385,29 @@ def test_gauges_show_the_live_state_of_breakers_and_bulkheads(metrics, clock):
     assert metrics.value("buttress_config_generation") == config.SNAPSHOT.generation
 
 
+def test_an_open_circuit_whose_time_ran_out_is_scraped_as_half_open(metrics, clock, mode):
+    # Nothing calls the service (its instance left the load balancer): the scrape must not show
+    # the circuit open, nor the level critical, for ever. The breaker itself is not moved.
+    config.reload_settings(env={"BUTTRESS_SERVICES__AUTH__CRITICALITY": "critical"})
+    try:
+
+        def down():
+            raise ConnectionError("down")
+
+        call = circuit_breaker(name="auth", fail_max=1, timeout=30)(mode.define(down))
+        assert isinstance(mode.outcome(call), ConnectionError)
+        assert metrics.value("buttress_circuit_breaker_state", service="auth", state="open") == 1
+        assert metrics.value("buttress_health_degradation_level") == 4
+        clock.advance(30)
+        state = metrics.samples("buttress_circuit_breaker_state")
+        assert {dict(k)["state"] for k, v in state.items() if v == 1} == {"half_open"}
+        assert metrics.value("buttress_health_degradation_level") == 1
+        moves = metrics.samples("buttress_circuit_breaker_transitions_total")
+        assert [dict(k)["state"] for k in moves] == ["open"]  # no transition was made
+    finally:
+        config.reload_settings()
+
+
 def test_a_breaker_forced_open_shows_before_any_call(metrics):
     from buttress import registry
     from buttress.patterns.circuit_breaker import CircuitBreaker, CircuitBreakerOptions
@@ -432,6 +465,125 @@ def test_multiprocess_gauges_follow_the_events():
         events.emit(SettingsReloaded(ok=True, generation=7, error=None))
         assert value("buttress_config_generation") == 7
         assert value("buttress_config_reloads_total", outcome="success") == 1
+
+
+def wait_for(condition, seconds=2.0):
+    """Poll ``condition`` (a background thread writes the value) for at most ``seconds``."""
+    done = threading.Event()
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return True
+        done.wait(0.01)
+    return condition()
+
+
+@pytest.mark.realtime  # waits (< 1 s) for the watcher thread, which reads the clock in slices
+def test_multiprocess_gauges_follow_an_open_circuit_whose_time_runs_out(clock, mode):
+    # In multiprocess mode gauges are written from events, and an idle circuit emits none: a
+    # watcher thread of the subscriber writes half_open when the open time has run out.
+    registry = CollectorRegistry()
+    subscriber = PrometheusSubscriber(registry, multiprocess=True)
+
+    def state(name):
+        return registry.get_sample_value(
+            "buttress_circuit_breaker_state", {"service": "pay", "state": name}
+        )
+
+    def down():
+        raise ConnectionError("down")
+
+    call = circuit_breaker(name="pay", fail_max=1, timeout=20)(mode.define(down))
+    with attached(subscriber):
+        assert isinstance(mode.outcome(call), ConnectionError)
+        assert (state("open"), registry.get_sample_value("buttress_health_degradation_level")) == (
+            1,
+            2,
+        )
+        clock.advance(19)
+        assert not wait_for(lambda: state("half_open") == 1, seconds=0.3)
+        clock.advance(1)
+        assert wait_for(lambda: state("half_open") == 1)
+        assert state("open") == 0
+        assert registry.get_sample_value("buttress_health_degradation_level") == 1
+        assert wait_for(lambda: subscriber._watcher is None)  # nothing left to watch
+        assert cbmod.breaker("pay").current_state == "open"  # the breaker was not moved
+        # A failed trial opens it again, for another 20 s: watched again.
+        assert isinstance(mode.outcome(call), ConnectionError)
+        assert state("open") == 1
+        clock.advance(20)
+        assert wait_for(lambda: state("half_open") == 1)
+
+
+def test_multiprocess_queue_depth_drops_after_a_queue_timeout(clock):
+    registry = CollectorRegistry()
+    release = threading.Event()
+    entered = threading.Event()
+
+    @with_bulkhead(name="db", limit=1, max_queue=1, queue_timeout=5)
+    def hold():
+        entered.set()
+        release.wait(10)
+        return "done"
+
+    def depth():
+        return registry.get_sample_value("buttress_bulkhead_queue_depth", {"service": "db"})
+
+    with attached(PrometheusSubscriber(registry, multiprocess=True)):
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert entered.wait(5)
+        outcome = []
+        waiter = threading.Thread(target=lambda: outcome.append(_outcome(hold)))
+        waiter.start()
+        assert wait_for(lambda: depth() == 1)
+        for _ in range(100):  # until the queued call has timed out (it may not wait yet)
+            clock.advance(5)
+            waiter.join(0.05)
+            if not waiter.is_alive():
+                break
+        assert type(outcome[0]).__name__ == "BulkheadFullError"
+        assert depth() == 0
+        release.set()
+        holder.join(5)
+
+
+def test_multiprocess_queue_depth_drops_when_a_queued_task_times_out(clock):
+    registry = CollectorRegistry()
+
+    async def hang():
+        await asyncio.Event().wait()  # until cancelled
+
+    held = with_bulkhead(name="db", limit=1, max_queue=1)(hang)
+    timed = with_timeout(name="db", seconds=1)(held)
+
+    def depth():
+        return registry.get_sample_value("buttress_bulkhead_queue_depth", {"service": "db"})
+
+    async def scenario():
+        holder = asyncio.create_task(held())
+        await asyncio.sleep(0)
+        queued = asyncio.create_task(timed())
+        for _ in range(20):  # until it waits in the queue
+            await asyncio.sleep(0)
+        assert depth() == 1
+        clock.advance(1)  # its timeout cancels it out of the queue; the holder keeps its slot
+        outcome = await asyncio.gather(queued, return_exceptions=True)
+        in_queue = depth()
+        holder.cancel()
+        await asyncio.gather(holder, return_exceptions=True)
+        return outcome[0], in_queue
+
+    with attached(PrometheusSubscriber(registry, multiprocess=True)):
+        outcome, in_queue = asyncio.run(scenario())
+    assert type(outcome).__name__ == "TimeoutExceededError"
+    assert in_queue == 0
+
+
+def _outcome(fn):
+    try:
+        return fn()
+    except Exception as exc:
+        return exc
 
 
 def test_multiprocess_circuit_state_is_inferred_from_a_rejection():
@@ -538,6 +690,42 @@ def test_two_worker_processes_and_one_scrape(tmp_path):
     assert one["buttress_circuit_breaker_state", (service, ("state", "open"))] == 1
     assert one["buttress_bulkhead_limit", (service,)] == 5
     assert one["buttress_calls_total", (("outcome", "success"), service)] == 6
+
+
+IDLE_WORKER = """
+import os, threading
+from buttress import circuit_breaker, instrumentation
+instrumentation.install_defaults()
+
+@circuit_breaker(name="openfga", fail_max=1, timeout=0.2)
+def check():
+    raise ConnectionError("down")
+
+try:
+    check()
+except ConnectionError:
+    pass
+threading.Event().wait(0.6)  # idle, as an instance its load balancer dropped: no call at all
+print(os.getpid())
+"""
+
+
+@pytest.mark.realtime
+def test_an_idle_worker_writes_its_open_circuit_ready_to_probe(tmp_path):
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(SRC)}
+    worker = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(IDLE_WORKER)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert worker.returncode == 0, worker.stderr
+    values = scrape(env)
+    service = ("service", "openfga")
+    assert values["buttress_circuit_breaker_state", (service, ("state", "half_open"))] == 1
+    assert values["buttress_circuit_breaker_state", (service, ("state", "open"))] == 0
+    assert values["buttress_health_degradation_level", ()] == 1
 
 
 # --- docs/metrics.md ------------------------------------------------------------------------------

@@ -128,8 +128,16 @@ class Model:
             if self.successes >= self.success_threshold:
                 self.enter("closed", now)
 
+    def visible_state(self, now: float) -> str:
+        """What health reads: an open circuit whose time ran out is ready to probe (half-open)."""
+        if self.state == "open" and now >= self.opened_at + TIMEOUT:
+            return "half_open"
+        return self.state
+
     def seconds_left_open(self, now: float) -> float | None:
-        return max(0.0, self.opened_at + TIMEOUT - now) if self.state == "open" else None
+        if self.visible_state(now) != "open":
+            return None
+        return self.opened_at + TIMEOUT - now
 
 
 @dataclass
@@ -232,7 +240,7 @@ class BreakerMachine(RuleBasedStateMachine):
             return
         snap = self.breaker.snapshot()
         model = self.model
-        assert snap["state"] == model.state
+        assert snap["state"] == model.visible_state(self.clock.monotonic())
         assert snap["failures"] == model.failures
         assert snap["successes"] == model.successes
         assert snap["trials_in_flight"] == model.trials

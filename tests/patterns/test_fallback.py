@@ -354,6 +354,21 @@ def test_cache_alone_with_nothing_cached_lets_the_failure_through(mode, clock: F
 # -- shadow mode, build ----------------------------------------------------------------------------
 
 
+# Raised again and again, like an exception a module keeps as a constant.
+REUSED = ConnectionError("reused")
+
+
+def test_a_reused_exception_keeps_one_fallback_note(mode, clock: FakeClock) -> None:
+    REUSED.__notes__ = ["the caller's own note"]
+    protected = protect(mode, raising(REUSED), handler=raising(KeyError("no replica")))
+    for _ in range(1000):
+        assert mode.outcome(protected) is REUSED
+    assert notes(REUSED) == [
+        "the caller's own note",
+        "buttress fallback (svc): every alternative failed: raising.<locals>.body raised KeyError",
+    ]
+
+
 def test_shadow_mode_reports_the_fallback_it_would_have_used(mode) -> None:
     down = ConnectionError("down")
     called: list[BaseException] = []

@@ -6,9 +6,14 @@ import asyncio
 import concurrent.futures
 import contextvars
 import email.utils
+import http.server
+import socket
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
+import aiohttp
 import httpx
 import pytest
 import requests
@@ -120,6 +125,22 @@ def test_exhausted_retries_raise_the_last_original_exception_with_a_note(
         events.RetryExhausted("svc", 3, "ConnectionError", "max_attempts")
     ]
     assert notes(first) == notes(second) == []
+
+
+# Raised again and again, like an exception a module keeps as a constant.
+REUSED = ConnectionError("reused")
+
+
+def test_a_reused_exception_keeps_one_retry_note(mode, clock: FakeClock) -> None:
+    REUSED.__notes__ = ["the caller's own note"]
+    protected = protect(mode, Script(REUSED), max_attempts=2)
+    for _ in range(1000):
+        assert mode.outcome(protected) is REUSED
+    assert notes(REUSED) == [
+        "the caller's own note",
+        "buttress retry (svc): gave up after 2 attempts (max_attempts): "
+        "#1 ConnectionError, backoff 0.1s; #2 ConnectionError",
+    ]
 
 
 def test_max_attempts_counts_the_first_call(mode, clock: FakeClock) -> None:
@@ -282,6 +303,22 @@ def test_retry_on_a_predicate(mode, clock: FakeClock) -> None:
     script = Script(broken)
     assert mode.outcome(protect(mode, script, retry_on=flaky_only)) is broken
     assert script.calls == 1
+
+
+@pytest.mark.parametrize(
+    "outcomes", [("a", "b", "ok"), ("a", "b", "c")], ids=["recovers", "gives_up"]
+)
+def test_the_predicate_runs_once_per_failed_attempt(mode, clock: FakeClock, outcomes) -> None:
+    asked: list[str] = []
+
+    def counting(exc: BaseException) -> bool:
+        asked.append(str(exc))
+        return True
+
+    script = Script(*(o if o == "ok" else ConnectionError(o) for o in outcomes))
+    mode.outcome(protect(mode, script, retry_on=counting, max_attempts=3))
+    assert script.calls == 3
+    assert asked == [o for o in outcomes if o != "ok"]
 
 
 def test_rejections_are_never_retried_even_when_listed(mode, clock: FakeClock) -> None:
@@ -597,3 +634,212 @@ def test_retry_inside_with_timeout_stops_before_the_deadline(mode, clock: FakeCl
     assert clock.sleeps == [0.3, 0.6]
     assert script.calls == 3
     assert [e.reason for e in seen] == ["deadline"]
+
+
+# -- which calls are repeated: real clients against a local server --------------------------------
+
+
+class _Upstream(http.server.BaseHTTPRequestHandler):
+    """Answers 503 on /busy, hangs up without an answer on /hangup, stalls on /stall."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # quiet: the test output is not the place for an access log
+
+    def answer(self) -> None:
+        server: Any = self.server
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        with server.lock:
+            server.seen.append(self.command)
+        if self.path == "/hangup":
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if self.path == "/stall":
+            server.release.wait(5)
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD = do_PUT = do_DELETE = do_POST = do_PATCH = answer
+
+
+@pytest.fixture
+def upstream() -> Iterator[Any]:
+    server: Any = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
+    server.daemon_threads = True
+    server.seen, server.lock, server.release = [], threading.Lock(), threading.Event()
+    server.url = f"http://127.0.0.1:{server.server_port}"
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    yield server
+    server.release.set()
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    # Bound but not listening: every connection attempt is refused, and no one else can take it.
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    yield sock.getsockname()[1]
+    sock.close()
+
+
+def clients(mode) -> list[str]:
+    """The HTTP clients of this mode; each request raises on an error status, as users do."""
+    return ["httpx", "aiohttp"] if mode.is_async else ["httpx", "requests"]
+
+
+def http_call(mode, library: str, method: str, url: str, **options: Any) -> Any:
+    """A protectable function sending ``method url`` with a fresh client, and its call count."""
+    headers = options.pop("headers", {})
+    read_timeout = options.pop("read_timeout", 5.0)
+    calls: list[int] = []
+
+    def send() -> None:
+        calls.append(1)
+        if library == "httpx":
+            with httpx.Client(timeout=httpx.Timeout(5.0, read=read_timeout)) as client:
+                client.request(method, url, headers=headers).raise_for_status()
+        else:
+            response = requests.request(method, url, headers=headers, timeout=(5.0, read_timeout))
+            response.raise_for_status()
+
+    async def asend() -> None:
+        calls.append(1)
+        if library == "httpx":
+            timeout = httpx.Timeout(5.0, read=read_timeout)
+            async with httpx.AsyncClient(timeout=timeout) as client:
+                (await client.request(method, url, headers=headers)).raise_for_status()
+        else:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.request(method, url, headers=headers) as response,
+            ):
+                response.raise_for_status()
+
+    return (asend if mode.is_async else send), calls
+
+
+def attempts(mode, library: str, method: str, url: str, **options: Any) -> int:
+    """How many times a 3-attempt retry sent ``method url`` before giving up."""
+    retry_options = {k: options.pop(k) for k in ("idempotent",) if k in options}
+    fn, calls = http_call(mode, library, method, url, **options)
+    protected = buttress.retry_with_backoff(max_attempts=3, jitter="none", **retry_options)(fn)
+    assert isinstance(mode.outcome(protected), Exception)  # each library raises its own type
+    return len(calls)
+
+
+def test_a_post_or_patch_answered_with_an_error_is_not_repeated_by_default(
+    mode, upstream, clock: FakeClock
+) -> None:
+    with capture_events([events.RetryExhausted]) as seen:
+        for library in clients(mode):
+            for method in ("POST", "PATCH"):
+                assert attempts(mode, library, method, upstream.url + "/busy") == 1, library
+    assert upstream.seen == ["POST", "PATCH"] * 2
+    assert [e.reason for e in seen] == ["not_idempotent"] * 4
+
+
+def test_idempotent_methods_keyed_posts_and_declared_calls_are_repeated(
+    mode, upstream, clock: FakeClock
+) -> None:
+    busy = upstream.url + "/busy"
+    for library in clients(mode):
+        for method in ("GET", "PUT", "DELETE"):
+            assert attempts(mode, library, method, busy) == 3, (library, method)
+        keyed = {"Idempotency-Key": "k1"}
+        assert attempts(mode, library, "POST", busy, headers=keyed) == 3, library
+        assert attempts(mode, library, "POST", busy, idempotent=True) == 3, library
+    assert len(upstream.seen) == 30
+
+
+def test_a_post_the_server_hung_up_on_is_not_repeated(mode, upstream, clock: FakeClock) -> None:
+    # The server read the request, then closed the connection: it may have acted on it.
+    # (aiohttp's ServerDisconnectedError does not say which request it was about: see the docs.)
+    hangup = upstream.url + "/hangup"
+    for library in [c for c in clients(mode) if c != "aiohttp"]:
+        assert attempts(mode, library, "POST", hangup) == 1, library
+        assert attempts(mode, library, "GET", hangup) == 3, library
+
+
+@pytest.mark.realtime
+def test_a_post_whose_answer_timed_out_is_not_repeated(mode, upstream, clock: FakeClock) -> None:
+    stall = upstream.url + "/stall"
+    assert attempts(mode, "httpx", "POST", stall, read_timeout=0.1) == 1
+    assert attempts(mode, "httpx", "GET", stall, read_timeout=0.1) == 3
+
+
+def test_a_connection_never_made_is_repeated_even_when_not_idempotent(
+    mode, closed_port: int, clock: FakeClock
+) -> None:
+    url = f"http://127.0.0.1:{closed_port}/"
+    with capture_events([events.RetryExhausted]) as seen:
+        for library in clients(mode):
+            assert attempts(mode, library, "POST", url, idempotent=False) == 3, library
+    assert [e.reason for e in seen] == ["max_attempts"] * 2
+
+
+def test_a_refused_socket_or_redis_connection_is_repeated_even_when_not_idempotent(
+    mode, closed_port: int, clock: FakeClock
+) -> None:
+    import redis
+    import redis.asyncio
+    import redis.asyncio.retry
+    import redis.backoff
+    import redis.retry
+
+    calls: list[str] = []
+
+    def refused_socket() -> None:
+        calls.append("socket")
+        socket.create_connection(("127.0.0.1", closed_port), timeout=5).close()
+
+    def redis_ping() -> None:
+        calls.append("redis")
+        # redis-py's own retries off, so every attempt is buttress's.
+        no_retry = redis.retry.Retry(redis.backoff.NoBackoff(), 0)
+        with redis.Redis(port=closed_port, retry=no_retry) as client:
+            client.ping()
+
+    async def aredis_ping() -> None:
+        calls.append("redis")
+        no_retry = redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0)
+        client = redis.asyncio.Redis(port=closed_port, retry=no_retry)
+        try:
+            await client.ping()
+        finally:
+            await client.aclose()
+
+    bodies = [mode.define(refused_socket), aredis_ping if mode.is_async else redis_ping]
+    for body in bodies:
+        protected = buttress.retry_with_backoff(max_attempts=3, idempotent=False)(body)
+        assert isinstance(mode.outcome(protected), ConnectionError | redis.ConnectionError)
+    assert calls == ["socket"] * 3 + ["redis"] * 3
+
+
+def test_a_later_attempt_that_may_have_reached_the_server_stops_the_retries(
+    mode, clock: FakeClock
+) -> None:
+    request = httpx.Request("POST", "http://127.0.0.1/charges")
+    refused = httpx.ConnectError("refused", request=request)
+    timed_out = httpx.ReadTimeout("no answer", request=request)
+    script = Script(refused, timed_out, "never reached")
+    with capture_events([events.RetryExhausted]) as seen:
+        assert mode.outcome(protect(mode, script, initial=0.5)) is timed_out
+    assert script.calls == 2
+    assert seen == [events.RetryExhausted("svc", 2, "ReadTimeout", "not_idempotent")]
+    assert notes(timed_out) == [
+        "buttress retry (svc): attempt 2 raised ReadTimeout after the request may have reached "
+        "the server, and it is not idempotent: #1 ConnectError, backoff 0.5s; #2 ReadTimeout"
+    ]
+
+
+def test_a_rejection_is_repeated_even_when_not_idempotent(mode, clock: FakeClock) -> None:
+    # Rejected calls never reached the dependency: waiting out retry_after is always safe.
+    script = Script(RateLimitedError("limited", service="svc", retry_after=1.0), "ok")
+    assert mode.run(protect(mode, script, retry_rejected=True, idempotent=False)) == "ok"

@@ -1,6 +1,7 @@
 """Which failures are transient, and what a server's Retry-After header asks for.
 
-The HTTP errors are real httpx, requests, urllib3 and aiohttp objects built locally (no network).
+The errors are real httpx, requests, urllib3, aiohttp and redis-py objects built locally (no
+network).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import textwrap
 import aiohttp
 import httpx
 import pytest
+import redis.exceptions
 import requests
 import urllib3
+import yarl
 from multidict import CIMultiDict
 
 from buttress.exceptions import (
@@ -73,6 +76,18 @@ NETWORK_ERRORS = [
     aiohttp.ServerDisconnectedError(),
     aiohttp.ServerTimeoutError("slow"),
     aiohttp.ClientPayloadError("truncated body"),
+    redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused."),
+    redis.exceptions.ConnectionError("Connection closed by server."),
+    redis.exceptions.TimeoutError("Timeout reading from 127.0.0.1:6379"),
+    redis.exceptions.MaxConnectionsError("Too many connections"),
+]
+
+# The server answered, but only to say "not now": worth another try, though not a network error.
+REDIS_BUSY = [
+    redis.exceptions.BusyLoadingError("Redis is loading the dataset in memory"),
+    redis.exceptions.TryAgainError("TRYAGAIN Multiple keys request during rehashing of slot"),
+    redis.exceptions.ClusterDownError("CLUSTERDOWN The cluster is down"),
+    redis.exceptions.MasterDownError("MASTERDOWN Link with MASTER is down"),
 ]
 
 NOT_TRANSIENT = [
@@ -94,6 +109,12 @@ NOT_TRANSIENT = [
     requests.exceptions.MissingSchema("no scheme"),
     aiohttp.ServerFingerprintMismatch(b"a", b"b", "127.0.0.1", 443),
     aiohttp.InvalidURL("not a url"),
+    redis.exceptions.ResponseError("WRONGTYPE Operation against a key holding the wrong kind"),
+    redis.exceptions.AuthenticationError("invalid username-password pair"),
+    redis.exceptions.AuthorizationError("NOPERM"),
+    redis.exceptions.DataError("Invalid input of type: 'dict'"),
+    redis.exceptions.NoScriptError("NOSCRIPT No matching script"),
+    redis.exceptions.ReadOnlyError("READONLY You can't write against a read only replica."),
 ]
 
 
@@ -109,6 +130,12 @@ def test_programming_errors_rejections_and_tls_failures_are_not_transient(
 ) -> None:
     assert _transient.is_network(exc) is False
     assert _transient.is_transient(exc) is False
+
+
+@pytest.mark.parametrize("exc", REDIS_BUSY, ids=lambda e: type(e).__name__)
+def test_a_busy_or_failing_over_redis_is_transient_not_network(exc: BaseException) -> None:
+    assert _transient.is_transient(exc) is True
+    assert _transient.is_network(exc) is False
 
 
 @pytest.mark.parametrize("make", HTTP_ERRORS, ids=lambda f: f.__name__)
@@ -193,3 +220,93 @@ def test_classification_never_imports_an_http_library() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
     ).stdout.strip()
     assert out == "(True, False, None) []"
+
+
+def _redis_error_from(cause: BaseException) -> redis.exceptions.ConnectionError:
+    try:
+        raise redis.exceptions.ConnectionError("Error connecting") from cause
+    except redis.exceptions.ConnectionError as exc:
+        return exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (ConnectionRefusedError(111, "refused"), True),
+        (httpx.ConnectError("refused"), True),
+        (httpx.ConnectTimeout("slow connect"), True),
+        (httpx.PoolTimeout("no connection free"), True),
+        (requests.ConnectTimeout("slow connect"), True),
+        (
+            requests.ConnectionError(
+                urllib3.exceptions.MaxRetryError(
+                    None,  # type: ignore[arg-type]
+                    "/",
+                    urllib3.exceptions.NewConnectionError(None, "refused"),  # type: ignore[arg-type]
+                )
+            ),
+            True,
+        ),
+        (aiohttp.ConnectionTimeoutError("slow connect"), True),
+        (_redis_error_from(ConnectionRefusedError(111, "refused")), True),
+        # The request may have been sent: a reset, a read timeout, a dropped answer.
+        (ConnectionResetError(104, "reset"), False),
+        (httpx.ReadTimeout("slow"), False),
+        (httpx.RemoteProtocolError("hung up"), False),
+        (requests.ReadTimeout("slow"), False),
+        (requests.ConnectionError(urllib3.exceptions.ProtocolError("aborted")), False),
+        (aiohttp.ServerDisconnectedError(), False),
+        (aiohttp.SocketTimeoutError("slow read"), False),
+        (_redis_error_from(ConnectionResetError(104, "reset")), False),
+        (redis.exceptions.TimeoutError("Timeout reading"), False),
+    ],
+    ids=lambda v: v if isinstance(v, bool) else type(v).__name__,
+)
+def test_never_sent_only_when_no_connection_was_made(exc: BaseException, expected: bool) -> None:
+    assert _transient.never_sent(exc) is expected
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "expected"),
+    [
+        ("POST", {}, True),
+        ("PATCH", {}, True),
+        ("post", {}, True),
+        ("POST", {"Idempotency-Key": "k1"}, False),
+        ("POST", {"idempotency-key": "k1"}, False),
+        ("POST", {"Idempotency-Key": ""}, True),
+        ("GET", {}, False),
+        ("HEAD", {}, False),
+        ("OPTIONS", {}, False),
+        ("PUT", {}, False),
+        ("DELETE", {}, False),
+        ("TRACE", {}, False),
+    ],
+)
+def test_not_idempotent_reads_the_method_and_idempotency_key_of_each_library(
+    method: str, headers: dict[str, str], expected: bool
+) -> None:
+    url = "http://127.0.0.1/resource"
+    request = httpx.Request(method, url, headers=headers)
+    response = httpx.Response(503, request=request)
+    prepared = requests.Request(method, url, headers=headers).prepare()
+    info = aiohttp.RequestInfo(yarl.URL(url), method, CIMultiDict(headers), yarl.URL(url))
+    for exc in (
+        httpx.HTTPStatusError("503", request=request, response=response),
+        httpx.ReadTimeout("slow", request=request),
+        requests.HTTPError("503", request=prepared),
+        requests.ReadTimeout("slow", request=prepared),
+        aiohttp.ClientResponseError(info, (), status=503),
+    ):
+        assert _transient.not_idempotent(exc) is expected, type(exc).__name__
+
+
+def test_an_error_that_names_no_request_is_not_judged() -> None:
+    for exc in (
+        httpx.ReadTimeout("made without a request"),
+        requests.ReadTimeout("made without a request"),
+        aiohttp.ServerDisconnectedError(),
+        ConnectionResetError(104, "reset"),
+        redis.exceptions.ConnectionError("Connection closed by server."),
+    ):
+        assert _transient.not_idempotent(exc) is False, type(exc).__name__

@@ -54,3 +54,22 @@ async def policy_acalls(policy: Policy) -> bool:
 
 
 _: Callable[..., Awaitable[bool]] = check_permission
+
+
+class Client:
+    # Above @staticmethod / @classmethod: still a static or class method for the type checker.
+    @circuit_breaker(name="client")
+    @staticmethod
+    def ping(host: str) -> bool:
+        return bool(host)
+
+    @retry_with_backoff(max_attempts=2)
+    @classmethod
+    async def create(cls, url: str) -> Client:
+        return cls()
+
+
+async def use_client() -> None:
+    assert_type(Client().ping("h"), bool)
+    assert_type(Client.ping("h"), bool)
+    assert_type(await Client.create("u"), Client)

@@ -49,8 +49,11 @@ class ClientFigures:
     circuit_trips: int | None  # closed -> open
     failed_trials: int | None  # half-open -> open: a trial call failed, the circuit re-opened
     fallbacks_served: int | None
-    faults_injected: int
-    time_to_recover: float | None  # recovery start -> first answer from the upstream
+    faults_injected: int  # by chaos, under this client (both clients have the same rates)
+    faults_by_kind: dict[str, int]  # exception (failed connection), latency (delay)
+    # From the start of the recovery phase to the first answer from the upstream to a request
+    # sent after it (see the report's note on it).
+    time_to_recover: float | None
     errors: dict[str, int]
 
 
@@ -88,6 +91,10 @@ class Report:
     transitions: tuple[Transition, ...]
     # When the circuit (of worker 0) closed for the last time, if it ended the run closed.
     circuit_closed_at: float | None
+    # The state of that circuit when the recovery phase began.
+    circuit_at_recovery: str
+    # What chaos injected, and where (traffic.describe_chaos).
+    chaos: str
 
     def client(self, name: str) -> ClientFigures:
         return next(c for c in self.clients if c.client == name)
@@ -145,7 +152,17 @@ class Report:
                 _count(unprotected.faults_injected),
             ),
             (
-                "time to recover",
+                "  failed connections",
+                _count(protected.faults_by_kind.get("exception", 0)),
+                _count(unprotected.faults_by_kind.get("exception", 0)),
+            ),
+            (
+                "  delays",
+                _count(protected.faults_by_kind.get("latency", 0)),
+                _count(unprotected.faults_by_kind.get("latency", 0)),
+            ),
+            (
+                "time to recover (*)",
                 _seconds(protected.time_to_recover),
                 _seconds(unprotected.time_to_recover),
             ),
@@ -154,6 +171,7 @@ class Report:
         lines = [
             f"buttress demo: {self.duration:g} s, seed {self.seed}, {self.workers} worker"
             + ("s" if self.workers != 1 else ""),
+            f"chaos: {self.chaos}",
             "",
             f"{'':<{width}}  {'protected':>14}  {'unprotected':>14}",
         ]
@@ -216,7 +234,38 @@ class Report:
             f"({_rate(_share(protected.answered_by_fallback, protected.requests))} of calls "
             f"answered by a fallback), {_rate(unprotected.success_rate)} unprotected."
         )
+        notes.append(self._recovery_note())
         return notes
+
+    def _recovery_note(self) -> str:
+        recovery = self.schedule.get("recovery")
+        note = (
+            f"(*) Time to recover: from the start of the recovery phase ({recovery.start:.1f} s), "
+            "when the upstream answers normally again, to the first answer a client got from the "
+            "upstream itself for a request sent after that (a fallback does not count). The "
+            "unprotected client sends every request to the upstream, so its next request sees "
+            "the recovery."
+        )
+        state = self.circuit_at_recovery
+        if state in ("open", "forced_open"):
+            note += (
+                f" The protected client's circuit was {state} then: it answered from fallbacks "
+                "and sent nothing until the circuit's open time (circuit_breaker.timeout) had "
+                "passed and a trial call succeeded. That wait is on purpose: a dependency that "
+                "just came back is probed, not hit by every caller at once."
+            )
+        elif state == "half_open":
+            note += (
+                " The protected client's circuit was half-open then: its first requests were "
+                "the trial calls that closed it."
+            )
+        else:
+            note += (
+                f" The protected client's circuit was {state} then, so its next request went "
+                "to the upstream as well; a difference comes from what that request met (a "
+                "fault injected by chaos, a retry, a wait in the bulkhead)."
+            )
+        return note
 
 
 def _share(part: int, whole: int) -> float | None:
@@ -250,8 +299,12 @@ def build_report(
     records: Iterable[CallRecord],
     observed: Iterable[Observed],
     hits: Iterable[Hit],
+    chaos: str,
 ) -> Report:
-    """Compute every figure of the report from the three records of the run."""
+    """Compute every figure of the report from the three records of the run.
+
+    ``chaos`` says what chaos injected, and where (``traffic.describe_chaos()``).
+    """
     records = list(records)
     observed = list(observed)
     hits = list(hits)
@@ -262,6 +315,9 @@ def build_report(
     )
     own = [t for t in transitions if t.worker == 0]
     closed_at = own[-1].at if own and own[-1].new_state == "closed" else None
+    recovery = schedule.get("recovery").start
+    before = [t for t in own if t.at <= recovery]
+    at_recovery = before[-1].new_state if before else "closed"
 
     clients = tuple(
         _client_figures(
@@ -288,6 +344,8 @@ def build_report(
         phases=phases,
         transitions=transitions,
         circuit_closed_at=closed_at,
+        circuit_at_recovery=at_recovery,
+        chaos=chaos,
     )
 
 
@@ -330,6 +388,13 @@ def _client_figures(
         failed_trials=_opened(transitions, "half_open") if protected else None,
         fallbacks_served=kinds[events.FallbackUsed] if protected else None,
         faults_injected=kinds[events.ChaosInjected],
+        faults_by_kind=dict(
+            Counter(
+                o.event.kind
+                for o in observed
+                if o.client == client and type(o.event) is events.ChaosInjected
+            )
+        ),
         time_to_recover=None if first_answer is None else first_answer - recovery.start,
         errors=dict(Counter(r.error_type for r in mine if r.error_type is not None)),
     )

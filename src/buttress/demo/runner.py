@@ -31,6 +31,7 @@ from buttress.demo.traffic import (
     EventLog,
     Observed,
     Traffic,
+    describe_chaos,
 )
 from buttress.demo.upstream import DESCRIPTIONS, FlakyUpstream, Hit
 from buttress.exceptions import ConfigurationError
@@ -283,6 +284,7 @@ def run(options: DemoOptions, *, out: TextIO) -> DemoResult:
     """
     schedule = build_schedule(options.duration, options.seed)
     env, notes = _load_settings(options, schedule)
+    chaos = describe_chaos()
     # A process that ran the demo before (a test session) must not start with its open circuit.
     circuit_breaker.breaker(SERVICE).reset()
     upstream = FlakyUpstream(schedule, options.seed, started=_clock.monotonic())
@@ -299,6 +301,7 @@ def run(options: DemoOptions, *, out: TextIO) -> DemoResult:
             schedule=schedule,
             upstream=upstream.url,
             endpoints=endpoints.base,
+            chaos=chaos,
             notes=notes,
             out=out,
         )
@@ -342,6 +345,7 @@ def run(options: DemoOptions, *, out: TextIO) -> DemoResult:
         records=records,
         observed=observed,
         hits=hits,
+        chaos=chaos,
     )
     timeline = write_timeline(report, records, hits, options.output)
     print("", file=out)
@@ -362,6 +366,7 @@ def _introduce(
     schedule: Schedule,
     upstream: str,
     endpoints: str,
+    chaos: str,
     notes: list[str],
     out: TextIO,
 ) -> None:
@@ -370,7 +375,6 @@ def _introduce(
     print(f"  metrics   {endpoints}/metrics", file=out)
     print(f"  health    {endpoints}/health", file=out)
     print(f"  settings  {options.config_file}", file=out)
-    chaos = "armed (services.network.chaos)" if options.chaos else "off (--no-chaos)"
     print(f"  chaos     {chaos}", file=out)
     if options.workers > 1:
         shared = f"circuit shared in {options.redis}" if options.redis else "each its own circuit"

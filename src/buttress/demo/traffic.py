@@ -6,8 +6,11 @@ Both clients fetch ``/items/<id>`` from the flaky upstream over httpx, from ``de
 timeout and bulkhead, all from settings (``config/demo.toml``). The *unprotected* client is what
 most code does: one request with a generous timeout.
 
-Under both, the same chaos layer (service ``network``) injects a few connection failures and
-delays, as a real network would.
+Under both, the same chaos layer (settings of service ``network``) injects a few connection
+failures and delays, as a real network would: the same rates for both clients, each drawing from a
+random stream of its own, so that one client's traffic never changes which faults the other
+meets. Only the protected client has anything to handle them with. Chaos is off with
+``--no-chaos`` (:func:`describe_chaos` says what a run injects).
 
 What happened is recorded twice, independently: each call's latency and outcome here (as the
 caller saw it), and every buttress event with the client that caused it (a context variable set
@@ -20,14 +23,16 @@ import asyncio
 import contextvars
 import random
 import threading
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import httpx
 
-from buttress import Policy, _clock, events, remaining, resilient, with_chaos
+from buttress import Policy, _clock, config, events, remaining, resilient, with_chaos
 from buttress.demo.upstream import CLIENT_HEADER
+from buttress.patterns import chaos
 from buttress.patterns.circuit_breaker import breaker
 from buttress.patterns.redis_storage import SharedStateStorage
 
@@ -40,6 +45,7 @@ __all__ = [
     "EventLog",
     "Observed",
     "Traffic",
+    "describe_chaos",
 ]
 
 SERVICE: Final = "inventory"  # the protected call sites (settings: services.inventory)
@@ -156,9 +162,28 @@ def _deadline() -> float:
     return UNPROTECTED_TIMEOUT if left is None else max(left, 0.001)
 
 
-def _network(seed: int) -> Policy:
-    # Settings (services.network.chaos) say whether and how often; the code fixes the seed.
-    return with_chaos(name=NETWORK, seed=seed)
+def _network(seed: int, client: str, site: str) -> Policy:
+    # Settings (services.network.chaos) say whether and how often; the code fixes the seed, one
+    # per client and kind of call site, so that each client meets the faults of its own stream.
+    return with_chaos(name=NETWORK, seed=zlib.crc32(f"{seed}/{client}/{site}".encode()))
+
+
+def describe_chaos() -> str:
+    """What the chaos layer injects with the settings in force, and where."""
+    if not chaos.armed():
+        return "off (--no-chaos): no fault injected"
+    options = cast("chaos.ChaosOptions", config.resolve(NETWORK, "chaos"))
+    faults = []
+    if options.enabled and options.exception_rate:
+        faults.append(f"{options.exception_rate:.0%} of requests fail to connect")
+    if options.enabled and options.latency_rate:
+        faults.append(f"{options.latency_rate:.0%} are delayed {options.latency_seconds:g} s")
+    if not faults:
+        return f"off: services.{NETWORK}.chaos injects nothing"
+    return (
+        f"{', '.join(faults)}, under both clients alike (services.{NETWORK}.chaos; each client "
+        "draws its own faults)"
+    )
 
 
 Fetch = Callable[[int], Any]
@@ -167,28 +192,30 @@ AsyncFetch = Callable[[int], Awaitable[Any]]
 
 def sync_clients(http: httpx.Client, seed: int) -> dict[str, Fetch]:
     """The ``def`` call sites of both clients over one connection pool."""
-    get = _network(seed)(_get)
+    protected_get = _network(seed, PROTECTED, "sync")(_get)
+    unprotected_get = _network(seed, UNPROTECTED, "sync")(_get)
 
     @resilient(SERVICE, fallback={"value": DEGRADED})
     def protected_fetch(item: int) -> Any:
-        return get(http, PROTECTED, item, _deadline())
+        return protected_get(http, PROTECTED, item, _deadline())
 
     def unprotected_fetch(item: int) -> Any:
-        return get(http, UNPROTECTED, item, UNPROTECTED_TIMEOUT)
+        return unprotected_get(http, UNPROTECTED, item, UNPROTECTED_TIMEOUT)
 
     return {PROTECTED: protected_fetch, UNPROTECTED: unprotected_fetch}
 
 
 def async_clients(http: httpx.AsyncClient, seed: int) -> dict[str, AsyncFetch]:
     """The ``async def`` call sites of both clients over one connection pool."""
-    aget = _network(seed + 1)(_aget)
+    protected_get = _network(seed, PROTECTED, "async")(_aget)
+    unprotected_get = _network(seed, UNPROTECTED, "async")(_aget)
 
     @resilient(SERVICE, fallback={"value": DEGRADED})
     async def protected_fetch(item: int) -> Any:
-        return await aget(http, PROTECTED, item, _deadline())
+        return await protected_get(http, PROTECTED, item, _deadline())
 
     async def unprotected_fetch(item: int) -> Any:
-        return await aget(http, UNPROTECTED, item, UNPROTECTED_TIMEOUT)
+        return await unprotected_get(http, UNPROTECTED, item, UNPROTECTED_TIMEOUT)
 
     return {PROTECTED: protected_fetch, UNPROTECTED: unprotected_fetch}
 

@@ -19,6 +19,7 @@ worker's values once ``prometheus_client.multiprocess.mark_process_dead(pid)`` r
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from bisect import bisect_left
@@ -331,6 +332,8 @@ CATALOG: tuple[Family, ...] = (
         BulkheadQueued,
         BulkheadAcquired,
         BulkheadReleased,
+        CallRejected,
+        TimeoutExceeded,
     ),
     _gauge(
         "buttress_bulkhead_limit",
@@ -643,6 +646,12 @@ class PrometheusSubscriber:
         self.abandoning: set[str] = set()
         self._opened_at: dict[str, float] = {}
         self._states: dict[str, str] = {}
+        # Multiprocess mode: the services whose circuit this process last wrote as open, each
+        # with the number of that write, and the thread that waits for their open time to run out.
+        self._open: dict[str, int] = {}
+        self._open_writes = itertools.count()
+        self._wake = threading.Event()
+        self._watcher: threading.Thread | None = None
         self.metrics: dict[str, Any] = {}
         if self.multiprocess:
             # An unlabelled gauge shows 0 from the moment it exists in a file, and 0 would read
@@ -890,6 +899,7 @@ class PrometheusSubscriber:
         count_abandoned = single[WorkerAbandoned]
         count_late = single[WorkerFinishedLate]
         count_reload = single[SettingsReloaded]
+        count_timeout = single[TimeoutExceeded]
 
         def on_circuit_call(event: CircuitCallRecorded) -> None:
             count_circuit_call(event)
@@ -922,6 +932,15 @@ class PrometheusSubscriber:
             count_rejected(event)
             if event.pattern == "circuit_breaker":
                 self._seen_circuit(event.service, _STATE_OF_REJECTION.get(event.reason, "open"))
+            elif event.pattern == "bulkhead" and event.reason != "full":
+                # A waiter that gave up (queue_timeout) left the queue with no acquisition or
+                # release to say so: read the depth from the bulkheads themselves.
+                depth[event.service](self._queued(event.service))
+
+        def on_timeout(event: TimeoutExceeded) -> None:
+            count_timeout(event)
+            # An async call that timed out while queued was cancelled out of the queue.
+            depth[event.service](self._queued(event.service))
 
         def on_state_changed(event: CircuitStateChanged) -> None:
             count_change(event)
@@ -956,6 +975,7 @@ class PrometheusSubscriber:
             BulkheadQueued: on_queued,
             RateLimitAcquired: on_rate_limit,
             CallRejected: on_rejected,
+            TimeoutExceeded: on_timeout,
             CircuitStateChanged: on_state_changed,
             CircuitTrialStarted: on_trial,
             WorkerAbandoned: on_abandoned,
@@ -968,13 +988,99 @@ class PrometheusSubscriber:
         if service not in self._states:
             self._write_state(service, state)
 
-    def _write_state(self, service: str, new_state: str) -> None:
+    def _write_state(self, service: str, new_state: str, *, replacing: str | None = None) -> None:
+        """Write the circuit state gauges of ``service`` (if still ``replacing``, when given)."""
         states = self._set["buttress_circuit_breaker_state"]
         with self._lock:
+            if replacing is not None and self._states.get(service) != replacing:
+                return  # an event moved the circuit meanwhile: the event's state stands
             self._states[service] = new_state
             for state in CIRCUIT_STATES:
                 states[service, state](1 if state == new_state else 0)
+            if new_state == "open":
+                self._watch(service)
         self._write_level()
+
+    # -- multiprocess mode: an open circuit whose open time runs out with no call ------------------
+    # A breaker moves from open to half-open on the first call after its timeout, and a gauge
+    # file changes only when this process writes it: without this, an instance that its load
+    # balancer stopped sending to would show its circuit open (and its level critical) for ever.
+    # A daemon thread, alive only while a circuit of this process is open, writes ``half_open``
+    # (ready to probe) when the open time runs out, as the breaker's own snapshot then reads.
+
+    def _watch(self, service: str) -> None:
+        # The caller holds self._lock.
+        self._open[service] = next(self._open_writes)
+        if self._watcher is None:
+            self._watcher = threading.Thread(
+                target=self._watch_open_circuits, name="buttress-open-circuits", daemon=True
+            )
+            self._watcher.start()
+        else:
+            self._wake.set()
+
+    def _watch_open_circuits(self) -> None:
+        watching = True
+        try:
+            while watching:
+                watching = self._watch_once()
+        finally:
+            if watching:  # ended by an exception: the next circuit that opens starts another
+                with self._lock:
+                    self._watcher = None
+
+    def _watch_once(self) -> bool:
+        """Look at every watched circuit, wait for the next deadline; False: nothing is left."""
+        with self._lock:
+            watched = dict(self._open)
+            if not watched:
+                self._watcher = None
+                return False
+            self._wake.clear()
+        lefts = [
+            left
+            for service, write in watched.items()
+            if (left := self._still_open(service, write)) is not None
+        ]
+        if lefts:
+            self._sleep(min(lefts))
+        return True
+
+    def _still_open(self, service: str, write: int) -> float | None:
+        """Seconds until the circuit of ``service`` may probe; None once there is nothing to wait
+        for (its gauge now reads half-open, or no breaker of this process is open)."""
+        snapshots = [
+            breaker.snapshot()
+            for breaker in shared_instances("circuit_breaker").values()
+            if breaker.service == service
+        ]
+        left: list[float] = [s["seconds_left_open"] for s in snapshots if s["state"] == "open"]
+        if left:
+            return min(left)
+        if any(s["state"] == "half_open" for s in snapshots):
+            self._write_state(service, "half_open", replacing="open")
+        with self._lock:
+            if self._open.get(service) == write:  # not opened again meanwhile
+                del self._open[service]
+        return None
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` on the buttress clock, or until a circuit opens (``self._wake``).
+
+        In real-time slices, reading the clock between them: under a fake clock (tests) the wait
+        ends once simulated time has passed, and a thread that outlives the fake clock ends too.
+        """
+        deadline = _clock.monotonic() + seconds
+        while (left := deadline - _clock.monotonic()) > 0:
+            if self._wake.wait(min(left, _WATCH_SLICE_SECONDS)):
+                return
+
+    def _queued(self, service: str) -> int:
+        return sum(
+            bulkhead.snapshot()["queued"]
+            for bulkhead in shared_instances("bulkhead").values()
+            if bulkhead.service == service
+        )
 
     def _write_level(self) -> None:
         with self._lock:
@@ -1122,6 +1228,8 @@ _REJECTED = {
     "rate_limit": "buttress_rate_limit_rejected_total",
 }
 _STATE_OF_REJECTION = {"forced_open": "forced_open", "half_open_full": "half_open"}
+# Longest real-time wait of the open-circuit watcher between two readings of the buttress clock.
+_WATCH_SLICE_SECONDS = 0.25
 # A circuit that is down until it closes again, and the states that end that (recovery time).
 _DOWN_STATES = frozenset({"open", "forced_open", "half_open"})
 _UP_STATES = frozenset({"closed", "forced_closed", "disabled"})

@@ -3,15 +3,22 @@
 Shared by retry (its default ``retry_on="transient"``) and fallback (its default ``on``).
 
 * *network* errors: the connection failed or timed out. The builtin ``ConnectionError`` and
-  ``TimeoutError`` (``TimeoutExceededError`` included), and the transport errors of httpx,
-  requests, urllib3 and aiohttp. Certificate and TLS failures are not network errors: trying again
-  gets the same certificate.
+  ``TimeoutError`` (``TimeoutExceededError`` included), the transport errors of httpx, requests,
+  urllib3 and aiohttp, and redis-py's ``ConnectionError`` and ``TimeoutError`` (which are not the
+  builtins). Certificate, TLS and authentication failures are not network errors: trying again
+  gets the same certificate or the same refusal.
 * *transient* errors: network errors, plus HTTP responses 408, 429 and 5xx raised as exceptions by
-  httpx (``HTTPStatusError``), requests (``HTTPError``) and aiohttp (``ClientResponseError``).
+  httpx (``HTTPStatusError``), requests (``HTTPError``) and aiohttp (``ClientResponseError``), and
+  the Redis answers that mean "not now" (``LOADING``, ``TRYAGAIN``, ``CLUSTERDOWN``,
+  ``MASTERDOWN``).
 
-The HTTP libraries are optional and never imported here: their exception classes are looked up in
-``sys.modules`` only when a call has already failed. If a library was never imported, none of its
-exceptions can exist, so a missing module simply means "not one of those".
+Retry also asks whether a failed call is safe to repeat: ``never_sent`` (no connection was made, so
+the server cannot have seen the request) and ``not_idempotent`` (an HTTP request whose method is
+not idempotent and that carries no ``Idempotency-Key``, read from the request the error names).
+
+The HTTP and Redis libraries are optional and never imported here: their exception classes are
+looked up in ``sys.modules`` only when a call has already failed. If a library was never imported,
+none of its exceptions can exist, so a missing module simply means "not one of those".
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import email.utils
 import math
+import socket
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -27,9 +35,24 @@ __all__ = [
     "http_status",
     "is_network",
     "is_transient",
+    "never_sent",
+    "not_idempotent",
     "parse_retry_after",
     "retry_after",
 ]
+
+# RFC 9110 §9.2.2: the methods whose repetition has the same effect on the server as one request.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+
+_REDIS_NOT_NETWORK = (
+    "AuthenticationError",
+    "AuthorizationError",
+    "ExternalAuthProviderError",
+    "BusyLoadingError",
+)
+# Redis answers that mean "not now": loading its data, a slot migrating, a failover under way.
+_REDIS_BUSY = ("BusyLoadingError", "TryAgainError", "ClusterDownError")
 
 
 def _is_transient_status(status: int) -> bool:
@@ -64,7 +87,72 @@ def is_network(exc: BaseException) -> bool:
         return True
     if isinstance(exc, _classes("aiohttp", "ClientSSLError", "ServerFingerprintMismatch")):
         return False
-    return isinstance(exc, _classes("aiohttp", "ClientConnectionError", "ClientPayloadError"))
+    if isinstance(exc, _classes("aiohttp", "ClientConnectionError", "ClientPayloadError")):
+        return True
+    # redis-py's ConnectionError family also holds refused credentials (which another try only
+    # repeats) and a server still loading its data (an answer, counted by is_transient).
+    if isinstance(exc, _classes("redis.exceptions", *_REDIS_NOT_NETWORK)):
+        return False
+    return isinstance(exc, _classes("redis.exceptions", "ConnectionError", "TimeoutError"))
+
+
+def never_sent(exc: BaseException) -> bool:
+    """Whether ``exc`` says no connection was made, so the server cannot have seen the request.
+
+    Connection refused, no address for the host, a connect timeout, no pooled connection free:
+    repeating such a call is safe whatever it does.
+    """
+    if isinstance(exc, ConnectionRefusedError):
+        return True
+    if isinstance(exc, _classes("httpx", "ConnectError", "ConnectTimeout", "PoolTimeout")):
+        return True
+    # urllib3's NewConnectionError (refused, and NameResolutionError) is a ConnectTimeoutError.
+    connect_failed = _classes("urllib3.exceptions", "ConnectTimeoutError")
+    if isinstance(exc, connect_failed + _classes("requests.exceptions", "ConnectTimeout")):
+        return True
+    if isinstance(exc, _classes("requests.exceptions", "ConnectionError")):
+        # requests wraps urllib3's "max retries exceeded", whose reason says what failed.
+        wrapped = exc.args[0] if exc.args else None
+        return isinstance(getattr(wrapped, "reason", None), connect_failed)
+    if isinstance(exc, _classes("aiohttp", "ClientConnectorError", "ConnectionTimeoutError")):
+        return True
+    if isinstance(exc, _classes("redis.exceptions", "ConnectionError")):
+        # redis-py raises its ConnectionError from (5.x: while handling) the socket's own error.
+        cause = exc.__cause__ or exc.__context__
+        return isinstance(cause, ConnectionRefusedError | socket.gaierror)
+    return False
+
+
+def _request(exc: BaseException) -> tuple[str, Mapping[str, str]] | None:
+    """The method and headers of the HTTP request an httpx, requests or aiohttp error is about."""
+    request: Any = None
+    if isinstance(exc, _classes("httpx", "RequestError", "HTTPStatusError")):
+        try:
+            request = getattr(exc, "request", None)
+        except RuntimeError:  # httpx raises when the error was made without a request
+            return None
+    elif isinstance(exc, _classes("requests.exceptions", "RequestException")):
+        request = getattr(exc, "request", None)
+    elif isinstance(exc, _classes("aiohttp", "ClientResponseError")):
+        request = getattr(exc, "request_info", None)
+    method = getattr(request, "method", None)
+    if not isinstance(method, str):
+        return None
+    return method, getattr(request, "headers", None) or {}
+
+
+def not_idempotent(exc: BaseException) -> bool:
+    """Whether ``exc`` is about an HTTP request that must not be sent twice.
+
+    That is a method other than GET, HEAD, OPTIONS, PUT, DELETE and TRACE (POST, PATCH, ...)
+    without an ``Idempotency-Key`` header. ``False`` when the error names no request: aiohttp's
+    transport errors and everything that is not HTTP.
+    """
+    request = _request(exc)
+    if request is None:
+        return False
+    method, headers = request
+    return method.upper() not in IDEMPOTENT_METHODS and not headers.get("Idempotency-Key")
 
 
 def _response(exc: BaseException) -> tuple[int | None, Mapping[str, str] | None]:
@@ -91,6 +179,8 @@ def http_status(exc: BaseException) -> int | None:
 def is_transient(exc: BaseException) -> bool:
     """Network errors and HTTP 408, 429 and 5xx: failures that another try may not repeat."""
     if is_network(exc):
+        return True
+    if isinstance(exc, _classes("redis.exceptions", *_REDIS_BUSY)):
         return True
     status = http_status(exc)
     return status is not None and _is_transient_status(status)

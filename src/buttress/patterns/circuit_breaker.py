@@ -606,15 +606,23 @@ class CircuitBreaker(CompatBreaker):
 
     @property
     def state_label(self) -> str:
-        """closed, open, half_open, forced_open, forced_closed or disabled."""
-        return self._override or self._phase
+        """closed, open, half_open, forced_open, forced_closed or disabled, as health sees it.
+
+        An open circuit whose open time has run out reads ``half_open``: the next call is a
+        trial. Only that call moves the state (reading it changes nothing and takes no trial
+        slot), and an idle service, say one its load balancer stopped sending to, would otherwise
+        read ``open`` for ever.
+        """
+        return self._override or self._visible_phase(_clock.monotonic())
 
     def snapshot(self) -> CircuitSnapshot:
         """The circuit's state and counters, read consistently under the lock.
 
-        A shared circuit reports the fleet's counters as this process last saw them (no request
-        to Redis) and this process's trial calls in flight; under a manual override, the
-        override's own counters.
+        The state is :attr:`state_label`'s: ``half_open`` (and ``seconds_left_open`` None) once
+        an open circuit's time has run out, though the move waits for the next call. A shared
+        circuit reports the fleet's counters as this process last saw them (no request to Redis,
+        and the open time runs from when the fleet's circuit opened, as last seen) and this
+        process's trial calls in flight; under a manual override, the override's own counters.
         """
         remote = self._remote
         known = remote.last_known() if remote is not None else None
@@ -627,12 +635,13 @@ class CircuitBreaker(CompatBreaker):
                 failures, successes = known.failures, known.successes
             else:
                 failures, successes = self._store.counter, self._store.success_counter
+            phase = self._visible_phase(now)
             left: float | None = None
-            if self._override is None and self._phase == OPEN:
-                left = max(0.0, self._opened_at + self.reset_timeout - now)
+            if self._override is None and phase == OPEN:
+                left = self._opened_at + self.reset_timeout - now
             return CircuitSnapshot(
                 service=self.service,
-                state=self._override or self._phase,
+                state=self._override or phase,
                 failures=failures,
                 successes=successes,
                 trials_in_flight=self._trials,
@@ -640,6 +649,13 @@ class CircuitBreaker(CompatBreaker):
                 failure_rate=window.failure_rate if window is not None else None,
                 slow_call_rate=window.slow_call_rate if window is not None else None,
             )
+
+    def _visible_phase(self, now: float) -> str:
+        """The phase, with an open circuit whose open time has run out read as half-open."""
+        phase = self._phase
+        if phase == OPEN and now >= self._opened_at + self.reset_timeout:
+            return HALF_OPEN
+        return phase
 
     # --- pybreaker's public API, rerouted through admit/record -----------------------------------
 

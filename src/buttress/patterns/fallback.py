@@ -22,7 +22,7 @@ from pydantic import Field
 
 from buttress import _clock, events
 from buttress._values import PositiveSeconds
-from buttress.exceptions import ButtressError, ConfigurationError
+from buttress.exceptions import ButtressError, ConfigurationError, set_note
 from buttress.patterns import _transient
 from buttress.patterns._base import AsyncCall, BuildContext, Call, Mode, Options, error_type
 
@@ -178,11 +178,12 @@ class FallbackStrategy:
         self, exc: BaseException, errors: list[tuple[Callable[..., Any], Exception]]
     ) -> None:
         """Nothing could answer: note why on the original exception, which then propagates."""
+        prefix = f"buttress fallback ({self.service}): "
         if errors:
             tried = "; ".join(f"{_name(h)} raised {error_type(e)}" for h, e in errors)
-            exc.add_note(f"buttress fallback ({self.service}): every alternative failed: {tried}")
+            set_note(exc, prefix, f"{prefix}every alternative failed: {tried}")
         else:
-            exc.add_note(f"buttress fallback ({self.service}): no cached result to fall back to")
+            set_note(exc, prefix, f"{prefix}no cached result to fall back to")
         events.emit(events.FallbackFailed(self.service, error_type(exc)))
 
     # -- wrappers ---------------------------------------------------------------------------------

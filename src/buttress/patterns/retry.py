@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 from buttress import _clock, _context, events
 from buttress._context import RetryScope
 from buttress._values import GrowthFactor, Seconds
-from buttress.exceptions import RejectedError
+from buttress.exceptions import RejectedError, set_note
 from buttress.patterns import _transient
 from buttress.patterns._base import AsyncCall, BuildContext, Call, Mode, Options, error_type
 
@@ -51,7 +51,11 @@ class RetryOptions(Options):
         "transient",
         description='"transient" (default), "network", exception types, or a predicate',
     )
-    idempotent: bool = Field(default=True, description="False disables retries for the call site")
+    idempotent: bool | None = Field(
+        default=None,
+        description="true: always safe to repeat; false: repeat only a call never sent; "
+        "unset: decided per HTTP request from its method and Idempotency-Key",
+    )
     respect_retry_after: bool = Field(
         default=True, description="a server's Retry-After sets the delay"
     )
@@ -122,9 +126,8 @@ class RetryStrategy:
         self.options = options
         self._shadow = mode == "shadow"
         self._matches = _predicate(options.retry_on)
-        predicate = tenacity.retry_if_exception(self.retryable)
-        self._retrying = tenacity.Retrying(sleep=_sleep, retry=predicate)
-        self._aretrying = tenacity.AsyncRetrying(sleep=_asleep, retry=predicate)
+        self._retrying = tenacity.Retrying(sleep=_sleep)
+        self._aretrying = tenacity.AsyncRetrying(sleep=_asleep)
 
     # -- decisions --------------------------------------------------------------------------------
     def retryable(self, exc: BaseException) -> bool:
@@ -138,6 +141,20 @@ class RetryStrategy:
         if isinstance(exc, RejectedError):
             return self.options.retry_rejected and exc.retry_after is not None
         return self._matches(exc)
+
+    def repeatable(self, exc: BaseException) -> bool:
+        """Whether running the call again is safe, as far as ``idempotent`` and ``exc`` tell.
+
+        A call that never reached the dependency (refused or timed-out connection, a rejection)
+        is always safe. Otherwise ``idempotent=True`` says yes and ``False`` no; unset, only an
+        HTTP request with a non-idempotent method and no ``Idempotency-Key`` is unsafe.
+        """
+        idempotent = self.options.idempotent
+        if idempotent:
+            return True
+        if isinstance(exc, RejectedError) or _transient.never_sent(exc):
+            return True
+        return idempotent is None and not _transient.not_idempotent(exc)
 
     def delay(self, exc: BaseException, failed_attempt: int, previous: float) -> tuple[float, str]:
         """Seconds to wait after ``failed_attempt`` failed with ``exc``, and the reason.
@@ -188,7 +205,7 @@ class RetryStrategy:
         if not self.retryable(exc):
             return False
         options = self.options
-        if not options.idempotent:
+        if not self.repeatable(exc):
             events.emit(events.RetryExhausted(self.service, 1, error_type(exc), "not_idempotent"))
             return False
         if self._shadow:
@@ -249,6 +266,7 @@ class RetryStrategy:
             raise failure
         run = _Run(self, scope, failure)
         retrying = self._retrying.copy(
+            retry=run.retry,
             before=run.before,
             wait=run.wait,
             stop=run.stop,
@@ -282,6 +300,7 @@ class RetryStrategy:
             raise failure
         run = _Run(self, scope, failure)
         retrying = self._aretrying.copy(
+            retry=run.retry,
             before=run.before,
             wait=run.wait,
             stop=run.stop,
@@ -339,6 +358,29 @@ class _Run:
         return replay
 
     # -- tenacity hooks ---------------------------------------------------------------------------
+    def retry(self, state: tenacity.RetryCallState) -> bool:
+        outcome = cast("tenacity.Future", state.outcome)
+        if not outcome.failed:
+            return False
+        # The replayed first failure was classified by should_retry already: a predicate with a
+        # cost or a side effect (a counter, a log line) runs once per failed attempt.
+        if state.attempt_number == 1:
+            return True
+        strategy = self.strategy
+        exc = _failure(state)
+        if not strategy.retryable(exc):
+            return False
+        if not strategy.repeatable(exc):
+            # The earlier attempts were safe to repeat (say, a refused connection); this one is not.
+            self.gave_up = "not_idempotent"
+            events.emit(
+                events.RetryExhausted(
+                    strategy.service, state.attempt_number, error_type(exc), "not_idempotent"
+                )
+            )
+            return False
+        return True
+
     def before(self, state: tenacity.RetryCallState) -> None:
         self.scope.attempt = state.attempt_number
 
@@ -383,6 +425,11 @@ class _Run:
         attempts = self.scope.attempt
         if self.gave_up == "max_attempts":
             why = f"gave up after {attempts} attempts (max_attempts)"
+        elif self.gave_up == "not_idempotent":
+            why = (
+                f"attempt {attempts} raised {error_type(exc)} after the request may have reached "
+                "the server, and it is not idempotent"
+            )
         elif self.gave_up == "deadline":
             why = (
                 f"gave up after {attempts} attempts: the next wait ({self.upcoming:.3g}s) "
@@ -394,7 +441,8 @@ class _Run:
             f"#{n} {kind}, backoff {slept:.3g}s" for n, (kind, slept) in enumerate(self.history, 1)
         ]
         steps.append(f"#{attempts} {error_type(exc)}")
-        exc.add_note(f"buttress retry ({self.strategy.service}): {why}: {'; '.join(steps)}")
+        prefix = f"buttress retry ({self.strategy.service}): "
+        set_note(exc, prefix, f"{prefix}{why}: {'; '.join(steps)}")
 
 
 def build(ctx: BuildContext) -> RetryStrategy | None:
