@@ -77,6 +77,7 @@ from typing import Any, Final, NamedTuple
 import pybreaker
 
 from buttress import _clock, events
+from buttress._values import redact
 from buttress.exceptions import ConfigurationError
 
 __all__ = [
@@ -1093,7 +1094,7 @@ def make_storage(
     Raises:
         ConfigurationError: the URL is not a Redis URL, or the ``redis`` package is missing.
     """
-    shown = _redact(state_url)
+    shown = redact(state_url)  # the one redaction helper: masked, or nothing of a non-URL
     try:
         # The optional dependency, imported only when a service shares its state.
         import redis.asyncio  # noqa: PLC0415
@@ -1164,16 +1165,3 @@ def _connector(connection_class: Any, kwargs: dict[str, Any]) -> Callable[[], An
         return connection_class(**kwargs)
 
     return connect
-
-
-def _redact(url: str) -> str:
-    """``url`` fit for messages: password masked, and nothing at all of a URL that is not one."""
-    from buttress.config import redact  # noqa: PLC0415 - config imports the patterns
-
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in {"redis", "rediss", "unix"} or not rest:
-        return "<not a redis://, rediss:// or unix:// URL>"
-    try:
-        return redact(url)
-    except ValueError:
-        return "<unparsable URL>"
