@@ -16,7 +16,10 @@ The rest of buttress reads one immutable :class:`Snapshot`, ``config.SNAPSHOT``,
 ``reload_settings()`` validates new settings completely and then replaces the snapshot in one
 assignment, so a call sees either the old settings or the new ones, never a mix. The first snapshot
 is loaded on first use, not at import, so a bad variable cannot make ``import buttress`` (or
-``python -m buttress config check``) fail.
+``python -m buttress config check``) fail. Invalid settings then fail every protected call, except
+while the kill switch reads off: the settings in force are then the switch alone, and calls go
+straight to their functions (an emergency switch that a typo elsewhere could block would not be
+one).
 
 pydantic-settings ignores a misspelled ``BUTTRESS_*`` variable and cannot say which source a bad
 value came from, so this module checks every key against the models itself and keeps, for every
@@ -122,7 +125,7 @@ ADMIN_TOKEN_VARIABLE: Final = "BUTTRESS_ADMIN_TOKEN"  # noqa: S105 - a variable'
 KILL_SWITCH_VARIABLES: Final = ("FF_ENABLE_RESILIENCE_PATTERNS", "BUTTRESS_ENABLED")
 # The BUTTRESS_* variables buttress reads that name no settings key, and what reads them: the
 # settings check accepts exactly these besides the keys, so a typo in any other is still caught.
-# A new variable read anywhere in buttress belongs here (tests/test_config.py checks the source).
+# A new variable read anywhere in buttress belongs here (tests/test_flags.py checks the source).
 OTHER_VARIABLES: Final[Mapping[str, str]] = MappingProxyType(
     {
         CONFIG_FILE_VARIABLE: "the config file to read",

@@ -27,7 +27,6 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
-from buttress._values import shown
 from buttress.exceptions import ConfigurationError
 
 __all__ = [
@@ -136,8 +135,9 @@ def claim(pattern: str, key: str, code_args: Mapping[str, Any], site: str) -> No
             if previous is not None and previous[1] != site and previous[0] != value:
                 raise ConfigurationError(
                     f"service {key!r}: {pattern} argument {name} is given two values in code: "
-                    f"{name}={shown(previous[0])!r} at {previous[1]} and "
-                    f"{name}={shown(value)!r} at {site}. "
+                    # A state_url arrives as a RedisURL (see policy.Spec): its repr masks the
+                    # password.
+                    f"{name}={previous[0]!r} at {previous[1]} and {name}={value!r} at {site}. "
                     "Give both call sites the same value (or give it at one only), move it to "
                     f"settings (services.{key}.{pattern}.{name}), or use different service names.",
                     errors=((f"services.{key}.{pattern}.{name}", site, "conflicting values"),),
