@@ -603,6 +603,25 @@ def test_calls_over_a_services_share_wait_for_one_of_its_workers(clock, monkeypa
     assert pool.snapshot()["pending"] == 0
 
 
+def test_a_nested_timeout_of_the_same_service_runs_in_its_parents_place(clock, monkeypatch):
+    # Every place of the service's share is held by an outer call waiting for its inner call:
+    # the inner calls must not wait for a place (none would ever free up before the deadline).
+    pool = timeout._WorkerPool(max_workers=8)
+    monkeypatch.setattr(timeout, "_POOL", pool)
+    both_outer = threading.Barrier(2, timeout=5)
+    inner = strategy(5, "nest").wrap(lambda a, kw: "inner")
+
+    def outer_body(args, kwargs):
+        both_outer.wait()  # the two places of the share are both taken now
+        return inner((), {})
+
+    outer = strategy(5, "nest").wrap(outer_body)
+    callers = [Caller(outer) for _ in range(2)]
+    for caller in callers:
+        assert caller.done.wait(2), "the inner call waited for a place its parent held"
+    assert [c.outcome for c in callers] == ["inner", "inner"]
+
+
 def test_the_share_of_one_service_is_a_quarter_of_the_pool():
     assert timeout.MAX_WORKERS_PER_SERVICE == timeout.MAX_WORKERS // 4 == 64
 

@@ -94,6 +94,7 @@ class _Job:
         "args",
         "call",
         "context",
+        "counted",
         "deadline",
         "done",
         "error",
@@ -129,19 +130,25 @@ class _Job:
         # The job whose worker submitted this one (nested sync timeouts): its caller giving up
         # means nobody waits for this one either.
         self.parent: _Job | None = None
+        # Whether it holds a place in its service's share of the pool (see _WorkerPool).
+        self.counted = False
 
 
 _deadline = _context.deadline
 
-# The job a worker thread is running, in that worker's context (see ``caller_gave_up``).
+# The job a worker thread is running, while it runs it (see ``caller_gave_up``).
 _running_job: ContextVar[_Job | None] = ContextVar("buttress_timeout_job", default=None)
 
 
-def _enter(job: _Job) -> None:
-    """Publish ``job`` and its deadline in the context its worker will run it in."""
-    job.parent = _running_job.get()
-    _running_job.set(job)
-    _deadline.set(job.deadline)
+def _perform(job: _Job) -> Any:
+    """Run ``job``'s call with the job published; runs inside the job's context."""
+    token = _running_job.set(job)
+    try:
+        return job.call(job.args, job.kwargs)
+    finally:
+        # Not left in the context, which the job holds: no job <-> context cycle for the
+        # garbage collector, so its arguments and result are freed as soon as the caller is done.
+        _running_job.reset(token)
 
 
 def caller_gave_up() -> bool:
@@ -213,6 +220,16 @@ class _WorkerPool:
     def submit(self, job: _Job) -> bool:
         """Queue ``job`` for a worker; ``False``: refused, its service's share is all abandoned."""
         service = job.service
+        parent = job.parent
+        if parent is not None and parent.service == service:
+            # A nested timeout of the same service, submitted by a worker that blocks until it
+            # ends: it runs in its parent's place. Waiting for the share here could deadlock, with
+            # every place held by parents waiting for children.
+            with self._lock:
+                spawn = self._queue(job)
+            if spawn:
+                self._spawn()
+            return True
         with self._lock:
             held = self._held.get(service, 0)
             if held >= self.per_service:
@@ -225,6 +242,7 @@ class _WorkerPool:
                 line.append(job)
                 return True
             self._held[service] = held + 1
+            job.counted = True
             spawn = self._queue(job)
         if spawn:
             self._spawn()
@@ -249,19 +267,23 @@ class _WorkerPool:
             with self._lock:
                 self._threads -= 1
 
-    def _leave(self, service: str) -> _Job | None:
-        """A job of ``service`` gave up its place in the share (lock held).
+    def _leave(self, job: _Job) -> _Job | None:
+        """``job`` ended or was dropped (lock held): its place in the share goes on.
 
-        The oldest parked job of the service takes the place (returned, PENDING, for the caller
+        The oldest parked job of its service takes the place (returned, PENDING, for the caller
         to queue); else the service holds one thread fewer.
         """
+        if not job.counted:
+            return None
+        service = job.service
         line = self._parked.get(service)
         if line:
-            job = line.popleft()
+            promoted = line.popleft()
             if not line:
                 del self._parked[service]
-            job.state = _PENDING
-            return job
+            promoted.state = _PENDING
+            promoted.counted = True
+            return promoted
         held = self._held[service] - 1
         if held:
             self._held[service] = held
@@ -294,7 +316,7 @@ class _WorkerPool:
             if state == _PENDING:
                 job.state = _DROPPED
                 self._jobs.remove(job)
-                promoted = self._leave(job.service)
+                promoted = self._leave(job)
                 spawn = promoted is not None and self._queue(promoted)
             else:
                 job.state = _ABANDONED
@@ -343,7 +365,7 @@ class _WorkerPool:
             job.state = _RUNNING
             return job
         job.state = _DROPPED
-        promoted = self._leave(job.service)
+        promoted = self._leave(job)
         if promoted is not None:
             self._jobs.append(promoted)  # this worker is about to look for the next job itself
         job.done.set()
@@ -351,7 +373,7 @@ class _WorkerPool:
 
     def _run(self, job: _Job) -> None:
         try:
-            job.result = job.context.run(job.call, job.args, job.kwargs)
+            job.result = job.context.run(_perform, job)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread and re-raised there
             job.error = exc
         finished_at = _clock.monotonic()
@@ -362,7 +384,7 @@ class _WorkerPool:
             if abandoned:
                 count = self._abandoned[job.service] - 1
                 self._abandoned[job.service] = count
-            promoted = self._leave(job.service)
+            promoted = self._leave(job)
             if promoted is not None:
                 # The service's place goes to its oldest waiting job; this worker, about to look
                 # for its next job, serves the queue, so nobody needs waking.
@@ -448,8 +470,9 @@ class TimeoutStrategy:
             # The worker runs in a copy of the caller's context so retry attempt numbers, the
             # idempotency key and this deadline are visible there; the caller's own is untouched.
             context = contextvars.copy_context()
+            context.run(_deadline.set, deadline)
             job = _Job(call, args, kwargs, context=context, service=service, deadline=deadline)
-            context.run(_enter, job)
+            job.parent = _running_job.get()
             if not pool.submit(job):
                 self._finished(0.0, timed_out=True)
                 raise self._exceeded(limit, 0.0, refused)
