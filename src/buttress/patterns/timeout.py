@@ -399,7 +399,7 @@ class _WorkerPool:
                 events.dispatch(handlers, events.WorkerFinishedLate(job.service, count, overran))
 
 
-_POOL = _WorkerPool(MAX_WORKERS)
+_POOL = _WorkerPool(MAX_WORKERS, per_service=MAX_WORKERS_PER_SERVICE)
 
 
 def worker_pool_snapshot() -> WorkerPoolSnapshot:
