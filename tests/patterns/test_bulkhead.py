@@ -12,18 +12,20 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from buttress import _clock, registry, with_bulkhead, with_timeout
+from buttress import _clock, _context, events, registry, with_bulkhead, with_timeout
 from buttress.events import (
     BulkheadAcquired,
     BulkheadQueued,
     BulkheadReleased,
     CallRejected,
     ShadowDecision,
+    TimeoutExceeded,
 )
 from buttress.exceptions import BulkheadFullError, TimeoutExceededError
 from buttress.patterns import bulkhead
 from buttress.patterns._base import BuildContext
 from buttress.patterns.bulkhead import Bulkhead, BulkheadOptions, BulkheadStrategy
+from buttress.patterns.timeout import TimeoutStrategy
 from buttress.testing import FakeClock, capture_events
 
 
@@ -795,3 +797,178 @@ class BulkheadMachine(RuleBasedStateMachine):
 
 TestBulkheadMachine = BulkheadMachine.TestCase
 TestBulkheadMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+# --- waiting within the enclosing deadline --------------------------------------------------------
+
+
+def _with_deadline(mode, fn, deadline: float):
+    """``fn`` called under a published deadline, as inside an enclosing ``with_timeout``."""
+    if mode.is_async:
+
+        async def call() -> Any:
+            _context.deadline.set(deadline)
+            return await fn()
+
+        return call
+
+    def sync_call() -> Any:
+        _context.deadline.set(deadline)
+        return fn()
+
+    return sync_call
+
+
+def test_a_call_queued_inside_a_timeout_leaves_at_its_deadline_and_never_starts(mode, clock):
+    # Regression: a sync call queued for a slot inside with_timeout kept its worker thread in the
+    # queue after the caller timed out, then called the dependency once a slot freed up.
+    gate = threading.Event()
+    ran: list[str] = []
+
+    def hold() -> str:
+        assert gate.wait(5)
+        return "holder"
+
+    def late() -> str:
+        ran.append("late")
+        return "late"
+
+    holder_fn = with_bulkhead(name="q", limit=1, max_queue=1)(mode.define(hold))
+    timed_fn = with_timeout(name="q", seconds=2)(
+        with_bulkhead(name="q", limit=1, max_queue=1)(mode.define(late))
+    )
+    try:
+        holder = Background(mode, holder_fn)
+        wait_for(lambda: "q" in registry.instances("bulkhead"))
+        shared = registry.instances("bulkhead")["q"]
+        wait_for(lambda: shared.snapshot()["active"] == 1)
+        with capture_events([CallRejected]) as seen:
+            waiting = Background(mode, timed_fn)
+            wait_for(lambda: shared.snapshot()["queued"] == 1)
+            advance_until(clock, waiting.done)
+            error = waiting.result()
+            assert isinstance(error, TimeoutExceededError)
+            assert (error.service, error.seconds) == ("q", 2)  # the timeout's own error
+            # Its place in the queue went with its caller (a sync worker does not wait on).
+            wait_for(lambda: shared.snapshot()["queued"] == 0, seconds=1)
+            wait_for(lambda: len(seen) == 1, seconds=1)
+        assert seen == [CallRejected("q", "bulkhead", "deadline", None)]
+    finally:
+        gate.set()
+    assert holder.result() == "holder"
+    wait_for(lambda: shared.snapshot()["active"] == 0)
+    assert ran == []  # the freed slot never started the call whose caller had given up
+
+
+def test_a_queued_call_never_waits_past_the_enclosing_deadline(mode, clock, scenes):
+    scene = scenes(mode, limit=1, max_queue=1, queue_timeout=10)
+    scene.hold(1)
+    fn, _ = scene.function("waiting")
+    started = clock.monotonic()
+    deadline = started + 3
+    with capture_events([CallRejected, BulkheadAcquired]) as seen:
+        waiting = Background(mode, _with_deadline(mode, fn, deadline))
+        wait_for(lambda: scene.snapshot()["queued"] == 1)
+        advance_until(clock, waiting.done)
+    error = waiting.result()
+    assert isinstance(error, TimeoutExceededError)
+    assert error.service == "svc"
+    assert "deadline" in str(error)
+    assert clock.monotonic() < started + 10  # gave up at the deadline, before queue_timeout
+    assert seen == [CallRejected("svc", "bulkhead", "deadline", None)]
+    assert (scene.snapshot()["active"], scene.snapshot()["queued"]) == (1, 0)
+    assert "waiting" not in scene.order
+
+
+def test_a_queue_timeout_shorter_than_the_deadline_still_rejects_as_full(mode, clock, scenes):
+    scene = scenes(mode, limit=1, max_queue=1, queue_timeout=1)
+    scene.hold(1)
+    fn, _ = scene.function("waiting")
+    waiting = Background(mode, _with_deadline(mode, fn, clock.monotonic() + 30))
+    wait_for(lambda: scene.snapshot()["queued"] == 1)
+    advance_until(clock, waiting.done)
+    error = waiting.result()
+    assert isinstance(error, BulkheadFullError)
+    assert "within 1 s" in str(error)
+
+
+def test_a_slot_granted_at_the_deadline_is_given_back_and_the_call_never_starts(mode, clock):
+    built = strategy("edge", limit=1, max_queue=1)
+    bh = built.bulkhead
+    ran: list[int] = []
+    fn = mode.chain(built, mode.define(lambda: ran.append(1)))
+    assert bh.try_acquire()
+    deadline = clock.monotonic() + 2
+    # Scheduled before the waiter's own deadline timer: the slot arrives in the very instant the
+    # deadline passes, and a call never starts at or after its deadline.
+    clock.call_at(deadline, bh.release)
+    with capture_events([CallRejected]) as seen:
+        waiting = Background(mode, _with_deadline(mode, fn, deadline))
+        wait_for(lambda: bh.snapshot()["queued"] == 1)
+        advance_until(clock, waiting.done)
+    error = waiting.result()
+    assert isinstance(error, TimeoutExceededError)
+    assert ran == []
+    assert seen == [CallRejected("edge", "bulkhead", "deadline", None)]
+    assert (bh.snapshot()["active"], bh.snapshot()["queued"]) == (0, 0)
+
+
+def test_a_sync_call_abandoned_while_queued_never_starts_when_a_slot_frees(clock, monkeypatch):
+    # The caller of the sync timeout is interrupted before the deadline: its worker still waits
+    # in the bulkhead queue, and must give the slot back instead of calling the dependency.
+    bh = Bulkhead("gone", BulkheadOptions(limit=1, max_queue=1))
+    ran: list[int] = []
+    step = TimeoutStrategy("gone", 5).wrap(BulkheadStrategy(bh).wrap(lambda a, kw: ran.append(1)))
+    assert bh.try_acquire()
+    real_wait = _clock.wait
+    caller = threading.get_ident()
+    finished = threading.Event()
+
+    def interrupted(event, seconds):
+        if threading.get_ident() != caller:  # the worker's own wait in the queue
+            return real_wait(event, seconds)
+        wait_for(lambda: bh.snapshot()["queued"] == 1)
+        raise Interrupt
+
+    unsubscribe = events.subscribe(lambda e: finished.set(), [events.WorkerFinishedLate])
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(_clock, "wait", interrupted)
+            with pytest.raises(Interrupt):
+                step((), {})
+            bh.release()  # the slot goes to the abandoned worker ...
+            assert finished.wait(5)
+    finally:
+        unsubscribe()
+    assert ran == []  # ... which gives it back without calling the dependency
+    assert (bh.snapshot()["active"], bh.snapshot()["queued"]) == (0, 0)
+
+
+@pytest.mark.realtime
+def test_a_queued_call_in_real_time_gets_the_timeouts_own_error_reported_once(mode):
+    # Real timers: the bulkhead's wait and the enclosing timeout end at the same instant, and
+    # either may notice first. The caller sees the timeout's own error, and each event once.
+    gate = threading.Event()
+    holder_fn = with_bulkhead(name="rt", limit=1, max_queue=5)(mode.define(lambda: gate.wait(5)))
+    timed_fn = with_timeout(name="rt", seconds=0.2)(
+        with_bulkhead(name="rt", limit=1, max_queue=5)(mode.define(lambda: "late"))
+    )
+    started = time.monotonic()
+    try:
+        holder = Background(mode, holder_fn)
+        wait_for(lambda: "rt" in registry.instances("bulkhead"))
+        shared = registry.instances("bulkhead")["rt"]
+        wait_for(lambda: shared.snapshot()["active"] == 1)
+        for _ in range(2):
+            with capture_events([CallRejected, TimeoutExceeded]) as seen:
+                error = mode.outcome(timed_fn)
+                wait_for(lambda: len(seen.of(CallRejected)) == 1, seconds=1)
+            assert isinstance(error, TimeoutExceededError)
+            assert (error.service, error.seconds) == ("rt", 0.2)
+            assert seen.of(CallRejected) == [CallRejected("rt", "bulkhead", "deadline", None)]
+            assert [e.seconds for e in seen.of(TimeoutExceeded)] == [0.2]
+            assert shared.snapshot()["queued"] == 0
+    finally:
+        gate.set()
+    assert holder.result() is True
+    assert time.monotonic() - started < 2

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from buttress import _clock, registry, with_rate_limit
+from buttress import _clock, _context, registry, with_rate_limit, with_timeout
 from buttress.events import CallRejected, RateLimitAcquired, ShadowDecision
 from buttress.exceptions import RateLimitedError
 from buttress.patterns import rate_limit
@@ -196,3 +196,53 @@ def test_with_rate_limit_decorator(mode, clock):
     assert isinstance(error, RateLimitedError)
     assert (error.service, error.retry_after) == ("quota", 1.0)
     assert registry.instances("rate_limit")["quota"].snapshot()["burst"] == 1
+
+
+# --- waiting within the enclosing deadline --------------------------------------------------------
+
+
+def test_a_pacing_wait_that_would_end_past_the_deadline_is_refused_at_once(mode, clock):
+    # Regression: a max_wait pacing wait slept past the enclosing deadline.
+    calls: list[int] = []
+    fn, _ = limited(mode, lambda: calls.append(1) or "ok", rate=1, burst=1, max_wait=5)
+    assert mode.run(fn) == "ok"
+    token = _context.deadline.set(clock.monotonic() + 0.5)
+    try:
+        with capture_events([CallRejected]) as seen:
+            error = mode.outcome(fn)
+    finally:
+        _context.deadline.reset(token)
+    assert isinstance(error, RateLimitedError)
+    assert error.retry_after == 1.0
+    assert "deadline" in str(error)
+    assert seen == [CallRejected("svc", "rate_limit", "deadline", 1.0)]
+    assert clock.sleeps == []  # refused without waiting: the token would come too late anyway
+    assert calls == [1]
+    # Nothing was taken: without a deadline the next call waits for the very next token.
+    assert mode.run(fn) == "ok"
+    assert clock.sleeps == [1.0]
+
+
+def test_a_pacing_wait_that_ends_before_the_deadline_waits(mode, clock):
+    fn, _ = limited(mode, rate=1, burst=1, max_wait=5)
+    assert mode.run(fn) == "ok"
+    token = _context.deadline.set(clock.monotonic() + 2)
+    try:
+        assert mode.run(fn) == "ok"
+    finally:
+        _context.deadline.reset(token)
+    assert clock.sleeps == [1.0]
+
+
+def test_a_rate_limit_inside_a_timeout_never_paces_past_it(mode, clock):
+    calls: list[int] = []
+    fn = with_timeout(name="paced", seconds=0.5)(
+        with_rate_limit(name="paced", rate=1, max_wait=5)(
+            mode.define(lambda: calls.append(1) or "ok")
+        )
+    )
+    assert mode.run(fn) == "ok"
+    error = mode.outcome(fn)
+    assert isinstance(error, RateLimitedError)  # refused at once, not a timeout 0.5 s later
+    assert clock.sleeps == []
+    assert calls == [1]

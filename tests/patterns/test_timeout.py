@@ -204,6 +204,21 @@ def test_a_call_whose_enclosing_deadline_passed_is_not_started(mode, clock):
     assert [e.elapsed for e in seen] == [0.0]
 
 
+def test_a_wait_inside_that_gave_up_at_the_deadline_is_reported_as_this_timeout(mode, clock):
+    # A bulkhead queue inside gives up at the same deadline the timeout enforces, and may notice
+    # first: the caller still gets this timeout's own error, reported once.
+    def body():
+        raise timeout.not_started("inner", 5.0, "a bulkhead slot")
+
+    fn = timed(mode, 5, body, service="outer")
+    with capture_events([TimeoutExceeded, TimedCallFinished]) as seen:
+        error = mode.outcome(fn)
+    assert type(error) is TimeoutExceededError
+    assert (error.service, error.seconds) == ("outer", 5)
+    assert [e.service for e in seen.of(TimeoutExceeded)] == ["outer"]
+    assert [e.timed_out for e in seen.of(TimedCallFinished)] == [True]
+
+
 # --- abandoned sync work ------------------------------------------------------------------------
 
 
@@ -478,3 +493,206 @@ def test_with_timeout_decorator_on_def_and_async_def(mode, clock):
     quick = buttress.with_timeout(name="deco", seconds=1)(mode.define(lambda: "fine", latency=0.5))
     assert mode.run(quick) == "fine"
     assert registry.instances("timeout") == {}  # a timeout keeps no shared state
+
+
+# --- one service never starves another ------------------------------------------------------------
+
+
+class Caller:
+    """One sync call on its own thread; ``outcome`` is its result or its exception."""
+
+    def __init__(self, step) -> None:
+        self.outcome: object = None
+        self.done = threading.Event()
+
+        def run() -> None:
+            try:
+                self.outcome = step((), {})
+            except BaseException as exc:  # the test inspects it
+                self.outcome = exc
+            finally:
+                self.done.set()
+
+        threading.Thread(target=run, daemon=True).start()
+
+
+def advance_until_all(clock, callers, step: float = 0.5) -> None:
+    """Move simulated time until every caller is done (each registers its deadline at its pace)."""
+    limit = time.monotonic() + 5
+    while not all(c.done.is_set() for c in callers):
+        assert time.monotonic() < limit, "callers did not finish"
+        clock.advance(step)
+        time.sleep(0.001)
+
+
+def test_a_stuck_service_cannot_take_the_workers_another_service_needs(clock, monkeypatch):
+    # Regression: one service whose dependency hangs took every worker of the process-wide pool
+    # (abandoned, still running), so an unrelated service's sync timeouts could only fail.
+    pool = timeout._WorkerPool(max_workers=8)
+    monkeypatch.setattr(timeout, "_POOL", pool)
+    gate = threading.Event()
+    started: list[int] = []
+
+    def hang(args, kwargs):
+        started.append(1)
+        return gate.wait(10)
+
+    stuck = strategy(1, "stuck").wrap(hang)
+    healthy = strategy(1, "healthy").wrap(lambda a, kw: "ok")
+    try:
+        callers = [Caller(stuck) for _ in range(12)]
+        wait_for(lambda: len(started) >= 2 and len(started) + pool.snapshot()["pending"] == 12)
+        advance_until_all(clock, callers)
+        assert all(isinstance(c.outcome, TimeoutExceededError) for c in callers)
+
+        # The other service still gets a worker at once, without any simulated time passing.
+        other = Caller(healthy)
+        assert other.done.wait(2), "the healthy service was starved of workers"
+        assert other.outcome == "ok"
+
+        # The stuck service holds its share of the pool (a quarter: 2 of 8), no more; its other
+        # calls waited for one of its own workers, never got one, and never ran.
+        assert len(started) == 2
+        assert pool.snapshot()["abandoned"] == {"stuck": 2}
+        threads = pool.snapshot()["threads"]
+
+        # A new call to the stuck service fails at once, without taking a thread.
+        with capture_events([TimeoutExceeded]) as seen:
+            again = Caller(stuck)
+            assert again.done.wait(2)
+        assert isinstance(again.outcome, TimeoutExceededError)
+        assert "abandoned" in str(again.outcome)
+        assert [e.elapsed for e in seen] == [0.0]
+        assert pool.snapshot()["threads"] == threads
+        assert len(started) == 2
+    finally:
+        gate.set()
+    wait_for(lambda: pool.snapshot()["abandoned"] == {})
+    assert len(started) == 2  # the calls dropped while waiting for a worker never started later
+
+
+def test_calls_over_a_services_share_wait_for_one_of_its_workers(clock, monkeypatch):
+    pool = timeout._WorkerPool(max_workers=8)
+    monkeypatch.setattr(timeout, "_POOL", pool)
+    gates = [threading.Event() for _ in range(3)]
+    started: list[int] = []
+
+    def body(args, kwargs):
+        started.append(args[0])
+        assert gates[args[0]].wait(5)
+        return args[0]
+
+    busy = strategy(5, "busy").wrap(body)
+
+    def call(i: int):
+        return lambda a, kw: busy((i,), {})
+
+    try:
+        callers = [Caller(call(i)) for i in range(3)]
+        wait_for(lambda: len(started) == 2 and pool.snapshot()["pending"] == 1)
+        waiting = ({0, 1, 2} - set(started)).pop()
+        first = started[0]
+        gates[first].set()  # a worker of the service frees up and takes the waiting call
+        wait_for(lambda: waiting in started)
+    finally:
+        for gate in gates:
+            gate.set()
+    for caller in callers:
+        assert caller.done.wait(5)
+    assert sorted(c.outcome for c in callers) == [0, 1, 2]
+    assert pool.snapshot()["pending"] == 0
+
+
+def test_a_nested_timeout_of_the_same_service_runs_in_its_parents_place(clock, monkeypatch):
+    # Every place of the service's share is held by an outer call waiting for its inner call:
+    # the inner calls must not wait for a place (none would ever free up before the deadline).
+    pool = timeout._WorkerPool(max_workers=8)
+    monkeypatch.setattr(timeout, "_POOL", pool)
+    both_outer = threading.Barrier(2, timeout=5)
+    inner = strategy(5, "nest").wrap(lambda a, kw: "inner")
+
+    def outer_body(args, kwargs):
+        both_outer.wait()  # the two places of the share are both taken now
+        return inner((), {})
+
+    outer = strategy(5, "nest").wrap(outer_body)
+    callers = [Caller(outer) for _ in range(2)]
+    for caller in callers:
+        assert caller.done.wait(2), "the inner call waited for a place its parent held"
+    assert [c.outcome for c in callers] == ["inner", "inner"]
+
+
+def test_the_share_of_one_service_is_a_quarter_of_the_pool():
+    assert timeout.MAX_WORKERS_PER_SERVICE == timeout.MAX_WORKERS // 4 == 64
+
+
+def test_a_call_a_worker_picks_up_after_its_deadline_never_starts(clock, monkeypatch):
+    pool = timeout._WorkerPool(max_workers=1)
+    monkeypatch.setattr(timeout, "_POOL", pool)
+    gate = threading.Event()
+    ran: list[int] = []
+    try:
+        hog = Caller(strategy(50, "hog").wrap(lambda a, kw: gate.wait(5)))
+        wait_for(lambda: pool.snapshot()["threads"] == 1 and pool.snapshot()["pending"] == 0)
+        real_wait = _clock.wait
+        caller = threading.get_ident()
+
+        def freed_too_late(event, seconds):
+            if threading.get_ident() != caller:
+                return real_wait(event, seconds)
+            clock.advance(seconds)  # the deadline passes while the call is still queued ...
+            gate.set()  # ... and only then does the worker free up and pick it up
+            wait_for(lambda: pool.snapshot()["pending"] == 0)
+            return real_wait(event, 1)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(_clock, "wait", freed_too_late)
+            with pytest.raises(TimeoutExceededError):
+                strategy(5, "late").wrap(lambda a, kw: ran.append(1))((), {})
+    finally:
+        gate.set()
+    assert hog.done.wait(5)
+    assert ran == []
+
+
+# --- many event loops -----------------------------------------------------------------------------
+
+
+@pytest.mark.realtime
+def test_one_stack_serves_event_loops_in_turn_and_in_several_threads_at_once():
+    peak = {"now": 0, "max": 0}
+    lock = threading.Lock()
+
+    @buttress.with_rate_limit(name="loops", rate=1_000_000, burst=1_000)
+    @buttress.with_timeout(name="loops", seconds=5)
+    @buttress.with_bulkhead(name="loops", limit=2, max_queue=1_000)
+    async def call(i: int) -> int:
+        with lock:
+            peak["now"] += 1
+            peak["max"] = max(peak["max"], peak["now"])
+        await asyncio.sleep(0)
+        with lock:
+            peak["now"] -= 1
+        return i
+
+    async def many(base: int) -> list[int]:
+        return await asyncio.gather(*(call(base + i) for i in range(20)))
+
+    started = time.monotonic()
+    for n in range(5):  # one loop after another, each asyncio.run a fresh loop
+        assert asyncio.run(many(n * 100)) == [n * 100 + i for i in range(20)]
+    results: dict[int, list[int]] = {}
+
+    def run_loop(n: int) -> None:
+        results[n] = asyncio.run(many(n * 100))
+
+    threads = [threading.Thread(target=run_loop, args=(n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert results == {n: [n * 100 + i for i in range(20)] for n in range(3)}
+    assert time.monotonic() - started < 2
+    assert peak["max"] <= 2
+    bh = registry.instances("bulkhead")["loops"].snapshot()
+    assert (bh["active"], bh["queued"]) == (0, 0)

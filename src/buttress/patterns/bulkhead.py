@@ -6,6 +6,11 @@ the oldest waiter, so a newcomer never overtakes the queue. Waiters are threads 
 ``threading.Event``) or tasks on any event loop (a future resolved on its own loop), so one bulkhead
 serves threads and several event loops at once. The lock is never held while a protected call runs
 or while anybody waits.
+
+A queued call never waits past the enclosing deadline (``buttress.remaining()``): it gives up then
+with :class:`~buttress.TimeoutExceededError`, which the enclosing ``with_timeout`` reports as its
+own. A call that gets its slot after its deadline, or after the caller of its sync timeout gave up,
+gives the slot back without starting.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from typing import Any, ClassVar, TypedDict
 
 from pydantic import Field
 
-from buttress import _clock, events, registry
+from buttress import _clock, _context, events, registry
 from buttress._values import Seconds
-from buttress.exceptions import BulkheadFullError
+from buttress.exceptions import BulkheadFullError, TimeoutExceededError
+from buttress.patterns import timeout as _timeout
 from buttress.patterns._base import AsyncCall, BuildContext, Call, Mode, Options, Strategy
 
 __all__ = [
@@ -208,9 +214,7 @@ class Bulkhead:
             events.dispatch(handlers, event)
 
     def _rejected(self, reason: str) -> BulkheadFullError:
-        handlers = events.ROUTES.get(events.CallRejected)
-        if handlers:
-            events.dispatch(handlers, events.CallRejected(self.service, PATTERN, reason, None))
+        self._note_rejected(reason)
         if reason == "full":
             detail = f"{self.limit} calls in flight and {self.max_queue} queued"
         else:
@@ -219,43 +223,96 @@ class Bulkhead:
             f"bulkhead of {self.service!r} is full: {detail}", service=self.service
         )
 
+    def _note_rejected(self, reason: str) -> None:
+        handlers = events.ROUTES.get(events.CallRejected)
+        if handlers:
+            events.dispatch(handlers, events.CallRejected(self.service, PATTERN, reason, None))
+
+    def _bound(self, deadline: float | None) -> tuple[float | None, bool]:
+        """How long a queued call may wait now, and whether the enclosing deadline sets that."""
+        queue_timeout = self.queue_timeout
+        if deadline is None:
+            return queue_timeout, False
+        left = deadline - _clock.monotonic()
+        if queue_timeout is None or left <= queue_timeout:
+            return max(left, 0.0), True
+        return queue_timeout, False
+
+    def _too_late(self, deadline: float | None) -> bool:
+        """After a wait: whether the call must not start (deadline passed, or its caller left)."""
+        if deadline is not None and _clock.monotonic() >= deadline:
+            return True
+        return _timeout.caller_gave_up()
+
+    def _not_started(self, deadline: float | None, start: float) -> TimeoutExceededError:
+        """The deadline (or the caller) did not wait for a slot: the call never starts."""
+        self._note_rejected("deadline")
+        waited = (deadline if deadline is not None else _clock.monotonic()) - start
+        return _timeout.not_started(self.service, waited, "a bulkhead slot")
+
     # -- waiting -----------------------------------------------------------------------------------
     def acquire(self) -> None:
-        """Take a slot for a thread, waiting in the queue if allowed, else ``BulkheadFullError``."""
+        """Take a slot for a thread, waiting in the queue if allowed, else ``BulkheadFullError``.
+
+        The wait ends at the enclosing deadline too (then ``TimeoutExceededError``); a slot that
+        comes too late is given back, and the call never starts.
+        """
         start = _clock.monotonic()
         waiter = _ThreadWaiter()
         reason = self._enqueue(waiter)
         if reason is not None:
             raise self._rejected(reason)
         if not waiter.granted:
+            deadline = _deadline.get()
+            bound, by_deadline = self._bound(deadline)
             try:
-                _clock.wait(waiter.event, self.queue_timeout)
+                _clock.wait(waiter.event, bound)
             except BaseException:
                 if self._withdraw(waiter):
                     self.release()
                 raise
             if not self._withdraw(waiter):
+                if by_deadline:
+                    raise self._not_started(deadline, start)
                 raise self._rejected("queue_timeout")
+            if self._too_late(deadline):
+                self.release()
+                raise self._not_started(deadline, start)
         self.note_acquired(_clock.monotonic() - start)
 
     async def aacquire(self) -> None:
-        """Take a slot for a task, waiting in the queue if allowed, else ``BulkheadFullError``."""
+        """Take a slot for a task, waiting in the queue if allowed, else ``BulkheadFullError``.
+
+        The wait ends at the enclosing deadline too (then ``TimeoutExceededError``); a slot that
+        comes too late is given back, and the call never starts.
+        """
         start = _clock.monotonic()
         waiter = _TaskWaiter(asyncio.get_running_loop())
         reason = self._enqueue(waiter)
         if reason is not None:
             raise self._rejected(reason)
         if not waiter.granted:
+            deadline = _deadline.get()
+            bound, by_deadline = self._bound(deadline)
             try:
-                async with _clock.timeout(self.queue_timeout):
+                async with _clock.timeout(bound):
                     await waiter.future
             except TimeoutError:
                 if not self._withdraw(waiter):
+                    if by_deadline:
+                        raise self._not_started(deadline, start) from None
                     raise self._rejected("queue_timeout") from None
             except BaseException:  # cancelled while queued, possibly just as a slot was granted
                 if self._withdraw(waiter):
                     self.release()
+                elif deadline is not None and _clock.monotonic() >= deadline:
+                    # The enclosing timeout's own timer noticed the deadline first: still a call
+                    # that left the queue at its deadline, counted as such whichever timer won.
+                    self._note_rejected("deadline")
                 raise
+            if self._too_late(deadline):
+                self.release()
+                raise self._not_started(deadline, start)
         self.note_acquired(_clock.monotonic() - start)
 
     # -- administration ----------------------------------------------------------------------------
@@ -315,6 +372,9 @@ class Bulkhead:
         else:
             with self._lock:
                 self._overflow -= 1
+
+
+_deadline = _context.deadline
 
 
 class BulkheadStrategy:

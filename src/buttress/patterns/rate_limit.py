@@ -4,7 +4,9 @@ The bucket holds up to ``burst`` tokens and refills at ``rate`` tokens per secon
 clock. A call takes one token. With none left it may wait up to ``max_wait`` for one; the token is
 *reserved* before the wait (the bucket goes into debt), so concurrent waiters queue behind each
 other instead of all waking for the same token. A call that would wait longer is rejected with
-:class:`~buttress.RateLimitedError` whose ``retry_after`` says when a token will be there.
+:class:`~buttress.RateLimitedError` whose ``retry_after`` says when a token will be there; so is one
+whose token would only come at or after the enclosing deadline (``buttress.remaining()``): the
+wait would be for nothing, so it is refused at once.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from typing import Any, ClassVar, TypedDict
 
 from pydantic import Field
 
-from buttress import _clock, events, registry
+from buttress import _clock, _context, events, registry
 from buttress._values import Rate, Seconds
 from buttress.exceptions import RateLimitedError
+from buttress.patterns import timeout as _timeout
 from buttress.patterns._base import AsyncCall, BuildContext, Call, Mode, Options, Strategy
 
 __all__ = [
@@ -86,7 +89,8 @@ class RateLimiter:
         """Take a token: return 0.0, or the seconds to wait for the one reserved for the caller.
 
         Raises:
-            RateLimitedError: the wait would be longer than ``max_wait``; nothing is taken.
+            RateLimitedError: the wait would be longer than ``max_wait``, or would end at or after
+                the enclosing deadline; nothing is taken.
         """
         with self._lock:
             tokens = self._refill()
@@ -94,11 +98,15 @@ class RateLimiter:
                 self._tokens = tokens - 1.0
                 return 0.0
             wait = (1.0 - tokens) / self.rate
+            reason = "no_tokens"
             if wait <= self.max_wait:
-                self._tokens = tokens - 1.0
-                return wait
+                deadline = _deadline.get()
+                if deadline is None or self._updated + wait < deadline:
+                    self._tokens = tokens - 1.0
+                    return wait
+                reason = "deadline"
             self._tokens = tokens
-        raise self._rejected(wait)
+        raise self._rejected(wait, reason)
 
     def refund(self) -> None:
         """Give back a reserved token the caller will not use (it was cancelled while waiting)."""
@@ -112,14 +120,15 @@ class RateLimiter:
             left = max(0.0, self._tokens)
             events.dispatch(handlers, events.RateLimitAcquired(self.service, waited, left))
 
-    def _rejected(self, retry_after: float) -> RateLimitedError:
+    def _rejected(self, retry_after: float, reason: str) -> RateLimitedError:
         handlers = events.ROUTES.get(events.CallRejected)
         if handlers:
-            event = events.CallRejected(self.service, PATTERN, "no_tokens", retry_after)
+            event = events.CallRejected(self.service, PATTERN, reason, retry_after)
             events.dispatch(handlers, event)
+        detail = ", after the enclosing deadline" if reason == "deadline" else ""
         return RateLimitedError(
             f"rate limit of {self.service!r} reached ({self.rate:g}/s, burst {self.burst}); "
-            f"next token in {retry_after:.3g} s",
+            f"next token in {retry_after:.3g} s{detail}",
             service=self.service,
             retry_after=retry_after,
         )
@@ -156,6 +165,9 @@ class RateLimiter:
             )
 
 
+_deadline = _context.deadline
+
+
 class RateLimitStrategy:
     """``with_rate_limit`` at one call site, over the service's shared :class:`RateLimiter`."""
 
@@ -186,6 +198,9 @@ class RateLimitStrategy:
                 except BaseException:
                     limiter.refund()
                     raise
+                if _timeout.caller_gave_up():  # a sync timeout's caller left while it waited
+                    limiter.refund()
+                    raise _timeout.not_started(limiter.service, wait, "a rate-limit token")
             if events.ROUTES.get(events.RateLimitAcquired):
                 note_acquired(wait)
             return call(args, kwargs)
@@ -213,6 +228,9 @@ class RateLimitStrategy:
                 except BaseException:  # cancelled while waiting: the reservation goes back
                     limiter.refund()
                     raise
+                if _timeout.caller_gave_up():  # run by a sync timeout's worker whose caller left
+                    limiter.refund()
+                    raise _timeout.not_started(limiter.service, wait, "a rate-limit token")
             if events.ROUTES.get(events.RateLimitAcquired):
                 note_acquired(wait)
             return await call(args, kwargs)

@@ -7,7 +7,8 @@ much, and the deadline is paid on every call.
 A ``def`` call cannot be interrupted safely from outside, so it runs on a worker thread of a
 small daemon pool while the caller waits for at most the time limit; when the limit passes the
 caller gets :class:`~buttress.TimeoutExceededError` and the worker is *abandoned*: left to finish
-on its own, counted, and reported when it does.
+on its own, counted, and reported when it does. Each service may hold at most a quarter of the
+pool's threads, so one hung dependency cannot starve the sync timeouts of the others.
 
 Both publish the call's deadline (``buttress.remaining()``), the tighter of the enclosing deadline
 and ``now + seconds``, so cooperative code can pass it down as an I/O timeout, and a nested timeout
@@ -32,11 +33,14 @@ from buttress.patterns._base import AsyncCall, BuildContext, Call, Mode, Options
 
 __all__ = [
     "MAX_WORKERS",
+    "MAX_WORKERS_PER_SERVICE",
     "PATTERN",
     "TimeoutOptions",
     "TimeoutStrategy",
     "WorkerPoolSnapshot",
     "build",
+    "caller_gave_up",
+    "not_started",
     "worker_pool_snapshot",
 ]
 
@@ -46,6 +50,12 @@ PATTERN = "timeout"
 # ends, so the cap is what stops a hung dependency from growing threads without bound; past it a
 # call waits (within its own deadline) for a worker to free up. See docs/patterns/timeout.md.
 MAX_WORKERS: Final = 256
+
+# The share of one service: worker threads it may hold at once (serving callers, abandoned, or
+# queued for a thread). A hung dependency holds at most this many; its further calls wait for one
+# of its own workers within their deadline, or fail at once when all of them are abandoned. A
+# quarter, so that even three hung services leave a quarter of the pool to everybody else.
+MAX_WORKERS_PER_SERVICE: Final = MAX_WORKERS // 4
 
 # An idle worker thread exits after this long (real time: thread housekeeping, not a duration any
 # caller observes, so it deliberately bypasses the fakeable clock).
@@ -64,7 +74,7 @@ class WorkerPoolSnapshot(TypedDict):
 
     threads: int  # worker threads alive
     idle: int  # of which waiting for work
-    pending: int  # calls waiting for a free worker
+    pending: int  # calls waiting for a free worker (or for one of their service's share)
     abandoned: dict[str, int]  # per service: workers still running after their caller gave up
 
 
@@ -72,8 +82,11 @@ class WorkerPoolSnapshot(TypedDict):
 
 # Job states. A job moves PENDING -> RUNNING -> DONE; the caller may give up on it first, turning
 # PENDING into DROPPED (removed from the queue, never runs) or RUNNING into ABANDONED (it finishes
-# unobserved). LATE is only a verdict: the job is DONE, but finished after its deadline.
-_PENDING, _RUNNING, _DONE, _DROPPED, _ABANDONED, _LATE = range(6)
+# unobserved). A job whose service already holds its share of the pool starts PARKED, in its
+# service's own line, and becomes PENDING when one of the service's workers frees up. A worker
+# that takes a job at or after its deadline drops it instead of running it. LATE is only a
+# verdict: the job is DONE, but finished after its deadline.
+_PENDING, _RUNNING, _DONE, _DROPPED, _ABANDONED, _LATE, _PARKED = range(7)
 
 
 class _Job:
@@ -81,11 +94,13 @@ class _Job:
         "args",
         "call",
         "context",
+        "counted",
         "deadline",
         "done",
         "error",
         "finished_at",
         "kwargs",
+        "parent",
         "result",
         "service",
         "state",
@@ -112,6 +127,60 @@ class _Job:
         self.result: Any = None
         self.error: BaseException | None = None
         self.finished_at = 0.0
+        # The job whose worker submitted this one (nested sync timeouts): its caller giving up
+        # means nobody waits for this one either.
+        self.parent: _Job | None = None
+        # Whether it holds a place in its service's share of the pool (see _WorkerPool).
+        self.counted = False
+
+
+_deadline = _context.deadline
+
+
+class _Worker(threading.local):
+    """What a worker thread is running (see ``caller_gave_up``).
+
+    A thread attribute rather than a context variable: setting it costs no extra frame on the
+    call path, and the context (which the job keeps) never points back at the job.
+    """
+
+    job: _Job | None = None
+
+
+_worker = _Worker()
+
+
+def caller_gave_up() -> bool:
+    """Whether the caller of the sync ``with_timeout`` running this code has stopped waiting.
+
+    Patterns that make a call wait (bulkhead slot, rate-limit token) ask it once the wait is
+    over, on the thread that waited: an abandoned call must not start. Always ``False`` outside
+    a sync timeout's worker thread.
+    """
+    job = _worker.job
+    while job is not None:
+        if job.state == _ABANDONED:
+            return True
+        job = job.parent
+    return False
+
+
+class _NotStartedError(TimeoutExceededError):
+    """A wait for capacity ended at the deadline, or after the caller gave up: never started.
+
+    The enclosing ``with_timeout`` reports it as its own timeout (its service, its limit, its
+    events), so a caller sees the same error whichever of the two noticed the deadline first.
+    """
+
+
+def not_started(service: str, seconds: float, waiting_for: str) -> TimeoutExceededError:
+    """The error of a call that waited for ``waiting_for`` until its deadline, and never ran."""
+    return _NotStartedError(
+        f"call to {service!r} was not started: its deadline passed (or its caller gave up) "
+        f"while it waited for {waiting_for}",
+        service=service,
+        seconds=max(seconds, 0.0),
+    )
 
 
 class _WorkerPool:
@@ -119,10 +188,22 @@ class _WorkerPool:
 
     Not a ``ThreadPoolExecutor``: its threads are joined at interpreter exit, so one abandoned call
     stuck in I/O would keep the process from exiting.
+
+    Each service may hold ``per_service`` of the threads at once (a quarter of them unless told):
+    its jobs queued for a thread, running, or abandoned. Past that its jobs wait in a line of their
+    own for one of its workers to free up, so the FIFO queue of runnable jobs never fills with one
+    service's calls; and when every job it holds is abandoned (its dependency hangs), its new jobs
+    are refused at once.
     """
 
-    def __init__(self, max_workers: int, idle_seconds: float = _IDLE_SECONDS) -> None:
+    def __init__(
+        self,
+        max_workers: int,
+        idle_seconds: float = _IDLE_SECONDS,
+        per_service: int | None = None,
+    ) -> None:
         self._max_workers = max_workers
+        self.per_service = max(1, max_workers // 4) if per_service is None else per_service
         self._idle_seconds = idle_seconds
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
@@ -130,44 +211,121 @@ class _WorkerPool:
         self._threads = 0
         self._idle = 0
         self._abandoned: dict[str, int] = {}
+        # Per service: its jobs in ``_jobs``, running or abandoned (at most ``per_service``) ...
+        self._held: dict[str, int] = {}
+        # ... and its jobs waiting for one of those to end, oldest first.
+        self._parked: dict[str, deque[_Job]] = {}
         self._names = itertools.count(1)
 
-    def submit(self, job: _Job) -> None:
-        with self._lock:
-            self._jobs.append(job)
-            spawn = len(self._jobs) > self._idle and self._threads < self._max_workers
+    def submit(self, job: _Job) -> bool:
+        """Queue ``job`` for a worker; ``False``: refused, its service's share is all abandoned."""
+        service = job.service
+        parent = job.parent
+        if parent is not None and parent.service == service:
+            # A nested timeout of the same service, submitted by a worker that blocks until it
+            # ends: it runs in its parent's place. Waiting for the share here could deadlock, with
+            # every place held by parents waiting for children.
+            with self._lock:
+                spawn = self._queue(job)
             if spawn:
-                self._threads += 1
-            else:
-                self._work.notify()
+                self._spawn()
+            return True
+        with self._lock:
+            held = self._held.get(service, 0)
+            if held >= self.per_service:
+                if self._abandoned.get(service, 0) >= held:
+                    return False
+                job.state = _PARKED
+                line = self._parked.get(service)
+                if line is None:
+                    line = self._parked[service] = deque()
+                line.append(job)
+                return True
+            self._held[service] = held + 1
+            job.counted = True
+            spawn = self._queue(job)
         if spawn:
-            name = f"buttress-timeout-{next(self._names)}"
-            try:
-                threading.Thread(target=self._serve, name=name, daemon=True).start()
-            except RuntimeError:
-                # The process is out of threads. The job stays queued for a busy worker; if none
-                # frees up before the deadline, the caller times out without the call starting.
-                with self._lock:
-                    self._threads -= 1
+            self._spawn()
+        return True
+
+    def _queue(self, job: _Job) -> bool:
+        """Append ``job`` for the workers (lock held); return whether a thread must be started."""
+        self._jobs.append(job)
+        if len(self._jobs) > self._idle and self._threads < self._max_workers:
+            self._threads += 1
+            return True
+        self._work.notify()
+        return False
+
+    def _spawn(self) -> None:
+        name = f"buttress-timeout-{next(self._names)}"
+        try:
+            threading.Thread(target=self._serve, name=name, daemon=True).start()
+        except RuntimeError:
+            # The process is out of threads. The job stays queued for a busy worker; if none
+            # frees up before the deadline, the caller times out without the call starting.
+            with self._lock:
+                self._threads -= 1
+
+    def _leave(self, job: _Job) -> _Job | None:
+        """``job`` ended or was dropped (lock held): its place in the share goes on.
+
+        The oldest parked job of its service takes the place (returned, PENDING, for the caller
+        to queue); else the service holds one thread fewer.
+        """
+        if not job.counted:
+            return None
+        service = job.service
+        line = self._parked.get(service)
+        if line:
+            promoted = line.popleft()
+            if not line:
+                del self._parked[service]
+            promoted.state = _PENDING
+            promoted.counted = True
+            return promoted
+        held = self._held[service] - 1
+        if held:
+            self._held[service] = held
+        else:
+            del self._held[service]
+        return None
 
     def settle(self, job: _Job) -> int:
         """Decide the fate of ``job`` once its caller stops waiting; return its state.
 
         ``DONE`` only if it finished by its deadline. A job that finished later is still late, even
         if the caller looked after it ended: the verdict depends on when it finished, never on when
-        the caller happened to look.
+        the caller happened to look. ``DROPPED`` and ``PARKED``: it never ran, and never will
+        (``PARKED``: it was waiting for a thread of its service's share).
         """
+        spawn = False
         with self._lock:
             state = job.state
             if state == _DONE:
                 return _DONE if job.finished_at <= job.deadline else _LATE
+            if state == _DROPPED:  # a worker took it at its deadline and dropped it
+                return _DROPPED
+            if state == _PARKED:
+                job.state = _DROPPED
+                line = self._parked[job.service]
+                line.remove(job)
+                if not line:
+                    del self._parked[job.service]
+                return _PARKED
             if state == _PENDING:
                 job.state = _DROPPED
                 self._jobs.remove(job)
-                return _DROPPED
-            job.state = _ABANDONED
-            count = self._abandoned.get(job.service, 0) + 1
-            self._abandoned[job.service] = count
+                promoted = self._leave(job)
+                spawn = promoted is not None and self._queue(promoted)
+            else:
+                job.state = _ABANDONED
+                count = self._abandoned.get(job.service, 0) + 1
+                self._abandoned[job.service] = count
+        if state == _PENDING:
+            if spawn:
+                self._spawn()
+            return _DROPPED
         handlers = events.ROUTES.get(events.WorkerAbandoned)
         if handlers:
             events.dispatch(handlers, events.WorkerAbandoned(job.service, count))
@@ -178,29 +336,48 @@ class _WorkerPool:
             return WorkerPoolSnapshot(
                 threads=self._threads,
                 idle=self._idle,
-                pending=len(self._jobs),
+                pending=len(self._jobs) + sum(len(line) for line in self._parked.values()),
                 abandoned={service: n for service, n in self._abandoned.items() if n},
             )
 
     def _serve(self) -> None:
         while True:
             with self._lock:
-                while not self._jobs:
-                    self._idle += 1
-                    woken = self._work.wait(self._idle_seconds)
-                    self._idle -= 1
-                    if not woken and not self._jobs:
-                        self._threads -= 1
-                        return
-                job = self._jobs.popleft()
-                job.state = _RUNNING
+                job = None
+                while job is None:
+                    while not self._jobs:
+                        self._idle += 1
+                        woken = self._work.wait(self._idle_seconds)
+                        self._idle -= 1
+                        if not woken and not self._jobs:
+                            self._threads -= 1
+                            return
+                    job = self._take(self._jobs.popleft())
             self._run(job)
 
+    def _take(self, job: _Job) -> _Job | None:
+        """Start ``job`` on this worker (lock held), or drop it if its deadline has come.
+
+        Its caller is giving up on it in this very instant (its wait ends at the deadline): a call
+        that started now would run with nobody waiting for it.
+        """
+        if job.deadline > _clock.monotonic():
+            job.state = _RUNNING
+            return job
+        job.state = _DROPPED
+        promoted = self._leave(job)
+        if promoted is not None:
+            self._jobs.append(promoted)  # this worker is about to look for the next job itself
+        job.done.set()
+        return None
+
     def _run(self, job: _Job) -> None:
+        _worker.job = job
         try:
             job.result = job.context.run(job.call, job.args, job.kwargs)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread and re-raised there
             job.error = exc
+        _worker.job = None
         finished_at = _clock.monotonic()
         with self._lock:
             abandoned = job.state == _ABANDONED
@@ -209,6 +386,11 @@ class _WorkerPool:
             if abandoned:
                 count = self._abandoned[job.service] - 1
                 self._abandoned[job.service] = count
+            promoted = self._leave(job)
+            if promoted is not None:
+                # The service's place goes to its oldest waiting job; this worker, about to look
+                # for its next job, serves the queue, so nobody needs waking.
+                self._jobs.append(promoted)
         job.done.set()
         if abandoned:
             # Nobody will read the outcome; drop it so a large result or a traceback is not kept.
@@ -219,7 +401,7 @@ class _WorkerPool:
                 events.dispatch(handlers, events.WorkerFinishedLate(job.service, count, overran))
 
 
-_POOL = _WorkerPool(MAX_WORKERS)
+_POOL = _WorkerPool(MAX_WORKERS, per_service=MAX_WORKERS_PER_SERVICE)
 
 
 def worker_pool_snapshot() -> WorkerPoolSnapshot:
@@ -228,8 +410,6 @@ def worker_pool_snapshot() -> WorkerPoolSnapshot:
 
 
 # --- the strategy ---------------------------------------------------------------------------------
-
-_deadline = _context.deadline
 
 
 class TimeoutStrategy:
@@ -277,6 +457,10 @@ class TimeoutStrategy:
             return self._wrap_shadow(call)
         service = self.service
         pool = _POOL
+        refused = (
+            f" (not started: all {pool.per_service} worker threads {service!r} may hold are "
+            "still running calls abandoned at their deadline)"
+        )
 
         def timed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             start = _clock.monotonic()
@@ -290,7 +474,10 @@ class TimeoutStrategy:
             context = contextvars.copy_context()
             context.run(_deadline.set, deadline)
             job = _Job(call, args, kwargs, context=context, service=service, deadline=deadline)
-            pool.submit(job)
+            job.parent = _worker.job
+            if not pool.submit(job):
+                self._finished(0.0, timed_out=True)
+                raise self._exceeded(limit, 0.0, refused)
             try:
                 wait = deadline - _clock.monotonic()
                 if wait > 0:
@@ -299,19 +486,21 @@ class TimeoutStrategy:
                 pool.settle(job)  # interrupted (KeyboardInterrupt): the worker is abandoned too
                 raise
             state = pool.settle(job)
-            elapsed = _clock.monotonic() - start
             if state == _DONE:
-                self._finished(job.finished_at - start, timed_out=False)
                 error = job.error
                 if error is None:
+                    self._finished(job.finished_at - start, timed_out=False)
                     return job.result
-                try:
-                    raise error
-                finally:
-                    del error, job  # break the frame <-> traceback cycle
+                if type(error) is not _NotStartedError:
+                    self._finished(job.finished_at - start, timed_out=False)
+                    try:
+                        raise error
+                    finally:
+                        del error, job  # break the frame <-> traceback cycle
+                # It waited inside (for a bulkhead slot) until this very deadline: our timeout.
+            elapsed = _clock.monotonic() - start
             self._finished(elapsed, timed_out=True)
-            detail = " (no worker thread was free in time)" if state == _DROPPED else ""
-            raise self._exceeded(limit, elapsed, detail)
+            raise self._exceeded(limit, elapsed, _DETAILS.get(state, ""))
 
         return timed
 
@@ -356,6 +545,11 @@ class TimeoutStrategy:
                         timed_out = True
                         raise self._exceeded(limit, _clock.monotonic() - start) from exc
                 raise
+            except _NotStartedError as exc:
+                # A wait inside (for a bulkhead slot) saw this deadline pass before our timer did:
+                # the same timeout, reported once, by this scope, as if the timer had fired.
+                timed_out = True
+                raise self._exceeded(limit, _clock.monotonic() - start) from exc
             finally:
                 handle.cancel()
                 if expiry.fired:
@@ -377,6 +571,12 @@ class TimeoutStrategy:
                 self._shadow(limit, _clock.monotonic() - start)
 
         return observed
+
+
+_DETAILS: Final = {
+    _DROPPED: " (no worker thread was free in time)",
+    _PARKED: " (no worker thread of its service's share was free in time)",
+}
 
 
 class _Expiry:
