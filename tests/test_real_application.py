@@ -692,11 +692,6 @@ def test_rate_limited_answers_do_not_open_the_circuit(service: Service, upstream
 # --- settings a user sets -------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9 blocker 1: BUTTRESS_ADMIN_TOKEN, set as docs/runbook.md says, is an "
-    "'unknown key' to settings, so every protected call raises ConfigurationError",
-)
 def test_the_admin_token_in_the_environment_does_not_break_calls_and_guards_admin_routes(
     environment: Callable[..., None], serve: Callable[[], Service], upstream: Upstream
 ) -> None:
@@ -733,11 +728,6 @@ def test_the_kill_switch_sends_calls_straight_through(
     assert (status, body["enabled"]) == (200, False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9 blocker 1: with FF_ENABLE_RESILIENCE_PATTERNS=false an invalid setting "
-    "still makes every protected call raise ConfigurationError",
-)
 def test_the_kill_switch_beats_an_invalid_setting(
     environment: Callable[..., None], serve: Callable[[], Service], upstream: Upstream
 ) -> None:
@@ -755,11 +745,6 @@ def test_the_kill_switch_beats_an_invalid_setting(
 
 
 @pytest.mark.realtime
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9 (unsafe defaults): @resilient with no settings caps a service at 10 "
-    "concurrent calls with no queue, so the 11th concurrent request is refused",
-)
 def test_an_unconfigured_service_serves_a_burst_of_concurrent_requests(
     service: Service, upstream: Upstream
 ) -> None:
@@ -836,11 +821,6 @@ PER_REQUEST_SYNC = 100
 MOST_CACHED_OPTIONS = 300
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9: the resolved-options cache keeps one entry per distinct code argument, so "
-    "a function decorated per request with the caller's time budget grows it without bound",
-)
 def test_decorating_per_request_keeps_nothing_behind(service: Service, upstream: Upstream) -> None:
     async def requests(path: str, budgets: list[float]) -> list[int]:
         limit = asyncio.Semaphore(8)
