@@ -290,6 +290,22 @@ def test_critical_is_503(app_kind, criticality, clock):
     assert response.json()["status"] == "critical"
 
 
+def test_invalid_settings_answer_503_with_the_reason_not_500(app_kind, monkeypatch, clock):
+    # A fresh process whose settings fail to load with the kill switch on: every protected call
+    # raises ConfigurationError, so the instance is down; health still answers, saying why.
+    for name in list(os.environ):
+        if name.upper().startswith(("BUTTRESS_", "FF_ENABLE_")):
+            monkeypatch.delenv(name)
+    monkeypatch.delattr(config, "SNAPSHOT", raising=False)
+    monkeypatch.setenv("BUTTRESS_SERVICES__OPENFGA__RETRY__MAX_ATEMPTS", "3")
+    response = Client(app_kind, admin_token="").request("GET", "/")
+    assert response.status_code == 503
+    body = response.json()
+    assert (body["status"], body["degradation_level"]) == ("critical", 4)
+    assert "services.openfga.retry.max_atempts" in body["settings_error"]
+    assert "BUTTRESS_SERVICES__OPENFGA__RETRY__MAX_ATEMPTS" in body["settings_error"]
+
+
 def test_head_has_the_status_and_no_body(app_kind, clock):
     response = Client(app_kind, admin_token="").request("HEAD", "/")
     assert (response.status_code, response.content) == (200, b"")

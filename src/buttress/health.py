@@ -30,7 +30,7 @@ import os
 import threading
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from http import HTTPStatus
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 from buttress import _clock, config, registry
@@ -77,6 +77,9 @@ class HealthSnapshot(TypedDict):
             slow_call_rate) plus the service's ``criticality``.
         bulkheads: by registry key: service, active, queued, limit, utilization.
         fallbacks: services that served a fallback recently: seconds since the last one.
+        settings_error: present only when the settings in force are invalid (and the kill
+            switch is on): the error, naming key path and source. Every protected call fails
+            then, so the status is ``critical``.
     """
 
     status: Status
@@ -85,6 +88,7 @@ class HealthSnapshot(TypedDict):
     circuits: dict[str, dict[str, Any]]
     bulkheads: dict[str, dict[str, Any]]
     fallbacks: dict[str, float]
+    settings_error: NotRequired[str]
 
 
 def criticality(service: str) -> str:
@@ -130,6 +134,12 @@ def _recent_fallbacks() -> dict[str, float]:
 
 def health() -> HealthSnapshot:
     """A snapshot of every circuit and bulkhead, the degradation level and the overall status."""
+    try:
+        enabled = config.SNAPSHOT.enabled
+    except ConfigurationError as exc:
+        # Invalid settings with the kill switch on: every protected call raises, so the
+        # instance is down, but health must still answer (503 with the reason, not a 500).
+        return _unusable_settings(exc)
     circuits: dict[str, dict[str, Any]] = {}
     for key, breaker in sorted(registry.instances("circuit_breaker").items()):
         snapshot = dict(breaker.snapshot())
@@ -153,10 +163,22 @@ def health() -> HealthSnapshot:
     return HealthSnapshot(
         status=status,
         degradation_level=level,
-        enabled=config.SNAPSHOT.enabled,
+        enabled=enabled,
         circuits=circuits,
         bulkheads=bulkheads,
         fallbacks=fallbacks,
+    )
+
+
+def _unusable_settings(exc: ConfigurationError) -> HealthSnapshot:
+    return HealthSnapshot(
+        status="critical",
+        degradation_level=CRITICAL_LEVEL,
+        enabled=True,
+        circuits={},
+        bulkheads={},
+        fallbacks=_recent_fallbacks(),
+        settings_error=str(exc),
     )
 
 
