@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import re
 import sys
 import tomllib
 from collections.abc import Iterator
@@ -96,6 +97,15 @@ def test_the_generator_refuses_what_it_cannot_pin(requirement):
 def test_two_lower_bounds_for_one_package_are_refused():
     with pytest.raises(ValueError, match="two lower bounds"):
         lowest.render('[project]\ndependencies = ["redis>=5.0,<9", "redis>=6.0,<9"]\n')
+
+
+def test_the_extras_the_install_docs_name_exist():
+    named = set()
+    for page in ("README.md", "docs/quickstart.md"):
+        for extras in re.findall(r"buttress\[([\w,]+)\]", (ROOT / page).read_text("utf-8")):
+            named.update(extras.split(","))
+    assert named
+    assert named <= set(PROJECT["optional-dependencies"])
 
 
 # --- nothing imported at run time is missing ---------------------------------------------------
