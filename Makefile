@@ -5,8 +5,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Re-install whenever pyproject.toml changes.
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+# A second environment with every dependency at the lower bound pyproject.toml declares
+# (constraints/lowest.txt), so a range that no longer holds fails CI instead of a user.
+LOWEST       := .venv-lowest
+LOWEST_BIN   := $(LOWEST)/bin
+LOWEST_STAMP := $(LOWEST)/.installed-$(shell cat pyproject.toml constraints/lowest.txt | cksum | cut -d' ' -f1)
 
-.PHONY: demo test check lint typecheck docs bench clean
+.PHONY: demo test test-lowest constraints check lint typecheck docs bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,13 +26,29 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+$(LOWEST_STAMP): pyproject.toml constraints/lowest.txt
+	test -x $(LOWEST_BIN)/python || $(PYTHON) -m venv $(LOWEST)
+	$(LOWEST_BIN)/python -m pip install --quiet --upgrade pip
+	$(LOWEST_BIN)/python -m pip install --quiet -c constraints/lowest.txt -e '.[all,dev]'
+	rm -f $(LOWEST)/.installed-*
+	touch $@
+
+test-lowest: $(LOWEST_STAMP)
+	$(LOWEST_BIN)/python -m pytest
+
+# Regenerate the lower-bound pins after changing a dependency in pyproject.toml.
+constraints:
+	$(PYTHON) constraints/lowest.py > constraints/lowest.txt.new
+	mv constraints/lowest.txt.new constraints/lowest.txt
+
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench constraints
+	$(BIN)/ruff format --check src tests bench constraints
 
 typecheck: $(STAMP)
 	$(BIN)/mypy src
 	$(BIN)/mypy tests/typing
+	$(BIN)/mypy constraints/lowest.py
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
@@ -42,4 +63,4 @@ bench: $(STAMP)
 	else echo "redis-server is not installed: skipping the shared-state benchmark"; fi
 
 clean:
-	rm -rf $(VENV) site .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LOWEST) site .mypy_cache .ruff_cache
