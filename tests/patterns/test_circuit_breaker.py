@@ -696,6 +696,76 @@ def test_open_rejections_are_events_with_retry_after(mode, clock):
     assert seen == [CallRejected("svc", "circuit_breaker", "open", pytest.approx(5))]
 
 
+class LooksFromAnotherThread:
+    """A subscriber that hands each event to a thread which reads the breaker, and joins it.
+
+    Delivered under the breaker's lock, the thread would wait for the lock this subscriber's
+    caller holds, and the join would wait for the thread: a deadlock (bounded here by the
+    join's timeout, so a failing test reports it instead of hanging).
+    """
+
+    def __init__(self, cb: CircuitBreaker) -> None:
+        self.cb = cb
+        self.seen: list[tuple[str, str, str]] = []
+        self.stuck = 0
+
+    def __call__(self, event: Any) -> None:
+        def look() -> None:
+            self.seen.append(
+                (type(event).__name__, self.cb.current_state, self.cb.snapshot()["state"])
+            )
+
+        reader = threading.Thread(target=look, daemon=True)
+        reader.start()
+        reader.join(2)
+        self.stuck += reader.is_alive()
+
+
+def test_a_subscriber_may_read_the_breaker_from_another_thread(mode, clock):
+    g = Guarded(mode, fail_max=1, timeout=5)
+    subscriber = LooksFromAnotherThread(g.breaker)
+    undo = buttress.events.subscribe(
+        subscriber, [CircuitStateChanged, CallRejected, CircuitTrialStarted, CircuitCallRecorded]
+    )
+    try:
+        g.fail()  # trips
+        g.ok()  # rejected
+        clock.advance(5)
+        g.ok()  # a trial, which closes it
+    finally:
+        undo()
+    assert subscriber.stuck == 0
+    # In the order the breaker decided them, each seen with the state it announced.
+    assert subscriber.seen == [
+        ("CircuitStateChanged", "open", "open"),
+        ("CircuitCallRecorded", "open", "open"),
+        ("CallRejected", "open", "open"),
+        ("CircuitStateChanged", "half-open", "half_open"),
+        ("CircuitTrialStarted", "half-open", "half_open"),
+        ("CircuitStateChanged", "closed", "closed"),
+        ("CircuitCallRecorded", "closed", "closed"),
+    ]
+
+
+def test_a_pybreaker_listener_may_read_the_breaker_from_another_thread(mode, clock):
+    g = Guarded(mode, fail_max=1, timeout=5)
+
+    class Listener(pybreaker.CircuitBreakerListener):
+        def __init__(self) -> None:
+            self.look = LooksFromAnotherThread(g.breaker)
+
+        def state_change(self, cb, old_state, new_state):
+            self.look((old_state.name, new_state.name))
+
+    listener = Listener()
+    g.breaker.add_listener(listener)
+    g.fail()
+    clock.advance(5)
+    g.ok()
+    assert listener.look.stuck == 0
+    assert [state for _, state, _ in listener.look.seen] == ["open", "half-open", "closed"]
+
+
 # --- options -------------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -126,6 +127,49 @@ def test_a_trip_elsewhere_rejects_here_without_calling(
     ]
     assert [e.reason for e in seen.of(events.CallRejected)] == ["open"]
     assert breaker(SERVICE).snapshot()["state"] == "open"
+
+
+def test_a_subscriber_may_read_a_shared_breaker_from_another_thread(
+    mode: Any, redis_server: Any, peers: Any
+) -> None:
+    dep = Dependency()
+    call = protected(mode, redis_server.url, dep)
+    assert mode.run(call) == "ok"
+    cb = breaker(SERVICE)
+    seen: list[tuple[str, str]] = []
+    stuck: list[bool] = []
+
+    def subscriber(event: Any) -> None:
+        # Hands the event to a thread that reads the breaker, and waits for it: under the
+        # breaker's lock this would deadlock (bounded by the join's timeout).
+        def look() -> None:
+            seen.append((type(event).__name__, cb.snapshot()["state"]))
+
+        reader = threading.Thread(target=look, daemon=True)
+        reader.start()
+        reader.join(2)
+        stuck.append(reader.is_alive())
+
+    kinds = [events.CircuitStateChanged, events.CallRejected, events.CircuitTrialStarted]
+    undo = events.subscribe(subscriber, kinds)
+    try:
+        dep.down = True
+        for _ in range(LIMITS.fail_max):
+            assert isinstance(mode.outcome(call), Down)
+        assert isinstance(mode.outcome(call), CircuitOpenError)
+        peers(SERVICE).force("half_open", LIMITS)
+        dep.down = False
+        assert mode.run(call) == "ok"  # adopts half-open, runs as the trial, closes
+    finally:
+        undo()
+    assert not any(stuck)
+    assert seen == [
+        ("CircuitStateChanged", "open"),
+        ("CallRejected", "open"),
+        ("CircuitStateChanged", "half_open"),
+        ("CircuitTrialStarted", "half_open"),
+        ("CircuitStateChanged", "closed"),
+    ]
 
 
 def test_half_open_trials_are_limited_across_the_fleet(

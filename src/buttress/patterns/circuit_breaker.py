@@ -60,11 +60,13 @@ The rate window and the manual overrides are always per process.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import functools
 import itertools
 import math
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, ClassVar, Final, TypedDict, TypeVar
 
@@ -325,6 +327,13 @@ class CircuitBreaker(CompatBreaker):
             opts.fail_max, opts.timeout, opts.success_threshold, opts.half_open_max_calls
         )
         self._remote: SharedStateStorage | None = None  # read by current_state, below
+        # Events decided under the lock wait here and are delivered after it is released, one
+        # thread at a time and in the order they were decided (see _deliver).
+        self._outbox: collections.deque[tuple[tuple[events.Handler, ...], Any]] = (
+            collections.deque()
+        )
+        self._delivery = threading.Lock()
+        self._delivering = False
         super().__init__(
             name=service,
             fail_max=opts.fail_max,
@@ -368,6 +377,8 @@ class CircuitBreaker(CompatBreaker):
                 opened_at = self._stored_opened_at(now) if stored == OPEN else now
                 self._adopt(stored, "shared_state", now, opened_at)
             self._refresh_fast_paths()
+        if self._outbox:
+            self._deliver()
 
     # --- the per-call protocol (used by the strategy's steps and by call/acall/calling) ----------
 
@@ -392,11 +403,18 @@ class CircuitBreaker(CompatBreaker):
             )
             if retry_after is None or retry_after > 0:
                 if shadow or CallRejected in events.ROUTES:
-                    return self._reject(reason, retry_after, shadow)
+                    try:
+                        return self._reject(reason, retry_after, shadow)
+                    finally:
+                        self._deliver()
                 # While open, rejecting is all the breaker does: the shortest path raises here.
                 raise _open_error(self._messages[reason], self.service, retry_after)
-        with self.lock:
-            return self._admit_locked(shadow)
+        try:
+            with self.lock:
+                return self._admit_locked(shadow)
+        finally:
+            if self._outbox:
+                self._deliver()
 
     def on_success(self, token: int, started: float) -> None:
         """Record a call admitted with ``token`` and started at ``started`` that returned."""
@@ -411,6 +429,8 @@ class CircuitBreaker(CompatBreaker):
         ):
             with self.lock:
                 self._record(token, SUCCESS, now, slow=slow)
+            if self._outbox:
+                self._deliver()
         self._announce(SUCCESS, elapsed, None, slow=slow)
 
     def on_error(self, token: int, exc: BaseException, started: float) -> None:
@@ -423,10 +443,12 @@ class CircuitBreaker(CompatBreaker):
         slow = self._slow_after is not None and elapsed >= self._slow_after
         if outcome == FAILURE and self._failure_hooks:
             # pybreaker's order: the failure, then the state change it causes.
-            events.dispatch(self._failure_hooks, exc)
+            self._publish(self._failure_hooks, exc)
         if token >= 0:
             with self.lock:
                 self._record(token, outcome, now, slow=slow)
+            if self._outbox:
+                self._deliver()
         self._announce(outcome, elapsed, exc, slow=slow)
 
     @property
@@ -442,7 +464,7 @@ class CircuitBreaker(CompatBreaker):
         ``func`` is the next step of the policy's chain (a ``(args, kwargs)`` callable), the
         function given to ``call``/``acall``, or ``breaker.calling`` for a ``calling()`` block.
         """
-        events.dispatch(self._before_hooks, (func, args, kwargs))
+        self._publish(self._before_hooks, (func, args, kwargs))
 
     # --- manual control ------------------------------------------------------------------------
 
@@ -463,6 +485,8 @@ class CircuitBreaker(CompatBreaker):
         with self.lock:
             if self._override == DISABLED:
                 self._move(CLOSED, None, "manual", _clock.monotonic())
+        if self._outbox:
+            self._deliver()
 
     def reset(self) -> None:
         """Closed, with every counter and the rate window cleared; ends any override."""
@@ -795,7 +819,7 @@ class CircuitBreaker(CompatBreaker):
         self._trials += 1
         handlers = events.ROUTES.get(events.CircuitTrialStarted)
         if handlers:
-            events.dispatch(handlers, events.CircuitTrialStarted(self.service, self._trials))
+            self._outbox.append((handlers, events.CircuitTrialStarted(self.service, self._trials)))
         return self._generation << 1 | 1
 
     def _record(self, token: int, outcome: str, now: float, *, slow: bool) -> None:
@@ -840,15 +864,62 @@ class CircuitBreaker(CompatBreaker):
         return None
 
     def _reject(self, reason: str, retry_after: float | None, shadow: bool) -> int:
+        """Reject a call (raise), or let it through uncounted in shadow mode.
+
+        The event is queued: the caller delivers it once it holds no lock (``_deliver``).
+        """
         if shadow:
             handlers = events.ROUTES.get(events.ShadowDecision)
             if handlers:
-                events.dispatch(handlers, events.ShadowDecision(self.service, PATTERN, "reject"))
+                self._outbox.append(
+                    (handlers, events.ShadowDecision(self.service, PATTERN, "reject"))
+                )
             return _UNCOUNTED
         handlers = events.ROUTES.get(CallRejected)
         if handlers:
-            events.dispatch(handlers, CallRejected(self.service, PATTERN, reason, retry_after))
+            self._outbox.append(
+                (handlers, CallRejected(self.service, PATTERN, reason, retry_after))
+            )
         raise _open_error(self._messages[reason], self.service, retry_after)
+
+    def _publish(self, handlers: tuple[events.Handler, ...], event: Any) -> None:
+        """Deliver an event decided outside the lock, behind any that are still queued."""
+        if self._outbox or self._delivering:
+            self._outbox.append((handlers, event))
+            self._deliver()
+        else:
+            events.dispatch(handlers, event)
+
+    def _deliver(self) -> None:
+        """Deliver the queued events; the caller holds no lock of this breaker.
+
+        Subscribers never run under the breaker's lock: one that reads the breaker from another
+        thread (and waits for it) would deadlock. One thread at a time delivers, in the order
+        the events were decided; a thread that finds another one delivering leaves its events
+        to it (so a subscriber may see an event on another caller's thread, and a subscriber
+        that calls the breaker finds its own events delivered after it returns).
+        """
+        outbox = self._outbox
+        with self._delivery:
+            if self._delivering:
+                return
+            self._delivering = True
+        try:
+            while True:
+                try:
+                    handlers, event = outbox.popleft()
+                except IndexError:
+                    with self._delivery:
+                        # Another thread may have queued since, and left it to this one.
+                        if not outbox:
+                            self._delivering = False
+                            return
+                    continue
+                events.dispatch(handlers, event)
+        except BaseException:
+            with self._delivery:
+                self._delivering = False
+            raise
 
     def _announce(
         self, outcome: str, elapsed: float, exc: BaseException | None, *, slow: bool = False
@@ -856,7 +927,7 @@ class CircuitBreaker(CompatBreaker):
         handlers = events.ROUTES.get(CircuitCallRecorded)
         if handlers:
             window = self._window
-            events.dispatch(
+            self._publish(
                 handlers,
                 CircuitCallRecorded(
                     self.service,
@@ -869,7 +940,7 @@ class CircuitBreaker(CompatBreaker):
                 ),
             )
         if outcome == SUCCESS and self._success_hooks:
-            events.dispatch(self._success_hooks, self)
+            self._publish(self._success_hooks, self)
 
     def _manual(self, phase: str, override: str | None, reason: str) -> None:
         remote = self._remote
@@ -881,9 +952,11 @@ class CircuitBreaker(CompatBreaker):
                 self._move(decision.state, None, reason, _clock.monotonic())
                 self._seen_generation = decision.generation
                 self._adopted_at = max(asked, self._adopted_at)
-            return
-        with self.lock:
-            self._move(phase, override, reason, _clock.monotonic())
+        else:
+            with self.lock:
+                self._move(phase, override, reason, _clock.monotonic())
+        if self._outbox:
+            self._deliver()
 
     def _move(self, phase: str, override: str | None, reason: str, now: float) -> None:
         """Enter a state: a new generation, fresh counters for it, storage, listeners, event."""
@@ -918,17 +991,19 @@ class CircuitBreaker(CompatBreaker):
     def _announce_state(self, old_label: str, reason: str, now: float) -> None:
         change = self._show_state(_TO_PYBREAKER[self._phase])
         if change is not None and self._change_hooks:
-            events.dispatch(self._change_hooks, change)
+            self._outbox.append((self._change_hooks, change))
         new_label = self._override or self._phase
         if new_label == old_label:
             return
         handlers = events.ROUTES.get(events.CircuitStateChanged)
         if handlers:
-            events.dispatch(
-                handlers,
-                events.CircuitStateChanged(
-                    self.service, old_label, new_label, reason, now - self._since
-                ),
+            self._outbox.append(
+                (
+                    handlers,
+                    events.CircuitStateChanged(
+                        self.service, old_label, new_label, reason, now - self._since
+                    ),
+                )
             )
         self._since = now
 
@@ -980,15 +1055,22 @@ class CircuitBreaker(CompatBreaker):
                     self._trials += 1
                     handlers = events.ROUTES.get(events.CircuitTrialStarted)
                     if handlers:
-                        events.dispatch(
-                            handlers, events.CircuitTrialStarted(self.service, self._trials)
+                        self._outbox.append(
+                            (handlers, events.CircuitTrialStarted(self.service, self._trials))
                         )
-                return decision, self._generation
-        if decision.state == OPEN:
-            self._reject("open", decision.retry_after, shadow)
-        else:
-            self._reject("half_open_full", None, shadow)
-        return None
+                ticket = decision, self._generation
+            else:
+                ticket = None
+        try:
+            if ticket is None:
+                if decision.state == OPEN:
+                    self._reject("open", decision.retry_after, shadow)
+                else:
+                    self._reject("half_open_full", None, shadow)
+            return ticket
+        finally:
+            if self._outbox:
+                self._deliver()
 
     def _finish_shared(
         self,
@@ -1010,6 +1092,8 @@ class CircuitBreaker(CompatBreaker):
                     asked = next(self._asked)
                     moved = remote.transition(OPEN, decision.generation, self._limits)
                     self._settle_trip(moved, asked, reason)
+                if self._outbox:
+                    self._deliver()
         self._announce(outcome, elapsed, exc, slow=slow)
 
     async def _afinish_shared(
@@ -1032,6 +1116,8 @@ class CircuitBreaker(CompatBreaker):
                     asked = next(self._asked)
                     moved = await remote.atransition(OPEN, decision.generation, self._limits)
                     self._settle_trip(moved, asked, reason)
+                if self._outbox:
+                    self._deliver()
         self._announce(outcome, elapsed, exc, slow=slow)
 
     def _outcome(self, exc: BaseException | None, started: float) -> tuple[str, float, float, bool]:
@@ -1043,7 +1129,7 @@ class CircuitBreaker(CompatBreaker):
             return SUCCESS, now, elapsed, slow
         outcome = FAILURE if self.is_system_error(exc) else IGNORED
         if outcome == FAILURE and self._failure_hooks:
-            events.dispatch(self._failure_hooks, exc)
+            self._publish(self._failure_hooks, exc)
         return outcome, now, elapsed, slow
 
     def _settle(
