@@ -397,6 +397,20 @@ def test_a_cancelled_call_is_not_counted_and_frees_its_trial_slot(clock):
     assert (snap["state"], snap["trials_in_flight"]) == ("half_open", 0)
 
 
+def test_failures_are_kept_while_open_and_a_failed_trial_counts(mode, clock):
+    g = Guarded(mode, fail_max=2, timeout=5)
+    g.fail()
+    g.fail()  # trips
+    assert (g.breaker.snapshot()["failures"], g.breaker.fail_counter) == (2, 2)
+    clock.advance(5)
+    g.fail()  # the trial fails: one more failure, open again
+    snap = g.breaker.snapshot()
+    assert (snap["state"], snap["failures"], g.breaker.fail_counter) == ("open", 3, 3)
+    clock.advance(5)
+    g.ok()  # the trial succeeds: closed, the count starts again
+    assert (g.breaker.snapshot()["failures"], g.breaker.fail_counter) == (0, 0)
+
+
 # --- late results --------------------------------------------------------------------------------
 
 

@@ -276,6 +276,69 @@ def test_reset_open_and_half_open_move_the_fleet_and_overrides_stay_local(
     assert cb.state_label == "open"
 
 
+def test_failures_are_kept_while_open_and_a_failed_trial_counts_as_in_memory(
+    mode: Any, redis_server: Any, peers: Any
+) -> None:
+    dep = Dependency()
+    call = protected(mode, redis_server.url, dep)
+    other = peers(SERVICE)
+    cb = breaker(SERVICE)
+    dep.down = True
+    for _ in range(LIMITS.fail_max):
+        assert isinstance(mode.outcome(call), Down)
+    assert isinstance(mode.outcome(call), CircuitOpenError)
+    # the count that tripped it, as memory mode (and pybreaker) report it while open
+    assert (cb.fail_counter, cb.snapshot()["failures"]) == (3, 3)
+    assert other.admit(LIMITS).failures == 3
+    other.force("half_open", LIMITS)  # pybreaker's half_open(): the count is kept
+    assert other.admit(LIMITS).failures == 3
+    assert other.admit(LIMITS).admitted is False  # (that admission took the only trial slot)
+    other.force("half_open", LIMITS)
+    assert isinstance(mode.outcome(call), Down)  # the trial fails: counted, open again
+    assert (cb.state_label, cb.fail_counter, cb.snapshot()["failures"]) == ("open", 4, 4)
+    assert other.admit(LIMITS).failures == 4
+    cb.reset()
+    assert (cb.fail_counter, other.admit(LIMITS).failures) == (0, 0)
+
+
+def test_the_fleets_failure_count_never_goes_backwards_for_a_reader(
+    redis_server: Any,
+) -> None:
+    # Threads only: replies to concurrent requests arrive in any order.
+    dep = Dependency()
+    dep.down = True
+    call = circuit_breaker(name=SERVICE, state_url=redis_server.url, fail_max=10_000)(dep)
+    cb = breaker(SERVICE)
+    workers, each = 6, 40
+    done = threading.Event()
+    readings: list[tuple[int, int]] = []
+
+    def read() -> None:
+        while not done.is_set():
+            readings.append((cb.fail_counter, cb.snapshot()["failures"]))
+            time.sleep(0)  # let the workers run
+
+    def work() -> None:
+        for _ in range(each):
+            with pytest.raises(Down):
+                call()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    threads = [threading.Thread(target=work) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    done.set()
+    reader.join(5)
+    assert (cb.fail_counter, cb.snapshot()["failures"]) == (workers * each, workers * each)
+    counters = [r[0] for r in readings]
+    snapshots = [r[1] for r in readings]
+    assert counters == sorted(counters)
+    assert snapshots == sorted(snapshots)
+
+
 def test_snapshot_and_pybreaker_counters_report_the_fleet_without_a_request(
     mode: Any, redis_server: Any, peers: Any
 ) -> None:

@@ -64,6 +64,21 @@ def test_killed_mid_run_the_local_copy_starts_from_the_shared_state(
     assert [e.operation for e in seen] == ["admit"]
 
 
+def test_the_local_copy_keeps_the_failures_while_open_and_counts_a_failed_trial(
+    peers: Any, redis_server: Any, clock: Any
+) -> None:
+    peer = peers()
+    trip(peer)
+    redis_server.kill()
+    local = peer.admit(LIMITS)
+    assert (local.state, local.failures, local.shared) == ("open", 3, False)
+    clock.advance(LIMITS.reset_timeout)
+    trial = peer.admit(LIMITS)
+    assert (trial.state, trial.trial, trial.failures) == ("half_open", True, 3)
+    after = peer.record(trial, "failure", LIMITS)
+    assert (after.state, after.change, after.failures) == ("open", "trial_failed", 4)
+
+
 def test_restarted_empty_the_shared_state_is_used_again_after_the_reconnect_wait(
     peers: Any, redis_server: Any, clock: Any
 ) -> None:

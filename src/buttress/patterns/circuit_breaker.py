@@ -831,6 +831,7 @@ class CircuitBreaker(CompatBreaker):
             return
         if self._phase == HALF_OPEN:
             if outcome == FAILURE:
+                self._count_failure()  # kept while open, as pybreaker counts a failed trial
                 self._move(OPEN, None, "trial_failed", now)
             elif self._count_success() >= self.success_threshold:
                 self._move(CLOSED, None, "success_threshold", now)

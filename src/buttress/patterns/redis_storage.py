@@ -19,7 +19,10 @@ in this generation) and ``base`` (failures cleared by successes); ``fail_max`` t
 ``seq - base`` reaches it. A success clears only the failures recorded *before its call was
 admitted* (``base = max(base, seq_at_admission)``), so a slow success cannot wipe failures other
 processes saw while it ran, and reading the state never resets anything (pybreaker's
-``CircuitRedisStorage`` wipes the shared counter whenever a process notices a close).
+``CircuitRedisStorage`` wipes the shared counter whenever a process notices a close). As in
+memory (and in pybreaker), the count survives the trip: an open or half-open state starts with
+the failures of the state it came from (``seq``), a failed trial adds one, and only a close clears
+it.
 
 One round trip on the closed-state success path: the admission is the only request. A success
 that has failures to clear is not sent on its own; it rides on the process's next request (see
@@ -36,8 +39,9 @@ client never retries.
 
 Keys, both with the service name as a Redis Cluster hash tag so they live in one slot:
 
-* ``buttress:{service}:circuit``: a hash: ``state``, ``gen``, ``seq``, ``base``, ``succ`` (trial
-  successes), ``since`` (Redis ms of the last transition);
+* ``buttress:{service}:circuit``: a hash: ``state``, ``gen``, ``seq`` (failures recorded; while
+  open or half-open: the failures counted so far), ``base``, ``succ`` (trial successes),
+  ``since`` (Redis ms of the last transition);
 * ``buttress:{service}:trials``: a sorted set of trial leases scored by expiry (Redis ms).
 
 A missing hash means closed with no failures; the script writes only when something changes (a
@@ -132,7 +136,13 @@ local function move(to, why)
   state = to
   -- generations follow Redis time, so a Redis restarted empty never reuses one
   gen = math.max(gen + 1, now)
-  seq, base, succ, since = 0, 0, 0, now
+  -- failures are kept until the circuit closes (while open and half-open, as pybreaker does)
+  if to == 'closed' then
+    seq = 0
+  else
+    seq = seq - base
+  end
+  base, succ, since = 0, 0, now
   redis.call('DEL', trials)
   dirty = true
   change = why
@@ -178,6 +188,7 @@ elseif op == 'record' then
         move('open', 'fail_max')
       end
     elseif state == 'half_open' then
+      seq = seq + 1
       move('open', 'trial_failed')
     end
   elseif ARGV[12] == 'success' then
@@ -237,7 +248,7 @@ class Decision(NamedTuple):
             ``fail_max``, ``trial_failed``, ``success_threshold``, ``manual``), else None.
         shared: decided by Redis; False when the local fallback decided.
         age: seconds since the state began (Redis's clock when shared).
-        seq: failures recorded in this closed generation when decided (bookkeeping).
+        seq: failures recorded in this generation when decided (bookkeeping).
         lease: the trial lease held in Redis, or ``""`` (bookkeeping).
     """
 
@@ -314,7 +325,9 @@ class _Local:
     def _move(self, state: str, now: float) -> None:
         self.state = state
         self.generation = next(self._generations)
-        self.failures = self.successes = self.trials = 0
+        self.successes = self.trials = 0
+        if state == CLOSED:  # failures are kept until a close, as in Redis
+            self.failures = 0
         self.since = now
         if state == OPEN:
             self.opened_at = now
@@ -359,9 +372,11 @@ class _Local:
                 if limits is not None and self.failures >= limits.fail_max:
                     self._move(OPEN, now)
                     change = "fail_max"
-            elif self.state == HALF_OPEN and limits is not None:
-                self._move(OPEN, now)
-                change = "trial_failed"
+            elif self.state == HALF_OPEN:
+                self.failures += 1
+                if limits is not None:
+                    self._move(OPEN, now)
+                    change = "trial_failed"
         elif outcome == SUCCESS:
             if self.state == CLOSED:
                 self.failures = 0
@@ -580,6 +595,14 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         self._lock = threading.Lock()
         self._local = _Local(_clock.monotonic())
         self._mirrored: tuple[int, int, int, str] | None = None
+        # Replies to concurrent requests arrive in any order; the local copy (what health reads)
+        # must never go back to an older one. Requests are numbered as they are sent; the reply
+        # last adopted is ordered by (Redis time, generation, seq, base, succ), each of which
+        # only grows as Redis runs the script, and ``_adopted_mark`` numbers the first request
+        # sent after it was adopted (see _accept).
+        self._requests = itertools.count()
+        self._adopted_order: tuple[int, int, int, int, int] = (-1, 0, 0, 0, 0)
+        self._adopted_mark = 0
         # (generation, seq): a success that clears the failures before seq, not yet sent.
         self._cleared: tuple[int, int] | None = None
         self._down_until = _NOT_DOWN
@@ -716,8 +739,9 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         self, operation: str, request: bytes, cleared: tuple[int, int] | None, limits: Any
     ) -> Decision | None:
         """One request to Redis; None (and the store marked down) if it failed."""
+        asked = next(self._requests)
         try:
-            decision = self._accept(self._link.call(request), limits)
+            decision = self._accept(self._link.call(request), limits, asked)
         except Exception as exc:  # noqa: BLE001 - any Redis fault means: go on locally
             self._failed(operation, exc, cleared)
             return None
@@ -730,8 +754,9 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
     async def _asend(
         self, operation: str, request: bytes, cleared: tuple[int, int] | None, limits: Any
     ) -> Decision | None:
+        asked = next(self._requests)
         try:
-            decision = self._accept(await self._alink.call(request), limits)
+            decision = self._accept(await self._alink.call(request), limits, asked)
         except Exception as exc:  # noqa: BLE001 - any Redis fault means: go on locally
             self._failed(operation, exc, cleared)
             return None
@@ -875,8 +900,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
             if self._cleared is None or (generation, seq) > self._cleared:
                 self._cleared = (generation, seq)
 
-    def _accept(self, reply: Any, limits: Limits | None) -> Decision:
-        """Turn the script's reply into a decision and mirror it locally."""
+    def _accept(self, reply: Any, limits: Limits | None, asked: int) -> Decision:
+        """Turn the script's reply (to request number ``asked``) into a decision; mirror it."""
         fields = reply.split(b" ")
         state = fields[0].decode()
         gen, seq, base, succ, since, now, admitted, trial = map(int, fields[1:9])
@@ -904,9 +929,15 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         )
         mirrored = (gen, seq - base, succ, state)
         if mirrored != self._mirrored:
+            order = (now, gen, seq, base, succ)
             with self._lock:
-                self._mirrored = mirrored
-                self._local.adopt(decision, _clock.monotonic())
+                # A request sent after the last adoption saw a later Redis (whatever its clock
+                # or a lost key say); one sent before it is adopted only if Redis ran it later.
+                if asked > self._adopted_mark or order > self._adopted_order:
+                    self._mirrored = mirrored
+                    self._adopted_order = order
+                    self._adopted_mark = next(self._requests)
+                    self._local.adopt(decision, _clock.monotonic())
         return decision
 
     # --- Redis health ----------------------------------------------------------------------------
