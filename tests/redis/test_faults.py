@@ -172,6 +172,58 @@ def test_a_frozen_or_killed_redis_delays_one_call_by_at_most_max_delay(
     assert peer.admit(LIMITS).shared
 
 
+def wait_for(condition: Any, seconds: float = 2.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+@pytest.mark.realtime
+def test_a_trial_redis_granted_too_late_to_answer_is_given_back(
+    peers: Any, redis_server: Any, clock: Any
+) -> None:
+    a = peers(socket_timeout=0.1, connect_timeout=0.1, reconnect_min=0.5)
+    b = peers()
+    a.force("half_open", LIMITS)  # one trial slot for the fleet
+    redis_server.freeze()  # a latency spike
+    late = a.admit(LIMITS)  # no reply in time: a decides locally...
+    assert (late.shared, late.trial) == (False, True)
+    redis_server.thaw()
+    # ...but Redis ran the admission once it could, and granted the lease to nobody
+    trials = redis_server.client()
+    assert wait_for(lambda: trials.zcard("buttress:{svc}:trials") == 1)
+    assert b.admit(LIMITS).admitted is False
+    a.record(late, "success", LIMITS)  # still local: a waits before asking Redis again
+    clock.advance(0.5)
+    trial = a.admit(LIMITS)  # a's next request gives the orphaned lease back first
+    assert (trial.shared, trial.admitted, trial.trial) == (True, True, True)
+    assert a.record(trial, "success", LIMITS).state == "closed"
+    assert b.admit(LIMITS).admitted
+
+
+def test_a_record_that_never_reached_redis_gives_its_trial_lease_back_later(
+    peers: Any, redis_server: Any, clock: Any
+) -> None:
+    admin = redis_server.client()
+    connected = {c["id"] for c in admin.client_list()}
+    a = peers(reconnect_min=0.5)
+    a.force("half_open", LIMITS)  # connects a
+    (a_connection,) = {c["id"] for c in admin.client_list()} - connected
+    trial = a.admit(LIMITS)
+    admin.client_kill_filter(_id=a_connection)  # the record will find its connection gone
+    with capture_events([events.StateStoreError]) as seen:
+        after = a.record(trial, "ignored", LIMITS)  # say a 429: neither success nor failure
+    assert (after.shared, len(seen)) == (False, 1)
+    b = peers()
+    assert b.admit(LIMITS).admitted is False  # the lease is still held in Redis
+    clock.advance(0.5)
+    a.storage.observe()  # a's next request, whatever it is, gives the lease back
+    assert b.admit(LIMITS).trial
+
+
 @pytest.mark.realtime
 def test_a_cancelled_probe_lets_the_next_caller_probe(redis_server: Any, clock: Any) -> None:
     # asyncio only: a task can be cancelled while it waits for Redis, a thread cannot

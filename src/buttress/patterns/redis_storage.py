@@ -5,7 +5,8 @@ state kept in Redis. One server-side Lua script takes every decision, so each is
 
 * **admit**: read the state; when the open period is over, move open -> half-open; hand out a
   half-open trial *lease*, at most ``half_open_max_calls`` across the fleet (a lease expires, so
-  a process that dies mid-trial does not wedge the circuit);
+  a process that dies mid-trial does not wedge the circuit, and a lease granted to a request
+  whose reply never arrived is given back by the sender's next request);
 * **record**: count a failure and trip at ``fail_max``; count a trial's success and close at
   ``success_threshold``; re-open on a failed trial; give the trial lease back.
 
@@ -114,7 +115,8 @@ _CLOSED_STATE_INIT: Final = pybreaker.CircuitClosedState.__init__.__code__
 # ARGV: 1 op, 2 ttl_ms, 3 reset_ms, 4 max_trials, 5 lease_ms, 6 fail_max ('' never trips),
 # 7 success_threshold ('' never closes), 8 cleared_gen, 9 cleared_seq (a success to apply first,
 # '' none), 10 lease, 11 generation the call was admitted in ('' any), 12 outcome | target state,
-# 13 seq at admission | set mode ('force' or '').
+# 13 seq at admission | set mode ('force' or ''), 14 trial leases to give back (space-separated:
+# granted to requests whose reply never arrived, '' none).
 # Reply: "state gen seq base succ since now admitted trial change lease" (lease: if granted).
 _SCRIPT: Final = """
 local circuit, trials = KEYS[1], KEYS[2]
@@ -131,6 +133,11 @@ local since = tonumber(h[6]) or 0
 local ttl = tonumber(ARGV[2])
 local dirty = false
 local admitted, trial, change = 0, 0, ''
+
+-- Leases Redis granted (or may have) to requests that timed out: nobody runs those trials.
+for lease in string.gmatch(ARGV[14], '%S+') do
+  redis.call('ZREM', trials, lease)
+end
 
 local function move(to, why)
   state = to
@@ -549,6 +556,11 @@ class _AsyncLink:
 # --- the storage --------------------------------------------------------------------------------
 
 _NOT_DOWN: Final = -math.inf
+_MAX_ORPHANS: Final = 32
+
+# What a request carries that must ride on the next one if it gets no reply: a success's clearing
+# (generation, seq), and trial leases to give back.
+_Carry = tuple[tuple[int, int] | None, tuple[bytes, ...]]
 
 
 class SharedStateStorage(pybreaker.CircuitBreakerStorage):
@@ -605,6 +617,10 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         self._adopted_mark = 0
         # (generation, seq): a success that clears the failures before seq, not yet sent.
         self._cleared: tuple[int, int] | None = None
+        # Trial leases of requests that got no reply: Redis may have granted them, and nobody
+        # will run those trials; the next request gives them back (at most _MAX_ORPHANS kept:
+        # older ones expire with their lease anyway).
+        self._orphans: list[bytes] = []
         self._down_until = _NOT_DOWN
         self._probing = False
         self._faults = 0
@@ -635,8 +651,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
     def admit(self, limits: Limits) -> Decision:
         """Decide whether a call may run (one request to Redis, or local while it is down)."""
         if self._may_try():
-            request, cleared = self._admit_request(limits)
-            decision = self._send("admit", request, cleared, limits)
+            request, carry = self._admit_request(limits)
+            decision = self._send("admit", request, carry, limits)
             if decision is not None:
                 return decision
         with self._lock:
@@ -645,8 +661,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
     async def aadmit(self, limits: Limits) -> Decision:
         """``admit`` for asyncio callers: awaits Redis, never blocks the event loop."""
         if self._may_try():
-            request, cleared = self._admit_request(limits)
-            decision = await self._asend("admit", request, cleared, limits)
+            request, carry = self._admit_request(limits)
+            decision = await self._asend("admit", request, carry, limits)
             if decision is not None:
                 return decision
         with self._lock:
@@ -666,8 +682,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
             if not self._worth_sending(ticket, outcome):
                 return None
             if self._may_try():
-                request, cleared = self._record_request(ticket, outcome, limits)
-                decision = self._send("record", request, cleared, limits)
+                request, carry = self._record_request(ticket, outcome, limits)
+                decision = self._send("record", request, carry, limits)
                 if decision is not None:
                     return decision
         with self._lock:
@@ -681,8 +697,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
             if not self._worth_sending(ticket, outcome):
                 return None
             if self._may_try():
-                request, cleared = self._record_request(ticket, outcome, limits)
-                decision = await self._asend("record", request, cleared, limits)
+                request, carry = self._record_request(ticket, outcome, limits)
+                decision = await self._asend("record", request, carry, limits)
                 if decision is not None:
                     return decision
         with self._lock:
@@ -714,8 +730,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
     def observe(self) -> Decision:
         """The current state, read from Redis (or local while it is down); changes nothing."""
         if self._may_try():
-            request, cleared = self._observe_request()
-            decision = self._send("read", request, cleared, None)
+            request, carry = self._observe_request()
+            decision = self._send("read", request, carry, None)
             if decision is not None:
                 return decision
         return self.last_known()
@@ -735,33 +751,34 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
 
     # --- sending -------------------------------------------------------------------------------
 
-    def _send(
-        self, operation: str, request: bytes, cleared: tuple[int, int] | None, limits: Any
-    ) -> Decision | None:
-        """One request to Redis; None (and the store marked down) if it failed."""
+    def _send(self, operation: str, request: bytes, carry: _Carry, limits: Any) -> Decision | None:
+        """One request to Redis; None (and the store marked down) if it failed.
+
+        ``carry`` is what the request carries that must be sent again if it gets no reply.
+        """
         asked = next(self._requests)
         try:
             decision = self._accept(self._link.call(request), limits, asked)
         except Exception as exc:  # noqa: BLE001 - any Redis fault means: go on locally
-            self._failed(operation, exc, cleared)
+            self._failed(operation, exc, carry)
             return None
         except BaseException:
-            self._abandoned(cleared)
+            self._abandoned(carry)
             raise
         self._recovered()
         return decision
 
     async def _asend(
-        self, operation: str, request: bytes, cleared: tuple[int, int] | None, limits: Any
+        self, operation: str, request: bytes, carry: _Carry, limits: Any
     ) -> Decision | None:
         asked = next(self._requests)
         try:
             decision = self._accept(await self._alink.call(request), limits, asked)
         except Exception as exc:  # noqa: BLE001 - any Redis fault means: go on locally
-            self._failed(operation, exc, cleared)
+            self._failed(operation, exc, carry)
             return None
         except BaseException:  # cancelled: the next caller may probe
-            self._abandoned(cleared)
+            self._abandoned(carry)
             raise
         self._recovered()
         return decision
@@ -770,8 +787,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         self, state: str, limits: Limits | None, *, expected: int | None, always: bool
     ) -> Decision:
         if self._may_try():
-            request = self._set_request(state, limits, expected=expected, always=always)
-            decision = self._send("set_state", request, None, limits)
+            request, carry = self._set_request(state, limits, expected=expected, always=always)
+            decision = self._send("set_state", request, carry, limits)
             if decision is not None:
                 return decision
         with self._lock:
@@ -781,8 +798,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         self, state: str, limits: Limits | None, *, expected: int | None, always: bool
     ) -> Decision:
         if self._may_try():
-            request = self._set_request(state, limits, expected=expected, always=always)
-            decision = await self._asend("set_state", request, None, limits)
+            request, carry = self._set_request(state, limits, expected=expected, always=always)
+            decision = await self._asend("set_state", request, carry, limits)
             if decision is not None:
                 return decision
         with self._lock:
@@ -809,8 +826,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
                     b"%d" % limits.success_threshold,
                 )
             head = (b"EVALSHA", _SHA, b"2", *self._keys, op, b"%d" % math.ceil(ttl * 1000))
-            # six per-request arguments follow (ARGV 8-13)
-            prefix = b"*%d\r\n" % (len(head) + len(numbers) + 6) + b"".join(
+            # seven per-request arguments follow (ARGV 8-14)
+            prefix = b"*%d\r\n" % (len(head) + len(numbers) + 7) + b"".join(
                 _bulk(part) for part in (*head, *numbers)
             )
             if len(self._prefixes) > 64:  # limits change rarely; never grow without bound
@@ -836,13 +853,30 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
             return _EMPTY * 2
         return _bulk(b"%d" % cleared[0]) + _bulk(b"%d" % cleared[1])
 
-    def _admit_request(self, limits: Limits) -> tuple[bytes, tuple[int, int] | None]:
+    def _take_orphans(self) -> tuple[bytes, ...]:
+        if not self._orphans:
+            return ()
+        with self._lock:
+            orphans, self._orphans = tuple(self._orphans), []
+        return orphans
+
+    @staticmethod
+    def _orphans_arg(orphans: tuple[bytes, ...]) -> bytes:
+        return _bulk(b" ".join(orphans)) if orphans else _EMPTY
+
+    def _admit_request(self, limits: Limits) -> tuple[bytes, _Carry]:
         cleared = self._take_cleared()
+        orphans = self._take_orphans()
         lease = f"{self._lease_prefix}:{next(self._lease_ids)}".encode()
         request = (
-            self._prefix(b"admit", limits) + self._cleared_args(cleared) + _bulk(lease) + _EMPTY * 3
+            self._prefix(b"admit", limits)
+            + self._cleared_args(cleared)
+            + _bulk(lease)
+            + _EMPTY * 3
+            + self._orphans_arg(orphans)
         )
-        return request, cleared
+        # With no reply, Redis may have granted this lease: it joins the orphans.
+        return request, (cleared, (*orphans, lease))
 
     def _worth_sending(self, ticket: Decision, outcome: str) -> bool:
         """Whether an outcome changes the shared state now (else it rides on the next request)."""
@@ -856,33 +890,45 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
 
     def _record_request(
         self, ticket: Decision, outcome: str, limits: Limits | None
-    ) -> tuple[bytes, tuple[int, int] | None]:
+    ) -> tuple[bytes, _Carry]:
         cleared = self._take_cleared()
+        orphans = self._take_orphans()
+        lease = ticket.lease.encode()
         request = (
             self._prefix(b"record", limits)
             + self._cleared_args(cleared)
             + b"".join(
                 _bulk(part)
                 for part in (
-                    ticket.lease.encode(),
+                    lease,
                     b"%d" % ticket.generation,
                     outcome.encode(),
                     b"%d" % ticket.seq,
                 )
             )
+            + self._orphans_arg(orphans)
         )
-        return request, cleared
+        # With no reply, the trial's lease may still be held: it joins the orphans.
+        return request, (cleared, (*orphans, lease) if lease else orphans)
 
-    def _observe_request(self) -> tuple[bytes, tuple[int, int] | None]:
+    def _observe_request(self) -> tuple[bytes, _Carry]:
         cleared = self._take_cleared()
-        return self._prefix(b"observe", None) + self._cleared_args(cleared) + _EMPTY * 4, cleared
+        orphans = self._take_orphans()
+        request = (
+            self._prefix(b"observe", None)
+            + self._cleared_args(cleared)
+            + _EMPTY * 4
+            + self._orphans_arg(orphans)
+        )
+        return request, (cleared, orphans)
 
     def _set_request(
         self, state: str, limits: Limits | None, *, expected: int | None, always: bool
-    ) -> bytes:
+    ) -> tuple[bytes, _Carry]:
         if state not in _TO_PYBREAKER:
             raise ValueError(f"unknown circuit state {state!r}: closed, open or half_open")
-        return self._prefix(b"set", limits) + b"".join(
+        orphans = self._take_orphans()
+        request = self._prefix(b"set", limits) + b"".join(
             _bulk(part)
             for part in (
                 b"",  # no success to apply
@@ -891,8 +937,10 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
                 b"" if expected is None else b"%d" % expected,
                 state.encode(),
                 b"force" if always else b"",
+                b" ".join(orphans),
             )
         )
+        return request, (None, orphans)
 
     def _note_cleared(self, generation: int, seq: int) -> None:
         # Generations only grow, so the newest generation's highest seq is the one that matters.
@@ -962,15 +1010,14 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
                 self._probing = False
                 self._faults = 0
 
-    def _failed(self, operation: str, exc: Exception, cleared: tuple[int, int] | None) -> None:
+    def _failed(self, operation: str, exc: Exception, carry: _Carry) -> None:
         with self._lock:
             self._faults += 1
             low, high = self._reconnect
             delay = min(high, low * 2 ** min(self._faults - 1, 30))
             self._down_until = _clock.monotonic() + delay
             self._probing = False
-            if cleared is not None and (self._cleared is None or cleared > self._cleared):
-                self._cleared = cleared
+            self._keep(carry)
         self._link.reset()
         self._alink.reset()
         handlers = events.ROUTES.get(events.StateStoreError)
@@ -979,12 +1026,20 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
                 handlers, events.StateStoreError(self.service, operation, type(exc).__name__)
             )
 
-    def _abandoned(self, cleared: tuple[int, int] | None) -> None:
+    def _abandoned(self, carry: _Carry) -> None:
         """A request was cancelled: nothing is known about Redis; let the next caller probe."""
         with self._lock:
             self._probing = False
-            if cleared is not None and (self._cleared is None or cleared > self._cleared):
-                self._cleared = cleared
+            self._keep(carry)
+
+    def _keep(self, carry: _Carry) -> None:
+        """What a request that got no reply carried rides on the next one; holds the lock."""
+        cleared, leases = carry
+        if cleared is not None and (self._cleared is None or cleared > self._cleared):
+            self._cleared = cleared
+        if leases:
+            self._orphans.extend(leases)
+            del self._orphans[:-_MAX_ORPHANS]
 
     def _after_fork(self) -> None:
         self._link.forget()
@@ -992,6 +1047,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         self._lease_prefix = os.urandom(6).hex()
         self._lock = threading.Lock()
         self._probing = False
+        self._orphans = []  # the parent's to give back
 
     # --- pybreaker's CircuitBreakerStorage interface ---------------------------------------------
 
