@@ -172,6 +172,25 @@ def test_a_subscriber_may_read_a_shared_breaker_from_another_thread(
     ]
 
 
+def test_a_circuit_redis_holds_in_an_unknown_state_never_fails_a_good_call(
+    mode: Any, redis_server: Any, peers: Any
+) -> None:
+    dep = Dependency()
+    call = protected(mode, redis_server.url, dep)
+    assert mode.run(call) == "ok"
+    client = redis_server.client()
+    client.hset(f"buttress:{{{SERVICE}}}:circuit", mapping={"state": "ajar", "gen": "9"})
+    with capture_events([events.StateStoreError]) as seen:
+        assert [mode.run(call) for _ in range(5)] == ["ok"] * 5
+    assert [e.error_type for e in seen] == ["CorruptStateError"]
+    assert breaker(SERVICE).state_label == "closed"
+    assert state_in_redis(redis_server) == "closed"
+    dep.down = True
+    for _ in range(LIMITS.fail_max):
+        assert isinstance(mode.outcome(call), Down)
+    assert peers(SERVICE).admit(LIMITS).state == "open"  # shared again
+
+
 def test_half_open_trials_are_limited_across_the_fleet(
     mode: Any, redis_server: Any, peers: Any
 ) -> None:

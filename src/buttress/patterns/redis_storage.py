@@ -123,20 +123,51 @@ local circuit, trials = KEYS[1], KEYS[2]
 local op = ARGV[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local h = redis.call('HMGET', circuit, 'state', 'gen', 'seq', 'base', 'succ', 'since')
+-- A key this script cannot read (another type, an unknown state, a count that is not one) is
+-- corrupt: someone wrote it by hand, or a version of buttress that knows more. It is started over
+-- (closed, clean, a new generation) and the reply says 'corrupt': that call decides locally.
+local corrupt = false
+local h = redis.pcall('HMGET', circuit, 'state', 'gen', 'seq', 'base', 'succ', 'since')
+if h.err then
+  if not string.find(h.err, 'WRONGTYPE', 1, true) then
+    return redis.error_reply(h.err)  -- any other error fails the script as it would have
+  end
+  redis.call('DEL', circuit)
+  h, corrupt = {}, true
+end
+local function count(i)
+  local v = h[i]
+  if not v then
+    return 0
+  end
+  local n = tonumber(v)
+  if n and n >= 0 and n <= 9007199254740991 and n == math.floor(n) then
+    return n
+  end
+  corrupt = true
+  return 0
+end
 local state = h[1] or 'closed'
-local gen = tonumber(h[2]) or 0
-local seq = tonumber(h[3]) or 0
-local base = tonumber(h[4]) or 0
-local succ = tonumber(h[5]) or 0
-local since = tonumber(h[6]) or 0
+if state ~= 'closed' and state ~= 'open' and state ~= 'half_open' then
+  corrupt = true
+end
+local gen, seq, base, succ, since = count(2), count(3), count(4), count(5), count(6)
 local ttl = tonumber(ARGV[2])
 local dirty = false
 local admitted, trial, change = 0, 0, ''
 
--- Leases Redis granted (or may have) to requests that timed out: nobody runs those trials.
-for lease in string.gmatch(ARGV[14], '%S+') do
-  redis.call('ZREM', trials, lease)
+-- A command on the trial leases; a trials key of another type is corrupt too: deleted, then
+-- the command runs on no key.
+local function on_trials(...)
+  local reply = redis.pcall(...)
+  if type(reply) == 'table' and reply.err then
+    if string.find(reply.err, 'WRONGTYPE', 1, true) then
+      redis.call('DEL', trials)
+      corrupt = true
+    end
+    reply = redis.call(...)  -- on no key; any other error fails the script as it would have
+  end
+  return reply
 end
 
 local function move(to, why)
@@ -163,6 +194,15 @@ local function clear_before(upto)
   end
 end
 
+if corrupt then
+  move('closed', 'corrupt')
+end
+
+-- Leases Redis granted (or may have) to requests that timed out: nobody runs those trials.
+for lease in string.gmatch(ARGV[14], '%S+') do
+  on_trials('ZREM', trials, lease)
+end
+
 if ARGV[8] ~= '' and state == 'closed' and tonumber(ARGV[8]) == gen then
   clear_before(tonumber(ARGV[9]))
 end
@@ -174,7 +214,7 @@ if op == 'admit' then
   if state == 'closed' then
     admitted = 1
   elseif state == 'half_open' then
-    redis.call('ZREMRANGEBYSCORE', trials, '-inf', now)
+    on_trials('ZREMRANGEBYSCORE', trials, '-inf', now)
     if redis.call('ZCARD', trials) < tonumber(ARGV[4]) then
       redis.call('ZADD', trials, now + tonumber(ARGV[5]), ARGV[10])
       redis.call('PEXPIRE', trials, ttl)
@@ -183,7 +223,7 @@ if op == 'admit' then
   end
 elseif op == 'record' then
   if ARGV[10] ~= '' then
-    redis.call('ZREM', trials, ARGV[10])
+    on_trials('ZREM', trials, ARGV[10])
   end
   if ARGV[11] ~= '' and tonumber(ARGV[11]) ~= gen then
     change = 'stale'
@@ -217,6 +257,9 @@ elseif op == 'set' then
   end
 end
 
+if corrupt then
+  change = 'corrupt'
+end
 if dirty then
   redis.call('HSET', circuit, 'state', state, 'gen', gen, 'seq', seq, 'base', base,
     'succ', succ, 'since', since)
@@ -556,6 +599,14 @@ class _AsyncLink:
 # --- the storage --------------------------------------------------------------------------------
 
 _NOT_DOWN: Final = -math.inf
+
+
+class CorruptStateError(Exception):
+    """The circuit's keys in Redis held what this version cannot read; the script reset them.
+
+    Its name is the ``error_type`` of the ``StateStoreError`` event reporting it.
+    """
+
 _MAX_ORPHANS: Final = 32
 
 # What a request carries that must ride on the next one if it gets no reply: a success's clearing
@@ -759,6 +810,9 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         asked = next(self._requests)
         try:
             decision = self._accept(self._link.call(request), limits, asked)
+        except CorruptStateError as exc:
+            self._corrupt(operation, exc, carry)
+            return None
         except Exception as exc:  # noqa: BLE001 - any Redis fault means: go on locally
             self._failed(operation, exc, carry)
             return None
@@ -774,6 +828,9 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         asked = next(self._requests)
         try:
             decision = self._accept(await self._alink.call(request), limits, asked)
+        except CorruptStateError as exc:
+            self._corrupt(operation, exc, carry)
+            return None
         except Exception as exc:  # noqa: BLE001 - any Redis fault means: go on locally
             self._failed(operation, exc, carry)
             return None
@@ -954,6 +1011,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         state = fields[0].decode()
         gen, seq, base, succ, since, now, admitted, trial = map(int, fields[1:9])
         change_b, lease_b = fields[9], fields[10]
+        if change_b == b"corrupt":
+            raise CorruptStateError(f"the circuit of {self.service!r} in Redis was unreadable")
         if state == OPEN and limits is not None:
             retry_after: float | None = max(
                 0.0, (since + math.ceil(limits.reset_timeout * 1000) - now) / 1000
@@ -1020,6 +1079,21 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
             self._keep(carry)
         self._link.reset()
         self._alink.reset()
+        handlers = events.ROUTES.get(events.StateStoreError)
+        if handlers:
+            events.dispatch(
+                handlers, events.StateStoreError(self.service, operation, type(exc).__name__)
+            )
+
+    def _corrupt(self, operation: str, exc: Exception, carry: _Carry) -> None:
+        """Redis answered, but had to start over from a circuit it could not read.
+
+        Redis works, so it is not marked down; this one call decides locally, from the last
+        state this process read, and the next request reads the repaired state (closed).
+        """
+        with self._lock:
+            self._keep(carry)  # a lease granted in that reply is nobody's
+        self._recovered()
         handlers = events.ROUTES.get(events.StateStoreError)
         if handlers:
             events.dispatch(
