@@ -8,6 +8,7 @@ another process of the fleet, meeting it only in Redis. Every behaviour runs on 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import subprocess
 import sys
@@ -378,6 +379,21 @@ def test_snapshot_and_pybreaker_counters_report_the_fleet_without_a_request(
         0,
     )
     assert pybreaker_view == ("closed", 2, 0)
+
+
+def test_event_loops_that_ended_leave_no_connection_open(redis_server: Any) -> None:
+    # A script or worker that runs each job with asyncio.run(): one event loop per job.
+    @circuit_breaker(name=SERVICE, state_url=redis_server.url)
+    async def job() -> str:
+        return "ok"
+
+    client = redis_server.client()
+    before = client.info("clients")["connected_clients"]
+    for _ in range(100):
+        assert asyncio.run(job()) == "ok"
+    gc.collect()  # a connection dropped unclosed would warn here (warnings are errors)
+    assert client.info("clients")["connected_clients"] - before <= 1
+    assert asyncio.run(job()) == "ok"  # and the next loop connects again
 
 
 # --- settings -------------------------------------------------------------------------------------

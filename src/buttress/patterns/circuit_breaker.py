@@ -1265,7 +1265,7 @@ def _retire(storage: SharedStateStorage) -> None:
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
-        return  # asyncio connections of other loops are closed when collected
+        return  # asyncio connections of other loops are closed when their loop shuts down
     task = loop.create_task(storage.aclose())
     _closing.add(task)
     task.add_done_callback(_closing.discard)

@@ -76,7 +76,7 @@ import sys
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, Final, NamedTuple
 
 import pybreaker
@@ -530,24 +530,50 @@ class _AsyncLink:
     reply is awaited with an explicit read timeout instead, because redis-py wraps every send
     of a connection with a ``socket_timeout`` in ``asyncio.wait_for``, a task per request. A
     request of a few hundred bytes never waits for the socket to drain, so the send needs none.
+
+    A loop's connections are closed when the loop shuts down: each pool comes with an async
+    generator started on its loop, which ``loop.shutdown_asyncgens()`` closes (``asyncio.run``
+    and ``asyncio.Runner`` call it before closing the loop), and closing it closes the pool. A
+    connection cannot be closed once its loop is closed, so a loop closed without that step
+    keeps its pool until the storage is dropped.
     """
 
     def __init__(self, make: Callable[[], Any], timeout: float) -> None:
         self._make = make
         self._timeout = timeout
-        self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, deque[tuple[int, Any]]]
-        self._pools = weakref.WeakKeyDictionary()
+        self._pools: dict[asyncio.AbstractEventLoop, deque[tuple[int, Any]]] = {}
+        # Strong references: a loop holds its async generators only weakly.
+        self._closers: dict[asyncio.AbstractEventLoop, AsyncGenerator[None, None]] = {}
+        self._inherited: list[AsyncGenerator[None, None]] = []
         self._incarnation = 0
 
-    def _idle(self) -> deque[tuple[int, Any]]:
+    async def _open(self, loop: asyncio.AbstractEventLoop) -> deque[tuple[int, Any]]:
+        """The pool of ``loop`` (the running one), closed when the loop shuts down."""
+        idle: deque[tuple[int, Any]] = deque()
+        closer = self._close_at_shutdown(loop, idle)
+        await closer.asend(None)  # runs to its yield, registered with the loop's shutdown
+        self._pools[loop] = idle
+        self._closers[loop] = closer
+        return idle
+
+    async def _close_at_shutdown(
+        self, loop: asyncio.AbstractEventLoop, idle: deque[tuple[int, Any]]
+    ) -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            if self._pools.get(loop) is idle:
+                del self._pools[loop]
+                self._closers.pop(loop, None)
+            while idle:
+                _, conn = idle.pop()
+                await conn.disconnect()
+
+    async def call(self, request: bytes) -> Any:
         loop = asyncio.get_running_loop()
         idle = self._pools.get(loop)
         if idle is None:
-            idle = self._pools[loop] = deque()
-        return idle
-
-    async def call(self, request: bytes) -> Any:
-        idle = self._idle()
+            idle = await self._open(loop)
         try:
             born, conn = idle.pop()
         except IndexError:
@@ -586,14 +612,18 @@ class _AsyncLink:
         self._incarnation += 1
 
     async def close(self) -> None:
-        idle = self._idle()
-        while idle:
-            _, conn = idle.pop()
-            await conn.disconnect()
+        """Close the pool of the running loop (a new one opens on its next request)."""
+        closer = self._closers.get(asyncio.get_running_loop())
+        if closer is not None:
+            await closer.aclose()
 
     def forget(self) -> None:
         self._incarnation += 1
-        self._pools = weakref.WeakKeyDictionary()
+        self._pools = {}
+        # The parent's loops and sockets: never finalize their closers here (that would
+        # schedule them on the parent's loop objects).
+        self._inherited.extend(self._closers.values())
+        self._closers = {}
 
 
 # --- the storage --------------------------------------------------------------------------------
