@@ -76,7 +76,7 @@ from pydantic import Field, field_validator, model_validator
 from buttress import _clock, config, events, registry
 from buttress.events import CallRejected, CircuitCallRecorded
 from buttress.exceptions import CircuitOpenError, RejectedError
-from buttress.patterns import redis_storage
+from buttress.patterns import _transient, redis_storage
 from buttress.patterns._base import AsyncCall, BuildContext, Call, Options
 from buttress.patterns._pybreaker_compat import CompatBreaker
 from buttress.patterns.redis_storage import Decision, Limits, SharedStateStorage
@@ -123,8 +123,13 @@ class CircuitBreakerOptions(Options):
     exclude: tuple[ExcludeSpec, ...] = Field(
         (), description="exceptions (types or predicates) that are neither success nor failure"
     )
+    count_throttled: bool = Field(
+        default=False,
+        description="count an HTTP 429 Too Many Requests as a failure (default: neither)",
+    )
     state_url: str | None = Field(
-        None, description="redis:// or rediss:// URL to share circuit state across processes"
+        None,
+        description="redis://, rediss:// or unix:// URL to share circuit state across processes",
     )
 
     @field_validator("state_url")
@@ -280,6 +285,23 @@ class _BeforeCallHook:
         self.listener.before_call(self.breaker, func, *args, **kwargs)
 
 
+def _throttled(exc: Exception) -> bool:
+    """Whether ``exc`` is an HTTP 429 Too Many Requests.
+
+    The errors of httpx, requests and aiohttp, or any exception with a ``status_code`` or
+    ``status`` of 429 (the API SDKs built on them carry one).
+    """
+    try:
+        status = _transient.http_status(exc)
+        if status is None:
+            status = getattr(exc, "status_code", None)
+            if status is None:
+                status = getattr(exc, "status", None)
+        return bool(status == 429)
+    except Exception:  # noqa: BLE001 - a strange attribute is not a 429; the call's error stands
+        return False
+
+
 def _exclusions(
     excluded: Sequence[object],
 ) -> tuple[tuple[type, ...], tuple[Callable[[BaseException], object], ...]]:
@@ -370,6 +392,7 @@ class CircuitBreaker(CompatBreaker):
         self._fast_token: int | None = None
         self._open_until = _NEVER
         self._excluded_types, self._excluded_predicates = _exclusions(self.excluded_exceptions)
+        self._count_throttled = opts.count_throttled
         self._refresh_listeners()
         with self.lock:
             stored = _FROM_PYBREAKER.get(self._store.state, CLOSED)
@@ -547,6 +570,7 @@ class CircuitBreaker(CompatBreaker):
                     # Back in memory, from the state this process last knew.
                     self._save_state(self._phase, self._opened_wall())
             self._slow_after = options.slow_call_duration
+            self._count_throttled = options.count_throttled
             if options.exclude != previous.exclude:
                 for old in self.excluded_exceptions:
                     super().remove_excluded_exception(old)  # type: ignore[arg-type,type-var]
@@ -753,8 +777,10 @@ class CircuitBreaker(CompatBreaker):
     def is_system_error(self, exception: BaseException) -> bool:
         """Whether ``exception`` counts as a failure of the dependency.
 
-        Not: ``exclude``-d exceptions, ``RejectedError`` from inner patterns, and anything that
-        is not an ``Exception`` (cancellation, ``KeyboardInterrupt``, ``SystemExit``).
+        Not: ``exclude``-d exceptions, ``RejectedError`` from inner patterns, anything that is
+        not an ``Exception`` (cancellation, ``KeyboardInterrupt``, ``SystemExit``), and an HTTP
+        429 Too Many Requests unless ``count_throttled`` (the dependency answered: it is alive,
+        and throttling us).
         """
         if not isinstance(exception, Exception) or isinstance(exception, RejectedError):
             return False
@@ -766,7 +792,7 @@ class CircuitBreaker(CompatBreaker):
                     return False
             except Exception:  # noqa: BLE001 - a broken predicate must not replace the error
                 return True
-        return True
+        return self._count_throttled or not _throttled(exception)
 
     def add_excluded_exception(self, exception: type[BaseException]) -> None:
         with self.lock:

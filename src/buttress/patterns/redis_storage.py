@@ -637,6 +637,7 @@ class CorruptStateError(Exception):
     Its name is the ``error_type`` of the ``StateStoreError`` event reporting it.
     """
 
+
 _MAX_ORPHANS: Final = 32
 
 # What a request carries that must ride on the next one if it gets no reply: a success's clearing
