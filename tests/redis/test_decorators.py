@@ -396,6 +396,23 @@ def test_event_loops_that_ended_leave_no_connection_open(redis_server: Any) -> N
     assert asyncio.run(job()) == "ok"  # and the next loop connects again
 
 
+def test_a_unix_socket_state_url_shares_the_circuit(
+    mode: Any, unix_redis_server: Any, peers: Any
+) -> None:
+    url = f"unix://{unix_redis_server.unixsocket}?db=0"
+    dep = Dependency()
+    call = protected(mode, url, dep)
+    other = peers(SERVICE, url=url)  # another process, on the same socket
+    assert mode.run(call) == "ok"
+    dep.down = True
+    for _ in range(LIMITS.fail_max):
+        assert isinstance(mode.outcome(call), Down)
+    assert state_in_redis(unix_redis_server) == "open"
+    decision = other.admit(LIMITS)
+    assert (decision.shared, decision.state) == (True, "open")
+    assert breaker(SERVICE).storage.available
+
+
 # --- settings -------------------------------------------------------------------------------------
 
 
