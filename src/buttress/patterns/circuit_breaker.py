@@ -426,10 +426,7 @@ class CircuitBreaker(CompatBreaker):
             )
             if retry_after is None or retry_after > 0:
                 if shadow or CallRejected in events.ROUTES:
-                    try:
-                        return self._reject(reason, retry_after, shadow)
-                    finally:
-                        self._deliver()
+                    return self._reject(reason, retry_after, shadow, locked=False)
                 # While open, rejecting is all the breaker does: the shortest path raises here.
                 raise _open_error(self._messages[reason], self.service, retry_after)
         try:
@@ -890,23 +887,27 @@ class CircuitBreaker(CompatBreaker):
                 return "slow_call_rate"
         return None
 
-    def _reject(self, reason: str, retry_after: float | None, shadow: bool) -> int:
+    def _reject(
+        self, reason: str, retry_after: float | None, shadow: bool, *, locked: bool = True
+    ) -> int:
         """Reject a call (raise), or let it through uncounted in shadow mode.
 
-        The event is queued: the caller delivers it once it holds no lock (``_deliver``).
+        ``locked``: the caller holds the lock, so the event is queued and the caller delivers
+        it once it has released the lock (``_deliver``).
         """
-        if shadow:
-            handlers = events.ROUTES.get(events.ShadowDecision)
-            if handlers:
-                self._outbox.append(
-                    (handlers, events.ShadowDecision(self.service, PATTERN, "reject"))
-                )
-            return _UNCOUNTED
-        handlers = events.ROUTES.get(CallRejected)
+        handlers = events.ROUTES.get(events.ShadowDecision if shadow else CallRejected)
         if handlers:
-            self._outbox.append(
-                (handlers, CallRejected(self.service, PATTERN, reason, retry_after))
+            event: Any = (
+                events.ShadowDecision(self.service, PATTERN, "reject")
+                if shadow
+                else CallRejected(self.service, PATTERN, reason, retry_after)
             )
+            if locked:
+                self._outbox.append((handlers, event))
+            else:
+                self._publish(handlers, event)
+        if shadow:
+            return _UNCOUNTED
         raise _open_error(self._messages[reason], self.service, retry_after)
 
     def _publish(self, handlers: tuple[events.Handler, ...], event: Any) -> None:
@@ -1091,9 +1092,9 @@ class CircuitBreaker(CompatBreaker):
         try:
             if ticket is None:
                 if decision.state == OPEN:
-                    self._reject("open", decision.retry_after, shadow)
+                    self._reject("open", decision.retry_after, shadow, locked=False)
                 else:
-                    self._reject("half_open_full", None, shadow)
+                    self._reject("half_open_full", None, shadow, locked=False)
             return ticket
         finally:
             if self._outbox:
