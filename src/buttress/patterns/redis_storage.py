@@ -535,7 +535,7 @@ class _AsyncLink:
     generator started on its loop, which ``loop.shutdown_asyncgens()`` closes (``asyncio.run``
     and ``asyncio.Runner`` call it before closing the loop), and closing it closes the pool. A
     connection cannot be closed once its loop is closed, so a loop closed without that step
-    keeps its pool until the storage is dropped.
+    keeps its pool until the storage is garbage-collected (and redis-py warns about it then).
     """
 
     def __init__(self, make: Callable[[], Any], timeout: float) -> None:
