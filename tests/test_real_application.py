@@ -675,11 +675,6 @@ def test_retry_after_sets_the_wait_before_the_next_attempt(
     assert second.at - first.at >= 0.18  # the server's wait, not the 5 ms backoff
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9 (unsafe defaults): a 429 counts as a circuit failure, so a dependency "
-    "that only asks its callers to slow down is cut off for the whole open time",
-)
 def test_rate_limited_answers_do_not_open_the_circuit(service: Service, upstream: Upstream) -> None:
     upstream.behaviour = "429"
     upstream.retry_after = "0"

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import http.server
 import socket
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
+import httpx
 import pybreaker
 import pytest
+import requests
 
 import buttress
 from buttress import circuit_breaker, registry
@@ -306,6 +310,135 @@ def test_an_excluded_trial_neither_closes_nor_reopens_and_frees_its_slot(mode, c
     assert g.breaker.state_label == "closed"
 
 
+class _Answers(http.server.BaseHTTPRequestHandler):
+    """``GET /<status>`` answers with that status (and a Retry-After)."""
+
+    def do_GET(self) -> None:
+        self.send_response(int(self.path.strip("/")))
+        self.send_header("Retry-After", "30")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def http_errors() -> Any:
+    """The errors httpx, requests and aiohttp raise for real 429 and 503 responses."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+
+    def from_httpx(status: int) -> BaseException:
+        with httpx.Client() as client:
+            try:
+                client.get(f"{base}/{status}").raise_for_status()
+            except httpx.HTTPStatusError as exc:
+                return exc
+        raise AssertionError(status)
+
+    def from_requests(status: int) -> BaseException:
+        with requests.Session() as session:
+            try:
+                session.get(f"{base}/{status}").raise_for_status()
+            except requests.HTTPError as exc:
+                return exc
+        raise AssertionError(status)
+
+    async def from_aiohttp(status: int) -> BaseException:
+        async with aiohttp.ClientSession() as session, session.get(f"{base}/{status}") as answer:
+            try:
+                answer.raise_for_status()
+            except aiohttp.ClientResponseError as exc:
+                return exc
+        raise AssertionError(status)
+
+    try:
+        yield {
+            (library, status): make(status) if library != "aiohttp" else asyncio.run(make(status))
+            for library, make in [
+                ("httpx", from_httpx),
+                ("requests", from_requests),
+                ("aiohttp", from_aiohttp),
+            ]
+            for status in (429, 503)
+        }
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class ApiError(Exception):
+    """An SDK's error (openai, anthropic and others carry the HTTP status as ``status_code``)."""
+
+    def __init__(self, status_code: int) -> None:
+        super().__init__(f"HTTP {status_code}")
+        self.status_code = status_code
+
+
+@pytest.mark.parametrize("library", ["httpx", "requests", "aiohttp"])
+def test_a_429_is_neither_success_nor_failure_and_a_5xx_is_a_failure(
+    mode, clock, http_errors, library
+):
+    throttled, broken = http_errors[library, 429], http_errors[library, 503]
+    g = Guarded(mode, fail_max=2, timeout=5)
+    with capture_events([CircuitCallRecorded]) as seen:
+        for _ in range(5):
+            assert g.fail(throttled) is throttled  # the caller still gets the 429
+        assert g.breaker.state_label == "closed"
+        g.fail(broken)
+        g.fail(throttled)  # does not clear the count either
+        g.fail(broken)
+    assert [e.outcome for e in seen] == ["ignored"] * 5 + ["failure", "ignored", "failure"]
+    assert g.breaker.state_label == "open"
+    clock.advance(5)
+    g.fail(throttled)  # a throttled trial gives its slot back, the circuit stays half-open
+    assert (g.breaker.state_label, g.ok()[0]) == ("half_open", "ok")
+    assert g.breaker.state_label == "closed"
+
+
+def test_an_sdk_error_with_status_code_429_is_not_a_failure(mode, clock):
+    g = Guarded(mode, fail_max=1)
+    g.fail(ApiError(429))
+    assert g.breaker.state_label == "closed"
+    g.fail(ApiError(500))
+    assert g.breaker.state_label == "open"
+
+
+@pytest.mark.parametrize("library", ["httpx", "requests", "aiohttp"])
+def test_count_throttled_counts_a_429_as_a_failure(mode, clock, http_errors, library):
+    g = Guarded(mode, fail_max=2, count_throttled=True)
+    g.fail(http_errors[library, 429])
+    g.fail(ApiError(429))
+    assert g.breaker.state_label == "open"
+
+
+def test_count_throttled_can_be_reconfigured(mode, clock):
+    g = Guarded(mode, fail_max=1)
+    g.breaker.reconfigure(CircuitBreakerOptions(fail_max=1, count_throttled=True))
+    g.fail(ApiError(429))
+    assert g.breaker.state_label == "open"
+
+
+def test_the_decorator_takes_count_throttled(mode, clock):
+    calls = []
+
+    def throttled():
+        calls.append(1)
+        raise ApiError(429)
+
+    counted = circuit_breaker(name="counted", fail_max=1, count_throttled=True)(
+        mode.define(throttled)
+    )
+    ignored = circuit_breaker(name="ignored", fail_max=1)(mode.define(throttled))
+    for _ in range(2):
+        mode.outcome(counted)
+        mode.outcome(ignored)
+    assert isinstance(mode.outcome(counted), CircuitOpenError)
+    assert isinstance(mode.outcome(ignored), ApiError)
+
+
 def test_exclude_takes_predicates(mode, clock):
     def client_error(exc: BaseException) -> bool:
         return getattr(exc, "status", 500) < 500
@@ -395,6 +528,20 @@ def test_a_cancelled_call_is_not_counted_and_frees_its_trial_slot(clock):
     asyncio.run(cancel_one_call())  # the cancelled call was the trial
     snap = cb.snapshot()
     assert (snap["state"], snap["trials_in_flight"]) == ("half_open", 0)
+
+
+def test_failures_are_kept_while_open_and_a_failed_trial_counts(mode, clock):
+    g = Guarded(mode, fail_max=2, timeout=5)
+    g.fail()
+    g.fail()  # trips
+    assert (g.breaker.snapshot()["failures"], g.breaker.fail_counter) == (2, 2)
+    clock.advance(5)
+    g.fail()  # the trial fails: one more failure, open again
+    snap = g.breaker.snapshot()
+    assert (snap["state"], snap["failures"], g.breaker.fail_counter) == ("open", 3, 3)
+    clock.advance(5)
+    g.ok()  # the trial succeeds: closed, the count starts again
+    assert (g.breaker.snapshot()["failures"], g.breaker.fail_counter) == (0, 0)
 
 
 # --- late results --------------------------------------------------------------------------------
@@ -694,6 +841,76 @@ def test_open_rejections_are_events_with_retry_after(mode, clock):
     with capture_events([CallRejected]) as seen:
         g.ok()
     assert seen == [CallRejected("svc", "circuit_breaker", "open", pytest.approx(5))]
+
+
+class LooksFromAnotherThread:
+    """A subscriber that hands each event to a thread which reads the breaker, and joins it.
+
+    Delivered under the breaker's lock, the thread would wait for the lock this subscriber's
+    caller holds, and the join would wait for the thread: a deadlock (bounded here by the
+    join's timeout, so a failing test reports it instead of hanging).
+    """
+
+    def __init__(self, cb: CircuitBreaker) -> None:
+        self.cb = cb
+        self.seen: list[tuple[str, str, str]] = []
+        self.stuck = 0
+
+    def __call__(self, event: Any) -> None:
+        def look() -> None:
+            self.seen.append(
+                (type(event).__name__, self.cb.current_state, self.cb.snapshot()["state"])
+            )
+
+        reader = threading.Thread(target=look, daemon=True)
+        reader.start()
+        reader.join(2)
+        self.stuck += reader.is_alive()
+
+
+def test_a_subscriber_may_read_the_breaker_from_another_thread(mode, clock):
+    g = Guarded(mode, fail_max=1, timeout=5)
+    subscriber = LooksFromAnotherThread(g.breaker)
+    undo = buttress.events.subscribe(
+        subscriber, [CircuitStateChanged, CallRejected, CircuitTrialStarted, CircuitCallRecorded]
+    )
+    try:
+        g.fail()  # trips
+        g.ok()  # rejected
+        clock.advance(5)
+        g.ok()  # a trial, which closes it
+    finally:
+        undo()
+    assert subscriber.stuck == 0
+    # In the order the breaker decided them, each seen with the state it announced.
+    assert subscriber.seen == [
+        ("CircuitStateChanged", "open", "open"),
+        ("CircuitCallRecorded", "open", "open"),
+        ("CallRejected", "open", "open"),
+        ("CircuitStateChanged", "half-open", "half_open"),
+        ("CircuitTrialStarted", "half-open", "half_open"),
+        ("CircuitStateChanged", "closed", "closed"),
+        ("CircuitCallRecorded", "closed", "closed"),
+    ]
+
+
+def test_a_pybreaker_listener_may_read_the_breaker_from_another_thread(mode, clock):
+    g = Guarded(mode, fail_max=1, timeout=5)
+
+    class Listener(pybreaker.CircuitBreakerListener):
+        def __init__(self) -> None:
+            self.look = LooksFromAnotherThread(g.breaker)
+
+        def state_change(self, cb, old_state, new_state):
+            self.look((old_state.name, new_state.name))
+
+    listener = Listener()
+    g.breaker.add_listener(listener)
+    g.fail()
+    clock.advance(5)
+    g.ok()
+    assert listener.look.stuck == 0
+    assert [state for _, state, _ in listener.look.seen] == ["open", "half-open", "closed"]
 
 
 # --- options -------------------------------------------------------------------------------------

@@ -122,6 +122,7 @@ class Model:
             else:
                 self.failures = 0
         elif outcome == "failure":
+            self.failures += 1  # as pybreaker counts it: failures are kept until a close
             self.enter("open", now)
         else:
             self.successes += 1

@@ -238,3 +238,29 @@ def test_compat_class_exposes_the_internals_under_public_names(name):
     cb = CircuitBreaker("svc")
     public = {"_lock": cb.lock, "_state": cb.state, "_state_storage": cb.storage}
     assert public[name] is getattr(cb, name)
+
+
+class _Down(Exception):
+    pass
+
+
+def _fail() -> None:
+    raise _Down("down")
+
+
+def test_fail_counter_counts_like_pybreakers_through_a_failed_trial(clock):
+    # pybreaker counts every failure, the failed half-open trial included (its _handle_error
+    # increments before on_failure re-opens), and keeps the count while open. With
+    # reset_timeout=0 pybreaker's next call after a trip is a trial; ours waits out timeout.
+    theirs = pybreaker.CircuitBreaker(fail_max=2, reset_timeout=0, throw_new_error_on_trip=False)
+    ours = CircuitBreaker("svc", CircuitBreakerOptions(fail_max=2, timeout=1))
+    counts: list[tuple[int, int]] = []
+    for _ in range(3):
+        with pytest.raises(_Down):
+            theirs.call(_fail)
+        with pytest.raises(_Down):
+            ours.call(_fail)
+        counts.append((theirs.fail_counter, ours.fail_counter))
+        clock.advance(1)
+    assert counts == [(1, 1), (2, 2), (3, 3)]
+    assert (theirs.current_state, ours.current_state) == ("open", "open")

@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,10 +32,17 @@ def _free_port() -> int:
 class RedisServer:
     """One ``redis-server`` process: start, kill, freeze, thaw, restart (always empty)."""
 
-    def __init__(self, binary: str, directory: Path, password: str | None = None) -> None:
+    def __init__(
+        self,
+        binary: str,
+        directory: Path,
+        password: str | None = None,
+        unixsocket: Path | None = None,
+    ) -> None:
         self.binary = binary
         self.directory = directory
         self.password = password
+        self.unixsocket = unixsocket
         self.port = _free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.frozen = False
@@ -56,6 +64,8 @@ class RedisServer:
         ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password]
+        if self.unixsocket is not None:
+            args += ["--unixsocket", str(self.unixsocket), "--unixsocketperm", "700"]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -173,6 +183,20 @@ def secured_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def unix_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server that also listens on a Unix socket (``.socket``; ``unix://`` URLs)."""
+    # A socket path must fit in 108 bytes: pytest's tmp_path for a long test name does not.
+    short = Path(tempfile.mkdtemp(prefix="bt-", dir="/tmp"))
+    server = RedisServer(_binary(), tmp_path, unixsocket=short / "redis.sock")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(short, ignore_errors=True)
 
 
 @pytest.fixture

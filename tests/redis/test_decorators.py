@@ -8,9 +8,11 @@ another process of the fleet, meeting it only in Redis. Every behaviour runs on 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -128,6 +130,68 @@ def test_a_trip_elsewhere_rejects_here_without_calling(
     assert breaker(SERVICE).snapshot()["state"] == "open"
 
 
+def test_a_subscriber_may_read_a_shared_breaker_from_another_thread(
+    mode: Any, redis_server: Any, peers: Any
+) -> None:
+    dep = Dependency()
+    call = protected(mode, redis_server.url, dep)
+    assert mode.run(call) == "ok"
+    cb = breaker(SERVICE)
+    seen: list[tuple[str, str]] = []
+    stuck: list[bool] = []
+
+    def subscriber(event: Any) -> None:
+        # Hands the event to a thread that reads the breaker, and waits for it: under the
+        # breaker's lock this would deadlock (bounded by the join's timeout).
+        def look() -> None:
+            seen.append((type(event).__name__, cb.snapshot()["state"]))
+
+        reader = threading.Thread(target=look, daemon=True)
+        reader.start()
+        reader.join(2)
+        stuck.append(reader.is_alive())
+
+    kinds = [events.CircuitStateChanged, events.CallRejected, events.CircuitTrialStarted]
+    undo = events.subscribe(subscriber, kinds)
+    try:
+        dep.down = True
+        for _ in range(LIMITS.fail_max):
+            assert isinstance(mode.outcome(call), Down)
+        assert isinstance(mode.outcome(call), CircuitOpenError)
+        peers(SERVICE).force("half_open", LIMITS)
+        dep.down = False
+        assert mode.run(call) == "ok"  # adopts half-open, runs as the trial, closes
+    finally:
+        undo()
+    assert not any(stuck)
+    assert seen == [
+        ("CircuitStateChanged", "open"),
+        ("CallRejected", "open"),
+        ("CircuitStateChanged", "half_open"),
+        ("CircuitTrialStarted", "half_open"),
+        ("CircuitStateChanged", "closed"),
+    ]
+
+
+def test_a_circuit_redis_holds_in_an_unknown_state_never_fails_a_good_call(
+    mode: Any, redis_server: Any, peers: Any
+) -> None:
+    dep = Dependency()
+    call = protected(mode, redis_server.url, dep)
+    assert mode.run(call) == "ok"
+    client = redis_server.client()
+    client.hset(f"buttress:{{{SERVICE}}}:circuit", mapping={"state": "ajar", "gen": "9"})
+    with capture_events([events.StateStoreError]) as seen:
+        assert [mode.run(call) for _ in range(5)] == ["ok"] * 5
+    assert [e.error_type for e in seen] == ["CorruptStateError"]
+    assert breaker(SERVICE).state_label == "closed"
+    assert state_in_redis(redis_server) == "closed"
+    dep.down = True
+    for _ in range(LIMITS.fail_max):
+        assert isinstance(mode.outcome(call), Down)
+    assert peers(SERVICE).admit(LIMITS).state == "open"  # shared again
+
+
 def test_half_open_trials_are_limited_across_the_fleet(
     mode: Any, redis_server: Any, peers: Any
 ) -> None:
@@ -232,6 +296,69 @@ def test_reset_open_and_half_open_move_the_fleet_and_overrides_stay_local(
     assert cb.state_label == "open"
 
 
+def test_failures_are_kept_while_open_and_a_failed_trial_counts_as_in_memory(
+    mode: Any, redis_server: Any, peers: Any
+) -> None:
+    dep = Dependency()
+    call = protected(mode, redis_server.url, dep)
+    other = peers(SERVICE)
+    cb = breaker(SERVICE)
+    dep.down = True
+    for _ in range(LIMITS.fail_max):
+        assert isinstance(mode.outcome(call), Down)
+    assert isinstance(mode.outcome(call), CircuitOpenError)
+    # the count that tripped it, as memory mode (and pybreaker) report it while open
+    assert (cb.fail_counter, cb.snapshot()["failures"]) == (3, 3)
+    assert other.admit(LIMITS).failures == 3
+    other.force("half_open", LIMITS)  # pybreaker's half_open(): the count is kept
+    assert other.admit(LIMITS).failures == 3
+    assert other.admit(LIMITS).admitted is False  # (that admission took the only trial slot)
+    other.force("half_open", LIMITS)
+    assert isinstance(mode.outcome(call), Down)  # the trial fails: counted, open again
+    assert (cb.state_label, cb.fail_counter, cb.snapshot()["failures"]) == ("open", 4, 4)
+    assert other.admit(LIMITS).failures == 4
+    cb.reset()
+    assert (cb.fail_counter, other.admit(LIMITS).failures) == (0, 0)
+
+
+def test_the_fleets_failure_count_never_goes_backwards_for_a_reader(
+    redis_server: Any,
+) -> None:
+    # Threads only: replies to concurrent requests arrive in any order.
+    dep = Dependency()
+    dep.down = True
+    call = circuit_breaker(name=SERVICE, state_url=redis_server.url, fail_max=10_000)(dep)
+    cb = breaker(SERVICE)
+    workers, each = 6, 40
+    done = threading.Event()
+    readings: list[tuple[int, int]] = []
+
+    def read() -> None:
+        while not done.is_set():
+            readings.append((cb.fail_counter, cb.snapshot()["failures"]))
+            time.sleep(0)  # let the workers run
+
+    def work() -> None:
+        for _ in range(each):
+            with pytest.raises(Down):
+                call()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    threads = [threading.Thread(target=work) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    done.set()
+    reader.join(5)
+    assert (cb.fail_counter, cb.snapshot()["failures"]) == (workers * each, workers * each)
+    counters = [r[0] for r in readings]
+    snapshots = [r[1] for r in readings]
+    assert counters == sorted(counters)
+    assert snapshots == sorted(snapshots)
+
+
 def test_snapshot_and_pybreaker_counters_report_the_fleet_without_a_request(
     mode: Any, redis_server: Any, peers: Any
 ) -> None:
@@ -252,6 +379,38 @@ def test_snapshot_and_pybreaker_counters_report_the_fleet_without_a_request(
         0,
     )
     assert pybreaker_view == ("closed", 2, 0)
+
+
+def test_event_loops_that_ended_leave_no_connection_open(redis_server: Any) -> None:
+    # A script or worker that runs each job with asyncio.run(): one event loop per job.
+    @circuit_breaker(name=SERVICE, state_url=redis_server.url)
+    async def job() -> str:
+        return "ok"
+
+    client = redis_server.client()
+    before = client.info("clients")["connected_clients"]
+    for _ in range(100):
+        assert asyncio.run(job()) == "ok"
+    gc.collect()  # a connection dropped unclosed would warn here (warnings are errors)
+    assert client.info("clients")["connected_clients"] - before <= 1
+    assert asyncio.run(job()) == "ok"  # and the next loop connects again
+
+
+def test_a_unix_socket_state_url_shares_the_circuit(
+    mode: Any, unix_redis_server: Any, peers: Any
+) -> None:
+    url = f"unix://{unix_redis_server.unixsocket}?db=0"
+    dep = Dependency()
+    call = protected(mode, url, dep)
+    other = peers(SERVICE, url=url)  # another process, on the same socket
+    assert mode.run(call) == "ok"
+    dep.down = True
+    for _ in range(LIMITS.fail_max):
+        assert isinstance(mode.outcome(call), Down)
+    assert state_in_redis(unix_redis_server) == "open"
+    decision = other.admit(LIMITS)
+    assert (decision.shared, decision.state) == (True, "open")
+    assert breaker(SERVICE).storage.available
 
 
 # --- settings -------------------------------------------------------------------------------------

@@ -64,6 +64,21 @@ def test_killed_mid_run_the_local_copy_starts_from_the_shared_state(
     assert [e.operation for e in seen] == ["admit"]
 
 
+def test_the_local_copy_keeps_the_failures_while_open_and_counts_a_failed_trial(
+    peers: Any, redis_server: Any, clock: Any
+) -> None:
+    peer = peers()
+    trip(peer)
+    redis_server.kill()
+    local = peer.admit(LIMITS)
+    assert (local.state, local.failures, local.shared) == ("open", 3, False)
+    clock.advance(LIMITS.reset_timeout)
+    trial = peer.admit(LIMITS)
+    assert (trial.state, trial.trial, trial.failures) == ("half_open", True, 3)
+    after = peer.record(trial, "failure", LIMITS)
+    assert (after.state, after.change, after.failures) == ("open", "trial_failed", 4)
+
+
 def test_restarted_empty_the_shared_state_is_used_again_after_the_reconnect_wait(
     peers: Any, redis_server: Any, clock: Any
 ) -> None:
@@ -155,6 +170,58 @@ def test_a_frozen_or_killed_redis_delays_one_call_by_at_most_max_delay(
         redis_server.start()
     time.sleep(0.35)
     assert peer.admit(LIMITS).shared
+
+
+def wait_for(condition: Any, seconds: float = 2.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+@pytest.mark.realtime
+def test_a_trial_redis_granted_too_late_to_answer_is_given_back(
+    peers: Any, redis_server: Any, clock: Any
+) -> None:
+    a = peers(socket_timeout=0.1, connect_timeout=0.1, reconnect_min=0.5)
+    b = peers()
+    a.force("half_open", LIMITS)  # one trial slot for the fleet
+    redis_server.freeze()  # a latency spike
+    late = a.admit(LIMITS)  # no reply in time: a decides locally...
+    assert (late.shared, late.trial) == (False, True)
+    redis_server.thaw()
+    # ...but Redis ran the admission once it could, and granted the lease to nobody
+    trials = redis_server.client()
+    assert wait_for(lambda: trials.zcard("buttress:{svc}:trials") == 1)
+    assert b.admit(LIMITS).admitted is False
+    a.record(late, "success", LIMITS)  # still local: a waits before asking Redis again
+    clock.advance(0.5)
+    trial = a.admit(LIMITS)  # a's next request gives the orphaned lease back first
+    assert (trial.shared, trial.admitted, trial.trial) == (True, True, True)
+    assert a.record(trial, "success", LIMITS).state == "closed"
+    assert b.admit(LIMITS).admitted
+
+
+def test_a_record_that_never_reached_redis_gives_its_trial_lease_back_later(
+    peers: Any, redis_server: Any, clock: Any
+) -> None:
+    admin = redis_server.client()
+    connected = {c["id"] for c in admin.client_list()}
+    a = peers(reconnect_min=0.5)
+    a.force("half_open", LIMITS)  # connects a
+    (a_connection,) = {c["id"] for c in admin.client_list()} - connected
+    trial = a.admit(LIMITS)
+    admin.client_kill_filter(_id=a_connection)  # the record will find its connection gone
+    with capture_events([events.StateStoreError]) as seen:
+        after = a.record(trial, "ignored", LIMITS)  # say a 429: neither success nor failure
+    assert (after.shared, len(seen)) == (False, 1)
+    b = peers()
+    assert b.admit(LIMITS).admitted is False  # the lease is still held in Redis
+    clock.advance(0.5)
+    a.storage.observe()  # a's next request, whatever it is, gives the lease back
+    assert b.admit(LIMITS).trial
 
 
 @pytest.mark.realtime

@@ -181,6 +181,75 @@ def test_the_open_period_is_timed_on_redis_in_milliseconds(peers: Any) -> None:
     assert (trial.state, trial.trial, trial.change) == ("half_open", True, "timeout_elapsed")
 
 
+# --- a circuit this version cannot read -----------------------------------------------------------
+
+CIRCUIT = "buttress:{svc}:circuit"
+TRIALS = "buttress:{svc}:trials"
+
+
+def _unknown_state(client: Any) -> None:  # garbage, or a state of a later version
+    client.hset(CIRCUIT, mapping={"state": "forced_open_fleetwide", "gen": "7"})
+
+
+def _state_with_a_space(client: Any) -> None:  # would shift every field of the reply
+    client.hset(CIRCUIT, mapping={"state": "half open", "gen": "7"})
+
+
+def _a_count_that_is_not_one(client: Any) -> None:
+    client.hset(CIRCUIT, mapping={"state": "closed", "gen": "1e400", "seq": "-2"})
+
+
+def _not_a_hash(client: Any) -> None:
+    client.set(CIRCUIT, "garbage")
+
+
+def _trials_not_a_sorted_set(client: Any) -> None:
+    client.hset(CIRCUIT, mapping={"state": "half_open", "gen": "7"})
+    client.rpush(TRIALS, "garbage")
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        _unknown_state,
+        _state_with_a_space,
+        _a_count_that_is_not_one,
+        _not_a_hash,
+        _trials_not_a_sorted_set,
+    ],
+)
+def test_a_circuit_that_cannot_be_read_is_decided_locally_once_and_repaired(
+    peers: Any, redis_server: Any, corrupt: Any
+) -> None:
+    peer = peers()
+    assert peer.call(LIMITS) == "ok"
+    client = redis_server.client()
+    corrupt(client)
+    with capture_events([events.StateStoreError]) as seen:
+        once = peer.admit(LIMITS)  # this call: the local copy decides (closed here)
+        assert (once.admitted, once.shared) == (True, False)
+        assert [peer.call(LIMITS) for _ in range(3)] == ["ok"] * 3
+        repaired = peer.admit(LIMITS)
+    assert seen == [events.StateStoreError("svc", "admit", "CorruptStateError")]
+    assert (repaired.state, repaired.shared, repaired.failures) == ("closed", True, 0)
+    assert peer.storage.available  # Redis works: no reconnect wait
+    assert client.hget(CIRCUIT, "state") == "closed"
+    assert client.type(TRIALS) in {"none", "zset"}
+    fail_times(peer, 3)  # and it protects again
+    assert peers().admit(LIMITS).state == "open"
+
+
+def test_a_process_whose_local_copy_is_open_keeps_rejecting_on_a_corrupt_circuit(
+    peers: Any, redis_server: Any
+) -> None:
+    peer = peers()
+    fail_times(peer, 3)
+    _unknown_state(redis_server.client())
+    once = peer.admit(LIMITS)  # the last state it read: open
+    assert (once.state, once.admitted, once.shared) == ("open", False, False)
+    assert peer.admit(LIMITS).state == "closed"  # the repaired circuit, as Redis restarted empty
+
+
 # --- keys, expiry, cost ---------------------------------------------------------------------------
 
 

@@ -60,11 +60,13 @@ The rate window and the manual overrides are always per process.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import functools
 import itertools
 import math
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, ClassVar, Final, TypedDict, TypeVar
 
@@ -75,7 +77,7 @@ from buttress import _clock, config, events, registry
 from buttress._values import PositiveSeconds, StateURL
 from buttress.events import CallRejected, CircuitCallRecorded
 from buttress.exceptions import CircuitOpenError, RejectedError
-from buttress.patterns import redis_storage
+from buttress.patterns import _transient, redis_storage
 from buttress.patterns._base import AsyncCall, BuildContext, Call, Options
 from buttress.patterns._pybreaker_compat import CompatBreaker
 from buttress.patterns.redis_storage import Decision, Limits, SharedStateStorage
@@ -122,8 +124,13 @@ class CircuitBreakerOptions(Options):
     exclude: tuple[ExcludeSpec, ...] = Field(
         (), description="exceptions (types or predicates) that are neither success nor failure"
     )
+    count_throttled: bool = Field(
+        default=False,
+        description="count an HTTP 429 Too Many Requests as a failure (default: neither)",
+    )
     state_url: StateURL | None = Field(
-        None, description="redis:// or rediss:// URL to share circuit state across processes"
+        None,
+        description="redis://, rediss:// or unix:// URL to share circuit state across processes",
     )
 
     @field_validator("state_url")
@@ -279,6 +286,23 @@ class _BeforeCallHook:
         self.listener.before_call(self.breaker, func, *args, **kwargs)
 
 
+def _throttled(exc: Exception) -> bool:
+    """Whether ``exc`` is an HTTP 429 Too Many Requests.
+
+    The errors of httpx, requests and aiohttp, or any exception with a ``status_code`` or
+    ``status`` of 429 (the API SDKs built on them carry one).
+    """
+    try:
+        status = _transient.http_status(exc)
+        if status is None:
+            status = getattr(exc, "status_code", None)
+            if status is None:
+                status = getattr(exc, "status", None)
+        return bool(status == 429)
+    except Exception:  # noqa: BLE001 - a strange attribute is not a 429; the call's error stands
+        return False
+
+
 def _exclusions(
     excluded: Sequence[object],
 ) -> tuple[tuple[type, ...], tuple[Callable[[BaseException], object], ...]]:
@@ -326,6 +350,13 @@ class CircuitBreaker(CompatBreaker):
             opts.fail_max, opts.timeout, opts.success_threshold, opts.half_open_max_calls
         )
         self._remote: SharedStateStorage | None = None  # read by current_state, below
+        # Events decided under the lock wait here and are delivered after it is released, one
+        # thread at a time and in the order they were decided (see _deliver).
+        self._outbox: collections.deque[tuple[tuple[events.Handler, ...], Any]] = (
+            collections.deque()
+        )
+        self._delivery = threading.Lock()
+        self._delivering = False
         super().__init__(
             name=service,
             fail_max=opts.fail_max,
@@ -362,6 +393,7 @@ class CircuitBreaker(CompatBreaker):
         self._fast_token: int | None = None
         self._open_until = _NEVER
         self._excluded_types, self._excluded_predicates = _exclusions(self.excluded_exceptions)
+        self._count_throttled = opts.count_throttled
         self._refresh_listeners()
         with self.lock:
             stored = _FROM_PYBREAKER.get(self._store.state, CLOSED)
@@ -369,6 +401,8 @@ class CircuitBreaker(CompatBreaker):
                 opened_at = self._stored_opened_at(now) if stored == OPEN else now
                 self._adopt(stored, "shared_state", now, opened_at)
             self._refresh_fast_paths()
+        if self._outbox:
+            self._deliver()
 
     # --- the per-call protocol (used by the strategy's steps and by call/acall/calling) ----------
 
@@ -393,11 +427,15 @@ class CircuitBreaker(CompatBreaker):
             )
             if retry_after is None or retry_after > 0:
                 if shadow or CallRejected in events.ROUTES:
-                    return self._reject(reason, retry_after, shadow)
+                    return self._reject(reason, retry_after, shadow, locked=False)
                 # While open, rejecting is all the breaker does: the shortest path raises here.
                 raise _open_error(self._messages[reason], self.service, retry_after)
-        with self.lock:
-            return self._admit_locked(shadow)
+        try:
+            with self.lock:
+                return self._admit_locked(shadow)
+        finally:
+            if self._outbox:
+                self._deliver()
 
     def on_success(self, token: int, started: float) -> None:
         """Record a call admitted with ``token`` and started at ``started`` that returned."""
@@ -412,6 +450,8 @@ class CircuitBreaker(CompatBreaker):
         ):
             with self.lock:
                 self._record(token, SUCCESS, now, slow=slow)
+            if self._outbox:
+                self._deliver()
         self._announce(SUCCESS, elapsed, None, slow=slow)
 
     def on_error(self, token: int, exc: BaseException, started: float) -> None:
@@ -424,10 +464,12 @@ class CircuitBreaker(CompatBreaker):
         slow = self._slow_after is not None and elapsed >= self._slow_after
         if outcome == FAILURE and self._failure_hooks:
             # pybreaker's order: the failure, then the state change it causes.
-            events.dispatch(self._failure_hooks, exc)
+            self._publish(self._failure_hooks, exc)
         if token >= 0:
             with self.lock:
                 self._record(token, outcome, now, slow=slow)
+            if self._outbox:
+                self._deliver()
         self._announce(outcome, elapsed, exc, slow=slow)
 
     @property
@@ -443,7 +485,7 @@ class CircuitBreaker(CompatBreaker):
         ``func`` is the next step of the policy's chain (a ``(args, kwargs)`` callable), the
         function given to ``call``/``acall``, or ``breaker.calling`` for a ``calling()`` block.
         """
-        events.dispatch(self._before_hooks, (func, args, kwargs))
+        self._publish(self._before_hooks, (func, args, kwargs))
 
     # --- manual control ------------------------------------------------------------------------
 
@@ -464,6 +506,8 @@ class CircuitBreaker(CompatBreaker):
         with self.lock:
             if self._override == DISABLED:
                 self._move(CLOSED, None, "manual", _clock.monotonic())
+        if self._outbox:
+            self._deliver()
 
     def reset(self) -> None:
         """Closed, with every counter and the rate window cleared; ends any override."""
@@ -524,6 +568,7 @@ class CircuitBreaker(CompatBreaker):
                     # Back in memory, from the state this process last knew.
                     self._save_state(self._phase, self._opened_wall())
             self._slow_after = options.slow_call_duration
+            self._count_throttled = options.count_throttled
             if options.exclude != previous.exclude:
                 for old in self.excluded_exceptions:
                     super().remove_excluded_exception(old)  # type: ignore[arg-type,type-var]
@@ -746,8 +791,10 @@ class CircuitBreaker(CompatBreaker):
     def is_system_error(self, exception: BaseException) -> bool:
         """Whether ``exception`` counts as a failure of the dependency.
 
-        Not: ``exclude``-d exceptions, ``RejectedError`` from inner patterns, and anything that
-        is not an ``Exception`` (cancellation, ``KeyboardInterrupt``, ``SystemExit``).
+        Not: ``exclude``-d exceptions, ``RejectedError`` from inner patterns, anything that is
+        not an ``Exception`` (cancellation, ``KeyboardInterrupt``, ``SystemExit``), and an HTTP
+        429 Too Many Requests unless ``count_throttled`` (the dependency answered: it is alive,
+        and throttling us).
         """
         if not isinstance(exception, Exception) or isinstance(exception, RejectedError):
             return False
@@ -759,7 +806,7 @@ class CircuitBreaker(CompatBreaker):
                     return False
             except Exception:  # noqa: BLE001 - a broken predicate must not replace the error
                 return True
-        return True
+        return self._count_throttled or not _throttled(exception)
 
     def add_excluded_exception(self, exception: type[BaseException]) -> None:
         with self.lock:
@@ -812,7 +859,7 @@ class CircuitBreaker(CompatBreaker):
         self._trials += 1
         handlers = events.ROUTES.get(events.CircuitTrialStarted)
         if handlers:
-            events.dispatch(handlers, events.CircuitTrialStarted(self.service, self._trials))
+            self._outbox.append((handlers, events.CircuitTrialStarted(self.service, self._trials)))
         return self._generation << 1 | 1
 
     def _record(self, token: int, outcome: str, now: float, *, slow: bool) -> None:
@@ -824,6 +871,7 @@ class CircuitBreaker(CompatBreaker):
             return
         if self._phase == HALF_OPEN:
             if outcome == FAILURE:
+                self._count_failure()  # kept while open, as pybreaker counts a failed trial
                 self._move(OPEN, None, "trial_failed", now)
             elif self._count_success() >= self.success_threshold:
                 self._move(CLOSED, None, "success_threshold", now)
@@ -856,16 +904,67 @@ class CircuitBreaker(CompatBreaker):
                 return "slow_call_rate"
         return None
 
-    def _reject(self, reason: str, retry_after: float | None, shadow: bool) -> int:
-        if shadow:
-            handlers = events.ROUTES.get(events.ShadowDecision)
-            if handlers:
-                events.dispatch(handlers, events.ShadowDecision(self.service, PATTERN, "reject"))
-            return _UNCOUNTED
-        handlers = events.ROUTES.get(CallRejected)
+    def _reject(
+        self, reason: str, retry_after: float | None, shadow: bool, *, locked: bool = True
+    ) -> int:
+        """Reject a call (raise), or let it through uncounted in shadow mode.
+
+        ``locked``: the caller holds the lock, so the event is queued and the caller delivers
+        it once it has released the lock (``_deliver``).
+        """
+        handlers = events.ROUTES.get(events.ShadowDecision if shadow else CallRejected)
         if handlers:
-            events.dispatch(handlers, CallRejected(self.service, PATTERN, reason, retry_after))
+            event: Any = (
+                events.ShadowDecision(self.service, PATTERN, "reject")
+                if shadow
+                else CallRejected(self.service, PATTERN, reason, retry_after)
+            )
+            if locked:
+                self._outbox.append((handlers, event))
+            else:
+                self._publish(handlers, event)
+        if shadow:
+            return _UNCOUNTED
         raise _open_error(self._messages[reason], self.service, retry_after)
+
+    def _publish(self, handlers: tuple[events.Handler, ...], event: Any) -> None:
+        """Deliver an event decided outside the lock, behind any that are still queued."""
+        if self._outbox or self._delivering:
+            self._outbox.append((handlers, event))
+            self._deliver()
+        else:
+            events.dispatch(handlers, event)
+
+    def _deliver(self) -> None:
+        """Deliver the queued events; the caller holds no lock of this breaker.
+
+        Subscribers never run under the breaker's lock: one that reads the breaker from another
+        thread (and waits for it) would deadlock. One thread at a time delivers, in the order
+        the events were decided; a thread that finds another one delivering leaves its events
+        to it (so a subscriber may see an event on another caller's thread, and a subscriber
+        that calls the breaker finds its own events delivered after it returns).
+        """
+        outbox = self._outbox
+        with self._delivery:
+            if self._delivering:
+                return
+            self._delivering = True
+        try:
+            while True:
+                try:
+                    handlers, event = outbox.popleft()
+                except IndexError:
+                    with self._delivery:
+                        # Another thread may have queued since, and left it to this one.
+                        if not outbox:
+                            self._delivering = False
+                            return
+                    continue
+                events.dispatch(handlers, event)
+        except BaseException:
+            with self._delivery:
+                self._delivering = False
+            raise
 
     def _announce(
         self, outcome: str, elapsed: float, exc: BaseException | None, *, slow: bool = False
@@ -873,7 +972,7 @@ class CircuitBreaker(CompatBreaker):
         handlers = events.ROUTES.get(CircuitCallRecorded)
         if handlers:
             window = self._window
-            events.dispatch(
+            self._publish(
                 handlers,
                 CircuitCallRecorded(
                     self.service,
@@ -886,7 +985,7 @@ class CircuitBreaker(CompatBreaker):
                 ),
             )
         if outcome == SUCCESS and self._success_hooks:
-            events.dispatch(self._success_hooks, self)
+            self._publish(self._success_hooks, self)
 
     def _manual(self, phase: str, override: str | None, reason: str) -> None:
         remote = self._remote
@@ -898,9 +997,11 @@ class CircuitBreaker(CompatBreaker):
                 self._move(decision.state, None, reason, _clock.monotonic())
                 self._seen_generation = decision.generation
                 self._adopted_at = max(asked, self._adopted_at)
-            return
-        with self.lock:
-            self._move(phase, override, reason, _clock.monotonic())
+        else:
+            with self.lock:
+                self._move(phase, override, reason, _clock.monotonic())
+        if self._outbox:
+            self._deliver()
 
     def _move(self, phase: str, override: str | None, reason: str, now: float) -> None:
         """Enter a state: a new generation, fresh counters for it, storage, listeners, event."""
@@ -935,17 +1036,19 @@ class CircuitBreaker(CompatBreaker):
     def _announce_state(self, old_label: str, reason: str, now: float) -> None:
         change = self._show_state(_TO_PYBREAKER[self._phase])
         if change is not None and self._change_hooks:
-            events.dispatch(self._change_hooks, change)
+            self._outbox.append((self._change_hooks, change))
         new_label = self._override or self._phase
         if new_label == old_label:
             return
         handlers = events.ROUTES.get(events.CircuitStateChanged)
         if handlers:
-            events.dispatch(
-                handlers,
-                events.CircuitStateChanged(
-                    self.service, old_label, new_label, reason, now - self._since
-                ),
+            self._outbox.append(
+                (
+                    handlers,
+                    events.CircuitStateChanged(
+                        self.service, old_label, new_label, reason, now - self._since
+                    ),
+                )
             )
         self._since = now
 
@@ -997,15 +1100,22 @@ class CircuitBreaker(CompatBreaker):
                     self._trials += 1
                     handlers = events.ROUTES.get(events.CircuitTrialStarted)
                     if handlers:
-                        events.dispatch(
-                            handlers, events.CircuitTrialStarted(self.service, self._trials)
+                        self._outbox.append(
+                            (handlers, events.CircuitTrialStarted(self.service, self._trials))
                         )
-                return decision, self._generation
-        if decision.state == OPEN:
-            self._reject("open", decision.retry_after, shadow)
-        else:
-            self._reject("half_open_full", None, shadow)
-        return None
+                ticket = decision, self._generation
+            else:
+                ticket = None
+        try:
+            if ticket is None:
+                if decision.state == OPEN:
+                    self._reject("open", decision.retry_after, shadow, locked=False)
+                else:
+                    self._reject("half_open_full", None, shadow, locked=False)
+            return ticket
+        finally:
+            if self._outbox:
+                self._deliver()
 
     def _finish_shared(
         self,
@@ -1027,6 +1137,8 @@ class CircuitBreaker(CompatBreaker):
                     asked = next(self._asked)
                     moved = remote.transition(OPEN, decision.generation, self._limits)
                     self._settle_trip(moved, asked, reason)
+                if self._outbox:
+                    self._deliver()
         self._announce(outcome, elapsed, exc, slow=slow)
 
     async def _afinish_shared(
@@ -1049,6 +1161,8 @@ class CircuitBreaker(CompatBreaker):
                     asked = next(self._asked)
                     moved = await remote.atransition(OPEN, decision.generation, self._limits)
                     self._settle_trip(moved, asked, reason)
+                if self._outbox:
+                    self._deliver()
         self._announce(outcome, elapsed, exc, slow=slow)
 
     def _outcome(self, exc: BaseException | None, started: float) -> tuple[str, float, float, bool]:
@@ -1060,7 +1174,7 @@ class CircuitBreaker(CompatBreaker):
             return SUCCESS, now, elapsed, slow
         outcome = FAILURE if self.is_system_error(exc) else IGNORED
         if outcome == FAILURE and self._failure_hooks:
-            events.dispatch(self._failure_hooks, exc)
+            self._publish(self._failure_hooks, exc)
         return outcome, now, elapsed, slow
 
     def _settle(
@@ -1195,7 +1309,7 @@ def _retire(storage: SharedStateStorage) -> None:
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
-        return  # asyncio connections of other loops are closed when collected
+        return  # asyncio connections of other loops are closed when their loop shuts down
     task = loop.create_task(storage.aclose())
     _closing.add(task)
     task.add_done_callback(_closing.discard)

@@ -5,7 +5,8 @@ state kept in Redis. One server-side Lua script takes every decision, so each is
 
 * **admit**: read the state; when the open period is over, move open -> half-open; hand out a
   half-open trial *lease*, at most ``half_open_max_calls`` across the fleet (a lease expires, so
-  a process that dies mid-trial does not wedge the circuit);
+  a process that dies mid-trial does not wedge the circuit, and a lease granted to a request
+  whose reply never arrived is given back by the sender's next request);
 * **record**: count a failure and trip at ``fail_max``; count a trial's success and close at
   ``success_threshold``; re-open on a failed trial; give the trial lease back.
 
@@ -19,7 +20,10 @@ in this generation) and ``base`` (failures cleared by successes); ``fail_max`` t
 ``seq - base`` reaches it. A success clears only the failures recorded *before its call was
 admitted* (``base = max(base, seq_at_admission)``), so a slow success cannot wipe failures other
 processes saw while it ran, and reading the state never resets anything (pybreaker's
-``CircuitRedisStorage`` wipes the shared counter whenever a process notices a close).
+``CircuitRedisStorage`` wipes the shared counter whenever a process notices a close). As in
+memory (and in pybreaker), the count survives the trip: an open or half-open state starts with
+the failures of the state it came from (``seq``), a failed trial adds one, and only a close clears
+it.
 
 One round trip on the closed-state success path: the admission is the only request. A success
 that has failures to clear is not sent on its own; it rides on the process's next request (see
@@ -36,8 +40,9 @@ client never retries.
 
 Keys, both with the service name as a Redis Cluster hash tag so they live in one slot:
 
-* ``buttress:{service}:circuit``: a hash: ``state``, ``gen``, ``seq``, ``base``, ``succ`` (trial
-  successes), ``since`` (Redis ms of the last transition);
+* ``buttress:{service}:circuit``: a hash: ``state``, ``gen``, ``seq`` (failures recorded; while
+  open or half-open: the failures counted so far), ``base``, ``succ`` (trial successes),
+  ``since`` (Redis ms of the last transition);
 * ``buttress:{service}:trials``: a sorted set of trial leases scored by expiry (Redis ms).
 
 A missing hash means closed with no failures; the script writes only when something changes (a
@@ -71,7 +76,7 @@ import sys
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, Final, NamedTuple
 
 import pybreaker
@@ -111,29 +116,72 @@ _CLOSED_STATE_INIT: Final = pybreaker.CircuitClosedState.__init__.__code__
 # ARGV: 1 op, 2 ttl_ms, 3 reset_ms, 4 max_trials, 5 lease_ms, 6 fail_max ('' never trips),
 # 7 success_threshold ('' never closes), 8 cleared_gen, 9 cleared_seq (a success to apply first,
 # '' none), 10 lease, 11 generation the call was admitted in ('' any), 12 outcome | target state,
-# 13 seq at admission | set mode ('force' or '').
+# 13 seq at admission | set mode ('force' or ''), 14 trial leases to give back (space-separated:
+# granted to requests whose reply never arrived, '' none).
 # Reply: "state gen seq base succ since now admitted trial change lease" (lease: if granted).
 _SCRIPT: Final = """
 local circuit, trials = KEYS[1], KEYS[2]
 local op = ARGV[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local h = redis.call('HMGET', circuit, 'state', 'gen', 'seq', 'base', 'succ', 'since')
+-- A key this script cannot read (another type, an unknown state, a count that is not one) is
+-- corrupt: someone wrote it by hand, or a version of buttress that knows more. It is started over
+-- (closed, clean, a new generation) and the reply says 'corrupt': that call decides locally.
+local corrupt = false
+local h = redis.pcall('HMGET', circuit, 'state', 'gen', 'seq', 'base', 'succ', 'since')
+if h.err then
+  if not string.find(h.err, 'WRONGTYPE', 1, true) then
+    return redis.error_reply(h.err)  -- any other error fails the script as it would have
+  end
+  redis.call('DEL', circuit)
+  h, corrupt = {}, true
+end
+local function count(i)
+  local v = h[i]
+  if not v then
+    return 0
+  end
+  local n = tonumber(v)
+  if n and n >= 0 and n <= 9007199254740991 and n == math.floor(n) then
+    return n
+  end
+  corrupt = true
+  return 0
+end
 local state = h[1] or 'closed'
-local gen = tonumber(h[2]) or 0
-local seq = tonumber(h[3]) or 0
-local base = tonumber(h[4]) or 0
-local succ = tonumber(h[5]) or 0
-local since = tonumber(h[6]) or 0
+if state ~= 'closed' and state ~= 'open' and state ~= 'half_open' then
+  corrupt = true
+end
+local gen, seq, base, succ, since = count(2), count(3), count(4), count(5), count(6)
 local ttl = tonumber(ARGV[2])
 local dirty = false
 local admitted, trial, change = 0, 0, ''
+
+-- A command on the trial leases; a trials key of another type is corrupt too: deleted, then
+-- the command runs on no key.
+local function on_trials(...)
+  local reply = redis.pcall(...)
+  if type(reply) == 'table' and reply.err then
+    if string.find(reply.err, 'WRONGTYPE', 1, true) then
+      redis.call('DEL', trials)
+      corrupt = true
+    end
+    reply = redis.call(...)  -- on no key; any other error fails the script as it would have
+  end
+  return reply
+end
 
 local function move(to, why)
   state = to
   -- generations follow Redis time, so a Redis restarted empty never reuses one
   gen = math.max(gen + 1, now)
-  seq, base, succ, since = 0, 0, 0, now
+  -- failures are kept until the circuit closes (while open and half-open, as pybreaker does)
+  if to == 'closed' then
+    seq = 0
+  else
+    seq = seq - base
+  end
+  base, succ, since = 0, 0, now
   redis.call('DEL', trials)
   dirty = true
   change = why
@@ -147,6 +195,15 @@ local function clear_before(upto)
   end
 end
 
+if corrupt then
+  move('closed', 'corrupt')
+end
+
+-- Leases Redis granted (or may have) to requests that timed out: nobody runs those trials.
+for lease in string.gmatch(ARGV[14], '%S+') do
+  on_trials('ZREM', trials, lease)
+end
+
 if ARGV[8] ~= '' and state == 'closed' and tonumber(ARGV[8]) == gen then
   clear_before(tonumber(ARGV[9]))
 end
@@ -158,7 +215,7 @@ if op == 'admit' then
   if state == 'closed' then
     admitted = 1
   elseif state == 'half_open' then
-    redis.call('ZREMRANGEBYSCORE', trials, '-inf', now)
+    on_trials('ZREMRANGEBYSCORE', trials, '-inf', now)
     if redis.call('ZCARD', trials) < tonumber(ARGV[4]) then
       redis.call('ZADD', trials, now + tonumber(ARGV[5]), ARGV[10])
       redis.call('PEXPIRE', trials, ttl)
@@ -167,7 +224,7 @@ if op == 'admit' then
   end
 elseif op == 'record' then
   if ARGV[10] ~= '' then
-    redis.call('ZREM', trials, ARGV[10])
+    on_trials('ZREM', trials, ARGV[10])
   end
   if ARGV[11] ~= '' and tonumber(ARGV[11]) ~= gen then
     change = 'stale'
@@ -179,6 +236,7 @@ elseif op == 'record' then
         move('open', 'fail_max')
       end
     elseif state == 'half_open' then
+      seq = seq + 1
       move('open', 'trial_failed')
     end
   elseif ARGV[12] == 'success' then
@@ -200,6 +258,9 @@ elseif op == 'set' then
   end
 end
 
+if corrupt then
+  change = 'corrupt'
+end
 if dirty then
   redis.call('HSET', circuit, 'state', state, 'gen', gen, 'seq', seq, 'base', base,
     'succ', succ, 'since', since)
@@ -238,7 +299,7 @@ class Decision(NamedTuple):
             ``fail_max``, ``trial_failed``, ``success_threshold``, ``manual``), else None.
         shared: decided by Redis; False when the local fallback decided.
         age: seconds since the state began (Redis's clock when shared).
-        seq: failures recorded in this closed generation when decided (bookkeeping).
+        seq: failures recorded in this generation when decided (bookkeeping).
         lease: the trial lease held in Redis, or ``""`` (bookkeeping).
     """
 
@@ -315,7 +376,9 @@ class _Local:
     def _move(self, state: str, now: float) -> None:
         self.state = state
         self.generation = next(self._generations)
-        self.failures = self.successes = self.trials = 0
+        self.successes = self.trials = 0
+        if state == CLOSED:  # failures are kept until a close, as in Redis
+            self.failures = 0
         self.since = now
         if state == OPEN:
             self.opened_at = now
@@ -360,9 +423,11 @@ class _Local:
                 if limits is not None and self.failures >= limits.fail_max:
                     self._move(OPEN, now)
                     change = "fail_max"
-            elif self.state == HALF_OPEN and limits is not None:
-                self._move(OPEN, now)
-                change = "trial_failed"
+            elif self.state == HALF_OPEN:
+                self.failures += 1
+                if limits is not None:
+                    self._move(OPEN, now)
+                    change = "trial_failed"
         elif outcome == SUCCESS:
             if self.state == CLOSED:
                 self.failures = 0
@@ -466,24 +531,50 @@ class _AsyncLink:
     reply is awaited with an explicit read timeout instead, because redis-py wraps every send
     of a connection with a ``socket_timeout`` in ``asyncio.wait_for``, a task per request. A
     request of a few hundred bytes never waits for the socket to drain, so the send needs none.
+
+    A loop's connections are closed when the loop shuts down: each pool comes with an async
+    generator started on its loop, which ``loop.shutdown_asyncgens()`` closes (``asyncio.run``
+    and ``asyncio.Runner`` call it before closing the loop), and closing it closes the pool. A
+    connection cannot be closed once its loop is closed, so a loop closed without that step
+    keeps its pool until the storage is garbage-collected (and redis-py warns about it then).
     """
 
     def __init__(self, make: Callable[[], Any], timeout: float) -> None:
         self._make = make
         self._timeout = timeout
-        self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, deque[tuple[int, Any]]]
-        self._pools = weakref.WeakKeyDictionary()
+        self._pools: dict[asyncio.AbstractEventLoop, deque[tuple[int, Any]]] = {}
+        # Strong references: a loop holds its async generators only weakly.
+        self._closers: dict[asyncio.AbstractEventLoop, AsyncGenerator[None, None]] = {}
+        self._inherited: list[AsyncGenerator[None, None]] = []
         self._incarnation = 0
 
-    def _idle(self) -> deque[tuple[int, Any]]:
+    async def _open(self, loop: asyncio.AbstractEventLoop) -> deque[tuple[int, Any]]:
+        """The pool of ``loop`` (the running one), closed when the loop shuts down."""
+        idle: deque[tuple[int, Any]] = deque()
+        closer = self._close_at_shutdown(loop, idle)
+        await closer.asend(None)  # runs to its yield, registered with the loop's shutdown
+        self._pools[loop] = idle
+        self._closers[loop] = closer
+        return idle
+
+    async def _close_at_shutdown(
+        self, loop: asyncio.AbstractEventLoop, idle: deque[tuple[int, Any]]
+    ) -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            if self._pools.get(loop) is idle:
+                del self._pools[loop]
+                self._closers.pop(loop, None)
+            while idle:
+                _, conn = idle.pop()
+                await conn.disconnect()
+
+    async def call(self, request: bytes) -> Any:
         loop = asyncio.get_running_loop()
         idle = self._pools.get(loop)
         if idle is None:
-            idle = self._pools[loop] = deque()
-        return idle
-
-    async def call(self, request: bytes) -> Any:
-        idle = self._idle()
+            idle = await self._open(loop)
         try:
             born, conn = idle.pop()
         except IndexError:
@@ -522,19 +613,37 @@ class _AsyncLink:
         self._incarnation += 1
 
     async def close(self) -> None:
-        idle = self._idle()
-        while idle:
-            _, conn = idle.pop()
-            await conn.disconnect()
+        """Close the pool of the running loop (a new one opens on its next request)."""
+        closer = self._closers.get(asyncio.get_running_loop())
+        if closer is not None:
+            await closer.aclose()
 
     def forget(self) -> None:
         self._incarnation += 1
-        self._pools = weakref.WeakKeyDictionary()
+        self._pools = {}
+        # The parent's loops and sockets: never finalize their closers here (that would
+        # schedule them on the parent's loop objects).
+        self._inherited.extend(self._closers.values())
+        self._closers = {}
 
 
 # --- the storage --------------------------------------------------------------------------------
 
 _NOT_DOWN: Final = -math.inf
+
+
+class CorruptStateError(Exception):
+    """The circuit's keys in Redis held what this version cannot read; the script reset them.
+
+    Its name is the ``error_type`` of the ``StateStoreError`` event reporting it.
+    """
+
+
+_MAX_ORPHANS: Final = 32
+
+# What a request carries that must ride on the next one if it gets no reply: a success's clearing
+# (generation, seq), and trial leases to give back.
+_Carry = tuple[tuple[int, int] | None, tuple[bytes, ...]]
 
 
 class SharedStateStorage(pybreaker.CircuitBreakerStorage):
@@ -581,8 +690,20 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         self._lock = threading.Lock()
         self._local = _Local(_clock.monotonic())
         self._mirrored: tuple[int, int, int, str] | None = None
+        # Replies to concurrent requests arrive in any order; the local copy (what health reads)
+        # must never go back to an older one. Requests are numbered as they are sent; the reply
+        # last adopted is ordered by (Redis time, generation, seq, base, succ), each of which
+        # only grows as Redis runs the script, and ``_adopted_mark`` numbers the first request
+        # sent after it was adopted (see _accept).
+        self._requests = itertools.count()
+        self._adopted_order: tuple[int, int, int, int, int] = (-1, 0, 0, 0, 0)
+        self._adopted_mark = 0
         # (generation, seq): a success that clears the failures before seq, not yet sent.
         self._cleared: tuple[int, int] | None = None
+        # Trial leases of requests that got no reply: Redis may have granted them, and nobody
+        # will run those trials; the next request gives them back (at most _MAX_ORPHANS kept:
+        # older ones expire with their lease anyway).
+        self._orphans: list[bytes] = []
         self._down_until = _NOT_DOWN
         self._probing = False
         self._faults = 0
@@ -613,8 +734,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
     def admit(self, limits: Limits) -> Decision:
         """Decide whether a call may run (one request to Redis, or local while it is down)."""
         if self._may_try():
-            request, cleared = self._admit_request(limits)
-            decision = self._send("admit", request, cleared, limits)
+            request, carry = self._admit_request(limits)
+            decision = self._send("admit", request, carry, limits)
             if decision is not None:
                 return decision
         with self._lock:
@@ -623,8 +744,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
     async def aadmit(self, limits: Limits) -> Decision:
         """``admit`` for asyncio callers: awaits Redis, never blocks the event loop."""
         if self._may_try():
-            request, cleared = self._admit_request(limits)
-            decision = await self._asend("admit", request, cleared, limits)
+            request, carry = self._admit_request(limits)
+            decision = await self._asend("admit", request, carry, limits)
             if decision is not None:
                 return decision
         with self._lock:
@@ -644,8 +765,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
             if not self._worth_sending(ticket, outcome):
                 return None
             if self._may_try():
-                request, cleared = self._record_request(ticket, outcome, limits)
-                decision = self._send("record", request, cleared, limits)
+                request, carry = self._record_request(ticket, outcome, limits)
+                decision = self._send("record", request, carry, limits)
                 if decision is not None:
                     return decision
         with self._lock:
@@ -659,8 +780,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
             if not self._worth_sending(ticket, outcome):
                 return None
             if self._may_try():
-                request, cleared = self._record_request(ticket, outcome, limits)
-                decision = await self._asend("record", request, cleared, limits)
+                request, carry = self._record_request(ticket, outcome, limits)
+                decision = await self._asend("record", request, carry, limits)
                 if decision is not None:
                     return decision
         with self._lock:
@@ -692,8 +813,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
     def observe(self) -> Decision:
         """The current state, read from Redis (or local while it is down); changes nothing."""
         if self._may_try():
-            request, cleared = self._observe_request()
-            decision = self._send("read", request, cleared, None)
+            request, carry = self._observe_request()
+            decision = self._send("read", request, carry, None)
             if decision is not None:
                 return decision
         return self.last_known()
@@ -713,31 +834,40 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
 
     # --- sending -------------------------------------------------------------------------------
 
-    def _send(
-        self, operation: str, request: bytes, cleared: tuple[int, int] | None, limits: Any
-    ) -> Decision | None:
-        """One request to Redis; None (and the store marked down) if it failed."""
+    def _send(self, operation: str, request: bytes, carry: _Carry, limits: Any) -> Decision | None:
+        """One request to Redis; None (and the store marked down) if it failed.
+
+        ``carry`` is what the request carries that must be sent again if it gets no reply.
+        """
+        asked = next(self._requests)
         try:
-            decision = self._accept(self._link.call(request), limits)
+            decision = self._accept(self._link.call(request), limits, asked)
+        except CorruptStateError as exc:
+            self._corrupt(operation, exc, carry)
+            return None
         except Exception as exc:  # noqa: BLE001 - any Redis fault means: go on locally
-            self._failed(operation, exc, cleared)
+            self._failed(operation, exc, carry)
             return None
         except BaseException:
-            self._abandoned(cleared)
+            self._abandoned(carry)
             raise
         self._recovered()
         return decision
 
     async def _asend(
-        self, operation: str, request: bytes, cleared: tuple[int, int] | None, limits: Any
+        self, operation: str, request: bytes, carry: _Carry, limits: Any
     ) -> Decision | None:
+        asked = next(self._requests)
         try:
-            decision = self._accept(await self._alink.call(request), limits)
+            decision = self._accept(await self._alink.call(request), limits, asked)
+        except CorruptStateError as exc:
+            self._corrupt(operation, exc, carry)
+            return None
         except Exception as exc:  # noqa: BLE001 - any Redis fault means: go on locally
-            self._failed(operation, exc, cleared)
+            self._failed(operation, exc, carry)
             return None
         except BaseException:  # cancelled: the next caller may probe
-            self._abandoned(cleared)
+            self._abandoned(carry)
             raise
         self._recovered()
         return decision
@@ -746,8 +876,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         self, state: str, limits: Limits | None, *, expected: int | None, always: bool
     ) -> Decision:
         if self._may_try():
-            request = self._set_request(state, limits, expected=expected, always=always)
-            decision = self._send("set_state", request, None, limits)
+            request, carry = self._set_request(state, limits, expected=expected, always=always)
+            decision = self._send("set_state", request, carry, limits)
             if decision is not None:
                 return decision
         with self._lock:
@@ -757,8 +887,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         self, state: str, limits: Limits | None, *, expected: int | None, always: bool
     ) -> Decision:
         if self._may_try():
-            request = self._set_request(state, limits, expected=expected, always=always)
-            decision = await self._asend("set_state", request, None, limits)
+            request, carry = self._set_request(state, limits, expected=expected, always=always)
+            decision = await self._asend("set_state", request, carry, limits)
             if decision is not None:
                 return decision
         with self._lock:
@@ -785,8 +915,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
                     b"%d" % limits.success_threshold,
                 )
             head = (b"EVALSHA", _SHA, b"2", *self._keys, op, b"%d" % math.ceil(ttl * 1000))
-            # six per-request arguments follow (ARGV 8-13)
-            prefix = b"*%d\r\n" % (len(head) + len(numbers) + 6) + b"".join(
+            # seven per-request arguments follow (ARGV 8-14)
+            prefix = b"*%d\r\n" % (len(head) + len(numbers) + 7) + b"".join(
                 _bulk(part) for part in (*head, *numbers)
             )
             if len(self._prefixes) > 64:  # limits change rarely; never grow without bound
@@ -812,13 +942,30 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
             return _EMPTY * 2
         return _bulk(b"%d" % cleared[0]) + _bulk(b"%d" % cleared[1])
 
-    def _admit_request(self, limits: Limits) -> tuple[bytes, tuple[int, int] | None]:
+    def _take_orphans(self) -> tuple[bytes, ...]:
+        if not self._orphans:
+            return ()
+        with self._lock:
+            orphans, self._orphans = tuple(self._orphans), []
+        return orphans
+
+    @staticmethod
+    def _orphans_arg(orphans: tuple[bytes, ...]) -> bytes:
+        return _bulk(b" ".join(orphans)) if orphans else _EMPTY
+
+    def _admit_request(self, limits: Limits) -> tuple[bytes, _Carry]:
         cleared = self._take_cleared()
+        orphans = self._take_orphans()
         lease = f"{self._lease_prefix}:{next(self._lease_ids)}".encode()
         request = (
-            self._prefix(b"admit", limits) + self._cleared_args(cleared) + _bulk(lease) + _EMPTY * 3
+            self._prefix(b"admit", limits)
+            + self._cleared_args(cleared)
+            + _bulk(lease)
+            + _EMPTY * 3
+            + self._orphans_arg(orphans)
         )
-        return request, cleared
+        # With no reply, Redis may have granted this lease: it joins the orphans.
+        return request, (cleared, (*orphans, lease))
 
     def _worth_sending(self, ticket: Decision, outcome: str) -> bool:
         """Whether an outcome changes the shared state now (else it rides on the next request)."""
@@ -832,33 +979,45 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
 
     def _record_request(
         self, ticket: Decision, outcome: str, limits: Limits | None
-    ) -> tuple[bytes, tuple[int, int] | None]:
+    ) -> tuple[bytes, _Carry]:
         cleared = self._take_cleared()
+        orphans = self._take_orphans()
+        lease = ticket.lease.encode()
         request = (
             self._prefix(b"record", limits)
             + self._cleared_args(cleared)
             + b"".join(
                 _bulk(part)
                 for part in (
-                    ticket.lease.encode(),
+                    lease,
                     b"%d" % ticket.generation,
                     outcome.encode(),
                     b"%d" % ticket.seq,
                 )
             )
+            + self._orphans_arg(orphans)
         )
-        return request, cleared
+        # With no reply, the trial's lease may still be held: it joins the orphans.
+        return request, (cleared, (*orphans, lease) if lease else orphans)
 
-    def _observe_request(self) -> tuple[bytes, tuple[int, int] | None]:
+    def _observe_request(self) -> tuple[bytes, _Carry]:
         cleared = self._take_cleared()
-        return self._prefix(b"observe", None) + self._cleared_args(cleared) + _EMPTY * 4, cleared
+        orphans = self._take_orphans()
+        request = (
+            self._prefix(b"observe", None)
+            + self._cleared_args(cleared)
+            + _EMPTY * 4
+            + self._orphans_arg(orphans)
+        )
+        return request, (cleared, orphans)
 
     def _set_request(
         self, state: str, limits: Limits | None, *, expected: int | None, always: bool
-    ) -> bytes:
+    ) -> tuple[bytes, _Carry]:
         if state not in _TO_PYBREAKER:
             raise ValueError(f"unknown circuit state {state!r}: closed, open or half_open")
-        return self._prefix(b"set", limits) + b"".join(
+        orphans = self._take_orphans()
+        request = self._prefix(b"set", limits) + b"".join(
             _bulk(part)
             for part in (
                 b"",  # no success to apply
@@ -867,8 +1026,10 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
                 b"" if expected is None else b"%d" % expected,
                 state.encode(),
                 b"force" if always else b"",
+                b" ".join(orphans),
             )
         )
+        return request, (None, orphans)
 
     def _note_cleared(self, generation: int, seq: int) -> None:
         # Generations only grow, so the newest generation's highest seq is the one that matters.
@@ -876,12 +1037,14 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
             if self._cleared is None or (generation, seq) > self._cleared:
                 self._cleared = (generation, seq)
 
-    def _accept(self, reply: Any, limits: Limits | None) -> Decision:
-        """Turn the script's reply into a decision and mirror it locally."""
+    def _accept(self, reply: Any, limits: Limits | None, asked: int) -> Decision:
+        """Turn the script's reply (to request number ``asked``) into a decision; mirror it."""
         fields = reply.split(b" ")
         state = fields[0].decode()
         gen, seq, base, succ, since, now, admitted, trial = map(int, fields[1:9])
         change_b, lease_b = fields[9], fields[10]
+        if change_b == b"corrupt":
+            raise CorruptStateError(f"the circuit of {self.service!r} in Redis was unreadable")
         if state == OPEN and limits is not None:
             retry_after: float | None = max(
                 0.0, (since + math.ceil(limits.reset_timeout * 1000) - now) / 1000
@@ -905,9 +1068,15 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         )
         mirrored = (gen, seq - base, succ, state)
         if mirrored != self._mirrored:
+            order = (now, gen, seq, base, succ)
             with self._lock:
-                self._mirrored = mirrored
-                self._local.adopt(decision, _clock.monotonic())
+                # A request sent after the last adoption saw a later Redis (whatever its clock
+                # or a lost key say); one sent before it is adopted only if Redis ran it later.
+                if asked > self._adopted_mark or order > self._adopted_order:
+                    self._mirrored = mirrored
+                    self._adopted_order = order
+                    self._adopted_mark = next(self._requests)
+                    self._local.adopt(decision, _clock.monotonic())
         return decision
 
     # --- Redis health ----------------------------------------------------------------------------
@@ -932,15 +1101,14 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
                 self._probing = False
                 self._faults = 0
 
-    def _failed(self, operation: str, exc: Exception, cleared: tuple[int, int] | None) -> None:
+    def _failed(self, operation: str, exc: Exception, carry: _Carry) -> None:
         with self._lock:
             self._faults += 1
             low, high = self._reconnect
             delay = min(high, low * 2 ** min(self._faults - 1, 30))
             self._down_until = _clock.monotonic() + delay
             self._probing = False
-            if cleared is not None and (self._cleared is None or cleared > self._cleared):
-                self._cleared = cleared
+            self._keep(carry)
         self._link.reset()
         self._alink.reset()
         handlers = events.ROUTES.get(events.StateStoreError)
@@ -949,12 +1117,35 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
                 handlers, events.StateStoreError(self.service, operation, type(exc).__name__)
             )
 
-    def _abandoned(self, cleared: tuple[int, int] | None) -> None:
+    def _corrupt(self, operation: str, exc: Exception, carry: _Carry) -> None:
+        """Redis answered, but had to start over from a circuit it could not read.
+
+        Redis works, so it is not marked down; this one call decides locally, from the last
+        state this process read, and the next request reads the repaired state (closed).
+        """
+        with self._lock:
+            self._keep(carry)  # a lease granted in that reply is nobody's
+        self._recovered()
+        handlers = events.ROUTES.get(events.StateStoreError)
+        if handlers:
+            events.dispatch(
+                handlers, events.StateStoreError(self.service, operation, type(exc).__name__)
+            )
+
+    def _abandoned(self, carry: _Carry) -> None:
         """A request was cancelled: nothing is known about Redis; let the next caller probe."""
         with self._lock:
             self._probing = False
-            if cleared is not None and (self._cleared is None or cleared > self._cleared):
-                self._cleared = cleared
+            self._keep(carry)
+
+    def _keep(self, carry: _Carry) -> None:
+        """What a request that got no reply carried rides on the next one; holds the lock."""
+        cleared, leases = carry
+        if cleared is not None and (self._cleared is None or cleared > self._cleared):
+            self._cleared = cleared
+        if leases:
+            self._orphans.extend(leases)
+            del self._orphans[:-_MAX_ORPHANS]
 
     def _after_fork(self) -> None:
         self._link.forget()
@@ -962,6 +1153,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         self._lease_prefix = os.urandom(6).hex()
         self._lock = threading.Lock()
         self._probing = False
+        self._orphans = []  # the parent's to give back
 
     # --- pybreaker's CircuitBreakerStorage interface ---------------------------------------------
 
