@@ -81,7 +81,7 @@ class CallRejected(NamedTuple):
 
     service: str
     pattern: str  # circuit_breaker | bulkhead | rate_limit
-    reason: str  # open | half_open_full | forced_open | full | queue_timeout | no_tokens
+    reason: str  # open | half_open_full | forced_open | full | queue_timeout | no_tokens | deadline
     retry_after: float | None
 
 

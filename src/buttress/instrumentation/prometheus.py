@@ -357,7 +357,7 @@ CATALOG: tuple[Family, ...] = (
     ),
     _counter(
         "buttress_bulkhead_rejected_total",
-        "Calls refused by the bulkhead, by reason (full, queue_timeout).",
+        "Calls refused by the bulkhead, by reason (full, queue_timeout, deadline).",
         ("service", "reason"),
         CallRejected,
     ),
@@ -384,7 +384,7 @@ CATALOG: tuple[Family, ...] = (
     ),
     _counter(
         "buttress_rate_limit_rejected_total",
-        "Calls refused by the rate limiter, by reason (no_tokens).",
+        "Calls refused by the rate limiter, by reason (no_tokens, deadline).",
         ("service", "reason"),
         CallRejected,
     ),

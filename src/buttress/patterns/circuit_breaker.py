@@ -197,7 +197,7 @@ class CircuitSnapshot(TypedDict):
     failures: int  # consecutive failures counted towards fail_max
     successes: int  # half-open successes counted towards success_threshold
     trials_in_flight: int
-    seconds_left_open: float | None  # open: time until the next trial (0: the next call is one)
+    seconds_left_open: float | None  # open: time until the next trial; None once it has come
     failure_rate: float | None  # over the window; None when no rate threshold is configured
     slow_call_rate: float | None
 
