@@ -26,14 +26,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
+import importlib.util
+import itertools
+import logging
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pybreaker
 import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from buttress import CircuitOpenError
 from buttress.patterns.circuit_breaker import CircuitBreaker, CircuitBreakerOptions
@@ -44,11 +53,85 @@ class OtherStorage(pybreaker.CircuitMemoryStorage):
     """A storage that is not pybreaker's own memory storage (as ``CircuitRedisStorage`` is)."""
 
 
-@pytest.fixture(params=["memory", "other"])
+@functools.cache
+def redis_harness() -> ModuleType:
+    """``tests/redis/conftest.py`` (its ``RedisServer``), loaded by path: tests are no package."""
+    path = Path(__file__).parents[1] / "redis" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("buttress_peers_redis_harness", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class RedisDB:
+    """A real redis-server for one test, and the clients pybreaker's Redis storage is given."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        self.clients: list[redis.Redis] = []
+        self._namespaces = itertools.count()
+
+    def client(self) -> redis.Redis:
+        # pybreaker's storage reads bytes: no decode_responses. No retries inside redis-py: its
+        # default backs off for seconds on a refused connection, which test_fallback_state makes.
+        client = redis.Redis(
+            host="127.0.0.1",
+            port=self.server.port,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self.clients.append(client)
+        return client
+
+    def storage(self, namespace: str | None = None, **kwargs: Any) -> pybreaker.CircuitRedisStorage:
+        """A ``CircuitRedisStorage`` on a fresh namespace unless one is given."""
+        name = namespace if namespace is not None else f"peer{next(self._namespaces)}"
+        return pybreaker.CircuitRedisStorage(
+            pybreaker.STATE_CLOSED, self.client(), namespace=name, **kwargs
+        )
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One redis-server for this module (skipped without the binary locally, failing under CI)."""
+    harness = redis_harness()
+    server = harness.RedisServer(harness._binary(), tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_db(redis_server: Any) -> Iterator[RedisDB]:
+    """The module's redis-server, empty for this test (started again if a test killed it)."""
+    if redis_server.process is None:
+        redis_server.start()
+    db = RedisDB(redis_server)
+    db.client().flushall()
+    try:
+        yield db
+    finally:
+        for client in db.clients:
+            client.close()
+
+
+@pytest.fixture(params=["memory", "other", pytest.param("redis", marks=pytest.mark.redis)])
 def storage(request: pytest.FixtureRequest) -> Callable[[], pybreaker.CircuitBreakerStorage | None]:
-    """Makes the storage each breaker of the test gets (``None``: the breaker's own)."""
+    """Makes the storage each breaker of the test gets (``None``: the breaker's own).
+
+    ``redis`` is pybreaker's own ``CircuitRedisStorage`` on a real redis-server, as in
+    pybreaker's CircuitBreakerRedisTestCase.
+    """
     if request.param == "memory":
         return lambda: None
+    if request.param == "redis":
+        db: RedisDB = request.getfixturevalue("redis_db")
+        return db.storage
     return lambda: OtherStorage(pybreaker.STATE_CLOSED)
 
 
@@ -939,33 +1022,143 @@ def test_fail_max_thread_safety(mode, clock: FakeClock) -> None:
     assert cb.current_state == "open"
 
 
-def test_fail_max_across_breakers_sharing_a_storage(mode, clock: FakeClock) -> None:
+@pytest.mark.parametrize("backend", ["other", pytest.param("redis", marks=pytest.mark.redis)])
+def test_fail_max_across_breakers_sharing_a_storage(
+    mode, clock: FakeClock, request: pytest.FixtureRequest, backend: str
+) -> None:
     """From pybreaker CircuitBreakerRedisConcurrencyTestCase (several machines, one storage).
 
     Two breakers (two processes) on one non-memory storage count failures into it together;
     when one trips the circuit, the other rejects on its next call, and a trial through either
-    closes it for both.
+    closes it for both. With Redis each "machine" has its own client and storage object.
     """
-    shared = OtherStorage(pybreaker.STATE_CLOSED)
-    first = make(lambda: shared, fail_max=4, timeout=10)
-    second = make(lambda: shared, fail_max=4, timeout=10)
+    if backend == "redis":
+        db: RedisDB = request.getfixturevalue("redis_db")
+        stores = [db.storage("fleet"), db.storage("fleet")]
+    else:
+        shared = OtherStorage(pybreaker.STATE_CLOSED)
+        stores = [shared, shared]
+    first = make(lambda: stores[0], fail_max=4, timeout=10)
+    second = make(lambda: stores[1], fail_max=4, timeout=10)
     for cb in (first, second, first):
         with pytest.raises(NotImplementedError):
             call(mode, cb, err)
     assert first.fail_counter == second.fail_counter == 3
     with pytest.raises(NotImplementedError):
         call(mode, second, err)
-    assert shared.state == pybreaker.STATE_OPEN
+    assert stores[0].state == pybreaker.STATE_OPEN
     body = Counting()
     with pytest.raises(CircuitOpenError):
         call(mode, first, body)
     assert body.calls == 0
     clock.advance(10)
     assert call(mode, second, body)
-    assert shared.state == pybreaker.STATE_CLOSED
+    assert stores[0].state == pybreaker.STATE_CLOSED
     assert call(mode, first, body)
     assert first.current_state == second.current_state == "closed"
     assert body.calls == 2
+
+
+# -- CircuitBreakerRedisTestCase ----------------------------------------------------------------
+
+
+@pytest.mark.redis
+def test_namespace(redis_db: RedisDB) -> None:
+    """From pybreaker CircuitBreakerRedisTestCase.test_namespace: every key is namespaced."""
+    cb = make(lambda: redis_db.storage("my_app"))
+    with pytest.raises(NotImplementedError):
+        cb.call(err)
+    keys = sorted(k.decode() for k in redis_db.client().scan_iter())
+    assert keys == [
+        "my_app:pybreaker:fail_counter",
+        "my_app:pybreaker:state",
+        "my_app:pybreaker:success_counter",
+    ]
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(("fallback", "admitted"), [("open", False), ("closed", True)])
+def test_fallback_state(
+    mode, clock: FakeClock, redis_db: RedisDB, fallback: str, admitted: bool
+) -> None:
+    """From pybreaker CircuitBreakerRedisTestCase.test_fallback_state: Redis down, the storage's
+    fallback state decides.
+
+    With ``open`` the call is rejected with CircuitOpenError, without running; with ``closed``
+    it runs, and Redis being down never costs it its result.
+    """
+    logging.getLogger("pybreaker").setLevel(logging.CRITICAL)
+    cb = make(lambda: redis_db.storage(fallback_circuit_state=fallback))
+    redis_db.server.kill()
+    body = Counting()
+    result = outcome(mode, cb, body)
+    if admitted:
+        assert result is True
+        assert body.calls == 1
+    else:
+        assert isinstance(result, CircuitOpenError)
+        assert body.calls == 0
+        assert cb.current_state == "open"
+
+
+@pytest.mark.redis
+def test_missing_state(mode, clock: FakeClock, redis_db: RedisDB) -> None:
+    """From pybreaker CircuitBreakerRedisTestCase.test_missing_state: the state key vanished.
+
+    The storage re-creates it with its fallback state, which the breaker adopts on its next
+    call. Deliberate difference (docs: "adopts a state another process wrote ... without wiping
+    the shared failure counter"): the failure count stays 1 (pybreaker resets it to 0).
+    """
+    store = redis_db.storage("gone", fallback_circuit_state="open")
+    cb = make(lambda: store)
+    with pytest.raises(NotImplementedError):
+        call(mode, cb, err)
+    assert cb.fail_counter == 1
+    redis_db.client().delete("gone:pybreaker:state")
+    with pytest.raises(CircuitOpenError):
+        call(mode, cb, suc)
+    assert cb.state.name == "open"
+    assert cb.fail_counter == 1
+
+
+@pytest.mark.redis
+def test_cluster_mode(redis_db: RedisDB) -> None:
+    """From pybreaker CircuitBreakerRedisTestCase.test_cluster_mode: building a breaker over an
+    open cluster-mode storage keeps its state and its opening time.
+    """
+    store = pybreaker.CircuitRedisStorage(
+        pybreaker.STATE_OPEN, redis_db.client(), namespace="my_app", cluster_mode=True
+    )
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    store.opened_at = now
+    cb = make(lambda: store)
+    assert cb.state.name == pybreaker.STATE_OPEN
+    assert store.opened_at == now
+
+
+@pytest.mark.redis
+def test_redis_fail_thread_safety(mode, clock: FakeClock, redis_db: RedisDB) -> None:
+    """From pybreaker CircuitBreakerRedisConcurrencyTestCase.test_fail_thread_safety (3 workers;
+    100 failures each instead of 500, to stay fast).
+    """
+    cb = make(redis_db.storage, fail_max=3000, timeout=1)
+    fn = mode.define(raising(SpecificError()))
+    protected = cb(fn) if not mode.is_async else (lambda: cb.acall(fn))
+    mode.gather(looping(mode, protected, 100), 3)
+    assert cb.fail_counter == 300
+
+
+@pytest.mark.redis
+def test_redis_fail_max_thread_safety(mode, clock: FakeClock, redis_db: RedisDB) -> None:
+    """From pybreaker CircuitBreakerRedisConcurrencyTestCase.test_fail_max_thread_safety: the
+    count passes ``fail_max`` by less than the number of workers (scaled to fail_max=30).
+    """
+    cb = make(redis_db.storage, fail_max=30, timeout=1)
+    fn = mode.define(raising(SpecificError()))
+    protected = cb(fn) if not mode.is_async else (lambda: cb.acall(fn))
+    mode.gather(looping(mode, protected, 40), 3)
+    assert cb.fail_max <= cb.fail_counter < cb.fail_max + 3
+    assert cb.current_state == "open"
 
 
 # -- CircuitBreakerContextManagerTestCase -------------------------------------------------------
