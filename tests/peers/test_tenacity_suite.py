@@ -842,3 +842,38 @@ def test_issue_478(mode, clock: FakeClock) -> None:
     assert str(exc) == "Error is not working"
     assert results == ["Error is not working", "Fix is working", "Error is not working"]
     assert seen == [1]
+
+
+class FixFailedError(Exception):
+    pass
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="an exception raised by the retry_on predicate itself while it classifies attempt "
+    "N >= 2 reaches the caller with the note 'attempt N raised FixFailedError, which is not "
+    "retried: ... #N FixFailedError', blaming the attempt (which raised the Exception); "
+    "_arecover/_recover annotate whatever leaves tenacity as the attempt's failure",
+)
+def test_issue_478_when_the_fix_fails(mode, clock: FakeClock) -> None:
+    """From tenacity test_issue_478, when the fix the predicate runs fails.
+
+    tenacity lets the predicate's exception propagate; so does buttress, but no note may say an
+    attempt raised it: the attempts raised "Error is not working".
+    """
+    subjects: list[str] = []
+
+    def do_retry(exc: BaseException) -> bool:
+        if buttress.attempt() >= 2:
+            raise FixFailedError("the fix failed")
+        return True
+
+    def work(subject: str) -> None:
+        subjects.append(subject)
+        raise Exception(f"{subject} is not working")
+
+    do_work = retry_with_backoff(retry_on=do_retry, max_attempts=5)(mode.define(work))
+    exc = mode.outcome(do_work, "Error")
+    assert isinstance(exc, FixFailedError)
+    assert subjects == ["Error", "Error"]
+    assert not any("raised FixFailedError" in note for note in getattr(exc, "__notes__", []))
