@@ -330,11 +330,6 @@ def test_failed_call_after_timeout(mode, storage, clock: FakeClock) -> None:
         call(mode, cb, suc)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a failed half-open trial is not counted: fail_counter stays 3 after the trial "
-    "fails (pybreaker: 4); _record moves half_open -> open without _count_failure",
-)
 def test_failed_call_after_timeout_counts_the_failed_trial(mode, storage, clock) -> None:
     """From pybreaker test_failed_call_after_timeout: ``fail_counter == 4`` after the trial."""
     cb = make(storage, fail_max=3, timeout=0.5)
@@ -377,11 +372,6 @@ def test_failed_call_when_halfopen(mode, storage) -> None:
     assert cb.current_state == "open"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a failed half-open trial is not counted: fail_counter stays 0 after a manual "
-    "half_open() and a failed trial (pybreaker: 1)",
-)
 def test_failed_call_when_halfopen_counts_the_failure(mode, storage) -> None:
     """From pybreaker test_failed_call_when_halfopen: ``fail_counter == 1`` after the trial."""
     cb = make(storage)
