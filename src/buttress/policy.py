@@ -18,6 +18,7 @@ bulkhead and rate limiter.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib
 import inspect
@@ -34,9 +35,19 @@ from buttress import _clock, config, events, registry
 from buttress._values import RedisURL
 from buttress.events import CallFinished
 from buttress.exceptions import ConfigurationError, RejectedError, TimeoutExceededError
-from buttress.patterns._base import AsyncCall, BuildContext, Call, Strategy
+from buttress.patterns._base import (
+    AsyncCall,
+    BuildContext,
+    Call,
+    Effect,
+    Return,
+    Sleep,
+    Strategy,
+    Waiter,
+    WaitForSlot,
+)
 
-__all__ = ["Policy", "Spec"]
+__all__ = ["Policy", "Spec", "alink", "asettle", "link", "settle"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -218,7 +229,7 @@ class _Bound:
 
         step: Call = innermost
         for strategy in reversed(strategies):
-            step = strategy.wrap(step)
+            step = link(strategy, step)
         return step
 
     def _chain_async(self, strategies: list[Strategy]) -> AsyncCall:
@@ -229,7 +240,7 @@ class _Bound:
 
         step: AsyncCall = innermost
         for strategy in reversed(strategies):
-            step = strategy.awrap(step)
+            step = alink(strategy, step)
         return step
 
     def _rollout(self, run: Any, view: config.ServiceView) -> Any:
@@ -250,6 +261,275 @@ class _Bound:
             return fn(*args, **kwargs)
 
         return rolled_out
+
+
+# -- the two drivers -------------------------------------------------------------------------------
+# A pattern only decides (see buttress.patterns._base); everything that waits is below, once for
+# threads and once for tasks. Linking picks, per strategy and at compile time, the smallest step
+# that serves its shape, so a gate with nothing to give back costs no try/finally, and the common
+# answer (no effect) costs one ``is not None``.
+
+
+class _ThreadWaiter(Waiter):
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.event = threading.Event()
+
+    def wake(self) -> bool:
+        self.event.set()
+        return True
+
+
+class _TaskWaiter(Waiter):
+    __slots__ = ("future", "loop", "thread")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self.loop = loop
+        self.future: asyncio.Future[None] = loop.create_future()
+        self.thread = threading.get_ident()
+
+    def wake(self) -> bool:
+        try:
+            if threading.get_ident() == self.thread:
+                # Woken from the waiter's own thread: resolve directly, no self-pipe write.
+                _resolve(self.future)
+            else:
+                self.loop.call_soon_threadsafe(_resolve, self.future)
+        except RuntimeError:  # its loop was closed under it; that task will never run again
+            return False
+        return True
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def settle(effect: Any) -> Any:
+    """Perform ``effect`` and those that follow it, for a thread; return what ends the chain.
+
+    That is a token for the call, or a :class:`Return` (or :class:`TryAlternatives`) for the
+    step to answer with.
+    """
+    while True:
+        if isinstance(effect, Sleep):
+            try:
+                _clock.sleep(effect.seconds)
+            except BaseException:
+                effect.abandon()
+                raise
+            effect = effect.resume()
+        elif isinstance(effect, WaitForSlot):
+            waiter = _ThreadWaiter()
+            if effect.queue(waiter):
+                try:
+                    _clock.wait(waiter.event, effect.bound)
+                except BaseException:
+                    effect.abandon(waiter)
+                    raise
+            effect = effect.resume(waiter)
+        else:
+            return effect
+
+
+async def asettle(effect: Any) -> Any:
+    """Perform ``effect`` and those that follow it, for a task; return what ends the chain."""
+    while True:
+        if isinstance(effect, Sleep):
+            try:
+                await _clock.asleep(effect.seconds)
+            except BaseException:
+                effect.abandon()
+                raise
+            effect = effect.resume()
+        elif isinstance(effect, WaitForSlot):
+            waiter = _TaskWaiter(asyncio.get_running_loop())
+            if effect.queue(waiter):
+                try:
+                    async with _clock.timeout(effect.bound):
+                        await waiter.future
+                except TimeoutError:
+                    pass  # out of time: resume() tells a slot granted in that instant from none
+                except BaseException:
+                    effect.abandon(waiter)
+                    raise
+            effect = effect.resume(waiter)
+        else:
+            return effect
+
+
+def _answer(effect: Any, failure: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Answer ``failure`` as a recovery's effect says, for a thread."""
+    if isinstance(effect, Return):
+        return effect.value
+    errors: list[tuple[Callable[..., Any], Exception]] = []
+    for alternative, label in effect.alternatives:
+        try:
+            result = alternative(failure, *args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - the next alternative takes over
+            errors.append((alternative, error))
+            continue
+        effect.answered(label)
+        return result
+    return effect.exhausted(errors)
+
+
+async def _aanswer(
+    effect: Any, failure: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Answer ``failure`` as a recovery's effect says, for a task (awaiting what needs it)."""
+    if isinstance(effect, Return):
+        return effect.value
+    errors: list[tuple[Callable[..., Any], Exception]] = []
+    for alternative, label in effect.alternatives:
+        try:
+            result = alternative(failure, *args, **kwargs)
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception as error:  # noqa: BLE001 - the next alternative takes over
+            errors.append((alternative, error))
+            continue
+        effect.answered(label)
+        return result
+    return effect.exhausted(errors)
+
+
+def link(strategy: Any, call: Call) -> Call:
+    """The step that runs ``call`` under ``strategy`` for a ``def`` caller."""
+    if hasattr(strategy, "before"):
+        return _gate(strategy.before, strategy.after, call)
+    if hasattr(strategy, "recover"):
+        for alternative, _ in strategy.alternatives:
+            if inspect.iscoroutinefunction(alternative):
+                raise TypeError(
+                    f"with_{strategy.pattern}: handler {_callable_name(alternative)} is async but "
+                    "the protected function is not; give a def handler"
+                )
+        return _recovery(strategy.recover, strategy.succeeded, call)
+    return cast("Call", strategy.wrap(call))
+
+
+def alink(strategy: Any, call: AsyncCall) -> AsyncCall:
+    """The step that runs ``call`` under ``strategy`` for an ``async def`` caller."""
+    if hasattr(strategy, "before"):
+        return _agate(strategy.before, strategy.after, call)
+    if hasattr(strategy, "recover"):
+        return _arecovery(strategy.recover, strategy.succeeded, call)
+    return cast("AsyncCall", strategy.awrap(call))
+
+
+def _gate(before: Callable[[], Any], after: Callable[[Any], None] | None, call: Call) -> Call:
+    if after is None:
+
+        def gated(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            token = before()
+            if token is not None and isinstance(token := settle(token), Return):
+                return token.value
+            return call(args, kwargs)
+
+        return gated
+
+    def held(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        token = before()
+        if token is not None and isinstance(token, Effect):
+            token = settle(token)
+            if isinstance(token, Return):
+                return token.value
+        try:
+            return call(args, kwargs)
+        finally:
+            after(token)
+
+    return held
+
+
+def _agate(
+    before: Callable[[], Any], after: Callable[[Any], None] | None, call: AsyncCall
+) -> AsyncCall:
+    if after is None:
+
+        async def gated(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            token = before()
+            if token is not None and isinstance(token := await asettle(token), Return):
+                return token.value
+            return await call(args, kwargs)
+
+        return gated
+
+    async def held(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        token = before()
+        if token is not None and isinstance(token, Effect):
+            token = await asettle(token)
+            if isinstance(token, Return):
+                return token.value
+        try:
+            return await call(args, kwargs)
+        finally:
+            after(token)
+
+    return held
+
+
+Recover = Callable[[Exception, tuple[Any, ...], dict[str, Any]], Any]
+Succeeded = Callable[[tuple[Any, ...], dict[str, Any], Any], None]
+
+
+def _recovery(recover: Recover, succeeded: Succeeded | None, call: Call) -> Call:
+    if succeeded is None:
+
+        def recovering(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            try:
+                return call(args, kwargs)
+            except Exception as exc:  # noqa: BLE001 - the strategy re-raises what it does not answer
+                failure = exc
+            # Answered outside the except block, so a failing alternative does not chain onto it.
+            return _answer(recover(failure, args, kwargs), failure, args, kwargs)
+
+        return recovering
+
+    def noting(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        try:
+            result = call(args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - the strategy re-raises what it does not answer
+            failure = exc
+        else:
+            succeeded(args, kwargs, result)
+            return result
+        return _answer(recover(failure, args, kwargs), failure, args, kwargs)
+
+    return noting
+
+
+def _arecovery(recover: Recover, succeeded: Succeeded | None, call: AsyncCall) -> AsyncCall:
+    if succeeded is None:
+
+        async def recovering(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            try:
+                return await call(args, kwargs)
+            except Exception as exc:  # noqa: BLE001 - the strategy re-raises what it does not answer
+                failure = exc
+            return await _aanswer(recover(failure, args, kwargs), failure, args, kwargs)
+
+        return recovering
+
+    async def noting(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        try:
+            result = await call(args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - the strategy re-raises what it does not answer
+            failure = exc
+        else:
+            succeeded(args, kwargs, result)
+            return result
+        return await _aanswer(recover(failure, args, kwargs), failure, args, kwargs)
+
+    return noting
+
+
+def _callable_name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
 
 
 def _observe_sync(chain: Call, service: str) -> Call:

@@ -6,9 +6,17 @@ A pattern has three parts:
   and the keys of its settings section. Code arguments are validated against it at decoration
   time; settings are validated against it at load time.
 * a *strategy*: built from resolved options when a policy first runs (and again after
-  ``reload_settings()``), it wraps the next step of the chain. ``wrap`` serves ``def`` callers and
-  ``awrap`` ``async def`` callers. Decisions (admit, record, next delay) are plain synchronous
-  methods that both wrappers share; the wrappers only do the waiting, through ``_clock``.
+  ``reload_settings()``). It only *decides*; the two drivers in :mod:`buttress.policy` (one for
+  ``def`` callers, one for ``async def`` callers) do every wait. A strategy is one of two shapes:
+
+  - a :class:`Gate` decides before the call (``before()``: a token, or an :class:`Effect` to
+    perform first) and is told when it is over (``after(token)``, or no ``after`` at all);
+  - a :class:`Recovery` decides after a failure (``recover()``: an effect that answers it, or it
+    re-raises) and may note each success (``succeeded``).
+
+  The effects are a small closed set: :class:`Sleep`, :class:`WaitForSlot`, :class:`Return` and
+  :class:`TryAlternatives`. A strategy not yet written this way still offers ``wrap`` (for
+  ``def`` callers) and ``awrap`` (for ``async def`` callers) around the next step.
 * a ``build(ctx)`` function returning the strategy.
 
 A step of the chain takes the positional arguments as a tuple and the keyword arguments as a dict,
@@ -27,9 +35,18 @@ __all__ = [
     "AsyncCall",
     "BuildContext",
     "Call",
+    "Effect",
+    "Gate",
     "Mode",
     "Options",
+    "Recovery",
+    "Return",
+    "Sleep",
     "Strategy",
+    "TryAlternatives",
+    "WaitForSlot",
+    "Waiter",
+    "Wrapper",
     "error_type",
 ]
 
@@ -66,8 +83,151 @@ class BuildContext:
     mode: Mode = "enforce"
 
 
-class Strategy(Protocol):
-    """A built pattern: one link of a policy's chain."""
+# -- effects: what a strategy asks a driver to do -------------------------------------------------
+class Effect:
+    """Something only a driver can do (wait, answer in the call's place); the closed set below."""
+
+    __slots__ = ()
+
+
+class Sleep(Effect):
+    """Wait ``seconds``, then ask :meth:`resume` what comes next.
+
+    A pattern subclasses it to say what the wait was for: ``resume`` returns the token (or the
+    next effect) once the time has passed, ``abandon`` undoes what was taken when the wait is
+    interrupted (cancellation, an interpreter exit).
+    """
+
+    __slots__ = ("seconds",)
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def resume(self) -> Any:
+        """After the wait: the token of the call, or the next effect (may raise instead)."""
+        return None
+
+    def abandon(self) -> None:
+        """The wait was interrupted: give back whatever the call held."""
+
+
+class Waiter:
+    """A call waiting in a pattern's queue; the driver makes it (a thread's or a task's).
+
+    ``granted`` is written under the owning pattern's lock only.
+    """
+
+    __slots__ = ("granted",)
+
+    def __init__(self) -> None:
+        self.granted = False
+
+    def wake(self) -> bool:
+        """Tell the waiter it holds a slot now; ``False`` if it can no longer be told."""
+        raise NotImplementedError
+
+
+class WaitForSlot(Effect):
+    """Wait in a queue for a slot someone else frees.
+
+    The driver makes a :class:`Waiter` for its kind of caller and hands it to :meth:`queue`; when
+    that returns ``True`` it waits until the waiter is woken or ``bound`` seconds pass (``None``:
+    no bound), then asks :meth:`resume`. An interrupted wait calls :meth:`abandon` instead.
+    """
+
+    __slots__ = ("bound",)
+
+    def __init__(self) -> None:
+        self.bound: float | None = None
+
+    def queue(self, waiter: Waiter) -> bool:
+        """Queue ``waiter`` (or raise if the queue is full); ``False`` if it holds a slot now."""
+        raise NotImplementedError
+
+    def resume(self, waiter: Waiter) -> Any:
+        """After the wait (woken or out of time): the token of the call, or raise."""
+        raise NotImplementedError
+
+    def abandon(self, waiter: Waiter) -> None:
+        """The wait was interrupted: leave the queue, giving back a slot granted meanwhile."""
+        raise NotImplementedError
+
+
+class Return(Effect):
+    """Answer the call with ``value`` instead of running it (or instead of its failure)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+class TryAlternatives(Effect):
+    """Answer a failure with the first of ``alternatives`` that does not raise.
+
+    Each alternative is called as ``alternative(failure, *args, **kwargs)`` (an awaitable result
+    is awaited for an ``async def`` caller); the first that returns answers, and :meth:`answered`
+    is told which one. When all raise, :meth:`exhausted` gets their errors and answers or raises.
+    """
+
+    __slots__ = ()
+
+    alternatives: tuple[tuple[Callable[..., Any], str], ...]
+
+    def answered(self, label: str) -> None:
+        """The alternative labelled ``label`` answered the call."""
+        raise NotImplementedError
+
+    def exhausted(self, errors: list[tuple[Callable[..., Any], Exception]]) -> Any:
+        """Every alternative raised (``errors``): the answer, or raise."""
+        raise NotImplementedError
+
+
+# -- the shapes of a strategy -------------------------------------------------------------------
+class Gate(Protocol):
+    """A strategy that decides before the call and is told when it is over."""
+
+    pattern: ClassVar[str]
+
+    @property
+    def before(self) -> Callable[[], Any]:
+        """Returns ``None`` or a token to pass to ``after``, or an :class:`Effect` to perform first.
+
+        It raises to reject the call. A :class:`Return` answers the call without running it (and
+        ``after`` is not called: nothing was taken).
+        """
+
+    @property
+    def after(self) -> Callable[[Any], None] | None:
+        """Runs once the call is over, whatever its outcome, with the token.
+
+        ``None`` when the pattern holds nothing during the call (the driver then skips the
+        ``try``/``finally``).
+        """
+
+
+class Recovery(Protocol):
+    """A strategy that decides after the call: it answers failures, and may note successes."""
+
+    pattern: ClassVar[str]
+
+    @property
+    def alternatives(self) -> tuple[tuple[Callable[..., Any], str], ...]:
+        """The callables an ``async def`` caller may await and a ``def`` caller may not.
+
+        The ``def`` driver refuses coroutine functions among them when it links the strategy.
+        """
+
+    @property
+    def succeeded(self) -> Callable[[tuple[Any, ...], dict[str, Any], Any], None] | None:
+        """Called as ``succeeded(args, kwargs, result)`` after a call that returned, if set."""
+
+    def recover(self, failure: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Effect:
+        """The effect that answers ``failure``; re-raises it when nothing should."""
+
+
+class Wrapper(Protocol):
+    """A strategy not yet split into decisions: it wraps the next step itself."""
 
     pattern: ClassVar[str]
 
@@ -76,6 +236,9 @@ class Strategy(Protocol):
 
     def awrap(self, call: AsyncCall) -> AsyncCall:
         """Return a step that applies this pattern around ``call`` for an ``async def`` caller."""
+
+
+Strategy = Gate | Recovery | Wrapper
 
 
 def error_type(exc: BaseException) -> str:
