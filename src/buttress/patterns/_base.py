@@ -170,9 +170,10 @@ class TryAlternatives(Effect):
     is told which one. When all raise, :meth:`exhausted` gets their errors and answers or raises.
     """
 
-    __slots__ = ()
+    __slots__ = ("alternatives",)
 
-    alternatives: tuple[tuple[Callable[..., Any], str], ...]
+    def __init__(self, alternatives: tuple[tuple[Callable[..., Any], str], ...]) -> None:
+        self.alternatives = alternatives  # (alternative, label) pairs, tried in order
 
     def answered(self, label: str) -> None:
         """The alternative labelled ``label`` answered the call."""

@@ -2,7 +2,7 @@
 
 Three kinds of fault, each at its own rate (a fraction of calls, drawn independently):
 
-* ``latency``: wait ``latency_seconds`` before the call (through ``_clock``, so an enclosing
+* ``latency``: wait ``latency_seconds`` before the call (on the buttress clock, so an enclosing
   ``with_timeout`` sees it and a fake clock drives it in tests);
 * ``exception``: raise instead of calling (default :class:`InjectedConnectionError`, so retry, the
   breaker and fallback treat it as the transient failure it imitates);
@@ -28,9 +28,9 @@ from typing import Any, ClassVar, Final
 
 from pydantic import Field, field_validator
 
-from buttress import _clock, config, events
+from buttress import config, events
 from buttress._values import PositiveSeconds
-from buttress.patterns._base import AsyncCall, BuildContext, Call, Options
+from buttress.patterns._base import BuildContext, Effect, Options, Return, Sleep
 
 __all__ = [
     "KILL_SWITCH",
@@ -110,9 +110,10 @@ def armed() -> bool:
 
 
 class ChaosStrategy:
-    """Draws, per call, whether to delay it, fail it or answer it wrongly, and does so."""
+    """Draws, per call, whether to delay it, fail it or answer it wrongly; the driver does it."""
 
     pattern: ClassVar[str] = PATTERN
+    after = None  # a gate that holds nothing during the call
 
     def __init__(self, service: str, options: ChaosOptions, *, shadow: bool = False) -> None:
         self.service = service
@@ -144,43 +145,39 @@ class ChaosStrategy:
         if handlers:
             events.dispatch(handlers, events.ChaosInjected(self.service, kind))
 
-    def wrap(self, call: Call) -> Call:
-        latency_seconds = self.options.latency_seconds
-        wrong = self.options.result
+    def before(self) -> Effect | None:
+        """This call's faults: a latency to sleep first, then an exception or a wrong answer."""
+        latency, exception, result = self.draw()
+        if latency:
+            self._injected("latency")
+            return _Latency(self, self.options.latency_seconds, exception=exception, result=result)
+        return self._replace(exception=exception, result=result)
 
-        def chaos(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            latency, exception, result = self.draw()
-            if latency:
-                self._injected("latency")
-                _clock.sleep(latency_seconds)
-            if exception:
-                self._injected("exception")
-                raise self._make_exception()
-            if result:
-                self._injected("result")
-                return wrong
-            return call(args, kwargs)
+    def _replace(self, *, exception: bool, result: bool) -> Return | None:
+        if exception:
+            self._injected("exception")
+            raise self._make_exception()
+        if result:
+            self._injected("result")
+            return Return(self.options.result)
+        return None
 
-        return chaos
 
-    def awrap(self, call: AsyncCall) -> AsyncCall:
-        latency_seconds = self.options.latency_seconds
-        wrong = self.options.result
+class _Latency(Sleep):
+    """The injected delay; what else this call drew comes after it."""
 
-        async def chaos(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            latency, exception, result = self.draw()
-            if latency:
-                self._injected("latency")
-                await _clock.asleep(latency_seconds)
-            if exception:
-                self._injected("exception")
-                raise self._make_exception()
-            if result:
-                self._injected("result")
-                return wrong
-            return await call(args, kwargs)
+    __slots__ = ("exception", "result", "strategy")
 
-        return chaos
+    def __init__(
+        self, strategy: ChaosStrategy, seconds: float, *, exception: bool, result: bool
+    ) -> None:
+        super().__init__(seconds)
+        self.strategy = strategy
+        self.exception = exception
+        self.result = result
+
+    def resume(self) -> Return | None:
+        return self.strategy._replace(exception=self.exception, result=self.result)
 
 
 def _exception_factory(spec: ExceptionSpec, service: str) -> Callable[[], Exception]:
