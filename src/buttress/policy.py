@@ -40,6 +40,7 @@ from buttress.patterns._base import (
     BuildContext,
     Call,
     Effect,
+    RetryAfter,
     Return,
     Sleep,
     Strategy,
@@ -361,8 +362,24 @@ async def asettle(effect: Any) -> Any:
             return effect
 
 
-def _answer(effect: Any, failure: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Answer ``failure`` as a recovery's effect says, for a thread."""
+def _answer(
+    effect: Any, failure: Exception, call: Call, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Answer ``failure`` of ``call`` as a recovery's effect says, for a thread."""
+    if isinstance(effect, RetryAfter):
+        while True:
+            _clock.sleep(effect.seconds)
+            effect.attempting()
+            try:
+                result = call(args, kwargs)
+            except Exception as exc:  # noqa: BLE001 - the effect decides, and re-raises
+                failure = exc
+            else:
+                effect.succeeded()
+                return result
+            # Reported outside the except block, so one attempt's failure does not chain onto
+            # the next.
+            effect = effect.failed(failure)
     if isinstance(effect, Return):
         return effect.value
     errors: list[tuple[Callable[..., Any], Exception]] = []
@@ -378,16 +395,28 @@ def _answer(effect: Any, failure: Exception, args: tuple[Any, ...], kwargs: dict
 
 
 async def _aanswer(
-    effect: Any, failure: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]
+    effect: Any, failure: Exception, call: AsyncCall, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
-    """Answer ``failure`` as a recovery's effect says, for a task (awaiting what needs it)."""
+    """Answer ``failure`` of ``call`` as a recovery's effect says, for a task."""
+    if isinstance(effect, RetryAfter):
+        while True:
+            await _clock.asleep(effect.seconds)
+            effect.attempting()
+            try:
+                result = await call(args, kwargs)
+            except Exception as exc:  # noqa: BLE001 - the effect decides, and re-raises
+                failure = exc
+            else:
+                effect.succeeded()
+                return result
+            effect = effect.failed(failure)
     if isinstance(effect, Return):
         return effect.value
     errors: list[tuple[Callable[..., Any], Exception]] = []
     for alternative, label in effect.alternatives:
         try:
             result = alternative(failure, *args, **kwargs)
-            if inspect.isawaitable(result):
+            if inspect.isawaitable(result):  # an async def caller's handler may be either
                 result = await result
         except Exception as error:  # noqa: BLE001 - the next alternative takes over
             errors.append((alternative, error))
@@ -399,8 +428,6 @@ async def _aanswer(
 
 def link(strategy: Any, call: Call) -> Call:
     """The step that runs ``call`` under ``strategy`` for a ``def`` caller."""
-    if hasattr(strategy, "before"):
-        return _gate(strategy.before, strategy.after, call)
     if hasattr(strategy, "recover"):
         for alternative, _ in strategy.alternatives:
             if inspect.iscoroutinefunction(alternative):
@@ -408,16 +435,22 @@ def link(strategy: Any, call: Call) -> Call:
                     f"with_{strategy.pattern}: handler {_callable_name(alternative)} is async but "
                     "the protected function is not; give a def handler"
                 )
+        if hasattr(strategy, "before"):
+            return _scoped_recovery(strategy.before, strategy.after, strategy.recover, call)
         return _recovery(strategy.recover, strategy.succeeded, call)
+    if hasattr(strategy, "before"):
+        return _gate(strategy.before, strategy.after, call)
     return cast("Call", strategy.wrap(call))
 
 
 def alink(strategy: Any, call: AsyncCall) -> AsyncCall:
     """The step that runs ``call`` under ``strategy`` for an ``async def`` caller."""
+    if hasattr(strategy, "recover"):
+        if hasattr(strategy, "before"):
+            return _ascoped_recovery(strategy.before, strategy.after, strategy.recover, call)
+        return _arecovery(strategy.recover, strategy.succeeded, call)
     if hasattr(strategy, "before"):
         return _agate(strategy.before, strategy.after, call)
-    if hasattr(strategy, "recover"):
-        return _arecovery(strategy.recover, strategy.succeeded, call)
     return cast("AsyncCall", strategy.awrap(call))
 
 
@@ -486,7 +519,7 @@ def _recovery(recover: Recover, succeeded: Succeeded | None, call: Call) -> Call
             except Exception as exc:  # noqa: BLE001 - the strategy re-raises what it does not answer
                 failure = exc
             # Answered outside the except block, so a failing alternative does not chain onto it.
-            return _answer(recover(failure, args, kwargs), failure, args, kwargs)
+            return _answer(recover(failure, args, kwargs), failure, call, args, kwargs)
 
         return recovering
 
@@ -498,7 +531,7 @@ def _recovery(recover: Recover, succeeded: Succeeded | None, call: Call) -> Call
         else:
             succeeded(args, kwargs, result)
             return result
-        return _answer(recover(failure, args, kwargs), failure, args, kwargs)
+        return _answer(recover(failure, args, kwargs), failure, call, args, kwargs)
 
     return noting
 
@@ -511,7 +544,7 @@ def _arecovery(recover: Recover, succeeded: Succeeded | None, call: AsyncCall) -
                 return await call(args, kwargs)
             except Exception as exc:  # noqa: BLE001 - the strategy re-raises what it does not answer
                 failure = exc
-            return await _aanswer(recover(failure, args, kwargs), failure, args, kwargs)
+            return await _aanswer(recover(failure, args, kwargs), failure, call, args, kwargs)
 
         return recovering
 
@@ -523,9 +556,45 @@ def _arecovery(recover: Recover, succeeded: Succeeded | None, call: AsyncCall) -
         else:
             succeeded(args, kwargs, result)
             return result
-        return await _aanswer(recover(failure, args, kwargs), failure, args, kwargs)
+        return await _aanswer(recover(failure, args, kwargs), failure, call, args, kwargs)
 
     return noting
+
+
+def _scoped_recovery(
+    before: Callable[[], Any], after: Callable[[Any], None], recover: Recover, call: Call
+) -> Call:
+    # A recovery that is also a gate around the call and its answer (retry's attempt scope):
+    # its before() returns a plain token, never an effect, so nothing is checked for one.
+    def scoped(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        token = before()
+        try:
+            try:
+                return call(args, kwargs)
+            except Exception as exc:  # noqa: BLE001 - the strategy re-raises what it does not answer
+                failure = exc
+            return _answer(recover(failure, args, kwargs), failure, call, args, kwargs)
+        finally:
+            after(token)
+
+    return scoped
+
+
+def _ascoped_recovery(
+    before: Callable[[], Any], after: Callable[[Any], None], recover: Recover, call: AsyncCall
+) -> AsyncCall:
+    async def scoped(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        token = before()
+        try:
+            try:
+                return await call(args, kwargs)
+            except Exception as exc:  # noqa: BLE001 - the strategy re-raises what it does not answer
+                failure = exc
+            return await _aanswer(recover(failure, args, kwargs), failure, call, args, kwargs)
+        finally:
+            after(token)
+
+    return scoped
 
 
 def _callable_name(fn: Callable[..., Any]) -> str:

@@ -12,11 +12,13 @@ A pattern has three parts:
   - a :class:`Gate` decides before the call (``before()``: a token, or an :class:`Effect` to
     perform first) and is told when it is over (``after(token)``, or no ``after`` at all);
   - a :class:`Recovery` decides after a failure (``recover()``: an effect that answers it, or it
-    re-raises) and may note each success (``succeeded``).
+    re-raises) and may note each success (``succeeded``). One may also be a gate around the whole
+    call, its retries included (retry keeps its attempt scope that way).
 
-  The effects are a small closed set: :class:`Sleep`, :class:`WaitForSlot`, :class:`Return` and
-  :class:`TryAlternatives`. A strategy not yet written this way still offers ``wrap`` (for
-  ``def`` callers) and ``awrap`` (for ``async def`` callers) around the next step.
+  The effects are a small closed set: :class:`Sleep`, :class:`WaitForSlot`, :class:`Return`,
+  :class:`TryAlternatives` and :class:`RetryAfter`. A strategy not yet written this way still
+  offers ``wrap`` (for ``def`` callers) and ``awrap`` (for ``async def`` callers) around the next
+  step.
 * a ``build(ctx)`` function returning the strategy.
 
 A step of the chain takes the positional arguments as a tuple and the keyword arguments as a dict,
@@ -40,6 +42,7 @@ __all__ = [
     "Mode",
     "Options",
     "Recovery",
+    "RetryAfter",
     "Return",
     "Sleep",
     "Strategy",
@@ -182,6 +185,30 @@ class TryAlternatives(Effect):
     def exhausted(self, errors: list[tuple[Callable[..., Any], Exception]]) -> Any:
         """Every alternative raised (``errors``): the answer, or raise."""
         raise NotImplementedError
+
+
+class RetryAfter(Effect):
+    """Run the call again after ``seconds``, and again, until an attempt returns or it gives up.
+
+    The driver waits ``seconds``, calls :meth:`attempting`, runs the call, and reports the
+    outcome: :meth:`succeeded`, or :meth:`failed`, which sets the next ``seconds`` and returns the
+    effect, or raises to give up.
+    """
+
+    __slots__ = ("seconds",)
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def attempting(self) -> None:
+        """The wait is over; the next attempt starts now."""
+
+    def failed(self, exc: Exception) -> RetryAfter:
+        """The attempt raised ``exc``: the effect for the next one, or raise to give up."""
+        raise exc
+
+    def succeeded(self) -> None:
+        """The attempt returned."""
 
 
 # -- the shapes of a strategy -------------------------------------------------------------------
