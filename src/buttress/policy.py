@@ -19,6 +19,7 @@ bulkhead and rate limiter.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import importlib
 import inspect
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ParamSpec, TypeVar, cast, overload
 
-from buttress import _clock, config, events, registry
+from buttress import _clock, _context, _deadline, config, events, registry
 from buttress._values import RedisURL
 from buttress.events import CallFinished
 from buttress.exceptions import ConfigurationError, RejectedError, TimeoutExceededError
@@ -426,6 +427,101 @@ async def _aanswer(
     return effect.exhausted(errors)
 
 
+def _bounded(strategy: Any, call: Call) -> Call:
+    """Run under a deadline, for a thread: on a worker, waiting for it at most the limit."""
+    service = strategy.service
+    limit_of, exceeded, finished = strategy.limit, strategy.exceeded, strategy.finished
+    pool = _deadline.POOL
+    refused = (
+        f" (not started: all {pool.per_service} worker threads {service!r} may hold are "
+        "still running calls abandoned at their deadline)"
+    )
+    deadline_var = _context.deadline
+
+    def timed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        start = _clock.monotonic()
+        limit = limit_of(start)
+        deadline = start + limit
+        # The worker runs in a copy of the caller's context so retry attempt numbers, the
+        # idempotency key and this deadline are visible there; the caller's own is untouched.
+        context = contextvars.copy_context()
+        context.run(deadline_var.set, deadline)
+        job = _deadline.Job(call, args, kwargs, context=context, service=service, deadline=deadline)
+        job.parent = _deadline.worker.job
+        if not pool.submit(job):
+            finished(0.0, timed_out=True)
+            raise exceeded(limit, 0.0, refused)
+        try:
+            wait = deadline - _clock.monotonic()
+            if wait > 0:
+                _clock.wait(job.done, wait)
+        except BaseException:
+            pool.settle(job)  # interrupted (KeyboardInterrupt): the worker is abandoned too
+            raise
+        state = pool.settle(job)
+        if state == _deadline.DONE:
+            error = job.error
+            if error is None:
+                finished(job.finished_at - start, timed_out=False)
+                return job.result
+            if type(error) is not _deadline.NotStartedError:
+                finished(job.finished_at - start, timed_out=False)
+                try:
+                    raise error
+                finally:
+                    del error, job  # break the frame <-> traceback cycle
+            # It waited inside (for a bulkhead slot) until this very deadline: our timeout.
+        elapsed = _clock.monotonic() - start
+        finished(elapsed, timed_out=True)
+        raise exceeded(limit, elapsed, _deadline.DETAILS.get(state, ""))
+
+    return timed
+
+
+def _abounded(strategy: Any, call: AsyncCall) -> AsyncCall:
+    """Run under a deadline, for a task: a timer on its loop cancels it when the time is up."""
+    limit_of, exceeded, finished = strategy.limit, strategy.exceeded, strategy.finished
+    deadline_var = _context.deadline
+
+    async def timed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        start = _clock.monotonic()
+        limit = limit_of(start)
+        task = asyncio.current_task()
+        if task is None:  # pragma: no cover - awaited outside a task: nothing to cancel
+            raise RuntimeError("with_timeout needs to run inside an asyncio task")
+        # What asyncio.timeout does, inline: cancel the task at the deadline, then tell that
+        # cancellation (ours) from one requested by anybody else (theirs: it propagates).
+        cancelling = task.cancelling()
+        expiry = _deadline.Expiry(task)
+        handle = _clock.call_later(limit, expiry.fire)
+        token = deadline_var.set(start + limit)
+        timed_out = False
+        try:
+            return await call(args, kwargs)
+        except asyncio.CancelledError as exc:
+            if expiry.fired:
+                expiry.fired = False
+                if task.uncancel() <= cancelling:
+                    timed_out = True
+                    raise exceeded(limit, _clock.monotonic() - start) from exc
+            raise
+        except _deadline.NotStartedError as exc:
+            # A wait inside (for a bulkhead slot) saw this deadline pass before our timer did:
+            # the same timeout, reported once, by this scope, as if the timer had fired.
+            timed_out = True
+            raise exceeded(limit, _clock.monotonic() - start) from exc
+        finally:
+            handle.cancel()
+            if expiry.fired:
+                # The deadline passed, but the call ended without seeing the cancellation:
+                # withdraw it so it does not hit the caller's next await.
+                task.uncancel()
+            deadline_var.reset(token)
+            finished(_clock.monotonic() - start, timed_out)
+
+    return timed
+
+
 def link(strategy: Any, call: Call) -> Call:
     """The step that runs ``call`` under ``strategy`` for a ``def`` caller."""
     if hasattr(strategy, "recover"):
@@ -440,6 +536,8 @@ def link(strategy: Any, call: Call) -> Call:
         return _recovery(strategy.recover, strategy.succeeded, call)
     if hasattr(strategy, "before"):
         return _gate(strategy.before, strategy.after, call)
+    if hasattr(strategy, "limit"):
+        return _bounded(strategy, call)
     return cast("Call", strategy.wrap(call))
 
 
@@ -451,6 +549,8 @@ def alink(strategy: Any, call: AsyncCall) -> AsyncCall:
         return _arecovery(strategy.recover, strategy.succeeded, call)
     if hasattr(strategy, "before"):
         return _agate(strategy.before, strategy.after, call)
+    if hasattr(strategy, "limit"):
+        return _abounded(strategy, call)
     return cast("AsyncCall", strategy.awrap(call))
 
 

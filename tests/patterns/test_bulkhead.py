@@ -933,7 +933,7 @@ def test_a_sync_call_abandoned_while_queued_never_starts_when_a_slot_frees(clock
     # in the bulkhead queue, and must give the slot back instead of calling the dependency.
     bh = Bulkhead("gone", BulkheadOptions(limit=1, max_queue=1))
     ran: list[int] = []
-    step = TimeoutStrategy("gone", 5).wrap(link(BulkheadStrategy(bh), lambda a, kw: ran.append(1)))
+    step = link(TimeoutStrategy("gone", 5), link(BulkheadStrategy(bh), lambda a, kw: ran.append(1)))
     assert bh.try_acquire()
     real_wait = _clock.wait
     caller = threading.get_ident()

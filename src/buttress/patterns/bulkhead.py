@@ -24,9 +24,9 @@ from typing import Any, ClassVar, TypedDict
 from pydantic import Field
 
 from buttress import _clock, _context, events, registry
+from buttress._deadline import caller_gave_up, not_started
 from buttress._values import Seconds
 from buttress.exceptions import BulkheadFullError, TimeoutExceededError
-from buttress.patterns import timeout as _timeout
 from buttress.patterns._base import BuildContext, Mode, Options, Strategy, Waiter, WaitForSlot
 
 __all__ = [
@@ -195,13 +195,13 @@ class Bulkhead:
         """After a wait: whether the call must not start (deadline passed, or its caller left)."""
         if deadline is not None and _clock.monotonic() >= deadline:
             return True
-        return _timeout.caller_gave_up()
+        return caller_gave_up()
 
     def _not_started(self, deadline: float | None, start: float) -> TimeoutExceededError:
         """The deadline (or the caller) did not wait for a slot: the call never starts."""
         self._note_rejected("deadline")
         waited = (deadline if deadline is not None else _clock.monotonic()) - start
-        return _timeout.not_started(self.service, waited, "a bulkhead slot")
+        return not_started(self.service, waited, "a bulkhead slot")
 
     # -- the call's turn --------------------------------------------------------------------------
     def admit(self) -> _SlotWait | None:

@@ -17,9 +17,9 @@ from typing import ClassVar, TypedDict
 from pydantic import Field
 
 from buttress import _clock, _context, events, registry
+from buttress._deadline import caller_gave_up, not_started
 from buttress._values import Rate, Seconds
 from buttress.exceptions import RateLimitedError
-from buttress.patterns import timeout as _timeout
 from buttress.patterns._base import BuildContext, Mode, Options, Sleep, Strategy
 
 __all__ = [
@@ -179,9 +179,9 @@ class _TokenWait(Sleep):
 
     def resume(self) -> None:
         limiter = self.limiter
-        if _timeout.caller_gave_up():  # a sync timeout's caller left while it waited
+        if caller_gave_up():  # a sync timeout's caller left while it waited
             limiter.refund()
-            raise _timeout.not_started(limiter.service, self.seconds, "a rate-limit token")
+            raise not_started(limiter.service, self.seconds, "a rate-limit token")
         if events.ROUTES.get(events.RateLimitAcquired):
             limiter.note_acquired(self.seconds)
 
