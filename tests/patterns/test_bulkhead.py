@@ -295,7 +295,7 @@ def test_an_abandoned_sync_call_keeps_its_slot_until_it_really_ends(clock):
 def test_a_task_cancelled_while_queued_leaves_no_trace(clock):
     async def scenario() -> None:
         bh = Bulkhead("svc", BulkheadOptions(limit=1, max_queue=2))
-        assert bh.try_acquire()
+        assert bh.admit() is None  # took the free slot
         waiters = [asyncio.create_task(aacquire(bh)) for _ in range(2)]
         await asyncio.sleep(0)
         assert bh.snapshot()["queued"] == 2
@@ -315,7 +315,7 @@ def test_a_task_cancelled_while_queued_leaves_no_trace(clock):
 def test_a_task_granted_a_slot_as_it_is_cancelled_gives_it_back(clock):
     async def scenario() -> None:
         bh = Bulkhead("svc", BulkheadOptions(limit=1, max_queue=1))
-        assert bh.try_acquire()
+        assert bh.admit() is None  # took the free slot
         waiter = asyncio.create_task(aacquire(bh))
         await asyncio.sleep(0)
         bh.release()  # hands the slot to the waiter ...
@@ -330,7 +330,7 @@ def test_a_task_granted_a_slot_as_it_is_cancelled_gives_it_back(clock):
 def test_a_task_granted_a_slot_from_another_thread_as_it_is_cancelled_gives_it_back(clock):
     async def scenario() -> None:
         bh = Bulkhead("svc", BulkheadOptions(limit=1, max_queue=1))
-        assert bh.try_acquire()
+        assert bh.admit() is None  # took the free slot
         waiter = asyncio.create_task(aacquire(bh))
         await asyncio.sleep(0)
         releaser = threading.Thread(target=bh.release)
@@ -347,7 +347,7 @@ def test_a_task_granted_a_slot_from_another_thread_as_it_is_cancelled_gives_it_b
 def test_a_task_granted_a_slot_as_its_queue_timeout_fires_keeps_it(clock):
     async def scenario() -> None:
         bh = Bulkhead("svc", BulkheadOptions(limit=1, max_queue=1, queue_timeout=1))
-        assert bh.try_acquire()
+        assert bh.admit() is None  # took the free slot
         waiter = asyncio.create_task(aacquire(bh))
         await asyncio.sleep(0)
         clock.advance(1)  # the queue timeout fires ...
@@ -365,7 +365,7 @@ def test_a_thread_granted_a_slot_as_its_queue_timeout_fires_never_leaks(clock):
     outcomes = set()
     for _ in range(20):
         bh = Bulkhead("svc", BulkheadOptions(limit=1, max_queue=1, queue_timeout=1))
-        assert bh.try_acquire()
+        assert bh.admit() is None  # took the free slot
         result: list[object] = []
 
         def waiter(bh: Bulkhead = bh, result: list[object] = result) -> None:
@@ -394,7 +394,7 @@ class Interrupt(BaseException):
 
 def test_a_thread_interrupted_while_queued_leaves_no_trace(clock, monkeypatch):
     bh = Bulkhead("svc", BulkheadOptions(limit=1, max_queue=1))
-    assert bh.try_acquire()
+    assert bh.admit() is None  # took the free slot
 
     def interrupted(event, seconds):
         raise Interrupt
@@ -408,7 +408,7 @@ def test_a_thread_interrupted_while_queued_leaves_no_trace(clock, monkeypatch):
 
 def test_a_thread_granted_a_slot_as_it_is_interrupted_gives_it_back(clock, monkeypatch):
     bh = Bulkhead("svc", BulkheadOptions(limit=1, max_queue=1))
-    assert bh.try_acquire()
+    assert bh.admit() is None  # took the free slot
 
     def granted_then_interrupted(event, seconds):
         bh.release()  # the slot is handed to this waiter ...
@@ -423,7 +423,7 @@ def test_a_thread_granted_a_slot_as_it_is_interrupted_gives_it_back(clock, monke
 
 def test_a_closed_event_loop_does_not_swallow_the_slot(clock):
     bh = Bulkhead("svc", BulkheadOptions(limit=1, max_queue=2))
-    assert bh.try_acquire()
+    assert bh.admit() is None  # took the free slot
     loop = asyncio.new_event_loop()
     abandoned = loop.create_task(aacquire(bh))
     loop.run_until_complete(asyncio.sleep(0))
@@ -618,7 +618,7 @@ def test_a_lowered_limit_admits_nobody_until_calls_in_flight_drop_below_it(mode,
 
 def test_registry_reconfigures_the_shared_instance_in_place(clock):
     first = strategy("svc", limit=1)
-    assert first.bulkhead.try_acquire()
+    assert first.bulkhead.admit() is None  # took the free slot
     second = strategy("svc", limit=4)
     assert second.bulkhead is first.bulkhead
     assert first.bulkhead.snapshot()["limit"] == 4
@@ -912,7 +912,7 @@ def test_a_slot_granted_at_the_deadline_is_given_back_and_the_call_never_starts(
     bh = built.bulkhead
     ran: list[int] = []
     fn = mode.chain(built, mode.define(lambda: ran.append(1)))
-    assert bh.try_acquire()
+    assert bh.admit() is None  # took the free slot
     deadline = clock.monotonic() + 2
     # Scheduled before the waiter's own deadline timer: the slot arrives in the very instant the
     # deadline passes, and a call never starts at or after its deadline.
@@ -934,7 +934,7 @@ def test_a_sync_call_abandoned_while_queued_never_starts_when_a_slot_frees(clock
     bh = Bulkhead("gone", BulkheadOptions(limit=1, max_queue=1))
     ran: list[int] = []
     step = link(TimeoutStrategy("gone", 5), link(BulkheadStrategy(bh), lambda a, kw: ran.append(1)))
-    assert bh.try_acquire()
+    assert bh.admit() is None  # took the free slot
     real_wait = _clock.wait
     caller = threading.get_ident()
     finished = threading.Event()

@@ -96,15 +96,7 @@ class Bulkhead:
         self.max_queue = options.max_queue
         self.queue_timeout = options.queue_timeout
 
-    # -- decisions (plain sync code shared by both drivers) ----------------------------------------
-    def try_acquire(self) -> bool:
-        """Take a free slot if there is one (never waits). Waiters exist only while all are busy."""
-        with self._lock:
-            if self._active < self.limit:
-                self._active += 1
-                return True
-            return False
-
+    # -- decisions (plain code the drivers call; nothing here waits) --------------------------
     def _enqueue(self, waiter: Waiter) -> str | None:
         """Queue ``waiter``, or take a slot freed meanwhile; return the rejection reason if full."""
         with self._lock:
@@ -207,6 +199,7 @@ class Bulkhead:
     def admit(self) -> _SlotWait | None:
         """Take a free slot (``None``), or ask the driver to queue for one.
 
+        Waiters exist only while every slot is busy, so a free slot is never taken out of turn.
         A full queue raises ``BulkheadFullError`` when the driver queues the call.
         """
         with self._lock:
