@@ -531,8 +531,8 @@ def link(strategy: Any, call: Call) -> Call:
                     f"with_{strategy.pattern}: handler {_callable_name(alternative)} is async but "
                     "the protected function is not; give a def handler"
                 )
-        if hasattr(strategy, "before"):
-            return _scoped_recovery(strategy.before, strategy.after, strategy.recover, call)
+        if hasattr(strategy, "scope"):
+            return _scoped_recovery(strategy.scope, strategy.new_scope, strategy.recover, call)
         return _recovery(strategy.recover, strategy.succeeded, call)
     if hasattr(strategy, "before"):
         return _gate(strategy.before, strategy.after, call)
@@ -544,8 +544,8 @@ def link(strategy: Any, call: Call) -> Call:
 def alink(strategy: Any, call: AsyncCall) -> AsyncCall:
     """The step that runs ``call`` under ``strategy`` for an ``async def`` caller."""
     if hasattr(strategy, "recover"):
-        if hasattr(strategy, "before"):
-            return _ascoped_recovery(strategy.before, strategy.after, strategy.recover, call)
+        if hasattr(strategy, "scope"):
+            return _ascoped_recovery(strategy.scope, strategy.new_scope, strategy.recover, call)
         return _arecovery(strategy.recover, strategy.succeeded, call)
     if hasattr(strategy, "before"):
         return _agate(strategy.before, strategy.after, call)
@@ -662,12 +662,12 @@ def _arecovery(recover: Recover, succeeded: Succeeded | None, call: AsyncCall) -
 
 
 def _scoped_recovery(
-    before: Callable[[], Any], after: Callable[[Any], None], recover: Recover, call: Call
+    scope: ContextVar[Any], new_scope: Callable[[], Any], recover: Recover, call: Call
 ) -> Call:
-    # A recovery that is also a gate around the call and its answer (retry's attempt scope):
-    # its before() returns a plain token, never an effect, so nothing is checked for one.
+    # A recovery with a scope of its own around the call and its answer (retry's attempt
+    # count), set here inline: no hook call on the success path.
     def scoped(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        token = before()
+        token = scope.set(new_scope())
         try:
             try:
                 return call(args, kwargs)
@@ -675,16 +675,16 @@ def _scoped_recovery(
                 failure = exc
             return _answer(recover(failure, args, kwargs), failure, call, args, kwargs)
         finally:
-            after(token)
+            scope.reset(token)
 
     return scoped
 
 
 def _ascoped_recovery(
-    before: Callable[[], Any], after: Callable[[Any], None], recover: Recover, call: AsyncCall
+    scope: ContextVar[Any], new_scope: Callable[[], Any], recover: Recover, call: AsyncCall
 ) -> AsyncCall:
     async def scoped(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        token = before()
+        token = scope.set(new_scope())
         try:
             try:
                 return await call(args, kwargs)
@@ -692,7 +692,7 @@ def _ascoped_recovery(
                 failure = exc
             return await _aanswer(recover(failure, args, kwargs), failure, call, args, kwargs)
         finally:
-            after(token)
+            scope.reset(token)
 
     return scoped
 

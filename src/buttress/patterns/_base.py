@@ -12,8 +12,9 @@ A pattern has three parts:
   - a :class:`Gate` decides before the call (``before()``: a token, or an :class:`Effect` to
     perform first) and is told when it is over (``after(token)``, or no ``after`` at all);
   - a :class:`Recovery` decides after a failure (``recover()``: an effect that answers it, or it
-    re-raises) and may note each success (``succeeded``). One may also be a gate around the whole
-    call, its retries included (retry keeps its attempt scope that way).
+    re-raises) and may note each success (``succeeded``). One may also keep a scope of its own
+    around the call and its answer: a context variable (``scope``) the driver sets to
+    ``new_scope()`` (retry's attempt count).
 
   The effects are a small closed set: :class:`Sleep`, :class:`WaitForSlot`, :class:`Return`,
   :class:`TryAlternatives` and :class:`RetryAfter`. A strategy not yet written this way still

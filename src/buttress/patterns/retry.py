@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from contextvars import Token
 from typing import Any, ClassVar, Literal, cast
 
 import tenacity
@@ -117,6 +116,10 @@ class RetryStrategy:
     pattern: ClassVar[str] = PATTERN
     alternatives = ()  # nothing for a driver to call in the call's place
     succeeded = None
+    # Each logical call, its retries included, runs in a fresh scope (what ``attempt()`` and
+    # ``idempotency_key()`` read), which the driver sets around it.
+    scope = _context.retry_scope
+    new_scope = RetryScope
 
     def __init__(self, service: str, options: RetryOptions, mode: Mode = "enforce") -> None:
         self.service = service
@@ -126,10 +129,6 @@ class RetryStrategy:
         # tenacity decides, never sleeps (the driver does): one template for def and async def
         # callers, copied per retried call because a copy keeps that call's state.
         self._retrying = tenacity.Retrying()
-        # A gate around the whole call and its retries: the attempt scope. ``after`` is the
-        # context variable's own reset (no Python frame on the way out).
-        self.before: Callable[[], Token[RetryScope | None]] = _enter
-        self.after: Callable[[Token[RetryScope | None]], None] = _scope.reset
 
     # -- decisions --------------------------------------------------------------------------------
     def retryable(self, exc: BaseException) -> bool:
@@ -226,16 +225,8 @@ class RetryStrategy:
         """
         if not self.should_retry(failure):
             raise failure
-        # before() set the scope of this call: attempt 2 counts on from it.
-        return _Run(self, cast("RetryScope", _scope.get()), failure)
-
-
-_scope = _context.retry_scope
-
-
-def _enter() -> Token[RetryScope | None]:
-    """A fresh scope for one logical call: what ``attempt()`` and ``idempotency_key()`` read."""
-    return _scope.set(RetryScope())
+        # The driver set this call's scope around it: attempt 2 counts on from there.
+        return _Run(self, cast("RetryScope", self.scope.get()), failure)
 
 
 class _Run(RetryAfter):
