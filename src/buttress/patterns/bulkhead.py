@@ -203,11 +203,16 @@ class Bulkhead:
         A full queue raises ``BulkheadFullError`` when the driver queues the call.
         """
         with self._lock:
-            if self._active >= self.limit:
+            active = self._active
+            if active >= self.limit:
                 return _SlotWait(self)
-            self._active += 1
-        if events.ROUTES.get(events.BulkheadAcquired):
-            self.note_acquired(0.0)
+            self._active = active = active + 1
+        handlers = events.ROUTES.get(events.BulkheadAcquired)
+        if handlers:  # inline, not note_acquired(): this runs on every call
+            # Nobody was queued: waiters exist only while every slot is busy.
+            events.dispatch(
+                handlers, events.BulkheadAcquired(self.service, 0.0, active, 0, self.limit)
+            )
         return None
 
     # -- administration ----------------------------------------------------------------------------
