@@ -4,8 +4,14 @@ A :class:`Policy` is a tuple of :class:`Spec` (which pattern, for which service,
 arguments), outermost first. It decides nothing at decoration time beyond validating arguments:
 settings are read when a call happens. The first call (and the first call after
 ``reload_settings()``) *compiles* the stack: it resolves each pattern's options for its service,
-builds the strategies and chains their ``wrap`` (sync) or ``awrap`` (async) steps into one
-callable. Every later call only checks that the settings snapshot is still the same object.
+builds the strategies and links them into one callable, through the ``def`` driver or the
+``async def`` one. Every later call only checks that the settings snapshot is still the same
+object.
+
+Patterns only decide (see :mod:`buttress.patterns._base`); the drivers here do every wait: they
+perform the effects a pattern returns (sleep, wait for a slot, retry after a delay, answer with a
+value, try alternatives) and run a call under a deadline. Linking picks, per strategy, the
+smallest step for its shape, so the common case (no effect) costs a test, not a generic loop.
 
 Stacked decorators fuse: decorating a function that buttress already decorated adds the new
 pattern to the existing policy instead of wrapping a wrapper, so a four-decorator stack costs one
@@ -266,10 +272,8 @@ class _Bound:
 
 
 # -- the two drivers -------------------------------------------------------------------------------
-# A pattern only decides (see buttress.patterns._base); everything that waits is below, once for
-# threads and once for tasks. Linking picks, per strategy and at compile time, the smallest step
-# that serves its shape, so a gate with nothing to give back costs no try/finally, and the common
-# answer (no effect) costs one ``is not None``.
+# Everything that waits is below, once for threads and once for tasks. A gate with nothing to give
+# back costs no try/finally, and the common answer (no effect) costs one ``is not None``.
 
 
 class _ThreadWaiter(Waiter):
