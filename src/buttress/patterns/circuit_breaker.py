@@ -64,6 +64,7 @@ import collections
 import contextlib
 import datetime as dt
 import functools
+import inspect
 import itertools
 import math
 import threading
@@ -704,12 +705,57 @@ class CircuitBreaker(CompatBreaker):
 
     # --- pybreaker's public API, rerouted through admit/record -----------------------------------
 
+    def __call__(self, *call_args: Any, **call_kwargs: Any) -> Any:
+        """pybreaker's decorator: ``@breaker`` or ``@breaker()`` over a function.
+
+        Unlike pybreaker's, an ``async def`` function is guarded through :meth:`acall` (its
+        awaited outcome counts), and a generator function is refused: its body runs after the
+        call has returned, so nothing it raises could be counted.
+
+        Raises:
+            TypeError: ``func`` is a generator or async generator function.
+        """
+        if call_kwargs.pop("__pybreaker_call_async", False):
+            self.call_async(None)
+
+        def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+            if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+                raise TypeError(
+                    f"a circuit breaker cannot guard the generator function {func.__qualname__}: "
+                    "its body runs after the call returns; guard the code that consumes it with "
+                    "`with breaker.calling():`"
+                )
+            if inspect.iscoroutinefunction(func):
+
+                @functools.wraps(func)
+                async def guarded_async(*args: Any, **kwargs: Any) -> Any:
+                    return await self.acall(func, *args, **kwargs)
+
+                return guarded_async
+
+            @functools.wraps(func)
+            def guarded(*args: Any, **kwargs: Any) -> Any:
+                return self.call(func, *args, **kwargs)
+
+            return guarded
+
+        if call_args:
+            return decorate(*call_args)
+        return decorate
+
     def call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``func(*args, **kwargs)`` through the breaker, with no lock held while it runs.
 
         Raises:
             CircuitOpenError: instead of pybreaker's ``CircuitBreakerError``.
+            TypeError: ``func`` is an ``async def`` function (its coroutine would be counted
+                as a success before it ran): use ``await breaker.acall(...)``.
         """
+        if inspect.iscoroutinefunction(func):
+            raise TypeError(
+                f"breaker.call() runs def functions; {func.__qualname__} is async def: "
+                "use `await breaker.acall(...)`"
+            )
         with self._guard(func, args, kwargs, self.admit()):
             return func(*args, **kwargs)
 
