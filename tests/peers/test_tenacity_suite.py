@@ -132,12 +132,6 @@ def test_retrying_name(mode, clock: FakeClock) -> None:
     assert [e.service for e in seen] == ["my_block", "tests.conftest.op"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="docs/composition.md says an unnamed policy's call()/acall() are labelled "
-    "`buttress.policy.policy_call`/`policy_acall`; the service is "
-    "`buttress.policy._target_runner.<locals>.policy_call` (and `...policy_acall`)",
-)
 def test_get_fn_name_context_manager_no_name(mode, clock: FakeClock) -> None:
     """From tenacity test_get_fn_name_context_manager_no_name (``Retrying()`` without a name is
     "<unknown>"): ``policy.call(fn)`` with no name carries the label the docs promise.
