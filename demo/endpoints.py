@@ -12,8 +12,8 @@ from wsgiref.types import StartResponse, WSGIEnvironment
 
 from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
 
-from buttress.demo._serving import Serving
 from buttress.health import wsgi_app
+from demo._serving import Serving
 
 __all__ = ["Endpoints"]
 
