@@ -27,8 +27,8 @@ from buttress import (
 )
 from buttress.events import CircuitStateChanged, CircuitTrialStarted
 from buttress.exceptions import ConfigurationError
-from buttress.health import asgi_app, degradation_level, wsgi_app
-from buttress.health import reset as forget_fallbacks
+from buttress.health_app import asgi_app, degradation_level, wsgi_app
+from buttress.health_app import reset as forget_fallbacks
 from buttress.testing import capture_events
 
 TOKEN = "correct-horse-battery-staple"

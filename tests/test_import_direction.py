@@ -38,7 +38,6 @@ RANKS = {
     "buttress.registry": 2,
     "buttress.policy": 3,
     "buttress.health_app": 3,
-    "buttress.health": 3,
     "buttress.instrumentation": 4,
     "buttress.decorators": 5,
     "buttress": 6,

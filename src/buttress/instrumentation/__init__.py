@@ -68,7 +68,7 @@ def _track_fallbacks(*, on: bool) -> None:
     with _lock:
         if on and _health_undo is None:
             # Imported here: health imports the settings and the registry.
-            from buttress.health import record_fallback  # noqa: PLC0415
+            from buttress.health_app import record_fallback  # noqa: PLC0415
 
             _health_undo = events.subscribe(record_fallback, [events.FallbackUsed])
         elif not on and _health_undo is not None:

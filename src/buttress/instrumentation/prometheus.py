@@ -63,7 +63,7 @@ from buttress.events import (
     WorkerFinishedLate,
 )
 from buttress.exceptions import ConfigurationError
-from buttress.health import degradation_level
+from buttress.health_app import degradation_level
 from buttress.patterns.timeout import worker_pool_snapshot
 from buttress.registry import instances as shared_instances
 

@@ -17,8 +17,8 @@ service declares in settings (``services.<name>.criticality``: ``low``, ``normal
 **Status**: ``critical`` at level 4 (HTTP 503); ``degraded`` at levels 1-3, or while any service
 served a fallback in the last :data:`FALLBACK_WINDOW_SECONDS` (HTTP 200); else ``healthy``.
 
-Import the apps with ``from buttress.health import asgi_app``: the package attribute
-``buttress.health`` is the function, not this module.
+Import the apps with ``from buttress.health_app import asgi_app``. The snapshot function is
+public as ``buttress.health``, a name that belongs to the function alone.
 """
 
 from __future__ import annotations
