@@ -34,7 +34,7 @@ from buttress import (
     with_timeout,
 )
 from buttress import _values as bounds
-from buttress.health import wsgi_app
+from buttress.health_app import wsgi_app
 from buttress.patterns._base import BuildContext
 from buttress.patterns.circuit_breaker import breaker
 from buttress.policy import Spec

@@ -28,9 +28,9 @@ from buttress import (
 )
 from buttress.events import CircuitStateChanged, CircuitTrialStarted
 from buttress.exceptions import ConfigurationError
-from buttress.health import asgi_app, bulkheads, circuits, degradation_level, wsgi_app
-from buttress.health import reset as forget_fallbacks
-from buttress.health import snapshot as state_snapshot
+from buttress.health_app import asgi_app, bulkheads, circuits, degradation_level, wsgi_app
+from buttress.health_app import reset as forget_fallbacks
+from buttress.health_app import snapshot as state_snapshot
 from buttress.testing import capture_events
 
 TOKEN = "correct-horse-battery-staple"

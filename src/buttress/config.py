@@ -129,7 +129,7 @@ KILL_SWITCH_VARIABLES: Final = ("FF_ENABLE_RESILIENCE_PATTERNS", "BUTTRESS_ENABL
 OTHER_VARIABLES: Final[Mapping[str, str]] = MappingProxyType(
     {
         CONFIG_FILE_VARIABLE: "the config file to read",
-        ADMIN_TOKEN_VARIABLE: "the health app's admin token (buttress.health)",
+        ADMIN_TOKEN_VARIABLE: "the health app's admin token (buttress.health_app)",
     }
 )
 

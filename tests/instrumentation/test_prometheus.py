@@ -92,7 +92,7 @@ def buttress_imports(module: str) -> set[str]:
 def test_the_collector_reads_buttress_state_only_through_the_health_snapshot():
     package = "buttress.instrumentation.prometheus"
     imported = buttress_imports(f"{package}.collector")
-    assert {m for m in imported if not m.startswith(f"{package}.")} == {"buttress.health"}
+    assert {m for m in imported if not m.startswith(f"{package}.")} == {"buttress.health_app"}
     for part in ("__init__", "catalog", "series", "subscriber", "collector"):
         reached = buttress_imports(f"{package}.{part}")
         assert not {m for m in reached if m.startswith(("buttress.registry", "buttress.patterns"))}

@@ -7,7 +7,7 @@ tests are all checked against it.
 The package has four parts: :mod:`.catalog` (the families), :mod:`.series` (where values live,
 bound once per label set), :mod:`.subscriber` (event handlers, and in multiprocess mode the gauges
 they write) and :mod:`.collector` (in a single process, the gauges read at scrape time through
-:func:`buttress.health.snapshot`).
+:func:`buttress.health_app.snapshot`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Counters and histograms come from the subscriber's :class:`~.series.LocalFamilies`. Gauges hold
 current state (circuit states, bulkhead occupancy, tokens, abandoned workers, flags) and are read
-at scrape time from one seam, :func:`buttress.health.snapshot`: exact, and free for the calls.
+at scrape time from one seam, :func:`buttress.health_app.snapshot`: exact, and free for the calls.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
-from buttress.health import degradation_level, snapshot
+from buttress.health_app import degradation_level, snapshot
 from buttress.instrumentation.prometheus.catalog import (
     CATALOG,
     CIRCUIT_STATES,

@@ -46,7 +46,7 @@ from buttress.events import (
     WorkerAbandoned,
     WorkerFinishedLate,
 )
-from buttress.health import bulkheads, circuits, degradation_level
+from buttress.health_app import bulkheads, circuits, degradation_level
 from buttress.instrumentation.prometheus.catalog import (
     CATALOG,
     CIRCUIT_STATES,

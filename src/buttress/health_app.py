@@ -21,8 +21,8 @@ served a fallback in the last :data:`FALLBACK_WINDOW_SECONDS` (HTTP 200); else `
 limiter, the timeout's worker pool, the settings. The Prometheus collector reads only it;
 :func:`health` reads its circuits and bulkheads (:func:`circuits`, :func:`bulkheads`).
 
-Import the apps with ``from buttress.health import asgi_app``: the package attribute
-``buttress.health`` is the function, not this module.
+Import the apps with ``from buttress.health_app import asgi_app``. The snapshot function is
+public as ``buttress.health``, a name that belongs to the function alone.
 """
 
 from __future__ import annotations
