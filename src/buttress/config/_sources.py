@@ -3,7 +3,8 @@
 pydantic-settings ignores a misspelled ``BUTTRESS_*`` variable and cannot say which source a bad
 value came from, so this module reads both sources itself, checks every key against the models,
 and keeps, for every value, the variable or file that set it; each error names the key path and
-that source.
+that source. A variable naming a whole section holds a JSON object; any other holds its value as
+text, which the models convert (the same on every supported pydantic-settings version).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from buttress.patterns.chaos import KILL_SWITCH as CHAOS_VARIABLE
 
 
 class Problem(NamedTuple):
+    """One thing wrong with the settings: where, which source gave it, and what."""
+
     path: str
     source: str
     message: str
