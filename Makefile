@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# The demo is not in the wheel: it runs from demo/ at the repository root (the current directory,
+# which `python -m` puts on the path). `.[all,dev]` already holds the demo extra's libraries.
 demo: $(STAMP)
-	$(BIN)/python -m buttress demo
+	$(BIN)/python -m demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -42,11 +44,12 @@ constraints:
 	mv constraints/lowest.txt.new constraints/lowest.txt
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench constraints
-	$(BIN)/ruff format --check src tests bench constraints
+	$(BIN)/ruff check src tests bench constraints demo
+	$(BIN)/ruff format --check src tests bench constraints demo
 
 typecheck: $(STAMP)
 	$(BIN)/mypy src
+	$(BIN)/mypy demo
 	$(BIN)/mypy tests/typing
 	$(BIN)/mypy constraints/lowest.py
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from buttress import _clock, registry
-from buttress.health import reset as forget_fallbacks
+from buttress.health_app import reset as forget_fallbacks
 from buttress.policy import alink, link
 from buttress.testing import FakeClock
 

@@ -34,7 +34,7 @@ from buttress import (
     with_timeout,
 )
 from buttress import _values as bounds
-from buttress.health import wsgi_app
+from buttress.health_app import wsgi_app
 from buttress.patterns._base import BuildContext
 from buttress.patterns.circuit_breaker import breaker
 from buttress.policy import Spec
@@ -220,6 +220,27 @@ def test_a_whole_section_as_json_in_one_variable():
     assert svc.options("retry", {}, None).max_attempts == 2
     assert svc.mode == "shadow"
     assert svc.explain()["retry"]["max_attempts"]["source"] == "env BUTTRESS_SERVICES"
+
+
+@pytest.mark.parametrize("key_first", [True, False], ids=["key first", "section first"])
+def test_a_key_variable_beats_its_section_json_whatever_the_order(key_first):
+    key = ("BUTTRESS_SERVICES__SVC__RETRY__MAX_ATTEMPTS", "5")
+    section = ("BUTTRESS_SERVICES__SVC__RETRY", '{"max_attempts": 2, "initial": 0.5}')
+    env = dict([key, section] if key_first else [section, key])
+    retry = view(env).options("retry", {}, None)
+    assert (retry.max_attempts, retry.initial) == (5, 0.5)
+    sources = view(env).explain()["retry"]
+    assert sources["max_attempts"]["source"] == "env BUTTRESS_SERVICES__SVC__RETRY__MAX_ATTEMPTS"
+    assert sources["initial"]["source"] == "env BUTTRESS_SERVICES__SVC__RETRY"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("BUTTRESS_SERVICES__SVC__SEED", "null"), ("BUTTRESS_DEFAULTS__SEED", "null")],
+)
+def test_a_value_variable_is_read_as_text_in_defaults_and_services_alike(variable, value):
+    # Only a variable naming a whole section is JSON; "null" is no integer wherever it is set.
+    assert "unable to parse string as an integer (got 'null')" in str(problems({variable: value}))
 
 
 # --- service names ---------------------------------------------------------------------------

@@ -9,27 +9,39 @@ none is needed.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import urllib.request
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
 from buttress import config, events, instrumentation, with_fallback
-from buttress.demo import main
-from buttress.demo.endpoints import Endpoints
-from buttress.demo.report import build_report, percentile
-from buttress.demo.runner import DemoOptions, _Progress, run
-from buttress.demo.schedule import PHASES, build_schedule
-from buttress.demo.traffic import (
+from buttress.patterns.chaos import InjectedConnectionError
+from buttress.testing import capture_events, fake_clock
+
+# The demo is not in the package: it runs from the repository root (`make demo` runs
+# `python -m demo` there), so the tests import it from there too, however pytest was started.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from demo import main  # noqa: E402
+from demo.endpoints import Endpoints  # noqa: E402
+from demo.report import build_report, percentile  # noqa: E402
+from demo.runner import DemoOptions, _Progress, default_config, run  # noqa: E402
+from demo.schedule import PHASES, build_schedule  # noqa: E402
+from demo.traffic import (  # noqa: E402
     NETWORK,
     PROTECTED,
     SERVICE,
@@ -39,15 +51,13 @@ from buttress.demo.traffic import (
     describe_chaos,
     sync_clients,
 )
-from buttress.demo.upstream import (
+from demo.upstream import (  # noqa: E402
     HEALTHY_LATENCY,
     RETRY_AFTER_SECONDS,
     SLOW_LATENCY,
     FlakyUpstream,
     Hit,
 )
-from buttress.patterns.chaos import InjectedConnectionError
-from buttress.testing import capture_events, fake_clock
 
 DURATION = 8.0
 SEED = 5
@@ -448,6 +458,30 @@ def test_help_lists_every_option(capsys):
     usage = capsys.readouterr().out
     for option in ("--duration", "--seed", "--workers", "--redis", "--no-chaos", "--output"):
         assert option in usage
+
+
+# --- where the demo lives ------------------------------------------------------------------------
+
+
+def test_the_demo_is_not_in_the_package():
+    assert importlib.util.find_spec("buttress.demo") is None
+
+
+def test_make_demo_runs_it_from_the_repository_root_with_its_settings_beside_it():
+    # What `make demo` runs, with buttress importable but nothing of the clone on the path.
+    done = subprocess.run(
+        [sys.executable, "-m", "demo", "--help"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m demo")
+    assert default_config() == ROOT / "demo" / "buttress.toml"
+    assert default_config().is_file()
 
 
 # --- several processes, one circuit in Redis ---------------------------------------------------

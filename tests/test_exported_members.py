@@ -1,5 +1,6 @@
 import concurrent.futures
 import copy
+import importlib.util
 import multiprocessing
 import pickle
 
@@ -53,10 +54,14 @@ def test_every_exported_name_exists_and_is_public():
 
 
 def test_health_name_is_the_function_not_the_module():
-    import buttress.health
+    # One name, one thing: no module buttress.health exists to rebind the package attribute.
+    import buttress.health_app
 
-    assert callable(buttress.health)
+    assert importlib.util.find_spec("buttress.health") is None
+    assert buttress.health is buttress.health_app.health
     assert not isinstance(buttress.health, type(buttress))
+    assert callable(buttress.health_app.asgi_app)
+    assert callable(buttress.health_app.wsgi_app)
 
 
 def test_exception_tree():

@@ -24,11 +24,13 @@ from buttress import (
     registry,
     with_bulkhead,
     with_fallback,
+    with_rate_limit,
 )
 from buttress.events import CircuitStateChanged, CircuitTrialStarted
 from buttress.exceptions import ConfigurationError
-from buttress.health import asgi_app, degradation_level, wsgi_app
-from buttress.health import reset as forget_fallbacks
+from buttress.health_app import asgi_app, bulkheads, circuits, degradation_level, wsgi_app
+from buttress.health_app import reset as forget_fallbacks
+from buttress.health_app import snapshot as state_snapshot
 from buttress.testing import capture_events
 
 TOKEN = "correct-horse-battery-staple"
@@ -239,6 +241,44 @@ def test_the_kill_switch_is_shown(clock):
         assert buttress.health()["enabled"] is False
     finally:
         config.reload_settings()
+
+
+# --- the state snapshot (what the Prometheus collector reads) -------------------------------------
+
+
+def test_the_state_snapshot_holds_every_shared_instance_and_the_settings(clock):
+    tripped("payments")
+    seen = {}
+
+    def inside():
+        seen.update(state_snapshot())
+        return "ok"
+
+    fn = with_bulkhead(name="db", limit=2)(with_rate_limit(name="quota", rate=1, burst=3)(inside))
+    assert fn() == "ok"
+    assert seen["circuits"] == {"payments": dict(breaker("payments").snapshot())}
+    assert seen["circuits"]["payments"]["state"] == "open"
+    assert seen["bulkheads"] == {
+        "db": {"service": "db", "active": 1, "queued": 0, "limit": 2, "utilization": 0.5}
+    }
+    limiter = registry.instances("rate_limit")["quota"]
+    assert seen["rate_limiters"] == {"quota": dict(limiter.snapshot())}
+    assert seen["rate_limiters"]["quota"]["tokens"] == 2
+    assert set(seen["worker_pool"]) == {"threads", "idle", "pending", "abandoned"}
+    assert seen["settings"] is config.SNAPSHOT
+    assert circuits() == seen["circuits"]
+    assert bulkheads()["db"]["active"] == 0
+
+
+def test_the_state_snapshot_has_no_settings_while_they_are_invalid(monkeypatch, clock):
+    for name in list(os.environ):
+        if name.upper().startswith(("BUTTRESS_", "FF_ENABLE_")):
+            monkeypatch.delenv(name)
+    monkeypatch.delattr(config, "SNAPSHOT", raising=False)
+    monkeypatch.setenv("BUTTRESS_SERVICES__OPENFGA__RETRY__MAX_ATEMPTS", "3")
+    state = state_snapshot()
+    assert state["settings"] is None
+    assert (state["circuits"], state["bulkheads"], state["rate_limiters"]) == ({}, {}, {})
 
 
 # --- the apps ------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ from buttress import (
     with_timeout,
 )
 from buttress import policy as policy_module
-from buttress.health import asgi_app
+from buttress.health_app import asgi_app
 
 try:
     import fastapi

@@ -29,7 +29,7 @@ from buttress.exceptions import (
     RejectedError,
     TimeoutExceededError,
 )
-from buttress.health import health
+from buttress.health_app import health
 from buttress.instrumentation import install_defaults as _install_default_subscribers
 from buttress.policy import Policy
 

@@ -1,11 +1,10 @@
-"""``python -m buttress``: inspect and check settings, run the demo.
+"""``python -m buttress``: inspect and check settings.
 
 ::
 
     python -m buttress config show [--service NAME] [--format text|json] [--config FILE]
                                    [--module MODULE ...]
     python -m buttress config check [--config FILE] [--module MODULE ...]
-    python -m buttress demo [ARGS...]
 
 Settings live in the environment and the config file, code arguments in the application: with
 ``--module`` the command imports those modules first and also shows (or checks) the call sites
@@ -13,6 +12,9 @@ they decorate, code arguments and presets included.
 
 Exit codes: 0 success, 1 invalid settings (or a call site they make invalid), 2 wrong usage
 (including a module that cannot be imported).
+
+The demo is not part of the package: ``python -m buttress demo`` only says how to run it from a
+clone of the repository (``make demo``).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "demo" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "demo":
-        return _demo(rest)
+        return _demo(sys.stderr)
     if args.command == "config" and args.action == "show":
         return _show(args, sys.stdout, sys.stderr)
     if args.command == "config" and args.action == "check":
@@ -67,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     check = actions.add_parser("check", help="validate settings; exit 1 with the errors")
     check.add_argument("--config", help=file_help)
     check.add_argument("--module", action="append", default=[], help=module_help)
-    commands.add_parser("demo", help="run the demo (no external service needed)", add_help=False)
+    commands.add_parser(
+        "demo", help="how to run the demo (it ships with the repository)", add_help=False
+    )
     return parser
 
 
@@ -228,11 +232,16 @@ def _line(key: str, item: dict[str, Any]) -> str:
     return f"{key} = {shown}".ljust(44) + f"  # {item['source']}"
 
 
-def _demo(argv: list[str]) -> int:
-    # Imported only when asked for: the demo pulls in optional dependencies (matplotlib, redis).
-    demo = importlib.import_module("buttress.demo")
-    result: int = demo.main(argv)
-    return result
+DEMO_MOVED = (
+    "the demo is not part of the installed package; from a clone of the repository run "
+    "`make demo` (or `python -m demo ARGS...` from its root)"
+)
+
+
+def _demo(err: TextIO) -> int:
+    # Kept as a pointer for whoever learnt the old command; any arguments it got are the demo's.
+    print(DEMO_MOVED, file=err)
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -1,12 +1,8 @@
 """The one place buttress reads time and waits.
 
-Every duration is measured on a monotonic clock and every wait goes through the active
-:class:`Clock`. Tests replace it (:class:`buttress.testing.FakeClock`) so that backoff, open
-circuits, rate-limit refills and timeouts move with simulated time, and testing mode replaces it
-with one whose sleeps return at once.
-
-The hot path calls the module-level functions (``_clock.monotonic()``), which are rebound when the
-clock changes, so reading time costs one global lookup and one C call.
+Every duration is measured on the active :class:`Clock`'s monotonic time and every wait goes
+through it, so tests can replace it (:class:`buttress.testing.FakeClock`). Why the hot path calls
+the rebound module-level functions: ``docs/internals.md`` (Time).
 """
 
 from __future__ import annotations

@@ -1,26 +1,8 @@
 """Value types shared by every pattern's options and by settings, defined once.
 
-Durations and rates reach ``time.monotonic() + x``, thread and event-loop timeouts, ``1 / rate``
-and window arithmetic on every call. A value those cannot take (``inf``, ``1e19``, a subnormal
-``5e-324``) would make every call raise ``OverflowError`` or ``ZeroDivisionError``, so the types
-below refuse it where the value enters (a decorator argument, a settings key), naming the key.
-
-The bounds are wide enough for any real use and narrow enough for every consumer:
-
-* a positive duration is at least :data:`MIN_SECONDS` (1 ms: below that no timer in a Python
-  process means anything) and at most :data:`MAX_SECONDS` (one week: longer than any sane wait,
-  far below where timestamps or thread timeouts overflow);
-* a duration that may be zero (``0``: do not wait) is ``0`` or up to :data:`MAX_SECONDS`;
-* a rate (events per second) is between :data:`MIN_RATE` (one in about 12 days) and
-  :data:`MAX_RATE`;
-* a growth factor (retry's ``exponential_base``) is between 1 and :data:`MAX_FACTOR`.
-
-``inf`` and ``nan`` are refused everywhere.
-
-A Redis URL (``state_url``) may carry a password. :class:`RedisURL` is the URL itself (a ``str``,
-so the storage connects with it as given) whose ``repr()`` masks the password, so no repr of
-options, settings, a policy or an error that shows it reveals the secret; JSON dumps mask it too.
-:func:`redact` is the one redaction helper.
+Durations, rates and growth factors are bounded where they enter (a decorator argument, a settings
+key) so that no call can overflow on them; :class:`RedisURL` masks its password in every repr and
+:func:`redact` is the one redaction helper. The bounds and why: ``docs/internals.md`` (Values).
 """
 
 from __future__ import annotations

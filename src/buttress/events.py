@@ -1,25 +1,8 @@
 """Events: what every pattern decided, as small immutable records, and the hub that routes them.
 
-Patterns emit events and know nothing about Prometheus, OpenTelemetry or logging; those are
-subscribers (see :mod:`buttress.instrumentation`). A pattern builds an event only when somebody
-subscribed to its kind::
-
-    handlers = events.ROUTES.get(CallFinished)
-    if handlers:
-        events.dispatch(handlers, CallFinished(service, "success", elapsed, None))
-
-Events are ``NamedTuple`` records: immutable and typed, and about three times cheaper to build than
-a frozen dataclass, which matters because a few are built on every successful call. A subscriber
-that raises is logged once and never breaks the call that emitted the event.
-
-Bounded vocabularies (they become metric labels):
-
-* ``outcome`` of a call: ``success``, ``failure``, ``rejected``, ``timeout``
-* ``state`` of a circuit: ``closed``, ``open``, ``half_open``, ``forced_open``, ``forced_closed``,
-  ``disabled``
-* ``pattern``: ``circuit_breaker``, ``retry``, ``timeout``, ``bulkhead``, ``rate_limit``,
-  ``fallback``, ``chaos``
-* ``error_type``: the exception's class name (bounded by the code, never a message)
+Patterns emit events and know nothing about Prometheus, OpenTelemetry or logging: those subscribe
+(:mod:`buttress.instrumentation`). How an event is built only when somebody listens, and the
+bounded vocabularies that become metric labels: ``docs/internals.md`` (Events).
 """
 
 from __future__ import annotations

@@ -880,11 +880,14 @@ def _target_runner(*, is_async: bool) -> Callable[..., Any]:
                 )
             return await awaitable
 
+        # The qualified name is the service label of an unnamed policy's acall: keep it short.
+        policy_acall.__qualname__ = "policy_acall"
         return policy_acall
 
     def policy_call(*args: Any, **kwargs: Any) -> Any:
         return _call_target.get()(*args, **kwargs)
 
+    policy_call.__qualname__ = "policy_call"
     return policy_call
 
 

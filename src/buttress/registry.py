@@ -1,24 +1,9 @@
 """Named per-service instances (breakers, bulkheads, rate limiters), built lazily and shared.
 
-Every call site that names the same service shares one instance per pattern. Instances are built
-the first time a call needs them, from the options resolved at that moment, and reconfigured in
-place when ``reload_settings()`` changes those options, so state (an open circuit, busy slots)
-survives a reload.
-
-Only the patterns with state shared by a service (:data:`SHARED_PATTERNS`) have instances here;
-retry, timeout and fallback options belong to each call site (one call site may be idempotent and
-retry while another may not).
-
-Service names are case-insensitive: :func:`service_name` gives the one spelling (lower case) that
-keys instances, labels metrics and names the settings section. Every function here accepts any
-spelling, so ``breaker("OpenFGA")`` and ``@resilient("openfga")`` meet.
-
-Conflicting code arguments: two call sites that name the same service may not give one argument
-of a pattern different values (``fail_max=5`` here, ``fail_max=10`` there). Which one should win
-would depend on import order, so the second decoration raises ``ConfigurationError`` naming both
-sites. Call sites that give the same value, or leave the argument out, share freely (an argument
-given at one site applies to the shared instance); operators override code arguments for everyone
-through settings.
+Every call site that names the same service (case-insensitive, see :func:`service_name`) shares
+one instance per pattern in :data:`SHARED_PATTERNS`, reconfigured in place on a reload; two call
+sites may not give one argument different values. The rules and why: ``docs/internals.md``
+(Shared instances).
 """
 
 from __future__ import annotations

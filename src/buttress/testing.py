@@ -262,7 +262,7 @@ def reset() -> None:
     a clean start between tests without re-importing the code under test.
     """
     from buttress import registry  # noqa: PLC0415 - health imports the settings
-    from buttress.health import reset as forget_fallbacks  # noqa: PLC0415
+    from buttress.health_app import reset as forget_fallbacks  # noqa: PLC0415
 
     registry.clear()
     forget_fallbacks()

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from buttress import instrumentation
-from buttress.health import reset as forget_fallbacks
+from buttress.health_app import reset as forget_fallbacks
 
 
 class Metrics:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import os
 import re
@@ -68,6 +69,33 @@ def attached(subscriber: PrometheusSubscriber) -> Iterator[PrometheusSubscriber]
     finally:
         for undo in undos:
             undo()
+
+
+# --- the package's parts ------------------------------------------------------------------------
+
+
+def buttress_imports(module: str) -> set[str]:
+    """The buttress modules (and ``from buttress import`` names) that ``module`` imports."""
+    path = SRC / (module.replace(".", "/") + ".py")
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("buttress"):
+            if node.module == "buttress":
+                found |= {f"buttress.{alias.name}" for alias in node.names}
+            else:
+                found.add(node.module or "")
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("buttress")}
+    return found
+
+
+def test_the_collector_reads_buttress_state_only_through_the_health_snapshot():
+    package = "buttress.instrumentation.prometheus"
+    imported = buttress_imports(f"{package}.collector")
+    assert {m for m in imported if not m.startswith(f"{package}.")} == {"buttress.health_app"}
+    for part in ("__init__", "catalog", "series", "subscriber", "collector"):
+        reached = buttress_imports(f"{package}.{part}")
+        assert not {m for m in reached if m.startswith(("buttress.registry", "buttress.patterns"))}
 
 
 # --- the catalog ----------------------------------------------------------------------------------

@@ -813,7 +813,8 @@ def test_a_refused_socket_or_redis_connection_is_repeated_even_when_not_idempote
         try:
             await client.ping()
         finally:
-            await client.aclose()
+            # aclose() came in redis-py 5.0.1 (close() is deprecated since); 5.0 is allowed.
+            await getattr(client, "aclose", client.close)()
 
     bodies = [mode.define(refused_socket), aredis_ping if mode.is_async else redis_ping]
     for body in bodies:
@@ -843,3 +844,18 @@ def test_a_rejection_is_repeated_even_when_not_idempotent(mode, clock: FakeClock
     # Rejected calls never reached the dependency: waiting out retry_after is always safe.
     script = Script(RateLimitedError("limited", service="svc", retry_after=1.0), "ok")
     assert mode.run(protect(mode, script, retry_rejected=True, idempotent=False)) == "ok"
+
+
+def test_a_long_run_of_attempts_leaves_a_short_note(mode, clock):
+    # 1,100 attempts must not make a note of tens of kilobytes: the first and last are listed.
+    fn = buttress.retry_with_backoff(
+        max_attempts=1100, jitter="none", initial=0.001, max_delay=0.001
+    )(mode.define(lambda: (_ for _ in ()).throw(ConnectionError("down"))))
+    exc = mode.outcome(fn)
+    assert isinstance(exc, ConnectionError)
+    (note,) = [n for n in exc.__notes__ if n.startswith("buttress retry")]
+    assert "gave up after 1100 attempts" in note
+    assert "#1 ConnectionError" in note
+    assert "#1100 ConnectionError" in note
+    assert "... 1090 more" in note
+    assert len(note) < 600

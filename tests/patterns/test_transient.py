@@ -247,7 +247,12 @@ def _redis_error_from(cause: BaseException) -> redis.exceptions.ConnectionError:
             ),
             True,
         ),
-        (aiohttp.ConnectionTimeoutError("slow connect"), True),
+        # aiohttp 3.10 added ConnectionTimeoutError (3.9, the lowest allowed, lacks it).
+        *(
+            [(aiohttp.ConnectionTimeoutError("slow connect"), True)]
+            if hasattr(aiohttp, "ConnectionTimeoutError")
+            else []
+        ),
         (_redis_error_from(ConnectionRefusedError(111, "refused")), True),
         # The request may have been sent: a reset, a read timeout, a dropped answer.
         (ConnectionResetError(104, "reset"), False),
@@ -256,7 +261,7 @@ def _redis_error_from(cause: BaseException) -> redis.exceptions.ConnectionError:
         (requests.ReadTimeout("slow"), False),
         (requests.ConnectionError(urllib3.exceptions.ProtocolError("aborted")), False),
         (aiohttp.ServerDisconnectedError(), False),
-        (aiohttp.SocketTimeoutError("slow read"), False),
+        (aiohttp.ServerTimeoutError("slow read"), False),
         (_redis_error_from(ConnectionResetError(104, "reset")), False),
         (redis.exceptions.TimeoutError("Timeout reading"), False),
     ],

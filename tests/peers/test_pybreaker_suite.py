@@ -450,13 +450,6 @@ def test_call_events(mode, storage) -> None:
     assert listener.out == "-success-failure"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pybreaker's @breaker on a generator function is neither refused nor protected: "
-    "call() returns the generator unstarted and records a success, so an error raised while "
-    "iterating is never counted (pybreaker counts it; buttress's own decorators refuse "
-    "generator functions with TypeError)",
-)
 def test_generator() -> None:
     """From pybreaker test_generator: an error raised while iterating counts as a failure.
 
@@ -714,12 +707,6 @@ def test_call_with_args_and_kwargs(mode) -> None:
     assert mode.run(method, fn, a=1, b=2) == ((), {"a": 1, "b": 2})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CircuitBreaker.call() given an `async def` function returns its coroutine unawaited "
-    "and records a success: the awaited failure is never counted (Policy.call refuses an "
-    "async function with TypeError pointing at acall; call() does not)",
-)
 def test_call_async_with_call() -> None:
     """From pybreaker test_call_async_with_no_args (tornado coroutines through ``call()``).
 
@@ -901,12 +888,6 @@ def test_decorator() -> None:
     assert cb.fail_counter == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pybreaker's @breaker on an `async def` returns a sync wrapper that records a "
-    "success when the coroutine is created: awaited failures are never counted and the "
-    "circuit never opens (refusing it at decoration would also pass)",
-)
 def test_decorator_call_future() -> None:
     """From pybreaker test_decorator_call_future: ``@breaker`` on a coroutine function counts.
 

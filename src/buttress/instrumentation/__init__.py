@@ -1,22 +1,8 @@
 """Where buttress's events go: Prometheus, OpenTelemetry and logging subscribers.
 
-All three are on by default (``import buttress`` calls :func:`install_defaults`): metrics go to
-``prometheus_client``'s default registry, span events to the current span through the
-OpenTelemetry API, and records to the ``buttress`` logger. :func:`configure` turns each off or
-points it somewhere else::
-
-    from prometheus_client import CollectorRegistry
-    from buttress import instrumentation
-
-    registry = CollectorRegistry()
-    instrumentation.configure(prometheus=registry, logging=False)
-
-Calling either function again with the same targets changes nothing, so it is safe from several
-import paths. ``with instrumentation.suspended():`` removes every subscriber for a block (a test of
-the path where nobody listens) and puts the same ones back afterwards.
-
-The patterns never import a subscriber: they emit events (:mod:`buttress.events`), and an event
-that nobody subscribed to is never built.
+All three are on by default (``import buttress`` calls :func:`install_defaults`); :func:`configure`
+turns each off or points it somewhere else, and :func:`suspended` removes them for a block. See
+``docs/observability.md`` for use and ``docs/internals.md`` (Subscribers) for how they attach.
 """
 
 from __future__ import annotations
@@ -82,7 +68,7 @@ def _track_fallbacks(*, on: bool) -> None:
     with _lock:
         if on and _health_undo is None:
             # Imported here: health imports the settings and the registry.
-            from buttress.health import record_fallback  # noqa: PLC0415
+            from buttress.health_app import record_fallback  # noqa: PLC0415
 
             _health_undo = events.subscribe(record_fallback, [events.FallbackUsed])
         elif not on and _health_undo is not None:

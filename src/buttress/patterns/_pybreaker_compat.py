@@ -1,27 +1,9 @@
 """The one place buttress reaches into pybreaker's internals.
 
-pybreaker runs the protected function while holding its ``RLock`` and has no asyncio support, so
-buttress drives the state machine itself (:mod:`buttress.patterns.circuit_breaker`) and keeps
-pybreaker for what it does well: the ``CircuitBreaker`` object users already know (listeners,
-``current_state``, ``fail_counter``, the public setters) and its pluggable state storages.
-
-Doing that needs four private members of pybreaker 1.4, and only this class touches them:
-
-* ``_lock``: the breaker's ``threading.RLock``, so buttress's bookkeeping and pybreaker's own
-  public methods (``add_listener``, ``add_excluded_exception``) exclude each other.
-* ``_state_storage``: the ``CircuitBreakerStorage`` given to (or made by) the constructor.
-* ``_state``: the cached state object that ``breaker.state`` returns and listeners receive.
-* ``_create_new_state(name, prev_state, notify=False)``: builds those state objects without the
-  side effects of ``notify=True`` (it resets the failure counter in the storage, which wipes
-  failures other processes recorded in a shared storage).
-
-pybreaker's ``state`` property re-reads the storage on every access and, when it changed, builds
-a new state object with ``notify=True``; this class replaces it with a plain read of the cached
-object, because buttress reconciles with the storage itself, at one place (``_sync_shared``).
-
-``tests/patterns/test_pybreaker_contract.py`` checks every assumption listed here against the
-installed pybreaker and fails with a message naming the one that broke; :func:`incompatibilities`
-runs the structural part of it when this module is imported.
+Only this class touches pybreaker 1.4's private members (``_lock``, ``_state_storage``,
+``_state``, ``_create_new_state``); ``tests/patterns/test_pybreaker_contract.py`` checks each of
+them against the installed pybreaker, and :func:`incompatibilities` runs the structural part of it
+when this module is imported. Why each is needed: ``docs/internals.md`` (The reach into pybreaker).
 """
 
 from __future__ import annotations

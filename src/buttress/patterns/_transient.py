@@ -1,24 +1,8 @@
 """Which failures are worth another try, and what the server said about when.
 
-Shared by retry (its default ``retry_on="transient"``) and fallback (its default ``on``).
-
-* *network* errors: the connection failed or timed out. The builtin ``ConnectionError`` and
-  ``TimeoutError`` (``TimeoutExceededError`` included), the transport errors of httpx, requests,
-  urllib3 and aiohttp, and redis-py's ``ConnectionError`` and ``TimeoutError`` (which are not the
-  builtins). Certificate, TLS and authentication failures are not network errors: trying again
-  gets the same certificate or the same refusal.
-* *transient* errors: network errors, plus HTTP responses 408, 429 and 5xx raised as exceptions by
-  httpx (``HTTPStatusError``), requests (``HTTPError``) and aiohttp (``ClientResponseError``), and
-  the Redis answers that mean "not now" (``LOADING``, ``TRYAGAIN``, ``CLUSTERDOWN``,
-  ``MASTERDOWN``).
-
-Retry also asks whether a failed call is safe to repeat: ``never_sent`` (no connection was made, so
-the server cannot have seen the request) and ``not_idempotent`` (an HTTP request whose method is
-not idempotent and that carries no ``Idempotency-Key``, read from the request the error names).
-
-The HTTP and Redis libraries are optional and never imported here: their exception classes are
-looked up in ``sys.modules`` only when a call has already failed. If a library was never imported,
-none of its exceptions can exist, so a missing module simply means "not one of those".
+Shared by retry (its default ``retry_on="transient"``) and fallback (its default ``on``). Which
+errors count as network or transient, when a failed call is safe to repeat, and why the HTTP and
+Redis libraries are never imported here: ``docs/internals.md`` (Transient failures).
 """
 
 from __future__ import annotations

@@ -1,60 +1,9 @@
 """Circuit breaker: stop calling a dependency that keeps failing, probe it, close when it recovers.
 
-:class:`CircuitBreaker` is a ``pybreaker.CircuitBreaker`` (listeners, storages, ``current_state``
-and the public setters keep working) whose calls never run under a lock:
-
-1. **admit**: decide under the breaker's lock whether the call may run, and hand out a *token*
-   (the generation of the state it was admitted in, and whether it is a half-open trial);
-2. **run** the protected call with no lock held, from any number of threads and tasks;
-3. **record** the outcome under the lock, but only if the state it was admitted in is still the
-   current one. Every transition bumps the generation, so a result that lands after a trip, a
-   manual reset or another trial's failure is not evidence about the new state (gobreaker does
-   the same).
-
-In the closed state with local storage the hot path takes no lock at all: admission reads one
-attribute, and a success with no failure to clear and no rate window has nothing to record.
-
-States are ``closed``, ``open``, ``half_open`` and three manual overrides: ``forced_open``
-(reject everything), ``forced_closed`` (admit everything, keep counting, never trip) and
-``disabled`` (a pass-through that records nothing). Durations are measured on
-``_clock.monotonic()``, never on pybreaker's ``datetime.now()``.
-
-Three kinds of storage:
-
-* **memory** (pybreaker's ``CircuitMemoryStorage``, the default): nobody else writes it, so the
-  breaker trusts its own copy of the state and keeps the lock-free paths above.
-* **Redis** (``state_url``, or a :class:`~buttress.patterns.redis_storage.SharedStateStorage`
-  given as ``state_storage``): the fleet's circuit. Each Redis decision is one atomic script,
-  and the breaker follows the storage's decision API instead of the steps above:
-
-  1. **admit** without the lock: ``storage.admit(limits)``, or ``await storage.aadmit(limits)``
-     for asyncio callers (the event loop never waits on Redis);
-  2. under the lock, adopt the state Redis answered if it is news (a new generation), then
-     reject the call (``open``, ``half_open_full``: the trial limit is fleet-wide) or hand out a
-     ticket carrying the storage's decision;
-  3. **run** the call; **record** its outcome (success, failure, ignored: a trial gives its
-     lease back) without the lock, and adopt the state after it if it changed. The rate window
-     is counted per process; when it trips, the storage moves the fleet from the generation it
-     counted in (``transition``), so racing processes open it once.
-
-  ``reset()``, ``close()``, ``open()`` and ``half_open()`` move the fleet's circuit;
-  ``force_open()``, ``force_closed()`` and ``disable()`` stay in this process (they do not ask
-  Redis, and ``forced_closed`` counts in a private memory storage). ``snapshot()`` reports what
-  the storage last saw, without a request. When Redis fails, the storage decides locally.
-* **any other** ``pybreaker.CircuitBreakerStorage``: decisions stay here, and the storage is
-  read and written only by the seam below (``self._store``); the breaker re-reads the state on
-  every admission and keeps no local fast path; half-open trial limits are per process.
-
-  * ``_sync_shared(now)`` / ``_stored_opened_at(now)``: before admitting, adopt a state another
-    process wrote (also once at construction);
-  * ``_save_state(state, opened_at_wall)``: a transition this process made;
-  * ``_count_failure()`` / ``_clear_failures()``: the consecutive-failure counter;
-  * ``_count_success()``: half-open successes.
-
-  Besides them, ``snapshot()`` reads the two counters, and the lock-free success path reads the
-  failure counter (with memory storage only).
-
-The rate window and the manual overrides are always per process.
+:class:`CircuitBreaker` is a ``pybreaker.CircuitBreaker`` whose calls never run under a lock
+(admit, run, record against the generation the call was admitted in), with memory, Redis or any
+pybreaker storage behind it. How admission, recording and each kind of storage work:
+``docs/internals.md`` (The circuit breaker).
 """
 
 from __future__ import annotations
@@ -64,6 +13,7 @@ import collections
 import contextlib
 import datetime as dt
 import functools
+import inspect
 import itertools
 import math
 import threading
@@ -704,12 +654,57 @@ class CircuitBreaker(CompatBreaker):
 
     # --- pybreaker's public API, rerouted through admit/record -----------------------------------
 
+    def __call__(self, *call_args: Any, **call_kwargs: Any) -> Any:
+        """pybreaker's decorator: ``@breaker`` or ``@breaker()`` over a function.
+
+        Unlike pybreaker's, an ``async def`` function is guarded through :meth:`acall` (its
+        awaited outcome counts), and a generator function is refused: its body runs after the
+        call has returned, so nothing it raises could be counted.
+
+        Raises:
+            TypeError: ``func`` is a generator or async generator function.
+        """
+        if call_kwargs.pop("__pybreaker_call_async", False):
+            self.call_async(None)
+
+        def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+            if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+                raise TypeError(
+                    f"a circuit breaker cannot guard the generator function {func.__qualname__}: "
+                    "its body runs after the call returns; guard the code that consumes it with "
+                    "`with breaker.calling():`"
+                )
+            if inspect.iscoroutinefunction(func):
+
+                @functools.wraps(func)
+                async def guarded_async(*args: Any, **kwargs: Any) -> Any:
+                    return await self.acall(func, *args, **kwargs)
+
+                return guarded_async
+
+            @functools.wraps(func)
+            def guarded(*args: Any, **kwargs: Any) -> Any:
+                return self.call(func, *args, **kwargs)
+
+            return guarded
+
+        if call_args:
+            return decorate(*call_args)
+        return decorate
+
     def call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``func(*args, **kwargs)`` through the breaker, with no lock held while it runs.
 
         Raises:
             CircuitOpenError: instead of pybreaker's ``CircuitBreakerError``.
+            TypeError: ``func`` is an ``async def`` function (its coroutine would be counted
+                as a success before it ran): use ``await breaker.acall(...)``.
         """
+        if inspect.iscoroutinefunction(func):
+            raise TypeError(
+                f"breaker.call() runs def functions; {func.__qualname__} is async def: "
+                "use `await breaker.acall(...)`"
+            )
         with self._guard(func, args, kwargs, self.admit()):
             return func(*args, **kwargs)
 

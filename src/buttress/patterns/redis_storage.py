@@ -1,65 +1,9 @@
 """Circuit state shared through Redis: one breaker for a whole fleet, that survives Redis failing.
 
-``circuit_breaker(state_url="redis://...")`` makes every process of a service decide from one
-state kept in Redis. One server-side Lua script takes every decision, so each is atomic:
-
-* **admit**: read the state; when the open period is over, move open -> half-open; hand out a
-  half-open trial *lease*, at most ``half_open_max_calls`` across the fleet (a lease expires, so
-  a process that dies mid-trial does not wedge the circuit, and a lease granted to a request
-  whose reply never arrived is given back by the sender's next request);
-* **record**: count a failure and trip at ``fail_max``; count a trial's success and close at
-  ``success_threshold``; re-open on a failed trial; give the trial lease back.
-
-Time is Redis's own clock (``TIME``, in milliseconds), so hosts whose clocks disagree still agree
-on when a circuit opened. Each state has a *generation* that changes on every transition; an
-outcome is recorded only in the generation its call was admitted in, so a call that started
-before a trip, a close or a Redis restart cannot disturb the new state.
-
-Consecutive failures without erasing anyone's: the closed state keeps ``seq`` (failures recorded
-in this generation) and ``base`` (failures cleared by successes); ``fail_max`` trips when
-``seq - base`` reaches it. A success clears only the failures recorded *before its call was
-admitted* (``base = max(base, seq_at_admission)``), so a slow success cannot wipe failures other
-processes saw while it ran, and reading the state never resets anything (pybreaker's
-``CircuitRedisStorage`` wipes the shared counter whenever a process notices a close). As in
-memory (and in pybreaker), the count survives the trip: an open or half-open state starts with
-the failures of the state it came from (``seq``), a failed trial adds one, and only a close clears
-it.
-
-One round trip on the closed-state success path: the admission is the only request. A success
-that has failures to clear is not sent on its own; it rides on the process's next request (see
-``docs/distributed.md`` for what that delay means). Failures, trial outcomes and transitions are
-sent at once.
-
-When Redis fails (refused, reset, timed out, frozen, out of memory, restarted empty) the storage
-goes on with a local copy of the state, starting from the last state it saw in Redis (closed and
-clean if it never reached Redis), emits ``events.StateStoreError``, and stops asking Redis for a
-while: the next attempt waits ``reconnect_min`` seconds, doubling up to ``reconnect_max``, and one
-caller probes while the others stay local. The first answer from Redis replaces the local copy.
-A request never waits more than ``connect_timeout + 2 * socket_timeout`` (``max_delay``), and the
-client never retries.
-
-Keys, both with the service name as a Redis Cluster hash tag so they live in one slot:
-
-* ``buttress:{service}:circuit``: a hash: ``state``, ``gen``, ``seq`` (failures recorded; while
-  open or half-open: the failures counted so far), ``base``, ``succ`` (trial successes),
-  ``since`` (Redis ms of the last transition);
-* ``buttress:{service}:trials``: a sorted set of trial leases scored by expiry (Redis ms).
-
-A missing hash means closed with no failures; the script writes only when something changes (a
-clean closed circuit is never written), and every write renews a TTL of ``idle_ttl`` (at least two
-open periods and a trial lease), so an idle service leaves nothing behind.
-
-Two ways to drive it:
-
-* the **decision API** (``admit``, ``record``, ``transition``, ``force``, each with an asyncio
-  twin prefixed ``a``; ``observe`` and ``last_known`` for health): one request per decision, the
-  fleet-wide trial limit, and asyncio callers that never block the event loop; this is what
-  :mod:`buttress.patterns.circuit_breaker` calls (``state_url``);
-* pybreaker's ``CircuitBreakerStorage`` interface, for a plain ``pybreaker.CircuitBreaker`` or a
-  breaker that only speaks that interface. It is synchronous, and decisions stay in the breaker:
-  transitions are compare-and-set on the generation the calling thread (or task) last read, so
-  racing processes cannot trip twice or close an open circuit, but half-open trials are limited
-  per process only.
+``circuit_breaker(state_url="redis://...")`` makes every process of a service decide from one state
+kept in Redis, each decision one atomic Lua script, with a local copy of the state while Redis is
+unreachable. The script's algorithm, the keys, the reconnection policy and the two ways to drive
+the storage: ``docs/internals.md`` (Circuit state in Redis).
 """
 
 from __future__ import annotations

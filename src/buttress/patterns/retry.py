@@ -229,6 +229,10 @@ class RetryStrategy:
         return _Run(self, cast("RetryScope", self.scope.get()), failure)
 
 
+# How many attempts a retry note lists (the first and last halves).
+_NOTE_STEPS = 10
+
+
 class _Run(RetryAfter):
     """One logical call inside the retry loop: tenacity's decisions, bound to its own state.
 
@@ -239,6 +243,7 @@ class _Run(RetryAfter):
     """
 
     __slots__ = (
+        "classifying",
         "gave_up",
         "history",
         "previous",
@@ -258,6 +263,8 @@ class _Run(RetryAfter):
         self.upcoming = 0.0
         self.reason = "backoff"
         self.gave_up: str | None = None
+        # The error type the retry_on predicate was classifying when it raised (else None).
+        self.classifying: str | None = None
         # (error type, backoff chosen after it) for each retried attempt; testing mode and fake
         # clocks may not really wait it, so the note says "backoff", not "waited"
         self.history: list[tuple[str, float]] = []
@@ -308,7 +315,14 @@ class _Run(RetryAfter):
             return True
         strategy = self.strategy
         exc = _failure(state)
-        if not strategy.retryable(exc):
+        try:
+            retryable = strategy.retryable(exc)
+        except Exception:
+            # The predicate's own error reaches the caller (as in tenacity); the note must not
+            # say an attempt raised it.
+            self.classifying = error_type(exc)
+            raise
+        if not retryable:
             return False
         if not strategy.repeatable(exc):
             # The earlier attempts were safe to repeat (say, a refused connection); this one is not.
@@ -372,12 +386,21 @@ class _Run(RetryAfter):
                 f"gave up after {attempts} attempts: the next wait ({self.upcoming:.3g}s) "
                 "would end past the enclosing deadline"
             )
+        elif self.classifying is not None:
+            why = (
+                f"the retry_on predicate raised {error_type(exc)} while classifying attempt "
+                f"{attempts}'s {self.classifying}"
+            )
         else:
             why = f"attempt {attempts} raised {error_type(exc)}, which is not retried"
         steps = [
             f"#{n} {kind}, backoff {slept:.3g}s" for n, (kind, slept) in enumerate(self.history, 1)
         ]
-        steps.append(f"#{attempts} {error_type(exc)}")
+        steps.append(f"#{attempts} {self.classifying or error_type(exc)}")
+        if len(steps) > _NOTE_STEPS:
+            # A note lists the first and last attempts: a long run must not make a huge note.
+            kept = _NOTE_STEPS // 2
+            steps[kept:-kept] = [f"... {len(steps) - 2 * kept} more"]
         prefix = f"buttress retry ({self.strategy.service}): "
         set_note(exc, prefix, f"{prefix}{why}: {'; '.join(steps)}")
 

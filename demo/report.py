@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from buttress import events
-from buttress.demo.schedule import Schedule
-from buttress.demo.traffic import CLIENTS, PROTECTED, SERVICE, CallRecord, Observed
-from buttress.demo.upstream import Hit
+from demo.schedule import Schedule
+from demo.traffic import CLIENTS, PROTECTED, SERVICE, CallRecord, Observed
+from demo.upstream import Hit
 
 __all__ = ["ClientFigures", "PhaseFigures", "Report", "build_report", "percentile"]
 

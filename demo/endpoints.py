@@ -1,7 +1,7 @@
 """``/metrics`` and ``/health`` on a loopback port while the demo runs.
 
 The same two apps an application mounts: prometheus_client's exposition of the registry buttress's
-Prometheus subscriber writes to, and :func:`buttress.health.wsgi_app`.
+Prometheus subscriber writes to, and :func:`buttress.health_app.wsgi_app`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from wsgiref.types import StartResponse, WSGIEnvironment
 
 from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
 
-from buttress.demo._serving import Serving
-from buttress.health import wsgi_app
+from buttress.health_app import wsgi_app
+from demo._serving import Serving
 
 __all__ = ["Endpoints"]
 

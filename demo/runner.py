@@ -1,6 +1,6 @@
 """One run of the demo: settings, the upstream, the endpoints, the traffic, the report.
 
-:func:`run` is what ``python -m buttress demo`` calls after parsing its arguments; tests call it
+:func:`run` is what ``python -m demo`` calls after parsing its arguments; tests call it
 directly, with a short duration, and read the records the report was computed from.
 """
 
@@ -19,11 +19,14 @@ from typing import Any, Final, TextIO, cast
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from buttress import _clock, config, instrumentation
-from buttress.demo.endpoints import Endpoints
-from buttress.demo.report import Report, build_report
-from buttress.demo.schedule import Schedule, build_schedule
-from buttress.demo.timeline import write_timeline
-from buttress.demo.traffic import (
+from buttress.exceptions import ConfigurationError
+from buttress.patterns import circuit_breaker
+from buttress.patterns.chaos import KILL_SWITCH
+from demo.endpoints import Endpoints
+from demo.report import Report, build_report
+from demo.schedule import Schedule, build_schedule
+from demo.timeline import write_timeline
+from demo.traffic import (
     PROTECTED,
     SERVICE,
     UNPROTECTED,
@@ -33,10 +36,7 @@ from buttress.demo.traffic import (
     Traffic,
     describe_chaos,
 )
-from buttress.demo.upstream import DESCRIPTIONS, FlakyUpstream, Hit
-from buttress.exceptions import ConfigurationError
-from buttress.patterns import circuit_breaker
-from buttress.patterns.chaos import KILL_SWITCH
+from demo.upstream import DESCRIPTIONS, FlakyUpstream, Hit
 
 __all__ = ["DemoOptions", "DemoResult", "default_config", "run"]
 
@@ -50,14 +50,13 @@ _STATE_URL_VARIABLE: Final = f"BUTTRESS_SERVICES__{SERVICE.upper()}__CIRCUIT_BRE
 
 
 def default_config() -> Path:
-    # config/demo.toml of the source tree this package runs from, else of the current directory.
-    here = Path(__file__).resolve().parents[3] / "config" / "demo.toml"
-    return here if here.is_file() else Path("config") / "demo.toml"
+    # The demo's settings live beside its code.
+    return Path(__file__).resolve().parent / "buttress.toml"
 
 
 @dataclass(frozen=True, slots=True)
 class DemoOptions:
-    """What ``python -m buttress demo`` was asked to do (see ``--help`` for each option)."""
+    """What ``python -m demo`` was asked to do (see ``--help`` for each option)."""
 
     duration: float = 60.0
     seed: int = 1

@@ -1,8 +1,8 @@
-"""``python -m buttress demo``: watch buttress save a service from a failing dependency.
+"""``python -m demo`` (``make demo``): watch buttress save a service from a failing dependency.
 
 A flaky HTTP upstream starts on a free loopback port and moves through five phases (healthy, hard
 outage, slow, rate limited, recovery). Two clients call it at the same pace from ``def`` and
-``async def`` call sites: one protected by buttress (settings from ``config/demo.toml``), one not.
+``async def`` call sites: one protected by buttress (settings from ``demo/buttress.toml``), one not.
 While it runs, ``/metrics`` and ``/health`` are served on loopback. At the end it prints a
 side-by-side report and writes a PNG timeline; every figure comes from what was recorded during
 the run (calls, buttress events, requests the upstream received).
@@ -10,7 +10,10 @@ the run (calls, buttress events, requests the upstream received).
 Nothing outside the machine is needed, except a Redis server when ``--redis`` is given.
 
 This module only parses the command line and checks that the demo's own dependencies (httpx,
-matplotlib) are installed before importing the rest (:mod:`buttress.demo.runner`).
+matplotlib) are installed before importing the rest (:mod:`demo.runner`).
+
+The demo is not part of the buttress wheel: it runs from a clone of the repository, whose root
+``make demo`` puts on the path.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ _NEEDS: Final = ("httpx", "matplotlib")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m buttress demo",
+        prog="python -m demo",
         description="A flaky upstream, two clients, one protected by buttress: the difference, "
         "measured.",
     )
@@ -55,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-chaos", action="store_true", help="inject no network faults")
     parser.add_argument(
-        "--config", type=Path, default=None, help="settings file (default config/demo.toml)"
+        "--config", type=Path, default=None, help="settings file (default demo/buttress.toml)"
     )
     parser.add_argument(
         "--output",
@@ -83,14 +86,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing = [name for name in _NEEDS if importlib.util.find_spec(name) is None]
     if missing:
         print(
-            f"the demo needs {', '.join(missing)}: pip install 'buttress[demo]' (or: make demo)",
+            f"the demo needs {', '.join(missing)}: pip install -e '.[demo]' (or: make demo)",
             file=sys.stderr,
         )
         return EXIT_USAGE
 
     # Imported only now: the runner imports httpx and the rest of the demo.
-    from buttress.demo import runner  # noqa: PLC0415
     from buttress.exceptions import ConfigurationError  # noqa: PLC0415
+    from demo import runner  # noqa: PLC0415
 
     options = runner.DemoOptions(
         duration=args.duration,

@@ -17,8 +17,12 @@ service declares in settings (``services.<name>.criticality``: ``low``, ``normal
 **Status**: ``critical`` at level 4 (HTTP 503); ``degraded`` at levels 1-3, or while any service
 served a fallback in the last :data:`FALLBACK_WINDOW_SECONDS` (HTTP 200); else ``healthy``.
 
-Import the apps with ``from buttress.health import asgi_app``: the package attribute
-``buttress.health`` is the function, not this module.
+:func:`snapshot` is the one read of buttress's live state: every circuit, bulkhead and rate
+limiter, the timeout's worker pool, the settings. The Prometheus collector reads only it;
+:func:`health` reads its circuits and bulkheads (:func:`circuits`, :func:`bulkheads`).
+
+Import the apps with ``from buttress.health_app import asgi_app``. The snapshot function is
+public as ``buttress.health``, a name that belongs to the function alone.
 """
 
 from __future__ import annotations
@@ -36,19 +40,24 @@ from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 from buttress import _clock, config, registry
 from buttress.events import FallbackUsed
 from buttress.exceptions import ConfigurationError
+from buttress.patterns.timeout import WorkerPoolSnapshot, worker_pool_snapshot
 
 __all__ = [
     "CRITICALITY_LEVELS",
     "FALLBACK_WINDOW_SECONDS",
     "ASGIApp",
     "HealthSnapshot",
+    "StateSnapshot",
     "Status",
     "asgi_app",
+    "bulkheads",
+    "circuits",
     "criticality",
     "degradation_level",
     "health",
     "record_fallback",
     "reset",
+    "snapshot",
     "wsgi_app",
 ]
 
@@ -89,6 +98,58 @@ class HealthSnapshot(TypedDict):
     bulkheads: dict[str, dict[str, Any]]
     fallbacks: dict[str, float]
     settings_error: NotRequired[str]
+
+
+class StateSnapshot(TypedDict):
+    """What :func:`snapshot` returns: the live state of every shared instance, read in one place.
+
+    :func:`health` and the Prometheus collector read buttress's state only through this, so
+    neither reaches into the registry or a pattern module.
+
+    Attributes:
+        circuits: :func:`circuits`.
+        bulkheads: :func:`bulkheads`.
+        rate_limiters: by registry key: the limiter's snapshot (service, tokens, ...).
+        worker_pool: the timeout's worker threads (threads, idle, pending, abandoned by service).
+        settings: the settings in force; ``None`` while they are invalid (reading
+            ``config.SNAPSHOT`` raises the error, naming key path and source).
+    """
+
+    circuits: dict[str, dict[str, Any]]
+    bulkheads: dict[str, dict[str, Any]]
+    rate_limiters: dict[str, dict[str, Any]]
+    worker_pool: WorkerPoolSnapshot
+    settings: config.Snapshot | None
+
+
+def circuits() -> dict[str, dict[str, Any]]:
+    """Every circuit breaker's snapshot, by registry key (sorted)."""
+    return _snapshots("circuit_breaker")
+
+
+def bulkheads() -> dict[str, dict[str, Any]]:
+    """Every bulkhead's snapshot (service, active, queued, limit, utilization), by registry key."""
+    return _snapshots("bulkhead")
+
+
+def _snapshots(pattern: str) -> dict[str, dict[str, Any]]:
+    return {key: dict(each.snapshot()) for key, each in sorted(registry.instances(pattern).items())}
+
+
+def snapshot() -> StateSnapshot:
+    """Every circuit, bulkhead and rate limiter, the worker pool, and the settings in force."""
+    settings: config.Snapshot | None
+    try:
+        settings = config.SNAPSHOT
+    except ConfigurationError:
+        settings = None
+    return StateSnapshot(
+        circuits=circuits(),
+        bulkheads=bulkheads(),
+        rate_limiters=_snapshots("rate_limit"),
+        worker_pool=worker_pool_snapshot(),
+        settings=settings,
+    )
 
 
 def criticality(service: str) -> str:
@@ -140,17 +201,13 @@ def health() -> HealthSnapshot:
         # Invalid settings with the kill switch on: every protected call raises, so the
         # instance is down, but health must still answer (503 with the reason, not a 500).
         return _unusable_settings(exc)
-    circuits: dict[str, dict[str, Any]] = {}
-    for key, breaker in sorted(registry.instances("circuit_breaker").items()):
-        snapshot = dict(breaker.snapshot())
-        snapshot["criticality"] = criticality(snapshot.get("service", key))
-        circuits[key] = snapshot
-    bulkheads = {
-        key: dict(bulkhead.snapshot())
-        for key, bulkhead in sorted(registry.instances("bulkhead").items())
-    }
+    circuit_snapshots = circuits()
+    for key, circuit in circuit_snapshots.items():
+        circuit["criticality"] = criticality(circuit.get("service", key))
+    bulkhead_snapshots = bulkheads()
     level = degradation_level(
-        (snapshot.get("service", key), snapshot["state"]) for key, snapshot in circuits.items()
+        (circuit.get("service", key), circuit["state"])
+        for key, circuit in circuit_snapshots.items()
     )
     fallbacks = _recent_fallbacks()
     status: Status
@@ -164,8 +221,8 @@ def health() -> HealthSnapshot:
         status=status,
         degradation_level=level,
         enabled=enabled,
-        circuits=circuits,
-        bulkheads=bulkheads,
+        circuits=circuit_snapshots,
+        bulkheads=bulkhead_snapshots,
         fallbacks=fallbacks,
     )
 

@@ -3,7 +3,7 @@
 Both clients fetch ``/items/<id>`` from the flaky upstream over httpx, from ``def`` call sites
 (threads) and ``async def`` call sites (tasks on one event loop), with the same pacing. The
 *protected* client's call sites are ``resilient("inventory")``: fallback, retry, circuit breaker,
-timeout and bulkhead, all from settings (``config/demo.toml``). The *unprotected* client is what
+timeout and bulkhead, all from settings (``demo/buttress.toml``). The *unprotected* client is what
 most code does: one request with a generous timeout.
 
 Under both, the same chaos layer (settings of service ``network``) injects a few connection
@@ -31,10 +31,10 @@ from typing import Any, Final, cast
 import httpx
 
 from buttress import Policy, _clock, config, events, remaining, resilient, with_chaos
-from buttress.demo.upstream import CLIENT_HEADER
 from buttress.patterns import chaos
 from buttress.patterns.circuit_breaker import breaker
 from buttress.patterns.redis_storage import SharedStateStorage
+from demo.upstream import CLIENT_HEADER
 
 __all__ = [
     "NETWORK",

@@ -18,8 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar, Final
 
 from buttress import _clock
-from buttress.demo._serving import Serving
-from buttress.demo.schedule import Schedule
+from demo._serving import Serving
+from demo.schedule import Schedule
 
 __all__ = ["CLIENT_HEADER", "DESCRIPTIONS", "FlakyUpstream", "Hit"]
 

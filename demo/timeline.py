@@ -10,9 +10,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from buttress.demo.report import Report
-from buttress.demo.traffic import CLIENTS, PROTECTED, CallRecord
-from buttress.demo.upstream import Hit
+from demo.report import Report
+from demo.traffic import CLIENTS, PROTECTED, CallRecord
+from demo.upstream import Hit
 
 __all__ = ["write_timeline"]
 

@@ -1,0 +1,155 @@
+"""The settings in force: ``config.SNAPSHOT``, loaded on first use and replaced by a reload.
+
+``SNAPSHOT`` lives in the package's namespace, where every call reads it as a plain module global
+(and tests replace or delete it); this module is the only one that assigns it. ``reload_settings()``
+validates new settings completely and then replaces the snapshot in one assignment, so a call sees
+either the old settings or the new ones, never a mix. The first snapshot is loaded on first use,
+not at import, so a bad variable cannot make ``import buttress`` (or ``python -m buttress config
+check``) fail. Invalid settings then fail every protected call, except while the kill switch reads
+off: the settings in force are then the switch alone, and calls go straight to their functions (an
+emergency switch that a typo elsewhere could block would not be one).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from buttress import config as package
+from buttress import events
+from buttress.config._models import KILL_SWITCH_VARIABLES, Settings
+from buttress.config._sources import load_settings, locate_file, read_file, truth
+from buttress.config._view import Snapshot
+from buttress.exceptions import ConfigurationError
+from buttress.patterns._base import Options
+
+# The name the warning has always been logged under (operators filter on it).
+_log = logging.getLogger("buttress.config")
+_lock = threading.Lock()
+_generations = itertools.count()
+
+
+def current() -> Snapshot:
+    """The snapshot in force, loading the first one (``config.SNAPSHOT`` before it exists)."""
+    snapshot: Snapshot | None = vars(package).get("SNAPSHOT")
+    if snapshot is not None:
+        return snapshot
+    with _lock:
+        loaded: Snapshot | None = vars(package).get("SNAPSHOT")
+        error: ConfigurationError | None = None
+        if loaded is None:
+            settings, error = _load(None, None)
+            if settings is None:
+                assert error is not None  # noqa: S101 - _load gives settings, an error, or both
+                raise error
+            loaded = Snapshot(next(_generations), settings)
+            package.SNAPSHOT = loaded
+    if error is not None:
+        _warn_switched_off(error)  # outside the lock: a log handler may read the settings
+    return loaded
+
+
+def _load(
+    env: Mapping[str, str] | None, config_file: str | os.PathLike[str] | None
+) -> tuple[Settings | None, ConfigurationError | None]:
+    """The settings to put in force, and the error that made them the kill switch alone."""
+    try:
+        return load_settings(env, config_file), None
+    except ConfigurationError as exc:
+        return _switched_off(env, config_file), exc
+
+
+def _warn_switched_off(error: ConfigurationError) -> None:
+    # Once per load (the first, or a reload): calls go straight through, so nothing else says it.
+    _log.warning(
+        "buttress.settings.invalid_while_switched_off: the kill switch is off, so every call "
+        "goes straight to its function; the settings are invalid and were not applied:\n%s",
+        error,
+    )
+
+
+def get_settings() -> Settings:
+    """The settings in force (loaded from the environment and file on first use).
+
+    Raises:
+        ConfigurationError: the settings are invalid; never while the kill switch is off, when
+            the settings in force are the switch alone (and a warning is logged).
+    """
+    return current().settings
+
+
+def reload_settings(
+    *, env: Mapping[str, str] | None = None, config_file: str | os.PathLike[str] | None = None
+) -> Settings:
+    """Read settings again, validate them, and swap them in atomically.
+
+    The next call through any decorator obeys the new settings; nothing is re-decorated.
+    Emits :class:`buttress.events.SettingsReloaded` either way: on success with the new
+    generation, on failure with the generation still in force (``-1`` if none was loaded yet).
+
+    Args:
+        env: the environment variables to read (default ``os.environ``).
+        config_file: the config file (default ``BUTTRESS_CONFIG_FILE`` from ``env``).
+
+    Raises:
+        ConfigurationError: the new settings are invalid; the old ones stay in force, unless the
+            new sources turn the kill switch off: the switch then takes effect on its own.
+    """
+    with _lock:
+        settings, error = _load(env, config_file)
+        if settings is not None:
+            package.SNAPSHOT = Snapshot(next(_generations), settings)
+        in_force: Snapshot | None = vars(package).get("SNAPSHOT")
+    generation = in_force.generation if in_force is not None else -1
+    if error is not None:
+        if settings is not None:
+            _warn_switched_off(error)
+        events.emit(events.SettingsReloaded(ok=False, generation=generation, error=str(error)))
+        raise error
+    assert settings is not None  # noqa: S101 - no error means it loaded
+    events.emit(events.SettingsReloaded(ok=True, generation=generation, error=None))
+    return settings
+
+
+def resolve(
+    service: str,
+    pattern: str,
+    code_args: Mapping[str, Any] | None = None,
+    preset: str | None = None,
+) -> Options:
+    """The options ``pattern`` of ``service`` resolves to now, for given code arguments."""
+    return current().service(service).options(pattern, code_args or {}, preset)
+
+
+def _switched_off(
+    env: Mapping[str, str] | None, config_file: str | os.PathLike[str] | None
+) -> Settings | None:
+    """The kill switch alone, when the sources that failed to load still turn it off clearly.
+
+    Invalid settings must never stop ``FF_ENABLE_RESILIENCE_PATTERNS=false`` from working: the
+    switch is read the way the settings would read it (a kill switch variable, the FF_ one
+    first, else ``enabled`` at the top of the config file) and, when it says off, the settings in
+    force are "off" and nothing else. ``None`` when the switch is on, unset or unreadable.
+    """
+    environ = os.environ if env is None else env
+    for variable in KILL_SWITCH_VARIABLES:
+        for name, value in environ.items():
+            if name.upper() == variable:
+                return _off(f"env {name}") if truth(value) is False else None
+    file_name, path_source = locate_file(environ, config_file)
+    if file_name is not None:
+        raw, _ = read_file(Path(file_name), path_source, [])
+        if raw.get("enabled") is False:
+            return _off(f"file {file_name}")
+    return None
+
+
+def _off(source: str) -> Settings:
+    settings = Settings(enabled=False)
+    settings._sources = {("enabled",): source}
+    return settings

@@ -1,0 +1,266 @@
+"""The settings models: the pattern list, the presets, and the shape of the settings document.
+
+Every section model is built from its pattern's options model, so a key, its type and its bounds
+are defined once, in the pattern.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, create_model
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from buttress.patterns._base import Options
+from buttress.patterns.bulkhead import BulkheadOptions
+from buttress.patterns.chaos import KILL_SWITCH as CHAOS_VARIABLE
+from buttress.patterns.chaos import ChaosOptions
+from buttress.patterns.circuit_breaker import CircuitBreakerOptions
+from buttress.patterns.fallback import FallbackOptions
+from buttress.patterns.rate_limit import RateLimitOptions
+from buttress.patterns.retry import RetryOptions
+from buttress.patterns.timeout import TimeoutOptions
+
+# Canonical order, outermost first (design section 3); chaos sits innermost, around the call.
+PATTERNS: Final = (
+    "fallback",
+    "retry",
+    "circuit_breaker",
+    "rate_limit",
+    "timeout",
+    "bulkhead",
+    "chaos",
+)
+
+_OPTIONS: Final[Mapping[str, type[Options]]] = MappingProxyType(
+    {
+        "fallback": FallbackOptions,
+        "retry": RetryOptions,
+        "circuit_breaker": CircuitBreakerOptions,
+        "rate_limit": RateLimitOptions,
+        "timeout": TimeoutOptions,
+        "bulkhead": BulkheadOptions,
+        "chaos": ChaosOptions,
+    }
+)
+
+ENV_PREFIX: Final = "BUTTRESS_"
+CONFIG_FILE_VARIABLE: Final = "BUTTRESS_CONFIG_FILE"
+ADMIN_TOKEN_VARIABLE: Final = "BUTTRESS_ADMIN_TOKEN"  # noqa: S105 - a variable's name, not a token
+KILL_SWITCH_VARIABLES: Final = ("FF_ENABLE_RESILIENCE_PATTERNS", "BUTTRESS_ENABLED")
+# The BUTTRESS_* variables buttress reads that name no settings key, and what reads them: the
+# settings check accepts exactly these besides the keys, so a typo in any other is still caught.
+# A new variable read anywhere in buttress belongs here (tests/test_flags.py checks the source).
+OTHER_VARIABLES: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        CONFIG_FILE_VARIABLE: "the config file to read",
+        ADMIN_TOKEN_VARIABLE: "the health app's admin token (buttress.health_app)",
+    }
+)
+
+Mode = Literal["enforce", "shadow"]
+Criticality = Literal["low", "normal", "high", "critical"]
+PresetName = Literal["api", "ai", "database", "external", "critical"]
+
+# The presets of issue 3, mapped onto the options of each pattern. A preset names only what it
+# changes; every other option keeps its built-in default. "ai" retries rely on the default
+# retry_on="transient" (which includes HTTP 429) and respect_retry_after=True, and declare the
+# calls idempotent: a model call is a POST that changes nothing when repeated; "critical" runs
+# without a circuit breaker because a critical dependency must never be cut off by buttress.
+PRESETS: Final[Mapping[str, Mapping[str, Mapping[str, Any]]]] = MappingProxyType(
+    {
+        "api": {
+            "circuit_breaker": {"fail_max": 5, "timeout": 60.0},
+            "retry": {"max_attempts": 3},
+            "timeout": {"seconds": 30.0},
+            "bulkhead": {"limit": 50, "max_queue": 100},
+        },
+        "ai": {
+            "circuit_breaker": {"fail_max": 3, "timeout": 120.0},
+            "retry": {
+                "max_attempts": 3,
+                "retry_on": "transient",
+                "respect_retry_after": True,
+                "idempotent": True,
+            },
+            "timeout": {"seconds": 120.0},
+            "bulkhead": {"limit": 10, "max_queue": 50},
+        },
+        "database": {
+            "circuit_breaker": {"fail_max": 10, "timeout": 30.0},
+            "retry": {"max_attempts": 3},
+            "timeout": {"seconds": 30.0},
+            "bulkhead": {"limit": 100, "max_queue": 200},
+        },
+        "external": {
+            "circuit_breaker": {"fail_max": 5, "timeout": 60.0},
+            "retry": {"retry_on": "network"},
+            "timeout": {"seconds": 15.0},
+            "bulkhead": {"limit": 20, "max_queue": 50},
+        },
+        "critical": {
+            "circuit_breaker": {"enabled": False},
+            "retry": {"max_attempts": 5},
+            "timeout": {"seconds": 60.0},
+            "bulkhead": {"limit": 5, "max_queue": 10},
+        },
+    }
+)
+
+
+def options_model(pattern: str) -> type[Options]:
+    """The options model of ``pattern`` (its fields are the keys of the pattern's section)."""
+    try:
+        return _OPTIONS[pattern]
+    except KeyError:
+        raise LookupError(f"unknown pattern {pattern!r}; known: {', '.join(PATTERNS)}") from None
+
+
+# --- the settings models ---------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# Settings can only carry what a file or a variable can spell: retry_on is one of the two named
+# predicates there, while code may also pass exception types or a callable.
+_SETTINGS_OVERRIDES: Final[Mapping[tuple[str, str], tuple[Any, Any]]] = MappingProxyType(
+    {
+        ("retry", "retry_on"): (
+            Literal["transient", "network"],
+            Field(default="transient", description='"transient" (default) or "network"'),
+        ),
+    }
+)
+
+
+def _section_model(pattern: str) -> type[BaseModel]:
+    """The settings section of ``pattern``: its options model minus the code-only fields.
+
+    Field types and bounds are copied from the options model, so the two cannot drift. Its
+    cross-field checks (``max_delay >= initial``...) run later, on the merged values, because a
+    partial section (``initial`` here, ``max_delay`` in ``defaults``) is legitimately incomplete.
+    """
+    options = _OPTIONS[pattern]
+    fields: dict[str, Any] = {}
+    for name, info in options.model_fields.items():
+        if name in options.code_only:
+            continue
+        fields[name] = _SETTINGS_OVERRIDES.get((pattern, name), (info.annotation, info))
+    title = "".join(part.title() for part in pattern.split("_"))
+    model: type[BaseModel] = create_model(
+        f"{title}Settings",
+        __base__=_Strict,
+        __doc__=f"The ``{pattern}`` section of ``defaults`` and of ``services.<name>``.",
+        **fields,
+    )
+    return model
+
+
+SECTIONS: Final[Mapping[str, type[BaseModel]]] = MappingProxyType(
+    {pattern: _section_model(pattern) for pattern in PATTERNS}
+)
+
+# The section classes are built from the options models at import, which a type checker cannot
+# follow; to it they are Any, to pydantic they are full models.
+if TYPE_CHECKING:
+    FallbackSettings: TypeAlias = Any
+    RetrySettings: TypeAlias = Any
+    CircuitBreakerSettings: TypeAlias = Any
+    RateLimitSettings: TypeAlias = Any
+    TimeoutSettings: TypeAlias = Any
+    BulkheadSettings: TypeAlias = Any
+    ChaosSettings: TypeAlias = Any
+else:
+    FallbackSettings = SECTIONS["fallback"]
+    RetrySettings = SECTIONS["retry"]
+    CircuitBreakerSettings = SECTIONS["circuit_breaker"]
+    RateLimitSettings = SECTIONS["rate_limit"]
+    TimeoutSettings = SECTIONS["timeout"]
+    BulkheadSettings = SECTIONS["bulkhead"]
+    ChaosSettings = SECTIONS["chaos"]
+
+
+class ServiceSettings(_Strict):
+    """One service's flags and pattern sections (also the shape of ``defaults``)."""
+
+    enabled: bool = Field(default=True, description="false: calls go straight to the function")
+    mode: Mode = Field(
+        default="enforce", description='"shadow": patterns only record what they would have done'
+    )
+    rollout: float = Field(
+        default=1.0, ge=0, le=1, description="fraction of calls that get the patterns"
+    )
+    seed: int | None = Field(default=None, description="makes rollout sampling repeatable")
+    criticality: Criticality = Field(
+        default="normal", description="how much an unhealthy service degrades health()"
+    )
+    preset: PresetName | None = Field(default=None, description="a preset chosen by the operator")
+    fallback: FallbackSettings = FallbackSettings()
+    retry: RetrySettings = RetrySettings()
+    circuit_breaker: CircuitBreakerSettings = CircuitBreakerSettings()
+    rate_limit: RateLimitSettings = RateLimitSettings()
+    timeout: TimeoutSettings = TimeoutSettings()
+    bulkhead: BulkheadSettings = BulkheadSettings()
+    chaos: ChaosSettings = ChaosSettings()
+
+
+FLAGS: Final = tuple(name for name in ServiceSettings.model_fields if name not in PATTERNS)
+
+
+class Settings(BaseSettings):
+    """The validated settings document: the environment merged over the config file.
+
+    Build it with :func:`load_settings` (or read the current one with :func:`get_settings`): that
+    function reads the ``BUTTRESS_*`` variables and the file, checks every key, records the source
+    of every value, and validates the merged data here.
+    """
+
+    model_config = SettingsConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(
+        default=True,
+        validation_alias=AliasChoices(*KILL_SWITCH_VARIABLES, "enabled"),
+        description="global kill switch: false sends every call straight to the function",
+    )
+    chaos_enabled: bool = Field(
+        default=False,
+        validation_alias=AliasChoices(CHAOS_VARIABLE, "chaos_enabled"),
+        description="arms fault injection in this process; only its environment variable sets it",
+    )
+    defaults: ServiceSettings = ServiceSettings()
+    services: dict[str, ServiceSettings] = Field(default_factory=dict)
+
+    # Key path -> "env NAME" or "file PATH" for every value the sources gave.
+    _sources: dict[tuple[str, ...], str] = PrivateAttr(default_factory=dict)
+    _config_file: str | None = PrivateAttr(None)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # load_settings() has already read and merged the sources; validate exactly that.
+        return (init_settings,)
+
+    @property
+    def config_file(self) -> str | None:
+        """The config file these settings were read from, if any."""
+        return self._config_file
+
+    def source_of(self, path: tuple[str, ...]) -> str | None:
+        """``env NAME`` or ``file PATH`` for the value at ``path``; ``None`` when none set it."""
+        return self._sources.get(path)
+
+
+def explicit(section: ServiceSettings, pattern: str) -> dict[str, Any]:
+    """The keys of ``section.<pattern>`` that a source set (not the model's defaults)."""
+    model: BaseModel = getattr(section, pattern)
+    return {name: getattr(model, name) for name in model.model_fields_set}

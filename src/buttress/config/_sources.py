@@ -1,0 +1,442 @@
+"""Reading the sources: the ``BUTTRESS_*`` variables and the config file, checked and merged.
+
+pydantic-settings ignores a misspelled ``BUTTRESS_*`` variable and cannot say which source a bad
+value came from, so this module reads both sources itself, checks every key against the models,
+and keeps, for every value, the variable or file that set it; each error names the key path and
+that source. A variable naming a whole section holds a JSON object; any other holds its value as
+text, which the models convert (the same on every supported pydantic-settings version).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Final, Literal, NamedTuple
+
+from pydantic import ValidationError
+
+from buttress import registry
+from buttress.config._models import (
+    CONFIG_FILE_VARIABLE,
+    ENV_PREFIX,
+    FLAGS,
+    KILL_SWITCH_VARIABLES,
+    OTHER_VARIABLES,
+    PATTERNS,
+    PRESETS,
+    SECTIONS,
+    Settings,
+    explicit,
+    options_model,
+)
+from buttress.exceptions import ConfigurationError
+from buttress.patterns.chaos import KILL_SWITCH as CHAOS_VARIABLE
+
+
+class Problem(NamedTuple):
+    """One thing wrong with the settings: where, which source gave it, and what."""
+
+    path: str
+    source: str
+    message: str
+
+
+class _Key(NamedTuple):
+    kind: Literal["value", "section", "bad"]
+    depth: int = 0  # index of the offending part when bad
+    message: str = ""
+
+
+def _unknown(name: str, known: Iterator[str] | tuple[str, ...] | list[str]) -> str:
+    choices = list(known)
+    close = difflib.get_close_matches(name, choices, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(choices)}"
+    return f"unknown key {name!r}{hint}"
+
+
+def _classify(parts: tuple[str, ...]) -> _Key:
+    """What the key path ``parts`` names in the settings document, or why it names nothing."""
+    top = parts[0]
+    if top in ("enabled", "chaos_enabled"):
+        return _Key("value") if len(parts) == 1 else _Key("bad", 1, f"{top!r} is a value")
+    if top not in ("defaults", "services"):
+        return _Key("bad", 0, _unknown(top, ["enabled", "defaults", "services"]))
+    offset = 1
+    if top == "services":
+        if len(parts) == 1:
+            return _Key("section")
+        if not parts[1]:
+            return _Key("bad", 1, "empty service name")
+        offset = 2
+    rest = parts[offset:]
+    if not rest:
+        return _Key("section")
+    head = rest[0]
+    if head in FLAGS:
+        return _Key("value") if len(rest) == 1 else _Key("bad", offset + 1, f"{head!r} is a value")
+    if head not in PATTERNS:
+        return _Key("bad", offset, _unknown(head, [*FLAGS, *PATTERNS]))
+    if len(rest) == 1:
+        return _Key("section")
+    option = rest[1]
+    if option in options_model(head).code_only:
+        return _Key(
+            "bad",
+            offset + 1,
+            f"{head}.{option} can only be given in code (exception types or callables), "
+            "not in a config file or an environment variable",
+        )
+    fields = SECTIONS[head].model_fields
+    if option not in fields:
+        return _Key("bad", offset + 1, _unknown(option, list(fields)))
+    if len(rest) > 2:
+        return _Key("bad", offset + 2, f"{option!r} is a value")
+    return _Key("value")
+
+
+def _check_tree(
+    tree: Mapping[str, Any],
+    label_of: Callable[[tuple[str, ...]], str],
+    problems: list[Problem],
+    path: tuple[str, ...] = (),
+) -> None:
+    """Report every key of ``tree`` (at any depth) that the settings models do not know."""
+    for key, value in tree.items():
+        here = (*path, str(key))
+        verdict = _classify(here)
+        if verdict.kind == "bad":
+            problems.append(Problem(".".join(here), label_of(here), verdict.message))
+        elif verdict.kind == "section" and isinstance(value, Mapping):
+            _check_tree(value, label_of, problems, here)
+
+
+def _leaves(tree: Mapping[str, Any], path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    for key, value in tree.items():
+        here = (*path, str(key))
+        if isinstance(value, Mapping) and value and _classify(here).kind == "section":
+            yield from _leaves(value, here)
+        else:
+            yield here
+
+
+def _normalise_services(raw: dict[str, Any], label: str, problems: list[Problem]) -> None:
+    """Lower-case service names in place: ``[services.OpenFGA]`` and ``..__OPENFGA__..`` meet."""
+    services = raw.get("services")
+    if not isinstance(services, Mapping):
+        return
+    normalised: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for name, section in services.items():
+        key = registry.service_name(str(name))
+        if key in normalised:
+            problems.append(
+                Problem(
+                    f"services.{key}",
+                    label,
+                    f"service defined twice, as {spelled[key]!r} and {name!r} "
+                    "(service names are case-insensitive)",
+                )
+            )
+            continue
+        normalised[key] = section
+        spelled[key] = str(name)
+    raw["services"] = normalised
+
+
+def _merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        below = merged.get(key)
+        if isinstance(value, Mapping) and isinstance(below, Mapping):
+            merged[key] = _merge(below, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _env_parts(name: str) -> tuple[str, ...] | None:
+    upper = name.upper()
+    if upper in KILL_SWITCH_VARIABLES:
+        return ("enabled",)
+    if upper == CHAOS_VARIABLE:
+        return ("chaos_enabled",)
+    if upper.startswith(ENV_PREFIX) and upper not in OTHER_VARIABLES:
+        return tuple(upper[len(ENV_PREFIX) :].lower().split("__"))
+    return None
+
+
+_CHAOS_ARMING: Final = f"only the environment variable {CHAOS_VARIABLE} arms fault injection"
+
+
+def _read_env(
+    environ: Mapping[str, str], problems: list[Problem]
+) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """The ``BUTTRESS_*`` variables as a nested dict, and the variable behind each value."""
+    variables: dict[tuple[str, ...], str] = {}  # key path -> the variable that set it
+    values: dict[tuple[str, ...], Any] = {}  # key path -> its value, a section's JSON decoded
+    for name, value in environ.items():
+        parts = _env_parts(name)
+        if parts is None:
+            continue
+        label = f"env {name}"
+        if parts == ("chaos_enabled",) and name.upper() != CHAOS_VARIABLE:
+            problems.append(Problem("chaos_enabled", label, _CHAOS_ARMING))
+            continue
+        verdict = _classify(parts)
+        if verdict.kind == "bad":
+            message = _other_variable_hint(parts[0]) if verdict.depth == 0 else None
+            problems.append(
+                Problem(".".join(parts[: verdict.depth + 1]), label, message or verdict.message)
+            )
+            continue
+        parsed: Any = value  # a value stays the string it is; the models convert it
+        if verdict.kind == "section":
+            # A variable that names a whole section holds it as a JSON object.
+            parsed = _json_object(value)
+            if parsed is None:
+                problems.append(
+                    Problem(".".join(parts), label, f"expected a JSON object{_got(value)}")
+                )
+                continue
+        other = variables.get(parts)
+        if other is not None:
+            # Only the two kill switches name the same key; the FF_ variable is the one in force.
+            first, second = sorted(
+                (other, name), key=lambda n: KILL_SWITCH_VARIABLES.index(n.upper())
+            )
+            if truth(environ[first]) != truth(environ[second]):
+                problems.append(
+                    Problem("enabled", f"env {first}, env {second}", "the kill switches disagree")
+                )
+            variables[parts] = first
+            values[parts] = environ[first]
+            continue
+        variables[parts] = name
+        values[parts] = parsed
+
+    # Shallower paths go in first, so a variable for a key inside a section beats that key in
+    # the section's JSON object whatever order the environment lists them in.
+    raw: dict[str, Any] = {}
+    for parts in sorted(values, key=len):
+        nested = values[parts]
+        for part in reversed(parts):
+            nested = {part: nested}
+        raw = _merge(raw, nested)
+    _normalise_services(raw, "environment", problems)
+
+    def label_of(path: tuple[str, ...]) -> str:
+        for end in range(len(path), 0, -1):
+            if path[:end] in variables:
+                return f"env {variables[path[:end]]}"
+        return "environment"
+
+    _check_tree(raw, label_of, problems)
+    return raw, {leaf: label_of(leaf) for leaf in _leaves(raw)}
+
+
+def _other_variable_hint(top: str) -> str | None:
+    """A message for a misspelt non-settings variable (``BUTTRESS_ADMIN_TOKN``), else ``None``."""
+    others = {name[len(ENV_PREFIX) :].lower(): name for name in OTHER_VARIABLES}
+    close = difflib.get_close_matches(top, [*others, "enabled", "defaults", "services"], n=1)
+    if close and close[0] in others:
+        return f"unknown key {top!r}; did you mean the variable {others[close[0]]}?"
+    return None
+
+
+def _got(value: object) -> str:
+    """`` (got VALUE)`` for an error message; nothing for a URL, which may hold a password."""
+    if isinstance(value, str) and "://" in value:
+        return " (the value is not repeated: it looks like a URL, which may hold a password)"
+    return f" (got {value!r})"
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    """``text`` decoded, when it is a JSON object; else ``None``."""
+    try:
+        decoded = json.loads(text)
+    except ValueError:
+        return None
+    return decoded if isinstance(decoded, dict) else None
+
+
+def truth(text: str) -> bool | None:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on", "y", "t"}:
+        return True
+    if lowered in {"0", "false", "no", "off", "n", "f"}:
+        return False
+    return None
+
+
+def read_file(
+    path: Path, path_source: str, problems: list[Problem]
+) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """The config file as a nested dict, and the file as the source of each of its values."""
+    label = f"file {path}"
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
+        problems.append(
+            Problem("config_file", path_source, f"{path}: expected a .toml, .yaml or .yml file")
+        )
+        return {}, {}
+    if not path.is_file():
+        problems.append(Problem("config_file", path_source, f"{path}: no such file"))
+        return {}, {}
+    raw: object
+    try:
+        if suffix == ".toml":
+            # Read as written: pydantic-settings' TOML source renames keys to field aliases.
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        else:
+            raw = _read_yaml(path)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, ValueError) as exc:
+        problems.append(Problem("config_file", label, f"cannot be parsed: {exc}"))
+        return {}, {}
+    if not isinstance(raw, dict):
+        problems.append(Problem("config_file", label, "the top level must be a mapping"))
+        return {}, {}
+    raw = {str(key): value for key, value in raw.items()}
+    if "chaos_enabled" in raw:
+        # A file that enables chaos for services must not also arm it: arming is per process.
+        problems.append(Problem("chaos_enabled", label, _CHAOS_ARMING))
+        del raw["chaos_enabled"]
+    _normalise_services(raw, label, problems)
+    _check_tree(raw, lambda _path: label, problems)
+    return raw, dict.fromkeys(_leaves(raw), label)
+
+
+def _read_yaml(path: Path) -> object:
+    try:
+        import yaml  # noqa: PLC0415 - optional dependency, needed only for YAML files
+    except ImportError:
+        raise ValueError("YAML files need PyYAML: pip install 'buttress[yaml]'") from None
+    try:
+        # YamlConfigSettingsSource would turn an empty or non-mapping document into {} silently.
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None, config_file: str | os.PathLike[str] | None = None
+) -> Settings:
+    """Read, check and validate settings without installing them.
+
+    Args:
+        env: the environment variables to read (default ``os.environ``).
+        config_file: the TOML or YAML file (default: ``BUTTRESS_CONFIG_FILE`` from ``env``; none
+            when that is unset).
+
+    Raises:
+        ConfigurationError: every problem found, each with its key path and source.
+    """
+    environ = os.environ if env is None else env
+    problems: list[Problem] = []
+    file_name, path_source = locate_file(environ, config_file)
+    file_raw: dict[str, Any] = {}
+    file_sources: dict[tuple[str, ...], str] = {}
+    if file_name is not None:
+        file_raw, file_sources = read_file(Path(file_name), path_source, problems)
+    env_raw, env_sources = _read_env(environ, problems)
+    sources = {**file_sources, **env_sources}
+    merged = _merge(file_raw, env_raw)
+
+    reported = {problem.path for problem in problems}
+    settings: Settings | None = None
+    try:
+        settings = Settings(**merged)
+    except ValidationError as exc:
+        for error in exc.errors():
+            path = ".".join(str(part) for part in error["loc"])
+            if path in reported:
+                continue
+            problems.append(
+                Problem(path, _source_of_loc(error["loc"], sources), error_message(error, path))
+            )
+    if settings is not None:
+        problems.extend(_check_sections(settings, sources))
+    if problems:
+        raise configuration_error(problems)
+    assert settings is not None  # noqa: S101 - no problems means it validated
+    settings._sources = sources
+    settings._config_file = file_name
+    return settings
+
+
+def locate_file(
+    environ: Mapping[str, str], config_file: str | os.PathLike[str] | None
+) -> tuple[str | None, str]:
+    """The config file to read (``None``: none), and what named it."""
+    if config_file is not None:
+        return os.fspath(config_file), "argument config_file"
+    named = next((v for k, v in environ.items() if k.upper() == CONFIG_FILE_VARIABLE and v), None)
+    return named, f"env {CONFIG_FILE_VARIABLE}"
+
+
+def _source_of_loc(loc: tuple[int | str, ...], sources: Mapping[tuple[str, ...], str]) -> str:
+    path = tuple(str(part) for part in loc)
+    for end in range(len(path), 0, -1):
+        if path[:end] in sources:
+            return sources[path[:end]]
+    below = sorted({label for key, label in sources.items() if key[: len(path)] == path})
+    return ", ".join(below) if below else "default"
+
+
+def error_message(error: Mapping[str, Any], path: str) -> str:
+    message = str(error["msg"])
+    if error.get("type") == "value_error":
+        message = message.removeprefix("Value error, ")
+    value = error.get("input")
+    if path.endswith("state_url"):
+        # A rejected state_url is not shown at all: it may be a secret in the wrong place.
+        return message
+    if isinstance(value, str | int | float | bool) and error.get("type") != "extra_forbidden":
+        message += _got(value)
+    return message
+
+
+def _check_sections(settings: Settings, sources: Mapping[tuple[str, ...], str]) -> list[Problem]:
+    """Validate each section's merged values against the full options model (cross-field rules).
+
+    Code arguments are not known here; these checks use what settings and the chosen preset give
+    over the built-in defaults, so a file that sets ``initial = 60`` must also raise ``max_delay``.
+    """
+    problems: list[Problem] = []
+    failed_defaults: set[str] = set()
+    names = [("defaults", ("defaults",)), *((n, ("services", n)) for n in settings.services)]
+    for name, prefix in names:
+        section = settings.defaults if name == "defaults" else settings.services[name]
+        preset = (
+            section.preset if "preset" in section.model_fields_set else settings.defaults.preset
+        )
+        for pattern in PATTERNS:
+            inherited = explicit(settings.defaults, pattern)
+            own = explicit(section, pattern)
+            values = {**(PRESETS[preset].get(pattern, {}) if preset else {}), **inherited, **own}
+            try:
+                options_model(pattern).model_validate(values)
+            except ValidationError as exc:
+                if name == "defaults":
+                    failed_defaults.add(pattern)
+                elif not own and pattern in failed_defaults:
+                    continue  # the defaults alone are wrong: reported once, there
+                keys: list[tuple[str, ...]] = [("defaults", pattern, f) for f in inherited]
+                keys += [(*prefix, pattern, f) for f in own]
+                labels = sorted({sources[key] for key in keys if key in sources})
+                source = ", ".join(labels) if labels else f"preset {preset}"
+                for error in exc.errors():
+                    path = ".".join((*prefix, pattern, *(str(part) for part in error["loc"])))
+                    problems.append(Problem(path, source, error_message(error, path)))
+    return problems
+
+
+def configuration_error(problems: list[Problem]) -> ConfigurationError:
+    unique = list(dict.fromkeys(problems))
+    noun = "problem" if len(unique) == 1 else "problems"
+    lines = [f"invalid buttress settings ({len(unique)} {noun}):"]
+    lines.extend(f"  {p.path or '<root>'} (from {p.source}): {p.message}" for p in unique)
+    return ConfigurationError("\n".join(lines), errors=tuple(unique))

@@ -1,0 +1,285 @@
+"""The per-call view: one immutable :class:`Snapshot` of the settings and its service views.
+
+A decorated function reads ``config.SNAPSHOT`` and, through it, a :class:`ServiceView` on every
+call, so both keep their per-call reads to attribute loads and C-level calls.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+from pydantic import ValidationError
+
+from buttress import registry
+from buttress._values import shown
+from buttress.config._models import (
+    FLAGS,
+    PATTERNS,
+    PRESETS,
+    SECTIONS,
+    Criticality,
+    Mode,
+    ServiceSettings,
+    Settings,
+    explicit,
+    options_model,
+)
+from buttress.config._sources import Problem, configuration_error, error_message
+from buttress.exceptions import ConfigurationError
+from buttress.patterns._base import Options
+
+# A value and where it came from: "env NAME", "file PATH", "code", "preset NAME" or "default".
+Sourced = tuple[Any, str]
+
+# Resolved options kept per service view (see ServiceView.options). Options are resolved when a
+# decorated function first runs after a reload, not per call, so a miss costs one validation.
+CACHE_SIZE: Final = 256
+
+
+class ServiceView:
+    """The flags and resolved options of one service in one snapshot.
+
+    The flags are plain attributes and ``sample`` is a precomputed callable, so reading them on
+    every call costs a few attribute loads and allocates nothing.
+
+    Attributes:
+        name: the service name, lower-cased.
+        enabled: ``False`` when settings switch the service off (calls go straight through).
+        mode: ``"enforce"``, or ``"shadow"`` (patterns record what they would do, and do nothing).
+        rollout: the fraction of calls that get the patterns.
+        criticality: ``low``, ``normal``, ``high`` or ``critical``; weighs the service in health.
+        sample: ``sample() -> bool``: does this call get the patterns? Deterministic per snapshot
+            when a ``seed`` is configured.
+    """
+
+    __slots__ = (
+        "_cache",
+        "_cache_lock",
+        "_flag_sources",
+        "_layers",
+        "criticality",
+        "enabled",
+        "mode",
+        "name",
+        "preset",
+        "rollout",
+        "sample",
+        "seed",
+    )
+
+    def __init__(self, name: str, settings: Settings) -> None:
+        self.name = name
+        own = settings.services.get(name)
+        defaults = settings.defaults
+        self._flag_sources: dict[str, Sourced] = {}
+        for flag in FLAGS:
+            if own is not None and flag in own.model_fields_set:
+                value = getattr(own, flag)
+                source = settings.source_of(("services", name, flag)) or "default"
+            elif flag in defaults.model_fields_set:
+                value = getattr(defaults, flag)
+                source = _via_defaults(settings.source_of(("defaults", flag)))
+            else:
+                value = ServiceSettings.model_fields[flag].default
+                source = "default"
+            self._flag_sources[flag] = (value, source)
+        self.enabled: bool = self._flag_sources["enabled"][0]
+        self.mode: Mode = self._flag_sources["mode"][0]
+        self.rollout: float = self._flag_sources["rollout"][0]
+        self.seed: int | None = self._flag_sources["seed"][0]
+        self.criticality: Criticality = self._flag_sources["criticality"][0]
+        self.preset: str | None = self._flag_sources["preset"][0]
+        self.sample: Callable[[], bool] = _sampler(self.rollout, self.seed)
+
+        # Per pattern: the keys settings set, service section over defaults.
+        self._layers: dict[str, dict[str, Sourced]] = {}
+        for pattern in PATTERNS:
+            layer: dict[str, Sourced] = {}
+            for field, value in explicit(defaults, pattern).items():
+                default_source = settings.source_of(("defaults", pattern, field))
+                layer[field] = (value, _via_defaults(default_source))
+            if own is not None:
+                for field, value in explicit(own, pattern).items():
+                    source = settings.source_of(("services", name, pattern, field)) or "default"
+                    layer[field] = (value, source)
+            self._layers[pattern] = layer
+        # Resolved options by (pattern, preset, code arguments): least recently used first, and
+        # at most CACHE_SIZE of them, since a function decorated per request with its own
+        # arguments (with_timeout(seconds=budget)) would otherwise add one per request.
+        self._cache: OrderedDict[Any, Options] = OrderedDict()
+        self._cache_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return (
+            f"ServiceView({self.name!r}, enabled={self.enabled}, mode={self.mode!r}, "
+            f"rollout={self.rollout})"
+        )
+
+    def pattern_enabled(self, pattern: str) -> bool:
+        """Whether settings leave ``pattern`` on for this service.
+
+        This sees settings and a preset chosen in settings; a pattern switched off in code
+        (``enabled=False``, or a preset named in code) shows in ``options(...).enabled``.
+        """
+        layer = self._layers[pattern]
+        if "enabled" in layer:
+            return bool(layer["enabled"][0])
+        if self.preset is not None:
+            return bool(PRESETS[self.preset].get(pattern, {}).get("enabled", True))
+        return True
+
+    def options(
+        self, pattern: str, code_args: Mapping[str, Any], preset: str | None = None
+    ) -> Options:
+        """The resolved options of ``pattern``: settings > ``code_args`` > preset > built-in.
+
+        ``preset`` is the preset named in code; a preset chosen in settings replaces it.
+
+        Raises:
+            ConfigurationError: the merged values are invalid (named with their sources), or
+                ``preset`` is unknown.
+        """
+        try:
+            key: Any = (pattern, preset, frozenset(code_args.items()))
+            hash(key)
+        except TypeError:  # an unhashable code argument: resolve without caching
+            return self._resolve(pattern, code_args, preset)[0]
+        cache = self._cache
+        with self._cache_lock:
+            cached = cache.get(key)
+            if cached is not None:
+                cache.move_to_end(key)
+                return cached
+        resolved, _ = self._resolve(pattern, code_args, preset)
+        with self._cache_lock:
+            cache[key] = resolved
+            if len(cache) > CACHE_SIZE:
+                cache.popitem(last=False)
+        return resolved
+
+    def explain(
+        self,
+        code_args: Mapping[str, Mapping[str, Any]] | None = None,
+        preset: str | None = None,
+    ) -> dict[str, Any]:
+        """Every flag and settings key of this service, as ``{"value": .., "source": ..}``.
+
+        Args:
+            code_args: code arguments per pattern, as a call site would give them.
+            preset: the preset named in code.
+        """
+        described: dict[str, Any] = {
+            flag: {"value": value, "source": source}
+            for flag, (value, source) in self._flag_sources.items()
+        }
+        for pattern in PATTERNS:
+            args = (code_args or {}).get(pattern, {})
+            resolved, sources = self._resolve(pattern, args, preset)
+            section = SECTIONS[pattern].model_fields
+            described[pattern] = {
+                field: {
+                    "value": shown(getattr(resolved, field)),
+                    "source": sources.get(field, "default"),
+                }
+                for field in type(resolved).model_fields
+                if field in section or field in args
+            }
+        return described
+
+    def _resolve(
+        self, pattern: str, code_args: Mapping[str, Any], preset: str | None
+    ) -> tuple[Options, dict[str, str]]:
+        model = options_model(pattern)
+        chosen = self.preset if self.preset is not None else preset
+        if chosen is not None and chosen not in PRESETS:
+            raise ConfigurationError(
+                f"service {self.name!r}: unknown preset {chosen!r}; known: {', '.join(PRESETS)}",
+                errors=((f"services.{self.name}.preset", "code", f"unknown preset {chosen!r}"),),
+            )
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        if chosen is not None:
+            for field, value in PRESETS[chosen].get(pattern, {}).items():
+                values[field] = value
+                sources[field] = f"preset {chosen}"
+        for field, value in code_args.items():
+            values[field] = value
+            sources[field] = "code"
+        for field, (value, source) in self._layers[pattern].items():
+            values[field] = value
+            sources[field] = source
+        try:
+            return model.model_validate(values), sources
+        except ValidationError as exc:
+            problems = []
+            for error in exc.errors():
+                fields = [str(part) for part in error["loc"]] or sorted(sources)
+                path = ".".join(["services", self.name, pattern, *map(str, error["loc"])])
+                labels = sorted({sources.get(f, "default") for f in fields})
+                problems.append(Problem(path, ", ".join(labels), error_message(error, path)))
+            raise configuration_error(problems) from None
+
+
+def _via_defaults(source: str | None) -> str:
+    return f"{source} (defaults)" if source else "default"
+
+
+def _sampler(rollout: float, seed: int | None) -> Callable[[], bool]:
+    if rollout >= 1.0:
+        return itertools.repeat(
+            object=True
+        ).__next__  # a C-level call: the common case costs ~nothing
+    if rollout <= 0.0:
+        return itertools.repeat(object=False).__next__
+    draw = random.Random(seed).random if seed is not None else random.random
+
+    def sample() -> bool:
+        return draw() < rollout
+
+    return sample
+
+
+class _Views(dict[str, ServiceView]):
+    """Service views of one snapshot, built on first lookup."""
+
+    __slots__ = ("_settings",)
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self._settings = settings
+
+    def __missing__(self, name: str) -> ServiceView:
+        canonical = registry.service_name(name)
+        view = self.get(canonical)
+        if view is None:
+            # Two threads may build a view at once; setdefault keeps one for everybody.
+            view = self.setdefault(canonical, ServiceView(canonical, self._settings))
+        return self.setdefault(name, view)
+
+
+class Snapshot:
+    """Settings at one generation, immutable: replaced wholesale by ``reload_settings()``.
+
+    Attributes:
+        generation: increases with every successful reload.
+        enabled: the global kill switch (``FF_ENABLE_RESILIENCE_PATTERNS``).
+        settings: the validated :class:`Settings` document.
+        service: ``service(name) -> ServiceView``, built once per name and cached.
+    """
+
+    __slots__ = ("enabled", "generation", "service", "settings")
+
+    def __init__(self, generation: int, settings: Settings) -> None:
+        self.generation = generation
+        self.settings = settings
+        self.enabled = settings.enabled
+        # A bound dict.__getitem__: the per-call lookup of a known service runs in C.
+        self.service: Callable[[str], ServiceView] = _Views(settings).__getitem__
+
+    def __repr__(self) -> str:
+        return f"Snapshot(generation={self.generation}, enabled={self.enabled})"

@@ -1,0 +1,172 @@
+"""Series: where the values of the catalog's families live, bound once per label set.
+
+In a single process, counters and histograms are this module's own series (:class:`LocalFamilies`,
+read by the collector at scrape time); in multiprocess mode they are ``prometheus_client``
+metrics, whose values live in files (:func:`create`, :func:`children`). Either way a handler
+finds a ready, bound ``inc``/``observe``/``set`` by a dict lookup: never ``.labels()`` per call.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from bisect import bisect_left
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from buttress.instrumentation.prometheus.catalog import CATALOG, FAMILIES, Family
+
+__all__ = [
+    "CounterSeries",
+    "HistogramSeries",
+    "Inc",
+    "Lazy",
+    "LocalFamilies",
+    "Observe",
+    "children",
+    "create",
+    "multiprocess_mode",
+]
+
+Inc = Callable[[], None]
+Observe = Callable[[float], None]
+
+
+def multiprocess_mode() -> bool:
+    """Whether ``prometheus_client`` keeps values in files (``PROMETHEUS_MULTIPROC_DIR``)."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def create(family: Family, registry: CollectorRegistry | None) -> Any:
+    if family.kind == "counter":
+        return Counter(family.name, family.help, family.labels, registry=registry)
+    if family.kind == "histogram":
+        return Histogram(
+            family.name, family.help, family.labels, registry=registry, buckets=family.buckets or ()
+        )
+    return Gauge(
+        family.name,
+        family.help,
+        family.labels,
+        registry=registry,
+        multiprocess_mode=family.multiprocess_mode or "all",  # type: ignore[arg-type]
+    )
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Lazy(dict[K, V], Generic[K, V]):
+    """A dict that builds a missing entry with ``factory(key)``.
+
+    Two threads may both build the same entry; ``setdefault`` keeps the first, and the loser only
+    bound the same series again (both kinds of series store hand out one object per label set).
+    """
+
+    __slots__ = ("_factory",)
+
+    def __init__(self, factory: Callable[[K], V]) -> None:
+        super().__init__()
+        self._factory = factory
+
+    def __missing__(self, key: K) -> V:
+        return self.setdefault(key, self._factory(key))
+
+
+def children(metric: Any, method: str | None) -> Lazy[Any, Any]:
+    """Children of ``metric`` by label values (a tuple, or one string), or their ``method``."""
+
+    def bind(labels: Any) -> Any:
+        child = metric.labels(*labels) if isinstance(labels, tuple) else metric.labels(labels)
+        return child if method is None else getattr(child, method)
+
+    return Lazy(bind)
+
+
+class CounterSeries:
+    """One series of a counter, kept in this process (a single process's fast path)."""
+
+    __slots__ = ("_lock", "value")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        # acquire/try/finally rather than ``with``: the same guarantee, about 200 ns cheaper.
+        lock = self._lock
+        lock.acquire()
+        try:
+            self.value += amount
+        finally:
+            lock.release()
+
+    def read(self) -> float:
+        with self._lock:
+            return self.value
+
+
+class HistogramSeries:
+    """One series of a histogram, kept in this process: per-bucket counts and the sum."""
+
+    __slots__ = ("_bounds", "_lock", "buckets", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self._lock = threading.Lock()
+        self.buckets = [0] * (len(bounds) + 1)  # not cumulative; the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        index = bisect_left(self._bounds, amount)  # the first bound >= amount: Prometheus's le
+        lock = self._lock
+        lock.acquire()
+        try:
+            self.buckets[index] += 1
+            self.sum += amount
+        finally:
+            lock.release()
+
+    def read(self) -> tuple[list[int], float]:
+        with self._lock:
+            return list(self.buckets), self.sum
+
+
+class LocalFamilies:
+    """The counters and histograms of a single process, by family and label values.
+
+    ``prometheus_client``'s own metric objects cost about 0.4 us per counter increment and
+    0.9 us per histogram observation; these series cost a third of that, which matters for the
+    few events of every successful call. The collector exposes them at scrape time. In
+    multiprocess mode the values must live in ``prometheus_client``'s files instead.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.series: dict[str, dict[tuple[str, ...], Any]] = {
+            family.name: {} for family in CATALOG if family.kind != "gauge"
+        }
+
+    def child(self, family: Family, labels: tuple[str, ...]) -> Any:
+        with self._lock:
+            by_labels = self.series[family.name]
+            series = by_labels.get(labels)
+            if series is None:
+                if family.kind == "counter":
+                    series = CounterSeries()
+                else:
+                    series = HistogramSeries(family.buckets or ())
+                by_labels[labels] = series
+            return series
+
+    def binder(self, name: str, method: str) -> Lazy[Any, Any]:
+        family = FAMILIES[name]
+
+        def bind(labels: Any) -> Any:
+            values = labels if isinstance(labels, tuple) else (labels,)
+            return getattr(self.child(family, values), method)
+
+        return Lazy(bind)

@@ -1,0 +1,563 @@
+"""The subscriber: event handlers that write the catalog's series.
+
+Counters and histograms are written by event handlers. On the hot path a handler does a dict
+lookup and calls ``inc()``/``observe()`` on a label child bound once per service, never
+``.labels()``.
+
+Gauges hold current state (circuit states, bulkhead occupancy, tokens, flags). In a single process
+the collector reads them when Prometheus scrapes. In multiprocess mode
+(``PROMETHEUS_MULTIPROC_DIR``) a scrape reads files that every worker writes, so event handlers
+write the gauges instead, and each family's :attr:`~.catalog.Family.multiprocess_mode` says how
+the workers' values combine. The ``live*`` modes drop a worker's values once
+``prometheus_client.multiprocess.mark_process_dead(pid)`` ran for it (gunicorn's ``child_exit``
+hook).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from buttress import _clock, config, events
+from buttress.events import (
+    BulkheadAcquired,
+    BulkheadQueued,
+    BulkheadReleased,
+    CallFinished,
+    CallRejected,
+    ChaosInjected,
+    CircuitCallRecorded,
+    CircuitStateChanged,
+    CircuitTrialStarted,
+    FallbackFailed,
+    FallbackUsed,
+    RateLimitAcquired,
+    RetryExhausted,
+    RetryScheduled,
+    RetrySucceeded,
+    SettingsReloaded,
+    ShadowDecision,
+    StateStoreError,
+    TimedCallFinished,
+    TimeoutExceeded,
+    WorkerAbandoned,
+    WorkerFinishedLate,
+)
+from buttress.health_app import bulkheads, circuits, degradation_level
+from buttress.instrumentation.prometheus.catalog import (
+    CATALOG,
+    CIRCUIT_STATES,
+    FAMILIES,
+    GAUGES,
+    KILL_SWITCH,
+    OUTCOMES,
+    attempt_label,
+)
+from buttress.instrumentation.prometheus.collector import Collector
+from buttress.instrumentation.prometheus.series import (
+    Inc,
+    Lazy,
+    LocalFamilies,
+    Observe,
+    children,
+    create,
+    multiprocess_mode,
+)
+
+__all__ = ["PrometheusSubscriber"]
+
+
+class PrometheusSubscriber:
+    """Writes buttress's events into the families of :data:`CATALOG`, registered in ``registry``.
+
+    Build one per registry (:func:`buttress.instrumentation.configure` keeps one per registry): the
+    families are registered here, and a registry refuses a second family of the same name.
+
+    Args:
+        registry: where the families are registered (``None``: nowhere).
+        multiprocess: whether values live in files for a multiprocess scrape; by default, whether
+            ``PROMETHEUS_MULTIPROC_DIR`` is set. In a single process the gauges are read from the
+            live objects at scrape time; in multiprocess mode events write them.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry | None = REGISTRY, *, multiprocess: bool | None = None
+    ) -> None:
+        self.multiprocess = multiprocess_mode() if multiprocess is None else multiprocess
+        self._lock = threading.Lock()
+        # Services that made a call: their flags are shown even when they have no breaker.
+        self.services: set[str] = set()
+        # Services whose sync calls were ever abandoned: shown with 0 once their workers finish.
+        self.abandoning: set[str] = set()
+        self._opened_at: dict[str, float] = {}
+        self._states: dict[str, str] = {}
+        # Multiprocess mode: the services whose circuit this process last wrote as open, each
+        # with the number of that write, and the thread that waits for their open time to run out.
+        self._open: dict[str, int] = {}
+        self._open_writes = itertools.count()
+        self._wake = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self.metrics: dict[str, Any] = {}
+        if self.multiprocess:
+            # An unlabelled gauge shows 0 from the moment it exists in a file, and 0 would read
+            # "kill switch off": that one is created when first written.
+            self._registry = registry
+            self.metrics = {
+                family.name: create(family, registry)
+                for family in CATALOG
+                if family.name != KILL_SWITCH
+            }
+            self._inc = {
+                f.name: children(self.metrics[f.name], "inc")
+                for f in CATALOG
+                if f.kind == "counter"
+            }
+            self._observe = {
+                f.name: children(self.metrics[f.name], "observe")
+                for f in CATALOG
+                if f.kind == "histogram"
+            }
+            self._set = {
+                f.name: children(self.metrics[f.name], "set")
+                for f in GAUGES
+                if f.labels and f.name in self.metrics
+            }
+        else:
+            self.local = LocalFamilies()
+            self._inc = {
+                f.name: self.local.binder(f.name, "inc") for f in CATALOG if f.kind == "counter"
+            }
+            self._observe = {
+                f.name: self.local.binder(f.name, "observe")
+                for f in CATALOG
+                if f.kind == "histogram"
+            }
+            if registry is not None:
+                registry.register(Collector(self.local, self.seen))
+
+    def seen(self) -> tuple[set[str], set[str]]:
+        """Copies of :attr:`abandoning` and :attr:`services`, read together (for the collector)."""
+        with self._lock:
+            return set(self.abandoning), set(self.services)
+
+    # -- handlers of the per-call events: a dict lookup and a ready child each ---------------------
+    def handlers(self) -> dict[type[Any], events.Handler]:
+        """The handler for each event kind this subscriber consumes."""
+        calls: Lazy[str, dict[str, tuple[Inc, Observe]]] = Lazy(self._bind_calls)
+        inc, observe = self._inc, self._observe
+        successes = inc["buttress_circuit_breaker_successes_total"]
+        failures = inc["buttress_circuit_breaker_failures_total"]
+        ignored = inc["buttress_circuit_breaker_ignored_total"]
+        slow_calls = inc["buttress_circuit_breaker_slow_calls_total"]
+        queue_waits = observe["buttress_bulkhead_queue_wait_seconds"]
+        timed = observe["buttress_timeout_elapsed_seconds"]
+        rate_waits = inc["buttress_rate_limit_waits_total"]
+        rate_wait_seconds = observe["buttress_rate_limit_wait_seconds"]
+
+        def on_call_finished(event: CallFinished) -> None:
+            count, time = calls[event.service][event.outcome]
+            count()
+            time(event.duration)
+
+        local_calls: Lazy[str, dict[str, Observe]] = Lazy(self._bind_local_calls)
+
+        def on_call_finished_locally(event: CallFinished) -> None:
+            # buttress_calls_total is the count of this histogram series, read at scrape time.
+            local_calls[event.service][event.outcome](event.duration)
+
+        def on_circuit_call(event: CircuitCallRecorded) -> None:
+            outcome = event.outcome
+            if outcome == "success":
+                successes[event.service]()
+            elif outcome == "failure":
+                failures[event.service, event.error_type or "unknown"]()
+            else:
+                ignored[event.service, event.error_type or "unknown"]()
+            if event.slow:
+                slow_calls[event.service]()
+
+        def on_bulkhead_acquired(event: BulkheadAcquired) -> None:
+            if event.waited > 0:
+                queue_waits[event.service](event.waited)
+
+        def on_timed_call(event: TimedCallFinished) -> None:
+            timed[event.service](event.elapsed)
+
+        def on_rate_limit(event: RateLimitAcquired) -> None:
+            if event.waited > 0:
+                rate_waits[event.service]()
+                rate_wait_seconds[event.service](event.waited)
+
+        # Rejections come in floods while a circuit is open: one lookup per event.
+        rejections: Lazy[tuple[str, str, str], Inc] = Lazy(self._bind_rejection)
+
+        def on_rejected(event: CallRejected) -> None:
+            rejections[event.pattern, event.service, event.reason]()
+
+        handlers: dict[type[Any], events.Handler] = {
+            CallFinished: on_call_finished if self.multiprocess else on_call_finished_locally,
+            CircuitCallRecorded: on_circuit_call,
+            BulkheadAcquired: on_bulkhead_acquired,
+            TimedCallFinished: on_timed_call,
+            RateLimitAcquired: on_rate_limit,
+            BulkheadQueued: self._on_queued,
+            CallRejected: on_rejected,
+            CircuitStateChanged: self._on_state_changed,
+            CircuitTrialStarted: self._on_trial,
+            RetryScheduled: self._on_retry,
+            RetryExhausted: self._on_exhausted,
+            RetrySucceeded: self._on_retry_succeeded,
+            TimeoutExceeded: self._on_timeout,
+            WorkerAbandoned: self._on_abandoned,
+            WorkerFinishedLate: self._on_finished_late,
+            FallbackUsed: self._on_fallback,
+            FallbackFailed: self._on_fallback_failed,
+            SettingsReloaded: self._on_settings,
+            ShadowDecision: self._on_shadow,
+            StateStoreError: self._on_state_store,
+            ChaosInjected: self._on_chaos,
+        }
+        if self.multiprocess:
+            handlers.update(self._multiprocess_handlers(handlers))
+        return handlers
+
+    def _bind_calls(self, service: str) -> dict[str, tuple[Inc, Observe]]:
+        calls = self.metrics["buttress_calls_total"]
+        durations = self.metrics["buttress_call_duration_seconds"]
+
+        def bind(outcome: str) -> tuple[Inc, Observe]:
+            return calls.labels(service, outcome).inc, durations.labels(service, outcome).observe
+
+        by_outcome: dict[str, tuple[Inc, Observe]] = Lazy(bind)
+        for outcome in OUTCOMES:
+            by_outcome[outcome] = bind(outcome)
+        self._first_call(service)
+        return by_outcome
+
+    def _bind_local_calls(self, service: str) -> dict[str, Observe]:
+        durations = self._observe["buttress_call_duration_seconds"]
+        by_outcome: dict[str, Observe] = Lazy(lambda outcome: durations[service, outcome])
+        for outcome in OUTCOMES:
+            by_outcome[outcome] = durations[service, outcome]
+        self._first_call(service)
+        return by_outcome
+
+    def _first_call(self, service: str) -> None:
+        # Every outcome exists from the first call, so a ratio such as timeouts / calls has its
+        # series, and rate() sees the first increment of a new outcome.
+        with self._lock:
+            self.services.add(service)
+        if self.multiprocess:
+            self._write_flags(service)
+
+    # -- handlers of the other events: clarity over speed ------------------------------------------
+    def _on_queued(self, event: BulkheadQueued) -> None:
+        self._inc["buttress_bulkhead_queued_total"][event.service]()
+
+    def _bind_rejection(self, key: tuple[str, str, str]) -> Inc:
+        pattern, service, reason = key
+        name = _REJECTED.get(pattern)
+        if name is None:
+            return _ignore
+        inc: Inc = self._inc[name][service, reason]
+        return inc
+
+    def _on_state_changed(self, event: CircuitStateChanged) -> None:
+        service = event.service
+        self._inc["buttress_circuit_breaker_transitions_total"][
+            service, event.new_state, event.reason
+        ]()
+        now = _clock.monotonic()
+        with self._lock:
+            opened_at = self._opened_at.get(service)
+            if event.new_state in _DOWN_STATES and opened_at is None:
+                self._opened_at[service] = now
+            elif event.new_state in _UP_STATES and opened_at is not None:
+                del self._opened_at[service]
+                self._observe["buttress_circuit_breaker_recovery_seconds"][service](now - opened_at)
+
+    def _on_trial(self, event: CircuitTrialStarted) -> None:
+        self._inc["buttress_circuit_breaker_trials_total"][event.service]()
+
+    def _on_retry(self, event: RetryScheduled) -> None:
+        service = event.service
+        self._inc["buttress_retry_attempts_total"][service, attempt_label(event.attempt + 1)]()
+        self._inc["buttress_retry_errors_total"][service, event.error_type]()
+        self._observe["buttress_retry_delay_seconds"][service, event.reason](event.delay)
+
+    def _on_exhausted(self, event: RetryExhausted) -> None:
+        self._inc["buttress_retry_exhausted_total"][event.service, event.reason, event.error_type]()
+
+    def _on_retry_succeeded(self, event: RetrySucceeded) -> None:
+        self._inc["buttress_retry_succeeded_total"][event.service]()
+
+    def _on_timeout(self, event: TimeoutExceeded) -> None:
+        self._inc["buttress_timeout_exceeded_total"][event.service]()
+
+    def _on_abandoned(self, event: WorkerAbandoned) -> None:
+        with self._lock:
+            self.abandoning.add(event.service)
+        self._inc["buttress_timeout_abandoned_total"][event.service]()
+
+    def _on_finished_late(self, event: WorkerFinishedLate) -> None:
+        self._observe["buttress_timeout_overrun_seconds"][event.service](event.overran)
+
+    def _on_fallback(self, event: FallbackUsed) -> None:
+        self._inc["buttress_fallback_used_total"][event.service, event.source]()
+
+    def _on_fallback_failed(self, event: FallbackFailed) -> None:
+        self._inc["buttress_fallback_failed_total"][event.service, event.error_type]()
+
+    def _on_settings(self, event: SettingsReloaded) -> None:
+        self._inc["buttress_config_reloads_total"]["success" if event.ok else "failure"]()
+
+    def _on_shadow(self, event: ShadowDecision) -> None:
+        self._inc["buttress_shadow_decisions_total"][event.service, event.pattern, event.action]()
+
+    def _on_state_store(self, event: StateStoreError) -> None:
+        self._inc["buttress_circuit_breaker_state_store_errors_total"][
+            event.service, event.operation, event.error_type
+        ]()
+
+    def _on_chaos(self, event: ChaosInjected) -> None:
+        self._inc["buttress_chaos_injections_total"][event.service, event.kind]()
+
+    # -- multiprocess mode: gauges written from events ---------------------------------------------
+    # A value computed under a pattern's lock reaches its handler after the lock is released, so
+    # two handlers can write in the opposite order: each gauge holds the value of the last event
+    # handled, exact again at the next event. A single process never has this problem (its gauges
+    # are read from the objects at scrape time).
+
+    def _multiprocess_handlers(
+        self, single: dict[type[Any], events.Handler]
+    ) -> dict[type[Any], events.Handler]:
+        gauges = self._set
+        active = gauges["buttress_bulkhead_active"]
+        depth = gauges["buttress_bulkhead_queue_depth"]
+        limits = gauges["buttress_bulkhead_limit"]
+        tokens = gauges["buttress_rate_limit_tokens"]
+        rates = gauges["buttress_circuit_breaker_failure_rate"]
+        slow_rates = gauges["buttress_circuit_breaker_slow_call_rate"]
+        abandoned = gauges["buttress_timeout_abandoned_workers"]
+        count_circuit_call = single[CircuitCallRecorded]
+        count_wait = single[BulkheadAcquired]
+        count_rate_limit = single[RateLimitAcquired]
+        count_queued = single[BulkheadQueued]
+        count_rejected = single[CallRejected]
+        count_change = single[CircuitStateChanged]
+        count_trial = single[CircuitTrialStarted]
+        count_abandoned = single[WorkerAbandoned]
+        count_late = single[WorkerFinishedLate]
+        count_reload = single[SettingsReloaded]
+        count_timeout = single[TimeoutExceeded]
+
+        def on_circuit_call(event: CircuitCallRecorded) -> None:
+            count_circuit_call(event)
+            self._seen_circuit(event.service, "closed")
+            if event.failure_rate is not None:
+                rates[event.service](event.failure_rate)
+            if event.slow_call_rate is not None:
+                slow_rates[event.service](event.slow_call_rate)
+
+        def on_bulkhead_acquired(event: BulkheadAcquired) -> None:
+            count_wait(event)
+            service = event.service
+            active[service](event.active)
+            depth[service](event.queued)
+            limits[service](event.limit)
+
+        def on_bulkhead_released(event: BulkheadReleased) -> None:
+            active[event.service](event.active)
+            depth[event.service](event.queued)
+
+        def on_queued(event: BulkheadQueued) -> None:
+            count_queued(event)
+            depth[event.service](event.queued)
+
+        def on_rate_limit(event: RateLimitAcquired) -> None:
+            count_rate_limit(event)
+            tokens[event.service](event.tokens)
+
+        def on_rejected(event: CallRejected) -> None:
+            count_rejected(event)
+            if event.pattern == "circuit_breaker":
+                self._seen_circuit(event.service, _STATE_OF_REJECTION.get(event.reason, "open"))
+            elif event.pattern == "bulkhead" and event.reason != "full":
+                # A waiter that gave up (queue_timeout) left the queue with no acquisition or
+                # release to say so: read the depth from the bulkheads themselves.
+                depth[event.service](self._queued(event.service))
+
+        def on_timeout(event: TimeoutExceeded) -> None:
+            count_timeout(event)
+            # An async call that timed out while queued was cancelled out of the queue.
+            depth[event.service](self._queued(event.service))
+
+        def on_state_changed(event: CircuitStateChanged) -> None:
+            count_change(event)
+            self._write_state(event.service, event.new_state)
+
+        def on_trial(event: CircuitTrialStarted) -> None:
+            count_trial(event)
+            self._seen_circuit(event.service, "half_open")
+
+        def on_abandoned(event: WorkerAbandoned) -> None:
+            count_abandoned(event)
+            abandoned[event.service](event.abandoned)
+
+        def on_finished_late(event: WorkerFinishedLate) -> None:
+            count_late(event)
+            abandoned[event.service](event.abandoned)
+
+        def on_settings(event: SettingsReloaded) -> None:
+            count_reload(event)
+            if event.ok:
+                self.metrics["buttress_config_generation"].set(event.generation)
+                with self._lock:
+                    services = sorted(self.services)
+                for service in services:
+                    self._write_flags(service)
+                self._write_level()
+
+        return {
+            CircuitCallRecorded: on_circuit_call,
+            BulkheadAcquired: on_bulkhead_acquired,
+            BulkheadReleased: on_bulkhead_released,
+            BulkheadQueued: on_queued,
+            RateLimitAcquired: on_rate_limit,
+            CallRejected: on_rejected,
+            TimeoutExceeded: on_timeout,
+            CircuitStateChanged: on_state_changed,
+            CircuitTrialStarted: on_trial,
+            WorkerAbandoned: on_abandoned,
+            WorkerFinishedLate: on_finished_late,
+            SettingsReloaded: on_settings,
+        }
+
+    def _seen_circuit(self, service: str, state: str) -> None:
+        # A circuit first heard of through a call: its state is inferred once from that event.
+        if service not in self._states:
+            self._write_state(service, state)
+
+    def _write_state(self, service: str, new_state: str, *, replacing: str | None = None) -> None:
+        """Write the circuit state gauges of ``service`` (if still ``replacing``, when given)."""
+        states = self._set["buttress_circuit_breaker_state"]
+        with self._lock:
+            if replacing is not None and self._states.get(service) != replacing:
+                return  # an event moved the circuit meanwhile: the event's state stands
+            self._states[service] = new_state
+            for state in CIRCUIT_STATES:
+                states[service, state](1 if state == new_state else 0)
+            if new_state == "open":
+                self._watch(service)
+        self._write_level()
+
+    # -- multiprocess mode: an open circuit whose open time runs out with no call ------------------
+    # A breaker moves from open to half-open on the first call after its timeout, and a gauge
+    # file changes only when this process writes it: without this, an instance that its load
+    # balancer stopped sending to would show its circuit open (and its level critical) for ever.
+    # A daemon thread, alive only while a circuit of this process is open, writes ``half_open``
+    # (ready to probe) when the open time runs out, as the breaker's own snapshot then reads.
+
+    def _watch(self, service: str) -> None:
+        # The caller holds self._lock.
+        self._open[service] = next(self._open_writes)
+        if self._watcher is None:
+            self._watcher = threading.Thread(
+                target=self._watch_open_circuits, name="buttress-open-circuits", daemon=True
+            )
+            self._watcher.start()
+        else:
+            self._wake.set()
+
+    def _watch_open_circuits(self) -> None:
+        watching = True
+        try:
+            while watching:
+                watching = self._watch_once()
+        finally:
+            if watching:  # ended by an exception: the next circuit that opens starts another
+                with self._lock:
+                    self._watcher = None
+
+    def _watch_once(self) -> bool:
+        """Look at every watched circuit, wait for the next deadline; False: nothing is left."""
+        with self._lock:
+            watched = dict(self._open)
+            if not watched:
+                self._watcher = None
+                return False
+            self._wake.clear()
+        lefts = [
+            left
+            for service, write in watched.items()
+            if (left := self._still_open(service, write)) is not None
+        ]
+        if lefts:
+            self._sleep(min(lefts))
+        return True
+
+    def _still_open(self, service: str, write: int) -> float | None:
+        """Seconds until the circuit of ``service`` may probe; None once there is nothing to wait
+        for (its gauge now reads half-open, or no breaker of this process is open)."""
+        snapshots = [s for s in circuits().values() if s["service"] == service]
+        left: list[float] = [s["seconds_left_open"] for s in snapshots if s["state"] == "open"]
+        if left:
+            return min(left)
+        if any(s["state"] == "half_open" for s in snapshots):
+            self._write_state(service, "half_open", replacing="open")
+        with self._lock:
+            if self._open.get(service) == write:  # not opened again meanwhile
+                del self._open[service]
+        return None
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` on the buttress clock, or until a circuit opens (``self._wake``).
+
+        In real-time slices, reading the clock between them: under a fake clock (tests) the wait
+        ends once simulated time has passed, and a thread that outlives the fake clock ends too.
+        """
+        deadline = _clock.monotonic() + seconds
+        while (left := deadline - _clock.monotonic()) > 0:
+            if self._wake.wait(min(left, _WATCH_SLICE_SECONDS)):
+                return
+
+    def _queued(self, service: str) -> int:
+        return sum(s["queued"] for s in bulkheads().values() if s["service"] == service)
+
+    def _write_level(self) -> None:
+        with self._lock:
+            pairs = list(self._states.items())
+        self.metrics["buttress_health_degradation_level"].set(degradation_level(pairs))
+
+    def _write_flags(self, service: str) -> None:
+        snapshot = config.SNAPSHOT
+        view = snapshot.service(service)
+        self._set["buttress_flag_service_enabled"][service](view.enabled)
+        self._set["buttress_flag_rollout_ratio"][service](view.rollout)
+        self._set["buttress_flag_shadow_mode"][service](view.mode == "shadow")
+        with self._lock:
+            kill_switch = self.metrics.get(KILL_SWITCH)
+            if kill_switch is None:
+                kill_switch = create(FAMILIES[KILL_SWITCH], self._registry)
+                self.metrics[KILL_SWITCH] = kill_switch
+        kill_switch.set(snapshot.enabled)
+
+
+def _ignore() -> None:
+    """What a rejection by a pattern without a rejection counter increments."""
+
+
+_REJECTED = {
+    "circuit_breaker": "buttress_circuit_breaker_rejected_total",
+    "bulkhead": "buttress_bulkhead_rejected_total",
+    "rate_limit": "buttress_rate_limit_rejected_total",
+}
+_STATE_OF_REJECTION = {"forced_open": "forced_open", "half_open_full": "half_open"}
+# Longest real-time wait of the open-circuit watcher between two readings of the buttress clock.
+_WATCH_SLICE_SECONDS = 0.25
+# A circuit that is down until it closes again, and the states that end that (recovery time).
+_DOWN_STATES = frozenset({"open", "forced_open", "half_open"})
+_UP_STATES = frozenset({"closed", "forced_closed", "disabled"})
