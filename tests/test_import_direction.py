@@ -49,12 +49,6 @@ LEAF_MODULES = frozenset({"buttress.events", "buttress.exceptions"})
 
 # (importing component, imported component): why it is still there and what removes it.
 KNOWN_VIOLATIONS = {
-    ("buttress.patterns.bulkhead", "buttress.registry"): (
-        "the shared instance is looked up by the driver in the sans-IO work"
-    ),
-    ("buttress.patterns.rate_limit", "buttress.registry"): (
-        "the shared instance is looked up by the driver in the sans-IO work"
-    ),
     ("buttress.patterns.chaos", "buttress.config"): (
         "the arming flag comes through the build context in the sans-IO work"
     ),

@@ -139,7 +139,9 @@ def _build(spec: Spec, service: str, key: str, snapshot: config.Snapshot) -> Str
     if not getattr(options, "enabled", True):
         return None
     module = importlib.import_module(f"buttress.patterns.{spec.pattern}")
-    ctx = BuildContext(service=service, options=options, key=key, mode=view.mode)
+    ctx = BuildContext(
+        service=service, options=options, key=key, mode=view.mode, instances=registry.shared
+    )
     return cast("Strategy | None", module.build(ctx))
 
 

@@ -45,7 +45,8 @@ async def aacquire(bh: Bulkhead) -> None:
 
 
 def strategy(service: str = "svc", mode: str = "enforce", **options: Any) -> BulkheadStrategy:
-    built = bulkhead.build(BuildContext(service, BulkheadOptions(**options), service, mode))
+    ctx = BuildContext(service, BulkheadOptions(**options), service, mode, registry.shared)
+    built = bulkhead.build(ctx)
     assert isinstance(built, BulkheadStrategy)
     return built
 

@@ -18,7 +18,8 @@ from buttress.testing import capture_events
 
 
 def strategy(service: str = "svc", mode: str = "enforce", **options: Any) -> RateLimitStrategy:
-    built = rate_limit.build(BuildContext(service, RateLimitOptions(**options), service, mode))
+    ctx = BuildContext(service, RateLimitOptions(**options), service, mode, registry.shared)
+    built = rate_limit.build(ctx)
     assert isinstance(built, RateLimitStrategy)
     return built
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict
 
@@ -57,6 +57,7 @@ __all__ = [
 Call = Callable[[tuple[Any, ...], dict[str, Any]], Any]
 AsyncCall = Callable[[tuple[Any, ...], dict[str, Any]], Awaitable[Any]]
 Mode = Literal["enforce", "shadow"]
+T = TypeVar("T")
 
 
 class Options(BaseModel):
@@ -79,12 +80,25 @@ class BuildContext:
         key: the registry key of the pattern's shared instance: the service name when the call
             site named one, else a key private to the call site.
         mode: ``enforce`` acts; ``shadow`` only emits what it would have done.
+        instances: where shared instances live, ``instances(pattern, key, options, factory)``
+            (the registry's ``shared``, given by the policy, so no pattern imports the registry);
+            ``None``: every build makes its own.
     """
 
     service: str
     options: Any
     key: str
     mode: Mode = "enforce"
+    instances: Callable[[str, str, Any, Callable[[Any], Any]], Any] | None = None
+
+    def shared(self, pattern: str, factory: Callable[[Any], T]) -> T:
+        """The instance of ``pattern`` for this key, made by ``factory(options)`` on first use.
+
+        Shared through ``instances``, it is reconfigured in place when the options changed.
+        """
+        if self.instances is None:
+            return factory(self.options)
+        return cast("T", self.instances(pattern, self.key, self.options, factory))
 
 
 # -- effects: what a strategy asks a driver to do -------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, TypedDict
 
 from pydantic import Field
 
-from buttress import _clock, _context, events, registry
+from buttress import _clock, _context, events
 from buttress._deadline import caller_gave_up, not_started
 from buttress._values import Seconds
 from buttress.exceptions import BulkheadFullError, TimeoutExceededError
@@ -357,5 +357,5 @@ def build(ctx: BuildContext) -> Strategy | None:
     if not options.enabled or options.limit is None:
         return None
     service = ctx.service
-    bulkhead = registry.shared(PATTERN, ctx.key, options, lambda opts: Bulkhead(service, opts))
+    bulkhead = ctx.shared(PATTERN, lambda opts: Bulkhead(service, opts))
     return BulkheadStrategy(bulkhead, ctx.mode)

@@ -16,7 +16,7 @@ from typing import ClassVar, TypedDict
 
 from pydantic import Field
 
-from buttress import _clock, _context, events, registry
+from buttress import _clock, _context, events
 from buttress._deadline import caller_gave_up, not_started
 from buttress._values import Rate, Seconds
 from buttress.exceptions import RateLimitedError
@@ -221,5 +221,5 @@ def build(ctx: BuildContext) -> Strategy | None:
     if not options.enabled or options.rate is None:
         return None
     service = ctx.service
-    limiter = registry.shared(PATTERN, ctx.key, options, lambda opts: RateLimiter(service, opts))
+    limiter = ctx.shared(PATTERN, lambda opts: RateLimiter(service, opts))
     return RateLimitStrategy(limiter, ctx.mode)
