@@ -49,9 +49,6 @@ LEAF_MODULES = frozenset({"buttress.events", "buttress.exceptions"})
 
 # (importing component, imported component): why it is still there and what removes it.
 KNOWN_VIOLATIONS = {
-    ("buttress.patterns.chaos", "buttress.config"): (
-        "the arming flag comes through the build context in the sans-IO work"
-    ),
     ("buttress.patterns.circuit_breaker", "buttress.config"): (
         "breaker(name) lookup moves out of the pattern with the circuit breaker package"
     ),

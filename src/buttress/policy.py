@@ -140,7 +140,13 @@ def _build(spec: Spec, service: str, key: str, snapshot: config.Snapshot) -> Str
         return None
     module = importlib.import_module(f"buttress.patterns.{spec.pattern}")
     ctx = BuildContext(
-        service=service, options=options, key=key, mode=view.mode, instances=registry.shared
+        service=service,
+        options=options,
+        key=key,
+        mode=view.mode,
+        instances=registry.shared,
+        # Asked when a policy compiles (first call, every reload), never mid-way through one.
+        armed=snapshot.settings.chaos_enabled,
     )
     return cast("Strategy | None", module.build(ctx))
 

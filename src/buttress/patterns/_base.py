@@ -83,6 +83,8 @@ class BuildContext:
         instances: where shared instances live, ``instances(pattern, key, options, factory)``
             (the registry's ``shared``, given by the policy, so no pattern imports the registry);
             ``None``: every build makes its own.
+        armed: whether this process allows fault injection at all (the chaos kill switch, read
+            from the environment when settings load: a config file cannot arm it).
     """
 
     service: str
@@ -90,6 +92,7 @@ class BuildContext:
     key: str
     mode: Mode = "enforce"
     instances: Callable[[str, str, Any, Callable[[Any], Any]], Any] | None = None
+    armed: bool = False
 
     def shared(self, pattern: str, factory: Callable[[Any], T]) -> T:
         """The instance of ``pattern`` for this key, made by ``factory(options)`` on first use.

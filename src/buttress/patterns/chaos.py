@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Final
 
 from pydantic import Field, field_validator
 
-from buttress import config, events
+from buttress import events
 from buttress._values import PositiveSeconds
 from buttress.patterns._base import BuildContext, Effect, Options, Return, Sleep
 
@@ -38,7 +38,6 @@ __all__ = [
     "ChaosOptions",
     "ChaosStrategy",
     "InjectedConnectionError",
-    "armed",
     "build",
 ]
 
@@ -97,16 +96,6 @@ class ChaosOptions(Options):
             msg = f"must be an exception class or a factory, got {value!r}"
             raise ValueError(msg)  # noqa: TRY004 - pydantic reports ValueError, not TypeError
         return value  # a callable; what it returns is checked when it is used
-
-
-def armed() -> bool:
-    """Whether this process allows fault injection at all (the kill switch, default off).
-
-    Settings read the switch when they load (a config file cannot arm it, only the process's
-    environment can); a policy asks when it compiles, on its first call and after every
-    ``reload_settings()``, never in the middle of a compiled policy.
-    """
-    return config.get_settings().chaos_enabled
 
 
 class ChaosStrategy:
@@ -197,7 +186,7 @@ def _exception_factory(spec: ExceptionSpec, service: str) -> Callable[[], Except
 def build(ctx: BuildContext) -> ChaosStrategy | None:
     """The chaos step for ``ctx.service``, or ``None`` when nothing would ever be injected."""
     options: ChaosOptions = ctx.options
-    if not options.enabled or not armed():
+    if not options.enabled or not ctx.armed:
         return None
     if options.exception_rate == 0 and options.latency_rate == 0 and options.result_rate == 0:
         return None
