@@ -170,7 +170,7 @@ def _network(seed: int, client: str, site: str) -> Policy:
 
 def describe_chaos() -> str:
     """What the chaos layer injects with the settings in force, and where."""
-    if not chaos.armed():
+    if not config.get_settings().chaos_enabled:  # the kill switch, as policies read it
         return "off (--no-chaos): no fault injected"
     options = cast("chaos.ChaosOptions", config.resolve(NETWORK, "chaos"))
     faults = []

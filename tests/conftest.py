@@ -11,6 +11,7 @@ import pytest
 
 from buttress import _clock, registry
 from buttress.health_app import reset as forget_fallbacks
+from buttress.policy import alink, link
 from buttress.testing import FakeClock
 
 
@@ -84,13 +85,13 @@ class Mode:
     def chain(self, strategy: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` behind one built strategy, without a Policy (for pattern unit tests)."""
         if self.is_async:
-            step = strategy.awrap(lambda a, kw: fn(*a, **kw))
+            step = alink(strategy, lambda a, kw: fn(*a, **kw))
 
             async def call(*args: Any, **kwargs: Any) -> Any:
                 return await step(args, kwargs)
 
             return call
-        sync_step = strategy.wrap(lambda a, kw: fn(*a, **kw))
+        sync_step = link(strategy, lambda a, kw: fn(*a, **kw))
         return lambda *args, **kwargs: sync_step(args, kwargs)
 
     def close(self) -> None:

@@ -49,21 +49,6 @@ LEAF_MODULES = frozenset({"buttress.events", "buttress.exceptions"})
 
 # (importing component, imported component): why it is still there and what removes it.
 KNOWN_VIOLATIONS = {
-    ("buttress.patterns.bulkhead", "buttress.registry"): (
-        "the shared instance is looked up by the driver in the sans-IO work"
-    ),
-    ("buttress.patterns.bulkhead", "buttress.patterns.timeout"): (
-        "caller_gave_up/not_started move beside _clock (_deadline.py) in the sans-IO work"
-    ),
-    ("buttress.patterns.rate_limit", "buttress.registry"): (
-        "the shared instance is looked up by the driver in the sans-IO work"
-    ),
-    ("buttress.patterns.rate_limit", "buttress.patterns.timeout"): (
-        "caller_gave_up/not_started move beside _clock (_deadline.py) in the sans-IO work"
-    ),
-    ("buttress.patterns.chaos", "buttress.config"): (
-        "the arming flag comes through the build context in the sans-IO work"
-    ),
     ("buttress.patterns.circuit_breaker", "buttress.config"): (
         "breaker(name) lookup moves out of the pattern with the circuit breaker package"
     ),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import asyncio
+import importlib
 import inspect
 
 import pytest
@@ -20,7 +23,7 @@ from buttress import (
     with_rate_limit,
     with_timeout,
 )
-from buttress.policy import Spec
+from buttress.policy import Spec, alink, link
 from buttress.testing import capture_events
 
 
@@ -556,3 +559,66 @@ def test_a_decorator_above_staticmethod_or_classmethod(mode, kind):
         "circuit_breaker",
         "retry",
     ]
+
+
+# -- sans-IO patterns: they decide, the two drivers in policy.py wait ------------------------------
+
+# Ported to decisions only; the circuit breaker and its Redis storage still wrap calls themselves.
+SANS_IO_PATTERNS = ("bulkhead", "chaos", "fallback", "rate_limit", "retry", "timeout")
+
+
+@pytest.mark.parametrize("name", SANS_IO_PATTERNS)
+def test_a_pattern_module_never_awaits_sleeps_or_blocks(name: str) -> None:
+    module = importlib.import_module(f"buttress.patterns.{name}")
+    tree = ast.parse(inspect.getsource(module))
+    waits = {"sleep", "asleep", "wait", "timeout", "call_later"}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.AsyncFunctionDef | ast.Await | ast.AsyncWith | ast.AsyncFor):
+            found.append(f"line {node.lineno}: {type(node).__name__}")
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names = [alias.name for alias in node.names]
+            if "asyncio" in names or getattr(node, "module", None) == "asyncio":
+                found.append(f"line {node.lineno}: imports asyncio")
+        elif (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in {"_clock", "time", "asyncio"}
+            and node.attr in waits
+        ):
+            found.append(f"line {node.lineno}: {node.value.id}.{node.attr}")
+    assert found == [], f"buttress.patterns.{name} waits itself: {found}"
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_the_drivers_still_run_a_strategy_that_only_wraps(is_async: bool) -> None:
+    # A pattern not yet split into decisions (the circuit breaker) keeps its wrap/awrap steps.
+    seen: list[str] = []
+
+    class Wrapping:
+        pattern = "circuit_breaker"
+
+        def wrap(self, call):
+            def step(args, kwargs):
+                seen.append("wrap")
+                return call(args, kwargs)
+
+            return step
+
+        def awrap(self, call):
+            async def step(args, kwargs):
+                seen.append("awrap")
+                return await call(args, kwargs)
+
+            return step
+
+    if is_async:
+
+        async def body(args, kwargs):
+            return args[0] + 1
+
+        assert asyncio.run(alink(Wrapping(), body)((1,), {})) == 2
+        assert seen == ["awrap"]
+    else:
+        assert link(Wrapping(), lambda args, kwargs: args[0] + 1)((1,), {}) == 2
+        assert seen == ["wrap"]

@@ -228,13 +228,13 @@ def test_circuits_can_be_forced_and_are_reset_after_the_test(run):
 def test_chaos_fixture_arms_injection_for_the_test_only(run):
     result = run(
         """
-        from buttress.patterns import chaos
+        from buttress import config
 
         def test_armed(buttress_chaos):
-            assert chaos.armed() is True
+            assert config.get_settings().chaos_enabled is True
 
         def test_disarmed_afterwards():
-            assert chaos.armed() is False
+            assert config.get_settings().chaos_enabled is False
         """
     )
     result.assert_outcomes(passed=2)

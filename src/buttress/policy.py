@@ -4,8 +4,14 @@ A :class:`Policy` is a tuple of :class:`Spec` (which pattern, for which service,
 arguments), outermost first. It decides nothing at decoration time beyond validating arguments:
 settings are read when a call happens. The first call (and the first call after
 ``reload_settings()``) *compiles* the stack: it resolves each pattern's options for its service,
-builds the strategies and chains their ``wrap`` (sync) or ``awrap`` (async) steps into one
-callable. Every later call only checks that the settings snapshot is still the same object.
+builds the strategies and links them into one callable, through the ``def`` driver or the
+``async def`` one. Every later call only checks that the settings snapshot is still the same
+object.
+
+Patterns only decide (see :mod:`buttress.patterns._base`); the drivers here do every wait: they
+perform the effects a pattern returns (sleep, wait for a slot, retry after a delay, answer with a
+value, try alternatives) and run a call under a deadline. Linking picks, per strategy, the
+smallest step for its shape, so the common case (no effect) costs a test, not a generic loop.
 
 Stacked decorators fuse: decorating a function that buttress already decorated adds the new
 pattern to the existing policy instead of wrapping a wrapper, so a four-decorator stack costs one
@@ -18,6 +24,8 @@ bulkhead and rate limiter.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import functools
 import importlib
 import inspect
@@ -30,13 +38,24 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ParamSpec, TypeVar, cast, overload
 
-from buttress import _clock, config, events, registry
+from buttress import _clock, _context, _deadline, config, events, registry
 from buttress._values import RedisURL
 from buttress.events import CallFinished
 from buttress.exceptions import ConfigurationError, RejectedError, TimeoutExceededError
-from buttress.patterns._base import AsyncCall, BuildContext, Call, Strategy
+from buttress.patterns._base import (
+    AsyncCall,
+    BuildContext,
+    Call,
+    Effect,
+    RetryAfter,
+    Return,
+    Sleep,
+    Strategy,
+    Waiter,
+    WaitForSlot,
+)
 
-__all__ = ["Policy", "Spec"]
+__all__ = ["Policy", "Spec", "alink", "asettle", "link", "settle"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -120,7 +139,15 @@ def _build(spec: Spec, service: str, key: str, snapshot: config.Snapshot) -> Str
     if not getattr(options, "enabled", True):
         return None
     module = importlib.import_module(f"buttress.patterns.{spec.pattern}")
-    ctx = BuildContext(service=service, options=options, key=key, mode=view.mode)
+    ctx = BuildContext(
+        service=service,
+        options=options,
+        key=key,
+        mode=view.mode,
+        instances=registry.shared,
+        # Asked when a policy compiles (first call, every reload), never mid-way through one.
+        armed=snapshot.settings.chaos_enabled,
+    )
     return cast("Strategy | None", module.build(ctx))
 
 
@@ -218,7 +245,7 @@ class _Bound:
 
         step: Call = innermost
         for strategy in reversed(strategies):
-            step = strategy.wrap(step)
+            step = link(strategy, step)
         return step
 
     def _chain_async(self, strategies: list[Strategy]) -> AsyncCall:
@@ -229,7 +256,7 @@ class _Bound:
 
         step: AsyncCall = innermost
         for strategy in reversed(strategies):
-            step = strategy.awrap(step)
+            step = alink(strategy, step)
         return step
 
     def _rollout(self, run: Any, view: config.ServiceView) -> Any:
@@ -250,6 +277,440 @@ class _Bound:
             return fn(*args, **kwargs)
 
         return rolled_out
+
+
+# -- the two drivers -------------------------------------------------------------------------------
+# Everything that waits is below, once for threads and once for tasks. A gate with nothing to give
+# back costs no try/finally, and the common answer (no effect) costs one ``is not None``.
+
+
+class _ThreadWaiter(Waiter):
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.event = threading.Event()
+
+    def wake(self) -> bool:
+        self.event.set()
+        return True
+
+
+class _TaskWaiter(Waiter):
+    __slots__ = ("future", "loop", "thread")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self.loop = loop
+        self.future: asyncio.Future[None] = loop.create_future()
+        self.thread = threading.get_ident()
+
+    def wake(self) -> bool:
+        try:
+            if threading.get_ident() == self.thread:
+                # Woken from the waiter's own thread: resolve directly, no self-pipe write.
+                _resolve(self.future)
+            else:
+                self.loop.call_soon_threadsafe(_resolve, self.future)
+        except RuntimeError:  # its loop was closed under it; that task will never run again
+            return False
+        return True
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def settle(effect: Any) -> Any:
+    """Perform ``effect`` and those that follow it, for a thread; return what ends the chain.
+
+    That is a token for the call, or a :class:`Return` (or :class:`TryAlternatives`) for the
+    step to answer with.
+    """
+    while True:
+        if isinstance(effect, Sleep):
+            try:
+                _clock.sleep(effect.seconds)
+            except BaseException:
+                effect.abandon()
+                raise
+            effect = effect.resume()
+        elif isinstance(effect, WaitForSlot):
+            waiter = _ThreadWaiter()
+            if effect.queue(waiter):
+                try:
+                    _clock.wait(waiter.event, effect.bound)
+                except BaseException:
+                    effect.abandon(waiter)
+                    raise
+            effect = effect.resume(waiter)
+        else:
+            return effect
+
+
+async def asettle(effect: Any) -> Any:
+    """Perform ``effect`` and those that follow it, for a task; return what ends the chain."""
+    while True:
+        if isinstance(effect, Sleep):
+            try:
+                await _clock.asleep(effect.seconds)
+            except BaseException:
+                effect.abandon()
+                raise
+            effect = effect.resume()
+        elif isinstance(effect, WaitForSlot):
+            waiter = _TaskWaiter(asyncio.get_running_loop())
+            if effect.queue(waiter):
+                try:
+                    async with _clock.timeout(effect.bound):
+                        await waiter.future
+                except TimeoutError:
+                    pass  # out of time: resume() tells a slot granted in that instant from none
+                except BaseException:
+                    effect.abandon(waiter)
+                    raise
+            effect = effect.resume(waiter)
+        else:
+            return effect
+
+
+def _answer(
+    effect: Any, failure: Exception, call: Call, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Answer ``failure`` of ``call`` as a recovery's effect says, for a thread."""
+    if isinstance(effect, RetryAfter):
+        while True:
+            _clock.sleep(effect.seconds)
+            effect.attempting()
+            try:
+                result = call(args, kwargs)
+            except Exception as exc:  # noqa: BLE001 - the effect decides, and re-raises
+                failure = exc
+            else:
+                effect.succeeded()
+                return result
+            # Reported outside the except block, so one attempt's failure does not chain onto
+            # the next.
+            effect = effect.failed(failure)
+    if isinstance(effect, Return):
+        return effect.value
+    errors: list[tuple[Callable[..., Any], Exception]] = []
+    for alternative, label in effect.alternatives:
+        try:
+            result = alternative(failure, *args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - the next alternative takes over
+            errors.append((alternative, error))
+            continue
+        effect.answered(label)
+        return result
+    return effect.exhausted(errors)
+
+
+async def _aanswer(
+    effect: Any, failure: Exception, call: AsyncCall, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Answer ``failure`` of ``call`` as a recovery's effect says, for a task."""
+    if isinstance(effect, RetryAfter):
+        while True:
+            await _clock.asleep(effect.seconds)
+            effect.attempting()
+            try:
+                result = await call(args, kwargs)
+            except Exception as exc:  # noqa: BLE001 - the effect decides, and re-raises
+                failure = exc
+            else:
+                effect.succeeded()
+                return result
+            effect = effect.failed(failure)
+    if isinstance(effect, Return):
+        return effect.value
+    errors: list[tuple[Callable[..., Any], Exception]] = []
+    for alternative, label in effect.alternatives:
+        try:
+            result = alternative(failure, *args, **kwargs)
+            if inspect.isawaitable(result):  # an async def caller's handler may be either
+                result = await result
+        except Exception as error:  # noqa: BLE001 - the next alternative takes over
+            errors.append((alternative, error))
+            continue
+        effect.answered(label)
+        return result
+    return effect.exhausted(errors)
+
+
+def _bounded(strategy: Any, call: Call) -> Call:
+    """Run under a deadline, for a thread: on a worker, waiting for it at most the limit."""
+    service = strategy.service
+    limit_of, exceeded, finished = strategy.limit, strategy.exceeded, strategy.finished
+    pool = _deadline.POOL
+    refused = (
+        f" (not started: all {pool.per_service} worker threads {service!r} may hold are "
+        "still running calls abandoned at their deadline)"
+    )
+    deadline_var = _context.deadline
+
+    def timed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        start = _clock.monotonic()
+        limit = limit_of(start)
+        deadline = start + limit
+        # The worker runs in a copy of the caller's context so retry attempt numbers, the
+        # idempotency key and this deadline are visible there; the caller's own is untouched.
+        context = contextvars.copy_context()
+        context.run(deadline_var.set, deadline)
+        job = _deadline.Job(call, args, kwargs, context=context, service=service, deadline=deadline)
+        job.parent = _deadline.worker.job
+        if not pool.submit(job):
+            finished(0.0, timed_out=True)
+            raise exceeded(limit, 0.0, refused)
+        try:
+            wait = deadline - _clock.monotonic()
+            if wait > 0:
+                _clock.wait(job.done, wait)
+        except BaseException:
+            pool.settle(job)  # interrupted (KeyboardInterrupt): the worker is abandoned too
+            raise
+        state = pool.settle(job)
+        if state == _deadline.DONE:
+            error = job.error
+            if error is None:
+                finished(job.finished_at - start, timed_out=False)
+                return job.result
+            if type(error) is not _deadline.NotStartedError:
+                finished(job.finished_at - start, timed_out=False)
+                try:
+                    raise error
+                finally:
+                    del error, job  # break the frame <-> traceback cycle
+            # It waited inside (for a bulkhead slot) until this very deadline: our timeout.
+        elapsed = _clock.monotonic() - start
+        finished(elapsed, timed_out=True)
+        raise exceeded(limit, elapsed, _deadline.DETAILS.get(state, ""))
+
+    return timed
+
+
+def _abounded(strategy: Any, call: AsyncCall) -> AsyncCall:
+    """Run under a deadline, for a task: a timer on its loop cancels it when the time is up."""
+    limit_of, exceeded, finished = strategy.limit, strategy.exceeded, strategy.finished
+    deadline_var = _context.deadline
+
+    async def timed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        start = _clock.monotonic()
+        limit = limit_of(start)
+        task = asyncio.current_task()
+        if task is None:  # pragma: no cover - awaited outside a task: nothing to cancel
+            raise RuntimeError("with_timeout needs to run inside an asyncio task")
+        # What asyncio.timeout does, inline: cancel the task at the deadline, then tell that
+        # cancellation (ours) from one requested by anybody else (theirs: it propagates).
+        cancelling = task.cancelling()
+        expiry = _deadline.Expiry(task)
+        handle = _clock.call_later(limit, expiry.fire)
+        token = deadline_var.set(start + limit)
+        timed_out = False
+        try:
+            return await call(args, kwargs)
+        except asyncio.CancelledError as exc:
+            if expiry.fired:
+                expiry.fired = False
+                if task.uncancel() <= cancelling:
+                    timed_out = True
+                    raise exceeded(limit, _clock.monotonic() - start) from exc
+            raise
+        except _deadline.NotStartedError as exc:
+            # A wait inside (for a bulkhead slot) saw this deadline pass before our timer did:
+            # the same timeout, reported once, by this scope, as if the timer had fired.
+            timed_out = True
+            raise exceeded(limit, _clock.monotonic() - start) from exc
+        finally:
+            handle.cancel()
+            if expiry.fired:
+                # The deadline passed, but the call ended without seeing the cancellation:
+                # withdraw it so it does not hit the caller's next await.
+                task.uncancel()
+            deadline_var.reset(token)
+            finished(_clock.monotonic() - start, timed_out)
+
+    return timed
+
+
+def link(strategy: Any, call: Call) -> Call:
+    """The step that runs ``call`` under ``strategy`` for a ``def`` caller."""
+    if hasattr(strategy, "recover"):
+        for alternative, _ in strategy.alternatives:
+            if inspect.iscoroutinefunction(alternative):
+                raise TypeError(
+                    f"with_{strategy.pattern}: handler {_callable_name(alternative)} is async but "
+                    "the protected function is not; give a def handler"
+                )
+        if hasattr(strategy, "scope"):
+            return _scoped_recovery(strategy.scope, strategy.new_scope, strategy.recover, call)
+        return _recovery(strategy.recover, strategy.succeeded, call)
+    if hasattr(strategy, "before"):
+        return _gate(strategy.before, strategy.after, call)
+    if hasattr(strategy, "limit"):
+        return _bounded(strategy, call)
+    return cast("Call", strategy.wrap(call))
+
+
+def alink(strategy: Any, call: AsyncCall) -> AsyncCall:
+    """The step that runs ``call`` under ``strategy`` for an ``async def`` caller."""
+    if hasattr(strategy, "recover"):
+        if hasattr(strategy, "scope"):
+            return _ascoped_recovery(strategy.scope, strategy.new_scope, strategy.recover, call)
+        return _arecovery(strategy.recover, strategy.succeeded, call)
+    if hasattr(strategy, "before"):
+        return _agate(strategy.before, strategy.after, call)
+    if hasattr(strategy, "limit"):
+        return _abounded(strategy, call)
+    return cast("AsyncCall", strategy.awrap(call))
+
+
+def _gate(before: Callable[[], Any], after: Callable[[Any], None] | None, call: Call) -> Call:
+    if after is None:
+
+        def gated(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            token = before()
+            if token is not None and isinstance(token := settle(token), Return):
+                return token.value
+            return call(args, kwargs)
+
+        return gated
+
+    def held(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        token = before()
+        if token is not None and isinstance(token, Effect):
+            token = settle(token)
+            if isinstance(token, Return):
+                return token.value
+        try:
+            return call(args, kwargs)
+        finally:
+            after(token)
+
+    return held
+
+
+def _agate(
+    before: Callable[[], Any], after: Callable[[Any], None] | None, call: AsyncCall
+) -> AsyncCall:
+    if after is None:
+
+        async def gated(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            token = before()
+            if token is not None and isinstance(token := await asettle(token), Return):
+                return token.value
+            return await call(args, kwargs)
+
+        return gated
+
+    async def held(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        token = before()
+        if token is not None and isinstance(token, Effect):
+            token = await asettle(token)
+            if isinstance(token, Return):
+                return token.value
+        try:
+            return await call(args, kwargs)
+        finally:
+            after(token)
+
+    return held
+
+
+Recover = Callable[[Exception, tuple[Any, ...], dict[str, Any]], Any]
+Succeeded = Callable[[tuple[Any, ...], dict[str, Any], Any], None]
+
+
+def _recovery(recover: Recover, succeeded: Succeeded | None, call: Call) -> Call:
+    if succeeded is None:
+
+        def recovering(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            try:
+                return call(args, kwargs)
+            except Exception as exc:  # noqa: BLE001 - the strategy re-raises what it does not answer
+                failure = exc
+            # Answered outside the except block, so a failing alternative does not chain onto it.
+            return _answer(recover(failure, args, kwargs), failure, call, args, kwargs)
+
+        return recovering
+
+    def noting(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        try:
+            result = call(args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - the strategy re-raises what it does not answer
+            failure = exc
+        else:
+            succeeded(args, kwargs, result)
+            return result
+        return _answer(recover(failure, args, kwargs), failure, call, args, kwargs)
+
+    return noting
+
+
+def _arecovery(recover: Recover, succeeded: Succeeded | None, call: AsyncCall) -> AsyncCall:
+    if succeeded is None:
+
+        async def recovering(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            try:
+                return await call(args, kwargs)
+            except Exception as exc:  # noqa: BLE001 - the strategy re-raises what it does not answer
+                failure = exc
+            return await _aanswer(recover(failure, args, kwargs), failure, call, args, kwargs)
+
+        return recovering
+
+    async def noting(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        try:
+            result = await call(args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - the strategy re-raises what it does not answer
+            failure = exc
+        else:
+            succeeded(args, kwargs, result)
+            return result
+        return await _aanswer(recover(failure, args, kwargs), failure, call, args, kwargs)
+
+    return noting
+
+
+def _scoped_recovery(
+    scope: ContextVar[Any], new_scope: Callable[[], Any], recover: Recover, call: Call
+) -> Call:
+    # A recovery with a scope of its own around the call and its answer (retry's attempt
+    # count), set here inline: no hook call on the success path.
+    def scoped(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        token = scope.set(new_scope())
+        try:
+            try:
+                return call(args, kwargs)
+            except Exception as exc:  # noqa: BLE001 - the strategy re-raises what it does not answer
+                failure = exc
+            return _answer(recover(failure, args, kwargs), failure, call, args, kwargs)
+        finally:
+            scope.reset(token)
+
+    return scoped
+
+
+def _ascoped_recovery(
+    scope: ContextVar[Any], new_scope: Callable[[], Any], recover: Recover, call: AsyncCall
+) -> AsyncCall:
+    async def scoped(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        token = scope.set(new_scope())
+        try:
+            try:
+                return await call(args, kwargs)
+            except Exception as exc:  # noqa: BLE001 - the strategy re-raises what it does not answer
+                failure = exc
+            return await _aanswer(recover(failure, args, kwargs), failure, call, args, kwargs)
+        finally:
+            scope.reset(token)
+
+    return scoped
+
+
+def _callable_name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
 
 
 def _observe_sync(chain: Call, service: str) -> Call:
@@ -455,9 +916,13 @@ def _wrap_sync(policy: Policy, fn: Callable[P, R]) -> Callable[P, R]:
             compiled = bound.compile(snapshot)
         if compiled.direct:
             return fn(*args, **kwargs)
+        # Annotated rather than cast(): typing.cast is a real call, on every call.
+        result: R
         if CallFinished in events.ROUTES:
-            return cast("R", compiled.observed(args, kwargs))
-        return cast("R", compiled.chain(args, kwargs))
+            result = compiled.observed(args, kwargs)
+        else:
+            result = compiled.chain(args, kwargs)
+        return result
 
     _mark(wrapper, policy, fn)
     return wrapper
@@ -474,9 +939,13 @@ def _wrap_async(policy: Policy, fn: Callable[P, Awaitable[R]]) -> Callable[P, Aw
             compiled = bound.compile(snapshot)
         if compiled.direct:
             return await fn(*args, **kwargs)
+        # Annotated rather than cast(): typing.cast is a real call, on every call.
+        result: R
         if CallFinished in events.ROUTES:
-            return cast("R", await compiled.observed(args, kwargs))
-        return cast("R", await compiled.chain(args, kwargs))
+            result = await compiled.observed(args, kwargs)
+        else:
+            result = await compiled.chain(args, kwargs)
+        return result
 
     _mark(wrapper, policy, fn)
     return wrapper

@@ -26,11 +26,27 @@ from buttress.patterns import bulkhead
 from buttress.patterns._base import BuildContext
 from buttress.patterns.bulkhead import Bulkhead, BulkheadOptions, BulkheadStrategy
 from buttress.patterns.timeout import TimeoutStrategy
+from buttress.policy import alink, asettle, link, settle
 from buttress.testing import FakeClock, capture_events
 
 
+def acquire(bh: Bulkhead) -> None:
+    """Take a slot for this thread as a call does: queue for one when none is free."""
+    wait = bh.admit()
+    if wait is not None:
+        settle(wait)
+
+
+async def aacquire(bh: Bulkhead) -> None:
+    """Take a slot for this task as a call does: queue for one when none is free."""
+    wait = bh.admit()
+    if wait is not None:
+        await asettle(wait)
+
+
 def strategy(service: str = "svc", mode: str = "enforce", **options: Any) -> BulkheadStrategy:
-    built = bulkhead.build(BuildContext(service, BulkheadOptions(**options), service, mode))
+    ctx = BuildContext(service, BulkheadOptions(**options), service, mode, registry.shared)
+    built = bulkhead.build(ctx)
     assert isinstance(built, BulkheadStrategy)
     return built
 
@@ -280,8 +296,8 @@ def test_an_abandoned_sync_call_keeps_its_slot_until_it_really_ends(clock):
 def test_a_task_cancelled_while_queued_leaves_no_trace(clock):
     async def scenario() -> None:
         bh = Bulkhead("svc", BulkheadOptions(limit=1, max_queue=2))
-        assert bh.try_acquire()
-        waiters = [asyncio.create_task(bh.aacquire()) for _ in range(2)]
+        assert bh.admit() is None  # took the free slot
+        waiters = [asyncio.create_task(aacquire(bh)) for _ in range(2)]
         await asyncio.sleep(0)
         assert bh.snapshot()["queued"] == 2
         waiters[0].cancel()
@@ -300,8 +316,8 @@ def test_a_task_cancelled_while_queued_leaves_no_trace(clock):
 def test_a_task_granted_a_slot_as_it_is_cancelled_gives_it_back(clock):
     async def scenario() -> None:
         bh = Bulkhead("svc", BulkheadOptions(limit=1, max_queue=1))
-        assert bh.try_acquire()
-        waiter = asyncio.create_task(bh.aacquire())
+        assert bh.admit() is None  # took the free slot
+        waiter = asyncio.create_task(aacquire(bh))
         await asyncio.sleep(0)
         bh.release()  # hands the slot to the waiter ...
         waiter.cancel()  # ... which is cancelled before it runs again
@@ -315,8 +331,8 @@ def test_a_task_granted_a_slot_as_it_is_cancelled_gives_it_back(clock):
 def test_a_task_granted_a_slot_from_another_thread_as_it_is_cancelled_gives_it_back(clock):
     async def scenario() -> None:
         bh = Bulkhead("svc", BulkheadOptions(limit=1, max_queue=1))
-        assert bh.try_acquire()
-        waiter = asyncio.create_task(bh.aacquire())
+        assert bh.admit() is None  # took the free slot
+        waiter = asyncio.create_task(aacquire(bh))
         await asyncio.sleep(0)
         releaser = threading.Thread(target=bh.release)
         releaser.start()
@@ -332,8 +348,8 @@ def test_a_task_granted_a_slot_from_another_thread_as_it_is_cancelled_gives_it_b
 def test_a_task_granted_a_slot_as_its_queue_timeout_fires_keeps_it(clock):
     async def scenario() -> None:
         bh = Bulkhead("svc", BulkheadOptions(limit=1, max_queue=1, queue_timeout=1))
-        assert bh.try_acquire()
-        waiter = asyncio.create_task(bh.aacquire())
+        assert bh.admit() is None  # took the free slot
+        waiter = asyncio.create_task(aacquire(bh))
         await asyncio.sleep(0)
         clock.advance(1)  # the queue timeout fires ...
         bh.release()  # ... and a slot is handed over in the same instant
@@ -350,12 +366,12 @@ def test_a_thread_granted_a_slot_as_its_queue_timeout_fires_never_leaks(clock):
     outcomes = set()
     for _ in range(20):
         bh = Bulkhead("svc", BulkheadOptions(limit=1, max_queue=1, queue_timeout=1))
-        assert bh.try_acquire()
+        assert bh.admit() is None  # took the free slot
         result: list[object] = []
 
         def waiter(bh: Bulkhead = bh, result: list[object] = result) -> None:
             try:
-                bh.acquire()
+                acquire(bh)
             except BulkheadFullError as exc:
                 result.append(exc)
                 return
@@ -379,7 +395,7 @@ class Interrupt(BaseException):
 
 def test_a_thread_interrupted_while_queued_leaves_no_trace(clock, monkeypatch):
     bh = Bulkhead("svc", BulkheadOptions(limit=1, max_queue=1))
-    assert bh.try_acquire()
+    assert bh.admit() is None  # took the free slot
 
     def interrupted(event, seconds):
         raise Interrupt
@@ -387,13 +403,13 @@ def test_a_thread_interrupted_while_queued_leaves_no_trace(clock, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(_clock, "wait", interrupted)
         with pytest.raises(Interrupt):
-            bh.acquire()
+            acquire(bh)
     assert (bh.snapshot()["active"], bh.snapshot()["queued"]) == (1, 0)
 
 
 def test_a_thread_granted_a_slot_as_it_is_interrupted_gives_it_back(clock, monkeypatch):
     bh = Bulkhead("svc", BulkheadOptions(limit=1, max_queue=1))
-    assert bh.try_acquire()
+    assert bh.admit() is None  # took the free slot
 
     def granted_then_interrupted(event, seconds):
         bh.release()  # the slot is handed to this waiter ...
@@ -402,21 +418,21 @@ def test_a_thread_granted_a_slot_as_it_is_interrupted_gives_it_back(clock, monke
     with monkeypatch.context() as patch:
         patch.setattr(_clock, "wait", granted_then_interrupted)
         with pytest.raises(Interrupt):
-            bh.acquire()
+            acquire(bh)
     assert (bh.snapshot()["active"], bh.snapshot()["queued"]) == (0, 0)
 
 
 def test_a_closed_event_loop_does_not_swallow_the_slot(clock):
     bh = Bulkhead("svc", BulkheadOptions(limit=1, max_queue=2))
-    assert bh.try_acquire()
+    assert bh.admit() is None  # took the free slot
     loop = asyncio.new_event_loop()
-    abandoned = loop.create_task(bh.aacquire())
+    abandoned = loop.create_task(aacquire(bh))
     loop.run_until_complete(asyncio.sleep(0))
     loop.close()  # with its waiter still queued: that task can never take a slot
     thread_got_it = threading.Event()
 
     def waiter() -> None:
-        bh.acquire()
+        acquire(bh)
         thread_got_it.set()
 
     thread = threading.Thread(target=waiter)
@@ -461,7 +477,7 @@ def test_64_threads_never_exceed_the_limit():
         peak.leave()
         return args[0]
 
-    step = built.wrap(body)
+    step = link(built, body)
     results: list[int] = []
     threads = [
         threading.Thread(target=lambda i=i: results.append(step((i,), {}))) for i in range(64)
@@ -490,7 +506,7 @@ def test_1000_tasks_never_exceed_the_limit():
         peak.leave()
         return args[0]
 
-    step = built.awrap(body)
+    step = alink(built, body)
 
     async def scenario() -> list[int]:
         return await asyncio.gather(*(step((i,), {}) for i in range(1000)))
@@ -513,7 +529,7 @@ def test_1000_tasks_with_cancellations_and_timeouts_leak_nothing(clock):
             peak.leave()
         return args[0]
 
-    step = built.awrap(body)
+    step = alink(built, body)
 
     async def scenario() -> list[object]:
         tasks = [asyncio.create_task(step((i,), {})) for i in range(1000)]
@@ -544,7 +560,7 @@ def test_one_bulkhead_serves_four_event_loops_in_four_threads_at_once():
         peak.leave()
         return args[0]
 
-    step = built.awrap(body)
+    step = alink(built, body)
     results: dict[int, list[int]] = {}
 
     def run_loop(n: int) -> None:
@@ -603,7 +619,7 @@ def test_a_lowered_limit_admits_nobody_until_calls_in_flight_drop_below_it(mode,
 
 def test_registry_reconfigures_the_shared_instance_in_place(clock):
     first = strategy("svc", limit=1)
-    assert first.bulkhead.try_acquire()
+    assert first.bulkhead.admit() is None  # took the free slot
     second = strategy("svc", limit=4)
     assert second.bulkhead is first.bulkhead
     assert first.bulkhead.snapshot()["limit"] == 4
@@ -683,7 +699,7 @@ class BulkheadMachine(RuleBasedStateMachine):
             limit=limit, max_queue=max_queue, queue_timeout=queue_timeout
         )
         self.built = strategy("model", **self.options.model_dump())
-        self.step = self.built.awrap(self._body)
+        self.step = alink(self.built, self._body)
 
     async def _body(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
         call = args[0]
@@ -897,7 +913,7 @@ def test_a_slot_granted_at_the_deadline_is_given_back_and_the_call_never_starts(
     bh = built.bulkhead
     ran: list[int] = []
     fn = mode.chain(built, mode.define(lambda: ran.append(1)))
-    assert bh.try_acquire()
+    assert bh.admit() is None  # took the free slot
     deadline = clock.monotonic() + 2
     # Scheduled before the waiter's own deadline timer: the slot arrives in the very instant the
     # deadline passes, and a call never starts at or after its deadline.
@@ -918,8 +934,8 @@ def test_a_sync_call_abandoned_while_queued_never_starts_when_a_slot_frees(clock
     # in the bulkhead queue, and must give the slot back instead of calling the dependency.
     bh = Bulkhead("gone", BulkheadOptions(limit=1, max_queue=1))
     ran: list[int] = []
-    step = TimeoutStrategy("gone", 5).wrap(BulkheadStrategy(bh).wrap(lambda a, kw: ran.append(1)))
-    assert bh.try_acquire()
+    step = link(TimeoutStrategy("gone", 5), link(BulkheadStrategy(bh), lambda a, kw: ran.append(1)))
+    assert bh.admit() is None  # took the free slot
     real_wait = _clock.wait
     caller = threading.get_ident()
     finished = threading.Event()

@@ -33,7 +33,11 @@ def armed(monkeypatch):
 
 def built(mode_name="enforce", service="upstream", **options):
     ctx = BuildContext(
-        service=service, options=ChaosOptions(enabled=True, **options), key=service, mode=mode_name
+        service=service,
+        options=ChaosOptions(enabled=True, **options),
+        key=service,
+        mode=mode_name,
+        armed=config.get_settings().chaos_enabled,  # as a compiling policy reads it
     )
     return chaos.build(ctx)
 
@@ -81,14 +85,14 @@ def test_nothing_is_built_unless_enabled_armed_and_some_rate_is_set(armed, monke
     assert chaos.build(disabled) is None
     monkeypatch.setenv(chaos.KILL_SWITCH, "false")
     config.reload_settings()
-    assert chaos.armed() is False
+    assert config.get_settings().chaos_enabled is False
     assert built(exception_rate=1.0) is None
 
 
 def test_kill_switch_is_off_when_unset(monkeypatch):
     monkeypatch.delenv(chaos.KILL_SWITCH, raising=False)
     config.reload_settings()
-    assert chaos.armed() is False
+    assert config.get_settings().chaos_enabled is False
     assert built(exception_rate=1.0, latency_rate=1.0, result_rate=1.0) is None
 
 

@@ -19,6 +19,7 @@ from buttress.exceptions import (
 from buttress.patterns import fallback
 from buttress.patterns._base import BuildContext
 from buttress.patterns.fallback import FallbackOptions, FallbackStrategy
+from buttress.policy import alink, link
 from buttress.testing import FakeClock, capture_events
 
 
@@ -106,7 +107,7 @@ def test_async_handler_is_awaited_for_an_async_function() -> None:
     async def down(user: str) -> str:
         raise ConnectionError("down")
 
-    protected_step = strategy(handler=handler).awrap(lambda args, kwargs: down(*args, **kwargs))
+    protected_step = alink(strategy(handler=handler), lambda args, kwargs: down(*args, **kwargs))
     assert asyncio.run(protected_step(("bob",), {})) == "cached answer for bob"
 
 
@@ -115,7 +116,7 @@ def test_async_handler_for_a_sync_function_is_refused() -> None:
         return "never"
 
     with pytest.raises(TypeError, match=r"handler .*handler is async but the protected function"):
-        strategy(handler=handler).wrap(lambda args, kwargs: "ok")
+        link(strategy(handler=handler), lambda args, kwargs: "ok")
 
 
 def test_chain_tries_each_alternative_in_order(mode) -> None:

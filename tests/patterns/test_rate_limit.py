@@ -13,11 +13,13 @@ from buttress.exceptions import RateLimitedError
 from buttress.patterns import rate_limit
 from buttress.patterns._base import BuildContext
 from buttress.patterns.rate_limit import RateLimitOptions, RateLimitStrategy
+from buttress.policy import alink, link
 from buttress.testing import capture_events
 
 
 def strategy(service: str = "svc", mode: str = "enforce", **options: Any) -> RateLimitStrategy:
-    built = rate_limit.build(BuildContext(service, RateLimitOptions(**options), service, mode))
+    ctx = BuildContext(service, RateLimitOptions(**options), service, mode, registry.shared)
+    built = rate_limit.build(ctx)
     assert isinstance(built, RateLimitStrategy)
     return built
 
@@ -99,7 +101,7 @@ def test_concurrent_waiters_reserve_tokens_and_never_overshoot_the_rate(clock):
     async def body(args, kwargs):
         return args[0]
 
-    step = strategy(rate=2, burst=1, max_wait=10).awrap(body)
+    step = alink(strategy(rate=2, burst=1, max_wait=10), body)
 
     async def scenario() -> list[Any]:
         return await asyncio.gather(*(step((i,), {}) for i in range(5)))
@@ -126,7 +128,7 @@ def test_a_waiter_cancelled_before_its_turn_gives_the_token_back(clock):
     async def body(args, kwargs):
         return "ran"
 
-    step = built.awrap(body)
+    step = alink(built, body)
 
     async def scenario() -> None:
         assert await step((), {}) == "ran"  # the bucket is empty now
@@ -147,7 +149,7 @@ class Interrupt(BaseException):
 
 def test_a_thread_interrupted_while_waiting_gives_the_token_back(clock, monkeypatch):
     built = strategy(rate=1, burst=1, max_wait=10)
-    step = built.wrap(lambda a, kw: "ran")
+    step = link(built, lambda a, kw: "ran")
     assert step((), {}) == "ran"
 
     def interrupted(seconds):

@@ -25,6 +25,7 @@ from buttress.exceptions import CircuitOpenError, RateLimitedError, TimeoutExcee
 from buttress.patterns import retry
 from buttress.patterns._base import BuildContext
 from buttress.patterns.retry import RetryOptions, RetryStrategy
+from buttress.policy import link
 from buttress.testing import FakeClock, capture_events
 
 
@@ -457,7 +458,7 @@ def test_a_retry_after_longer_than_the_deadline_gives_up_at_once(mode, clock: Fa
 def test_the_deadline_is_seen_in_a_sync_worker_thread(clock: FakeClock) -> None:
     # A sync with_timeout runs the call on a worker thread with a copy of the caller's context.
     script = Script(ConnectionError("first"), ConnectionError("second"), "ok")
-    step = strategy(max_attempts=5, initial=1.0).wrap(lambda args, kwargs: script())
+    step = link(strategy(max_attempts=5, initial=1.0), lambda args, kwargs: script())
     token = _context.deadline.set(clock.monotonic() + 1.5)
     try:
         context = contextvars.copy_context()
@@ -552,15 +553,14 @@ def test_testing_mode_skips_the_waits(mode) -> None:
 def test_the_first_attempt_does_not_enter_tenacity(mode, clock: FakeClock, monkeypatch) -> None:
     built = strategy()
     copies: list[str] = []
-    for name in ("_retrying", "_aretrying"):
-        template = getattr(built, name)
-        original = template.copy
+    template = built._retrying  # one template serves def and async def callers
+    original = template.copy
 
-        def counting_copy(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
-            copies.append("copy")
-            return _original(*args, **kwargs)
+    def counting_copy(*args: Any, **kwargs: Any) -> Any:
+        copies.append("copy")
+        return original(*args, **kwargs)
 
-        monkeypatch.setattr(template, "copy", counting_copy)
+    monkeypatch.setattr(template, "copy", counting_copy)
     script = Script("ok", ConnectionError("down"), "ok")
     protected = mode.chain(built, mode.define(script))
     assert mode.run(protected) == "ok"

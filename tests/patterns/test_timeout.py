@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 import buttress
-from buttress import _clock, _context, events, registry
+from buttress import _clock, _context, _deadline, events, registry
 from buttress.events import (
     ShadowDecision,
     TimedCallFinished,
@@ -26,6 +26,7 @@ from buttress.exceptions import TimeoutExceededError
 from buttress.patterns import timeout
 from buttress.patterns._base import BuildContext
 from buttress.patterns.timeout import TimeoutOptions, TimeoutStrategy
+from buttress.policy import alink, link
 from buttress.testing import capture_events
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -137,7 +138,7 @@ def test_a_sync_call_runs_on_a_worker_thread_that_sees_the_deadline(clock):
         seen["remaining"] = buttress.remaining()
         return "ok"
 
-    step = strategy(5).wrap(lambda a, kw: body())
+    step = link(strategy(5), lambda a, kw: body())
     assert step((), {}) == "ok"
     assert seen["thread"] is not threading.current_thread()
     assert seen["thread"].daemon is True
@@ -231,7 +232,7 @@ def test_an_abandoned_worker_is_counted_until_it_finishes(clock):
         gate.wait(5)  # and keeps the worker busy after the caller gave up
         return "late"
 
-    step = strategy(5, "hung").wrap(lambda a, kw: body())
+    step = link(strategy(5, "hung"), lambda a, kw: body())
     with capture_events([WorkerAbandoned, WorkerFinishedLate]) as seen:
         unsubscribe = events.subscribe(lambda e: finished_late.set(), [WorkerFinishedLate])
         try:
@@ -264,7 +265,7 @@ def test_a_caller_interrupted_while_waiting_abandons_its_worker(clock, monkeypat
         assert started.wait(5)  # the interrupt lands while the call runs
         raise Interrupt
 
-    step = strategy(5, "interrupted").wrap(body)
+    step = link(strategy(5, "interrupted"), body)
     with capture_events([WorkerAbandoned, TimeoutExceeded]) as seen:
         unsubscribe = events.subscribe(lambda e: finished.set(), [WorkerFinishedLate])
         try:
@@ -284,8 +285,8 @@ def test_a_caller_interrupted_while_waiting_abandons_its_worker(clock, monkeypat
 
 
 def test_a_call_waits_for_a_worker_within_its_deadline_and_never_runs_late(clock, monkeypatch):
-    pool = timeout._WorkerPool(max_workers=1)
-    monkeypatch.setattr(timeout, "_POOL", pool)
+    pool = _deadline.WorkerPool(max_workers=1)
+    monkeypatch.setattr(_deadline, "POOL", pool)
     gate = threading.Event()
     ran = []
 
@@ -295,14 +296,14 @@ def test_a_call_waits_for_a_worker_within_its_deadline_and_never_runs_late(clock
 
     try:
         with pytest.raises(TimeoutExceededError):
-            strategy(5, "hog").wrap(lambda a, kw: hog())((), {})
+            link(strategy(5, "hog"), lambda a, kw: hog())((), {})
         assert pool.snapshot()["threads"] == 1  # the only worker is abandoned and still busy
         done = threading.Event()
         result = {}
 
         def caller():
             try:
-                strategy(5, "next").wrap(lambda a, kw: ran.append(1))((), {})
+                link(strategy(5, "next"), lambda a, kw: ran.append(1))((), {})
             except TimeoutExceededError as exc:
                 result["error"] = exc
             done.set()
@@ -329,16 +330,16 @@ def test_a_process_out_of_threads_times_out_the_call_without_running_it(clock, m
             raise RuntimeError("can't start new thread")
 
     monkeypatch.setattr(
-        timeout, "threading", SimpleNamespace(**{**vars(threading), "Thread": NoThread})
+        _deadline, "threading", SimpleNamespace(**{**vars(threading), "Thread": NoThread})
     )
-    pool = timeout._WorkerPool(max_workers=4)
-    monkeypatch.setattr(timeout, "_POOL", pool)
+    pool = _deadline.WorkerPool(max_workers=4)
+    monkeypatch.setattr(_deadline, "POOL", pool)
     ran, outcome = [], {}
     done = threading.Event()
 
     def caller():
         try:
-            strategy(5, "starved").wrap(lambda a, kw: ran.append(1))((), {})
+            link(strategy(5, "starved"), lambda a, kw: ran.append(1))((), {})
         except TimeoutExceededError as exc:
             outcome["error"] = exc
         done.set()
@@ -356,7 +357,7 @@ def test_a_process_out_of_threads_times_out_the_call_without_running_it(clock, m
 
 
 def test_many_concurrent_sync_calls_each_get_their_own_result(clock):
-    step = strategy(5).wrap(lambda a, kw: a[0] * 2)
+    step = link(strategy(5), lambda a, kw: a[0] * 2)
     results: dict[int, int] = {}
 
     def worker(i: int) -> None:
@@ -414,7 +415,7 @@ def test_an_outside_cancellation_is_not_turned_into_a_timeout(clock):
             entered.set()
             await asyncio.Event().wait()
 
-        step = strategy(5).awrap(body)
+        step = alink(strategy(5), body)
         with capture_events([TimeoutExceeded]) as seen:
             task = asyncio.create_task(step((), {}))
             await entered.wait()
@@ -436,7 +437,7 @@ def test_a_call_that_swallows_the_expiry_leaves_no_cancellation_behind(clock):
                 return "finished anyway"
             return "in time"
 
-        step = strategy(1).awrap(stubborn)
+        step = alink(strategy(1), stubborn)
         assert await step((), {}) == "finished anyway"
         task = asyncio.current_task()
         assert task is not None
@@ -455,7 +456,7 @@ def test_an_outside_cancellation_racing_the_deadline_stays_a_cancellation(clock)
             task.cancel()  # somebody else asks first ...
             await clock.asleep(10)  # ... and then the deadline passes too
 
-        step = strategy(1).awrap(body)
+        step = alink(strategy(1), body)
         with pytest.raises(asyncio.CancelledError):
             await step((), {})
 
@@ -528,8 +529,8 @@ def advance_until_all(clock, callers, step: float = 0.5) -> None:
 def test_a_stuck_service_cannot_take_the_workers_another_service_needs(clock, monkeypatch):
     # Regression: one service whose dependency hangs took every worker of the process-wide pool
     # (abandoned, still running), so an unrelated service's sync timeouts could only fail.
-    pool = timeout._WorkerPool(max_workers=8)
-    monkeypatch.setattr(timeout, "_POOL", pool)
+    pool = _deadline.WorkerPool(max_workers=8)
+    monkeypatch.setattr(_deadline, "POOL", pool)
     gate = threading.Event()
     started: list[int] = []
 
@@ -537,8 +538,8 @@ def test_a_stuck_service_cannot_take_the_workers_another_service_needs(clock, mo
         started.append(1)
         return gate.wait(10)
 
-    stuck = strategy(1, "stuck").wrap(hang)
-    healthy = strategy(1, "healthy").wrap(lambda a, kw: "ok")
+    stuck = link(strategy(1, "stuck"), hang)
+    healthy = link(strategy(1, "healthy"), lambda a, kw: "ok")
     try:
         callers = [Caller(stuck) for _ in range(12)]
         wait_for(lambda: len(started) >= 2 and len(started) + pool.snapshot()["pending"] == 12)
@@ -572,8 +573,8 @@ def test_a_stuck_service_cannot_take_the_workers_another_service_needs(clock, mo
 
 
 def test_calls_over_a_services_share_wait_for_one_of_its_workers(clock, monkeypatch):
-    pool = timeout._WorkerPool(max_workers=8)
-    monkeypatch.setattr(timeout, "_POOL", pool)
+    pool = _deadline.WorkerPool(max_workers=8)
+    monkeypatch.setattr(_deadline, "POOL", pool)
     gates = [threading.Event() for _ in range(3)]
     started: list[int] = []
 
@@ -582,7 +583,7 @@ def test_calls_over_a_services_share_wait_for_one_of_its_workers(clock, monkeypa
         assert gates[args[0]].wait(5)
         return args[0]
 
-    busy = strategy(5, "busy").wrap(body)
+    busy = link(strategy(5, "busy"), body)
 
     def call(i: int):
         return lambda a, kw: busy((i,), {})
@@ -606,16 +607,16 @@ def test_calls_over_a_services_share_wait_for_one_of_its_workers(clock, monkeypa
 def test_a_nested_timeout_of_the_same_service_runs_in_its_parents_place(clock, monkeypatch):
     # Every place of the service's share is held by an outer call waiting for its inner call:
     # the inner calls must not wait for a place (none would ever free up before the deadline).
-    pool = timeout._WorkerPool(max_workers=8)
-    monkeypatch.setattr(timeout, "_POOL", pool)
+    pool = _deadline.WorkerPool(max_workers=8)
+    monkeypatch.setattr(_deadline, "POOL", pool)
     both_outer = threading.Barrier(2, timeout=5)
-    inner = strategy(5, "nest").wrap(lambda a, kw: "inner")
+    inner = link(strategy(5, "nest"), lambda a, kw: "inner")
 
     def outer_body(args, kwargs):
         both_outer.wait()  # the two places of the share are both taken now
         return inner((), {})
 
-    outer = strategy(5, "nest").wrap(outer_body)
+    outer = link(strategy(5, "nest"), outer_body)
     callers = [Caller(outer) for _ in range(2)]
     for caller in callers:
         assert caller.done.wait(2), "the inner call waited for a place its parent held"
@@ -627,12 +628,12 @@ def test_the_share_of_one_service_is_a_quarter_of_the_pool():
 
 
 def test_a_call_a_worker_picks_up_after_its_deadline_never_starts(clock, monkeypatch):
-    pool = timeout._WorkerPool(max_workers=1)
-    monkeypatch.setattr(timeout, "_POOL", pool)
+    pool = _deadline.WorkerPool(max_workers=1)
+    monkeypatch.setattr(_deadline, "POOL", pool)
     gate = threading.Event()
     ran: list[int] = []
     try:
-        hog = Caller(strategy(50, "hog").wrap(lambda a, kw: gate.wait(5)))
+        hog = Caller(link(strategy(50, "hog"), lambda a, kw: gate.wait(5)))
         wait_for(lambda: pool.snapshot()["threads"] == 1 and pool.snapshot()["pending"] == 0)
         real_wait = _clock.wait
         caller = threading.get_ident()
@@ -648,7 +649,7 @@ def test_a_call_a_worker_picks_up_after_its_deadline_never_starts(clock, monkeyp
         with monkeypatch.context() as patch:
             patch.setattr(_clock, "wait", freed_too_late)
             with pytest.raises(TimeoutExceededError):
-                strategy(5, "late").wrap(lambda a, kw: ran.append(1))((), {})
+                link(strategy(5, "late"), lambda a, kw: ran.append(1))((), {})
     finally:
         gate.set()
     assert hog.done.wait(5)

@@ -6,9 +6,20 @@ A pattern has three parts:
   and the keys of its settings section. Code arguments are validated against it at decoration
   time; settings are validated against it at load time.
 * a *strategy*: built from resolved options when a policy first runs (and again after
-  ``reload_settings()``), it wraps the next step of the chain. ``wrap`` serves ``def`` callers and
-  ``awrap`` ``async def`` callers. Decisions (admit, record, next delay) are plain synchronous
-  methods that both wrappers share; the wrappers only do the waiting, through ``_clock``.
+  ``reload_settings()``). It only *decides*; the two drivers in :mod:`buttress.policy` (one for
+  ``def`` callers, one for ``async def`` callers) do every wait. A strategy is one of two shapes:
+
+  - a :class:`Gate` decides before the call (``before()``: a token, or an :class:`Effect` to
+    perform first) and is told when it is over (``after(token)``, or no ``after`` at all);
+  - a :class:`Recovery` decides after a failure (``recover()``: an effect that answers it, or it
+    re-raises) and may note each success (``succeeded``). One may also keep a scope of its own
+    around the call and its answer: a context variable (``scope``) the driver sets to
+    ``new_scope()`` (retry's attempt count).
+
+  The effects are a small closed set: :class:`Sleep`, :class:`WaitForSlot`, :class:`Return`,
+  :class:`TryAlternatives` and :class:`RetryAfter`. A strategy not yet written this way still
+  offers ``wrap`` (for ``def`` callers) and ``awrap`` (for ``async def`` callers) around the next
+  step.
 * a ``build(ctx)`` function returning the strategy.
 
 A step of the chain takes the positional arguments as a tuple and the keyword arguments as a dict,
@@ -19,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict
 
@@ -27,15 +38,26 @@ __all__ = [
     "AsyncCall",
     "BuildContext",
     "Call",
+    "Effect",
+    "Gate",
     "Mode",
     "Options",
+    "Recovery",
+    "RetryAfter",
+    "Return",
+    "Sleep",
     "Strategy",
+    "TryAlternatives",
+    "WaitForSlot",
+    "Waiter",
+    "Wrapper",
     "error_type",
 ]
 
 Call = Callable[[tuple[Any, ...], dict[str, Any]], Any]
 AsyncCall = Callable[[tuple[Any, ...], dict[str, Any]], Awaitable[Any]]
 Mode = Literal["enforce", "shadow"]
+T = TypeVar("T")
 
 
 class Options(BaseModel):
@@ -58,16 +80,200 @@ class BuildContext:
         key: the registry key of the pattern's shared instance: the service name when the call
             site named one, else a key private to the call site.
         mode: ``enforce`` acts; ``shadow`` only emits what it would have done.
+        instances: where shared instances live, ``instances(pattern, key, options, factory)``
+            (the registry's ``shared``, given by the policy, so no pattern imports the registry);
+            ``None``: every build makes its own.
+        armed: whether this process allows fault injection at all (the chaos kill switch, read
+            from the environment when settings load: a config file cannot arm it).
     """
 
     service: str
     options: Any
     key: str
     mode: Mode = "enforce"
+    instances: Callable[[str, str, Any, Callable[[Any], Any]], Any] | None = None
+    armed: bool = False
+
+    def shared(self, pattern: str, factory: Callable[[Any], T]) -> T:
+        """The instance of ``pattern`` for this key, made by ``factory(options)`` on first use.
+
+        Shared through ``instances``, it is reconfigured in place when the options changed.
+        """
+        if self.instances is None:
+            return factory(self.options)
+        return cast("T", self.instances(pattern, self.key, self.options, factory))
 
 
-class Strategy(Protocol):
-    """A built pattern: one link of a policy's chain."""
+# -- effects: what a strategy asks a driver to do -------------------------------------------------
+class Effect:
+    """Something only a driver can do (wait, answer in the call's place); the closed set below."""
+
+    __slots__ = ()
+
+
+class Sleep(Effect):
+    """Wait ``seconds``, then ask :meth:`resume` what comes next.
+
+    A pattern subclasses it to say what the wait was for: ``resume`` returns the token (or the
+    next effect) once the time has passed, ``abandon`` undoes what was taken when the wait is
+    interrupted (cancellation, an interpreter exit).
+    """
+
+    __slots__ = ("seconds",)
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def resume(self) -> Any:
+        """After the wait: the token of the call, or the next effect (may raise instead)."""
+        return None
+
+    def abandon(self) -> None:
+        """The wait was interrupted: give back whatever the call held."""
+
+
+class Waiter:
+    """A call waiting in a pattern's queue; the driver makes it (a thread's or a task's).
+
+    ``granted`` is written under the owning pattern's lock only.
+    """
+
+    __slots__ = ("granted",)
+
+    def __init__(self) -> None:
+        self.granted = False
+
+    def wake(self) -> bool:
+        """Tell the waiter it holds a slot now; ``False`` if it can no longer be told."""
+        raise NotImplementedError
+
+
+class WaitForSlot(Effect):
+    """Wait in a queue for a slot someone else frees.
+
+    The driver makes a :class:`Waiter` for its kind of caller and hands it to :meth:`queue`; when
+    that returns ``True`` it waits until the waiter is woken or ``bound`` seconds pass (``None``:
+    no bound), then asks :meth:`resume`. An interrupted wait calls :meth:`abandon` instead.
+    """
+
+    __slots__ = ("bound",)
+
+    def __init__(self) -> None:
+        self.bound: float | None = None
+
+    def queue(self, waiter: Waiter) -> bool:
+        """Queue ``waiter`` (or raise if the queue is full); ``False`` if it holds a slot now."""
+        raise NotImplementedError
+
+    def resume(self, waiter: Waiter) -> Any:
+        """After the wait (woken or out of time): the token of the call, or raise."""
+        raise NotImplementedError
+
+    def abandon(self, waiter: Waiter) -> None:
+        """The wait was interrupted: leave the queue, giving back a slot granted meanwhile."""
+        raise NotImplementedError
+
+
+class Return(Effect):
+    """Answer the call with ``value`` instead of running it (or instead of its failure)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+class TryAlternatives(Effect):
+    """Answer a failure with the first of ``alternatives`` that does not raise.
+
+    Each alternative is called as ``alternative(failure, *args, **kwargs)`` (an awaitable result
+    is awaited for an ``async def`` caller); the first that returns answers, and :meth:`answered`
+    is told which one. When all raise, :meth:`exhausted` gets their errors and answers or raises.
+    """
+
+    __slots__ = ("alternatives",)
+
+    def __init__(self, alternatives: tuple[tuple[Callable[..., Any], str], ...]) -> None:
+        self.alternatives = alternatives  # (alternative, label) pairs, tried in order
+
+    def answered(self, label: str) -> None:
+        """The alternative labelled ``label`` answered the call."""
+        raise NotImplementedError
+
+    def exhausted(self, errors: list[tuple[Callable[..., Any], Exception]]) -> Any:
+        """Every alternative raised (``errors``): the answer, or raise."""
+        raise NotImplementedError
+
+
+class RetryAfter(Effect):
+    """Run the call again after ``seconds``, and again, until an attempt returns or it gives up.
+
+    The driver waits ``seconds``, calls :meth:`attempting`, runs the call, and reports the
+    outcome: :meth:`succeeded`, or :meth:`failed`, which sets the next ``seconds`` and returns the
+    effect, or raises to give up.
+    """
+
+    __slots__ = ("seconds",)
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def attempting(self) -> None:
+        """The wait is over; the next attempt starts now."""
+
+    def failed(self, exc: Exception) -> RetryAfter:
+        """The attempt raised ``exc``: the effect for the next one, or raise to give up."""
+        raise exc
+
+    def succeeded(self) -> None:
+        """The attempt returned."""
+
+
+# -- the shapes of a strategy -------------------------------------------------------------------
+class Gate(Protocol):
+    """A strategy that decides before the call and is told when it is over."""
+
+    pattern: ClassVar[str]
+
+    @property
+    def before(self) -> Callable[[], Any]:
+        """Returns ``None`` or a token to pass to ``after``, or an :class:`Effect` to perform first.
+
+        It raises to reject the call. A :class:`Return` answers the call without running it (and
+        ``after`` is not called: nothing was taken).
+        """
+
+    @property
+    def after(self) -> Callable[[Any], None] | None:
+        """Runs once the call is over, whatever its outcome, with the token.
+
+        ``None`` when the pattern holds nothing during the call (the driver then skips the
+        ``try``/``finally``).
+        """
+
+
+class Recovery(Protocol):
+    """A strategy that decides after the call: it answers failures, and may note successes."""
+
+    pattern: ClassVar[str]
+
+    @property
+    def alternatives(self) -> tuple[tuple[Callable[..., Any], str], ...]:
+        """The callables an ``async def`` caller may await and a ``def`` caller may not.
+
+        The ``def`` driver refuses coroutine functions among them when it links the strategy.
+        """
+
+    @property
+    def succeeded(self) -> Callable[[tuple[Any, ...], dict[str, Any], Any], None] | None:
+        """Called as ``succeeded(args, kwargs, result)`` after a call that returned, if set."""
+
+    def recover(self, failure: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Effect:
+        """The effect that answers ``failure``; re-raises it when nothing should."""
+
+
+class Wrapper(Protocol):
+    """A strategy not yet split into decisions: it wraps the next step itself."""
 
     pattern: ClassVar[str]
 
@@ -76,6 +282,9 @@ class Strategy(Protocol):
 
     def awrap(self, call: AsyncCall) -> AsyncCall:
         """Return a step that applies this pattern around ``call`` for an ``async def`` caller."""
+
+
+Strategy = Gate | Recovery | Wrapper
 
 
 def error_type(exc: BaseException) -> str:

@@ -2,10 +2,10 @@
 
 One :class:`Bulkhead` per service (shared by every call site that names it) counts the calls in
 flight under a plain lock and keeps a FIFO queue of waiters. A released slot is handed straight to
-the oldest waiter, so a newcomer never overtakes the queue. Waiters are threads (a
-``threading.Event``) or tasks on any event loop (a future resolved on its own loop), so one bulkhead
-serves threads and several event loops at once. The lock is never held while a protected call runs
-or while anybody waits.
+the oldest waiter, so a newcomer never overtakes the queue. The drivers in :mod:`buttress.policy`
+make the waiters: threads (a ``threading.Event``) or tasks on any event loop (a future resolved on
+its own loop), so one bulkhead serves threads and several event loops at once. The lock is never
+held while a protected call runs or while anybody waits.
 
 A queued call never waits past the enclosing deadline (``buttress.remaining()``): it gives up then
 with :class:`~buttress.TimeoutExceededError`, which the enclosing ``with_timeout`` reports as its
@@ -15,19 +15,19 @@ gives the slot back without starting.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import Any, ClassVar, TypedDict
 
 from pydantic import Field
 
-from buttress import _clock, _context, events, registry
+from buttress import _clock, _context, events
+from buttress._deadline import caller_gave_up, not_started
 from buttress._values import Seconds
 from buttress.exceptions import BulkheadFullError, TimeoutExceededError
-from buttress.patterns import timeout as _timeout
-from buttress.patterns._base import AsyncCall, BuildContext, Call, Mode, Options, Strategy
+from buttress.patterns._base import BuildContext, Mode, Options, Strategy, Waiter, WaitForSlot
 
 __all__ = [
     "PATTERN",
@@ -64,57 +64,6 @@ class BulkheadSnapshot(TypedDict):
     utilization: float  # active / limit
 
 
-class _Waiter:
-    """A call waiting for a slot. ``granted`` is written under the bulkhead's lock only."""
-
-    __slots__ = ("granted",)
-
-    def __init__(self) -> None:
-        self.granted = False
-
-    def wake(self) -> bool:
-        """Tell the waiter it holds a slot now; ``False`` if it can no longer be told."""
-        raise NotImplementedError
-
-
-class _ThreadWaiter(_Waiter):
-    __slots__ = ("event",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.event = threading.Event()
-
-    def wake(self) -> bool:
-        self.event.set()
-        return True
-
-
-class _TaskWaiter(_Waiter):
-    __slots__ = ("future", "loop", "thread")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__()
-        self.loop = loop
-        self.future: asyncio.Future[None] = loop.create_future()
-        self.thread = threading.get_ident()
-
-    def wake(self) -> bool:
-        try:
-            if threading.get_ident() == self.thread:
-                # Released from the waiter's own thread: resolve directly, no self-pipe write.
-                _resolve(self.future)
-            else:
-                self.loop.call_soon_threadsafe(_resolve, self.future)
-        except RuntimeError:  # its loop was closed under it; that task will never run again
-            return False
-        return True
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
 def _limit(options: BulkheadOptions) -> int:
     if options.limit is None:  # build() makes no bulkhead without a limit
         raise ValueError("a bulkhead needs a limit")
@@ -142,21 +91,13 @@ class Bulkhead:
         # Calls let through by shadow mode although no slot was free (never queued, never counted
         # in ``active``): how far over the limit enforcement would have been.
         self._overflow = 0
-        self._waiters: deque[_Waiter] = deque()
+        self._waiters: deque[Waiter] = deque()
         self.limit = _limit(options)
         self.max_queue = options.max_queue
         self.queue_timeout = options.queue_timeout
 
-    # -- decisions (plain sync code shared by both drivers) ----------------------------------------
-    def try_acquire(self) -> bool:
-        """Take a free slot if there is one (never waits). Waiters exist only while all are busy."""
-        with self._lock:
-            if self._active < self.limit:
-                self._active += 1
-                return True
-            return False
-
-    def _enqueue(self, waiter: _Waiter) -> str | None:
+    # -- decisions (plain code the drivers call; nothing here waits) --------------------------
+    def _enqueue(self, waiter: Waiter) -> str | None:
         """Queue ``waiter``, or take a slot freed meanwhile; return the rejection reason if full."""
         with self._lock:
             if self._active < self.limit:
@@ -172,7 +113,7 @@ class Bulkhead:
             events.dispatch(handlers, events.BulkheadQueued(self.service, queued))
         return None
 
-    def _withdraw(self, waiter: _Waiter) -> bool:
+    def _withdraw(self, waiter: Waiter) -> bool:
         """The waiter stops waiting (timeout, cancellation); return whether it was granted a slot.
 
         A slot granted in the same instant is the waiter's: it either uses it or releases it.
@@ -185,8 +126,12 @@ class Bulkhead:
                 self._waiters.remove(waiter)
             return False
 
-    def release(self) -> None:
-        """Give a slot back: to the oldest waiter if the limit allows, else to the pool."""
+    def release(self, _token: object = None) -> None:
+        """Give a slot back: to the oldest waiter if the limit allows, else to the pool.
+
+        Also the driver's ``after`` (which passes the call's token, unused here): one frame less
+        on every call than a method that forwards to it.
+        """
         with self._lock:
             if self._active <= self.limit:
                 while self._waiters:
@@ -242,78 +187,33 @@ class Bulkhead:
         """After a wait: whether the call must not start (deadline passed, or its caller left)."""
         if deadline is not None and _clock.monotonic() >= deadline:
             return True
-        return _timeout.caller_gave_up()
+        return caller_gave_up()
 
     def _not_started(self, deadline: float | None, start: float) -> TimeoutExceededError:
         """The deadline (or the caller) did not wait for a slot: the call never starts."""
         self._note_rejected("deadline")
         waited = (deadline if deadline is not None else _clock.monotonic()) - start
-        return _timeout.not_started(self.service, waited, "a bulkhead slot")
+        return not_started(self.service, waited, "a bulkhead slot")
 
-    # -- waiting -----------------------------------------------------------------------------------
-    def acquire(self) -> None:
-        """Take a slot for a thread, waiting in the queue if allowed, else ``BulkheadFullError``.
+    # -- the call's turn --------------------------------------------------------------------------
+    def admit(self) -> _SlotWait | None:
+        """Take a free slot (``None``), or ask the driver to queue for one.
 
-        The wait ends at the enclosing deadline too (then ``TimeoutExceededError``); a slot that
-        comes too late is given back, and the call never starts.
+        Waiters exist only while every slot is busy, so a free slot is never taken out of turn.
+        A full queue raises ``BulkheadFullError`` when the driver queues the call.
         """
-        start = _clock.monotonic()
-        waiter = _ThreadWaiter()
-        reason = self._enqueue(waiter)
-        if reason is not None:
-            raise self._rejected(reason)
-        if not waiter.granted:
-            deadline = _deadline.get()
-            bound, by_deadline = self._bound(deadline)
-            try:
-                _clock.wait(waiter.event, bound)
-            except BaseException:
-                if self._withdraw(waiter):
-                    self.release()
-                raise
-            if not self._withdraw(waiter):
-                if by_deadline:
-                    raise self._not_started(deadline, start)
-                raise self._rejected("queue_timeout")
-            if self._too_late(deadline):
-                self.release()
-                raise self._not_started(deadline, start)
-        self.note_acquired(_clock.monotonic() - start)
-
-    async def aacquire(self) -> None:
-        """Take a slot for a task, waiting in the queue if allowed, else ``BulkheadFullError``.
-
-        The wait ends at the enclosing deadline too (then ``TimeoutExceededError``); a slot that
-        comes too late is given back, and the call never starts.
-        """
-        start = _clock.monotonic()
-        waiter = _TaskWaiter(asyncio.get_running_loop())
-        reason = self._enqueue(waiter)
-        if reason is not None:
-            raise self._rejected(reason)
-        if not waiter.granted:
-            deadline = _deadline.get()
-            bound, by_deadline = self._bound(deadline)
-            try:
-                async with _clock.timeout(bound):
-                    await waiter.future
-            except TimeoutError:
-                if not self._withdraw(waiter):
-                    if by_deadline:
-                        raise self._not_started(deadline, start) from None
-                    raise self._rejected("queue_timeout") from None
-            except BaseException:  # cancelled while queued, possibly just as a slot was granted
-                if self._withdraw(waiter):
-                    self.release()
-                elif deadline is not None and _clock.monotonic() >= deadline:
-                    # The enclosing timeout's own timer noticed the deadline first: still a call
-                    # that left the queue at its deadline, counted as such whichever timer won.
-                    self._note_rejected("deadline")
-                raise
-            if self._too_late(deadline):
-                self.release()
-                raise self._not_started(deadline, start)
-        self.note_acquired(_clock.monotonic() - start)
+        with self._lock:
+            active = self._active
+            if active >= self.limit:
+                return _SlotWait(self)
+            self._active = active = active + 1
+        handlers = events.ROUTES.get(events.BulkheadAcquired)
+        if handlers:  # inline, not note_acquired(): this runs on every call
+            # Nobody was queued: waiters exist only while every slot is busy.
+            events.dispatch(
+                handlers, events.BulkheadAcquired(self.service, 0.0, active, 0, self.limit)
+            )
+        return None
 
     # -- administration ----------------------------------------------------------------------------
     def reconfigure(self, options: BulkheadOptions) -> None:
@@ -377,78 +277,78 @@ class Bulkhead:
 _deadline = _context.deadline
 
 
+class _SlotWait(WaitForSlot):
+    """A call's wait in the queue of a full bulkhead.
+
+    It never waits past the enclosing deadline: then it gives up with ``TimeoutExceededError``;
+    a slot that comes too late (or after the caller of its sync timeout left) is given back.
+    """
+
+    __slots__ = ("bulkhead", "by_deadline", "deadline", "queued", "start")
+
+    def __init__(self, bulkhead: Bulkhead) -> None:
+        super().__init__()
+        self.bulkhead = bulkhead
+        self.start = _clock.monotonic()
+        self.deadline: float | None = None
+        self.by_deadline = False
+        self.queued = False
+
+    def queue(self, waiter: Waiter) -> bool:
+        bulkhead = self.bulkhead
+        reason = bulkhead._enqueue(waiter)
+        if reason is not None:
+            raise bulkhead._rejected(reason)
+        if waiter.granted:  # a slot freed between admit() and here
+            return False
+        self.queued = True
+        self.deadline = deadline = _deadline.get()
+        self.bound, self.by_deadline = bulkhead._bound(deadline)
+        return True
+
+    def resume(self, waiter: Waiter) -> None:
+        bulkhead = self.bulkhead
+        if self.queued:
+            deadline = self.deadline
+            if not bulkhead._withdraw(waiter):
+                if self.by_deadline:
+                    raise bulkhead._not_started(deadline, self.start)
+                raise bulkhead._rejected("queue_timeout")
+            if bulkhead._too_late(deadline):
+                bulkhead.release()
+                raise bulkhead._not_started(deadline, self.start)
+        bulkhead.note_acquired(_clock.monotonic() - self.start)
+
+    def abandon(self, waiter: Waiter) -> None:
+        # Cancelled while queued, possibly just as a slot was granted.
+        bulkhead = self.bulkhead
+        if bulkhead._withdraw(waiter):
+            bulkhead.release()
+        elif (deadline := self.deadline) is not None and _clock.monotonic() >= deadline:
+            # The enclosing timeout's own timer noticed the deadline first: still a call that
+            # left the queue at its deadline, counted as such whichever timer won.
+            bulkhead._note_rejected("deadline")
+
+
 class BulkheadStrategy:
-    """``with_bulkhead`` at one call site, over the service's shared :class:`Bulkhead`."""
+    """``with_bulkhead`` at one call site, over the service's shared :class:`Bulkhead`.
+
+    A gate that holds a slot for the length of the call.
+    """
 
     pattern: ClassVar[str] = PATTERN
 
     def __init__(self, bulkhead: Bulkhead, mode: Mode = "enforce") -> None:
         self.bulkhead = bulkhead
         self.mode = mode
-
-    def wrap(self, call: Call) -> Call:
-        bulkhead = self.bulkhead
-        if self.mode == "shadow":
-
-            def observed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-                counted = bulkhead.shadow_acquire()
-                try:
-                    return call(args, kwargs)
-                finally:
-                    bulkhead.shadow_release(counted)
-
-            return observed
-
-        try_acquire, acquire, note_acquired, release = (
-            bulkhead.try_acquire,
-            bulkhead.acquire,
-            bulkhead.note_acquired,
-            bulkhead.release,
-        )
-
-        def guarded(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if not try_acquire():
-                acquire()
-            elif events.ROUTES.get(events.BulkheadAcquired):
-                note_acquired(0.0)
-            try:
-                return call(args, kwargs)
-            finally:
-                release()
-
-        return guarded
-
-    def awrap(self, call: AsyncCall) -> AsyncCall:
-        bulkhead = self.bulkhead
-        if self.mode == "shadow":
-
-            async def observed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-                counted = bulkhead.shadow_acquire()
-                try:
-                    return await call(args, kwargs)
-                finally:
-                    bulkhead.shadow_release(counted)
-
-            return observed
-
-        try_acquire, aacquire, note_acquired, release = (
-            bulkhead.try_acquire,
-            bulkhead.aacquire,
-            bulkhead.note_acquired,
-            bulkhead.release,
-        )
-
-        async def guarded(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if not try_acquire():
-                await aacquire()
-            elif events.ROUTES.get(events.BulkheadAcquired):
-                note_acquired(0.0)
-            try:
-                return await call(args, kwargs)
-            finally:
-                release()
-
-        return guarded
+        # Bound once: the driver calls them on every call. Shadow mode's token is whether the
+        # call holds a counted slot.
+        self.before: Callable[[], object]
+        self.after: Callable[[Any], None]
+        if mode == "shadow":
+            self.before, self.after = bulkhead.shadow_acquire, bulkhead.shadow_release
+        else:
+            self.before, self.after = bulkhead.admit, bulkhead.release
 
 
 def build(ctx: BuildContext) -> Strategy | None:
@@ -457,5 +357,5 @@ def build(ctx: BuildContext) -> Strategy | None:
     if not options.enabled or options.limit is None:
         return None
     service = ctx.service
-    bulkhead = registry.shared(PATTERN, ctx.key, options, lambda opts: Bulkhead(service, opts))
+    bulkhead = ctx.shared(PATTERN, lambda opts: Bulkhead(service, opts))
     return BulkheadStrategy(bulkhead, ctx.mode)

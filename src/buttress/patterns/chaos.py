@@ -2,7 +2,7 @@
 
 Three kinds of fault, each at its own rate (a fraction of calls, drawn independently):
 
-* ``latency``: wait ``latency_seconds`` before the call (through ``_clock``, so an enclosing
+* ``latency``: wait ``latency_seconds`` before the call (on the buttress clock, so an enclosing
   ``with_timeout`` sees it and a fake clock drives it in tests);
 * ``exception``: raise instead of calling (default :class:`InjectedConnectionError`, so retry, the
   breaker and fallback treat it as the transient failure it imitates);
@@ -28,9 +28,9 @@ from typing import Any, ClassVar, Final
 
 from pydantic import Field, field_validator
 
-from buttress import _clock, config, events
+from buttress import events
 from buttress._values import PositiveSeconds
-from buttress.patterns._base import AsyncCall, BuildContext, Call, Options
+from buttress.patterns._base import BuildContext, Effect, Options, Return, Sleep
 
 __all__ = [
     "KILL_SWITCH",
@@ -38,7 +38,6 @@ __all__ = [
     "ChaosOptions",
     "ChaosStrategy",
     "InjectedConnectionError",
-    "armed",
     "build",
 ]
 
@@ -99,20 +98,11 @@ class ChaosOptions(Options):
         return value  # a callable; what it returns is checked when it is used
 
 
-def armed() -> bool:
-    """Whether this process allows fault injection at all (the kill switch, default off).
-
-    Settings read the switch when they load (a config file cannot arm it, only the process's
-    environment can); a policy asks when it compiles, on its first call and after every
-    ``reload_settings()``, never in the middle of a compiled policy.
-    """
-    return config.get_settings().chaos_enabled
-
-
 class ChaosStrategy:
-    """Draws, per call, whether to delay it, fail it or answer it wrongly, and does so."""
+    """Draws, per call, whether to delay it, fail it or answer it wrongly; the driver does it."""
 
     pattern: ClassVar[str] = PATTERN
+    after = None  # a gate that holds nothing during the call
 
     def __init__(self, service: str, options: ChaosOptions, *, shadow: bool = False) -> None:
         self.service = service
@@ -144,43 +134,39 @@ class ChaosStrategy:
         if handlers:
             events.dispatch(handlers, events.ChaosInjected(self.service, kind))
 
-    def wrap(self, call: Call) -> Call:
-        latency_seconds = self.options.latency_seconds
-        wrong = self.options.result
+    def before(self) -> Effect | None:
+        """This call's faults: a latency to sleep first, then an exception or a wrong answer."""
+        latency, exception, result = self.draw()
+        if latency:
+            self._injected("latency")
+            return _Latency(self, self.options.latency_seconds, exception=exception, result=result)
+        return self._replace(exception=exception, result=result)
 
-        def chaos(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            latency, exception, result = self.draw()
-            if latency:
-                self._injected("latency")
-                _clock.sleep(latency_seconds)
-            if exception:
-                self._injected("exception")
-                raise self._make_exception()
-            if result:
-                self._injected("result")
-                return wrong
-            return call(args, kwargs)
+    def _replace(self, *, exception: bool, result: bool) -> Return | None:
+        if exception:
+            self._injected("exception")
+            raise self._make_exception()
+        if result:
+            self._injected("result")
+            return Return(self.options.result)
+        return None
 
-        return chaos
 
-    def awrap(self, call: AsyncCall) -> AsyncCall:
-        latency_seconds = self.options.latency_seconds
-        wrong = self.options.result
+class _Latency(Sleep):
+    """The injected delay; what else this call drew comes after it."""
 
-        async def chaos(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            latency, exception, result = self.draw()
-            if latency:
-                self._injected("latency")
-                await _clock.asleep(latency_seconds)
-            if exception:
-                self._injected("exception")
-                raise self._make_exception()
-            if result:
-                self._injected("result")
-                return wrong
-            return await call(args, kwargs)
+    __slots__ = ("exception", "result", "strategy")
 
-        return chaos
+    def __init__(
+        self, strategy: ChaosStrategy, seconds: float, *, exception: bool, result: bool
+    ) -> None:
+        super().__init__(seconds)
+        self.strategy = strategy
+        self.exception = exception
+        self.result = result
+
+    def resume(self) -> Return | None:
+        return self.strategy._replace(exception=self.exception, result=self.result)
 
 
 def _exception_factory(spec: ExceptionSpec, service: str) -> Callable[[], Exception]:
@@ -200,7 +186,7 @@ def _exception_factory(spec: ExceptionSpec, service: str) -> Callable[[], Except
 def build(ctx: BuildContext) -> ChaosStrategy | None:
     """The chaos step for ``ctx.service``, or ``None`` when nothing would ever be injected."""
     options: ChaosOptions = ctx.options
-    if not options.enabled or not armed():
+    if not options.enabled or not ctx.armed:
         return None
     if options.exception_rate == 0 and options.latency_rate == 0 and options.result_rate == 0:
         return None

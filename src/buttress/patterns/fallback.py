@@ -12,7 +12,6 @@ papered over, and cancellation and interpreter exits are never caught.
 
 from __future__ import annotations
 
-import inspect
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -24,7 +23,15 @@ from buttress import _clock, events
 from buttress._values import PositiveSeconds
 from buttress.exceptions import ButtressError, ConfigurationError, set_note
 from buttress.patterns import _transient
-from buttress.patterns._base import AsyncCall, BuildContext, Call, Mode, Options, error_type
+from buttress.patterns._base import (
+    BuildContext,
+    Effect,
+    Mode,
+    Options,
+    Return,
+    TryAlternatives,
+    error_type,
+)
 
 PATTERN = "fallback"
 
@@ -110,7 +117,7 @@ def _name(handler: Callable[..., Any]) -> str:
 
 
 class FallbackStrategy:
-    """Fallback for one call site: the decisions (plain methods) and the two wrappers.
+    """Fallback for one call site: it decides how a failure is answered; the driver answers.
 
     The cache is local to the strategy, so it starts empty again after ``reload_settings()``.
     """
@@ -123,12 +130,15 @@ class FallbackStrategy:
         self._shadow = mode == "shadow"
         self._selects = _selector(options.on)
         handlers = () if options.handler is None else (options.handler,)
-        self._alternatives: tuple[tuple[Callable[..., Any], str], ...] = (
+        # Labelled with the source FallbackUsed reports; the driver calls them in this order.
+        self.alternatives: tuple[tuple[Callable[..., Any], str], ...] = (
             *((handler, "callable") for handler in handlers),
             *((handler, "chain") for handler in options.chain),
         )
         self._cache: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()
         self._cache_lock = threading.Lock()
+        # Bound once (the driver calls it after every good call), or None without a cache.
+        self.succeeded = self.remember if options.cache_ttl is not None else None
 
     # -- decisions --------------------------------------------------------------------------------
     def applies(self, exc: BaseException) -> bool:
@@ -186,113 +196,40 @@ class FallbackStrategy:
             set_note(exc, prefix, f"{prefix}no cached result to fall back to")
         events.emit(events.FallbackFailed(self.service, error_type(exc)))
 
-    # -- wrappers ---------------------------------------------------------------------------------
-    def wrap(self, call: Call) -> Call:
-        for handler, _ in self._alternatives:
-            if inspect.iscoroutinefunction(handler):
-                raise TypeError(
-                    f"with_fallback: handler {_name(handler)} is async but the protected function "
-                    "is not; give a def handler"
-                )
-        fall_back = self._fall_back
-        if self.options.cache_ttl is None:
+    def recover(self, failure: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Effect:
+        """Answer ``failure`` from the cache, or have the driver try the alternatives in turn.
 
-            def fallback_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-                try:
-                    return call(args, kwargs)
-                except Exception as exc:  # noqa: BLE001 - selected by `on` in _fall_back
-                    failure = exc
-                # Answered outside the except block, so a failing handler does not chain onto it.
-                return fall_back(failure, args, kwargs)
-
-            return fallback_step
-        remember = self.remember
-
-        def caching_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            try:
-                result = call(args, kwargs)
-            except Exception as exc:  # noqa: BLE001 - selected by `on` in _fall_back
-                failure = exc
-            else:
-                remember(args, kwargs, result)
-                return result
-            return fall_back(failure, args, kwargs)
-
-        return caching_step
-
-    def awrap(self, call: AsyncCall) -> AsyncCall:
-        fall_back = self._afall_back
-        if self.options.cache_ttl is None:
-
-            async def fallback_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-                try:
-                    return await call(args, kwargs)
-                except Exception as exc:  # noqa: BLE001 - selected by `on` in _afall_back
-                    failure = exc
-                return await fall_back(failure, args, kwargs)
-
-            return fallback_step
-        remember = self.remember
-
-        async def caching_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            try:
-                result = await call(args, kwargs)
-            except Exception as exc:  # noqa: BLE001 - selected by `on` in _afall_back
-                failure = exc
-            else:
-                remember(args, kwargs, result)
-                return result
-            return await fall_back(failure, args, kwargs)
-
-        return caching_step
-
-    def _fall_back(self, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if not self.applies(exc):
-            raise exc
+        Re-raises ``failure`` when the fallback does not apply to it.
+        """
+        if not self.applies(failure):
+            raise failure
         cached = self.recall(args, kwargs)
         if cached is not MISSING:
-            self.used("cache", exc)
-            return cached
-        errors: list[tuple[Callable[..., Any], Exception]] = []
-        for handler, source in self._alternatives:
-            try:
-                result = handler(exc, *args, **kwargs)
-            except Exception as handler_error:  # noqa: BLE001 - the next alternative takes over
-                errors.append((handler, handler_error))
-                continue
-            self.used(source, exc)
-            return result
-        if self.options.value is not MISSING:
-            self.used("value", exc)
-            return self.options.value
-        self.failed(exc, errors)
-        raise exc
+            self.used("cache", failure)
+            return Return(cached)
+        return _Alternatives(self, failure)
 
-    async def _afall_back(
-        self, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        if not self.applies(exc):
-            raise exc
-        cached = self.recall(args, kwargs)
-        if cached is not MISSING:
-            self.used("cache", exc)
-            return cached
-        errors: list[tuple[Callable[..., Any], Exception]] = []
-        for handler, source in self._alternatives:
-            try:
-                result = handler(exc, *args, **kwargs)
-                if inspect.isawaitable(result):
-                    result = await result
-            except Exception as handler_error:  # noqa: BLE001 - the next alternative takes over
-                errors.append((handler, handler_error))
-                continue
-            self.used(source, exc)
-            return result
-        if self.options.value is not MISSING:
-            self.used("value", exc)
-            return self.options.value
-        self.failed(exc, errors)
-        raise exc
+
+class _Alternatives(TryAlternatives):
+    """The handlers of one failed call, then the value, then the original exception."""
+
+    __slots__ = ("failure", "strategy")
+
+    def __init__(self, strategy: FallbackStrategy, failure: Exception) -> None:
+        super().__init__(strategy.alternatives)
+        self.strategy = strategy
+        self.failure = failure
+
+    def answered(self, label: str) -> None:
+        self.strategy.used(label, self.failure)
+
+    def exhausted(self, errors: list[tuple[Callable[..., Any], Exception]]) -> Any:
+        strategy, failure = self.strategy, self.failure
+        if strategy.options.value is not MISSING:
+            strategy.used("value", failure)
+            return strategy.options.value
+        strategy.failed(failure, errors)
+        raise failure
 
 
 def build(ctx: BuildContext) -> FallbackStrategy | None:

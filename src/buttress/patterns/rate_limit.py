@@ -12,15 +12,15 @@ wait would be for nothing, so it is refused at once.
 from __future__ import annotations
 
 import threading
-from typing import Any, ClassVar, TypedDict
+from typing import ClassVar, TypedDict
 
 from pydantic import Field
 
-from buttress import _clock, _context, events, registry
+from buttress import _clock, _context, events
+from buttress._deadline import caller_gave_up, not_started
 from buttress._values import Rate, Seconds
 from buttress.exceptions import RateLimitedError
-from buttress.patterns import timeout as _timeout
-from buttress.patterns._base import AsyncCall, BuildContext, Call, Mode, Options, Strategy
+from buttress.patterns._base import BuildContext, Mode, Options, Sleep, Strategy
 
 __all__ = [
     "PATTERN",
@@ -168,74 +168,51 @@ class RateLimiter:
 _deadline = _context.deadline
 
 
+class _TokenWait(Sleep):
+    """The wait for a token reserved in the bucket's debt."""
+
+    __slots__ = ("limiter",)
+
+    def __init__(self, limiter: RateLimiter, seconds: float) -> None:
+        super().__init__(seconds)
+        self.limiter = limiter
+
+    def resume(self) -> None:
+        limiter = self.limiter
+        if caller_gave_up():  # a sync timeout's caller left while it waited
+            limiter.refund()
+            raise not_started(limiter.service, self.seconds, "a rate-limit token")
+        if events.ROUTES.get(events.RateLimitAcquired):
+            limiter.note_acquired(self.seconds)
+
+    def abandon(self) -> None:  # cancelled while waiting: the reservation goes back
+        self.limiter.refund()
+
+
 class RateLimitStrategy:
-    """``with_rate_limit`` at one call site, over the service's shared :class:`RateLimiter`."""
+    """``with_rate_limit`` at one call site, over the service's shared :class:`RateLimiter`.
+
+    A gate with nothing to give back: ``before`` takes a token, or asks the driver to wait for
+    the one it reserved, or rejects.
+    """
 
     pattern: ClassVar[str] = PATTERN
+    after = None
 
     def __init__(self, limiter: RateLimiter, mode: Mode = "enforce") -> None:
         self.limiter = limiter
         self.mode = mode
+        # Bound once: the driver calls it on every call.
+        self.before = limiter.shadow_take if mode == "shadow" else self._take
 
-    def wrap(self, call: Call) -> Call:
+    def _take(self) -> _TokenWait | None:
         limiter = self.limiter
-        if self.mode == "shadow":
-            shadow_take = limiter.shadow_take
-
-            def observed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-                shadow_take()
-                return call(args, kwargs)
-
-            return observed
-
-        reserve, note_acquired = limiter.reserve, limiter.note_acquired
-
-        def paced(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            wait = reserve()
-            if wait:
-                try:
-                    _clock.sleep(wait)
-                except BaseException:
-                    limiter.refund()
-                    raise
-                if _timeout.caller_gave_up():  # a sync timeout's caller left while it waited
-                    limiter.refund()
-                    raise _timeout.not_started(limiter.service, wait, "a rate-limit token")
-            if events.ROUTES.get(events.RateLimitAcquired):
-                note_acquired(wait)
-            return call(args, kwargs)
-
-        return paced
-
-    def awrap(self, call: AsyncCall) -> AsyncCall:
-        limiter = self.limiter
-        if self.mode == "shadow":
-            shadow_take = limiter.shadow_take
-
-            async def observed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-                shadow_take()
-                return await call(args, kwargs)
-
-            return observed
-
-        reserve, note_acquired = limiter.reserve, limiter.note_acquired
-
-        async def paced(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            wait = reserve()
-            if wait:
-                try:
-                    await _clock.asleep(wait)
-                except BaseException:  # cancelled while waiting: the reservation goes back
-                    limiter.refund()
-                    raise
-                if _timeout.caller_gave_up():  # run by a sync timeout's worker whose caller left
-                    limiter.refund()
-                    raise _timeout.not_started(limiter.service, wait, "a rate-limit token")
-            if events.ROUTES.get(events.RateLimitAcquired):
-                note_acquired(wait)
-            return await call(args, kwargs)
-
-        return paced
+        wait = limiter.reserve()
+        if wait:
+            return _TokenWait(limiter, wait)
+        if events.ROUTES.get(events.RateLimitAcquired):
+            limiter.note_acquired(0.0)
+        return None
 
 
 def build(ctx: BuildContext) -> Strategy | None:
@@ -244,5 +221,5 @@ def build(ctx: BuildContext) -> Strategy | None:
     if not options.enabled or options.rate is None:
         return None
     service = ctx.service
-    limiter = registry.shared(PATTERN, ctx.key, options, lambda opts: RateLimiter(service, opts))
+    limiter = ctx.shared(PATTERN, lambda opts: RateLimiter(service, opts))
     return RateLimitStrategy(limiter, ctx.mode)

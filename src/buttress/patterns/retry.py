@@ -2,15 +2,17 @@
 
 Adapts tenacity. The first attempt runs with no retry machinery at all (one ``try``, one context
 variable), because tenacity's per-call set-up costs tens of microseconds and most calls succeed.
-Only a failure the predicate calls retryable enters tenacity: a ``Retrying``/``AsyncRetrying``
-template built once, copied per failed call (a shared instance keeps per-call state on itself, so
-concurrent tasks would clobber each other), and fed the first failure as its attempt 1. buttress
+Only a failure the predicate calls retryable enters tenacity: a ``Retrying`` template built once,
+copied per failed call (a shared instance keeps per-call state on itself, so concurrent tasks would
+clobber each other), and fed the first failure as its attempt 1. Its ``iter()`` decides; it never
+sleeps nor calls: the drivers in :mod:`buttress.policy` wait and run the attempts. buttress
 supplies every decision tenacity asks for: the predicate (tenacity's default retries everything,
 bugs included), the delay (backoff with jitter, or the server's ``Retry-After``), the stop (attempts
 used up, or an enclosing deadline too close) and the give-up, which re-raises the caller's own last
 exception with a note of the attempts, so tenacity's ``RetryError`` never escapes.
 
-Waits go through ``_clock``, so a fake clock drives them in tests and testing mode skips them.
+The drivers wait on the buttress clock, so a fake clock drives the waits in tests and testing mode
+skips them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from buttress._context import RetryScope
 from buttress._values import GrowthFactor, Seconds
 from buttress.exceptions import RejectedError, set_note
 from buttress.patterns import _transient
-from buttress.patterns._base import AsyncCall, BuildContext, Call, Mode, Options, error_type
+from buttress.patterns._base import BuildContext, Mode, Options, RetryAfter, error_type
 
 PATTERN = "retry"
 
@@ -81,14 +83,6 @@ _rng = random.Random()
 _DECORRELATED_GROWTH = 3.0
 
 
-def _sleep(seconds: float) -> None:
-    _clock.sleep(float(seconds))
-
-
-async def _asleep(seconds: float) -> None:
-    await _clock.asleep(float(seconds))
-
-
 def _predicate(retry_on: RetryOn) -> Callable[[BaseException], bool]:
     if retry_on == "transient":
         return _transient.is_transient
@@ -112,22 +106,29 @@ def _failure(state: tenacity.RetryCallState) -> BaseException:
 
 
 class RetryStrategy:
-    """Retry for one service: the decisions (plain methods) and the two wrappers that wait.
+    """Retry for one service: decisions only; the drivers wait and run the attempts.
 
-    The decisions are shared by the sync and async paths: ``retryable`` (the predicate), ``delay``
-    (how long before the next attempt, and why), ``fits_deadline`` and ``should_retry`` (whether a
-    first failure enters the retry loop at all).
+    ``retryable`` (the predicate), ``delay`` (how long before the next attempt, and why),
+    ``fits_deadline`` and ``should_retry`` (whether a first failure enters the retry loop at all),
+    and ``recover``, which hands the driver the loop of one failed call.
     """
 
     pattern: ClassVar[str] = PATTERN
+    alternatives = ()  # nothing for a driver to call in the call's place
+    succeeded = None
+    # Each logical call, its retries included, runs in a fresh scope (what ``attempt()`` and
+    # ``idempotency_key()`` read), which the driver sets around it.
+    scope = _context.retry_scope
+    new_scope = RetryScope
 
     def __init__(self, service: str, options: RetryOptions, mode: Mode = "enforce") -> None:
         self.service = service
         self.options = options
         self._shadow = mode == "shadow"
         self._matches = _predicate(options.retry_on)
-        self._retrying = tenacity.Retrying(sleep=_sleep)
-        self._aretrying = tenacity.AsyncRetrying(sleep=_asleep)
+        # tenacity decides, never sleeps (the driver does): one template for def and async def
+        # callers, copied per retried call because a copy keeps that call's state.
+        self._retrying = tenacity.Retrying()
 
     # -- decisions --------------------------------------------------------------------------------
     def retryable(self, exc: BaseException) -> bool:
@@ -216,121 +217,28 @@ class RetryStrategy:
             return False
         return True
 
-    # -- wrappers ---------------------------------------------------------------------------------
-    def wrap(self, call: Call) -> Call:
-        scope_var = _context.retry_scope
-        recover = self._recover
+    # -- the call's turn ------------------------------------------------------------------------
+    def recover(self, failure: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Run:
+        """The retry loop for a failed first attempt; re-raises ``failure`` when it is not retried.
 
-        def retry_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            scope = RetryScope()
-            token = scope_var.set(scope)
-            try:
-                try:
-                    return call(args, kwargs)
-                except Exception as exc:  # noqa: BLE001 - classified by the predicate in _recover
-                    failure = exc
-                # Retried outside the except block, so later failures do not chain onto this one.
-                return recover(call, args, kwargs, scope, failure)
-            finally:
-                scope_var.reset(token)
-
-        return retry_step
-
-    def awrap(self, call: AsyncCall) -> AsyncCall:
-        scope_var = _context.retry_scope
-        arecover = self._arecover
-
-        async def retry_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            scope = RetryScope()
-            token = scope_var.set(scope)
-            try:
-                try:
-                    return await call(args, kwargs)
-                except Exception as exc:  # noqa: BLE001 - classified by the predicate in _arecover
-                    failure = exc
-                return await arecover(call, args, kwargs, scope, failure)
-            finally:
-                scope_var.reset(token)
-
-        return retry_step
-
-    def _recover(
-        self,
-        call: Call,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        scope: RetryScope,
-        failure: Exception,
-    ) -> Any:
+        Only now is tenacity involved: a call whose first attempt succeeds never enters it.
+        """
         if not self.should_retry(failure):
             raise failure
-        run = _Run(self, scope, failure)
-        retrying = self._retrying.copy(
-            retry=run.retry,
-            before=run.before,
-            wait=run.wait,
-            stop=run.stop,
-            before_sleep=run.before_sleep,
-            retry_error_callback=run.give_up,
-        )
-
-        def attempt() -> Any:
-            replay = run.take_replay()
-            if replay is not None:
-                raise replay
-            return call(args, kwargs)
-
-        try:
-            result = retrying(attempt)
-        except Exception as exc:
-            run.annotate(exc)
-            raise
-        run.succeeded()
-        return result
-
-    async def _arecover(
-        self,
-        call: AsyncCall,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        scope: RetryScope,
-        failure: Exception,
-    ) -> Any:
-        if not self.should_retry(failure):
-            raise failure
-        run = _Run(self, scope, failure)
-        retrying = self._aretrying.copy(
-            retry=run.retry,
-            before=run.before,
-            wait=run.wait,
-            stop=run.stop,
-            before_sleep=run.before_sleep,
-            retry_error_callback=run.give_up,
-        )
-
-        async def attempt() -> Any:
-            replay = run.take_replay()
-            if replay is not None:
-                raise replay
-            return await call(args, kwargs)
-
-        try:
-            result: Any = await retrying(attempt)
-        except Exception as exc:
-            run.annotate(exc)
-            raise
-        run.succeeded()
-        return result
+        # The driver set this call's scope around it: attempt 2 counts on from there.
+        return _Run(self, cast("RetryScope", self.scope.get()), failure)
 
 
 # How many attempts a retry note lists (the first and last halves).
 _NOTE_STEPS = 10
 
 
-class _Run:
-    """One logical call inside the retry loop: the tenacity hooks, bound to its own state.
+class _Run(RetryAfter):
+    """One logical call inside the retry loop: tenacity's decisions, bound to its own state.
 
-    Attempt 1 already happened outside tenacity; its failure is *replayed* as tenacity's first
+    tenacity's ``iter()`` decides (retry or not, the wait, the stop, the give-up) through the hooks
+    below; the driver does what it says: wait ``seconds``, run the next attempt, report it. Attempt
+    1 already happened before tenacity was involved; its failure is fed in as tenacity's first
     attempt, so tenacity's attempt numbers are the caller's.
     """
 
@@ -340,16 +248,17 @@ class _Run:
         "history",
         "previous",
         "reason",
-        "replay",
+        "retrying",
         "scope",
+        "state",
         "strategy",
         "upcoming",
     )
 
     def __init__(self, strategy: RetryStrategy, scope: RetryScope, failure: Exception) -> None:
+        super().__init__(0.0)
         self.strategy = strategy
         self.scope = scope
-        self.replay: Exception | None = failure
         self.previous = strategy.options.initial
         self.upcoming = 0.0
         self.reason = "backoff"
@@ -359,10 +268,41 @@ class _Run:
         # (error type, backoff chosen after it) for each retried attempt; testing mode and fake
         # clocks may not really wait it, so the note says "backoff", not "waited"
         self.history: list[tuple[str, float]] = []
+        self.retrying = retrying = strategy._retrying.copy(
+            retry=self.retry,
+            before=self.before,
+            wait=self.wait,
+            stop=self.stop,
+            before_sleep=self.before_sleep,
+            retry_error_callback=self.give_up,
+        )
+        retrying.begin()
+        self.state = tenacity.RetryCallState(retrying, None, (), {})
+        retrying.iter(self.state)  # attempt 1: the one that already failed
+        self.failed(failure)
 
-    def take_replay(self) -> Exception | None:
-        replay, self.replay = self.replay, None
-        return replay
+    # -- the driver's questions -------------------------------------------------------------------
+    def failed(self, exc: Exception) -> _Run:
+        """Attempt failed with ``exc``: set ``seconds`` and return self, or raise (annotated)."""
+        state = self.state
+        state.set_exception((type(exc), exc, exc.__traceback__))
+        try:
+            do = self.retrying.iter(state)
+        except Exception as given_up:
+            self.annotate(given_up)
+            raise
+        self.seconds = float(cast("tenacity.DoSleep", do))
+        return self
+
+    def attempting(self) -> None:
+        """The wait is over: the next attempt starts."""
+        state = self.state
+        state.prepare_for_next_attempt()
+        self.retrying.iter(state)  # DoAttempt; runs the ``before`` hook
+
+    def succeeded(self) -> None:
+        """The attempt just run returned."""
+        events.emit(events.RetrySucceeded(self.strategy.service, self.scope.attempt))
 
     # -- tenacity hooks ---------------------------------------------------------------------------
     def retry(self, state: tenacity.RetryCallState) -> bool:
@@ -431,9 +371,6 @@ class _Run:
         raise exc
 
     # -- outcome ----------------------------------------------------------------------------------
-    def succeeded(self) -> None:
-        events.emit(events.RetrySucceeded(self.strategy.service, self.scope.attempt))
-
     def annotate(self, exc: Exception) -> None:
         """Add a note of the attempts to the exception the caller is about to get."""
         attempts = self.scope.attempt
