@@ -724,7 +724,7 @@ def test_force_circuit_state_reaches_the_breaker_of_a_named_service(mode, clock)
     assert rejected.service == "openfga"
     force_circuit_state("openfga", "closed")
     assert mode.run(fn) == "ok"
-    assert cbmod.breaker("openfga") is registry.instances("circuit_breaker")["openfga"]
+    assert registry.breaker("openfga") is registry.instances("circuit_breaker")["openfga"]
     with pytest.raises(ValueError, match="unknown circuit state 'ajar'"):
         force_circuit_state("openfga", "ajar")
 
@@ -752,7 +752,7 @@ def test_the_architecture_decision_example_trips_and_recovers(mode, clock):
     clock.advance(60)
     dep.fail_with = None
     assert mode.run(check_permission, "alice", "doc") == ("ok", ("alice", "doc"), {})
-    assert cbmod.breaker("openfga").state_label == "closed"
+    assert registry.breaker("openfga").state_label == "closed"
 
 
 def test_two_call_sites_with_one_service_share_one_breaker(mode, clock):

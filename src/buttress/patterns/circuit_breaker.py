@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Final, TypedDict, TypeVar
 import pybreaker
 from pydantic import Field, field_validator, model_validator
 
-from buttress import _clock, config, events, registry
+from buttress import _clock, events, registry
 from buttress._values import PositiveSeconds, StateURL
 from buttress.events import CallRejected, CircuitCallRecorded
 from buttress.exceptions import CircuitOpenError, RejectedError
@@ -39,7 +39,6 @@ __all__ = [
     "CircuitBreakerStrategy",
     "CircuitSnapshot",
     "ExcludeSpec",
-    "breaker",
     "build",
 ]
 
@@ -1435,19 +1434,3 @@ def build(ctx: BuildContext) -> CircuitBreakerStrategy | None:
         return None
     cb = registry.shared(PATTERN, ctx.key, options, functools.partial(CircuitBreaker, ctx.service))
     return CircuitBreakerStrategy(cb, shadow=ctx.mode == "shadow")
-
-
-def breaker(service: str) -> CircuitBreaker:
-    """The shared breaker of ``service``; built from its current settings if no call built it yet.
-
-    Manual control and health checks use it: ``breaker("openfga").force_open()``.
-    """
-    service = registry.service_name(service)
-    existing = registry.instances(PATTERN).get(service)
-    if isinstance(existing, CircuitBreaker):
-        return existing
-    # The same options the service's call sites would resolve: settings over their code arguments.
-    options = config.SNAPSHOT.service(service).options(
-        PATTERN, registry.code_args(PATTERN, service)
-    )
-    return registry.shared(PATTERN, service, options, functools.partial(CircuitBreaker, service))
