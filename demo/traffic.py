@@ -32,7 +32,7 @@ import httpx
 
 from buttress import Policy, _clock, config, events, remaining, resilient, with_chaos
 from buttress.patterns import chaos
-from buttress.patterns.redis_storage import SharedStateStorage
+from buttress.patterns.circuit_breaker.redis_storage import SharedStateStorage
 from buttress.registry import breaker
 from demo.upstream import CLIENT_HEADER
 
