@@ -92,7 +92,11 @@ def built_cases(url: str) -> Iterator[Cases]:
     import pybreaker
 
     from buttress import circuit_breaker, registry
-    from buttress.patterns.redis_storage import Limits, SharedStateStorage, make_storage
+    from buttress.patterns.circuit_breaker.redis_storage import (
+        Limits,
+        SharedStateStorage,
+        make_storage,
+    )
 
     cases: Cases = []
 

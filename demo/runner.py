@@ -18,7 +18,7 @@ from typing import Any, Final, TextIO, cast
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from buttress import _clock, config, instrumentation
+from buttress import _clock, config, instrumentation, registry
 from buttress.exceptions import ConfigurationError
 from buttress.patterns import circuit_breaker
 from buttress.patterns.chaos import KILL_SWITCH
@@ -261,7 +261,7 @@ class _Progress:
             answered = sum(1 for r in mine if r.outcome != "error")
             rate = f"{answered / len(mine) * 100:5.1f}%" if mine else "    -"
             parts.append(f"{client} {rate} answered")
-        state = circuit_breaker.breaker(SERVICE).state_label
+        state = registry.breaker(SERVICE).state_label
         line = (
             f"\r  {elapsed:5.1f}/{self.schedule.duration:g} s  {phase:<12}  "
             f"{parts[0]}  circuit {state:<9} | {parts[1]}"
@@ -285,7 +285,7 @@ def run(options: DemoOptions, *, out: TextIO) -> DemoResult:
     env, notes = _load_settings(options, schedule)
     chaos = describe_chaos()
     # A process that ran the demo before (a test session) must not start with its open circuit.
-    circuit_breaker.breaker(SERVICE).reset()
+    registry.breaker(SERVICE).reset()
     upstream = FlakyUpstream(schedule, options.seed, started=_clock.monotonic())
     metrics_before = instrumentation.installed().get("prometheus")
     if not isinstance(metrics_before, CollectorRegistry):

@@ -32,8 +32,8 @@ import httpx
 
 from buttress import Policy, _clock, config, events, remaining, resilient, with_chaos
 from buttress.patterns import chaos
-from buttress.patterns.circuit_breaker import breaker
-from buttress.patterns.redis_storage import SharedStateStorage
+from buttress.patterns.circuit_breaker.redis_storage import SharedStateStorage
+from buttress.registry import breaker
 from demo.upstream import CLIENT_HEADER
 
 __all__ = [

@@ -36,8 +36,8 @@ from buttress import (
 from buttress import _values as bounds
 from buttress.health_app import wsgi_app
 from buttress.patterns._base import BuildContext
-from buttress.patterns.circuit_breaker import breaker
 from buttress.policy import Spec
+from buttress.registry import breaker
 from buttress.testing import capture_events
 
 ROOT = Path(__file__).resolve().parents[1]

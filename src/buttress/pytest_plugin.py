@@ -128,7 +128,7 @@ class CircuitControl:
 
     def state(self, service: str) -> str:
         """The state of the circuit of ``service`` now."""
-        from buttress.patterns.circuit_breaker import breaker  # noqa: PLC0415 - only when used
+        from buttress.registry import breaker  # noqa: PLC0415 - only when used
 
         return breaker(service).state_label
 

@@ -8,16 +8,21 @@ sites may not give one argument different values. The rules and why: ``docs/inte
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from buttress.exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    from buttress.patterns.circuit_breaker import CircuitBreaker
 
 __all__ = [
     "EPOCH",
     "SHARED_PATTERNS",
     "Reconfigurable",
+    "breaker",
     "claim",
     "clear",
     "clear_claims",
@@ -77,6 +82,24 @@ def shared(pattern: str, key: str, options: Any, factory: Callable[[Any], T]) ->
             instance.reconfigure(options)
         _options[slot] = options
         return instance
+
+
+def breaker(service: str) -> CircuitBreaker:
+    """The shared breaker of ``service``; built from its current settings if no call built it yet.
+
+    Manual control and health checks use it: ``breaker("openfga").force_open()``.
+    """
+    # Imported here: config imports this module, and the breaker's build() uses shared().
+    from buttress import config  # noqa: PLC0415
+    from buttress.patterns.circuit_breaker import PATTERN, CircuitBreaker  # noqa: PLC0415
+
+    service = service_name(service)
+    existing = instances(PATTERN).get(service)
+    if isinstance(existing, CircuitBreaker):
+        return existing
+    # The same options the service's call sites would resolve: settings over their code arguments.
+    options = config.SNAPSHOT.service(service).options(PATTERN, code_args(PATTERN, service))
+    return shared(PATTERN, service, options, functools.partial(CircuitBreaker, service))
 
 
 class _ByService(dict[str, Any]):

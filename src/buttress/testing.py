@@ -19,8 +19,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
-from buttress import _clock, events
-from buttress.patterns import circuit_breaker as _circuit_breaker
+from buttress import _clock, events, registry
 
 __all__ = [
     "CapturedEvents",
@@ -237,7 +236,7 @@ def force_circuit_state(service: str, state: str) -> None:
     * ``forced_closed``: admit every call, never trip, until the next ``closed``;
     * ``disabled``: no breaker at all until the next ``closed``.
     """
-    cb = _circuit_breaker.breaker(service)
+    cb = registry.breaker(service)
     moves: dict[str, Callable[[], object]] = {
         "closed": cb.reset,
         "open": cb.open,

@@ -43,7 +43,7 @@ from buttress.events import (
 )
 from buttress.instrumentation import prometheus
 from buttress.instrumentation.prometheus import CATALOG, FAMILIES, LABELS, PrometheusSubscriber
-from buttress.patterns import circuit_breaker as cbmod
+from buttress.registry import breaker as shared_breaker
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 GAUGE_MODES = {
@@ -534,7 +534,7 @@ def test_multiprocess_gauges_follow_an_open_circuit_whose_time_runs_out(clock, m
         assert state("open") == 0
         assert registry.get_sample_value("buttress_health_degradation_level") == 1
         assert wait_for(lambda: subscriber._watcher is None)  # nothing left to watch
-        assert cbmod.breaker("pay").current_state == "open"  # the breaker was not moved
+        assert shared_breaker("pay").current_state == "open"  # the breaker was not moved
         # A failed trial opens it again, for another 20 s: watched again.
         assert isinstance(mode.outcome(call), ConnectionError)
         assert state("open") == 1

@@ -44,8 +44,9 @@ from buttress.patterns.circuit_breaker import (
     CircuitBreaker,
     CircuitBreakerOptions,
     CircuitBreakerStrategy,
+    _breaker,
 )
-from buttress.patterns.redis_storage import SharedStateStorage
+from buttress.patterns.circuit_breaker.redis_storage import SharedStateStorage
 from buttress.testing import capture_events, force_circuit_state
 
 
@@ -724,7 +725,7 @@ def test_force_circuit_state_reaches_the_breaker_of_a_named_service(mode, clock)
     assert rejected.service == "openfga"
     force_circuit_state("openfga", "closed")
     assert mode.run(fn) == "ok"
-    assert cbmod.breaker("openfga") is registry.instances("circuit_breaker")["openfga"]
+    assert registry.breaker("openfga") is registry.instances("circuit_breaker")["openfga"]
     with pytest.raises(ValueError, match="unknown circuit state 'ajar'"):
         force_circuit_state("openfga", "ajar")
 
@@ -752,7 +753,7 @@ def test_the_architecture_decision_example_trips_and_recovers(mode, clock):
     clock.advance(60)
     dep.fail_with = None
     assert mode.run(check_permission, "alice", "doc") == ("ok", ("alice", "doc"), {})
-    assert cbmod.breaker("openfga").state_label == "closed"
+    assert registry.breaker("openfga").state_label == "closed"
 
 
 def test_two_call_sites_with_one_service_share_one_breaker(mode, clock):
@@ -1178,7 +1179,7 @@ def test_any_storage_works_and_a_state_written_elsewhere_is_adopted(mode, clock)
 
 def test_a_breaker_built_on_an_open_storage_starts_open(clock):
     storage = SharedStorage(pybreaker.STATE_OPEN)
-    storage.opened_at = cbmod._wall_datetime()
+    storage.opened_at = _breaker._wall_datetime()
     clock.advance(4)
     cb = CircuitBreaker("svc", CircuitBreakerOptions(timeout=10), state_storage=storage)
     snap = cb.snapshot()
@@ -1187,7 +1188,7 @@ def test_a_breaker_built_on_an_open_storage_starts_open(clock):
 
 
 def test_the_fast_circuit_open_error_equals_the_constructed_one():
-    fast = cbmod._open_error("circuit of 'svc' is open", "svc", 2.5)
+    fast = _breaker._open_error("circuit of 'svc' is open", "svc", 2.5)
     slow = CircuitOpenError("circuit of 'svc' is open", service="svc", retry_after=2.5)
     assert type(fast) is type(slow)
     assert fast.args == slow.args

@@ -1,4 +1,4 @@
-"""What buttress relies on inside pybreaker (see ``buttress/patterns/_pybreaker_compat.py``).
+"""What buttress relies on inside pybreaker (see ``patterns/circuit_breaker/_pybreaker_compat.py``).
 
 If one of these fails after a pybreaker upgrade, the message names the assumption that broke;
 fix ``CompatBreaker`` (the only class that touches pybreaker's internals), then the pin in
@@ -20,8 +20,12 @@ from typing import Any
 import pybreaker
 import pytest
 
-from buttress.patterns._pybreaker_compat import SUPPORTED_VERSIONS, incompatibilities
 from buttress.patterns.circuit_breaker import CircuitBreaker, CircuitBreakerOptions
+from buttress.patterns.circuit_breaker._pybreaker_compat import (
+    SUPPORTED_VERSIONS,
+    incompatibilities,
+    noticing_a_close,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -176,6 +180,32 @@ def test_the_storage_interface_buttress_uses():
     assert type(pybreaker.CircuitBreaker()._state_storage) is pybreaker.CircuitMemoryStorage
 
 
+class _AskingStorage(pybreaker.CircuitMemoryStorage):
+    """Records, on each reset_counter(), whether pybreaker's closed state constructor called it."""
+
+    def __init__(self) -> None:
+        super().__init__(pybreaker.STATE_CLOSED)
+        self.asked: list[bool] = []
+
+    def reset_counter(self) -> None:
+        self.asked.append(noticing_a_close())
+        super().reset_counter()
+
+
+def test_the_closed_state_constructor_is_the_caller_the_redis_storage_recognises():
+    # The Redis storage ignores the reset_counter() pybreaker makes when it builds a closed state
+    # (it only noticed a close; it is not a success), telling it apart by the calling frame.
+    storage = _AskingStorage()
+    breaker = pybreaker.CircuitBreaker(state_storage=storage)
+    breaker.close()  # builds CircuitClosedState(notify=True), as noticing a shared close does
+    assert storage.asked == [True], "CircuitClosedState() no longer resets the counter itself"
+    storage.asked.clear()
+    breaker.call(lambda: None)  # a success resets the counter from elsewhere
+    assert storage.asked == [False]
+    storage.reset_counter()
+    assert storage.asked == [False, False]
+
+
 def test_the_listener_interface_buttress_calls():
     expected = {
         "before_call": ["self", "cb", "func", "args", "kwargs"],
@@ -215,7 +245,7 @@ def test_importing_buttress_with_an_incompatible_pybreaker_fails_loudly():
     script = (
         "import pybreaker\n"
         "del pybreaker.CircuitBreaker._create_new_state\n"
-        "import buttress.patterns._pybreaker_compat\n"
+        "import buttress.patterns.circuit_breaker._pybreaker_compat\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", script],

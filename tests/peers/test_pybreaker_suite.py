@@ -47,7 +47,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from buttress import CircuitOpenError, circuit_breaker
-from buttress.patterns.circuit_breaker import CircuitBreaker, CircuitBreakerOptions, breaker
+from buttress.patterns.circuit_breaker import CircuitBreaker, CircuitBreakerOptions
+from buttress.registry import breaker
 from buttress.testing import FakeClock
 
 

@@ -249,7 +249,7 @@ class Peer:
 @pytest.fixture
 def peers(mode: Any, redis_server: RedisServer) -> Iterator[Callable[..., Peer]]:
     """``peers(service="svc", url=None, **make_storage_options)``: a new storage on the server."""
-    from buttress.patterns.redis_storage import make_storage
+    from buttress.patterns.circuit_breaker.redis_storage import make_storage
 
     made: list[Any] = []
 

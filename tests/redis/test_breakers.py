@@ -19,7 +19,7 @@ from buttress.patterns.circuit_breaker import (
     CircuitBreakerOptions,
     CircuitBreakerStrategy,
 )
-from buttress.patterns.redis_storage import make_storage
+from buttress.patterns.circuit_breaker.redis_storage import make_storage
 from buttress.testing import capture_events
 
 pytestmark = pytest.mark.redis

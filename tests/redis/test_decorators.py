@@ -22,8 +22,8 @@ import pytest
 
 from buttress import circuit_breaker, config, events, registry
 from buttress.exceptions import CircuitOpenError
-from buttress.patterns.circuit_breaker import breaker
-from buttress.patterns.redis_storage import Limits, SharedStateStorage, make_storage
+from buttress.patterns.circuit_breaker.redis_storage import Limits, SharedStateStorage, make_storage
+from buttress.registry import breaker
 from buttress.testing import capture_events
 
 pytestmark = pytest.mark.redis

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from buttress import events
-from buttress.patterns.redis_storage import Limits, make_storage
+from buttress.patterns.circuit_breaker.redis_storage import Limits, make_storage
 from buttress.testing import capture_events
 
 pytestmark = pytest.mark.redis

@@ -22,7 +22,7 @@ import pytest
 
 from buttress import events
 from buttress.exceptions import CircuitOpenError
-from buttress.patterns.redis_storage import Limits, make_storage
+from buttress.patterns.circuit_breaker.redis_storage import Limits, make_storage
 
 pytestmark = [pytest.mark.redis, pytest.mark.realtime]
 
@@ -140,7 +140,7 @@ class Worker:
     def _decorated(self) -> Any:
         """A function decorated the way users do, in this worker process."""
         from buttress import circuit_breaker
-        from buttress.patterns import redis_storage
+        from buttress.patterns.circuit_breaker import redis_storage
 
         if self.storage_options:
             # Faster reconnects than the defaults, so a test of a few seconds sees the fleet

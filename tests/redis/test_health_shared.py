@@ -14,8 +14,8 @@ import pytest
 import buttress
 from buttress import circuit_breaker, events, registry
 from buttress.exceptions import CircuitOpenError
-from buttress.patterns.circuit_breaker import breaker
-from buttress.patterns.redis_storage import Limits, SharedStateStorage
+from buttress.patterns.circuit_breaker.redis_storage import Limits, SharedStateStorage
+from buttress.registry import breaker
 from buttress.testing import capture_events
 
 pytestmark = pytest.mark.redis

@@ -16,7 +16,7 @@ import pytest
 
 from buttress import events
 from buttress.exceptions import ConfigurationError
-from buttress.patterns.redis_storage import Limits, SharedStateStorage, make_storage
+from buttress.patterns.circuit_breaker.redis_storage import Limits, SharedStateStorage, make_storage
 from buttress.testing import capture_events
 
 pytestmark = pytest.mark.redis

@@ -1,10 +1,4 @@
-"""Circuit breaker: stop calling a dependency that keeps failing, probe it, close when it recovers.
-
-:class:`CircuitBreaker` is a ``pybreaker.CircuitBreaker`` whose calls never run under a lock
-(admit, run, record against the generation the call was admitted in), with memory, Redis or any
-pybreaker storage behind it. How admission, recording and each kind of storage work:
-``docs/internals.md`` (The circuit breaker).
-"""
+"""The pybreaker-facing breaker, and the strategy and steps that put it in a policy's chain."""
 
 from __future__ import annotations
 
@@ -21,105 +15,40 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, ClassVar, Final, TypedDict, TypeVar
 
 import pybreaker
-from pydantic import Field, field_validator, model_validator
 
-from buttress import _clock, config, events, registry
-from buttress._values import PositiveSeconds, StateURL
+from buttress import _clock, events, registry
 from buttress.events import CallRejected, CircuitCallRecorded
 from buttress.exceptions import CircuitOpenError, RejectedError
-from buttress.patterns import _transient, redis_storage
-from buttress.patterns._base import AsyncCall, BuildContext, Call, Options
-from buttress.patterns._pybreaker_compat import CompatBreaker
-from buttress.patterns.redis_storage import Decision, Limits, SharedStateStorage
+from buttress.patterns import _transient
+from buttress.patterns._base import AsyncCall, BuildContext, Call
+from buttress.patterns.circuit_breaker import redis_storage
+from buttress.patterns.circuit_breaker._options import PATTERN, CircuitBreakerOptions
+from buttress.patterns.circuit_breaker._pybreaker_compat import CompatBreaker
+from buttress.patterns.circuit_breaker._states import (
+    CLOSED,
+    DISABLED,
+    FAILURE,
+    FORCED_CLOSED,
+    FORCED_OPEN,
+    FROM_PYBREAKER,
+    HALF_OPEN,
+    IGNORED,
+    OPEN,
+    SUCCESS,
+    TO_PYBREAKER,
+)
+from buttress.patterns.circuit_breaker._window import Window
+from buttress.patterns.circuit_breaker.redis_storage import Decision, Limits, SharedStateStorage
 
 __all__ = [
-    "PATTERN",
     "CircuitBreaker",
-    "CircuitBreakerOptions",
     "CircuitBreakerStrategy",
     "CircuitSnapshot",
-    "ExcludeSpec",
-    "breaker",
     "build",
 ]
 
-PATTERN = "circuit_breaker"
-
-ExcludeSpec = type[BaseException] | Callable[[BaseException], bool]
-
 T = TypeVar("T")
 
-
-class CircuitBreakerOptions(Options):
-    """Options of ``circuit_breaker`` (and of ``services.<name>.circuit_breaker``)."""
-
-    code_only: ClassVar[frozenset[str]] = frozenset({"exclude"})
-
-    enabled: bool = True
-    fail_max: int = Field(5, gt=0, description="consecutive failures that open the circuit")
-    timeout: PositiveSeconds = Field(60.0, description="seconds the circuit stays open")
-    success_threshold: int = Field(1, gt=0, description="half-open successes that close it")
-    half_open_max_calls: int = Field(1, gt=0, description="concurrent half-open trial calls")
-    failure_rate_threshold: float | None = Field(
-        None, gt=0, le=1, description="failure rate over the window that opens it (off if unset)"
-    )
-    slow_call_duration: PositiveSeconds | None = Field(
-        None, description="seconds after which a call counts as slow"
-    )
-    slow_call_rate_threshold: float | None = Field(
-        None, gt=0, le=1, description="slow-call rate over the window that opens it"
-    )
-    minimum_calls: int = Field(10, gt=0, description="calls in the window before rates count")
-    window_seconds: PositiveSeconds = Field(60.0, description="length of the rate window")
-    exclude: tuple[ExcludeSpec, ...] = Field(
-        (), description="exceptions (types or predicates) that are neither success nor failure"
-    )
-    count_throttled: bool = Field(
-        default=False,
-        description="count an HTTP 429 Too Many Requests as a failure (default: neither)",
-    )
-    state_url: StateURL | None = Field(
-        None,
-        description="redis://, rediss:// or unix:// URL to share circuit state across processes",
-    )
-
-    @field_validator("state_url")
-    @classmethod
-    def _a_redis_url(cls, value: str | None) -> str | None:
-        # Checked when settings load (not on the first call); the message never repeats the
-        # value, which may be a password typed in the wrong place.
-        if value is not None:
-            scheme, sep, rest = value.partition("://")
-            if not sep or scheme.lower() not in {"redis", "rediss", "unix"} or not rest:
-                raise ValueError("must be a redis://, rediss:// or unix:// URL")
-        return value
-
-    @model_validator(mode="after")
-    def _slow_calls_need_both(self) -> CircuitBreakerOptions:
-        if (self.slow_call_duration is None) != (self.slow_call_rate_threshold is None):
-            raise ValueError("slow_call_duration and slow_call_rate_threshold must be set together")
-        return self
-
-
-# --- states and vocabularies (the event and metric labels of events.py) ---------------------------
-
-CLOSED: Final = "closed"
-OPEN: Final = "open"
-HALF_OPEN: Final = "half_open"
-FORCED_OPEN: Final = "forced_open"
-FORCED_CLOSED: Final = "forced_closed"
-DISABLED: Final = "disabled"
-
-_TO_PYBREAKER = {
-    CLOSED: pybreaker.STATE_CLOSED,
-    OPEN: pybreaker.STATE_OPEN,
-    HALF_OPEN: pybreaker.STATE_HALF_OPEN,
-}
-_FROM_PYBREAKER = {name: state for state, name in _TO_PYBREAKER.items()}
-
-SUCCESS: Final = "success"
-FAILURE: Final = "failure"
-IGNORED: Final = "ignored"
 
 # Admission tokens: ``generation << 1 | is_trial`` for a call whose outcome counts; the negative
 # values mark calls whose outcome must not touch the state.
@@ -130,9 +59,6 @@ _REROUTE: Final = -3
 
 # A shared call's ticket: the storage's admission, and this breaker's generation at that moment.
 _Ticket = tuple[Decision, int]
-
-# The rate window slides in this many steps: a call leaves it at most window_seconds/20 late.
-_BUCKETS: Final = 20
 
 # ``_open_until`` values: no lock-free rejection / rejected until a manual change (forced open).
 _NEVER = -math.inf
@@ -150,60 +76,6 @@ class CircuitSnapshot(TypedDict):
     seconds_left_open: float | None  # open: time until the next trial; None once it has come
     failure_rate: float | None  # over the window; None when no rate threshold is configured
     slow_call_rate: float | None
-
-
-class _Window:
-    """Calls, failures and slow calls of the last ``seconds``, in buckets: O(1) per call."""
-
-    __slots__ = ("_calls", "_failures", "_head", "_slow", "_width", "calls", "failures", "slow")
-
-    def __init__(self, seconds: float, now: float) -> None:
-        self._width = seconds / _BUCKETS
-        self._head = int(now // self._width)  # the bucket number that ``now`` falls in
-        self._calls = [0] * _BUCKETS
-        self._failures = [0] * _BUCKETS
-        self._slow = [0] * _BUCKETS
-        self.calls = self.failures = self.slow = 0
-
-    def roll(self, now: float) -> int:
-        """Drop the buckets that fell out of the window; return the index of ``now``'s bucket."""
-        tick = int(now // self._width)
-        head = self._head
-        if tick > head:
-            if tick - head >= _BUCKETS:
-                self._calls = [0] * _BUCKETS
-                self._failures = [0] * _BUCKETS
-                self._slow = [0] * _BUCKETS
-                self.calls = self.failures = self.slow = 0
-            else:
-                for passed in range(head + 1, tick + 1):
-                    i = passed % _BUCKETS
-                    self.calls -= self._calls[i]
-                    self.failures -= self._failures[i]
-                    self.slow -= self._slow[i]
-                    self._calls[i] = self._failures[i] = self._slow[i] = 0
-            self._head = tick
-        # A thread that read the clock before another one recorded lands in the newest bucket.
-        return self._head % _BUCKETS
-
-    def add(self, now: float, *, failed: bool, slow: bool) -> None:
-        i = self.roll(now)
-        self._calls[i] += 1
-        self.calls += 1
-        if failed:
-            self._failures[i] += 1
-            self.failures += 1
-        if slow:
-            self._slow[i] += 1
-            self.slow += 1
-
-    @property
-    def failure_rate(self) -> float:
-        return self.failures / self.calls if self.calls else 0.0
-
-    @property
-    def slow_call_rate(self) -> float:
-        return self.slow / self.calls if self.calls else 0.0
 
 
 # --- pybreaker listeners, delivered through the event hub's guard ---------------------------------
@@ -346,7 +218,7 @@ class CircuitBreaker(CompatBreaker):
         self._count_throttled = opts.count_throttled
         self._refresh_listeners()
         with self.lock:
-            stored = _FROM_PYBREAKER.get(self._store.state, CLOSED)
+            stored = FROM_PYBREAKER.get(self._store.state, CLOSED)
             if stored != CLOSED:
                 opened_at = self._stored_opened_at(now) if stored == OPEN else now
                 self._adopt(stored, "shared_state", now, opened_at)
@@ -887,7 +759,7 @@ class CircuitBreaker(CompatBreaker):
         if reason is not None:
             self._move(OPEN, None, reason, now)
 
-    def _window_trip(self, window: _Window) -> str | None:
+    def _window_trip(self, window: Window) -> str | None:
         """The reason the rate window trips the circuit now (failure_rate, slow_call_rate)."""
         opts = self.options
         if window.calls >= opts.minimum_calls:
@@ -1029,7 +901,7 @@ class CircuitBreaker(CompatBreaker):
         self._announce_state(old_label, reason, now)
 
     def _announce_state(self, old_label: str, reason: str, now: float) -> None:
-        change = self._show_state(_TO_PYBREAKER[self._phase])
+        change = self._show_state(TO_PYBREAKER[self._phase])
         if change is not None and self._change_hooks:
             self._outbox.append((self._change_hooks, change))
         new_label = self._override or self._phase
@@ -1071,10 +943,10 @@ class CircuitBreaker(CompatBreaker):
         self._change_hooks = tuple(_StateChangeHook(x, self) for x in listeners)
 
     @staticmethod
-    def _new_window(options: CircuitBreakerOptions, now: float) -> _Window | None:
+    def _new_window(options: CircuitBreakerOptions, now: float) -> Window | None:
         if options.failure_rate_threshold is None and options.slow_call_rate_threshold is None:
             return None
-        return _Window(options.window_seconds, now)
+        return Window(options.window_seconds, now)
 
     # --- the shared path: Redis decides, this process keeps its labels, events and window ------
 
@@ -1246,7 +1118,7 @@ class CircuitBreaker(CompatBreaker):
         return dt.datetime.fromtimestamp(_clock.wall() - ago, dt.UTC)
 
     def _sync_shared(self, now: float) -> None:
-        stored = _FROM_PYBREAKER.get(self._store.state)
+        stored = FROM_PYBREAKER.get(self._store.state)
         if stored is not None and stored != self._phase:
             opened_at = self._stored_opened_at(now) if stored == OPEN else now
             self._adopt(stored, "shared_state", now, opened_at)
@@ -1264,7 +1136,7 @@ class CircuitBreaker(CompatBreaker):
         if phase == CLOSED:
             store.reset_counter()
         store.reset_success_counter()
-        store.state = _TO_PYBREAKER[phase]
+        store.state = TO_PYBREAKER[phase]
 
     def _count_failure(self) -> int:
         self._store.increment_counter()
@@ -1435,19 +1307,3 @@ def build(ctx: BuildContext) -> CircuitBreakerStrategy | None:
         return None
     cb = registry.shared(PATTERN, ctx.key, options, functools.partial(CircuitBreaker, ctx.service))
     return CircuitBreakerStrategy(cb, shadow=ctx.mode == "shadow")
-
-
-def breaker(service: str) -> CircuitBreaker:
-    """The shared breaker of ``service``; built from its current settings if no call built it yet.
-
-    Manual control and health checks use it: ``breaker("openfga").force_open()``.
-    """
-    service = registry.service_name(service)
-    existing = registry.instances(PATTERN).get(service)
-    if isinstance(existing, CircuitBreaker):
-        return existing
-    # The same options the service's call sites would resolve: settings over their code arguments.
-    options = config.SNAPSHOT.service(service).options(
-        PATTERN, registry.code_args(PATTERN, service)
-    )
-    return registry.shared(PATTERN, service, options, functools.partial(CircuitBreaker, service))

@@ -1,7 +1,8 @@
 """The one place buttress reaches into pybreaker's internals.
 
-Only this class touches pybreaker 1.4's private members (``_lock``, ``_state_storage``,
-``_state``, ``_create_new_state``); ``tests/patterns/test_pybreaker_contract.py`` checks each of
+Only this module touches pybreaker 1.4's private members (``_lock``, ``_state_storage``,
+``_state``, ``_create_new_state``) and the one call site inside it that the Redis storage must
+recognise (:func:`noticing_a_close`); ``tests/patterns/test_pybreaker_contract.py`` checks each of
 them against the installed pybreaker, and :func:`incompatibilities` runs the structural part of it
 when this module is imported. Why each is needed: ``docs/internals.md`` (The reach into pybreaker).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
+import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 
@@ -19,6 +21,7 @@ __all__ = [
     "SUPPORTED_VERSIONS",
     "CompatBreaker",
     "incompatibilities",
+    "noticing_a_close",
 ]
 
 # The range pyproject.toml pins; a newer pybreaker may move the members listed above.
@@ -98,6 +101,21 @@ class CompatBreaker(pybreaker.CircuitBreaker):
         new = self._create_new_state(name, prev_state=old, notify=False)
         self._state = new
         return old, new
+
+
+# The one caller of a storage's reset_counter() that does not report a success (pybreaker 1.4).
+_CLOSED_STATE_INIT = pybreaker.CircuitClosedState.__init__.__code__
+
+
+def noticing_a_close() -> bool:
+    """Whether the storage method that asks was called by pybreaker's closed state constructor.
+
+    pybreaker resets the failure counter whenever it builds a ``CircuitClosedState``, including
+    when it merely notices that a shared storage says closed; a storage asks this from
+    ``reset_counter()`` to tell that call from a success's.
+    """
+    # Frame 0 is this function, 1 the storage method, 2 its caller.
+    return sys._getframe(2).f_code is _CLOSED_STATE_INIT
 
 
 def _version() -> tuple[int, ...]:

@@ -16,11 +16,11 @@ import hashlib
 import itertools
 import math
 import os
-import sys
 import threading
 import weakref
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
+from importlib import resources
 from typing import Any, Final, NamedTuple
 
 import pybreaker
@@ -28,6 +28,16 @@ import pybreaker
 from buttress import _clock, events
 from buttress._values import redact
 from buttress.exceptions import ConfigurationError
+from buttress.patterns.circuit_breaker._pybreaker_compat import noticing_a_close
+from buttress.patterns.circuit_breaker._states import (
+    CLOSED,
+    FAILURE,
+    FROM_PYBREAKER,
+    HALF_OPEN,
+    OPEN,
+    SUCCESS,
+    TO_PYBREAKER,
+)
 
 __all__ = [
     "KEY_PREFIX",
@@ -39,22 +49,6 @@ __all__ = [
 
 KEY_PREFIX: Final = "buttress"
 
-CLOSED: Final = "closed"
-OPEN: Final = "open"
-HALF_OPEN: Final = "half_open"
-
-SUCCESS: Final = "success"
-FAILURE: Final = "failure"
-IGNORED: Final = "ignored"
-
-_TO_PYBREAKER: Final = {
-    CLOSED: pybreaker.STATE_CLOSED,
-    OPEN: pybreaker.STATE_OPEN,
-    HALF_OPEN: pybreaker.STATE_HALF_OPEN,
-}
-_FROM_PYBREAKER: Final = {name: state for state, name in _TO_PYBREAKER.items()}
-# The one caller of reset_counter() that does not report a success (pybreaker 1.4, pinned).
-_CLOSED_STATE_INIT: Final = pybreaker.CircuitClosedState.__init__.__code__
 
 # One script for every operation: one SHA to load after a Redis restart, one code path to review.
 # ARGV: 1 op, 2 ttl_ms, 3 reset_ms, 4 max_trials, 5 lease_ms, 6 fail_max ('' never trips),
@@ -63,158 +57,7 @@ _CLOSED_STATE_INIT: Final = pybreaker.CircuitClosedState.__init__.__code__
 # 13 seq at admission | set mode ('force' or ''), 14 trial leases to give back (space-separated:
 # granted to requests whose reply never arrived, '' none).
 # Reply: "state gen seq base succ since now admitted trial change lease" (lease: if granted).
-_SCRIPT: Final = """
-local circuit, trials = KEYS[1], KEYS[2]
-local op = ARGV[1]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
--- A key this script cannot read (another type, an unknown state, a count that is not one) is
--- corrupt: someone wrote it by hand, or a version of buttress that knows more. It is started over
--- (closed, clean, a new generation) and the reply says 'corrupt': that call decides locally.
-local corrupt = false
-local h = redis.pcall('HMGET', circuit, 'state', 'gen', 'seq', 'base', 'succ', 'since')
-if h.err then
-  if not string.find(h.err, 'WRONGTYPE', 1, true) then
-    return redis.error_reply(h.err)  -- any other error fails the script as it would have
-  end
-  redis.call('DEL', circuit)
-  h, corrupt = {}, true
-end
-local function count(i)
-  local v = h[i]
-  if not v then
-    return 0
-  end
-  local n = tonumber(v)
-  if n and n >= 0 and n <= 9007199254740991 and n == math.floor(n) then
-    return n
-  end
-  corrupt = true
-  return 0
-end
-local state = h[1] or 'closed'
-if state ~= 'closed' and state ~= 'open' and state ~= 'half_open' then
-  corrupt = true
-end
-local gen, seq, base, succ, since = count(2), count(3), count(4), count(5), count(6)
-local ttl = tonumber(ARGV[2])
-local dirty = false
-local admitted, trial, change = 0, 0, ''
-
--- A command on the trial leases; a trials key of another type is corrupt too: deleted, then
--- the command runs on no key.
-local function on_trials(...)
-  local reply = redis.pcall(...)
-  if type(reply) == 'table' and reply.err then
-    if string.find(reply.err, 'WRONGTYPE', 1, true) then
-      redis.call('DEL', trials)
-      corrupt = true
-    end
-    reply = redis.call(...)  -- on no key; any other error fails the script as it would have
-  end
-  return reply
-end
-
-local function move(to, why)
-  state = to
-  -- generations follow Redis time, so a Redis restarted empty never reuses one
-  gen = math.max(gen + 1, now)
-  -- failures are kept until the circuit closes (while open and half-open, as pybreaker does)
-  if to == 'closed' then
-    seq = 0
-  else
-    seq = seq - base
-  end
-  base, succ, since = 0, 0, now
-  redis.call('DEL', trials)
-  dirty = true
-  change = why
-end
-
-local function clear_before(upto)
-  local cleared = math.min(upto, seq)
-  if cleared > base then
-    base = cleared
-    dirty = true
-  end
-end
-
-if corrupt then
-  move('closed', 'corrupt')
-end
-
--- Leases Redis granted (or may have) to requests that timed out: nobody runs those trials.
-for lease in string.gmatch(ARGV[14], '%S+') do
-  on_trials('ZREM', trials, lease)
-end
-
-if ARGV[8] ~= '' and state == 'closed' and tonumber(ARGV[8]) == gen then
-  clear_before(tonumber(ARGV[9]))
-end
-
-if op == 'admit' then
-  if state == 'open' and now >= since + tonumber(ARGV[3]) then
-    move('half_open', 'timeout_elapsed')
-  end
-  if state == 'closed' then
-    admitted = 1
-  elseif state == 'half_open' then
-    on_trials('ZREMRANGEBYSCORE', trials, '-inf', now)
-    if redis.call('ZCARD', trials) < tonumber(ARGV[4]) then
-      redis.call('ZADD', trials, now + tonumber(ARGV[5]), ARGV[10])
-      redis.call('PEXPIRE', trials, ttl)
-      admitted, trial = 1, 1
-    end
-  end
-elseif op == 'record' then
-  if ARGV[10] ~= '' then
-    on_trials('ZREM', trials, ARGV[10])
-  end
-  if ARGV[11] ~= '' and tonumber(ARGV[11]) ~= gen then
-    change = 'stale'
-  elseif ARGV[12] == 'failure' then
-    if state == 'closed' then
-      seq = seq + 1
-      dirty = true
-      if ARGV[6] ~= '' and seq - base >= tonumber(ARGV[6]) then
-        move('open', 'fail_max')
-      end
-    elseif state == 'half_open' then
-      seq = seq + 1
-      move('open', 'trial_failed')
-    end
-  elseif ARGV[12] == 'success' then
-    if state == 'half_open' then
-      succ = succ + 1
-      dirty = true
-      if ARGV[7] ~= '' and succ >= tonumber(ARGV[7]) then
-        move('closed', 'success_threshold')
-      end
-    elseif state == 'closed' and ARGV[13] ~= '' then
-      clear_before(tonumber(ARGV[13]))
-    end
-  end
-elseif op == 'set' then
-  if ARGV[11] ~= '' and tonumber(ARGV[11]) ~= gen then
-    change = 'stale'
-  elseif ARGV[13] == 'force' or ARGV[12] ~= state then
-    move(ARGV[12], 'manual')
-  end
-end
-
-if corrupt then
-  change = 'corrupt'
-end
-if dirty then
-  redis.call('HSET', circuit, 'state', state, 'gen', gen, 'seq', seq, 'base', base,
-    'succ', succ, 'since', since)
-  redis.call('PEXPIRE', circuit, ttl)
-end
--- one bulk string: parsing an 11-element array costs the client more than the round trip
-return string.format('%s %d %d %d %d %d %d %d %d %s %s', state, gen, seq, base, succ, since,
-  now, admitted, trial, change, trial == 1 and ARGV[10] or '')
-"""
-_SCRIPT_BYTES: Final = _SCRIPT.encode()
+_SCRIPT_BYTES: Final = (resources.files(__package__) / "circuit.lua").read_bytes()
 _SHA: Final = hashlib.sha1(_SCRIPT_BYTES, usedforsecurity=False).hexdigest().encode()
 
 
@@ -958,7 +801,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
     def _set_request(
         self, state: str, limits: Limits | None, *, expected: int | None, always: bool
     ) -> tuple[bytes, _Carry]:
-        if state not in _TO_PYBREAKER:
+        if state not in TO_PYBREAKER:
             raise ValueError(f"unknown circuit state {state!r}: closed, open or half_open")
         orphans = self._take_orphans()
         request = self._prefix(b"set", limits) + b"".join(
@@ -1116,12 +959,12 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         """pybreaker: the state (one request). Remembers what this thread or task read."""
         decision = self.observe()
         self._remember(decision)
-        return _TO_PYBREAKER[decision.state]
+        return TO_PYBREAKER[decision.state]
 
     @state.setter
     def state(self, state: str) -> None:
         """pybreaker: a transition, applied only to the state this thread or task last read."""
-        target = _FROM_PYBREAKER.get(state)
+        target = FROM_PYBREAKER.get(state)
         if target is None:
             raise ValueError(f"unknown pybreaker state {state!r}")
         seen = self._seen.get(None)
@@ -1142,7 +985,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         ``CircuitClosedState`` constructor); that call is not a success and is ignored, or it
         would wipe the failures other processes recorded since the close.
         """
-        if sys._getframe(1).f_code is _CLOSED_STATE_INIT:
+        if noticing_a_close():
             return
         seen = self._seen.get(None)
         if seen is None:
