@@ -54,9 +54,8 @@ KNOWN_VIOLATIONS = {
     ),
 }
 
-# Where the canonical pattern list (``PATTERNS = (...)``) is today. It belongs in patterns/ and
-# moves there with the imports work of issue 10; then this becomes "buttress.patterns".
-PATTERN_LIST_HOME = "buttress.config"
+# Where the canonical pattern list (``PATTERNS = (...)``) lives: with the patterns it names.
+PATTERN_LIST_HOME = "buttress.patterns"
 
 
 def module_name(path: Path) -> str:

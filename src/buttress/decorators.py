@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-from buttress import config
 from buttress.exceptions import ConfigurationError
+from buttress.patterns import PATTERNS
 from buttress.patterns.chaos import ExceptionSpec
 from buttress.patterns.circuit_breaker import ExcludeSpec
 from buttress.patterns.fallback import MISSING
@@ -33,7 +33,7 @@ __all__ = [
 
 # resilient() stacks every pattern in the canonical order, outermost first (design §3); chaos
 # sits innermost so every other pattern meets an injected fault as it would a real one.
-CANONICAL_ORDER = config.PATTERNS
+CANONICAL_ORDER = PATTERNS
 
 
 def _given(**kwargs: Any) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from buttress import _clock, _context, _deadline, config, events, registry
 from buttress._values import RedisURL
 from buttress.events import CallFinished
 from buttress.exceptions import ConfigurationError, RejectedError, TimeoutExceededError
+from buttress.patterns import PATTERNS
 from buttress.patterns._base import (
     AsyncCall,
     BuildContext,
@@ -86,8 +87,8 @@ class Spec:
     preset: str | None = None
 
     def __post_init__(self) -> None:
-        if self.pattern not in config.PATTERNS:
-            raise ValueError(f"unknown pattern {self.pattern!r}; expected one of {config.PATTERNS}")
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"unknown pattern {self.pattern!r}; expected one of {PATTERNS}")
         service: object = self.service  # checked at run time for untyped callers
         if service is not None and (not isinstance(service, str) or service == ""):
             raise TypeError(f"name must be a non-empty string, got {self.service!r}")

@@ -32,7 +32,6 @@ from buttress.config._models import (
     FLAGS,
     KILL_SWITCH_VARIABLES,
     OTHER_VARIABLES,
-    PATTERNS,
     PRESETS,
     SECTIONS,
     ServiceSettings,
@@ -41,6 +40,7 @@ from buttress.config._models import (
 )
 from buttress.config._sources import load_settings
 from buttress.config._view import CACHE_SIZE, ServiceView, Snapshot
+from buttress.patterns import PATTERNS
 from buttress.patterns.chaos import KILL_SWITCH as CHAOS_VARIABLE
 
 __all__ = [

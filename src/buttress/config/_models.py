@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, create_model
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from buttress.patterns import PATTERNS
 from buttress.patterns._base import Options
 from buttress.patterns.bulkhead import BulkheadOptions
 from buttress.patterns.chaos import KILL_SWITCH as CHAOS_VARIABLE
@@ -22,17 +23,6 @@ from buttress.patterns.fallback import FallbackOptions
 from buttress.patterns.rate_limit import RateLimitOptions
 from buttress.patterns.retry import RetryOptions
 from buttress.patterns.timeout import TimeoutOptions
-
-# Canonical order, outermost first (design section 3); chaos sits innermost, around the call.
-PATTERNS: Final = (
-    "fallback",
-    "retry",
-    "circuit_breaker",
-    "rate_limit",
-    "timeout",
-    "bulkhead",
-    "chaos",
-)
 
 _OPTIONS: Final[Mapping[str, type[Options]]] = MappingProxyType(
     {

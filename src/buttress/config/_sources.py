@@ -26,7 +26,6 @@ from buttress.config._models import (
     FLAGS,
     KILL_SWITCH_VARIABLES,
     OTHER_VARIABLES,
-    PATTERNS,
     PRESETS,
     SECTIONS,
     Settings,
@@ -34,6 +33,7 @@ from buttress.config._models import (
     options_model,
 )
 from buttress.exceptions import ConfigurationError
+from buttress.patterns import PATTERNS
 from buttress.patterns.chaos import KILL_SWITCH as CHAOS_VARIABLE
 
 

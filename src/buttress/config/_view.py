@@ -19,7 +19,6 @@ from buttress import registry
 from buttress._values import shown
 from buttress.config._models import (
     FLAGS,
-    PATTERNS,
     PRESETS,
     SECTIONS,
     Criticality,
@@ -31,6 +30,7 @@ from buttress.config._models import (
 )
 from buttress.config._sources import Problem, configuration_error, error_message
 from buttress.exceptions import ConfigurationError
+from buttress.patterns import PATTERNS
 from buttress.patterns._base import Options
 
 # A value and where it came from: "env NAME", "file PATH", "code", "preset NAME" or "default".

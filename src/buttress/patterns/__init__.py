@@ -3,3 +3,22 @@
 Pattern modules import nothing from Prometheus, OpenTelemetry or logging: they emit events
 (:mod:`buttress.events`) and subscribers turn those into metrics, spans and logs.
 """
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = ["PATTERNS"]
+
+# Canonical order, outermost first (design section 3); chaos sits innermost, around the call.
+# A policy's specs are sorted by it, settings sections are named by it, and each name is the
+# module under this package that holds the pattern.
+PATTERNS: Final = (
+    "fallback",
+    "retry",
+    "circuit_breaker",
+    "rate_limit",
+    "timeout",
+    "bulkhead",
+    "chaos",
+)
