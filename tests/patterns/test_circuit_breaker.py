@@ -55,7 +55,8 @@ class Down(ConnectionError):
 
 
 def strategy(service: str = "svc", mode: str = "enforce", **options: Any) -> CircuitBreakerStrategy:
-    built = cbmod.build(BuildContext(service, CircuitBreakerOptions(**options), service, mode))
+    ctx = BuildContext(service, CircuitBreakerOptions(**options), service, mode, registry.shared)
+    built = cbmod.build(ctx)
     assert isinstance(built, CircuitBreakerStrategy)
     return built
 

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Final, TypedDict, TypeVar
 
 import pybreaker
 
-from buttress import _clock, events, registry
+from buttress import _clock, events
 from buttress.events import CallRejected, CircuitCallRecorded
 from buttress.exceptions import CircuitOpenError, RejectedError
 from buttress.patterns import _transient
@@ -1305,5 +1305,5 @@ def build(ctx: BuildContext) -> CircuitBreakerStrategy | None:
     options: CircuitBreakerOptions = ctx.options
     if not options.enabled:
         return None
-    cb = registry.shared(PATTERN, ctx.key, options, functools.partial(CircuitBreaker, ctx.service))
+    cb = ctx.shared(PATTERN, functools.partial(CircuitBreaker, ctx.service))
     return CircuitBreakerStrategy(cb, shadow=ctx.mode == "shadow")
