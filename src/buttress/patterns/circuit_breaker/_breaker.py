@@ -22,6 +22,7 @@ from buttress.exceptions import CircuitOpenError, RejectedError
 from buttress.patterns import _transient
 from buttress.patterns._base import AsyncCall, BuildContext, Call
 from buttress.patterns.circuit_breaker import redis_storage
+from buttress.patterns.circuit_breaker._machine import Decision, Limits, Machine
 from buttress.patterns.circuit_breaker._options import PATTERN, CircuitBreakerOptions
 from buttress.patterns.circuit_breaker._pybreaker_compat import CompatBreaker
 from buttress.patterns.circuit_breaker._states import (
@@ -38,7 +39,7 @@ from buttress.patterns.circuit_breaker._states import (
     TO_PYBREAKER,
 )
 from buttress.patterns.circuit_breaker._window import Window
-from buttress.patterns.circuit_breaker.redis_storage import Decision, Limits, SharedStateStorage
+from buttress.patterns.circuit_breaker.redis_storage import SharedStateStorage
 
 __all__ = [
     "CircuitBreaker",
@@ -140,6 +141,56 @@ def _exclusions(
     return tuple(types), tuple(predicates)
 
 
+class _StoredMachine(Machine):
+    """The state machine with its counters in a pybreaker storage, where pybreaker's readers
+    (``fail_counter``, a storage shared with other breakers) find them.
+
+    Only the counting differs from :class:`Machine`: a success clears every failure
+    (pybreaker's rule), and each transition is written to the storage.
+    """
+
+    __slots__ = ("store",)
+
+    def __init__(self, now: float) -> None:
+        super().__init__(now)
+        self.store: pybreaker.CircuitBreakerStorage = pybreaker.CircuitMemoryStorage(
+            pybreaker.STATE_CLOSED
+        )
+
+    @property
+    def failures(self) -> int:
+        return self.store.counter
+
+    @property
+    def successes(self) -> int:
+        return self.store.success_counter
+
+    def _count_failure(self) -> int:
+        self.store.increment_counter()
+        return self.store.counter
+
+    def _clear_failures(self, upto: int | None) -> None:
+        if self.store.counter:
+            self.store.reset_counter()
+
+    def _count_success(self) -> int:
+        self.store.increment_success_counter()
+        return self.store.success_counter
+
+    def _entered(self, phase: str) -> None:
+        self.save(phase, _wall_datetime() if phase == OPEN else None)
+
+    def save(self, phase: str, opened_at: dt.datetime | None) -> None:
+        """Write ``phase`` (opened at ``opened_at`` on the wall clock) to the storage."""
+        store = self.store
+        if opened_at is not None:
+            store.opened_at = opened_at
+        if phase == CLOSED:
+            store.reset_counter()
+        store.reset_success_counter()
+        store.state = TO_PYBREAKER[phase]
+
+
 class CircuitBreaker(CompatBreaker):
     """The shared breaker of one service: lock-free calls over pybreaker's state and storage.
 
@@ -199,17 +250,14 @@ class CircuitBreaker(CompatBreaker):
             "half_open_full": f"circuit of {service!r} is half-open and its trial calls are taken",
             "forced_open": f"circuit of {service!r} is forced open",
         }
+        # The phase, generation, counters (in pybreaker's storage) and trials in flight.
+        self._m = _StoredMachine(now)
         self._use_storage(remote)
         self._asked = itertools.count(1)  # numbers the requests to the shared storage
         self._seen_generation: int | None = None  # of the last shared decision adopted
         self._adopted_at = 0  # the number of the request that decision answered
-        self._phase: str = CLOSED  # closed | open | half_open (the overrides sit on top)
-        self._override: str | None = None
-        self._generation = 0
+        self._override: str | None = None  # sits on top of the machine's phase
         self._since = now  # when the current state (as labelled) began
-        self._opened_at = now
-        self._trials = 0
-        self._max_trials = opts.half_open_max_calls
         self._slow_after = opts.slow_call_duration
         self._window = self._new_window(opts, now)
         self._fast_token: int | None = None
@@ -381,14 +429,13 @@ class CircuitBreaker(CompatBreaker):
                 options.success_threshold,
                 options.half_open_max_calls,
             )
-            self._max_trials = options.half_open_max_calls
             if swap:
                 retired = self._remote
                 self._use_storage(new_remote)
                 self._seen_generation = None
                 if retired is not None and not self._shared:
                     # Back in memory, from the state this process last knew.
-                    self._save_state(self._phase, self._opened_wall())
+                    self._m.save(self._m.phase, self._opened_wall())
             self._slow_after = options.slow_call_duration
             self._count_throttled = options.count_throttled
             if options.exclude != previous.exclude:
@@ -505,13 +552,13 @@ class CircuitBreaker(CompatBreaker):
             phase = self._visible_phase(now)
             left: float | None = None
             if self._override is None and phase == OPEN:
-                left = self._opened_at + self.reset_timeout - now
+                left = self._m.opened_at + self.reset_timeout - now
             return CircuitSnapshot(
                 service=self.service,
                 state=self._override or phase,
                 failures=failures,
                 successes=successes,
-                trials_in_flight=self._trials,
+                trials_in_flight=self._m.trials,
                 seconds_left_open=left,
                 failure_rate=window.failure_rate if window is not None else None,
                 slow_call_rate=window.slow_call_rate if window is not None else None,
@@ -519,8 +566,8 @@ class CircuitBreaker(CompatBreaker):
 
     def _visible_phase(self, now: float) -> str:
         """The phase, with an open circuit whose open time has run out read as half-open."""
-        phase = self._phase
-        if phase == OPEN and now >= self._opened_at + self.reset_timeout:
+        phase = self._m.phase
+        if phase == OPEN and now >= self._m.opened_at + self.reset_timeout:
             return HALF_OPEN
         return phase
 
@@ -702,62 +749,52 @@ class CircuitBreaker(CompatBreaker):
 
     def _admit_locked(self, shadow: bool) -> int:
         override = self._override
+        m = self._m
         if override is not None:
             if override == DISABLED:
                 return _BYPASS
             if override == FORCED_CLOSED:
-                return self._generation << 1
+                return m.generation << 1
             return self._reject("forced_open", None, shadow)
         now = _clock.monotonic()
         if self._shared:
             if self._remote is not None:
                 return _REROUTE
             self._sync_shared(now)
-        phase = self._phase
+        phase = m.phase
         if phase == CLOSED:
-            return self._generation << 1
-        if phase == OPEN:
-            left = self._opened_at + self.reset_timeout - now
-            if left > 0:
-                return self._reject("open", left, shadow)
-            self._move(HALF_OPEN, None, "timeout_elapsed", now)
-        if self._trials >= self._max_trials:
+            return m.generation << 1
+        decision = m.admit(self._limits, now)
+        if decision.change is not None:
+            self._after_move(phase, None, decision.change, now)
+        if not decision.admitted:
+            if decision.state == OPEN:
+                return self._reject("open", decision.retry_after, shadow)
             return self._reject("half_open_full", None, shadow)
-        self._trials += 1
         handlers = events.ROUTES.get(events.CircuitTrialStarted)
         if handlers:
-            self._outbox.append((handlers, events.CircuitTrialStarted(self.service, self._trials)))
-        return self._generation << 1 | 1
+            self._outbox.append((handlers, events.CircuitTrialStarted(self.service, m.trials)))
+        return m.generation << 1 | 1
 
     def _record(self, token: int, outcome: str, now: float, *, slow: bool) -> None:
-        if token >> 1 != self._generation:
+        m = self._m
+        if token >> 1 != m.generation:
             return  # admitted under a state that has ended: not evidence about this one
-        if token & 1:
-            self._trials -= 1
-        if outcome == IGNORED:
-            return
-        if self._phase == HALF_OPEN:
-            if outcome == FAILURE:
-                self._count_failure()  # kept while open, as pybreaker counts a failed trial
-                self._move(OPEN, None, "trial_failed", now)
-            elif self._count_success() >= self.success_threshold:
-                self._move(CLOSED, None, "success_threshold", now)
-            return
-        # Closed (or forced closed: counted, never tripped).
-        window = self._window
+        phase = m.phase
+        window = self._window if phase == CLOSED and outcome != IGNORED else None
         if window is not None:
             window.add(now, failed=outcome == FAILURE, slow=slow)
-        if outcome == FAILURE:
-            if self._count_failure() >= self.fail_max and self._override is None:
-                self._move(OPEN, None, "fail_max", now)
-                return
-        else:
-            self._clear_failures()
-        if window is None or self._override is not None:
-            return
-        reason = self._window_trip(window)
-        if reason is not None:
-            self._move(OPEN, None, reason, now)
+        override = self._override
+        # Forced closed counts, and never trips.
+        decision = m.record(
+            token >> 1, bool(token & 1), outcome, self._limits, now, trips=override is None
+        )
+        if decision.change is not None:
+            self._after_move(override or phase, None, decision.change, now)
+        elif window is not None and override is None:
+            reason = self._window_trip(window)
+            if reason is not None:
+                self._move(OPEN, None, reason, now)
 
     def _window_trip(self, window: Window) -> str | None:
         """The reason the rate window trips the circuit now (failure_rate, slow_call_rate)."""
@@ -872,39 +909,33 @@ class CircuitBreaker(CompatBreaker):
 
     def _move(self, phase: str, override: str | None, reason: str, now: float) -> None:
         """Enter a state: a new generation, fresh counters for it, storage, listeners, event."""
-        old_label = self._override or self._phase
-        self._generation += 1
-        self._trials = 0
+        old_label = self._override or self._m.phase
+        self._m.move(phase, now)
+        self._after_move(old_label, override, reason, now)
+
+    def _after_move(self, old_label: str, override: str | None, reason: str, now: float) -> None:
+        """What follows a transition of the machine: window, override, fast paths, events."""
         self._seen_generation = None  # a shared circuit adopts the next state it is told
-        if phase == OPEN:
-            self._opened_at = now
-        opened_wall = _wall_datetime() if phase == OPEN else None
-        self._save_state(phase, opened_wall)
-        if phase == CLOSED and self._window is not None:
+        if self._m.phase == CLOSED and self._window is not None:
             self._window = self._new_window(self.options, now)
-        self._phase = phase
         self._override = override
         self._refresh_fast_paths()
         self._announce_state(old_label, reason, now)
 
     def _adopt(self, phase: str, reason: str, now: float, opened_at: float) -> None:
         """Take on a state another process wrote to the shared storage (nothing is written)."""
-        old_label = self._override or self._phase
-        self._generation += 1
-        self._trials = 0
-        if phase == OPEN:
-            self._opened_at = opened_at
+        old_label = self._override or self._m.phase
+        self._m.adopt(phase, now, opened_at)
         if phase == CLOSED and self._window is not None:
             self._window = self._new_window(self.options, now)
-        self._phase = phase
         self._refresh_fast_paths()
         self._announce_state(old_label, reason, now)
 
     def _announce_state(self, old_label: str, reason: str, now: float) -> None:
-        change = self._show_state(TO_PYBREAKER[self._phase])
+        change = self._show_state(TO_PYBREAKER[self._m.phase])
         if change is not None and self._change_hooks:
             self._outbox.append((self._change_hooks, change))
-        new_label = self._override or self._phase
+        new_label = self._override or self._m.phase
         if new_label == old_label:
             return
         handlers = events.ROUTES.get(events.CircuitStateChanged)
@@ -922,16 +953,17 @@ class CircuitBreaker(CompatBreaker):
     def _refresh_fast_paths(self) -> None:
         # Readers look at these without the lock: each is one attribute, replaced whole.
         local = not self._shared
+        m = self._m
         if self._override == DISABLED:
             self._fast_token = _BYPASS
-        elif self._override is None and self._phase == CLOSED and local:
-            self._fast_token = self._generation << 1
+        elif self._override is None and m.phase == CLOSED and local:
+            self._fast_token = m.generation << 1
         else:
             self._fast_token = None
         if self._override == FORCED_OPEN:
             self._open_until = _FOREVER
-        elif self._override is None and self._phase == OPEN and local:
-            self._open_until = self._opened_at + self.reset_timeout
+        elif self._override is None and m.phase == OPEN and local:
+            self._open_until = m.opened_at + self.reset_timeout
         else:
             self._open_until = _NEVER
 
@@ -964,13 +996,13 @@ class CircuitBreaker(CompatBreaker):
                 self._adopt_decision(decision, decision.change or "shared_state", asked)
             if decision.admitted:
                 if decision.trial:
-                    self._trials += 1
+                    self._m.trials += 1
                     handlers = events.ROUTES.get(events.CircuitTrialStarted)
                     if handlers:
                         self._outbox.append(
-                            (handlers, events.CircuitTrialStarted(self.service, self._trials))
+                            (handlers, events.CircuitTrialStarted(self.service, self._m.trials))
                         )
-                ticket = decision, self._generation
+                ticket = decision, self._m.generation
             else:
                 ticket = None
         try:
@@ -1057,9 +1089,9 @@ class CircuitBreaker(CompatBreaker):
         """Bookkeeping once the storage recorded an outcome; the reason if the window trips."""
         decision, generation = ticket
         with self.lock:
-            current = generation == self._generation
+            current = generation == self._m.generation
             if decision.trial and current:
-                self._trials -= 1
+                self._m.trials -= 1
             if after is not None and self._is_news(after, asked):
                 self._adopt_decision(after, after.change or "shared_state", asked)
                 return None
@@ -1108,18 +1140,19 @@ class CircuitBreaker(CompatBreaker):
         """
         self._remote = remote
         self._store = super().storage
+        self._m.store = self._store
         self._shared = remote is not None or type(self._store) is not pybreaker.CircuitMemoryStorage
 
     def _opened_wall(self) -> dt.datetime | None:
         """When the circuit opened, on the wall clock; None unless open."""
-        if self._phase != OPEN:
+        if self._m.phase != OPEN:
             return None
-        ago = _clock.monotonic() - self._opened_at
+        ago = _clock.monotonic() - self._m.opened_at
         return dt.datetime.fromtimestamp(_clock.wall() - ago, dt.UTC)
 
     def _sync_shared(self, now: float) -> None:
         stored = FROM_PYBREAKER.get(self._store.state)
-        if stored is not None and stored != self._phase:
+        if stored is not None and stored != self._m.phase:
             opened_at = self._stored_opened_at(now) if stored == OPEN else now
             self._adopt(stored, "shared_state", now, opened_at)
 
@@ -1128,27 +1161,6 @@ class CircuitBreaker(CompatBreaker):
         if opened is None:
             return now
         return now - max(0.0, _clock.wall() - opened.timestamp())
-
-    def _save_state(self, phase: str, opened_at: dt.datetime | None) -> None:
-        store = self._store
-        if opened_at is not None:
-            store.opened_at = opened_at
-        if phase == CLOSED:
-            store.reset_counter()
-        store.reset_success_counter()
-        store.state = TO_PYBREAKER[phase]
-
-    def _count_failure(self) -> int:
-        self._store.increment_counter()
-        return self._store.counter
-
-    def _clear_failures(self) -> None:
-        if self._store.counter:
-            self._store.reset_counter()
-
-    def _count_success(self) -> int:
-        self._store.increment_success_counter()
-        return self._store.success_counter
 
 
 def _open_error(message: str, service: str, retry_after: float | None) -> CircuitOpenError:

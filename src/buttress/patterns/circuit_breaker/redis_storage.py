@@ -21,19 +21,19 @@ import weakref
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from importlib import resources
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 import pybreaker
 
 from buttress import _clock, events
 from buttress._values import redact
 from buttress.exceptions import ConfigurationError
+from buttress.patterns.circuit_breaker._machine import Decision, Limits, Machine
 from buttress.patterns.circuit_breaker._pybreaker_compat import noticing_a_close
 from buttress.patterns.circuit_breaker._states import (
     CLOSED,
     FAILURE,
     FROM_PYBREAKER,
-    HALF_OPEN,
     OPEN,
     SUCCESS,
     TO_PYBREAKER,
@@ -59,182 +59,6 @@ KEY_PREFIX: Final = "buttress"
 # Reply: "state gen seq base succ since now admitted trial change lease" (lease: if granted).
 _SCRIPT_BYTES: Final = (resources.files(__package__) / "circuit.lua").read_bytes()
 _SHA: Final = hashlib.sha1(_SCRIPT_BYTES, usedforsecurity=False).hexdigest().encode()
-
-
-class Limits(NamedTuple):
-    """The breaker options a shared decision depends on (passed on every call: they may change)."""
-
-    fail_max: int
-    reset_timeout: float
-    success_threshold: int
-    half_open_max_calls: int
-
-
-class Decision(NamedTuple):
-    """What the storage decided for one call, or the state after recording its outcome.
-
-    Attributes:
-        state: ``closed``, ``open`` or ``half_open``.
-        generation: identifies this state instance; it changes on every transition (shared
-            generations are positive, local ones negative).
-        admitted: the call may run.
-        trial: the call is a half-open trial (its outcome must be recorded, even if ignored).
-        retry_after: open: seconds until a trial may run; otherwise None.
-        failures: consecutive failures counted towards ``fail_max``.
-        successes: trial successes counted towards ``success_threshold``.
-        change: the reason when this very request made a transition (``timeout_elapsed``,
-            ``fail_max``, ``trial_failed``, ``success_threshold``, ``manual``), else None.
-        shared: decided by Redis; False when the local fallback decided.
-        age: seconds since the state began (Redis's clock when shared).
-        seq: failures recorded in this generation when decided (bookkeeping).
-        lease: the trial lease held in Redis, or ``""`` (bookkeeping).
-    """
-
-    state: str
-    generation: int
-    admitted: bool
-    trial: bool
-    retry_after: float | None
-    failures: int
-    successes: int
-    change: str | None
-    shared: bool
-    age: float
-    seq: int = 0
-    lease: str = ""
-
-
-# --- the local fallback -------------------------------------------------------------------------
-
-
-class _Local:
-    """The circuit as this process alone sees it: used while Redis cannot be reached.
-
-    It mirrors every shared decision, so an outage starts from the last state seen in Redis.
-    Not thread-safe: the storage holds its lock around every method.
-    """
-
-    __slots__ = (
-        "_generations",
-        "failures",
-        "generation",
-        "opened_at",
-        "since",
-        "state",
-        "successes",
-        "trials",
-    )
-
-    def __init__(self, now: float) -> None:
-        self._generations = itertools.count(-1, -1)
-        self.state = CLOSED
-        self.generation = 0
-        self.failures = 0
-        self.successes = 0
-        self.trials = 0  # local trials in flight
-        self.since = now
-        self.opened_at = now
-
-    def _decision(
-        self,
-        now: float,
-        reset_timeout: float,
-        *,
-        admitted: bool = False,
-        trial: bool = False,
-        change: str | None = None,
-    ) -> Decision:
-        retry_after = None
-        if self.state == OPEN:
-            retry_after = max(0.0, self.opened_at + reset_timeout - now)
-        return Decision(
-            self.state,
-            self.generation,
-            admitted,
-            trial,
-            retry_after,
-            self.failures,
-            self.successes,
-            change,
-            shared=False,
-            age=now - self.since,
-        )
-
-    def _move(self, state: str, now: float) -> None:
-        self.state = state
-        self.generation = next(self._generations)
-        self.successes = self.trials = 0
-        if state == CLOSED:  # failures are kept until a close, as in Redis
-            self.failures = 0
-        self.since = now
-        if state == OPEN:
-            self.opened_at = now
-
-    def adopt(self, decision: Decision, now: float) -> None:
-        if decision.generation != self.generation:
-            self.trials = 0
-            self.since = now - decision.age
-            if decision.state == OPEN:
-                self.opened_at = self.since
-        self.state = decision.state
-        self.generation = decision.generation
-        self.failures = decision.failures
-        self.successes = decision.successes
-
-    def admit(self, limits: Limits, now: float) -> Decision:
-        change = None
-        if self.state == OPEN:
-            if now < self.opened_at + limits.reset_timeout:
-                return self._decision(now, limits.reset_timeout)
-            self._move(HALF_OPEN, now)
-            change = "timeout_elapsed"
-        if self.state == HALF_OPEN:
-            if self.trials >= limits.half_open_max_calls:
-                return self._decision(now, limits.reset_timeout, change=change)
-            self.trials += 1
-            return self._decision(
-                now, limits.reset_timeout, admitted=True, trial=True, change=change
-            )
-        return self._decision(now, limits.reset_timeout, admitted=True)
-
-    def record(self, ticket: Decision, outcome: str, limits: Limits | None, now: float) -> Decision:
-        """Apply an outcome; ``limits`` None: count only, the caller decides transitions."""
-        if ticket.generation != self.generation:
-            return self._decision(now, 0.0 if limits is None else limits.reset_timeout)
-        if ticket.trial and not ticket.shared:
-            self.trials = max(0, self.trials - 1)
-        change = None
-        if outcome == FAILURE:
-            if self.state == CLOSED:
-                self.failures += 1
-                if limits is not None and self.failures >= limits.fail_max:
-                    self._move(OPEN, now)
-                    change = "fail_max"
-            elif self.state == HALF_OPEN:
-                self.failures += 1
-                if limits is not None:
-                    self._move(OPEN, now)
-                    change = "trial_failed"
-        elif outcome == SUCCESS:
-            if self.state == CLOSED:
-                self.failures = 0
-            elif self.state == HALF_OPEN:
-                self.successes += 1
-                if limits is not None and self.successes >= limits.success_threshold:
-                    self._move(CLOSED, now)
-                    change = "success_threshold"
-        reset_timeout = 0.0 if limits is None else limits.reset_timeout
-        return self._decision(now, reset_timeout, change=change)
-
-    def force(self, state: str, now: float, *, always: bool) -> Decision:
-        change = None
-        if always or state != self.state:
-            self._move(state, now)
-            change = "manual"
-        return self._decision(now, 0.0, change=change)
-
-    def observe(self, now: float) -> Decision:
-        return self._decision(now, 0.0)
 
 
 # --- the connections ----------------------------------------------------------------------------
@@ -475,7 +299,9 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         self._link = _SyncLink(make_sync)
         self._alink = _AsyncLink(make_async, socket_timeout)
         self._lock = threading.Lock()
-        self._local = _Local(_clock.monotonic())
+        # The circuit as this process alone sees it: it mirrors every shared decision, so an
+        # outage starts from the last state seen in Redis; negative generations. Guarded by _lock.
+        self._local = Machine(_clock.monotonic(), itertools.count(-1, -1))
         self._mirrored: tuple[int, int, int, str] | None = None
         # Replies to concurrent requests arrive in any order; the local copy (what health reads)
         # must never go back to an older one. Requests are numbered as they are sent; the reply
@@ -557,7 +383,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
                 if decision is not None:
                     return decision
         with self._lock:
-            return self._local.record(ticket, outcome, limits, _clock.monotonic())
+            return self._record_locally(ticket, outcome, limits)
 
     async def arecord(
         self, ticket: Decision, outcome: str, limits: Limits | None
@@ -572,7 +398,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
                 if decision is not None:
                     return decision
         with self._lock:
-            return self._local.record(ticket, outcome, limits, _clock.monotonic())
+            return self._record_locally(ticket, outcome, limits)
 
     def transition(self, state: str, generation: int, limits: Limits | None) -> Decision:
         """Move to ``state`` if the circuit is still in ``generation`` (compare-and-set).
@@ -609,7 +435,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
     def last_known(self) -> Decision:
         """The state as this process last saw it (no request): for health checks."""
         with self._lock:
-            return self._local.observe(_clock.monotonic())
+            return self._local.decision(_clock.monotonic(), 0.0)
 
     def close(self) -> None:
         """Close the pooled synchronous connections."""
@@ -618,6 +444,20 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
     async def aclose(self) -> None:
         """Close the pooled connections of the running event loop."""
         await self._alink.close()
+
+    def _record_locally(self, ticket: Decision, outcome: str, limits: Limits | None) -> Decision:
+        """Record an outcome in the local copy, as the script records it; holds the lock.
+
+        A success clears only the failures recorded before its call was admitted (its ``seq``).
+        """
+        return self._local.record(
+            ticket.generation,
+            ticket.trial and not ticket.shared,  # a shared trial's slot is Redis's lease
+            outcome,
+            limits,
+            _clock.monotonic(),
+            upto=ticket.seq,
+        )
 
     # --- sending -------------------------------------------------------------------------------
 
@@ -668,7 +508,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
             if decision is not None:
                 return decision
         with self._lock:
-            return self._local.force(state, _clock.monotonic(), always=always)
+            return self._local.force(state, _clock.monotonic(), always=always, expected=expected)
 
     async def _aset(
         self, state: str, limits: Limits | None, *, expected: int | None, always: bool
@@ -679,7 +519,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
             if decision is not None:
                 return decision
         with self._lock:
-            return self._local.force(state, _clock.monotonic(), always=always)
+            return self._local.force(state, _clock.monotonic(), always=always, expected=expected)
 
     # --- requests and replies --------------------------------------------------------------------
 
@@ -761,7 +601,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         if outcome == SUCCESS and ticket.failures:
             self._note_cleared(ticket.generation, ticket.seq)
             with self._lock:  # and in the local copy, in case Redis is down by now
-                self._local.record(ticket, SUCCESS, None, _clock.monotonic())
+                self._record_locally(ticket, SUCCESS, None)
         return False
 
     def _record_request(
@@ -863,7 +703,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
                     self._mirrored = mirrored
                     self._adopted_order = order
                     self._adopted_mark = next(self._requests)
-                    self._local.adopt(decision, _clock.monotonic())
+                    self._local.mirror(decision, _clock.monotonic())
         return decision
 
     # --- Redis health ----------------------------------------------------------------------------
@@ -952,7 +792,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         if seen is not None:
             return seen[0]
         with self._lock:
-            return self._local.observe(_clock.monotonic())
+            return self._local.decision(_clock.monotonic(), 0.0)
 
     @property
     def state(self) -> str:
@@ -996,7 +836,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
                 self._note_cleared(decision.generation, decision.seq)
             else:
                 with self._lock:
-                    self._local.record(decision, SUCCESS, None, _clock.monotonic())
+                    self._record_locally(decision, SUCCESS, None)
             self._seen.set((decision._replace(failures=0), read_at))
 
     def increment_success_counter(self) -> None:
