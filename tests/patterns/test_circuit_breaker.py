@@ -47,6 +47,7 @@ from buttress.patterns.circuit_breaker import (
     _breaker,
 )
 from buttress.patterns.circuit_breaker.redis_storage import SharedStateStorage
+from buttress.policy import alink
 from buttress.testing import capture_events, force_circuit_state
 
 
@@ -516,7 +517,7 @@ def test_a_cancelled_call_is_not_counted_and_frees_its_trial_slot(clock):
             started.set()
             await asyncio.Event().wait()
 
-        task = asyncio.create_task(strat.awrap(hang)((), {}))
+        task = asyncio.create_task(alink(strat, hang)((), {}))
         await started.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -1374,7 +1375,7 @@ def test_four_tasks_through_one_breaker_run_concurrently():
         await asyncio.sleep(call_seconds)
         return "ok"
 
-    step = strat.awrap(slow)
+    step = alink(strat, slow)
 
     async def four() -> list[Any]:
         return await asyncio.gather(*(step((), {}) for _ in range(4)))

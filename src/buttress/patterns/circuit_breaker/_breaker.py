@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
 import datetime as dt
@@ -12,7 +11,7 @@ import itertools
 import math
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any, ClassVar, Final, TypedDict, TypeVar
+from typing import Any, ClassVar, Final, TypedDict, TypeVar, cast
 
 import pybreaker
 
@@ -20,7 +19,7 @@ from buttress import _clock, events
 from buttress.events import CallRejected, CircuitCallRecorded
 from buttress.exceptions import CircuitOpenError, RejectedError
 from buttress.patterns import _transient
-from buttress.patterns._base import AsyncCall, BuildContext, Call
+from buttress.patterns._base import DRIVERS, BuildContext, Call, Effect
 from buttress.patterns.circuit_breaker import redis_storage
 from buttress.patterns.circuit_breaker._machine import Decision, Limits, Machine
 from buttress.patterns.circuit_breaker._options import PATTERN, CircuitBreakerOptions
@@ -60,6 +59,18 @@ _REROUTE: Final = -3
 
 # A shared call's ticket: the storage's admission, and this breaker's generation at that moment.
 _Ticket = tuple[Decision, int]
+
+
+class _SharedCall:
+    """The token of a call the storage admitted: its ticket (None: a call shadow mode let
+    through although it was not admitted) and the storage that admitted it."""
+
+    __slots__ = ("remote", "ticket")
+
+    def __init__(self, ticket: _Ticket | None, remote: SharedStateStorage) -> None:
+        self.ticket = ticket
+        self.remote = remote
+
 
 # ``_open_until`` values: no lock-free rejection / rejected until a manual change (forced open).
 _NEVER = -math.inf
@@ -254,6 +265,8 @@ class CircuitBreaker(CompatBreaker):
         self._m = _StoredMachine(now)
         self._use_storage(remote)
         self._asked = itertools.count(1)  # numbers the requests to the shared storage
+        # The drivers' steps for call() and acall(), linked on first use.
+        self._direct_steps: list[Any] = [None, None]
         self._seen_generation: int | None = None  # of the last shared decision adopted
         self._adopted_at = 0  # the number of the request that decision answered
         self._override: str | None = None  # sits on top of the machine's phase
@@ -307,40 +320,93 @@ class CircuitBreaker(CompatBreaker):
             if self._outbox:
                 self._deliver()
 
-    def on_success(self, token: int, started: float) -> None:
-        """Record a call admitted with ``token`` and started at ``started`` that returned."""
-        if token == _BYPASS:
-            return
-        now = _clock.monotonic()
-        elapsed = now - started
-        slow = self._slow_after is not None and elapsed >= self._slow_after
-        # Closed, no failure to clear, no window: there is nothing to record, so no lock.
-        if token >= 0 and (
-            token != self._fast_token or self._window is not None or self._store.counter
-        ):
-            with self.lock:
-                self._record(token, SUCCESS, now, slow=slow)
-            if self._outbox:
-                self._deliver()
-        self._announce(SUCCESS, elapsed, None, slow=slow)
+    def judge(
+        self, token: Any, started: float, error: BaseException | None, result: Any
+    ) -> Effect | None:
+        """Record how a call admitted with ``token`` (by ``before``) and started at ``started``
+        ended: it raised ``error``, or returned ``result``. Never raises.
 
-    def on_error(self, token: int, exc: BaseException, started: float) -> None:
-        """Record a call admitted with ``token`` that raised ``exc``; never raises itself."""
+        Returns:
+            None, or (state in Redis) the effect that records the outcome there.
+        """
+        if token.__class__ is not int:
+            return self._finish_shared(token, started, error)
         if token == _BYPASS:
-            return
+            return None
         now = _clock.monotonic()
         elapsed = now - started
-        outcome = FAILURE if self.is_system_error(exc) else IGNORED
         slow = self._slow_after is not None and elapsed >= self._slow_after
+        if error is None:
+            # Closed, no failure to clear, no window: there is nothing to record, so no lock.
+            if token >= 0 and (
+                token != self._fast_token or self._window is not None or self._store.counter
+            ):
+                with self.lock:
+                    self._record(token, SUCCESS, now, slow=slow)
+                if self._outbox:
+                    self._deliver()
+            self._announce(SUCCESS, elapsed, None, slow=slow)
+            return None
+        outcome = FAILURE if self.is_system_error(error) else IGNORED
         if outcome == FAILURE and self._failure_hooks:
             # pybreaker's order: the failure, then the state change it causes.
-            self._publish(self._failure_hooks, exc)
+            self._publish(self._failure_hooks, error)
         if token >= 0:
             with self.lock:
                 self._record(token, outcome, now, slow=slow)
             if self._outbox:
                 self._deliver()
-        self._announce(outcome, elapsed, exc, slow=slow)
+        self._announce(outcome, elapsed, error, slow=slow)
+        return None
+
+    def on_success(self, token: int, started: float) -> None:
+        """Record a call admitted with ``token`` and started at ``started`` that returned."""
+        self.judge(token, started, None, None)
+
+    def on_error(self, token: int, exc: BaseException, started: float) -> None:
+        """Record a call admitted with ``token`` that raised ``exc``; never raises itself."""
+        self.judge(token, started, exc, None)
+
+    def before(
+        self, call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Admit a call of ``call`` with ``args`` and ``kwargs``: its token for :meth:`judge`.
+
+        With state in Redis it returns the effect that asks Redis (and ends in the token).
+        pybreaker listeners hear ``before_call`` once the call is admitted.
+
+        Raises:
+            CircuitOpenError: the circuit is open, forced open, or its trial slots are taken.
+        """
+        token = self._fast_token  # admit()'s own first check, without the call
+        if token is None:
+            return self._admission(call, args, kwargs, shadow=False)
+        if self._before_hooks and token != _BYPASS:
+            self._publish(self._before_hooks, (call, args, kwargs))
+        return token
+
+    def before_shadow(
+        self, call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """:meth:`before` in shadow mode: a call it would reject runs uncounted instead."""
+        return self._admission(call, args, kwargs, shadow=True)
+
+    def _admission(
+        self,
+        call: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        shadow: bool,
+    ) -> Any:
+        if self._remote is not None and self._override is None:
+            return self._ask_admission(call, args, kwargs, shadow=shadow)
+        token = self.admit(shadow)
+        if token == _REROUTE:  # the storage changed meanwhile
+            return self._ask_admission(call, args, kwargs, shadow=shadow)
+        if self._before_hooks and token != _BYPASS:
+            self._publish(self._before_hooks, (call, args, kwargs))
+        return token
 
     @property
     def listening(self) -> bool:
@@ -454,7 +520,7 @@ class CircuitBreaker(CompatBreaker):
                 self._window = None
             self._refresh_fast_paths()
         if retired is not None:
-            _retire(retired)
+            retired.transport.retire()
 
     # --- pybreaker's public readers and limits, also for a circuit kept in Redis ----------------
 
@@ -624,31 +690,22 @@ class CircuitBreaker(CompatBreaker):
                 f"breaker.call() runs def functions; {func.__qualname__} is async def: "
                 "use `await breaker.acall(...)`"
             )
-        with self._guard(func, args, kwargs, self.admit()):
-            return func(*args, **kwargs)
+        step = self._direct_steps[0]
+        if step is None:
+            step = DRIVERS.link(_Direct(self), _apply)
+            self._direct_steps[0] = step
+        return cast("T", step((func, *args), kwargs))
 
-    async def acall(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+    def acall(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> Awaitable[T]:
         """``await func(*args, **kwargs)`` through the breaker (asyncio; no tornado needed).
 
         With state in Redis, the requests are awaited: the event loop is never blocked.
         """
-        token = self.admit()
-        remote = self._remote
-        if token == _REROUTE and remote is not None:
-            asked = next(self._asked)
-            ticket = self._enter_shared(await remote.aadmit(self._limits), asked, shadow=False)
-            if self.listening:
-                self.notify_before_call(func, args, kwargs)
-            started = _clock.monotonic()
-            try:
-                result = await func(*args, **kwargs)
-            except BaseException as exc:
-                await self._afinish_shared(remote, ticket, exc, started)
-                raise
-            await self._afinish_shared(remote, ticket, None, started)
-            return result
-        with self._guard(func, args, kwargs, token):
-            return await func(*args, **kwargs)
+        step = self._direct_steps[1]
+        if step is None:
+            step = DRIVERS.alink(_Direct(self), _apply)
+            self._direct_steps[1] = step
+        return cast("Awaitable[T]", step((func, *args), kwargs))
 
     @contextlib.contextmanager
     def calling(self) -> Iterator[None]:
@@ -657,43 +714,21 @@ class CircuitBreaker(CompatBreaker):
         The block may ``await``, but with state in Redis entering it makes a blocking request:
         asyncio code should use ``acall`` or the decorators.
         """
-        with self._guard(self.calling, (), {}, self.admit()):
-            yield
-
-    @contextlib.contextmanager
-    def _guard(
-        self,
-        func: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        token: int,
-    ) -> Iterator[None]:
-        remote = self._remote
-        if token == _REROUTE and remote is not None:
-            asked = next(self._asked)
-            ticket = self._enter_shared(remote.admit(self._limits), asked, shadow=False)
-            if self.listening:
-                self.notify_before_call(func, args, kwargs)
-            started = _clock.monotonic()
-            try:
-                yield
-            except BaseException as exc:
-                self._finish_shared(remote, ticket, exc, started)
-                raise
-            self._finish_shared(remote, ticket, None, started)
-            return
-        if token == _BYPASS:
-            yield
-            return
-        if self.listening:
-            self.notify_before_call(func, args, kwargs)
+        # The drivers' judged step, for a block instead of a function.
+        token = self.before(self.calling, (), {})
+        if isinstance(token, Effect):
+            token = DRIVERS.settle(token)
         started = _clock.monotonic()
         try:
             yield
         except BaseException as exc:
-            self.on_error(token, exc, started)
+            effect = self.judge(token, started, exc, None)
+            if effect is not None:
+                DRIVERS.settle(effect)
             raise
-        self.on_success(token, started)
+        effect = self.judge(token, started, None, None)
+        if effect is not None:
+            DRIVERS.settle(effect)
 
     def call_async(self, func: Any, *args: Any, **kwargs: Any) -> Any:
         """pybreaker's tornado entry point: not supported, use ``acall`` (asyncio)."""
@@ -982,6 +1017,28 @@ class CircuitBreaker(CompatBreaker):
 
     # --- the shared path: Redis decides, this process keeps its labels, events and window ------
 
+    def _ask_admission(
+        self,
+        call: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        shadow: bool,
+    ) -> Any:
+        """Ask the storage whether the call may run: the effect (or the token, when the storage
+        decides without Redis) of a shared call."""
+        remote = self._remote
+        assert remote is not None  # noqa: S101 - the caller just checked
+        asked = next(self._asked)  # numbered before it is sent
+
+        def admitted(decision: Decision) -> _SharedCall:
+            shared = _SharedCall(self._enter_shared(decision, asked, shadow=shadow), remote)
+            if self._before_hooks:
+                self._publish(self._before_hooks, (call, args, kwargs))
+            return shared
+
+        return remote.admission(self._limits, admitted)
+
     def _enter_shared(self, decision: Decision, asked: int, *, shadow: bool) -> _Ticket | None:
         """Act on the storage's admission (request number ``asked``); return the call's ticket.
 
@@ -1017,52 +1074,46 @@ class CircuitBreaker(CompatBreaker):
                 self._deliver()
 
     def _finish_shared(
-        self,
-        remote: SharedStateStorage,
-        ticket: _Ticket | None,
-        exc: BaseException | None,
-        started: float,
-    ) -> None:
+        self, token: _SharedCall, started: float, exc: BaseException | None
+    ) -> Effect | None:
         """Record a shared call's outcome: at most one request (two when the window trips)."""
         outcome, now, elapsed, slow = self._outcome(exc, started)
-        if ticket is not None:
-            decision = ticket[0]
-            asked = next(self._asked)
-            after = remote.record(decision, outcome, self._limits)
-            # Nothing to settle after a plain closed-state call with no window: no lock.
-            if after is not None or decision.trial or self._window is not None:
-                reason = self._settle(ticket, outcome, after, asked, now=now, slow=slow)
-                if reason is not None:
-                    asked = next(self._asked)
-                    moved = remote.transition(OPEN, decision.generation, self._limits)
-                    self._settle_trip(moved, asked, reason)
-                if self._outbox:
-                    self._deliver()
-        self._announce(outcome, elapsed, exc, slow=slow)
+        ticket, remote = token.ticket, token.remote
+        if ticket is None:
+            self._announce(outcome, elapsed, exc, slow=slow)
+            return None
+        decision = ticket[0]
+        asked = next(self._asked)
 
-    async def _afinish_shared(
-        self,
-        remote: SharedStateStorage,
-        ticket: _Ticket | None,
-        exc: BaseException | None,
-        started: float,
-    ) -> None:
-        """``_finish_shared`` for asyncio callers: awaits Redis, never blocks the event loop."""
-        outcome, now, elapsed, slow = self._outcome(exc, started)
-        if ticket is not None:
-            decision = ticket[0]
-            asked = next(self._asked)
-            after = await remote.arecord(decision, outcome, self._limits)
+        def recorded(after: Decision | None) -> Effect | None:
             # Nothing to settle after a plain closed-state call with no window: no lock.
             if after is not None or decision.trial or self._window is not None:
                 reason = self._settle(ticket, outcome, after, asked, now=now, slow=slow)
                 if reason is not None:
-                    asked = next(self._asked)
-                    moved = await remote.atransition(OPEN, decision.generation, self._limits)
-                    self._settle_trip(moved, asked, reason)
+                    trip_asked = next(self._asked)
+
+                    def tripped(moved: Decision) -> None:
+                        self._settle_trip(moved, trip_asked, reason)
+                        if self._outbox:
+                            self._deliver()
+                        self._announce(outcome, elapsed, exc, slow=slow)
+
+                    return cast(
+                        "Effect | None",
+                        remote.setting(
+                            OPEN,
+                            self._limits,
+                            expected=decision.generation,
+                            always=False,
+                            then=tripped,
+                        ),
+                    )
                 if self._outbox:
                     self._deliver()
-        self._announce(outcome, elapsed, exc, slow=slow)
+            self._announce(outcome, elapsed, exc, slow=slow)
+            return None
+
+        return cast("Effect | None", remote.recording(decision, outcome, self._limits, recorded))
 
     def _outcome(self, exc: BaseException | None, started: float) -> tuple[str, float, float, bool]:
         """``(outcome, now, elapsed, slow)`` of a call that ended; tells pybreaker listeners."""
@@ -1177,134 +1228,44 @@ def _open_error(message: str, service: str, retry_after: float | None) -> Circui
     return error
 
 
-# Closing connections of a storage taken out of use on a running event loop (strong references:
-# the loop keeps only weak ones to its tasks).
-_closing: set[asyncio.Task[None]] = set()
-
-
-def _retire(storage: SharedStateStorage) -> None:
-    """Close the connections of a storage a breaker stopped using."""
-    storage.close()
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return  # asyncio connections of other loops are closed when their loop shuts down
-    task = loop.create_task(storage.aclose())
-    _closing.add(task)
-    task.add_done_callback(_closing.discard)
-
-
 def _wall_datetime() -> dt.datetime:
     return dt.datetime.fromtimestamp(_clock.wall(), dt.UTC)
 
 
-# --- the steps of a policy's chain ----------------------------------------------------------------
-
-
-def _sync_step(cb: CircuitBreaker, call: Call, *, shadow: bool) -> Call:
-    admit = cb.admit
-    on_success = cb.on_success
-    on_error = cb.on_error
-
-    def circuit_breaker_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        token = cb._fast_token  # admit()'s own first check, without the call
-        if token is None:
-            token = admit(shadow)
-            if token == _REROUTE:
-                return shared_step(args, kwargs)
-        if token == _BYPASS:
-            return call(args, kwargs)
-        if cb.listening:
-            cb.notify_before_call(call, args, kwargs)
-        started = _clock.monotonic()
-        try:
-            result = call(args, kwargs)
-        except BaseException as exc:
-            on_error(token, exc, started)
-            raise
-        on_success(token, started)
-        return result
-
-    def shared_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        remote = cb._remote
-        if remote is None or cb._override is not None:  # in memory now, or overridden here
-            return circuit_breaker_step(args, kwargs)
-        asked = next(cb._asked)  # numbered before it is sent
-        ticket = cb._enter_shared(remote.admit(cb._limits), asked, shadow=shadow)
-        if cb.listening:
-            cb.notify_before_call(call, args, kwargs)
-        started = _clock.monotonic()
-        try:
-            result = call(args, kwargs)
-        except BaseException as exc:
-            cb._finish_shared(remote, ticket, exc, started)
-            raise
-        cb._finish_shared(remote, ticket, None, started)
-        return result
-
-    # Each step hands over to the other when the storage changed after the chain was built.
-    return shared_step if cb._remote is not None else circuit_breaker_step
-
-
-def _async_step(cb: CircuitBreaker, call: AsyncCall, *, shadow: bool) -> AsyncCall:
-    admit = cb.admit
-    on_success = cb.on_success
-    on_error = cb.on_error
-
-    async def circuit_breaker_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        token = cb._fast_token
-        if token is None:
-            token = admit(shadow)
-            if token == _REROUTE:
-                return await shared_step(args, kwargs)
-        if token == _BYPASS:
-            return await call(args, kwargs)
-        if cb.listening:
-            cb.notify_before_call(call, args, kwargs)
-        started = _clock.monotonic()
-        try:
-            result = await call(args, kwargs)
-        except BaseException as exc:
-            on_error(token, exc, started)
-            raise
-        on_success(token, started)
-        return result
-
-    async def shared_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        remote = cb._remote
-        if remote is None or cb._override is not None:  # in memory now, or overridden here
-            return await circuit_breaker_step(args, kwargs)
-        asked = next(cb._asked)  # numbered before it is sent
-        ticket = cb._enter_shared(await remote.aadmit(cb._limits), asked, shadow=shadow)
-        if cb.listening:
-            cb.notify_before_call(call, args, kwargs)
-        started = _clock.monotonic()
-        try:
-            result = await call(args, kwargs)
-        except BaseException as exc:
-            await cb._afinish_shared(remote, ticket, exc, started)
-            raise
-        await cb._afinish_shared(remote, ticket, None, started)
-        return result
-
-    return shared_step if cb._remote is not None else circuit_breaker_step
+# --- the strategy ---------------------------------------------------------------------------------
 
 
 class CircuitBreakerStrategy:
-    """The circuit breaker as one link of a policy's chain."""
+    """The circuit breaker as one link of a policy's chain: it admits (``before``) and judges
+    how each call ended (``judge``); the drivers run the call and perform its effects."""
 
     pattern: ClassVar[str] = PATTERN
-    __slots__ = ("breaker", "shadow")
+    __slots__ = ("before", "breaker", "judge", "shadow")
 
     def __init__(self, cb: CircuitBreaker, *, shadow: bool) -> None:
         self.breaker = cb
         self.shadow = shadow
+        self.before = cb.before_shadow if shadow else cb.before
+        self.judge = cb.judge
 
-    def wrap(self, call: Call) -> Call:
-        return _sync_step(self.breaker, call, shadow=self.shadow)
 
-    def awrap(self, call: AsyncCall) -> AsyncCall:
-        return _async_step(self.breaker, call, shadow=self.shadow)
+class _Direct:
+    """The breaker as a judge of ``call()``/``acall()``: the function comes first in ``args``,
+    and pybreaker listeners are told about it (not about the step that applies it)."""
+
+    pattern: ClassVar[str] = PATTERN
+    __slots__ = ("breaker", "judge")
+
+    def __init__(self, cb: CircuitBreaker) -> None:
+        self.breaker = cb
+        self.judge = cb.judge
+
+    def before(self, call: Call, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return self.breaker.before(args[0], args[1:], kwargs)
+
+
+def _apply(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return args[0](*args[1:], **kwargs)
 
 
 def build(ctx: BuildContext) -> CircuitBreakerStrategy | None:
