@@ -442,6 +442,102 @@ def test_the_decorator_takes_count_throttled(mode, clock):
     assert isinstance(mode.outcome(ignored), ApiError)
 
 
+# --- failure_on_result: a returned value can be a failure ----------------------------------------
+
+
+def answering(mode, *answers: Any) -> tuple[Callable[..., Any], list[Any]]:
+    """A function of ``mode`` returning ``answers`` in turn; the list of answers it gave."""
+    given: list[Any] = []
+    pending = iter(answers)
+
+    def answer() -> Any:
+        given.append(next(pending))
+        return given[-1]
+
+    return mode.define(answer), given
+
+
+def test_failure_on_result_counts_a_flagged_value_and_still_returns_it(mode, clock):
+    fn, given = answering(mode, {"busy": True}, {"busy": True}, {"busy": False})
+    protected = circuit_breaker(
+        name="flagged", fail_max=2, timeout=10, failure_on_result=lambda r: r["busy"]
+    )(fn)
+    with capture_events([CircuitCallRecorded]) as seen:
+        assert mode.run(protected) == {"busy": True}  # counted, not raised
+        assert registry.breaker("flagged").snapshot()["failures"] == 1
+        assert mode.run(protected) == {"busy": True}  # trips, and the caller still gets it
+    assert registry.breaker("flagged").state_label == "open"
+    assert isinstance(mode.outcome(protected), CircuitOpenError)
+    assert len(given) == 2
+    assert [(e.outcome, e.error_type) for e in seen] == [("failure", "FailedResult")] * 2
+    clock.advance(10)
+    assert mode.run(protected) == {"busy": False}  # the trial's value passes: it closes
+    assert registry.breaker("flagged").state_label == "closed"
+
+
+def test_failure_on_result_a_passing_value_is_a_success_and_clears_the_count(mode, clock):
+    g = Guarded(mode, fail_max=2, failure_on_result=lambda r: r is None)
+    g.fail()
+    assert g.breaker.snapshot()["failures"] == 1
+    assert g.ok() == ("ok", (), {})
+    assert g.breaker.snapshot()["failures"] == 0
+
+
+def test_failure_on_result_a_flagged_trial_reopens_the_circuit(mode, clock):
+    fn, _ = answering(mode, "bad", "bad")
+    strat = strategy(fail_max=1, timeout=5, failure_on_result=lambda r: r == "bad")
+    protected = mode.chain(strat, fn)
+    assert mode.run(protected) == "bad"
+    assert strat.breaker.state_label == "open"
+    clock.advance(5)
+    assert mode.run(protected) == "bad"
+    assert strat.breaker.state_label == "open"
+    assert strat.breaker.snapshot()["seconds_left_open"] == pytest.approx(5)
+
+
+def test_failure_on_result_tells_pybreaker_listeners_a_failure(mode, clock):
+    g = Guarded(mode, fail_max=1, failure_on_result=lambda r: True)
+    listener = Recorder()
+    g.breaker.add_listener(listener)
+    g.ok()
+    assert listener.seen == [
+        ("before_call", ()),
+        ("failure", "FailedResult"),
+        ("state_change", "closed", "open"),
+    ]
+
+
+def test_failure_on_result_a_raising_predicate_leaves_the_result_a_success(mode, clock):
+    def broken(result: Any) -> bool:
+        raise KeyError("bug in the predicate")
+
+    g = Guarded(mode, fail_max=1, failure_on_result=broken)
+    assert g.ok() == ("ok", (), {})
+    assert g.breaker.state_label == "closed"
+
+
+def test_failure_on_result_is_ignored_for_a_call_that_raised(mode, clock):
+    g = Guarded(mode, fail_max=1, exclude=(NotFound,), failure_on_result=lambda r: True)
+    assert isinstance(g.fail(NotFound("no such row")), NotFound)
+    assert g.breaker.state_label == "closed"
+
+
+def test_failure_on_result_can_be_reconfigured(mode, clock):
+    g = Guarded(mode, fail_max=1)
+    g.ok()
+    g.breaker.reconfigure(CircuitBreakerOptions(fail_max=1, failure_on_result=lambda r: True))
+    g.ok()
+    assert g.breaker.state_label == "open"
+
+
+def test_failure_on_result_is_code_only():
+    variable = "BUTTRESS_SERVICES__X__CIRCUIT_BREAKER__FAILURE_ON_RESULT"
+    with pytest.raises(ConfigurationError, match="can only be given in code") as caught:
+        buttress.config.load_settings({variable: "is_busy"}, None)
+    [(key_path, _, _)] = caught.value.errors
+    assert key_path == "services.x.circuit_breaker.failure_on_result"
+
+
 def test_exclude_takes_predicates(mode, clock):
     def client_error(exc: BaseException) -> bool:
         return getattr(exc, "status", 500) < 500

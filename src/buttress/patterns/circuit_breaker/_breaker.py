@@ -44,6 +44,7 @@ __all__ = [
     "CircuitBreaker",
     "CircuitBreakerStrategy",
     "CircuitSnapshot",
+    "FailedResult",
     "build",
 ]
 
@@ -118,6 +119,18 @@ class _BeforeCallHook:
     def __call__(self, call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]) -> None:
         func, args, kwargs = call
         self.listener.before_call(self.breaker, func, *args, **kwargs)
+
+
+class FailedResult(Exception):  # noqa: N818 - it names what failed: a result, not an error
+    """A returned value that ``failure_on_result`` counts as a failure. Never raised.
+
+    pybreaker listeners get it in ``failure(cb, exc)``; ``value`` is the value (which the caller
+    still gets), and its name is the ``error_type`` label of the failure.
+    """
+
+    def __init__(self, value: Any) -> None:
+        super().__init__("the result counts as a failure")
+        self.value = value
 
 
 def _throttled(exc: Exception) -> bool:
@@ -277,6 +290,7 @@ class CircuitBreaker(CompatBreaker):
         self._open_until = _NEVER
         self._excluded_types, self._excluded_predicates = _exclusions(self.excluded_exceptions)
         self._count_throttled = opts.count_throttled
+        self._failure_on_result = opts.failure_on_result
         self._refresh_listeners()
         with self.lock:
             stored = FROM_PYBREAKER.get(self._store.state, CLOSED)
@@ -329,6 +343,8 @@ class CircuitBreaker(CompatBreaker):
         Returns:
             None, or (state in Redis) the effect that records the outcome there.
         """
+        if error is None and self._failure_on_result is not None and self._failing(result):
+            error = FailedResult(result)
         if token.__class__ is not int:
             return self._finish_shared(token, started, error)
         if token == _BYPASS:
@@ -358,6 +374,18 @@ class CircuitBreaker(CompatBreaker):
                 self._deliver()
         self._announce(outcome, elapsed, error, slow=slow)
         return None
+
+    def _failing(self, result: Any) -> bool:
+        """Whether ``failure_on_result`` counts ``result`` as a failure.
+
+        A predicate that raises is a bug in the predicate: the call returned, so it counts as
+        the success it looks like, and the caller still gets its value.
+        """
+        predicate = self._failure_on_result
+        try:
+            return predicate is not None and bool(predicate(result))
+        except Exception:  # noqa: BLE001 - never replace the caller's result with its error
+            return False
 
     def on_success(self, token: int, started: float) -> None:
         """Record a call admitted with ``token`` and started at ``started`` that returned."""
@@ -399,14 +427,27 @@ class CircuitBreaker(CompatBreaker):
         *,
         shadow: bool,
     ) -> Any:
-        if self._remote is not None and self._override is None:
-            return self._ask_admission(call, args, kwargs, shadow=shadow)
-        token = self.admit(shadow)
-        if token == _REROUTE:  # the storage changed meanwhile
-            return self._ask_admission(call, args, kwargs, shadow=shadow)
-        if self._before_hooks and token != _BYPASS:
-            self._publish(self._before_hooks, (call, args, kwargs))
-        return token
+        remote = self._remote
+        if remote is None or self._override is not None:
+            token = self.admit(shadow)
+            remote = self._remote
+            if token != _REROUTE or remote is None:
+                if self._before_hooks and token != _BYPASS:
+                    self._publish(self._before_hooks, (call, args, kwargs))
+                return token
+            # The storage changed meanwhile: Redis decides after all.
+        # The state is in Redis: the storage decides (asking Redis is an effect), and this
+        # process adopts what it learns and hands out a ticket.
+        asked = next(self._asked)  # numbered before it is sent
+        shared_remote = remote
+
+        def admitted(decision: Decision) -> _SharedCall:
+            shared = _SharedCall(self._enter_shared(decision, asked, shadow=shadow), shared_remote)
+            if self._before_hooks:
+                self._publish(self._before_hooks, (call, args, kwargs))
+            return shared
+
+        return remote.admission(self._limits, admitted)
 
     @property
     def listening(self) -> bool:
@@ -504,6 +545,7 @@ class CircuitBreaker(CompatBreaker):
                     self._m.save(self._m.phase, self._opened_wall())
             self._slow_after = options.slow_call_duration
             self._count_throttled = options.count_throttled
+            self._failure_on_result = options.failure_on_result
             if options.exclude != previous.exclude:
                 for old in self.excluded_exceptions:
                     super().remove_excluded_exception(old)  # type: ignore[arg-type,type-var]
@@ -745,6 +787,8 @@ class CircuitBreaker(CompatBreaker):
         429 Too Many Requests unless ``count_throttled`` (the dependency answered: it is alive,
         and throttling us).
         """
+        if exception.__class__ is FailedResult:
+            return True
         if not isinstance(exception, Exception) or isinstance(exception, RejectedError):
             return False
         if isinstance(exception, self._excluded_types):
@@ -1016,28 +1060,6 @@ class CircuitBreaker(CompatBreaker):
         return Window(options.window_seconds, now)
 
     # --- the shared path: Redis decides, this process keeps its labels, events and window ------
-
-    def _ask_admission(
-        self,
-        call: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        *,
-        shadow: bool,
-    ) -> Any:
-        """Ask the storage whether the call may run: the effect (or the token, when the storage
-        decides without Redis) of a shared call."""
-        remote = self._remote
-        assert remote is not None  # noqa: S101 - the caller just checked
-        asked = next(self._asked)  # numbered before it is sent
-
-        def admitted(decision: Decision) -> _SharedCall:
-            shared = _SharedCall(self._enter_shared(decision, asked, shadow=shadow), remote)
-            if self._before_hooks:
-                self._publish(self._before_hooks, (call, args, kwargs))
-            return shared
-
-        return remote.admission(self._limits, admitted)
 
     def _enter_shared(self, decision: Decision, asked: int, *, shadow: bool) -> _Ticket | None:
         """Act on the storage's admission (request number ``asked``); return the call's ticket.

@@ -157,12 +157,7 @@ class Machine:
 
     def move(self, phase: str, now: float) -> None:
         """Enter ``phase``: a new generation, fresh counters, no trial in flight."""
-        self.phase = phase
-        self.generation = next(self._generations)
-        self.trials = 0
-        self.since = now
-        if phase == OPEN:
-            self.opened_at = now
+        self.adopt(phase, now, now)
         self._entered(phase)
 
     def admit(self, limits: Limits, now: float) -> Decision:
