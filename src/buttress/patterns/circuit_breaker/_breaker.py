@@ -343,26 +343,27 @@ class CircuitBreaker(CompatBreaker):
         Returns:
             None, or (state in Redis) the effect that records the outcome there.
         """
-        if error is None and self._failure_on_result is not None and self._failing(result):
-            error = FailedResult(result)
         if token.__class__ is not int:
-            return self._finish_shared(token, started, error)
+            return self._finish_shared(token, started, error, result)
         if token == _BYPASS:
             return None
         now = _clock.monotonic()
         elapsed = now - started
         slow = self._slow_after is not None and elapsed >= self._slow_after
         if error is None:
-            # Closed, no failure to clear, no window: there is nothing to record, so no lock.
-            if token >= 0 and (
-                token != self._fast_token or self._window is not None or self._store.counter
-            ):
-                with self.lock:
-                    self._record(token, SUCCESS, now, slow=slow)
-                if self._outbox:
-                    self._deliver()
-            self._announce(SUCCESS, elapsed, None, slow=slow)
-            return None
+            if self._failure_on_result is None or not self._failing(result):
+                # Closed, no failure to clear, no window: nothing to record, so no lock.
+                if token >= 0 and (
+                    token != self._fast_token or self._window is not None or self._store.counter
+                ):
+                    with self.lock:
+                        self._record(token, SUCCESS, now, slow=slow)
+                    if self._outbox:
+                        self._deliver()
+                if self._success_hooks or CircuitCallRecorded in events.ROUTES:
+                    self._announce(SUCCESS, elapsed, None, slow)
+                return None
+            error = FailedResult(result)
         outcome = FAILURE if self.is_system_error(error) else IGNORED
         if outcome == FAILURE and self._failure_hooks:
             # pybreaker's order: the failure, then the state change it causes.
@@ -372,7 +373,7 @@ class CircuitBreaker(CompatBreaker):
                 self._record(token, outcome, now, slow=slow)
             if self._outbox:
                 self._deliver()
-        self._announce(outcome, elapsed, error, slow=slow)
+        self._announce(outcome, elapsed, error, slow)
         return None
 
     def _failing(self, result: Any) -> bool:
@@ -408,7 +409,20 @@ class CircuitBreaker(CompatBreaker):
         """
         token = self._fast_token  # admit()'s own first check, without the call
         if token is None:
-            return self._admission(call, args, kwargs, shadow=False)
+            until = self._open_until
+            if until != _NEVER and CallRejected not in events.ROUTES:
+                # While open, rejecting is all the breaker does: admit()'s shortest path, here,
+                # so the error is raised one frame from the caller.
+                retry_after = None if until == _FOREVER else until - _clock.monotonic()
+                if retry_after is None:
+                    raise _open_error(self._messages["forced_open"], self.service, None)
+                if retry_after > 0:
+                    raise _open_error(self._messages["open"], self.service, retry_after)
+            if self._remote is not None:
+                return self._admission(call, args, kwargs, shadow=False)
+            token = self.admit()
+            if token == _REROUTE:  # the storage changed meanwhile
+                return self._admission(call, args, kwargs, shadow=False)
         if self._before_hooks and token != _BYPASS:
             self._publish(self._before_hooks, (call, args, kwargs))
         return token
@@ -950,7 +964,7 @@ class CircuitBreaker(CompatBreaker):
             raise
 
     def _announce(
-        self, outcome: str, elapsed: float, exc: BaseException | None, *, slow: bool = False
+        self, outcome: str, elapsed: float, exc: BaseException | None, slow: bool
     ) -> None:
         handlers = events.ROUTES.get(CircuitCallRecorded)
         if handlers:
@@ -1096,13 +1110,15 @@ class CircuitBreaker(CompatBreaker):
                 self._deliver()
 
     def _finish_shared(
-        self, token: _SharedCall, started: float, exc: BaseException | None
+        self, token: _SharedCall, started: float, exc: BaseException | None, result: Any
     ) -> Effect | None:
         """Record a shared call's outcome: at most one request (two when the window trips)."""
+        if exc is None and self._failure_on_result is not None and self._failing(result):
+            exc = FailedResult(result)
         outcome, now, elapsed, slow = self._outcome(exc, started)
         ticket, remote = token.ticket, token.remote
         if ticket is None:
-            self._announce(outcome, elapsed, exc, slow=slow)
+            self._announce(outcome, elapsed, exc, slow)
             return None
         decision = ticket[0]
         asked = next(self._asked)
@@ -1118,7 +1134,7 @@ class CircuitBreaker(CompatBreaker):
                         self._settle_trip(moved, trip_asked, reason)
                         if self._outbox:
                             self._deliver()
-                        self._announce(outcome, elapsed, exc, slow=slow)
+                        self._announce(outcome, elapsed, exc, slow)
 
                     return cast(
                         "Effect | None",
@@ -1132,7 +1148,7 @@ class CircuitBreaker(CompatBreaker):
                     )
                 if self._outbox:
                     self._deliver()
-            self._announce(outcome, elapsed, exc, slow=slow)
+            self._announce(outcome, elapsed, exc, slow)
             return None
 
         return cast("Effect | None", remote.recording(decision, outcome, self._limits, recorded))
