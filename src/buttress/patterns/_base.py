@@ -243,8 +243,8 @@ class StoreTransport(Protocol):
     def call(self, request: bytes) -> Any:
         """Send ``request``, return the reply (blocks the thread)."""
 
-    async def acall(self, request: bytes) -> Any:
-        """Send ``request``, return the reply."""
+    def acall(self, request: bytes) -> Awaitable[Any]:
+        """Send ``request``; awaiting it gives the reply."""
 
 
 class AskStore(Effect):

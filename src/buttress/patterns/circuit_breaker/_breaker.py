@@ -62,16 +62,9 @@ _REROUTE: Final = -3
 _Ticket = tuple[Decision, int]
 
 
-class _SharedCall:
-    """The token of a call the storage admitted: its ticket (None: a call shadow mode let
-    through although it was not admitted) and the storage that admitted it."""
-
-    __slots__ = ("remote", "ticket")
-
-    def __init__(self, ticket: _Ticket | None, remote: SharedStateStorage) -> None:
-        self.ticket = ticket
-        self.remote = remote
-
+# A shared call's token: its ticket (None: a call shadow mode let through although it was not
+# admitted) and the storage that admitted it. A tuple, not an int: how judge() tells it apart.
+_SharedCall = tuple[_Ticket | None, SharedStateStorage]
 
 # ``_open_until`` values: no lock-free rejection / rejected until a manual change (forced open).
 _NEVER = -math.inf
@@ -456,7 +449,7 @@ class CircuitBreaker(CompatBreaker):
         shared_remote = remote
 
         def admitted(decision: Decision) -> _SharedCall:
-            shared = _SharedCall(self._enter_shared(decision, asked, shadow=shadow), shared_remote)
+            shared = (self._enter_shared(decision, asked, shadow=shadow), shared_remote)
             if self._before_hooks:
                 self._publish(self._before_hooks, (call, args, kwargs))
             return shared
@@ -1116,7 +1109,7 @@ class CircuitBreaker(CompatBreaker):
         if exc is None and self._failure_on_result is not None and self._failing(result):
             exc = FailedResult(result)
         outcome, now, elapsed, slow = self._outcome(exc, started)
-        ticket, remote = token.ticket, token.remote
+        ticket, remote = token
         if ticket is None:
             self._announce(outcome, elapsed, exc, slow)
             return None

@@ -63,6 +63,8 @@ def _command(*parts: bytes) -> bytes:
 
 LOAD: Final = _command(b"SCRIPT", b"LOAD", SCRIPT)
 EMPTY: Final = bulk(b"")
+_NOTHING_CLEARED: Final = EMPTY * 2
+_ADMIT_TAIL: Final = EMPTY * 4  # no generation, outcome, seq; no orphans
 
 
 def prefix(
@@ -103,6 +105,9 @@ def admit_request(
     head: bytes, cleared: tuple[int, int] | None, lease: bytes, orphans: tuple[bytes, ...]
 ) -> bytes:
     """Admit a call (a half-open trial takes ``lease``)."""
+    # The common case inline: nothing rides along (this is built on every shared call).
+    if cleared is None and not orphans:
+        return head + _NOTHING_CLEARED + b"$%d\r\n%s\r\n" % (len(lease), lease) + _ADMIT_TAIL
     return head + _cleared(cleared) + bulk(lease) + EMPTY * 3 + _orphans(orphans)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from buttress.patterns.circuit_breaker._protocol import LOAD
@@ -189,21 +189,18 @@ class RedisTransport:
         timeout: seconds an asyncio reply may take (the sync connections have their own).
     """
 
-    __slots__ = ("_alink", "_link")
+    __slots__ = ("_alink", "_link", "acall", "call")
 
     def __init__(
         self, make_sync: Callable[[], Any], make_async: Callable[[], Any], timeout: float
     ) -> None:
         self._link = _SyncLink(make_sync)
         self._alink = _AsyncLink(make_async, timeout)
-
-    def call(self, request: bytes) -> Any:
-        """Send ``request`` and return the reply (blocks the thread)."""
-        return self._link.call(request)
-
-    async def acall(self, request: bytes) -> Any:
-        """Send ``request`` and return the reply (awaits; the event loop goes on)."""
-        return await self._alink.call(request)
+        # The links' own methods, with no call in between (one of each per shared call).
+        self.call: Callable[[bytes], Any] = self._link.call
+        """Send a request and return the reply (blocks the thread)."""
+        self.acall: Callable[[bytes], Awaitable[Any]] = self._alink.call
+        """Send a request and return the reply (awaits; the event loop goes on)."""
 
     def reset(self) -> None:
         """Drop the pooled connections (after a fault they are probably broken)."""

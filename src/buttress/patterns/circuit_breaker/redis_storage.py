@@ -88,7 +88,9 @@ class _Ask(AskStore):
         local: Callable[[], Decision],
         then: Callable[[Decision], Any],
     ) -> None:
-        super().__init__(request, storage.transport)
+        # AskStore's fields, set here: this runs on every shared call.
+        self.request = request
+        self.transport = storage._transport
         self.storage = storage
         self.operation = operation
         self.carry = carry  # what must ride on the next request if this one gets no reply
@@ -108,7 +110,8 @@ class _Ask(AskStore):
             storage._failed(self.operation, exc, self.carry)
             decision = self.local()
         else:
-            storage._recovered()
+            if storage._down_until != _NOT_DOWN or storage._probing:
+                storage._recovered()
         return self.then(decision)
 
     def failed(self, exc: Exception) -> Any:
