@@ -8,8 +8,11 @@ Every behaviour runs on ``def`` and ``async def`` (the ``mode`` fixture) with si
 from __future__ import annotations
 
 import abc
+import ast
 import asyncio
 import http.server
+import importlib
+import inspect
 import socket
 import threading
 import time
@@ -1479,3 +1482,67 @@ def test_four_tasks_through_one_breaker_run_concurrently():
     started = time.perf_counter()
     assert asyncio.run(four()) == ["ok"] * 4
     assert time.perf_counter() - started < 1.5 * call_seconds
+
+
+# --- the breaker only decides -------------------------------------------------------------------
+
+# Every module of the package but its transport (the connections to Redis, which the drivers use).
+DECIDING_MODULES = (
+    "_breaker",
+    "_machine",
+    "_options",
+    "_protocol",
+    "_pybreaker_compat",
+    "_states",
+    "_window",
+    "redis_storage",
+)
+# pybreaker's @breaker decorator must give an async def function an async def wrapper
+# (inspect.iscoroutinefunction stays true); it awaits acall(), the drivers' step, and nothing else.
+COROUTINE_WRAPPERS = {"guarded_async"}
+
+
+@pytest.mark.parametrize("name", DECIDING_MODULES)
+def test_no_breaker_module_awaits_sleeps_or_blocks(name: str) -> None:
+    module = importlib.import_module(f"buttress.patterns.circuit_breaker.{name}")
+    tree = ast.parse(inspect.getsource(module))
+    allowed = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.AsyncFunctionDef) and node.name in COROUTINE_WRAPPERS
+        for inner in ast.walk(node)
+    }
+    waits = {"sleep", "asleep", "wait", "timeout", "call_later"}
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in allowed:
+            continue
+        if isinstance(node, ast.AsyncFunctionDef | ast.Await | ast.AsyncWith | ast.AsyncFor):
+            found.append(f"line {node.lineno}: {type(node).__name__}")
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names = [alias.name for alias in node.names]
+            if "asyncio" in names or getattr(node, "module", None) == "asyncio":
+                found.append(f"line {node.lineno}: imports asyncio")
+        elif (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in {"_clock", "time", "asyncio"}
+            and node.attr in waits
+        ):
+            found.append(f"line {node.lineno}: {node.value.id}.{node.attr}")
+    assert found == [], f"circuit_breaker.{name} waits itself: {found}"
+
+
+def test_no_decision_has_an_async_twin() -> None:
+    # One decision path for threads and tasks: no a-prefixed copy of a method of the breaker or
+    # its storage. Allowed: the entry points whose two forms are the drivers' own steps
+    # (CircuitBreaker.call/acall), and closing connections (SharedStateStorage.close/aclose).
+    allowed = {CircuitBreaker: ["acall"], SharedStateStorage: ["aclose"]}
+    for cls in (CircuitBreaker, SharedStateStorage):
+        names = {name for name in dir(cls) if not name.startswith("__")}
+        twins = sorted(
+            name
+            for name in names
+            if name.startswith(("a", "_a")) and name.replace("a", "", 1) in names
+        )
+        assert twins == allowed[cls], cls

@@ -18,7 +18,7 @@ import math
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar, cast
 
 import pybreaker
@@ -318,9 +318,9 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         """Close the pooled synchronous connections."""
         self._transport.close()
 
-    async def aclose(self) -> None:
-        """Close the pooled connections of the running event loop."""
-        await self._transport.aclose()
+    def aclose(self) -> Awaitable[None]:
+        """Close the pooled connections of the running event loop (await it there)."""
+        return self._transport.aclose()
 
     # --- the local copy --------------------------------------------------------------------------
 
