@@ -77,12 +77,11 @@ class _Ask(AskStore):
 
     __slots__ = ("asked", "carry", "limits", "local", "operation", "storage", "then")
 
-    def __init__(
+    def __init__(  # noqa: PLR0917 - positional: one is made on every shared call
         self,
         storage: SharedStateStorage,
         operation: str,
         request: bytes,
-        *,
         carry: _Carry,
         limits: Limits | None,
         local: Callable[[], Decision],
@@ -219,7 +218,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         if self._may_try():
             request, carry = self._admit_request(limits)
             local = functools.partial(self._admit_locally, limits)
-            return _Ask(self, "admit", request, carry=carry, limits=limits, local=local, then=then)
+            return _Ask(self, "admit", request, carry, limits, local, then)
         return then(self._admit_locally(limits))
 
     def recording(
@@ -242,9 +241,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
             if self._may_try():
                 request, carry = self._record_request(ticket, outcome, limits)
                 local = functools.partial(self._record_locked, ticket, outcome, limits)
-                return _Ask(
-                    self, "record", request, carry=carry, limits=limits, local=local, then=then
-                )
+                return _Ask(self, "record", request, carry, limits, local, then)
         return then(self._record_locked(ticket, outcome, limits))
 
     def setting(
@@ -261,18 +258,14 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         if self._may_try():
             request, carry = self._set_request(state, limits, expected=expected, always=always)
             local = functools.partial(self._force_locally, state, expected, always)
-            return _Ask(
-                self, "set_state", request, carry=carry, limits=limits, local=local, then=then
-            )
+            return _Ask(self, "set_state", request, carry, limits, local, then)
         return then(self._force_locally(state, expected, always))
 
     def observation(self, then: Callable[[Decision], Any] = _same) -> Any:
         """The current state, read from Redis (or local while it is down); changes nothing."""
         if self._may_try():
             request, carry = self._observe_request()
-            return _Ask(
-                self, "read", request, carry=carry, limits=None, local=self.last_known, then=then
-            )
+            return _Ask(self, "read", request, carry, None, self.last_known, then)
         return then(self.last_known())
 
     def admit(self, limits: Limits) -> Decision:
