@@ -1,4 +1,8 @@
-"""The pybreaker-facing breaker, and the strategy and steps that put it in a policy's chain."""
+"""The pybreaker-facing breaker, and the strategy that puts it in a policy's chain.
+
+The breaker only decides (``before``, ``judge``); the drivers in ``buttress.policy`` run the call
+and perform the effects (asking Redis) for threads and tasks alike.
+"""
 
 from __future__ import annotations
 
@@ -294,14 +298,14 @@ class CircuitBreaker(CompatBreaker):
         if self._outbox:
             self._deliver()
 
-    # --- the per-call protocol (used by the strategy's steps and by call/acall/calling) ----------
+    # --- the per-call protocol (the strategy's before/judge, and call/acall/calling) ------------
 
     def admit(self, shadow: bool = False) -> int:
         """Decide whether a call may run; return its token.
 
         With state in Redis (``state_url``) the decision is not taken here: the token is
-        ``_REROUTE`` and the caller takes the shared path (the strategy's steps, ``call``,
-        ``acall`` and ``calling`` do), which asks the storage without holding the lock.
+        ``_REROUTE`` and the caller takes the shared path (``before`` does), which asks the
+        storage without holding the lock.
 
         Raises:
             CircuitOpenError: the circuit is open, forced open, or its trial slots are taken
@@ -395,7 +399,10 @@ class CircuitBreaker(CompatBreaker):
         """Admit a call of ``call`` with ``args`` and ``kwargs``: its token for :meth:`judge`.
 
         With state in Redis it returns the effect that asks Redis (and ends in the token).
-        pybreaker listeners hear ``before_call`` once the call is admitted.
+        pybreaker listeners hear ``before_call(cb, call, *args, **kwargs)`` once the call is
+        admitted: ``call`` is the next step of the policy's chain (an ``(args, kwargs)``
+        callable), the function given to ``call``/``acall``, or ``breaker.calling`` for a
+        ``calling()`` block.
 
         Raises:
             CircuitOpenError: the circuit is open, forced open, or its trial slots are taken.
@@ -455,21 +462,6 @@ class CircuitBreaker(CompatBreaker):
             return shared
 
         return remote.admission(self._limits, admitted)
-
-    @property
-    def listening(self) -> bool:
-        """Whether pybreaker listeners want ``before_call``."""
-        return bool(self._before_hooks)
-
-    def notify_before_call(
-        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
-        """Tell pybreaker listeners a call was admitted.
-
-        ``func`` is the next step of the policy's chain (a ``(args, kwargs)`` callable), the
-        function given to ``call``/``acall``, or ``breaker.calling`` for a ``calling()`` block.
-        """
-        self._publish(self._before_hooks, (func, args, kwargs))
 
     # --- manual control ------------------------------------------------------------------------
 

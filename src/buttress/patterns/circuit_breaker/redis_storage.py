@@ -698,7 +698,7 @@ def make_storage(
             f"{type(exc).__name__}",
             errors=((f"services.{service}.circuit_breaker.state_url", "state_url", "invalid URL"),),
         ) from None
-    # The pools only parsed the URL; the storage keeps its own connections (see _SyncLink).
+    # The pools only parsed the URL; the storage keeps its own connections (see _transport).
     make_sync = _connector(sync_pool.connection_class, sync_pool.connection_kwargs)
     make_async = _connector(async_pool.connection_class, async_pool.connection_kwargs)
     return SharedStateStorage(
