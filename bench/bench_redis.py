@@ -97,6 +97,7 @@ def built_cases(url: str) -> Iterator[Cases]:
         SharedStateStorage,
         make_storage,
     )
+    from buttress.policy import asettle
 
     cases: Cases = []
 
@@ -147,9 +148,9 @@ def built_cases(url: str) -> Iterator[Cases]:
     async def adecisions(n: int) -> float:
         started = time.perf_counter_ns()
         for _ in range(n):
-            ticket = await storage.aadmit(limits)
+            ticket = await asettle(storage.admission(limits))
             await af()
-            await storage.arecord(ticket, "success", limits)
+            await asettle(storage.recording(ticket, "success", limits))
         return (time.perf_counter_ns() - started) / n
 
     cases.append(("decision API, asyncio", lambda n: loop.run_until_complete(adecisions(n))))

@@ -48,11 +48,7 @@ RANKS = {
 LEAF_MODULES = frozenset({"buttress.events", "buttress.exceptions"})
 
 # (importing component, imported component): why it is still there and what removes it.
-KNOWN_VIOLATIONS = {
-    ("buttress.patterns.circuit_breaker", "buttress.registry"): (
-        "the shared instance is looked up by the driver when the breaker is ported to the drivers"
-    ),
-}
+KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {}
 
 # Where the canonical pattern list (``PATTERNS = (...)``) lives: with the patterns it names.
 PATTERN_LIST_HOME = "buttress.patterns"

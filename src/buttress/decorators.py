@@ -58,6 +58,7 @@ def circuit_breaker(
     slow_call_duration: float | None = None,
     slow_call_rate_threshold: float | None = None,
     exclude: tuple[ExcludeSpec, ...] | list[ExcludeSpec] | None = None,
+    failure_on_result: Callable[[Any], object] | None = None,
     count_throttled: bool | None = None,
     state_url: str | None = None,
 ) -> Policy:
@@ -75,6 +76,8 @@ def circuit_breaker(
         slow_call_duration: seconds after which a call counts as slow.
         slow_call_rate_threshold: also open when this fraction of the window's calls were slow.
         exclude: exception types or predicates that are neither success nor failure.
+        failure_on_result: a predicate on the returned value: true counts the call as a failure
+            (the value is still returned).
         count_throttled: count an HTTP 429 Too Many Requests as a failure (by default it is
             neither success nor failure: the dependency is up and asking callers to slow down).
         state_url: ``redis://``, ``rediss://`` or ``unix://`` URL to share the circuit across
@@ -101,6 +104,7 @@ def circuit_breaker(
             slow_call_duration=slow_call_duration,
             slow_call_rate_threshold=slow_call_rate_threshold,
             exclude=tuple(exclude) if exclude is not None else None,
+            failure_on_result=failure_on_result,
             count_throttled=count_throttled,
             state_url=state_url,
         ),

@@ -44,6 +44,8 @@ from buttress.events import CallFinished
 from buttress.exceptions import ConfigurationError, RejectedError, TimeoutExceededError
 from buttress.patterns import PATTERNS
 from buttress.patterns._base import (
+    DRIVERS,
+    AskStore,
     AsyncCall,
     BuildContext,
     Call,
@@ -346,6 +348,16 @@ def settle(effect: Any) -> Any:
                     effect.abandon(waiter)
                     raise
             effect = effect.resume(waiter)
+        elif isinstance(effect, AskStore):
+            try:
+                reply = effect.transport.call(effect.request)
+            except Exception as exc:  # noqa: BLE001 - no reply: the pattern decides without it
+                effect = effect.failed(exc)
+            except BaseException:
+                effect.abandon()
+                raise
+            else:
+                effect = effect.resume(reply)
         else:
             return effect
 
@@ -372,6 +384,16 @@ async def asettle(effect: Any) -> Any:
                     effect.abandon(waiter)
                     raise
             effect = effect.resume(waiter)
+        elif isinstance(effect, AskStore):
+            try:
+                reply = await effect.transport.acall(effect.request)
+            except Exception as exc:  # noqa: BLE001 - no reply: the pattern decides without it
+                effect = effect.failed(exc)
+            except BaseException:
+                effect.abandon()
+                raise
+            else:
+                effect = effect.resume(reply)
         else:
             return effect
 
@@ -547,6 +569,8 @@ def link(strategy: Any, call: Call) -> Call:
         if hasattr(strategy, "scope"):
             return _scoped_recovery(strategy.scope, strategy.new_scope, strategy.recover, call)
         return _recovery(strategy.recover, strategy.succeeded, call)
+    if hasattr(strategy, "judge"):
+        return _judged(strategy.before, strategy.judge, call)
     if hasattr(strategy, "before"):
         return _gate(strategy.before, strategy.after, call)
     if hasattr(strategy, "limit"):
@@ -560,11 +584,21 @@ def alink(strategy: Any, call: AsyncCall) -> AsyncCall:
         if hasattr(strategy, "scope"):
             return _ascoped_recovery(strategy.scope, strategy.new_scope, strategy.recover, call)
         return _arecovery(strategy.recover, strategy.succeeded, call)
+    if hasattr(strategy, "judge"):
+        return _ajudged(strategy.before, strategy.judge, call)
     if hasattr(strategy, "before"):
         return _agate(strategy.before, strategy.after, call)
     if hasattr(strategy, "limit"):
         return _abounded(strategy, call)
     return cast("AsyncCall", strategy.awrap(call))
+
+
+# A pattern's own entry points (the circuit breaker's pybreaker-facing API) perform effects
+# through these same drivers.
+DRIVERS.settle = settle
+DRIVERS.asettle = asettle
+DRIVERS.link = link
+DRIVERS.alink = alink
 
 
 def _gate(before: Callable[[], Any], after: Callable[[Any], None] | None, call: Call) -> Call:
@@ -617,6 +651,52 @@ def _agate(
             after(token)
 
     return held
+
+
+Admit = Callable[[Call, tuple[Any, ...], dict[str, Any]], Any]
+Judged = Callable[[Any, float, BaseException | None, Any], Any]
+
+
+def _judged(before: Admit, judge: Judged, call: Call) -> Call:
+    def judged(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        token = before(call, args, kwargs)
+        if isinstance(token, Effect):
+            token = settle(token)
+        started = _clock.monotonic()
+        try:
+            result = call(args, kwargs)
+        except BaseException as exc:
+            effect = judge(token, started, exc, None)
+            if effect is not None:
+                settle(effect)
+            raise
+        effect = judge(token, started, None, result)
+        if effect is not None:
+            settle(effect)
+        return result
+
+    return judged
+
+
+def _ajudged(before: Admit, judge: Judged, call: AsyncCall) -> AsyncCall:
+    async def judged(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        token = before(call, args, kwargs)
+        if isinstance(token, Effect):
+            token = await asettle(token)
+        started = _clock.monotonic()
+        try:
+            result = await call(args, kwargs)
+        except BaseException as exc:
+            effect = judge(token, started, exc, None)
+            if effect is not None:
+                await asettle(effect)
+            raise
+        effect = judge(token, started, None, result)
+        if effect is not None:
+            await asettle(effect)
+        return result
+
+    return judged
 
 
 Recover = Callable[[Exception, tuple[Any, ...], dict[str, Any]], Any]

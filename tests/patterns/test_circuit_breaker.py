@@ -8,8 +8,11 @@ Every behaviour runs on ``def`` and ``async def`` (the ``mode`` fixture) with si
 from __future__ import annotations
 
 import abc
+import ast
 import asyncio
 import http.server
+import importlib
+import inspect
 import socket
 import threading
 import time
@@ -47,6 +50,7 @@ from buttress.patterns.circuit_breaker import (
     _breaker,
 )
 from buttress.patterns.circuit_breaker.redis_storage import SharedStateStorage
+from buttress.policy import alink
 from buttress.testing import capture_events, force_circuit_state
 
 
@@ -55,7 +59,8 @@ class Down(ConnectionError):
 
 
 def strategy(service: str = "svc", mode: str = "enforce", **options: Any) -> CircuitBreakerStrategy:
-    built = cbmod.build(BuildContext(service, CircuitBreakerOptions(**options), service, mode))
+    ctx = BuildContext(service, CircuitBreakerOptions(**options), service, mode, registry.shared)
+    built = cbmod.build(ctx)
     assert isinstance(built, CircuitBreakerStrategy)
     return built
 
@@ -440,6 +445,102 @@ def test_the_decorator_takes_count_throttled(mode, clock):
     assert isinstance(mode.outcome(ignored), ApiError)
 
 
+# --- failure_on_result: a returned value can be a failure ----------------------------------------
+
+
+def answering(mode, *answers: Any) -> tuple[Callable[..., Any], list[Any]]:
+    """A function of ``mode`` returning ``answers`` in turn; the list of answers it gave."""
+    given: list[Any] = []
+    pending = iter(answers)
+
+    def answer() -> Any:
+        given.append(next(pending))
+        return given[-1]
+
+    return mode.define(answer), given
+
+
+def test_failure_on_result_counts_a_flagged_value_and_still_returns_it(mode, clock):
+    fn, given = answering(mode, {"busy": True}, {"busy": True}, {"busy": False})
+    protected = circuit_breaker(
+        name="flagged", fail_max=2, timeout=10, failure_on_result=lambda r: r["busy"]
+    )(fn)
+    with capture_events([CircuitCallRecorded]) as seen:
+        assert mode.run(protected) == {"busy": True}  # counted, not raised
+        assert registry.breaker("flagged").snapshot()["failures"] == 1
+        assert mode.run(protected) == {"busy": True}  # trips, and the caller still gets it
+    assert registry.breaker("flagged").state_label == "open"
+    assert isinstance(mode.outcome(protected), CircuitOpenError)
+    assert len(given) == 2
+    assert [(e.outcome, e.error_type) for e in seen] == [("failure", "FailedResult")] * 2
+    clock.advance(10)
+    assert mode.run(protected) == {"busy": False}  # the trial's value passes: it closes
+    assert registry.breaker("flagged").state_label == "closed"
+
+
+def test_failure_on_result_a_passing_value_is_a_success_and_clears_the_count(mode, clock):
+    g = Guarded(mode, fail_max=2, failure_on_result=lambda r: r is None)
+    g.fail()
+    assert g.breaker.snapshot()["failures"] == 1
+    assert g.ok() == ("ok", (), {})
+    assert g.breaker.snapshot()["failures"] == 0
+
+
+def test_failure_on_result_a_flagged_trial_reopens_the_circuit(mode, clock):
+    fn, _ = answering(mode, "bad", "bad")
+    strat = strategy(fail_max=1, timeout=5, failure_on_result=lambda r: r == "bad")
+    protected = mode.chain(strat, fn)
+    assert mode.run(protected) == "bad"
+    assert strat.breaker.state_label == "open"
+    clock.advance(5)
+    assert mode.run(protected) == "bad"
+    assert strat.breaker.state_label == "open"
+    assert strat.breaker.snapshot()["seconds_left_open"] == pytest.approx(5)
+
+
+def test_failure_on_result_tells_pybreaker_listeners_a_failure(mode, clock):
+    g = Guarded(mode, fail_max=1, failure_on_result=lambda r: True)
+    listener = Recorder()
+    g.breaker.add_listener(listener)
+    g.ok()
+    assert listener.seen == [
+        ("before_call", ()),
+        ("failure", "FailedResult"),
+        ("state_change", "closed", "open"),
+    ]
+
+
+def test_failure_on_result_a_raising_predicate_leaves_the_result_a_success(mode, clock):
+    def broken(result: Any) -> bool:
+        raise KeyError("bug in the predicate")
+
+    g = Guarded(mode, fail_max=1, failure_on_result=broken)
+    assert g.ok() == ("ok", (), {})
+    assert g.breaker.state_label == "closed"
+
+
+def test_failure_on_result_is_ignored_for_a_call_that_raised(mode, clock):
+    g = Guarded(mode, fail_max=1, exclude=(NotFound,), failure_on_result=lambda r: True)
+    assert isinstance(g.fail(NotFound("no such row")), NotFound)
+    assert g.breaker.state_label == "closed"
+
+
+def test_failure_on_result_can_be_reconfigured(mode, clock):
+    g = Guarded(mode, fail_max=1)
+    g.ok()
+    g.breaker.reconfigure(CircuitBreakerOptions(fail_max=1, failure_on_result=lambda r: True))
+    g.ok()
+    assert g.breaker.state_label == "open"
+
+
+def test_failure_on_result_is_code_only():
+    variable = "BUTTRESS_SERVICES__X__CIRCUIT_BREAKER__FAILURE_ON_RESULT"
+    with pytest.raises(ConfigurationError, match="can only be given in code") as caught:
+        buttress.config.load_settings({variable: "is_busy"}, None)
+    [(key_path, _, _)] = caught.value.errors
+    assert key_path == "services.x.circuit_breaker.failure_on_result"
+
+
 def test_exclude_takes_predicates(mode, clock):
     def client_error(exc: BaseException) -> bool:
         return getattr(exc, "status", 500) < 500
@@ -515,7 +616,7 @@ def test_a_cancelled_call_is_not_counted_and_frees_its_trial_slot(clock):
             started.set()
             await asyncio.Event().wait()
 
-        task = asyncio.create_task(strat.awrap(hang)((), {}))
+        task = asyncio.create_task(alink(strat, hang)((), {}))
         await started.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -1373,7 +1474,7 @@ def test_four_tasks_through_one_breaker_run_concurrently():
         await asyncio.sleep(call_seconds)
         return "ok"
 
-    step = strat.awrap(slow)
+    step = alink(strat, slow)
 
     async def four() -> list[Any]:
         return await asyncio.gather(*(step((), {}) for _ in range(4)))
@@ -1381,3 +1482,67 @@ def test_four_tasks_through_one_breaker_run_concurrently():
     started = time.perf_counter()
     assert asyncio.run(four()) == ["ok"] * 4
     assert time.perf_counter() - started < 1.5 * call_seconds
+
+
+# --- the breaker only decides -------------------------------------------------------------------
+
+# Every module of the package but its transport (the connections to Redis, which the drivers use).
+DECIDING_MODULES = (
+    "_breaker",
+    "_machine",
+    "_options",
+    "_protocol",
+    "_pybreaker_compat",
+    "_states",
+    "_window",
+    "redis_storage",
+)
+# pybreaker's @breaker decorator must give an async def function an async def wrapper
+# (inspect.iscoroutinefunction stays true); it awaits acall(), the drivers' step, and nothing else.
+COROUTINE_WRAPPERS = {"guarded_async"}
+
+
+@pytest.mark.parametrize("name", DECIDING_MODULES)
+def test_no_breaker_module_awaits_sleeps_or_blocks(name: str) -> None:
+    module = importlib.import_module(f"buttress.patterns.circuit_breaker.{name}")
+    tree = ast.parse(inspect.getsource(module))
+    allowed = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.AsyncFunctionDef) and node.name in COROUTINE_WRAPPERS
+        for inner in ast.walk(node)
+    }
+    waits = {"sleep", "asleep", "wait", "timeout", "call_later"}
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in allowed:
+            continue
+        if isinstance(node, ast.AsyncFunctionDef | ast.Await | ast.AsyncWith | ast.AsyncFor):
+            found.append(f"line {node.lineno}: {type(node).__name__}")
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names = [alias.name for alias in node.names]
+            if "asyncio" in names or getattr(node, "module", None) == "asyncio":
+                found.append(f"line {node.lineno}: imports asyncio")
+        elif (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in {"_clock", "time", "asyncio"}
+            and node.attr in waits
+        ):
+            found.append(f"line {node.lineno}: {node.value.id}.{node.attr}")
+    assert found == [], f"circuit_breaker.{name} waits itself: {found}"
+
+
+def test_no_decision_has_an_async_twin() -> None:
+    # One decision path for threads and tasks: no a-prefixed copy of a method of the breaker or
+    # its storage. Allowed: the entry points whose two forms are the drivers' own steps
+    # (CircuitBreaker.call/acall), and closing connections (SharedStateStorage.close/aclose).
+    allowed = {CircuitBreaker: ["acall"], SharedStateStorage: ["aclose"]}
+    for cls in (CircuitBreaker, SharedStateStorage):
+        names = {name for name in dir(cls) if not name.startswith("__")}
+        twins = sorted(
+            name
+            for name in names
+            if name.startswith(("a", "_a")) and name.replace("a", "", 1) in names
+        )
+        assert twins == allowed[cls], cls

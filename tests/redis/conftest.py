@@ -208,25 +208,28 @@ def closed_port() -> str:
 class Peer:
     """One storage, as one process of the fleet sees it, driven as ``def`` or ``async def``.
 
-    The ``mode`` fixture decides: sync calls ``admit``/``record``/``force``, async awaits
-    ``aadmit``/``arecord``/``aforce`` on the mode's event loop.
+    The ``mode`` fixture decides: the storage's decision (``admission``, ``recording``,
+    ``setting``) is performed by the thread driver (``settle``) or, on the mode's event loop, by
+    the task driver (``asettle``).
     """
 
     def __init__(self, storage: Any, mode: Any) -> None:
         self.storage = storage
         self.mode = mode
 
+    def perform(self, effect: Any) -> Any:
+        from buttress.policy import asettle, settle
+
+        return self.mode.run(asettle, effect) if self.mode.is_async else settle(effect)
+
     def admit(self, limits: Any) -> Any:
-        fn = self.storage.aadmit if self.mode.is_async else self.storage.admit
-        return self.mode.run(fn, limits)
+        return self.perform(self.storage.admission(limits))
 
     def record(self, ticket: Any, outcome: str, limits: Any) -> Any:
-        fn = self.storage.arecord if self.mode.is_async else self.storage.record
-        return self.mode.run(fn, ticket, outcome, limits)
+        return self.perform(self.storage.recording(ticket, outcome, limits))
 
     def force(self, state: str, limits: Any = None) -> Any:
-        fn = self.storage.aforce if self.mode.is_async else self.storage.force
-        return self.mode.run(fn, state, limits)
+        return self.perform(self.storage.setting(state, limits, expected=None, always=True))
 
     def call(self, limits: Any, body: Any = None) -> Any:
         """One protected call the way a breaker makes it: admit, run ``body``, record.

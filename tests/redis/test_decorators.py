@@ -112,6 +112,20 @@ def test_failures_of_the_fleet_add_up_and_the_trip_is_shared(
     assert isinstance(breaker(SERVICE).storage, SharedStateStorage)
 
 
+def test_a_result_counted_as_a_failure_trips_the_fleet(
+    mode: Any, redis_server: Any, peers: Any
+) -> None:
+    dep = Dependency()  # answers "ok", which the predicate counts as a failure
+    call = protected(mode, redis_server.url, dep, failure_on_result=lambda r: r == "ok")
+    with capture_events([events.CircuitCallRecorded]) as recorded:
+        assert [mode.run(call) for _ in range(3)] == ["ok"] * 3  # still returned
+    assert [(r.outcome, r.error_type) for r in recorded] == [("failure", "FailedResult")] * 3
+    assert isinstance(mode.outcome(call), CircuitOpenError)
+    assert dep.calls == 3
+    assert state_in_redis(redis_server) == "open"
+    assert peers(SERVICE).admit(LIMITS).admitted is False
+
+
 def test_a_trip_elsewhere_rejects_here_without_calling(
     mode: Any, redis_server: Any, peers: Any
 ) -> None:

@@ -17,6 +17,7 @@ import pytest
 
 from buttress import events
 from buttress.patterns.circuit_breaker.redis_storage import Limits, make_storage
+from buttress.policy import asettle
 from buttress.testing import capture_events
 
 pytestmark = pytest.mark.redis
@@ -231,17 +232,17 @@ def test_a_cancelled_probe_lets_the_next_caller_probe(redis_server: Any, clock: 
 
     async def scenario() -> tuple[bool, bool]:
         redis_server.kill()
-        during_outage = (await storage.aadmit(LIMITS)).shared
+        during_outage = (await asettle(storage.admission(LIMITS))).shared
         redis_server.start()
         redis_server.freeze()
         clock.advance(0.5)
-        probe = asyncio.ensure_future(storage.aadmit(LIMITS))
+        probe = asyncio.ensure_future(asettle(storage.admission(LIMITS)))
         await asyncio.sleep(0.05)  # the probe waits on the frozen server
         probe.cancel()
         with pytest.raises(asyncio.CancelledError):
             await probe
         redis_server.thaw()
-        after = (await storage.aadmit(LIMITS)).shared
+        after = (await asettle(storage.admission(LIMITS))).shared
         await storage.aclose()
         return during_outage, after
 

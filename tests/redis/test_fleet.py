@@ -1,9 +1,10 @@
 """Four worker processes share one circuit through a real redis-server.
 
-Each worker is a forked process with its own storage, driven five ways: the sync decision API
-from threads, the asyncio decision API from tasks, buttress's ``CircuitBreaker`` given the
-storage (``breaker.call``, from threads), and what users write: ``@circuit_breaker(name=...,
-state_url=...)`` on a ``def`` (from threads) and on an ``async def`` (from tasks). The dependency
+Each worker is a forked process with its own storage, driven five ways: the decision API from
+threads (performed by the thread driver) and from tasks (by the task driver), buttress's
+``CircuitBreaker`` given the storage (``breaker.call``, from threads), and what users write:
+``@circuit_breaker(name=..., state_url=...)`` on a ``def`` (from threads) and on an ``async def``
+(from tasks). The dependency
 is shared: a counter in shared memory tells how many calls reached it, and how many ran at once.
 """
 
@@ -23,6 +24,7 @@ import pytest
 from buttress import events
 from buttress.exceptions import CircuitOpenError
 from buttress.patterns.circuit_breaker.redis_storage import Limits, make_storage
+from buttress.policy import asettle
 
 pytestmark = [pytest.mark.redis, pytest.mark.realtime]
 
@@ -110,15 +112,15 @@ class Worker:
         if self.kind == "async":
 
             async def acall(fn: Callable[[], Any]) -> tuple[str, bool]:
-                ticket = await storage.aadmit(limits)
+                ticket = await asettle(storage.admission(limits))
                 if not ticket.admitted:
                     return "rejected", False
                 try:
                     result = await fn()
                 except Exception:
-                    await storage.arecord(ticket, "failure", limits)
+                    await asettle(storage.recording(ticket, "failure", limits))
                     raise
-                await storage.arecord(ticket, "success", limits)
+                await asettle(storage.recording(ticket, "success", limits))
                 return result, ticket.trial
 
             return acall

@@ -17,6 +17,7 @@ import pytest
 from buttress import events
 from buttress.exceptions import ConfigurationError
 from buttress.patterns.circuit_breaker.redis_storage import Limits, SharedStateStorage, make_storage
+from buttress.policy import asettle
 from buttress.testing import capture_events
 
 pytestmark = pytest.mark.redis
@@ -333,11 +334,13 @@ def test_a_password_in_the_url_is_used_and_never_shown(
 ) -> None:
     storage = make_storage(secured_redis_server.url, "svc")
     try:
-        decision = mode.run(storage.aadmit, LIMITS) if mode.is_async else storage.admit(LIMITS)
+        decision = (
+            mode.run(asettle, storage.admission(LIMITS)) if mode.is_async else storage.admit(LIMITS)
+        )
         assert decision.shared
         assert "s3cr3t" not in repr(storage)
         assert "s3cr3t" not in storage.url
-        assert "s3cr3t" not in repr(vars(storage)) + repr(vars(storage._link))
+        assert "s3cr3t" not in repr(vars(storage)) + repr(vars(storage.transport._link))
         assert storage.url == f"redis://:***@127.0.0.1:{secured_redis_server.port}/0"
     finally:
         if mode.is_async:
@@ -352,7 +355,11 @@ def test_a_wrong_password_is_a_store_error_that_names_no_secret(
     storage = make_storage(url, "svc")
     try:
         with capture_events() as seen:
-            decision = mode.run(storage.aadmit, LIMITS) if mode.is_async else storage.admit(LIMITS)
+            decision = (
+                mode.run(asettle, storage.admission(LIMITS))
+                if mode.is_async
+                else storage.admit(LIMITS)
+            )
         assert (decision.admitted, decision.shared) == (True, False)
         assert seen == [events.StateStoreError("svc", "admit", "AuthenticationError")]
         assert "wrong-pass" not in repr(seen) + repr(storage)

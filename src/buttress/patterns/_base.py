@@ -11,15 +11,18 @@ A pattern has three parts:
 
   - a :class:`Gate` decides before the call (``before()``: a token, or an :class:`Effect` to
     perform first) and is told when it is over (``after(token)``, or no ``after`` at all);
+  - a :class:`Judge` decides before the call, like a gate, and after it from its outcome
+    (``after(token, started, error, result)``: nothing, or an :class:`Effect` to perform, the
+    circuit breaker's);
   - a :class:`Recovery` decides after a failure (``recover()``: an effect that answers it, or it
     re-raises) and may note each success (``succeeded``). One may also keep a scope of its own
     around the call and its answer: a context variable (``scope``) the driver sets to
     ``new_scope()`` (retry's attempt count).
 
   The effects are a small closed set: :class:`Sleep`, :class:`WaitForSlot`, :class:`Return`,
-  :class:`TryAlternatives` and :class:`RetryAfter`. A strategy not yet written this way still
-  offers ``wrap`` (for ``def`` callers) and ``awrap`` (for ``async def`` callers) around the next
-  step.
+  :class:`TryAlternatives`, :class:`RetryAfter` and :class:`AskStore`. A strategy not yet
+  written this way still offers ``wrap`` (for ``def`` callers) and ``awrap`` (for ``async def``
+  callers) around the next step.
 * a ``build(ctx)`` function returning the strategy.
 
 A step of the chain takes the positional arguments as a tuple and the keyword arguments as a dict,
@@ -35,17 +38,22 @@ from typing import Any, ClassVar, Literal, Protocol, TypeVar, cast
 from pydantic import BaseModel, ConfigDict
 
 __all__ = [
+    "DRIVERS",
+    "AskStore",
     "AsyncCall",
     "BuildContext",
     "Call",
+    "Drivers",
     "Effect",
     "Gate",
+    "Judge",
     "Mode",
     "Options",
     "Recovery",
     "RetryAfter",
     "Return",
     "Sleep",
+    "StoreTransport",
     "Strategy",
     "TryAlternatives",
     "WaitForSlot",
@@ -229,6 +237,43 @@ class RetryAfter(Effect):
         """The attempt returned."""
 
 
+class StoreTransport(Protocol):
+    """How a shared store is reached: from a thread (``call``) or a task (``acall``)."""
+
+    def call(self, request: bytes) -> Any:
+        """Send ``request``, return the reply (blocks the thread)."""
+
+    def acall(self, request: bytes) -> Awaitable[Any]:
+        """Send ``request``; awaiting it gives the reply."""
+
+
+class AskStore(Effect):
+    """Send ``request`` to a shared store through ``transport`` and act on what it answers.
+
+    The driver sends it with ``transport.call`` (a thread) or ``await transport.acall`` (a
+    task) and hands the reply to :meth:`resume`, or the error that stopped it to :meth:`failed`
+    (the store is unreachable: the pattern decides without it); each returns the token of the
+    call, the next effect, or raises. An interrupted request calls :meth:`abandon` instead.
+    """
+
+    __slots__ = ("request", "transport")
+
+    def __init__(self, request: bytes, transport: StoreTransport) -> None:
+        self.request = request
+        self.transport = transport
+
+    def resume(self, reply: Any) -> Any:
+        """The store's ``reply``: the token, or the next effect (may raise instead)."""
+        raise NotImplementedError
+
+    def failed(self, exc: Exception) -> Any:
+        """No reply (``exc``): the token or the next effect, decided without the store."""
+        raise NotImplementedError
+
+    def abandon(self) -> None:
+        """The request was interrupted (cancellation, an interpreter exit)."""
+
+
 # -- the shapes of a strategy -------------------------------------------------------------------
 class Gate(Protocol):
     """A strategy that decides before the call and is told when it is over."""
@@ -249,6 +294,26 @@ class Gate(Protocol):
 
         ``None`` when the pattern holds nothing during the call (the driver then skips the
         ``try``/``finally``).
+        """
+
+
+class Judge(Protocol):
+    """A strategy that decides before the call and again from how it ended."""
+
+    pattern: ClassVar[str]
+
+    @property
+    def before(self) -> Callable[[Call, tuple[Any, ...], dict[str, Any]], Any]:
+        """Called as ``before(call, args, kwargs)``: a token, or an :class:`Effect` to perform
+        first (which ends in the token); it raises to reject the call."""
+
+    @property
+    def after(self) -> Callable[[Any, float, BaseException | None, Any], Effect | None]:
+        """Called as ``after(token, started, error, result)`` once the call is over.
+
+        ``started`` is when it started (``_clock.monotonic()``), ``error`` what it raised (then
+        ``result`` is None), else None. Returns None, or an :class:`Effect` to perform before
+        the call's own outcome goes on to the caller.
         """
 
 
@@ -284,7 +349,41 @@ class Wrapper(Protocol):
         """Return a step that applies this pattern around ``call`` for an ``async def`` caller."""
 
 
-Strategy = Gate | Recovery | Wrapper
+Strategy = Gate | Judge | Recovery | Wrapper
+
+
+# -- the drivers, for a pattern's own entry points ------------------------------------------------
+
+
+class Drivers:
+    """The two drivers, for the entry points a pattern offers outside a policy's chain.
+
+    The circuit breaker's pybreaker-facing ``call``, ``acall`` and ``calling`` and its storage's
+    pybreaker interface perform effects through the same drivers as a policy does.
+    :mod:`buttress.policy` installs them here when it is imported (the package imports it before
+    any pattern runs), so no pattern imports the policy.
+
+    Attributes:
+        settle: ``settle(effect)``: perform it and those that follow, for a thread.
+        asettle: ``await asettle(effect)``: the same, for a task.
+        link: ``link(strategy, call)``: the step running ``call`` under it for a ``def`` caller.
+        alink: ``alink(strategy, call)``: the same for an ``async def`` caller.
+    """
+
+    __slots__ = ("alink", "asettle", "link", "settle")
+
+    def __init__(self) -> None:
+        self.settle: Callable[[Any], Any] = _not_installed
+        self.asettle: Callable[[Any], Awaitable[Any]] = _not_installed
+        self.link: Callable[[Any, Call], Call] = _not_installed
+        self.alink: Callable[[Any, AsyncCall], AsyncCall] = _not_installed
+
+
+def _not_installed(*args: Any) -> Any:
+    raise RuntimeError("buttress.policy was not imported: no driver performs effects")
+
+
+DRIVERS = Drivers()
 
 
 def error_type(exc: BaseException) -> str:

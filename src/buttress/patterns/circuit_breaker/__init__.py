@@ -12,6 +12,7 @@ from buttress.patterns.circuit_breaker._breaker import (
     CircuitBreaker,
     CircuitBreakerStrategy,
     CircuitSnapshot,
+    FailedResult,
     build,
 )
 from buttress.patterns.circuit_breaker._options import PATTERN, CircuitBreakerOptions, ExcludeSpec
@@ -23,5 +24,6 @@ __all__ = [
     "CircuitBreakerStrategy",
     "CircuitSnapshot",
     "ExcludeSpec",
+    "FailedResult",
     "build",
 ]

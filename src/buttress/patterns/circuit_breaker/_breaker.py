@@ -1,8 +1,11 @@
-"""The pybreaker-facing breaker, and the strategy and steps that put it in a policy's chain."""
+"""The pybreaker-facing breaker, and the strategy that puts it in a policy's chain.
+
+The breaker only decides (``before``, ``judge``); the drivers in ``buttress.policy`` run the call
+and perform the effects (asking Redis) for threads and tasks alike.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
 import datetime as dt
@@ -12,16 +15,17 @@ import itertools
 import math
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any, ClassVar, Final, TypedDict, TypeVar
+from typing import Any, ClassVar, Final, TypedDict, TypeVar, cast
 
 import pybreaker
 
-from buttress import _clock, events, registry
+from buttress import _clock, events
 from buttress.events import CallRejected, CircuitCallRecorded
 from buttress.exceptions import CircuitOpenError, RejectedError
 from buttress.patterns import _transient
-from buttress.patterns._base import AsyncCall, BuildContext, Call
+from buttress.patterns._base import DRIVERS, BuildContext, Call, Effect
 from buttress.patterns.circuit_breaker import redis_storage
+from buttress.patterns.circuit_breaker._machine import Decision, Limits, Machine
 from buttress.patterns.circuit_breaker._options import PATTERN, CircuitBreakerOptions
 from buttress.patterns.circuit_breaker._pybreaker_compat import CompatBreaker
 from buttress.patterns.circuit_breaker._states import (
@@ -38,12 +42,13 @@ from buttress.patterns.circuit_breaker._states import (
     TO_PYBREAKER,
 )
 from buttress.patterns.circuit_breaker._window import Window
-from buttress.patterns.circuit_breaker.redis_storage import Decision, Limits, SharedStateStorage
+from buttress.patterns.circuit_breaker.redis_storage import SharedStateStorage
 
 __all__ = [
     "CircuitBreaker",
     "CircuitBreakerStrategy",
     "CircuitSnapshot",
+    "FailedResult",
     "build",
 ]
 
@@ -59,6 +64,11 @@ _REROUTE: Final = -3
 
 # A shared call's ticket: the storage's admission, and this breaker's generation at that moment.
 _Ticket = tuple[Decision, int]
+
+
+# A shared call's token: its ticket (None: a call shadow mode let through although it was not
+# admitted) and the storage that admitted it. A tuple, not an int: how judge() tells it apart.
+_SharedCall = tuple[_Ticket | None, SharedStateStorage]
 
 # ``_open_until`` values: no lock-free rejection / rejected until a manual change (forced open).
 _NEVER = -math.inf
@@ -108,6 +118,18 @@ class _BeforeCallHook:
         self.listener.before_call(self.breaker, func, *args, **kwargs)
 
 
+class FailedResult(Exception):  # noqa: N818 - it names what failed: a result, not an error
+    """A returned value that ``failure_on_result`` counts as a failure. Never raised.
+
+    pybreaker listeners get it in ``failure(cb, exc)``; ``value`` is the value (which the caller
+    still gets), and its name is the ``error_type`` label of the failure.
+    """
+
+    def __init__(self, value: Any) -> None:
+        super().__init__("the result counts as a failure")
+        self.value = value
+
+
 def _throttled(exc: Exception) -> bool:
     """Whether ``exc`` is an HTTP 429 Too Many Requests.
 
@@ -138,6 +160,56 @@ def _exclusions(
         elif callable(item):
             predicates.append(item)
     return tuple(types), tuple(predicates)
+
+
+class _StoredMachine(Machine):
+    """The state machine with its counters in a pybreaker storage, where pybreaker's readers
+    (``fail_counter``, a storage shared with other breakers) find them.
+
+    Only the counting differs from :class:`Machine`: a success clears every failure
+    (pybreaker's rule), and each transition is written to the storage.
+    """
+
+    __slots__ = ("store",)
+
+    def __init__(self, now: float) -> None:
+        super().__init__(now)
+        self.store: pybreaker.CircuitBreakerStorage = pybreaker.CircuitMemoryStorage(
+            pybreaker.STATE_CLOSED
+        )
+
+    @property
+    def failures(self) -> int:
+        return self.store.counter
+
+    @property
+    def successes(self) -> int:
+        return self.store.success_counter
+
+    def _count_failure(self) -> int:
+        self.store.increment_counter()
+        return self.store.counter
+
+    def _clear_failures(self, upto: int | None) -> None:
+        if self.store.counter:
+            self.store.reset_counter()
+
+    def _count_success(self) -> int:
+        self.store.increment_success_counter()
+        return self.store.success_counter
+
+    def _entered(self, phase: str) -> None:
+        self.save(phase, _wall_datetime() if phase == OPEN else None)
+
+    def save(self, phase: str, opened_at: dt.datetime | None) -> None:
+        """Write ``phase`` (opened at ``opened_at`` on the wall clock) to the storage."""
+        store = self.store
+        if opened_at is not None:
+            store.opened_at = opened_at
+        if phase == CLOSED:
+            store.reset_counter()
+        store.reset_success_counter()
+        store.state = TO_PYBREAKER[phase]
 
 
 class CircuitBreaker(CompatBreaker):
@@ -199,23 +271,23 @@ class CircuitBreaker(CompatBreaker):
             "half_open_full": f"circuit of {service!r} is half-open and its trial calls are taken",
             "forced_open": f"circuit of {service!r} is forced open",
         }
+        # The phase, generation, counters (in pybreaker's storage) and trials in flight.
+        self._m = _StoredMachine(now)
         self._use_storage(remote)
         self._asked = itertools.count(1)  # numbers the requests to the shared storage
+        # The drivers' steps for call() and acall(), linked on first use.
+        self._direct_steps: list[Any] = [None, None]
         self._seen_generation: int | None = None  # of the last shared decision adopted
         self._adopted_at = 0  # the number of the request that decision answered
-        self._phase: str = CLOSED  # closed | open | half_open (the overrides sit on top)
-        self._override: str | None = None
-        self._generation = 0
+        self._override: str | None = None  # sits on top of the machine's phase
         self._since = now  # when the current state (as labelled) began
-        self._opened_at = now
-        self._trials = 0
-        self._max_trials = opts.half_open_max_calls
         self._slow_after = opts.slow_call_duration
         self._window = self._new_window(opts, now)
         self._fast_token: int | None = None
         self._open_until = _NEVER
         self._excluded_types, self._excluded_predicates = _exclusions(self.excluded_exceptions)
         self._count_throttled = opts.count_throttled
+        self._failure_on_result = opts.failure_on_result
         self._refresh_listeners()
         with self.lock:
             stored = FROM_PYBREAKER.get(self._store.state, CLOSED)
@@ -226,14 +298,14 @@ class CircuitBreaker(CompatBreaker):
         if self._outbox:
             self._deliver()
 
-    # --- the per-call protocol (used by the strategy's steps and by call/acall/calling) ----------
+    # --- the per-call protocol (the strategy's before/judge, and call/acall/calling) ------------
 
     def admit(self, shadow: bool = False) -> int:
         """Decide whether a call may run; return its token.
 
         With state in Redis (``state_url``) the decision is not taken here: the token is
-        ``_REROUTE`` and the caller takes the shared path (the strategy's steps, ``call``,
-        ``acall`` and ``calling`` do), which asks the storage without holding the lock.
+        ``_REROUTE`` and the caller takes the shared path (``before`` does), which asks the
+        storage without holding the lock.
 
         Raises:
             CircuitOpenError: the circuit is open, forced open, or its trial slots are taken
@@ -259,55 +331,137 @@ class CircuitBreaker(CompatBreaker):
             if self._outbox:
                 self._deliver()
 
-    def on_success(self, token: int, started: float) -> None:
-        """Record a call admitted with ``token`` and started at ``started`` that returned."""
-        if token == _BYPASS:
-            return
-        now = _clock.monotonic()
-        elapsed = now - started
-        slow = self._slow_after is not None and elapsed >= self._slow_after
-        # Closed, no failure to clear, no window: there is nothing to record, so no lock.
-        if token >= 0 and (
-            token != self._fast_token or self._window is not None or self._store.counter
-        ):
-            with self.lock:
-                self._record(token, SUCCESS, now, slow=slow)
-            if self._outbox:
-                self._deliver()
-        self._announce(SUCCESS, elapsed, None, slow=slow)
+    def judge(
+        self, token: Any, started: float, error: BaseException | None, result: Any
+    ) -> Effect | None:
+        """Record how a call admitted with ``token`` (by ``before``) and started at ``started``
+        ended: it raised ``error``, or returned ``result``. Never raises.
 
-    def on_error(self, token: int, exc: BaseException, started: float) -> None:
-        """Record a call admitted with ``token`` that raised ``exc``; never raises itself."""
+        Returns:
+            None, or (state in Redis) the effect that records the outcome there.
+        """
+        if token.__class__ is not int:
+            return self._finish_shared(token, started, error, result)
         if token == _BYPASS:
-            return
+            return None
         now = _clock.monotonic()
         elapsed = now - started
-        outcome = FAILURE if self.is_system_error(exc) else IGNORED
         slow = self._slow_after is not None and elapsed >= self._slow_after
+        if error is None:
+            if self._failure_on_result is None or not self._failing(result):
+                # Closed, no failure to clear, no window: nothing to record, so no lock.
+                if token >= 0 and (
+                    token != self._fast_token or self._window is not None or self._store.counter
+                ):
+                    with self.lock:
+                        self._record(token, SUCCESS, now, slow=slow)
+                    if self._outbox:
+                        self._deliver()
+                if self._success_hooks or CircuitCallRecorded in events.ROUTES:
+                    self._announce(SUCCESS, elapsed, None, slow)
+                return None
+            error = FailedResult(result)
+        outcome = FAILURE if self.is_system_error(error) else IGNORED
         if outcome == FAILURE and self._failure_hooks:
             # pybreaker's order: the failure, then the state change it causes.
-            self._publish(self._failure_hooks, exc)
+            self._publish(self._failure_hooks, error)
         if token >= 0:
             with self.lock:
                 self._record(token, outcome, now, slow=slow)
             if self._outbox:
                 self._deliver()
-        self._announce(outcome, elapsed, exc, slow=slow)
+        self._announce(outcome, elapsed, error, slow)
+        return None
 
-    @property
-    def listening(self) -> bool:
-        """Whether pybreaker listeners want ``before_call``."""
-        return bool(self._before_hooks)
+    def _failing(self, result: Any) -> bool:
+        """Whether ``failure_on_result`` counts ``result`` as a failure.
 
-    def notify_before_call(
-        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
-        """Tell pybreaker listeners a call was admitted.
-
-        ``func`` is the next step of the policy's chain (a ``(args, kwargs)`` callable), the
-        function given to ``call``/``acall``, or ``breaker.calling`` for a ``calling()`` block.
+        A predicate that raises is a bug in the predicate: the call returned, so it counts as
+        the success it looks like, and the caller still gets its value.
         """
-        self._publish(self._before_hooks, (func, args, kwargs))
+        predicate = self._failure_on_result
+        try:
+            return predicate is not None and bool(predicate(result))
+        except Exception:  # noqa: BLE001 - never replace the caller's result with its error
+            return False
+
+    def on_success(self, token: int, started: float) -> None:
+        """Record a call admitted with ``token`` and started at ``started`` that returned."""
+        self.judge(token, started, None, None)
+
+    def on_error(self, token: int, exc: BaseException, started: float) -> None:
+        """Record a call admitted with ``token`` that raised ``exc``; never raises itself."""
+        self.judge(token, started, exc, None)
+
+    def before(
+        self, call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Admit a call of ``call`` with ``args`` and ``kwargs``: its token for :meth:`judge`.
+
+        With state in Redis it returns the effect that asks Redis (and ends in the token).
+        pybreaker listeners hear ``before_call(cb, call, *args, **kwargs)`` once the call is
+        admitted: ``call`` is the next step of the policy's chain (an ``(args, kwargs)``
+        callable), the function given to ``call``/``acall``, or ``breaker.calling`` for a
+        ``calling()`` block.
+
+        Raises:
+            CircuitOpenError: the circuit is open, forced open, or its trial slots are taken.
+        """
+        token = self._fast_token  # admit()'s own first check, without the call
+        if token is None:
+            until = self._open_until
+            if until != _NEVER and CallRejected not in events.ROUTES:
+                # While open, rejecting is all the breaker does: admit()'s shortest path, here,
+                # so the error is raised one frame from the caller.
+                retry_after = None if until == _FOREVER else until - _clock.monotonic()
+                if retry_after is None:
+                    raise _open_error(self._messages["forced_open"], self.service, None)
+                if retry_after > 0:
+                    raise _open_error(self._messages["open"], self.service, retry_after)
+            if self._remote is not None:
+                return self._admission(call, args, kwargs, shadow=False)
+            token = self.admit()
+            if token == _REROUTE:  # the storage changed meanwhile
+                return self._admission(call, args, kwargs, shadow=False)
+        if self._before_hooks and token != _BYPASS:
+            self._publish(self._before_hooks, (call, args, kwargs))
+        return token
+
+    def before_shadow(
+        self, call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """:meth:`before` in shadow mode: a call it would reject runs uncounted instead."""
+        return self._admission(call, args, kwargs, shadow=True)
+
+    def _admission(
+        self,
+        call: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        shadow: bool,
+    ) -> Any:
+        remote = self._remote
+        if remote is None or self._override is not None:
+            token = self.admit(shadow)
+            remote = self._remote
+            if token != _REROUTE or remote is None:
+                if self._before_hooks and token != _BYPASS:
+                    self._publish(self._before_hooks, (call, args, kwargs))
+                return token
+            # The storage changed meanwhile: Redis decides after all.
+        # The state is in Redis: the storage decides (asking Redis is an effect), and this
+        # process adopts what it learns and hands out a ticket.
+        asked = next(self._asked)  # numbered before it is sent
+        shared_remote = remote
+
+        def admitted(decision: Decision) -> _SharedCall:
+            shared = (self._enter_shared(decision, asked, shadow=shadow), shared_remote)
+            if self._before_hooks:
+                self._publish(self._before_hooks, (call, args, kwargs))
+            return shared
+
+        return remote.admission(self._limits, admitted)
 
     # --- manual control ------------------------------------------------------------------------
 
@@ -381,16 +535,16 @@ class CircuitBreaker(CompatBreaker):
                 options.success_threshold,
                 options.half_open_max_calls,
             )
-            self._max_trials = options.half_open_max_calls
             if swap:
                 retired = self._remote
                 self._use_storage(new_remote)
                 self._seen_generation = None
                 if retired is not None and not self._shared:
                     # Back in memory, from the state this process last knew.
-                    self._save_state(self._phase, self._opened_wall())
+                    self._m.save(self._m.phase, self._opened_wall())
             self._slow_after = options.slow_call_duration
             self._count_throttled = options.count_throttled
+            self._failure_on_result = options.failure_on_result
             if options.exclude != previous.exclude:
                 for old in self.excluded_exceptions:
                     super().remove_excluded_exception(old)  # type: ignore[arg-type,type-var]
@@ -407,7 +561,7 @@ class CircuitBreaker(CompatBreaker):
                 self._window = None
             self._refresh_fast_paths()
         if retired is not None:
-            _retire(retired)
+            retired.transport.retire()
 
     # --- pybreaker's public readers and limits, also for a circuit kept in Redis ----------------
 
@@ -505,13 +659,13 @@ class CircuitBreaker(CompatBreaker):
             phase = self._visible_phase(now)
             left: float | None = None
             if self._override is None and phase == OPEN:
-                left = self._opened_at + self.reset_timeout - now
+                left = self._m.opened_at + self.reset_timeout - now
             return CircuitSnapshot(
                 service=self.service,
                 state=self._override or phase,
                 failures=failures,
                 successes=successes,
-                trials_in_flight=self._trials,
+                trials_in_flight=self._m.trials,
                 seconds_left_open=left,
                 failure_rate=window.failure_rate if window is not None else None,
                 slow_call_rate=window.slow_call_rate if window is not None else None,
@@ -519,8 +673,8 @@ class CircuitBreaker(CompatBreaker):
 
     def _visible_phase(self, now: float) -> str:
         """The phase, with an open circuit whose open time has run out read as half-open."""
-        phase = self._phase
-        if phase == OPEN and now >= self._opened_at + self.reset_timeout:
+        phase = self._m.phase
+        if phase == OPEN and now >= self._m.opened_at + self.reset_timeout:
             return HALF_OPEN
         return phase
 
@@ -577,31 +731,22 @@ class CircuitBreaker(CompatBreaker):
                 f"breaker.call() runs def functions; {func.__qualname__} is async def: "
                 "use `await breaker.acall(...)`"
             )
-        with self._guard(func, args, kwargs, self.admit()):
-            return func(*args, **kwargs)
+        step = self._direct_steps[0]
+        if step is None:
+            step = DRIVERS.link(_Direct(self), _apply)
+            self._direct_steps[0] = step
+        return cast("T", step((func, *args), kwargs))
 
-    async def acall(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+    def acall(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> Awaitable[T]:
         """``await func(*args, **kwargs)`` through the breaker (asyncio; no tornado needed).
 
         With state in Redis, the requests are awaited: the event loop is never blocked.
         """
-        token = self.admit()
-        remote = self._remote
-        if token == _REROUTE and remote is not None:
-            asked = next(self._asked)
-            ticket = self._enter_shared(await remote.aadmit(self._limits), asked, shadow=False)
-            if self.listening:
-                self.notify_before_call(func, args, kwargs)
-            started = _clock.monotonic()
-            try:
-                result = await func(*args, **kwargs)
-            except BaseException as exc:
-                await self._afinish_shared(remote, ticket, exc, started)
-                raise
-            await self._afinish_shared(remote, ticket, None, started)
-            return result
-        with self._guard(func, args, kwargs, token):
-            return await func(*args, **kwargs)
+        step = self._direct_steps[1]
+        if step is None:
+            step = DRIVERS.alink(_Direct(self), _apply)
+            self._direct_steps[1] = step
+        return cast("Awaitable[T]", step((func, *args), kwargs))
 
     @contextlib.contextmanager
     def calling(self) -> Iterator[None]:
@@ -610,43 +755,21 @@ class CircuitBreaker(CompatBreaker):
         The block may ``await``, but with state in Redis entering it makes a blocking request:
         asyncio code should use ``acall`` or the decorators.
         """
-        with self._guard(self.calling, (), {}, self.admit()):
-            yield
-
-    @contextlib.contextmanager
-    def _guard(
-        self,
-        func: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        token: int,
-    ) -> Iterator[None]:
-        remote = self._remote
-        if token == _REROUTE and remote is not None:
-            asked = next(self._asked)
-            ticket = self._enter_shared(remote.admit(self._limits), asked, shadow=False)
-            if self.listening:
-                self.notify_before_call(func, args, kwargs)
-            started = _clock.monotonic()
-            try:
-                yield
-            except BaseException as exc:
-                self._finish_shared(remote, ticket, exc, started)
-                raise
-            self._finish_shared(remote, ticket, None, started)
-            return
-        if token == _BYPASS:
-            yield
-            return
-        if self.listening:
-            self.notify_before_call(func, args, kwargs)
+        # The drivers' judged step, for a block instead of a function.
+        token = self.before(self.calling, (), {})
+        if isinstance(token, Effect):
+            token = DRIVERS.settle(token)
         started = _clock.monotonic()
         try:
             yield
         except BaseException as exc:
-            self.on_error(token, exc, started)
+            effect = self.judge(token, started, exc, None)
+            if effect is not None:
+                DRIVERS.settle(effect)
             raise
-        self.on_success(token, started)
+        effect = self.judge(token, started, None, None)
+        if effect is not None:
+            DRIVERS.settle(effect)
 
     def call_async(self, func: Any, *args: Any, **kwargs: Any) -> Any:
         """pybreaker's tornado entry point: not supported, use ``acall`` (asyncio)."""
@@ -663,6 +786,8 @@ class CircuitBreaker(CompatBreaker):
         429 Too Many Requests unless ``count_throttled`` (the dependency answered: it is alive,
         and throttling us).
         """
+        if exception.__class__ is FailedResult:
+            return True
         if not isinstance(exception, Exception) or isinstance(exception, RejectedError):
             return False
         if isinstance(exception, self._excluded_types):
@@ -702,62 +827,52 @@ class CircuitBreaker(CompatBreaker):
 
     def _admit_locked(self, shadow: bool) -> int:
         override = self._override
+        m = self._m
         if override is not None:
             if override == DISABLED:
                 return _BYPASS
             if override == FORCED_CLOSED:
-                return self._generation << 1
+                return m.generation << 1
             return self._reject("forced_open", None, shadow)
         now = _clock.monotonic()
         if self._shared:
             if self._remote is not None:
                 return _REROUTE
             self._sync_shared(now)
-        phase = self._phase
+        phase = m.phase
         if phase == CLOSED:
-            return self._generation << 1
-        if phase == OPEN:
-            left = self._opened_at + self.reset_timeout - now
-            if left > 0:
-                return self._reject("open", left, shadow)
-            self._move(HALF_OPEN, None, "timeout_elapsed", now)
-        if self._trials >= self._max_trials:
+            return m.generation << 1
+        decision = m.admit(self._limits, now)
+        if decision.change is not None:
+            self._after_move(phase, None, decision.change, now)
+        if not decision.admitted:
+            if decision.state == OPEN:
+                return self._reject("open", decision.retry_after, shadow)
             return self._reject("half_open_full", None, shadow)
-        self._trials += 1
         handlers = events.ROUTES.get(events.CircuitTrialStarted)
         if handlers:
-            self._outbox.append((handlers, events.CircuitTrialStarted(self.service, self._trials)))
-        return self._generation << 1 | 1
+            self._outbox.append((handlers, events.CircuitTrialStarted(self.service, m.trials)))
+        return m.generation << 1 | 1
 
     def _record(self, token: int, outcome: str, now: float, *, slow: bool) -> None:
-        if token >> 1 != self._generation:
+        m = self._m
+        if token >> 1 != m.generation:
             return  # admitted under a state that has ended: not evidence about this one
-        if token & 1:
-            self._trials -= 1
-        if outcome == IGNORED:
-            return
-        if self._phase == HALF_OPEN:
-            if outcome == FAILURE:
-                self._count_failure()  # kept while open, as pybreaker counts a failed trial
-                self._move(OPEN, None, "trial_failed", now)
-            elif self._count_success() >= self.success_threshold:
-                self._move(CLOSED, None, "success_threshold", now)
-            return
-        # Closed (or forced closed: counted, never tripped).
-        window = self._window
+        phase = m.phase
+        window = self._window if phase == CLOSED and outcome != IGNORED else None
         if window is not None:
             window.add(now, failed=outcome == FAILURE, slow=slow)
-        if outcome == FAILURE:
-            if self._count_failure() >= self.fail_max and self._override is None:
-                self._move(OPEN, None, "fail_max", now)
-                return
-        else:
-            self._clear_failures()
-        if window is None or self._override is not None:
-            return
-        reason = self._window_trip(window)
-        if reason is not None:
-            self._move(OPEN, None, reason, now)
+        override = self._override
+        # Forced closed counts, and never trips.
+        decision = m.record(
+            token >> 1, bool(token & 1), outcome, self._limits, now, trips=override is None
+        )
+        if decision.change is not None:
+            self._after_move(override or phase, None, decision.change, now)
+        elif window is not None and override is None:
+            reason = self._window_trip(window)
+            if reason is not None:
+                self._move(OPEN, None, reason, now)
 
     def _window_trip(self, window: Window) -> str | None:
         """The reason the rate window trips the circuit now (failure_rate, slow_call_rate)."""
@@ -834,7 +949,7 @@ class CircuitBreaker(CompatBreaker):
             raise
 
     def _announce(
-        self, outcome: str, elapsed: float, exc: BaseException | None, *, slow: bool = False
+        self, outcome: str, elapsed: float, exc: BaseException | None, slow: bool
     ) -> None:
         handlers = events.ROUTES.get(CircuitCallRecorded)
         if handlers:
@@ -872,39 +987,33 @@ class CircuitBreaker(CompatBreaker):
 
     def _move(self, phase: str, override: str | None, reason: str, now: float) -> None:
         """Enter a state: a new generation, fresh counters for it, storage, listeners, event."""
-        old_label = self._override or self._phase
-        self._generation += 1
-        self._trials = 0
+        old_label = self._override or self._m.phase
+        self._m.move(phase, now)
+        self._after_move(old_label, override, reason, now)
+
+    def _after_move(self, old_label: str, override: str | None, reason: str, now: float) -> None:
+        """What follows a transition of the machine: window, override, fast paths, events."""
         self._seen_generation = None  # a shared circuit adopts the next state it is told
-        if phase == OPEN:
-            self._opened_at = now
-        opened_wall = _wall_datetime() if phase == OPEN else None
-        self._save_state(phase, opened_wall)
-        if phase == CLOSED and self._window is not None:
+        if self._m.phase == CLOSED and self._window is not None:
             self._window = self._new_window(self.options, now)
-        self._phase = phase
         self._override = override
         self._refresh_fast_paths()
         self._announce_state(old_label, reason, now)
 
     def _adopt(self, phase: str, reason: str, now: float, opened_at: float) -> None:
         """Take on a state another process wrote to the shared storage (nothing is written)."""
-        old_label = self._override or self._phase
-        self._generation += 1
-        self._trials = 0
-        if phase == OPEN:
-            self._opened_at = opened_at
+        old_label = self._override or self._m.phase
+        self._m.adopt(phase, now, opened_at)
         if phase == CLOSED and self._window is not None:
             self._window = self._new_window(self.options, now)
-        self._phase = phase
         self._refresh_fast_paths()
         self._announce_state(old_label, reason, now)
 
     def _announce_state(self, old_label: str, reason: str, now: float) -> None:
-        change = self._show_state(TO_PYBREAKER[self._phase])
+        change = self._show_state(TO_PYBREAKER[self._m.phase])
         if change is not None and self._change_hooks:
             self._outbox.append((self._change_hooks, change))
-        new_label = self._override or self._phase
+        new_label = self._override or self._m.phase
         if new_label == old_label:
             return
         handlers = events.ROUTES.get(events.CircuitStateChanged)
@@ -922,16 +1031,17 @@ class CircuitBreaker(CompatBreaker):
     def _refresh_fast_paths(self) -> None:
         # Readers look at these without the lock: each is one attribute, replaced whole.
         local = not self._shared
+        m = self._m
         if self._override == DISABLED:
             self._fast_token = _BYPASS
-        elif self._override is None and self._phase == CLOSED and local:
-            self._fast_token = self._generation << 1
+        elif self._override is None and m.phase == CLOSED and local:
+            self._fast_token = m.generation << 1
         else:
             self._fast_token = None
         if self._override == FORCED_OPEN:
             self._open_until = _FOREVER
-        elif self._override is None and self._phase == OPEN and local:
-            self._open_until = self._opened_at + self.reset_timeout
+        elif self._override is None and m.phase == OPEN and local:
+            self._open_until = m.opened_at + self.reset_timeout
         else:
             self._open_until = _NEVER
 
@@ -964,13 +1074,13 @@ class CircuitBreaker(CompatBreaker):
                 self._adopt_decision(decision, decision.change or "shared_state", asked)
             if decision.admitted:
                 if decision.trial:
-                    self._trials += 1
+                    self._m.trials += 1
                     handlers = events.ROUTES.get(events.CircuitTrialStarted)
                     if handlers:
                         self._outbox.append(
-                            (handlers, events.CircuitTrialStarted(self.service, self._trials))
+                            (handlers, events.CircuitTrialStarted(self.service, self._m.trials))
                         )
-                ticket = decision, self._generation
+                ticket = decision, self._m.generation
             else:
                 ticket = None
         try:
@@ -985,52 +1095,48 @@ class CircuitBreaker(CompatBreaker):
                 self._deliver()
 
     def _finish_shared(
-        self,
-        remote: SharedStateStorage,
-        ticket: _Ticket | None,
-        exc: BaseException | None,
-        started: float,
-    ) -> None:
+        self, token: _SharedCall, started: float, exc: BaseException | None, result: Any
+    ) -> Effect | None:
         """Record a shared call's outcome: at most one request (two when the window trips)."""
+        if exc is None and self._failure_on_result is not None and self._failing(result):
+            exc = FailedResult(result)
         outcome, now, elapsed, slow = self._outcome(exc, started)
-        if ticket is not None:
-            decision = ticket[0]
-            asked = next(self._asked)
-            after = remote.record(decision, outcome, self._limits)
-            # Nothing to settle after a plain closed-state call with no window: no lock.
-            if after is not None or decision.trial or self._window is not None:
-                reason = self._settle(ticket, outcome, after, asked, now=now, slow=slow)
-                if reason is not None:
-                    asked = next(self._asked)
-                    moved = remote.transition(OPEN, decision.generation, self._limits)
-                    self._settle_trip(moved, asked, reason)
-                if self._outbox:
-                    self._deliver()
-        self._announce(outcome, elapsed, exc, slow=slow)
+        ticket, remote = token
+        if ticket is None:
+            self._announce(outcome, elapsed, exc, slow)
+            return None
+        decision = ticket[0]
+        asked = next(self._asked)
 
-    async def _afinish_shared(
-        self,
-        remote: SharedStateStorage,
-        ticket: _Ticket | None,
-        exc: BaseException | None,
-        started: float,
-    ) -> None:
-        """``_finish_shared`` for asyncio callers: awaits Redis, never blocks the event loop."""
-        outcome, now, elapsed, slow = self._outcome(exc, started)
-        if ticket is not None:
-            decision = ticket[0]
-            asked = next(self._asked)
-            after = await remote.arecord(decision, outcome, self._limits)
+        def recorded(after: Decision | None) -> Effect | None:
             # Nothing to settle after a plain closed-state call with no window: no lock.
             if after is not None or decision.trial or self._window is not None:
                 reason = self._settle(ticket, outcome, after, asked, now=now, slow=slow)
                 if reason is not None:
-                    asked = next(self._asked)
-                    moved = await remote.atransition(OPEN, decision.generation, self._limits)
-                    self._settle_trip(moved, asked, reason)
+                    trip_asked = next(self._asked)
+
+                    def tripped(moved: Decision) -> None:
+                        self._settle_trip(moved, trip_asked, reason)
+                        if self._outbox:
+                            self._deliver()
+                        self._announce(outcome, elapsed, exc, slow)
+
+                    return cast(
+                        "Effect | None",
+                        remote.setting(
+                            OPEN,
+                            self._limits,
+                            expected=decision.generation,
+                            always=False,
+                            then=tripped,
+                        ),
+                    )
                 if self._outbox:
                     self._deliver()
-        self._announce(outcome, elapsed, exc, slow=slow)
+            self._announce(outcome, elapsed, exc, slow)
+            return None
+
+        return cast("Effect | None", remote.recording(decision, outcome, self._limits, recorded))
 
     def _outcome(self, exc: BaseException | None, started: float) -> tuple[str, float, float, bool]:
         """``(outcome, now, elapsed, slow)`` of a call that ended; tells pybreaker listeners."""
@@ -1057,9 +1163,9 @@ class CircuitBreaker(CompatBreaker):
         """Bookkeeping once the storage recorded an outcome; the reason if the window trips."""
         decision, generation = ticket
         with self.lock:
-            current = generation == self._generation
+            current = generation == self._m.generation
             if decision.trial and current:
-                self._trials -= 1
+                self._m.trials -= 1
             if after is not None and self._is_news(after, asked):
                 self._adopt_decision(after, after.change or "shared_state", asked)
                 return None
@@ -1108,18 +1214,19 @@ class CircuitBreaker(CompatBreaker):
         """
         self._remote = remote
         self._store = super().storage
+        self._m.store = self._store
         self._shared = remote is not None or type(self._store) is not pybreaker.CircuitMemoryStorage
 
     def _opened_wall(self) -> dt.datetime | None:
         """When the circuit opened, on the wall clock; None unless open."""
-        if self._phase != OPEN:
+        if self._m.phase != OPEN:
             return None
-        ago = _clock.monotonic() - self._opened_at
+        ago = _clock.monotonic() - self._m.opened_at
         return dt.datetime.fromtimestamp(_clock.wall() - ago, dt.UTC)
 
     def _sync_shared(self, now: float) -> None:
         stored = FROM_PYBREAKER.get(self._store.state)
-        if stored is not None and stored != self._phase:
+        if stored is not None and stored != self._m.phase:
             opened_at = self._stored_opened_at(now) if stored == OPEN else now
             self._adopt(stored, "shared_state", now, opened_at)
 
@@ -1128,27 +1235,6 @@ class CircuitBreaker(CompatBreaker):
         if opened is None:
             return now
         return now - max(0.0, _clock.wall() - opened.timestamp())
-
-    def _save_state(self, phase: str, opened_at: dt.datetime | None) -> None:
-        store = self._store
-        if opened_at is not None:
-            store.opened_at = opened_at
-        if phase == CLOSED:
-            store.reset_counter()
-        store.reset_success_counter()
-        store.state = TO_PYBREAKER[phase]
-
-    def _count_failure(self) -> int:
-        self._store.increment_counter()
-        return self._store.counter
-
-    def _clear_failures(self) -> None:
-        if self._store.counter:
-            self._store.reset_counter()
-
-    def _count_success(self) -> int:
-        self._store.increment_success_counter()
-        return self._store.success_counter
 
 
 def _open_error(message: str, service: str, retry_after: float | None) -> CircuitOpenError:
@@ -1165,134 +1251,44 @@ def _open_error(message: str, service: str, retry_after: float | None) -> Circui
     return error
 
 
-# Closing connections of a storage taken out of use on a running event loop (strong references:
-# the loop keeps only weak ones to its tasks).
-_closing: set[asyncio.Task[None]] = set()
-
-
-def _retire(storage: SharedStateStorage) -> None:
-    """Close the connections of a storage a breaker stopped using."""
-    storage.close()
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return  # asyncio connections of other loops are closed when their loop shuts down
-    task = loop.create_task(storage.aclose())
-    _closing.add(task)
-    task.add_done_callback(_closing.discard)
-
-
 def _wall_datetime() -> dt.datetime:
     return dt.datetime.fromtimestamp(_clock.wall(), dt.UTC)
 
 
-# --- the steps of a policy's chain ----------------------------------------------------------------
-
-
-def _sync_step(cb: CircuitBreaker, call: Call, *, shadow: bool) -> Call:
-    admit = cb.admit
-    on_success = cb.on_success
-    on_error = cb.on_error
-
-    def circuit_breaker_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        token = cb._fast_token  # admit()'s own first check, without the call
-        if token is None:
-            token = admit(shadow)
-            if token == _REROUTE:
-                return shared_step(args, kwargs)
-        if token == _BYPASS:
-            return call(args, kwargs)
-        if cb.listening:
-            cb.notify_before_call(call, args, kwargs)
-        started = _clock.monotonic()
-        try:
-            result = call(args, kwargs)
-        except BaseException as exc:
-            on_error(token, exc, started)
-            raise
-        on_success(token, started)
-        return result
-
-    def shared_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        remote = cb._remote
-        if remote is None or cb._override is not None:  # in memory now, or overridden here
-            return circuit_breaker_step(args, kwargs)
-        asked = next(cb._asked)  # numbered before it is sent
-        ticket = cb._enter_shared(remote.admit(cb._limits), asked, shadow=shadow)
-        if cb.listening:
-            cb.notify_before_call(call, args, kwargs)
-        started = _clock.monotonic()
-        try:
-            result = call(args, kwargs)
-        except BaseException as exc:
-            cb._finish_shared(remote, ticket, exc, started)
-            raise
-        cb._finish_shared(remote, ticket, None, started)
-        return result
-
-    # Each step hands over to the other when the storage changed after the chain was built.
-    return shared_step if cb._remote is not None else circuit_breaker_step
-
-
-def _async_step(cb: CircuitBreaker, call: AsyncCall, *, shadow: bool) -> AsyncCall:
-    admit = cb.admit
-    on_success = cb.on_success
-    on_error = cb.on_error
-
-    async def circuit_breaker_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        token = cb._fast_token
-        if token is None:
-            token = admit(shadow)
-            if token == _REROUTE:
-                return await shared_step(args, kwargs)
-        if token == _BYPASS:
-            return await call(args, kwargs)
-        if cb.listening:
-            cb.notify_before_call(call, args, kwargs)
-        started = _clock.monotonic()
-        try:
-            result = await call(args, kwargs)
-        except BaseException as exc:
-            on_error(token, exc, started)
-            raise
-        on_success(token, started)
-        return result
-
-    async def shared_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        remote = cb._remote
-        if remote is None or cb._override is not None:  # in memory now, or overridden here
-            return await circuit_breaker_step(args, kwargs)
-        asked = next(cb._asked)  # numbered before it is sent
-        ticket = cb._enter_shared(await remote.aadmit(cb._limits), asked, shadow=shadow)
-        if cb.listening:
-            cb.notify_before_call(call, args, kwargs)
-        started = _clock.monotonic()
-        try:
-            result = await call(args, kwargs)
-        except BaseException as exc:
-            await cb._afinish_shared(remote, ticket, exc, started)
-            raise
-        await cb._afinish_shared(remote, ticket, None, started)
-        return result
-
-    return shared_step if cb._remote is not None else circuit_breaker_step
+# --- the strategy ---------------------------------------------------------------------------------
 
 
 class CircuitBreakerStrategy:
-    """The circuit breaker as one link of a policy's chain."""
+    """The circuit breaker as one link of a policy's chain: it admits (``before``) and judges
+    how each call ended (``judge``); the drivers run the call and perform its effects."""
 
     pattern: ClassVar[str] = PATTERN
-    __slots__ = ("breaker", "shadow")
+    __slots__ = ("before", "breaker", "judge", "shadow")
 
     def __init__(self, cb: CircuitBreaker, *, shadow: bool) -> None:
         self.breaker = cb
         self.shadow = shadow
+        self.before = cb.before_shadow if shadow else cb.before
+        self.judge = cb.judge
 
-    def wrap(self, call: Call) -> Call:
-        return _sync_step(self.breaker, call, shadow=self.shadow)
 
-    def awrap(self, call: AsyncCall) -> AsyncCall:
-        return _async_step(self.breaker, call, shadow=self.shadow)
+class _Direct:
+    """The breaker as a judge of ``call()``/``acall()``: the function comes first in ``args``,
+    and pybreaker listeners are told about it (not about the step that applies it)."""
+
+    pattern: ClassVar[str] = PATTERN
+    __slots__ = ("breaker", "judge")
+
+    def __init__(self, cb: CircuitBreaker) -> None:
+        self.breaker = cb
+        self.judge = cb.judge
+
+    def before(self, call: Call, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return self.breaker.before(args[0], args[1:], kwargs)
+
+
+def _apply(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return args[0](*args[1:], **kwargs)
 
 
 def build(ctx: BuildContext) -> CircuitBreakerStrategy | None:
@@ -1305,5 +1301,5 @@ def build(ctx: BuildContext) -> CircuitBreakerStrategy | None:
     options: CircuitBreakerOptions = ctx.options
     if not options.enabled:
         return None
-    cb = registry.shared(PATTERN, ctx.key, options, functools.partial(CircuitBreaker, ctx.service))
+    cb = ctx.shared(PATTERN, functools.partial(CircuitBreaker, ctx.service))
     return CircuitBreakerStrategy(cb, shadow=ctx.mode == "shadow")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
@@ -20,7 +20,7 @@ ExcludeSpec = type[BaseException] | Callable[[BaseException], bool]
 class CircuitBreakerOptions(Options):
     """Options of ``circuit_breaker`` (and of ``services.<name>.circuit_breaker``)."""
 
-    code_only: ClassVar[frozenset[str]] = frozenset({"exclude"})
+    code_only: ClassVar[frozenset[str]] = frozenset({"exclude", "failure_on_result"})
 
     enabled: bool = True
     fail_max: int = Field(5, gt=0, description="consecutive failures that open the circuit")
@@ -40,6 +40,11 @@ class CircuitBreakerOptions(Options):
     window_seconds: PositiveSeconds = Field(60.0, description="length of the rate window")
     exclude: tuple[ExcludeSpec, ...] = Field(
         (), description="exceptions (types or predicates) that are neither success nor failure"
+    )
+    failure_on_result: Callable[[Any], object] | None = Field(
+        None,
+        description="a returned value for which this is true counts as a failure (and is still "
+        "returned to the caller)",
     )
     count_throttled: bool = Field(
         default=False,

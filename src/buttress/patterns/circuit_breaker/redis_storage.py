@@ -2,45 +2,48 @@
 
 ``circuit_breaker(state_url="redis://...")`` makes every process of a service decide from one state
 kept in Redis, each decision one atomic Lua script, with a local copy of the state while Redis is
-unreachable. The script's algorithm, the keys, the reconnection policy and the two ways to drive
-the storage: ``docs/internals.md`` (Circuit state in Redis).
+unreachable. This module decides; ``_protocol`` builds the requests and parses the replies,
+``_transport`` holds the connections, and the drivers send the requests (an ``AskStore`` effect).
+The script's algorithm, the keys, the reconnection policy and the two ways to drive the storage:
+``docs/internals.md`` (Circuit state in Redis).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import datetime as dt
 import functools
-import hashlib
 import itertools
 import math
 import os
 import threading
 import weakref
-from collections import deque
-from collections.abc import AsyncGenerator, Callable
-from importlib import resources
-from typing import Any, Final, NamedTuple
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, TypeVar, cast
 
 import pybreaker
 
 from buttress import _clock, events
 from buttress._values import redact
 from buttress.exceptions import ConfigurationError
+from buttress.patterns._base import DRIVERS, AskStore
+from buttress.patterns.circuit_breaker import _protocol as protocol
+from buttress.patterns.circuit_breaker._machine import Decision, Limits, Machine
+from buttress.patterns.circuit_breaker._protocol import CorruptStateError
 from buttress.patterns.circuit_breaker._pybreaker_compat import noticing_a_close
 from buttress.patterns.circuit_breaker._states import (
     CLOSED,
     FAILURE,
     FROM_PYBREAKER,
-    HALF_OPEN,
     OPEN,
     SUCCESS,
     TO_PYBREAKER,
 )
+from buttress.patterns.circuit_breaker._transport import RedisTransport
 
 __all__ = [
     "KEY_PREFIX",
+    "CorruptStateError",
     "Decision",
     "Limits",
     "SharedStateStorage",
@@ -49,381 +52,9 @@ __all__ = [
 
 KEY_PREFIX: Final = "buttress"
 
-
-# One script for every operation: one SHA to load after a Redis restart, one code path to review.
-# ARGV: 1 op, 2 ttl_ms, 3 reset_ms, 4 max_trials, 5 lease_ms, 6 fail_max ('' never trips),
-# 7 success_threshold ('' never closes), 8 cleared_gen, 9 cleared_seq (a success to apply first,
-# '' none), 10 lease, 11 generation the call was admitted in ('' any), 12 outcome | target state,
-# 13 seq at admission | set mode ('force' or ''), 14 trial leases to give back (space-separated:
-# granted to requests whose reply never arrived, '' none).
-# Reply: "state gen seq base succ since now admitted trial change lease" (lease: if granted).
-_SCRIPT_BYTES: Final = (resources.files(__package__) / "circuit.lua").read_bytes()
-_SHA: Final = hashlib.sha1(_SCRIPT_BYTES, usedforsecurity=False).hexdigest().encode()
-
-
-class Limits(NamedTuple):
-    """The breaker options a shared decision depends on (passed on every call: they may change)."""
-
-    fail_max: int
-    reset_timeout: float
-    success_threshold: int
-    half_open_max_calls: int
-
-
-class Decision(NamedTuple):
-    """What the storage decided for one call, or the state after recording its outcome.
-
-    Attributes:
-        state: ``closed``, ``open`` or ``half_open``.
-        generation: identifies this state instance; it changes on every transition (shared
-            generations are positive, local ones negative).
-        admitted: the call may run.
-        trial: the call is a half-open trial (its outcome must be recorded, even if ignored).
-        retry_after: open: seconds until a trial may run; otherwise None.
-        failures: consecutive failures counted towards ``fail_max``.
-        successes: trial successes counted towards ``success_threshold``.
-        change: the reason when this very request made a transition (``timeout_elapsed``,
-            ``fail_max``, ``trial_failed``, ``success_threshold``, ``manual``), else None.
-        shared: decided by Redis; False when the local fallback decided.
-        age: seconds since the state began (Redis's clock when shared).
-        seq: failures recorded in this generation when decided (bookkeeping).
-        lease: the trial lease held in Redis, or ``""`` (bookkeeping).
-    """
-
-    state: str
-    generation: int
-    admitted: bool
-    trial: bool
-    retry_after: float | None
-    failures: int
-    successes: int
-    change: str | None
-    shared: bool
-    age: float
-    seq: int = 0
-    lease: str = ""
-
-
-# --- the local fallback -------------------------------------------------------------------------
-
-
-class _Local:
-    """The circuit as this process alone sees it: used while Redis cannot be reached.
-
-    It mirrors every shared decision, so an outage starts from the last state seen in Redis.
-    Not thread-safe: the storage holds its lock around every method.
-    """
-
-    __slots__ = (
-        "_generations",
-        "failures",
-        "generation",
-        "opened_at",
-        "since",
-        "state",
-        "successes",
-        "trials",
-    )
-
-    def __init__(self, now: float) -> None:
-        self._generations = itertools.count(-1, -1)
-        self.state = CLOSED
-        self.generation = 0
-        self.failures = 0
-        self.successes = 0
-        self.trials = 0  # local trials in flight
-        self.since = now
-        self.opened_at = now
-
-    def _decision(
-        self,
-        now: float,
-        reset_timeout: float,
-        *,
-        admitted: bool = False,
-        trial: bool = False,
-        change: str | None = None,
-    ) -> Decision:
-        retry_after = None
-        if self.state == OPEN:
-            retry_after = max(0.0, self.opened_at + reset_timeout - now)
-        return Decision(
-            self.state,
-            self.generation,
-            admitted,
-            trial,
-            retry_after,
-            self.failures,
-            self.successes,
-            change,
-            shared=False,
-            age=now - self.since,
-        )
-
-    def _move(self, state: str, now: float) -> None:
-        self.state = state
-        self.generation = next(self._generations)
-        self.successes = self.trials = 0
-        if state == CLOSED:  # failures are kept until a close, as in Redis
-            self.failures = 0
-        self.since = now
-        if state == OPEN:
-            self.opened_at = now
-
-    def adopt(self, decision: Decision, now: float) -> None:
-        if decision.generation != self.generation:
-            self.trials = 0
-            self.since = now - decision.age
-            if decision.state == OPEN:
-                self.opened_at = self.since
-        self.state = decision.state
-        self.generation = decision.generation
-        self.failures = decision.failures
-        self.successes = decision.successes
-
-    def admit(self, limits: Limits, now: float) -> Decision:
-        change = None
-        if self.state == OPEN:
-            if now < self.opened_at + limits.reset_timeout:
-                return self._decision(now, limits.reset_timeout)
-            self._move(HALF_OPEN, now)
-            change = "timeout_elapsed"
-        if self.state == HALF_OPEN:
-            if self.trials >= limits.half_open_max_calls:
-                return self._decision(now, limits.reset_timeout, change=change)
-            self.trials += 1
-            return self._decision(
-                now, limits.reset_timeout, admitted=True, trial=True, change=change
-            )
-        return self._decision(now, limits.reset_timeout, admitted=True)
-
-    def record(self, ticket: Decision, outcome: str, limits: Limits | None, now: float) -> Decision:
-        """Apply an outcome; ``limits`` None: count only, the caller decides transitions."""
-        if ticket.generation != self.generation:
-            return self._decision(now, 0.0 if limits is None else limits.reset_timeout)
-        if ticket.trial and not ticket.shared:
-            self.trials = max(0, self.trials - 1)
-        change = None
-        if outcome == FAILURE:
-            if self.state == CLOSED:
-                self.failures += 1
-                if limits is not None and self.failures >= limits.fail_max:
-                    self._move(OPEN, now)
-                    change = "fail_max"
-            elif self.state == HALF_OPEN:
-                self.failures += 1
-                if limits is not None:
-                    self._move(OPEN, now)
-                    change = "trial_failed"
-        elif outcome == SUCCESS:
-            if self.state == CLOSED:
-                self.failures = 0
-            elif self.state == HALF_OPEN:
-                self.successes += 1
-                if limits is not None and self.successes >= limits.success_threshold:
-                    self._move(CLOSED, now)
-                    change = "success_threshold"
-        reset_timeout = 0.0 if limits is None else limits.reset_timeout
-        return self._decision(now, reset_timeout, change=change)
-
-    def force(self, state: str, now: float, *, always: bool) -> Decision:
-        change = None
-        if always or state != self.state:
-            self._move(state, now)
-            change = "manual"
-        return self._decision(now, 0.0, change=change)
-
-    def observe(self, now: float) -> Decision:
-        return self._decision(now, 0.0)
-
-
-# --- the connections ----------------------------------------------------------------------------
-
-
-def _bulk(value: bytes) -> bytes:
-    return b"$%d\r\n%s\r\n" % (len(value), value)
-
-
-def _command(*parts: bytes) -> bytes:
-    return b"*%d\r\n" % len(parts) + b"".join(_bulk(part) for part in parts)
-
-
-_LOAD: Final = _command(b"SCRIPT", b"LOAD", _SCRIPT_BYTES)
-_EMPTY: Final = _bulk(b"")
-
-
-def _is_noscript(exc: BaseException) -> bool:
-    return type(exc).__name__ == "NoScriptError"
-
-
-class _SyncLink:
-    """Requests on redis-py's synchronous connections, pooled LIFO; no client-side retries.
-
-    It talks to redis-py's ``Connection`` directly with requests packed once, which costs about
-    a third of ``Redis.evalsha``'s Python overhead per call.
-    """
-
-    def __init__(self, make: Callable[[], Any]) -> None:
-        self._make = make
-        self._idle: deque[tuple[int, Any]] = deque()
-        self._incarnation = 0
-
-    def call(self, request: bytes) -> Any:
-        incarnation = self._incarnation
-        try:
-            born, conn = self._idle.pop()
-        except IndexError:
-            born, conn = incarnation, self._make()
-        try:
-            conn.send_packed_command((request,), check_health=False)
-            try:
-                reply = conn.read_response()
-            except Exception as exc:
-                if not _is_noscript(exc):
-                    raise
-                # Redis restarted or flushed its scripts: load ours and ask again.
-                conn.send_packed_command((_LOAD, request), check_health=False)
-                conn.read_response()
-                reply = conn.read_response()
-        except BaseException:
-            conn.disconnect()
-            raise
-        if born == self._incarnation:
-            self._idle.append((born, conn))
-        else:
-            conn.disconnect()
-        return reply
-
-    def reset(self) -> None:
-        """Drop every pooled connection (after a failure they are probably broken)."""
-        self._incarnation += 1
-        idle = self._idle
-        while idle:
-            try:
-                _, conn = idle.pop()
-            except IndexError:
-                break
-            conn.disconnect()
-
-    def forget(self) -> None:
-        """After fork: the pooled sockets belong to the parent; leave them alone."""
-        self._incarnation += 1
-        self._idle = deque()
-
-
-class _AsyncLink:
-    """The same on redis-py's asyncio connections, one pool per event loop.
-
-    A connection is opened (handshake included) under its ``socket_timeout``; after that each
-    reply is awaited with an explicit read timeout instead, because redis-py wraps every send
-    of a connection with a ``socket_timeout`` in ``asyncio.wait_for``, a task per request. A
-    request of a few hundred bytes never waits for the socket to drain, so the send needs none.
-
-    A loop's connections are closed when the loop shuts down: each pool comes with an async
-    generator started on its loop, which ``loop.shutdown_asyncgens()`` closes (``asyncio.run``
-    and ``asyncio.Runner`` call it before closing the loop), and closing it closes the pool. A
-    connection cannot be closed once its loop is closed, so a loop closed without that step
-    keeps its pool until the storage is garbage-collected (and redis-py warns about it then).
-    """
-
-    def __init__(self, make: Callable[[], Any], timeout: float) -> None:
-        self._make = make
-        self._timeout = timeout
-        self._pools: dict[asyncio.AbstractEventLoop, deque[tuple[int, Any]]] = {}
-        # Strong references: a loop holds its async generators only weakly.
-        self._closers: dict[asyncio.AbstractEventLoop, AsyncGenerator[None, None]] = {}
-        self._inherited: list[AsyncGenerator[None, None]] = []
-        self._incarnation = 0
-
-    async def _open(self, loop: asyncio.AbstractEventLoop) -> deque[tuple[int, Any]]:
-        """The pool of ``loop`` (the running one), closed when the loop shuts down."""
-        idle: deque[tuple[int, Any]] = deque()
-        closer = self._close_at_shutdown(loop, idle)
-        await closer.asend(None)  # runs to its yield, registered with the loop's shutdown
-        self._pools[loop] = idle
-        self._closers[loop] = closer
-        return idle
-
-    async def _close_at_shutdown(
-        self, loop: asyncio.AbstractEventLoop, idle: deque[tuple[int, Any]]
-    ) -> AsyncGenerator[None, None]:
-        try:
-            yield
-        finally:
-            if self._pools.get(loop) is idle:
-                del self._pools[loop]
-                self._closers.pop(loop, None)
-            while idle:
-                _, conn = idle.pop()
-                await conn.disconnect()
-
-    async def call(self, request: bytes) -> Any:
-        loop = asyncio.get_running_loop()
-        idle = self._pools.get(loop)
-        if idle is None:
-            idle = await self._open(loop)
-        try:
-            born, conn = idle.pop()
-        except IndexError:
-            born, conn = self._incarnation, self._make()
-        try:
-            if not conn.is_connected:
-                await conn.connect()
-                conn.socket_timeout = None
-            await conn.send_packed_command((request,), check_health=False)
-            try:
-                reply = await self._reply(conn)
-            except Exception as exc:
-                if not _is_noscript(exc):
-                    raise
-                await conn.send_packed_command((_LOAD, request), check_health=False)
-                await self._reply(conn)
-                reply = await self._reply(conn)
-        except BaseException:
-            await conn.disconnect(nowait=True)
-            raise
-        if born == self._incarnation:
-            idle.append((born, conn))
-        else:
-            await conn.disconnect(nowait=True)
-        return reply
-
-    async def _reply(self, conn: Any) -> Any:
-        reply = await conn.read_response(timeout=self._timeout)
-        if reply is None:  # redis-py's answer to an explicit read timeout
-            raise TimeoutError(f"no reply from Redis within {self._timeout}s")
-        return reply
-
-    def reset(self) -> None:
-        # Connections of other loops can only be closed from their loop: they are dropped when
-        # next taken there, by the incarnation check.
-        self._incarnation += 1
-
-    async def close(self) -> None:
-        """Close the pool of the running loop (a new one opens on its next request)."""
-        closer = self._closers.get(asyncio.get_running_loop())
-        if closer is not None:
-            await closer.aclose()
-
-    def forget(self) -> None:
-        self._incarnation += 1
-        self._pools = {}
-        # The parent's loops and sockets: never finalize their closers here (that would
-        # schedule them on the parent's loop objects).
-        self._inherited.extend(self._closers.values())
-        self._closers = {}
-
-
-# --- the storage --------------------------------------------------------------------------------
+T = TypeVar("T")
 
 _NOT_DOWN: Final = -math.inf
-
-
-class CorruptStateError(Exception):
-    """The circuit's keys in Redis held what this version cannot read; the script reset them.
-
-    Its name is the ``error_type`` of the ``StateStoreError`` event reporting it.
-    """
 
 
 _MAX_ORPHANS: Final = 32
@@ -433,12 +64,71 @@ _MAX_ORPHANS: Final = 32
 _Carry = tuple[tuple[int, int] | None, tuple[bytes, ...]]
 
 
+def _same(decision: T) -> T:
+    return decision
+
+
+class _Ask(AskStore):
+    """One request of a storage; ``then`` makes of its decision what the caller needs.
+
+    Without a reply (Redis unreachable, or the circuit there unreadable) the decision is
+    ``local()``'s, and the storage is marked down as its health policy says.
+    """
+
+    __slots__ = ("asked", "carry", "limits", "local", "operation", "storage", "then")
+
+    def __init__(  # noqa: PLR0917 - positional: one is made on every shared call
+        self,
+        storage: SharedStateStorage,
+        operation: str,
+        request: bytes,
+        carry: _Carry,
+        limits: Limits | None,
+        local: Callable[[], Decision],
+        then: Callable[[Decision], Any],
+    ) -> None:
+        # AskStore's fields, set here: this runs on every shared call.
+        self.request = request
+        self.transport = storage._transport
+        self.storage = storage
+        self.operation = operation
+        self.carry = carry  # what must ride on the next request if this one gets no reply
+        self.limits = limits
+        self.local = local
+        self.then = then
+        self.asked = next(storage._requests)  # numbered as it is sent: the driver sends it now
+
+    def resume(self, reply: Any) -> Any:
+        storage = self.storage
+        try:
+            decision = storage._accept(reply, self.limits, self.asked)
+        except CorruptStateError as exc:
+            storage._corrupt(self.operation, exc, self.carry)
+            decision = self.local()
+        except Exception as exc:  # noqa: BLE001 - a reply it cannot read is a fault like any other
+            storage._failed(self.operation, exc, self.carry)
+            decision = self.local()
+        else:
+            if storage._down_until != _NOT_DOWN or storage._probing:
+                storage._recovered()
+        return self.then(decision)
+
+    def failed(self, exc: Exception) -> Any:
+        self.storage._failed(self.operation, exc, self.carry)
+        return self.then(self.local())
+
+    def abandon(self) -> None:
+        # Cancelled: nothing is known about Redis; the next caller may probe.
+        self.storage._abandoned(self.carry)
+
+
 class SharedStateStorage(pybreaker.CircuitBreakerStorage):
     """A service's circuit state in Redis, shared by every process, with a local fallback.
 
-    Build it with :func:`make_storage`. The decision API (``admit``, ``record``, ``force`` and
-    their ``a``-prefixed asyncio twins) is what buttress's breaker uses; pybreaker's storage
-    interface works on top of the same script for any ``pybreaker.CircuitBreaker``.
+    Build it with :func:`make_storage`. The decision API (``admission``, ``recording``,
+    ``setting``, ``observation``: each a decision, or an ``AskStore`` effect that ends in one) is
+    what buttress's breaker uses, through the drivers; pybreaker's storage interface works on top
+    of the same script for any ``pybreaker.CircuitBreaker``.
 
     Attributes:
         service: the service whose circuit this is (key namespace and event label).
@@ -472,10 +162,11 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
             b"%s:{%s}:circuit" % (KEY_PREFIX.encode(), tag),
             b"%s:{%s}:trials" % (KEY_PREFIX.encode(), tag),
         )
-        self._link = _SyncLink(make_sync)
-        self._alink = _AsyncLink(make_async, socket_timeout)
+        self._transport = RedisTransport(make_sync, make_async, socket_timeout)
         self._lock = threading.Lock()
-        self._local = _Local(_clock.monotonic())
+        # The circuit as this process alone sees it: it mirrors every shared decision, so an
+        # outage starts from the last state seen in Redis; negative generations. Guarded by _lock.
+        self._local = Machine(_clock.monotonic(), itertools.count(-1, -1))
         self._mirrored: tuple[int, int, int, str] | None = None
         # Replies to concurrent requests arrive in any order; the local copy (what health reads)
         # must never go back to an older one. Requests are numbered as they are sent; the reply
@@ -517,62 +208,73 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         return self._down_until == _NOT_DOWN
 
     # --- the decision API ------------------------------------------------------------------------
+    # Each operation returns what ``then`` makes of its decision: at once when it is decided here
+    # (Redis is down, or nothing needs sending), else an AskStore effect whose reply leads there.
+    # The drivers perform the effect for threads and for tasks alike; the plain methods below
+    # (admit, record, ...) perform it for a thread.
 
-    def admit(self, limits: Limits) -> Decision:
+    def admission(self, limits: Limits, then: Callable[[Decision], Any] = _same) -> Any:
         """Decide whether a call may run (one request to Redis, or local while it is down)."""
         if self._may_try():
             request, carry = self._admit_request(limits)
-            decision = self._send("admit", request, carry, limits)
-            if decision is not None:
-                return decision
-        with self._lock:
-            return self._local.admit(limits, _clock.monotonic())
+            local = functools.partial(self._admit_locally, limits)
+            return _Ask(self, "admit", request, carry, limits, local, then)
+        return then(self._admit_locally(limits))
 
-    async def aadmit(self, limits: Limits) -> Decision:
-        """``admit`` for asyncio callers: awaits Redis, never blocks the event loop."""
-        if self._may_try():
-            request, carry = self._admit_request(limits)
-            decision = await self._asend("admit", request, carry, limits)
-            if decision is not None:
-                return decision
-        with self._lock:
-            return self._local.admit(limits, _clock.monotonic())
-
-    def record(self, ticket: Decision, outcome: str, limits: Limits | None) -> Decision | None:
+    def recording(
+        self,
+        ticket: Decision,
+        outcome: str,
+        limits: Limits | None,
+        then: Callable[[Decision | None], Any] = _same,
+    ) -> Any:
         """Record the ``outcome`` (success, failure, ignored) of a call admitted with ``ticket``.
 
         ``limits`` None counts without tripping or closing (for a breaker that decides
-        transitions itself, like pybreaker).
-
-        Returns:
-            the state after, or None when nothing needed sending (a closed-state success or an
-            ignored outcome of a call that was not a trial).
+        transitions itself, like pybreaker). ``then`` gets the state after, or None when nothing
+        needed sending (a closed-state success or an ignored outcome of a call that was not a
+        trial).
         """
         if ticket.shared:
             if not self._worth_sending(ticket, outcome):
-                return None
+                return then(None)
             if self._may_try():
                 request, carry = self._record_request(ticket, outcome, limits)
-                decision = self._send("record", request, carry, limits)
-                if decision is not None:
-                    return decision
-        with self._lock:
-            return self._local.record(ticket, outcome, limits, _clock.monotonic())
+                local = functools.partial(self._record_locked, ticket, outcome, limits)
+                return _Ask(self, "record", request, carry, limits, local, then)
+        return then(self._record_locked(ticket, outcome, limits))
 
-    async def arecord(
-        self, ticket: Decision, outcome: str, limits: Limits | None
-    ) -> Decision | None:
-        """``record`` for asyncio callers."""
-        if ticket.shared:
-            if not self._worth_sending(ticket, outcome):
-                return None
-            if self._may_try():
-                request, carry = self._record_request(ticket, outcome, limits)
-                decision = await self._asend("record", request, carry, limits)
-                if decision is not None:
-                    return decision
-        with self._lock:
-            return self._local.record(ticket, outcome, limits, _clock.monotonic())
+    def setting(
+        self,
+        state: str,
+        limits: Limits | None,
+        *,
+        expected: int | None,
+        always: bool,
+        then: Callable[[Decision], Any] = _same,
+    ) -> Any:
+        """Move to ``state`` if the circuit is still in generation ``expected`` (None: any);
+        ``always``: even when it is in that state already (a new generation)."""
+        if self._may_try():
+            request, carry = self._set_request(state, limits, expected=expected, always=always)
+            local = functools.partial(self._force_locally, state, expected, always)
+            return _Ask(self, "set_state", request, carry, limits, local, then)
+        return then(self._force_locally(state, expected, always))
+
+    def observation(self, then: Callable[[Decision], Any] = _same) -> Any:
+        """The current state, read from Redis (or local while it is down); changes nothing."""
+        if self._may_try():
+            request, carry = self._observe_request()
+            return _Ask(self, "read", request, carry, None, self.last_known, then)
+        return then(self.last_known())
+
+    def admit(self, limits: Limits) -> Decision:
+        """:meth:`admission`, performed for a thread."""
+        return cast("Decision", DRIVERS.settle(self.admission(limits)))
+
+    def record(self, ticket: Decision, outcome: str, limits: Limits | None) -> Decision | None:
+        """:meth:`recording`, performed for a thread."""
+        return cast("Decision | None", DRIVERS.settle(self.recording(ticket, outcome, limits)))
 
     def transition(self, state: str, generation: int, limits: Limits | None) -> Decision:
         """Move to ``state`` if the circuit is still in ``generation`` (compare-and-set).
@@ -580,136 +282,84 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         For transitions a breaker decides itself (a failure-rate trip): of several processes
         making the same move from the same state, the first one wins and the others see it.
         """
-        return self._set(state, limits, expected=generation, always=False)
-
-    async def atransition(self, state: str, generation: int, limits: Limits | None) -> Decision:
-        """``transition`` for asyncio callers."""
-        return await self._aset(state, limits, expected=generation, always=False)
+        effect = self.setting(state, limits, expected=generation, always=False)
+        return cast("Decision", DRIVERS.settle(effect))
 
     def force(self, state: str, limits: Limits | None = None) -> Decision:
         """Put the fleet's circuit in ``state`` (closed, open, half_open) with fresh counters.
 
         For manual control: it always starts a new generation, even in the same state.
         """
-        return self._set(state, limits, expected=None, always=True)
-
-    async def aforce(self, state: str, limits: Limits | None = None) -> Decision:
-        """``force`` for asyncio callers."""
-        return await self._aset(state, limits, expected=None, always=True)
+        effect = self.setting(state, limits, expected=None, always=True)
+        return cast("Decision", DRIVERS.settle(effect))
 
     def observe(self) -> Decision:
-        """The current state, read from Redis (or local while it is down); changes nothing."""
-        if self._may_try():
-            request, carry = self._observe_request()
-            decision = self._send("read", request, carry, None)
-            if decision is not None:
-                return decision
-        return self.last_known()
+        """:meth:`observation`, performed for a thread."""
+        return cast("Decision", DRIVERS.settle(self.observation()))
 
     def last_known(self) -> Decision:
         """The state as this process last saw it (no request): for health checks."""
         with self._lock:
-            return self._local.observe(_clock.monotonic())
+            return self._local.decision(_clock.monotonic(), 0.0)
+
+    @property
+    def transport(self) -> RedisTransport:
+        """The connections the requests go through."""
+        return self._transport
 
     def close(self) -> None:
         """Close the pooled synchronous connections."""
-        self._link.reset()
+        self._transport.close()
 
-    async def aclose(self) -> None:
-        """Close the pooled connections of the running event loop."""
-        await self._alink.close()
+    def aclose(self) -> Awaitable[None]:
+        """Close the pooled connections of the running event loop (await it there)."""
+        return self._transport.aclose()
 
-    # --- sending -------------------------------------------------------------------------------
+    # --- the local copy --------------------------------------------------------------------------
 
-    def _send(self, operation: str, request: bytes, carry: _Carry, limits: Any) -> Decision | None:
-        """One request to Redis; None (and the store marked down) if it failed.
+    def _admit_locally(self, limits: Limits) -> Decision:
+        with self._lock:
+            return self._local.admit(limits, _clock.monotonic())
 
-        ``carry`` is what the request carries that must be sent again if it gets no reply.
+    def _record_locked(self, ticket: Decision, outcome: str, limits: Limits | None) -> Decision:
+        with self._lock:
+            return self._record_locally(ticket, outcome, limits)
+
+    def _record_locally(self, ticket: Decision, outcome: str, limits: Limits | None) -> Decision:
+        """Record an outcome in the local copy, as the script records it; holds the lock.
+
+        A success clears only the failures recorded before its call was admitted (its ``seq``).
         """
-        asked = next(self._requests)
-        try:
-            decision = self._accept(self._link.call(request), limits, asked)
-        except CorruptStateError as exc:
-            self._corrupt(operation, exc, carry)
-            return None
-        except Exception as exc:  # noqa: BLE001 - any Redis fault means: go on locally
-            self._failed(operation, exc, carry)
-            return None
-        except BaseException:
-            self._abandoned(carry)
-            raise
-        self._recovered()
-        return decision
+        return self._local.record(
+            ticket.generation,
+            ticket.trial and not ticket.shared,  # a shared trial's slot is Redis's lease
+            outcome,
+            limits,
+            _clock.monotonic(),
+            upto=ticket.seq,
+        )
 
-    async def _asend(
-        self, operation: str, request: bytes, carry: _Carry, limits: Any
-    ) -> Decision | None:
-        asked = next(self._requests)
-        try:
-            decision = self._accept(await self._alink.call(request), limits, asked)
-        except CorruptStateError as exc:
-            self._corrupt(operation, exc, carry)
-            return None
-        except Exception as exc:  # noqa: BLE001 - any Redis fault means: go on locally
-            self._failed(operation, exc, carry)
-            return None
-        except BaseException:  # cancelled: the next caller may probe
-            self._abandoned(carry)
-            raise
-        self._recovered()
-        return decision
-
-    def _set(
-        self, state: str, limits: Limits | None, *, expected: int | None, always: bool
-    ) -> Decision:
-        if self._may_try():
-            request, carry = self._set_request(state, limits, expected=expected, always=always)
-            decision = self._send("set_state", request, carry, limits)
-            if decision is not None:
-                return decision
+    def _force_locally(self, state: str, expected: int | None, always: bool) -> Decision:
         with self._lock:
-            return self._local.force(state, _clock.monotonic(), always=always)
-
-    async def _aset(
-        self, state: str, limits: Limits | None, *, expected: int | None, always: bool
-    ) -> Decision:
-        if self._may_try():
-            request, carry = self._set_request(state, limits, expected=expected, always=always)
-            decision = await self._asend("set_state", request, carry, limits)
-            if decision is not None:
-                return decision
-        with self._lock:
-            return self._local.force(state, _clock.monotonic(), always=always)
+            return self._local.force(state, _clock.monotonic(), always=always, expected=expected)
 
     # --- requests and replies --------------------------------------------------------------------
 
     def _prefix(self, op: bytes, limits: Limits | None) -> bytes:
         """The constant head of a request: command, keys and the limits-derived arguments."""
         key = (op, limits)
-        prefix = self._prefixes.get(key)
-        if prefix is None:
+        head = self._prefixes.get(key)
+        if head is None:
             if limits is None:
-                ttl = self.idle_ttl
-                numbers = (b"0", b"0", b"0", b"", b"")
+                ttl, lease = self.idle_ttl, 0.0
             else:
                 lease = self._lease_seconds(limits)
                 ttl = max(self.idle_ttl, 2 * limits.reset_timeout + lease)
-                numbers = (
-                    b"%d" % math.ceil(limits.reset_timeout * 1000),
-                    b"%d" % limits.half_open_max_calls,
-                    b"%d" % math.ceil(lease * 1000),
-                    b"%d" % limits.fail_max,
-                    b"%d" % limits.success_threshold,
-                )
-            head = (b"EVALSHA", _SHA, b"2", *self._keys, op, b"%d" % math.ceil(ttl * 1000))
-            # seven per-request arguments follow (ARGV 8-14)
-            prefix = b"*%d\r\n" % (len(head) + len(numbers) + 7) + b"".join(
-                _bulk(part) for part in (*head, *numbers)
-            )
+            head = protocol.prefix(self._keys, op, ttl, limits, lease)
             if len(self._prefixes) > 64:  # limits change rarely; never grow without bound
                 self._prefixes.clear()
-            self._prefixes[key] = prefix
-        return prefix
+            self._prefixes[key] = head
+        return head
 
     def _lease_seconds(self, limits: Limits) -> float:
         if self.trial_lease is not None:
@@ -723,12 +373,6 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
             cleared, self._cleared = self._cleared, None
         return cleared
 
-    @staticmethod
-    def _cleared_args(cleared: tuple[int, int] | None) -> bytes:
-        if cleared is None:
-            return _EMPTY * 2
-        return _bulk(b"%d" % cleared[0]) + _bulk(b"%d" % cleared[1])
-
     def _take_orphans(self) -> tuple[bytes, ...]:
         if not self._orphans:
             return ()
@@ -736,21 +380,11 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
             orphans, self._orphans = tuple(self._orphans), []
         return orphans
 
-    @staticmethod
-    def _orphans_arg(orphans: tuple[bytes, ...]) -> bytes:
-        return _bulk(b" ".join(orphans)) if orphans else _EMPTY
-
     def _admit_request(self, limits: Limits) -> tuple[bytes, _Carry]:
         cleared = self._take_cleared()
         orphans = self._take_orphans()
         lease = f"{self._lease_prefix}:{next(self._lease_ids)}".encode()
-        request = (
-            self._prefix(b"admit", limits)
-            + self._cleared_args(cleared)
-            + _bulk(lease)
-            + _EMPTY * 3
-            + self._orphans_arg(orphans)
-        )
+        request = protocol.admit_request(self._prefix(b"admit", limits), cleared, lease, orphans)
         # With no reply, Redis may have granted this lease: it joins the orphans.
         return request, (cleared, (*orphans, lease))
 
@@ -761,7 +395,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         if outcome == SUCCESS and ticket.failures:
             self._note_cleared(ticket.generation, ticket.seq)
             with self._lock:  # and in the local copy, in case Redis is down by now
-                self._local.record(ticket, SUCCESS, None, _clock.monotonic())
+                self._record_locally(ticket, SUCCESS, None)
         return False
 
     def _record_request(
@@ -769,53 +403,24 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
     ) -> tuple[bytes, _Carry]:
         cleared = self._take_cleared()
         orphans = self._take_orphans()
-        lease = ticket.lease.encode()
-        request = (
-            self._prefix(b"record", limits)
-            + self._cleared_args(cleared)
-            + b"".join(
-                _bulk(part)
-                for part in (
-                    lease,
-                    b"%d" % ticket.generation,
-                    outcome.encode(),
-                    b"%d" % ticket.seq,
-                )
-            )
-            + self._orphans_arg(orphans)
-        )
+        head = self._prefix(b"record", limits)
+        request = protocol.record_request(head, cleared, ticket, outcome, orphans)
         # With no reply, the trial's lease may still be held: it joins the orphans.
+        lease = ticket.lease.encode()
         return request, (cleared, (*orphans, lease) if lease else orphans)
 
     def _observe_request(self) -> tuple[bytes, _Carry]:
         cleared = self._take_cleared()
         orphans = self._take_orphans()
-        request = (
-            self._prefix(b"observe", None)
-            + self._cleared_args(cleared)
-            + _EMPTY * 4
-            + self._orphans_arg(orphans)
-        )
+        request = protocol.observe_request(self._prefix(b"observe", None), cleared, orphans)
         return request, (cleared, orphans)
 
     def _set_request(
         self, state: str, limits: Limits | None, *, expected: int | None, always: bool
     ) -> tuple[bytes, _Carry]:
-        if state not in TO_PYBREAKER:
-            raise ValueError(f"unknown circuit state {state!r}: closed, open or half_open")
+        head = self._prefix(b"set", limits)
         orphans = self._take_orphans()
-        request = self._prefix(b"set", limits) + b"".join(
-            _bulk(part)
-            for part in (
-                b"",  # no success to apply
-                b"",
-                b"",  # no lease
-                b"" if expected is None else b"%d" % expected,
-                state.encode(),
-                b"force" if always else b"",
-                b" ".join(orphans),
-            )
-        )
+        request = protocol.set_request(head, state, expected, always=always, orphans=orphans)
         return request, (None, orphans)
 
     def _note_cleared(self, generation: int, seq: int) -> None:
@@ -826,36 +431,9 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
 
     def _accept(self, reply: Any, limits: Limits | None, asked: int) -> Decision:
         """Turn the script's reply (to request number ``asked``) into a decision; mirror it."""
-        fields = reply.split(b" ")
-        state = fields[0].decode()
-        gen, seq, base, succ, since, now, admitted, trial = map(int, fields[1:9])
-        change_b, lease_b = fields[9], fields[10]
-        if change_b == b"corrupt":
-            raise CorruptStateError(f"the circuit of {self.service!r} in Redis was unreadable")
-        if state == OPEN and limits is not None:
-            retry_after: float | None = max(
-                0.0, (since + math.ceil(limits.reset_timeout * 1000) - now) / 1000
-            )
-        else:
-            retry_after = None
-        change = change_b.decode()
-        decision = Decision(
-            state,
-            gen,
-            bool(admitted),
-            bool(trial),
-            retry_after,
-            seq - base,
-            succ,
-            None if change in {"", "stale"} else change,
-            shared=True,
-            age=max(0, now - since) / 1000 if since else 0.0,
-            seq=seq,
-            lease=lease_b.decode(),
-        )
-        mirrored = (gen, seq - base, succ, state)
+        decision, order = protocol.parse(reply, limits)
+        mirrored = (decision.generation, decision.failures, decision.successes, decision.state)
         if mirrored != self._mirrored:
-            order = (now, gen, seq, base, succ)
             with self._lock:
                 # A request sent after the last adoption saw a later Redis (whatever its clock
                 # or a lost key say); one sent before it is adopted only if Redis ran it later.
@@ -863,7 +441,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
                     self._mirrored = mirrored
                     self._adopted_order = order
                     self._adopted_mark = next(self._requests)
-                    self._local.adopt(decision, _clock.monotonic())
+                    self._local.mirror(decision, _clock.monotonic())
         return decision
 
     # --- Redis health ----------------------------------------------------------------------------
@@ -896,8 +474,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
             self._down_until = _clock.monotonic() + delay
             self._probing = False
             self._keep(carry)
-        self._link.reset()
-        self._alink.reset()
+        self._transport.reset()
         handlers = events.ROUTES.get(events.StateStoreError)
         if handlers:
             events.dispatch(
@@ -935,8 +512,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
             del self._orphans[:-_MAX_ORPHANS]
 
     def _after_fork(self) -> None:
-        self._link.forget()
-        self._alink.forget()
+        self._transport.forget()
         self._lease_prefix = os.urandom(6).hex()
         self._lock = threading.Lock()
         self._probing = False
@@ -952,7 +528,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         if seen is not None:
             return seen[0]
         with self._lock:
-            return self._local.observe(_clock.monotonic())
+            return self._local.decision(_clock.monotonic(), 0.0)
 
     @property
     def state(self) -> str:
@@ -969,7 +545,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
             raise ValueError(f"unknown pybreaker state {state!r}")
         seen = self._seen.get(None)
         expected = seen[0].generation if seen is not None and seen[0].shared else None
-        self._remember(self._set(target, None, expected=expected, always=False))
+        effect = self.setting(target, None, expected=expected, always=False)
+        self._remember(DRIVERS.settle(effect))
 
     def increment_counter(self) -> None:
         """pybreaker: one more failure in the state this thread or task last read."""
@@ -996,7 +573,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
                 self._note_cleared(decision.generation, decision.seq)
             else:
                 with self._lock:
-                    self._local.record(decision, SUCCESS, None, _clock.monotonic())
+                    self._record_locally(decision, SUCCESS, None)
             self._seen.set((decision._replace(failures=0), read_at))
 
     def increment_success_counter(self) -> None:
@@ -1121,7 +698,7 @@ def make_storage(
             f"{type(exc).__name__}",
             errors=((f"services.{service}.circuit_breaker.state_url", "state_url", "invalid URL"),),
         ) from None
-    # The pools only parsed the URL; the storage keeps its own connections (see _SyncLink).
+    # The pools only parsed the URL; the storage keeps its own connections (see _transport).
     make_sync = _connector(sync_pool.connection_class, sync_pool.connection_kwargs)
     make_async = _connector(async_pool.connection_class, async_pool.connection_kwargs)
     return SharedStateStorage(
