@@ -120,7 +120,11 @@ def _switch(name: str, target: Any, build: Callable[[Any], Any]) -> None:
     if target is None:
         return
     subscriber = build(target)
-    undos = [events.subscribe(handler, [kind]) for kind, handler in subscriber.handlers().items()]
+    binders = subscriber.binders() if hasattr(subscriber, "binders") else {}
+    undos = [
+        events.subscribe(handler, [kind], binder=binders.get(kind))
+        for kind, handler in subscriber.handlers().items()
+    ]
 
     def undo() -> None:
         for each in undos:

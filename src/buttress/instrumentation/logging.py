@@ -123,6 +123,23 @@ class LoggingSubscriber:
         """The handler for each event kind this subscriber consumes."""
         return {kind: self._handler(name, level) for kind, (name, level) in EVENT_NAMES.items()}
 
+    def binders(self) -> dict[type[Any], events.Binder]:
+        """The fast path of the per-call kinds: the level is checked before an event is built."""
+        return {CallFinished: self._bind_call_finished}
+
+    def _bind_call_finished(self, service: str) -> Callable[[str, float, str | None], None]:
+        log = self.logger.log
+        enabled = self.logger.isEnabledFor
+        name = EVENT_NAMES[CallFinished][0]
+
+        def record_call(outcome: str, duration: float, error_type: str | None) -> None:
+            level = DEBUG if outcome == "success" else INFO
+            if enabled(level):
+                event = CallFinished(service, outcome, duration, error_type)
+                log(level, name, extra=_fields(name, event))
+
+        return record_call
+
     def _handler(self, name: str, level: int | Callable[[Any], int]) -> events.Handler:
         log = self.logger.log
         enabled = self.logger.isEnabledFor

@@ -8,10 +8,12 @@ finds a ready, bound ``inc``/``observe``/``set`` by a dict lookup: never ``.labe
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from bisect import bisect_left
 from collections.abc import Callable
+from threading import get_ident
 from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -30,7 +32,7 @@ __all__ = [
     "multiprocess_mode",
 ]
 
-Inc = Callable[[], None]
+Inc = Callable[[], object]
 Observe = Callable[[float], None]
 
 
@@ -86,62 +88,78 @@ def children(metric: Any, method: str | None) -> Lazy[Any, Any]:
     return Lazy(bind)
 
 
-class CounterSeries:
-    """One series of a counter, kept in this process (a single process's fast path)."""
+# Reads of the series (scrapes) are serialised; writes (calls) never wait for anything.
+_read_lock = threading.Lock()
 
-    __slots__ = ("_lock", "value")
+
+class CounterSeries:
+    """One series of a counter, kept in this process (a single process's fast path).
+
+    Lock-free: ``inc`` is an ``itertools.count``'s ``__next__``, one C call that the interpreter
+    runs whole, so threads never queue on a lock here (a lock per series made the cost per call
+    grow with the number of threads). A read advances the count too; ``_reads`` takes those out.
+    """
+
+    __slots__ = ("_count", "_reads", "inc")
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.value = 0.0
-
-    def inc(self, amount: float = 1.0) -> None:
-        # acquire/try/finally rather than ``with``: the same guarantee, about 200 ns cheaper.
-        lock = self._lock
-        lock.acquire()
-        try:
-            self.value += amount
-        finally:
-            lock.release()
+        self._count = itertools.count()
+        self._reads = 0
+        self.inc: Callable[[], object] = self._count.__next__
 
     def read(self) -> float:
-        with self._lock:
-            return self.value
+        with _read_lock:
+            value = next(self._count) - self._reads
+            self._reads += 1
+        return float(value)
 
 
 class HistogramSeries:
-    """One series of a histogram, kept in this process: per-bucket counts and the sum."""
+    """One series of a histogram, kept in this process: per-bucket counts and the sum.
 
-    __slots__ = ("_bounds", "_lock", "buckets", "sum")
+    Per-thread accumulation: each thread writes only its own cell (bucket counts, then the sum),
+    found by its thread id, so no two threads ever write the same value and no lock is taken on
+    the hot path. A read adds the cells up.
+    """
+
+    __slots__ = ("_bounds", "_cells")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self._bounds = bounds
-        self._lock = threading.Lock()
-        self.buckets = [0] * (len(bounds) + 1)  # not cumulative; the last is +Inf
-        self.sum = 0.0
+        self._cells: dict[int, list[float]] = {}
 
     def observe(self, amount: float) -> None:
-        index = bisect_left(self._bounds, amount)  # the first bound >= amount: Prometheus's le
-        lock = self._lock
-        lock.acquire()
-        try:
-            self.buckets[index] += 1
-            self.sum += amount
-        finally:
-            lock.release()
+        cell = self._cells.get(get_ident())
+        if cell is None:
+            cell = self._cell()
+        cell[bisect_left(self._bounds, amount)] += 1  # the first bound >= amount: Prometheus's le
+        cell[-1] += amount
+
+    def _cell(self) -> list[float]:
+        # Not cumulative; the last bucket is +Inf; the sum comes after it.
+        cell: list[float] = [0] * (len(self._bounds) + 1) + [0.0]
+        self._cells[get_ident()] = cell
+        return cell
 
     def read(self) -> tuple[list[int], float]:
-        with self._lock:
-            return list(self.buckets), self.sum
+        cells = list(self._cells.values())  # one C-level copy: safe while threads add cells
+        buckets = [0] * (len(self._bounds) + 1)
+        total = 0.0
+        for cell in cells:
+            for index, count in enumerate(cell[:-1]):
+                buckets[index] += int(count)
+            total += cell[-1]
+        return buckets, total
 
 
 class LocalFamilies:
     """The counters and histograms of a single process, by family and label values.
 
-    ``prometheus_client``'s own metric objects cost about 0.4 us per counter increment and
-    0.9 us per histogram observation; these series cost a third of that, which matters for the
-    few events of every successful call. The collector exposes them at scrape time. In
-    multiprocess mode the values must live in ``prometheus_client``'s files instead.
+    ``prometheus_client``'s own metric objects take a lock per write (about 0.4 us per counter
+    increment and 0.9 us per histogram observation); these series take none and cost a fraction
+    of that, which matters for the few events of every successful call. The collector exposes
+    them at scrape time. In multiprocess mode the values must live in ``prometheus_client``'s
+    files instead.
     """
 
     def __init__(self) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -69,6 +70,9 @@ from buttress.instrumentation.prometheus.series import (
 
 __all__ = ["PrometheusSubscriber"]
 
+# A call's outcome, duration and error type, recorded without building a CallFinished.
+RecordCall = Callable[[str, float, "str | None"], None]
+
 
 class PrometheusSubscriber:
     """Writes buttress's events into the families of :data:`CATALOG`, registered in ``registry``.
@@ -101,6 +105,9 @@ class PrometheusSubscriber:
         self._wake = threading.Event()
         self._watcher: threading.Thread | None = None
         self.metrics: dict[str, Any] = {}
+        # The call series of each service, bound at its first call.
+        self._calls: Lazy[str, dict[str, tuple[Inc, Observe]]] = Lazy(self._bind_calls)
+        self._local_calls: Lazy[str, dict[str, Observe]] = Lazy(self._bind_local_calls)
         if self.multiprocess:
             # An unlabelled gauge shows 0 from the moment it exists in a file, and 0 would read
             # "kill switch off": that one is created when first written.
@@ -146,7 +153,6 @@ class PrometheusSubscriber:
     # -- handlers of the per-call events: a dict lookup and a ready child each ---------------------
     def handlers(self) -> dict[type[Any], events.Handler]:
         """The handler for each event kind this subscriber consumes."""
-        calls: Lazy[str, dict[str, tuple[Inc, Observe]]] = Lazy(self._bind_calls)
         inc, observe = self._inc, self._observe
         successes = inc["buttress_circuit_breaker_successes_total"]
         failures = inc["buttress_circuit_breaker_failures_total"]
@@ -158,15 +164,7 @@ class PrometheusSubscriber:
         rate_wait_seconds = observe["buttress_rate_limit_wait_seconds"]
 
         def on_call_finished(event: CallFinished) -> None:
-            count, time = calls[event.service][event.outcome]
-            count()
-            time(event.duration)
-
-        local_calls: Lazy[str, dict[str, Observe]] = Lazy(self._bind_local_calls)
-
-        def on_call_finished_locally(event: CallFinished) -> None:
-            # buttress_calls_total is the count of this histogram series, read at scrape time.
-            local_calls[event.service][event.outcome](event.duration)
+            self._bind_call_finished(event.service)(event.outcome, event.duration, None)
 
         def on_circuit_call(event: CircuitCallRecorded) -> None:
             outcome = event.outcome
@@ -198,7 +196,7 @@ class PrometheusSubscriber:
             rejections[event.pattern, event.service, event.reason]()
 
         handlers: dict[type[Any], events.Handler] = {
-            CallFinished: on_call_finished if self.multiprocess else on_call_finished_locally,
+            CallFinished: on_call_finished,
             CircuitCallRecorded: on_circuit_call,
             BulkheadAcquired: on_bulkhead_acquired,
             TimedCallFinished: on_timed_call,
@@ -223,6 +221,33 @@ class PrometheusSubscriber:
         if self.multiprocess:
             handlers.update(self._multiprocess_handlers(handlers))
         return handlers
+
+    def binders(self) -> dict[type[Any], events.Binder]:
+        """The fast path of the per-call kinds: series bound once per service (see events)."""
+        return {CallFinished: self._bind_call_finished}
+
+    def _bind_call_finished(self, service: str) -> RecordCall:
+        """What a call of ``service`` records: its outcome and duration, into bound series.
+
+        The series are bound at the service's first call (a dict lookup after that), not when
+        the recorder is made: a subscriber added later must not show services it never saw.
+        """
+        if self.multiprocess:
+            calls = self._calls
+
+            def record_call(outcome: str, duration: float, _error_type: str | None) -> None:
+                count, time = calls[service][outcome]
+                count()
+                time(duration)
+
+            return record_call
+        # buttress_calls_total is the count of this histogram series, read at scrape time.
+        local_calls = self._local_calls
+
+        def record_call_locally(outcome: str, duration: float, _error_type: str | None) -> None:
+            local_calls[service][outcome](duration)
+
+        return record_call_locally
 
     def _bind_calls(self, service: str) -> dict[str, tuple[Inc, Observe]]:
         calls = self.metrics["buttress_calls_total"]
