@@ -363,6 +363,20 @@ def _compose(kind: type[Any], service: str) -> Callable[..., object] | None:
         return None
     if len(parts) == 1:
         return parts[0][1]  # the emit site reports a failure (see failed())
+    if len(parts) == 2:  # the default subscribers on a per-call kind: no loop
+        (first_handler, first), (second_handler, second) = parts
+
+        def both(*fields: Any) -> None:
+            try:
+                first(*fields)
+            except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
+                _report(first_handler)
+            try:
+                second(*fields)
+            except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
+                _report(second_handler)
+
+        return both
 
     def each(*fields: Any) -> None:
         for handler, bound in parts:

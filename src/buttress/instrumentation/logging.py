@@ -16,13 +16,13 @@ decision that changes what callers get (circuit opening, retries running out, ti
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from typing import Any
 
 from opentelemetry import trace
 
 from buttress import events
+from buttress._values import redact_text
 from buttress.events import (
     BulkheadQueued,
     CallFinished,
@@ -93,19 +93,12 @@ EVENT_NAMES: dict[type[Any], tuple[str, int | Callable[[Any], int]]] = {
 # see buttress's warnings on stderr through logging's last-resort handler.
 logging.getLogger("buttress").addHandler(logging.NullHandler())
 
-# user:password@ in a URL (a redis state_url quoted back in a settings error).
-_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/\s@]*@", re.IGNORECASE)
-
-
-def _mask(text: str) -> str:
-    return _CREDENTIALS.sub(r"\g<scheme>***@", text)
-
 
 def _fields(name: str, event: Any) -> dict[str, Any]:
     fields: dict[str, Any] = {"event": name, **event._asdict()}
     error = fields.get("error")
     if isinstance(error, str):
-        fields["error"] = _mask(error)
+        fields["error"] = redact_text(error)  # a state_url quoted back in a settings error
     context = trace.get_current_span().get_span_context()
     if context.is_valid:
         fields["trace_id"] = format(context.trace_id, "032x")

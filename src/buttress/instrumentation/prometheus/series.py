@@ -141,6 +141,29 @@ class HistogramSeries:
         self._cells[get_ident()] = cell
         return cell
 
+    @staticmethod
+    def by_key(
+        series_of: Callable[[str], HistogramSeries],
+    ) -> Callable[[str, float, object], None]:
+        """``observe(key, amount, _)`` on the series ``series_of(key)`` (bound once per key).
+
+        :meth:`observe` inline, one frame per call: this runs once per protected call, as a
+        CallFinished recorder (outcome, duration, error type: the last is not recorded).
+        """
+        bound: dict[str, HistogramSeries] = {}
+
+        def observe(key: str, amount: float, _unrecorded: object = None) -> None:
+            series = bound.get(key)
+            if series is None:
+                series = bound.setdefault(key, series_of(key))
+            cell = series._cells.get(get_ident())
+            if cell is None:
+                cell = series._cell()
+            cell[bisect_left(series._bounds, amount)] += 1
+            cell[-1] += amount
+
+        return observe
+
     def read(self) -> tuple[list[int], float]:
         cells = list(self._cells.values())  # one C-level copy: safe while threads add cells
         buckets = [0] * (len(self._bounds) + 1)

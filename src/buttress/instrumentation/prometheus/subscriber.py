@@ -59,6 +59,7 @@ from buttress.instrumentation.prometheus.catalog import (
 )
 from buttress.instrumentation.prometheus.collector import Collector
 from buttress.instrumentation.prometheus.series import (
+    HistogramSeries,
     Inc,
     Lazy,
     LocalFamilies,
@@ -107,7 +108,9 @@ class PrometheusSubscriber:
         self.metrics: dict[str, Any] = {}
         # The call series of each service, bound at its first call.
         self._calls: Lazy[str, dict[str, tuple[Inc, Observe]]] = Lazy(self._bind_calls)
-        self._local_calls: Lazy[str, dict[str, Observe]] = Lazy(self._bind_local_calls)
+        self._local_calls: Lazy[str, dict[str, HistogramSeries]] = Lazy(self._bind_local_calls)
+        # What a call of each service records (the CallFinished fast path and plain handler).
+        self._call_recorders: Lazy[str, RecordCall] = Lazy(self._bind_call_finished)
         if self.multiprocess:
             # An unlabelled gauge shows 0 from the moment it exists in a file, and 0 would read
             # "kill switch off": that one is created when first written.
@@ -164,7 +167,7 @@ class PrometheusSubscriber:
         rate_wait_seconds = observe["buttress_rate_limit_wait_seconds"]
 
         def on_call_finished(event: CallFinished) -> None:
-            self._bind_call_finished(event.service)(event.outcome, event.duration, None)
+            self._call_recorders[event.service](event.outcome, event.duration, None)
 
         def on_circuit_call(event: CircuitCallRecorded) -> None:
             outcome = event.outcome
@@ -223,8 +226,37 @@ class PrometheusSubscriber:
         return handlers
 
     def binders(self) -> dict[type[Any], events.Binder]:
-        """The fast path of the per-call kinds: series bound once per service (see events)."""
-        return {CallFinished: self._bind_call_finished}
+        """The fast path of the per-call kinds: series bound once per service (see events).
+
+        In multiprocess mode only CallFinished has one: the other per-call events write gauges
+        there, through the plain handlers.
+        """
+        if self.multiprocess:
+            return {CallFinished: self._call_recorders.__getitem__}
+        return {
+            CallFinished: self._call_recorders.__getitem__,
+            BulkheadAcquired: self._bind_bulkhead_acquired,
+            TimedCallFinished: self._bind_timed_call,
+        }
+
+    def _bind_bulkhead_acquired(self, service: str) -> Callable[[float, int, int, int], None]:
+        waits = self._observe["buttress_bulkhead_queue_wait_seconds"]
+
+        def acquired(waited: float, _active: int, _queued: int, _limit: int) -> None:
+            if waited > 0:  # a slot taken at once is shown by the gauges, read at scrape time
+                waits[service](waited)
+
+        return acquired
+
+    def _bind_timed_call(self, service: str) -> Callable[[float, bool], None]:
+        timed = HistogramSeries.by_key(
+            lambda key: self.local.child(FAMILIES["buttress_timeout_elapsed_seconds"], (key,))
+        )
+
+        def timed_call(elapsed: float, _timed_out: bool) -> None:
+            timed(service, elapsed, None)
+
+        return timed_call
 
     def _bind_call_finished(self, service: str) -> RecordCall:
         """What a call of ``service`` records: its outcome and duration, into bound series.
@@ -242,12 +274,13 @@ class PrometheusSubscriber:
 
             return record_call
         # buttress_calls_total is the count of this histogram series, read at scrape time.
+        # Bound at the service's first call (every outcome then), not when the recorder is made.
         local_calls = self._local_calls
 
-        def record_call_locally(outcome: str, duration: float, _error_type: str | None) -> None:
-            local_calls[service][outcome](duration)
+        def series_of(outcome: str) -> HistogramSeries:
+            return local_calls[service][outcome]
 
-        return record_call_locally
+        return HistogramSeries.by_key(series_of)
 
     def _bind_calls(self, service: str) -> dict[str, tuple[Inc, Observe]]:
         calls = self.metrics["buttress_calls_total"]
@@ -262,11 +295,14 @@ class PrometheusSubscriber:
         self._first_call(service)
         return by_outcome
 
-    def _bind_local_calls(self, service: str) -> dict[str, Observe]:
-        durations = self._observe["buttress_call_duration_seconds"]
-        by_outcome: dict[str, Observe] = Lazy(lambda outcome: durations[service, outcome])
+    def _bind_local_calls(self, service: str) -> dict[str, HistogramSeries]:
+        family = FAMILIES["buttress_call_duration_seconds"]
+        local = self.local
+        by_outcome: dict[str, HistogramSeries] = Lazy(
+            lambda outcome: local.child(family, (service, outcome))
+        )
         for outcome in OUTCOMES:
-            by_outcome[outcome] = durations[service, outcome]
+            by_outcome[outcome] = local.child(family, (service, outcome))
         self._first_call(service)
         return by_outcome
 
