@@ -139,3 +139,34 @@ def test_calls_from_many_threads_share_no_lock_in_the_series_and_lose_no_count()
         assert total == threads * calls
     finally:
         instrumentation.configure(prometheus=before.get("prometheus", False))  # type: ignore[arg-type]
+
+
+def test_past_the_cardinality_guard_services_share_one_label_and_lose_no_count():
+    # A scrape is bounded however many services a process names: the first ones keep their
+    # label, the others are counted together under "_other".
+    prometheus = CollectorRegistry()
+    before = instrumentation.installed()
+    instrumentation.configure(prometheus=prometheus, max_services=3)
+    try:
+        for i in range(5):
+
+            @circuit_breaker(name=f"tenant-{i}")
+            @with_bulkhead(limit=4)
+            def call() -> int:
+                return 1
+
+            for _ in range(i + 1):
+                call()
+
+        def calls(service: str) -> float | None:
+            labels = {"service": service, "outcome": "success"}
+            return prometheus.get_sample_value("buttress_calls_total", labels)
+
+        assert [calls(f"tenant-{i}") for i in range(5)] == [1, 2, 3, None, None]
+        assert calls("_other") == 4 + 5
+        limits = {"service": "_other"}
+        assert prometheus.get_sample_value("buttress_bulkhead_limit", limits) == 8
+        flags = {"service": "_other"}
+        assert prometheus.get_sample_value("buttress_flag_service_enabled", flags) is None
+    finally:
+        instrumentation.configure(prometheus=before.get("prometheus", False), max_services=500)  # type: ignore[arg-type]

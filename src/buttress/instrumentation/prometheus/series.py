@@ -21,12 +21,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from buttress.instrumentation.prometheus.catalog import CATALOG, FAMILIES, Family
 
 __all__ = [
+    "DEFAULT_MAX_SERVICES",
+    "OTHER_SERVICE",
     "CounterSeries",
     "HistogramSeries",
     "Inc",
     "Lazy",
     "LocalFamilies",
     "Observe",
+    "ServiceLabels",
     "children",
     "create",
     "multiprocess_mode",
@@ -34,6 +37,62 @@ __all__ = [
 
 Inc = Callable[[], object]
 Observe = Callable[[float], None]
+
+# The cardinality guard: the services that get a ``service`` label of their own, in the order they
+# are first seen; later ones share OTHER_SERVICE. It bounds a scrape (and the process's series)
+# however many services a process names; see docs/metrics.md.
+DEFAULT_MAX_SERVICES = 500
+OTHER_SERVICE = "_other"
+
+
+class ServiceLabels:
+    """The ``service`` label value of each service, fixed the first time the service is seen.
+
+    The first ``limit`` services keep their name; every later one is ``_other`` (``None``: no
+    limit). Looked up when a series is bound (once per service and label set), never per call.
+    """
+
+    __slots__ = ("_labels", "_limit", "_lock", "_named")
+
+    def __init__(self, limit: int | None = DEFAULT_MAX_SERVICES) -> None:
+        self._labels: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._named = 0
+        self._limit: int | None = None
+        self.limit = limit
+
+    @property
+    def limit(self) -> int | None:
+        """How many services keep their name (``None``: all). Raising it names the services seen
+        from then on; those already counted under ``_other`` stay there."""
+        return self._limit
+
+    @limit.setter
+    def limit(self, limit: int | None) -> None:
+        if limit is not None and (isinstance(limit, bool) or limit < 1):
+            raise ValueError(f"max_services must be at least 1 (or None), got {limit!r}")
+        self._limit = limit
+
+    def __call__(self, service: str) -> str:
+        label = self._labels.get(service)
+        if label is not None:
+            return label
+        with self._lock:
+            label = self._labels.get(service)
+            if label is None:
+                if self._limit is None or self._named < self._limit:
+                    label = service
+                    self._named += 1
+                else:
+                    label = OTHER_SERVICE
+                self._labels[service] = label
+            return label
+
+    def labels(self, family: Family, values: tuple[str, ...]) -> tuple[str, ...]:
+        """``values`` of ``family`` with the service replaced by its label (if it has one)."""
+        if family.labels[:1] == ("service",):
+            return (self(values[0]), *values[1:])
+        return values
 
 
 def multiprocess_mode() -> bool:
@@ -78,11 +137,14 @@ class Lazy(dict[K, V], Generic[K, V]):
         return self.setdefault(key, self._factory(key))
 
 
-def children(metric: Any, method: str | None) -> Lazy[Any, Any]:
+def children(
+    metric: Any, method: str | None, family: Family, service_labels: ServiceLabels
+) -> Lazy[Any, Any]:
     """Children of ``metric`` by label values (a tuple, or one string), or their ``method``."""
 
     def bind(labels: Any) -> Any:
-        child = metric.labels(*labels) if isinstance(labels, tuple) else metric.labels(labels)
+        values = service_labels.labels(family, labels if isinstance(labels, tuple) else (labels,))
+        child = metric.labels(*values)
         return child if method is None else getattr(child, method)
 
     return Lazy(bind)
@@ -185,13 +247,15 @@ class LocalFamilies:
     files instead.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, service_labels: ServiceLabels | None = None) -> None:
         self._lock = threading.Lock()
+        self.service_labels = ServiceLabels() if service_labels is None else service_labels
         self.series: dict[str, dict[tuple[str, ...], Any]] = {
             family.name: {} for family in CATALOG if family.kind != "gauge"
         }
 
     def child(self, family: Family, labels: tuple[str, ...]) -> Any:
+        labels = self.service_labels.labels(family, labels)
         with self._lock:
             by_labels = self.series[family.name]
             series = by_labels.get(labels)

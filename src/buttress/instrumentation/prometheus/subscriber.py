@@ -59,11 +59,13 @@ from buttress.instrumentation.prometheus.catalog import (
 )
 from buttress.instrumentation.prometheus.collector import Collector
 from buttress.instrumentation.prometheus.series import (
+    DEFAULT_MAX_SERVICES,
     HistogramSeries,
     Inc,
     Lazy,
     LocalFamilies,
     Observe,
+    ServiceLabels,
     children,
     create,
     multiprocess_mode,
@@ -86,12 +88,21 @@ class PrometheusSubscriber:
         multiprocess: whether values live in files for a multiprocess scrape; by default, whether
             ``PROMETHEUS_MULTIPROC_DIR`` is set. In a single process the gauges are read from the
             live objects at scrape time; in multiprocess mode events write them.
+        max_services: the cardinality guard: how many services get a ``service`` label of their
+            own (in the order they are first seen); later ones are counted under ``_other``, and
+            their flags are not shown. ``None``: no limit.
     """
 
     def __init__(
-        self, registry: CollectorRegistry | None = REGISTRY, *, multiprocess: bool | None = None
+        self,
+        registry: CollectorRegistry | None = REGISTRY,
+        *,
+        multiprocess: bool | None = None,
+        max_services: int | None = DEFAULT_MAX_SERVICES,
     ) -> None:
         self.multiprocess = multiprocess_mode() if multiprocess is None else multiprocess
+        # The cardinality guard: services past max_services share the service label "_other".
+        self.service_labels = ServiceLabels(max_services)
         self._lock = threading.Lock()
         # Services that made a call: their flags are shown even when they have no breaker.
         self.services: set[str] = set()
@@ -121,22 +132,22 @@ class PrometheusSubscriber:
                 if family.name != KILL_SWITCH
             }
             self._inc = {
-                f.name: children(self.metrics[f.name], "inc")
+                f.name: children(self.metrics[f.name], "inc", f, self.service_labels)
                 for f in CATALOG
                 if f.kind == "counter"
             }
             self._observe = {
-                f.name: children(self.metrics[f.name], "observe")
+                f.name: children(self.metrics[f.name], "observe", f, self.service_labels)
                 for f in CATALOG
                 if f.kind == "histogram"
             }
             self._set = {
-                f.name: children(self.metrics[f.name], "set")
+                f.name: children(self.metrics[f.name], "set", f, self.service_labels)
                 for f in GAUGES
                 if f.labels and f.name in self.metrics
             }
         else:
-            self.local = LocalFamilies()
+            self.local = LocalFamilies(self.service_labels)
             self._inc = {
                 f.name: self.local.binder(f.name, "inc") for f in CATALOG if f.kind == "counter"
             }
@@ -146,7 +157,7 @@ class PrometheusSubscriber:
                 if f.kind == "histogram"
             }
             if registry is not None:
-                registry.register(Collector(self.local, self.seen))
+                registry.register(Collector(self.local, self.seen, self.service_labels))
 
     def seen(self) -> tuple[set[str], set[str]]:
         """Copies of :attr:`abandoning` and :attr:`services`, read together (for the collector)."""
@@ -286,8 +297,10 @@ class PrometheusSubscriber:
         calls = self.metrics["buttress_calls_total"]
         durations = self.metrics["buttress_call_duration_seconds"]
 
+        label = self.service_labels(service)
+
         def bind(outcome: str) -> tuple[Inc, Observe]:
-            return calls.labels(service, outcome).inc, durations.labels(service, outcome).observe
+            return calls.labels(label, outcome).inc, durations.labels(label, outcome).observe
 
         by_outcome: dict[str, tuple[Inc, Observe]] = Lazy(bind)
         for outcome in OUTCOMES:
@@ -594,6 +607,8 @@ class PrometheusSubscriber:
         self.metrics["buttress_health_degradation_level"].set(degradation_level(pairs))
 
     def _write_flags(self, service: str) -> None:
+        if self.service_labels(service) != service:
+            return  # past the cardinality guard: "_other" has no flags of its own
         snapshot = config.SNAPSHOT
         view = snapshot.service(service)
         self._set["buttress_flag_service_enabled"][service](view.enabled)
