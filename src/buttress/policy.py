@@ -213,9 +213,6 @@ class _Bound:
         # nothing in the stack is named, its state is private to this call site.
         self.keys: list[tuple[Spec, str, str]] = []
         private = f"{self.service}#{next(_private_keys)}"
-        # Private state lives as long as the decorated function: a function decorated per
-        # request (a closure, a lambda) must not leave a breaker behind for each one.
-        weakref.finalize(self, registry.forget, private)
         self._lock = threading.Lock()
         self._stale = False
         self.compiled = _STALE
@@ -227,6 +224,13 @@ class _Bound:
                 self.keys.append((spec, service, service))
             else:
                 self.keys.append((spec, service, private))
+        if any(
+            key == private and spec.pattern in registry.SHARED_PATTERNS
+            for spec, _, key in self.keys
+        ):
+            # Private state lives as long as the decorated function: a function decorated per
+            # request (a closure, a lambda) must not leave a breaker behind for each one.
+            weakref.finalize(self, registry.forget, private)
 
     def invalidate(self) -> None:
         """Compile again before the next call (a shared instance's code arguments changed)."""

@@ -59,13 +59,12 @@ _lock = threading.RLock()
 # pattern first, so instances(pattern) and a lookup by service never walk other patterns.
 _instances: dict[str, dict[str, Any]] = {}
 _options: dict[tuple[str, str], Any] = {}
-# key -> the patterns that have an instance for it: forget(key) touches only those.
-_patterns_of: dict[str, set[str]] = {}
 # (pattern, key) -> argument name -> (value, the call site that gave it)
 _claims: dict[tuple[str, str], dict[str, tuple[Any, str]]] = {}
-# (pattern, key) -> the compiled stacks that use the shared instance, by id (weakly): a claim that
-# adds an argument makes exactly those rebuild, never a stack of another service.
-_dependents: dict[tuple[str, str], dict[int, weakref.ref[Any]]] = {}
+# (pattern, key) -> the compiled stacks that use the shared instance (weakly): a claim that adds
+# an argument makes exactly those rebuild, never a stack of another service. Dead references are
+# dropped when the list is next walked (a few bytes each until then).
+_dependents: dict[tuple[str, str], list[weakref.ref[Any]]] = {}
 # Every dependent, for clear()/clear_claims(), which make every stack rebuild (test isolation).
 _everyone: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -87,7 +86,6 @@ def shared(pattern: str, key: str, options: Any, factory: Callable[[Any], T]) ->
         if instance is None:
             instance = factory(options)
             by_key[key] = instance
-            _patterns_of.setdefault(key, set()).add(pattern)
         elif _options[slot] != options:
             instance.reconfigure(options)
         _options[slot] = options
@@ -175,23 +173,16 @@ def claim(
         added = code_args.keys() - given.keys()
         for name in added:
             given[name] = (code_args[name], site)
-        dependents = _dependents.setdefault(slot, {})
+        dependents = _dependents.setdefault(slot, [])
         if added:
-            for ref in list(dependents.values()):
+            alive = [ref for ref in dependents if ref() is not None]
+            dependents[:] = alive
+            for ref in alive:
                 stale = ref()
                 if stale is not None:
                     stale.invalidate()
         if dependent is not None:
-            dependents[id(dependent)] = weakref.ref(
-                dependent, _forgetter(dependents, id(dependent))
-            )
-
-
-def _forgetter(dependents: dict[int, Any], ident: int) -> Callable[[Any], None]:
-    def forget_dependent(_: Any) -> None:
-        dependents.pop(ident, None)
-
-    return forget_dependent
+            dependents.append(weakref.ref(dependent))
 
 
 def code_args(pattern: str, key: str) -> dict[str, Any]:
@@ -205,9 +196,10 @@ def forget(key: str) -> None:
     """Drop every instance built for ``key`` (a call site's private key, when it is gone)."""
     key = service_name(key)
     with _lock:
-        for pattern in _patterns_of.pop(key, ()):
-            del _instances[pattern][key]
-            del _options[pattern, key]
+        # One lookup per pattern (a handful), never a walk over the instances.
+        for pattern, by_key in _instances.items():
+            if by_key.pop(key, None) is not None:
+                del _options[pattern, key]
 
 
 def clear() -> None:
@@ -220,7 +212,6 @@ def clear() -> None:
     with _lock:
         _instances.clear()
         _options.clear()
-        _patterns_of.clear()
         _invalidate_everyone()
 
 
