@@ -123,11 +123,15 @@ class LoggingSubscriber:
     def _bind_call_finished(self, service: str) -> Callable[[str, float, str | None], None]:
         log = self.logger.log
         enabled = self.logger.isEnabledFor
+        # The logger's own answers to isEnabledFor, which logging empties whenever a level
+        # changes: a "no" found there saves a call on every successful call. Anything else (a
+        # "yes", no answer yet, a logging without the cache) asks isEnabledFor itself.
+        known: dict[int, bool] = getattr(self.logger, "_cache", {})
         name = EVENT_NAMES[CallFinished][0]
 
         def record_call(outcome: str, duration: float, error_type: str | None) -> None:
             level = DEBUG if outcome == "success" else INFO
-            if enabled(level):
+            if known.get(level) is not False and enabled(level):
                 event = CallFinished(service, outcome, duration, error_type)
                 log(level, name, extra=_fields(name, event))
 

@@ -246,9 +246,38 @@ class PrometheusSubscriber:
             return {CallFinished: self._call_recorders.__getitem__}
         return {
             CallFinished: self._call_recorders.__getitem__,
+            CircuitCallRecorded: self._bind_circuit_call,
             BulkheadAcquired: self._bind_bulkhead_acquired,
             TimedCallFinished: self._bind_timed_call,
         }
+
+    def _bind_circuit_call(
+        self, service: str
+    ) -> Callable[[str, float, bool, str | None, float | None, float | None], None]:
+        inc = self._inc
+        successes = inc["buttress_circuit_breaker_successes_total"]
+        failures = inc["buttress_circuit_breaker_failures_total"]
+        ignored = inc["buttress_circuit_breaker_ignored_total"]
+        slow_calls = inc["buttress_circuit_breaker_slow_calls_total"]
+
+        def circuit_call(
+            outcome: str,
+            _duration: float,
+            slow: bool,
+            error_type: str | None,
+            _failure_rate: float | None,
+            _slow_call_rate: float | None,
+        ) -> None:
+            if outcome == "success":
+                successes[service]()
+            elif outcome == "failure":
+                failures[service, error_type or "unknown"]()
+            else:
+                ignored[service, error_type or "unknown"]()
+            if slow:
+                slow_calls[service]()
+
+        return circuit_call
 
     def _bind_bulkhead_acquired(self, service: str) -> Callable[[float, int, int, int], None]:
         waits = self._observe["buttress_bulkhead_queue_wait_seconds"]
@@ -260,14 +289,9 @@ class PrometheusSubscriber:
         return acquired
 
     def _bind_timed_call(self, service: str) -> Callable[[float, bool], None]:
-        timed = HistogramSeries.by_key(
-            lambda key: self.local.child(FAMILIES["buttress_timeout_elapsed_seconds"], (key,))
-        )
-
-        def timed_call(elapsed: float, _timed_out: bool) -> None:
-            timed(service, elapsed, None)
-
-        return timed_call
+        family = FAMILIES["buttress_timeout_elapsed_seconds"]
+        local = self.local
+        return HistogramSeries.bound_at_first_use(lambda: local.child(family, (service,)))
 
     def _bind_call_finished(self, service: str) -> RecordCall:
         """What a call of ``service`` records: its outcome and duration, into bound series.
