@@ -163,3 +163,16 @@ def test_a_successful_call_is_logged_through_the_recorder_only_while_debug_is_on
     logging.getLogger("tests.buttress").setLevel(logging.WARNING)
     record("failure", 0.02, "OSError")
     assert len(logged.named("buttress.call.finished")) == 2
+
+
+def test_a_rejection_through_the_recorder_is_logged_like_the_event(logged):
+    record = events.recorder(events.CallRejected, "rec").record
+    assert record is not None
+    record("circuit_breaker", "open", 2.0)  # DEBUG: the logger is at INFO
+    record("bulkhead", "full", None)
+    (full,) = logged.named("buttress.call.rejected")
+    events.emit(events.CallRejected("rec", "bulkhead", "full", None))
+    _, emitted = logged.named("buttress.call.rejected")
+    fields = ("levelno", "service", "pattern", "reason", "retry_after")
+    assert [getattr(full, f) for f in fields] == [getattr(emitted, f) for f in fields]
+    assert full.levelno == logging.INFO

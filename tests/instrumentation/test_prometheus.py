@@ -799,6 +799,8 @@ def test_docs_map_the_adr_names():
         events.BulkheadAcquired("fast", 0.0, 1, 0, 4),
         events.BulkheadAcquired("fast", 0.02, 1, 0, 4),
         events.TimedCallFinished("fast", 0.3, timed_out=False),
+        events.CallRejected("fast", "circuit_breaker", "open", 2.5),
+        events.CallRejected("fast", "bulkhead", "full", None),
     ],
     ids=repr,
 )

@@ -122,6 +122,8 @@ class PrometheusSubscriber:
         self._local_calls: Lazy[str, dict[str, HistogramSeries]] = Lazy(self._bind_local_calls)
         # What a call of each service records (the CallFinished fast path and plain handler).
         self._call_recorders: Lazy[str, RecordCall] = Lazy(self._bind_call_finished)
+        # Rejections come in floods while a circuit is open: one lookup per rejection.
+        self._rejections: Lazy[tuple[str, str, str], Inc] = Lazy(self._bind_rejection)
         if self.multiprocess:
             # An unlabelled gauge shows 0 from the moment it exists in a file, and 0 would read
             # "kill switch off": that one is created when first written.
@@ -203,8 +205,7 @@ class PrometheusSubscriber:
                 rate_waits[event.service]()
                 rate_wait_seconds[event.service](event.waited)
 
-        # Rejections come in floods while a circuit is open: one lookup per event.
-        rejections: Lazy[tuple[str, str, str], Inc] = Lazy(self._bind_rejection)
+        rejections = self._rejections
 
         def on_rejected(event: CallRejected) -> None:
             rejections[event.pattern, event.service, event.reason]()
@@ -249,7 +250,16 @@ class PrometheusSubscriber:
             CircuitCallRecorded: self._bind_circuit_call,
             BulkheadAcquired: self._bind_bulkhead_acquired,
             TimedCallFinished: self._bind_timed_call,
+            CallRejected: self._bind_rejected,
         }
+
+    def _bind_rejected(self, service: str) -> Callable[[str, str, float | None], None]:
+        rejections = self._rejections
+
+        def rejected(pattern: str, reason: str, _retry_after: float | None) -> None:
+            rejections[pattern, service, reason]()
+
+        return rejected
 
     def _bind_circuit_call(
         self, service: str
