@@ -152,14 +152,6 @@ def _build(spec: Spec, service: str, key: str, snapshot: config.Snapshot) -> Str
     return cast("Strategy | None", module.build(ctx))
 
 
-def _outcome(exc: BaseException) -> str:
-    if isinstance(exc, RejectedError):
-        return "rejected"
-    if isinstance(exc, TimeoutExceededError):
-        return "timeout"
-    return "failure"
-
-
 # The recorder of a stack that calls its function directly: never asked, never rebound.
 _UNHEARD = events.Recorder(CallFinished, "")
 
@@ -910,7 +902,7 @@ def _wrap_sync(policy: Policy, fn: Callable[P, R]) -> Callable[P, R]:
         try:
             result = compiled.chain(args, kwargs)
         except Exception as exc:
-            _finished(record, _outcome(exc), _clock.monotonic() - started, type(exc).__name__)
+            _finished(record, exc, _clock.monotonic() - started)
             raise
         try:
             record("success", _clock.monotonic() - started, None)
@@ -941,7 +933,7 @@ def _wrap_async(policy: Policy, fn: Callable[P, Awaitable[R]]) -> Callable[P, Aw
         try:
             result = await compiled.chain(args, kwargs)
         except Exception as exc:
-            _finished(record, _outcome(exc), _clock.monotonic() - started, type(exc).__name__)
+            _finished(record, exc, _clock.monotonic() - started)
             raise
         try:
             record("success", _clock.monotonic() - started, None)
@@ -953,10 +945,19 @@ def _wrap_async(policy: Policy, fn: Callable[P, Awaitable[R]]) -> Callable[P, Aw
     return wrapper
 
 
-def _finished(record: Callable[..., object], *fields: Any) -> None:
-    """Record the CallFinished of a call that raised (a failing subscriber is reported)."""
+def _finished(record: Callable[..., object], exc: Exception, elapsed: float) -> None:
+    """Record the CallFinished of a call that raised ``exc`` (a failing subscriber is reported).
+
+    One frame, the outcome worked out inline: while a circuit is open, every call comes here.
+    """
+    if isinstance(exc, RejectedError):
+        outcome = "rejected"
+    elif isinstance(exc, TimeoutExceededError):
+        outcome = "timeout"
+    else:
+        outcome = "failure"
     try:
-        record(*fields)
+        record(outcome, elapsed, type(exc).__name__)
     except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
         events.failed(record)
 
