@@ -9,7 +9,7 @@ route costs, and the client's CPU per request is what an httpx request costs on 
 
 Goal: what the stack adds to a request is at most 1 % of an httpx request's CPU.
 
-Usage: ``python bench/bench_service.py [--requests N] [--rounds N]``.
+Usage: ``python bench/bench_service.py [--requests N] [--rounds N] [--no-subscribers]``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from collections.abc import Iterator
 GOAL = 0.01
 
 
-def serve(port: int) -> None:
+def serve(port: int, *, subscribers: bool) -> None:
     import uvicorn
     from _harness import buttress_stacks
     from starlette.applications import Starlette
@@ -34,6 +34,10 @@ def serve(port: int) -> None:
     from starlette.routing import Route
 
     _, stack = buttress_stacks()
+    if not subscribers:
+        from buttress import instrumentation
+
+        instrumentation.configure(prometheus=False, otel=False, logging=False)
 
     async def work() -> int:
         return 1
@@ -52,11 +56,12 @@ def serve(port: int) -> None:
 
 
 @contextlib.contextmanager
-def server() -> Iterator[str]:
+def server(*, subscribers: bool) -> Iterator[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    process = subprocess.Popen([sys.executable, __file__, "--serve", str(port)])
+    command = [sys.executable, __file__, "--serve", str(port)]
+    process = subprocess.Popen(command + ([] if subscribers else ["--no-subscribers"]))
     try:
         import httpx
 
@@ -80,17 +85,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=400, help="requests per sample")
     parser.add_argument("--rounds", type=int, default=9, help="samples per route")
+    parser.add_argument(
+        "--no-subscribers", action="store_true", help="the server runs with every subscriber off"
+    )
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve)
+        serve(args.serve, subscribers=not args.no_subscribers)
         return 0
 
     import httpx
 
     per_route: dict[str, list[float]] = {"plain": [], "stack": []}
     client_cpu: list[float] = []
-    with server() as base, httpx.Client(base_url=base) as client:
+    with server(subscribers=not args.no_subscribers) as base, httpx.Client(base_url=base) as client:
         for _ in range(50):  # warm up both routes and the connection
             client.get("/plain")
             client.get("/stack")
