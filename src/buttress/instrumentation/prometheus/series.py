@@ -226,27 +226,6 @@ class HistogramSeries:
 
         return observe
 
-    @staticmethod
-    def bound_at_first_use(
-        series_of: Callable[[], HistogramSeries],
-    ) -> Callable[[float, object], None]:
-        """``observe(amount, _)`` on the series ``series_of()`` gives at the first call.
-
-        :meth:`observe` inline, one frame per call (a TimedCallFinished recorder: elapsed, then
-        whether it timed out, which is not recorded).
-        """
-        bound: list[HistogramSeries] = []
-
-        def observe(amount: float, _unrecorded: object = None) -> None:
-            series = bound[0] if bound else _first(bound, series_of)
-            cell = series._cells.get(get_ident())
-            if cell is None:
-                cell = series._cell()
-            cell[bisect_left(series._bounds, amount)] += 1
-            cell[-1] += amount
-
-        return observe
-
     def read(self) -> tuple[list[int], float]:
         cells = list(self._cells.values())  # one C-level copy: safe while threads add cells
         buckets = [0] * (len(self._bounds) + 1)
@@ -256,15 +235,6 @@ class HistogramSeries:
                 buckets[index] += int(count)
             total += cell[-1]
         return buckets, total
-
-
-def _first(
-    bound: list[HistogramSeries], series_of: Callable[[], HistogramSeries]
-) -> HistogramSeries:
-    # Two threads may both bind: each appends the same series (the store hands out one object
-    # per label set), and bound[0] is it either way.
-    bound.append(series_of())
-    return bound[0]
 
 
 class LocalFamilies:

@@ -301,7 +301,13 @@ class PrometheusSubscriber:
     def _bind_timed_call(self, service: str) -> Callable[[float, bool], None]:
         family = FAMILIES["buttress_timeout_elapsed_seconds"]
         local = self.local
-        return HistogramSeries.bound_at_first_use(lambda: local.child(family, (service,)))
+        # One series, bound at the first timed call (the key is always the same).
+        observe = HistogramSeries.by_key(lambda _: local.child(family, (service,)))
+
+        def timed_call(elapsed: float, _timed_out: bool) -> None:
+            observe(service, elapsed, None)
+
+        return timed_call
 
     def _bind_call_finished(self, service: str) -> RecordCall:
         """What a call of ``service`` records: its outcome and duration, into bound series.
