@@ -39,7 +39,9 @@ SHARED_PATTERNS = frozenset({"circuit_breaker", "bulkhead", "rate_limit"})
 
 def service_name(name: str) -> str:
     """The canonical spelling of a service name (names are case-insensitive)."""
-    return name.lower()
+    lowered = name.lower()
+    # The same string object when it is lower case already: a name is stored in several tables.
+    return name if lowered == name else lowered
 
 
 class Reconfigurable(Protocol):
