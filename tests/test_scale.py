@@ -6,7 +6,9 @@ services' instances, how many series a call binds. Timing figures live in bench/
 
 from __future__ import annotations
 
+import gc
 import threading
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -170,3 +172,35 @@ def test_past_the_cardinality_guard_services_share_one_label_and_lose_no_count()
         assert prometheus.get_sample_value("buttress_flag_service_enabled", flags) is None
     finally:
         instrumentation.configure(prometheus=before.get("prometheus", False), max_services=500)  # type: ignore[arg-type]
+
+
+def test_memory_per_service_does_not_grow_with_the_number_of_services():
+    # Bytes, not time: what one more service costs at rest is the same with 40 services as with
+    # 200 (a table walked or copied per service would make it grow).
+    kept: list[Any] = []
+
+    def add(count: int) -> float:
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(count):
+            i = len(kept)
+
+            @circuit_breaker(name=f"many-{i}", fail_max=5)
+            @with_bulkhead(limit=3)
+            def call() -> int:
+                return 1
+
+            call()
+            kept.append(call)
+        gc.collect()
+        return (tracemalloc.get_traced_memory()[0] - before) / count
+
+    add(10)  # first-use costs of the modules
+    tracemalloc.start()
+    try:
+        early = add(40)
+        add(120)
+        late = add(40)
+    finally:
+        tracemalloc.stop()
+    assert late < early * 1.25
