@@ -5,16 +5,23 @@ process, interleaved: each round takes one sample of every case in turn, so a sl
 host hits all cases alike. Each run is a fresh interpreter; the reported ratio is the median over
 runs of each run's median ratio.
 
-Targets (issue "Core"; see docs/performance.md):
+Targets (see docs/performance.md):
 
-* success path, default instrumentation on: buttress breaker+retry+bulkhead (sync) and
-  breaker+retry+timeout+bulkhead (async) cost at most 0.30x the obvious assembly;
-* ``FF_ENABLE_RESILIENCE_PATTERNS=false``: at most 2x a ``functools.wraps`` pass-through;
-* a call rejected by an open breaker: at most 0.5x pybreaker's own rejection. pybreaker records
-  nothing, so the like-for-like case runs buttress with its subscribers off; the same rejection
-  with the default subscribers on is measured and reported beside it.
+* success path, default subscribers on: buttress breaker+retry+bulkhead (sync) and
+  breaker+retry+timeout+bulkhead (async) against the obvious assembly doing the same work. buttress
+  starts no span (it annotates the caller's), so the like-for-like assembly starts none either:
+  tenacity + pybreaker + a semaphore + a Prometheus counter and histogram. The assembly with an
+  OpenTelemetry span per call (API only, no SDK) is measured beside it and reported;
+* ``FF_ENABLE_RESILIENCE_PATTERNS=false``: at most 1.5x a ``functools.wraps`` pass-through;
+* a call rejected by an open breaker: at most 0.5x pybreaker's own rejection with buttress's
+  subscribers off (pybreaker records nothing), at most 0.6x with the default subscribers on;
+* the floor: with subscribers off, within 2x a hand-written breaker + retry + bulkhead (no
+  metrics, no library);
+* what the default subscribers add to a successful call (same-round difference): at most 1 us.
 
-Usage: ``python bench/run.py [--runs N] [--rounds N] [--json FILE]``.
+Every figure is printed with its verdict; ``--check`` exits 1 when one is over its target.
+
+Usage: ``python bench/run.py [--runs N] [--rounds N] [--json FILE] [--check]``.
 """
 
 from __future__ import annotations
@@ -36,18 +43,45 @@ from _harness import Runner, buttress_stacks, calibrate, fresh_runs, runner
 
 # (name, numerator case, denominator case, target ratio)
 RATIOS = [
-    ("sync stack vs obvious assembly", "buttress sync stack", "obvious sync stack", 0.30),
-    ("async stack vs obvious assembly", "buttress async stack", "obvious async stack", 0.30),
-    ("sync disabled vs wraps pass-through", "buttress sync disabled", "sync pass-through", 2.0),
-    ("async disabled vs wraps pass-through", "buttress async disabled", "async pass-through", 2.0),
+    ("sync stack vs like-for-like assembly", "buttress sync stack", "obvious sync stack", 0.15),
+    ("async stack vs like-for-like assembly", "buttress async stack", "obvious async stack", 0.24),
+    ("sync disabled vs wraps pass-through", "buttress sync disabled", "sync pass-through", 1.5),
+    ("async disabled vs wraps pass-through", "buttress async disabled", "async pass-through", 1.5),
     ("open-breaker rejection vs pybreaker", "buttress rejection", "pybreaker rejection", 0.5),
-]
-# Reported, without a target: what the default subscribers add to a rejection.
-INFO_RATIOS = [
     (
-        "rejection with default subscribers vs pybreaker",
+        "rejection, default subscribers, vs pybreaker",
         "buttress rejection, instrumented",
         "pybreaker rejection",
+        0.6,
+    ),
+    (
+        "sync stack, subscribers off, vs floor",
+        "buttress sync stack, bare",
+        "hand-written floor",
+        2.0,
+    ),
+]
+# Reported, without a target.
+INFO_RATIOS = [
+    (
+        "sync stack vs assembly with a span",
+        "buttress sync stack",
+        "obvious sync stack + span",
+    ),
+    (
+        "async stack vs assembly with a span",
+        "buttress async stack",
+        "obvious async stack + span",
+    ),
+]
+# Same-round differences in ns: (label, with, without, budget).
+ADDED = [
+    ("default subscribers, sync success", "buttress sync stack", "buttress sync stack, bare", 1000),
+    (
+        "default subscribers, async success",
+        "buttress async stack",
+        "buttress async stack, bare",
+        1000,
     ),
 ]
 
@@ -58,6 +92,46 @@ def f() -> int:
 
 async def af() -> int:
     return 1
+
+
+def hand_written(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The floor: what a careful programmer writes by hand for breaker + retry + bulkhead.
+
+    A failure count and an open-until time, up to 3 attempts on ConnectionError with exponential
+    backoff, a Lock-guarded in-flight count; no metrics, no settings, no events.
+    """
+    lock = threading.Lock()
+    state = {"failures": 0, "open_until": 0.0, "in_flight": 0}
+
+    @functools.wraps(fn)
+    def wrapper(*a: Any, **k: Any) -> Any:
+        if state["open_until"] and time.monotonic() < state["open_until"]:
+            raise RuntimeError("circuit open")
+        with lock:
+            if state["in_flight"] >= 50:
+                raise RuntimeError("bulkhead full")
+            state["in_flight"] += 1
+        try:
+            for attempt in range(3):
+                try:
+                    result = fn(*a, **k)
+                except ConnectionError:
+                    state["failures"] += 1
+                    if state["failures"] >= 5:
+                        state["open_until"] = time.monotonic() + 60
+                    if attempt == 2:
+                        raise
+                    time.sleep(min(0.1 * 2**attempt, 2))
+                    continue
+                if state["failures"]:
+                    state["failures"] = 0
+                return result
+            raise AssertionError("unreachable")
+        finally:
+            with lock:
+                state["in_flight"] -= 1
+
+    return wrapper
 
 
 def _prepare(*, enabled: bool, instrumented: bool) -> None:
@@ -113,13 +187,13 @@ def build_cases() -> list[dict[str, Any]]:
     latency_child = latency.labels("svc")
     tracer = trace.get_tracer("naive")
 
-    def observed(fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def wrapper(*a: Any, **k: Any) -> Any:
-            with tracer.start_as_current_span("call"):
+    def observed(fn: Callable[..., Any], *, span: bool) -> Callable[..., Any]:
+        def record(fn_: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(fn_)
+            def wrapper(*a: Any, **k: Any) -> Any:
                 t0 = time.perf_counter()
                 try:
-                    result = fn(*a, **k)
+                    result = fn_(*a, **k)
                 except Exception:
                     calls.labels("svc", "failure").inc()
                     raise
@@ -127,23 +201,41 @@ def build_cases() -> list[dict[str, Any]]:
                 latency_child.observe(time.perf_counter() - t0)
                 return result
 
-        return wrapper
+            return wrapper
 
-    def aobserved(fn: Callable[..., Any]) -> Callable[..., Any]:
+        recorded = record(fn)
+        if not span:
+            return recorded
+
         @functools.wraps(fn)
-        async def wrapper(*a: Any, **k: Any) -> Any:
+        def spanned(*a: Any, **k: Any) -> Any:
             with tracer.start_as_current_span("call"):
-                t0 = time.perf_counter()
-                try:
-                    result = await fn(*a, **k)
-                except Exception:
-                    calls.labels("svc", "failure").inc()
-                    raise
-                ok_child.inc()
-                latency_child.observe(time.perf_counter() - t0)
-                return result
+                return recorded(*a, **k)
 
-        return wrapper
+        return spanned
+
+    def aobserved(fn: Callable[..., Any], *, span: bool) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        async def recorded(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                result = await fn(*a, **k)
+            except Exception:
+                calls.labels("svc", "failure").inc()
+                raise
+            ok_child.inc()
+            latency_child.observe(time.perf_counter() - t0)
+            return result
+
+        if not span:
+            return recorded
+
+        @functools.wraps(fn)
+        async def spanned(*a: Any, **k: Any) -> Any:
+            with tracer.start_as_current_span("call"):
+                return await recorded(*a, **k)
+
+        return spanned
 
     retry_args = {
         "stop": tenacity.stop_after_attempt(3),
@@ -173,7 +265,8 @@ def build_cases() -> list[dict[str, Any]]:
     def naive_sync() -> int:
         return naive_breaker.call(bounded)  # type: ignore[no-any-return]
 
-    add("obvious sync stack", "x()", {"x": observed(naive_sync)})
+    add("obvious sync stack", "x()", {"x": observed(naive_sync, span=False)})
+    add("obvious sync stack + span", "x()", {"x": observed(naive_sync, span=True)})
 
     async_breaker = pybreaker.CircuitBreaker(fail_max=5, reset_timeout=60)
     async_semaphore = asyncio.Semaphore(50)
@@ -185,13 +278,30 @@ def build_cases() -> list[dict[str, Any]]:
                 async with asyncio.timeout(5):
                     return await af()
 
-    add("obvious async stack", "await x()", {"x": aobserved(naive_async)}, kind="async")
+    add("obvious async stack", "await x()", {"x": aobserved(naive_async, span=False)}, kind="async")
+    add(
+        "obvious async stack + span",
+        "await x()",
+        {"x": aobserved(naive_async, span=True)},
+        kind="async",
+    )
+
+    # --- the floor: a hand-written breaker + retry + bulkhead, no metrics, no library ------------
+    add("hand-written floor", "x()", {"x": hand_written(f)})
 
     # --- buttress, default instrumentation (Prometheus, OpenTelemetry API, logging) ---------------
     buttress_sync, buttress_async = buttress_stacks()
 
     add("buttress sync stack", "x()", {"x": buttress_sync})
     add("buttress async stack", "await x()", {"x": buttress_async}, kind="async")
+    add("buttress sync stack, bare", "x()", {"x": buttress_sync}, instrumented=False)
+    add(
+        "buttress async stack, bare",
+        "await x()",
+        {"x": buttress_async},
+        kind="async",
+        instrumented=False,
+    )
 
     # --- switched off ----------------------------------------------------------------------------
     def passthrough(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -261,7 +371,11 @@ def single_run(rounds: int) -> dict[str, Any]:
     for label, num, den in INFO_RATIOS:
         per_round = [a / b for a, b in zip(samples[index[num]], samples[index[den]], strict=True)]
         ratios[label] = statistics.median(per_round)
-    return {"ns": medians, "ratios": ratios}
+    added = {}
+    for label, num, den, _ in ADDED:
+        per_round = [a - b for a, b in zip(samples[index[num]], samples[index[den]], strict=True)]
+        added[label] = statistics.median(per_round)
+    return {"ns": medians, "ratios": ratios, "added": added}
 
 
 def main() -> int:
@@ -269,6 +383,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="fresh interpreters (default 3)")
     parser.add_argument("--rounds", type=int, default=9, help="samples per case per run")
     parser.add_argument("--json", type=Path, help="write the aggregated figures here")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a figure is over target")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.single:
@@ -278,10 +393,10 @@ def main() -> int:
     runs = fresh_runs(__file__, args.runs, args.rounds)
 
     names = list(runs[0]["ns"])
-    print(f"\n{'case':<32} {'median ns/call':>15}")
+    print(f"\n{'case':<36} {'median ns/call':>15}")
     ns = {name: statistics.median(r["ns"][name] for r in runs) for name in names}
     for name in names:
-        print(f"{name:<32} {ns[name]:>15,.0f}")
+        print(f"{name:<36} {ns[name]:>15,.0f}")
     print(f"\n{'ratio':<48} {'median':>8} {'target':>8}  verdict")
     ratios = {}
     failed = False
@@ -295,9 +410,18 @@ def main() -> int:
         value = statistics.median(r["ratios"][label] for r in runs)
         ratios[label] = value
         print(f"{label:<48} {value:>8.3f} {'-':>8}  (reported)")
+    print(f"\n{'added by the default subscribers':<48} {'ns':>8} {'budget':>8}  verdict")
+    added = {}
+    for label, _, _, budget in ADDED:
+        value = statistics.median(r["added"][label] for r in runs)
+        added[label] = value
+        verdict = "ok" if value <= budget else "OVER BUDGET"
+        failed |= value > budget
+        print(f"{label:<48} {value:>8,.0f} {budget:>8}  {verdict}")
     if args.json:
-        args.json.write_text(json.dumps({"ns": ns, "ratios": ratios, "runs": len(runs)}, indent=2))
-    return 1 if failed else 0
+        payload = {"ns": ns, "ratios": ratios, "added": added, "runs": len(runs)}
+        args.json.write_text(json.dumps(payload, indent=2))
+    return 1 if failed and args.check else 0
 
 
 if __name__ == "__main__":

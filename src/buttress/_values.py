@@ -7,6 +7,7 @@ key) so that no call can overflow on them; :class:`RedisURL` masks its password 
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -25,6 +26,7 @@ __all__ = [
     "Seconds",
     "StateURL",
     "redact",
+    "redact_text",
     "shown",
 ]
 
@@ -71,6 +73,19 @@ def redact(url: str) -> str:
     except ValueError:
         return "<unparsable URL>"
     return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+# scheme://userinfo@ anywhere in a text (a URL quoted in an error message).
+_USERINFO: Final = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/\s@]*@", re.IGNORECASE)
+
+
+def redact_text(text: str) -> str:
+    """``text`` with the user information of every URL in it (``user:password@``) masked.
+
+    For free text, where a URL cannot be told from its surroundings reliably: the whole user
+    part goes (a user name alone may be a token), whatever the scheme.
+    """
+    return _USERINFO.sub(r"\g<scheme>***@", text)
 
 
 class RedisURL(str):

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, get_args
 
 __all__ = [
     "ROUTES",
+    "Binder",
     "BulkheadAcquired",
     "BulkheadQueued",
     "BulkheadReleased",
@@ -28,6 +29,7 @@ __all__ = [
     "FallbackUsed",
     "Handler",
     "RateLimitAcquired",
+    "Recorder",
     "RetryExhausted",
     "RetryScheduled",
     "RetrySucceeded",
@@ -40,6 +42,8 @@ __all__ = [
     "WorkerFinishedLate",
     "dispatch",
     "emit",
+    "failed",
+    "recorder",
     "subscribe",
     "unsubscribe",
 ]
@@ -291,9 +295,123 @@ ROUTES: dict[type[Any], tuple[Handler, ...]] = {}
 _lock = threading.Lock()
 _failed_handlers: set[int] = set()
 
+# A subscriber's fast path for one kind: ``binder(service)`` returns a function that takes the
+# event's fields after ``service`` (no event object is built), or ``None`` when it records nothing
+# for that service. Keyed by (kind, handler): the handler still takes events given to emit().
+Binder = Callable[[str], "Callable[..., object] | None"]
+_binders: dict[tuple[type[Any], Handler], Binder] = {}
+# (kind, service) -> its Recorder; rebound when a subscription of that kind changes.
+_recorders: dict[tuple[type[Any], str], Recorder] = {}
 
-def subscribe(handler: Handler, kinds: Iterable[type[Any]] | None = None) -> Callable[[], None]:
+
+class Recorder:
+    """The bound fast path of one event kind for one service.
+
+    ``record`` is ``None`` while nobody listens to the kind; otherwise it takes the event's
+    fields after ``service`` and hands them to every subscriber: to a bound function where the
+    subscriber offered one (pre-bound series, a level check before anything is built), and as a
+    built event to the other handlers. An emit site looks ``record`` up on every call, so a
+    subscription made later applies to calls already compiled, and nothing is rebuilt.
+    """
+
+    __slots__ = ("kind", "record", "service")
+
+    def __init__(self, kind: type[Any], service: str) -> None:
+        self.kind = kind
+        self.service = service
+        self.record: Callable[..., object] | None = None
+
+
+def recorder(kind: type[Any], service: str) -> Recorder:
+    """The :class:`Recorder` of ``kind`` for ``service`` (one object per pair, made once)."""
+    found = _recorders.get((kind, service))
+    if found is None:
+        with _lock:
+            found = _recorders.get((kind, service))
+            if found is None:
+                found = Recorder(kind, service)
+                found.record = _compose(kind, service)
+                _recorders[kind, service] = found
+    return found
+
+
+def _compose(kind: type[Any], service: str) -> Callable[..., object] | None:
+    """What a recorder of ``kind`` for ``service`` calls now (the caller holds ``_lock``)."""
+    parts: list[tuple[Handler, Callable[..., object]]] = []
+    plain: list[Handler] = []
+    for handler in ROUTES.get(kind, ()):
+        binder = _binders.get((kind, handler))
+        if binder is None:
+            plain.append(handler)
+            continue
+        try:
+            bound = binder(service)
+        except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
+            _report(handler)
+            plain.append(handler)
+            continue
+        if bound is not None:
+            parts.append((handler, bound))
+    if plain:
+        handlers = tuple(plain)
+
+        def build(*fields: Any) -> None:
+            dispatch(handlers, kind(service, *fields))
+
+        parts.append((build, build))
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0][1]  # the emit site reports a failure (see failed())
+    if len(parts) == 2:  # the default subscribers on a per-call kind: no loop
+        (first_handler, first), (second_handler, second) = parts
+
+        def both(*fields: Any) -> None:
+            try:
+                first(*fields)
+            except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
+                _report(first_handler)
+            try:
+                second(*fields)
+            except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
+                _report(second_handler)
+
+        return both
+
+    def each(*fields: Any) -> None:
+        for handler, bound in parts:
+            try:
+                bound(*fields)
+            except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
+                _report(handler)
+
+    return each
+
+
+def failed(record: Callable[..., object]) -> None:
+    """For an emit site: ``record`` (a recorder's function) raised; report it once, go on."""
+    _report(record)
+
+
+def _rebind(kinds: Iterable[type[Any]]) -> None:
+    # The caller holds _lock. Only the recorders of the kinds whose subscriptions changed.
+    changed = set(kinds)
+    for (kind, service), found in _recorders.items():
+        if kind in changed:
+            found.record = _compose(kind, service)
+
+
+def subscribe(
+    handler: Handler,
+    kinds: Iterable[type[Any]] | None = None,
+    *,
+    binder: Binder | None = None,
+) -> Callable[[], None]:
     """Call ``handler(event)`` for every event of ``kinds`` (default: every kind).
+
+    ``binder``, for the per-call kinds emitted through a :class:`Recorder`, is the handler's
+    fast path there: ``binder(service)`` returns a function of the event's fields after
+    ``service`` (or ``None``: nothing to record for that service), so no event is built for it.
 
     Returns a function that undoes the subscription.
     """
@@ -306,7 +424,10 @@ def subscribe(handler: Handler, kinds: Iterable[type[Any]] | None = None) -> Cal
         routes = dict(ROUTES)
         for kind in selected:
             routes[kind] = (*routes.get(kind, ()), handler)
+            if binder is not None:
+                _binders[kind, handler] = binder
         ROUTES = routes
+        _rebind(selected)
 
     def undo() -> None:
         unsubscribe(handler)
@@ -319,11 +440,16 @@ def unsubscribe(handler: Handler) -> None:
     global ROUTES
     with _lock:
         routes = {}
+        changed = []
         for kind, handlers in ROUTES.items():
             kept = tuple(h for h in handlers if h is not handler)
+            if len(kept) != len(handlers):
+                changed.append(kind)
+                _binders.pop((kind, handler), None)
             if kept:
                 routes[kind] = kept
         ROUTES = routes
+        _rebind(changed)
 
 
 def dispatch(handlers: tuple[Handler, ...], event: Any) -> None:
@@ -332,10 +458,15 @@ def dispatch(handlers: tuple[Handler, ...], event: Any) -> None:
         try:
             handler(event)
         except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
-            key = id(handler)
-            if key not in _failed_handlers:
-                _failed_handlers.add(key)
-                _log.exception("buttress.subscriber_failed", extra={"handler": repr(handler)})
+            _report(handler)
+
+
+def _report(handler: Callable[..., object]) -> None:
+    """Log a failing subscriber once (with the exception being handled)."""
+    key = id(handler)
+    if key not in _failed_handlers:
+        _failed_handlers.add(key)
+        _log.exception("buttress.subscriber_failed", extra={"handler": repr(handler)})
 
 
 def emit(event: Any) -> None:

@@ -67,7 +67,6 @@ CRITICALITY_LEVELS = {"low": 1, "normal": 2, "high": 3, "critical": 4}
 CRITICAL_LEVEL = 4
 DOWN_STATES = frozenset({"open", "forced_open"})
 FALLBACK_WINDOW_SECONDS = 60.0
-ADMIN_TOKEN_ENV = "BUTTRESS_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a token
 MIN_TOKEN_LENGTH = 16
 ADMIN_ACTIONS = {"reset": "reset", "force_open": "force_open", "force_closed": "force_closed"}
 
@@ -256,11 +255,11 @@ def _json(status: int, body: object, *extra: tuple[str, str]) -> Response:
 
 
 def _admin_token(admin_token: str | None) -> bytes | None:
-    token = os.environ.get(ADMIN_TOKEN_ENV, "") if admin_token is None else admin_token
+    token = os.environ.get(config.ADMIN_TOKEN_VARIABLE, "") if admin_token is None else admin_token
     if not token:
         return None
     if len(token) < MIN_TOKEN_LENGTH:
-        source = "admin_token" if admin_token is not None else ADMIN_TOKEN_ENV
+        source = "admin_token" if admin_token is not None else config.ADMIN_TOKEN_VARIABLE
         raise ConfigurationError(
             f"{source}: the admin token must be at least {MIN_TOKEN_LENGTH} characters "
             "(it guards forcing circuits open)"

@@ -154,37 +154,48 @@ def _build(spec: Spec, service: str, key: str, snapshot: config.Snapshot) -> Str
     return cast("Strategy | None", module.build(ctx))
 
 
-def _outcome(exc: BaseException) -> str:
-    if isinstance(exc, RejectedError):
-        return "rejected"
-    if isinstance(exc, TimeoutExceededError):
-        return "timeout"
-    return "failure"
+# The recorder of a stack that calls its function directly: never asked, never rebound.
+_UNHEARD = events.Recorder(CallFinished, "")
 
 
 class _Compiled:
     """A policy compiled for one function and one settings snapshot."""
 
-    __slots__ = ("chain", "direct", "epoch", "observed", "snapshot")
+    __slots__ = ("calls", "chain", "direct", "snapshot")
 
     def __init__(
         self,
         snapshot: config.Snapshot,
-        epoch: object,
         chain: Any,
-        observed: Any,
+        calls: events.Recorder,
         *,
         direct: bool,
     ) -> None:
-        self.snapshot = snapshot
-        self.epoch = epoch
-        self.chain = chain  # the patterns, for calls nobody observes
-        self.observed = observed  # the same, emitting CallFinished
-        self.direct = direct
+        self.snapshot = snapshot  # the one thing a call checks: is it still the one in force?
+        self.chain = chain  # the patterns
+        self.calls = calls  # where the call's CallFinished goes (record is None: nowhere)
+        self.direct = direct  # switched off: call the function itself
 
 
 class _Bound:
-    """A policy applied to one function: knows the services and compiles per settings snapshot."""
+    """A policy applied to one function: knows the services and compiles per settings snapshot.
+
+    A compiled stack is used while ``config.SNAPSHOT`` is the snapshot it was compiled for. The
+    registry invalidates it (:meth:`invalidate`) when a claim adds a code argument to a shared
+    instance it uses, and only then: a new service does not touch the stacks of other services.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_lock",
+        "_stale",
+        "compiled",
+        "fn",
+        "is_async",
+        "keys",
+        "policy",
+        "service",
+    )
 
     def __init__(self, policy: Policy, fn: Callable[..., Any], *, is_async: bool) -> None:
         self.policy = policy
@@ -196,32 +207,46 @@ class _Bound:
         # nothing in the stack is named, its state is private to this call site.
         self.keys: list[tuple[Spec, str, str]] = []
         private = f"{self.service}#{next(_private_keys)}"
-        # Private state lives as long as the decorated function: a function decorated per
-        # request (a closure, a lambda) must not leave a breaker behind for each one.
-        weakref.finalize(self, registry.forget, private)
+        self._lock = threading.Lock()
+        self._stale = False
+        self.compiled = _STALE
+        registry.depend(self)
         for spec in policy.specs:
             service = spec.service or self.service
             if spec.pattern in registry.SHARED_PATTERNS and (spec.service or policy.service):
-                registry.claim(spec.pattern, service, spec.code_args, site)
+                registry.claim(spec.pattern, service, spec.code_args, site, self)
                 self.keys.append((spec, service, service))
             else:
                 self.keys.append((spec, service, private))
-        self._lock = threading.Lock()
-        self.compiled = _Compiled(_NO_SNAPSHOT, None, None, None, direct=True)
+        if any(
+            key == private and spec.pattern in registry.SHARED_PATTERNS
+            for spec, _, key in self.keys
+        ):
+            # Private state lives as long as the decorated function: a function decorated per
+            # request (a closure, a lambda) must not leave a breaker behind for each one.
+            weakref.finalize(self, registry.forget, private)
 
-    def compile(self, snapshot: config.Snapshot) -> _Compiled:
+    def invalidate(self) -> None:
+        """Compile again before the next call (a shared instance's code arguments changed)."""
+        self._stale = True
+        self.compiled = _STALE
+
+    def compile(self) -> _Compiled:
+        snapshot = config.SNAPSHOT
         with self._lock:
-            epoch = registry.EPOCH
             current = self.compiled
-            if current.snapshot is snapshot and current.epoch is epoch:
+            if current.snapshot is snapshot:
                 return current
-            compiled = self._compile(snapshot, epoch)
+            self._stale = False
+            compiled = self._compile(snapshot)
             self.compiled = compiled
+            if self._stale:  # invalidated while compiling: the next call compiles again
+                self.compiled = _STALE
             return compiled
 
-    def _compile(self, snapshot: config.Snapshot, epoch: object) -> _Compiled:
+    def _compile(self, snapshot: config.Snapshot) -> _Compiled:
         if not snapshot.enabled:
-            return _Compiled(snapshot, epoch, None, None, direct=True)
+            return _Compiled(snapshot, None, _UNHEARD, direct=True)
         strategies = [
             strategy
             for spec, service, key in self.keys
@@ -229,16 +254,11 @@ class _Bound:
         ]
         view = snapshot.service(self.service)
         if not strategies and not view.enabled:
-            return _Compiled(snapshot, epoch, None, None, direct=True)
+            return _Compiled(snapshot, None, _UNHEARD, direct=True)
         chain = self._chain_async(strategies) if self.is_async else self._chain_sync(strategies)
         if view.rollout < 1.0:
             chain = self._rollout(chain, view)
-        observed = (
-            _observe_async(chain, self.service)
-            if self.is_async
-            else _observe_sync(chain, self.service)
-        )
-        return _Compiled(snapshot, epoch, chain, observed, direct=False)
+        return _Compiled(snapshot, chain, events.recorder(CallFinished, self.service), direct=False)
 
     def _chain_sync(self, strategies: list[Strategy]) -> Call:
         fn = self.fn
@@ -794,59 +814,13 @@ def _callable_name(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 
 
-def _observe_sync(chain: Call, service: str) -> Call:
-    """``chain`` plus one ``CallFinished`` per call (used only while somebody listens)."""
-
-    def observed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        handlers = events.ROUTES.get(CallFinished)
-        if not handlers:
-            return chain(args, kwargs)
-        started = _clock.monotonic()
-        try:
-            result = chain(args, kwargs)
-        except Exception as exc:
-            elapsed = _clock.monotonic() - started
-            events.dispatch(
-                handlers, CallFinished(service, _outcome(exc), elapsed, type(exc).__name__)
-            )
-            raise
-        events.dispatch(
-            handlers, CallFinished(service, "success", _clock.monotonic() - started, None)
-        )
-        return result
-
-    return observed
-
-
-def _observe_async(chain: AsyncCall, service: str) -> AsyncCall:
-    """``chain`` plus one ``CallFinished`` per call (used only while somebody listens)."""
-
-    async def observed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        handlers = events.ROUTES.get(CallFinished)
-        if not handlers:
-            return await chain(args, kwargs)
-        started = _clock.monotonic()
-        try:
-            result = await chain(args, kwargs)
-        except Exception as exc:
-            elapsed = _clock.monotonic() - started
-            events.dispatch(
-                handlers, CallFinished(service, _outcome(exc), elapsed, type(exc).__name__)
-            )
-            raise
-        events.dispatch(
-            handlers, CallFinished(service, "success", _clock.monotonic() - started, None)
-        )
-        return result
-
-    return observed
-
-
 class _NoSnapshot:
     """Sentinel snapshot: never the current one, so the first call compiles."""
 
 
 _NO_SNAPSHOT = cast("config.Snapshot", _NoSnapshot())
+# What a stack holds before its first call and after it is invalidated: never current.
+_STALE = _Compiled(_NO_SNAPSHOT, None, _UNHEARD, direct=True)
 
 
 class Policy:
@@ -992,17 +966,28 @@ def _wrap_sync(policy: Policy, fn: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(fn, assigned=_ASSIGNED)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         compiled = bound.compiled
-        snapshot = config.SNAPSHOT
-        if compiled.snapshot is not snapshot or compiled.epoch is not registry.EPOCH:
-            compiled = bound.compile(snapshot)
+        if compiled.snapshot is not config.SNAPSHOT:
+            compiled = bound.compile()
         if compiled.direct:
             return fn(*args, **kwargs)
         # Annotated rather than cast(): typing.cast is a real call, on every call.
         result: R
-        if CallFinished in events.ROUTES:
-            result = compiled.observed(args, kwargs)
-        else:
+        record = compiled.calls.record
+        if record is None:
             result = compiled.chain(args, kwargs)
+            return result
+        # Somebody listens to CallFinished: time the call and hand its outcome to the recorder
+        # (pre-bound series; no event is built unless a plain handler wants one).
+        started = _clock.monotonic()
+        try:
+            result = compiled.chain(args, kwargs)
+        except Exception as exc:
+            _finished(record, exc, _clock.monotonic() - started)
+            raise
+        try:
+            record("success", _clock.monotonic() - started, None)
+        except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
+            events.failed(record)
         return result
 
     _mark(wrapper, policy, fn)
@@ -1015,21 +1000,46 @@ def _wrap_async(policy: Policy, fn: Callable[P, Awaitable[R]]) -> Callable[P, Aw
     @functools.wraps(fn, assigned=_ASSIGNED)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         compiled = bound.compiled
-        snapshot = config.SNAPSHOT
-        if compiled.snapshot is not snapshot or compiled.epoch is not registry.EPOCH:
-            compiled = bound.compile(snapshot)
+        if compiled.snapshot is not config.SNAPSHOT:
+            compiled = bound.compile()
         if compiled.direct:
             return await fn(*args, **kwargs)
-        # Annotated rather than cast(): typing.cast is a real call, on every call.
         result: R
-        if CallFinished in events.ROUTES:
-            result = await compiled.observed(args, kwargs)
-        else:
+        record = compiled.calls.record
+        if record is None:
             result = await compiled.chain(args, kwargs)
+            return result
+        started = _clock.monotonic()
+        try:
+            result = await compiled.chain(args, kwargs)
+        except Exception as exc:
+            _finished(record, exc, _clock.monotonic() - started)
+            raise
+        try:
+            record("success", _clock.monotonic() - started, None)
+        except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
+            events.failed(record)
         return result
 
     _mark(wrapper, policy, fn)
     return wrapper
+
+
+def _finished(record: Callable[..., object], exc: Exception, elapsed: float) -> None:
+    """Record the CallFinished of a call that raised ``exc`` (a failing subscriber is reported).
+
+    One frame, the outcome worked out inline: while a circuit is open, every call comes here.
+    """
+    if isinstance(exc, RejectedError):
+        outcome = "rejected"
+    elif isinstance(exc, TimeoutExceededError):
+        outcome = "timeout"
+    else:
+        outcome = "failure"
+    try:
+        record(outcome, elapsed, type(exc).__name__)
+    except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
+        events.failed(record)
 
 
 def _mark(wrapper: Callable[..., Any], policy: Policy, fn: Callable[..., Any]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -19,8 +20,8 @@ if TYPE_CHECKING:
     from buttress.patterns.circuit_breaker import CircuitBreaker
 
 __all__ = [
-    "EPOCH",
     "SHARED_PATTERNS",
+    "Dependent",
     "Reconfigurable",
     "breaker",
     "claim",
@@ -38,7 +39,9 @@ SHARED_PATTERNS = frozenset({"circuit_breaker", "bulkhead", "rate_limit"})
 
 def service_name(name: str) -> str:
     """The canonical spelling of a service name (names are case-insensitive)."""
-    return name.lower()
+    lowered = name.lower()
+    # The same string object when it is lower case already: a name is stored in several tables.
+    return name if lowered == name else lowered
 
 
 class Reconfigurable(Protocol):
@@ -46,21 +49,26 @@ class Reconfigurable(Protocol):
         """Adopt new options, keeping runtime state."""
 
 
+class Dependent(Protocol):
+    def invalidate(self) -> None:
+        """What was built from the registry is stale: build it again before the next call."""
+
+
 T = TypeVar("T", bound=Reconfigurable)
 
 _lock = threading.RLock()
-_instances: dict[tuple[str, str], Any] = {}
+# pattern -> key -> the instance, and the options it was built or last reconfigured with. By
+# pattern first, so instances(pattern) and a lookup by service never walk other patterns.
+_instances: dict[str, dict[str, Any]] = {}
 _options: dict[tuple[str, str], Any] = {}
 # (pattern, key) -> argument name -> (value, the call site that gave it)
 _claims: dict[tuple[str, str], dict[str, tuple[Any, str]]] = {}
-
-
-class _Epoch:
-    """A token: replaced whenever a claim adds an argument, so policies built before it rebuild."""
-
-
-# Read on every call by the policy wrappers (an identity check); replaced, never mutated.
-EPOCH = _Epoch()
+# (pattern, key) -> the compiled stacks that use the shared instance (weakly): a claim that adds
+# an argument makes exactly those rebuild, never a stack of another service. Dead references are
+# dropped when the list is next walked (a few bytes each until then).
+_dependents: dict[tuple[str, str], list[weakref.ref[Any]]] = {}
+# Every dependent, for clear()/clear_claims(), which make every stack rebuild (test isolation).
+_everyone: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def shared(pattern: str, key: str, options: Any, factory: Callable[[Any], T]) -> T:
@@ -69,15 +77,17 @@ def shared(pattern: str, key: str, options: Any, factory: Callable[[Any], T]) ->
     When it exists and ``options`` differ from those it was built or last reconfigured with, it is
     reconfigured in place.
     """
-    slot = (pattern, service_name(key))
-    instance = _instances.get(slot)
+    key = service_name(key)
+    slot = (pattern, key)
+    instance = _instances.get(pattern, {}).get(key)
     if instance is not None and _options[slot] == options:
         return instance  # type: ignore[no-any-return]
     with _lock:
-        instance = _instances.get(slot)
+        by_key = _instances.setdefault(pattern, {})
+        instance = by_key.get(key)
         if instance is None:
             instance = factory(options)
-            _instances[slot] = instance
+            by_key[key] = instance
         elif _options[slot] != options:
             instance.reconfigure(options)
         _options[slot] = options
@@ -94,7 +104,7 @@ def breaker(service: str) -> CircuitBreaker:
     from buttress.patterns.circuit_breaker import PATTERN, CircuitBreaker  # noqa: PLC0415
 
     service = service_name(service)
-    existing = instances(PATTERN).get(service)
+    existing = _instances.get(PATTERN, {}).get(service)
     if isinstance(existing, CircuitBreaker):
         return existing
     # The same options the service's call sites would resolve: settings over their code arguments.
@@ -121,19 +131,31 @@ class _ByService(dict[str, Any]):
 def instances(pattern: str) -> dict[str, Any]:
     """Every built instance of ``pattern``, by key (looked up by any spelling of the name)."""
     with _lock:
-        return _ByService(
-            {key: inst for (kind, key), inst in _instances.items() if kind == pattern}
-        )
+        return _ByService(_instances.get(pattern, {}))
 
 
-def claim(pattern: str, key: str, code_args: Mapping[str, Any], site: str) -> None:
+def depend(dependent: Dependent) -> None:
+    """Have ``dependent`` (held weakly) invalidated by :func:`clear` and :func:`clear_claims`."""
+    with _lock:
+        _everyone.add(dependent)
+
+
+def claim(
+    pattern: str,
+    key: str,
+    code_args: Mapping[str, Any],
+    site: str,
+    dependent: Dependent | None = None,
+) -> None:
     """Record that ``site`` configures ``pattern`` of ``key`` with ``code_args``.
+
+    ``dependent`` (held weakly) is invalidated whenever a later claim adds an argument to this
+    shared instance, so it rebuilds with the merged arguments; no other stack is touched.
 
     Raises:
         ConfigurationError: another site already gave different code arguments for the same
             shared instance.
     """
-    global EPOCH
     key = service_name(key)
     slot = (pattern, key)
     with _lock:
@@ -153,8 +175,16 @@ def claim(pattern: str, key: str, code_args: Mapping[str, Any], site: str) -> No
         added = code_args.keys() - given.keys()
         for name in added:
             given[name] = (code_args[name], site)
+        dependents = _dependents.setdefault(slot, [])
         if added:
-            EPOCH = _Epoch()
+            alive = [ref for ref in dependents if ref() is not None]
+            dependents[:] = alive
+            for ref in alive:
+                stale = ref()
+                if stale is not None:
+                    stale.invalidate()
+        if dependent is not None:
+            dependents.append(weakref.ref(dependent))
 
 
 def code_args(pattern: str, key: str) -> dict[str, Any]:
@@ -168,9 +198,10 @@ def forget(key: str) -> None:
     """Drop every instance built for ``key`` (a call site's private key, when it is gone)."""
     key = service_name(key)
     with _lock:
-        for slot in [slot for slot in _instances if slot[1] == key]:
-            del _instances[slot]
-            del _options[slot]
+        # One lookup per pattern (a handful), never a walk over the instances.
+        for pattern, by_key in _instances.items():
+            if by_key.pop(key, None) is not None:
+                del _options[pattern, key]
 
 
 def clear() -> None:
@@ -180,16 +211,19 @@ def clear() -> None:
     exist. (Test suites that re-decorate the same service with other arguments call
     :func:`clear_claims` too.)
     """
-    global EPOCH
     with _lock:
         _instances.clear()
         _options.clear()
-        EPOCH = _Epoch()
+        _invalidate_everyone()
 
 
 def clear_claims() -> None:
     """Forget the code arguments claimed by call sites (test isolation)."""
-    global EPOCH
     with _lock:
         _claims.clear()
-        EPOCH = _Epoch()
+        _invalidate_everyone()
+
+
+def _invalidate_everyone() -> None:
+    for dependent in list(_everyone):
+        dependent.invalidate()

@@ -145,3 +145,34 @@ def test_rejections_by_an_open_circuit_are_debug_but_a_full_bulkhead_is_info(log
     events.emit(events.CallRejected("api", "bulkhead", "full", None))
     levels = [(r.pattern, r.levelno) for r in logged.named("buttress.call.rejected")]
     assert levels == [("circuit_breaker", logging.DEBUG), ("bulkhead", logging.INFO)]
+
+
+def test_a_successful_call_is_logged_through_the_recorder_only_while_debug_is_on(logged):
+    # The policy hands a call's outcome to the recorder, which checks the level before anything
+    # is built; a level changed later applies at once.
+    record = events.recorder(CallFinished, "rec").record
+    assert record is not None
+    record("success", 0.01, None)
+    assert logged.named("buttress.call.finished") == []
+    logging.getLogger("tests.buttress").setLevel(logging.DEBUG)
+    record("success", 0.01, None)
+    record("failure", 0.02, "OSError")
+    success, failure = logged.named("buttress.call.finished")
+    assert (success.levelno, success.service, success.outcome) == (logging.DEBUG, "rec", "success")
+    assert (failure.levelno, failure.error_type) == (logging.INFO, "OSError")
+    logging.getLogger("tests.buttress").setLevel(logging.WARNING)
+    record("failure", 0.02, "OSError")
+    assert len(logged.named("buttress.call.finished")) == 2
+
+
+def test_a_rejection_through_the_recorder_is_logged_like_the_event(logged):
+    record = events.recorder(events.CallRejected, "rec").record
+    assert record is not None
+    record("circuit_breaker", "open", 2.0)  # DEBUG: the logger is at INFO
+    record("bulkhead", "full", None)
+    (full,) = logged.named("buttress.call.rejected")
+    events.emit(events.CallRejected("rec", "bulkhead", "full", None))
+    _, emitted = logged.named("buttress.call.rejected")
+    fields = ("levelno", "service", "pattern", "reason", "retry_after")
+    assert [getattr(full, f) for f in fields] == [getattr(emitted, f) for f in fields]
+    assert full.levelno == logging.INFO

@@ -201,3 +201,24 @@ def test_without_an_sdk_everything_is_a_no_op():
     handle[CircuitStateChanged](CircuitStateChanged("svc", "closed", "open", "fail_max", 1.0))
     handle[events.RetryScheduled](events.RetryScheduled("svc", 1, 0.1, "OSError", "backoff"))
     assert trace.get_current_span() is trace.INVALID_SPAN
+
+
+def test_a_rejection_through_the_recorder_annotates_the_recording_span_only():
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    subscriber = OTelSubscriber(provider)
+    rejected = subscriber.binders()[events.CallRejected]("rec")
+    rejected("circuit_breaker", "open", 1.5)  # no span: nothing, and no event built
+    with provider.get_tracer("t").start_as_current_span("request"):
+        rejected("circuit_breaker", "open", 1.5)
+    (span,) = exporter.get_finished_spans()
+    with provider.get_tracer("t").start_as_current_span("request"):
+        subscriber.handlers()[events.CallRejected](
+            events.CallRejected("rec", "circuit_breaker", "open", 1.5)
+        )
+    _, emitted = exporter.get_finished_spans()
+    assert [(e.name, dict(e.attributes)) for e in span.events] == [
+        (e.name, dict(e.attributes)) for e in emitted.events
+    ]
+    assert span.events

@@ -786,3 +786,41 @@ def test_docs_map_the_adr_names():
         "bulkhead_queue_depth{service}",
     ):
         assert f"`{adr}`" in text
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        CallFinished("fast", "success", 0.002, None),
+        CallFinished("fast", "timeout", 3.0, "TimeoutExceededError"),
+        events.CircuitCallRecorded("fast", "success", 0.002, True, None, None, None),
+        events.CircuitCallRecorded("fast", "failure", 0.002, False, "OSError", 0.5, None),
+        events.CircuitCallRecorded("fast", "ignored", 0.002, False, "KeyError", None, None),
+        events.BulkheadAcquired("fast", 0.0, 1, 0, 4),
+        events.BulkheadAcquired("fast", 0.02, 1, 0, 4),
+        events.TimedCallFinished("fast", 0.3, timed_out=False),
+        events.CallRejected("fast", "circuit_breaker", "open", 2.5),
+        events.CallRejected("fast", "bulkhead", "full", None),
+    ],
+    ids=repr,
+)
+def test_a_recorder_writes_what_the_event_handler_writes(event, restore_subscribers):
+    # The fast path of a per-call kind (no event built) and its plain handler (an event given to
+    # emit) must leave the same samples behind.
+    def samples_after(write) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        registry = CollectorRegistry()
+        instrumentation.configure(prometheus=registry, otel=False, logging=False)
+        write()
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for metric in registry.collect()
+            for sample in metric.samples
+            if sample.labels.get("service") == "fast"
+        }
+
+    kind = type(event)
+    through_recorder = samples_after(lambda: events.recorder(kind, "fast").record(*event[1:]))
+    through_handler = samples_after(lambda: events.emit(event))
+    assert through_recorder == through_handler
+    # Something was written, but for a slot taken at once (the gauges are read at scrape time).
+    assert through_recorder or event == events.BulkheadAcquired("fast", 0.0, 1, 0, 4)

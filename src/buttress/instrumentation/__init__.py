@@ -12,7 +12,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 from opentelemetry.trace import TracerProvider
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -21,6 +21,7 @@ from buttress import events
 from buttress.instrumentation.logging import LoggingSubscriber
 from buttress.instrumentation.otel import OTelSubscriber
 from buttress.instrumentation.prometheus import PrometheusSubscriber
+from buttress.instrumentation.prometheus.series import DEFAULT_MAX_SERVICES, ServiceLabels
 
 __all__ = ["configure", "install_defaults", "installed", "suspended"]
 
@@ -34,6 +35,7 @@ _prometheus: weakref.WeakKeyDictionary[CollectorRegistry, PrometheusSubscriber] 
 )
 _GLOBAL_PROVIDER = object()  # target of otel=True: the global tracer provider, resolved lazily
 _health_undo: Callable[[], None] | None = None
+_max_services: int | None = DEFAULT_MAX_SERVICES
 
 
 def install_defaults() -> None:
@@ -81,18 +83,27 @@ def configure(
     prometheus: bool | CollectorRegistry | None = None,
     otel: bool | TracerProvider | None = None,
     logging: bool | _stdlib_logging.Logger | None = None,
+    max_services: int | Literal["unchanged"] | None = "unchanged",
 ) -> None:
     """Turn subscribers on or off, or point them elsewhere; ``None`` leaves one as it is.
 
     Args:
         prometheus: ``True`` for the default registry, a ``CollectorRegistry`` for another one,
             ``False`` for none.
+        max_services: the Prometheus cardinality guard, for every registry: how many services
+            keep their own ``service`` label (default 500; ``None``: no limit). See
+            docs/metrics.md.
         otel: ``True`` for the global tracer provider, a ``TracerProvider`` for another one (used
             only for the spans of state changes outside any span), ``False`` for none.
         logging: ``True`` for the ``buttress`` logger, a ``Logger`` for another one, ``False``
             for none.
     """
+    global _max_services
     with _lock:
+        if max_services != "unchanged":
+            _max_services = ServiceLabels(max_services).limit  # validated
+            for subscriber in _prometheus.values():
+                subscriber.service_labels.limit = _max_services
         if prometheus is not None:
             registry = REGISTRY if prometheus is True else prometheus or None
             _switch("prometheus", registry, _BUILDERS["prometheus"])
@@ -120,7 +131,11 @@ def _switch(name: str, target: Any, build: Callable[[Any], Any]) -> None:
     if target is None:
         return
     subscriber = build(target)
-    undos = [events.subscribe(handler, [kind]) for kind, handler in subscriber.handlers().items()]
+    binders = subscriber.binders() if hasattr(subscriber, "binders") else {}
+    undos = [
+        events.subscribe(handler, [kind], binder=binders.get(kind))
+        for kind, handler in subscriber.handlers().items()
+    ]
 
     def undo() -> None:
         for each in undos:
@@ -132,7 +147,7 @@ def _switch(name: str, target: Any, build: Callable[[Any], Any]) -> None:
 def _prometheus_subscriber(registry: CollectorRegistry) -> PrometheusSubscriber:
     subscriber = _prometheus.get(registry)
     if subscriber is None:
-        subscriber = PrometheusSubscriber(registry)
+        subscriber = PrometheusSubscriber(registry, max_services=_max_services)
         _prometheus[registry] = subscriber
     return subscriber
 

@@ -16,13 +16,13 @@ decision that changes what callers get (circuit opening, retries running out, ti
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from typing import Any
 
 from opentelemetry import trace
 
 from buttress import events
+from buttress._values import redact_text
 from buttress.events import (
     BulkheadQueued,
     CallFinished,
@@ -50,18 +50,26 @@ DEBUG, INFO, WARNING, ERROR = logging.DEBUG, logging.INFO, logging.WARNING, logg
 _OPENING = frozenset({"open", "forced_open"})
 
 
+def _outcome_level(outcome: str) -> int:
+    return DEBUG if outcome == "success" else INFO
+
+
 def _call_level(event: CallFinished) -> int:
-    return DEBUG if event.outcome == "success" else INFO
+    return _outcome_level(event.outcome)
 
 
 def _state_level(event: CircuitStateChanged) -> int:
     return WARNING if event.new_state in _OPENING else INFO
 
 
-def _rejected_level(event: CallRejected) -> int:
+def _rejection_level(pattern: str) -> int:
     # An open circuit rejects every call until it half-opens; its opening was logged at WARNING.
     # A full bulkhead or an empty token bucket is announced by nothing else.
-    return DEBUG if event.pattern == "circuit_breaker" else INFO
+    return DEBUG if pattern == "circuit_breaker" else INFO
+
+
+def _rejected_level(event: CallRejected) -> int:
+    return _rejection_level(event.pattern)
 
 
 def _settings_level(event: SettingsReloaded) -> int:
@@ -93,19 +101,12 @@ EVENT_NAMES: dict[type[Any], tuple[str, int | Callable[[Any], int]]] = {
 # see buttress's warnings on stderr through logging's last-resort handler.
 logging.getLogger("buttress").addHandler(logging.NullHandler())
 
-# user:password@ in a URL (a redis state_url quoted back in a settings error).
-_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/\s@]*@", re.IGNORECASE)
-
-
-def _mask(text: str) -> str:
-    return _CREDENTIALS.sub(r"\g<scheme>***@", text)
-
 
 def _fields(name: str, event: Any) -> dict[str, Any]:
     fields: dict[str, Any] = {"event": name, **event._asdict()}
     error = fields.get("error")
     if isinstance(error, str):
-        fields["error"] = _mask(error)
+        fields["error"] = redact_text(error)  # a state_url quoted back in a settings error
     context = trace.get_current_span().get_span_context()
     if context.is_valid:
         fields["trace_id"] = format(context.trace_id, "032x")
@@ -122,6 +123,50 @@ class LoggingSubscriber:
     def handlers(self) -> dict[type[Any], events.Handler]:
         """The handler for each event kind this subscriber consumes."""
         return {kind: self._handler(name, level) for kind, (name, level) in EVENT_NAMES.items()}
+
+    def binders(self) -> dict[type[Any], events.Binder]:
+        """The fast path of the per-call kinds: the level is checked before an event is built."""
+        return {CallFinished: self._bind_call_finished, CallRejected: self._bind_rejected}
+
+    def _enabled(self) -> Callable[[int], bool]:
+        enabled = self.logger.isEnabledFor
+        # The logger's own answers to isEnabledFor, which logging empties whenever a level
+        # changes: a "no" found there saves a call per event. Anything else (a "yes", no answer
+        # yet, a logging without the cache) asks isEnabledFor itself.
+        known: dict[int, bool] = getattr(self.logger, "_cache", {})
+
+        def is_enabled(level: int) -> bool:
+            return known.get(level) is not False and enabled(level)
+
+        return is_enabled
+
+    def _bind_call_finished(self, service: str) -> Callable[[str, float, str | None], None]:
+        log = self.logger.log
+        known: dict[int, bool] = getattr(self.logger, "_cache", {})
+        enabled = self.logger.isEnabledFor
+        name = EVENT_NAMES[CallFinished][0]
+
+        def record_call(outcome: str, duration: float, error_type: str | None) -> None:
+            level = _outcome_level(outcome)
+            # The cache inline (see _enabled), one frame less: this runs on every successful call.
+            if known.get(level) is not False and enabled(level):
+                event = CallFinished(service, outcome, duration, error_type)
+                log(level, name, extra=_fields(name, event))
+
+        return record_call
+
+    def _bind_rejected(self, service: str) -> Callable[[str, str, float | None], None]:
+        log = self.logger.log
+        enabled = self._enabled()
+        name = EVENT_NAMES[CallRejected][0]
+
+        def rejected(pattern: str, reason: str, retry_after: float | None) -> None:
+            level = _rejection_level(pattern)
+            if enabled(level):
+                event = CallRejected(service, pattern, reason, retry_after)
+                log(level, name, extra=_fields(name, event))
+
+        return rejected
 
     def _handler(self, name: str, level: int | Callable[[Any], int]) -> events.Handler:
         log = self.logger.log

@@ -17,6 +17,7 @@ state seen in the shared store) becomes a short span of its own, ``buttress.circ
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from opentelemetry import trace
@@ -82,6 +83,19 @@ class OTelSubscriber:
             StateStoreError: self._on_state_store,
             ChaosInjected: self._on_chaos,
         }
+
+    def binders(self) -> dict[type[Any], events.Binder]:
+        """The fast path of the per-call kinds: nothing is built unless a span is recording."""
+        return {CallRejected: self._bind_rejected}
+
+    def _bind_rejected(self, service: str) -> Callable[[str, str, float | None], None]:
+        on_rejected = self._on_rejected
+
+        def rejected(pattern: str, reason: str, retry_after: float | None) -> None:
+            if _recording() is not None:
+                on_rejected(CallRejected(service, pattern, reason, retry_after))
+
+        return rejected
 
     def _on_retry(self, event: RetryScheduled) -> None:
         span = _recording()

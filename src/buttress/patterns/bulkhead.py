@@ -74,6 +74,7 @@ class Bulkhead:
     """The shared state of one service's bulkhead: slots in use and the queue of waiters."""
 
     __slots__ = (
+        "_acquired",
         "_active",
         "_lock",
         "_overflow",
@@ -92,6 +93,8 @@ class Bulkhead:
         # in ``active``): how far over the limit enforcement would have been.
         self._overflow = 0
         self._waiters: deque[Waiter] = deque()
+        # Where a slot taken at once is reported: a pre-bound recorder, no event built for it.
+        self._acquired = events.recorder(events.BulkheadAcquired, service)
         self.limit = _limit(options)
         self.max_queue = options.max_queue
         self.queue_timeout = options.queue_timeout
@@ -207,12 +210,13 @@ class Bulkhead:
             if active >= self.limit:
                 return _SlotWait(self)
             self._active = active = active + 1
-        handlers = events.ROUTES.get(events.BulkheadAcquired)
-        if handlers:  # inline, not note_acquired(): this runs on every call
-            # Nobody was queued: waiters exist only while every slot is busy.
-            events.dispatch(
-                handlers, events.BulkheadAcquired(self.service, 0.0, active, 0, self.limit)
-            )
+        record = self._acquired.record
+        if record is not None:  # inline, not note_acquired(): this runs on every call
+            try:
+                # Nobody was queued: waiters exist only while every slot is busy.
+                record(0.0, active, 0, self.limit)
+            except Exception:  # noqa: BLE001 - a subscriber must never break the call
+                events.failed(record)
         return None
 
     # -- administration ----------------------------------------------------------------------------

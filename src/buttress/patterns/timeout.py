@@ -78,6 +78,8 @@ class TimeoutStrategy:
         self.service = service
         self.seconds = seconds
         self.mode = mode
+        # Every call reports its elapsed time: through a pre-bound recorder, no event built.
+        self._finished = events.recorder(events.TimedCallFinished, service)
         if mode == "shadow":
             self.before: Callable[[], tuple[float, float]] = self._started
             self.after: Callable[[tuple[float, float]], None] = self._observed
@@ -111,9 +113,12 @@ class TimeoutStrategy:
 
     def finished(self, elapsed: float, timed_out: bool) -> None:
         """The call is over for its caller, after ``elapsed`` s."""
-        handlers = events.ROUTES.get(events.TimedCallFinished)
-        if handlers:
-            events.dispatch(handlers, events.TimedCallFinished(self.service, elapsed, timed_out))
+        record = self._finished.record
+        if record is not None:
+            try:
+                record(elapsed, timed_out)
+            except Exception:  # noqa: BLE001 - a subscriber must never break the call
+                events.failed(record)
 
     # -- shadow mode: a gate that measures ---------------------------------------------------------
     def _started(self) -> tuple[float, float]:

@@ -26,7 +26,7 @@ from buttress.instrumentation.prometheus.catalog import (
     KILL_SWITCH,
     Family,
 )
-from buttress.instrumentation.prometheus.series import LocalFamilies
+from buttress.instrumentation.prometheus.series import OTHER_SERVICE, LocalFamilies, ServiceLabels
 
 __all__ = ["Collector"]
 
@@ -42,11 +42,14 @@ class Collector:
     Args:
         local: the subscriber's counters and histograms.
         seen: a copy of the subscriber's ``(abandoning, services)``.
+        service_labels: the ``service`` label of each service (the cardinality guard): the
+            gauges of the services past it are summed under ``_other``.
     """
 
-    def __init__(self, local: LocalFamilies, seen: Seen) -> None:
+    def __init__(self, local: LocalFamilies, seen: Seen, service_labels: ServiceLabels) -> None:
         self._local = local
         self._seen = seen
+        self._label = service_labels
 
     def describe(self) -> list[Metric]:
         return [_empty(family) for family in CATALOG]
@@ -81,12 +84,13 @@ class Collector:
         def add(name: str, labels: tuple[str, ...], value: float) -> None:
             out[name].add_metric(labels, value)
 
+        label = self._label
         state = snapshot()
         circuits = list(state["circuits"].values())
         in_state: dict[tuple[str, str], int] = {}
         worst_rate: dict[str, dict[str, float]] = {"failure_rate": {}, "slow_call_rate": {}}
         for circuit in circuits:
-            service = circuit["service"]
+            service = label(circuit["service"])
             for each in CIRCUIT_STATES:
                 key = (service, each)
                 in_state[key] = in_state.get(key, 0) + (circuit["state"] == each)
@@ -108,7 +112,7 @@ class Collector:
 
         bulkheads: dict[str, list[int]] = {}
         for snap in state["bulkheads"].values():
-            total = bulkheads.setdefault(snap["service"], [0, 0, 0])
+            total = bulkheads.setdefault(label(snap["service"]), [0, 0, 0])
             total[0] += snap["active"]
             total[1] += snap["queued"]
             total[2] += snap["limit"]
@@ -119,21 +123,26 @@ class Collector:
 
         tokens: dict[str, float] = {}
         for snap in state["rate_limiters"].values():
-            tokens[snap["service"]] = tokens.get(snap["service"], 0.0) + snap["tokens"]
+            service = label(snap["service"])
+            tokens[service] = tokens.get(service, 0.0) + snap["tokens"]
         for service, left in sorted(tokens.items()):
             add("buttress_rate_limit_tokens", (service,), left)
 
-        running = state["worker_pool"]["abandoned"]
+        running: dict[str, int] = {}
+        for service, count in state["worker_pool"]["abandoned"].items():
+            running[label(service)] = running.get(label(service), 0) + count
         abandoning, services = self._seen()
-        for service in sorted(abandoning | set(running)):
+        for service in sorted({label(s) for s in abandoning} | set(running)):
             add("buttress_timeout_abandoned_workers", (service,), running.get(service, 0))
 
         settings = state["settings"]
         if settings is not None:  # None: invalid settings; the first protected call says why
             add(KILL_SWITCH, (), 1 if settings.enabled else 0)
             add("buttress_config_generation", (), settings.generation)
-            services |= {c["service"] for c in circuits} | set(bulkheads) | set(tokens)
-            for service in sorted(services):
+            for kind in ("circuits", "bulkheads", "rate_limiters"):
+                services |= {each["service"] for each in state[kind].values()}
+            # A service past the cardinality guard has no flags of its own ("_other" is no service).
+            for service in sorted(s for s in services if label(s) == s != OTHER_SERVICE):
                 view = settings.service(service)
                 add("buttress_flag_service_enabled", (service,), 1 if view.enabled else 0)
                 add("buttress_flag_rollout_ratio", (service,), view.rollout)

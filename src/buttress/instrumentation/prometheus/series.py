@@ -8,10 +8,12 @@ finds a ready, bound ``inc``/``observe``/``set`` by a dict lookup: never ``.labe
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from bisect import bisect_left
 from collections.abc import Callable
+from threading import get_ident
 from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -19,19 +21,78 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from buttress.instrumentation.prometheus.catalog import CATALOG, FAMILIES, Family
 
 __all__ = [
+    "DEFAULT_MAX_SERVICES",
+    "OTHER_SERVICE",
     "CounterSeries",
     "HistogramSeries",
     "Inc",
     "Lazy",
     "LocalFamilies",
     "Observe",
+    "ServiceLabels",
     "children",
     "create",
     "multiprocess_mode",
 ]
 
-Inc = Callable[[], None]
+Inc = Callable[[], object]
 Observe = Callable[[float], None]
+
+# The cardinality guard: the services that get a ``service`` label of their own, in the order they
+# are first seen; later ones share OTHER_SERVICE. It bounds a scrape (and the process's series)
+# however many services a process names; see docs/metrics.md.
+DEFAULT_MAX_SERVICES = 500
+OTHER_SERVICE = "_other"
+
+
+class ServiceLabels:
+    """The ``service`` label value of each service, fixed the first time the service is seen.
+
+    The first ``limit`` services keep their name; every later one is ``_other`` (``None``: no
+    limit). Looked up when a series is bound (once per service and label set), never per call.
+    """
+
+    __slots__ = ("_labels", "_limit", "_lock", "_named")
+
+    def __init__(self, limit: int | None = DEFAULT_MAX_SERVICES) -> None:
+        self._labels: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._named = 0
+        self._limit: int | None = None
+        self.limit = limit
+
+    @property
+    def limit(self) -> int | None:
+        """How many services keep their name (``None``: all). Raising it names the services seen
+        from then on; those already counted under ``_other`` stay there."""
+        return self._limit
+
+    @limit.setter
+    def limit(self, limit: int | None) -> None:
+        if limit is not None and (isinstance(limit, bool) or limit < 1):
+            raise ValueError(f"max_services must be at least 1 (or None), got {limit!r}")
+        self._limit = limit
+
+    def __call__(self, service: str) -> str:
+        label = self._labels.get(service)
+        if label is not None:
+            return label
+        with self._lock:
+            label = self._labels.get(service)
+            if label is None:
+                if self._limit is None or self._named < self._limit:
+                    label = service
+                    self._named += 1
+                else:
+                    label = OTHER_SERVICE
+                self._labels[service] = label
+            return label
+
+    def labels(self, family: Family, values: tuple[str, ...]) -> tuple[str, ...]:
+        """``values`` of ``family`` with the service replaced by its label (if it has one)."""
+        if family.labels[:1] == ("service",):
+            return (self(values[0]), *values[1:])
+        return values
 
 
 def multiprocess_mode() -> bool:
@@ -76,81 +137,125 @@ class Lazy(dict[K, V], Generic[K, V]):
         return self.setdefault(key, self._factory(key))
 
 
-def children(metric: Any, method: str | None) -> Lazy[Any, Any]:
+def children(
+    metric: Any, method: str | None, family: Family, service_labels: ServiceLabels
+) -> Lazy[Any, Any]:
     """Children of ``metric`` by label values (a tuple, or one string), or their ``method``."""
 
     def bind(labels: Any) -> Any:
-        child = metric.labels(*labels) if isinstance(labels, tuple) else metric.labels(labels)
+        values = service_labels.labels(family, labels if isinstance(labels, tuple) else (labels,))
+        child = metric.labels(*values)
         return child if method is None else getattr(child, method)
 
     return Lazy(bind)
 
 
-class CounterSeries:
-    """One series of a counter, kept in this process (a single process's fast path)."""
+# Reads of the series (scrapes) are serialised; writes (calls) never wait for anything.
+_read_lock = threading.Lock()
 
-    __slots__ = ("_lock", "value")
+
+class CounterSeries:
+    """One series of a counter, kept in this process (a single process's fast path).
+
+    Lock-free: ``inc`` is an ``itertools.count``'s ``__next__``, one C call that the interpreter
+    runs whole, so threads never queue on a lock here (a lock per series made the cost per call
+    grow with the number of threads). A read advances the count too; ``_reads`` takes those out.
+    """
+
+    __slots__ = ("_count", "_reads", "inc")
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.value = 0.0
-
-    def inc(self, amount: float = 1.0) -> None:
-        # acquire/try/finally rather than ``with``: the same guarantee, about 200 ns cheaper.
-        lock = self._lock
-        lock.acquire()
-        try:
-            self.value += amount
-        finally:
-            lock.release()
+        self._count = itertools.count()
+        self._reads = 0
+        self.inc: Callable[[], object] = self._count.__next__
 
     def read(self) -> float:
-        with self._lock:
-            return self.value
+        with _read_lock:
+            value = next(self._count) - self._reads
+            self._reads += 1
+        return float(value)
 
 
 class HistogramSeries:
-    """One series of a histogram, kept in this process: per-bucket counts and the sum."""
+    """One series of a histogram, kept in this process: per-bucket counts and the sum.
 
-    __slots__ = ("_bounds", "_lock", "buckets", "sum")
+    Per-thread accumulation: each thread writes only its own cell (bucket counts, then the sum),
+    found by its thread id, so no two threads ever write the same value and no lock is taken on
+    the hot path. A read adds the cells up.
+    """
+
+    __slots__ = ("_bounds", "_cells")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self._bounds = bounds
-        self._lock = threading.Lock()
-        self.buckets = [0] * (len(bounds) + 1)  # not cumulative; the last is +Inf
-        self.sum = 0.0
+        self._cells: dict[int, list[float]] = {}
 
     def observe(self, amount: float) -> None:
-        index = bisect_left(self._bounds, amount)  # the first bound >= amount: Prometheus's le
-        lock = self._lock
-        lock.acquire()
-        try:
-            self.buckets[index] += 1
-            self.sum += amount
-        finally:
-            lock.release()
+        cell = self._cells.get(get_ident())
+        if cell is None:
+            cell = self._cell()
+        cell[bisect_left(self._bounds, amount)] += 1  # the first bound >= amount: Prometheus's le
+        cell[-1] += amount
+
+    def _cell(self) -> list[float]:
+        # Not cumulative; the last bucket is +Inf; the sum comes after it.
+        cell: list[float] = [0] * (len(self._bounds) + 1) + [0.0]
+        self._cells[get_ident()] = cell
+        return cell
+
+    @staticmethod
+    def by_key(
+        series_of: Callable[[str], HistogramSeries],
+    ) -> Callable[[str, float, object], None]:
+        """``observe(key, amount, _)`` on the series ``series_of(key)`` (bound once per key).
+
+        :meth:`observe` inline, one frame per call: this runs once per protected call, as a
+        CallFinished recorder (outcome, duration, error type: the last is not recorded).
+        """
+        bound: dict[str, HistogramSeries] = {}
+
+        def observe(key: str, amount: float, _unrecorded: object = None) -> None:
+            series = bound.get(key)
+            if series is None:
+                series = bound.setdefault(key, series_of(key))
+            cell = series._cells.get(get_ident())
+            if cell is None:
+                cell = series._cell()
+            cell[bisect_left(series._bounds, amount)] += 1
+            cell[-1] += amount
+
+        return observe
 
     def read(self) -> tuple[list[int], float]:
-        with self._lock:
-            return list(self.buckets), self.sum
+        cells = list(self._cells.values())  # one C-level copy: safe while threads add cells
+        buckets = [0] * (len(self._bounds) + 1)
+        total = 0.0
+        for cell in cells:
+            for index, count in enumerate(cell[:-1]):
+                buckets[index] += int(count)
+            total += cell[-1]
+        return buckets, total
 
 
 class LocalFamilies:
     """The counters and histograms of a single process, by family and label values.
 
-    ``prometheus_client``'s own metric objects cost about 0.4 us per counter increment and
-    0.9 us per histogram observation; these series cost a third of that, which matters for the
-    few events of every successful call. The collector exposes them at scrape time. In
-    multiprocess mode the values must live in ``prometheus_client``'s files instead.
+    ``prometheus_client``'s own metric objects take a lock per write (about 0.4 us per counter
+    increment and 0.9 us per histogram observation); these series take none and cost a fraction
+    of that, which matters for the few events of every successful call. The collector exposes
+    them at scrape time. In multiprocess mode the values must live in ``prometheus_client``'s
+    files instead.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, service_labels: ServiceLabels | None = None) -> None:
         self._lock = threading.Lock()
+        self.service_labels = ServiceLabels() if service_labels is None else service_labels
         self.series: dict[str, dict[tuple[str, ...], Any]] = {
             family.name: {} for family in CATALOG if family.kind != "gauge"
         }
 
     def child(self, family: Family, labels: tuple[str, ...]) -> Any:
+        labels = self.service_labels.labels(family, labels)
         with self._lock:
             by_labels = self.series[family.name]
             series = by_labels.get(labels)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -58,16 +59,22 @@ from buttress.instrumentation.prometheus.catalog import (
 )
 from buttress.instrumentation.prometheus.collector import Collector
 from buttress.instrumentation.prometheus.series import (
+    DEFAULT_MAX_SERVICES,
+    HistogramSeries,
     Inc,
     Lazy,
     LocalFamilies,
     Observe,
+    ServiceLabels,
     children,
     create,
     multiprocess_mode,
 )
 
 __all__ = ["PrometheusSubscriber"]
+
+# A call's outcome, duration and error type, recorded without building a CallFinished.
+RecordCall = Callable[[str, float, "str | None"], None]
 
 
 class PrometheusSubscriber:
@@ -81,12 +88,21 @@ class PrometheusSubscriber:
         multiprocess: whether values live in files for a multiprocess scrape; by default, whether
             ``PROMETHEUS_MULTIPROC_DIR`` is set. In a single process the gauges are read from the
             live objects at scrape time; in multiprocess mode events write them.
+        max_services: the cardinality guard: how many services get a ``service`` label of their
+            own (in the order they are first seen); later ones are counted under ``_other``, and
+            their flags are not shown. ``None``: no limit.
     """
 
     def __init__(
-        self, registry: CollectorRegistry | None = REGISTRY, *, multiprocess: bool | None = None
+        self,
+        registry: CollectorRegistry | None = REGISTRY,
+        *,
+        multiprocess: bool | None = None,
+        max_services: int | None = DEFAULT_MAX_SERVICES,
     ) -> None:
         self.multiprocess = multiprocess_mode() if multiprocess is None else multiprocess
+        # The cardinality guard: services past max_services share the service label "_other".
+        self.service_labels = ServiceLabels(max_services)
         self._lock = threading.Lock()
         # Services that made a call: their flags are shown even when they have no breaker.
         self.services: set[str] = set()
@@ -101,6 +117,13 @@ class PrometheusSubscriber:
         self._wake = threading.Event()
         self._watcher: threading.Thread | None = None
         self.metrics: dict[str, Any] = {}
+        # The call series of each service, bound at its first call.
+        self._calls: Lazy[str, dict[str, tuple[Inc, Observe]]] = Lazy(self._bind_calls)
+        self._local_calls: Lazy[str, dict[str, HistogramSeries]] = Lazy(self._bind_local_calls)
+        # What a call of each service records (the CallFinished fast path and plain handler).
+        self._call_recorders: Lazy[str, RecordCall] = Lazy(self._bind_call_finished)
+        # Rejections come in floods while a circuit is open: one lookup per rejection.
+        self._rejections: Lazy[tuple[str, str, str], Inc] = Lazy(self._bind_rejection)
         if self.multiprocess:
             # An unlabelled gauge shows 0 from the moment it exists in a file, and 0 would read
             # "kill switch off": that one is created when first written.
@@ -111,22 +134,22 @@ class PrometheusSubscriber:
                 if family.name != KILL_SWITCH
             }
             self._inc = {
-                f.name: children(self.metrics[f.name], "inc")
+                f.name: children(self.metrics[f.name], "inc", f, self.service_labels)
                 for f in CATALOG
                 if f.kind == "counter"
             }
             self._observe = {
-                f.name: children(self.metrics[f.name], "observe")
+                f.name: children(self.metrics[f.name], "observe", f, self.service_labels)
                 for f in CATALOG
                 if f.kind == "histogram"
             }
             self._set = {
-                f.name: children(self.metrics[f.name], "set")
+                f.name: children(self.metrics[f.name], "set", f, self.service_labels)
                 for f in GAUGES
                 if f.labels and f.name in self.metrics
             }
         else:
-            self.local = LocalFamilies()
+            self.local = LocalFamilies(self.service_labels)
             self._inc = {
                 f.name: self.local.binder(f.name, "inc") for f in CATALOG if f.kind == "counter"
             }
@@ -136,7 +159,7 @@ class PrometheusSubscriber:
                 if f.kind == "histogram"
             }
             if registry is not None:
-                registry.register(Collector(self.local, self.seen))
+                registry.register(Collector(self.local, self.seen, self.service_labels))
 
     def seen(self) -> tuple[set[str], set[str]]:
         """Copies of :attr:`abandoning` and :attr:`services`, read together (for the collector)."""
@@ -146,7 +169,6 @@ class PrometheusSubscriber:
     # -- handlers of the per-call events: a dict lookup and a ready child each ---------------------
     def handlers(self) -> dict[type[Any], events.Handler]:
         """The handler for each event kind this subscriber consumes."""
-        calls: Lazy[str, dict[str, tuple[Inc, Observe]]] = Lazy(self._bind_calls)
         inc, observe = self._inc, self._observe
         successes = inc["buttress_circuit_breaker_successes_total"]
         failures = inc["buttress_circuit_breaker_failures_total"]
@@ -158,15 +180,7 @@ class PrometheusSubscriber:
         rate_wait_seconds = observe["buttress_rate_limit_wait_seconds"]
 
         def on_call_finished(event: CallFinished) -> None:
-            count, time = calls[event.service][event.outcome]
-            count()
-            time(event.duration)
-
-        local_calls: Lazy[str, dict[str, Observe]] = Lazy(self._bind_local_calls)
-
-        def on_call_finished_locally(event: CallFinished) -> None:
-            # buttress_calls_total is the count of this histogram series, read at scrape time.
-            local_calls[event.service][event.outcome](event.duration)
+            self._call_recorders[event.service](event.outcome, event.duration, None)
 
         def on_circuit_call(event: CircuitCallRecorded) -> None:
             outcome = event.outcome
@@ -191,14 +205,13 @@ class PrometheusSubscriber:
                 rate_waits[event.service]()
                 rate_wait_seconds[event.service](event.waited)
 
-        # Rejections come in floods while a circuit is open: one lookup per event.
-        rejections: Lazy[tuple[str, str, str], Inc] = Lazy(self._bind_rejection)
+        rejections = self._rejections
 
         def on_rejected(event: CallRejected) -> None:
             rejections[event.pattern, event.service, event.reason]()
 
         handlers: dict[type[Any], events.Handler] = {
-            CallFinished: on_call_finished if self.multiprocess else on_call_finished_locally,
+            CallFinished: on_call_finished,
             CircuitCallRecorded: on_circuit_call,
             BulkheadAcquired: on_bulkhead_acquired,
             TimedCallFinished: on_timed_call,
@@ -224,12 +237,110 @@ class PrometheusSubscriber:
             handlers.update(self._multiprocess_handlers(handlers))
         return handlers
 
+    def binders(self) -> dict[type[Any], events.Binder]:
+        """The fast path of the per-call kinds: series bound once per service (see events).
+
+        In multiprocess mode only CallFinished has one: the other per-call events write gauges
+        there, through the plain handlers.
+        """
+        if self.multiprocess:
+            return {CallFinished: self._call_recorders.__getitem__}
+        return {
+            CallFinished: self._call_recorders.__getitem__,
+            CircuitCallRecorded: self._bind_circuit_call,
+            BulkheadAcquired: self._bind_bulkhead_acquired,
+            TimedCallFinished: self._bind_timed_call,
+            CallRejected: self._bind_rejected,
+        }
+
+    def _bind_rejected(self, service: str) -> Callable[[str, str, float | None], None]:
+        rejections = self._rejections
+
+        def rejected(pattern: str, reason: str, _retry_after: float | None) -> None:
+            rejections[pattern, service, reason]()
+
+        return rejected
+
+    def _bind_circuit_call(
+        self, service: str
+    ) -> Callable[[str, float, bool, str | None, float | None, float | None], None]:
+        inc = self._inc
+        successes = inc["buttress_circuit_breaker_successes_total"]
+        failures = inc["buttress_circuit_breaker_failures_total"]
+        ignored = inc["buttress_circuit_breaker_ignored_total"]
+        slow_calls = inc["buttress_circuit_breaker_slow_calls_total"]
+
+        def circuit_call(
+            outcome: str,
+            _duration: float,
+            slow: bool,
+            error_type: str | None,
+            _failure_rate: float | None,
+            _slow_call_rate: float | None,
+        ) -> None:
+            if outcome == "success":
+                successes[service]()
+            elif outcome == "failure":
+                failures[service, error_type or "unknown"]()
+            else:
+                ignored[service, error_type or "unknown"]()
+            if slow:
+                slow_calls[service]()
+
+        return circuit_call
+
+    def _bind_bulkhead_acquired(self, service: str) -> Callable[[float, int, int, int], None]:
+        waits = self._observe["buttress_bulkhead_queue_wait_seconds"]
+
+        def acquired(waited: float, _active: int, _queued: int, _limit: int) -> None:
+            if waited > 0:  # a slot taken at once is shown by the gauges, read at scrape time
+                waits[service](waited)
+
+        return acquired
+
+    def _bind_timed_call(self, service: str) -> Callable[[float, bool], None]:
+        family = FAMILIES["buttress_timeout_elapsed_seconds"]
+        local = self.local
+        # One series, bound at the first timed call (the key is always the same).
+        observe = HistogramSeries.by_key(lambda _: local.child(family, (service,)))
+
+        def timed_call(elapsed: float, _timed_out: bool) -> None:
+            observe(service, elapsed, None)
+
+        return timed_call
+
+    def _bind_call_finished(self, service: str) -> RecordCall:
+        """What a call of ``service`` records: its outcome and duration, into bound series.
+
+        The series are bound at the service's first call (a dict lookup after that), not when
+        the recorder is made: a subscriber added later must not show services it never saw.
+        """
+        if self.multiprocess:
+            calls = self._calls
+
+            def record_call(outcome: str, duration: float, _error_type: str | None) -> None:
+                count, time = calls[service][outcome]
+                count()
+                time(duration)
+
+            return record_call
+        # buttress_calls_total is the count of this histogram series, read at scrape time.
+        # Bound at the service's first call (every outcome then), not when the recorder is made.
+        local_calls = self._local_calls
+
+        def series_of(outcome: str) -> HistogramSeries:
+            return local_calls[service][outcome]
+
+        return HistogramSeries.by_key(series_of)
+
     def _bind_calls(self, service: str) -> dict[str, tuple[Inc, Observe]]:
         calls = self.metrics["buttress_calls_total"]
         durations = self.metrics["buttress_call_duration_seconds"]
 
+        label = self.service_labels(service)
+
         def bind(outcome: str) -> tuple[Inc, Observe]:
-            return calls.labels(service, outcome).inc, durations.labels(service, outcome).observe
+            return calls.labels(label, outcome).inc, durations.labels(label, outcome).observe
 
         by_outcome: dict[str, tuple[Inc, Observe]] = Lazy(bind)
         for outcome in OUTCOMES:
@@ -237,11 +348,14 @@ class PrometheusSubscriber:
         self._first_call(service)
         return by_outcome
 
-    def _bind_local_calls(self, service: str) -> dict[str, Observe]:
-        durations = self._observe["buttress_call_duration_seconds"]
-        by_outcome: dict[str, Observe] = Lazy(lambda outcome: durations[service, outcome])
+    def _bind_local_calls(self, service: str) -> dict[str, HistogramSeries]:
+        family = FAMILIES["buttress_call_duration_seconds"]
+        local = self.local
+        by_outcome: dict[str, HistogramSeries] = Lazy(
+            lambda outcome: local.child(family, (service, outcome))
+        )
         for outcome in OUTCOMES:
-            by_outcome[outcome] = durations[service, outcome]
+            by_outcome[outcome] = local.child(family, (service, outcome))
         self._first_call(service)
         return by_outcome
 
@@ -533,6 +647,8 @@ class PrometheusSubscriber:
         self.metrics["buttress_health_degradation_level"].set(degradation_level(pairs))
 
     def _write_flags(self, service: str) -> None:
+        if self.service_labels(service) != service:
+            return  # past the cardinality guard: "_other" has no flags of its own
         snapshot = config.SNAPSHOT
         view = snapshot.service(service)
         self._set["buttress_flag_service_enabled"][service](view.enabled)

@@ -1,0 +1,206 @@
+"""Cost that must not grow with the number of services, call sites or threads.
+
+Counts of operations, never wall time: how many stacks compile, whether the registry walks other
+services' instances, how many series a call binds. Timing figures live in bench/.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import tracemalloc
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from buttress import circuit_breaker, instrumentation, policy, registry, with_bulkhead
+from buttress.instrumentation.prometheus.series import CounterSeries, HistogramSeries
+
+
+class NoScan(dict[str, Any]):
+    """A registry table that fails the test if anybody walks it."""
+
+    def _refuse(self, *_: object) -> Any:
+        raise AssertionError("the registry walked every instance of a pattern")
+
+    __iter__ = items = keys = values = _refuse  # type: ignore[assignment]
+
+
+@pytest.fixture
+def compiles(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The services whose stacks compiled, in order."""
+    seen: list[str] = []
+    original = policy._Bound._compile
+
+    def counting(self: policy._Bound, snapshot: Any) -> Any:
+        seen.append(self.service)
+        return original(self, snapshot)
+
+    monkeypatch.setattr(policy._Bound, "_compile", counting)
+    return seen
+
+
+def test_a_new_service_does_not_recompile_the_stacks_of_other_services(compiles):
+    @circuit_breaker(name="first", fail_max=3)
+    def first() -> int:
+        return 1
+
+    first()
+    assert compiles == ["first"]
+    for i in range(20):
+
+        @circuit_breaker(name=f"other-{i}", fail_max=4)
+        @with_bulkhead(limit=3)
+        def other() -> int:
+            return 2
+
+        other()
+        first()
+    assert compiles.count("first") == 1
+
+
+def test_a_claim_recompiles_only_the_stacks_of_its_own_service(compiles):
+    @with_bulkhead(name="shared")
+    def unlimited() -> int:
+        return 1
+
+    @circuit_breaker(name="elsewhere")
+    def elsewhere() -> int:
+        return 1
+
+    unlimited()
+    elsewhere()
+
+    @with_bulkhead(name="shared", limit=2)  # adds an argument to the shared bulkhead
+    def limited() -> int:
+        return 1
+
+    unlimited()
+    elsewhere()
+    limited()
+    assert compiles.count("shared") == 3  # unlimited twice (its bulkhead appears), limited once
+    assert compiles.count("elsewhere") == 1
+    assert registry.instances("bulkhead")["shared"].limit == 2
+
+
+def test_decoration_first_call_and_drop_never_walk_other_instances(monkeypatch):
+    for i in range(50):  # instances of other services, built before the tables are guarded
+
+        @circuit_breaker(name=f"before-{i}")
+        @with_bulkhead(limit=2)
+        def before() -> int:
+            return 1
+
+        before()
+    guarded = {pattern: NoScan(by_key) for pattern, by_key in registry._instances.items()}
+    monkeypatch.setattr(registry, "_instances", guarded)
+
+    def per_request() -> int:
+        @circuit_breaker(fail_max=2)  # unnamed: private to this function, dropped with it
+        @with_bulkhead(limit=2)
+        def private() -> int:
+            return 1
+
+        return private()
+
+    for _ in range(20):
+        assert per_request() == 1
+    assert registry.breaker("before-7") is guarded["circuit_breaker"]["before-7"]
+
+
+def test_calls_from_many_threads_share_no_lock_in_the_series_and_lose_no_count():
+    # Flat under threads: a series is written without a lock (per-thread cells, a C counter), so
+    # the work per call does not grow with the number of threads, and no increment is lost.
+    assert not {"_lock", "lock"} & set(HistogramSeries.__slots__ + CounterSeries.__slots__)
+    prometheus = CollectorRegistry()
+    before = instrumentation.installed()
+    instrumentation.configure(prometheus=prometheus)
+    try:
+
+        @circuit_breaker(name="threaded", fail_max=5)
+        def call() -> int:
+            return 1
+
+        threads, calls = 16, 300
+        start = threading.Barrier(threads)
+
+        def run() -> None:
+            start.wait()
+            for _ in range(calls):
+                call()
+
+        workers = [threading.Thread(target=run) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        total = prometheus.get_sample_value(
+            "buttress_calls_total", {"service": "threaded", "outcome": "success"}
+        )
+        assert total == threads * calls
+    finally:
+        instrumentation.configure(prometheus=before.get("prometheus", False))  # type: ignore[arg-type]
+
+
+def test_past_the_cardinality_guard_services_share_one_label_and_lose_no_count():
+    # A scrape is bounded however many services a process names: the first ones keep their
+    # label, the others are counted together under "_other".
+    prometheus = CollectorRegistry()
+    before = instrumentation.installed()
+    instrumentation.configure(prometheus=prometheus, max_services=3)
+    try:
+        for i in range(5):
+
+            @circuit_breaker(name=f"tenant-{i}")
+            @with_bulkhead(limit=4)
+            def call() -> int:
+                return 1
+
+            for _ in range(i + 1):
+                call()
+
+        def calls(service: str) -> float | None:
+            labels = {"service": service, "outcome": "success"}
+            return prometheus.get_sample_value("buttress_calls_total", labels)
+
+        assert [calls(f"tenant-{i}") for i in range(5)] == [1, 2, 3, None, None]
+        assert calls("_other") == 4 + 5
+        limits = {"service": "_other"}
+        assert prometheus.get_sample_value("buttress_bulkhead_limit", limits) == 8
+        flags = {"service": "_other"}
+        assert prometheus.get_sample_value("buttress_flag_service_enabled", flags) is None
+    finally:
+        instrumentation.configure(prometheus=before.get("prometheus", False), max_services=500)  # type: ignore[arg-type]
+
+
+def test_memory_per_service_does_not_grow_with_the_number_of_services():
+    # Bytes, not time: what one more service costs at rest is the same with 40 services as with
+    # 200 (a table walked or copied per service would make it grow).
+    kept: list[Any] = []
+
+    def add(count: int) -> float:
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(count):
+            i = len(kept)
+
+            @circuit_breaker(name=f"many-{i}", fail_max=5)
+            @with_bulkhead(limit=3)
+            def call() -> int:
+                return 1
+
+            call()
+            kept.append(call)
+        gc.collect()
+        return (tracemalloc.get_traced_memory()[0] - before) / count
+
+    add(10)  # first-use costs of the modules
+    tracemalloc.start()
+    try:
+        early = add(40)
+        add(120)
+        late = add(40)
+    finally:
+        tracemalloc.stop()
+    assert late < early * 1.25
