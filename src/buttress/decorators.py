@@ -119,6 +119,7 @@ def retry_with_backoff(
     idempotent: bool | None = None,
     respect_retry_after: bool | None = None,
     retry_rejected: bool | None = None,
+    budget: Mapping[str, Any] | Literal[False] | None = None,
 ) -> Policy:
     """Retry transient failures with exponential backoff and jitter.
 
@@ -136,7 +137,12 @@ def retry_with_backoff(
             header) is treated as ``False``, anything else as ``True``.
         respect_retry_after: a server's ``Retry-After`` sets the next delay (default true).
         retry_rejected: retry a ``RejectedError`` carrying ``retry_after`` (default false).
+        budget: the service's retry budget, ``{"ratio": 0.2, "min_per_second": 10,
+            "window_seconds": 10}`` by default; ``False`` switches it off for the service
+            (see ``docs/patterns/retry-budget.md``).
     """
+    if budget is False:
+        budget = {"enabled": False}
     if isinstance(retry_on, type):
         retry_on = (retry_on,)
     elif isinstance(retry_on, list):
@@ -154,6 +160,7 @@ def retry_with_backoff(
             idempotent=idempotent,
             respect_retry_after=respect_retry_after,
             retry_rejected=retry_rejected,
+            budget=budget,
         ),
     )
 

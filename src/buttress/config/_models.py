@@ -246,11 +246,49 @@ class Settings(BaseSettings):
         return self._config_file
 
     def source_of(self, path: tuple[str, ...]) -> str | None:
-        """``env NAME`` or ``file PATH`` for the value at ``path``; ``None`` when none set it."""
-        return self._sources.get(path)
+        """``env NAME`` or ``file PATH`` for the value at ``path``; ``None`` when none set it.
+
+        For a group option (``retry.budget``), the sources of the keys set inside it.
+        """
+        found = self._sources.get(path)
+        if found is None:
+            inside = {label for key, label in self._sources.items() if key[: len(path)] == path}
+            return ", ".join(sorted(inside)) or None
+        return found
+
+
+def nested_fields(annotation: Any) -> Mapping[str, Any] | None:
+    """The fields of an option that is a group of its own (``retry.budget``), else ``None``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation.model_fields
+    return None
+
+
+def _set_values(model: BaseModel) -> dict[str, Any]:
+    return {name: getattr(model, name) for name in model.model_fields_set}
 
 
 def explicit(section: ServiceSettings, pattern: str) -> dict[str, Any]:
-    """The keys of ``section.<pattern>`` that a source set (not the model's defaults)."""
+    """The keys of ``section.<pattern>`` that a source set (not the model's defaults).
+
+    A group option (``retry.budget``) comes as a dict of the keys set inside it, so layers merge
+    key by key.
+    """
     model: BaseModel = getattr(section, pattern)
-    return {name: getattr(model, name) for name in model.model_fields_set}
+    return {
+        name: _set_values(value) if isinstance(value, BaseModel) else value
+        for name, value in _set_values(model).items()
+    }
+
+
+def merge_options(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Option values, later layers over earlier ones; a group option merges key by key."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for name, given in layer.items():
+            value = _set_values(given) if isinstance(given, BaseModel) else given
+            below = merged.get(name)
+            if isinstance(value, Mapping) and isinstance(below, Mapping):
+                value = {**below, **value}
+            merged[name] = value
+    return merged

@@ -1,0 +1,188 @@
+"""The retry budget: how many retries and hedges a service may add to its own traffic.
+
+In a total outage every retrying client multiplies the load on the failing dependency by its
+attempt count. A budget caps that: over a sliding window of ``window_seconds`` (on the buttress
+clock), the retries and hedges of one service may number at most ``ratio`` of its first attempts,
+and never fewer than ``min_per_second`` per second of the window, so a quiet service can still
+retry. It is Finagle's ``RetryBudget`` with one deliberate difference: the floor is a floor (as
+in Envoy's ``min_retry_concurrency`` and failsafe-go's ``minConcurrency``), not an addition, so
+``1 + ratio`` bounds the amplification whenever the service sends more than
+``min_per_second / ratio`` calls a second. Why: ``docs/patterns/retry-budget.md``.
+
+One :class:`RetryBudget` per service, shared by every retrying call site and every hedge of that
+service (through ``BuildContext.shared``). It decides only; nothing here waits.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Literal, TypedDict, cast
+
+from pydantic import Field
+
+from buttress import _clock, events
+from buttress._values import PositiveSeconds
+from buttress.patterns._base import BuildContext, Options
+
+__all__ = ["BUDGET", "RetryBudget", "RetryBudgetOptions", "RetryBudgetSnapshot", "shared_budget"]
+
+# The key of the shared instance (``BuildContext.shared``): one budget per service.
+BUDGET = "retry_budget"
+
+# The window is kept as this many slots; it slides one slot at a time.
+_SLOTS = 10
+
+Draw = Literal["retry", "hedge"]
+
+
+class RetryBudgetOptions(Options):
+    """``retry.budget``: the share of a service's traffic that retries and hedges may add."""
+
+    enabled: bool = Field(default=True, description="false: retries are limited by attempts only")
+    ratio: float = Field(
+        default=0.2,
+        ge=0,
+        le=10,
+        description="retries and hedges per first attempt, over the window",
+    )
+    min_per_second: float = Field(
+        default=10.0,
+        ge=0,
+        le=1_000_000,
+        description="floor: retries a second allowed whatever the ratio",
+    )
+    window_seconds: PositiveSeconds = Field(
+        default=10.0, description="length of the sliding window"
+    )
+
+
+class RetryBudgetSnapshot(TypedDict):
+    """A budget at one instant."""
+
+    service: str
+    enabled: bool
+    requests: int  # first attempts in the window
+    retries: int  # retries and hedges in the window
+    remaining: int  # retries and hedges it would allow now
+
+
+class RetryBudget:
+    """First attempts and retries of one service over a sliding window, under a lock.
+
+    ``deposit()`` counts a first attempt (every call of a retrying or hedging call site);
+    ``withdraw(kind)`` takes one retry or hedge if the budget allows it.
+    """
+
+    __slots__ = (
+        "_lock",
+        "_requests",
+        "_retries",
+        "_slot",
+        "_tick",
+        "_total_requests",
+        "_total_retries",
+        "enabled",
+        "floor",
+        "ratio",
+        "service",
+    )
+
+    def __init__(self, service: str, options: RetryBudgetOptions) -> None:
+        self.service = service
+        self._lock = threading.Lock()
+        self._requests = [0] * _SLOTS
+        self._retries = [0] * _SLOTS
+        self._total_requests = 0
+        self._total_retries = 0
+        self._tick = 0
+        self._configure(options)
+
+    def _configure(self, options: RetryBudgetOptions) -> None:
+        self.enabled = options.enabled
+        self.ratio = options.ratio
+        self.floor = options.min_per_second * options.window_seconds
+        self._slot = options.window_seconds / _SLOTS
+
+    def reconfigure(self, options: RetryBudgetOptions) -> None:
+        """Adopt new options; the counts in the window are kept (a new width restarts them)."""
+        with self._lock:
+            if options.window_seconds / _SLOTS != self._slot:
+                self._requests = [0] * _SLOTS
+                self._retries = [0] * _SLOTS
+                self._total_requests = self._total_retries = 0
+            self._configure(options)
+
+    def _advance(self, now: float) -> int:
+        """Slide the window to ``now`` (lock held); return the slot of ``now``."""
+        tick = int(now // self._slot)
+        passed = tick - self._tick
+        if passed:
+            requests, retries = self._requests, self._retries
+            if passed >= _SLOTS or passed < 0:
+                requests[:] = retries[:] = [0] * _SLOTS
+                self._total_requests = self._total_retries = 0
+            else:
+                for step in range(1, passed + 1):
+                    gone = (self._tick + step) % _SLOTS
+                    self._total_requests -= requests[gone]
+                    self._total_retries -= retries[gone]
+                    requests[gone] = retries[gone] = 0
+            self._tick = tick
+        return tick % _SLOTS
+
+    def _allowed(self) -> float:
+        return max(self.ratio * self._total_requests, self.floor)
+
+    def deposit(self) -> None:
+        """Count one first attempt."""
+        now = _clock.monotonic()
+        with self._lock:
+            slot = self._advance(now)
+            self._requests[slot] += 1
+            self._total_requests += 1
+
+    def withdraw(self, kind: Draw) -> bool:
+        """Take one retry (or hedge) if the budget allows it; say so when it does not."""
+        if not self.enabled:
+            return True
+        now = _clock.monotonic()
+        with self._lock:
+            slot = self._advance(now)
+            allowed = self._total_retries + 1 <= self._allowed()
+            if allowed:
+                self._retries[slot] += 1
+                self._total_retries += 1
+        if not allowed:
+            handlers = events.ROUTES.get(events.RetryBudgetExhausted)
+            if handlers:
+                events.dispatch(handlers, events.RetryBudgetExhausted(self.service, kind))
+        return allowed
+
+    def snapshot(self) -> RetryBudgetSnapshot:
+        """Counts in the window now, and how many retries or hedges it would allow."""
+        with self._lock:
+            self._advance(_clock.monotonic())
+            requests, retries = self._total_requests, self._total_retries
+            remaining = max(0, int(self._allowed()) - retries)
+        return RetryBudgetSnapshot(
+            service=self.service,
+            enabled=self.enabled,
+            requests=requests,
+            retries=retries,
+            remaining=remaining,
+        )
+
+
+def shared_budget(ctx: BuildContext, options: RetryBudgetOptions) -> RetryBudget:
+    """The budget of ``ctx.service``, shared by its retrying call sites and its hedges.
+
+    Keyed by the service, never by a call site's private key: a budget exists to be shared.
+    """
+    service = ctx.service
+
+    def make(opts: RetryBudgetOptions) -> RetryBudget:
+        return RetryBudget(service, opts)
+
+    if ctx.instances is None:
+        return make(options)
+    return cast("RetryBudget", ctx.instances(BUDGET, service, options, make))
