@@ -15,11 +15,13 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from buttress.patterns import PATTERNS
 from buttress.patterns._base import Options
+from buttress.patterns.adaptive_throttle import AdaptiveThrottleOptions
 from buttress.patterns.bulkhead import BulkheadOptions
 from buttress.patterns.chaos import KILL_SWITCH as CHAOS_VARIABLE
 from buttress.patterns.chaos import ChaosOptions
 from buttress.patterns.circuit_breaker import CircuitBreakerOptions
 from buttress.patterns.fallback import FallbackOptions
+from buttress.patterns.hedging import HedgingOptions
 from buttress.patterns.rate_limit import RateLimitOptions
 from buttress.patterns.retry import RetryOptions
 from buttress.patterns.timeout import TimeoutOptions
@@ -28,7 +30,9 @@ _OPTIONS: Final[Mapping[str, type[Options]]] = MappingProxyType(
     {
         "fallback": FallbackOptions,
         "retry": RetryOptions,
+        "hedging": HedgingOptions,
         "circuit_breaker": CircuitBreakerOptions,
+        "adaptive_throttle": AdaptiveThrottleOptions,
         "rate_limit": RateLimitOptions,
         "timeout": TimeoutOptions,
         "bulkhead": BulkheadOptions,
@@ -159,7 +163,9 @@ SECTIONS: Final[Mapping[str, type[BaseModel]]] = MappingProxyType(
 if TYPE_CHECKING:
     FallbackSettings: TypeAlias = Any
     RetrySettings: TypeAlias = Any
+    HedgingSettings: TypeAlias = Any
     CircuitBreakerSettings: TypeAlias = Any
+    AdaptiveThrottleSettings: TypeAlias = Any
     RateLimitSettings: TypeAlias = Any
     TimeoutSettings: TypeAlias = Any
     BulkheadSettings: TypeAlias = Any
@@ -167,7 +173,9 @@ if TYPE_CHECKING:
 else:
     FallbackSettings = SECTIONS["fallback"]
     RetrySettings = SECTIONS["retry"]
+    HedgingSettings = SECTIONS["hedging"]
     CircuitBreakerSettings = SECTIONS["circuit_breaker"]
+    AdaptiveThrottleSettings = SECTIONS["adaptive_throttle"]
     RateLimitSettings = SECTIONS["rate_limit"]
     TimeoutSettings = SECTIONS["timeout"]
     BulkheadSettings = SECTIONS["bulkhead"]
@@ -191,7 +199,9 @@ class ServiceSettings(_Strict):
     preset: PresetName | None = Field(default=None, description="a preset chosen by the operator")
     fallback: FallbackSettings = FallbackSettings()
     retry: RetrySettings = RetrySettings()
+    hedging: HedgingSettings = HedgingSettings()
     circuit_breaker: CircuitBreakerSettings = CircuitBreakerSettings()
+    adaptive_throttle: AdaptiveThrottleSettings = AdaptiveThrottleSettings()
     rate_limit: RateLimitSettings = RateLimitSettings()
     timeout: TimeoutSettings = TimeoutSettings()
     bulkhead: BulkheadSettings = BulkheadSettings()

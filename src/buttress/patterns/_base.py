@@ -7,19 +7,21 @@ A pattern has three parts:
   time; settings are validated against it at load time.
 * a *strategy*: built from resolved options when a policy first runs (and again after
   ``reload_settings()``). It only *decides*; the two drivers in :mod:`buttress.policy` (one for
-  ``def`` callers, one for ``async def`` callers) do every wait. A strategy is one of two shapes:
+  ``def`` callers, one for ``async def`` callers) do every wait. A strategy is one of these
+  shapes:
 
   - a :class:`Gate` decides before the call (``before()``: a token, or an :class:`Effect` to
-    perform first) and is told when it is over (``after(token)``, or no ``after`` at all);
+    perform first) and is told when it is over (``after(token)``, or no ``after`` at all); a
+    :class:`JudgedGate` is told how it ended (``finish(token, exc or None)``), to learn from it;
   - a :class:`Recovery` decides after a failure (``recover()``: an effect that answers it, or it
     re-raises) and may note each success (``succeeded``). One may also keep a scope of its own
     around the call and its answer: a context variable (``scope``) the driver sets to
     ``new_scope()`` (retry's attempt count).
 
   The effects are a small closed set: :class:`Sleep`, :class:`WaitForSlot`, :class:`Return`,
-  :class:`TryAlternatives` and :class:`RetryAfter`. A strategy not yet written this way still
-  offers ``wrap`` (for ``def`` callers) and ``awrap`` (for ``async def`` callers) around the next
-  step.
+  :class:`TryAlternatives`, :class:`RetryAfter` and :class:`Hedge`. A strategy not yet written
+  this way still offers ``wrap`` (for ``def`` callers) and ``awrap`` (for ``async def`` callers)
+  around the next step.
 * a ``build(ctx)`` function returning the strategy.
 
 A step of the chain takes the positional arguments as a tuple and the keyword arguments as a dict,
@@ -40,6 +42,8 @@ __all__ = [
     "Call",
     "Effect",
     "Gate",
+    "Hedge",
+    "JudgedGate",
     "Mode",
     "Options",
     "Recovery",
@@ -85,6 +89,8 @@ class BuildContext:
             ``None``: every build makes its own.
         armed: whether this process allows fault injection at all (the chaos kill switch, read
             from the environment when settings load: a config file cannot arm it).
+        budget: the service's retry budget options (``retry.budget``), for a pattern that draws
+            on the budget without being retry (hedging); ``None`` for the others.
     """
 
     service: str
@@ -93,6 +99,7 @@ class BuildContext:
     mode: Mode = "enforce"
     instances: Callable[[str, str, Any, Callable[[Any], Any]], Any] | None = None
     armed: bool = False
+    budget: Any = None
 
     def shared(self, pattern: str, factory: Callable[[Any], T]) -> T:
         """The instance of ``pattern`` for this key, made by ``factory(options)`` on first use.
@@ -229,6 +236,32 @@ class RetryAfter(Effect):
         """The attempt returned."""
 
 
+class Hedge(Effect):
+    """Run the call, and one more copy of it each time ``delay`` passes without an answer.
+
+    The driver starts the call (copy 0) and waits up to ``delay`` seconds (``None``: no more
+    copies) for a copy to end; then it asks :meth:`launch` whether another copy may start, which
+    also sets the next ``delay``. The first copy that returns answers the call. A copy that raises
+    while others still run is forgotten; when every copy started has raised (and no more may
+    start), the last failure is raised. :meth:`over` is told once, with the winning copy (``None``
+    when all raised). The losers are cancelled (tasks) or abandoned (threads: they finish
+    unobserved): nothing about them is reported, so no outcome counts twice.
+    """
+
+    __slots__ = ("delay", "service")
+
+    def __init__(self, delay: float | None, service: str) -> None:
+        self.delay = delay
+        self.service = service  # whose share of the worker pool runs a def call's copies
+
+    def launch(self) -> bool:
+        """``delay`` passed with no answer: whether another copy starts now (sets ``delay``)."""
+        raise NotImplementedError
+
+    def over(self, winner: int | None) -> None:
+        """The race is decided: copy ``winner`` answered (0 is the call), or none did."""
+
+
 # -- the shapes of a strategy -------------------------------------------------------------------
 class Gate(Protocol):
     """A strategy that decides before the call and is told when it is over."""
@@ -250,6 +283,21 @@ class Gate(Protocol):
         ``None`` when the pattern holds nothing during the call (the driver then skips the
         ``try``/``finally``).
         """
+
+
+class JudgedGate(Protocol):
+    """A gate that learns from each call: told how it ended, not just that it did."""
+
+    pattern: ClassVar[str]
+
+    @property
+    def before(self) -> Callable[[], Any]:
+        """As :attr:`Gate.before`; the token is passed to ``finish``."""
+
+    @property
+    def finish(self) -> Callable[[Any, BaseException | None], None]:
+        """Runs once the call is over: ``finish(token, None)`` after it returned,
+        ``finish(token, exc)`` after it raised ``exc`` (cancellation included)."""
 
 
 class Recovery(Protocol):
@@ -284,7 +332,7 @@ class Wrapper(Protocol):
         """Return a step that applies this pattern around ``call`` for an ``async def`` caller."""
 
 
-Strategy = Gate | Recovery | Wrapper
+Strategy = Gate | JudgedGate | Recovery | Wrapper
 
 
 def error_type(exc: BaseException) -> str:

@@ -23,14 +23,15 @@ from pydantic import Field
 from buttress import _clock, events
 from buttress._values import PositiveSeconds
 from buttress.patterns._base import BuildContext, Options
+from buttress.patterns._sliding import SlidingCounts
 
 __all__ = ["BUDGET", "RetryBudget", "RetryBudgetOptions", "RetryBudgetSnapshot", "shared_budget"]
 
 # The key of the shared instance (``BuildContext.shared``): one budget per service.
 BUDGET = "retry_budget"
 
-# The window is kept as this many slots; it slides one slot at a time.
-_SLOTS = 10
+# The two counters of the window.
+_REQUESTS, _RETRIES = 0, 1
 
 Draw = Literal["retry", "hedge"]
 
@@ -73,73 +74,34 @@ class RetryBudget:
     ``withdraw(kind)`` takes one retry or hedge if the budget allows it.
     """
 
-    __slots__ = (
-        "_lock",
-        "_requests",
-        "_retries",
-        "_slot",
-        "_tick",
-        "_total_requests",
-        "_total_retries",
-        "enabled",
-        "floor",
-        "ratio",
-        "service",
-    )
+    __slots__ = ("_counts", "_lock", "enabled", "floor", "ratio", "service")
 
     def __init__(self, service: str, options: RetryBudgetOptions) -> None:
         self.service = service
         self._lock = threading.Lock()
-        self._requests = [0] * _SLOTS
-        self._retries = [0] * _SLOTS
-        self._total_requests = 0
-        self._total_retries = 0
-        self._tick = 0
+        self._counts = SlidingCounts(options.window_seconds, 2)
         self._configure(options)
 
     def _configure(self, options: RetryBudgetOptions) -> None:
         self.enabled = options.enabled
         self.ratio = options.ratio
         self.floor = options.min_per_second * options.window_seconds
-        self._slot = options.window_seconds / _SLOTS
 
     def reconfigure(self, options: RetryBudgetOptions) -> None:
-        """Adopt new options; the counts in the window are kept (a new width restarts them)."""
+        """Adopt new options; the counts in the window are kept (a new length restarts them)."""
         with self._lock:
-            if options.window_seconds / _SLOTS != self._slot:
-                self._requests = [0] * _SLOTS
-                self._retries = [0] * _SLOTS
-                self._total_requests = self._total_retries = 0
+            if options.window_seconds != self._counts.window:
+                self._counts = SlidingCounts(options.window_seconds, 2)
             self._configure(options)
 
-    def _advance(self, now: float) -> int:
-        """Slide the window to ``now`` (lock held); return the slot of ``now``."""
-        tick = int(now // self._slot)
-        passed = tick - self._tick
-        if passed:
-            requests, retries = self._requests, self._retries
-            if passed >= _SLOTS or passed < 0:
-                requests[:] = retries[:] = [0] * _SLOTS
-                self._total_requests = self._total_retries = 0
-            else:
-                for step in range(1, passed + 1):
-                    gone = (self._tick + step) % _SLOTS
-                    self._total_requests -= requests[gone]
-                    self._total_retries -= retries[gone]
-                    requests[gone] = retries[gone] = 0
-            self._tick = tick
-        return tick % _SLOTS
-
     def _allowed(self) -> float:
-        return max(self.ratio * self._total_requests, self.floor)
+        return max(self.ratio * self._counts.totals[_REQUESTS], self.floor)
 
     def deposit(self) -> None:
         """Count one first attempt."""
         now = _clock.monotonic()
         with self._lock:
-            slot = self._advance(now)
-            self._requests[slot] += 1
-            self._total_requests += 1
+            self._counts.add(now, _REQUESTS)
 
     def withdraw(self, kind: Draw) -> bool:
         """Take one retry (or hedge) if the budget allows it; say so when it does not."""
@@ -147,11 +109,11 @@ class RetryBudget:
             return True
         now = _clock.monotonic()
         with self._lock:
-            slot = self._advance(now)
-            allowed = self._total_retries + 1 <= self._allowed()
+            counts = self._counts
+            counts.advance(now)
+            allowed = counts.totals[_RETRIES] + 1 <= self._allowed()
             if allowed:
-                self._retries[slot] += 1
-                self._total_retries += 1
+                counts.add(now, _RETRIES)
         if not allowed:
             handlers = events.ROUTES.get(events.RetryBudgetExhausted)
             if handlers:
@@ -161,8 +123,8 @@ class RetryBudget:
     def snapshot(self) -> RetryBudgetSnapshot:
         """Counts in the window now, and how many retries or hedges it would allow."""
         with self._lock:
-            self._advance(_clock.monotonic())
-            requests, retries = self._total_requests, self._total_retries
+            self._counts.advance(_clock.monotonic())
+            requests, retries = self._counts.totals
             remaining = max(0, int(self._allowed()) - retries)
         return RetryBudgetSnapshot(
             service=self.service,

@@ -1,0 +1,117 @@
+"""Adaptive concurrency limits: how many calls a dependency can take, learned from its answers.
+
+The algorithms of Netflix concurrency-limits (``AIMDLimit``, ``Gradient2Limit``), as plain
+arithmetic: each gets one sample per finished call (its round-trip time, the calls in flight when
+it ended, and whether it was *dropped*: timed out or refused) and returns the new limit. The
+adaptive bulkhead (:mod:`buttress.patterns.bulkhead`) calls them under its lock; nothing here
+reads the clock or waits.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final, Literal
+
+__all__ = ["AIMD", "Algorithm", "Gradient2", "Limit", "make_limit"]
+
+Algorithm = Literal["aimd", "gradient2"]
+
+
+class Limit:
+    """An adaptive limit: ``update(rtt, inflight, dropped)`` returns the limit to use next."""
+
+    __slots__ = ("estimate", "max_limit", "min_limit")
+
+    def __init__(self, initial: int, min_limit: int, max_limit: int) -> None:
+        self.min_limit = min_limit
+        self.max_limit = max_limit
+        self.estimate = float(min(max(initial, min_limit), max_limit))
+
+    @property
+    def limit(self) -> int:
+        return max(self.min_limit, int(self.estimate))
+
+    def _clamp(self, value: float) -> float:
+        return min(float(self.max_limit), max(float(self.min_limit), value))
+
+    def update(self, rtt: float, inflight: int, dropped: bool) -> int:
+        raise NotImplementedError
+
+
+class AIMD(Limit):
+    """Additive increase, multiplicative decrease (``AIMDLimit``).
+
+    A drop cuts the limit to ``BACKOFF`` of itself; a call that ended while at least half the
+    limit was in use (the limit was the constraint) raises it by one. A call that ended with the
+    limit mostly unused says nothing about it.
+    """
+
+    __slots__ = ()
+
+    BACKOFF: Final = 0.9
+
+    def update(self, rtt: float, inflight: int, dropped: bool) -> int:
+        if dropped:
+            self.estimate = self._clamp(math.floor(self.estimate * self.BACKOFF))
+        elif inflight * 2 >= self.estimate:
+            self.estimate = self._clamp(self.estimate + 1)
+        return self.limit
+
+
+class Gradient2(Limit):
+    """The gradient of short-term to long-term latency (``Gradient2Limit``).
+
+    ``gradient = clamp(TOLERANCE * long_rtt / short_rtt, 0.5, 1)``; the new limit is
+    ``limit * gradient + QUEUE``, smoothed. While latency stays near its long-term average the
+    limit grows by ``QUEUE`` (times the smoothing) per sample; when it rises past ``TOLERANCE``
+    times that average the limit shrinks, at most by half per sample. The long-term average
+    forgets faster when latency has fallen well below it (the dependency recovered). A limit that
+    is mostly unused does not grow. A drop is a sample like any other: its round-trip time (up to
+    the timeout that dropped it) is what pulls the limit down.
+    """
+
+    TOLERANCE: Final = 1.5
+    QUEUE: Final = 4.0
+    SMOOTHING: Final = 0.2
+    LONG_SAMPLES: Final = 600
+    SHORT_SAMPLES: Final = 10
+    WARMUP: Final = 10
+
+    __slots__ = ("_long", "_samples", "_short")
+
+    def __init__(self, initial: int, min_limit: int, max_limit: int) -> None:
+        super().__init__(initial, min_limit, max_limit)
+        self._long = 0.0
+        self._short = 0.0
+        self._samples = 0
+
+    @staticmethod
+    def _average(current: float, sample: float, samples: int, count: int) -> float:
+        if count <= 1:
+            return sample
+        if count <= Gradient2.WARMUP:  # a plain mean while there are few samples
+            return current + (sample - current) / count
+        factor = 2.0 / (samples + 1)
+        return current + (sample - current) * factor
+
+    def update(self, rtt: float, inflight: int, dropped: bool) -> int:
+        self._samples = count = self._samples + 1
+        rtt = max(rtt, 1e-6)
+        self._short = short = self._average(self._short, rtt, self.SHORT_SAMPLES, count)
+        self._long = long_rtt = self._average(self._long, rtt, self.LONG_SAMPLES, count)
+        if long_rtt / short > 2:
+            # Latency fell far below the long-term average: let the average catch up.
+            self._long = long_rtt = long_rtt * 0.95
+        if inflight < self.estimate / 2:
+            return self.limit
+        gradient = max(0.5, min(1.0, self.TOLERANCE * long_rtt / short))
+        target = self.estimate * gradient + self.QUEUE
+        smoothed = self.estimate * (1 - self.SMOOTHING) + target * self.SMOOTHING
+        self.estimate = self._clamp(smoothed)
+        return self.limit
+
+
+def make_limit(algorithm: Algorithm, initial: int, min_limit: int, max_limit: int) -> Limit:
+    """The limit of ``algorithm`` starting at ``initial``, kept within the bounds."""
+    kind = AIMD if algorithm == "aimd" else Gradient2
+    return kind(initial, min_limit, max_limit)
