@@ -136,13 +136,15 @@ def _build(
     service: str,
     key: str,
     snapshot: config.Snapshot,
-    retry_args: Mapping[str, Any] | None = None,
+    budget_args: Mapping[str, Any],
 ) -> Strategy | None:
     view = snapshot.service(service)
     if not view.enabled or not view.pattern_enabled(spec.pattern):
         return None
     # A shared instance is configured by the code arguments of every call site of its service.
     code_args = registry.code_args(spec.pattern, key) if key == service else spec.code_args
+    if spec.pattern == "retry" and budget_args:
+        code_args = {**code_args, **budget_args}
     options = view.options(spec.pattern, code_args, spec.preset)
     if not getattr(options, "enabled", True):
         return None
@@ -150,7 +152,7 @@ def _build(
     budget = None
     if spec.pattern in _DRAWS_ON_BUDGET:
         # The budget it shares with retry: what the retry of its stack (or settings) configures.
-        budget = view.options("retry", retry_args or {}, spec.preset).budget  # type: ignore[attr-defined]
+        budget = view.options("retry", budget_args, spec.preset).budget  # type: ignore[attr-defined]
     ctx = BuildContext(
         service=service,
         options=options,
@@ -215,11 +217,17 @@ class _Bound:
         weakref.finalize(self, registry.forget, private)
         for spec in policy.specs:
             service = spec.service or self.service
-            if spec.pattern in registry.SHARED_PATTERNS and (spec.service or policy.service):
+            named = bool(spec.service or policy.service)
+            if spec.pattern in registry.SHARED_PATTERNS and named:
                 registry.claim(spec.pattern, service, spec.code_args, site)
                 self.keys.append((spec, service, service))
             else:
                 self.keys.append((spec, service, private))
+            if spec.pattern == "retry" and named and "budget" in spec.code_args:
+                # The retry budget is the service's, whatever the call site: claimed as the
+                # shared instances' arguments are, so two sites cannot give it two values.
+                registry.claim("retry", service, {"budget": spec.code_args["budget"]}, site)
+        self._named = [bool(spec.service or policy.service) for spec in policy.specs]
         self._lock = threading.Lock()
         self.compiled = _Compiled(_NO_SNAPSHOT, None, None, None, direct=True)
 
@@ -236,13 +244,29 @@ class _Bound:
     def _compile(self, snapshot: config.Snapshot, epoch: object) -> _Compiled:
         if not snapshot.enabled:
             return _Compiled(snapshot, epoch, None, None, direct=True)
-        retry_args = next(
-            (spec.code_args for spec, _, _ in self.keys if spec.pattern == "retry"), None
+        # The code arguments of each service's retry budget: claimed by every call site of a
+        # named service, else those of this stack's retry.
+        local = next(
+            (
+                {"budget": spec.code_args["budget"]}
+                for spec, _, _ in self.keys
+                if spec.pattern == "retry" and "budget" in spec.code_args
+            ),
+            {},
         )
         strategies = [
             strategy
-            for spec, service, key in self.keys
-            if (strategy := _build(spec, service, key, snapshot, retry_args)) is not None
+            for (spec, service, key), named in zip(self.keys, self._named, strict=True)
+            if (
+                strategy := _build(
+                    spec,
+                    service,
+                    key,
+                    snapshot,
+                    registry.code_args("retry", service) if named else local,
+                )
+            )
+            is not None
         ]
         view = snapshot.service(self.service)
         if not strategies and not view.enabled:
