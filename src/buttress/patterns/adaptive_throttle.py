@@ -14,7 +14,9 @@ to twice what is accepted (the book's default; ``1.1`` is stricter).
 A call is *accepted* when it returns, or fails with an error of its own (a 404, a bad request):
 the dependency answered. A transient error (connection refused or reset, a timeout, HTTP 429 or
 5xx) or a rejection by a pattern inside this one is not. Locally refused calls count as requests
-(as in the book), so a throttled client keeps probing at the rate the dependency accepts. The
+(as in the book), so a throttled client keeps probing at the rate the dependency accepts. A call
+that goes out counts when it ends, not when it starts: calls still in flight (a burst at start-up,
+before any answer) would otherwise count as requests with no accept and throttle each other. The
 refusal is a :class:`~buttress.RejectedError` (``CallRejected`` reason ``throttled``), which
 retry never retries.
 """
@@ -112,20 +114,25 @@ class AdaptiveThrottle:
         return max(0.0, (requests - self.k * accepts) / (requests + 1))
 
     def admit(self) -> bool:
-        """Count a request; ``False``: refuse it here (it still counts as a request)."""
+        """Whether the call may go; a refused one counts as a request at once."""
+        now = _clock.monotonic()
+        with self._lock:
+            counts = self._counts
+            counts.advance(now)
+            probability = self._probability()
+            if probability <= 0.0 or self._random() >= probability:
+                return True
+            counts.add(now, _REQUESTS)
+            return False
+
+    def finish(self, _token: object, failure: BaseException | None) -> None:
+        """The call ended: count it, and count an accept unless the dependency did not answer."""
         now = _clock.monotonic()
         with self._lock:
             counts = self._counts
             counts.add(now, _REQUESTS)
-            probability = self._probability()
-            return probability <= 0.0 or self._random() >= probability
-
-    def finish(self, _token: object, failure: BaseException | None) -> None:
-        """The call ended: count an accept unless the dependency did not answer it."""
-        if failure is None or accepted(failure):
-            now = _clock.monotonic()
-            with self._lock:
-                self._counts.add(now, _ACCEPTS)
+            if failure is None or accepted(failure):
+                counts.add(now, _ACCEPTS)
 
     def snapshot(self) -> ThrottleSnapshot:
         with self._lock:
