@@ -258,8 +258,9 @@ def overload(mode: Any, clock: FakeClock) -> None:
     )
     for _ in range(20):
         mode.outcome(throttled)
-    pool = with_bulkhead(name="pool", adaptive="aimd", limit=1)(mode.define())
-    mode.run(pool)
+    pool = with_bulkhead(name="pool", adaptive="aimd", limit=1)(mode.define(latency=0.1))
+    for _ in range(12):  # one window: 10 calls and (at least) a second
+        mode.run(pool)
 
 
 def shadow(mode: Any, clock: FakeClock) -> None:

@@ -113,4 +113,4 @@ def test_the_overload_controls_in_numbers(scenario_run):
     )
     assert refused > 0
     assert m.value("buttress_calls_total", service="overloaded", outcome="rejected") == refused
-    assert m.value("buttress_bulkhead_limit", service="pool") == 2  # AIMD: one call, one more slot
+    assert m.value("buttress_bulkhead_limit", service="pool") == 2  # AIMD: one window, one more

@@ -68,12 +68,13 @@ def live_limit(service: str) -> int:
     return int(bulkhead.snapshot()["limit"])
 
 
-def test_healthy_calls_raise_the_limit_and_say_so(mode, clock) -> None:
-    fn = buttress.with_bulkhead("grow", adaptive="aimd", limit=1)(mode.define(latency=0.01))
+def test_healthy_calls_raise_the_limit_once_a_window_and_say_so(mode, clock) -> None:
+    fn = buttress.with_bulkhead("grow", adaptive="aimd", limit=1)(mode.define(latency=0.1))
     with capture_events([events.BulkheadLimitChanged]) as seen:
-        for _ in range(5):
+        for _ in range(40):
             assert mode.run(fn) == "ok"
-    # One call at a time uses half a limit of 1 or 2: +1 each; at 3 and more it says nothing.
+    # A window closes every 11 calls (10 calls and a second); one call at a time uses half a
+    # limit of 1 or 2: + 1 each; at 3 and more the limit is not what holds the calls back.
     assert [(e.previous, e.limit, e.reason) for e in seen] == [(1, 2, "growth"), (2, 3, "growth")]
     assert live_limit("grow") == 3
 
@@ -83,17 +84,18 @@ def test_timeouts_drop_the_limit(mode, clock) -> None:
         buttress.with_bulkhead("slow", adaptive="aimd", limit=20)(mode.define(latency=1.0))
     )
     with capture_events([events.BulkheadLimitChanged]) as seen:
-        for _ in range(3):
+        for _ in range(20):
             assert isinstance(mode.outcome(fn), TimeoutExceededError)
         if not mode.is_async:
             # A sync call runs on, abandoned, and finishes after its deadline: then it drops.
             for _ in range(500):
-                if len(seen) == 3:
+                if len(seen) == 2:
                     break
                 threading.Event().wait(0.01)
-    assert [e.limit for e in seen] == [18, 16, 14]
+    # Two windows of 10 timed-out calls: 20 x 0.9 = 18, then 16.
+    assert [e.limit for e in seen] == [18, 16]
     assert {e.reason for e in seen} == {"drop"}
-    assert live_limit("slow") == 14
+    assert live_limit("slow") == 16
 
 
 def test_a_raised_limit_admits_the_queue_at_once(clock: FakeClock) -> None:
@@ -113,7 +115,12 @@ def test_a_raised_limit_admits_the_queue_at_once(clock: FakeClock) -> None:
 
     waiter = Woken()
     assert waiting.queue(waiter)  # type: ignore[arg-type]
-    bulkhead.finish(first, None)  # one call using the whole limit: it grows to 2, then releases
+    limiter = bulkhead._limiter
+    assert limiter is not None
+    for step in range(9):  # a window of calls that used the whole limit, all but the last
+        limiter.sample(clock.monotonic() + step * 0.2, 0.01, 1, False)
+    clock.advance(2)
+    bulkhead.finish(first, None)  # closes the window: the limit grows to 2, then it releases
     assert waiter.woken
     assert bulkhead.snapshot()["active"] == 1
     assert bulkhead.snapshot()["limit"] == 2

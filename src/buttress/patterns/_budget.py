@@ -7,7 +7,8 @@ and never fewer than ``min_per_second`` per second of the window, so a quiet ser
 retry. It is Finagle's ``RetryBudget`` with one deliberate difference: the floor is a floor (as
 in Envoy's ``min_retry_concurrency`` and failsafe-go's ``minConcurrency``), not an addition, so
 ``1 + ratio`` bounds the amplification whenever the service sends more than
-``min_per_second / ratio`` calls a second. Why: ``docs/patterns/retry-budget.md``.
+``min_per_second / ratio`` calls a second; and it counts per second of the budget's life until a
+whole window has passed. Why: ``docs/patterns/retry-budget.md``.
 
 One :class:`RetryBudget` per service, shared by every retrying call site and every hedge of that
 service (through ``BuildContext.shared``). It decides only; nothing here waits.
@@ -74,18 +75,19 @@ class RetryBudget:
     ``withdraw(kind)`` takes one retry or hedge if the budget allows it.
     """
 
-    __slots__ = ("_counts", "_lock", "enabled", "floor", "ratio", "service")
+    __slots__ = ("_counts", "_lock", "_started", "enabled", "min_per_second", "ratio", "service")
 
     def __init__(self, service: str, options: RetryBudgetOptions) -> None:
         self.service = service
         self._lock = threading.Lock()
         self._counts = SlidingCounts(options.window_seconds, 2)
+        self._started = _clock.monotonic()
         self._configure(options)
 
     def _configure(self, options: RetryBudgetOptions) -> None:
         self.enabled = options.enabled
         self.ratio = options.ratio
-        self.floor = options.min_per_second * options.window_seconds
+        self.min_per_second = options.min_per_second
 
     def reconfigure(self, options: RetryBudgetOptions) -> None:
         """Adopt new options; the counts in the window are kept (a new length restarts them)."""
@@ -94,8 +96,11 @@ class RetryBudget:
                 self._counts = SlidingCounts(options.window_seconds, 2)
             self._configure(options)
 
-    def _allowed(self) -> float:
-        return max(self.ratio * self._counts.totals[_REQUESTS], self.floor)
+    def _allowed(self, now: float) -> float:
+        # The floor is per second of the window so far: a budget just made (a process that has
+        # just started, a service first called) does not hand out a whole window's worth at once.
+        seconds = min(self._counts.window, max(1.0, now - self._started))
+        return max(self.ratio * self._counts.totals[_REQUESTS], self.min_per_second * seconds)
 
     def deposit(self) -> None:
         """Count one first attempt."""
@@ -111,7 +116,7 @@ class RetryBudget:
         with self._lock:
             counts = self._counts
             counts.advance(now)
-            allowed = counts.totals[_RETRIES] + 1 <= self._allowed()
+            allowed = counts.totals[_RETRIES] + 1 <= self._allowed(now)
             if allowed:
                 counts.add(now, _RETRIES)
         if not allowed:
@@ -122,10 +127,11 @@ class RetryBudget:
 
     def snapshot(self) -> RetryBudgetSnapshot:
         """Counts in the window now, and how many retries or hedges it would allow."""
+        now = _clock.monotonic()
         with self._lock:
-            self._counts.advance(_clock.monotonic())
+            self._counts.advance(now)
             requests, retries = self._counts.totals
-            remaining = max(0, int(self._allowed()) - retries)
+            remaining = max(0, int(self._allowed(now)) - retries)
         return RetryBudgetSnapshot(
             service=self.service,
             enabled=self.enabled,

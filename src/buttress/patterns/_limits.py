@@ -1,10 +1,14 @@
 """Adaptive concurrency limits: how many calls a dependency can take, learned from its answers.
 
 The algorithms of Netflix concurrency-limits (``AIMDLimit``, ``Gradient2Limit``), as plain
-arithmetic: each gets one sample per finished call (its round-trip time, the calls in flight when
-it ended, and whether it was *dropped*: timed out or refused) and returns the new limit. The
-adaptive bulkhead (:mod:`buttress.patterns.bulkhead`) calls them under its lock; nothing here
-reads the clock or waits.
+arithmetic: each gets one sample (a round-trip time, the calls in flight, and whether a call was
+*dropped*: timed out or refused) and returns the new limit. As in concurrency-limits'
+``WindowedLimit``, the samples of the finished calls are gathered into windows (at least
+:data:`WINDOW_SECONDS` and :data:`WINDOW_SAMPLES` calls) and the algorithm sees one sample per
+window: the average round-trip time, the most calls in flight, and whether any call dropped. So a
+limit moves about once a second whatever the traffic, and its long-term average spans minutes,
+not milliseconds. The adaptive bulkhead (:mod:`buttress.patterns.bulkhead`) calls them under its
+lock, with the time; nothing here reads the clock or waits.
 """
 
 from __future__ import annotations
@@ -12,7 +16,16 @@ from __future__ import annotations
 import math
 from typing import Final, Literal
 
-__all__ = ["AIMD", "Algorithm", "Gradient2", "Limit", "make_limit"]
+__all__ = [
+    "AIMD",
+    "WINDOW_SAMPLES",
+    "WINDOW_SECONDS",
+    "Algorithm",
+    "Gradient2",
+    "Limit",
+    "Windowed",
+    "make_limit",
+]
 
 Algorithm = Literal["aimd", "gradient2"]
 
@@ -111,7 +124,43 @@ class Gradient2(Limit):
         return self.limit
 
 
-def make_limit(algorithm: Algorithm, initial: int, min_limit: int, max_limit: int) -> Limit:
-    """The limit of ``algorithm`` starting at ``initial``, kept within the bounds."""
+# A window of samples closes once it is this long and holds this many calls (WindowedLimit's
+# defaults: 1 s, 10 samples).
+WINDOW_SECONDS: Final = 1.0
+WINDOW_SAMPLES: Final = 10
+
+
+class Windowed:
+    """Gathers the samples of finished calls into windows and feeds ``limit`` one per window."""
+
+    __slots__ = ("_dropped", "_inflight", "_samples", "_start", "_total", "limit")
+
+    def __init__(self, limit: Limit) -> None:
+        self.limit = limit
+        self._samples = 0
+        self._start = 0.0
+        self._total = 0.0
+        self._inflight = 0
+        self._dropped = False
+
+    def sample(self, now: float, rtt: float, inflight: int, dropped: bool) -> int:
+        """Add one finished call; return the limit (new when this closed a window)."""
+        if self._samples == 0:
+            self._start = now
+        self._samples += 1
+        self._total += rtt
+        self._inflight = max(self._inflight, inflight)
+        self._dropped = self._dropped or dropped
+        if self._samples < WINDOW_SAMPLES or now - self._start < WINDOW_SECONDS:
+            return self.limit.limit
+        limit = self.limit.update(self._total / self._samples, self._inflight, self._dropped)
+        self._samples = self._inflight = 0
+        self._total = 0.0
+        self._dropped = False
+        return limit
+
+
+def make_limit(algorithm: Algorithm, initial: int, min_limit: int, max_limit: int) -> Windowed:
+    """The limit of ``algorithm`` starting at ``initial``, kept within the bounds, windowed."""
     kind = AIMD if algorithm == "aimd" else Gradient2
-    return kind(initial, min_limit, max_limit)
+    return Windowed(kind(initial, min_limit, max_limit))

@@ -9,8 +9,9 @@ held while a protected call runs or while anybody waits.
 
 With ``adaptive="aimd"`` or ``"gradient2"`` the limit is not fixed: every call that ends feeds
 its round-trip time and whether it was dropped (timed out, refused) to an adaptive limit
-(:mod:`buttress.patterns._limits`, Netflix concurrency-limits semantics), which moves the limit
-between ``min_limit`` and ``max_limit``; ``limit`` is then where it starts. Calls in flight over a
+(:mod:`buttress.patterns._limits`, Netflix concurrency-limits semantics, one update per window of
+about a second), which moves the limit between ``min_limit`` and ``max_limit``; ``limit`` is then
+where it starts. Calls in flight over a
 lowered limit finish; a raised one admits waiters at once.
 
 A queued call never waits past the enclosing deadline (``buttress.remaining()``): it gives up then
@@ -35,7 +36,7 @@ from buttress._values import Seconds
 from buttress.exceptions import BulkheadFullError, RejectedError, TimeoutExceededError
 from buttress.patterns import _transient
 from buttress.patterns._base import BuildContext, Mode, Options, Strategy, Waiter, WaitForSlot
-from buttress.patterns._limits import Algorithm, Limit, make_limit
+from buttress.patterns._limits import Algorithm, Windowed, make_limit
 
 __all__ = [
     "PATTERN",
@@ -101,7 +102,7 @@ def _limit(options: BulkheadOptions) -> int:
     return options.limit
 
 
-def _adaptive(options: BulkheadOptions) -> Limit | None:
+def _adaptive(options: BulkheadOptions) -> Windowed | None:
     if options.adaptive is None:
         return None
     return make_limit(options.adaptive, _limit(options), options.min_limit, options.max_limit)
@@ -313,7 +314,7 @@ class Bulkhead:
         limiter = self._limiter
         if verdict is not None and limiter is not None:
             with self._lock:
-                limit = limiter.update(now - started, self._active, verdict)
+                limit = limiter.sample(now, now - started, self._active, verdict)
                 self.limit = limit
                 if limit > previous:
                     self._admit_waiters()
