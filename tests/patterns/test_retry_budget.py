@@ -43,11 +43,13 @@ def test_retries_may_add_ratio_of_first_attempts(clock: FakeClock) -> None:
 
 
 def test_the_floor_is_a_floor_not_an_addition(clock: FakeClock) -> None:
-    # 2 a second: 2 retries in the budget's first second even with no traffic, 20 over a whole
-    # window of 10 s, and no more than 0.2 x 500 with traffic.
+    # 2 a second over 10 s: a reserve of 20 retries even with no traffic (spent at once if need
+    # be, then none until the window slides on), and no more than 0.2 x 500 with traffic.
     quiet = budget(ratio=0.2, min_per_second=2.0, window_seconds=10)
-    assert sum(quiet.withdraw("retry") for _ in range(30)) == 2
-    clock.advance(11)
+    assert sum(quiet.withdraw("retry") for _ in range(30)) == 20
+    clock.advance(5)
+    assert not quiet.withdraw("retry")
+    clock.advance(6)
     assert sum(quiet.withdraw("retry") for _ in range(30)) == 20
     busy = budget(ratio=0.2, min_per_second=2.0, window_seconds=10)
     for _ in range(500):
@@ -129,10 +131,10 @@ def test_an_outage_adds_at_most_the_ratio_in_retries(mode, clock) -> None:
 def test_call_sites_of_one_service_share_its_budget(mode, clock) -> None:
     attempts: list[int] = []
     one = buttress.retry_with_backoff(
-        "shared", initial=0.0, jitter="none", budget={"ratio": 0.0, "min_per_second": 5}
+        "shared", initial=0.0, jitter="none", budget={"ratio": 0.0, "min_per_second": 0.5}
     )(failing(mode, attempts))
     two = buttress.retry_with_backoff("shared", initial=0.0, jitter="none")(failing(mode, attempts))
-    # 5 a second, and no time passes: 5 retries for the whole service.
+    # 0.5 a second over the default 10 s window: 5 retries for the whole service.
     for _ in range(10):
         mode.outcome(one)
         mode.outcome(two)

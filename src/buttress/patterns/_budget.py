@@ -7,8 +7,7 @@ and never fewer than ``min_per_second`` per second of the window, so a quiet ser
 retry. It is Finagle's ``RetryBudget`` with one deliberate difference: the floor is a floor (as
 in Envoy's ``min_retry_concurrency`` and failsafe-go's ``minConcurrency``), not an addition, so
 ``1 + ratio`` bounds the amplification whenever the service sends more than
-``min_per_second / ratio`` calls a second; and it counts per second of the budget's life until a
-whole window has passed. Why: ``docs/patterns/retry-budget.md``.
+``min_per_second / ratio`` calls a second. Why: ``docs/patterns/retry-budget.md``.
 
 One :class:`RetryBudget` per service, shared by every retrying call site and every hedge of that
 service (through ``BuildContext.shared``). It decides only; nothing here waits.
@@ -75,13 +74,12 @@ class RetryBudget:
     ``withdraw(kind)`` takes one retry or hedge if the budget allows it.
     """
 
-    __slots__ = ("_counts", "_lock", "_started", "enabled", "min_per_second", "ratio", "service")
+    __slots__ = ("_counts", "_lock", "enabled", "min_per_second", "ratio", "service")
 
     def __init__(self, service: str, options: RetryBudgetOptions) -> None:
         self.service = service
         self._lock = threading.Lock()
         self._counts = SlidingCounts(options.window_seconds, 2)
-        self._started = _clock.monotonic()
         self._configure(options)
 
     def _configure(self, options: RetryBudgetOptions) -> None:
@@ -96,11 +94,11 @@ class RetryBudget:
                 self._counts = SlidingCounts(options.window_seconds, 2)
             self._configure(options)
 
-    def _allowed(self, now: float) -> float:
-        # The floor is per second of the window so far: a budget just made (a process that has
-        # just started, a service first called) does not hand out a whole window's worth at once.
-        seconds = min(self._counts.window, max(1.0, now - self._started))
-        return max(self.ratio * self._counts.totals[_REQUESTS], self.min_per_second * seconds)
+    def _allowed(self) -> float:
+        # The floor is a reserve for the whole window (Finagle's): a quiet service, or one just
+        # started, may spend it at once.
+        floor = self.min_per_second * self._counts.window
+        return max(self.ratio * self._counts.totals[_REQUESTS], floor)
 
     def deposit(self) -> None:
         """Count one first attempt."""
@@ -116,7 +114,7 @@ class RetryBudget:
         with self._lock:
             counts = self._counts
             counts.advance(now)
-            allowed = counts.totals[_RETRIES] + 1 <= self._allowed(now)
+            allowed = counts.totals[_RETRIES] + 1 <= self._allowed()
             if allowed:
                 counts.add(now, _RETRIES)
         if not allowed:
@@ -131,7 +129,7 @@ class RetryBudget:
         with self._lock:
             self._counts.advance(now)
             requests, retries = self._counts.totals
-            remaining = max(0, int(self._allowed(now)) - retries)
+            remaining = max(0, int(self._allowed()) - retries)
         return RetryBudgetSnapshot(
             service=self.service,
             enabled=self.enabled,
