@@ -21,6 +21,7 @@ from typing import Literal, TypedDict, cast
 from pydantic import Field
 
 from buttress import _clock, events
+from buttress._context import RetryScope
 from buttress._values import PositiveSeconds
 from buttress.patterns._base import BuildContext, Options
 from buttress.patterns._sliding import SlidingCounts
@@ -101,10 +102,27 @@ class RetryBudget:
         return max(self.ratio * self._counts.totals[_REQUESTS], floor)
 
     def deposit(self) -> None:
-        """Count one first attempt."""
+        """Count one first attempt (on every call of a retrying call site: kept short)."""
         now = _clock.monotonic()
+        counts = self._counts
         with self._lock:
-            self._counts.add(now, _REQUESTS)
+            if now < counts.slot_end:
+                counts.current[_REQUESTS] += 1
+                counts.totals[_REQUESTS] += 1
+            else:
+                counts.add(now, _REQUESTS)
+
+    def new_scope(self) -> RetryScope:
+        """``deposit()``, then a fresh retry scope: retry's ``new_scope``, one call per call."""
+        now = _clock.monotonic()
+        counts = self._counts
+        with self._lock:
+            if now < counts.slot_end:
+                counts.current[_REQUESTS] += 1
+                counts.totals[_REQUESTS] += 1
+            else:
+                counts.add(now, _REQUESTS)
+        return RetryScope()
 
     def withdraw(self, kind: Draw) -> bool:
         """Take one retry (or hedge) if the budget allows it; say so when it does not."""

@@ -15,20 +15,29 @@ SLOTS: Final = 10
 
 
 class SlidingCounts:
-    """``kinds`` counters (a first attempt, a retry...) summed over the last ``window`` seconds."""
+    """``kinds`` counters (a first attempt, a retry...) summed over the last ``window`` seconds.
 
-    __slots__ = ("_slot", "_slots", "_tick", "totals", "window")
+    ``current`` is the slot being filled until ``slot_end``: an owner on a hot path may count into
+    it directly (``current[kind] += 1; totals[kind] += 1``) while ``now < slot_end``, and call
+    :meth:`add` otherwise.
+    """
+
+    __slots__ = ("_slot", "_slots", "_tick", "current", "slot_end", "totals", "window")
 
     def __init__(self, window: float, kinds: int) -> None:
         self.window = window
         self._slot = window / SLOTS
         self._slots = [[0] * kinds for _ in range(SLOTS)]
         self._tick = 0
+        self.current = self._slots[0]
+        self.slot_end = 0.0  # the first add() slides to its own time
         # The sum of each counter over the window as of the last ``advance``.
         self.totals = [0] * kinds
 
     def advance(self, now: float) -> list[int]:
         """Slide the window to ``now``; return the counters of the slot ``now`` falls in."""
+        if now < self.slot_end:
+            return self.current
         tick = int(now // self._slot)
         passed = tick - self._tick
         if passed:
@@ -44,7 +53,9 @@ class SlidingCounts:
                         totals[kind] -= count
                         gone[kind] = 0
             self._tick = tick
-        return self._slots[tick % SLOTS]
+        self.current = self._slots[tick % SLOTS]
+        self.slot_end = (tick + 1) * self._slot
+        return self.current
 
     def add(self, now: float, kind: int) -> None:
         """Count one of ``kind`` at ``now``."""

@@ -139,16 +139,12 @@ class RetryStrategy:
         # its scope is made), and every retry must draw on it (in ``stop``).
         self.budget = budget
         if budget is not None:
-            self.new_scope = self._counted_scope
+            self.new_scope = budget.new_scope
         self._shadow = mode == "shadow"
         self._matches = _predicate(options.retry_on)
         # tenacity decides, never sleeps (the driver does): one template for def and async def
         # callers, copied per retried call because a copy keeps that call's state.
         self._retrying = tenacity.Retrying()
-
-    def _counted_scope(self) -> RetryScope:
-        cast("RetryBudget", self.budget).deposit()
-        return RetryScope()
 
     # -- decisions --------------------------------------------------------------------------------
     def retryable(self, exc: BaseException) -> bool:
