@@ -74,6 +74,8 @@ class AIMD(Limit):
 class Gradient2(Limit):
     """The gradient of short-term to long-term latency (``Gradient2Limit``).
 
+    The short-term latency is the sample (a window's average), the long-term one an exponential
+    average over ``LONG_SAMPLES`` samples (a plain mean over the first ``WARMUP``).
     ``gradient = clamp(TOLERANCE * long_rtt / short_rtt, 0.5, 1)``; the new limit is
     ``limit * gradient + QUEUE``, smoothed. While latency stays near its long-term average the
     limit grows by ``QUEUE`` (times the smoothing) per sample; when it rises past ``TOLERANCE``
@@ -87,15 +89,13 @@ class Gradient2(Limit):
     QUEUE: Final = 4.0
     SMOOTHING: Final = 0.2
     LONG_SAMPLES: Final = 600
-    SHORT_SAMPLES: Final = 10
     WARMUP: Final = 10
 
-    __slots__ = ("_long", "_samples", "_short")
+    __slots__ = ("_long", "_samples")
 
     def __init__(self, initial: int, min_limit: int, max_limit: int) -> None:
         super().__init__(initial, min_limit, max_limit)
         self._long = 0.0
-        self._short = 0.0
         self._samples = 0
 
     @staticmethod
@@ -109,9 +109,8 @@ class Gradient2(Limit):
 
     def update(self, rtt: float, inflight: int, dropped: bool) -> int:
         self._samples = count = self._samples + 1
-        rtt = max(rtt, 1e-6)
-        self._short = short = self._average(self._short, rtt, self.SHORT_SAMPLES, count)
-        self._long = long_rtt = self._average(self._long, rtt, self.LONG_SAMPLES, count)
+        short = max(rtt, 1e-6)  # the window's average: the short-term latency as it is
+        self._long = long_rtt = self._average(self._long, short, self.LONG_SAMPLES, count)
         if long_rtt / short > 2:
             # Latency fell far below the long-term average: let the average catch up.
             self._long = long_rtt = long_rtt * 0.95
