@@ -245,7 +245,8 @@ class Hedge(Effect):
     while others still run is forgotten; when every copy started has raised (and no more may
     start), the last failure is raised. :meth:`over` is told once, with the winning copy (``None``
     when all raised). The losers are cancelled (tasks) or abandoned (threads: they finish
-    unobserved): nothing about them is reported, so no outcome counts twice.
+    unobserved): nothing about them is reported, so no outcome counts twice. Only a gate that
+    holds nothing (no ``after``) answers with it: the race is the whole call.
     """
 
     __slots__ = ("delay", "service")
