@@ -147,3 +147,16 @@ def test_concurrent_threads_and_tasks_stay_within_the_limit(mode, clock) -> None
     (crowd,) = [b for b in registry.instances("bulkhead").values() if b.service == "crowd"]
     assert crowd.snapshot()["active"] == 0
     assert 1 <= crowd.snapshot()["limit"] <= 4
+
+
+def test_shadow_mode_keeps_the_limit_where_it_is(mode, clock) -> None:
+    config.reload_settings(env={"BUTTRESS_SERVICES__WATCHED__MODE": "shadow"})
+    try:
+        fn = buttress.with_bulkhead("watched", adaptive="aimd", limit=1)(mode.define(latency=0.1))
+        with capture_events([events.BulkheadLimitChanged]) as seen:
+            for _ in range(40):
+                assert mode.run(fn) == "ok"
+    finally:
+        config.reload_settings()
+    assert seen == []  # it never refuses, so it has nothing to learn from
+    assert live_limit("watched") == 1

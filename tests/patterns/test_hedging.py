@@ -329,3 +329,57 @@ def test_a_percentile_delay_hedges_only_the_slow_tail(mode, clock) -> None:
     assert len(seen) == 1
     assert seen[0].delay == pytest.approx(0.029)
     assert len(calls) == 32
+
+
+def test_a_cancelled_caller_cancels_every_copy(clock) -> None:
+    cancelled: list[int] = []
+    copies: list[int] = []
+
+    async def read() -> str:
+        copy = len(copies)
+        copies.append(copy)
+        try:
+            if copy == 0:
+                await clock.asleep(1)  # the copy is due meanwhile
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(copy)
+            raise
+        return "never"
+
+    fn = buttress.with_hedging("replica", delay=0.05, idempotent=True)(read)
+
+    async def main() -> None:
+        caller = asyncio.ensure_future(fn())
+        while len(copies) < 2:
+            await asyncio.sleep(0)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert sorted(cancelled) == [0, 1]
+
+
+def test_each_copy_runs_under_its_own_timeout(mode, clock) -> None:
+    # A timeout inside hedging (the canonical order) bounds each copy, not the race.
+    replica = Replica(mode, clock, "slow", "fast", slow_for=0.2)
+    fn = buttress.with_hedging("replica", delay=0.05, idempotent=True)(
+        buttress.with_timeout("replica", seconds=10)(replica.fn())
+    )
+    assert mode.run(fn) == "copy 1"
+    settle(replica)
+
+
+def test_shadow_mode_learns_the_latency_and_sends_no_copy(mode, clock) -> None:
+    config.reload_settings(env={"BUTTRESS_SERVICES__WATCHED__MODE": "shadow"})
+    try:
+        fn = buttress.with_hedging("watched", delay="p50", idempotent=True)(mode.define())
+        with capture_events([events.HedgeLaunched]) as seen:
+            for _ in range(MIN_SAMPLES + 5):
+                assert mode.run(fn) == "ok"
+    finally:
+        config.reload_settings()
+    assert seen == []
+    assert registry.instances("hedging")["watched"].value is not None
