@@ -65,6 +65,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_service.py
 	$(BIN)/python bench/bench_scale.py
 	$(BIN)/python bench/bench_threads.py
+	$(BIN)/python -m bench.sim
 	@if command -v redis-server >/dev/null; then $(BIN)/python bench/bench_redis.py; \
 	else echo "redis-server is not installed: skipping the shared-state benchmark"; fi
 

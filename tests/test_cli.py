@@ -279,3 +279,19 @@ def test_a_module_that_cannot_be_imported_is_a_usage_error(app_module):
     done = run("config", "show", "--module", "no_such_module_here", env=app_module)
     assert done.returncode == 2
     assert "module no_such_module_here cannot be imported" in done.stderr
+
+
+def test_config_show_prints_the_retry_budget_as_an_inline_table():
+    done = run(
+        "config",
+        "show",
+        "--service",
+        "llm",
+        env={"BUTTRESS_SERVICES__LLM__RETRY__BUDGET__RATIO": "0.1"},
+    )
+    assert done.returncode == 0, done.stderr
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("budget = ")]
+    assert line.startswith(
+        "budget = { enabled = true, ratio = 0.1, min_per_second = 10.0, window_seconds = 10.0 }"
+    )
+    assert line.endswith("# env BUTTRESS_SERVICES__LLM__RETRY__BUDGET__RATIO")

@@ -886,6 +886,8 @@ COMPANIONS = {
         "slow_call_duration": 1.0,
         "minimum_calls": 1,
     },
+    ("adaptive_throttle", "k"): {"enabled": True},
+    ("adaptive_throttle", "window_seconds"): {"enabled": True},
     ("retry", "initial"): {"max_delay": bounds.MAX_SECONDS},
     ("retry", "exponential_base"): {},
     ("retry", "max_delay"): {"initial": 0.0},
@@ -1239,7 +1241,9 @@ def test_resilient_with_no_configuration_gets_the_documented_defaults():
     assert built == {
         "fallback": False,
         "retry": True,
+        "hedging": False,
         "circuit_breaker": True,
+        "adaptive_throttle": False,
         "rate_limit": False,
         "timeout": True,
         "bulkhead": False,

@@ -33,9 +33,11 @@ EXPECTED = {
     "remaining",
     "resilient",
     "retry_with_backoff",
+    "with_adaptive_throttle",
     "with_bulkhead",
     "with_chaos",
     "with_fallback",
+    "with_hedging",
     "with_rate_limit",
     "with_timeout",
 }

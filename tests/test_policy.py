@@ -564,7 +564,16 @@ def test_a_decorator_above_staticmethod_or_classmethod(mode, kind):
 # -- sans-IO patterns: they decide, the two drivers in policy.py wait ------------------------------
 
 # Ported to decisions only; the circuit breaker and its Redis storage still wrap calls themselves.
-SANS_IO_PATTERNS = ("bulkhead", "chaos", "fallback", "rate_limit", "retry", "timeout")
+SANS_IO_PATTERNS = (
+    "adaptive_throttle",
+    "bulkhead",
+    "chaos",
+    "fallback",
+    "hedging",
+    "rate_limit",
+    "retry",
+    "timeout",
+)
 
 
 @pytest.mark.parametrize("name", SANS_IO_PATTERNS)

@@ -137,7 +137,9 @@ def test_resilient_builds_the_canonical_stack(mode, clock):
     assert [s.pattern for s in policy.specs] == [
         "fallback",
         "retry",
+        "hedging",
         "circuit_breaker",
+        "adaptive_throttle",
         "rate_limit",
         "timeout",
         "bulkhead",

@@ -1,9 +1,9 @@
 """buttress: make the calls a service makes to other services survive failure.
 
 Stack ``circuit_breaker``, ``retry_with_backoff``, ``with_timeout``, ``with_bulkhead``,
-``with_rate_limit`` and ``with_fallback`` on ``def`` and ``async def`` functions, or build the
-whole stack for a named service with ``resilient("openfga")``; tune it from settings; watch it in
-Prometheus, OpenTelemetry and logs.
+``with_rate_limit``, ``with_fallback``, ``with_hedging`` and ``with_adaptive_throttle`` on ``def``
+and ``async def`` functions, or build the whole stack for a named service with
+``resilient("openfga")``; tune it from settings; watch it in Prometheus, OpenTelemetry and logs.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from buttress.decorators import (
     circuit_breaker,
     resilient,
     retry_with_backoff,
+    with_adaptive_throttle,
     with_bulkhead,
     with_chaos,
     with_fallback,
+    with_hedging,
     with_rate_limit,
     with_timeout,
 )
@@ -51,9 +53,11 @@ __all__ = [
     "remaining",
     "resilient",
     "retry_with_backoff",
+    "with_adaptive_throttle",
     "with_bulkhead",
     "with_chaos",
     "with_fallback",
+    "with_hedging",
     "with_rate_limit",
     "with_timeout",
 ]

@@ -228,7 +228,12 @@ def _as_text(described: dict[str, Any]) -> str:
 
 def _line(key: str, item: dict[str, Any]) -> str:
     value = item["value"]
-    shown = "(unset)" if value is None else json.dumps(value, default=repr)
+    if value is None:
+        shown = "(unset)"
+    elif isinstance(value, dict):  # a group option (retry.budget): a TOML inline table
+        shown = "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items()) + " }"
+    else:
+        shown = json.dumps(value, default=repr)
     return f"{key} = {shown}".ljust(44) + f"  # {item['source']}"
 
 

@@ -23,9 +23,11 @@ __all__ = [
     "circuit_breaker",
     "resilient",
     "retry_with_backoff",
+    "with_adaptive_throttle",
     "with_bulkhead",
     "with_chaos",
     "with_fallback",
+    "with_hedging",
     "with_rate_limit",
     "with_timeout",
 ]
@@ -123,6 +125,7 @@ def retry_with_backoff(
     idempotent: bool | None = None,
     respect_retry_after: bool | None = None,
     retry_rejected: bool | None = None,
+    budget: Mapping[str, Any] | Literal[False] | None = None,
 ) -> Policy:
     """Retry transient failures with exponential backoff and jitter.
 
@@ -140,7 +143,12 @@ def retry_with_backoff(
             header) is treated as ``False``, anything else as ``True``.
         respect_retry_after: a server's ``Retry-After`` sets the next delay (default true).
         retry_rejected: retry a ``RejectedError`` carrying ``retry_after`` (default false).
+        budget: the service's retry budget, ``{"ratio": 0.2, "min_per_second": 10,
+            "window_seconds": 10}`` by default; ``False`` switches it off for the service
+            (see ``docs/patterns/retry-budget.md``).
     """
+    if budget is False:
+        budget = {"enabled": False}
     if isinstance(retry_on, type):
         retry_on = (retry_on,)
     elif isinstance(retry_on, list):
@@ -158,6 +166,7 @@ def retry_with_backoff(
             idempotent=idempotent,
             respect_retry_after=respect_retry_after,
             retry_rejected=retry_rejected,
+            budget=budget,
         ),
     )
 
@@ -178,15 +187,82 @@ def with_bulkhead(
     limit: int | None = None,
     max_queue: int | None = None,
     queue_timeout: float | None = None,
+    adaptive: Literal["aimd", "gradient2"] | None = None,
+    min_limit: int | None = None,
+    max_limit: int | None = None,
 ) -> Policy:
     """Allow at most ``limit`` concurrent calls; ``max_queue`` more wait up to ``queue_timeout``.
 
-    With no ``limit`` (here, in settings or from a preset) the pattern is off.
+    With no ``limit`` and no ``adaptive`` (here, in settings or from a preset) the pattern is off.
+
+    Args:
+        adaptive: ``"aimd"`` or ``"gradient2"``: the limit adapts to observed latency and drops
+            (timeouts, refusals), from ``limit`` (default 20) within ``min_limit`` (default 1)
+            and ``max_limit`` (default 200). See ``docs/patterns/bulkhead.md``.
     """
     return _one(
         "bulkhead",
         name,
-        _given(limit=limit, max_queue=max_queue, queue_timeout=queue_timeout),
+        _given(
+            limit=limit,
+            max_queue=max_queue,
+            queue_timeout=queue_timeout,
+            adaptive=adaptive,
+            min_limit=min_limit,
+            max_limit=max_limit,
+        ),
+    )
+
+
+def with_hedging(
+    name: str | None = None,
+    *,
+    delay: float | str | None = None,
+    max_hedges: int | None = None,
+    idempotent: bool | None = None,
+) -> Policy:
+    """When a call has not answered after ``delay``, send a copy; the first answer wins.
+
+    Args:
+        name: the service (settings section, metric label, and the retry budget hedges draw on).
+        delay: seconds, or a percentile of the service's recent latency such as ``"p95"``.
+        max_hedges: copies sent besides the call (default 1).
+        idempotent: must be ``True``: a copy runs while the call is still running, so only a
+            call that is safe to repeat may be hedged (refused at decoration time otherwise).
+
+    Losing copies are cancelled (``async def``) or left to finish unobserved (``def``, whose
+    copies run on worker threads). See ``docs/patterns/hedging.md``.
+    """
+    return _one(
+        "hedging",
+        name,
+        _given(delay=delay, max_hedges=max_hedges, idempotent=idempotent),
+    )
+
+
+def with_adaptive_throttle(
+    name: str | None = None,
+    *,
+    k: float | None = None,
+    window_seconds: float | None = None,
+    seed: int | None = None,
+) -> Policy:
+    """Refuse calls locally in proportion to how many the dependency refuses (Google SRE).
+
+    Each call is refused here with probability ``max(0, (requests - k * accepts) /
+    (requests + 1))`` over the last ``window_seconds`` (default 120), with a
+    ``RejectedError``. See ``docs/patterns/adaptive-throttle.md``.
+
+    Args:
+        name: the service (settings section and metric label).
+        k: calls let through per accepted call (default 2; 1.1 is stricter).
+        window_seconds: the sliding window of requests and accepts.
+        seed: makes the refusals repeatable (tests).
+    """
+    return _one(
+        "adaptive_throttle",
+        name,
+        _given(enabled=True, k=k, window_seconds=window_seconds, seed=seed),
     )
 
 
@@ -290,7 +366,9 @@ def resilient(
     preset: Literal["api", "ai", "database", "external", "critical"] | None = None,
     fallback: Mapping[str, Any] | None = None,
     retry: Mapping[str, Any] | None = None,
+    hedging: Mapping[str, Any] | None = None,
     circuit_breaker: Mapping[str, Any] | None = None,
+    adaptive_throttle: Mapping[str, Any] | None = None,
     rate_limit: Mapping[str, Any] | None = None,
     timeout: Mapping[str, Any] | None = None,
     bulkhead: Mapping[str, Any] | None = None,
@@ -298,12 +376,13 @@ def resilient(
 ) -> Policy:
     """The whole stack for service ``name``, from settings, in the canonical order.
 
-    fallback → retry → circuit breaker → rate limit → timeout (per attempt) → bulkhead → chaos →
-    call.
+    fallback → retry → hedging → circuit breaker → adaptive throttle → rate limit → timeout (per
+    attempt) → bulkhead → chaos → call.
     ``name`` is case-insensitive: ``"OpenFGA"`` and ``"openfga"`` are one service, ``openfga``.
     Each mapping gives code defaults for one pattern that settings may override; ``preset``
-    names a set of defaults. Bulkhead, rate limit, fallback and chaos act only when configured
-    (a ``limit``, a ``rate``, something to fall back to, chaos enabled and armed).
+    names a set of defaults. Hedging, adaptive throttle, bulkhead, rate limit, fallback and chaos
+    act only when configured (a ``delay``, the throttle enabled, a ``limit`` or ``adaptive``, a
+    ``rate``, something to fall back to, chaos enabled and armed).
     """
     service: object = name  # checked at run time for untyped callers
     if not isinstance(service, str) or service == "":
@@ -311,7 +390,9 @@ def resilient(
     given = {
         "fallback": fallback,
         "retry": retry,
+        "hedging": hedging,
         "circuit_breaker": circuit_breaker,
+        "adaptive_throttle": adaptive_throttle,
         "rate_limit": rate_limit,
         "timeout": timeout,
         "bulkhead": bulkhead,

@@ -16,6 +16,7 @@ __all__ = [
     "ROUTES",
     "Binder",
     "BulkheadAcquired",
+    "BulkheadLimitChanged",
     "BulkheadQueued",
     "BulkheadReleased",
     "CallFinished",
@@ -28,8 +29,11 @@ __all__ = [
     "FallbackFailed",
     "FallbackUsed",
     "Handler",
+    "HedgeLaunched",
+    "HedgeWon",
     "RateLimitAcquired",
     "Recorder",
+    "RetryBudgetExhausted",
     "RetryExhausted",
     "RetryScheduled",
     "RetrySucceeded",
@@ -67,8 +71,9 @@ class CallRejected(NamedTuple):
     """A pattern refused a call without attempting it."""
 
     service: str
-    pattern: str  # circuit_breaker | bulkhead | rate_limit
-    reason: str  # open | half_open_full | forced_open | full | queue_timeout | no_tokens | deadline
+    pattern: str  # circuit_breaker | adaptive_throttle | rate_limit | bulkhead
+    reason: str  # open | half_open_full | forced_open | throttled | full | queue_timeout |
+    #              no_tokens | deadline
     retry_after: float | None
 
 
@@ -124,7 +129,7 @@ class RetryExhausted(NamedTuple):
     service: str
     attempts: int
     error_type: str
-    reason: str  # max_attempts | deadline | not_idempotent
+    reason: str  # max_attempts | deadline | not_idempotent | budget
 
 
 class RetrySucceeded(NamedTuple):
@@ -132,6 +137,31 @@ class RetrySucceeded(NamedTuple):
 
     service: str
     attempts: int
+
+
+class RetryBudgetExhausted(NamedTuple):
+    """The service's retry budget refused a retry or a hedge; the call goes on without it."""
+
+    service: str
+    kind: str  # retry | hedge
+
+
+# --- hedging -------------------------------------------------------------------------------------
+
+
+class HedgeLaunched(NamedTuple):
+    """A call was still unanswered after ``delay`` seconds: another copy of it started."""
+
+    service: str
+    hedge: int  # 1 for the first extra copy
+    delay: float  # seconds since the previous copy started
+
+
+class HedgeWon(NamedTuple):
+    """A hedged call was answered (once per call that launched at least one hedge)."""
+
+    service: str
+    winner: str  # primary | hedge | none (every copy failed)
 
 
 # --- timeout -------------------------------------------------------------------------------------
@@ -194,6 +224,15 @@ class BulkheadReleased(NamedTuple):
     service: str
     active: int
     queued: int
+
+
+class BulkheadLimitChanged(NamedTuple):
+    """An adaptive bulkhead moved its limit (from observed latency and drops)."""
+
+    service: str
+    limit: int
+    previous: int
+    reason: str  # drop | latency | growth
 
 
 # --- rate limit ----------------------------------------------------------------------------------
@@ -268,6 +307,9 @@ Event = (
     | RetryScheduled
     | RetryExhausted
     | RetrySucceeded
+    | RetryBudgetExhausted
+    | HedgeLaunched
+    | HedgeWon
     | TimedCallFinished
     | TimeoutExceeded
     | WorkerAbandoned
@@ -275,6 +317,7 @@ Event = (
     | BulkheadQueued
     | BulkheadAcquired
     | BulkheadReleased
+    | BulkheadLimitChanged
     | RateLimitAcquired
     | FallbackUsed
     | FallbackFailed

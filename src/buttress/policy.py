@@ -50,6 +50,7 @@ from buttress.patterns._base import (
     BuildContext,
     Call,
     Effect,
+    Hedge,
     RetryAfter,
     Return,
     Sleep,
@@ -132,16 +133,28 @@ def _argument_error(pattern: str, exc: ValueError) -> ConfigurationError:
     return ConfigurationError(f"invalid argument for {pattern}: {exc}")
 
 
-def _build(spec: Spec, service: str, key: str, snapshot: config.Snapshot) -> Strategy | None:
+def _build(
+    spec: Spec,
+    service: str,
+    key: str,
+    snapshot: config.Snapshot,
+    budget_args: Mapping[str, Any],
+) -> Strategy | None:
     view = snapshot.service(service)
     if not view.enabled or not view.pattern_enabled(spec.pattern):
         return None
     # A shared instance is configured by the code arguments of every call site of its service.
     code_args = registry.code_args(spec.pattern, key) if key == service else spec.code_args
+    if spec.pattern == "retry" and budget_args:
+        code_args = {**code_args, **budget_args}
     options = view.options(spec.pattern, code_args, spec.preset)
     if not getattr(options, "enabled", True):
         return None
     module = importlib.import_module(f"buttress.patterns.{spec.pattern}")
+    budget = None
+    if spec.pattern in _DRAWS_ON_BUDGET:
+        # The budget it shares with retry: what the retry of its stack (or settings) configures.
+        budget = view.options("retry", budget_args, spec.preset).budget  # type: ignore[attr-defined]
     ctx = BuildContext(
         service=service,
         options=options,
@@ -150,12 +163,15 @@ def _build(spec: Spec, service: str, key: str, snapshot: config.Snapshot) -> Str
         instances=registry.shared,
         # Asked when a policy compiles (first call, every reload), never mid-way through one.
         armed=snapshot.settings.chaos_enabled,
+        budget=budget,
     )
     return cast("Strategy | None", module.build(ctx))
 
 
 # The recorder of a stack that calls its function directly: never asked, never rebound.
 _UNHEARD = events.Recorder(CallFinished, "")
+# Patterns other than retry that draw on the service's retry budget.
+_DRAWS_ON_BUDGET = frozenset({"hedging"})
 
 
 class _Compiled:
@@ -188,6 +204,7 @@ class _Bound:
     __slots__ = (
         "__weakref__",
         "_lock",
+        "_named",
         "_stale",
         "compiled",
         "fn",
@@ -213,11 +230,16 @@ class _Bound:
         registry.depend(self)
         for spec in policy.specs:
             service = spec.service or self.service
-            if spec.pattern in registry.SHARED_PATTERNS and (spec.service or policy.service):
+            named = bool(spec.service or policy.service)
+            if spec.pattern in registry.SHARED_PATTERNS and named:
                 registry.claim(spec.pattern, service, spec.code_args, site, self)
                 self.keys.append((spec, service, service))
             else:
                 self.keys.append((spec, service, private))
+            if spec.pattern == "retry" and named and "budget" in spec.code_args:
+                # The retry budget is the service's, whatever the call site: claimed as the
+                # shared instances' arguments are, so two sites cannot give it two values.
+                registry.claim("retry", service, {"budget": spec.code_args["budget"]}, site, self)
         if any(
             key == private and spec.pattern in registry.SHARED_PATTERNS
             for spec, _, key in self.keys
@@ -225,6 +247,7 @@ class _Bound:
             # Private state lives as long as the decorated function: a function decorated per
             # request (a closure, a lambda) must not leave a breaker behind for each one.
             weakref.finalize(self, registry.forget, private)
+        self._named = [bool(spec.service or policy.service) for spec in policy.specs]
 
     def invalidate(self) -> None:
         """Compile again before the next call (a shared instance's code arguments changed)."""
@@ -247,10 +270,29 @@ class _Bound:
     def _compile(self, snapshot: config.Snapshot) -> _Compiled:
         if not snapshot.enabled:
             return _Compiled(snapshot, None, _UNHEARD, direct=True)
+        # The code arguments of each service's retry budget: claimed by every call site of a
+        # named service, else those of this stack's retry.
+        local = next(
+            (
+                {"budget": spec.code_args["budget"]}
+                for spec, _, _ in self.keys
+                if spec.pattern == "retry" and "budget" in spec.code_args
+            ),
+            {},
+        )
         strategies = [
             strategy
-            for spec, service, key in self.keys
-            if (strategy := _build(spec, service, key, snapshot)) is not None
+            for (spec, service, key), named in zip(self.keys, self._named, strict=True)
+            if (
+                strategy := _build(
+                    spec,
+                    service,
+                    key,
+                    snapshot,
+                    registry.code_args("retry", service) if named else local,
+                )
+            )
+            is not None
         ]
         view = snapshot.service(self.service)
         if not strategies and not view.enabled:
@@ -592,6 +634,8 @@ def link(strategy: Any, call: Call) -> Call:
     if hasattr(strategy, "judge"):
         return _judged(strategy.before, strategy.judge, call)
     if hasattr(strategy, "before"):
+        if hasattr(strategy, "finish"):
+            return _learning(strategy.before, strategy.finish, call)
         return _gate(strategy.before, strategy.after, call)
     if hasattr(strategy, "limit"):
         return _bounded(strategy, call)
@@ -607,6 +651,8 @@ def alink(strategy: Any, call: AsyncCall) -> AsyncCall:
     if hasattr(strategy, "judge"):
         return _ajudged(strategy.before, strategy.judge, call)
     if hasattr(strategy, "before"):
+        if hasattr(strategy, "finish"):
+            return _alearning(strategy.before, strategy.finish, call)
         return _agate(strategy.before, strategy.after, call)
     if hasattr(strategy, "limit"):
         return _abounded(strategy, call)
@@ -626,8 +672,12 @@ def _gate(before: Callable[[], Any], after: Callable[[Any], None] | None, call: 
 
         def gated(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             token = before()
-            if token is not None and isinstance(token := settle(token), Return):
-                return token.value
+            if token is not None:
+                token = settle(token)
+                if isinstance(token, Return):
+                    return token.value
+                if isinstance(token, Hedge):
+                    return _hedge(token, call, args, kwargs)
             return call(args, kwargs)
 
         return gated
@@ -653,8 +703,12 @@ def _agate(
 
         async def gated(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             token = before()
-            if token is not None and isinstance(token := await asettle(token), Return):
-                return token.value
+            if token is not None:
+                token = await asettle(token)
+                if isinstance(token, Return):
+                    return token.value
+                if isinstance(token, Hedge):
+                    return await _ahedge(token, call, args, kwargs)
             return await call(args, kwargs)
 
         return gated
@@ -698,6 +752,32 @@ def _judged(before: Admit, judge: Judged, call: Call) -> Call:
     return judged
 
 
+Finish = Callable[[Any, BaseException | None], None]
+
+
+def _learning(before: Callable[[], Any], finish: Finish, call: Call) -> Call:
+    """A gate told how the call ended (``finish(token, None)`` or ``finish(token, exc)``).
+
+    For the patterns that learn from outcomes and latency (the adaptive bulkhead and throttle).
+    """
+
+    def judged(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        token = before()
+        if token is not None and isinstance(token, Effect):
+            token = settle(token)
+            if isinstance(token, Return):
+                return token.value
+        try:
+            result = call(args, kwargs)
+        except BaseException as exc:
+            finish(token, exc)
+            raise
+        finish(token, None)
+        return result
+
+    return judged
+
+
 def _ajudged(before: Admit, judge: Judged, call: AsyncCall) -> AsyncCall:
     async def judged(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         token = before(call, args, kwargs)
@@ -717,6 +797,155 @@ def _ajudged(before: Admit, judge: Judged, call: AsyncCall) -> AsyncCall:
         return result
 
     return judged
+
+
+def _alearning(before: Callable[[], Any], finish: Finish, call: AsyncCall) -> AsyncCall:
+    async def judged(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        token = before()
+        if token is not None and isinstance(token, Effect):
+            token = await asettle(token)
+            if isinstance(token, Return):
+                return token.value
+        try:
+            result = await call(args, kwargs)
+        except BaseException as exc:
+            finish(token, exc)
+            raise
+        finish(token, None)
+        return result
+
+    return judged
+
+
+_NO_DEADLINE = float("inf")
+
+
+def _hedge(effect: Hedge, call: Call, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Race copies of ``call`` as ``effect`` says, for a thread.
+
+    Every copy runs on a worker of the timeout pool (in the service's share): the caller's thread
+    only waits, so it can answer as soon as any copy does. A losing copy is left to finish on its
+    worker; nobody reads its outcome. Copies start only while one is still running: hedging
+    answers slowness; a failure with nothing else running is the answer.
+    """
+    ended = threading.Event()  # set by every copy as it ends
+    jobs: list[_deadline.Job] = []
+    parent = _deadline.worker.job
+
+    def start() -> bool:
+        job = _deadline.Job(
+            call,
+            args,
+            kwargs,
+            context=contextvars.copy_context(),
+            service=effect.service,
+            deadline=_NO_DEADLINE,
+        )
+        job.done = ended
+        job.parent = parent
+        if not _deadline.POOL.submit(job):
+            return False  # the service's share of the pool is all abandoned timeouts
+        jobs.append(job)
+        return True
+
+    launched_at = _clock.monotonic()
+    if not start():
+        # No worker to race on: the call runs on the caller's thread, unhedged.
+        result = call(args, kwargs)
+        effect.over(0)
+        return result
+    failed: set[int] = set()
+    last = 0
+    while True:
+        ended.clear()
+        for copy, job in enumerate(jobs):
+            if copy in failed or job.state != _deadline.DONE:
+                continue
+            if job.error is None:
+                effect.over(copy)
+                return job.result
+            failed.add(copy)
+            last = copy
+        if len(failed) == len(jobs):
+            effect.over(None)
+            error = jobs[last].error
+            try:
+                raise cast("BaseException", error)
+            finally:
+                del error  # break the frame <-> traceback cycle
+        if effect.delay is None:
+            _clock.wait(ended, None)
+            continue
+        left = launched_at + effect.delay - _clock.monotonic()
+        if left > 0 and _clock.wait(ended, left):
+            continue
+        if effect.launch():
+            launched_at = _clock.monotonic()
+            if not start():
+                effect.delay = None  # no worker free for a copy: the race goes on as it is
+
+
+async def _ahedge(
+    effect: Hedge, call: AsyncCall, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Race copies of ``call`` as ``effect`` says, for a task; the losers are cancelled."""
+    loop = asyncio.get_running_loop()
+    tasks: list[asyncio.Task[Any]] = []
+    running: set[asyncio.Task[Any]] = set()
+
+    def start() -> None:
+        task = loop.create_task(_awaited(call, args, kwargs))
+        task.add_done_callback(_consume)
+        tasks.append(task)
+        running.add(task)
+
+    launched_at = _clock.monotonic()
+    start()
+    try:
+        while True:
+            due: asyncio.Future[None] | None = None
+            timer = None
+            waiting: set[asyncio.Future[Any]] = set(running)
+            if effect.delay is not None:
+                due = loop.create_future()
+                left = max(launched_at + effect.delay - _clock.monotonic(), 0.0)
+                timer = _clock.call_later(left, functools.partial(_resolve, due))
+                waiting.add(due)
+            try:
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            failure: BaseException | None = None
+            for copy, task in enumerate(tasks):
+                if task not in running or not task.done():
+                    continue
+                running.discard(task)
+                error = asyncio.CancelledError() if task.cancelled() else task.exception()
+                if error is None:
+                    effect.over(copy)
+                    return task.result()
+                failure = error
+            if not running:
+                effect.over(None)
+                raise cast("BaseException", failure)
+            if due is not None and due.done() and effect.launch():
+                launched_at = _clock.monotonic()
+                start()
+    finally:
+        for task in running:
+            task.cancel()
+
+
+async def _awaited(call: AsyncCall, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return await call(args, kwargs)
+
+
+def _consume(task: asyncio.Task[Any]) -> None:
+    # A cancelled loser may still end with an error of its own: read it, so asyncio does not log
+    # "exception was never retrieved" for a copy nobody waits for any more.
+    if not task.cancelled():
+        task.exception()
 
 
 Recover = Callable[[Exception, tuple[Any, ...], dict[str, Any]], Any]

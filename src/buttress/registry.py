@@ -34,7 +34,7 @@ __all__ = [
     "shared",
 ]
 
-SHARED_PATTERNS = frozenset({"circuit_breaker", "bulkhead", "rate_limit"})
+SHARED_PATTERNS = frozenset({"circuit_breaker", "adaptive_throttle", "bulkhead", "rate_limit"})
 
 
 def service_name(name: str) -> str:

@@ -28,8 +28,10 @@ from buttress import (
     config,
     events,
     retry_with_backoff,
+    with_adaptive_throttle,
     with_bulkhead,
     with_fallback,
+    with_hedging,
     with_rate_limit,
     with_timeout,
 )
@@ -215,6 +217,52 @@ def fallbacks(mode: Any, clock: FakeClock) -> None:
     mode.outcome(with_fallback(name="prices", chain=chain)(mode.define(raising(ConnectionError))))
 
 
+def overload(mode: Any, clock: FakeClock) -> None:
+    """The overload controls: a spent retry budget, a hedge, a throttled call, an adaptive limit.
+
+    outage has a budget that allows no retry; replica's first copy hangs and its hedge answers;
+    overloaded refuses every call and gets throttled; pool's adaptive limit grows.
+    """
+    mode.outcome(
+        retry_with_backoff(name="outage", budget={"ratio": 0.0, "min_per_second": 0.0})(
+            mode.define(raising(ConnectionError))
+        )
+    )
+    release = threading.Event()
+    copies: list[int] = []
+    hedged = with_hedging(name="replica", delay=0.05, idempotent=True)
+    if mode.is_async:
+
+        async def read() -> str:
+            copies.append(1)
+            if len(copies) == 1:
+                await clock.asleep(1)  # slow: the hedge is due meanwhile
+                await asyncio.Event().wait()  # cancelled once the hedge answers
+            return "fast"
+
+        mode.run(hedged(read))
+    else:
+
+        def sync_read() -> str:
+            copies.append(1)
+            if len(copies) == 1:
+                clock.advance(1)  # slow: the hedge is due meanwhile
+                release.wait(5)  # abandoned: still running when the hedge answers
+                return "slow"
+            return "fast"
+
+        mode.run(hedged(sync_read))
+        release.set()
+    throttled = with_adaptive_throttle(name="overloaded", seed=1)(
+        mode.define(raising(ConnectionError))
+    )
+    for _ in range(20):
+        mode.outcome(throttled)
+    pool = with_bulkhead(name="pool", adaptive="aimd", limit=1)(mode.define(latency=0.1))
+    for _ in range(12):  # one window: 10 calls and (at least) a second
+        mode.run(pool)
+
+
 def shadow(mode: Any, clock: FakeClock) -> None:
     """shadowed (mode = shadow): the breaker would reject, and lets the call through."""
     fn = circuit_breaker(name="shadowed", fail_max=1)(mode.define(raising(ConnectionError)))
@@ -245,6 +293,7 @@ def run_all(mode: Any, clock: FakeClock) -> None:
         bulkhead,
         rate_limits,
         fallbacks,
+        overload,
         shadow,
         shared_state,
         chaos_injection,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -17,6 +19,7 @@ from buttress import (
     registry,
     retry_with_backoff,
     with_fallback,
+    with_hedging,
     with_timeout,
 )
 from buttress.events import (
@@ -222,3 +225,46 @@ def test_a_rejection_through_the_recorder_annotates_the_recording_span_only():
         (e.name, dict(e.attributes)) for e in emitted.events
     ]
     assert span.events
+
+
+def test_a_spent_retry_budget_says_so_on_the_span(traced, mode, clock):
+    def down():
+        raise ConnectionError("refused")
+
+    fn = retry_with_backoff(name="llm", budget={"ratio": 0.0, "min_per_second": 0.0})(
+        mode.define(down)
+    )
+    with traced.tracer.start_as_current_span("job"):
+        with pytest.raises(ConnectionError):
+            mode.run(fn)
+    span = traced.only("job")
+    assert events_of(span, "buttress.retry.budget_exhausted") == [
+        (
+            "buttress.retry.budget_exhausted",
+            {"buttress.service": "llm", "buttress.retry.budget.kind": "retry"},
+        )
+    ]
+    ((_, attrs),) = events_of(span, "buttress.retry.exhausted")
+    assert attrs["buttress.retry.reason"] == "budget"
+
+
+def test_a_hedge_is_an_event_on_the_callers_span(traced, clock):
+    calls = []
+
+    @with_hedging("replica", delay=0.05, idempotent=True)
+    async def read():
+        calls.append(1)
+        if len(calls) == 1:
+            await clock.asleep(1)  # slow: the copy is due meanwhile
+            await asyncio.Event().wait()  # cancelled once the copy answers
+        return "ok"
+
+    async def main():
+        with traced.tracer.start_as_current_span("job"):
+            return await read()
+
+    assert asyncio.run(main()) == "ok"
+    ((_, attrs),) = events_of(traced.only("job"), "buttress.hedging.launched")
+    assert attrs["buttress.service"] == "replica"
+    assert attrs["buttress.hedging.hedge"] == 1
+    assert attrs["buttress.hedging.delay_seconds"] == 0.05

@@ -65,7 +65,8 @@ def test_retries_timeouts_and_waits_in_numbers(scenario_run):
     assert m.value("buttress_retry_succeeded_total", service="llm") == 1
     exhausted = m.samples("buttress_retry_exhausted_total")
     assert exhausted == {
-        (("error_type", "TimeoutError"), ("reason", "max_attempts"), ("service", "llm")): 1
+        (("error_type", "TimeoutError"), ("reason", "max_attempts"), ("service", "llm")): 1,
+        (("error_type", "ConnectionError"), ("reason", "budget"), ("service", "outage")): 1,
     }
     assert m.value("buttress_timeout_exceeded_total", service="search") == 2
     assert m.value("buttress_timeout_abandoned_total", service="search") == 1
@@ -98,3 +99,18 @@ def test_fallbacks_shadow_chaos_and_settings_in_numbers(scenario_run):
     assert m.value("buttress_chaos_injections_total", service="flaky", kind="exception") == 1
     assert m.value("buttress_config_reloads_total", outcome="success") == 1
     assert m.value("buttress_config_reloads_total", outcome="failure") == 1
+
+
+def test_the_overload_controls_in_numbers(scenario_run):
+    m = scenario_run
+    assert m.value("buttress_retry_budget_exhausted_total", service="outage", kind="retry") == 1
+    assert m.value("buttress_retry_attempts_total", service="outage", attempt_number="2") is None
+    assert m.value("buttress_hedging_hedges_total", service="replica") == 1
+    assert m.value("buttress_hedging_calls_total", service="replica", kind="hedge") == 1
+    assert m.value("buttress_calls_total", service="replica", outcome="success") == 1
+    refused = m.value(
+        "buttress_adaptive_throttle_rejected_total", service="overloaded", reason="throttled"
+    )
+    assert refused > 0
+    assert m.value("buttress_calls_total", service="overloaded", outcome="rejected") == refused
+    assert m.value("buttress_bulkhead_limit", service="pool") == 2  # AIMD: one window, one more

@@ -10,8 +10,10 @@ from buttress import (
     circuit_breaker,
     resilient,
     retry_with_backoff,
+    with_adaptive_throttle,
     with_bulkhead,
     with_fallback,
+    with_hedging,
     with_rate_limit,
     with_timeout,
 )
@@ -30,6 +32,17 @@ async def check_permission(user: str, resource: str) -> bool:
 @with_fallback([], name="db")
 def list_rows(table: str, *, limit: int = 10) -> list[str]:
     return [table] * limit
+
+
+@retry_with_backoff("catalog", budget={"ratio": 0.1})
+@with_hedging("catalog", delay="p95", idempotent=True)
+@with_adaptive_throttle("catalog", k=2.0)
+@with_bulkhead("catalog", adaptive="gradient2", min_limit=5, max_limit=100)
+async def product(sku: str, *, fresh: bool = False) -> dict[str, str]:
+    return {"sku": sku}
+
+
+product_shape: Callable[[str], Coroutine[Any, Any, dict[str, str]]] = product
 
 
 # The parameter names survive too, so the decorated function is still assignable to its shape.

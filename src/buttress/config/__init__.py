@@ -36,6 +36,7 @@ from buttress.config._models import (
     SECTIONS,
     ServiceSettings,
     Settings,
+    nested_fields,
     options_model,
 )
 from buttress.config._sources import load_settings
@@ -62,6 +63,7 @@ __all__ = [
     "describe",
     "get_settings",
     "load_settings",
+    "nested_fields",
     "options_model",
     "redact",
     "reload_settings",

@@ -15,11 +15,13 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from buttress.patterns import PATTERNS
 from buttress.patterns._base import Options
+from buttress.patterns.adaptive_throttle import AdaptiveThrottleOptions
 from buttress.patterns.bulkhead import BulkheadOptions
 from buttress.patterns.chaos import KILL_SWITCH as CHAOS_VARIABLE
 from buttress.patterns.chaos import ChaosOptions
 from buttress.patterns.circuit_breaker import CircuitBreakerOptions
 from buttress.patterns.fallback import FallbackOptions
+from buttress.patterns.hedging import HedgingOptions
 from buttress.patterns.rate_limit import RateLimitOptions
 from buttress.patterns.retry import RetryOptions
 from buttress.patterns.timeout import TimeoutOptions
@@ -28,7 +30,9 @@ _OPTIONS: Final[Mapping[str, type[Options]]] = MappingProxyType(
     {
         "fallback": FallbackOptions,
         "retry": RetryOptions,
+        "hedging": HedgingOptions,
         "circuit_breaker": CircuitBreakerOptions,
+        "adaptive_throttle": AdaptiveThrottleOptions,
         "rate_limit": RateLimitOptions,
         "timeout": TimeoutOptions,
         "bulkhead": BulkheadOptions,
@@ -159,7 +163,9 @@ SECTIONS: Final[Mapping[str, type[BaseModel]]] = MappingProxyType(
 if TYPE_CHECKING:
     FallbackSettings: TypeAlias = Any
     RetrySettings: TypeAlias = Any
+    HedgingSettings: TypeAlias = Any
     CircuitBreakerSettings: TypeAlias = Any
+    AdaptiveThrottleSettings: TypeAlias = Any
     RateLimitSettings: TypeAlias = Any
     TimeoutSettings: TypeAlias = Any
     BulkheadSettings: TypeAlias = Any
@@ -167,7 +173,9 @@ if TYPE_CHECKING:
 else:
     FallbackSettings = SECTIONS["fallback"]
     RetrySettings = SECTIONS["retry"]
+    HedgingSettings = SECTIONS["hedging"]
     CircuitBreakerSettings = SECTIONS["circuit_breaker"]
+    AdaptiveThrottleSettings = SECTIONS["adaptive_throttle"]
     RateLimitSettings = SECTIONS["rate_limit"]
     TimeoutSettings = SECTIONS["timeout"]
     BulkheadSettings = SECTIONS["bulkhead"]
@@ -191,7 +199,9 @@ class ServiceSettings(_Strict):
     preset: PresetName | None = Field(default=None, description="a preset chosen by the operator")
     fallback: FallbackSettings = FallbackSettings()
     retry: RetrySettings = RetrySettings()
+    hedging: HedgingSettings = HedgingSettings()
     circuit_breaker: CircuitBreakerSettings = CircuitBreakerSettings()
+    adaptive_throttle: AdaptiveThrottleSettings = AdaptiveThrottleSettings()
     rate_limit: RateLimitSettings = RateLimitSettings()
     timeout: TimeoutSettings = TimeoutSettings()
     bulkhead: BulkheadSettings = BulkheadSettings()
@@ -246,11 +256,49 @@ class Settings(BaseSettings):
         return self._config_file
 
     def source_of(self, path: tuple[str, ...]) -> str | None:
-        """``env NAME`` or ``file PATH`` for the value at ``path``; ``None`` when none set it."""
-        return self._sources.get(path)
+        """``env NAME`` or ``file PATH`` for the value at ``path``; ``None`` when none set it.
+
+        For a group option (``retry.budget``), the sources of the keys set inside it.
+        """
+        found = self._sources.get(path)
+        if found is None:
+            inside = {label for key, label in self._sources.items() if key[: len(path)] == path}
+            return ", ".join(sorted(inside)) or None
+        return found
+
+
+def nested_fields(annotation: Any) -> Mapping[str, Any] | None:
+    """The fields of an option that is a group of its own (``retry.budget``), else ``None``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation.model_fields
+    return None
+
+
+def _set_values(model: BaseModel) -> dict[str, Any]:
+    return {name: getattr(model, name) for name in model.model_fields_set}
 
 
 def explicit(section: ServiceSettings, pattern: str) -> dict[str, Any]:
-    """The keys of ``section.<pattern>`` that a source set (not the model's defaults)."""
+    """The keys of ``section.<pattern>`` that a source set (not the model's defaults).
+
+    A group option (``retry.budget``) comes as a dict of the keys set inside it, so layers merge
+    key by key.
+    """
     model: BaseModel = getattr(section, pattern)
-    return {name: getattr(model, name) for name in model.model_fields_set}
+    return {
+        name: _set_values(value) if isinstance(value, BaseModel) else value
+        for name, value in _set_values(model).items()
+    }
+
+
+def merge_options(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Option values, later layers over earlier ones; a group option merges key by key."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for name, given in layer.items():
+            value = _set_values(given) if isinstance(given, BaseModel) else given
+            below = merged.get(name)
+            if isinstance(value, Mapping) and isinstance(below, Mapping):
+                value = {**below, **value}
+            merged[name] = value
+    return merged

@@ -30,6 +30,8 @@ from buttress.config._models import (
     SECTIONS,
     Settings,
     explicit,
+    merge_options,
+    nested_fields,
     options_model,
 )
 from buttress.exceptions import ConfigurationError
@@ -93,8 +95,18 @@ def _classify(parts: tuple[str, ...]) -> _Key:
     fields = SECTIONS[head].model_fields
     if option not in fields:
         return _Key("bad", offset + 1, _unknown(option, list(fields)))
-    if len(rest) > 2:
-        return _Key("bad", offset + 2, f"{option!r} is a value")
+    # An option may be a group of its own (``retry.budget``): a section one level deeper.
+    group = nested_fields(fields[option].annotation)
+    if group is None:
+        if len(rest) > 2:
+            return _Key("bad", offset + 2, f"{option!r} is a value")
+        return _Key("value")
+    if len(rest) == 2:
+        return _Key("section")
+    if rest[2] not in group:
+        return _Key("bad", offset + 2, _unknown(rest[2], list(group)))
+    if len(rest) > 3:
+        return _Key("bad", offset + 3, f"{rest[2]!r} is a value")
     return _Key("value")
 
 
@@ -416,7 +428,9 @@ def _check_sections(settings: Settings, sources: Mapping[tuple[str, ...], str]) 
         for pattern in PATTERNS:
             inherited = explicit(settings.defaults, pattern)
             own = explicit(section, pattern)
-            values = {**(PRESETS[preset].get(pattern, {}) if preset else {}), **inherited, **own}
+            values = merge_options(
+                PRESETS[preset].get(pattern, {}) if preset else {}, inherited, own
+            )
             try:
                 options_model(pattern).model_validate(values)
             except ValidationError as exc:

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from buttress import registry
 from buttress._values import shown
@@ -26,6 +26,7 @@ from buttress.config._models import (
     ServiceSettings,
     Settings,
     explicit,
+    merge_options,
     options_model,
 )
 from buttress.config._sources import Problem, configuration_error, error_message
@@ -106,7 +107,14 @@ class ServiceView:
             if own is not None:
                 for field, value in explicit(own, pattern).items():
                     source = settings.source_of(("services", name, pattern, field)) or "default"
-                    layer[field] = (value, source)
+                    below = layer.get(field)
+                    # A group option (retry.budget): the service's keys over the defaults'.
+                    merged = (
+                        merge_options({field: below[0]}, {field: value})[field]
+                        if below is not None and isinstance(value, dict)
+                        else value
+                    )
+                    layer[field] = (merged, source)
             self._layers[pattern] = layer
         # Resolved options by (pattern, preset, code arguments): least recently used first, and
         # at most CACHE_SIZE of them, since a function decorated per request with its own
@@ -183,7 +191,7 @@ class ServiceView:
             section = SECTIONS[pattern].model_fields
             described[pattern] = {
                 field: {
-                    "value": shown(getattr(resolved, field)),
+                    "value": _plain(getattr(resolved, field)),
                     "source": sources.get(field, "default"),
                 }
                 for field in type(resolved).model_fields
@@ -201,18 +209,15 @@ class ServiceView:
                 f"service {self.name!r}: unknown preset {chosen!r}; known: {', '.join(PRESETS)}",
                 errors=((f"services.{self.name}.preset", "code", f"unknown preset {chosen!r}"),),
             )
-        values: dict[str, Any] = {}
         sources: dict[str, str] = {}
-        if chosen is not None:
-            for field, value in PRESETS[chosen].get(pattern, {}).items():
-                values[field] = value
-                sources[field] = f"preset {chosen}"
-        for field, value in code_args.items():
-            values[field] = value
-            sources[field] = "code"
-        for field, (value, source) in self._layers[pattern].items():
-            values[field] = value
-            sources[field] = source
+        preset_values = PRESETS[chosen].get(pattern, {}) if chosen is not None else {}
+        sources.update(dict.fromkeys(preset_values, f"preset {chosen}"))
+        sources.update(dict.fromkeys(code_args, "code"))
+        layer = self._layers[pattern]
+        sources.update({field: source for field, (_, source) in layer.items()})
+        values = merge_options(
+            preset_values, code_args, {field: value for field, (value, _) in layer.items()}
+        )
         try:
             return model.model_validate(values), sources
         except ValidationError as exc:
@@ -223,6 +228,13 @@ class ServiceView:
                 labels = sorted({sources.get(f, "default") for f in fields})
                 problems.append(Problem(path, ", ".join(labels), error_message(error, path)))
             raise configuration_error(problems) from None
+
+
+def _plain(value: object) -> object:
+    """A value as ``config show`` prints it: a group option as a dict, secrets redacted."""
+    if isinstance(value, BaseModel):
+        return value.model_dump()
+    return shown(value)
 
 
 def _via_defaults(source: str | None) -> str:

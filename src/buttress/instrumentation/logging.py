@@ -24,6 +24,7 @@ from opentelemetry import trace
 from buttress import events
 from buttress._values import redact_text
 from buttress.events import (
+    BulkheadLimitChanged,
     BulkheadQueued,
     CallFinished,
     CallRejected,
@@ -32,6 +33,8 @@ from buttress.events import (
     CircuitTrialStarted,
     FallbackFailed,
     FallbackUsed,
+    HedgeLaunched,
+    RetryBudgetExhausted,
     RetryExhausted,
     RetryScheduled,
     RetrySucceeded,
@@ -85,10 +88,13 @@ EVENT_NAMES: dict[type[Any], tuple[str, int | Callable[[Any], int]]] = {
     RetryScheduled: ("buttress.retry.scheduled", INFO),
     RetryExhausted: ("buttress.retry.exhausted", WARNING),
     RetrySucceeded: ("buttress.retry.succeeded", INFO),
+    RetryBudgetExhausted: ("buttress.retry.budget_exhausted", WARNING),
+    HedgeLaunched: ("buttress.hedging.launched", DEBUG),
     TimeoutExceeded: ("buttress.timeout.exceeded", WARNING),
     WorkerAbandoned: ("buttress.timeout.worker_abandoned", WARNING),
     WorkerFinishedLate: ("buttress.timeout.worker_finished_late", INFO),
     BulkheadQueued: ("buttress.bulkhead.queued", DEBUG),
+    BulkheadLimitChanged: ("buttress.bulkhead.limit_changed", DEBUG),
     FallbackUsed: ("buttress.fallback.used", INFO),
     FallbackFailed: ("buttress.fallback.failed", WARNING),
     SettingsReloaded: ("buttress.settings.reloaded", _settings_level),

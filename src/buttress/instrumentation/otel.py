@@ -31,6 +31,8 @@ from buttress.events import (
     CircuitTrialStarted,
     FallbackFailed,
     FallbackUsed,
+    HedgeLaunched,
+    RetryBudgetExhausted,
     RetryExhausted,
     RetryScheduled,
     RetrySucceeded,
@@ -72,6 +74,8 @@ class OTelSubscriber:
             RetryScheduled: self._on_retry,
             RetryExhausted: self._on_exhausted,
             RetrySucceeded: self._on_retry_succeeded,
+            RetryBudgetExhausted: self._on_budget_exhausted,
+            HedgeLaunched: self._on_hedge,
             CircuitStateChanged: self._on_state_changed,
             CircuitTrialStarted: self._on_trial,
             CallRejected: self._on_rejected,
@@ -133,6 +137,26 @@ class OTelSubscriber:
             span.add_event(
                 "buttress.retry.succeeded",
                 {SERVICE: event.service, "buttress.retry.attempts": event.attempts},
+            )
+
+    def _on_budget_exhausted(self, event: RetryBudgetExhausted) -> None:
+        span = _recording()
+        if span is not None:
+            span.add_event(
+                "buttress.retry.budget_exhausted",
+                {SERVICE: event.service, "buttress.retry.budget.kind": event.kind},
+            )
+
+    def _on_hedge(self, event: HedgeLaunched) -> None:
+        span = _recording()
+        if span is not None:
+            span.add_event(
+                "buttress.hedging.launched",
+                {
+                    SERVICE: event.service,
+                    "buttress.hedging.hedge": event.hedge,
+                    "buttress.hedging.delay_seconds": event.delay,
+                },
             )
 
     def _on_state_changed(self, event: CircuitStateChanged) -> None:

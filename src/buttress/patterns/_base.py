@@ -7,12 +7,14 @@ A pattern has three parts:
   time; settings are validated against it at load time.
 * a *strategy*: built from resolved options when a policy first runs (and again after
   ``reload_settings()``). It only *decides*; the two drivers in :mod:`buttress.policy` (one for
-  ``def`` callers, one for ``async def`` callers) do every wait. A strategy is one of two shapes:
+  ``def`` callers, one for ``async def`` callers) do every wait. A strategy is one of these
+  shapes:
 
   - a :class:`Gate` decides before the call (``before()``: a token, or an :class:`Effect` to
-    perform first) and is told when it is over (``after(token)``, or no ``after`` at all);
+    perform first) and is told when it is over (``after(token)``, or no ``after`` at all); a
+    :class:`JudgedGate` is told how it ended (``finish(token, exc or None)``), to learn from it;
   - a :class:`Judge` decides before the call, like a gate, and after it from its outcome
-    (``after(token, started, error, result)``: nothing, or an :class:`Effect` to perform, the
+    (``judge(token, started, error, result)``: nothing, or an :class:`Effect` to perform, the
     circuit breaker's);
   - a :class:`Recovery` decides after a failure (``recover()``: an effect that answers it, or it
     re-raises) and may note each success (``succeeded``). One may also keep a scope of its own
@@ -20,9 +22,9 @@ A pattern has three parts:
     ``new_scope()`` (retry's attempt count).
 
   The effects are a small closed set: :class:`Sleep`, :class:`WaitForSlot`, :class:`Return`,
-  :class:`TryAlternatives`, :class:`RetryAfter` and :class:`AskStore`. A strategy not yet
-  written this way still offers ``wrap`` (for ``def`` callers) and ``awrap`` (for ``async def``
-  callers) around the next step.
+  :class:`TryAlternatives`, :class:`RetryAfter`, :class:`AskStore` and :class:`Hedge`. A
+  strategy not yet written this way still offers ``wrap`` (for ``def`` callers) and ``awrap``
+  (for ``async def`` callers) around the next step.
 * a ``build(ctx)`` function returning the strategy.
 
 A step of the chain takes the positional arguments as a tuple and the keyword arguments as a dict,
@@ -46,7 +48,9 @@ __all__ = [
     "Drivers",
     "Effect",
     "Gate",
+    "Hedge",
     "Judge",
+    "JudgedGate",
     "Mode",
     "Options",
     "Recovery",
@@ -93,6 +97,8 @@ class BuildContext:
             ``None``: every build makes its own.
         armed: whether this process allows fault injection at all (the chaos kill switch, read
             from the environment when settings load: a config file cannot arm it).
+        budget: the service's retry budget options (``retry.budget``), for a pattern that draws
+            on the budget without being retry (hedging); ``None`` for the others.
     """
 
     service: str
@@ -101,6 +107,7 @@ class BuildContext:
     mode: Mode = "enforce"
     instances: Callable[[str, str, Any, Callable[[Any], Any]], Any] | None = None
     armed: bool = False
+    budget: Any = None
 
     def shared(self, pattern: str, factory: Callable[[Any], T]) -> T:
         """The instance of ``pattern`` for this key, made by ``factory(options)`` on first use.
@@ -274,6 +281,33 @@ class AskStore(Effect):
         """The request was interrupted (cancellation, an interpreter exit)."""
 
 
+class Hedge(Effect):
+    """Run the call, and one more copy of it each time ``delay`` passes without an answer.
+
+    The driver starts the call (copy 0) and waits up to ``delay`` seconds (``None``: no more
+    copies) for a copy to end; then it asks :meth:`launch` whether another copy may start, which
+    also sets the next ``delay``. The first copy that returns answers the call. A copy that raises
+    while others still run is forgotten; when every copy started has raised (and no more may
+    start), the last failure is raised. :meth:`over` is told once, with the winning copy (``None``
+    when all raised). The losers are cancelled (tasks) or abandoned (threads: they finish
+    unobserved): nothing about them is reported, so no outcome counts twice. Only a gate that
+    holds nothing (no ``after``) answers with it: the race is the whole call.
+    """
+
+    __slots__ = ("delay", "service")
+
+    def __init__(self, delay: float | None, service: str) -> None:
+        self.delay = delay
+        self.service = service  # whose share of the worker pool runs a def call's copies
+
+    def launch(self) -> bool:
+        """``delay`` passed with no answer: whether another copy starts now (sets ``delay``)."""
+        raise NotImplementedError
+
+    def over(self, winner: int | None) -> None:
+        """The race is decided: copy ``winner`` answered (0 is the call), or none did."""
+
+
 # -- the shapes of a strategy -------------------------------------------------------------------
 class Gate(Protocol):
     """A strategy that decides before the call and is told when it is over."""
@@ -308,13 +342,28 @@ class Judge(Protocol):
         first (which ends in the token); it raises to reject the call."""
 
     @property
-    def after(self) -> Callable[[Any, float, BaseException | None, Any], Effect | None]:
-        """Called as ``after(token, started, error, result)`` once the call is over.
+    def judge(self) -> Callable[[Any, float, BaseException | None, Any], Effect | None]:
+        """Called as ``judge(token, started, error, result)`` once the call is over.
 
         ``started`` is when it started (``_clock.monotonic()``), ``error`` what it raised (then
         ``result`` is None), else None. Returns None, or an :class:`Effect` to perform before
         the call's own outcome goes on to the caller.
         """
+
+
+class JudgedGate(Protocol):
+    """A gate that learns from each call: told how it ended, not just that it did."""
+
+    pattern: ClassVar[str]
+
+    @property
+    def before(self) -> Callable[[], Any]:
+        """As :attr:`Gate.before`; the token is passed to ``finish``."""
+
+    @property
+    def finish(self) -> Callable[[Any, BaseException | None], None]:
+        """Runs once the call is over: ``finish(token, None)`` after it returned,
+        ``finish(token, exc)`` after it raised ``exc`` (cancellation included)."""
 
 
 class Recovery(Protocol):
@@ -349,7 +398,7 @@ class Wrapper(Protocol):
         """Return a step that applies this pattern around ``call`` for an ``async def`` caller."""
 
 
-Strategy = Gate | Judge | Recovery | Wrapper
+Strategy = Gate | Judge | JudgedGate | Recovery | Wrapper
 
 
 # -- the drivers, for a pattern's own entry points ------------------------------------------------

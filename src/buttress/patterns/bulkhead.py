@@ -7,6 +7,13 @@ make the waiters: threads (a ``threading.Event``) or tasks on any event loop (a 
 its own loop), so one bulkhead serves threads and several event loops at once. The lock is never
 held while a protected call runs or while anybody waits.
 
+With ``adaptive="aimd"`` or ``"gradient2"`` the limit is not fixed: every call that ends feeds
+its round-trip time and whether it was dropped (timed out, refused) to an adaptive limit
+(:mod:`buttress.patterns._limits`, Netflix concurrency-limits semantics, one update per window of
+about a second), which moves the limit between ``min_limit`` and ``max_limit``; ``limit`` is then
+where it starts. Calls in flight over a
+lowered limit finish; a raised one admits waiters at once.
+
 A queued call never waits past the enclosing deadline (``buttress.remaining()``): it gives up then
 with :class:`~buttress.TimeoutExceededError`, which the enclosing ``with_timeout`` reports as its
 own. A call that gets its slot after its deadline, or after the caller of its sync timeout gave up,
@@ -19,18 +26,21 @@ import contextlib
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import Any, ClassVar, TypedDict
+from typing import Any, ClassVar, Final, TypedDict
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from buttress import _clock, _context, events
 from buttress._deadline import caller_gave_up, not_started
 from buttress._values import Seconds
-from buttress.exceptions import BulkheadFullError, TimeoutExceededError
+from buttress.exceptions import BulkheadFullError, RejectedError, TimeoutExceededError
+from buttress.patterns import _transient
 from buttress.patterns._base import BuildContext, Mode, Options, Strategy, Waiter, WaitForSlot
+from buttress.patterns._limits import Algorithm, Windowed, make_limit
 
 __all__ = [
     "PATTERN",
+    "AdaptiveBulkheadStrategy",
     "Bulkhead",
     "BulkheadOptions",
     "BulkheadSnapshot",
@@ -52,6 +62,21 @@ class BulkheadOptions(Options):
     queue_timeout: Seconds | None = Field(
         None, description="seconds a queued call waits (unset: until a slot frees)"
     )
+    adaptive: Algorithm | None = Field(
+        None,
+        description='"aimd" or "gradient2": the limit adapts to latency and drops, starting at '
+        "limit (unset: the limit is fixed)",
+    )
+    min_limit: int = Field(default=1, gt=0, description="lowest adaptive limit")
+    max_limit: int = Field(default=200, gt=0, description="highest adaptive limit")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> BulkheadOptions:
+        if self.min_limit > self.max_limit:
+            raise ValueError(
+                f"min_limit ({self.min_limit}) must be <= max_limit ({self.max_limit})"
+            )
+        return self
 
 
 class BulkheadSnapshot(TypedDict):
@@ -64,10 +89,41 @@ class BulkheadSnapshot(TypedDict):
     utilization: float  # active / limit
 
 
+# Where an adaptive limit starts when no limit is given (Netflix concurrency-limits' default).
+INITIAL_ADAPTIVE_LIMIT: Final = 20
+
+
 def _limit(options: BulkheadOptions) -> int:
+    if options.adaptive is not None:
+        initial = INITIAL_ADAPTIVE_LIMIT if options.limit is None else options.limit
+        return min(max(initial, options.min_limit), options.max_limit)
     if options.limit is None:  # build() makes no bulkhead without a limit
         raise ValueError("a bulkhead needs a limit")
     return options.limit
+
+
+def _adaptive(options: BulkheadOptions) -> Windowed | None:
+    if options.adaptive is None:
+        return None
+    return make_limit(options.adaptive, _limit(options), options.min_limit, options.max_limit)
+
+
+def dropped(failure: BaseException | None, now: float) -> bool | None:
+    """What a finished call says about the limit: dropped, not (``False``), or nothing (``None``).
+
+    Dropped: it timed out (its deadline passed, whoever noticed), was refused further in, or the
+    dependency answered 429 or 503. Another error of its own says nothing about capacity.
+    """
+    deadline = _deadline.get()
+    if deadline is not None and now >= deadline:
+        return True
+    if failure is None:
+        return False
+    if isinstance(failure, TimeoutError | RejectedError):
+        return True
+    if isinstance(failure, Exception) and _transient.http_status(failure) in (429, 503):
+        return True
+    return None
 
 
 class Bulkhead:
@@ -76,6 +132,7 @@ class Bulkhead:
     __slots__ = (
         "_acquired",
         "_active",
+        "_limiter",
         "_lock",
         "_overflow",
         "_waiters",
@@ -98,6 +155,7 @@ class Bulkhead:
         self.limit = _limit(options)
         self.max_queue = options.max_queue
         self.queue_timeout = options.queue_timeout
+        self._limiter = _adaptive(options)
 
     # -- decisions (plain code the drivers call; nothing here waits) --------------------------
     def _enqueue(self, waiter: Waiter) -> str | None:
@@ -230,13 +288,47 @@ class Bulkhead:
             self.limit = _limit(options)
             self.max_queue = options.max_queue
             self.queue_timeout = options.queue_timeout
-            while self._waiters and self._active < self.limit:
-                waiter = self._waiters.popleft()
-                waiter.granted = True
-                if waiter.wake():
-                    self._active += 1
-                else:
-                    waiter.granted = False
+            self._limiter = _adaptive(options)
+            self._admit_waiters()
+
+    def _admit_waiters(self) -> None:
+        """Hand the slots a raised limit frees to the oldest waiters (lock held)."""
+        while self._waiters and self._active < self.limit:
+            waiter = self._waiters.popleft()
+            waiter.granted = True
+            if waiter.wake():
+                self._active += 1
+            else:
+                waiter.granted = False
+
+    # -- the adaptive limit ------------------------------------------------------------------------
+    def admit_timed(self) -> float | _SlotWait:
+        """``admit()`` for an adaptive bulkhead: the token is when the call got its slot."""
+        wait = self.admit()
+        if wait is None:
+            return _clock.monotonic()
+        wait.timed = True
+        return wait
+
+    def finish(self, started: float, failure: BaseException | None) -> None:
+        """The call that got its slot at ``started`` ended: learn from it, give the slot back."""
+        now = _clock.monotonic()
+        verdict = dropped(failure, now)
+        previous = limit = self.limit
+        limiter = self._limiter
+        if verdict is not None and limiter is not None:
+            with self._lock:
+                limit = limiter.sample(now, now - started, self._active, verdict)
+                self.limit = limit
+                if limit > previous:
+                    self._admit_waiters()
+        self.release()
+        if limit != previous:
+            handlers = events.ROUTES.get(events.BulkheadLimitChanged)
+            if handlers:
+                reason = "drop" if verdict else "growth" if limit > previous else "latency"
+                event = events.BulkheadLimitChanged(self.service, limit, previous, reason)
+                events.dispatch(handlers, event)
 
     def snapshot(self) -> BulkheadSnapshot:
         """Calls in flight and queued, the limit and the utilization (active / limit)."""
@@ -288,7 +380,7 @@ class _SlotWait(WaitForSlot):
     a slot that comes too late (or after the caller of its sync timeout left) is given back.
     """
 
-    __slots__ = ("bulkhead", "by_deadline", "deadline", "queued", "start")
+    __slots__ = ("bulkhead", "by_deadline", "deadline", "queued", "start", "timed")
 
     def __init__(self, bulkhead: Bulkhead) -> None:
         super().__init__()
@@ -297,6 +389,7 @@ class _SlotWait(WaitForSlot):
         self.deadline: float | None = None
         self.by_deadline = False
         self.queued = False
+        self.timed = False  # an adaptive bulkhead's: the token is when the slot was taken
 
     def queue(self, waiter: Waiter) -> bool:
         bulkhead = self.bulkhead
@@ -310,7 +403,7 @@ class _SlotWait(WaitForSlot):
         self.bound, self.by_deadline = bulkhead._bound(deadline)
         return True
 
-    def resume(self, waiter: Waiter) -> None:
+    def resume(self, waiter: Waiter) -> float | None:
         bulkhead = self.bulkhead
         if self.queued:
             deadline = self.deadline
@@ -321,7 +414,9 @@ class _SlotWait(WaitForSlot):
             if bulkhead._too_late(deadline):
                 bulkhead.release()
                 raise bulkhead._not_started(deadline, self.start)
-        bulkhead.note_acquired(_clock.monotonic() - self.start)
+        now = _clock.monotonic()
+        bulkhead.note_acquired(now - self.start)
+        return now if self.timed else None
 
     def abandon(self, waiter: Waiter) -> None:
         # Cancelled while queued, possibly just as a slot was granted.
@@ -355,11 +450,25 @@ class BulkheadStrategy:
             self.before, self.after = bulkhead.admit, bulkhead.release
 
 
+class AdaptiveBulkheadStrategy:
+    """``with_bulkhead(adaptive=...)``: a gate told how each call ended, to move the limit."""
+
+    pattern: ClassVar[str] = PATTERN
+
+    def __init__(self, bulkhead: Bulkhead) -> None:
+        self.bulkhead = bulkhead
+        self.before = bulkhead.admit_timed
+        self.finish = bulkhead.finish
+
+
 def build(ctx: BuildContext) -> Strategy | None:
-    """A :class:`BulkheadStrategy` over the shared bulkhead of ``ctx.key``; no limit: ``None``."""
+    """The bulkhead gate over the shared bulkhead of ``ctx.key``; no limit: ``None``."""
     options: BulkheadOptions = ctx.options
-    if not options.enabled or options.limit is None:
+    if not options.enabled or (options.limit is None and options.adaptive is None):
         return None
     service = ctx.service
     bulkhead = ctx.shared(PATTERN, lambda opts: Bulkhead(service, opts))
+    if options.adaptive is not None and ctx.mode == "enforce":
+        # Shadow mode keeps the fixed gate: it never rejects, so it has no drops to learn from.
+        return AdaptiveBulkheadStrategy(bulkhead)
     return BulkheadStrategy(bulkhead, ctx.mode)

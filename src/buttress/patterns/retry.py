@@ -30,6 +30,7 @@ from buttress._values import GrowthFactor, Seconds
 from buttress.exceptions import RejectedError, set_note
 from buttress.patterns import _transient
 from buttress.patterns._base import BuildContext, Mode, Options, RetryAfter, error_type
+from buttress.patterns._budget import RetryBudget, RetryBudgetOptions, shared_budget
 
 PATTERN = "retry"
 
@@ -64,6 +65,10 @@ class RetryOptions(Options):
     retry_rejected: bool = Field(
         default=False,
         description="retry a RejectedError that carries retry_after, after that delay",
+    )
+    budget: RetryBudgetOptions = Field(
+        RetryBudgetOptions(),
+        description="the service's retry budget (docs/patterns/retry-budget.md)",
     )
 
     code_only: ClassVar[frozenset[str]] = frozenset()
@@ -119,11 +124,22 @@ class RetryStrategy:
     # Each logical call, its retries included, runs in a fresh scope (what ``attempt()`` and
     # ``idempotency_key()`` read), which the driver sets around it.
     scope = _context.retry_scope
-    new_scope = RetryScope
+    new_scope: Callable[[], RetryScope] = RetryScope
 
-    def __init__(self, service: str, options: RetryOptions, mode: Mode = "enforce") -> None:
+    def __init__(
+        self,
+        service: str,
+        options: RetryOptions,
+        mode: Mode = "enforce",
+        budget: RetryBudget | None = None,
+    ) -> None:
         self.service = service
         self.options = options
+        # The service's shared budget: every logical call counts as a first attempt in it (as
+        # its scope is made), and every retry must draw on it (in ``stop``).
+        self.budget = budget
+        if budget is not None:
+            self.new_scope = budget.new_scope
         self._shadow = mode == "shadow"
         self._matches = _predicate(options.retry_on)
         # tenacity decides, never sleeps (the driver does): one template for def and async def
@@ -350,6 +366,8 @@ class _Run(RetryAfter):
             self.gave_up = "max_attempts"
         elif not self.strategy.fits_deadline(state.upcoming_sleep):
             self.gave_up = "deadline"
+        elif (budget := self.strategy.budget) is not None and not budget.withdraw("retry"):
+            self.gave_up = "budget"
         return self.gave_up is not None
 
     def before_sleep(self, state: tenacity.RetryCallState) -> None:
@@ -386,6 +404,12 @@ class _Run(RetryAfter):
                 f"gave up after {attempts} attempts: the next wait ({self.upcoming:.3g}s) "
                 "would end past the enclosing deadline"
             )
+        elif self.gave_up == "budget":
+            budget = self.strategy.options.budget
+            why = (
+                f"gave up after {attempts} attempts: the service's retry budget is spent "
+                f"(retries may add {budget.ratio:g} of its calls over {budget.window_seconds:g}s)"
+            )
         elif self.classifying is not None:
             why = (
                 f"the retry_on predicate raised {error_type(exc)} while classifying attempt "
@@ -410,4 +434,5 @@ def build(ctx: BuildContext) -> RetryStrategy | None:
     options: RetryOptions = ctx.options
     if not options.enabled:
         return None
-    return RetryStrategy(ctx.service, options, ctx.mode)
+    budget = shared_budget(ctx, options.budget) if options.budget.enabled else None
+    return RetryStrategy(ctx.service, options, ctx.mode, budget)

@@ -25,6 +25,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from buttress import _clock, config, events
 from buttress.events import (
     BulkheadAcquired,
+    BulkheadLimitChanged,
     BulkheadQueued,
     BulkheadReleased,
     CallFinished,
@@ -35,7 +36,10 @@ from buttress.events import (
     CircuitTrialStarted,
     FallbackFailed,
     FallbackUsed,
+    HedgeLaunched,
+    HedgeWon,
     RateLimitAcquired,
+    RetryBudgetExhausted,
     RetryExhausted,
     RetryScheduled,
     RetrySucceeded,
@@ -223,6 +227,9 @@ class PrometheusSubscriber:
             RetryScheduled: self._on_retry,
             RetryExhausted: self._on_exhausted,
             RetrySucceeded: self._on_retry_succeeded,
+            RetryBudgetExhausted: self._on_budget_exhausted,
+            HedgeLaunched: self._on_hedge,
+            HedgeWon: self._on_hedged_call,
             TimeoutExceeded: self._on_timeout,
             WorkerAbandoned: self._on_abandoned,
             WorkerFinishedLate: self._on_finished_late,
@@ -408,6 +415,15 @@ class PrometheusSubscriber:
     def _on_retry_succeeded(self, event: RetrySucceeded) -> None:
         self._inc["buttress_retry_succeeded_total"][event.service]()
 
+    def _on_budget_exhausted(self, event: RetryBudgetExhausted) -> None:
+        self._inc["buttress_retry_budget_exhausted_total"][event.service, event.kind]()
+
+    def _on_hedge(self, event: HedgeLaunched) -> None:
+        self._inc["buttress_hedging_hedges_total"][event.service]()
+
+    def _on_hedged_call(self, event: HedgeWon) -> None:
+        self._inc["buttress_hedging_calls_total"][event.service, event.winner]()
+
     def _on_timeout(self, event: TimeoutExceeded) -> None:
         self._inc["buttress_timeout_exceeded_total"][event.service]()
 
@@ -483,6 +499,9 @@ class PrometheusSubscriber:
             depth[service](event.queued)
             limits[service](event.limit)
 
+        def on_limit_changed(event: BulkheadLimitChanged) -> None:
+            limits[event.service](event.limit)
+
         def on_bulkhead_released(event: BulkheadReleased) -> None:
             active[event.service](event.active)
             depth[event.service](event.queued)
@@ -539,6 +558,7 @@ class PrometheusSubscriber:
             CircuitCallRecorded: on_circuit_call,
             BulkheadAcquired: on_bulkhead_acquired,
             BulkheadReleased: on_bulkhead_released,
+            BulkheadLimitChanged: on_limit_changed,
             BulkheadQueued: on_queued,
             RateLimitAcquired: on_rate_limit,
             CallRejected: on_rejected,
@@ -670,6 +690,7 @@ _REJECTED = {
     "circuit_breaker": "buttress_circuit_breaker_rejected_total",
     "bulkhead": "buttress_bulkhead_rejected_total",
     "rate_limit": "buttress_rate_limit_rejected_total",
+    "adaptive_throttle": "buttress_adaptive_throttle_rejected_total",
 }
 _STATE_OF_REJECTION = {"forced_open": "forced_open", "half_open_full": "half_open"}
 # Longest real-time wait of the open-circuit watcher between two readings of the buttress clock.

@@ -1,0 +1,172 @@
+"""The retry budget: how many retries and hedges a service may add to its own traffic.
+
+In a total outage every retrying client multiplies the load on the failing dependency by its
+attempt count. A budget caps that: over a sliding window of ``window_seconds`` (on the buttress
+clock), the retries and hedges of one service may number at most ``ratio`` of its first attempts,
+and never fewer than ``min_per_second`` per second of the window, so a quiet service can still
+retry. It is Finagle's ``RetryBudget`` with one deliberate difference: the floor is a floor (as
+in Envoy's ``min_retry_concurrency`` and failsafe-go's ``minConcurrency``), not an addition, so
+``1 + ratio`` bounds the amplification whenever the service sends more than
+``min_per_second / ratio`` calls a second. Why: ``docs/patterns/retry-budget.md``.
+
+One :class:`RetryBudget` per service, shared by every retrying call site and every hedge of that
+service (through ``BuildContext.shared``). It decides only; nothing here waits.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Literal, TypedDict, cast
+
+from pydantic import Field
+
+from buttress import _clock, events
+from buttress._context import RetryScope
+from buttress._values import PositiveSeconds
+from buttress.patterns._base import BuildContext, Options
+from buttress.patterns._sliding import SlidingCounts
+
+__all__ = ["BUDGET", "RetryBudget", "RetryBudgetOptions", "RetryBudgetSnapshot", "shared_budget"]
+
+# The key of the shared instance (``BuildContext.shared``): one budget per service.
+BUDGET = "retry_budget"
+
+# The two counters of the window.
+_REQUESTS, _RETRIES = 0, 1
+
+Draw = Literal["retry", "hedge"]
+
+
+class RetryBudgetOptions(Options):
+    """``retry.budget``: the share of a service's traffic that retries and hedges may add."""
+
+    enabled: bool = Field(default=True, description="false: retries are limited by attempts only")
+    ratio: float = Field(
+        default=0.2,
+        ge=0,
+        le=10,
+        description="retries and hedges per first attempt, over the window",
+    )
+    min_per_second: float = Field(
+        default=10.0,
+        ge=0,
+        le=1_000_000,
+        description="floor: retries a second allowed whatever the ratio",
+    )
+    window_seconds: PositiveSeconds = Field(
+        default=10.0, description="length of the sliding window"
+    )
+
+
+class RetryBudgetSnapshot(TypedDict):
+    """A budget at one instant."""
+
+    service: str
+    enabled: bool
+    requests: int  # first attempts in the window
+    retries: int  # retries and hedges in the window
+    remaining: int  # retries and hedges it would allow now
+
+
+class RetryBudget:
+    """First attempts and retries of one service over a sliding window, under a lock.
+
+    ``deposit()`` counts a first attempt (every call of a retrying or hedging call site);
+    ``withdraw(kind)`` takes one retry or hedge if the budget allows it.
+    """
+
+    __slots__ = ("_counts", "_lock", "enabled", "min_per_second", "ratio", "service")
+
+    def __init__(self, service: str, options: RetryBudgetOptions) -> None:
+        self.service = service
+        self._lock = threading.Lock()
+        self._counts = SlidingCounts(options.window_seconds, 2)
+        self._configure(options)
+
+    def _configure(self, options: RetryBudgetOptions) -> None:
+        self.enabled = options.enabled
+        self.ratio = options.ratio
+        self.min_per_second = options.min_per_second
+
+    def reconfigure(self, options: RetryBudgetOptions) -> None:
+        """Adopt new options; the counts in the window are kept (a new length restarts them)."""
+        with self._lock:
+            if options.window_seconds != self._counts.window:
+                self._counts = SlidingCounts(options.window_seconds, 2)
+            self._configure(options)
+
+    def _allowed(self) -> float:
+        # The floor is a reserve for the whole window (Finagle's): a quiet service, or one just
+        # started, may spend it at once.
+        floor = self.min_per_second * self._counts.window
+        return max(self.ratio * self._counts.totals[_REQUESTS], floor)
+
+    def deposit(self) -> None:
+        """Count one first attempt (on every call of a retrying call site: kept short)."""
+        now = _clock.monotonic()
+        counts = self._counts
+        with self._lock:
+            if now < counts.slot_end:
+                counts.current[_REQUESTS] += 1
+                counts.totals[_REQUESTS] += 1
+            else:
+                counts.add(now, _REQUESTS)
+
+    def new_scope(self) -> RetryScope:
+        """``deposit()``, then a fresh retry scope: retry's ``new_scope``, one call per call."""
+        now = _clock.monotonic()
+        counts = self._counts
+        with self._lock:
+            if now < counts.slot_end:
+                counts.current[_REQUESTS] += 1
+                counts.totals[_REQUESTS] += 1
+            else:
+                counts.add(now, _REQUESTS)
+        return RetryScope()
+
+    def withdraw(self, kind: Draw) -> bool:
+        """Take one retry (or hedge) if the budget allows it; say so when it does not."""
+        if not self.enabled:
+            return True
+        now = _clock.monotonic()
+        with self._lock:
+            counts = self._counts
+            counts.advance(now)
+            allowed = counts.totals[_RETRIES] + 1 <= self._allowed()
+            if allowed:
+                counts.add(now, _RETRIES)
+        if not allowed:
+            handlers = events.ROUTES.get(events.RetryBudgetExhausted)
+            if handlers:
+                events.dispatch(handlers, events.RetryBudgetExhausted(self.service, kind))
+        return allowed
+
+    def snapshot(self) -> RetryBudgetSnapshot:
+        """Counts in the window now, and how many retries or hedges it would allow."""
+        now = _clock.monotonic()
+        with self._lock:
+            self._counts.advance(now)
+            requests, retries = self._counts.totals
+            remaining = max(0, int(self._allowed()) - retries)
+        return RetryBudgetSnapshot(
+            service=self.service,
+            enabled=self.enabled,
+            requests=requests,
+            retries=retries,
+            remaining=remaining,
+        )
+
+
+def shared_budget(ctx: BuildContext, options: RetryBudgetOptions) -> RetryBudget:
+    """The budget of ``ctx.service``, shared by its retrying call sites and its hedges.
+
+    Keyed by the service, never by a call site's private key: a budget exists to be shared.
+    """
+    service = ctx.service
+
+    def make(opts: RetryBudgetOptions) -> RetryBudget:
+        return RetryBudget(service, opts)
+
+    if ctx.instances is None:
+        return make(options)
+    return cast("RetryBudget", ctx.instances(BUDGET, service, options, make))
