@@ -1,9 +1,9 @@
 """buttress: make the calls a service makes to other services survive failure.
 
 Stack ``circuit_breaker``, ``retry_with_backoff``, ``with_timeout``, ``with_bulkhead``,
-``with_rate_limit`` and ``with_fallback`` on ``def`` and ``async def`` functions, or build the
-whole stack for a named service with ``resilient("openfga")``; tune it from settings; watch it in
-Prometheus, OpenTelemetry and logs.
+``with_rate_limit``, ``with_fallback``, ``with_cache`` and ``with_coalescing`` on ``def`` and
+``async def`` functions, or build the whole stack for a named service with
+``resilient("openfga")``; tune it from settings; watch it in Prometheus, OpenTelemetry and logs.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from buttress.decorators import (
     resilient,
     retry_with_backoff,
     with_bulkhead,
+    with_cache,
     with_chaos,
+    with_coalescing,
     with_fallback,
     with_rate_limit,
     with_timeout,
@@ -31,6 +33,7 @@ from buttress.exceptions import (
 )
 from buttress.health_app import health
 from buttress.instrumentation import install_defaults as _install_default_subscribers
+from buttress.patterns.fallback import DeferOptions, Deferred
 from buttress.policy import Policy
 
 __all__ = [
@@ -38,6 +41,8 @@ __all__ = [
     "ButtressError",
     "CircuitOpenError",
     "ConfigurationError",
+    "DeferOptions",
+    "Deferred",
     "Policy",
     "RateLimitedError",
     "RejectedError",
@@ -52,7 +57,9 @@ __all__ = [
     "resilient",
     "retry_with_backoff",
     "with_bulkhead",
+    "with_cache",
     "with_chaos",
+    "with_coalescing",
     "with_fallback",
     "with_rate_limit",
     "with_timeout",

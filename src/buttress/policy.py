@@ -39,6 +39,7 @@ from types import MappingProxyType
 from typing import Any, ParamSpec, TypeVar, cast, overload
 
 from buttress import _clock, _context, _deadline, config, events, registry
+from buttress._context import answered_as
 from buttress._values import RedisURL
 from buttress.events import CallFinished
 from buttress.exceptions import ConfigurationError, RejectedError, TimeoutExceededError
@@ -130,7 +131,9 @@ def _argument_error(pattern: str, exc: ValueError) -> ConfigurationError:
     return ConfigurationError(f"invalid argument for {pattern}: {exc}")
 
 
-def _build(spec: Spec, service: str, key: str, snapshot: config.Snapshot) -> Strategy | None:
+def _build(
+    spec: Spec, service: str, key: str, snapshot: config.Snapshot, site: str
+) -> Strategy | None:
     view = snapshot.service(service)
     if not view.enabled or not view.pattern_enabled(spec.pattern):
         return None
@@ -148,6 +151,7 @@ def _build(spec: Spec, service: str, key: str, snapshot: config.Snapshot) -> Str
         instances=registry.shared,
         # Asked when a policy compiles (first call, every reload), never mid-way through one.
         armed=snapshot.settings.chaos_enabled,
+        site=site,
     )
     return cast("Strategy | None", module.build(ctx))
 
@@ -220,10 +224,11 @@ class _Bound:
     def _compile(self, snapshot: config.Snapshot, epoch: object) -> _Compiled:
         if not snapshot.enabled:
             return _Compiled(snapshot, epoch, None, None, direct=True)
+        site = _qualified_name(self.fn)
         strategies = [
             strategy
             for spec, service, key in self.keys
-            if (strategy := _build(spec, service, key, snapshot)) is not None
+            if (strategy := _build(spec, service, key, snapshot, site)) is not None
         ]
         view = snapshot.service(self.service)
         if not strategies and not view.enabled:
@@ -544,9 +549,15 @@ def link(strategy: Any, call: Call) -> Call:
                     f"with_{strategy.pattern}: handler {_callable_name(alternative)} is async but "
                     "the protected function is not; give a def handler"
                 )
+        if hasattr(strategy, "replay_through"):
+            strategy.replay_through(call, is_async=False)  # deferred calls run this step later
         if hasattr(strategy, "scope"):
-            return _scoped_recovery(strategy.scope, strategy.new_scope, strategy.recover, call)
+            return _scoped_recovery(
+                strategy.scope, strategy.new_scope, strategy.recover, strategy.succeeded, call
+            )
         return _recovery(strategy.recover, strategy.succeeded, call)
+    if hasattr(strategy, "enter"):
+        return _keyed(strategy.enter, strategy.returned, strategy.raised, call)
     if hasattr(strategy, "before"):
         return _gate(strategy.before, strategy.after, call)
     if hasattr(strategy, "limit"):
@@ -557,9 +568,15 @@ def link(strategy: Any, call: Call) -> Call:
 def alink(strategy: Any, call: AsyncCall) -> AsyncCall:
     """The step that runs ``call`` under ``strategy`` for an ``async def`` caller."""
     if hasattr(strategy, "recover"):
+        if hasattr(strategy, "replay_through"):
+            strategy.replay_through(call, is_async=True)
         if hasattr(strategy, "scope"):
-            return _ascoped_recovery(strategy.scope, strategy.new_scope, strategy.recover, call)
+            return _ascoped_recovery(
+                strategy.scope, strategy.new_scope, strategy.recover, strategy.succeeded, call
+            )
         return _arecovery(strategy.recover, strategy.succeeded, call)
+    if hasattr(strategy, "enter"):
+        return _akeyed(strategy.enter, strategy.returned, strategy.raised, call)
     if hasattr(strategy, "before"):
         return _agate(strategy.before, strategy.after, call)
     if hasattr(strategy, "limit"):
@@ -675,17 +692,26 @@ def _arecovery(recover: Recover, succeeded: Succeeded | None, call: AsyncCall) -
 
 
 def _scoped_recovery(
-    scope: ContextVar[Any], new_scope: Callable[[], Any], recover: Recover, call: Call
+    scope: ContextVar[Any],
+    new_scope: Callable[[], Any],
+    recover: Recover,
+    succeeded: Succeeded | None,
+    call: Call,
 ) -> Call:
     # A recovery with a scope of its own around the call and its answer (retry's attempt
-    # count), set here inline: no hook call on the success path.
+    # count, a deferring fallback's idempotency key), set here inline: no hook call on the
+    # success path.
     def scoped(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         token = scope.set(new_scope())
         try:
             try:
-                return call(args, kwargs)
+                result = call(args, kwargs)
             except Exception as exc:  # noqa: BLE001 - the strategy re-raises what it does not answer
                 failure = exc
+            else:
+                if succeeded is not None:
+                    succeeded(args, kwargs, result)
+                return result
             return _answer(recover(failure, args, kwargs), failure, call, args, kwargs)
         finally:
             scope.reset(token)
@@ -694,20 +720,146 @@ def _scoped_recovery(
 
 
 def _ascoped_recovery(
-    scope: ContextVar[Any], new_scope: Callable[[], Any], recover: Recover, call: AsyncCall
+    scope: ContextVar[Any],
+    new_scope: Callable[[], Any],
+    recover: Recover,
+    succeeded: Succeeded | None,
+    call: AsyncCall,
 ) -> AsyncCall:
     async def scoped(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         token = scope.set(new_scope())
         try:
             try:
-                return await call(args, kwargs)
+                result = await call(args, kwargs)
             except Exception as exc:  # noqa: BLE001 - the strategy re-raises what it does not answer
                 failure = exc
+            else:
+                if succeeded is not None:
+                    succeeded(args, kwargs, result)
+                return result
             return await _aanswer(recover(failure, args, kwargs), failure, call, args, kwargs)
         finally:
             scope.reset(token)
 
     return scoped
+
+
+# -- keyed strategies (cache, coalescing) and the shared run of a Join ---------------------------
+Enter = Callable[[tuple[Any, ...], dict[str, Any]], Any]
+Returned = Callable[[Any, Any], None]
+Raised = Callable[[Any, Exception], Any]
+
+
+def _keyed(enter: Enter, returned: Returned | None, raised: Raised | None, call: Call) -> Call:
+    def keyed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        token = enter(args, kwargs)
+        if token is not None and isinstance(token, Effect):
+            if isinstance(token, Return):
+                return token.value  # answered without running the call
+            return _join(token, call, args, kwargs)
+        try:
+            result = call(args, kwargs)
+        except Exception as exc:
+            if raised is None:
+                raise
+            failure = exc
+        else:
+            if returned is not None:
+                returned(token, result)
+            return result
+        return _answer(raised(token, failure), failure, call, args, kwargs)
+
+    return keyed
+
+
+def _akeyed(
+    enter: Enter, returned: Returned | None, raised: Raised | None, call: AsyncCall
+) -> AsyncCall:
+    async def keyed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        token = enter(args, kwargs)
+        if token is not None and isinstance(token, Effect):
+            if isinstance(token, Return):
+                return token.value
+            return await _ajoin(token, call, args, kwargs)
+        try:
+            result = await call(args, kwargs)
+        except Exception as exc:
+            if raised is None:
+                raise
+            failure = exc
+        else:
+            if returned is not None:
+                returned(token, result)
+            return result
+        return await _aanswer(raised(token, failure), failure, call, args, kwargs)
+
+    return keyed
+
+
+def _join(effect: Any, call: Call, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Share one run of ``call`` with identical calls, for a thread (see :class:`Join`)."""
+    while True:
+        if effect.leads:
+            # The leading thread runs the call itself: nothing but an interpreter exit or a
+            # KeyboardInterrupt stops a thread, and the others then start over.
+            try:
+                result = call(args, kwargs)
+            except BaseException as exc:
+                effect.settle(None, exc)
+                raise
+            effect.settle(result, None)
+            return result
+        waiter = _ThreadWaiter()
+        if effect.wait(waiter):
+            try:
+                _clock.wait(waiter.event, None)
+            except BaseException:
+                effect.leave(waiter)
+                raise
+        effect = effect.outcome(waiter)
+        if isinstance(effect, Return):
+            return effect.value
+
+
+# The shared runs of async callers, held until they end: the loop keeps only weak references.
+_shared_runs: set[asyncio.Task[Any]] = set()
+
+
+async def _ajoin(
+    effect: Any, call: AsyncCall, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Share one run of ``call`` with identical calls, for a task (see :class:`Join`)."""
+    while True:
+        loop = asyncio.get_running_loop()
+        if effect.leads:
+            # A task of its own (in a copy of the leader's context): cancelling any caller,
+            # the leader included, only ends that caller's wait.
+            run = loop.create_task(_run_shared(call, args, kwargs))
+            _shared_runs.add(run)
+            run.add_done_callback(functools.partial(_shared_run_ended, effect))
+        waiter = _TaskWaiter(loop)
+        if effect.wait(waiter):
+            try:
+                await waiter.future
+            except BaseException:
+                effect.leave(waiter)
+                raise
+        effect = effect.outcome(waiter)
+        if isinstance(effect, Return):
+            return effect.value
+
+
+async def _run_shared(call: AsyncCall, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return await call(args, kwargs)
+
+
+def _shared_run_ended(effect: Any, run: asyncio.Task[Any]) -> None:
+    _shared_runs.discard(run)
+    if run.cancelled():
+        effect.settle(None, asyncio.CancelledError())
+        return
+    error = run.exception()
+    effect.settle(None if error is not None else run.result(), error)
 
 
 def _callable_name(fn: Callable[..., Any]) -> str:
@@ -722,6 +874,9 @@ def _observe_sync(chain: Call, service: str) -> Call:
         if not handlers:
             return chain(args, kwargs)
         started = _clock.monotonic()
+        # A pattern that answers in the call's place (fallback, cache, deferral) says so here.
+        cell = ["success"]
+        token = answered_as.set(cell)
         try:
             result = chain(args, kwargs)
         except Exception as exc:
@@ -730,8 +885,10 @@ def _observe_sync(chain: Call, service: str) -> Call:
                 handlers, CallFinished(service, _outcome(exc), elapsed, type(exc).__name__)
             )
             raise
+        finally:
+            answered_as.reset(token)
         events.dispatch(
-            handlers, CallFinished(service, "success", _clock.monotonic() - started, None)
+            handlers, CallFinished(service, cell[0], _clock.monotonic() - started, None)
         )
         return result
 
@@ -746,6 +903,9 @@ def _observe_async(chain: AsyncCall, service: str) -> AsyncCall:
         if not handlers:
             return await chain(args, kwargs)
         started = _clock.monotonic()
+        # A pattern that answers in the call's place (fallback, cache, deferral) says so here.
+        cell = ["success"]
+        token = answered_as.set(cell)
         try:
             result = await chain(args, kwargs)
         except Exception as exc:
@@ -754,8 +914,10 @@ def _observe_async(chain: AsyncCall, service: str) -> AsyncCall:
                 handlers, CallFinished(service, _outcome(exc), elapsed, type(exc).__name__)
             )
             raise
+        finally:
+            answered_as.reset(token)
         events.dispatch(
-            handlers, CallFinished(service, "success", _clock.monotonic() - started, None)
+            handlers, CallFinished(service, cell[0], _clock.monotonic() - started, None)
         )
         return result
 
@@ -871,10 +1033,8 @@ class Policy:
         return runner
 
 
-# The function Policy.call()/acall() is running: a context variable, so it follows the call into
-# the worker thread of a sync timeout and across the attempts of a retry, while the arguments
-# the patterns see (fallback handlers, the fallback cache) stay the caller's own.
-_call_target: ContextVar[Callable[..., Any]] = ContextVar("buttress_call_target")
+# The function Policy.call()/acall() is running (in _context: a cache key includes it).
+_call_target = _context.call_target
 
 
 def _target_runner(*, is_async: bool) -> Callable[..., Any]:

@@ -16,9 +16,11 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from buttress.patterns import PATTERNS
 from buttress.patterns._base import Options
 from buttress.patterns.bulkhead import BulkheadOptions
+from buttress.patterns.cache import CacheOptions
 from buttress.patterns.chaos import KILL_SWITCH as CHAOS_VARIABLE
 from buttress.patterns.chaos import ChaosOptions
 from buttress.patterns.circuit_breaker import CircuitBreakerOptions
+from buttress.patterns.coalescing import CoalescingOptions
 from buttress.patterns.fallback import FallbackOptions
 from buttress.patterns.rate_limit import RateLimitOptions
 from buttress.patterns.retry import RetryOptions
@@ -27,6 +29,8 @@ from buttress.patterns.timeout import TimeoutOptions
 _OPTIONS: Final[Mapping[str, type[Options]]] = MappingProxyType(
     {
         "fallback": FallbackOptions,
+        "cache": CacheOptions,
+        "coalescing": CoalescingOptions,
         "retry": RetryOptions,
         "circuit_breaker": CircuitBreakerOptions,
         "rate_limit": RateLimitOptions,
@@ -158,6 +162,8 @@ SECTIONS: Final[Mapping[str, type[BaseModel]]] = MappingProxyType(
 # follow; to it they are Any, to pydantic they are full models.
 if TYPE_CHECKING:
     FallbackSettings: TypeAlias = Any
+    CacheSettings: TypeAlias = Any
+    CoalescingSettings: TypeAlias = Any
     RetrySettings: TypeAlias = Any
     CircuitBreakerSettings: TypeAlias = Any
     RateLimitSettings: TypeAlias = Any
@@ -166,6 +172,8 @@ if TYPE_CHECKING:
     ChaosSettings: TypeAlias = Any
 else:
     FallbackSettings = SECTIONS["fallback"]
+    CacheSettings = SECTIONS["cache"]
+    CoalescingSettings = SECTIONS["coalescing"]
     RetrySettings = SECTIONS["retry"]
     CircuitBreakerSettings = SECTIONS["circuit_breaker"]
     RateLimitSettings = SECTIONS["rate_limit"]
@@ -190,6 +198,8 @@ class ServiceSettings(_Strict):
     )
     preset: PresetName | None = Field(default=None, description="a preset chosen by the operator")
     fallback: FallbackSettings = FallbackSettings()
+    cache: CacheSettings = CacheSettings()
+    coalescing: CoalescingSettings = CoalescingSettings()
     retry: RetrySettings = RetrySettings()
     circuit_breaker: CircuitBreakerSettings = CircuitBreakerSettings()
     rate_limit: RateLimitSettings = RateLimitSettings()

@@ -25,11 +25,16 @@ from opentelemetry import trace
 from buttress import events
 from buttress.events import (
     BulkheadQueued,
+    CacheServedStale,
     CallFinished,
     CallRejected,
     ChaosInjected,
     CircuitStateChanged,
     CircuitTrialStarted,
+    CoalescingJoined,
+    DeferralDropped,
+    DeferralQueued,
+    DeferralReplayed,
     FallbackFailed,
     FallbackUsed,
     RetryExhausted,
@@ -64,6 +69,10 @@ def _rejected_level(event: CallRejected) -> int:
     return DEBUG if event.pattern == "circuit_breaker" else INFO
 
 
+def _replayed_level(event: DeferralReplayed) -> int:
+    return INFO if event.outcome == "success" else WARNING
+
+
 def _settings_level(event: SettingsReloaded) -> int:
     return INFO if event.ok else ERROR
 
@@ -83,6 +92,11 @@ EVENT_NAMES: dict[type[Any], tuple[str, int | Callable[[Any], int]]] = {
     BulkheadQueued: ("buttress.bulkhead.queued", DEBUG),
     FallbackUsed: ("buttress.fallback.used", INFO),
     FallbackFailed: ("buttress.fallback.failed", WARNING),
+    CacheServedStale: ("buttress.cache.served_stale", INFO),
+    CoalescingJoined: ("buttress.coalescing.joined", DEBUG),
+    DeferralQueued: ("buttress.deferral.queued", INFO),
+    DeferralDropped: ("buttress.deferral.dropped", WARNING),
+    DeferralReplayed: ("buttress.deferral.replayed", _replayed_level),
     SettingsReloaded: ("buttress.settings.reloaded", _settings_level),
     ShadowDecision: ("buttress.shadow.decision", INFO),
     StateStoreError: ("buttress.state_store.error", WARNING),

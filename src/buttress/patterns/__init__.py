@@ -10,11 +10,13 @@ from typing import Final
 
 __all__ = ["PATTERNS"]
 
-# Canonical order, outermost first (design section 3); chaos sits innermost, around the call.
-# A policy's specs are sorted by it, settings sections are named by it, and each name is the
+# Canonical order, outermost first (design sections 3 and 10); chaos sits innermost, around the
+# call. A policy's specs are sorted by it, settings sections are named by it, and each name is the
 # module under this package that holds the pattern.
 PATTERNS: Final = (
     "fallback",
+    "cache",
+    "coalescing",
     "retry",
     "circuit_breaker",
     "rate_limit",
