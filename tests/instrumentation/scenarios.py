@@ -4,9 +4,9 @@
 rejects, half-opens and closes; retries succeed and run out; calls time out and workers are
 abandoned; a bulkhead queues and rejects; a rate limiter makes calls wait and refuses one;
 fallbacks serve and fail; a cache answers fresh and stale; identical calls share one run; a
-rejected call is deferred, replayed, and another dropped; shadow mode and chaos injection act; a circuit's shared state store
-cannot be reached; settings reload and fail to). It can run again and again in one process: every
-run ends with the circuits closed.
+rejected call is deferred, replayed, and another dropped; shadow mode and chaos injection act; a
+circuit's shared state store cannot be reached; settings reload and fail to). It can run again
+and again in one process: every run ends with the circuits closed.
 
 Used by ``test_scenarios.py`` (fresh registry, fake clock) and by the exporter process that the
 real-Prometheus test scrapes.
