@@ -52,6 +52,9 @@ __all__ = [
 
 _log = logging.getLogger("buttress.deferral")
 
+# How often a waiting replay thread looks at the clock (real seconds).
+_POLL_SECONDS = 0.05
+
 
 class Deferred:
     """The answer of a deferred call: a handle on its replay.
@@ -303,9 +306,9 @@ class DeferralQueue:
             return
 
     # -- replay ----------------------------------------------------------------------------------
-    def schedule(self, delay: float) -> None:
-        """Drain in ``delay`` seconds (or sooner, if a drain is due sooner already)."""
-        due = _clock.monotonic() + max(0.0, delay)
+    def schedule(self, delay: float, since: float | None = None) -> None:
+        """Drain ``delay`` seconds after ``since`` (default: now), or sooner if due sooner."""
+        due = (_clock.monotonic() if since is None else since) + max(0.0, delay)
         with self._lock:
             if self._due is not None and self._due <= due:
                 return
@@ -329,7 +332,10 @@ class DeferralQueue:
                 if wait <= 0:
                     self._due = None
             if wait > 0:
-                _clock.wait(self._wake, wait)
+                # Polled in short real-time slices against the buttress clock rather than one
+                # timed wait: a thread that registers its wait late would miss time that a
+                # simulated clock (tests) moved meanwhile. Only while a replay is due.
+                self._wake.wait(min(wait, _POLL_SECONDS))
                 self._wake.clear()
                 continue
             try:
@@ -374,10 +380,13 @@ class DeferralQueue:
         step = self._step
         if step is None:
             return False
+        started = _clock.monotonic()
         try:
             result = self._run(step, item)
         except RejectedError as exc:
-            self.schedule(exc.retry_after or self.options.retry_interval)
+            # Counted from before the replay (the refusal came later, never earlier): a loop or
+            # this thread that sees the refusal late must not push the next try further out.
+            self.schedule(exc.retry_after or self.options.retry_interval, since=started)
             return False
         except _NoLoopError:
             self.schedule(self.options.retry_interval)

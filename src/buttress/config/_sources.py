@@ -13,11 +13,12 @@ import difflib
 import json
 import os
 import tomllib
+import typing
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final, Literal, NamedTuple
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from buttress import registry
 from buttress.config._models import (
@@ -94,8 +95,23 @@ def _classify(parts: tuple[str, ...]) -> _Key:
     if option not in fields:
         return _Key("bad", offset + 1, _unknown(option, list(fields)))
     if len(rest) > 2:
-        return _Key("bad", offset + 2, f"{option!r} is a value")
+        # An option that also takes a table of its own (fallback.defer: true, or its options).
+        nested = _nested_model(fields[option].annotation)
+        if nested is None:
+            return _Key("bad", offset + 2, f"{option!r} is a value")
+        if rest[2] not in nested.model_fields:
+            return _Key("bad", offset + 2, _unknown(rest[2], list(nested.model_fields)))
+        if len(rest) > 3:
+            return _Key("bad", offset + 3, f"{rest[2]!r} is a value")
     return _Key("value")
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The model among the types of ``annotation`` (``bool | DeferOptions``), if any."""
+    for candidate in typing.get_args(annotation) or (annotation,):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def _check_tree(
