@@ -248,6 +248,7 @@ class DeferralQueue:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._draining = threading.Lock()
+        self._closed = False
 
     # -- the fallback's side ---------------------------------------------------------------------
     def link(self, step: Callable[..., Any], *, is_async: bool) -> None:
@@ -276,6 +277,9 @@ class DeferralQueue:
             target=_context.call_target.get(None),
         )
         try:
+            if item.target is not None and not isinstance(self.store, LocalStore):
+                # Policy.call(fn, ...): another process could not know which fn to replay.
+                raise TypeError("a Policy.call target cannot be kept in a shared queue")
             depth = self.store.push(item, self.options.max_items)
         except TypeError:
             _log.warning(
@@ -321,11 +325,18 @@ class DeferralQueue:
                 return
         self._wake.set()
 
+    def close(self) -> None:
+        """Stop replaying (the queue is forgotten); its thread ends at its next look."""
+        with self._lock:
+            self._closed = True
+            self._due = None
+        self._wake.set()
+
     def _run_replays(self) -> None:
         while True:
             with self._lock:
                 due = self._due
-                if due is None:
+                if due is None or self._closed:
                     self._thread = None
                     return
                 wait = due - _clock.monotonic()
@@ -419,7 +430,13 @@ class DeferralQueue:
             loop.call_soon_threadsafe(start)
         except RuntimeError:  # closed meanwhile
             raise _NoLoopError from None
-        return done.result()
+        while True:
+            try:
+                return done.result(_POLL_SECONDS)
+            except TimeoutError:
+                # Its loop may never run again (closed, or this queue forgotten): give up then.
+                if loop.is_closed() or self._closed:
+                    raise _NoLoopError from None
 
     def _settle(self, item: Item, status: str, result: Any, error: BaseException | None) -> None:
         with self._lock:
@@ -521,6 +538,8 @@ def clear() -> None:
     """Forget every queue (tests); their replay threads end after their current wait."""
     global _subscribed
     with _queues_lock:
+        for queue in _queues.values():
+            queue.close()
         _queues.clear()
         if _subscribed:
             events.unsubscribe(_on_state_changed)

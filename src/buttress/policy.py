@@ -156,6 +156,10 @@ def _build(
     return cast("Strategy | None", module.build(ctx))
 
 
+# The patterns that may answer a call in its place, and say how in its CallFinished outcome.
+_ANSWERING = frozenset({"fallback", "cache"})
+
+
 def _outcome(exc: BaseException) -> str:
     if isinstance(exc, RejectedError):
         return "rejected"
@@ -236,10 +240,12 @@ class _Bound:
         chain = self._chain_async(strategies) if self.is_async else self._chain_sync(strategies)
         if view.rollout < 1.0:
             chain = self._rollout(chain, view)
+        # Whether a pattern of the chain may answer in the call's place (see _context.answered).
+        answers = any(getattr(s, "pattern", None) in _ANSWERING for s in strategies)
         observed = (
-            _observe_async(chain, self.service)
+            _observe_async(chain, self.service, answers=answers)
             if self.is_async
-            else _observe_sync(chain, self.service)
+            else _observe_sync(chain, self.service, answers=answers)
         )
         return _Compiled(snapshot, epoch, chain, observed, direct=False)
 
@@ -866,7 +872,7 @@ def _callable_name(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 
 
-def _observe_sync(chain: Call, service: str) -> Call:
+def _observe_sync(chain: Call, service: str, *, answers: bool) -> Call:
     """``chain`` plus one ``CallFinished`` per call (used only while somebody listens)."""
 
     def observed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -874,9 +880,10 @@ def _observe_sync(chain: Call, service: str) -> Call:
         if not handlers:
             return chain(args, kwargs)
         started = _clock.monotonic()
-        # A pattern that answers in the call's place (fallback, cache, deferral) says so here.
+        # A pattern that answers in the call's place (fallback, cache, deferral) says so here;
+        # a chain without one pays no context variable.
         cell = ["success"]
-        token = answered_as.set(cell)
+        token = answered_as.set(cell) if answers else None
         try:
             result = chain(args, kwargs)
         except Exception as exc:
@@ -886,7 +893,8 @@ def _observe_sync(chain: Call, service: str) -> Call:
             )
             raise
         finally:
-            answered_as.reset(token)
+            if token is not None:
+                answered_as.reset(token)
         events.dispatch(
             handlers, CallFinished(service, cell[0], _clock.monotonic() - started, None)
         )
@@ -895,7 +903,7 @@ def _observe_sync(chain: Call, service: str) -> Call:
     return observed
 
 
-def _observe_async(chain: AsyncCall, service: str) -> AsyncCall:
+def _observe_async(chain: AsyncCall, service: str, *, answers: bool) -> AsyncCall:
     """``chain`` plus one ``CallFinished`` per call (used only while somebody listens)."""
 
     async def observed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -903,9 +911,10 @@ def _observe_async(chain: AsyncCall, service: str) -> AsyncCall:
         if not handlers:
             return await chain(args, kwargs)
         started = _clock.monotonic()
-        # A pattern that answers in the call's place (fallback, cache, deferral) says so here.
+        # A pattern that answers in the call's place (fallback, cache, deferral) says so here;
+        # a chain without one pays no context variable.
         cell = ["success"]
-        token = answered_as.set(cell)
+        token = answered_as.set(cell) if answers else None
         try:
             result = await chain(args, kwargs)
         except Exception as exc:
@@ -915,7 +924,8 @@ def _observe_async(chain: AsyncCall, service: str) -> AsyncCall:
             )
             raise
         finally:
-            answered_as.reset(token)
+            if token is not None:
+                answered_as.reset(token)
         events.dispatch(
             handlers, CallFinished(service, cell[0], _clock.monotonic() - started, None)
         )

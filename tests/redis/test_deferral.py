@@ -167,3 +167,17 @@ def test_an_unreachable_redis_leaves_the_caller_its_rejection(closed_port) -> No
             notify("x")
     assert time.monotonic() - started < 1
     assert seen == [events.DeferralDropped("notify", "store_error")]
+
+
+def test_a_policy_call_is_not_kept_in_a_shared_queue(redis_server) -> None:
+    # Another process could not know which function Policy.call ran: the caller keeps its
+    # rejection (locally, the same call is deferred: see tests/patterns/test_deferral.py).
+    policy = with_fallback(
+        name="notify", defer=DeferOptions(state_url=redis_server.url, retry_interval=3600)
+    ).then(circuit_breaker(name="notify"))
+    force_circuit_state("notify", "forced_open")
+    with capture_events([events.DeferralDropped]) as seen:
+        with pytest.raises(CircuitOpenError):
+            policy.call(lambda: "sent")
+    assert seen == [events.DeferralDropped("notify", "unserializable")]
+    assert stream_length(redis_server.url) == 0
