@@ -249,6 +249,8 @@ class DeferralQueue:
         self._thread: threading.Thread | None = None
         self._draining = threading.Lock()
         self._closed = False
+        # Items queued, as this process last saw the store (a shared stream is not read for it).
+        self._depth = 0
 
     # -- the fallback's side ---------------------------------------------------------------------
     def link(self, step: Callable[..., Any], *, is_async: bool) -> None:
@@ -294,6 +296,7 @@ class DeferralQueue:
         if depth is None:
             events.emit(events.DeferralDropped(self.service, "full"))
             return None
+        self._depth = depth
         if self._is_async:
             self._note_loop()
         handle = item.handle = Deferred(item.id, self.service, item.key)
@@ -374,6 +377,8 @@ class DeferralQueue:
                         break
                     ran += 1
                     self.store.renew()
+                else:
+                    self._emptied()
             finally:
                 self.store.release()
         finally:
@@ -384,7 +389,7 @@ class DeferralQueue:
         """Replay ``item``; ``False`` when the drain must stop (rejected again, nothing to run)."""
         waited = max(0.0, _clock.wall() - item.queued_at)
         if waited > self.options.max_age:
-            self.store.remove(item)
+            self._remove(item)
             events.emit(events.DeferralDropped(self.service, "expired"))
             self._settle(item, "dropped", None, _expired(self.service, waited))
             return True
@@ -403,11 +408,11 @@ class DeferralQueue:
             self.schedule(self.options.retry_interval)
             return False
         except Exception as exc:  # noqa: BLE001 - the replay's own failure ends this item
-            self.store.remove(item)
+            self._remove(item)
             events.emit(events.DeferralReplayed(self.service, "failure", waited))
             self._settle(item, "failed", None, exc)
             return True
-        self.store.remove(item)
+        self._remove(item)
         events.emit(events.DeferralReplayed(self.service, "success", waited))
         self._settle(item, "replayed", result, None)
         return True
@@ -437,6 +442,22 @@ class DeferralQueue:
                 # Its loop may never run again (closed, or this queue forgotten): give up then.
                 if loop.is_closed() or self._closed:
                     raise _NoLoopError from None
+
+    def _remove(self, item: Item) -> None:
+        # Before the handle settles: whoever its result wakes sees the depth without it.
+        self.store.remove(item)
+        self._depth = max(0, self._depth - 1)
+
+    def depth(self) -> int:
+        """Items queued: the store's count, or for a shared stream the last one seen here."""
+        return self.store.depth() if isinstance(self.store, LocalStore) else self._depth
+
+    def _emptied(self) -> None:
+        self._depth = 0
+        with self._lock:
+            # Handles whose items another process replayed: they stay "queued" for their callers,
+            # but this queue has nothing left to settle them with.
+            self.handles.clear()
 
     def _settle(self, item: Item, status: str, result: Any, error: BaseException | None) -> None:
         with self._lock:
@@ -524,11 +545,10 @@ def queues() -> dict[tuple[str, str], DeferralQueue]:
 
 
 def depths() -> dict[str, int]:
-    """Items queued per service (local stores only: a shared stream is not read for this)."""
+    """Items queued per service (a shared stream as this process last saw it: never read here)."""
     found: dict[str, int] = {}
     for (service, _), queue in queues().items():
-        local = isinstance(queue.store, LocalStore)
-        depth = queue.store.depth() if local else len(queue.handles)
+        depth = queue.depth()
         if depth:
             found[service] = found.get(service, 0) + depth
     return found

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+import buttress
 from buttress import (
     CircuitOpenError,
     DeferOptions,
@@ -131,10 +132,12 @@ def test_a_replay_in_the_same_process_settles_the_handle(redis_server) -> None:
     handle = notify("hello")
     assert isinstance(handle, Deferred)
     assert stream_length(redis_server.url) == 1
+    assert buttress.health()["deferred"] == {"notify": 1}
     force_circuit_state("notify", "closed")
     assert handle.result(timeout=5) == "sent hello"
     assert handle.status == "replayed"
     assert stream_length(redis_server.url) == 0
+    assert buttress.health()["deferred"] == {}
 
 
 def test_the_stream_is_bounded(redis_server) -> None:
