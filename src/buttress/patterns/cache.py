@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from pydantic import Field, PositiveInt
 
@@ -103,24 +103,25 @@ class CacheStrategy:
         key = call_key(PATTERN, self.key, args, kwargs)
         now = _clock.monotonic()
         cache = self.cache
+        fresh = False
         with cache.lock:
             entry = cache.entries.get(key)
             if entry is not None:
                 age = now - entry[0]
-                if age <= self.ttl:
+                fresh = age <= self.ttl
+                if fresh:
                     cache.entries.move_to_end(key)
-                    hit: Any = entry[1]
                 elif self.stale_until is None or age > self.stale_until:
-                    del cache.entries[key]
-        if entry is not None and age <= self.ttl:
-            events.emit(events.CacheLookup(self.service, "hit"))
-            if self.shadow:
-                events.emit(events.ShadowDecision(self.service, PATTERN, "cached"))
-                return key
-            _context.answered("cached")
-            return Return(hit)
-        events.emit(events.CacheLookup(self.service, "miss"))
-        return key
+                    del cache.entries[key]  # of no use any more, fresh or stale
+        if not fresh:
+            events.emit(events.CacheLookup(self.service, "miss"))
+            return key
+        events.emit(events.CacheLookup(self.service, "hit"))
+        if self.shadow:
+            events.emit(events.ShadowDecision(self.service, PATTERN, "cached"))
+            return key
+        _context.answered("cached")
+        return Return(cast("tuple[float, Any]", entry)[1])
 
     def remember(self, key: Hashable, result: Any) -> None:
         """Keep ``result`` as the answer for ``key``."""
