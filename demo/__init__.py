@@ -4,7 +4,9 @@ A flaky HTTP upstream starts on a free loopback port and moves through five phas
 outage, slow, rate limited, recovery). Two clients call it at the same pace from ``def`` and
 ``async def`` call sites: one protected by buttress (settings from ``demo/buttress.toml``), one not.
 While it runs, ``/metrics`` and ``/health`` are served on loopback. At the end it prints a
-side-by-side report and writes a PNG timeline; every figure comes from what was recorded during
+side-by-side report and writes a PNG timeline. Two more clients show degraded service
+(:mod:`demo.degraded`): an LLM-style assistant answered from its cache, and notifications deferred
+during the outage and sent once the circuit closes; every figure comes from what was recorded during
 the run (calls, buttress events, requests the upstream received).
 
 Nothing outside the machine is needed, except a Redis server when ``--redis`` is given.

@@ -22,6 +22,7 @@ from buttress import _clock, config, instrumentation, registry
 from buttress.exceptions import ConfigurationError
 from buttress.patterns import circuit_breaker
 from buttress.patterns.chaos import KILL_SWITCH
+from demo.degraded import DegradedFigures, DegradedTraffic
 from demo.endpoints import Endpoints
 from demo.report import Report, build_report
 from demo.schedule import Schedule, build_schedule
@@ -79,6 +80,7 @@ class DemoResult:
     observed: list[Observed]
     hits: list[Hit]
     notes: list[str]
+    degraded: DegradedFigures  # the assistant's cache and the deferred notifications
 
 
 # --- settings ------------------------------------------------------------------------------------
@@ -313,13 +315,18 @@ def run(options: DemoOptions, *, out: TextIO) -> DemoResult:
         traffic = Traffic(
             upstream.url, started=started, duration=options.duration, seed=options.seed
         )
+        degraded = DegradedTraffic(
+            upstream.url, started=started, duration=options.duration, seed=options.seed
+        )
         progress = _Progress(out, schedule)
         with EventLog(started, 0) as log:
+            degraded.start()
             traffic.start()
             while traffic.running():
                 progress.update(min(traffic.elapsed(), options.duration), traffic.records)
                 _clock.sleep(0.25)
             traffic.join()
+            degraded.join()  # and waits for the deferred notifications to be sent
         progress.finish()
         records, observed = list(traffic.records), list(log.observed)
         missing: list[str] = []
@@ -346,17 +353,22 @@ def run(options: DemoOptions, *, out: TextIO) -> DemoResult:
         hits=hits,
         chaos=chaos,
     )
+    outage = schedule.get("outage")
+    figures = degraded.figures(hits, (outage.start, outage.end))
     timeline = write_timeline(report, records, hits, options.output)
     print("", file=out)
     print(report.render(), file=out)
+    print("", file=out)
+    print(figures.render(), file=out)
     for note in missing:
         print(f"note: {note}", file=out)
     print(f"\ntimeline: {timeline}", file=out)
     if options.json is not None:
         options.json.parent.mkdir(parents=True, exist_ok=True)
-        options.json.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+        document = {**report.to_json(), "degraded": figures.to_json()}
+        options.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
         print(f"figures:  {options.json}", file=out)
-    return DemoResult(report, timeline, records, observed, hits, notes)
+    return DemoResult(report, timeline, records, observed, hits, notes, figures)
 
 
 def _introduce(

@@ -439,6 +439,60 @@ ROWS: list[tuple[str, list[dict[str, Any]]]] = [
             ),
         ],
     ),
+    (
+        "Cache, coalescing and deferred calls",
+        [
+            timeseries(
+                "Calls answered in the call's place / s",
+                (
+                    rate(
+                        "buttress_calls_total",
+                        "service, outcome",
+                        'outcome=~"fallback|cached|deferred"',
+                    ),
+                    "{{service}} {{outcome}}",
+                ),
+                unit="reqps",
+                description="Fallback, cache and deferral answers: never counted as success.",
+            ),
+            timeseries(
+                "Cache lookups / s",
+                (rate("buttress_cache_lookups_total", "service, result"), "{{service}} {{result}}"),
+                (
+                    rate("buttress_cache_stale_served_total", "service"),
+                    "{{service}} stale served",
+                ),
+                unit="reqps",
+            ),
+            timeseries(
+                "Coalesced calls / s",
+                (rate("buttress_coalescing_joined_total", "service"), "{{service}}"),
+                unit="reqps",
+                description="Calls that shared an identical call's run instead of running.",
+            ),
+            timeseries(
+                "Deferred calls / s",
+                (
+                    rate("buttress_deferral_queued_total", "service, error_type"),
+                    "{{service}} queued ({{error_type}})",
+                ),
+                (
+                    rate("buttress_deferral_replayed_total", "service, outcome"),
+                    "{{service}} replayed {{outcome}}",
+                ),
+                (
+                    rate("buttress_deferral_dropped_total", "service, reason"),
+                    "{{service}} dropped {{reason}}",
+                ),
+                unit="reqps",
+            ),
+            timeseries(
+                "Deferred wait before replay p95",
+                (quantile("buttress_deferral_wait_seconds", 0.95), "{{service}}"),
+                unit="s",
+            ),
+        ],
+    ),
 ]
 
 

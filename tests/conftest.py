@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from buttress import _clock, registry
+from buttress import _clock, _deferral, registry
 from buttress.health_app import reset as forget_fallbacks
 from buttress.policy import alink, link
 from buttress.testing import FakeClock
@@ -119,7 +119,9 @@ def _fresh_registry() -> Iterator[None]:
     registry.clear()
     registry.clear_claims()
     forget_fallbacks()
+    _deferral.clear()
     yield
     registry.clear()
     registry.clear_claims()
     forget_fallbacks()
+    _deferral.clear()

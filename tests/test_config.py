@@ -896,6 +896,8 @@ COMPANIONS = {
     ("rate_limit", "rate"): {},  # the default burst, max(1, rate), is derived from it
     ("rate_limit", "max_wait"): {"rate": 1.0, "burst": 1},
     ("fallback", "cache_ttl"): {},
+    ("cache", "ttl"): {},
+    ("cache", "stale_ttl"): {"ttl": 1.0},
     ("chaos", "exception_rate"): {"enabled": True},
     ("chaos", "latency_rate"): {"enabled": True},
     ("chaos", "latency_seconds"): {"enabled": True, "latency_rate": 1.0},
@@ -1240,6 +1242,8 @@ def test_resilient_with_no_configuration_gets_the_documented_defaults():
     }
     assert built == {
         "fallback": False,
+        "cache": False,
+        "coalescing": False,
         "retry": True,
         "hedging": False,
         "circuit_breaker": True,

@@ -542,3 +542,44 @@ def test_workers_share_one_circuit_through_redis(redis_url, tmp_path):
     # A worker adopted a state the other one wrote: the circuit lived in Redis, not in a process.
     assert any(o.event.reason == "shared_state" for o in changes)
     assert "from the circuit shared in Redis" in printed.getvalue()
+
+
+# --- degraded service: the assistant's cache and the deferred notifications -------------------
+
+
+@pytest.mark.realtime
+def test_the_assistant_answers_from_its_cache_through_the_outage(demo):
+    result, seen, printed, options = demo
+    figures = result.degraded
+    assert figures.assistant_calls_during_outage > 0
+    assert figures.assistant_answered_during_outage == figures.assistant_calls_during_outage
+    assert figures.assistant_stale_from_cache == len(of(seen, events.CacheServedStale, "assistant"))
+    assert figures.assistant_stale_from_cache > 0
+    assert figures.assistant_fresh_from_cache > 0
+    assert figures.assistant_upstream_requests < figures.assistant_calls / 2
+    assert figures.assistant_upstream_requests == sum(
+        1 for h in result.hits if h.client == "assistant"
+    )
+    cached = [e for e in of(seen, events.CallFinished, "assistant") if e.outcome == "cached"]
+    assert len(cached) == figures.assistant_fresh_from_cache + figures.assistant_stale_from_cache
+    assert "Degraded service" in printed
+    assert json.loads(options.json.read_text())["degraded"] == figures.to_json()
+
+
+@pytest.mark.realtime
+def test_notifications_are_deferred_during_the_outage_and_sent_in_order(demo):
+    result, seen, _, _ = demo
+    figures = result.degraded
+    assert figures.notifications_deferred == len(of(seen, events.DeferralQueued, "notifications"))
+    assert figures.notifications_deferred > 0
+    assert figures.notifications_replayed == len(
+        [e for e in of(seen, events.DeferralReplayed, "notifications") if e.outcome == "success"]
+    )
+    assert figures.notifications_pending == 0
+    assert figures.notifications_replayed == figures.notifications_deferred
+    assert figures.replayed_in_order
+    assert figures.delivered_once
+    deferred = [
+        e for e in of(seen, events.CallFinished, "notifications") if e.outcome == "deferred"
+    ]
+    assert len(deferred) == figures.notifications_deferred

@@ -35,6 +35,7 @@ ROWS = [
     "Bulkheads",
     "Rate limits",
     "Fallbacks and degradation",
+    "Cache, coalescing and deferred calls",
 ]
 ALERTS = {
     "ButtressCircuitOpen",

@@ -97,6 +97,7 @@ def test_no_circuit_means_healthy(clock):
         "circuits": {},
         "bulkheads": {},
         "fallbacks": {},
+        "deferred": {},
     }
 
 

@@ -136,6 +136,8 @@ def test_resilient_builds_the_canonical_stack(mode, clock):
     policy = fn.__buttress_policy__
     assert [s.pattern for s in policy.specs] == [
         "fallback",
+        "cache",
+        "coalescing",
         "retry",
         "hedging",
         "circuit_breaker",

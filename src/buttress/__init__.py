@@ -1,9 +1,10 @@
 """buttress: make the calls a service makes to other services survive failure.
 
 Stack ``circuit_breaker``, ``retry_with_backoff``, ``with_timeout``, ``with_bulkhead``,
-``with_rate_limit``, ``with_fallback``, ``with_hedging`` and ``with_adaptive_throttle`` on ``def``
-and ``async def`` functions, or build the whole stack for a named service with
-``resilient("openfga")``; tune it from settings; watch it in Prometheus, OpenTelemetry and logs.
+``with_rate_limit``, ``with_fallback``, ``with_cache``, ``with_coalescing``, ``with_hedging`` and
+``with_adaptive_throttle`` on ``def`` and ``async def`` functions, or build the whole stack for a
+named service with ``resilient("openfga")``; tune it from settings; watch it in Prometheus,
+OpenTelemetry and logs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from buttress.decorators import (
     retry_with_backoff,
     with_adaptive_throttle,
     with_bulkhead,
+    with_cache,
     with_chaos,
+    with_coalescing,
     with_fallback,
     with_hedging,
     with_rate_limit,
@@ -33,6 +36,7 @@ from buttress.exceptions import (
 )
 from buttress.health_app import health
 from buttress.instrumentation import install_defaults as _install_default_subscribers
+from buttress.patterns.fallback import DeferOptions, Deferred
 from buttress.policy import Policy
 
 __all__ = [
@@ -40,6 +44,8 @@ __all__ = [
     "ButtressError",
     "CircuitOpenError",
     "ConfigurationError",
+    "DeferOptions",
+    "Deferred",
     "Policy",
     "RateLimitedError",
     "RejectedError",
@@ -55,7 +61,9 @@ __all__ = [
     "retry_with_backoff",
     "with_adaptive_throttle",
     "with_bulkhead",
+    "with_cache",
     "with_chaos",
+    "with_coalescing",
     "with_fallback",
     "with_hedging",
     "with_rate_limit",

@@ -3,16 +3,32 @@
 ``attempt()`` and ``idempotency_key()`` read the innermost retry; ``remaining()`` reads the tightest
 deadline of the enclosing ``with_timeout`` scopes. All three are context variables, so they follow
 the call into ``asyncio`` tasks and into the worker thread of a sync timeout.
+
+Two more travel with a call for the patterns' sake: the function ``Policy.call()`` runs (part of
+a cache or coalescing key) and the cell where a pattern that answered the call in its place
+(fallback, cache, deferral) notes how, read by the policy when it counts the call's outcome.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from contextvars import ContextVar
+from typing import Any
 
 from buttress import _clock
 
-__all__ = ["RetryScope", "attempt", "deadline", "idempotency_key", "remaining"]
+__all__ = [
+    "RetryScope",
+    "answered",
+    "answered_as",
+    "attempt",
+    "call_scope",
+    "call_target",
+    "deadline",
+    "idempotency_key",
+    "remaining",
+]
 
 
 class RetryScope:
@@ -26,6 +42,18 @@ class RetryScope:
 
 
 retry_scope: ContextVar[RetryScope | None] = ContextVar("buttress_retry_scope", default=None)
+
+# The logical call around every retry (set by a deferring fallback): the retries inside take its
+# idempotency key, so a call replayed later sends the key its first attempts sent.
+call_scope: ContextVar[RetryScope | None] = ContextVar("buttress_call_scope", default=None)
+
+# The function Policy.call()/acall() is running: it follows the call into the worker thread of a
+# sync timeout and across retries, while the arguments the patterns see stay the caller's own.
+call_target: ContextVar[Callable[..., Any]] = ContextVar("buttress_call_target")
+
+# A one-slot list per observed call: the outcome a pattern answered it with (``fallback``,
+# ``cached``, ``deferred``); ``None`` while nobody counts outcomes (no cell is made then).
+answered_as: ContextVar[list[str] | None] = ContextVar("buttress_answered_as", default=None)
 
 # Absolute deadline on the buttress clock (``_clock.monotonic()``); None when no timeout encloses.
 deadline: ContextVar[float | None] = ContextVar("buttress_deadline", default=None)
@@ -44,14 +72,30 @@ def idempotency_key() -> str | None:
     """A key that stays the same across all attempts of one logical retried call.
 
     Send it with a request (for example as an ``Idempotency-Key`` header) so the server can tell a
-    retry from a new request. ``None`` outside a retried call.
+    retry from a new request. ``None`` outside a retried call, unless a deferring fallback
+    encloses the call: then every attempt, and the replay of a deferred call, share its key.
     """
     scope = retry_scope.get()
+    outer = call_scope.get()
     if scope is None:
-        return None
+        if outer is None:
+            return None
+        scope = outer
     if scope.key is None:
-        scope.key = uuid.uuid4().hex
+        if outer is not None and outer is not scope:
+            if outer.key is None:
+                outer.key = uuid.uuid4().hex
+            scope.key = outer.key
+        else:
+            scope.key = uuid.uuid4().hex
     return scope.key
+
+
+def answered(outcome: str) -> None:
+    """Note that a pattern answered the current call in its place (``outcome`` of CallFinished)."""
+    cell = answered_as.get()
+    if cell is not None:
+        cell[0] = outcome
 
 
 def remaining() -> float | None:

@@ -13,9 +13,10 @@ from typing import Any, Literal
 
 from buttress.exceptions import ConfigurationError
 from buttress.patterns import PATTERNS
+from buttress.patterns._keys import KeyFunction
 from buttress.patterns.chaos import ExceptionSpec
 from buttress.patterns.circuit_breaker import ExcludeSpec
-from buttress.patterns.fallback import MISSING
+from buttress.patterns.fallback import MISSING, DeferOptions
 from buttress.patterns.retry import RetryOn
 from buttress.policy import Policy, Spec
 
@@ -25,7 +26,9 @@ __all__ = [
     "retry_with_backoff",
     "with_adaptive_throttle",
     "with_bulkhead",
+    "with_cache",
     "with_chaos",
+    "with_coalescing",
     "with_fallback",
     "with_hedging",
     "with_rate_limit",
@@ -284,6 +287,7 @@ def with_fallback(
     handler: Callable[..., Any] | None = None,
     chain: tuple[Callable[..., Any], ...] | list[Callable[..., Any]] | None = None,
     cache_ttl: float | None = None,
+    defer: bool | DeferOptions | None = None,
     on: tuple[type[BaseException], ...]
     | list[type[BaseException]]
     | type[BaseException]
@@ -298,6 +302,10 @@ def with_fallback(
         handler: called as ``handler(exc, *args, **kwargs)``; its result is returned.
         chain: handlers tried in order until one succeeds.
         cache_ttl: serve the last good result for the same arguments within this many seconds.
+        defer: queue a rejected call (circuit open, rate limited, bulkhead full) and answer with
+            a :class:`~buttress.patterns.fallback.Deferred` handle; the call is replayed when
+            the dependency takes calls again. ``True``, or :class:`DeferOptions` for its bounds
+            and an optional Redis stream.
         on: exceptions (types or a predicate) that trigger it; default ``ButtressError`` and
             transient errors.
     """
@@ -309,13 +317,51 @@ def with_fallback(
         handler=handler,
         chain=tuple(chain) if chain is not None else None,
         cache_ttl=cache_ttl,
+        defer=defer,
         on=on,
     )
     if value is not MISSING:
         code_args["value"] = value
-    if not code_args.keys() & {"value", "handler", "chain", "cache_ttl"}:
-        raise TypeError("with_fallback needs a value, a handler, a chain or a cache_ttl")
+    if not code_args.keys() & {"value", "handler", "chain", "cache_ttl", "defer"}:
+        raise TypeError("with_fallback needs a value, a handler, a chain, a cache_ttl or defer")
     return _one("fallback", name, code_args)
+
+
+def with_cache(
+    name: str | None = None,
+    *,
+    ttl: float,
+    stale_ttl: float | None = None,
+    max_entries: int | None = None,
+    key: KeyFunction | None = None,
+) -> Policy:
+    """Answer identical calls from a recent result without calling (read-through).
+
+    Args:
+        name: the service (settings section and metric label).
+        ttl: seconds a result answers identical calls.
+        stale_ttl: seconds past ``ttl`` a result may still answer a call that failed with one
+            of buttress's errors (open circuit, timeout...) or a transient error; ``None``: never.
+        max_entries: results kept (default 1024), the least recently used dropped first.
+        key: ``key(*args, **kwargs)`` returning what makes two calls the same (default: the
+            arguments; see docs/patterns/cache.md for the rule).
+    """
+    return _one(
+        "cache",
+        name,
+        _given(ttl=ttl, stale_ttl=stale_ttl, max_entries=max_entries, key=key),
+    )
+
+
+def with_coalescing(name: str | None = None, *, key: KeyFunction | None = None) -> Policy:
+    """Identical concurrent calls share one run and its result or error (single-flight).
+
+    Args:
+        name: the service (settings section and metric label).
+        key: ``key(*args, **kwargs)`` returning what makes two calls the same (default: the
+            arguments; see docs/patterns/coalescing.md for the rule).
+    """
+    return _one("coalescing", name, _given(enabled=True, key=key))
 
 
 def with_chaos(
@@ -365,6 +411,8 @@ def resilient(
     *,
     preset: Literal["api", "ai", "database", "external", "critical"] | None = None,
     fallback: Mapping[str, Any] | None = None,
+    cache: Mapping[str, Any] | None = None,
+    coalescing: Mapping[str, Any] | None = None,
     retry: Mapping[str, Any] | None = None,
     hedging: Mapping[str, Any] | None = None,
     circuit_breaker: Mapping[str, Any] | None = None,
@@ -376,19 +424,22 @@ def resilient(
 ) -> Policy:
     """The whole stack for service ``name``, from settings, in the canonical order.
 
-    fallback → retry → hedging → circuit breaker → adaptive throttle → rate limit → timeout (per
-    attempt) → bulkhead → chaos → call.
+    fallback → cache → coalescing → retry → hedging → circuit breaker → adaptive throttle → rate
+    limit → timeout (per attempt) → bulkhead → chaos → call.
     ``name`` is case-insensitive: ``"OpenFGA"`` and ``"openfga"`` are one service, ``openfga``.
     Each mapping gives code defaults for one pattern that settings may override; ``preset``
-    names a set of defaults. Hedging, adaptive throttle, bulkhead, rate limit, fallback and chaos
-    act only when configured (a ``delay``, the throttle enabled, a ``limit`` or ``adaptive``, a
-    ``rate``, something to fall back to, chaos enabled and armed).
+    names a set of defaults. Cache, coalescing, hedging, adaptive throttle, bulkhead, rate limit,
+    fallback and chaos act only when configured (a ``ttl``, coalescing enabled, a ``delay``, the
+    throttle enabled, a ``limit`` or ``adaptive``, a ``rate``, something to fall back to, chaos
+    enabled and armed).
     """
     service: object = name  # checked at run time for untyped callers
     if not isinstance(service, str) or service == "":
         raise TypeError(f"resilient() needs a service name, got {name!r}")
     given = {
         "fallback": fallback,
+        "cache": cache,
+        "coalescing": coalescing,
         "retry": retry,
         "hedging": hedging,
         "circuit_breaker": circuit_breaker,

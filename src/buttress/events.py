@@ -19,12 +19,18 @@ __all__ = [
     "BulkheadLimitChanged",
     "BulkheadQueued",
     "BulkheadReleased",
+    "CacheLookup",
+    "CacheServedStale",
     "CallFinished",
     "CallRejected",
     "ChaosInjected",
     "CircuitCallRecorded",
     "CircuitStateChanged",
     "CircuitTrialStarted",
+    "CoalescingJoined",
+    "DeferralDropped",
+    "DeferralQueued",
+    "DeferralReplayed",
     "Event",
     "FallbackFailed",
     "FallbackUsed",
@@ -62,7 +68,9 @@ class CallFinished(NamedTuple):
     """A protected call ended (once per logical call, after retries and fallbacks)."""
 
     service: str
-    outcome: str  # success | failure | rejected | timeout
+    # success | failure | rejected | timeout, or how a pattern answered in the call's place:
+    # fallback | cached | deferred (never counted as success)
+    outcome: str
     duration: float  # seconds, whole call including retries
     error_type: str | None  # class name of the exception that escaped, if any
 
@@ -264,6 +272,52 @@ class FallbackFailed(NamedTuple):
     error_type: str
 
 
+# --- cache, coalescing, deferral ----------------------------------------------------------------
+
+
+class CacheLookup(NamedTuple):
+    """The cache looked a call up: a fresh entry answered it (``hit``) or none did (``miss``)."""
+
+    service: str
+    result: str  # hit | miss
+
+
+class CacheServedStale(NamedTuple):
+    """The call failed and an entry past its ttl (within stale_ttl) answered it."""
+
+    service: str
+    error_type: str
+
+
+class CoalescingJoined(NamedTuple):
+    """A call joined an identical call in flight instead of running."""
+
+    service: str
+
+
+class DeferralQueued(NamedTuple):
+    """A rejected call was queued, to be replayed later; the caller got a handle."""
+
+    service: str
+    error_type: str  # the rejection: CircuitOpenError | BulkheadFullError | RateLimitedError
+    depth: int  # items queued, this one included
+
+
+class DeferralDropped(NamedTuple):
+    """A deferred call was given up without running."""
+
+    service: str
+    reason: str  # full | expired | unserializable | store_error
+
+
+class DeferralReplayed(NamedTuple):
+    """A deferred call was run again."""
+
+    service: str
+    outcome: str  # success | failure
+    waited: float  # seconds between queueing and the replay (wall clock)
+
+
 # --- settings, shadow mode, shared state, chaos --------------------------------------------------
 
 
@@ -280,7 +334,7 @@ class ShadowDecision(NamedTuple):
 
     service: str
     pattern: str
-    action: str  # reject | retry | timeout | fallback
+    action: str  # reject | retry | timeout | fallback | cached | stale | coalesced | deferred
 
 
 class StateStoreError(NamedTuple):
@@ -321,6 +375,12 @@ Event = (
     | RateLimitAcquired
     | FallbackUsed
     | FallbackFailed
+    | CacheLookup
+    | CacheServedStale
+    | CoalescingJoined
+    | DeferralQueued
+    | DeferralDropped
+    | DeferralReplayed
     | SettingsReloaded
     | ShadowDecision
     | StateStoreError

@@ -15,7 +15,9 @@ service declares in settings (``services.<name>.criticality``: ``low``, ``normal
 * the level is the highest of these; 0 when no circuit is open or half-open.
 
 **Status**: ``critical`` at level 4 (HTTP 503); ``degraded`` at levels 1-3, or while any service
-served a fallback in the last :data:`FALLBACK_WINDOW_SECONDS` (HTTP 200); else ``healthy``.
+served a fallback (a handler, a value, a stale cache entry, a deferral) in the last
+:data:`FALLBACK_WINDOW_SECONDS`, or holds deferred calls not yet replayed (HTTP 200); else
+``healthy``. A fresh cache hit is normal service, not degraded.
 
 :func:`snapshot` is the one read of buttress's live state: every circuit, bulkhead and rate
 limiter, the timeout's worker pool, the settings. The Prometheus collector reads only it;
@@ -37,8 +39,8 @@ from http import HTTPStatus
 from typing import Any, Literal, NotRequired, TypedDict
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-from buttress import _clock, config, registry
-from buttress.events import FallbackUsed
+from buttress import _clock, _deferral, config, registry
+from buttress.events import CacheServedStale, DeferralQueued, FallbackUsed
 from buttress.exceptions import ConfigurationError
 from buttress.patterns.timeout import WorkerPoolSnapshot, worker_pool_snapshot
 
@@ -84,7 +86,9 @@ class HealthSnapshot(TypedDict):
             failures, successes, trials_in_flight, seconds_left_open, failure_rate,
             slow_call_rate) plus the service's ``criticality``.
         bulkheads: by registry key: service, active, queued, limit, utilization.
-        fallbacks: services that served a fallback recently: seconds since the last one.
+        fallbacks: services that served a fallback recently (a stale cache entry and a deferral
+            count): seconds since the last one.
+        deferred: services holding deferred calls in this process: how many.
         settings_error: present only when the settings in force are invalid (and the kill
             switch is on): the error, naming key path and source. Every protected call fails
             then, so the status is ``critical``.
@@ -96,6 +100,7 @@ class HealthSnapshot(TypedDict):
     circuits: dict[str, dict[str, Any]]
     bulkheads: dict[str, dict[str, Any]]
     fallbacks: dict[str, float]
+    deferred: dict[str, int]
     settings_error: NotRequired[str]
 
 
@@ -172,7 +177,7 @@ _fallbacks: dict[str, float] = {}
 _fallbacks_lock = threading.Lock()
 
 
-def record_fallback(event: FallbackUsed) -> None:
+def record_fallback(event: FallbackUsed | CacheServedStale | DeferralQueued) -> None:
     """Event handler: remember that a service served a fallback (it is degraded for a while)."""
     with _fallbacks_lock:
         _fallbacks[event.service] = _clock.monotonic()
@@ -209,10 +214,11 @@ def health() -> HealthSnapshot:
         for key, circuit in circuit_snapshots.items()
     )
     fallbacks = _recent_fallbacks()
+    deferred = _deferral.depths()
     status: Status
     if level >= CRITICAL_LEVEL:
         status = "critical"
-    elif level > 0 or fallbacks:
+    elif level > 0 or fallbacks or deferred:
         status = "degraded"
     else:
         status = "healthy"
@@ -223,6 +229,7 @@ def health() -> HealthSnapshot:
         circuits=circuit_snapshots,
         bulkheads=bulkhead_snapshots,
         fallbacks=fallbacks,
+        deferred=deferred,
     )
 
 
@@ -234,6 +241,7 @@ def _unusable_settings(exc: ConfigurationError) -> HealthSnapshot:
         circuits={},
         bulkheads={},
         fallbacks=_recent_fallbacks(),
+        deferred=_deferral.depths(),
         settings_error=str(exc),
     )
 

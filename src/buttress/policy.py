@@ -39,6 +39,7 @@ from types import MappingProxyType
 from typing import Any, ParamSpec, TypeVar, cast, overload
 
 from buttress import _clock, _context, _deadline, config, events, registry
+from buttress._context import answered_as
 from buttress._values import RedisURL
 from buttress.events import CallFinished
 from buttress.exceptions import ConfigurationError, RejectedError, TimeoutExceededError
@@ -139,6 +140,8 @@ def _build(
     key: str,
     snapshot: config.Snapshot,
     budget_args: Mapping[str, Any],
+    *,
+    site: str,
 ) -> Strategy | None:
     view = snapshot.service(service)
     if not view.enabled or not view.pattern_enabled(spec.pattern):
@@ -164,6 +167,7 @@ def _build(
         # Asked when a policy compiles (first call, every reload), never mid-way through one.
         armed=snapshot.settings.chaos_enabled,
         budget=budget,
+        site=site,
     )
     return cast("Strategy | None", module.build(ctx))
 
@@ -172,12 +176,14 @@ def _build(
 _UNHEARD = events.Recorder(CallFinished, "")
 # Patterns other than retry that draw on the service's retry budget.
 _DRAWS_ON_BUDGET = frozenset({"hedging"})
+# The patterns that may answer a call in its place, and say how in its CallFinished outcome.
+_ANSWERING = frozenset({"fallback", "cache"})
 
 
 class _Compiled:
     """A policy compiled for one function and one settings snapshot."""
 
-    __slots__ = ("calls", "chain", "direct", "snapshot")
+    __slots__ = ("answers", "calls", "chain", "direct", "snapshot")
 
     def __init__(
         self,
@@ -186,11 +192,15 @@ class _Compiled:
         calls: events.Recorder,
         *,
         direct: bool,
+        answers: bool = False,
     ) -> None:
         self.snapshot = snapshot  # the one thing a call checks: is it still the one in force?
         self.chain = chain  # the patterns
         self.calls = calls  # where the call's CallFinished goes (record is None: nowhere)
         self.direct = direct  # switched off: call the function itself
+        # A pattern may answer in the call's place (fallback, cache, deferral): the call's
+        # outcome is what it says (_context.answered), not "success".
+        self.answers = answers
 
 
 class _Bound:
@@ -272,6 +282,7 @@ class _Bound:
             return _Compiled(snapshot, None, _UNHEARD, direct=True)
         # The code arguments of each service's retry budget: claimed by every call site of a
         # named service, else those of this stack's retry.
+        site = _qualified_name(self.fn)
         local = next(
             (
                 {"budget": spec.code_args["budget"]}
@@ -290,6 +301,7 @@ class _Bound:
                     key,
                     snapshot,
                     registry.code_args("retry", service) if named else local,
+                    site=site,
                 )
             )
             is not None
@@ -300,7 +312,15 @@ class _Bound:
         chain = self._chain_async(strategies) if self.is_async else self._chain_sync(strategies)
         if view.rollout < 1.0:
             chain = self._rollout(chain, view)
-        return _Compiled(snapshot, chain, events.recorder(CallFinished, self.service), direct=False)
+        # Whether a pattern of the chain may answer in the call's place (see _context.answered).
+        answers = any(getattr(s, "pattern", None) in _ANSWERING for s in strategies)
+        return _Compiled(
+            snapshot,
+            chain,
+            events.recorder(CallFinished, self.service),
+            direct=False,
+            answers=answers,
+        )
 
     def _chain_sync(self, strategies: list[Strategy]) -> Call:
         fn = self.fn
@@ -628,11 +648,17 @@ def link(strategy: Any, call: Call) -> Call:
                     f"with_{strategy.pattern}: handler {_callable_name(alternative)} is async but "
                     "the protected function is not; give a def handler"
                 )
+        if hasattr(strategy, "replay_through"):
+            strategy.replay_through(call, is_async=False)  # deferred calls run this step later
         if hasattr(strategy, "scope"):
-            return _scoped_recovery(strategy.scope, strategy.new_scope, strategy.recover, call)
+            return _scoped_recovery(
+                strategy.scope, strategy.new_scope, strategy.recover, strategy.succeeded, call
+            )
         return _recovery(strategy.recover, strategy.succeeded, call)
     if hasattr(strategy, "judge"):
         return _judged(strategy.before, strategy.judge, call)
+    if hasattr(strategy, "enter"):
+        return _keyed(strategy.enter, strategy.returned, strategy.raised, call)
     if hasattr(strategy, "before"):
         if hasattr(strategy, "finish"):
             return _learning(strategy.before, strategy.finish, call)
@@ -645,11 +671,17 @@ def link(strategy: Any, call: Call) -> Call:
 def alink(strategy: Any, call: AsyncCall) -> AsyncCall:
     """The step that runs ``call`` under ``strategy`` for an ``async def`` caller."""
     if hasattr(strategy, "recover"):
+        if hasattr(strategy, "replay_through"):
+            strategy.replay_through(call, is_async=True)
         if hasattr(strategy, "scope"):
-            return _ascoped_recovery(strategy.scope, strategy.new_scope, strategy.recover, call)
+            return _ascoped_recovery(
+                strategy.scope, strategy.new_scope, strategy.recover, strategy.succeeded, call
+            )
         return _arecovery(strategy.recover, strategy.succeeded, call)
     if hasattr(strategy, "judge"):
         return _ajudged(strategy.before, strategy.judge, call)
+    if hasattr(strategy, "enter"):
+        return _akeyed(strategy.enter, strategy.returned, strategy.raised, call)
     if hasattr(strategy, "before"):
         if hasattr(strategy, "finish"):
             return _alearning(strategy.before, strategy.finish, call)
@@ -1004,17 +1036,26 @@ def _arecovery(recover: Recover, succeeded: Succeeded | None, call: AsyncCall) -
 
 
 def _scoped_recovery(
-    scope: ContextVar[Any], new_scope: Callable[[], Any], recover: Recover, call: Call
+    scope: ContextVar[Any],
+    new_scope: Callable[[], Any],
+    recover: Recover,
+    succeeded: Succeeded | None,
+    call: Call,
 ) -> Call:
     # A recovery with a scope of its own around the call and its answer (retry's attempt
-    # count), set here inline: no hook call on the success path.
+    # count, a deferring fallback's idempotency key), set here inline: no hook call on the
+    # success path.
     def scoped(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         token = scope.set(new_scope())
         try:
             try:
-                return call(args, kwargs)
+                result = call(args, kwargs)
             except Exception as exc:  # noqa: BLE001 - the strategy re-raises what it does not answer
                 failure = exc
+            else:
+                if succeeded is not None:
+                    succeeded(args, kwargs, result)
+                return result
             return _answer(recover(failure, args, kwargs), failure, call, args, kwargs)
         finally:
             scope.reset(token)
@@ -1023,20 +1064,146 @@ def _scoped_recovery(
 
 
 def _ascoped_recovery(
-    scope: ContextVar[Any], new_scope: Callable[[], Any], recover: Recover, call: AsyncCall
+    scope: ContextVar[Any],
+    new_scope: Callable[[], Any],
+    recover: Recover,
+    succeeded: Succeeded | None,
+    call: AsyncCall,
 ) -> AsyncCall:
     async def scoped(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         token = scope.set(new_scope())
         try:
             try:
-                return await call(args, kwargs)
+                result = await call(args, kwargs)
             except Exception as exc:  # noqa: BLE001 - the strategy re-raises what it does not answer
                 failure = exc
+            else:
+                if succeeded is not None:
+                    succeeded(args, kwargs, result)
+                return result
             return await _aanswer(recover(failure, args, kwargs), failure, call, args, kwargs)
         finally:
             scope.reset(token)
 
     return scoped
+
+
+# -- keyed strategies (cache, coalescing) and the shared run of a Join ---------------------------
+Enter = Callable[[tuple[Any, ...], dict[str, Any]], Any]
+Returned = Callable[[Any, Any], None]
+Raised = Callable[[Any, Exception], Any]
+
+
+def _keyed(enter: Enter, returned: Returned | None, raised: Raised | None, call: Call) -> Call:
+    def keyed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        token = enter(args, kwargs)
+        if token is not None and isinstance(token, Effect):
+            if isinstance(token, Return):
+                return token.value  # answered without running the call
+            return _join(token, call, args, kwargs)
+        try:
+            result = call(args, kwargs)
+        except Exception as exc:
+            if raised is None:
+                raise
+            failure = exc
+        else:
+            if returned is not None:
+                returned(token, result)
+            return result
+        return _answer(raised(token, failure), failure, call, args, kwargs)
+
+    return keyed
+
+
+def _akeyed(
+    enter: Enter, returned: Returned | None, raised: Raised | None, call: AsyncCall
+) -> AsyncCall:
+    async def keyed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        token = enter(args, kwargs)
+        if token is not None and isinstance(token, Effect):
+            if isinstance(token, Return):
+                return token.value
+            return await _ajoin(token, call, args, kwargs)
+        try:
+            result = await call(args, kwargs)
+        except Exception as exc:
+            if raised is None:
+                raise
+            failure = exc
+        else:
+            if returned is not None:
+                returned(token, result)
+            return result
+        return await _aanswer(raised(token, failure), failure, call, args, kwargs)
+
+    return keyed
+
+
+def _join(effect: Any, call: Call, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Share one run of ``call`` with identical calls, for a thread (see :class:`Join`)."""
+    while True:
+        if effect.leads:
+            # The leading thread runs the call itself: nothing but an interpreter exit or a
+            # KeyboardInterrupt stops a thread, and the others then start over.
+            try:
+                result = call(args, kwargs)
+            except BaseException as exc:
+                effect.settle(None, exc)
+                raise
+            effect.settle(result, None)
+            return result
+        waiter = _ThreadWaiter()
+        if effect.wait(waiter):
+            try:
+                _clock.wait(waiter.event, None)
+            except BaseException:
+                effect.leave(waiter)
+                raise
+        effect = effect.outcome(waiter)
+        if isinstance(effect, Return):
+            return effect.value
+
+
+# The shared runs of async callers, held until they end: the loop keeps only weak references.
+_shared_runs: set[asyncio.Task[Any]] = set()
+
+
+async def _ajoin(
+    effect: Any, call: AsyncCall, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Share one run of ``call`` with identical calls, for a task (see :class:`Join`)."""
+    while True:
+        loop = asyncio.get_running_loop()
+        if effect.leads:
+            # A task of its own (in a copy of the leader's context): cancelling any caller,
+            # the leader included, only ends that caller's wait.
+            run = loop.create_task(_run_shared(call, args, kwargs))
+            _shared_runs.add(run)
+            run.add_done_callback(functools.partial(_shared_run_ended, effect))
+        waiter = _TaskWaiter(loop)
+        if effect.wait(waiter):
+            try:
+                await waiter.future
+            except BaseException:
+                effect.leave(waiter)
+                raise
+        effect = effect.outcome(waiter)
+        if isinstance(effect, Return):
+            return effect.value
+
+
+async def _run_shared(call: AsyncCall, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return await call(args, kwargs)
+
+
+def _shared_run_ended(effect: Any, run: asyncio.Task[Any]) -> None:
+    _shared_runs.discard(run)
+    if run.cancelled():
+        effect.settle(None, asyncio.CancelledError())
+        return
+    error = run.exception()
+    effect.settle(None if error is not None else run.result(), error)
 
 
 def _callable_name(fn: Callable[..., Any]) -> str:
@@ -1154,10 +1321,8 @@ class Policy:
         return runner
 
 
-# The function Policy.call()/acall() is running: a context variable, so it follows the call into
-# the worker thread of a sync timeout and across the attempts of a retry, while the arguments
-# the patterns see (fallback handlers, the fallback cache) stay the caller's own.
-_call_target: ContextVar[Callable[..., Any]] = ContextVar("buttress_call_target")
+# The function Policy.call()/acall() is running (in _context: a cache key includes it).
+_call_target = _context.call_target
 
 
 def _target_runner(*, is_async: bool) -> Callable[..., Any]:
@@ -1208,13 +1373,19 @@ def _wrap_sync(policy: Policy, fn: Callable[P, R]) -> Callable[P, R]:
         # Somebody listens to CallFinished: time the call and hand its outcome to the recorder
         # (pre-bound series; no event is built unless a plain handler wants one).
         started = _clock.monotonic()
+        # A chain that may answer in the call's place gets a cell to say how; others pay nothing.
+        cell = ["success"] if compiled.answers else None
+        scope = answered_as.set(cell) if cell is not None else None
         try:
             result = compiled.chain(args, kwargs)
         except Exception as exc:
             _finished(record, exc, _clock.monotonic() - started)
             raise
+        finally:
+            if scope is not None:
+                answered_as.reset(scope)
         try:
-            record("success", _clock.monotonic() - started, None)
+            record("success" if cell is None else cell[0], _clock.monotonic() - started, None)
         except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
             events.failed(record)
         return result
@@ -1239,13 +1410,19 @@ def _wrap_async(policy: Policy, fn: Callable[P, Awaitable[R]]) -> Callable[P, Aw
             result = await compiled.chain(args, kwargs)
             return result
         started = _clock.monotonic()
+        # A chain that may answer in the call's place gets a cell to say how; others pay nothing.
+        cell = ["success"] if compiled.answers else None
+        scope = answered_as.set(cell) if cell is not None else None
         try:
             result = await compiled.chain(args, kwargs)
         except Exception as exc:
             _finished(record, exc, _clock.monotonic() - started)
             raise
+        finally:
+            if scope is not None:
+                answered_as.reset(scope)
         try:
-            record("success", _clock.monotonic() - started, None)
+            record("success" if cell is None else cell[0], _clock.monotonic() - started, None)
         except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
             events.failed(record)
         return result

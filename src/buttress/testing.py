@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
-from buttress import _clock, events, registry
+from buttress import _clock, _deferral, events, registry
 
 __all__ = [
     "CapturedEvents",
@@ -255,7 +255,8 @@ def force_circuit_state(service: str, state: str) -> None:
 
 
 def reset() -> None:
-    """Forget every built breaker, bulkhead and rate limiter, and the fallbacks health remembers.
+    """Forget every built breaker, bulkhead and rate limiter, the fallbacks health remembers, and
+    the queues of deferred calls.
 
     The next call of each decorated function builds fresh instances from the current settings:
     a clean start between tests without re-importing the code under test.
@@ -265,3 +266,4 @@ def reset() -> None:
 
     registry.clear()
     forget_fallbacks()
+    _deferral.clear()

@@ -3,9 +3,10 @@
 ``run_all(mode, clock)`` exercises every pattern on its success and failure paths (a circuit trips,
 rejects, half-opens and closes; retries succeed and run out; calls time out and workers are
 abandoned; a bulkhead queues and rejects; a rate limiter makes calls wait and refuses one;
-fallbacks serve and fail; shadow mode and chaos injection act; a circuit's shared state store
-cannot be reached; settings reload and fail to). It can run again and again in one process: every
-run ends with the circuits closed.
+fallbacks serve and fail; a cache answers fresh and stale; identical calls share one run; a
+rejected call is deferred, replayed, and another dropped; shadow mode and chaos injection act; a
+circuit's shared state store cannot be reached; settings reload and fail to). It can run again
+and again in one process: every run ends with the circuits closed.
 
 Used by ``test_scenarios.py`` (fresh registry, fake clock) and by the exporter process that the
 real-Prometheus test scrapes.
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from buttress import (
+    DeferOptions,
     Policy,
     circuit_breaker,
     config,
@@ -30,6 +32,8 @@ from buttress import (
     retry_with_backoff,
     with_adaptive_throttle,
     with_bulkhead,
+    with_cache,
+    with_coalescing,
     with_fallback,
     with_hedging,
     with_rate_limit,
@@ -263,6 +267,70 @@ def overload(mode: Any, clock: FakeClock) -> None:
         mode.run(pool)
 
 
+def degraded(mode: Any, clock: FakeClock) -> None:
+    """answers: cached fresh, then stale; two identical calls share one run. notify: a rejected
+    call is deferred and replayed once the circuit lets calls through; a second finds the queue
+    full."""
+    failing = [False]
+
+    def answer(question: str) -> str:
+        if failing[0]:
+            raise ConnectionError("down")
+        return question.upper()
+
+    cached = with_cache(name="answers", ttl=10, stale_ttl=60)(mode.define(answer))
+    mode.run(cached, "q")  # miss
+    mode.run(cached, "q")  # hit
+    clock.advance(11)
+    failing[0] = True
+    mode.run(cached, "q")  # miss, the call fails, the stale entry answers
+
+    gate = threading.Event()
+    started = threading.Event()
+    joined = threading.Event()
+
+    def held() -> str:
+        started.set()
+        gate.wait(5)
+        return "shared"
+
+    shared = with_coalescing(name="answers")(mode.define(held))
+    undo = events.subscribe(lambda _: joined.set(), [events.CoalescingJoined])
+    try:
+        first = Background(mode, shared)
+        if not started.wait(5):
+            raise AssertionError("the first call did not start")
+        second = Background(mode, shared)
+        if not joined.wait(5):
+            gate.set()
+            raise AssertionError("the second call did not join the first")
+        gate.set()
+        first.result()
+        second.result()
+    finally:
+        undo()
+
+    down = [True]
+
+    def send(text: str) -> str:
+        if down[0]:
+            raise ConnectionError("down")
+        return text
+
+    notify = with_fallback(name="notify", defer=DeferOptions(max_items=1))(
+        circuit_breaker(name="notify", fail_max=1, timeout=5)(mode.define(send))
+    )
+    mode.outcome(notify, "a")  # trips the circuit
+    handle = mode.run(notify, "b")  # rejected: deferred
+    mode.outcome(notify, "c")  # rejected, and the queue is full: dropped
+    down[0] = False
+    clock.advance(5)  # the circuit's open time passes: the replay is the trial that closes it
+    if mode.is_async:
+        mode.run(handle.wait)
+    else:
+        handle.result(timeout=5)
+
+
 def shadow(mode: Any, clock: FakeClock) -> None:
     """shadowed (mode = shadow): the breaker would reject, and lets the call through."""
     fn = circuit_breaker(name="shadowed", fail_max=1)(mode.define(raising(ConnectionError)))
@@ -294,6 +362,7 @@ def run_all(mode: Any, clock: FakeClock) -> None:
         rate_limits,
         fallbacks,
         overload,
+        degraded,
         shadow,
         shared_state,
         chaos_injection,

@@ -12,12 +12,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from buttress import (
     CircuitOpenError,
+    DeferOptions,
     TimeoutExceededError,
     circuit_breaker,
     events,
     instrumentation,
     registry,
     retry_with_backoff,
+    with_cache,
     with_fallback,
     with_hedging,
     with_timeout,
@@ -32,6 +34,7 @@ from buttress.events import (
     TimedCallFinished,
 )
 from buttress.instrumentation.otel import OTelSubscriber
+from buttress.testing import force_circuit_state
 
 PER_CALL = {
     CallFinished,
@@ -268,3 +271,39 @@ def test_a_hedge_is_an_event_on_the_callers_span(traced, clock):
     assert attrs["buttress.service"] == "replica"
     assert attrs["buttress.hedging.hedge"] == 1
     assert attrs["buttress.hedging.delay_seconds"] == 0.05
+
+
+def test_a_stale_cache_answer_and_a_deferral_are_recorded_like_fallbacks(traced, mode, clock):
+    source = {"down": False}
+
+    def answer() -> str:
+        if source["down"]:
+            raise ConnectionError("refused")
+        return "fresh"
+
+    cached = with_cache(name="llm", ttl=1, stale_ttl=60)(mode.define(answer))
+    mode.run(cached)
+    clock.advance(2)
+    source["down"] = True
+    deferring = with_fallback(name="notify", defer=DeferOptions(retry_interval=3600))(
+        circuit_breaker(name="notify")(mode.define(answer))
+    )
+    force_circuit_state("notify", "forced_open")
+    with traced.tracer.start_as_current_span("work"):
+        assert mode.run(cached) == "fresh"
+        mode.run(deferring)
+    span = traced.only("work")
+    assert events_of(span, "buttress.cache.stale") == [
+        ("buttress.cache.stale", {"buttress.service": "llm", "error.type": "ConnectionError"})
+    ]
+    assert events_of(span, "buttress.deferral") == [
+        (
+            "buttress.deferral",
+            {
+                "buttress.service": "notify",
+                "error.type": "CircuitOpenError",
+                "buttress.deferral.depth": 1,
+            },
+        )
+    ]
+    assert span.attributes["buttress.fallback.source"] == "deferred"

@@ -6,12 +6,15 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, assert_type
 
 from buttress import (
+    DeferOptions,
     Policy,
     circuit_breaker,
     resilient,
     retry_with_backoff,
     with_adaptive_throttle,
     with_bulkhead,
+    with_cache,
+    with_coalescing,
     with_fallback,
     with_hedging,
     with_rate_limit,
@@ -43,6 +46,26 @@ async def product(sku: str, *, fresh: bool = False) -> dict[str, str]:
 
 
 product_shape: Callable[[str], Coroutine[Any, Any, dict[str, str]]] = product
+
+
+@with_cache(name="llm", ttl=300, stale_ttl=3600, key=lambda prompt, **_: prompt)
+@with_coalescing(name="llm")
+async def complete(prompt: str, *, temperature: float = 0.0) -> str:
+    return prompt
+
+
+@with_fallback(name="telegram", defer=DeferOptions(max_items=100))
+def send_message(chat_id: int, text: str) -> str:
+    return text
+
+
+assert_type(send_message(1, "hi"), str)
+
+
+async def ask() -> str:
+    answer = await complete("hi", temperature=0.5)
+    assert_type(answer, str)
+    return answer
 
 
 # The parameter names survive too, so the decorated function is still assignable to its shape.

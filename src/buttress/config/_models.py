@@ -17,9 +17,11 @@ from buttress.patterns import PATTERNS
 from buttress.patterns._base import Options
 from buttress.patterns.adaptive_throttle import AdaptiveThrottleOptions
 from buttress.patterns.bulkhead import BulkheadOptions
+from buttress.patterns.cache import CacheOptions
 from buttress.patterns.chaos import KILL_SWITCH as CHAOS_VARIABLE
 from buttress.patterns.chaos import ChaosOptions
 from buttress.patterns.circuit_breaker import CircuitBreakerOptions
+from buttress.patterns.coalescing import CoalescingOptions
 from buttress.patterns.fallback import FallbackOptions
 from buttress.patterns.hedging import HedgingOptions
 from buttress.patterns.rate_limit import RateLimitOptions
@@ -29,6 +31,8 @@ from buttress.patterns.timeout import TimeoutOptions
 _OPTIONS: Final[Mapping[str, type[Options]]] = MappingProxyType(
     {
         "fallback": FallbackOptions,
+        "cache": CacheOptions,
+        "coalescing": CoalescingOptions,
         "retry": RetryOptions,
         "hedging": HedgingOptions,
         "circuit_breaker": CircuitBreakerOptions,
@@ -162,6 +166,8 @@ SECTIONS: Final[Mapping[str, type[BaseModel]]] = MappingProxyType(
 # follow; to it they are Any, to pydantic they are full models.
 if TYPE_CHECKING:
     FallbackSettings: TypeAlias = Any
+    CacheSettings: TypeAlias = Any
+    CoalescingSettings: TypeAlias = Any
     RetrySettings: TypeAlias = Any
     HedgingSettings: TypeAlias = Any
     CircuitBreakerSettings: TypeAlias = Any
@@ -172,6 +178,8 @@ if TYPE_CHECKING:
     ChaosSettings: TypeAlias = Any
 else:
     FallbackSettings = SECTIONS["fallback"]
+    CacheSettings = SECTIONS["cache"]
+    CoalescingSettings = SECTIONS["coalescing"]
     RetrySettings = SECTIONS["retry"]
     HedgingSettings = SECTIONS["hedging"]
     CircuitBreakerSettings = SECTIONS["circuit_breaker"]
@@ -198,6 +206,8 @@ class ServiceSettings(_Strict):
     )
     preset: PresetName | None = Field(default=None, description="a preset chosen by the operator")
     fallback: FallbackSettings = FallbackSettings()
+    cache: CacheSettings = CacheSettings()
+    coalescing: CoalescingSettings = CoalescingSettings()
     retry: RetrySettings = RetrySettings()
     hedging: HedgingSettings = HedgingSettings()
     circuit_breaker: CircuitBreakerSettings = CircuitBreakerSettings()

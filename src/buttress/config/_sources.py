@@ -13,11 +13,12 @@ import difflib
 import json
 import os
 import tomllib
+import typing
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final, Literal, NamedTuple
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from buttress import registry
 from buttress.config._models import (
@@ -31,7 +32,6 @@ from buttress.config._models import (
     Settings,
     explicit,
     merge_options,
-    nested_fields,
     options_model,
 )
 from buttress.exceptions import ConfigurationError
@@ -95,19 +95,29 @@ def _classify(parts: tuple[str, ...]) -> _Key:
     fields = SECTIONS[head].model_fields
     if option not in fields:
         return _Key("bad", offset + 1, _unknown(option, list(fields)))
-    # An option may be a group of its own (``retry.budget``): a section one level deeper.
-    group = nested_fields(fields[option].annotation)
-    if group is None:
+    # An option may be a table of its own: a group (``retry.budget``), always a table, or a value
+    # that may also be given as a table (``fallback.defer``: true, or its options).
+    annotation = fields[option].annotation
+    nested = _nested_model(annotation)
+    if nested is None:
         if len(rest) > 2:
             return _Key("bad", offset + 2, f"{option!r} is a value")
         return _Key("value")
     if len(rest) == 2:
-        return _Key("section")
-    if rest[2] not in group:
-        return _Key("bad", offset + 2, _unknown(rest[2], list(group)))
+        return _Key("section") if nested is annotation else _Key("value")
+    if rest[2] not in nested.model_fields:
+        return _Key("bad", offset + 2, _unknown(rest[2], list(nested.model_fields)))
     if len(rest) > 3:
         return _Key("bad", offset + 3, f"{rest[2]!r} is a value")
     return _Key("value")
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The model ``annotation`` is, or the one among its types (``bool | DeferOptions``), if any."""
+    for candidate in typing.get_args(annotation) or (annotation,):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def _check_tree(

@@ -72,7 +72,10 @@ def _track_fallbacks(*, on: bool) -> None:
             # Imported here: health imports the settings and the registry.
             from buttress.health_app import record_fallback  # noqa: PLC0415
 
-            _health_undo = events.subscribe(record_fallback, [events.FallbackUsed])
+            _health_undo = events.subscribe(
+                record_fallback,
+                [events.FallbackUsed, events.CacheServedStale, events.DeferralQueued],
+            )
         elif not on and _health_undo is not None:
             _health_undo()
             _health_undo = None

@@ -26,11 +26,16 @@ from buttress._values import redact_text
 from buttress.events import (
     BulkheadLimitChanged,
     BulkheadQueued,
+    CacheServedStale,
     CallFinished,
     CallRejected,
     ChaosInjected,
     CircuitStateChanged,
     CircuitTrialStarted,
+    CoalescingJoined,
+    DeferralDropped,
+    DeferralQueued,
+    DeferralReplayed,
     FallbackFailed,
     FallbackUsed,
     HedgeLaunched,
@@ -75,6 +80,10 @@ def _rejected_level(event: CallRejected) -> int:
     return _rejection_level(event.pattern)
 
 
+def _replayed_level(event: DeferralReplayed) -> int:
+    return INFO if event.outcome == "success" else WARNING
+
+
 def _settings_level(event: SettingsReloaded) -> int:
     return INFO if event.ok else ERROR
 
@@ -97,6 +106,11 @@ EVENT_NAMES: dict[type[Any], tuple[str, int | Callable[[Any], int]]] = {
     BulkheadLimitChanged: ("buttress.bulkhead.limit_changed", DEBUG),
     FallbackUsed: ("buttress.fallback.used", INFO),
     FallbackFailed: ("buttress.fallback.failed", WARNING),
+    CacheServedStale: ("buttress.cache.served_stale", INFO),
+    CoalescingJoined: ("buttress.coalescing.joined", DEBUG),
+    DeferralQueued: ("buttress.deferral.queued", INFO),
+    DeferralDropped: ("buttress.deferral.dropped", WARNING),
+    DeferralReplayed: ("buttress.deferral.replayed", _replayed_level),
     SettingsReloaded: ("buttress.settings.reloaded", _settings_level),
     ShadowDecision: ("buttress.shadow.decision", INFO),
     StateStoreError: ("buttress.state_store.error", WARNING),

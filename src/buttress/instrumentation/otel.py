@@ -25,10 +25,12 @@ from opentelemetry.trace import Span, TracerProvider
 
 from buttress import events
 from buttress.events import (
+    CacheServedStale,
     CallRejected,
     ChaosInjected,
     CircuitStateChanged,
     CircuitTrialStarted,
+    DeferralQueued,
     FallbackFailed,
     FallbackUsed,
     HedgeLaunched,
@@ -83,6 +85,8 @@ class OTelSubscriber:
             WorkerAbandoned: self._on_abandoned,
             FallbackUsed: self._on_fallback,
             FallbackFailed: self._on_fallback_failed,
+            CacheServedStale: self._on_stale,
+            DeferralQueued: self._on_deferred,
             ShadowDecision: self._on_shadow,
             StateStoreError: self._on_state_store,
             ChaosInjected: self._on_chaos,
@@ -232,6 +236,31 @@ class OTelSubscriber:
             },
         )
         span.set_attribute("buttress.fallback.source", event.source)
+
+    def _on_stale(self, event: CacheServedStale) -> None:
+        # A stale answer replaced a failure: recorded like a fallback, with its own source.
+        span = _recording()
+        if span is None:
+            return
+        span.add_event("exception", {"exception.type": event.error_type, SERVICE: event.service})
+        span.add_event(
+            "buttress.cache.stale", {SERVICE: event.service, ERROR_TYPE: event.error_type}
+        )
+        span.set_attribute("buttress.fallback.source", "stale_cache")
+
+    def _on_deferred(self, event: DeferralQueued) -> None:
+        span = _recording()
+        if span is None:
+            return
+        span.add_event(
+            "buttress.deferral",
+            {
+                SERVICE: event.service,
+                ERROR_TYPE: event.error_type,
+                "buttress.deferral.depth": event.depth,
+            },
+        )
+        span.set_attribute("buttress.fallback.source", "deferred")
 
     def _on_fallback_failed(self, event: FallbackFailed) -> None:
         span = _recording()

@@ -17,6 +17,8 @@ __all__ = ["PATTERNS"]
 # adaptive throttle sits inside the breaker, which sees its refusals as rejections, not failures.
 PATTERNS: Final = (
     "fallback",
+    "cache",
+    "coalescing",
     "retry",
     "hedging",
     "circuit_breaker",

@@ -16,15 +16,18 @@ A pattern has three parts:
   - a :class:`Judge` decides before the call, like a gate, and after it from its outcome
     (``judge(token, started, error, result)``: nothing, or an :class:`Effect` to perform, the
     circuit breaker's);
+  - a :class:`Keyed` strategy decides from the call's arguments before it (``enter(args,
+    kwargs)``: a token, a :class:`Return`, or a :class:`Join`) and hears how it ended
+    (``returned``, ``raised``) (cache, coalescing);
   - a :class:`Recovery` decides after a failure (``recover()``: an effect that answers it, or it
     re-raises) and may note each success (``succeeded``). One may also keep a scope of its own
     around the call and its answer: a context variable (``scope``) the driver sets to
     ``new_scope()`` (retry's attempt count).
 
   The effects are a small closed set: :class:`Sleep`, :class:`WaitForSlot`, :class:`Return`,
-  :class:`TryAlternatives`, :class:`RetryAfter`, :class:`AskStore` and :class:`Hedge`. A
-  strategy not yet written this way still offers ``wrap`` (for ``def`` callers) and ``awrap``
-  (for ``async def`` callers) around the next step.
+  :class:`TryAlternatives`, :class:`RetryAfter`, :class:`AskStore`, :class:`Hedge` and
+  :class:`Join`. A strategy not yet written this way still offers ``wrap`` (for ``def``
+  callers) and ``awrap`` (for ``async def`` callers) around the next step.
 * a ``build(ctx)`` function returning the strategy.
 
 A step of the chain takes the positional arguments as a tuple and the keyword arguments as a dict,
@@ -49,8 +52,10 @@ __all__ = [
     "Effect",
     "Gate",
     "Hedge",
+    "Join",
     "Judge",
     "JudgedGate",
+    "Keyed",
     "Mode",
     "Options",
     "Recovery",
@@ -99,6 +104,9 @@ class BuildContext:
             from the environment when settings load: a config file cannot arm it).
         budget: the service's retry budget options (``retry.budget``), for a pattern that draws
             on the budget without being retry (hedging); ``None`` for the others.
+        site: the qualified name of the protected function (``module.qualname``): the same in
+            every process that runs this code, so durable per-function state (a deferral
+            stream) can be named by it.
     """
 
     service: str
@@ -108,6 +116,7 @@ class BuildContext:
     instances: Callable[[str, str, Any, Callable[[Any], Any]], Any] | None = None
     armed: bool = False
     budget: Any = None
+    site: str = ""
 
     def shared(self, pattern: str, factory: Callable[[Any], T]) -> T:
         """The instance of ``pattern`` for this key, made by ``factory(options)`` on first use.
@@ -308,6 +317,41 @@ class Hedge(Effect):
         """The race is decided: copy ``winner`` answered (0 is the call), or none did."""
 
 
+class Join(Effect):
+    """Share one run of the call with the identical calls made while it runs (single-flight).
+
+    When ``leads`` is true this caller starts the run: the driver runs the call (for an ``async
+    def`` caller in a task of its own, so no caller's cancellation reaches it) and reports how it
+    ended to :meth:`settle`. Every other caller, and a leading task, hands a :class:`Waiter` to
+    :meth:`wait`: ``True``, wait until woken (no bound of its own: the patterns inside the run
+    bound it); ``False``, the run is over already. Then :meth:`outcome` returns a
+    :class:`Return` with the run's result, raises its error, or returns another ``Join`` to start
+    over when the run was interrupted rather than finished. An interrupted wait calls
+    :meth:`leave`; the run goes on for the others.
+    """
+
+    __slots__ = ("leads",)
+
+    def __init__(self, *, leads: bool) -> None:
+        self.leads = leads
+
+    def settle(self, result: Any, error: BaseException | None) -> None:
+        """The run ended: with ``result``, or raising ``error``."""
+        raise NotImplementedError
+
+    def wait(self, waiter: Waiter) -> bool:
+        """Wait for the run's end with ``waiter``; ``False`` if it has ended already."""
+        raise NotImplementedError
+
+    def outcome(self, waiter: Waiter) -> Effect:
+        """After the wait: a :class:`Return` of the result, a ``Join`` to start over, or raise."""
+        raise NotImplementedError
+
+    def leave(self, waiter: Waiter) -> None:
+        """The wait was interrupted: forget ``waiter``."""
+        raise NotImplementedError
+
+
 # -- the shapes of a strategy -------------------------------------------------------------------
 class Gate(Protocol):
     """A strategy that decides before the call and is told when it is over."""
@@ -366,6 +410,27 @@ class JudgedGate(Protocol):
         ``finish(token, exc)`` after it raised ``exc`` (cancellation included)."""
 
 
+class Keyed(Protocol):
+    """A strategy that decides from the call's arguments, and hears how the call ended."""
+
+    pattern: ClassVar[str]
+
+    def enter(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A token for ``returned``/``raised``, or an effect: :class:`Return` answers the call
+        without running it, :class:`Join` shares the run of an identical call."""
+
+    @property
+    def returned(self) -> Callable[[Any, Any], None] | None:
+        """Called as ``returned(token, result)`` after a call that returned, if set."""
+
+    @property
+    def raised(self) -> Callable[[Any, Exception], Effect] | None:
+        """Called as ``raised(token, failure)``: the effect that answers it, or it re-raises.
+
+        ``None``: failures pass through untouched.
+        """
+
+
 class Recovery(Protocol):
     """A strategy that decides after the call: it answers failures, and may note successes."""
 
@@ -398,7 +463,7 @@ class Wrapper(Protocol):
         """Return a step that applies this pattern around ``call`` for an ``async def`` caller."""
 
 
-Strategy = Gate | Judge | JudgedGate | Recovery | Wrapper
+Strategy = Gate | Judge | JudgedGate | Keyed | Recovery | Wrapper
 
 
 # -- the drivers, for a pattern's own entry points ------------------------------------------------

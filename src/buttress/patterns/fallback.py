@@ -8,6 +8,12 @@ exception with a note naming each alternative that failed.
 Only the failures ``on`` selects trigger it (default: buttress's own errors, such as an open
 circuit, a full bulkhead or a timeout, and transient errors). A bug in the protected code is not
 papered over, and cancellation and interpreter exits are never caught.
+
+With ``defer``, a call that was *rejected* (circuit open, rate limited, bulkhead full: nothing
+ran) is queued before any alternative is tried, and answered with a :class:`Deferred` handle;
+the queue (:mod:`buttress._deferral`, which does the replaying) runs it again later through the
+patterns inside the fallback, with the idempotency key it had. Every call of a deferring
+fallback has a key (``buttress.idempotency_key()``), so its first attempts send the same one.
 """
 
 from __future__ import annotations
@@ -17,11 +23,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any, ClassVar
 
-from pydantic import Field
+from pydantic import Field, PositiveInt
 
-from buttress import _clock, events
-from buttress._values import PositiveSeconds
-from buttress.exceptions import ButtressError, ConfigurationError, set_note
+from buttress import _clock, _context, _deferral, events
+from buttress._deferral import Deferred
+from buttress._values import PositiveSeconds, StateURL
+from buttress.exceptions import ButtressError, ConfigurationError, RejectedError, set_note
 from buttress.patterns import _transient
 from buttress.patterns._base import (
     BuildContext,
@@ -32,6 +39,8 @@ from buttress.patterns._base import (
     TryAlternatives,
     error_type,
 )
+
+__all__ = ["DeferOptions", "Deferred", "FallbackOptions", "FallbackStrategy", "build"]
 
 PATTERN = "fallback"
 
@@ -44,6 +53,26 @@ class _Missing:
 
 
 MISSING: Any = _Missing()
+
+
+class DeferOptions(Options):
+    """How a deferring fallback queues rejected calls (``with_fallback(defer=DeferOptions())``)."""
+
+    max_items: PositiveInt = Field(
+        default=1000, description="calls queued at most; a rejected call past it is not deferred"
+    )
+    max_age: PositiveSeconds = Field(
+        default=3600.0,
+        description="seconds a queued call may wait; older ones are dropped unreplayed",
+    )
+    retry_interval: PositiveSeconds = Field(
+        default=5.0,
+        description="seconds before trying the first queued call again when its rejection "
+        "gave no retry_after",
+    )
+    state_url: StateURL | None = Field(
+        default=None, description="redis:// URL of a stream that keeps the queue across restarts"
+    )
 
 
 class FallbackOptions(Options):
@@ -68,6 +97,9 @@ class FallbackOptions(Options):
     on: tuple[type[BaseException], ...] | Callable[[BaseException], bool] | None = Field(
         None,
         description="exceptions that trigger the fallback (default: ButtressError + transient)",
+    )
+    defer: bool | DeferOptions = Field(
+        default=False, description="queue rejected calls and replay them later (true, or a table)"
     )
 
 
@@ -182,6 +214,7 @@ class FallbackStrategy:
         return result
 
     def used(self, source: str, exc: BaseException) -> None:
+        _context.answered("fallback")
         events.emit(events.FallbackUsed(self.service, source, error_type(exc)))
 
     def failed(
@@ -232,11 +265,54 @@ class _Alternatives(TryAlternatives):
         raise failure
 
 
+class DeferringFallback(FallbackStrategy):
+    """A fallback that queues rejected calls first (see the module docstring).
+
+    Its scope is the logical call's idempotency key: the driver sets a fresh one around each
+    call, and the retries inside take it.
+    """
+
+    scope = _context.call_scope
+    new_scope = _context.RetryScope
+
+    def __init__(
+        self,
+        service: str,
+        options: FallbackOptions,
+        queue: _deferral.DeferralQueue,
+        mode: Mode = "enforce",
+    ) -> None:
+        super().__init__(service, options, mode)
+        self.queue = queue
+
+    def replay_through(self, step: Callable[..., Any], *, is_async: bool) -> None:
+        """The driver's step inside this fallback: what a replay runs."""
+        self.queue.link(step, is_async=is_async)
+
+    def recover(self, failure: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Effect:
+        """Queue a rejected call (a :class:`Deferred` answers it); else fall back as usual."""
+        if isinstance(failure, RejectedError):
+            if self._shadow:
+                events.emit(events.ShadowDecision(self.service, PATTERN, "deferred"))
+                raise failure
+            handle = self.queue.put(args, kwargs, failure)
+            if handle is not None:
+                _context.answered("deferred")
+                return Return(handle)
+        if not self.alternatives and self.options.value is MISSING and self.succeeded is None:
+            raise failure  # deferring only: nothing else answers
+        return super().recover(failure, args, kwargs)
+
+
 def build(ctx: BuildContext) -> FallbackStrategy | None:
     """The fallback strategy for ``ctx.options``, or ``None`` with nothing to fall back to."""
     options: FallbackOptions = ctx.options
     if not options.enabled:
         return None
+    defer = DeferOptions() if options.defer is True else options.defer or None
+    if defer is not None:
+        queue = _deferral.queue_for(ctx.service, ctx.site or ctx.key, defer)
+        return DeferringFallback(ctx.service, options, queue, ctx.mode)
     if (
         options.value is MISSING
         and options.handler is None

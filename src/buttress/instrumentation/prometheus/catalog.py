@@ -14,12 +14,18 @@ from buttress.events import (
     BulkheadLimitChanged,
     BulkheadQueued,
     BulkheadReleased,
+    CacheLookup,
+    CacheServedStale,
     CallFinished,
     CallRejected,
     ChaosInjected,
     CircuitCallRecorded,
     CircuitStateChanged,
     CircuitTrialStarted,
+    CoalescingJoined,
+    DeferralDropped,
+    DeferralQueued,
+    DeferralReplayed,
     FallbackFailed,
     FallbackUsed,
     HedgeLaunched,
@@ -74,9 +80,12 @@ LABELS = frozenset(
         "action",
         "kind",
         "operation",
+        "result",
     }
 )
-OUTCOMES = ("success", "failure", "rejected", "timeout")
+# How a protected call ended: it ran (success, failure), was refused or ran out of time, or a
+# pattern answered in its place (fallback, cached, deferred), which is never counted as success.
+OUTCOMES = ("success", "failure", "rejected", "timeout", "fallback", "cached", "deferred")
 CIRCUIT_STATES = ("closed", "open", "half_open", "forced_open", "forced_closed", "disabled")
 MAX_ATTEMPT_LABEL = 10
 
@@ -151,8 +160,9 @@ CATALOG: tuple[Family, ...] = (
     # --- calls -------------------------------------------------------------------------------
     _counter(
         "buttress_calls_total",
-        "Protected calls by outcome (success, failure, rejected, timeout), once per logical call "
-        "after retries and fallbacks.",
+        "Protected calls by outcome (success, failure, rejected, timeout; fallback, cached, "
+        "deferred when a pattern answered in the call's place), once per logical call after "
+        "retries and fallbacks.",
         ("service", "outcome"),
         CallFinished,
     ),
@@ -435,6 +445,51 @@ CATALOG: tuple[Family, ...] = (
         "Calls where every fallback alternative failed too, by the original exception class.",
         ("service", "error_type"),
         FallbackFailed,
+    ),
+    # --- cache, coalescing, deferral -------------------------------------------------------
+    _counter(
+        "buttress_cache_lookups_total",
+        "Cache lookups, by result: hit (a fresh entry answered, the call did not run) or miss.",
+        ("service", "result"),
+        CacheLookup,
+    ),
+    _counter(
+        "buttress_cache_stale_served_total",
+        "Failed or rejected calls answered by a stale cache entry, by the failure's class.",
+        ("service", "error_type"),
+        CacheServedStale,
+    ),
+    _counter(
+        "buttress_coalescing_joined_total",
+        "Calls that shared the run of an identical call in flight instead of running.",
+        S,
+        CoalescingJoined,
+    ),
+    _counter(
+        "buttress_deferral_queued_total",
+        "Rejected calls queued for a later replay, by the rejection's class.",
+        ("service", "error_type"),
+        DeferralQueued,
+    ),
+    _counter(
+        "buttress_deferral_dropped_total",
+        "Deferred calls given up unreplayed, by reason (full, expired, unserializable, "
+        "store_error).",
+        ("service", "reason"),
+        DeferralDropped,
+    ),
+    _counter(
+        "buttress_deferral_replayed_total",
+        "Deferred calls replayed, by outcome (success, failure).",
+        ("service", "outcome"),
+        DeferralReplayed,
+    ),
+    _histogram(
+        "buttress_deferral_wait_seconds",
+        "How long deferred calls waited in their queue before their replay.",
+        S,
+        RECOVERY_BUCKETS,
+        DeferralReplayed,
     ),
     # --- degradation, settings and flags -----------------------------------------------------
     _gauge(

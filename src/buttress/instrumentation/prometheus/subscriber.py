@@ -28,12 +28,18 @@ from buttress.events import (
     BulkheadLimitChanged,
     BulkheadQueued,
     BulkheadReleased,
+    CacheLookup,
+    CacheServedStale,
     CallFinished,
     CallRejected,
     ChaosInjected,
     CircuitCallRecorded,
     CircuitStateChanged,
     CircuitTrialStarted,
+    CoalescingJoined,
+    DeferralDropped,
+    DeferralQueued,
+    DeferralReplayed,
     FallbackFailed,
     FallbackUsed,
     HedgeLaunched,
@@ -235,6 +241,12 @@ class PrometheusSubscriber:
             WorkerFinishedLate: self._on_finished_late,
             FallbackUsed: self._on_fallback,
             FallbackFailed: self._on_fallback_failed,
+            CacheLookup: self._on_cache_lookup,
+            CacheServedStale: self._on_cache_stale,
+            CoalescingJoined: self._on_coalescing_joined,
+            DeferralQueued: self._on_deferral_queued,
+            DeferralDropped: self._on_deferral_dropped,
+            DeferralReplayed: self._on_deferral_replayed,
             SettingsReloaded: self._on_settings,
             ShadowDecision: self._on_shadow,
             StateStoreError: self._on_state_store,
@@ -440,6 +452,25 @@ class PrometheusSubscriber:
 
     def _on_fallback_failed(self, event: FallbackFailed) -> None:
         self._inc["buttress_fallback_failed_total"][event.service, event.error_type]()
+
+    def _on_cache_lookup(self, event: CacheLookup) -> None:
+        self._inc["buttress_cache_lookups_total"][event.service, event.result]()
+
+    def _on_cache_stale(self, event: CacheServedStale) -> None:
+        self._inc["buttress_cache_stale_served_total"][event.service, event.error_type]()
+
+    def _on_coalescing_joined(self, event: CoalescingJoined) -> None:
+        self._inc["buttress_coalescing_joined_total"][event.service]()
+
+    def _on_deferral_queued(self, event: DeferralQueued) -> None:
+        self._inc["buttress_deferral_queued_total"][event.service, event.error_type]()
+
+    def _on_deferral_dropped(self, event: DeferralDropped) -> None:
+        self._inc["buttress_deferral_dropped_total"][event.service, event.reason]()
+
+    def _on_deferral_replayed(self, event: DeferralReplayed) -> None:
+        self._inc["buttress_deferral_replayed_total"][event.service, event.outcome]()
+        self._observe["buttress_deferral_wait_seconds"][event.service](event.waited)
 
     def _on_settings(self, event: SettingsReloaded) -> None:
         self._inc["buttress_config_reloads_total"]["success" if event.ok else "failure"]()
