@@ -8,11 +8,19 @@ the call into ``asyncio`` tasks and into the worker thread of a sync timeout.
 from __future__ import annotations
 
 import uuid
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 
 from buttress import _clock
 
-__all__ = ["RetryScope", "attempt", "deadline", "idempotency_key", "remaining"]
+__all__ = [
+    "RetryScope",
+    "attempt",
+    "deadline",
+    "idempotency_key",
+    "remaining",
+    "repeatable",
+    "within",
+]
 
 
 class RetryScope:
@@ -28,7 +36,25 @@ class RetryScope:
 retry_scope: ContextVar[RetryScope | None] = ContextVar("buttress_retry_scope", default=None)
 
 # Absolute deadline on the buttress clock (``_clock.monotonic()``); None when no timeout encloses.
+# Set by ``with_timeout`` around each call and by the inbound integrations (a deadline the caller
+# sent in a request header).
 deadline: ContextVar[float | None] = ContextVar("buttress_deadline", default=None)
+
+# Whether the request an integration is sending may be sent again after it may have reached the
+# server (its method is idempotent or it carries an Idempotency-Key); ``None`` outside them. Retry
+# reads it when its own ``idempotent`` is unset: only the integration knows the method of a
+# request whose error does not name it (aiohttp's, gRPC's).
+repeatable: ContextVar[bool | None] = ContextVar("buttress_repeatable", default=None)
+
+
+def within(seconds: float) -> Token[float | None]:
+    """Set the deadline ``seconds`` from now, unless an enclosing one is nearer.
+
+    Returns the token that restores the previous deadline (``deadline.reset(token)``).
+    """
+    limit = _clock.monotonic() + seconds
+    enclosing = deadline.get()
+    return deadline.set(limit if enclosing is None else min(limit, enclosing))
 
 
 def attempt() -> int:

@@ -119,6 +119,7 @@ def retry_with_backoff(
     idempotent: bool | None = None,
     respect_retry_after: bool | None = None,
     retry_rejected: bool | None = None,
+    retry_on_result: Callable[[Any], bool] | None = None,
 ) -> Policy:
     """Retry transient failures with exponential backoff and jitter.
 
@@ -136,6 +137,8 @@ def retry_with_backoff(
             header) is treated as ``False``, anything else as ``True``.
         respect_retry_after: a server's ``Retry-After`` sets the next delay (default true).
         retry_rejected: retry a ``RejectedError`` carrying ``retry_after`` (default false).
+        retry_on_result: a predicate on the returned value: ``True`` retries the call as if it
+            had failed; when no attempt is left, the last value is returned (code only).
     """
     if isinstance(retry_on, type):
         retry_on = (retry_on,)
@@ -154,6 +157,7 @@ def retry_with_backoff(
             idempotent=idempotent,
             respect_retry_after=respect_retry_after,
             retry_rejected=retry_rejected,
+            retry_on_result=retry_on_result,
         ),
     )
 

@@ -394,6 +394,8 @@ def _answer(
             # Reported outside the except block, so one attempt's failure does not chain onto
             # the next.
             effect = effect.failed(failure)
+            if isinstance(effect, Return):  # gave up with a value (a rejected result)
+                return effect.value
     if isinstance(effect, Return):
         return effect.value
     errors: list[tuple[Callable[..., Any], Exception]] = []
@@ -424,6 +426,8 @@ async def _aanswer(
                 effect.succeeded()
                 return result
             effect = effect.failed(failure)
+            if isinstance(effect, Return):  # gave up with a value (a rejected result)
+                return effect.value
     if isinstance(effect, Return):
         return effect.value
     errors: list[tuple[Callable[..., Any], Exception]] = []
@@ -535,6 +539,26 @@ def _abounded(strategy: Any, call: AsyncCall) -> AsyncCall:
     return timed
 
 
+def _checked(check: Callable[[Any], None], call: Call) -> Call:
+    # A recovery that treats some returned values as failures (retry_on_result): its check
+    # raises for them, inside the recovery, so only that recovery sees a failure.
+    def checked(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        result = call(args, kwargs)
+        check(result)
+        return result
+
+    return checked
+
+
+def _achecked(check: Callable[[Any], None], call: AsyncCall) -> AsyncCall:
+    async def checked(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        result = await call(args, kwargs)
+        check(result)
+        return result
+
+    return checked
+
+
 def link(strategy: Any, call: Call) -> Call:
     """The step that runs ``call`` under ``strategy`` for a ``def`` caller."""
     if hasattr(strategy, "recover"):
@@ -544,6 +568,9 @@ def link(strategy: Any, call: Call) -> Call:
                     f"with_{strategy.pattern}: handler {_callable_name(alternative)} is async but "
                     "the protected function is not; give a def handler"
                 )
+        check = getattr(strategy, "check_result", None)
+        if check is not None:
+            call = _checked(check, call)
         if hasattr(strategy, "scope"):
             return _scoped_recovery(strategy.scope, strategy.new_scope, strategy.recover, call)
         return _recovery(strategy.recover, strategy.succeeded, call)
@@ -557,6 +584,9 @@ def link(strategy: Any, call: Call) -> Call:
 def alink(strategy: Any, call: AsyncCall) -> AsyncCall:
     """The step that runs ``call`` under ``strategy`` for an ``async def`` caller."""
     if hasattr(strategy, "recover"):
+        check = getattr(strategy, "check_result", None)
+        if check is not None:
+            call = _achecked(check, call)
         if hasattr(strategy, "scope"):
             return _ascoped_recovery(strategy.scope, strategy.new_scope, strategy.recover, call)
         return _arecovery(strategy.recover, strategy.succeeded, call)

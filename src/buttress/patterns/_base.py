@@ -221,8 +221,11 @@ class RetryAfter(Effect):
     def attempting(self) -> None:
         """The wait is over; the next attempt starts now."""
 
-    def failed(self, exc: Exception) -> RetryAfter:
-        """The attempt raised ``exc``: the effect for the next one, or raise to give up."""
+    def failed(self, exc: Exception) -> RetryAfter | Return:
+        """The attempt raised ``exc``: the effect for the next one, or raise to give up.
+
+        A :class:`Return` gives up with a value (the last result a predicate rejected).
+        """
         raise exc
 
     def succeeded(self) -> None:
