@@ -59,35 +59,50 @@ class ResilienceMiddleware:
         context = contextvars.copy_context()
         if seconds is not None:
             context.run(_context.within, seconds)
-        started = False
-
-        def starting(*args: Any) -> Any:
-            nonlocal started
-            started = True
-            return start_response(*args)
-
+        body = _Body(context, start_response)
         try:
-            body = context.run(self.app, environ, starting)
+            body.start(context.run(self.app, environ, body.starting))
         except RejectedError as exc:
-            if started:
+            if body.started:
                 raise
             return _answer(start_response, *rejection(exc))
-        return _Body(body, context)
+        return body
 
 
 class _Body:
-    """The app's body, iterated (and closed) inside the request's context."""
+    """The app's body, iterated (and closed) inside the request's context.
 
-    def __init__(self, body: Iterable[bytes], context: contextvars.Context) -> None:
-        self._body = body
-        self._chunks: Iterator[bytes] = iter(body)
+    An app whose body is a generator may run (and be rejected) only when the server iterates
+    it: a rejection before the answer started still becomes a 503/429 answer then.
+    """
+
+    def __init__(self, context: contextvars.Context, start_response: StartResponse) -> None:
         self._context = context
+        self._start_response = start_response
+        self._body: Iterable[bytes] = ()
+        self._chunks: Iterator[bytes] = iter(())
+        self.started = False
+
+    def starting(self, *args: Any) -> Any:
+        self.started = True
+        return self._start_response(*args)
+
+    def start(self, body: Iterable[bytes]) -> None:
+        self._body = body
+        self._chunks = self._context.run(iter, body)
 
     def __iter__(self) -> Iterator[bytes]:
         return self
 
     def __next__(self) -> bytes:
-        return self._context.run(next, self._chunks)
+        try:
+            return self._context.run(next, self._chunks)
+        except RejectedError as exc:
+            if self.started:
+                raise
+            self.started = True
+            self._chunks = iter(_answer(self._start_response, *rejection(exc)))
+            return next(self._chunks)
 
     def close(self) -> None:
         close = getattr(self._body, "close", None)
