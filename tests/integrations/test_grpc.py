@@ -7,6 +7,8 @@ status code and trailing metadata) and records what it received (metadata, time 
 from __future__ import annotations
 
 import asyncio
+import gc
+import inspect
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -23,6 +25,19 @@ from buttress.integrations.grpc import AsyncResilientInterceptor, ResilientInter
 from buttress.testing import FakeClock, capture_events
 
 METHOD = "/test.Echo/Call"
+
+# grpcio before grpc/grpc#42593 re-raises an interceptor's own exception (here an open circuit)
+# from InterceptedCall.__del__, which Python reports as an ignored exception: noise the fixed
+# versions do not make, and which the lowest-versions run must tolerate.
+_LEAKS = "exception()" not in inspect.getsource(grpc.aio._interceptor.InterceptedCall.cancel)
+_NOISE = (
+    r"ignore:Exception ignored in. <function InterceptedCall\.__del__"
+    ":pytest.PytestUnraisableExceptionWarning"
+)
+
+
+def tolerate_old_grpc_noise(test: Any) -> Any:
+    return pytest.mark.filterwarnings(_NOISE)(test) if _LEAKS else test
 
 
 class Server:
@@ -157,6 +172,7 @@ def test_application_errors_are_answers(
     assert clock.sleeps == []
 
 
+@tolerate_old_grpc_noise
 def test_transient_codes_count_as_breaker_failures(
     call: Callable[..., bytes], server: Server, clock: FakeClock, settings: Callable[..., None]
 ) -> None:
@@ -168,6 +184,7 @@ def test_transient_codes_count_as_breaker_failures(
     with pytest.raises(CircuitOpenError):
         call(b"hi", idempotent=True)
     assert len(server.seen) == 2
+    gc.collect()  # old grpcio's noise (see above) is reported here, not in a later test
 
 
 def test_the_deadline_travels_as_grpc_timeout(
@@ -176,4 +193,5 @@ def test_the_deadline_travels_as_grpc_timeout(
     settings(INVENTORY__TIMEOUT__SECONDS="2")
     assert call(b"hi") == b"echo:hi"
     # The caller asked for 10 s; the attempt's own deadline (2 s) is what the server sees.
-    assert 1.0 < server.seen[0]["time_remaining"] <= 2.0
+    # (grpc-timeout is sent in whole units, rounded up: a few ms over 2 s at most)
+    assert 1.0 < server.seen[0]["time_remaining"] <= 2.05

@@ -56,6 +56,12 @@ def _method(details: Any) -> str:
     return method.decode() if isinstance(method, bytes) else str(method)
 
 
+def _pairs(metadata: Any) -> dict[str, str]:
+    # Sync gRPC gives (key, value) tuples and grpc.aio a Metadata that iterates as the same
+    # pairs; dict(metadata) would read its keys(), which grpcio 1.62 also yields as pairs.
+    return {key: value for key, value in metadata or () if isinstance(value, str)}
+
+
 def _has_key(metadata: Sequence[tuple[str, Any]] | None) -> bool:
     return any(key.lower() == "idempotency-key" for key, _ in metadata or ())
 
@@ -136,7 +142,7 @@ class ResilientInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[mi
             note_outcome(span, code, failed)
             if not failed:
                 return outcome
-            trailing = dict(outcome.trailing_metadata() or ())
+            trailing = _pairs(outcome.trailing_metadata())
             raise edge.failed(outcome, code, method, trailing)
 
 
@@ -181,5 +187,5 @@ class AsyncResilientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: 
             note_outcome(span, code, failed)
             if not failed:
                 return call
-            trailing = dict(await call.trailing_metadata() or ())
+            trailing = _pairs(await call.trailing_metadata())
             raise edge.failed(call, code, method, trailing)

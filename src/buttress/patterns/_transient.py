@@ -116,7 +116,22 @@ def is_network(exc: BaseException) -> bool:
     # repeats) and a server still loading its data (an answer, counted by is_transient).
     if isinstance(exc, _classes("redis.exceptions", *_REDIS_NOT_NETWORK)):
         return False
-    return isinstance(exc, _classes("redis.exceptions", "ConnectionError", "TimeoutError"))
+    if isinstance(exc, _classes("redis.exceptions", "ConnectionError", "TimeoutError")):
+        return True
+    # botocore's connection family (refused, reset, proxy, endpoint) and its timeouts; not a TLS
+    # failure, which it files there too and which another try only repeats.
+    if isinstance(exc, _classes("botocore.exceptions", "SSLError")):
+        return False
+    return isinstance(
+        exc,
+        _classes(
+            "botocore.exceptions",
+            "ConnectionError",
+            "ConnectionClosedError",
+            "ConnectTimeoutError",
+            "ReadTimeoutError",
+        ),
+    )
 
 
 def never_sent(exc: BaseException) -> bool:
@@ -138,6 +153,10 @@ def never_sent(exc: BaseException) -> bool:
         wrapped = exc.args[0] if exc.args else None
         return isinstance(getattr(wrapped, "reason", None), connect_failed)
     if isinstance(exc, _classes("aiohttp", "ClientConnectorError", "ConnectionTimeoutError")):
+        return True
+    if isinstance(
+        exc, _classes("botocore.exceptions", "EndpointConnectionError", "ConnectTimeoutError")
+    ):
         return True
     if isinstance(exc, _classes("redis.exceptions", "ConnectionError")):
         # redis-py raises its ConnectionError from (5.x: while handling) the socket's own error.
@@ -248,18 +267,8 @@ def _sqlstate(exc: BaseException) -> str | None:
     return state if isinstance(state, str) else None
 
 
-def _aws_transient(exc: BaseException) -> bool:
-    if isinstance(
-        exc,
-        _classes(
-            "botocore.exceptions",
-            "ConnectionError",
-            "HTTPClientError",
-            "ConnectTimeoutError",
-            "ReadTimeoutError",
-        ),
-    ):
-        return True
+def _aws_throttled(exc: BaseException) -> bool:
+    # A botocore ClientError is the service's answer: throttling codes and 5xx are transient.
     if not isinstance(exc, _classes("botocore.exceptions", "ClientError")):
         return False
     answer = getattr(exc, "response", None) or {}
@@ -291,7 +300,7 @@ def is_transient(exc: BaseException) -> bool:
     state = _sqlstate(exc)
     if state is not None:
         return state.startswith("08") or state in ("40001", "40P01")
-    return _aws_transient(exc)
+    return _aws_throttled(exc)
 
 
 def retry_after(exc: BaseException, now: float) -> float | None:
