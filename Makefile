@@ -62,6 +62,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/bench_flags.py --check
 	$(BIN)/python bench/bench_subscribers.py
+	$(BIN)/python bench/bench_integrations.py
 	@if command -v redis-server >/dev/null; then $(BIN)/python bench/bench_redis.py; \
 	else echo "redis-server is not installed: skipping the shared-state benchmark"; fi
 

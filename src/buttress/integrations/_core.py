@@ -69,12 +69,14 @@ def repeatable(method: str, headers: Mapping[str, str]) -> bool:
 def transient_status(status: int, headers: Mapping[str, str]) -> bool:
     """Whether an HTTP answer is a failure: 408, 429, 5xx, or whatever says ``x-should-retry``.
 
-    ``x-should-retry: true`` makes any status a (retryable) failure; ``false`` keeps a 5xx a
+    ``x-should-retry: true`` makes any 4xx a (retryable) failure; ``false`` keeps a 5xx a
     failure the breaker counts, which :meth:`Edge.failed` marks as not retryable.
     """
     if status in (408, 429) or 500 <= status <= 599:
         return True
-    return should_retry(headers) is True
+    # Only an error answer is asked (as the OpenAI and Anthropic SDKs do): the header lookup
+    # stays off the success path.
+    return status >= 400 and should_retry(headers) is True
 
 
 def deadline_ms() -> int | None:
