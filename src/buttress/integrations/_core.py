@@ -167,10 +167,6 @@ class Edge:
                     self._hosts[host] = policy
         return policy
 
-    def hosts(self) -> list[str]:
-        """The hosts that have an instance of their own (and ``*`` once the bound was hit)."""
-        return sorted(self._hosts)
-
     def failed(
         self, response: Any, status: int | str, method: str, headers: Mapping[str, str] | None
     ) -> FailedResponse:
