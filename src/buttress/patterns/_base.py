@@ -14,7 +14,9 @@ A pattern has three parts:
   - a :class:`Recovery` decides after a failure (``recover()``: an effect that answers it, or it
     re-raises) and may note each success (``succeeded``). One may also keep a scope of its own
     around the call and its answer: a context variable (``scope``) the driver sets to
-    ``new_scope()`` (retry's attempt count).
+    ``new_scope()`` (retry's attempt count), and treat some returned values as failures: a
+    ``check_result`` the driver runs on each value the call returns, which raises for those
+    (retry's ``retry_on_result``).
 
   The effects are a small closed set: :class:`Sleep`, :class:`WaitForSlot`, :class:`Return`,
   :class:`TryAlternatives` and :class:`RetryAfter`. A strategy not yet written this way still
