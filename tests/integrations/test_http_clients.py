@@ -389,3 +389,19 @@ def test_bad_arguments_fail_at_construction() -> None:
         b_requests.ResilientAdapter("billing", on_exhausted="explode")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="service name"):
         b_httpx.AsyncResilientTransport("")
+
+
+@pytest.mark.realtime
+def test_a_slow_answer_times_out_per_attempt_and_is_retried(
+    client: str, upstream: Upstream, settings: Callable[..., None]
+) -> None:
+    settings(
+        BILLING__TIMEOUT__SECONDS="0.2",
+        BILLING__RETRY__INITIAL="0.01",
+        BILLING__RETRY__MAX_DELAY="0.05",
+    )
+    upstream.then(200, body=b"too late", action="hang", hang=0.6).then(200, body=b"in time")
+    answer = send(client, "billing", "GET", upstream.url + "/a")
+    assert (answer.status, answer.body) == (200, b"in time")
+    # The second attempt was told what it had left: its own 0.2 s, not the client's default.
+    assert 0 < int(upstream.seen[1].headers["X-Buttress-Deadline-Ms"]) <= 200
