@@ -1,4 +1,4 @@
-"""aiohttp: :class:`ResilientSession` (any aiohttp 3.9+) and :class:`ResilientMiddleware` (3.12+).
+"""aiohttp: :class:`ResilientSession` (aiohttp 3.9.1+) and :class:`ResilientMiddleware` (3.12+).
 
 ``ResilientSession("billing", session)`` wraps a ``ClientSession``: its ``request``/``get``/...
 run the ``billing`` service's whole policy from settings around each attempt. On aiohttp 3.12
