@@ -66,6 +66,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_scale.py
 	$(BIN)/python bench/bench_threads.py
 	$(BIN)/python -m bench.sim
+	$(BIN)/python bench/bench_integrations.py
 	@if command -v redis-server >/dev/null; then $(BIN)/python bench/bench_redis.py; \
 	else echo "redis-server is not installed: skipping the shared-state benchmark"; fi
 

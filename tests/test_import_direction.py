@@ -41,6 +41,7 @@ RANKS = {
     "buttress.instrumentation": 4,
     "buttress.decorators": 5,
     "buttress": 6,
+    "buttress.integrations": 6,
     "buttress.__main__": 6,
     "buttress.testing": 6,
     "buttress.pytest_plugin": 6,

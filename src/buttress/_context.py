@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import Any
 
 from buttress import _clock
@@ -28,6 +28,8 @@ __all__ = [
     "deadline",
     "idempotency_key",
     "remaining",
+    "repeatable",
+    "within",
 ]
 
 
@@ -56,7 +58,25 @@ call_target: ContextVar[Callable[..., Any]] = ContextVar("buttress_call_target")
 answered_as: ContextVar[list[str] | None] = ContextVar("buttress_answered_as", default=None)
 
 # Absolute deadline on the buttress clock (``_clock.monotonic()``); None when no timeout encloses.
+# Set by ``with_timeout`` around each call and by the inbound integrations (a deadline the caller
+# sent in a request header).
 deadline: ContextVar[float | None] = ContextVar("buttress_deadline", default=None)
+
+# Whether the request an integration is sending may be sent again after it may have reached the
+# server (its method is idempotent or it carries an Idempotency-Key); ``None`` outside them. Retry
+# reads it when its own ``idempotent`` is unset: only the integration knows the method of a
+# request whose error does not name it (aiohttp's, gRPC's).
+repeatable: ContextVar[bool | None] = ContextVar("buttress_repeatable", default=None)
+
+
+def within(seconds: float) -> Token[float | None]:
+    """Set the deadline ``seconds`` from now, unless an enclosing one is nearer.
+
+    Returns the token that restores the previous deadline (``deadline.reset(token)``).
+    """
+    limit = _clock.monotonic() + seconds
+    enclosing = deadline.get()
+    return deadline.set(limit if enclosing is None else min(limit, enclosing))
 
 
 def attempt() -> int:

@@ -129,6 +129,7 @@ def retry_with_backoff(
     respect_retry_after: bool | None = None,
     retry_rejected: bool | None = None,
     budget: Mapping[str, Any] | Literal[False] | None = None,
+    retry_on_result: Callable[[Any], bool] | None = None,
 ) -> Policy:
     """Retry transient failures with exponential backoff and jitter.
 
@@ -149,6 +150,8 @@ def retry_with_backoff(
         budget: the service's retry budget, ``{"ratio": 0.2, "min_per_second": 10,
             "window_seconds": 10}`` by default; ``False`` switches it off for the service
             (see ``docs/patterns/retry-budget.md``).
+        retry_on_result: a predicate on the returned value: ``True`` retries the call as if it
+            had failed; when no attempt is left, the last value is returned (code only).
     """
     if budget is False:
         budget = {"enabled": False}
@@ -170,6 +173,7 @@ def retry_with_backoff(
             respect_retry_after=respect_retry_after,
             retry_rejected=retry_rejected,
             budget=budget,
+            retry_on_result=retry_on_result,
         ),
     )
 

@@ -498,6 +498,8 @@ def _answer(
             # Reported outside the except block, so one attempt's failure does not chain onto
             # the next.
             effect = effect.failed(failure)
+            if isinstance(effect, Return):  # gave up with a value (a rejected result)
+                return effect.value
     if isinstance(effect, Return):
         return effect.value
     errors: list[tuple[Callable[..., Any], Exception]] = []
@@ -528,6 +530,8 @@ async def _aanswer(
                 effect.succeeded()
                 return result
             effect = effect.failed(failure)
+            if isinstance(effect, Return):  # gave up with a value (a rejected result)
+                return effect.value
     if isinstance(effect, Return):
         return effect.value
     errors: list[tuple[Callable[..., Any], Exception]] = []
@@ -639,6 +643,26 @@ def _abounded(strategy: Any, call: AsyncCall) -> AsyncCall:
     return timed
 
 
+def _checked(check: Callable[[Any], None], call: Call) -> Call:
+    # A recovery that treats some returned values as failures (retry_on_result): its check
+    # raises for them, inside the recovery, so only that recovery sees a failure.
+    def checked(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        result = call(args, kwargs)
+        check(result)
+        return result
+
+    return checked
+
+
+def _achecked(check: Callable[[Any], None], call: AsyncCall) -> AsyncCall:
+    async def checked(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        result = await call(args, kwargs)
+        check(result)
+        return result
+
+    return checked
+
+
 def link(strategy: Any, call: Call) -> Call:
     """The step that runs ``call`` under ``strategy`` for a ``def`` caller."""
     if hasattr(strategy, "recover"):
@@ -650,6 +674,9 @@ def link(strategy: Any, call: Call) -> Call:
                 )
         if hasattr(strategy, "replay_through"):
             strategy.replay_through(call, is_async=False)  # deferred calls run this step later
+        check = getattr(strategy, "check_result", None)
+        if check is not None:
+            call = _checked(check, call)
         if hasattr(strategy, "scope"):
             return _scoped_recovery(
                 strategy.scope, strategy.new_scope, strategy.recover, strategy.succeeded, call
@@ -673,6 +700,9 @@ def alink(strategy: Any, call: AsyncCall) -> AsyncCall:
     if hasattr(strategy, "recover"):
         if hasattr(strategy, "replay_through"):
             strategy.replay_through(call, is_async=True)
+        check = getattr(strategy, "check_result", None)
+        if check is not None:
+            call = _achecked(check, call)
         if hasattr(strategy, "scope"):
             return _ascoped_recovery(
                 strategy.scope, strategy.new_scope, strategy.recover, strategy.succeeded, call

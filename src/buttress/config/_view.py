@@ -75,13 +75,18 @@ class ServiceView:
 
     def __init__(self, name: str, settings: Settings) -> None:
         self.name = name
-        own = settings.services.get(name)
+        # A per-host instance of a service (``billing[api.example.com]``, made by the
+        # integrations' ``per_host=True``) follows its service's section unless it has its own.
+        section = name
+        if name not in settings.services and name.endswith("]") and "[" in name:
+            section = name[: name.index("[")]
+        own = settings.services.get(section)
         defaults = settings.defaults
         self._flag_sources: dict[str, Sourced] = {}
         for flag in FLAGS:
             if own is not None and flag in own.model_fields_set:
                 value = getattr(own, flag)
-                source = settings.source_of(("services", name, flag)) or "default"
+                source = settings.source_of(("services", section, flag)) or "default"
             elif flag in defaults.model_fields_set:
                 value = getattr(defaults, flag)
                 source = _via_defaults(settings.source_of(("defaults", flag)))
@@ -106,7 +111,7 @@ class ServiceView:
                 layer[field] = (value, _via_defaults(default_source))
             if own is not None:
                 for field, value in explicit(own, pattern).items():
-                    source = settings.source_of(("services", name, pattern, field)) or "default"
+                    source = settings.source_of(("services", section, pattern, field)) or "default"
                     below = layer.get(field)
                     # A group option (retry.budget): the service's keys over the defaults'.
                     merged = (

@@ -22,7 +22,9 @@ A pattern has three parts:
   - a :class:`Recovery` decides after a failure (``recover()``: an effect that answers it, or it
     re-raises) and may note each success (``succeeded``). One may also keep a scope of its own
     around the call and its answer: a context variable (``scope``) the driver sets to
-    ``new_scope()`` (retry's attempt count).
+    ``new_scope()`` (retry's attempt count), and treat some returned values as failures: a
+    ``check_result`` the driver runs on each value the call returns, which raises for those
+    (retry's ``retry_on_result``).
 
   The effects are a small closed set: :class:`Sleep`, :class:`WaitForSlot`, :class:`Return`,
   :class:`TryAlternatives`, :class:`RetryAfter`, :class:`AskStore`, :class:`Hedge` and
@@ -245,8 +247,11 @@ class RetryAfter(Effect):
     def attempting(self) -> None:
         """The wait is over; the next attempt starts now."""
 
-    def failed(self, exc: Exception) -> RetryAfter:
-        """The attempt raised ``exc``: the effect for the next one, or raise to give up."""
+    def failed(self, exc: Exception) -> RetryAfter | Return:
+        """The attempt raised ``exc``: the effect for the next one, or raise to give up.
+
+        A :class:`Return` gives up with a value (the last result a predicate rejected).
+        """
         raise exc
 
     def succeeded(self) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
+    "FailedResponse",
     "http_status",
     "is_network",
     "is_transient",
@@ -23,6 +24,8 @@ __all__ = [
     "not_idempotent",
     "parse_retry_after",
     "retry_after",
+    "server_delay",
+    "should_retry",
 ]
 
 # RFC 9110 §9.2.2: the methods whose repetition has the same effect on the server as one request.
@@ -37,6 +40,42 @@ _REDIS_NOT_NETWORK = (
 )
 # Redis answers that mean "not now": loading its data, a slot migrating, a failover under way.
 _REDIS_BUSY = ("BusyLoadingError", "TryAgainError", "ClusterDownError")
+
+
+class FailedResponse(Exception):  # noqa: N818 - it is a response, not an error of buttress's
+    """A response an integration classified as a failure, raised inside its policy.
+
+    The integrations (``buttress.integrations``) raise it from each attempt that got a transient
+    answer (HTTP 408, 429, 5xx; gRPC UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED), so every
+    pattern sees a failure without the caller raising: retry tries again, the breaker counts it,
+    fallback may answer it. The integration catches it at its edge and returns ``response`` (or
+    raises the client's own error). A ``retry_on`` predicate or a breaker's ``exclude`` sees it.
+
+    Attributes:
+        response: the client's response object (an ``httpx.Response``, a ``requests.Response``,
+            an ``aiohttp.ClientResponse``, a gRPC call).
+        status: the HTTP status code, or the gRPC status code's name (``"UNAVAILABLE"``).
+        retryable: whether another attempt may help (``False`` when the server said
+            ``x-should-retry: false``).
+        delay: seconds the server asked to wait before the next attempt, or ``None``.
+        method: the HTTP method (or the gRPC method's full name).
+    """
+
+    def __init__(
+        self,
+        response: Any,
+        status: int | str,
+        *,
+        method: str,
+        retryable: bool = True,
+        delay: float | None = None,
+    ) -> None:
+        super().__init__(f"{method} answered {status}")
+        self.response = response
+        self.status = status
+        self.method = method
+        self.retryable = retryable
+        self.delay = delay
 
 
 def _is_transient_status(status: int) -> bool:
@@ -77,7 +116,22 @@ def is_network(exc: BaseException) -> bool:
     # repeats) and a server still loading its data (an answer, counted by is_transient).
     if isinstance(exc, _classes("redis.exceptions", *_REDIS_NOT_NETWORK)):
         return False
-    return isinstance(exc, _classes("redis.exceptions", "ConnectionError", "TimeoutError"))
+    if isinstance(exc, _classes("redis.exceptions", "ConnectionError", "TimeoutError")):
+        return True
+    # botocore's connection family (refused, reset, proxy, endpoint) and its timeouts; not a TLS
+    # failure, which it files there too and which another try only repeats.
+    if isinstance(exc, _classes("botocore.exceptions", "SSLError")):
+        return False
+    return isinstance(
+        exc,
+        _classes(
+            "botocore.exceptions",
+            "ConnectionError",
+            "ConnectionClosedError",
+            "ConnectTimeoutError",
+            "ReadTimeoutError",
+        ),
+    )
 
 
 def never_sent(exc: BaseException) -> bool:
@@ -99,6 +153,10 @@ def never_sent(exc: BaseException) -> bool:
         wrapped = exc.args[0] if exc.args else None
         return isinstance(getattr(wrapped, "reason", None), connect_failed)
     if isinstance(exc, _classes("aiohttp", "ClientConnectorError", "ConnectionTimeoutError")):
+        return True
+    if isinstance(
+        exc, _classes("botocore.exceptions", "EndpointConnectionError", "ConnectTimeoutError")
+    ):
         return True
     if isinstance(exc, _classes("redis.exceptions", "ConnectionError")):
         # redis-py raises its ConnectionError from (5.x: while handling) the socket's own error.
@@ -160,14 +218,89 @@ def http_status(exc: BaseException) -> int | None:
     return status if isinstance(status, int) else None
 
 
+# gRPC status codes that say "not now" rather than "never": the server is down or overloaded, or
+# the attempt ran out of time.
+GRPC_TRANSIENT = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"})
+
+# botocore's error codes for a throttled request (the AWS SDKs' own retry tables).
+_AWS_THROTTLING = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "ProvisionedThroughputExceededException",
+        "TransactionInProgressException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "LimitExceededException",
+        "RequestThrottled",
+        "SlowDown",
+        "PriorRequestNotComplete",
+        "EC2ThrottledException",
+    }
+)
+
+
+def grpc_code(exc: BaseException) -> str | None:
+    """The status code name of a gRPC error (sync or ``grpc.aio``), else ``None``."""
+    if not isinstance(exc, _classes("grpc", "RpcError")):
+        return None
+    code = getattr(exc, "code", None)
+    if not callable(code):
+        return None
+    try:
+        value = code()
+    except Exception:  # noqa: BLE001 - a hand-made RpcError may not know its code
+        return None
+    name = getattr(value, "name", None)
+    return name if isinstance(name, str) else None
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    # psycopg 3 and asyncpg expose ``sqlstate``, psycopg2 ``pgcode``; other DB-API drivers name
+    # no SQLSTATE, so only their connection errors (is_network) count.
+    if type(exc).__module__.split(".")[0] not in ("psycopg", "psycopg2", "asyncpg"):
+        return None
+    state = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
+    return state if isinstance(state, str) else None
+
+
+def _aws_throttled(exc: BaseException) -> bool:
+    # A botocore ClientError is the service's answer: throttling codes and 5xx are transient.
+    if not isinstance(exc, _classes("botocore.exceptions", "ClientError")):
+        return False
+    answer = getattr(exc, "response", None) or {}
+    code = answer.get("Error", {}).get("Code")
+    status = answer.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in _AWS_THROTTLING or (isinstance(status, int) and _is_transient_status(status))
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Network errors and HTTP 408, 429 and 5xx: failures that another try may not repeat."""
+    """Failures another try may not repeat: network errors, HTTP 408/429/5xx and their kin.
+
+    Also a :class:`FailedResponse` the server did not forbid retrying, gRPC UNAVAILABLE,
+    RESOURCE_EXHAUSTED and DEADLINE_EXCEEDED, botocore connection and throttling errors, and
+    the SQLSTATEs of a lost connection (08xxx), a serialization failure (40001) and a deadlock
+    (40P01) from psycopg, psycopg2 and asyncpg: each only when its library is imported.
+    """
+    if isinstance(exc, FailedResponse):
+        return exc.retryable
     if is_network(exc):
         return True
     if isinstance(exc, _classes("redis.exceptions", *_REDIS_BUSY)):
         return True
-    status = http_status(exc)
-    return status is not None and _is_transient_status(status)
+    status, headers = _response(exc)
+    if isinstance(status, int):
+        told = should_retry(headers) if headers is not None else None
+        return told if told is not None else _is_transient_status(status)
+    if grpc_code(exc) in GRPC_TRANSIENT:
+        return True
+    state = _sqlstate(exc)
+    if state is not None:
+        return state.startswith("08") or state in ("40001", "40P01")
+    return _aws_throttled(exc)
 
 
 def retry_after(exc: BaseException, now: float) -> float | None:
@@ -177,13 +310,56 @@ def retry_after(exc: BaseException, now: float) -> float | None:
         exc: the failure; only httpx, requests and aiohttp error responses carry headers.
         now: the current wall-clock time in epoch seconds, for a header given as an HTTP date.
     """
+    if isinstance(exc, FailedResponse):
+        return exc.delay
     _, headers = _response(exc)
     if headers is None:
         return None
-    value = headers.get("Retry-After")
+    return server_delay(headers, now)
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    # httpx, requests and aiohttp headers are case-insensitive; a plain dict (gRPC metadata,
+    # lower-case by the protocol) is looked up in lower case.
+    value = headers.get(name)
+    if value is None:
+        value = headers.get(name.lower())
+    return value if isinstance(value, str) else None
+
+
+def _milliseconds(value: str | None) -> float | None:
     if value is None:
         return None
-    return parse_retry_after(value, now)
+    try:
+        millis = float(value.strip())
+    except ValueError:
+        return None
+    return millis / 1000 if math.isfinite(millis) and millis >= 0 else None
+
+
+def server_delay(headers: Mapping[str, str], now: float) -> float | None:
+    """Seconds the server asked to wait before another attempt, from its headers, or ``None``.
+
+    ``retry-after-ms`` (milliseconds, sent by the OpenAI and Anthropic APIs), then ``Retry-After``
+    (seconds or an HTTP date), then ``grpc-retry-pushback-ms`` (gRPC trailing metadata). A value
+    that cannot be read, is negative or is not finite is ignored; callers cap the result.
+    """
+    delay = _milliseconds(_header(headers, "retry-after-ms"))
+    if delay is not None:
+        return delay
+    value = _header(headers, "Retry-After")
+    if value is not None and (delay := parse_retry_after(value, now)) is not None:
+        return delay
+    return _milliseconds(_header(headers, "grpc-retry-pushback-ms"))
+
+
+def should_retry(headers: Mapping[str, str]) -> bool | None:
+    """The server's ``x-should-retry`` answer (the OpenAI/Anthropic convention), or ``None``."""
+    value = _header(headers, "x-should-retry")
+    if value is None:
+        return None
+    told = value.strip().lower()
+    return True if told == "true" else False if told == "false" else None
 
 
 def parse_retry_after(value: str, now: float) -> float | None:

@@ -29,7 +29,7 @@ from buttress._context import RetryScope
 from buttress._values import GrowthFactor, Seconds
 from buttress.exceptions import RejectedError, set_note
 from buttress.patterns import _transient
-from buttress.patterns._base import BuildContext, Mode, Options, RetryAfter, error_type
+from buttress.patterns._base import BuildContext, Mode, Options, RetryAfter, Return, error_type
 from buttress.patterns._budget import RetryBudget, RetryBudgetOptions, shared_budget
 
 PATTERN = "retry"
@@ -70,8 +70,12 @@ class RetryOptions(Options):
         RetryBudgetOptions(),
         description="the service's retry budget (docs/patterns/retry-budget.md)",
     )
+    retry_on_result: Callable[[Any], bool] | None = Field(
+        default=None,
+        description="a returned value for which this is true is retried like a failure",
+    )
 
-    code_only: ClassVar[frozenset[str]] = frozenset()
+    code_only: ClassVar[frozenset[str]] = frozenset({"retry_on_result"})
 
     @model_validator(mode="after")
     def _cap_above_initial(self) -> RetryOptions:
@@ -103,6 +107,17 @@ def _predicate(retry_on: RetryOn) -> Callable[[BaseException], bool]:
 
         return is_listed
     return retry_on
+
+
+class RetriedResult(Exception):  # noqa: N818 - a returned value, carried as a failure
+    """A value the ``retry_on_result`` predicate rejected, carried through the retry loop.
+
+    It never reaches the caller: when no attempt is left, the call returns the last ``value``.
+    """
+
+    def __init__(self, value: Any) -> None:
+        super().__init__("retry_on_result rejected the returned value")
+        self.value = value
 
 
 def _failure(state: tenacity.RetryCallState) -> BaseException:
@@ -142,6 +157,16 @@ class RetryStrategy:
             self.new_scope = budget.new_scope
         self._shadow = mode == "shadow"
         self._matches = _predicate(options.retry_on)
+        # The drivers run check_result on what each attempt returns (only when it is set).
+        rejects = options.retry_on_result
+        self.check_result: Callable[[Any], None] | None = None
+        if rejects is not None:
+
+            def check_result(result: Any) -> None:
+                if rejects(result):
+                    raise RetriedResult(result)
+
+            self.check_result = check_result
         # tenacity decides, never sleeps (the driver does): one template for def and async def
         # callers, copied per retried call because a copy keeps that call's state.
         self._retrying = tenacity.Retrying()
@@ -155,6 +180,8 @@ class RetryStrategy:
         """
         if not isinstance(exc, Exception):
             return False
+        if isinstance(exc, RetriedResult):
+            return True  # retry_on_result said so already
         if isinstance(exc, RejectedError):
             return self.options.retry_rejected and exc.retry_after is not None
         return self._matches(exc)
@@ -163,15 +190,19 @@ class RetryStrategy:
         """Whether running the call again is safe, as far as ``idempotent`` and ``exc`` tell.
 
         A call that never reached the dependency (refused or timed-out connection, a rejection)
-        is always safe. Otherwise ``idempotent=True`` says yes and ``False`` no; unset, only an
-        HTTP request with a non-idempotent method and no ``Idempotency-Key`` is unsafe.
+        is always safe. Otherwise ``idempotent=True`` says yes and ``False`` no; unset, the
+        integration sending the request says (from its method and ``Idempotency-Key``), else
+        only an HTTP error about a non-idempotent request without that header is unsafe.
         """
         idempotent = self.options.idempotent
         if idempotent:
             return True
         if isinstance(exc, RejectedError) or _transient.never_sent(exc):
             return True
-        return idempotent is None and not _transient.not_idempotent(exc)
+        if idempotent is not None:
+            return False
+        told = _context.repeatable.get()
+        return told if told is not None else not _transient.not_idempotent(exc)
 
     def delay(self, exc: BaseException, failed_attempt: int, previous: float) -> tuple[float, str]:
         """Seconds to wait after ``failed_attempt`` failed with ``exc``, and the reason.
@@ -234,12 +265,17 @@ class RetryStrategy:
         return True
 
     # -- the call's turn ------------------------------------------------------------------------
-    def recover(self, failure: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Run:
+    def recover(
+        self, failure: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> _Run | Return:
         """The retry loop for a failed first attempt; re-raises ``failure`` when it is not retried.
 
-        Only now is tenacity involved: a call whose first attempt succeeds never enters it.
+        Only now is tenacity involved: a call whose first attempt succeeds never enters it. A
+        rejected result that is not retried is the call's answer.
         """
         if not self.should_retry(failure):
+            if isinstance(failure, RetriedResult):
+                return Return(failure.value)
             raise failure
         # The driver set this call's scope around it: attempt 2 counts on from there.
         return _Run(self, cast("RetryScope", self.scope.get()), failure)
@@ -298,12 +334,18 @@ class _Run(RetryAfter):
         self.failed(failure)
 
     # -- the driver's questions -------------------------------------------------------------------
-    def failed(self, exc: Exception) -> _Run:
-        """Attempt failed with ``exc``: set ``seconds`` and return self, or raise (annotated)."""
+    def failed(self, exc: Exception) -> _Run | Return:
+        """Attempt failed with ``exc``: set ``seconds`` and return self, or give up.
+
+        Giving up raises the last error (annotated), or returns the last result that
+        ``retry_on_result`` rejected as the call's answer.
+        """
         state = self.state
         state.set_exception((type(exc), exc, exc.__traceback__))
         try:
             do = self.retrying.iter(state)
+        except RetriedResult as given_up:
+            return Return(given_up.value)
         except Exception as given_up:
             self.annotate(given_up)
             raise

@@ -1,0 +1,220 @@
+"""What every client integration shares: its policies, the request's safety, the deadline header.
+
+An integration protects one client call the way ``resilient(service)`` protects a function: the
+service's whole stack from settings, with the *attempt* innermost, so retry repeats the breaker,
+rate limit, timeout and bulkhead around each send. An attempt that gets a transient answer raises
+:class:`~buttress.patterns._transient.FailedResponse` inside the policy (so the breaker counts
+it and retry tries again without the caller raising), and :meth:`Edge.unwrap` turns the last one
+back into the client's own answer at the edge.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, TracerProvider
+
+from buttress import _clock, _context, registry
+from buttress.decorators import CANONICAL_ORDER
+from buttress.patterns._transient import (
+    IDEMPOTENT_METHODS,
+    FailedResponse,
+    server_delay,
+    should_retry,
+)
+from buttress.policy import Policy, Spec
+
+__all__ = [
+    "DEFAULT_DEADLINE_HEADER",
+    "DEFAULT_MAX_HOSTS",
+    "OVERFLOW_HOST",
+    "Edge",
+    "OnExhausted",
+    "deadline_ms",
+    "note_error",
+    "note_outcome",
+    "repeatable",
+    "transient_status",
+]
+
+# The header that carries the time the caller has left, in whole milliseconds, relative (no
+# clock agreement needed between hosts). Outbound integrations send it; the inbound middleware
+# reads it. gRPC uses its own ``grpc-timeout``.
+DEFAULT_DEADLINE_HEADER = "X-Buttress-Deadline-Ms"
+# How many hosts ``per_host=True`` gives their own breaker and bulkhead; later hosts share one.
+DEFAULT_MAX_HOSTS = 64
+# The host part of the instance that hosts past ``max_hosts`` share: ``service[*]``.
+OVERFLOW_HOST = "*"
+# Patterns whose instance is per host with ``per_host=True``: what one bad host must not spoil
+# for the others. Retry, rate limit, timeout and fallback stay the service's.
+_PER_HOST = frozenset({"circuit_breaker", "bulkhead"})
+
+OnExhausted = Literal["return", "raise"]
+
+_tracer_scope = "buttress.integrations"
+
+
+def repeatable(method: str, headers: Mapping[str, str]) -> bool:
+    """Whether an HTTP request may be sent again after it may have reached the server.
+
+    RFC 9110's idempotent methods, or any request carrying an ``Idempotency-Key`` header.
+    """
+    return method.upper() in IDEMPOTENT_METHODS or bool(headers.get("Idempotency-Key"))
+
+
+def transient_status(status: int, headers: Mapping[str, str]) -> bool:
+    """Whether an HTTP answer is a failure: 408, 429, 5xx, or whatever says ``x-should-retry``.
+
+    ``x-should-retry: true`` makes any 4xx a (retryable) failure; ``false`` keeps a 5xx a
+    failure the breaker counts, which :meth:`Edge.failed` marks as not retryable.
+    """
+    if status in (408, 429) or 500 <= status <= 599:
+        return True
+    # Only an error answer is asked (as the OpenAI and Anthropic SDKs do): the header lookup
+    # stays off the success path.
+    return status >= 400 and should_retry(headers) is True
+
+
+def deadline_ms() -> int | None:
+    """The time left before the current deadline, in whole milliseconds (rounded down)."""
+    left = _context.remaining()
+    return None if left is None else math.floor(left * 1000)
+
+
+class Edge:
+    """The policies and options of one integration object.
+
+    Args:
+        service: the service name: settings section, metric label, shared-state key.
+        per_host: give each host its own breaker and bulkhead (``service[host]``), the rest of
+            the stack staying the service's.
+        max_hosts: how many hosts get their own; the hosts seen after that share
+            ``service[*]``.
+        on_exhausted: when the last attempt got a transient response: ``"return"`` it (the
+            default), or ``"raise"`` the client's own error for it.
+        deadline_header: the header that carries the time left (``None``: send none).
+        idempotency_key: send ``buttress.idempotency_key()`` as ``Idempotency-Key`` on requests
+            whose method is not idempotent (and that carry no key yet), which makes them safe to
+            retry: only for servers that honour the header.
+        tracer_provider: where the span of each attempt goes (``None``: the global provider).
+    """
+
+    def __init__(
+        self,
+        service: str,
+        *,
+        per_host: bool = False,
+        max_hosts: int = DEFAULT_MAX_HOSTS,
+        on_exhausted: OnExhausted = "return",
+        deadline_header: str | None = DEFAULT_DEADLINE_HEADER,
+        idempotency_key: bool = False,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
+        name: object = service  # checked at run time for untyped callers
+        if not isinstance(name, str) or not name or "[" in name:
+            raise TypeError(f"a service name (a non-empty string without '['), got {service!r}")
+        bound: object = max_hosts
+        if isinstance(bound, bool) or not isinstance(bound, int) or bound < 1:
+            raise ValueError(f"max_hosts must be a positive integer, got {max_hosts!r}")
+        if on_exhausted not in ("return", "raise"):
+            raise ValueError(f'on_exhausted must be "return" or "raise", got {on_exhausted!r}')
+        self.service = registry.service_name(service)
+        self.per_host = per_host
+        self.max_hosts = max_hosts
+        self.on_exhausted = on_exhausted
+        self.deadline_header = deadline_header
+        self.idempotency_key = idempotency_key
+        self.tracer = trace.get_tracer(_tracer_scope, tracer_provider=tracer_provider)
+        self._policy = self._build(None)
+        self._hosts: dict[str, Policy] = {}
+        self._lock = threading.Lock()
+
+    def _build(self, host: str | None) -> Policy:
+        return Policy(
+            *(
+                Spec(
+                    pattern,
+                    f"{self.service}[{host}]"
+                    if host is not None and pattern in _PER_HOST
+                    else self.service,
+                )
+                for pattern in CANONICAL_ORDER
+            )
+        )
+
+    def policy(self, host: str | None) -> Policy:
+        """The policy for a request to ``host``: the service's, or the host's with ``per_host``."""
+        if not self.per_host or not host:
+            return self._policy
+        host = host.lower()
+        policy = self._hosts.get(host)
+        if policy is not None:
+            return policy
+        with self._lock:
+            policy = self._hosts.get(host)
+            if policy is None:
+                if len(self._hosts) >= self.max_hosts:
+                    # Past the bound every new host shares one instance, so the number of
+                    # breakers, bulkheads and metric series stays bounded.
+                    policy = self._hosts.get(OVERFLOW_HOST) or self._build(OVERFLOW_HOST)
+                    self._hosts.setdefault(OVERFLOW_HOST, policy)
+                else:
+                    policy = self._build(host)
+                    self._hosts[host] = policy
+        return policy
+
+    def failed(
+        self, response: Any, status: int | str, method: str, headers: Mapping[str, str] | None
+    ) -> FailedResponse:
+        """The failure that carries a transient ``response`` through the policy."""
+        retryable, delay = True, None
+        if headers is not None:
+            told = should_retry(headers)
+            retryable = told is not False
+            delay = server_delay(headers, _clock.wall())
+        return FailedResponse(response, status, method=method, retryable=retryable, delay=delay)
+
+    def unwrap(self, failure: FailedResponse, raise_error: Callable[[Any], BaseException]) -> Any:
+        """The answer to the caller once ``failure`` escaped the policy.
+
+        The last response, or, with ``on_exhausted="raise"``, the client's own error for it.
+        """
+        if self.on_exhausted == "return":
+            return failure.response
+        raise raise_error(failure.response)
+
+    def attempt_span(self, name: str, host: str | None) -> Any:
+        """A span for one attempt (a child of the caller's current span)."""
+        attributes: dict[str, Any] = {"buttress.service": self.service}
+        resend = _context.attempt() - 1
+        if resend:
+            attributes["http.request.resend_count"] = resend
+        if host:
+            attributes["server.address"] = host
+        return self.tracer.start_as_current_span(
+            name, kind=SpanKind.CLIENT, attributes=attributes, record_exception=False
+        )
+
+
+def note_outcome(span: Span, status: int | str, failed: bool) -> None:
+    """Put an attempt's answer on its span."""
+    if not span.is_recording():
+        return
+    if isinstance(status, int):
+        span.set_attribute("http.response.status_code", status)
+    else:
+        span.set_attribute("rpc.grpc.status_code", status)
+    if failed:
+        span.set_attribute("error.type", str(status))
+        span.set_status(trace.StatusCode.ERROR)
+
+
+def note_error(span: Span, exc: BaseException) -> None:
+    """An attempt that raised: the error's type on its span (never its message)."""
+    if span.is_recording():
+        span.set_attribute("error.type", type(exc).__name__)
+        span.set_status(trace.StatusCode.ERROR)

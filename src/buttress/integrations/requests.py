@@ -1,0 +1,128 @@
+"""requests: :class:`ResilientAdapter`, mounted on a ``requests.Session``.
+
+``session.mount("https://", ResilientAdapter("billing"))`` runs the ``billing`` service's whole
+policy from settings around each attempt the adapter sends. See ``docs/integrations.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from opentelemetry.trace import TracerProvider
+from requests.adapters import HTTPAdapter
+
+from buttress import _context
+from buttress.integrations._core import (
+    DEFAULT_DEADLINE_HEADER,
+    DEFAULT_MAX_HOSTS,
+    Edge,
+    OnExhausted,
+    deadline_ms,
+    note_error,
+    note_outcome,
+    repeatable,
+    transient_status,
+)
+from buttress.patterns._transient import FailedResponse
+
+__all__ = ["ResilientAdapter"]
+
+
+def _within(timeout: Any, seconds: float) -> Any:
+    """``timeout`` (a number, a ``(connect, read)`` pair or ``None``) no longer than ``seconds``."""
+    if timeout is None:
+        return seconds
+    if isinstance(timeout, tuple):
+        return tuple(seconds if part is None else min(part, seconds) for part in timeout)
+    if isinstance(timeout, int | float):
+        return min(timeout, seconds)
+    return timeout  # a urllib3 Timeout object: the caller's own, left alone
+
+
+class ResilientAdapter(HTTPAdapter):
+    """An ``HTTPAdapter`` that runs ``service``'s policy around each attempt it sends.
+
+    Takes the arguments of :class:`buttress.integrations.httpx.ResilientTransport` (but no
+    inner transport), plus ``HTTPAdapter``'s own keyword arguments (``pool_maxsize``...).
+    ``on_exhausted="raise"`` raises ``requests.HTTPError`` for the last transient response.
+    urllib3's own retries stay off (``max_retries=0``), so one layer retries.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        *,
+        per_host: bool = False,
+        max_hosts: int = DEFAULT_MAX_HOSTS,
+        on_exhausted: OnExhausted = "return",
+        deadline_header: str | None = DEFAULT_DEADLINE_HEADER,
+        idempotency_key: bool = False,
+        tracer_provider: TracerProvider | None = None,
+        **adapter_args: Any,
+    ) -> None:
+        self.edge = Edge(
+            service,
+            per_host=per_host,
+            max_hosts=max_hosts,
+            on_exhausted=on_exhausted,
+            deadline_header=deadline_header,
+            idempotency_key=idempotency_key,
+            tracer_provider=tracer_provider,
+        )
+        super().__init__(**adapter_args)
+
+    def send(
+        self, request: requests.PreparedRequest, *args: Any, **kwargs: Any
+    ) -> requests.Response:
+        edge = self.edge
+        split = urlsplit(request.url or "")
+        host = split.netloc.rpartition("@")[2]
+        method = request.method or "GET"
+        headers: Mapping[str, str] = request.headers
+        token = _context.repeatable.set(edge.idempotency_key or repeatable(method, headers))
+        try:
+            return edge.policy(host).call(self._attempt, host, request, *args, **kwargs)
+        except FailedResponse as failure:
+
+            def error(response: requests.Response) -> requests.HTTPError:
+                return requests.HTTPError(
+                    f"{method} {request.url} answered {response.status_code} "
+                    "(buttress: no attempt left)",
+                    response=response,
+                    request=request,
+                )
+
+            return edge.unwrap(failure, error)  # type: ignore[no-any-return]
+        finally:
+            _context.repeatable.reset(token)
+
+    def _attempt(
+        self, host: str, request: requests.PreparedRequest, *args: Any, **kwargs: Any
+    ) -> requests.Response:
+        edge = self.edge
+        method = request.method or "GET"
+        left = deadline_ms()
+        if left is not None:
+            if edge.deadline_header is not None:
+                request.headers[edge.deadline_header] = str(left)
+            kwargs["timeout"] = _within(kwargs.get("timeout"), left / 1000)
+        if edge.idempotency_key and "Idempotency-Key" not in request.headers:
+            key = _context.idempotency_key()
+            if key is not None and not repeatable(method, request.headers):
+                request.headers["Idempotency-Key"] = key
+        with edge.attempt_span(method, host) as span:
+            try:
+                response = super().send(request, *args, **kwargs)
+            except Exception as exc:
+                note_error(span, exc)
+                raise
+            status = response.status_code
+            failed = transient_status(status, response.headers)
+            note_outcome(span, status, failed)
+            if not failed:
+                return response
+            _ = response.content  # read now: the connection goes back to the pool
+            raise edge.failed(response, status, method, response.headers)
