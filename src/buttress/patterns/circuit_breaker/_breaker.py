@@ -1245,6 +1245,10 @@ class CircuitBreaker(CompatBreaker):
         self._seen_generation = decision.generation
         self._adopted_at = max(asked, self._adopted_at)
         now = _clock.monotonic()
+        if decision.state == OPEN and decision.retry_after is not None:
+            # Redis chose the open time (its streak, a Retry-After): this copy's is all of it.
+            self._m.streak = 0
+            self._m.hold = decision.age + decision.retry_after
         self._adopt(decision.state, reason, now, now - decision.age)
 
     # --- the storage seam: the only methods that read or write self._store ------------------------
