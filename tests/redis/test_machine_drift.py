@@ -10,8 +10,9 @@ made (if any), the counters and the time left open, which grows on repeated trip
 Redis's clock cannot be moved, so the script runs with one change: ``now`` is read from a key the
 test sets instead of from ``TIME`` (the test checks that those are the script's lines, so the rest
 is the script as shipped). Time moves in whole seconds, where the script's milliseconds and the
-machine's float seconds compare exactly (and so do open times grown by a factor of 1.5 or 2). Trial leases and key TTLs are longer than any sequence, so
-nothing expires (the local machine has no leases: its own trials always report back).
+machine's float seconds compare exactly (and so do open times grown by a factor of 1.5 or 2).
+Trial leases and key TTLs are longer than any sequence, so nothing expires (the local machine has
+no leases: its own trials always report back).
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ def test_the_machine_and_the_script_decide_alike(
             # A record's reply carries the open time it chose: both must agree on it too.
             assert python(ours) == theirs, where
             continue
-        elif kind == "force":
+        if kind == "force":
             _, state, always = operation
             ours = machine.force(state, float(now), always=always)
             theirs, _ = lua.run("set", arg12=state, arg13="force" if always else "")
