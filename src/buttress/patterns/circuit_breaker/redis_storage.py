@@ -354,7 +354,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
                 ttl, lease = self.idle_ttl, 0.0
             else:
                 lease = self._lease_seconds(limits)
-                ttl = max(self.idle_ttl, 2 * limits.reset_timeout + lease)
+                ttl = max(self.idle_ttl, 2 * protocol.longest_open(limits) + lease)
             head = protocol.prefix(self._keys, op, ttl, limits, lease)
             if len(self._prefixes) > 64:  # limits change rarely; never grow without bound
                 self._prefixes.clear()
@@ -385,6 +385,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         orphans = self._take_orphans()
         lease = f"{self._lease_prefix}:{next(self._lease_ids)}".encode()
         request = protocol.admit_request(self._prefix(b"admit", limits), cleared, lease, orphans)
+        request += protocol.tail(limits)
         # With no reply, Redis may have granted this lease: it joins the orphans.
         return request, (cleared, (*orphans, lease))
 
@@ -405,6 +406,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         orphans = self._take_orphans()
         head = self._prefix(b"record", limits)
         request = protocol.record_request(head, cleared, ticket, outcome, orphans)
+        request += protocol.tail(limits)
         # With no reply, the trial's lease may still be held: it joins the orphans.
         lease = ticket.lease.encode()
         return request, (cleared, (*orphans, lease) if lease else orphans)
@@ -413,6 +415,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         cleared = self._take_cleared()
         orphans = self._take_orphans()
         request = protocol.observe_request(self._prefix(b"observe", None), cleared, orphans)
+        request += protocol.tail(None)
         return request, (cleared, orphans)
 
     def _set_request(
@@ -421,6 +424,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         head = self._prefix(b"set", limits)
         orphans = self._take_orphans()
         request = protocol.set_request(head, state, expected, always=always, orphans=orphans)
+        request += protocol.tail(limits)
         return request, (None, orphans)
 
     def _note_cleared(self, generation: int, seq: int) -> None:
