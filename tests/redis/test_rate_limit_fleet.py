@@ -14,11 +14,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import pydantic
 import pytest
 
 from buttress import config, events, registry, with_rate_limit, with_timeout
-from buttress.exceptions import RateLimitedError
+from buttress.exceptions import ConfigurationError, RateLimitedError
 from buttress.patterns.rate_limit import RateLimiter, RateLimitOptions, RateLimitStrategy
 from buttress.testing import capture_events
 
@@ -163,11 +162,18 @@ def test_shadow_mode_reports_a_fleet_refusal_and_lets_the_call_run(
     assert [e.action for e in got] == ["reject"]
 
 
-def test_a_state_url_that_is_not_a_redis_url_is_refused_at_load() -> None:
-    with pytest.raises(pydantic.ValidationError, match="redis://, rediss:// or unix://"):
-        RateLimitOptions(rate=1, state_url="http://example")
-    with pytest.raises(pydantic.ValidationError):
-        RateLimitOptions(rate=1, expected_pods=0)
+def test_the_fleet_settings_are_checked_when_settings_load() -> None:
+    secret = "hunter2-typed-in-the-wrong-place"
+    with pytest.raises(ConfigurationError) as info:
+        config.load_settings(env={"BUTTRESS_SERVICES__PAY__RATE_LIMIT__STATE_URL": secret})
+    message = str(info.value)
+    assert "services.pay.rate_limit.state_url" in message
+    assert "must be a redis://, rediss:// or unix:// URL" in message
+    assert secret not in message
+    with pytest.raises(ConfigurationError, match=r"services\.pay\.rate_limit\.expected_pods"):
+        config.load_settings(env={"BUTTRESS_SERVICES__PAY__RATE_LIMIT__EXPECTED_PODS": "0"})
+    with pytest.raises(ConfigurationError, match="state_url: must be a redis://"):
+        with_rate_limit("pay", rate=1, state_url="http://example")  # at decoration time
 
 
 # --- the fleet ------------------------------------------------------------------------------------

@@ -415,6 +415,13 @@ CATALOG: tuple[Family, ...] = (
         RateLimitAcquired,
     ),
     _counter(
+        "buttress_rate_limit_store_errors_total",
+        "Fleet rate limit: requests Redis did not answer; the process took its local fair share "
+        "of the rate until Redis answered again.",
+        ("service", "error_type"),
+        StateStoreError,
+    ),
+    _counter(
         "buttress_rate_limit_waits_total",
         "Calls that waited for a token.",
         S,
