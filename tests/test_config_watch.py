@@ -102,7 +102,7 @@ def test_an_edit_in_place_and_a_file_gone_for_a_moment(configmap: ConfigMap) -> 
 
 def test_the_interval_is_bounded_and_a_file_must_be_named(configmap: ConfigMap) -> None:
     for interval in (0.01, 301.0):
-        with pytest.raises(ConfigurationError, match="between 0.1 and 300 seconds"):
+        with pytest.raises(ConfigurationError, match=r"between 0\.1 and 300 seconds"):
             config.watch_settings(interval, env=configmap.env)
     with pytest.raises(ConfigurationError, match="BUTTRESS_CONFIG_FILE names no config file"):
         config.watch_settings(env={})
