@@ -113,7 +113,7 @@ def test_health_lists_the_rate_limiters(mode: Any, clock: Any) -> None:
     }
 
 
-# --- the stream ------------------------------------------------------------------------------------
+# --- the stream -------------------------------------------------------------------------------
 
 
 def frames(chunks: list[bytes]) -> list[dict[str, Any]]:
