@@ -189,7 +189,8 @@ def _worker(url: str, allowed: Any, is_async: bool, start_at: float) -> None:
     async def aupstream() -> None:
         upstream()
 
-    policy = with_rate_limit(SERVICE, rate=RATE, burst=BURST, state_url=url)
+    # The fair share a worker would take if a loaded machine made a Redis reply late.
+    policy = with_rate_limit(SERVICE, rate=RATE, burst=BURST, state_url=url, expected_pods=4)
     while time.time() < start_at:
         time.sleep(0.001)
     end = start_at + SECONDS
@@ -228,4 +229,4 @@ def test_four_processes_see_at_most_rate_times_t_plus_burst(redis_server: Any) -
         assert worker.exitcode == 0
     # Redis's clock decides: over the run the fleet got at most rate x t + burst, and, since
     # four processes kept asking, close to it.
-    assert RATE * SECONDS * 0.7 <= allowed.value <= RATE * SECONDS + BURST
+    assert RATE * SECONDS * 0.5 <= allowed.value <= RATE * SECONDS + BURST
