@@ -297,9 +297,22 @@ def with_rate_limit(
     rate: float | None = None,
     burst: int | None = None,
     max_wait: float | None = None,
+    state_url: str | None = None,
+    expected_pods: int | None = None,
 ) -> Policy:
-    """Pace calls with a token bucket: ``rate`` per second, bursts of ``burst``."""
-    return _one("rate_limit", name, _given(rate=rate, burst=burst, max_wait=max_wait))
+    """Pace calls with a token bucket: ``rate`` per second, bursts of ``burst``.
+
+    With ``state_url`` (a Redis URL) the rate and burst are the whole fleet's; while Redis is
+    unreachable each process takes its fair share (``expected_pods``, or the pods Redis counted).
+    """
+    given = _given(
+        rate=rate,
+        burst=burst,
+        max_wait=max_wait,
+        state_url=state_url,
+        expected_pods=expected_pods,
+    )
+    return _one("rate_limit", name, given)
 
 
 def with_fallback(

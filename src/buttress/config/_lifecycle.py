@@ -22,7 +22,7 @@ from typing import Any
 
 from buttress import config as package
 from buttress import events
-from buttress.config._models import KILL_SWITCH_VARIABLES, Settings
+from buttress.config._models import CONFIG_FILE_VARIABLE, KILL_SWITCH_VARIABLES, Settings
 from buttress.config._sources import load_settings, locate_file, read_file, truth
 from buttress.config._view import Snapshot
 from buttress.exceptions import ConfigurationError
@@ -153,3 +153,106 @@ def _off(source: str) -> Settings:
     settings = Settings(enabled=False)
     settings._sources = {("enabled",): source}
     return settings
+
+
+# --- watching the config file ---------------------------------------------------------------------
+
+WATCH_INTERVAL_BOUNDS = (0.1, 300.0)  # seconds between two looks at the file
+
+
+class SettingsWatcher:
+    """Reloads the settings when the config file changes; :func:`watch_settings` starts one.
+
+    It polls (one ``stat`` of the file and one ``realpath`` per interval): portable, no new
+    dependency, and it sees what inotify misses on a mounted Kubernetes ConfigMap, where the
+    kubelet swaps the ``..data`` symlink to a new directory and the file named never changes
+    itself. A change is the resolved path, inode, size or modification time differing from the
+    last look. A changed file is validated first, as :func:`reload_settings` does: an invalid
+    one keeps the settings in force, emits ``SettingsReloaded(ok=False)`` and logs why
+    (``buttress.settings.reload_failed``); it is not tried again until it changes again.
+    """
+
+    def __init__(self, interval: float, env: Mapping[str, str] | None) -> None:
+        low, high = WATCH_INTERVAL_BOUNDS
+        if not low <= interval <= high:
+            raise ConfigurationError(
+                f"watch_settings: interval must be between {low:g} and {high:g} seconds, "
+                f"not {interval!r}"
+            )
+        self.interval = interval
+        self._env = env
+        file_name, _ = locate_file(os.environ if env is None else env, None)
+        if file_name is None:
+            raise ConfigurationError(
+                f"watch_settings: {CONFIG_FILE_VARIABLE} names no config file to watch"
+            )
+        self.path = file_name
+        self._seen = self._signature()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _signature(self) -> tuple[str, int, int, int, int] | None:
+        try:
+            real = os.path.realpath(self.path)
+            stat = os.stat(real)
+        except OSError:
+            return None  # gone for now (mid-swap, or unmounted): a change when it comes back
+        return real, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+    def check(self) -> bool:
+        """Look at the file once; reload if it changed. Whether new settings took effect."""
+        seen = self._signature()
+        if seen == self._seen or seen is None:
+            return False
+        self._seen = seen
+        try:
+            reload_settings(env=self._env)
+        except ConfigurationError as exc:  # reported by the event too; the old settings stay
+            _log.warning(
+                "buttress.settings.reload_failed: %s changed but is invalid; the settings in "
+                "force stay:\n%s",
+                self.path,
+                exc,
+            )
+            return False
+        _log.info("buttress.settings.reloaded: %s changed", self.path)
+        return True
+
+    def start(self) -> SettingsWatcher:
+        """Poll on a daemon thread until :meth:`stop`."""
+        self._thread = threading.Thread(target=self._run, name="buttress-settings", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        # A real-time wait: the file's changes happen in real time, whatever clock calls use.
+        while not self._stop.wait(self.interval):
+            try:
+                self.check()
+            except Exception:  # noqa: BLE001 - a watcher dying silently is worse than a log line
+                _log.exception("buttress.settings.watch_failed")
+
+    def stop(self) -> None:
+        """Stop polling (and wait for the thread to end)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def watch_settings(
+    interval: float = 5.0, *, env: Mapping[str, str] | None = None
+) -> SettingsWatcher:
+    """Reload the settings whenever the file named by ``BUTTRESS_CONFIG_FILE`` changes.
+
+    Starts a daemon thread polling the file every ``interval`` seconds (0.1 to 300); call it once
+    per process, after any fork (a forked worker does not inherit the thread). Nothing starts on
+    its own: a library must not run threads its application did not ask for.
+
+    Args:
+        interval: seconds between two looks at the file.
+        env: the environment to read settings from (default ``os.environ``).
+
+    Raises:
+        ConfigurationError: the interval is out of bounds, or no config file is named.
+    """
+    return SettingsWatcher(interval, env).start()

@@ -479,6 +479,9 @@ class PrometheusSubscriber:
         self._inc["buttress_shadow_decisions_total"][event.service, event.pattern, event.action]()
 
     def _on_state_store(self, event: StateStoreError) -> None:
+        if event.operation == "rate_limit":  # the fleet rate limit's store, not a circuit's
+            self._inc["buttress_rate_limit_store_errors_total"][event.service, event.error_type]()
+            return
         self._inc["buttress_circuit_breaker_state_store_errors_total"][
             event.service, event.operation, event.error_type
         ]()
