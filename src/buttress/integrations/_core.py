@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any, Literal, TypedDict
 
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, TracerProvider
@@ -21,6 +23,7 @@ from opentelemetry.trace import Span, SpanKind, TracerProvider
 from buttress import _clock, _context, registry
 from buttress.decorators import CANONICAL_ORDER
 from buttress.patterns._transient import (
+    GRPC_TRANSIENT,
     IDEMPOTENT_METHODS,
     FailedResponse,
     server_delay,
@@ -33,6 +36,8 @@ __all__ = [
     "DEFAULT_MAX_HOSTS",
     "OVERFLOW_HOST",
     "Edge",
+    "EdgeOptions",
+    "Exchange",
     "OnExhausted",
     "deadline_ms",
     "note_error",
@@ -54,6 +59,18 @@ OVERFLOW_HOST = "*"
 _PER_HOST = frozenset({"circuit_breaker", "bulkhead"})
 
 OnExhausted = Literal["return", "raise"]
+
+
+class EdgeOptions(TypedDict, total=False):
+    """The keyword arguments every HTTP integration takes (see :class:`Edge`)."""
+
+    per_host: bool
+    max_hosts: int
+    on_exhausted: OnExhausted
+    deadline_header: str | None
+    idempotency_key: bool
+    tracer_provider: TracerProvider | None
+
 
 _tracer_scope = "buttress.integrations"
 
@@ -167,6 +184,16 @@ class Edge:
                     self._hosts[host] = policy
         return policy
 
+    def exchange(
+        self,
+        method: str,
+        host: str | None,
+        repeatable: bool,
+        error: Callable[[Any], BaseException] | None = None,
+    ) -> Exchange:
+        """The decisions of one request to ``host`` (see :class:`Exchange`)."""
+        return Exchange(self, method, host, self.idempotency_key or repeatable, error)
+
     def failed(
         self, response: Any, status: int | str, method: str, headers: Mapping[str, str] | None
     ) -> FailedResponse:
@@ -218,3 +245,94 @@ def note_error(span: Span, exc: BaseException) -> None:
     if span.is_recording():
         span.set_attribute("error.type", type(exc).__name__)
         span.set_status(trace.StatusCode.ERROR)
+
+
+class Exchange:
+    """The decisions of one request, sans-IO: the client adapter does only the sending between.
+
+    Used as ``with edge.exchange(...) as ex: ex.answer = ex.policy.call(attempt, ex, ...)``,
+    then ``return ex.answer``. Entering marks the request repeatable (or not) for retry;
+    leaving turns a transient response that escaped the policy into the caller's answer
+    (:meth:`Edge.unwrap`, with ``error`` building the client's own error for
+    ``on_exhausted="raise"``). Inside each attempt the adapter asks :meth:`outbound` what to
+    send, sends, and asks :meth:`transient` whether the answer is a failure.
+    """
+
+    __slots__ = ("_token", "answer", "edge", "error", "host", "method", "policy")
+
+    def __init__(
+        self,
+        edge: Edge,
+        method: str,
+        host: str | None,
+        repeatable: bool,
+        error: Callable[[Any], BaseException] | None,
+    ) -> None:
+        self.edge = edge
+        self.method = method
+        self.host = host
+        self.error = error
+        self.policy = edge.policy(host)
+        self.answer: Any = None
+        self._token = _context.repeatable.set(repeatable)
+
+    def __enter__(self) -> Exchange:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        _context.repeatable.reset(self._token)
+        if not isinstance(exc, FailedResponse):
+            return False
+        if self.edge.on_exhausted == "return" or self.error is None:
+            self.answer = exc.response
+            return True
+        raise self.error(exc.response) from None
+
+    def outbound(self, headers: MutableMapping[str, str]) -> float | None:
+        """Per attempt: put the time left and the idempotency key in ``headers``.
+
+        Returns the seconds left before the deadline (``None``: no deadline), which the
+        adapter gives its client as I/O timeouts.
+        """
+        edge = self.edge
+        left = deadline_ms()
+        if left is not None and edge.deadline_header is not None:
+            headers[edge.deadline_header] = str(left)
+        if edge.idempotency_key and "Idempotency-Key" not in headers:
+            key = _context.idempotency_key()
+            if key is not None and not repeatable(self.method, headers):
+                headers["Idempotency-Key"] = key
+        return None if left is None else left / 1000
+
+    @contextmanager
+    def attempt(self) -> Iterator[Span]:
+        """The span of one attempt; an error the client raised is put on it."""
+        with self.edge.attempt_span(self.method, self.host) as span:
+            try:
+                yield span
+            except FailedResponse:
+                raise
+            except Exception as exc:
+                note_error(span, exc)
+                raise
+
+    def transient(self, span: Span, status: int | str, headers: Mapping[str, str]) -> bool:
+        """Whether an answer is a failure (an HTTP status, or a gRPC code's name); on the span."""
+        failed = (
+            transient_status(status, headers)
+            if isinstance(status, int)
+            else status in GRPC_TRANSIENT
+        )
+        note_outcome(span, status, failed)
+        return failed
+
+    def failure(
+        self, response: Any, status: int | str, headers: Mapping[str, str] | None
+    ) -> FailedResponse:
+        """The failure that carries a transient ``response`` through the policy."""
+        return self.edge.failed(response, status, self.method, headers)

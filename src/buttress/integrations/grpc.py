@@ -19,8 +19,7 @@ import grpc.aio
 from opentelemetry.trace import TracerProvider
 
 from buttress import _context
-from buttress.integrations._core import Edge, note_error, note_outcome
-from buttress.patterns._transient import GRPC_TRANSIENT, FailedResponse
+from buttress.integrations._core import Edge, Exchange
 
 __all__ = ["AsyncResilientInterceptor", "ResilientInterceptor"]
 
@@ -77,12 +76,13 @@ class _Shared:
         self.edge = Edge(service, deadline_header=None, tracer_provider=tracer_provider)
         self.idempotent = idempotent
 
-    def repeatable(self, method: str, metadata: Any) -> bool:
+    def exchange(self, details: Any) -> Exchange:
         # A gRPC method says nothing about its effects: repeatable when the caller says so
         # (for every method, or per method name) or the call carries an idempotency key.
+        method = _method(details)
         idempotent = self.idempotent
         told = idempotent(method) if callable(idempotent) else idempotent
-        return told or _has_key(metadata)
+        return self.edge.exchange(method, None, told or _has_key(details.metadata))
 
 
 class ResilientInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
@@ -109,20 +109,13 @@ class ResilientInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[mi
     def intercept_unary_unary(
         self, continuation: Any, client_call_details: Any, request: Any
     ) -> Any:
-        shared = self._shared
-        method = _method(client_call_details)
-        token = _context.repeatable.set(shared.repeatable(method, client_call_details.metadata))
-        try:
-            return shared.edge.policy(None).call(
-                self._attempt, continuation, client_call_details, request, method
+        with self._shared.exchange(client_call_details) as ex:
+            ex.answer = ex.policy.call(
+                self._attempt, ex, continuation, client_call_details, request
             )
-        except FailedResponse as failure:
-            return failure.response
-        finally:
-            _context.repeatable.reset(token)
+        return ex.answer
 
-    def _attempt(self, continuation: Any, details: Any, request: Any, method: str) -> Any:
-        edge = self._shared.edge
+    def _attempt(self, ex: Exchange, continuation: Any, details: Any, request: Any) -> Any:
         details = _Details(
             details.method,
             _timeout(details.timeout),
@@ -131,19 +124,12 @@ class ResilientInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[mi
             getattr(details, "wait_for_ready", None),
             getattr(details, "compression", None),
         )
-        with edge.attempt_span(method, None) as span:
-            try:
-                outcome = continuation(details, request)
-                code = outcome.code().name
-            except Exception as exc:
-                note_error(span, exc)
-                raise
-            failed = code in GRPC_TRANSIENT
-            note_outcome(span, code, failed)
-            if not failed:
+        with ex.attempt() as span:
+            outcome = continuation(details, request)
+            code = outcome.code().name
+            if not ex.transient(span, code, {}):
                 return outcome
-            trailing = _pairs(outcome.trailing_metadata())
-            raise edge.failed(outcome, code, method, trailing)
+            raise ex.failure(outcome, code, _pairs(outcome.trailing_metadata()))
 
 
 class AsyncResilientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
@@ -161,31 +147,17 @@ class AsyncResilientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: 
     async def intercept_unary_unary(
         self, continuation: Any, client_call_details: Any, request: Any
     ) -> Any:
-        shared = self._shared
-        method = _method(client_call_details)
-        token = _context.repeatable.set(shared.repeatable(method, client_call_details.metadata))
-        try:
-            return await shared.edge.policy(None).acall(
-                self._attempt, continuation, client_call_details, request, method
+        with self._shared.exchange(client_call_details) as ex:
+            ex.answer = await ex.policy.acall(
+                self._attempt, ex, continuation, client_call_details, request
             )
-        except FailedResponse as failure:
-            return failure.response
-        finally:
-            _context.repeatable.reset(token)
+        return ex.answer
 
-    async def _attempt(self, continuation: Any, details: Any, request: Any, method: str) -> Any:
-        edge = self._shared.edge
+    async def _attempt(self, ex: Exchange, continuation: Any, details: Any, request: Any) -> Any:
         details = details._replace(timeout=_timeout(details.timeout))
-        with edge.attempt_span(method, None) as span:
-            try:
-                call = await continuation(details, request)
-                code = (await call.code()).name
-            except Exception as exc:
-                note_error(span, exc)
-                raise
-            failed = code in GRPC_TRANSIENT
-            note_outcome(span, code, failed)
-            if not failed:
+        with ex.attempt() as span:
+            call = await continuation(details, request)
+            code = (await call.code()).name
+            if not ex.transient(span, code, {}):
                 return call
-            trailing = _pairs(await call.trailing_metadata())
-            raise edge.failed(call, code, method, trailing)
+            raise ex.failure(call, code, _pairs(await call.trailing_metadata()))

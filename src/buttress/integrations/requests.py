@@ -14,19 +14,14 @@ import requests
 from opentelemetry.trace import TracerProvider
 from requests.adapters import HTTPAdapter
 
-from buttress import _context
 from buttress.integrations._core import (
     DEFAULT_DEADLINE_HEADER,
     DEFAULT_MAX_HOSTS,
     Edge,
+    Exchange,
     OnExhausted,
-    deadline_ms,
-    note_error,
-    note_outcome,
     repeatable,
-    transient_status,
 )
-from buttress.patterns._transient import FailedResponse
 
 __all__ = ["ResilientAdapter"]
 
@@ -77,52 +72,32 @@ class ResilientAdapter(HTTPAdapter):
     def send(
         self, request: requests.PreparedRequest, *args: Any, **kwargs: Any
     ) -> requests.Response:
-        edge = self.edge
-        split = urlsplit(request.url or "")
-        host = split.netloc.rpartition("@")[2]
         method = request.method or "GET"
+        host = urlsplit(request.url or "").netloc.rpartition("@")[2]
+
+        def error(response: requests.Response) -> requests.HTTPError:
+            return requests.HTTPError(
+                f"{method} {request.url} answered {response.status_code} "
+                "(buttress: no attempt left)",
+                response=response,
+                request=request,
+            )
+
         headers: Mapping[str, str] = request.headers
-        token = _context.repeatable.set(edge.idempotency_key or repeatable(method, headers))
-        try:
-            return edge.policy(host).call(self._attempt, host, request, *args, **kwargs)
-        except FailedResponse as failure:
-
-            def error(response: requests.Response) -> requests.HTTPError:
-                return requests.HTTPError(
-                    f"{method} {request.url} answered {response.status_code} "
-                    "(buttress: no attempt left)",
-                    response=response,
-                    request=request,
-                )
-
-            return edge.unwrap(failure, error)  # type: ignore[no-any-return]
-        finally:
-            _context.repeatable.reset(token)
+        with self.edge.exchange(method, host, repeatable(method, headers), error) as ex:
+            ex.answer = ex.policy.call(self._attempt, ex, request, *args, **kwargs)
+        return ex.answer  # type: ignore[no-any-return]
 
     def _attempt(
-        self, host: str, request: requests.PreparedRequest, *args: Any, **kwargs: Any
+        self, ex: Exchange, request: requests.PreparedRequest, *args: Any, **kwargs: Any
     ) -> requests.Response:
-        edge = self.edge
-        method = request.method or "GET"
-        left = deadline_ms()
-        if left is not None:
-            if edge.deadline_header is not None:
-                request.headers[edge.deadline_header] = str(left)
-            kwargs["timeout"] = _within(kwargs.get("timeout"), left / 1000)
-        if edge.idempotency_key and "Idempotency-Key" not in request.headers:
-            key = _context.idempotency_key()
-            if key is not None and not repeatable(method, request.headers):
-                request.headers["Idempotency-Key"] = key
-        with edge.attempt_span(method, host) as span:
-            try:
-                response = super().send(request, *args, **kwargs)
-            except Exception as exc:
-                note_error(span, exc)
-                raise
+        seconds = ex.outbound(request.headers)
+        if seconds is not None:
+            kwargs["timeout"] = _within(kwargs.get("timeout"), seconds)
+        with ex.attempt() as span:
+            response = super().send(request, *args, **kwargs)
             status = response.status_code
-            failed = transient_status(status, response.headers)
-            note_outcome(span, status, failed)
-            if not failed:
+            if not ex.transient(span, status, response.headers):
                 return response
             _ = response.content  # read now: the connection goes back to the pool
-            raise edge.failed(response, status, method, response.headers)
+            raise ex.failure(response, status, response.headers)
