@@ -66,11 +66,14 @@ def _has_key(metadata: Sequence[tuple[str, Any]] | None) -> bool:
 
 
 class _Shared:
+    """The one constructor and decisions of both interceptors (they differ only in sending)."""
+
     def __init__(
         self,
         service: str,
-        idempotent: Idempotent,
-        tracer_provider: TracerProvider | None,
+        *,
+        idempotent: Idempotent = False,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         # gRPC carries the deadline itself (grpc-timeout): no header of ours.
         self.edge = Edge(service, deadline_header=None, tracer_provider=tracer_provider)
@@ -85,7 +88,7 @@ class _Shared:
         return self.edge.exchange(method, None, told or _has_key(details.metadata))
 
 
-class ResilientInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class ResilientInterceptor(_Shared, grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
     """Runs ``service``'s policy around each attempt of a unary-unary call (sync ``grpc``).
 
     Args:
@@ -97,19 +100,10 @@ class ResilientInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[mi
         tracer_provider: where the span of each attempt goes (default: the global provider).
     """
 
-    def __init__(
-        self,
-        service: str,
-        *,
-        idempotent: Idempotent = False,
-        tracer_provider: TracerProvider | None = None,
-    ) -> None:
-        self._shared = _Shared(service, idempotent, tracer_provider)
-
     def intercept_unary_unary(
         self, continuation: Any, client_call_details: Any, request: Any
     ) -> Any:
-        with self._shared.exchange(client_call_details) as ex:
+        with self.exchange(client_call_details) as ex:
             ex.answer = ex.policy.call(
                 self._attempt, ex, continuation, client_call_details, request
             )
@@ -132,22 +126,13 @@ class ResilientInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[mi
             raise ex.failure(outcome, code, _pairs(outcome.trailing_metadata()))
 
 
-class AsyncResilientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class AsyncResilientInterceptor(_Shared, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
     """The ``grpc.aio`` twin of :class:`ResilientInterceptor` (same arguments)."""
-
-    def __init__(
-        self,
-        service: str,
-        *,
-        idempotent: Idempotent = False,
-        tracer_provider: TracerProvider | None = None,
-    ) -> None:
-        self._shared = _Shared(service, idempotent, tracer_provider)
 
     async def intercept_unary_unary(
         self, continuation: Any, client_call_details: Any, request: Any
     ) -> Any:
-        with self._shared.exchange(client_call_details) as ex:
+        with self.exchange(client_call_details) as ex:
             ex.answer = await ex.policy.acall(
                 self._attempt, ex, continuation, client_call_details, request
             )

@@ -76,7 +76,7 @@ class ResilientTransport(httpx.BaseTransport):
         **options: Unpack[EdgeOptions],
     ) -> None:
         self.edge = Edge(service, **options)
-        self.transport = transport if transport is not None else httpx.HTTPTransport()
+        self.transport = transport or httpx.HTTPTransport()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         with _exchange(self.edge, request) as ex:
@@ -112,8 +112,10 @@ class AsyncResilientTransport(httpx.AsyncBaseTransport):
         transport: httpx.AsyncBaseTransport | None = None,
         **options: Unpack[EdgeOptions],
     ) -> None:
-        self.edge = Edge(service, **options)
-        self.transport = transport if transport is not None else httpx.AsyncHTTPTransport()
+        self.edge, self.transport = (
+            Edge(service, **options),
+            transport or httpx.AsyncHTTPTransport(),
+        )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         with _exchange(self.edge, request) as ex:

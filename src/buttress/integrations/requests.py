@@ -7,21 +7,13 @@ policy from settings around each attempt the adapter sends. See ``docs/integrati
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Unpack
 from urllib.parse import urlsplit
 
 import requests
-from opentelemetry.trace import TracerProvider
-from requests.adapters import HTTPAdapter
+from requests.adapters import DEFAULT_POOLBLOCK, DEFAULT_POOLSIZE, HTTPAdapter
 
-from buttress.integrations._core import (
-    DEFAULT_DEADLINE_HEADER,
-    DEFAULT_MAX_HOSTS,
-    Edge,
-    Exchange,
-    OnExhausted,
-    repeatable,
-)
+from buttress.integrations._core import Edge, EdgeOptions, Exchange, repeatable
 
 __all__ = ["ResilientAdapter"]
 
@@ -41,7 +33,8 @@ class ResilientAdapter(HTTPAdapter):
     """An ``HTTPAdapter`` that runs ``service``'s policy around each attempt it sends.
 
     Takes the arguments of :class:`buttress.integrations.httpx.ResilientTransport` (but no
-    inner transport), plus ``HTTPAdapter``'s own keyword arguments (``pool_maxsize``...).
+    inner transport), plus ``HTTPAdapter``'s pool arguments (``pool_connections``,
+    ``pool_maxsize``, ``pool_block``).
     ``on_exhausted="raise"`` raises ``requests.HTTPError`` for the last transient response.
     urllib3's own retries stay off (``max_retries=0``), so one layer retries.
     """
@@ -50,24 +43,15 @@ class ResilientAdapter(HTTPAdapter):
         self,
         service: str,
         *,
-        per_host: bool = False,
-        max_hosts: int = DEFAULT_MAX_HOSTS,
-        on_exhausted: OnExhausted = "return",
-        deadline_header: str | None = DEFAULT_DEADLINE_HEADER,
-        idempotency_key: bool = False,
-        tracer_provider: TracerProvider | None = None,
-        **adapter_args: Any,
+        pool_connections: int = DEFAULT_POOLSIZE,
+        pool_maxsize: int = DEFAULT_POOLSIZE,
+        pool_block: bool = DEFAULT_POOLBLOCK,
+        **options: Unpack[EdgeOptions],
     ) -> None:
-        self.edge = Edge(
-            service,
-            per_host=per_host,
-            max_hosts=max_hosts,
-            on_exhausted=on_exhausted,
-            deadline_header=deadline_header,
-            idempotency_key=idempotency_key,
-            tracer_provider=tracer_provider,
+        self.edge = Edge(service, **options)
+        super().__init__(
+            pool_connections=pool_connections, pool_maxsize=pool_maxsize, pool_block=pool_block
         )
-        super().__init__(**adapter_args)
 
     def send(
         self, request: requests.PreparedRequest, *args: Any, **kwargs: Any
