@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, MutableMapping
 from types import TracebackType
 from typing import Any, Literal, TypedDict
 
 from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind, TracerProvider
+from opentelemetry.trace import INVALID_SPAN, ProxyTracerProvider, Span, SpanKind, TracerProvider
 
 from buttress import _clock, _context, registry
 from buttress.decorators import CANONICAL_ORDER
@@ -39,7 +38,6 @@ __all__ = [
     "EdgeOptions",
     "Exchange",
     "OnExhausted",
-    "deadline_ms",
     "note_error",
     "note_outcome",
     "repeatable",
@@ -96,12 +94,6 @@ def transient_status(status: int, headers: Mapping[str, str]) -> bool:
     return status >= 400 and should_retry(headers) is True
 
 
-def deadline_ms() -> int | None:
-    """The time left before the current deadline, in whole milliseconds (rounded down)."""
-    left = _context.remaining()
-    return None if left is None else math.floor(left * 1000)
-
-
 class Edge:
     """The policies and options of one integration object.
 
@@ -123,6 +115,7 @@ class Edge:
     def __init__(
         self,
         service: str,
+        attempt: Callable[..., Any],
         *,
         per_host: bool = False,
         max_hosts: int = DEFAULT_MAX_HOSTS,
@@ -146,12 +139,16 @@ class Edge:
         self.deadline_header = deadline_header
         self.idempotency_key = idempotency_key
         self.tracer = trace.get_tracer(_tracer_scope, tracer_provider=tracer_provider)
-        self._policy = self._build(None)
-        self._hosts: dict[str, Policy] = {}
+        self.traced = tracer_provider is not None
+        self._attempt = attempt
+        self._runner = self._build(None)
+        self._hosts: dict[str, Callable[..., Any]] = {}
         self._lock = threading.Lock()
 
-    def _build(self, host: str | None) -> Policy:
-        return Policy(
+    def _build(self, host: str | None) -> Callable[..., Any]:
+        # The adapter's attempt function decorated once (per host): a request runs the
+        # compiled stack directly, with none of Policy.call's per-call checks.
+        policy = Policy(
             *(
                 Spec(
                     pattern,
@@ -162,27 +159,28 @@ class Edge:
                 for pattern in CANONICAL_ORDER
             )
         )
+        return policy(self._attempt)
 
-    def policy(self, host: str | None) -> Policy:
-        """The policy for a request to ``host``: the service's, or the host's with ``per_host``."""
+    def runner(self, host: str | None) -> Callable[..., Any]:
+        """The attempt under the policy for ``host``: the service's, or the host's."""
         if not self.per_host or not host:
-            return self._policy
+            return self._runner
         host = host.lower()
-        policy = self._hosts.get(host)
-        if policy is not None:
-            return policy
+        runner = self._hosts.get(host)
+        if runner is not None:
+            return runner
         with self._lock:
-            policy = self._hosts.get(host)
-            if policy is None:
+            runner = self._hosts.get(host)
+            if runner is None:
                 if len(self._hosts) >= self.max_hosts:
                     # Past the bound every new host shares one instance, so the number of
                     # breakers, bulkheads and metric series stays bounded.
-                    policy = self._hosts.get(OVERFLOW_HOST) or self._build(OVERFLOW_HOST)
-                    self._hosts.setdefault(OVERFLOW_HOST, policy)
+                    runner = self._hosts.get(OVERFLOW_HOST) or self._build(OVERFLOW_HOST)
+                    self._hosts.setdefault(OVERFLOW_HOST, runner)
                 else:
-                    policy = self._build(host)
-                    self._hosts[host] = policy
-        return policy
+                    runner = self._build(host)
+                    self._hosts[host] = runner
+        return runner
 
     def exchange(
         self,
@@ -205,17 +203,15 @@ class Edge:
             delay = server_delay(headers, _clock.wall())
         return FailedResponse(response, status, method=method, retryable=retryable, delay=delay)
 
-    def unwrap(self, failure: FailedResponse, raise_error: Callable[[Any], BaseException]) -> Any:
-        """The answer to the caller once ``failure`` escaped the policy.
-
-        The last response, or, with ``on_exhausted="raise"``, the client's own error for it.
-        """
-        if self.on_exhausted == "return":
-            return failure.response
-        raise raise_error(failure.response)
-
     def attempt_span(self, name: str, host: str | None) -> Any:
-        """A span for one attempt (a child of the caller's current span)."""
+        """A span for one attempt (a child of the caller's current span), or ``None``.
+
+        ``None`` when nothing could record it: no provider given and no global one set (what
+        ``trace.get_tracer_provider()`` answers then is the proxy), which saves the no-op
+        tracer's context managers on every attempt.
+        """
+        if not self.traced and isinstance(trace.get_tracer_provider(), ProxyTracerProvider):
+            return None
         attributes: dict[str, Any] = {"buttress.service": self.service}
         resend = _context.attempt() - 1
         if resend:
@@ -250,15 +246,16 @@ def note_error(span: Span, exc: BaseException) -> None:
 class Exchange:
     """The decisions of one request, sans-IO: the client adapter does only the sending between.
 
-    Used as ``with edge.exchange(...) as ex: ex.answer = ex.policy.call(attempt, ex, ...)``,
-    then ``return ex.answer``. Entering marks the request repeatable (or not) for retry;
+    Used as ``with edge.exchange(...) as ex: ex.answer = ex.call(ex, ...)`` (or ``await
+    ex.run(ex, ...)``), then ``return ex.answer``: the edge's attempt function runs under the
+    policy. Entering marks the request repeatable (or not) for retry;
     leaving turns a transient response that escaped the policy into the caller's answer
     (:meth:`Edge.unwrap`, with ``error`` building the client's own error for
     ``on_exhausted="raise"``). Inside each attempt the adapter asks :meth:`outbound` what to
     send, sends, and asks :meth:`transient` whether the answer is a failure.
     """
 
-    __slots__ = ("_token", "answer", "edge", "error", "host", "method", "policy")
+    __slots__ = ("_token", "answer", "edge", "error", "host", "method", "run")
 
     def __init__(
         self,
@@ -272,7 +269,7 @@ class Exchange:
         self.method = method
         self.host = host
         self.error = error
-        self.policy = edge.policy(host)
+        self.run = edge.runner(host)
         self.answer: Any = None
         self._token = _context.repeatable.set(repeatable)
 
@@ -300,26 +297,33 @@ class Exchange:
         adapter gives its client as I/O timeouts.
         """
         edge = self.edge
-        left = deadline_ms()
+        left = _context.remaining()
         if left is not None and edge.deadline_header is not None:
-            headers[edge.deadline_header] = str(left)
+            headers[edge.deadline_header] = str(math.floor(left * 1000))
         if edge.idempotency_key and "Idempotency-Key" not in headers:
             key = _context.idempotency_key()
             if key is not None and not repeatable(self.method, headers):
                 headers["Idempotency-Key"] = key
-        return None if left is None else left / 1000
+        # Not rounded down like the header: a client timeout of exactly the time left fires at
+        # the deadline, not before it, so the timeout tells it from the caller's own timeout.
+        return left
 
-    @contextmanager
-    def attempt(self) -> Iterator[Span]:
-        """The span of one attempt; an error the client raised is put on it."""
-        with self.edge.attempt_span(self.method, self.host) as span:
-            try:
-                yield span
-            except FailedResponse:
-                raise
-            except Exception as exc:
-                note_error(span, exc)
-                raise
+    def call(self, *args: Any, **kwargs: Any) -> Any:
+        """Run a sync client's attempts through the policy, each bounded by its client's timeouts.
+
+        The client's I/O timeouts are set to the time left (:meth:`outbound`), so the policy's
+        timeout sets the deadline and runs the attempt inline rather than on a worker thread.
+        (An async client awaits ``ex.run(...)``: the loop's timer bounds it.)
+        """
+        token = _context.bounds_own_io.set(True)
+        try:
+            return self.run(*args, **kwargs)
+        finally:
+            _context.bounds_own_io.reset(token)
+
+    def attempt(self) -> _Attempt:
+        """The span of one attempt (a context manager); an error the client raised goes on it."""
+        return _Attempt(self.edge.attempt_span(self.method, self.host))
 
     def transient(self, span: Span, status: int | str, headers: Mapping[str, str]) -> bool:
         """Whether an answer is a failure (an HTTP status, or a gRPC code's name); on the span."""
@@ -336,3 +340,31 @@ class Exchange:
     ) -> FailedResponse:
         """The failure that carries a transient ``response`` through the policy."""
         return self.edge.failed(response, status, self.method, headers)
+
+
+class _Attempt:
+    """The span of one attempt around the adapter's sending (a plain class: it is per attempt)."""
+
+    __slots__ = ("_scope", "_span")
+
+    def __init__(self, scope: Any) -> None:
+        self._scope = scope
+        self._span: Span = INVALID_SPAN
+
+    def __enter__(self) -> Span:
+        if self._scope is not None:
+            self._span = self._scope.__enter__()
+        return self._span
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        scope = self._scope
+        if scope is None:
+            return
+        if isinstance(exc, Exception) and not isinstance(exc, FailedResponse):
+            note_error(self._span, exc)
+        scope.__exit__(exc_type, exc, traceback)

@@ -41,7 +41,7 @@ def _error(response: aiohttp.ClientResponse) -> aiohttp.ClientResponseError:
 async def _run(edge: Edge, method: str, url: URL, headers: CIMultiDict[str], send: Send) -> Any:
     """The policy around one request: shared by the session wrapper and the middleware."""
     with edge.exchange(method, _host(url), repeatable(method, headers), _error) as ex:
-        ex.answer = await ex.policy.acall(_attempt, ex, headers, send)
+        ex.answer = await ex.run(ex, headers, send)
     return ex.answer
 
 
@@ -80,7 +80,7 @@ class ResilientSession:
         session: aiohttp.ClientSession | None = None,
         **options: Unpack[EdgeOptions],
     ) -> None:
-        self._edge = Edge(service, **options)
+        self._edge = Edge(service, _attempt, **options)
         self._owned = session is None
         self._session = session
 
@@ -175,7 +175,7 @@ class ResilientMiddleware:
     """
 
     def __init__(self, service: str, **options: Unpack[EdgeOptions]) -> None:
-        self._edge = Edge(service, **options)
+        self._edge = Edge(service, _attempt, **options)
 
     async def __call__(self, request: Any, handler: Any) -> Any:
         async def send(headers: CIMultiDict[str]) -> aiohttp.ClientResponse:

@@ -68,6 +68,8 @@ def _has_key(metadata: Sequence[tuple[str, Any]] | None) -> bool:
 class _Shared:
     """The one constructor and decisions of both interceptors (they differ only in sending)."""
 
+    _attempt: Callable[..., Any]  # each interceptor's one attempt (a static method)
+
     def __init__(
         self,
         service: str,
@@ -76,7 +78,9 @@ class _Shared:
         tracer_provider: TracerProvider | None = None,
     ) -> None:
         # gRPC carries the deadline itself (grpc-timeout): no header of ours.
-        self.edge = Edge(service, deadline_header=None, tracer_provider=tracer_provider)
+        self.edge = Edge(
+            service, self._attempt, deadline_header=None, tracer_provider=tracer_provider
+        )
         self.idempotent = idempotent
 
     def exchange(self, details: Any) -> Exchange:
@@ -104,12 +108,11 @@ class ResilientInterceptor(_Shared, grpc.UnaryUnaryClientInterceptor):  # type: 
         self, continuation: Any, client_call_details: Any, request: Any
     ) -> Any:
         with self.exchange(client_call_details) as ex:
-            ex.answer = ex.policy.call(
-                self._attempt, ex, continuation, client_call_details, request
-            )
+            ex.answer = ex.call(ex, continuation, client_call_details, request)
         return ex.answer
 
-    def _attempt(self, ex: Exchange, continuation: Any, details: Any, request: Any) -> Any:
+    @staticmethod
+    def _attempt(ex: Exchange, continuation: Any, details: Any, request: Any) -> Any:
         details = _Details(
             details.method,
             _timeout(details.timeout),
@@ -133,12 +136,11 @@ class AsyncResilientInterceptor(_Shared, grpc.aio.UnaryUnaryClientInterceptor): 
         self, continuation: Any, client_call_details: Any, request: Any
     ) -> Any:
         with self.exchange(client_call_details) as ex:
-            ex.answer = await ex.policy.acall(
-                self._attempt, ex, continuation, client_call_details, request
-            )
+            ex.answer = await ex.run(ex, continuation, client_call_details, request)
         return ex.answer
 
-    async def _attempt(self, ex: Exchange, continuation: Any, details: Any, request: Any) -> Any:
+    @staticmethod
+    async def _attempt(ex: Exchange, continuation: Any, details: Any, request: Any) -> Any:
         details = details._replace(timeout=_timeout(details.timeout))
         with ex.attempt() as span:
             call = await continuation(details, request)

@@ -54,6 +54,38 @@ def _kept(response: httpx.Response, raw: bytes) -> httpx.Response:
     )
 
 
+def _send(transport: httpx.BaseTransport, ex: Exchange, request: httpx.Request) -> httpx.Response:
+    """One attempt: the only I/O of the sync transport."""
+    _prepare(ex, request)
+    with ex.attempt() as span:
+        response = transport.handle_request(request)
+        status = response.status_code
+        if not ex.transient(span, status, response.headers):
+            return response
+        try:
+            raw = b"".join(response.iter_raw())
+        finally:
+            response.close()
+        raise ex.failure(_kept(response, raw), status, response.headers)
+
+
+async def _asend(
+    transport: httpx.AsyncBaseTransport, ex: Exchange, request: httpx.Request
+) -> httpx.Response:
+    """One attempt: the only I/O of the async transport."""
+    _prepare(ex, request)
+    with ex.attempt() as span:
+        response = await transport.handle_async_request(request)
+        status = response.status_code
+        if not ex.transient(span, status, response.headers):
+            return response
+        try:
+            raw = b"".join([chunk async for chunk in response.aiter_raw()])
+        finally:
+            await response.aclose()
+        raise ex.failure(_kept(response, raw), status, response.headers)
+
+
 class ResilientTransport(httpx.BaseTransport):
     """A transport that runs ``service``'s policy around each attempt of ``transport``.
 
@@ -75,26 +107,13 @@ class ResilientTransport(httpx.BaseTransport):
         transport: httpx.BaseTransport | None = None,
         **options: Unpack[EdgeOptions],
     ) -> None:
-        self.edge = Edge(service, **options)
+        self.edge = Edge(service, _send, **options)
         self.transport = transport or httpx.HTTPTransport()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         with _exchange(self.edge, request) as ex:
-            ex.answer = ex.policy.call(self._attempt, ex, request)
+            ex.answer = ex.call(self.transport, ex, request)
         return ex.answer  # type: ignore[no-any-return]
-
-    def _attempt(self, ex: Exchange, request: httpx.Request) -> httpx.Response:
-        _prepare(ex, request)
-        with ex.attempt() as span:
-            response = self.transport.handle_request(request)
-            status = response.status_code
-            if not ex.transient(span, status, response.headers):
-                return response
-            try:
-                raw = b"".join(response.iter_raw())
-            finally:
-                response.close()
-            raise ex.failure(_kept(response, raw), status, response.headers)
 
     def close(self) -> None:
         self.transport.close()
@@ -112,28 +131,13 @@ class AsyncResilientTransport(httpx.AsyncBaseTransport):
         transport: httpx.AsyncBaseTransport | None = None,
         **options: Unpack[EdgeOptions],
     ) -> None:
-        self.edge, self.transport = (
-            Edge(service, **options),
-            transport or httpx.AsyncHTTPTransport(),
-        )
+        self.edge = Edge(service, _asend, **options)
+        self.transport = transport or httpx.AsyncHTTPTransport()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         with _exchange(self.edge, request) as ex:
-            ex.answer = await ex.policy.acall(self._attempt, ex, request)
+            ex.answer = await ex.run(self.transport, ex, request)
         return ex.answer  # type: ignore[no-any-return]
-
-    async def _attempt(self, ex: Exchange, request: httpx.Request) -> httpx.Response:
-        _prepare(ex, request)
-        with ex.attempt() as span:
-            response = await self.transport.handle_async_request(request)
-            status = response.status_code
-            if not ex.transient(span, status, response.headers):
-                return response
-            try:
-                raw = b"".join([chunk async for chunk in response.aiter_raw()])
-            finally:
-                await response.aclose()
-            raise ex.failure(_kept(response, raw), status, response.headers)
 
     async def aclose(self) -> None:
         await self.transport.aclose()

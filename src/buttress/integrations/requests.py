@@ -29,6 +29,26 @@ def _within(timeout: Any, seconds: float) -> Any:
     return timeout  # a urllib3 Timeout object: the caller's own, left alone
 
 
+def _send(
+    adapter: HTTPAdapter,
+    ex: Exchange,
+    request: requests.PreparedRequest,
+    *args: Any,
+    **kwargs: Any,
+) -> requests.Response:
+    """One attempt: the only I/O of the adapter (``HTTPAdapter.send``)."""
+    seconds = ex.outbound(request.headers)
+    if seconds is not None:
+        kwargs["timeout"] = _within(kwargs.get("timeout"), seconds)
+    with ex.attempt() as span:
+        response = HTTPAdapter.send(adapter, request, *args, **kwargs)
+        status = response.status_code
+        if not ex.transient(span, status, response.headers):
+            return response
+        _ = response.content  # read now: the connection goes back to the pool
+        raise ex.failure(response, status, response.headers)
+
+
 class ResilientAdapter(HTTPAdapter):
     """An ``HTTPAdapter`` that runs ``service``'s policy around each attempt it sends.
 
@@ -48,7 +68,7 @@ class ResilientAdapter(HTTPAdapter):
         pool_block: bool = DEFAULT_POOLBLOCK,
         **options: Unpack[EdgeOptions],
     ) -> None:
-        self.edge = Edge(service, **options)
+        self.edge = Edge(service, _send, **options)
         super().__init__(
             pool_connections=pool_connections, pool_maxsize=pool_maxsize, pool_block=pool_block
         )
@@ -69,19 +89,5 @@ class ResilientAdapter(HTTPAdapter):
 
         headers: Mapping[str, str] = request.headers
         with self.edge.exchange(method, host, repeatable(method, headers), error) as ex:
-            ex.answer = ex.policy.call(self._attempt, ex, request, *args, **kwargs)
+            ex.answer = ex.call(self, ex, request, *args, **kwargs)
         return ex.answer  # type: ignore[no-any-return]
-
-    def _attempt(
-        self, ex: Exchange, request: requests.PreparedRequest, *args: Any, **kwargs: Any
-    ) -> requests.Response:
-        seconds = ex.outbound(request.headers)
-        if seconds is not None:
-            kwargs["timeout"] = _within(kwargs.get("timeout"), seconds)
-        with ex.attempt() as span:
-            response = super().send(request, *args, **kwargs)
-            status = response.status_code
-            if not ex.transient(span, status, response.headers):
-                return response
-            _ = response.content  # read now: the connection goes back to the pool
-            raise ex.failure(response, status, response.headers)
