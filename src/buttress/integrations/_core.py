@@ -55,6 +55,11 @@ OVERFLOW_HOST = "*"
 # Patterns whose instance is per host with ``per_host=True``: what one bad host must not spoil
 # for the others. Retry, rate limit, timeout and fallback stay the service's.
 _PER_HOST = frozenset({"circuit_breaker", "bulkhead"})
+# Patterns an integration does not run, whatever the service's settings say: a response is a
+# stream its one caller reads (and the request's arguments are live client objects, no key), so
+# one answer cannot be handed to other callers. Cache or coalesce a function of your own that
+# returns the parsed result instead (docs/integrations.md).
+_NOT_AT_THE_EDGE = frozenset({"cache", "coalescing"})
 
 OnExhausted = Literal["return", "raise"]
 
@@ -157,6 +162,7 @@ class Edge:
                     else self.service,
                 )
                 for pattern in CANONICAL_ORDER
+                if pattern not in _NOT_AT_THE_EDGE
             )
         )
         return policy(self._attempt)
@@ -203,14 +209,24 @@ class Edge:
             delay = server_delay(headers, _clock.wall())
         return FailedResponse(response, status, method=method, retryable=retryable, delay=delay)
 
+    def tracing(self) -> bool:
+        """Whether an attempt's span could be recorded: a provider given, or a global one set.
+
+        Without one, ``trace.get_tracer_provider()`` answers the proxy: no span machinery then.
+        """
+        return self.traced or not isinstance(trace.get_tracer_provider(), ProxyTracerProvider)
+
+    def needs_host(self) -> bool:
+        """Whether a request's host is read at all: for ``per_host`` instances or the span."""
+        return self.per_host or self.tracing()
+
     def attempt_span(self, name: str, host: str | None) -> Any:
         """A span for one attempt (a child of the caller's current span), or ``None``.
 
-        ``None`` when nothing could record it: no provider given and no global one set (what
-        ``trace.get_tracer_provider()`` answers then is the proxy), which saves the no-op
+        ``None`` when nothing could record it (see :meth:`tracing`), which saves the no-op
         tracer's context managers on every attempt.
         """
-        if not self.traced and isinstance(trace.get_tracer_provider(), ProxyTracerProvider):
+        if not self.tracing():
             return None
         attributes: dict[str, Any] = {"buttress.service": self.service}
         resend = _context.attempt() - 1

@@ -19,8 +19,10 @@ _TIMEOUT_KEYS = ("connect", "read", "write", "pool")
 
 
 def _exchange(edge: Edge, request: httpx.Request) -> Exchange:
-    url = request.url
-    host = url.host if url.port is None else f"{url.host}:{url.port}"
+    host = None
+    if edge.needs_host():  # reading it decodes the URL's host: only when something uses it
+        url = request.url
+        host = url.host if url.port is None else f"{url.host}:{url.port}"
 
     def error(response: httpx.Response) -> httpx.HTTPStatusError:
         return httpx.HTTPStatusError(
