@@ -558,8 +558,34 @@ def _bounded(strategy: Any, call: Call) -> Call:
         "still running calls abandoned at their deadline)"
     )
     deadline_var = _context.deadline
+    own_io = _context.bounds_own_io
+
+    def inline(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # The call bounds its own I/O by the deadline (an integration's client timeouts): no
+        # worker. An error once the deadline has passed is that deadline's doing: a timeout.
+        start = _clock.monotonic()
+        limit = limit_of(start)
+        deadline = start + limit
+        token = deadline_var.set(deadline)
+        inner = own_io.set(False)  # for the call's own calls, which bound nothing themselves
+        try:
+            result = call(args, kwargs)
+        except Exception as exc:
+            elapsed = _clock.monotonic() - start
+            if elapsed < limit and type(exc) is not _deadline.NotStartedError:
+                finished(elapsed, timed_out=False)
+                raise
+            finished(elapsed, timed_out=True)
+            raise exceeded(limit, elapsed) from exc
+        finally:
+            own_io.reset(inner)
+            deadline_var.reset(token)
+        finished(_clock.monotonic() - start, timed_out=False)
+        return result
 
     def timed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if own_io.get():
+            return inline(args, kwargs)
         start = _clock.monotonic()
         limit = limit_of(start)
         deadline = start + limit
