@@ -257,7 +257,8 @@ def connectors(
 
     Raises:
         ImportError: the ``redis`` package is missing.
-        ValueError: ``state_url`` is not a Redis URL redis-py accepts.
+        ValueError: ``state_url`` is not a Redis URL redis-py accepts (the message is only the
+            kind of error redis-py raised).
     """
     # The optional dependency, imported only when something is shared through Redis.
     import redis.asyncio  # noqa: PLC0415
@@ -278,7 +279,8 @@ def connectors(
         async_pool = redis.asyncio.ConnectionPool.from_url(
             state_url, retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0), **options
         )
-    except TypeError as exc:
+    except (ValueError, TypeError) as exc:
+        # Only the kind of error: redis-py's message may repeat part of the URL.
         raise ValueError(type(exc).__name__) from None
     return (
         _connector(sync_pool.connection_class, sync_pool.connection_kwargs),

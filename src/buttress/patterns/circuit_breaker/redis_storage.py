@@ -27,6 +27,7 @@ from buttress import _clock, events
 from buttress._values import redact
 from buttress.exceptions import ConfigurationError
 from buttress.patterns._base import DRIVERS, AskStore
+from buttress.patterns._redis import connectors
 from buttress.patterns.circuit_breaker import _protocol as protocol
 from buttress.patterns.circuit_breaker._machine import Decision, Limits, Machine
 from buttress.patterns.circuit_breaker._protocol import CorruptStateError
@@ -655,56 +656,32 @@ def make_storage(
         ConfigurationError: the URL is not a Redis URL, or the ``redis`` package is missing.
     """
     shown = redact(state_url)  # the one redaction helper: masked, or nothing of a non-URL
+    key = f"services.{service}.circuit_breaker.state_url"
     try:
-        # The optional dependency, imported only when a service shares its state.
-        import redis.asyncio  # noqa: PLC0415
-        import redis.asyncio.retry  # noqa: PLC0415
-        import redis.backoff  # noqa: PLC0415
-        import redis.retry  # noqa: PLC0415
+        import redis  # noqa: F401, PLC0415 - the optional dependency, only for shared state
     except ImportError:
         raise ConfigurationError(
             f"service {service!r}: circuit_breaker.state_url is set ({shown}) but the 'redis' "
             "package is not installed; install buttress[redis]",
-            errors=(
-                (
-                    f"services.{service}.circuit_breaker.state_url",
-                    "state_url",
-                    "redis not installed",
-                ),
-            ),
+            errors=((key, "state_url", "redis not installed"),),
         ) from None
     if shown.startswith("<"):
         raise ConfigurationError(
             f"service {service!r}: circuit_breaker.state_url must be a redis://, rediss:// or "
             "unix:// URL (the value is not repeated here: it may hold a password)",
-            errors=(
-                (f"services.{service}.circuit_breaker.state_url", "state_url", "not a Redis URL"),
-            ),
+            errors=((key, "state_url", "not a Redis URL"),),
         )
-    options = {
-        "socket_timeout": socket_timeout,
-        "socket_connect_timeout": connect_timeout,
-        "retry_on_timeout": False,
-        "health_check_interval": 0,
-    }
     try:
-        # No client retries: a fault falls back to local state at once. Each pool gets the
-        # Retry of its own world; redis-py 8.2 warns when a sync one reaches an asyncio pool.
-        sync_pool = redis.ConnectionPool.from_url(
-            state_url, retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0), **options
+        # No client retries: a fault falls back to local state at once. The pools only parse
+        # the URL; the storage keeps its own connections (see _transport).
+        make_sync, make_async = connectors(
+            state_url, socket_timeout=socket_timeout, connect_timeout=connect_timeout
         )
-        async_pool = redis.asyncio.ConnectionPool.from_url(
-            state_url, retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0), **options
-        )
-    except (ValueError, TypeError) as exc:
+    except ValueError as exc:
         raise ConfigurationError(
-            f"service {service!r}: circuit_breaker.state_url {shown} is not valid: "
-            f"{type(exc).__name__}",
-            errors=((f"services.{service}.circuit_breaker.state_url", "state_url", "invalid URL"),),
+            f"service {service!r}: circuit_breaker.state_url {shown} is not valid: {exc}",
+            errors=((key, "state_url", "invalid URL"),),
         ) from None
-    # The pools only parsed the URL; the storage keeps its own connections (see _transport).
-    make_sync = _connector(sync_pool.connection_class, sync_pool.connection_kwargs)
-    make_async = _connector(async_pool.connection_class, async_pool.connection_kwargs)
     return SharedStateStorage(
         service,
         url=shown,
@@ -717,11 +694,3 @@ def make_storage(
         reconnect_max=reconnect_max,
         trial_lease=trial_lease,
     )
-
-
-def _connector(connection_class: Any, kwargs: dict[str, Any]) -> Callable[[], Any]:
-    # A closure, not functools.partial: a partial's repr would show the password.
-    def connect() -> Any:
-        return connection_class(**kwargs)
-
-    return connect
