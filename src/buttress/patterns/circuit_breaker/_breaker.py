@@ -413,14 +413,16 @@ class CircuitBreaker(CompatBreaker):
         token = self._fast_token  # admit()'s own first check, without the call
         if token is None:
             until = self._open_until
-            if until != _NEVER and self._rejected.record is None:
+            if until != _NEVER:
                 # While open, rejecting is all the breaker does: admit()'s shortest path, here,
                 # so the error is raised one frame from the caller.
                 retry_after = None if until == _FOREVER else until - _clock.monotonic()
-                if retry_after is None:
-                    raise _open_error(self._messages["forced_open"], self.service, None)
-                if retry_after > 0:
-                    raise _open_error(self._messages["open"], self.service, retry_after)
+                if retry_after is None or retry_after > 0:
+                    reason = "open" if retry_after is not None else "forced_open"
+                    if self._rejected.record is None:
+                        raise _open_error(self._messages[reason], self.service, retry_after)
+                    if self._remote is None:  # admit()'s rejection, without its frame
+                        self._reject(reason, retry_after, shadow=False, locked=False)
             if self._remote is not None:
                 return self._admission(call, args, kwargs, shadow=False)
             token = self.admit()
