@@ -227,3 +227,16 @@ def test_services_settings_leave_alone_share_their_resolved_options(monkeypatch)
     assert snapshot.service("tuned").explain()["circuit_breaker"]["fail_max"]["source"] != "code"
     other = snapshot.service("plain-a").options("circuit_breaker", {"fail_max": 6})
     assert other.fail_max == 6
+
+
+def test_equal_code_arguments_of_different_types_resolve_apart(mode):
+    # 0 == False and they hash alike: the shared options cache must still keep them apart.
+    from buttress import with_fallback
+
+    def fail() -> str:
+        raise ConnectionError("down")
+
+    zero = with_fallback(0, name="typed-zero")(mode.define(fail))
+    false = with_fallback(False, name="typed-false")(mode.define(fail))
+    assert mode.run(zero) == 0
+    assert mode.run(false) is False

@@ -178,7 +178,13 @@ class ServiceView:
                 ``preset`` is unknown.
         """
         try:
-            key: Any = (pattern, preset, frozenset(code_args.items()))
+            # Each value with its type: 0, 0.0 and False are equal and hash alike, but a fallback
+            # value of False must not come back as 0 (views share this cache across services).
+            key: Any = (
+                pattern,
+                preset,
+                frozenset((name, type(value), value) for name, value in code_args.items()),
+            )
             hash(key)
         except TypeError:  # an unhashable code argument: resolve without caching
             return self._resolve(pattern, code_args, preset)[0]
