@@ -718,7 +718,7 @@ def link(strategy: Any, call: Call) -> Call:
         return _gate(strategy.before, strategy.after, call)
     if hasattr(strategy, "limit"):
         return _bounded(strategy, call)
-    return cast("Call", strategy.wrap(call))
+    raise _unknown_shape(strategy)
 
 
 def alink(strategy: Any, call: AsyncCall) -> AsyncCall:
@@ -744,7 +744,17 @@ def alink(strategy: Any, call: AsyncCall) -> AsyncCall:
         return _agate(strategy.before, strategy.after, call)
     if hasattr(strategy, "limit"):
         return _abounded(strategy, call)
-    return cast("AsyncCall", strategy.awrap(call))
+    raise _unknown_shape(strategy)
+
+
+def _unknown_shape(strategy: Any) -> TypeError:
+    # Refused when the policy links its chain (its first call), naming the pattern, rather than
+    # failing later inside a call with an AttributeError.
+    name = getattr(strategy, "pattern", type(strategy).__qualname__)
+    return TypeError(
+        f"{name}: the strategy {type(strategy).__qualname__} has no known shape (gate, judge, "
+        "judged gate, keyed, recovery or bounded; see buttress.patterns._base)"
+    )
 
 
 # A pattern's own entry points (the circuit breaker's pybreaker-facing API) perform effects

@@ -270,7 +270,16 @@ class PrometheusSubscriber:
             BulkheadAcquired: self._bind_bulkhead_acquired,
             TimedCallFinished: self._bind_timed_call,
             CallRejected: self._bind_rejected,
+            CacheLookup: self._bind_cache_lookup,
         }
+
+    def _bind_cache_lookup(self, service: str) -> Callable[[str], None]:
+        lookups = self._inc["buttress_cache_lookups_total"]
+
+        def looked_up(result: str) -> None:
+            lookups[service, result]()
+
+        return looked_up
 
     def _bind_rejected(self, service: str) -> Callable[[str, str, float | None], None]:
         rejections = self._rejections

@@ -266,6 +266,9 @@ class CircuitBreaker(CompatBreaker):
         )
         self._delivery = threading.Lock()
         self._delivering = False
+        # The per-call events' fast paths: no event built where a subscriber bound its series.
+        self._recorded = events.recorder(CircuitCallRecorded, service)
+        self._rejected = events.recorder(CallRejected, service)
         super().__init__(
             name=service,
             fail_max=opts.fail_max,
@@ -335,7 +338,7 @@ class CircuitBreaker(CompatBreaker):
                 ("forced_open", None) if until == _FOREVER else ("open", until - _clock.monotonic())
             )
             if retry_after is None or retry_after > 0:
-                if shadow or CallRejected in events.ROUTES:
+                if shadow or self._rejected.record is not None:
                     return self._reject(reason, retry_after, shadow, locked=False)
                 # While open, rejecting is all the breaker does: the shortest path raises here.
                 raise _open_error(self._messages[reason], self.service, retry_after)
@@ -372,7 +375,7 @@ class CircuitBreaker(CompatBreaker):
                         self._record(token, SUCCESS, now, slow=slow)
                     if self._outbox:
                         self._deliver()
-                if self._success_hooks or CircuitCallRecorded in events.ROUTES:
+                if self._success_hooks or self._recorded.record is not None:
                     self._announce(SUCCESS, elapsed, None, slow)
                 return None
             error = FailedResult(result)
@@ -439,14 +442,16 @@ class CircuitBreaker(CompatBreaker):
         token = self._fast_token  # admit()'s own first check, without the call
         if token is None:
             until = self._open_until
-            if until != _NEVER and CallRejected not in events.ROUTES:
+            if until != _NEVER:
                 # While open, rejecting is all the breaker does: admit()'s shortest path, here,
                 # so the error is raised one frame from the caller.
                 retry_after = None if until == _FOREVER else until - _clock.monotonic()
-                if retry_after is None:
-                    raise _open_error(self._messages["forced_open"], self.service, None)
-                if retry_after > 0:
-                    raise _open_error(self._messages["open"], self.service, retry_after)
+                if retry_after is None or retry_after > 0:
+                    reason = "open" if retry_after is not None else "forced_open"
+                    if self._rejected.record is None:
+                        raise _open_error(self._messages[reason], self.service, retry_after)
+                    if self._remote is None:  # admit()'s rejection, without its frame
+                        self._reject(reason, retry_after, shadow=False, locked=False)
             if self._remote is not None:
                 return self._admission(call, args, kwargs, shadow=False)
             token = self.admit()
@@ -927,17 +932,31 @@ class CircuitBreaker(CompatBreaker):
         ``locked``: the caller holds the lock, so the event is queued and the caller delivers
         it once it has released the lock (``_deliver``).
         """
-        handlers = events.ROUTES.get(events.ShadowDecision if shadow else CallRejected)
-        if handlers:
-            event: Any = (
-                events.ShadowDecision(self.service, PATTERN, "reject")
-                if shadow
-                else CallRejected(self.service, PATTERN, reason, retry_after)
-            )
-            if locked:
-                self._outbox.append((handlers, event))
-            else:
-                self._publish(handlers, event)
+        if shadow:
+            handlers = events.ROUTES.get(events.ShadowDecision)
+            if handlers:
+                event = events.ShadowDecision(self.service, PATTERN, "reject")
+                if locked:
+                    self._outbox.append((handlers, event))
+                else:
+                    self._publish(handlers, event)
+        else:
+            record = self._rejected.record
+            if record is not None:
+                if locked:
+                    self._outbox.append(
+                        _later(record, CallRejected, self.service, PATTERN, reason, retry_after)
+                    )
+                elif self._outbox or self._delivering:
+                    self._publish(
+                        *_later(record, CallRejected, self.service, PATTERN, reason, retry_after)
+                    )
+                else:
+                    # Nothing queued to deliver before it: the fast path, no event built.
+                    try:
+                        record(PATTERN, reason, retry_after)
+                    except Exception:  # noqa: BLE001 - a subscriber must never break the call
+                        events.failed(record)
         if shadow:
             return _UNCOUNTED
         raise _open_error(self._messages[reason], self.service, retry_after)
@@ -984,21 +1003,31 @@ class CircuitBreaker(CompatBreaker):
     def _announce(
         self, outcome: str, elapsed: float, exc: BaseException | None, slow: bool
     ) -> None:
-        handlers = events.ROUTES.get(CircuitCallRecorded)
-        if handlers:
+        record = self._recorded.record
+        if record is not None:
             window = self._window
-            self._publish(
-                handlers,
-                CircuitCallRecorded(
-                    self.service,
-                    outcome,
-                    elapsed,
-                    slow,
-                    None if exc is None else type(exc).__name__,
-                    None if window is None else window.failure_rate,
-                    None if window is None else window.slow_call_rate,
-                ),
-            )
+            error_type = None if exc is None else type(exc).__name__
+            failure_rate = None if window is None else window.failure_rate
+            slow_call_rate = None if window is None else window.slow_call_rate
+            if self._outbox or self._delivering:
+                self._publish(
+                    *_later(
+                        record,
+                        CircuitCallRecorded,
+                        self.service,
+                        outcome,
+                        elapsed,
+                        slow,
+                        error_type,
+                        failure_rate,
+                        slow_call_rate,
+                    )
+                )
+            else:
+                try:
+                    record(outcome, elapsed, slow, error_type, failure_rate, slow_call_rate)
+                except Exception:  # noqa: BLE001 - a subscriber must never break the call
+                    events.failed(record)
         if outcome == SUCCESS and self._success_hooks:
             self._publish(self._success_hooks, self)
 
@@ -1282,6 +1311,21 @@ class CircuitBreaker(CompatBreaker):
         if opened is None:
             return now
         return now - max(0.0, _clock.wall() - opened.timestamp())
+
+
+def _later(
+    record: Callable[..., object], kind: type[Any], service: str, *fields: Any
+) -> tuple[tuple[events.Handler, ...], Any]:
+    """A recorder's call queued behind the events waiting in the outbox, in their order.
+
+    Delivered as an event (as every queued one is) whose fields are handed to ``record``, so the
+    subscribers see what the fast path would have given them.
+    """
+
+    def replay(event: Any) -> None:
+        record(*event[1:])
+
+    return (replay,), kind(service, *fields)
 
 
 def _open_error(message: str, service: str, retry_after: float | None) -> CircuitOpenError:
