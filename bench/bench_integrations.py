@@ -42,9 +42,11 @@ class WorkerTransport(ResilientTransport):
         self.policy = Policy(*(Spec(pattern, service) for pattern in PATTERNS))
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        with _exchange(self.edge, request) as ex:
-            ex.answer = self.policy.call(_send, self.transport, ex, request)
-        return ex.answer  # type: ignore[no-any-return]
+        ex = _exchange(self.edge, request)
+        try:
+            return self.policy.call(_send, self.transport, ex, request)  # type: ignore[no-any-return]
+        except FailedResponse as failed:
+            return ex.exhausted(failed)  # type: ignore[no-any-return]
 
 
 class Handler(BaseHTTPRequestHandler):

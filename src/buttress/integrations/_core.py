@@ -194,9 +194,18 @@ class Edge:
         host: str | None,
         repeatable: bool,
         error: Callable[[Any], BaseException] | None = None,
+        *,
+        traced: bool | None = None,
     ) -> Exchange:
-        """The decisions of one request to ``host`` (see :class:`Exchange`)."""
-        return Exchange(self, method, host, self.idempotency_key or repeatable, error)
+        """The decisions of one request to ``host`` (see :class:`Exchange`).
+
+        ``traced``: :meth:`tracing`'s answer when the adapter already asked it for this request.
+        """
+        if traced is None:
+            traced = self.tracing()
+        return Exchange(
+            self, method, host, self.idempotency_key or repeatable, error, traced=traced
+        )
 
     def failed(
         self, response: Any, status: int | str, method: str, headers: Mapping[str, str] | None
@@ -212,22 +221,23 @@ class Edge:
     def tracing(self) -> bool:
         """Whether an attempt's span could be recorded: a provider given, or a global one set.
 
-        Without one, ``trace.get_tracer_provider()`` answers the proxy: no span machinery then.
+        Without one, no span machinery runs at all. Asked once per request, so it reads
+        opentelemetry-api's global directly: ``trace.get_tracer_provider()`` looks up an
+        environment variable on every call while no provider is set (≈ 0.8 µs), and the global
+        is set at most once and never unset, so a provider once seen is kept. (A provider named
+        by ``OTEL_PYTHON_TRACER_PROVIDER`` is loaded by ``get_tracer()`` in the constructor;
+        tests/integrations/test_traces.py pins the global's name on every supported version.)
         """
-        return self.traced or not isinstance(trace.get_tracer_provider(), ProxyTracerProvider)
-
-    def needs_host(self) -> bool:
-        """Whether a request's host is read at all: for ``per_host`` instances or the span."""
-        return self.per_host or self.tracing()
+        if self.traced:
+            return True
+        provider = trace._TRACER_PROVIDER  # private, read on purpose: see the docstring
+        if provider is None or isinstance(provider, ProxyTracerProvider):
+            return False
+        self.traced = True
+        return True
 
     def attempt_span(self, name: str, host: str | None) -> Any:
-        """A span for one attempt (a child of the caller's current span), or ``None``.
-
-        ``None`` when nothing could record it (see :meth:`tracing`), which saves the no-op
-        tracer's context managers on every attempt.
-        """
-        if not self.tracing():
-            return None
+        """A span for one attempt (a child of the caller's current span): its context manager."""
         attributes: dict[str, Any] = {"buttress.service": self.service}
         resend = _context.attempt() - 1
         if resend:
@@ -262,16 +272,15 @@ def note_error(span: Span, exc: BaseException) -> None:
 class Exchange:
     """The decisions of one request, sans-IO: the client adapter does only the sending between.
 
-    Used as ``with edge.exchange(...) as ex: ex.answer = ex.call(ex, ...)`` (or ``await
-    ex.run(ex, ...)``), then ``return ex.answer``: the edge's attempt function runs under the
-    policy. Entering marks the request repeatable (or not) for retry;
-    leaving turns a transient response that escaped the policy into the caller's answer
-    (:meth:`Edge.unwrap`, with ``error`` building the client's own error for
+    Used as ``return edge.exchange(...).call(...)`` (or ``await ....acall(...)``): the edge's
+    attempt function runs under the policy with the request marked repeatable (or not) for retry,
+    and a transient response that escaped the policy becomes the caller's answer
+    (:meth:`exhausted`, with ``error`` building the client's own error for
     ``on_exhausted="raise"``). Inside each attempt the adapter asks :meth:`outbound` what to
     send, sends, and asks :meth:`transient` whether the answer is a failure.
     """
 
-    __slots__ = ("_token", "answer", "edge", "error", "host", "method", "run")
+    __slots__ = ("edge", "error", "host", "method", "repeatable", "run", "traced")
 
     def __init__(
         self,
@@ -280,31 +289,22 @@ class Exchange:
         host: str | None,
         repeatable: bool,
         error: Callable[[Any], BaseException] | None,
+        *,
+        traced: bool,
     ) -> None:
         self.edge = edge
         self.method = method
         self.host = host
+        self.repeatable = repeatable
         self.error = error
+        self.traced = traced
         self.run = edge.runner(host)
-        self.answer: Any = None
-        self._token = _context.repeatable.set(repeatable)
 
-    def __enter__(self) -> Exchange:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> bool:
-        _context.repeatable.reset(self._token)
-        if not isinstance(exc, FailedResponse):
-            return False
+    def exhausted(self, failed: FailedResponse) -> Any:
+        """The caller's answer when the last attempt got a transient response: it, or the error."""
         if self.edge.on_exhausted == "return" or self.error is None:
-            self.answer = exc.response
-            return True
-        raise self.error(exc.response) from None
+            return failed.response
+        raise self.error(failed.response) from None
 
     def outbound(self, headers: MutableMapping[str, str]) -> float | None:
         """Per attempt: put the time left and the idempotency key in ``headers``.
@@ -329,26 +329,45 @@ class Exchange:
 
         The client's I/O timeouts are set to the time left (:meth:`outbound`), so the policy's
         timeout sets the deadline and runs the attempt inline rather than on a worker thread.
-        (An async client awaits ``ex.run(...)``: the loop's timer bounds it.)
         """
-        token = _context.bounds_own_io.set(True)
+        repeat = _repeatable.set(self.repeatable)
+        own_io = _bounds_own_io.set(True)
         try:
             return self.run(*args, **kwargs)
+        except FailedResponse as failed:
+            return self.exhausted(failed)
         finally:
-            _context.bounds_own_io.reset(token)
+            _bounds_own_io.reset(own_io)
+            _repeatable.reset(repeat)
 
-    def attempt(self) -> _Attempt:
-        """The span of one attempt (a context manager); an error the client raised goes on it."""
+    async def acall(self, *args: Any, **kwargs: Any) -> Any:
+        """The async :meth:`call`: the policy's timeout bounds each attempt with a loop timer."""
+        repeat = _repeatable.set(self.repeatable)
+        try:
+            return await self.run(*args, **kwargs)
+        except FailedResponse as failed:
+            return self.exhausted(failed)
+        finally:
+            _repeatable.reset(repeat)
+
+    def attempt(self) -> _Attempt | _Untraced:
+        """The span of one attempt (a context manager); an error the client raised goes on it.
+
+        Without a tracer that could record it, a shared no-op: nothing is built per attempt.
+        """
+        if not self.traced:
+            return _UNTRACED
         return _Attempt(self.edge.attempt_span(self.method, self.host))
 
     def transient(self, span: Span, status: int | str, headers: Mapping[str, str]) -> bool:
         """Whether an answer is a failure (an HTTP status, or a gRPC code's name); on the span."""
-        failed = (
-            transient_status(status, headers)
-            if isinstance(status, int)
-            else status in GRPC_TRANSIENT
-        )
-        note_outcome(span, status, failed)
+        if isinstance(status, int):
+            # Below 400 nothing (not even x-should-retry) makes an answer a failure.
+            failed = status >= 400 and transient_status(status, headers)
+        else:
+            failed = status in GRPC_TRANSIENT
+        if self.traced:
+            note_outcome(span, status, failed)
         return failed
 
     def failure(
@@ -356,6 +375,31 @@ class Exchange:
     ) -> FailedResponse:
         """The failure that carries a transient ``response`` through the policy."""
         return self.edge.failed(response, status, self.method, headers)
+
+
+# Set around every request; module names for them save two attribute look-ups a request.
+_repeatable = _context.repeatable
+_bounds_own_io = _context.bounds_own_io
+
+
+class _Untraced:
+    """The attempt's span scope when nothing records spans: one shared object, no work."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> Span:
+        return INVALID_SPAN
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        return None
+
+
+_UNTRACED = _Untraced()
 
 
 class _Attempt:
@@ -368,8 +412,7 @@ class _Attempt:
         self._span: Span = INVALID_SPAN
 
     def __enter__(self) -> Span:
-        if self._scope is not None:
-            self._span = self._scope.__enter__()
+        self._span = self._scope.__enter__()
         return self._span
 
     def __exit__(
@@ -378,9 +421,6 @@ class _Attempt:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        scope = self._scope
-        if scope is None:
-            return
         if isinstance(exc, Exception) and not isinstance(exc, FailedResponse):
             note_error(self._span, exc)
-        scope.__exit__(exc_type, exc, traceback)
+        self._scope.__exit__(exc_type, exc, traceback)

@@ -40,9 +40,10 @@ def _error(response: aiohttp.ClientResponse) -> aiohttp.ClientResponseError:
 
 async def _run(edge: Edge, method: str, url: URL, headers: CIMultiDict[str], send: Send) -> Any:
     """The policy around one request: shared by the session wrapper and the middleware."""
-    with edge.exchange(method, _host(url), repeatable(method, headers), _error) as ex:
-        ex.answer = await ex.run(ex, headers, send)
-    return ex.answer
+    traced = edge.tracing()
+    host = _host(url) if traced or edge.per_host else None
+    ex = edge.exchange(method, host, repeatable(method, headers), _error, traced=traced)
+    return await ex.acall(ex, headers, send)
 
 
 async def _attempt(ex: Exchange, headers: CIMultiDict[str], send: Send) -> aiohttp.ClientResponse:

@@ -107,9 +107,8 @@ class ResilientInterceptor(_Shared, grpc.UnaryUnaryClientInterceptor):  # type: 
     def intercept_unary_unary(
         self, continuation: Any, client_call_details: Any, request: Any
     ) -> Any:
-        with self.exchange(client_call_details) as ex:
-            ex.answer = ex.call(ex, continuation, client_call_details, request)
-        return ex.answer
+        ex = self.exchange(client_call_details)
+        return ex.call(ex, continuation, client_call_details, request)
 
     @staticmethod
     def _attempt(ex: Exchange, continuation: Any, details: Any, request: Any) -> Any:
@@ -135,9 +134,8 @@ class AsyncResilientInterceptor(_Shared, grpc.aio.UnaryUnaryClientInterceptor): 
     async def intercept_unary_unary(
         self, continuation: Any, client_call_details: Any, request: Any
     ) -> Any:
-        with self.exchange(client_call_details) as ex:
-            ex.answer = await ex.run(ex, continuation, client_call_details, request)
-        return ex.answer
+        ex = self.exchange(client_call_details)
+        return await ex.acall(ex, continuation, client_call_details, request)
 
     @staticmethod
     async def _attempt(ex: Exchange, continuation: Any, details: Any, request: Any) -> Any:

@@ -7,6 +7,7 @@ Every decision is :class:`~buttress.integrations._core.Exchange`'s; these classe
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Unpack
 
 import httpx
@@ -19,8 +20,9 @@ _TIMEOUT_KEYS = ("connect", "read", "write", "pool")
 
 
 def _exchange(edge: Edge, request: httpx.Request) -> Exchange:
+    traced = edge.tracing()
     host = None
-    if edge.needs_host():  # reading it decodes the URL's host: only when something uses it
+    if traced or edge.per_host:  # reading it decodes the URL's host: only when something uses it
         url = request.url
         host = url.host if url.port is None else f"{url.host}:{url.port}"
 
@@ -32,18 +34,38 @@ def _exchange(edge: Edge, request: httpx.Request) -> Exchange:
             response=response,
         )
 
-    return edge.exchange(request.method, host, repeatable(request.method, request.headers), error)
+    method = request.method
+    return edge.exchange(method, host, repeatable(method, request.headers), error, traced=traced)
+
+
+def _bounded(given: Mapping[str, float | None] | None, seconds: float) -> dict[str, float] | None:
+    """The client's I/O timeouts no longer than ``seconds``; ``None`` if they already are.
+
+    A client's default timeouts (5 s) are usually inside the time left: nothing is rebuilt then.
+    """
+    if given is not None:
+        for key in _TIMEOUT_KEYS:
+            value = given.get(key)
+            if value is None or value > seconds:
+                break
+        else:
+            return None
+    else:
+        given = {}
+    return {
+        key: seconds if (value := given.get(key)) is None else min(value, seconds)
+        for key in _TIMEOUT_KEYS
+    }
 
 
 def _prepare(ex: Exchange, request: httpx.Request) -> None:
     """Per attempt: the headers to send, and the time left as the I/O timeouts."""
     seconds = ex.outbound(request.headers)
     if seconds is not None:
-        given = request.extensions.get("timeout") or {}
-        request.extensions["timeout"] = {
-            key: seconds if given.get(key) is None else min(given[key], seconds)
-            for key in _TIMEOUT_KEYS
-        }
+        extensions = request.extensions
+        bounded = _bounded(extensions.get("timeout"), seconds)
+        if bounded is not None:
+            extensions["timeout"] = bounded
 
 
 def _kept(response: httpx.Response, raw: bytes) -> httpx.Response:
@@ -113,9 +135,8 @@ class ResilientTransport(httpx.BaseTransport):
         self.transport = transport or httpx.HTTPTransport()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        with _exchange(self.edge, request) as ex:
-            ex.answer = ex.call(self.transport, ex, request)
-        return ex.answer  # type: ignore[no-any-return]
+        ex = _exchange(self.edge, request)
+        return ex.call(self.transport, ex, request)  # type: ignore[no-any-return]
 
     def close(self) -> None:
         self.transport.close()
@@ -137,9 +158,8 @@ class AsyncResilientTransport(httpx.AsyncBaseTransport):
         self.transport = transport or httpx.AsyncHTTPTransport()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        with _exchange(self.edge, request) as ex:
-            ex.answer = await ex.run(self.transport, ex, request)
-        return ex.answer  # type: ignore[no-any-return]
+        ex = _exchange(self.edge, request)
+        return await ex.acall(self.transport, ex, request)  # type: ignore[no-any-return]
 
     async def aclose(self) -> None:
         await self.transport.aclose()

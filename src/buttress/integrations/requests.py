@@ -76,8 +76,12 @@ class ResilientAdapter(HTTPAdapter):
     def send(
         self, request: requests.PreparedRequest, *args: Any, **kwargs: Any
     ) -> requests.Response:
+        edge = self.edge
         method = request.method or "GET"
-        host = urlsplit(request.url or "").netloc.rpartition("@")[2]
+        traced = edge.tracing()
+        host = None
+        if traced or edge.per_host:  # parsing the URL only when something uses its host
+            host = urlsplit(request.url or "").netloc.rpartition("@")[2]
 
         def error(response: requests.Response) -> requests.HTTPError:
             return requests.HTTPError(
@@ -88,6 +92,5 @@ class ResilientAdapter(HTTPAdapter):
             )
 
         headers: Mapping[str, str] = request.headers
-        with self.edge.exchange(method, host, repeatable(method, headers), error) as ex:
-            ex.answer = ex.call(self, ex, request, *args, **kwargs)
-        return ex.answer  # type: ignore[no-any-return]
+        ex = edge.exchange(method, host, repeatable(method, headers), error, traced=traced)
+        return ex.call(self, ex, request, *args, **kwargs)  # type: ignore[no-any-return]
