@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -72,3 +74,41 @@ def test_a_span_per_attempt_under_the_callers_span(
     # The decisions land on the caller's span.
     retries = [e for e in checkout.events if e.name == "buttress.retry"]
     assert [e.attributes["buttress.retry.attempt"] for e in retries] == [1, 2]
+
+
+# The global provider can be set once per process: this runs in a fresh interpreter. The
+# integration reads opentelemetry-api's global (``trace._TRACER_PROVIDER``) once per request
+# instead of calling get_tracer_provider(), so this also pins that name on the lowest and the
+# newest opentelemetry-api.
+GLOBAL_PROVIDER = """
+import asyncio, httpx, sys
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from buttress.integrations.httpx import AsyncResilientTransport, ResilientTransport
+
+url = sys.argv[1]
+sync = httpx.Client(transport=ResilientTransport("global-sync"))
+async def aget():
+    async with httpx.AsyncClient(transport=AsyncResilientTransport("global-async")) as client:
+        return (await client.get(url)).status_code
+assert sync.get(url).status_code == 200 and asyncio.run(aget()) == 200  # before: nothing to record
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+assert sync.get(url).status_code == 200 and asyncio.run(aget()) == 200
+print(sorted(s.attributes["buttress.service"] for s in exporter.get_finished_spans()))
+"""
+
+
+def test_a_global_provider_set_after_the_transport_gets_the_attempts_spans(upstream: Any) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", GLOBAL_PROVIDER, upstream.url + "/"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert out.stdout.split("\n")[-2] == "['global-async', 'global-sync']"
