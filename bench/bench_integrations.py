@@ -1,14 +1,26 @@
-"""An HTTP request through the httpx integration (the whole stack) against the bare transport.
+"""An HTTP request through the httpx integration (the whole stack) against the bare client.
 
-Both clients send ``GET /`` to the same stdlib HTTP/1.1 server on 127.0.0.1 over a kept-alive
-connection; the cases are measured interleaved (each round takes one sample of every case in
-turn, so a slow-down of the host hits all alike). Reported: the CPU time of the process per
-request (``time.process_time``: client and server threads, every worker thread included; the
-server's share is the same in every case), the median per-round overhead in microseconds, and
-the ratio. The integration runs the default stack of an unconfigured service: retry, breaker and
-a 30 s per-attempt timeout, which the sync client enforces through its own I/O timeouts (inline)
-and the async one with a loop timer. "worker" is the sync transport as it was before: each
-attempt handed to a timeout worker thread.
+Equal work on both sides: the same ``GET /`` answered ``200 ok`` by the same stdlib HTTP/1.1
+server, over a kept-alive connection on 127.0.0.1; the server runs in a process of its own, so the
+CPU time measured (``time.process_time`` of this process) is the client's alone. Neither side
+starts a span (no tracer provider is set). The integration runs the default stack of an
+unconfigured service: retry, breaker and a 30 s per-attempt timeout (which the sync client
+enforces through its own I/O timeouts, the async one with a loop timer), default subscribers on.
+
+The cases are measured interleaved (each round takes one sample of every case in turn, so a
+slow-down of the host hits all alike) and every figure is a median of same-round differences or
+ratios:
+
+- ``sync`` / ``async``: ``httpx.Client`` / ``httpx.AsyncClient`` on loopback, bare and through
+  ``ResilientTransport`` / ``AsyncResilientTransport``.
+- ``in-process``: the same sync clients over an ``httpx.MockTransport`` that answers at once,
+  which takes the network's noise out; ``stack alone`` runs the same compiled policy around the
+  bare transport's call with none of the integration's code, so ``buttress - stack alone`` is the
+  integration's own cost (the Exchange, the deadline header, the timeouts, the answer's
+  classification) and ``stack alone - bare`` the policy stack's.
+
+Each overhead is also given as a share of a bare sync request's client CPU on loopback, measured
+in the same round (issue 15's goal: at most 1 %).
 
 Usage: ``python bench/bench_integrations.py [--rounds N] [--requests N]``.
 """
@@ -18,35 +30,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import threading
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import httpx
 
-from buttress.integrations.httpx import (
-    AsyncResilientTransport,
-    ResilientTransport,
-    _exchange,
-    _send,
-)
-from buttress.patterns import PATTERNS
+from buttress import _context
+from buttress.decorators import CANONICAL_ORDER
+from buttress.integrations._core import _NOT_AT_THE_EDGE
+from buttress.integrations.httpx import AsyncResilientTransport, ResilientTransport
 from buttress.policy import Policy, Spec
 
-
-class WorkerTransport(ResilientTransport):
-    """The sync transport as it was: ``Policy.call`` per request, each attempt on a worker."""
-
-    def __init__(self, service: str, transport: httpx.BaseTransport | None = None) -> None:
-        super().__init__(service, transport)
-        self.policy = Policy(*(Spec(pattern, service) for pattern in PATTERNS))
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        ex = _exchange(self.edge, request)
-        try:
-            return self.policy.call(_send, self.transport, ex, request)  # type: ignore[no-any-return]
-        except FailedResponse as failed:
-            return ex.exhausted(failed)  # type: ignore[no-any-return]
+GOAL = 0.01
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -59,6 +58,40 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:
         pass
+
+
+def serve() -> None:
+    """The server process: print the port, serve until this process is ended."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    print(server.server_address[1], flush=True)
+    server.serve_forever()
+
+
+class StackAlone(httpx.BaseTransport):
+    """The integration's compiled policy around the inner transport's call, and nothing else.
+
+    Built as the integration builds its own (every pattern but those it leaves out, the attempt
+    marked as bounding its own I/O so the timeout runs it inline), so the difference to
+    ``ResilientTransport`` is the integration's code alone.
+    """
+
+    def __init__(self, service: str, transport: httpx.BaseTransport) -> None:
+        policy = Policy(
+            *(
+                Spec(pattern, service)
+                for pattern in CANONICAL_ORDER
+                if pattern not in _NOT_AT_THE_EDGE
+            )
+        )
+        self.run = policy(transport.handle_request)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        token = _context.bounds_own_io.set(True)
+        try:
+            return self.run(request)  # type: ignore[no-any-return]
+        finally:
+            _context.bounds_own_io.reset(token)
 
 
 def per_request_sync(client: httpx.Client, url: str, n: int) -> float:
@@ -75,87 +108,101 @@ async def per_request_async(client: httpx.AsyncClient, url: str, n: int) -> floa
     return (time.process_time() - started) / n
 
 
-def main() -> None:
+async def async_round(url: str, n: int) -> tuple[float, float]:
+    async with (
+        httpx.AsyncClient() as bare,
+        httpx.AsyncClient(transport=AsyncResilientTransport("bench-edge-async")) as protected,
+    ):
+        await per_request_async(bare, url, 20)  # connect and warm up
+        await per_request_async(protected, url, 20)
+        return await per_request_async(bare, url, n), await per_request_async(protected, url, n)
+
+
+def median_of(samples: dict[str, list[float]], f: Callable[..., float], *cases: str) -> float:
+    return statistics.median(
+        f(*values) for values in zip(*(samples[c] for c in cases), strict=True)
+    )
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    if args.serve:
+        serve()
+        return 0
+    process = subprocess.Popen(
+        [sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, text=True
+    )
     samples: dict[str, list[float]] = {}
+
+    def sample(case: str, value: float) -> None:
+        samples.setdefault(case, []).append(value)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b"ok")
+
     try:
-        bare = httpx.Client()
-        protected = httpx.Client(transport=ResilientTransport("bench-edge"))
-        worker = httpx.Client(transport=WorkerTransport("bench-edge-worker"))
-
-        async def async_round(n: int) -> tuple[float, float]:
-            async with (
-                httpx.AsyncClient() as abare,
-                httpx.AsyncClient(transport=AsyncResilientTransport("bench-edge-async")) as aprot,
-            ):
-                await per_request_async(abare, url, 20)  # connect and warm up
-                await per_request_async(aprot, url, 20)
-                return (
-                    await per_request_async(abare, url, n),
-                    await per_request_async(aprot, url, n),
-                )
-
-        # The integration's own cost without the network: the same clients over an in-process
-        # transport that answers at once (the bare request's CPU is then httpx's alone).
-        def answer(request: httpx.Request) -> httpx.Response:
-            return httpx.Response(200, content=b"ok")
-
-        mock = {
+        assert process.stdout is not None
+        url = f"http://127.0.0.1:{process.stdout.readline().strip()}/"
+        loopback = {
+            "bare sync": httpx.Client(),
+            "buttress sync": httpx.Client(transport=ResilientTransport("bench-edge")),
+        }
+        in_process = {
             "bare in-process": httpx.Client(transport=httpx.MockTransport(answer)),
+            "stack alone in-process": httpx.Client(
+                transport=StackAlone("bench-edge-stack", httpx.MockTransport(answer))
+            ),
             "buttress in-process": httpx.Client(
                 transport=ResilientTransport("bench-edge-mock", httpx.MockTransport(answer))
             ),
-            "buttress in-process-worker": httpx.Client(
-                transport=WorkerTransport("bench-edge-mock-worker", httpx.MockTransport(answer))
-            ),
         }
-        for client in (bare, protected, worker, *mock.values()):
-            per_request_sync(client, url, 50)
+        clients: dict[str, Any] = {**loopback, **in_process}
+        for client in clients.values():
+            per_request_sync(client, url, 100)
         for _ in range(args.rounds):
-            samples.setdefault("bare sync", []).append(per_request_sync(bare, url, args.requests))
-            samples.setdefault("buttress sync", []).append(
-                per_request_sync(protected, url, args.requests)
-            )
-            samples.setdefault("buttress worker", []).append(
-                per_request_sync(worker, url, args.requests)
-            )
-            for case, client in mock.items():
-                samples.setdefault(case, []).append(
-                    per_request_sync(client, url, args.requests * 4)
-                )
-            a_bare, a_prot = asyncio.run(async_round(args.requests))
-            samples.setdefault("bare async", []).append(a_bare)
-            samples.setdefault("buttress async", []).append(a_prot)
-        bare.close()
-        protected.close()
-        worker.close()
+            for case, client in loopback.items():
+                sample(case, per_request_sync(client, url, args.requests))
+            for case, client in in_process.items():
+                sample(case, per_request_sync(client, url, args.requests * 4))
+            bare, protected = asyncio.run(async_round(url, args.requests))
+            sample("bare async", bare)
+            sample("buttress async", protected)
+        for client in clients.values():
+            client.close()
     finally:
-        server.shutdown()
-        server.server_close()
-    for kind, base in (
-        ("sync", "sync"),
-        ("worker", "sync"),
-        ("async", "async"),
-        ("in-process", "in-process"),
-        ("in-process-worker", "in-process"),
-    ):
-        plain, full = samples[f"bare {base}"], samples[f"buttress {kind}"]
-        overhead = statistics.median(f - p for f, p in zip(full, plain, strict=True))
-        ratio = statistics.median(f / p for f, p in zip(full, plain, strict=True))
+        process.terminate()
+        process.wait(timeout=10)
+
+    us = 1e6
+    request = statistics.median(samples["bare sync"])
+    print(f"client CPU per bare httpx.Client request on loopback: {request * us:.1f} us\n")
+    print(f"{'case':27} {'bare':>9} {'through':>9} {'overhead':>9} {'ratio':>6} {'/request':>9}")
+    rows = (
+        ("sync, loopback", "bare sync", "buttress sync"),
+        ("async, loopback", "bare async", "buttress async"),
+        ("in-process, whole", "bare in-process", "buttress in-process"),
+        ("in-process, stack alone", "bare in-process", "stack alone in-process"),
+        ("in-process, integration", "stack alone in-process", "buttress in-process"),
+    )
+    share = 0.0
+    for label, base, case in rows:
+        overhead = median_of(samples, lambda f, p: f - p, case, base)
+        ratio = median_of(samples, lambda f, p: f / p, case, base)
+        # Same round: this overhead against that round's bare loopback request.
+        share = median_of(samples, lambda f, p, r: (f - p) / r, case, base, "bare sync")
         print(
-            f"{kind:17}: bare {statistics.median(plain) * 1e6:7.1f} us, "
-            f"through buttress {statistics.median(full) * 1e6:7.1f} us, "
-            f"overhead {overhead * 1e6:6.1f} us ({ratio:.2f}x)"
+            f"{label:27} {statistics.median(samples[base]) * us:7.1f}us "
+            f"{statistics.median(samples[case]) * us:7.1f}us {overhead * us:7.1f}us "
+            f"{ratio:5.2f}x {share:9.2%}"
         )
+    verdict = "ok" if share <= GOAL else "OVER GOAL"
+    print(f"\nthe integration's own cost / request: {share:.2%} (goal {GOAL:.0%}: {verdict})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,13 +1,25 @@
-"""The stack in a real service: CPU per request with and without it (``make bench``).
+"""The stack in a real service, and the httpx integration in its client: CPU per request.
 
 A Starlette app under uvicorn, on loopback, in its own process, serves two routes that differ only
 in the stack: ``/plain`` awaits a coroutine, ``/stack`` awaits the same coroutine through the
-async stack of every benchmark (breaker + retry + timeout + bulkhead, default subscribers on). An
-httpx client in this process sends the requests, alternating the routes round by round; the
-server's CPU time per request (``time.process_time()`` read through a third route) is what each
-route costs, and the client's CPU per request is what an httpx request costs on loopback.
+async stack of every benchmark (breaker + retry + timeout + bulkhead). An httpx client in this
+process sends the requests. Three cases, alternating round by round so a slow-down of the host
+hits all alike, each one sample per round:
 
-Goal: what the stack adds to a request is at most 1 % of an httpx request's CPU.
+- ``plain``: a bare ``httpx.Client`` asks ``/plain``;
+- ``stack``: the same client asks ``/stack`` (the server does the stack's work on top);
+- ``integration``: a client over ``ResilientTransport`` (the default stack of an unconfigured
+  service: retry, breaker, a 30 s timeout) asks ``/plain``, so the server's work is the plain
+  case's and only the client does more.
+
+The server's CPU time per request (``time.process_time()`` read through a third route) is what
+each route costs; this process's CPU time per request is the client's. Equal work on both sides
+of each comparison: the same route and the same client (stack), or the same route and the same
+server (integration). Default subscribers on in both processes (``--no-subscribers``: off in
+both); no span anywhere (no tracer provider). Every figure is the median of same-round values.
+
+Goal (issue 15): what the stack adds to the server, and what the integration adds to the
+client, each at most 1 % of a bare httpx request's client CPU.
 
 Usage: ``python bench/bench_service.py [--requests N] [--rounds N] [--no-subscribers]``.
 """
@@ -21,7 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 GOAL = 0.01
 
@@ -96,32 +108,63 @@ def main() -> int:
 
     import httpx
 
-    per_route: dict[str, list[float]] = {"plain": [], "stack": []}
-    client_cpu: list[float] = []
-    with server(subscribers=not args.no_subscribers) as base, httpx.Client(base_url=base) as client:
-        for _ in range(50):  # warm up both routes and the connection
-            client.get("/plain")
-            client.get("/stack")
+    from buttress.integrations.httpx import ResilientTransport
+
+    if args.no_subscribers:
+        from buttress import instrumentation
+
+        instrumentation.configure(prometheus=False, otel=False, logging=False)
+    server_cpu: dict[str, list[float]] = {"plain": [], "stack": [], "integration": []}
+    client_cpu: dict[str, list[float]] = {"plain": [], "stack": [], "integration": []}
+    with (
+        server(subscribers=not args.no_subscribers) as base,
+        httpx.Client(base_url=base) as bare,
+        httpx.Client(base_url=base, transport=ResilientTransport("bench-service")) as protected,
+    ):
+        cases = {
+            "plain": (bare, "/plain"),
+            "stack": (bare, "/stack"),
+            "integration": (protected, "/plain"),
+        }
+        for client, route in cases.values():  # warm up the routes and the connections
+            for _ in range(50):
+                client.get(route)
         for _ in range(args.rounds):
-            for route, samples in per_route.items():
-                before = float(client.get("/cpu").text)
+            for case, (client, route) in cases.items():
+                before = float(bare.get("/cpu").text)
                 mine = time.process_time()
                 for _ in range(args.requests):
-                    client.get(f"/{route}")
-                client_cpu.append((time.process_time() - mine) / args.requests)
-                samples.append((float(client.get("/cpu").text) - before) / args.requests)
-    added = [s - p for s, p in zip(per_route["stack"], per_route["plain"], strict=True)]
-    # Same-round: the stack's added CPU against the client's CPU for one httpx request.
-    shares = [a / c for a, c in zip(added, client_cpu[1::2], strict=True)]
-    us = 1e6
-    plain, stacked = (statistics.median(per_route[r]) * us for r in ("plain", "stack"))
-    print(f"server CPU per request, plain route        {plain:8.1f} us")
-    print(f"server CPU per request, through the stack {stacked:8.1f} us")
-    print(f"added by the stack                        {statistics.median(added) * us:8.1f} us")
-    print(f"client CPU per httpx request              {statistics.median(client_cpu) * us:8.1f} us")
-    share = statistics.median(shares)
-    verdict = "ok" if share <= GOAL else "OVER GOAL"
-    print(f"added / httpx request CPU                 {share:8.2%}  (goal {GOAL:.0%}: {verdict})")
+                    client.get(route)
+                client_cpu[case].append((time.process_time() - mine) / args.requests)
+                server_cpu[case].append((float(bare.get("/cpu").text) - before) / args.requests)
+
+    def median(f: Callable[[int], float]) -> float:
+        return statistics.median(f(i) for i in range(args.rounds))
+
+    def show(label: str, value: str) -> None:
+        print(f"{label:50}{value:>10}")
+
+    def cpu(samples: list[float]) -> str:
+        return f"{statistics.median(samples) * 1e6:.1f} us"
+
+    show("client CPU per bare httpx request", cpu(client_cpu["plain"]))
+    show("server CPU per request, plain route", cpu(server_cpu["plain"]))
+    show("server CPU per request, through the stack", cpu(server_cpu["stack"]))
+    show("client CPU per request, through the integration", cpu(client_cpu["integration"]))
+    # The stack is on the server side, the integration on the client side; each addition is
+    # also put against that round's bare request (its client CPU).
+    for what, side, case in (
+        ("stack", server_cpu, "stack"),
+        ("integration", client_cpu, "integration"),
+    ):
+        more, plain, bare_request = side[case], side["plain"], client_cpu["plain"]
+        added = median(lambda i: more[i] - plain[i])  # noqa: B023 - used within the iteration
+        ratio = median(lambda i: more[i] / plain[i])  # noqa: B023
+        share = median(lambda i: (more[i] - plain[i]) / bare_request[i])  # noqa: B023
+        verdict = "ok" if share <= GOAL else "OVER GOAL"
+        show(f"added by the {what}", f"{added * 1e6:.1f} us")
+        show(f"  with / without the {what}", f"{ratio:.2f}x")
+        show(f"  / bare httpx request CPU (goal {GOAL:.0%}: {verdict})", f"{share:.2%}")
     return 0
 
 
