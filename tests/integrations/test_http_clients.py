@@ -474,3 +474,64 @@ def test_cache_and_coalescing_settings_never_share_a_response(
     assert send(client, "billing", "GET", upstream.url).body == b"first"
     assert send(client, "billing", "GET", upstream.url).body == b"second"
     assert len(upstream.seen) == 2
+
+
+class _Recording(httpx.HTTPTransport):
+    """The real transport, noting the I/O timeouts each request was handed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: list[dict[str, float | None]] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.timeouts.append(dict(request.extensions["timeout"]))
+        return super().handle_request(request)
+
+
+class _AsyncRecording(httpx.AsyncHTTPTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: list[dict[str, float | None]] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.timeouts.append(dict(request.extensions["timeout"]))
+        return await super().handle_async_request(request)
+
+
+@pytest.mark.parametrize(
+    ("timeout", "expected"),
+    [
+        (
+            httpx.Timeout(5.0),
+            (2.5, 2.5, 2.5, 2.5),
+        ),  # the client's default: longer than the time left
+        (httpx.Timeout(1.0), (1.0, 1.0, 1.0, 1.0)),  # shorter: the client's own, kept
+        (httpx.Timeout(None), (2.5, 2.5, 2.5, 2.5)),  # none at all: the time left
+        (httpx.Timeout(1.0, read=None), (1.0, 2.5, 1.0, 1.0)),  # per key
+    ],
+)
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_httpx_io_timeouts_are_the_clients_no_longer_than_the_time_left(
+    flavour: str,
+    timeout: httpx.Timeout,
+    expected: tuple[float, ...],
+    upstream: Upstream,
+    clock: FakeClock,
+    settings: Callable[..., None],
+) -> None:
+    settings(BILLING__TIMEOUT__SECONDS="2.5")
+    if flavour == "sync":
+        inner = _Recording()
+        with httpx.Client(transport=b_httpx.ResilientTransport("billing", inner)) as c:
+            assert c.get(upstream.url, timeout=timeout).status_code == 200
+    else:
+        inner = _AsyncRecording()  # type: ignore[assignment]
+
+        async def go() -> None:
+            transport = b_httpx.AsyncResilientTransport("billing", inner)  # type: ignore[arg-type]
+            async with httpx.AsyncClient(transport=transport) as c:
+                assert (await c.get(upstream.url, timeout=timeout)).status_code == 200
+
+        asyncio.run(go())
+    (handed,) = inner.timeouts
+    assert tuple(handed[key] for key in ("connect", "read", "write", "pool")) == expected

@@ -7,8 +7,7 @@ Every decision is :class:`~buttress.integrations._core.Exchange`'s; these classe
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Unpack
+from typing import Any, Unpack
 
 import httpx
 
@@ -38,20 +37,17 @@ def _exchange(edge: Edge, request: httpx.Request) -> Exchange:
     return edge.exchange(method, host, repeatable(method, request.headers), error, traced=traced)
 
 
-def _bounded(given: Mapping[str, float | None] | None, seconds: float) -> dict[str, float] | None:
+def _bounded(given: Any, seconds: float) -> dict[str, float] | None:
     """The client's I/O timeouts no longer than ``seconds``; ``None`` if they already are.
 
     A client's default timeouts (5 s) are usually inside the time left: nothing is rebuilt then.
     """
-    if given is not None:
-        for key in _TIMEOUT_KEYS:
-            value = given.get(key)
-            if value is None or value > seconds:
-                break
-        else:
+    try:
+        # The request's "timeout" extension (httpx.Timeout.as_dict()): seconds or None per key.
+        if max(given["connect"], given["read"], given["write"], given["pool"]) <= seconds:
             return None
-    else:
-        given = {}
+    except (TypeError, KeyError):  # none given, one missing or None (no limit): bound them all
+        given = given or {}
     return {
         key: seconds if (value := given.get(key)) is None else min(value, seconds)
         for key in _TIMEOUT_KEYS
