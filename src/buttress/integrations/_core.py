@@ -146,7 +146,7 @@ class Edge:
         self.tracer = trace.get_tracer(_tracer_scope, tracer_provider=tracer_provider)
         self.traced = tracer_provider is not None
         self._attempt = attempt
-        self._runner = self._build(None)
+        self.service_runner = self._build(None)
         self._hosts: dict[str, Callable[..., Any]] = {}
         self._lock = threading.Lock()
 
@@ -170,7 +170,7 @@ class Edge:
     def runner(self, host: str | None) -> Callable[..., Any]:
         """The attempt under the policy for ``host``: the service's, or the host's."""
         if not self.per_host or not host:
-            return self._runner
+            return self.service_runner
         host = host.lower()
         runner = self._hosts.get(host)
         if runner is not None:
@@ -298,7 +298,8 @@ class Exchange:
         self.repeatable = repeatable
         self.error = error
         self.traced = traced
-        self.run = edge.runner(host)
+        # The per-host lookup only where there are hosts to look up.
+        self.run = edge.runner(host) if edge.per_host else edge.service_runner
 
     def exhausted(self, failed: FailedResponse) -> Any:
         """The caller's answer when the last attempt got a transient response: it, or the error."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Unpack
 
 import httpx
+from opentelemetry.trace import INVALID_SPAN, Span
 
 from buttress.integrations._core import Edge, EdgeOptions, Exchange, repeatable
 
@@ -34,7 +35,8 @@ def _exchange(edge: Edge, request: httpx.Request) -> Exchange:
         )
 
     method = request.method
-    return edge.exchange(method, host, repeatable(method, request.headers), error, traced=traced)
+    repeat = edge.idempotency_key or repeatable(method, request.headers)
+    return Exchange(edge, method, host, repeat, error, traced=traced)
 
 
 def _bounded(given: Any, seconds: float) -> dict[str, float] | None:
@@ -77,16 +79,22 @@ def _kept(response: httpx.Response, raw: bytes) -> httpx.Response:
 def _send(transport: httpx.BaseTransport, ex: Exchange, request: httpx.Request) -> httpx.Response:
     """One attempt: the only I/O of the sync transport."""
     _prepare(ex, request)
+    if not ex.traced:  # no span scope to enter: this runs on every attempt
+        return _answer(ex, INVALID_SPAN, transport.handle_request(request))
     with ex.attempt() as span:
-        response = transport.handle_request(request)
-        status = response.status_code
-        if not ex.transient(span, status, response.headers):
-            return response
-        try:
-            raw = b"".join(response.iter_raw())
-        finally:
-            response.close()
-        raise ex.failure(_kept(response, raw), status, response.headers)
+        return _answer(ex, span, transport.handle_request(request))
+
+
+def _answer(ex: Exchange, span: Span, response: httpx.Response) -> httpx.Response:
+    """The response, or the failure that carries a transient one (read, its connection freed)."""
+    status = response.status_code
+    if not ex.transient(span, status, response.headers):
+        return response
+    try:
+        raw = b"".join(response.iter_raw())
+    finally:
+        response.close()
+    raise ex.failure(_kept(response, raw), status, response.headers)
 
 
 async def _asend(
@@ -94,16 +102,22 @@ async def _asend(
 ) -> httpx.Response:
     """One attempt: the only I/O of the async transport."""
     _prepare(ex, request)
+    if not ex.traced:
+        return await _aanswer(ex, INVALID_SPAN, await transport.handle_async_request(request))
     with ex.attempt() as span:
-        response = await transport.handle_async_request(request)
-        status = response.status_code
-        if not ex.transient(span, status, response.headers):
-            return response
-        try:
-            raw = b"".join([chunk async for chunk in response.aiter_raw()])
-        finally:
-            await response.aclose()
-        raise ex.failure(_kept(response, raw), status, response.headers)
+        return await _aanswer(ex, span, await transport.handle_async_request(request))
+
+
+async def _aanswer(ex: Exchange, span: Span, response: httpx.Response) -> httpx.Response:
+    """:func:`_answer` for the async transport."""
+    status = response.status_code
+    if not ex.transient(span, status, response.headers):
+        return response
+    try:
+        raw = b"".join([chunk async for chunk in response.aiter_raw()])
+    finally:
+        await response.aclose()
+    raise ex.failure(_kept(response, raw), status, response.headers)
 
 
 class ResilientTransport(httpx.BaseTransport):
