@@ -4,8 +4,8 @@ An integration protects one client call the way ``resilient(service)`` protects 
 service's whole stack from settings, with the *attempt* innermost, so retry repeats the breaker,
 rate limit, timeout and bulkhead around each send. An attempt that gets a transient answer raises
 :class:`~buttress.patterns._transient.FailedResponse` inside the policy (so the breaker counts
-it and retry tries again without the caller raising), and :meth:`Edge.unwrap` turns the last one
-back into the client's own answer at the edge.
+it and retry tries again without the caller raising), and :meth:`Exchange.exhausted` turns the
+last one back into the client's own answer at the edge.
 """
 
 from __future__ import annotations
