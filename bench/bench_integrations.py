@@ -188,7 +188,6 @@ def main() -> int:
         ("in-process, stack alone", "bare in-process", "stack alone in-process"),
         ("in-process, integration", "stack alone in-process", "buttress in-process"),
     )
-    share = 0.0
     for label, base, case in rows:
         overhead = median_of(samples, lambda f, p: f - p, case, base)
         ratio = median_of(samples, lambda f, p: f / p, case, base)
@@ -199,8 +198,15 @@ def main() -> int:
             f"{statistics.median(samples[case]) * us:7.1f}us {overhead * us:7.1f}us "
             f"{ratio:5.2f}x {share:9.2%}"
         )
-    verdict = "ok" if share <= GOAL else "OVER GOAL"
-    print(f"\nthe integration's own cost / request: {share:.2%} (goal {GOAL:.0%}: {verdict})")
+    own = median_of(
+        samples,
+        lambda f, p, r: (f - p) / r,
+        "buttress in-process",
+        "stack alone in-process",
+        "bare sync",
+    )
+    verdict = "ok" if own <= GOAL else "OVER GOAL"
+    print(f"\nthe integration's own cost / request: {own:.2%} (goal {GOAL:.0%}: {verdict})")
     return 0
 
 
