@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from buttress import config, events
+from buttress.config import _lifecycle
 from buttress.exceptions import ConfigurationError
 from buttress.testing import capture_events
 
@@ -120,3 +121,119 @@ def test_the_watcher_thread_reloads_on_its_own(configmap: ConfigMap) -> None:
         watcher.stop()
         undo()
     assert max_attempts() == 9
+
+
+# --- following on its own: settings read from a file named by BUTTRESS_CONFIG_FILE --------------
+
+
+@pytest.fixture
+def followed(configmap: ConfigMap, monkeypatch: pytest.MonkeyPatch) -> Iterator[ConfigMap]:
+    """The configmap named in the process's environment, its watcher too slow to fire by itself."""
+    monkeypatch.setenv(config.CONFIG_FILE_VARIABLE, str(configmap.path))
+    monkeypatch.setenv("BUTTRESS_CONFIG_WATCH_INTERVAL", "300")
+    config.reload_settings()
+    yield configmap
+    monkeypatch.delenv(config.CONFIG_FILE_VARIABLE)
+    config.reload_settings()
+    assert _lifecycle._following is None
+
+
+def test_settings_read_from_a_named_file_follow_it_without_being_asked(followed: ConfigMap) -> None:
+    watcher = _lifecycle._following
+    assert watcher is not None
+    assert (watcher.path, watcher.interval) == (str(followed.path), 300.0)
+    followed.publish(attempts(6))
+    assert watcher.check() is True
+    assert max_attempts() == 6
+    config.reload_settings()  # the same file, the same interval: the same watcher
+    assert _lifecycle._following is watcher
+
+
+def test_no_file_or_interval_zero_follows_nothing_and_a_change_stops_the_old_watcher(
+    followed: ConfigMap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = _lifecycle._following
+    assert first is not None
+    monkeypatch.setenv("BUTTRESS_CONFIG_WATCH_INTERVAL", "0")
+    config.reload_settings()
+    assert _lifecycle._following is None
+    assert first._stop.is_set()
+    monkeypatch.setenv("BUTTRESS_CONFIG_WATCH_INTERVAL", "120")
+    config.reload_settings()
+    assert _lifecycle._following is not None
+    assert _lifecycle._following.interval == 120.0
+
+
+@pytest.mark.parametrize("value", ["0.01", "301", "soon", "nan", "-5"])
+def test_a_bad_watch_interval_fails_at_load_with_its_variable(
+    configmap: ConfigMap, value: str
+) -> None:
+    env = {**configmap.env, "BUTTRESS_CONFIG_WATCH_INTERVAL": value}
+    with pytest.raises(ConfigurationError) as caught:
+        config.load_settings(env)
+    [problem] = caught.value.errors
+    assert problem.path == "BUTTRESS_CONFIG_WATCH_INTERVAL"
+    assert problem.source == "env BUTTRESS_CONFIG_WATCH_INTERVAL"
+    assert "between 0.1 and 300 seconds" in problem.message
+
+
+def test_a_file_that_switches_everything_off_is_still_followed(
+    followed: ConfigMap,
+) -> None:
+    # enabled = false with a bad key: the kill switch alone is in force, and the file still
+    # followed, so fixing the file turns buttress back on by itself.
+    followed.publish("enabled = false\n[services.pay.retry]\nmax_attempts = 0\n")
+    watcher = _lifecycle._following
+    assert watcher is not None
+    assert watcher.check() is False  # invalid, said so, but the switch in it took effect
+    assert config.get_settings().enabled is False
+    assert _lifecycle._following is not None
+    followed.publish(attempts(5))
+    assert _lifecycle._following.check() is True
+    assert config.get_settings().enabled is True
+    assert max_attempts() == 5
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_worker_follows_the_file_with_a_thread_of_its_own(followed: ConfigMap) -> None:
+    parent = _lifecycle._following
+    assert parent is not None
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report whether it has a live watcher of its own, then leave
+        child = _lifecycle._following
+        ok = (
+            child is not None
+            and child is not parent
+            and child._thread is not None
+            and child._thread.is_alive()
+            and child.path == parent.path
+        )
+        os.write(write, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(write)
+    try:
+        assert os.read(read, 1) == b"1"
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+
+
+@pytest.mark.realtime
+def test_the_automatic_watcher_reloads_on_its_own(
+    configmap: ConfigMap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(config.CONFIG_FILE_VARIABLE, str(configmap.path))
+    monkeypatch.setenv("BUTTRESS_CONFIG_WATCH_INTERVAL", "0.1")
+    reloaded = threading.Event()
+    undo = events.subscribe(lambda e: reloaded.set(), [events.SettingsReloaded])
+    try:
+        config.reload_settings()
+        reloaded.clear()
+        configmap.publish(attempts(8))
+        assert reloaded.wait(1.5)
+        assert max_attempts() == 8
+    finally:
+        undo()
+        monkeypatch.delenv(config.CONFIG_FILE_VARIABLE)
+        config.reload_settings()

@@ -22,7 +22,13 @@ from typing import Any
 
 from buttress import config as package
 from buttress import events
-from buttress.config._models import CONFIG_FILE_VARIABLE, KILL_SWITCH_VARIABLES, Settings
+from buttress.config._models import (
+    CONFIG_FILE_VARIABLE,
+    DEFAULT_WATCH_INTERVAL,
+    KILL_SWITCH_VARIABLES,
+    WATCH_INTERVAL_BOUNDS,
+    Settings,
+)
 from buttress.config._sources import load_settings, locate_file, read_file, truth
 from buttress.config._view import Snapshot
 from buttress.exceptions import ConfigurationError
@@ -49,6 +55,7 @@ def current() -> Snapshot:
                 raise error
             loaded = Snapshot(next(_generations), settings)
             package.SNAPSHOT = loaded
+            _follow(settings)
     if error is not None:
         _warn_switched_off(error)  # outside the lock: a log handler may read the settings
     return loaded
@@ -104,6 +111,8 @@ def reload_settings(
         settings, error = _load(env, config_file)
         if settings is not None:
             package.SNAPSHOT = Snapshot(next(_generations), settings)
+            if env is None and config_file is None:
+                _follow(settings)  # settings from the process's own environment and file
         in_force: Snapshot | None = vars(package).get("SNAPSHOT")
     generation = in_force.generation if in_force is not None else -1
     if error is not None:
@@ -145,7 +154,11 @@ def _switched_off(
     if file_name is not None:
         raw, _ = read_file(Path(file_name), path_source, [])
         if raw.get("enabled") is False:
-            return _off(f"file {file_name}")
+            settings = _off(f"file {file_name}")
+            # Still followed: turning the switch back on in the file must take effect on its own.
+            settings._config_file = file_name
+            settings._watch_interval = DEFAULT_WATCH_INTERVAL
+            return settings
     return None
 
 
@@ -156,8 +169,6 @@ def _off(source: str) -> Settings:
 
 
 # --- watching the config file ---------------------------------------------------------------------
-
-WATCH_INTERVAL_BOUNDS = (0.1, 300.0)  # seconds between two looks at the file
 
 
 class SettingsWatcher:
@@ -235,8 +246,40 @@ class SettingsWatcher:
     def stop(self) -> None:
         """Stop polling (and wait for the thread to end)."""
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
+
+
+# The process's own watcher: started when settings in force come from a file named by
+# BUTTRESS_CONFIG_FILE, replaced when a reload names another file or interval, stopped when none.
+# Guarded by _lock (every caller holds it).
+_following: SettingsWatcher | None = None
+
+
+def _follow(settings: Settings) -> None:
+    """Follow the file ``settings`` were read from, as ``BUTTRESS_CONFIG_WATCH_INTERVAL`` says."""
+    global _following
+    path, interval = settings.config_file, settings._watch_interval
+    watcher = _following
+    if watcher is not None and watcher.path == path and watcher.interval == interval:
+        return
+    if watcher is not None:
+        # Not joined: its thread may be waiting for the lock this caller holds, to reload.
+        watcher._stop.set()
+        _following = None
+    if path is not None and interval > 0:
+        _following = SettingsWatcher(interval, None).start()
+
+
+def _follow_again_after_fork() -> None:
+    # A forked child has no copy of the parent's thread: a new watcher, on the same file.
+    global _following
+    watcher = _following
+    if watcher is not None:
+        _following = SettingsWatcher(watcher.interval, None).start()
+
+
+os.register_at_fork(after_in_child=_follow_again_after_fork)
 
 
 def watch_settings(
@@ -244,9 +287,11 @@ def watch_settings(
 ) -> SettingsWatcher:
     """Reload the settings whenever the file named by ``BUTTRESS_CONFIG_FILE`` changes.
 
-    Starts a daemon thread polling the file every ``interval`` seconds (0.1 to 300); call it once
-    per process, after any fork (a forked worker does not inherit the thread). Nothing starts on
-    its own: a library must not run threads its application did not ask for.
+    Starts a daemon thread polling the file every ``interval`` seconds (0.1 to 300). Settings
+    read from a file named by ``BUTTRESS_CONFIG_FILE`` are followed on their own already (every
+    ``BUTTRESS_CONFIG_WATCH_INTERVAL`` seconds, 5 by default); this starts a watcher of your own
+    besides, for another interval or another environment, and :meth:`SettingsWatcher.stop` ends it.
+    It is not carried into a forked child.
 
     Args:
         interval: seconds between two looks at the file.
