@@ -462,9 +462,18 @@ class CircuitBreaker(CompatBreaker):
                 retry_after = None if until == _FOREVER else until - _clock.monotonic()
                 if retry_after is None or retry_after > 0:
                     reason = "open" if retry_after is not None else "forced_open"
-                    if self._rejected.record is None:
+                    record = self._rejected.record
+                    if record is None:
                         raise _open_error(self._messages[reason], self.service, retry_after)
-                    if self._remote is None:  # admit()'s rejection, without its frame
+                    if self._remote is None:
+                        if not self._outbox and not self._delivering:
+                            # _reject's common case inline (nothing queued before it): every
+                            # call comes here while the circuit is open.
+                            try:
+                                record(PATTERN, reason, retry_after)
+                            except Exception:  # noqa: BLE001 - a subscriber must never break it
+                                events.failed(record)
+                            raise _open_error(self._messages[reason], self.service, retry_after)
                         self._reject(reason, retry_after, shadow=False, locked=False)
             if self._remote is not None:
                 return self._admission(call, args, kwargs, shadow=False)
