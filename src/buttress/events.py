@@ -495,6 +495,19 @@ def _compose(kind: type[Any], service: str) -> Callable[..., object] | None:
         return parts[0][1]  # the emit site reports a failure (see failed())
     if len(parts) == 2:  # the default subscribers on a per-call kind: no loop
         (first_handler, first), (second_handler, second) = parts
+        if len(kind._fields) == 4:  # CallFinished, CallRejected: no tuple of fields to pack
+
+            def both3(a: Any, b: Any, c: Any) -> None:
+                try:
+                    first(a, b, c)
+                except Exception:  # noqa: BLE001 - a subscriber must never break the call
+                    _report(first_handler)
+                try:
+                    second(a, b, c)
+                except Exception:  # noqa: BLE001 - a subscriber must never break the call
+                    _report(second_handler)
+
+            return both3
 
         def both(*fields: Any) -> None:
             try:
