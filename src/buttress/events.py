@@ -521,6 +521,17 @@ def _compose(kind: type[Any], service: str) -> Callable[..., object] | None:
 
         return both
 
+    if len(kind._fields) == 4:  # CallRejected with the three default subscribers
+
+        def each3(a: Any, b: Any, c: Any) -> None:
+            for handler, bound in parts:
+                try:
+                    bound(a, b, c)
+                except Exception:  # noqa: BLE001 - a subscriber must never break the call
+                    _report(handler)
+
+        return each3
+
     def each(*fields: Any) -> None:
         for handler, bound in parts:
             try:

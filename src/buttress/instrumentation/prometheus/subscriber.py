@@ -299,6 +299,8 @@ class PrometheusSubscriber:
         failures = inc["buttress_circuit_breaker_failures_total"]
         ignored = inc["buttress_circuit_breaker_ignored_total"]
         slow_calls = inc["buttress_circuit_breaker_slow_calls_total"]
+        # The success series, bound at the first success (no series before its first value).
+        success: Inc | None = None
 
         def circuit_call(
             outcome: str,
@@ -308,8 +310,11 @@ class PrometheusSubscriber:
             _failure_rate: float | None,
             _slow_call_rate: float | None,
         ) -> None:
+            nonlocal success
             if outcome == "success":
-                successes[service]()
+                if success is None:
+                    success = successes[service]
+                success()
             elif outcome == "failure":
                 failures[service, error_type or "unknown"]()
             else:
