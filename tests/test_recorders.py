@@ -130,3 +130,25 @@ def test_a_scrape_shows_a_service_once_it_was_called(mode, clock):
             otel=before.get("otel", False),  # type: ignore[arg-type]
             logging=before.get("logging", False),  # type: ignore[arg-type]
         )
+
+
+def test_a_failing_call_recorder_leaves_a_rejection_as_it_was(mode, clock):
+    from buttress.events import CallFinished
+
+    def binder(service: str):
+        def broken(*fields: object) -> None:
+            raise RuntimeError("subscriber bug")
+
+        return broken
+
+    undo = events.subscribe(lambda event: None, [CallFinished], binder=binder)
+    try:
+
+        def fail() -> str:
+            raise ConnectionError("down")
+
+        fn = circuit_breaker(name="broken-call-recorder", fail_max=1)(mode.define(fail))
+        assert isinstance(mode.outcome(fn), ConnectionError)
+        assert isinstance(mode.outcome(fn), CircuitOpenError)
+    finally:
+        undo()

@@ -1444,6 +1444,13 @@ def _wrap_sync(policy: Policy, fn: Callable[P, R]) -> Callable[P, R]:
         started = _clock.monotonic()
         try:
             result = compiled.chain(args, kwargs)
+        except RejectedError as exc:
+            # _finished's first case inline: while a circuit is open, every call comes here.
+            try:
+                record("rejected", _clock.monotonic() - started, type(exc).__name__)
+            except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
+                events.failed(record)
+            raise
         except Exception as exc:
             _finished(record, exc, _clock.monotonic() - started)
             raise
@@ -1478,6 +1485,13 @@ def _wrap_async(policy: Policy, fn: Callable[P, Awaitable[R]]) -> Callable[P, Aw
         started = _clock.monotonic()
         try:
             result = await compiled.chain(args, kwargs)
+        except RejectedError as exc:
+            # _finished's first case inline: while a circuit is open, every call comes here.
+            try:
+                record("rejected", _clock.monotonic() - started, type(exc).__name__)
+            except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
+                events.failed(record)
+            raise
         except Exception as exc:
             _finished(record, exc, _clock.monotonic() - started)
             raise
