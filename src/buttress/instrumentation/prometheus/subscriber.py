@@ -400,8 +400,11 @@ class PrometheusSubscriber:
         by_outcome: dict[str, HistogramSeries] = Lazy(
             lambda outcome: local.child(family, (service, outcome))
         )
-        for outcome in OUTCOMES:
-            by_outcome[outcome] = local.child(family, (service, outcome))
+        # Each outcome's series is made at its first call; until then the collector shows it as
+        # zeros (the service is in ``services``), which costs the service nothing at rest. The
+        # label is fixed now, so the cardinality guard counts services in the order of their
+        # first calls.
+        self.service_labels(service)
         self._first_call(service)
         return by_outcome
 
