@@ -419,6 +419,12 @@ class Recorder:
     subscriber offered one (pre-bound series, a level check before anything is built), and as a
     built event to the other handlers. An emit site looks ``record`` up on every call, so a
     subscription made later applies to calls already compiled, and nothing is rebuilt.
+
+    The subscribers bind on the first event of the kind for the service, not when the recorder
+    is made: until then ``record`` is the recorder itself, which binds, puts what they bound in
+    ``record``, and records. A service that never sees a kind (most never see a rejection)
+    holds no binding for it, and a subscriber never shows a series for a kind before its first
+    event.
     """
 
     __slots__ = ("kind", "record", "service")
@@ -427,6 +433,15 @@ class Recorder:
         self.kind = kind
         self.service = service
         self.record: Callable[..., object] | None = None
+
+    def __call__(self, *fields: Any) -> None:
+        me: Recorder = self  # (mypy narrows ``self`` by the identity test below)
+        with _lock:
+            if me.record is self:  # not bound since the subscriptions last changed
+                me.record = _compose(me.kind, me.service)
+            record = me.record
+        if record is not None:
+            record(*fields)
 
 
 def recorder(kind: type[Any], service: str) -> Recorder:
@@ -437,9 +452,17 @@ def recorder(kind: type[Any], service: str) -> Recorder:
             found = _recorders.get((kind, service))
             if found is None:
                 found = Recorder(kind, service)
-                found.record = _compose(kind, service)
+                found.record = _pending(found)
                 _recorders[kind, service] = found
     return found
+
+
+def _pending(found: Recorder) -> Callable[..., object] | None:
+    """``found`` itself (it binds on its first event), or ``None`` if nobody listens to its kind.
+
+    The caller holds ``_lock``.
+    """
+    return found if ROUTES.get(found.kind) else None
 
 
 def _compose(kind: type[Any], service: str) -> Callable[..., object] | None:
@@ -472,6 +495,19 @@ def _compose(kind: type[Any], service: str) -> Callable[..., object] | None:
         return parts[0][1]  # the emit site reports a failure (see failed())
     if len(parts) == 2:  # the default subscribers on a per-call kind: no loop
         (first_handler, first), (second_handler, second) = parts
+        if len(kind._fields) == 4:  # CallFinished, CallRejected: no tuple of fields to pack
+
+            def both3(a: Any, b: Any, c: Any) -> None:
+                try:
+                    first(a, b, c)
+                except Exception:  # noqa: BLE001 - a subscriber must never break the call
+                    _report(first_handler)
+                try:
+                    second(a, b, c)
+                except Exception:  # noqa: BLE001 - a subscriber must never break the call
+                    _report(second_handler)
+
+            return both3
 
         def both(*fields: Any) -> None:
             try:
@@ -484,6 +520,17 @@ def _compose(kind: type[Any], service: str) -> Callable[..., object] | None:
                 _report(second_handler)
 
         return both
+
+    if len(kind._fields) == 4:  # CallRejected with the three default subscribers
+
+        def each3(a: Any, b: Any, c: Any) -> None:
+            for handler, bound in parts:
+                try:
+                    bound(a, b, c)
+                except Exception:  # noqa: BLE001 - a subscriber must never break the call
+                    _report(handler)
+
+        return each3
 
     def each(*fields: Any) -> None:
         for handler, bound in parts:
@@ -503,9 +550,9 @@ def failed(record: Callable[..., object]) -> None:
 def _rebind(kinds: Iterable[type[Any]]) -> None:
     # The caller holds _lock. Only the recorders of the kinds whose subscriptions changed.
     changed = set(kinds)
-    for (kind, service), found in _recorders.items():
+    for (kind, _), found in _recorders.items():
         if kind in changed:
-            found.record = _compose(kind, service)
+            found.record = _pending(found)
 
 
 def subscribe(

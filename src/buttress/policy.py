@@ -1436,22 +1436,26 @@ def _wrap_sync(policy: Policy, fn: Callable[P, R]) -> Callable[P, R]:
         if record is None:
             result = compiled.chain(args, kwargs)
             return result
+        if compiled.answers:
+            result = _answering(compiled.chain, record, args, kwargs)
+            return result
         # Somebody listens to CallFinished: time the call and hand its outcome to the recorder
         # (pre-bound series; no event is built unless a plain handler wants one).
         started = _clock.monotonic()
-        # A chain that may answer in the call's place gets a cell to say how; others pay nothing.
-        cell = ["success"] if compiled.answers else None
-        scope = answered_as.set(cell) if cell is not None else None
         try:
             result = compiled.chain(args, kwargs)
+        except RejectedError as exc:
+            # _finished's first case inline: while a circuit is open, every call comes here.
+            try:
+                record("rejected", _clock.monotonic() - started, type(exc).__name__)
+            except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
+                events.failed(record)
+            raise
         except Exception as exc:
             _finished(record, exc, _clock.monotonic() - started)
             raise
-        finally:
-            if scope is not None:
-                answered_as.reset(scope)
         try:
-            record("success" if cell is None else cell[0], _clock.monotonic() - started, None)
+            record("success", _clock.monotonic() - started, None)
         except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
             events.failed(record)
         return result
@@ -1475,26 +1479,79 @@ def _wrap_async(policy: Policy, fn: Callable[P, Awaitable[R]]) -> Callable[P, Aw
         if record is None:
             result = await compiled.chain(args, kwargs)
             return result
+        if compiled.answers:
+            result = await _aanswering(compiled.chain, record, args, kwargs)
+            return result
         started = _clock.monotonic()
-        # A chain that may answer in the call's place gets a cell to say how; others pay nothing.
-        cell = ["success"] if compiled.answers else None
-        scope = answered_as.set(cell) if cell is not None else None
         try:
             result = await compiled.chain(args, kwargs)
+        except RejectedError as exc:
+            # _finished's first case inline: while a circuit is open, every call comes here.
+            try:
+                record("rejected", _clock.monotonic() - started, type(exc).__name__)
+            except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
+                events.failed(record)
+            raise
         except Exception as exc:
             _finished(record, exc, _clock.monotonic() - started)
             raise
-        finally:
-            if scope is not None:
-                answered_as.reset(scope)
         try:
-            record("success" if cell is None else cell[0], _clock.monotonic() - started, None)
+            record("success", _clock.monotonic() - started, None)
         except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
             events.failed(record)
         return result
 
     _mark(wrapper, policy, fn)
     return wrapper
+
+
+def _answering(
+    chain: Call, record: Callable[..., object], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """A recorded call of a chain that may answer in the call's place (fallback, cache,
+    deferral): the outcome is what the pattern notes in the call's cell (_context.answered).
+
+    Apart from the wrappers, so that the other chains pay nothing for it.
+    """
+    started = _clock.monotonic()
+    cell = ["success"]
+    scope = answered_as.set(cell)
+    try:
+        result = chain(args, kwargs)
+    except Exception as exc:
+        _finished(record, exc, _clock.monotonic() - started)
+        raise
+    finally:
+        answered_as.reset(scope)
+    try:
+        record(cell[0], _clock.monotonic() - started, None)
+    except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
+        events.failed(record)
+    return result
+
+
+async def _aanswering(
+    chain: AsyncCall,
+    record: Callable[..., object],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """:func:`_answering` for ``async def`` callers."""
+    started = _clock.monotonic()
+    cell = ["success"]
+    scope = answered_as.set(cell)
+    try:
+        result = await chain(args, kwargs)
+    except Exception as exc:
+        _finished(record, exc, _clock.monotonic() - started)
+        raise
+    finally:
+        answered_as.reset(scope)
+    try:
+        record(cell[0], _clock.monotonic() - started, None)
+    except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
+        events.failed(record)
+    return result
 
 
 def _finished(record: Callable[..., object], exc: Exception, elapsed: float) -> None:

@@ -228,13 +228,20 @@ class Counting:
 
 
 def test_series_are_bound_once_per_service_and_outcome_in_a_single_process():
-    subscriber = PrometheusSubscriber(CollectorRegistry(), multiprocess=False)
+    registry = CollectorRegistry()
+    subscriber = PrometheusSubscriber(registry, multiprocess=False)
     spy = subscriber.local.child = Counting(subscriber.local.child)
     with attached(subscriber):
         for _ in range(50):
             events.emit(CallFinished("svc", "success", 0.001, None))
             events.emit(CallFinished("svc", "failure", 0.001, "ValueError"))
-    assert spy.calls == len(prometheus.OUTCOMES)  # all bound at the service's first call
+    # Once per outcome the service had (at its first call of that outcome), never per call.
+    assert spy.calls == 2
+    # The outcomes it has not had yet are still shown, as zeros, from its first call.
+    for outcome in prometheus.OUTCOMES:
+        labels = {"service": "svc", "outcome": outcome}
+        expected = 50 if outcome in {"success", "failure"} else 0
+        assert registry.get_sample_value("buttress_calls_total", labels) == expected
     (series,) = [
         s
         for labels, s in subscriber.local.series["buttress_call_duration_seconds"].items()

@@ -148,27 +148,18 @@ class LoggingSubscriber:
         """The fast path of the per-call kinds: the level is checked before an event is built."""
         return {CallFinished: self._bind_call_finished, CallRejected: self._bind_rejected}
 
-    def _enabled(self) -> Callable[[int], bool]:
-        enabled = self.logger.isEnabledFor
+    def _bind_call_finished(self, service: str) -> Callable[[str, float, str | None], None]:
+        log = self.logger.log
         # The logger's own answers to isEnabledFor, which logging empties whenever a level
         # changes: a "no" found there saves a call per event. Anything else (a "yes", no answer
         # yet, a logging without the cache) asks isEnabledFor itself.
-        known: dict[int, bool] = getattr(self.logger, "_cache", {})
-
-        def is_enabled(level: int) -> bool:
-            return known.get(level) is not False and enabled(level)
-
-        return is_enabled
-
-    def _bind_call_finished(self, service: str) -> Callable[[str, float, str | None], None]:
-        log = self.logger.log
         known: dict[int, bool] = getattr(self.logger, "_cache", {})
         enabled = self.logger.isEnabledFor
         name = EVENT_NAMES[CallFinished][0]
 
         def record_call(outcome: str, duration: float, error_type: str | None) -> None:
-            level = _outcome_level(outcome)
-            # The cache inline (see _enabled), one frame less: this runs on every successful call.
+            # _outcome_level and the cache inline, no frame: this runs on every call.
+            level = DEBUG if outcome == "success" else INFO
             if known.get(level) is not False and enabled(level):
                 event = CallFinished(service, outcome, duration, error_type)
                 log(level, name, extra=_fields(name, event))
@@ -177,12 +168,14 @@ class LoggingSubscriber:
 
     def _bind_rejected(self, service: str) -> Callable[[str, str, float | None], None]:
         log = self.logger.log
-        enabled = self._enabled()
+        known: dict[int, bool] = getattr(self.logger, "_cache", {})
+        enabled = self.logger.isEnabledFor
         name = EVENT_NAMES[CallRejected][0]
 
         def rejected(pattern: str, reason: str, retry_after: float | None) -> None:
-            level = _rejection_level(pattern)
-            if enabled(level):
+            # _rejection_level and the cache inline: an open circuit rejects every call.
+            level = DEBUG if pattern == "circuit_breaker" else INFO
+            if known.get(level) is not False and enabled(level):
                 event = CallRejected(service, pattern, reason, retry_after)
                 log(level, name, extra=_fields(name, event))
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.trace import Span, TracerProvider
+from opentelemetry.trace import INVALID_SPAN, Span, TracerProvider, get_current_span
 
 from buttress import events
 from buttress.events import (
@@ -52,8 +52,9 @@ SERVICE = "buttress.service"
 
 
 def _recording() -> Span | None:
-    span = trace.get_current_span()
-    return span if span.is_recording() else None
+    span = get_current_span()
+    # No span in the context is INVALID_SPAN, which never records: no call to ask it.
+    return span if span is not INVALID_SPAN and span.is_recording() else None
 
 
 class OTelSubscriber:
@@ -100,7 +101,9 @@ class OTelSubscriber:
         on_rejected = self._on_rejected
 
         def rejected(pattern: str, reason: str, retry_after: float | None) -> None:
-            if _recording() is not None:
+            # _recording() inline: an open circuit rejects every call.
+            span = get_current_span()
+            if span is not INVALID_SPAN and span.is_recording():
                 on_rejected(CallRejected(service, pattern, reason, retry_after))
 
         return rejected

@@ -24,6 +24,7 @@ from buttress.instrumentation.prometheus.catalog import (
     CATALOG,
     CIRCUIT_STATES,
     KILL_SWITCH,
+    OUTCOMES,
     Family,
 )
 from buttress.instrumentation.prometheus.series import OTHER_SERVICE, LocalFamilies, ServiceLabels
@@ -67,11 +68,21 @@ class Collector:
             if family.kind == "gauge":
                 continue
             metric = out[family.name]
-            for labels, one in sorted(series[family.name].items()):
+            items: dict[tuple[str, ...], Any] = dict(series[family.name])
+            if family.name == "buttress_call_duration_seconds":
+                # Every outcome of a service that made a call is shown; the subscriber makes an
+                # outcome's series at its first call, and this one reads as zeros until then.
+                for label in {self._label(service) for service in self._seen()[1]}:
+                    for outcome in OUTCOMES:
+                        items.setdefault((label, outcome), None)
+            for labels, one in sorted(items.items()):
                 if family.kind == "counter":
                     metric.add_metric(labels, one.read())
                     continue
-                buckets, total = one.read()
+                if one is None:
+                    buckets, total = [0] * (len(family.buckets or ()) + 1), 0.0
+                else:
+                    buckets, total = one.read()
                 bounds = [*map(floatToGoString, family.buckets or ()), "+Inf"]
                 metric.add_metric(
                     labels, list(zip(bounds, accumulate(buckets), strict=True)), total

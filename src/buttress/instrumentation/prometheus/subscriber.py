@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import itertools
 import threading
+from bisect import bisect_left
 from collections.abc import Callable
+from threading import get_ident
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -297,6 +299,8 @@ class PrometheusSubscriber:
         failures = inc["buttress_circuit_breaker_failures_total"]
         ignored = inc["buttress_circuit_breaker_ignored_total"]
         slow_calls = inc["buttress_circuit_breaker_slow_calls_total"]
+        # The success series, bound at the first success (no series before its first value).
+        success: Inc | None = None
 
         def circuit_call(
             outcome: str,
@@ -306,8 +310,11 @@ class PrometheusSubscriber:
             _failure_rate: float | None,
             _slow_call_rate: float | None,
         ) -> None:
+            nonlocal success
             if outcome == "success":
-                successes[service]()
+                if success is None:
+                    success = successes[service]
+                success()
             elif outcome == "failure":
                 failures[service, error_type or "unknown"]()
             else:
@@ -327,21 +334,26 @@ class PrometheusSubscriber:
         return acquired
 
     def _bind_timed_call(self, service: str) -> Callable[[float, bool], None]:
-        family = FAMILIES["buttress_timeout_elapsed_seconds"]
-        local = self.local
-        # One series, bound at the first timed call (the key is always the same).
-        observe = HistogramSeries.by_key(lambda _: local.child(family, (service,)))
+        # Bound at the service's first timed call (recorders bind on their first event).
+        series = self.local.child(FAMILIES["buttress_timeout_elapsed_seconds"], (service,))
+        cells, bounds = series.cells, series.bounds
 
         def timed_call(elapsed: float, _timed_out: bool) -> None:
-            observe(service, elapsed, None)
+            # HistogramSeries.observe inline, one frame per call.
+            cell = cells.get(get_ident())
+            if cell is None:
+                cell = series.cell()
+            cell[bisect_left(bounds, elapsed)] += 1
+            cell[-1] += elapsed
 
         return timed_call
 
     def _bind_call_finished(self, service: str) -> RecordCall:
         """What a call of ``service`` records: its outcome and duration, into bound series.
 
-        The series are bound at the service's first call (a dict lookup after that), not when
-        the recorder is made: a subscriber added later must not show services it never saw.
+        Called at the service's first call (recorders bind on their first event), so a
+        subscriber added later does not show services it never saw; every outcome's series is
+        made then.
         """
         if self.multiprocess:
             calls = self._calls
@@ -353,13 +365,19 @@ class PrometheusSubscriber:
 
             return record_call
         # buttress_calls_total is the count of this histogram series, read at scrape time.
-        # Bound at the service's first call (every outcome then), not when the recorder is made.
-        local_calls = self._local_calls
+        by_outcome = self._local_calls[service]
+        success = by_outcome["success"]
 
-        def series_of(outcome: str) -> HistogramSeries:
-            return local_calls[service][outcome]
+        def observe(outcome: str, duration: float, _unrecorded: str | None) -> None:
+            # HistogramSeries.observe inline, one frame per call: this runs on every call.
+            series = success if outcome == "success" else by_outcome[outcome]
+            cell = series.cells.get(get_ident())
+            if cell is None:
+                cell = series.cell()
+            cell[bisect_left(series.bounds, duration)] += 1
+            cell[-1] += duration
 
-        return HistogramSeries.by_key(series_of)
+        return observe
 
     def _bind_calls(self, service: str) -> dict[str, tuple[Inc, Observe]]:
         calls = self.metrics["buttress_calls_total"]
@@ -382,8 +400,11 @@ class PrometheusSubscriber:
         by_outcome: dict[str, HistogramSeries] = Lazy(
             lambda outcome: local.child(family, (service, outcome))
         )
-        for outcome in OUTCOMES:
-            by_outcome[outcome] = local.child(family, (service, outcome))
+        # Each outcome's series is made at its first call; until then the collector shows it as
+        # zeros (the service is in ``services``), which costs the service nothing at rest. The
+        # label is fixed now, so the cardinality guard counts services in the order of their
+        # first calls.
+        self.service_labels(service)
         self._first_call(service)
         return by_outcome
 
