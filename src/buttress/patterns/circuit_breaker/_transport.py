@@ -39,8 +39,13 @@ class _SyncLink:
         try:
             born, conn = self._idle.pop()
         except IndexError:
-            born, conn = incarnation, self._make()
+            born, conn = incarnation, None
         try:
+            if conn is None:
+                conn = self._make()
+                # Connected here, not on the first send: a send connects without the
+                # connection's own connect(), where a Sentinel-managed one finds the master.
+                conn.connect()
             conn.send_packed_command((request,), check_health=False)
             try:
                 reply = conn.read_response()
@@ -52,7 +57,8 @@ class _SyncLink:
                 conn.read_response()
                 reply = conn.read_response()
         except BaseException:
-            conn.disconnect()
+            if conn is not None:
+                conn.disconnect()
             raise
         if born == self._incarnation:
             self._idle.append((born, conn))
@@ -187,13 +193,20 @@ class RedisTransport:
         make_sync: makes a redis-py synchronous ``Connection`` (not yet connected).
         make_async: makes a redis-py asyncio ``Connection``.
         timeout: seconds an asyncio reply may take (the sync connections have their own).
+        stale: called on :meth:`reset`: where the connections go may have moved (a cluster
+            slot's owner); the next connection asks again.
     """
 
-    __slots__ = ("_alink", "_link", "acall", "call")
+    __slots__ = ("_alink", "_link", "_stale", "acall", "call")
 
     def __init__(
-        self, make_sync: Callable[[], Any], make_async: Callable[[], Any], timeout: float
+        self,
+        make_sync: Callable[[], Any],
+        make_async: Callable[[], Any],
+        timeout: float,
+        stale: Callable[[], None] | None = None,
     ) -> None:
+        self._stale = stale
         self._link = _SyncLink(make_sync)
         self._alink = _AsyncLink(make_async, timeout)
         # The links' own methods, with no call in between (one of each per shared call).
@@ -206,6 +219,8 @@ class RedisTransport:
         """Drop the pooled connections (after a fault they are probably broken)."""
         self._link.reset()
         self._alink.reset()
+        if self._stale is not None:
+            self._stale()
 
     def forget(self) -> None:
         """After fork: the pooled sockets belong to the parent; leave them alone."""

@@ -39,6 +39,7 @@ from buttress.patterns.circuit_breaker._states import (
     SUCCESS,
     TO_PYBREAKER,
 )
+from buttress.patterns.circuit_breaker._topology import connectors
 from buttress.patterns.circuit_breaker._transport import RedisTransport
 
 __all__ = [
@@ -149,6 +150,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         reconnect_min: float,
         reconnect_max: float,
         trial_lease: float | None,
+        stale: Callable[[], None] | None = None,
     ) -> None:
         super().__init__("redis")
         self.service = service
@@ -162,7 +164,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
             b"%s:{%s}:circuit" % (KEY_PREFIX.encode(), tag),
             b"%s:{%s}:trials" % (KEY_PREFIX.encode(), tag),
         )
-        self._transport = RedisTransport(make_sync, make_async, socket_timeout)
+        self._transport = RedisTransport(make_sync, make_async, socket_timeout, stale)
         self._lock = threading.Lock()
         # The circuit as this process alone sees it: it mirrors every shared decision, so an
         # outage starts from the last state seen in Redis; negative generations. Guarded by _lock.
@@ -636,8 +638,12 @@ def make_storage(
     first calls decide locally.
 
     Args:
-        state_url: ``redis://[user:password@]host[:port][/db]``, ``rediss://`` (TLS) or
-            ``unix://``.
+        state_url: ``redis://[user:password@]host[:port][/db]``, ``rediss://`` (TLS),
+            ``unix://``, ``redis+sentinel://[user:password@]host:port[,host:port...]/master[/db]``
+            (the master found through redis-py's ``Sentinel``),
+            ``redis+cluster://[user:password@]host:port[,host:port...]`` (the node owning the
+            circuit's slot, through redis-py's cluster map), or any of these with ``valkey`` in
+            place of ``redis`` (``valkeys://`` for ``rediss://``).
         service: the service name (the keys are ``buttress:{service}:...``).
         socket_timeout: seconds a Redis reply may take.
         connect_timeout: seconds a connection may take.
@@ -671,8 +677,9 @@ def make_storage(
         ) from None
     if shown.startswith("<"):
         raise ConfigurationError(
-            f"service {service!r}: circuit_breaker.state_url must be a redis://, rediss:// or "
-            "unix:// URL (the value is not repeated here: it may hold a password)",
+            f"service {service!r}: circuit_breaker.state_url must be a redis://, rediss://, "
+            "unix://, redis+sentinel://, redis+cluster:// or valkey:// URL (the value is not "
+            "repeated here: it may hold a password)",
             errors=(
                 (f"services.{service}.circuit_breaker.state_url", "state_url", "not a Redis URL"),
             ),
@@ -686,11 +693,12 @@ def make_storage(
     try:
         # No client retries: a fault falls back to local state at once. Each pool gets the
         # Retry of its own world; redis-py 8.2 warns when a sync one reaches an asyncio pool.
-        sync_pool = redis.ConnectionPool.from_url(
-            state_url, retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0), **options
-        )
-        async_pool = redis.asyncio.ConnectionPool.from_url(
-            state_url, retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0), **options
+        made = connectors(
+            state_url,
+            service.encode(),
+            options,
+            redis.retry.Retry(redis.backoff.NoBackoff(), 0),
+            redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0),
         )
     except (ValueError, TypeError) as exc:
         raise ConfigurationError(
@@ -698,14 +706,12 @@ def make_storage(
             f"{type(exc).__name__}",
             errors=((f"services.{service}.circuit_breaker.state_url", "state_url", "invalid URL"),),
         ) from None
-    # The pools only parsed the URL; the storage keeps its own connections (see _transport).
-    make_sync = _connector(sync_pool.connection_class, sync_pool.connection_kwargs)
-    make_async = _connector(async_pool.connection_class, async_pool.connection_kwargs)
     return SharedStateStorage(
         service,
         url=shown,
-        make_sync=make_sync,
-        make_async=make_async,
+        make_sync=made.make_sync,
+        make_async=made.make_async,
+        stale=made.stale,
         socket_timeout=socket_timeout,
         connect_timeout=connect_timeout,
         idle_ttl=idle_ttl,
@@ -713,11 +719,3 @@ def make_storage(
         reconnect_max=reconnect_max,
         trial_lease=trial_lease,
     )
-
-
-def _connector(connection_class: Any, kwargs: dict[str, Any]) -> Callable[[], Any]:
-    # A closure, not functools.partial: a partial's repr would show the password.
-    def connect() -> Any:
-        return connection_class(**kwargs)
-
-    return connect
