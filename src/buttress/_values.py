@@ -19,6 +19,7 @@ __all__ = [
     "MAX_SECONDS",
     "MIN_RATE",
     "MIN_SECONDS",
+    "STATE_URL_SCHEMES",
     "GrowthFactor",
     "PositiveSeconds",
     "Rate",
@@ -46,7 +47,7 @@ Rate = Annotated[float, Field(ge=MIN_RATE, le=MAX_RATE, allow_inf_nan=False)]
 GrowthFactor = Annotated[float, Field(ge=1, le=MAX_FACTOR, allow_inf_nan=False)]
 
 # The schemes a state_url may have (the valkey ones name the same protocol).
-_URL_SCHEMES: Final = frozenset(
+STATE_URL_SCHEMES: Final = frozenset(
     {
         "redis",
         "rediss",
@@ -69,7 +70,7 @@ def redact(url: str) -> str:
     wrong place.
     """
     scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in _URL_SCHEMES or not rest:
+    if not sep or scheme.lower() not in STATE_URL_SCHEMES or not rest:
         return "<not a redis://, rediss:// or unix:// URL>"
     try:
         parts = urlsplit(url)

@@ -234,3 +234,15 @@ def test_the_loss_of_a_cluster_node_fails_no_call(peers: Any, redis_cluster: Any
     assert faults
     assert {f.service for f in faults} == {"svc"}
     assert kept().get("evalsha", 0) >= 20  # the other circuit stayed shared: one per call
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis+sentinel://127.0.0.1:1/bt", "valkey+cluster://127.0.0.1:1", "valkeys://127.0.0.1:1/0"],
+)
+def test_settings_accept_the_topology_urls(url: str) -> None:
+    from buttress import config
+
+    env = {"BUTTRESS_SERVICES__PAY__CIRCUIT_BREAKER__STATE_URL": url}
+    settings = config.load_settings(env=env)
+    assert settings.services["pay"].circuit_breaker.state_url == url

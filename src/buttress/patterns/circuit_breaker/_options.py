@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
-from buttress._values import PositiveSeconds, StateURL
+from buttress._values import STATE_URL_SCHEMES, PositiveSeconds, StateURL
 from buttress.patterns._base import Options
 
 __all__ = ["PATTERN", "CircuitBreakerOptions", "ExcludeSpec"]
@@ -52,7 +52,8 @@ class CircuitBreakerOptions(Options):
     )
     state_url: StateURL | None = Field(
         None,
-        description="redis://, rediss:// or unix:// URL to share circuit state across processes",
+        description="redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URL "
+        "(valkey forms too) to share circuit state across processes",
     )
 
     @field_validator("state_url")
@@ -62,8 +63,11 @@ class CircuitBreakerOptions(Options):
         # value, which may be a password typed in the wrong place.
         if value is not None:
             scheme, sep, rest = value.partition("://")
-            if not sep or scheme.lower() not in {"redis", "rediss", "unix"} or not rest:
-                raise ValueError("must be a redis://, rediss:// or unix:// URL")
+            if not sep or scheme.lower() not in STATE_URL_SCHEMES or not rest:
+                raise ValueError(
+                    "must be a redis://, rediss:// or unix:// URL, or redis+sentinel://, "
+                    "redis+cluster:// (valkey:// forms too)"
+                )
         return value
 
     @model_validator(mode="after")
