@@ -872,6 +872,8 @@ EXTREMES = [
 # failure, a rate window that counts, a slow-call rule with both halves...).
 COMPANIONS = {
     ("circuit_breaker", "timeout"): {"fail_max": 1},
+    ("circuit_breaker", "open_backoff"): {"fail_max": 1},
+    ("circuit_breaker", "max_timeout"): {"fail_max": 1, "timeout": bounds.MIN_SECONDS},
     ("circuit_breaker", "failure_rate_threshold"): {"minimum_calls": 2, "fail_max": 100},
     ("circuit_breaker", "window_seconds"): {
         "failure_rate_threshold": 0.5,

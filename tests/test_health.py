@@ -98,6 +98,7 @@ def test_no_circuit_means_healthy(clock):
         "bulkheads": {},
         "fallbacks": {},
         "deferred": {},
+        "rate_limiters": {},
     }
 
 

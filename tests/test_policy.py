@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import asyncio
 import importlib
 import inspect
 
@@ -563,7 +562,6 @@ def test_a_decorator_above_staticmethod_or_classmethod(mode, kind):
 
 # -- sans-IO patterns: they decide, the two drivers in policy.py wait ------------------------------
 
-# Ported to decisions only; the circuit breaker and its Redis storage still wrap calls themselves.
 SANS_IO_PATTERNS = (
     "adaptive_throttle",
     "bulkhead",
@@ -600,34 +598,21 @@ def test_a_pattern_module_never_awaits_sleeps_or_blocks(name: str) -> None:
 
 
 @pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
-def test_the_drivers_still_run_a_strategy_that_only_wraps(is_async: bool) -> None:
-    # A pattern not yet split into decisions (the circuit breaker) keeps its wrap/awrap steps.
-    seen: list[str] = []
-
+def test_a_strategy_of_no_known_shape_is_refused_when_linked(is_async: bool) -> None:
+    # The drivers know the shapes of patterns/_base.py only; anything else (a strategy that
+    # wraps the next step itself) is refused at link time, naming the pattern.
     class Wrapping:
         pattern = "circuit_breaker"
 
         def wrap(self, call):
-            def step(args, kwargs):
-                seen.append("wrap")
-                return call(args, kwargs)
-
-            return step
+            return call
 
         def awrap(self, call):
-            async def step(args, kwargs):
-                seen.append("awrap")
-                return await call(args, kwargs)
+            return call
 
-            return step
+    async def body(args, kwargs):
+        return args[0] + 1
 
-    if is_async:
-
-        async def body(args, kwargs):
-            return args[0] + 1
-
-        assert asyncio.run(alink(Wrapping(), body)((1,), {})) == 2
-        assert seen == ["awrap"]
-    else:
-        assert link(Wrapping(), lambda args, kwargs: args[0] + 1)((1,), {}) == 2
-        assert seen == ["wrap"]
+    linker = alink if is_async else link
+    with pytest.raises(TypeError, match=r"circuit_breaker: the strategy .*Wrapping has no known"):
+        linker(Wrapping(), body)

@@ -207,3 +207,36 @@ def test_memory_per_service_does_not_grow_with_the_number_of_services():
     finally:
         tracemalloc.stop()
     assert late < early * 1.25
+
+
+def test_services_settings_leave_alone_share_their_resolved_options(monkeypatch):
+    # At rest a service costs little: views with nothing from settings share one options cache,
+    # so the same code arguments resolve to one object whichever service gives them; a service
+    # with settings of its own resolves its own, with its settings on top.
+    from buttress import config, reload_settings
+
+    monkeypatch.setattr(config, "SNAPSHOT", config.SNAPSHOT)
+    reload_settings(env={"BUTTRESS_SERVICES__TUNED__CIRCUIT_BREAKER__FAIL_MAX": "9"})
+    snapshot = config.SNAPSHOT
+    code = {"fail_max": 5, "timeout": 60}
+    first = snapshot.service("plain-a").options("circuit_breaker", code)
+    second = snapshot.service("plain-b").options("circuit_breaker", code)
+    tuned = snapshot.service("tuned").options("circuit_breaker", code)
+    assert first is second
+    assert (first.fail_max, tuned.fail_max) == (5, 9)
+    assert snapshot.service("tuned").explain()["circuit_breaker"]["fail_max"]["source"] != "code"
+    other = snapshot.service("plain-a").options("circuit_breaker", {"fail_max": 6})
+    assert other.fail_max == 6
+
+
+def test_equal_code_arguments_of_different_types_resolve_apart(mode):
+    # 0 == False and they hash alike: the shared options cache must still keep them apart.
+    from buttress import with_fallback
+
+    def fail() -> str:
+        raise ConnectionError("down")
+
+    zero = with_fallback(0, name="typed-zero")(mode.define(fail))
+    false = with_fallback(False, name="typed-false")(mode.define(fail))
+    assert mode.run(zero) == 0
+    assert mode.run(false) is False

@@ -23,6 +23,7 @@ __all__ = [
     "answered",
     "answered_as",
     "attempt",
+    "bounds_own_io",
     "call_scope",
     "call_target",
     "deadline",
@@ -67,6 +68,11 @@ deadline: ContextVar[float | None] = ContextVar("buttress_deadline", default=Non
 # reads it when its own ``idempotent`` is unset: only the integration knows the method of a
 # request whose error does not name it (aiohttp's, gRPC's).
 repeatable: ContextVar[bool | None] = ContextVar("buttress_repeatable", default=None)
+
+# Whether the call about to run bounds its own I/O by ``remaining()`` (an outbound integration's
+# attempt: its client's timeouts are set to the time left). A sync timeout then sets the deadline
+# and runs the call inline instead of handing it to a worker thread; see docs/integrations.md.
+bounds_own_io: ContextVar[bool] = ContextVar("buttress_bounds_own_io", default=False)
 
 
 def within(seconds: float) -> Token[float | None]:

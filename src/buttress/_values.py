@@ -113,11 +113,19 @@ class RedisURL(str):
 
 
 def _as_redis_url(value: str) -> RedisURL:
+    # Checked when settings load (not on the first call); the message never repeats the value,
+    # which may be a password typed in the wrong place.
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme.lower() not in STATE_URL_SCHEMES or not rest:
+        raise ValueError(
+            "must be a redis://, rediss:// or unix:// URL, or redis+sentinel://, "
+            "redis+cluster:// (valkey:// forms too)"
+        )
     return RedisURL(value)
 
 
-# The annotation of ``state_url``: validated as a string, kept as a RedisURL (usable as is by the
-# storage), dumped to JSON redacted, like pydantic's SecretStr.
+# The annotation of every ``state_url``: validated as a string of one of the schemes above, kept
+# as a RedisURL (usable as is by its user), dumped to JSON redacted, like pydantic's SecretStr.
 StateURL = Annotated[
     str,
     AfterValidator(_as_redis_url),

@@ -55,11 +55,16 @@ def circuit_breaker(
     fail_max: int | None = None,
     timeout: float | None = None,
     reset_timeout: float | None = None,
+    open_backoff: float | None = None,
+    max_timeout: float | None = None,
+    honor_retry_after: bool | None = None,
     success_threshold: int | None = None,
     half_open_max_calls: int | None = None,
     failure_rate_threshold: float | None = None,
     minimum_calls: int | None = None,
+    window: Literal["time", "count"] | None = None,
     window_seconds: float | None = None,
+    window_size: int | None = None,
     slow_call_duration: float | None = None,
     slow_call_rate_threshold: float | None = None,
     exclude: tuple[ExcludeSpec, ...] | list[ExcludeSpec] | None = None,
@@ -73,11 +78,19 @@ def circuit_breaker(
         name: the service; call sites with the same name share one breaker.
         fail_max: consecutive failures that open the circuit (default 5).
         timeout: seconds the circuit stays open (default 60); ``reset_timeout`` is an alias.
+        open_backoff: each trip that follows another without a close multiplies the open time
+            by this (default 1: no growth).
+        max_timeout: cap on the open time (default 10 x ``timeout``).
+        honor_retry_after: a failure that opens the circuit with a server's Retry-After keeps it
+            open at least that long, capped by ``max_timeout`` (default True).
         success_threshold: successful half-open trials that close it (default 1).
         half_open_max_calls: concurrent trial calls while half-open (default 1).
         failure_rate_threshold: also open when this fraction of the calls in the window failed.
         minimum_calls: calls in the window before a rate counts (default 10).
-        window_seconds: length of the rate window (default 60).
+        window: ``"time"`` (the last ``window_seconds``) or ``"count"`` (the last
+            ``window_size`` calls) for the rates.
+        window_seconds: length of the time window (default 60).
+        window_size: calls in the count window (default 100).
         slow_call_duration: seconds after which a call counts as slow.
         slow_call_rate_threshold: also open when this fraction of the window's calls were slow.
         exclude: exception types or predicates that are neither success nor failure.
@@ -85,8 +98,8 @@ def circuit_breaker(
             (the value is still returned).
         count_throttled: count an HTTP 429 Too Many Requests as a failure (by default it is
             neither success nor failure: the dependency is up and asking callers to slow down).
-        state_url: ``redis://``, ``rediss://`` or ``unix://`` URL to share the circuit across
-            processes.
+        state_url: ``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://`` or
+            ``redis+cluster://`` URL (``valkey`` forms too) to share the circuit across processes.
 
     Raises:
         ConfigurationError: an argument is invalid (also a ``ValueError``).
@@ -101,11 +114,16 @@ def circuit_breaker(
         _given(
             fail_max=fail_max,
             timeout=timeout if timeout is not None else reset_timeout,
+            open_backoff=open_backoff,
+            max_timeout=max_timeout,
+            honor_retry_after=honor_retry_after,
             success_threshold=success_threshold,
             half_open_max_calls=half_open_max_calls,
             failure_rate_threshold=failure_rate_threshold,
             minimum_calls=minimum_calls,
+            window=window,
             window_seconds=window_seconds,
+            window_size=window_size,
             slow_call_duration=slow_call_duration,
             slow_call_rate_threshold=slow_call_rate_threshold,
             exclude=tuple(exclude) if exclude is not None else None,
@@ -279,9 +297,23 @@ def with_rate_limit(
     rate: float | None = None,
     burst: int | None = None,
     max_wait: float | None = None,
+    state_url: str | None = None,
+    expected_pods: int | None = None,
 ) -> Policy:
-    """Pace calls with a token bucket: ``rate`` per second, bursts of ``burst``."""
-    return _one("rate_limit", name, _given(rate=rate, burst=burst, max_wait=max_wait))
+    """Pace calls with a token bucket: ``rate`` per second, bursts of ``burst``.
+
+    With ``state_url`` (a Redis URL, Sentinel and Cluster forms too) the rate and burst are the
+    whole fleet's; while Redis is unreachable each process takes its fair share
+    (``expected_pods``, or the pods Redis counted).
+    """
+    given = _given(
+        rate=rate,
+        burst=burst,
+        max_wait=max_wait,
+        state_url=state_url,
+        expected_pods=expected_pods,
+    )
+    return _one("rate_limit", name, given)
 
 
 def with_fallback(

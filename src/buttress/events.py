@@ -338,7 +338,11 @@ class ShadowDecision(NamedTuple):
 
 
 class StateStoreError(NamedTuple):
-    """The shared state store failed; the breaker went on with local state."""
+    """The shared state store failed; the pattern went on with local state.
+
+    ``operation`` is the breaker's request, or ``"rate_limit"`` for the fleet rate limit (which
+    took the process's fair share of the rate).
+    """
 
     service: str
     operation: str

@@ -23,23 +23,36 @@ served a fallback (a handler, a value, a stale cache entry, a deferral) in the l
 limiter, the timeout's worker pool, the settings. The Prometheus collector reads only it;
 :func:`health` reads its circuits and bulkheads (:func:`circuits`, :func:`bulkheads`).
 
+**Operator routes** (only with an admin token, and only for requests carrying it, like the admin
+actions): ``GET <mount>/events`` the recent events (a bounded ring buffer of the operational
+kinds in :data:`RECENT_KINDS`), ``GET <mount>/events/stream`` the same as a server-sent event
+stream (``text/event-stream``: the buffer first, or what followed ``Last-Event-ID``, then each
+event as it happens), ``GET <mount>/settings`` the effective settings with their sources,
+secrets masked (``config.describe()``).
+
 Import the apps with ``from buttress.health_app import asgi_app``. The snapshot function is
 public as ``buttress.health``, a name that belongs to the function alone.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
 import hmac
+import itertools
 import json
 import logging
 import os
+import queue
 import threading
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from http import HTTPStatus
 from typing import Any, Literal, NotRequired, TypedDict
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-from buttress import _clock, _deferral, config, registry
+from buttress import _clock, _deferral, config, events, registry
+from buttress._values import redact_text
 from buttress.events import CacheServedStale, DeferralQueued, FallbackUsed
 from buttress.exceptions import ConfigurationError
 from buttress.patterns.timeout import WorkerPoolSnapshot, worker_pool_snapshot
@@ -47,6 +60,8 @@ from buttress.patterns.timeout import WorkerPoolSnapshot, worker_pool_snapshot
 __all__ = [
     "CRITICALITY_LEVELS",
     "FALLBACK_WINDOW_SECONDS",
+    "RECENT_EVENTS",
+    "RECENT_KINDS",
     "ASGIApp",
     "HealthSnapshot",
     "StateSnapshot",
@@ -57,6 +72,7 @@ __all__ = [
     "criticality",
     "degradation_level",
     "health",
+    "recent_events",
     "record_fallback",
     "reset",
     "snapshot",
@@ -71,6 +87,21 @@ DOWN_STATES = frozenset({"open", "forced_open"})
 FALLBACK_WINDOW_SECONDS = 60.0
 MIN_TOKEN_LENGTH = 16
 ADMIN_ACTIONS = {"reset": "reset", "force_open": "force_open", "force_closed": "force_closed"}
+OPERATOR_ROUTES = frozenset({"/events", "/events/stream", "/settings"})
+RECENT_EVENTS = 256  # events the ring buffer keeps (the oldest go first)
+# What an operator asks "what just happened?" about: transitions, reloads, store faults, workers
+# left running, adaptive limits. Not the per-call kinds: a busy service would push everything
+# else out of the buffer within a second, and subscribing to them would cost every call.
+RECENT_KINDS: tuple[type[Any], ...] = (
+    events.CircuitStateChanged,
+    events.SettingsReloaded,
+    events.StateStoreError,
+    events.WorkerAbandoned,
+    events.BulkheadLimitChanged,
+    events.DeferralQueued,
+)
+STREAM_QUEUE = 1024  # events a slow stream reader may fall behind by before it loses some
+HEARTBEAT_SECONDS = 15.0  # a comment line on an idle stream, so proxies keep it open
 
 _log = logging.getLogger("buttress.health")
 
@@ -89,6 +120,8 @@ class HealthSnapshot(TypedDict):
         fallbacks: services that served a fallback recently (a stale cache entry and a deferral
             count): seconds since the last one.
         deferred: services holding deferred calls in this process: how many.
+        rate_limiters: by registry key: service, tokens, rate, burst; a fleet limiter adds
+            ``shared`` (``redis``, or ``local`` while it takes its fair share) and ``pods``.
         settings_error: present only when the settings in force are invalid (and the kill
             switch is on): the error, naming key path and source. Every protected call fails
             then, so the status is ``critical``.
@@ -101,6 +134,7 @@ class HealthSnapshot(TypedDict):
     bulkheads: dict[str, dict[str, Any]]
     fallbacks: dict[str, float]
     deferred: dict[str, int]
+    rate_limiters: dict[str, dict[str, Any]]
     settings_error: NotRequired[str]
 
 
@@ -184,9 +218,86 @@ def record_fallback(event: FallbackUsed | CacheServedStale | DeferralQueued) -> 
 
 
 def reset() -> None:
-    """Forget the fallbacks seen so far (with ``registry.clear()``: a fresh start for tests)."""
+    """Forget the fallbacks and events seen so far (with ``registry.clear()``: a fresh start)."""
     with _fallbacks_lock:
         _fallbacks.clear()
+    _recent.clear()
+
+
+class _Recent:
+    """The ring buffer of recent events, and the streams following it (any thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_EVENTS)
+        self._ids = itertools.count(1)
+        self._streams: list[Callable[[dict[str, Any]], None]] = []
+        self._undo: Callable[[], None] | None = None
+
+    def start(self) -> None:
+        """Record from now on (once per process: the apps call it when made)."""
+        with self._lock:
+            if self._undo is None:
+                self._undo = events.subscribe(self.record, RECENT_KINDS)
+
+    def record(self, event: Any) -> None:
+        fields = {
+            name: redact_text(value) if isinstance(value, str) else value
+            for name, value in event._asdict().items()
+        }
+        with self._lock:
+            item = {"id": next(self._ids), "at": _clock.wall(), "type": type(event).__name__}
+            item.update(fields)
+            self._items.append(item)
+            streams = tuple(self._streams)
+        for push in streams:
+            push(item)
+
+    def items(self, after: int = 0) -> list[dict[str, Any]]:
+        with self._lock:
+            return [item for item in self._items if item["id"] > after]
+
+    def follow(self, push: Callable[[dict[str, Any]], None], after: int) -> list[dict[str, Any]]:
+        """Have ``push`` get each new event; return those after ``after`` already kept."""
+        with self._lock:  # one step, so no event falls between the backlog and the stream
+            self._streams.append(push)
+            return [item for item in self._items if item["id"] > after]
+
+    def unfollow(self, push: Callable[[dict[str, Any]], None]) -> None:
+        with self._lock:
+            self._streams.remove(push)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+_recent = _Recent()
+
+
+def recent_events() -> list[dict[str, Any]]:
+    """The events kept in the ring buffer, oldest first (recorded once an app was made)."""
+    return _recent.items()
+
+
+def _sse(item: dict[str, Any]) -> bytes:
+    data = json.dumps(item, sort_keys=True, default=str)
+    return f"id: {item['id']}\nevent: {item['type']}\ndata: {data}\n\n".encode()
+
+
+def _last_event_id(value: str | None) -> int:
+    try:
+        return max(0, int(value or 0))
+    except ValueError:
+        return 0
+
+
+_STREAM_HEADERS = [
+    ("content-type", "text/event-stream; charset=utf-8"),
+    ("cache-control", "no-store"),
+    ("x-accel-buffering", "no"),  # nginx: pass each event on as it comes
+]
+_HEARTBEAT = b": keep-alive\n\n"
 
 
 def _recent_fallbacks() -> dict[str, float]:
@@ -230,6 +341,7 @@ def health() -> HealthSnapshot:
         bulkheads=bulkhead_snapshots,
         fallbacks=fallbacks,
         deferred=deferred,
+        rate_limiters=_snapshots("rate_limit"),
     )
 
 
@@ -242,6 +354,7 @@ def _unusable_settings(exc: ConfigurationError) -> HealthSnapshot:
         bulkheads={},
         fallbacks=_recent_fallbacks(),
         deferred=_deferral.depths(),
+        rate_limiters={},
         settings_error=str(exc),
     )
 
@@ -281,16 +394,36 @@ class _Handler:
     def __init__(self, admin_token: str | None) -> None:
         self._token = _admin_token(admin_token)
 
-    def __call__(self, method: str, path: str, authorization: str | None) -> Response:
+    def __call__(self, method: str, path: str, authorization: str | None) -> Response | None:
+        """The response; ``None``: an authorized ``GET /events/stream`` (the app streams)."""
         path = path.rstrip("/")
         if not path:
             if method not in {"GET", "HEAD"}:
                 return _json(405, {"error": "use GET"}, ("allow", "GET, HEAD"))
             snapshot = health()
             return _json(503 if snapshot["status"] == "critical" else 200, snapshot)
-        if self._token is not None and path.startswith("/circuits/"):
-            return self._admin(method, path.removeprefix("/circuits/"), authorization)
+        if self._token is not None:
+            if path.startswith("/circuits/"):
+                return self._admin(method, path.removeprefix("/circuits/"), authorization)
+            if path in OPERATOR_ROUTES:
+                return self._operator(method, path, authorization)
         return _json(404, {"error": "not found"})
+
+    def _operator(self, method: str, path: str, authorization: str | None) -> Response | None:
+        if method != "GET":
+            return _json(405, {"error": "use GET"}, ("allow", "GET"))
+        if not self._authorized(authorization):
+            _log.warning("buttress.admin.refused", extra={"service": "", "action": path})
+            return _json(401, {"error": "unauthorized"}, ("www-authenticate", "Bearer"))
+        if path == "/events/stream":
+            return None
+        if path == "/events":
+            return _json(200, {"events": _recent.items()})
+        try:
+            described = config.describe()
+        except ConfigurationError as exc:
+            return _json(503, {"settings_error": str(exc)})
+        return _json(200, described)
 
     def _admin(self, method: str, rest: str, authorization: str | None) -> Response:
         key, _, action = rest.rpartition("/")
@@ -346,6 +479,7 @@ def asgi_app(*, admin_token: str | None = None) -> ASGIApp:
         ConfigurationError: the token is shorter than 16 characters.
     """
     handle = _Handler(admin_token)
+    _recent.start()
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -366,7 +500,15 @@ def asgi_app(*, admin_token: str | None = None) -> ASGIApp:
             (v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"authorization"),
             None,
         )
-        status, headers, body = handle(method, path, authorization)
+        response = handle(method, path, authorization)
+        if response is None:
+            last = next(
+                (v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"last-event-id"),
+                None,
+            )
+            await _astream(receive, send, _last_event_id(last))
+            return
+        status, headers, body = response
         await send(
             {
                 "type": "http.response.start",
@@ -377,6 +519,50 @@ def asgi_app(*, admin_token: str | None = None) -> ASGIApp:
         await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
 
     return app
+
+
+async def _astream(receive: Receive, send: Send, after: int) -> None:
+    """Serve the event stream until the client goes away (ASGI)."""
+    loop = asyncio.get_running_loop()
+    pending: asyncio.Queue[dict[str, Any]] = asyncio.Queue(STREAM_QUEUE)
+
+    def offer(item: dict[str, Any]) -> None:
+        if not pending.full():  # a reader that fell this far behind loses events, not memory
+            pending.put_nowait(item)
+
+    def push(item: dict[str, Any]) -> None:  # from any thread
+        # RuntimeError: the loop closed under a stream not yet unfollowed.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(offer, item)
+
+    backlog = _recent.follow(push, after)
+    gone = asyncio.ensure_future(_disconnected(receive))
+    try:
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in _STREAM_HEADERS]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for item in backlog:
+            await send({"type": "http.response.body", "body": _sse(item), "more_body": True})
+        while not gone.done():
+            getter = asyncio.ensure_future(pending.get())
+            await asyncio.wait(
+                {getter, gone}, timeout=HEARTBEAT_SECONDS, return_when=asyncio.FIRST_COMPLETED
+            )
+            if getter.done():
+                chunk = _sse(getter.result())
+            else:
+                getter.cancel()
+                if gone.done():
+                    break
+                chunk = _HEARTBEAT
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    finally:
+        _recent.unfollow(push)
+        gone.cancel()
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
@@ -392,13 +578,41 @@ async def _lifespan(receive: Receive, send: Send) -> None:
 def wsgi_app(*, admin_token: str | None = None) -> WSGIApplication:
     """A WSGI app serving :func:`health`; same routes and token rules as :func:`asgi_app`."""
     handle = _Handler(admin_token)
+    _recent.start()
 
-    def app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
-        status, headers, body = handle(
-            method, environ.get("PATH_INFO", ""), environ.get("HTTP_AUTHORIZATION")
-        )
+        response = handle(method, environ.get("PATH_INFO", ""), environ.get("HTTP_AUTHORIZATION"))
+        if response is None:
+            start_response("200 OK", list(_STREAM_HEADERS))
+            return _stream(_last_event_id(environ.get("HTTP_LAST_EVENT_ID")))
+        status, headers, body = response
         start_response(f"{status} {HTTPStatus(status).phrase}", headers)
         return [] if method == "HEAD" else [body]
 
     return app
+
+
+def _stream(after: int) -> Iterator[bytes]:
+    """The event stream for a WSGI server: it holds one of the server's threads while open.
+
+    It ends when the server closes it (the client went away: a write failed).
+    """
+    pending: queue.Queue[dict[str, Any]] = queue.Queue(STREAM_QUEUE)
+
+    def push(item: dict[str, Any]) -> None:
+        # Full: a reader that fell this far behind loses events, not memory.
+        with contextlib.suppress(queue.Full):
+            pending.put_nowait(item)
+
+    backlog = _recent.follow(push, after)
+    try:
+        for item in backlog:
+            yield _sse(item)
+        while True:
+            try:
+                yield _sse(pending.get(timeout=HEARTBEAT_SECONDS))
+            except queue.Empty:
+                yield _HEARTBEAT
+    finally:
+        _recent.unfollow(push)

@@ -558,8 +558,34 @@ def _bounded(strategy: Any, call: Call) -> Call:
         "still running calls abandoned at their deadline)"
     )
     deadline_var = _context.deadline
+    own_io = _context.bounds_own_io
+
+    def inline(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # The call bounds its own I/O by the deadline (an integration's client timeouts): no
+        # worker. An error once the deadline has passed is that deadline's doing: a timeout.
+        start = _clock.monotonic()
+        limit = limit_of(start)
+        deadline = start + limit
+        token = deadline_var.set(deadline)
+        inner = own_io.set(False)  # for the call's own calls, which bound nothing themselves
+        try:
+            result = call(args, kwargs)
+        except Exception as exc:
+            elapsed = _clock.monotonic() - start
+            if elapsed < limit and type(exc) is not _deadline.NotStartedError:
+                finished(elapsed, timed_out=False)
+                raise
+            finished(elapsed, timed_out=True)
+            raise exceeded(limit, elapsed) from exc
+        finally:
+            own_io.reset(inner)
+            deadline_var.reset(token)
+        finished(_clock.monotonic() - start, timed_out=False)
+        return result
 
     def timed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if own_io.get():
+            return inline(args, kwargs)
         start = _clock.monotonic()
         limit = limit_of(start)
         deadline = start + limit
@@ -692,7 +718,7 @@ def link(strategy: Any, call: Call) -> Call:
         return _gate(strategy.before, strategy.after, call)
     if hasattr(strategy, "limit"):
         return _bounded(strategy, call)
-    return cast("Call", strategy.wrap(call))
+    raise _unknown_shape(strategy)
 
 
 def alink(strategy: Any, call: AsyncCall) -> AsyncCall:
@@ -718,7 +744,17 @@ def alink(strategy: Any, call: AsyncCall) -> AsyncCall:
         return _agate(strategy.before, strategy.after, call)
     if hasattr(strategy, "limit"):
         return _abounded(strategy, call)
-    return cast("AsyncCall", strategy.awrap(call))
+    raise _unknown_shape(strategy)
+
+
+def _unknown_shape(strategy: Any) -> TypeError:
+    # Refused when the policy links its chain (its first call), naming the pattern, rather than
+    # failing later inside a call with an AttributeError.
+    name = getattr(strategy, "pattern", type(strategy).__qualname__)
+    return TypeError(
+        f"{name}: the strategy {type(strategy).__qualname__} has no known shape (gate, judge, "
+        "judged gate, keyed, recovery or bounded; see buttress.patterns._base)"
+    )
 
 
 # A pattern's own entry points (the circuit breaker's pybreaker-facing API) perform effects

@@ -344,6 +344,12 @@ def shared_state(mode: Any, clock: FakeClock) -> None:
     mode.run(protect(mode.define()))
 
 
+def shared_rate_limit(mode: Any, clock: FakeClock) -> None:
+    """fleet_quota shares its rate through a Redis that is not there: the local share decides."""
+    limit = with_rate_limit(name="fleet_quota", rate=10, state_url=closed_port_url())
+    mode.run(limit(mode.define()))
+
+
 def chaos_injection(mode: Any, clock: FakeClock) -> None:
     """flaky: every call gets an injected connection error."""
     inject = Policy(Spec("chaos", "flaky", {"enabled": True, "exception_rate": 1.0}))
@@ -365,6 +371,7 @@ def run_all(mode: Any, clock: FakeClock) -> None:
         degraded,
         shadow,
         shared_state,
+        shared_rate_limit,
         chaos_injection,
     ):
         scenario(mode, clock)

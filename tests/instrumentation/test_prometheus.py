@@ -801,6 +801,8 @@ def test_docs_map_the_adr_names():
         events.TimedCallFinished("fast", 0.3, timed_out=False),
         events.CallRejected("fast", "circuit_breaker", "open", 2.5),
         events.CallRejected("fast", "bulkhead", "full", None),
+        events.CacheLookup("fast", "hit"),
+        events.CacheLookup("fast", "miss"),
     ],
     ids=repr,
 )

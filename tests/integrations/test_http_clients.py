@@ -18,7 +18,7 @@ import requests
 
 import buttress
 from buttress import events, registry
-from buttress.exceptions import CircuitOpenError
+from buttress.exceptions import CircuitOpenError, RejectedError
 from buttress.integrations import aiohttp as b_aiohttp
 from buttress.integrations import httpx as b_httpx
 from buttress.integrations import requests as b_requests
@@ -405,3 +405,72 @@ def test_a_slow_answer_times_out_per_attempt_and_is_retried(
     assert (answer.status, answer.body) == (200, b"in time")
     # The second attempt was told what it had left: its own 0.2 s, not the client's default.
     assert 0 < int(upstream.seen[1].headers["X-Buttress-Deadline-Ms"]) <= 200
+
+
+# The service's whole policy from settings, per attempt: the patterns merged after the clients.
+
+
+def test_the_retry_budget_from_settings_limits_retries(
+    client: str, upstream: Upstream, clock: FakeClock, settings: Callable[..., None]
+) -> None:
+    settings(
+        BILLING__RETRY__MAX_ATTEMPTS="5",
+        BILLING__RETRY__BUDGET__RATIO="0.01",
+        BILLING__RETRY__BUDGET__MIN_PER_SECOND="0.1",
+    )
+    for _ in range(8):
+        upstream.then(503)
+    with capture_events() as seen:
+        assert send(client, "billing", "GET", upstream.url).status == 503
+    # The window's reserve (0.1 a second over 10 s) allows one retry: two sends, not five.
+    assert len(upstream.seen) == 2
+    assert any(type(e).__name__ == "RetryBudgetExhausted" for e in seen)
+
+
+@pytest.mark.realtime
+def test_hedging_from_settings_sends_a_copy_of_an_idempotent_request_only(
+    client: str, upstream: Upstream, settings: Callable[..., None]
+) -> None:
+    settings(BILLING__HEDGING__DELAY="0.05", BILLING__HEDGING__IDEMPOTENT="true")
+    upstream.then(200, body=b"slow", action="hang", hang=0.6).then(200, body=b"copy")
+    answer = send(client, "billing", "GET", upstream.url + "/get")
+    assert (answer.status, answer.body) == (200, b"copy")
+    assert len(upstream.seen) == 2
+    # A POST without an idempotency key is never sent twice at once, whatever settings say.
+    upstream.then(200, body=b"posted", action="hang", hang=0.2)
+    assert send(client, "billing", "POST", upstream.url + "/post", body=b"x").body == b"posted"
+    assert [s.path for s in upstream.seen].count("/post") == 1
+
+
+def test_the_adaptive_throttle_from_settings_refuses_locally(
+    client: str, upstream: Upstream, clock: FakeClock, settings: Callable[..., None]
+) -> None:
+    settings(
+        BILLING__RETRY__ENABLED="false",
+        BILLING__CIRCUIT_BREAKER__ENABLED="false",
+        BILLING__ADAPTIVE_THROTTLE__ENABLED="true",
+        BILLING__ADAPTIVE_THROTTLE__K="1.1",
+        BILLING__ADAPTIVE_THROTTLE__SEED="1",
+    )
+    for _ in range(40):
+        upstream.then(503)
+    refused = 0
+    for _ in range(40):
+        try:
+            send(client, "billing", "GET", upstream.url)
+        except RejectedError:
+            refused += 1
+    # Every answer failed: the throttle refuses most requests without sending them.
+    assert refused > 10
+    assert len(upstream.seen) == 40 - refused
+
+
+def test_cache_and_coalescing_settings_never_share_a_response(
+    client: str, upstream: Upstream, clock: FakeClock, settings: Callable[..., None]
+) -> None:
+    # A response is its caller's stream: the integrations leave these two out (documented).
+    settings(BILLING__CACHE__TTL="60", BILLING__COALESCING__ENABLED="true")
+    upstream.then(200, body=b"first").then(200, body=b"second")
+    assert send(client, "billing", "GET", upstream.url).body == b"first"
+    assert send(client, "billing", "GET", upstream.url).body == b"second"
+    assert len(upstream.seen) == 2

@@ -398,7 +398,9 @@ def test_a_429_is_neither_success_nor_failure_and_a_5xx_is_a_failure(
         g.fail(broken)
     assert [e.outcome for e in seen] == ["ignored"] * 5 + ["failure", "ignored", "failure"]
     assert g.breaker.state_label == "open"
-    clock.advance(5)
+    clock.advance(29.9)  # the 503 that opened it said Retry-After: 30 (honor_retry_after)
+    assert g.breaker.state_label == "open"
+    clock.advance(0.1)
     g.fail(throttled)  # a throttled trial gives its slot back, the circuit stays half-open
     assert (g.breaker.state_label, g.ok()[0]) == ("half_open", "ok")
     assert g.breaker.state_label == "closed"

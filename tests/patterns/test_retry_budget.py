@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 import buttress
@@ -172,3 +174,28 @@ def test_two_call_sites_cannot_give_one_service_two_budgets() -> None:
     buttress.retry_with_backoff("claimed", budget={"ratio": 0.1})(one)
     with pytest.raises(ConfigurationError, match=r"services\.claimed\.retry\.budget"):
         buttress.retry_with_backoff("claimed", budget={"ratio": 0.3})(two)
+
+
+def test_first_attempts_counted_without_the_lock_are_all_in_the_window(clock: FakeClock) -> None:
+    # Within a slot a first attempt takes no lock; threads counting at once lose none, and the
+    # counts made before a slot's end stay in that slot (they leave the window with it).
+    spent = budget(ratio=0.5, min_per_second=0.0, window_seconds=10)
+    spent.deposit()  # the first slides the window to now
+    start = threading.Barrier(8)
+
+    def deposit_many() -> None:
+        start.wait()
+        for _ in range(2_000):
+            spent.new_scope()
+
+    threads = [threading.Thread(target=deposit_many) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    clock.advance(5)
+    spent.deposit()  # a later slot: folds the pending ones into theirs first
+    assert spent.snapshot()["requests"] == 16_002
+    clock.advance(5.5)  # the first slot has left the window; the second has not
+    assert spent.snapshot()["requests"] == 1
+    assert spent.withdraw("retry") is False  # 0.5 x 1 first attempt: not one whole retry

@@ -208,3 +208,48 @@ def test_a_chain_built_before_the_storage_changed_follows_it(
     assert commands() == {}
     if mode.is_async:
         mode.run(shared.aclose)
+
+
+# --- open time that grows, and a Retry-After, across the fleet ----------------------------------
+
+
+def breaker_and_chain(mode: Any, storage: Any, body: Any, **options: Any) -> tuple[Any, Any]:
+    breaker = CircuitBreaker("svc", CircuitBreakerOptions(**options), state_storage=storage)
+    return breaker, mode.chain(CircuitBreakerStrategy(breaker, shadow=False), mode.define(body))
+
+
+def test_the_fleets_open_time_grows_on_repeated_trips_and_a_close_resets_it(
+    mode: Any, storages: Any
+) -> None:
+    def down() -> str:
+        raise Down("dependency down")
+
+    options = {"fail_max": 1, "timeout": 30, "open_backoff": 2, "max_timeout": 100}
+    a, call_a = breaker_and_chain(mode, storages(), down, **options)
+    _, call_b = breaker_and_chain(mode, storages(), down, **options)
+    for expected in (30, 60, 100, 100):  # the third trip in a row: 120, capped
+        assert isinstance(mode.outcome(call_a), Down)  # trips (or fails the trial)
+        rejected = mode.outcome(call_b)  # the other process sees the open time Redis chose
+        assert isinstance(rejected, CircuitOpenError)
+        assert expected - 1 < rejected.retry_after <= expected
+        a.half_open()  # the fleet's circuit half-opens; the streak goes on
+    a.close()
+    assert isinstance(mode.outcome(call_a), Down)
+    rejected = mode.outcome(call_b)
+    assert isinstance(rejected, CircuitOpenError)
+    assert 29 < rejected.retry_after <= 30
+
+
+def test_a_retry_after_holds_the_fleets_circuit_open(mode: Any, storages: Any) -> None:
+    from buttress.patterns._transient import FailedResponse
+
+    def unavailable() -> str:
+        raise FailedResponse(object(), 503, method="GET", delay=300)
+
+    _, call_a = breaker_and_chain(mode, storages(), unavailable, fail_max=1, timeout=30)
+    b, call_b = breaker_and_chain(mode, storages(), unavailable, fail_max=1, timeout=30)
+    assert isinstance(mode.outcome(call_a), FailedResponse)
+    rejected = mode.outcome(call_b)
+    assert isinstance(rejected, CircuitOpenError)
+    assert 299 < rejected.retry_after <= 300
+    assert 299 < b.snapshot()["seconds_left_open"] <= 300

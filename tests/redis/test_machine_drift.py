@@ -4,18 +4,21 @@ The same random sequence of admissions, outcomes (of any call still in flight, i
 time passing, forced moves and compare-and-set transitions runs through
 :class:`~buttress.patterns.circuit_breaker._machine.Machine` and through the script on a real
 redis-server; every step must give the same decision: state, admitted, trial, the transition it
-made (if any), the counters and the time left open.
+made (if any), the counters and the time left open, which grows on repeated trips
+(``open_backoff``, capped by ``max_timeout``) and may be held longer by a failure's Retry-After.
 
 Redis's clock cannot be moved, so the script runs with one change: ``now`` is read from a key the
 test sets instead of from ``TIME`` (the test checks that those are the script's lines, so the rest
 is the script as shipped). Time moves in whole seconds, where the script's milliseconds and the
-machine's float seconds compare exactly. Trial leases and key TTLs are longer than any sequence, so
-nothing expires (the local machine has no leases: its own trials always report back).
+machine's float seconds compare exactly (and so do open times grown by a factor of 1.5 or 2).
+Trial leases and key TTLs are longer than any sequence, so nothing expires (the local machine has
+no leases: its own trials always report back).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from importlib import resources
 from typing import Any
@@ -59,7 +62,9 @@ def operations(seed: int, count: int = 40) -> list[tuple[Any, ...]]:
             ops.append(("admit",))
         elif kind == "record":
             outcome = rnd.choices(["success", "failure", "ignored"], weights=[4, 4, 1])[0]
-            ops.append(("record", rnd.randrange(8), outcome))
+            # A failure may carry a server's Retry-After (seconds): it holds a circuit it opens.
+            hold = rnd.choice([0, 0, 0, 2, 7]) if outcome == "failure" else 0
+            ops.append(("record", rnd.randrange(8), outcome, hold))
         elif kind == "advance":
             ops.append(("advance", rnd.randrange(4)))
         elif kind == "force":
@@ -84,7 +89,16 @@ class Lua:
     def set_time(self, seconds: int) -> None:
         self.client.set(self.keys[0] + ":now", START_MS + 1000 * seconds)
 
-    def run(self, op: str, *, lease: str = "", gen: str = "", arg12: str = "", arg13: str = ""):
+    def run(
+        self,
+        op: str,
+        *,
+        lease: str = "",
+        gen: str = "",
+        arg12: str = "",
+        arg13: str = "",
+        hold: int = 0,
+    ):
         limits = self.limits
         argv = [
             op,
@@ -101,14 +115,17 @@ class Lua:
             arg12,
             arg13,
             "",  # no orphaned leases
+            repr(limits.open_backoff),
+            b"" if math.isinf(limits.max_timeout) else b"%d" % (limits.max_timeout * 1000),
+            b"%d" % (hold * 1000),
         ]
         fields = self.script(keys=self.keys, args=argv).decode().split(" ")
         state = fields[0]
         gen_, seq, base, succ, since, now, admitted, trial = map(int, fields[1:9])
         change = fields[9] if fields[9] not in ("", "stale") else None
         retry_after = None
-        if state == "open":
-            retry_after = max(0, since + limits.reset_timeout * 1000 - now) / 1000
+        if state == "open":  # the reply's last field: the open time it chose
+            retry_after = max(0, since + int(fields[11]) - now) / 1000
         return {
             "state": state,
             "admitted": bool(admitted),
@@ -143,17 +160,22 @@ def python(decision: Decision, *, retry_after: bool = True) -> dict[str, Any]:
     reset_timeout=st.integers(1, 3),
     success_threshold=st.integers(1, 3),
     max_trials=st.integers(1, 2),
+    open_backoff=st.sampled_from([1.0, 1.5, 2.0]),
+    cap=st.integers(0, 8),
     seed=st.integers(0, 2**32 - 1),
 )
 def test_the_machine_and_the_script_decide_alike(
-    redis_server, fail_max, reset_timeout, success_threshold, max_trials, seed
+    redis_server, fail_max, reset_timeout, success_threshold, max_trials, open_backoff, cap, seed
 ):
     import redis
 
     ops = operations(seed)
 
     client = redis.Redis(port=redis_server.port, password=redis_server.password)
-    limits = Limits(fail_max, float(reset_timeout), success_threshold, max_trials)
+    max_timeout = float(reset_timeout + cap)
+    limits = Limits(
+        fail_max, float(reset_timeout), success_threshold, max_trials, open_backoff, max_timeout
+    )
     lua = Lua(client, limits)
     machine = Machine(0.0)
     now = 0
@@ -178,17 +200,27 @@ def test_the_machine_and_the_script_decide_alike(
             continue
         if kind == "record":
             ours_ticket, (gen, seq, lease) = tickets.pop(operation[1] % len(tickets))
-            outcome = operation[2]
+            _, _, outcome, hold = operation
             ours = machine.record(
                 ours_ticket.generation,
                 ours_ticket.trial,
                 outcome,
-                limits,
+                limits._replace(hold=float(min(hold, max_timeout))),  # capped, as the breaker does
                 float(now),
                 upto=ours_ticket.seq,
             )
-            theirs, _ = lua.run("record", lease=lease, gen=str(gen), arg12=outcome, arg13=str(seq))
-        elif kind == "force":
+            theirs, _ = lua.run(
+                "record",
+                lease=lease,
+                gen=str(gen),
+                arg12=outcome,
+                arg13=str(seq),
+                hold=min(hold, int(max_timeout)),
+            )
+            # A record's reply carries the open time it chose: both must agree on it too.
+            assert python(ours) == theirs, where
+            continue
+        if kind == "force":
             _, state, always = operation
             ours = machine.force(state, float(now), always=always)
             theirs, _ = lua.run("set", arg12=state, arg13="force" if always else "")

@@ -25,7 +25,14 @@ from __future__ import annotations
 
 from buttress._values import redact
 from buttress.config._display import describe
-from buttress.config._lifecycle import current, get_settings, reload_settings, resolve
+from buttress.config._lifecycle import (
+    SettingsWatcher,
+    current,
+    get_settings,
+    reload_settings,
+    resolve,
+    watch_settings,
+)
 from buttress.config._models import (
     ADMIN_TOKEN_VARIABLE,
     CONFIG_FILE_VARIABLE,
@@ -59,6 +66,7 @@ __all__ = [
     "ServiceSettings",
     "ServiceView",
     "Settings",
+    "SettingsWatcher",
     "Snapshot",
     "describe",
     "get_settings",
@@ -68,6 +76,7 @@ __all__ = [
     "redact",
     "reload_settings",
     "resolve",
+    "watch_settings",
 ]
 
 # Assigned on first access (see __getattr__) and by reload_settings(); a plain module global, so

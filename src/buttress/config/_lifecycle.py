@@ -22,7 +22,13 @@ from typing import Any
 
 from buttress import config as package
 from buttress import events
-from buttress.config._models import KILL_SWITCH_VARIABLES, Settings
+from buttress.config._models import (
+    CONFIG_FILE_VARIABLE,
+    DEFAULT_WATCH_INTERVAL,
+    KILL_SWITCH_VARIABLES,
+    WATCH_INTERVAL_BOUNDS,
+    Settings,
+)
 from buttress.config._sources import load_settings, locate_file, read_file, truth
 from buttress.config._view import Snapshot
 from buttress.exceptions import ConfigurationError
@@ -49,6 +55,7 @@ def current() -> Snapshot:
                 raise error
             loaded = Snapshot(next(_generations), settings)
             package.SNAPSHOT = loaded
+            _follow(settings)
     if error is not None:
         _warn_switched_off(error)  # outside the lock: a log handler may read the settings
     return loaded
@@ -104,6 +111,8 @@ def reload_settings(
         settings, error = _load(env, config_file)
         if settings is not None:
             package.SNAPSHOT = Snapshot(next(_generations), settings)
+            if env is None and config_file is None:
+                _follow(settings)  # settings from the process's own environment and file
         in_force: Snapshot | None = vars(package).get("SNAPSHOT")
     generation = in_force.generation if in_force is not None else -1
     if error is not None:
@@ -145,7 +154,11 @@ def _switched_off(
     if file_name is not None:
         raw, _ = read_file(Path(file_name), path_source, [])
         if raw.get("enabled") is False:
-            return _off(f"file {file_name}")
+            settings = _off(f"file {file_name}")
+            # Still followed: turning the switch back on in the file must take effect on its own.
+            settings._config_file = file_name
+            settings._watch_interval = DEFAULT_WATCH_INTERVAL
+            return settings
     return None
 
 
@@ -153,3 +166,138 @@ def _off(source: str) -> Settings:
     settings = Settings(enabled=False)
     settings._sources = {("enabled",): source}
     return settings
+
+
+# --- watching the config file ---------------------------------------------------------------------
+
+
+class SettingsWatcher:
+    """Reloads the settings when the config file changes; :func:`watch_settings` starts one.
+
+    It polls (one ``stat`` of the file and one ``realpath`` per interval): portable, no new
+    dependency, and it sees what inotify misses on a mounted Kubernetes ConfigMap, where the
+    kubelet swaps the ``..data`` symlink to a new directory and the file named never changes
+    itself. A change is the resolved path, inode, size or modification time differing from the
+    last look. A changed file is validated first, as :func:`reload_settings` does: an invalid
+    one keeps the settings in force, emits ``SettingsReloaded(ok=False)`` and logs why
+    (``buttress.settings.reload_failed``); it is not tried again until it changes again.
+    """
+
+    def __init__(self, interval: float, env: Mapping[str, str] | None) -> None:
+        low, high = WATCH_INTERVAL_BOUNDS
+        if not low <= interval <= high:
+            raise ConfigurationError(
+                f"watch_settings: interval must be between {low:g} and {high:g} seconds, "
+                f"not {interval!r}"
+            )
+        self.interval = interval
+        self._env = env
+        file_name, _ = locate_file(os.environ if env is None else env, None)
+        if file_name is None:
+            raise ConfigurationError(
+                f"watch_settings: {CONFIG_FILE_VARIABLE} names no config file to watch"
+            )
+        self.path = file_name
+        self._seen = self._signature()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _signature(self) -> tuple[str, int, int, int, int] | None:
+        try:
+            real = os.path.realpath(self.path)
+            stat = os.stat(real)
+        except OSError:
+            return None  # gone for now (mid-swap, or unmounted): a change when it comes back
+        return real, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+    def check(self) -> bool:
+        """Look at the file once; reload if it changed. Whether new settings took effect."""
+        seen = self._signature()
+        if seen == self._seen or seen is None:
+            return False
+        self._seen = seen
+        try:
+            reload_settings(env=self._env)
+        except ConfigurationError as exc:  # reported by the event too; the old settings stay
+            _log.warning(
+                "buttress.settings.reload_failed: %s changed but is invalid; the settings in "
+                "force stay:\n%s",
+                self.path,
+                exc,
+            )
+            return False
+        _log.info("buttress.settings.reloaded: %s changed", self.path)
+        return True
+
+    def start(self) -> SettingsWatcher:
+        """Poll on a daemon thread until :meth:`stop`."""
+        self._thread = threading.Thread(target=self._run, name="buttress-settings", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        # A real-time wait: the file's changes happen in real time, whatever clock calls use.
+        while not self._stop.wait(self.interval):
+            try:
+                self.check()
+            except Exception:  # noqa: BLE001 - a watcher dying silently is worse than a log line
+                _log.exception("buttress.settings.watch_failed")
+
+    def stop(self) -> None:
+        """Stop polling (and wait for the thread to end)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+
+# The process's own watcher: started when settings in force come from a file named by
+# BUTTRESS_CONFIG_FILE, replaced when a reload names another file or interval, stopped when none.
+# Guarded by _lock (every caller holds it).
+_following: SettingsWatcher | None = None
+
+
+def _follow(settings: Settings) -> None:
+    """Follow the file ``settings`` were read from, as ``BUTTRESS_CONFIG_WATCH_INTERVAL`` says."""
+    global _following
+    path, interval = settings.config_file, settings._watch_interval
+    watcher = _following
+    if watcher is not None and watcher.path == path and watcher.interval == interval:
+        return
+    if watcher is not None:
+        # Not joined: its thread may be waiting for the lock this caller holds, to reload.
+        watcher._stop.set()
+        _following = None
+    if path is not None and interval > 0:
+        _following = SettingsWatcher(interval, None).start()
+
+
+def _follow_again_after_fork() -> None:
+    # A forked child has no copy of the parent's thread: a new watcher, on the same file.
+    global _following
+    watcher = _following
+    if watcher is not None:
+        _following = SettingsWatcher(watcher.interval, None).start()
+
+
+os.register_at_fork(after_in_child=_follow_again_after_fork)
+
+
+def watch_settings(
+    interval: float = 5.0, *, env: Mapping[str, str] | None = None
+) -> SettingsWatcher:
+    """Reload the settings whenever the file named by ``BUTTRESS_CONFIG_FILE`` changes.
+
+    Starts a daemon thread polling the file every ``interval`` seconds (0.1 to 300). Settings
+    read from a file named by ``BUTTRESS_CONFIG_FILE`` are followed on their own already (every
+    ``BUTTRESS_CONFIG_WATCH_INTERVAL`` seconds, 5 by default); this starts a watcher of your own
+    besides, for another interval or another environment, and :meth:`SettingsWatcher.stop` ends it.
+    It is not carried into a forked child.
+
+    Args:
+        interval: seconds between two looks at the file.
+        env: the environment to read settings from (default ``os.environ``).
+
+    Raises:
+        ConfigurationError: the interval is out of bounds, or no config file is named.
+    """
+    return SettingsWatcher(interval, env).start()

@@ -47,6 +47,9 @@ _OPTIONS: Final[Mapping[str, type[Options]]] = MappingProxyType(
 ENV_PREFIX: Final = "BUTTRESS_"
 CONFIG_FILE_VARIABLE: Final = "BUTTRESS_CONFIG_FILE"
 ADMIN_TOKEN_VARIABLE: Final = "BUTTRESS_ADMIN_TOKEN"  # noqa: S105 - a variable's name, not a token
+WATCH_INTERVAL_VARIABLE: Final = "BUTTRESS_CONFIG_WATCH_INTERVAL"
+WATCH_INTERVAL_BOUNDS: Final = (0.1, 300.0)  # seconds between two looks at the config file
+DEFAULT_WATCH_INTERVAL: Final = 5.0
 KILL_SWITCH_VARIABLES: Final = ("FF_ENABLE_RESILIENCE_PATTERNS", "BUTTRESS_ENABLED")
 # The BUTTRESS_* variables buttress reads that name no settings key, and what reads them: the
 # settings check accepts exactly these besides the keys, so a typo in any other is still caught.
@@ -55,6 +58,7 @@ OTHER_VARIABLES: Final[Mapping[str, str]] = MappingProxyType(
     {
         CONFIG_FILE_VARIABLE: "the config file to read",
         ADMIN_TOKEN_VARIABLE: "the health app's admin token (buttress.health_app)",
+        WATCH_INTERVAL_VARIABLE: "seconds between two looks at the config file (0: not followed)",
     }
 )
 
@@ -247,6 +251,8 @@ class Settings(BaseSettings):
     # Key path -> "env NAME" or "file PATH" for every value the sources gave.
     _sources: dict[tuple[str, ...], str] = PrivateAttr(default_factory=dict)
     _config_file: str | None = PrivateAttr(None)
+    # Seconds between two looks at _config_file, 0 for none (from BUTTRESS_CONFIG_WATCH_INTERVAL).
+    _watch_interval: float = PrivateAttr(0.0)
 
     @classmethod
     def settings_customise_sources(

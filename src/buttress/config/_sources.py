@@ -23,12 +23,15 @@ from pydantic import BaseModel, ValidationError
 from buttress import registry
 from buttress.config._models import (
     CONFIG_FILE_VARIABLE,
+    DEFAULT_WATCH_INTERVAL,
     ENV_PREFIX,
     FLAGS,
     KILL_SWITCH_VARIABLES,
     OTHER_VARIABLES,
     PRESETS,
     SECTIONS,
+    WATCH_INTERVAL_BOUNDS,
+    WATCH_INTERVAL_VARIABLE,
     Settings,
     explicit,
     merge_options,
@@ -364,6 +367,7 @@ def load_settings(
     if file_name is not None:
         file_raw, file_sources = read_file(Path(file_name), path_source, problems)
     env_raw, env_sources = _read_env(environ, problems)
+    watch_interval = _watch_interval(environ, problems)
     sources = {**file_sources, **env_sources}
     merged = _merge(file_raw, env_raw)
 
@@ -386,7 +390,31 @@ def load_settings(
     assert settings is not None  # noqa: S101 - no problems means it validated
     settings._sources = sources
     settings._config_file = file_name
+    settings._watch_interval = watch_interval if file_name is not None else 0.0
     return settings
+
+
+def _watch_interval(environ: Mapping[str, str], problems: list[Problem]) -> float:
+    """Seconds between two looks at the config file: ``BUTTRESS_CONFIG_WATCH_INTERVAL``, 0 = off."""
+    raw = next((v for k, v in environ.items() if k.upper() == WATCH_INTERVAL_VARIABLE), None)
+    if raw is None or not raw.strip():
+        return DEFAULT_WATCH_INTERVAL
+    low, high = WATCH_INTERVAL_BOUNDS
+    try:
+        interval = float(raw)
+    except ValueError:
+        interval = -1.0
+    if interval == 0 or low <= interval <= high:
+        return interval
+    problems.append(
+        Problem(
+            WATCH_INTERVAL_VARIABLE,
+            f"env {WATCH_INTERVAL_VARIABLE}",
+            f"must be 0 (do not follow the config file) or between {low:g} and {high:g} "
+            f"seconds{_got(raw)}",
+        )
+    )
+    return 0.0
 
 
 def locate_file(

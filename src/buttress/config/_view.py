@@ -41,6 +41,20 @@ Sourced = tuple[Any, str]
 # decorated function first runs after a reload, not per call, so a miss costs one validation.
 CACHE_SIZE: Final = 256
 
+# What the many services that settings say nothing about share, so a service costs little at rest
+# (docs/performance.md): the flag sources of a service on the built-in defaults, an empty layer,
+# and the options cache of a view with no layer and no preset from settings. Such a view resolves
+# from the code arguments alone, so one resolved object serves every service that gives the same
+# ones (bounded like a view's own: CACHE_SIZE). None of these is ever mutated but the cache,
+# under its lock.
+_EMPTY_LAYER: Final[dict[str, Sourced]] = {}
+_NO_LAYERS: Final[dict[str, dict[str, Sourced]]] = dict.fromkeys(PATTERNS, _EMPTY_LAYER)
+_DEFAULT_FLAGS: Final[dict[str, Sourced]] = {
+    flag: (ServiceSettings.model_fields[flag].default, "default") for flag in FLAGS
+}
+_shared_cache: OrderedDict[Any, Options] = OrderedDict()
+_shared_cache_lock = threading.Lock()
+
 
 class ServiceView:
     """The flags and resolved options of one service in one snapshot.
@@ -94,6 +108,8 @@ class ServiceView:
                 value = ServiceSettings.model_fields[flag].default
                 source = "default"
             self._flag_sources[flag] = (value, source)
+        if self._flag_sources == _DEFAULT_FLAGS:
+            self._flag_sources = _DEFAULT_FLAGS
         self.enabled: bool = self._flag_sources["enabled"][0]
         self.mode: Mode = self._flag_sources["mode"][0]
         self.rollout: float = self._flag_sources["rollout"][0]
@@ -120,12 +136,16 @@ class ServiceView:
                         else value
                     )
                     layer[field] = (merged, source)
-            self._layers[pattern] = layer
+            self._layers[pattern] = layer or _EMPTY_LAYER
         # Resolved options by (pattern, preset, code arguments): least recently used first, and
         # at most CACHE_SIZE of them, since a function decorated per request with its own
         # arguments (with_timeout(seconds=budget)) would otherwise add one per request.
-        self._cache: OrderedDict[Any, Options] = OrderedDict()
-        self._cache_lock = threading.Lock()
+        self._cache: OrderedDict[Any, Options]
+        if self.preset is None and not any(self._layers.values()):
+            self._layers = _NO_LAYERS
+            self._cache, self._cache_lock = _shared_cache, _shared_cache_lock
+        else:
+            self._cache, self._cache_lock = OrderedDict(), threading.Lock()
 
     def __repr__(self) -> str:
         return (
@@ -158,7 +178,13 @@ class ServiceView:
                 ``preset`` is unknown.
         """
         try:
-            key: Any = (pattern, preset, frozenset(code_args.items()))
+            # Each value with its type: 0, 0.0 and False are equal and hash alike, but a fallback
+            # value of False must not come back as 0 (views share this cache across services).
+            key: Any = (
+                pattern,
+                preset,
+                frozenset((name, type(value), value) for name, value in code_args.items()),
+            )
             hash(key)
         except TypeError:  # an unhashable code argument: resolve without caching
             return self._resolve(pattern, code_args, preset)[0]

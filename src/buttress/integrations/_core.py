@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, MutableMapping
+from types import TracebackType
+from typing import Any, Literal, TypedDict
 
 from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind, TracerProvider
+from opentelemetry.trace import INVALID_SPAN, ProxyTracerProvider, Span, SpanKind, TracerProvider
 
 from buttress import _clock, _context, registry
 from buttress.decorators import CANONICAL_ORDER
 from buttress.patterns._transient import (
+    GRPC_TRANSIENT,
     IDEMPOTENT_METHODS,
     FailedResponse,
     server_delay,
@@ -33,8 +35,9 @@ __all__ = [
     "DEFAULT_MAX_HOSTS",
     "OVERFLOW_HOST",
     "Edge",
+    "EdgeOptions",
+    "Exchange",
     "OnExhausted",
-    "deadline_ms",
     "note_error",
     "note_outcome",
     "repeatable",
@@ -52,8 +55,25 @@ OVERFLOW_HOST = "*"
 # Patterns whose instance is per host with ``per_host=True``: what one bad host must not spoil
 # for the others. Retry, rate limit, timeout and fallback stay the service's.
 _PER_HOST = frozenset({"circuit_breaker", "bulkhead"})
+# Patterns an integration does not run, whatever the service's settings say: a response is a
+# stream its one caller reads (and the request's arguments are live client objects, no key), so
+# one answer cannot be handed to other callers. Cache or coalesce a function of your own that
+# returns the parsed result instead (docs/integrations.md).
+_NOT_AT_THE_EDGE = frozenset({"cache", "coalescing"})
 
 OnExhausted = Literal["return", "raise"]
+
+
+class EdgeOptions(TypedDict, total=False):
+    """The keyword arguments every HTTP integration takes (see :class:`Edge`)."""
+
+    per_host: bool
+    max_hosts: int
+    on_exhausted: OnExhausted
+    deadline_header: str | None
+    idempotency_key: bool
+    tracer_provider: TracerProvider | None
+
 
 _tracer_scope = "buttress.integrations"
 
@@ -79,12 +99,6 @@ def transient_status(status: int, headers: Mapping[str, str]) -> bool:
     return status >= 400 and should_retry(headers) is True
 
 
-def deadline_ms() -> int | None:
-    """The time left before the current deadline, in whole milliseconds (rounded down)."""
-    left = _context.remaining()
-    return None if left is None else math.floor(left * 1000)
-
-
 class Edge:
     """The policies and options of one integration object.
 
@@ -106,6 +120,7 @@ class Edge:
     def __init__(
         self,
         service: str,
+        attempt: Callable[..., Any],
         *,
         per_host: bool = False,
         max_hosts: int = DEFAULT_MAX_HOSTS,
@@ -129,12 +144,16 @@ class Edge:
         self.deadline_header = deadline_header
         self.idempotency_key = idempotency_key
         self.tracer = trace.get_tracer(_tracer_scope, tracer_provider=tracer_provider)
-        self._policy = self._build(None)
-        self._hosts: dict[str, Policy] = {}
+        self.traced = tracer_provider is not None
+        self._attempt = attempt
+        self._runner = self._build(None)
+        self._hosts: dict[str, Callable[..., Any]] = {}
         self._lock = threading.Lock()
 
-    def _build(self, host: str | None) -> Policy:
-        return Policy(
+    def _build(self, host: str | None) -> Callable[..., Any]:
+        # The adapter's attempt function decorated once (per host): a request runs the
+        # compiled stack directly, with none of Policy.call's per-call checks.
+        policy = Policy(
             *(
                 Spec(
                     pattern,
@@ -143,29 +162,41 @@ class Edge:
                     else self.service,
                 )
                 for pattern in CANONICAL_ORDER
+                if pattern not in _NOT_AT_THE_EDGE
             )
         )
+        return policy(self._attempt)
 
-    def policy(self, host: str | None) -> Policy:
-        """The policy for a request to ``host``: the service's, or the host's with ``per_host``."""
+    def runner(self, host: str | None) -> Callable[..., Any]:
+        """The attempt under the policy for ``host``: the service's, or the host's."""
         if not self.per_host or not host:
-            return self._policy
+            return self._runner
         host = host.lower()
-        policy = self._hosts.get(host)
-        if policy is not None:
-            return policy
+        runner = self._hosts.get(host)
+        if runner is not None:
+            return runner
         with self._lock:
-            policy = self._hosts.get(host)
-            if policy is None:
+            runner = self._hosts.get(host)
+            if runner is None:
                 if len(self._hosts) >= self.max_hosts:
                     # Past the bound every new host shares one instance, so the number of
                     # breakers, bulkheads and metric series stays bounded.
-                    policy = self._hosts.get(OVERFLOW_HOST) or self._build(OVERFLOW_HOST)
-                    self._hosts.setdefault(OVERFLOW_HOST, policy)
+                    runner = self._hosts.get(OVERFLOW_HOST) or self._build(OVERFLOW_HOST)
+                    self._hosts.setdefault(OVERFLOW_HOST, runner)
                 else:
-                    policy = self._build(host)
-                    self._hosts[host] = policy
-        return policy
+                    runner = self._build(host)
+                    self._hosts[host] = runner
+        return runner
+
+    def exchange(
+        self,
+        method: str,
+        host: str | None,
+        repeatable: bool,
+        error: Callable[[Any], BaseException] | None = None,
+    ) -> Exchange:
+        """The decisions of one request to ``host`` (see :class:`Exchange`)."""
+        return Exchange(self, method, host, self.idempotency_key or repeatable, error)
 
     def failed(
         self, response: Any, status: int | str, method: str, headers: Mapping[str, str] | None
@@ -178,17 +209,25 @@ class Edge:
             delay = server_delay(headers, _clock.wall())
         return FailedResponse(response, status, method=method, retryable=retryable, delay=delay)
 
-    def unwrap(self, failure: FailedResponse, raise_error: Callable[[Any], BaseException]) -> Any:
-        """The answer to the caller once ``failure`` escaped the policy.
+    def tracing(self) -> bool:
+        """Whether an attempt's span could be recorded: a provider given, or a global one set.
 
-        The last response, or, with ``on_exhausted="raise"``, the client's own error for it.
+        Without one, ``trace.get_tracer_provider()`` answers the proxy: no span machinery then.
         """
-        if self.on_exhausted == "return":
-            return failure.response
-        raise raise_error(failure.response)
+        return self.traced or not isinstance(trace.get_tracer_provider(), ProxyTracerProvider)
+
+    def needs_host(self) -> bool:
+        """Whether a request's host is read at all: for ``per_host`` instances or the span."""
+        return self.per_host or self.tracing()
 
     def attempt_span(self, name: str, host: str | None) -> Any:
-        """A span for one attempt (a child of the caller's current span)."""
+        """A span for one attempt (a child of the caller's current span), or ``None``.
+
+        ``None`` when nothing could record it (see :meth:`tracing`), which saves the no-op
+        tracer's context managers on every attempt.
+        """
+        if not self.tracing():
+            return None
         attributes: dict[str, Any] = {"buttress.service": self.service}
         resend = _context.attempt() - 1
         if resend:
@@ -218,3 +257,130 @@ def note_error(span: Span, exc: BaseException) -> None:
     if span.is_recording():
         span.set_attribute("error.type", type(exc).__name__)
         span.set_status(trace.StatusCode.ERROR)
+
+
+class Exchange:
+    """The decisions of one request, sans-IO: the client adapter does only the sending between.
+
+    Used as ``with edge.exchange(...) as ex: ex.answer = ex.call(ex, ...)`` (or ``await
+    ex.run(ex, ...)``), then ``return ex.answer``: the edge's attempt function runs under the
+    policy. Entering marks the request repeatable (or not) for retry;
+    leaving turns a transient response that escaped the policy into the caller's answer
+    (:meth:`Edge.unwrap`, with ``error`` building the client's own error for
+    ``on_exhausted="raise"``). Inside each attempt the adapter asks :meth:`outbound` what to
+    send, sends, and asks :meth:`transient` whether the answer is a failure.
+    """
+
+    __slots__ = ("_token", "answer", "edge", "error", "host", "method", "run")
+
+    def __init__(
+        self,
+        edge: Edge,
+        method: str,
+        host: str | None,
+        repeatable: bool,
+        error: Callable[[Any], BaseException] | None,
+    ) -> None:
+        self.edge = edge
+        self.method = method
+        self.host = host
+        self.error = error
+        self.run = edge.runner(host)
+        self.answer: Any = None
+        self._token = _context.repeatable.set(repeatable)
+
+    def __enter__(self) -> Exchange:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        _context.repeatable.reset(self._token)
+        if not isinstance(exc, FailedResponse):
+            return False
+        if self.edge.on_exhausted == "return" or self.error is None:
+            self.answer = exc.response
+            return True
+        raise self.error(exc.response) from None
+
+    def outbound(self, headers: MutableMapping[str, str]) -> float | None:
+        """Per attempt: put the time left and the idempotency key in ``headers``.
+
+        Returns the seconds left before the deadline (``None``: no deadline), which the
+        adapter gives its client as I/O timeouts.
+        """
+        edge = self.edge
+        left = _context.remaining()
+        if left is not None and edge.deadline_header is not None:
+            headers[edge.deadline_header] = str(math.floor(left * 1000))
+        if edge.idempotency_key and "Idempotency-Key" not in headers:
+            key = _context.idempotency_key()
+            if key is not None and not repeatable(self.method, headers):
+                headers["Idempotency-Key"] = key
+        # Not rounded down like the header: a client timeout of exactly the time left fires at
+        # the deadline, not before it, so the timeout tells it from the caller's own timeout.
+        return left
+
+    def call(self, *args: Any, **kwargs: Any) -> Any:
+        """Run a sync client's attempts through the policy, each bounded by its client's timeouts.
+
+        The client's I/O timeouts are set to the time left (:meth:`outbound`), so the policy's
+        timeout sets the deadline and runs the attempt inline rather than on a worker thread.
+        (An async client awaits ``ex.run(...)``: the loop's timer bounds it.)
+        """
+        token = _context.bounds_own_io.set(True)
+        try:
+            return self.run(*args, **kwargs)
+        finally:
+            _context.bounds_own_io.reset(token)
+
+    def attempt(self) -> _Attempt:
+        """The span of one attempt (a context manager); an error the client raised goes on it."""
+        return _Attempt(self.edge.attempt_span(self.method, self.host))
+
+    def transient(self, span: Span, status: int | str, headers: Mapping[str, str]) -> bool:
+        """Whether an answer is a failure (an HTTP status, or a gRPC code's name); on the span."""
+        failed = (
+            transient_status(status, headers)
+            if isinstance(status, int)
+            else status in GRPC_TRANSIENT
+        )
+        note_outcome(span, status, failed)
+        return failed
+
+    def failure(
+        self, response: Any, status: int | str, headers: Mapping[str, str] | None
+    ) -> FailedResponse:
+        """The failure that carries a transient ``response`` through the policy."""
+        return self.edge.failed(response, status, self.method, headers)
+
+
+class _Attempt:
+    """The span of one attempt around the adapter's sending (a plain class: it is per attempt)."""
+
+    __slots__ = ("_scope", "_span")
+
+    def __init__(self, scope: Any) -> None:
+        self._scope = scope
+        self._span: Span = INVALID_SPAN
+
+    def __enter__(self) -> Span:
+        if self._scope is not None:
+            self._span = self._scope.__enter__()
+        return self._span
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        scope = self._scope
+        if scope is None:
+            return
+        if isinstance(exc, Exception) and not isinstance(exc, FailedResponse):
+            note_error(self._span, exc)
+        scope.__exit__(exc_type, exc, traceback)

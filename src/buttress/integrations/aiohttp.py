@@ -10,26 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 
 import aiohttp
 from multidict import CIMultiDict
-from opentelemetry.trace import TracerProvider
 from yarl import URL
 
 from buttress import _context
-from buttress.integrations._core import (
-    DEFAULT_DEADLINE_HEADER,
-    DEFAULT_MAX_HOSTS,
-    Edge,
-    OnExhausted,
-    deadline_ms,
-    note_error,
-    note_outcome,
-    repeatable,
-    transient_status,
-)
-from buttress.patterns._transient import FailedResponse
+from buttress.integrations._core import Edge, EdgeOptions, Exchange, repeatable
 
 __all__ = ["ResilientMiddleware", "ResilientSession"]
 
@@ -50,49 +38,24 @@ def _error(response: aiohttp.ClientResponse) -> aiohttp.ClientResponseError:
     )
 
 
-class _Protected:
+async def _run(edge: Edge, method: str, url: URL, headers: CIMultiDict[str], send: Send) -> Any:
     """The policy around one request: shared by the session wrapper and the middleware."""
+    with edge.exchange(method, _host(url), repeatable(method, headers), _error) as ex:
+        ex.answer = await ex.run(ex, headers, send)
+    return ex.answer
 
-    def __init__(self, edge: Edge) -> None:
-        self.edge = edge
 
-    async def run(self, method: str, url: URL, headers: CIMultiDict[str], send: Send) -> Any:
-        edge = self.edge
-        host = _host(url)
-        token = _context.repeatable.set(edge.idempotency_key or repeatable(method, headers))
-        try:
-            return await edge.policy(host).acall(self._attempt, method, host, headers, send)
-        except FailedResponse as failure:
-            return edge.unwrap(failure, _error)
-        finally:
-            _context.repeatable.reset(token)
-
-    async def _attempt(
-        self, method: str, host: str, headers: CIMultiDict[str], send: Send
-    ) -> aiohttp.ClientResponse:
-        edge = self.edge
-        left = deadline_ms()
-        if left is not None and edge.deadline_header is not None:
-            headers[edge.deadline_header] = str(left)
-        if edge.idempotency_key and "Idempotency-Key" not in headers:
-            key = _context.idempotency_key()
-            if key is not None and not repeatable(method, headers):
-                headers["Idempotency-Key"] = key
-        with edge.attempt_span(method, host) as span:
-            try:
-                response = await send(headers)
-            except Exception as exc:
-                note_error(span, exc)
-                raise
-            status = response.status
-            failed = transient_status(status, response.headers)
-            note_outcome(span, status, failed)
-            if not failed:
-                return response
-            # Read in full (which frees the connection); the body stays on the response, so the
-            # last one is returned readable.
-            await response.read()
-            raise edge.failed(response, status, method, response.headers)
+async def _attempt(ex: Exchange, headers: CIMultiDict[str], send: Send) -> aiohttp.ClientResponse:
+    ex.outbound(headers)
+    with ex.attempt() as span:
+        response = await send(headers)
+        status = response.status
+        if not ex.transient(span, status, response.headers):
+            return response
+        # Read in full (which frees the connection); the body stays on the response, so the
+        # last one is returned readable.
+        await response.read()
+        raise ex.failure(response, status, response.headers)
 
 
 class ResilientSession:
@@ -115,25 +78,9 @@ class ResilientSession:
         self,
         service: str,
         session: aiohttp.ClientSession | None = None,
-        *,
-        per_host: bool = False,
-        max_hosts: int = DEFAULT_MAX_HOSTS,
-        on_exhausted: OnExhausted = "return",
-        deadline_header: str | None = DEFAULT_DEADLINE_HEADER,
-        idempotency_key: bool = False,
-        tracer_provider: TracerProvider | None = None,
+        **options: Unpack[EdgeOptions],
     ) -> None:
-        self._protected = _Protected(
-            Edge(
-                service,
-                per_host=per_host,
-                max_hosts=max_hosts,
-                on_exhausted=on_exhausted,
-                deadline_header=deadline_header,
-                idempotency_key=idempotency_key,
-                tracer_provider=tracer_provider,
-            )
-        )
+        self._edge = Edge(service, _attempt, **options)
         self._owned = session is None
         self._session = session
 
@@ -181,7 +128,7 @@ class ResilientSession:
                 options["timeout"] = aiohttp.ClientTimeout(total=left)
             return session.request(method, url, headers=headers, **options)
 
-        return await self._protected.run(method, url, headers, send)
+        return await _run(self._edge, method, url, headers, send)
 
     async def close(self) -> None:
         """Close the session if this wrapper made it."""
@@ -227,28 +174,8 @@ class ResilientMiddleware:
     middlewares listed after it run on every attempt.
     """
 
-    def __init__(
-        self,
-        service: str,
-        *,
-        per_host: bool = False,
-        max_hosts: int = DEFAULT_MAX_HOSTS,
-        on_exhausted: OnExhausted = "return",
-        deadline_header: str | None = DEFAULT_DEADLINE_HEADER,
-        idempotency_key: bool = False,
-        tracer_provider: TracerProvider | None = None,
-    ) -> None:
-        self._protected = _Protected(
-            Edge(
-                service,
-                per_host=per_host,
-                max_hosts=max_hosts,
-                on_exhausted=on_exhausted,
-                deadline_header=deadline_header,
-                idempotency_key=idempotency_key,
-                tracer_provider=tracer_provider,
-            )
-        )
+    def __init__(self, service: str, **options: Unpack[EdgeOptions]) -> None:
+        self._edge = Edge(service, _attempt, **options)
 
     async def __call__(self, request: Any, handler: Any) -> Any:
         async def send(headers: CIMultiDict[str]) -> aiohttp.ClientResponse:
@@ -256,4 +183,4 @@ class ResilientMiddleware:
             return await handler(request)  # type: ignore[no-any-return]
 
         headers: CIMultiDict[str] = CIMultiDict(request.headers)
-        return await self._protected.run(request.method, request.url, headers, send)
+        return await _run(self._edge, request.method, request.url, headers, send)

@@ -19,8 +19,7 @@ import grpc.aio
 from opentelemetry.trace import TracerProvider
 
 from buttress import _context
-from buttress.integrations._core import Edge, note_error, note_outcome
-from buttress.patterns._transient import GRPC_TRANSIENT, FailedResponse
+from buttress.integrations._core import Edge, Exchange
 
 __all__ = ["AsyncResilientInterceptor", "ResilientInterceptor"]
 
@@ -67,25 +66,33 @@ def _has_key(metadata: Sequence[tuple[str, Any]] | None) -> bool:
 
 
 class _Shared:
+    """The one constructor and decisions of both interceptors (they differ only in sending)."""
+
+    _attempt: Callable[..., Any]  # each interceptor's one attempt (a static method)
+
     def __init__(
         self,
         service: str,
-        idempotent: Idempotent,
-        tracer_provider: TracerProvider | None,
+        *,
+        idempotent: Idempotent = False,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         # gRPC carries the deadline itself (grpc-timeout): no header of ours.
-        self.edge = Edge(service, deadline_header=None, tracer_provider=tracer_provider)
+        self.edge = Edge(
+            service, self._attempt, deadline_header=None, tracer_provider=tracer_provider
+        )
         self.idempotent = idempotent
 
-    def repeatable(self, method: str, metadata: Any) -> bool:
+    def exchange(self, details: Any) -> Exchange:
         # A gRPC method says nothing about its effects: repeatable when the caller says so
         # (for every method, or per method name) or the call carries an idempotency key.
+        method = _method(details)
         idempotent = self.idempotent
         told = idempotent(method) if callable(idempotent) else idempotent
-        return told or _has_key(metadata)
+        return self.edge.exchange(method, None, told or _has_key(details.metadata))
 
 
-class ResilientInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class ResilientInterceptor(_Shared, grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
     """Runs ``service``'s policy around each attempt of a unary-unary call (sync ``grpc``).
 
     Args:
@@ -97,32 +104,15 @@ class ResilientInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[mi
         tracer_provider: where the span of each attempt goes (default: the global provider).
     """
 
-    def __init__(
-        self,
-        service: str,
-        *,
-        idempotent: Idempotent = False,
-        tracer_provider: TracerProvider | None = None,
-    ) -> None:
-        self._shared = _Shared(service, idempotent, tracer_provider)
-
     def intercept_unary_unary(
         self, continuation: Any, client_call_details: Any, request: Any
     ) -> Any:
-        shared = self._shared
-        method = _method(client_call_details)
-        token = _context.repeatable.set(shared.repeatable(method, client_call_details.metadata))
-        try:
-            return shared.edge.policy(None).call(
-                self._attempt, continuation, client_call_details, request, method
-            )
-        except FailedResponse as failure:
-            return failure.response
-        finally:
-            _context.repeatable.reset(token)
+        with self.exchange(client_call_details) as ex:
+            ex.answer = ex.call(ex, continuation, client_call_details, request)
+        return ex.answer
 
-    def _attempt(self, continuation: Any, details: Any, request: Any, method: str) -> Any:
-        edge = self._shared.edge
+    @staticmethod
+    def _attempt(ex: Exchange, continuation: Any, details: Any, request: Any) -> Any:
         details = _Details(
             details.method,
             _timeout(details.timeout),
@@ -131,61 +121,30 @@ class ResilientInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[mi
             getattr(details, "wait_for_ready", None),
             getattr(details, "compression", None),
         )
-        with edge.attempt_span(method, None) as span:
-            try:
-                outcome = continuation(details, request)
-                code = outcome.code().name
-            except Exception as exc:
-                note_error(span, exc)
-                raise
-            failed = code in GRPC_TRANSIENT
-            note_outcome(span, code, failed)
-            if not failed:
+        with ex.attempt() as span:
+            outcome = continuation(details, request)
+            code = outcome.code().name
+            if not ex.transient(span, code, {}):
                 return outcome
-            trailing = _pairs(outcome.trailing_metadata())
-            raise edge.failed(outcome, code, method, trailing)
+            raise ex.failure(outcome, code, _pairs(outcome.trailing_metadata()))
 
 
-class AsyncResilientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class AsyncResilientInterceptor(_Shared, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
     """The ``grpc.aio`` twin of :class:`ResilientInterceptor` (same arguments)."""
-
-    def __init__(
-        self,
-        service: str,
-        *,
-        idempotent: Idempotent = False,
-        tracer_provider: TracerProvider | None = None,
-    ) -> None:
-        self._shared = _Shared(service, idempotent, tracer_provider)
 
     async def intercept_unary_unary(
         self, continuation: Any, client_call_details: Any, request: Any
     ) -> Any:
-        shared = self._shared
-        method = _method(client_call_details)
-        token = _context.repeatable.set(shared.repeatable(method, client_call_details.metadata))
-        try:
-            return await shared.edge.policy(None).acall(
-                self._attempt, continuation, client_call_details, request, method
-            )
-        except FailedResponse as failure:
-            return failure.response
-        finally:
-            _context.repeatable.reset(token)
+        with self.exchange(client_call_details) as ex:
+            ex.answer = await ex.run(ex, continuation, client_call_details, request)
+        return ex.answer
 
-    async def _attempt(self, continuation: Any, details: Any, request: Any, method: str) -> Any:
-        edge = self._shared.edge
+    @staticmethod
+    async def _attempt(ex: Exchange, continuation: Any, details: Any, request: Any) -> Any:
         details = details._replace(timeout=_timeout(details.timeout))
-        with edge.attempt_span(method, None) as span:
-            try:
-                call = await continuation(details, request)
-                code = (await call.code()).name
-            except Exception as exc:
-                note_error(span, exc)
-                raise
-            failed = code in GRPC_TRANSIENT
-            note_outcome(span, code, failed)
-            if not failed:
+        with ex.attempt() as span:
+            call = await continuation(details, request)
+            code = (await call.code()).name
+            if not ex.transient(span, code, {}):
                 return call
-            trailing = _pairs(await call.trailing_metadata())
-            raise edge.failed(call, code, method, trailing)
+            raise ex.failure(call, code, _pairs(await call.trailing_metadata()))

@@ -2,58 +2,28 @@
 
 ``httpx.Client(transport=ResilientTransport("billing"))`` runs the ``billing`` service's whole
 policy from settings around each attempt the transport makes. See ``docs/integrations.md``.
+Every decision is :class:`~buttress.integrations._core.Exchange`'s; these classes only send.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Unpack
 
 import httpx
-from opentelemetry.trace import TracerProvider
 
-from buttress import _context
-from buttress.integrations._core import (
-    DEFAULT_DEADLINE_HEADER,
-    DEFAULT_MAX_HOSTS,
-    Edge,
-    OnExhausted,
-    deadline_ms,
-    note_error,
-    note_outcome,
-    repeatable,
-    transient_status,
-)
-from buttress.patterns._transient import FailedResponse
+from buttress.integrations._core import Edge, EdgeOptions, Exchange, repeatable
 
 __all__ = ["AsyncResilientTransport", "ResilientTransport"]
 
 _TIMEOUT_KEYS = ("connect", "read", "write", "pool")
 
 
-def _host(request: httpx.Request) -> str:
-    url = request.url
-    return url.host if url.port is None else f"{url.host}:{url.port}"
+def _exchange(edge: Edge, request: httpx.Request) -> Exchange:
+    host = None
+    if edge.needs_host():  # reading it decodes the URL's host: only when something uses it
+        url = request.url
+        host = url.host if url.port is None else f"{url.host}:{url.port}"
 
-
-def _prepare(edge: Edge, request: httpx.Request) -> None:
-    """Per attempt: the time left as a header and as the I/O timeouts, the idempotency key."""
-    left = deadline_ms()
-    if left is not None:
-        if edge.deadline_header is not None:
-            request.headers[edge.deadline_header] = str(left)
-        seconds = left / 1000
-        given = request.extensions.get("timeout") or {}
-        request.extensions["timeout"] = {
-            key: seconds if given.get(key) is None else min(given[key], seconds)
-            for key in _TIMEOUT_KEYS
-        }
-    if edge.idempotency_key and "Idempotency-Key" not in request.headers:
-        key = _context.idempotency_key()
-        if key is not None and not repeatable(request.method, request.headers):
-            request.headers["Idempotency-Key"] = key
-
-
-def _status_error(request: httpx.Request) -> Any:
     def error(response: httpx.Response) -> httpx.HTTPStatusError:
         return httpx.HTTPStatusError(
             f"{request.method} {request.url} answered {response.status_code} "
@@ -62,7 +32,18 @@ def _status_error(request: httpx.Request) -> Any:
             response=response,
         )
 
-    return error
+    return edge.exchange(request.method, host, repeatable(request.method, request.headers), error)
+
+
+def _prepare(ex: Exchange, request: httpx.Request) -> None:
+    """Per attempt: the headers to send, and the time left as the I/O timeouts."""
+    seconds = ex.outbound(request.headers)
+    if seconds is not None:
+        given = request.extensions.get("timeout") or {}
+        request.extensions["timeout"] = {
+            key: seconds if given.get(key) is None else min(given[key], seconds)
+            for key in _TIMEOUT_KEYS
+        }
 
 
 def _kept(response: httpx.Response, raw: bytes) -> httpx.Response:
@@ -73,6 +54,38 @@ def _kept(response: httpx.Response, raw: bytes) -> httpx.Response:
         stream=httpx.ByteStream(raw),
         extensions=response.extensions,
     )
+
+
+def _send(transport: httpx.BaseTransport, ex: Exchange, request: httpx.Request) -> httpx.Response:
+    """One attempt: the only I/O of the sync transport."""
+    _prepare(ex, request)
+    with ex.attempt() as span:
+        response = transport.handle_request(request)
+        status = response.status_code
+        if not ex.transient(span, status, response.headers):
+            return response
+        try:
+            raw = b"".join(response.iter_raw())
+        finally:
+            response.close()
+        raise ex.failure(_kept(response, raw), status, response.headers)
+
+
+async def _asend(
+    transport: httpx.AsyncBaseTransport, ex: Exchange, request: httpx.Request
+) -> httpx.Response:
+    """One attempt: the only I/O of the async transport."""
+    _prepare(ex, request)
+    with ex.attempt() as span:
+        response = await transport.handle_async_request(request)
+        status = response.status_code
+        if not ex.transient(span, status, response.headers):
+            return response
+        try:
+            raw = b"".join([chunk async for chunk in response.aiter_raw()])
+        finally:
+            await response.aclose()
+        raise ex.failure(_kept(response, raw), status, response.headers)
 
 
 class ResilientTransport(httpx.BaseTransport):
@@ -94,64 +107,22 @@ class ResilientTransport(httpx.BaseTransport):
         self,
         service: str,
         transport: httpx.BaseTransport | None = None,
-        *,
-        per_host: bool = False,
-        max_hosts: int = DEFAULT_MAX_HOSTS,
-        on_exhausted: OnExhausted = "return",
-        deadline_header: str | None = DEFAULT_DEADLINE_HEADER,
-        idempotency_key: bool = False,
-        tracer_provider: TracerProvider | None = None,
+        **options: Unpack[EdgeOptions],
     ) -> None:
-        self.edge = Edge(
-            service,
-            per_host=per_host,
-            max_hosts=max_hosts,
-            on_exhausted=on_exhausted,
-            deadline_header=deadline_header,
-            idempotency_key=idempotency_key,
-            tracer_provider=tracer_provider,
-        )
-        self.transport = transport if transport is not None else httpx.HTTPTransport()
+        self.edge = Edge(service, _send, **options)
+        self.transport = transport or httpx.HTTPTransport()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        edge = self.edge
-        host = _host(request)
-        token = _context.repeatable.set(
-            edge.idempotency_key or repeatable(request.method, request.headers)
-        )
-        try:
-            return edge.policy(host).call(self._attempt, request, host)
-        except FailedResponse as failure:
-            return edge.unwrap(failure, _status_error(request))  # type: ignore[no-any-return]
-        finally:
-            _context.repeatable.reset(token)
-
-    def _attempt(self, request: httpx.Request, host: str) -> httpx.Response:
-        edge = self.edge
-        _prepare(edge, request)
-        with edge.attempt_span(f"{request.method}", host) as span:
-            try:
-                response = self.transport.handle_request(request)
-            except Exception as exc:
-                note_error(span, exc)
-                raise
-            status = response.status_code
-            failed = transient_status(status, response.headers)
-            note_outcome(span, status, failed)
-            if not failed:
-                return response
-            try:
-                raw = b"".join(response.iter_raw())
-            finally:
-                response.close()
-            raise edge.failed(_kept(response, raw), status, request.method, response.headers)
+        with _exchange(self.edge, request) as ex:
+            ex.answer = ex.call(self.transport, ex, request)
+        return ex.answer  # type: ignore[no-any-return]
 
     def close(self) -> None:
         self.transport.close()
 
 
 class AsyncResilientTransport(httpx.AsyncBaseTransport):
-    """The ``httpx.AsyncClient`` twin of :class:`ResilientTransport` (same arguments).
+    """The ``httpx.AsyncClient`` counterpart of :class:`ResilientTransport` (same arguments).
 
     ``transport`` defaults to ``httpx.AsyncHTTPTransport()``.
     """
@@ -160,57 +131,15 @@ class AsyncResilientTransport(httpx.AsyncBaseTransport):
         self,
         service: str,
         transport: httpx.AsyncBaseTransport | None = None,
-        *,
-        per_host: bool = False,
-        max_hosts: int = DEFAULT_MAX_HOSTS,
-        on_exhausted: OnExhausted = "return",
-        deadline_header: str | None = DEFAULT_DEADLINE_HEADER,
-        idempotency_key: bool = False,
-        tracer_provider: TracerProvider | None = None,
+        **options: Unpack[EdgeOptions],
     ) -> None:
-        self.edge = Edge(
-            service,
-            per_host=per_host,
-            max_hosts=max_hosts,
-            on_exhausted=on_exhausted,
-            deadline_header=deadline_header,
-            idempotency_key=idempotency_key,
-            tracer_provider=tracer_provider,
-        )
-        self.transport = transport if transport is not None else httpx.AsyncHTTPTransport()
+        self.edge = Edge(service, _asend, **options)
+        self.transport = transport or httpx.AsyncHTTPTransport()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        edge = self.edge
-        host = _host(request)
-        token = _context.repeatable.set(
-            edge.idempotency_key or repeatable(request.method, request.headers)
-        )
-        try:
-            return await edge.policy(host).acall(self._attempt, request, host)
-        except FailedResponse as failure:
-            return edge.unwrap(failure, _status_error(request))  # type: ignore[no-any-return]
-        finally:
-            _context.repeatable.reset(token)
-
-    async def _attempt(self, request: httpx.Request, host: str) -> httpx.Response:
-        edge = self.edge
-        _prepare(edge, request)
-        with edge.attempt_span(f"{request.method}", host) as span:
-            try:
-                response = await self.transport.handle_async_request(request)
-            except Exception as exc:
-                note_error(span, exc)
-                raise
-            status = response.status_code
-            failed = transient_status(status, response.headers)
-            note_outcome(span, status, failed)
-            if not failed:
-                return response
-            try:
-                raw = b"".join([chunk async for chunk in response.aiter_raw()])
-            finally:
-                await response.aclose()
-            raise edge.failed(_kept(response, raw), status, request.method, response.headers)
+        with _exchange(self.edge, request) as ex:
+            ex.answer = await ex.run(self.transport, ex, request)
+        return ex.answer  # type: ignore[no-any-return]
 
     async def aclose(self) -> None:
         await self.transport.aclose()

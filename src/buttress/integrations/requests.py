@@ -7,26 +7,13 @@ policy from settings around each attempt the adapter sends. See ``docs/integrati
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Unpack
 from urllib.parse import urlsplit
 
 import requests
-from opentelemetry.trace import TracerProvider
-from requests.adapters import HTTPAdapter
+from requests.adapters import DEFAULT_POOLBLOCK, DEFAULT_POOLSIZE, HTTPAdapter
 
-from buttress import _context
-from buttress.integrations._core import (
-    DEFAULT_DEADLINE_HEADER,
-    DEFAULT_MAX_HOSTS,
-    Edge,
-    OnExhausted,
-    deadline_ms,
-    note_error,
-    note_outcome,
-    repeatable,
-    transient_status,
-)
-from buttress.patterns._transient import FailedResponse
+from buttress.integrations._core import Edge, EdgeOptions, Exchange, repeatable
 
 __all__ = ["ResilientAdapter"]
 
@@ -42,11 +29,32 @@ def _within(timeout: Any, seconds: float) -> Any:
     return timeout  # a urllib3 Timeout object: the caller's own, left alone
 
 
+def _send(
+    adapter: HTTPAdapter,
+    ex: Exchange,
+    request: requests.PreparedRequest,
+    *args: Any,
+    **kwargs: Any,
+) -> requests.Response:
+    """One attempt: the only I/O of the adapter (``HTTPAdapter.send``)."""
+    seconds = ex.outbound(request.headers)
+    if seconds is not None:
+        kwargs["timeout"] = _within(kwargs.get("timeout"), seconds)
+    with ex.attempt() as span:
+        response = HTTPAdapter.send(adapter, request, *args, **kwargs)
+        status = response.status_code
+        if not ex.transient(span, status, response.headers):
+            return response
+        _ = response.content  # read now: the connection goes back to the pool
+        raise ex.failure(response, status, response.headers)
+
+
 class ResilientAdapter(HTTPAdapter):
     """An ``HTTPAdapter`` that runs ``service``'s policy around each attempt it sends.
 
     Takes the arguments of :class:`buttress.integrations.httpx.ResilientTransport` (but no
-    inner transport), plus ``HTTPAdapter``'s own keyword arguments (``pool_maxsize``...).
+    inner transport), plus ``HTTPAdapter``'s pool arguments (``pool_connections``,
+    ``pool_maxsize``, ``pool_block``).
     ``on_exhausted="raise"`` raises ``requests.HTTPError`` for the last transient response.
     urllib3's own retries stay off (``max_retries=0``), so one layer retries.
     """
@@ -55,74 +63,31 @@ class ResilientAdapter(HTTPAdapter):
         self,
         service: str,
         *,
-        per_host: bool = False,
-        max_hosts: int = DEFAULT_MAX_HOSTS,
-        on_exhausted: OnExhausted = "return",
-        deadline_header: str | None = DEFAULT_DEADLINE_HEADER,
-        idempotency_key: bool = False,
-        tracer_provider: TracerProvider | None = None,
-        **adapter_args: Any,
+        pool_connections: int = DEFAULT_POOLSIZE,
+        pool_maxsize: int = DEFAULT_POOLSIZE,
+        pool_block: bool = DEFAULT_POOLBLOCK,
+        **options: Unpack[EdgeOptions],
     ) -> None:
-        self.edge = Edge(
-            service,
-            per_host=per_host,
-            max_hosts=max_hosts,
-            on_exhausted=on_exhausted,
-            deadline_header=deadline_header,
-            idempotency_key=idempotency_key,
-            tracer_provider=tracer_provider,
+        self.edge = Edge(service, _send, **options)
+        super().__init__(
+            pool_connections=pool_connections, pool_maxsize=pool_maxsize, pool_block=pool_block
         )
-        super().__init__(**adapter_args)
 
     def send(
         self, request: requests.PreparedRequest, *args: Any, **kwargs: Any
     ) -> requests.Response:
-        edge = self.edge
-        split = urlsplit(request.url or "")
-        host = split.netloc.rpartition("@")[2]
         method = request.method or "GET"
+        host = urlsplit(request.url or "").netloc.rpartition("@")[2]
+
+        def error(response: requests.Response) -> requests.HTTPError:
+            return requests.HTTPError(
+                f"{method} {request.url} answered {response.status_code} "
+                "(buttress: no attempt left)",
+                response=response,
+                request=request,
+            )
+
         headers: Mapping[str, str] = request.headers
-        token = _context.repeatable.set(edge.idempotency_key or repeatable(method, headers))
-        try:
-            return edge.policy(host).call(self._attempt, host, request, *args, **kwargs)
-        except FailedResponse as failure:
-
-            def error(response: requests.Response) -> requests.HTTPError:
-                return requests.HTTPError(
-                    f"{method} {request.url} answered {response.status_code} "
-                    "(buttress: no attempt left)",
-                    response=response,
-                    request=request,
-                )
-
-            return edge.unwrap(failure, error)  # type: ignore[no-any-return]
-        finally:
-            _context.repeatable.reset(token)
-
-    def _attempt(
-        self, host: str, request: requests.PreparedRequest, *args: Any, **kwargs: Any
-    ) -> requests.Response:
-        edge = self.edge
-        method = request.method or "GET"
-        left = deadline_ms()
-        if left is not None:
-            if edge.deadline_header is not None:
-                request.headers[edge.deadline_header] = str(left)
-            kwargs["timeout"] = _within(kwargs.get("timeout"), left / 1000)
-        if edge.idempotency_key and "Idempotency-Key" not in request.headers:
-            key = _context.idempotency_key()
-            if key is not None and not repeatable(method, request.headers):
-                request.headers["Idempotency-Key"] = key
-        with edge.attempt_span(method, host) as span:
-            try:
-                response = super().send(request, *args, **kwargs)
-            except Exception as exc:
-                note_error(span, exc)
-                raise
-            status = response.status_code
-            failed = transient_status(status, response.headers)
-            note_outcome(span, status, failed)
-            if not failed:
-                return response
-            _ = response.content  # read now: the connection goes back to the pool
-            raise edge.failed(response, status, method, response.headers)
+        with self.edge.exchange(method, host, repeatable(method, headers), error) as ex:
+            ex.answer = ex.call(self, ex, request, *args, **kwargs)
+        return ex.answer  # type: ignore[no-any-return]

@@ -28,8 +28,7 @@ A pattern has three parts:
 
   The effects are a small closed set: :class:`Sleep`, :class:`WaitForSlot`, :class:`Return`,
   :class:`TryAlternatives`, :class:`RetryAfter`, :class:`AskStore`, :class:`Hedge` and
-  :class:`Join`. A strategy not yet written this way still offers ``wrap`` (for ``def``
-  callers) and ``awrap`` (for ``async def`` callers) around the next step.
+  :class:`Join`. A strategy of none of these shapes is refused when a policy links it.
 * a ``build(ctx)`` function returning the strategy.
 
 A step of the chain takes the positional arguments as a tuple and the keyword arguments as a dict,
@@ -69,7 +68,6 @@ __all__ = [
     "TryAlternatives",
     "WaitForSlot",
     "Waiter",
-    "Wrapper",
     "error_type",
 ]
 
@@ -456,19 +454,7 @@ class Recovery(Protocol):
         """The effect that answers ``failure``; re-raises it when nothing should."""
 
 
-class Wrapper(Protocol):
-    """A strategy not yet split into decisions: it wraps the next step itself."""
-
-    pattern: ClassVar[str]
-
-    def wrap(self, call: Call) -> Call:
-        """Return a step that applies this pattern around ``call`` for a ``def`` caller."""
-
-    def awrap(self, call: AsyncCall) -> AsyncCall:
-        """Return a step that applies this pattern around ``call`` for an ``async def`` caller."""
-
-
-Strategy = Gate | Judge | JudgedGate | Keyed | Recovery | Wrapper
+Strategy = Gate | Judge | JudgedGate | Keyed | Recovery
 
 
 # -- the drivers, for a pattern's own entry points ------------------------------------------------

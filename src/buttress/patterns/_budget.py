@@ -15,6 +15,7 @@ service (through ``BuildContext.shared``). It decides only; nothing here waits.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from typing import Literal, TypedDict, cast
 
@@ -73,14 +74,31 @@ class RetryBudget:
 
     ``deposit()`` counts a first attempt (every call of a retrying or hedging call site);
     ``withdraw(kind)`` takes one retry or hedge if the budget allows it.
+
+    A first attempt within the current slot of the window takes no lock: it steps a counter
+    (``next()`` on an ``itertools.count``, one atomic C call), and the locked steps (a slot's end,
+    ``withdraw``, ``snapshot``) fold what it counted into the slot before they read the window.
     """
 
-    __slots__ = ("_counts", "_lock", "enabled", "min_per_second", "ratio", "service")
+    __slots__ = (
+        "_counts",
+        "_deposits",
+        "_folded",
+        "_lock",
+        "enabled",
+        "min_per_second",
+        "ratio",
+        "service",
+    )
 
     def __init__(self, service: str, options: RetryBudgetOptions) -> None:
         self.service = service
         self._lock = threading.Lock()
         self._counts = SlidingCounts(options.window_seconds, 2)
+        # First attempts counted without the lock: every value ``_deposits`` gave below
+        # ``_folded`` is in the window already (see _fold).
+        self._deposits = itertools.count()
+        self._folded = 0
         self._configure(options)
 
     def _configure(self, options: RetryBudgetOptions) -> None:
@@ -92,8 +110,26 @@ class RetryBudget:
         """Adopt new options; the counts in the window are kept (a new length restarts them)."""
         with self._lock:
             if options.window_seconds != self._counts.window:
+                self._fold()  # into the counts about to restart: dropped with them
                 self._counts = SlidingCounts(options.window_seconds, 2)
             self._configure(options)
+
+    def _fold(self) -> None:
+        """Move the first attempts counted without the lock into the current slot (locked)."""
+        # next() both reads the counter and takes one value, which no deposit then holds.
+        seen = next(self._deposits)
+        pending = seen - self._folded
+        self._folded = seen + 1
+        if pending:
+            counts = self._counts
+            counts.current[_REQUESTS] += pending
+            counts.totals[_REQUESTS] += pending
+
+    def _deposit_late(self, now: float) -> None:
+        """A first attempt past the current slot's end: fold, then slide the window to ``now``."""
+        with self._lock:
+            self._fold()
+            self._counts.add(now, _REQUESTS)
 
     def _allowed(self) -> float:
         # The floor is a reserve for the whole window (Finagle's): a quiet service, or one just
@@ -104,24 +140,18 @@ class RetryBudget:
     def deposit(self) -> None:
         """Count one first attempt (on every call of a retrying call site: kept short)."""
         now = _clock.monotonic()
-        counts = self._counts
-        with self._lock:
-            if now < counts.slot_end:
-                counts.current[_REQUESTS] += 1
-                counts.totals[_REQUESTS] += 1
-            else:
-                counts.add(now, _REQUESTS)
+        if now < self._counts.slot_end:
+            next(self._deposits)
+        else:
+            self._deposit_late(now)
 
     def new_scope(self) -> RetryScope:
         """``deposit()``, then a fresh retry scope: retry's ``new_scope``, one call per call."""
         now = _clock.monotonic()
-        counts = self._counts
-        with self._lock:
-            if now < counts.slot_end:
-                counts.current[_REQUESTS] += 1
-                counts.totals[_REQUESTS] += 1
-            else:
-                counts.add(now, _REQUESTS)
+        if now < self._counts.slot_end:
+            next(self._deposits)
+        else:
+            self._deposit_late(now)
         return RetryScope()
 
     def withdraw(self, kind: Draw) -> bool:
@@ -130,6 +160,7 @@ class RetryBudget:
             return True
         now = _clock.monotonic()
         with self._lock:
+            self._fold()
             counts = self._counts
             counts.advance(now)
             allowed = counts.totals[_RETRIES] + 1 <= self._allowed()
@@ -145,6 +176,7 @@ class RetryBudget:
         """Counts in the window now, and how many retries or hedges it would allow."""
         now = _clock.monotonic()
         with self._lock:
+            self._fold()
             self._counts.advance(now)
             requests, retries = self._counts.totals
             remaining = max(0, int(self._allowed()) - retries)

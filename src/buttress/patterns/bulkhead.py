@@ -51,6 +51,11 @@ __all__ = [
 PATTERN = "bulkhead"
 
 
+# The queue of every bulkhead nobody has waited in yet: always empty (maxlen 0), never appended to
+# (``_enqueue`` gives the bulkhead a deque of its own first).
+_NO_WAITERS: deque[Waiter] = deque(maxlen=0)
+
+
 class BulkheadOptions(Options):
     """Options of ``with_bulkhead`` (and of ``services.<name>.bulkhead``)."""
 
@@ -149,7 +154,8 @@ class Bulkhead:
         # Calls let through by shadow mode although no slot was free (never queued, never counted
         # in ``active``): how far over the limit enforcement would have been.
         self._overflow = 0
-        self._waiters: deque[Waiter] = deque()
+        # A queue of its own once a call first waits: an empty deque is ~0.6 KB per service.
+        self._waiters: deque[Waiter] = _NO_WAITERS
         # Where a slot taken at once is reported: a pre-bound recorder, no event built for it.
         self._acquired = events.recorder(events.BulkheadAcquired, service)
         self.limit = _limit(options)
@@ -167,6 +173,8 @@ class Bulkhead:
                 return None
             if len(self._waiters) >= self.max_queue:
                 return "full"
+            if self._waiters is _NO_WAITERS:
+                self._waiters = deque()
             self._waiters.append(waiter)
             queued = len(self._waiters)
         handlers = events.ROUTES.get(events.BulkheadQueued)

@@ -97,6 +97,8 @@ class CacheStrategy:
         self.shadow = mode == "shadow"
         self.returned = self.remember
         self.raised = self.recall_stale
+        # Every call looks up: its event goes through the recorder (no event built for a binder).
+        self._lookups = events.recorder(events.CacheLookup, service)
 
     def enter(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A fresh entry answers the call (a :class:`Return`); else the key, as the token."""
@@ -113,10 +115,14 @@ class CacheStrategy:
                     cache.entries.move_to_end(key)
                 elif self.stale_until is None or age > self.stale_until:
                     del cache.entries[key]  # of no use any more, fresh or stale
+        record = self._lookups.record
+        if record is not None:
+            try:
+                record("hit" if fresh else "miss")
+            except Exception:  # noqa: BLE001 - a subscriber must never break the call
+                events.failed(record)
         if not fresh:
-            events.emit(events.CacheLookup(self.service, "miss"))
             return key
-        events.emit(events.CacheLookup(self.service, "hit"))
         if self.shadow:
             events.emit(events.ShadowDecision(self.service, PATTERN, "cached"))
             return key

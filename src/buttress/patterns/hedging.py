@@ -187,6 +187,10 @@ class HedgingStrategy:
         # A logical call counts once in the budget: inside a retry, the retry counted it.
         if budget is not None and _context.retry_scope.get() is None:
             budget.deposit()
+        # An integration's request that may not be sent twice (a POST without an idempotency
+        # key) races alone: settings say the service is idempotent, the request says otherwise.
+        if _context.repeatable.get() is False:
+            return _Race(self, None)
         return _Race(self, self._delay())
 
     def _shadow(self) -> _Race:

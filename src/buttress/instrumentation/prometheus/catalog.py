@@ -414,6 +414,15 @@ CATALOG: tuple[Family, ...] = (
         "livesum",
         RateLimitAcquired,
     ),
+    Family(
+        "buttress_rate_limit_store_errors_total",
+        "counter",
+        "Fleet rate limit: requests Redis did not answer; the process took its local fair share "
+        "of the rate until Redis answered again.",
+        ("service", "error_type"),
+        (StateStoreError,),
+        off_dashboard="fleet rate limit faults: no dashboard row yet (query in docs/metrics.md)",
+    ),
     _counter(
         "buttress_rate_limit_waits_total",
         "Calls that waited for a token.",

@@ -270,7 +270,16 @@ class PrometheusSubscriber:
             BulkheadAcquired: self._bind_bulkhead_acquired,
             TimedCallFinished: self._bind_timed_call,
             CallRejected: self._bind_rejected,
+            CacheLookup: self._bind_cache_lookup,
         }
+
+    def _bind_cache_lookup(self, service: str) -> Callable[[str], None]:
+        lookups = self._inc["buttress_cache_lookups_total"]
+
+        def looked_up(result: str) -> None:
+            lookups[service, result]()
+
+        return looked_up
 
     def _bind_rejected(self, service: str) -> Callable[[str, str, float | None], None]:
         rejections = self._rejections
@@ -479,6 +488,9 @@ class PrometheusSubscriber:
         self._inc["buttress_shadow_decisions_total"][event.service, event.pattern, event.action]()
 
     def _on_state_store(self, event: StateStoreError) -> None:
+        if event.operation == "rate_limit":  # the fleet rate limit's store, not a circuit's
+            self._inc["buttress_rate_limit_store_errors_total"][event.service, event.error_type]()
+            return
         self._inc["buttress_circuit_breaker_state_store_errors_total"][
             event.service, event.operation, event.error_type
         ]()

@@ -41,7 +41,7 @@ from buttress.patterns.circuit_breaker._states import (
     SUCCESS,
     TO_PYBREAKER,
 )
-from buttress.patterns.circuit_breaker._window import Window
+from buttress.patterns.circuit_breaker._window import CountWindow, Window
 from buttress.patterns.circuit_breaker.redis_storage import SharedStateStorage
 
 __all__ = [
@@ -130,21 +130,38 @@ class FailedResult(Exception):  # noqa: N818 - it names what failed: a result, n
         self.value = value
 
 
-def _throttled(exc: Exception) -> bool:
-    """Whether ``exc`` is an HTTP 429 Too Many Requests.
+def _limits(opts: CircuitBreakerOptions) -> Limits:
+    return Limits(
+        opts.fail_max,
+        opts.timeout,
+        opts.success_threshold,
+        opts.half_open_max_calls,
+        opts.open_backoff,
+        opts.open_cap,
+    )
 
-    The errors of httpx, requests and aiohttp, or any exception with a ``status_code`` or
+
+_THROTTLED: Final = frozenset({429, "RESOURCE_EXHAUSTED"})
+
+
+def _throttled(exc: Exception) -> bool:
+    """Whether ``exc`` says "too many requests": HTTP 429 or gRPC RESOURCE_EXHAUSTED.
+
+    The errors of httpx, requests and aiohttp, an integration's ``FailedResponse`` (status 429
+    or ``"RESOURCE_EXHAUSTED"``), a gRPC error, or any exception with a ``status_code`` or
     ``status`` of 429 (the API SDKs built on them carry one).
     """
     try:
-        status = _transient.http_status(exc)
+        status: object = _transient.http_status(exc)
         if status is None:
             status = getattr(exc, "status_code", None)
             if status is None:
                 status = getattr(exc, "status", None)
-        return bool(status == 429)
+                if status is None:
+                    status = _transient.grpc_code(exc)
     except Exception:  # noqa: BLE001 - a strange attribute is not a 429; the call's error stands
         return False
+    return status in _THROTTLED
 
 
 def _exclusions(
@@ -240,9 +257,7 @@ class CircuitBreaker(CompatBreaker):
         remote = state_storage if isinstance(state_storage, SharedStateStorage) else None
         # Every decision of a shared circuit takes these; fail_max, reset_timeout and
         # success_threshold (pybreaker's public setters included) read and write them here.
-        self._limits = Limits(
-            opts.fail_max, opts.timeout, opts.success_threshold, opts.half_open_max_calls
-        )
+        self._limits = _limits(opts)
         self._remote: SharedStateStorage | None = None  # read by current_state, below
         # Events decided under the lock wait here and are delivered after it is released, one
         # thread at a time and in the order they were decided (see _deliver).
@@ -251,6 +266,9 @@ class CircuitBreaker(CompatBreaker):
         )
         self._delivery = threading.Lock()
         self._delivering = False
+        # The per-call events' fast paths: no event built where a subscriber bound its series.
+        self._recorded = events.recorder(CircuitCallRecorded, service)
+        self._rejected = events.recorder(CallRejected, service)
         super().__init__(
             name=service,
             fail_max=opts.fail_max,
@@ -320,7 +338,7 @@ class CircuitBreaker(CompatBreaker):
                 ("forced_open", None) if until == _FOREVER else ("open", until - _clock.monotonic())
             )
             if retry_after is None or retry_after > 0:
-                if shadow or CallRejected in events.ROUTES:
+                if shadow or self._rejected.record is not None:
                     return self._reject(reason, retry_after, shadow, locked=False)
                 # While open, rejecting is all the breaker does: the shortest path raises here.
                 raise _open_error(self._messages[reason], self.service, retry_after)
@@ -357,7 +375,7 @@ class CircuitBreaker(CompatBreaker):
                         self._record(token, SUCCESS, now, slow=slow)
                     if self._outbox:
                         self._deliver()
-                if self._success_hooks or CircuitCallRecorded in events.ROUTES:
+                if self._success_hooks or self._recorded.record is not None:
                     self._announce(SUCCESS, elapsed, None, slow)
                 return None
             error = FailedResult(result)
@@ -366,12 +384,26 @@ class CircuitBreaker(CompatBreaker):
             # pybreaker's order: the failure, then the state change it causes.
             self._publish(self._failure_hooks, error)
         if token >= 0:
+            hold = self._hold(error) if outcome == FAILURE else 0.0
             with self.lock:
-                self._record(token, outcome, now, slow=slow)
+                self._record(token, outcome, now, slow=slow, hold=hold)
             if self._outbox:
                 self._deliver()
         self._announce(outcome, elapsed, error, slow)
         return None
+
+    def _hold(self, error: BaseException) -> float:
+        """Seconds a circuit this failure opens stays open at least: the server's Retry-After
+        (``honor_retry_after``), capped at ``max_timeout``; 0 if none."""
+        if not self.options.honor_retry_after:
+            return 0.0
+        try:
+            delay = _transient.retry_after(error, _clock.wall())
+        except Exception:  # noqa: BLE001 - a strange header is no delay; the failure stands
+            return 0.0
+        if delay is None or not delay > 0:
+            return 0.0
+        return min(delay, self._limits.max_timeout)
 
     def _failing(self, result: Any) -> bool:
         """Whether ``failure_on_result`` counts ``result`` as a failure.
@@ -410,14 +442,16 @@ class CircuitBreaker(CompatBreaker):
         token = self._fast_token  # admit()'s own first check, without the call
         if token is None:
             until = self._open_until
-            if until != _NEVER and CallRejected not in events.ROUTES:
+            if until != _NEVER:
                 # While open, rejecting is all the breaker does: admit()'s shortest path, here,
                 # so the error is raised one frame from the caller.
                 retry_after = None if until == _FOREVER else until - _clock.monotonic()
-                if retry_after is None:
-                    raise _open_error(self._messages["forced_open"], self.service, None)
-                if retry_after > 0:
-                    raise _open_error(self._messages["open"], self.service, retry_after)
+                if retry_after is None or retry_after > 0:
+                    reason = "open" if retry_after is not None else "forced_open"
+                    if self._rejected.record is None:
+                        raise _open_error(self._messages[reason], self.service, retry_after)
+                    if self._remote is None:  # admit()'s rejection, without its frame
+                        self._reject(reason, retry_after, shadow=False, locked=False)
             if self._remote is not None:
                 return self._admission(call, args, kwargs, shadow=False)
             token = self.admit()
@@ -511,7 +545,8 @@ class CircuitBreaker(CompatBreaker):
 
     def reconfigure(self, options: CircuitBreakerOptions) -> None:
         """Adopt new options, keeping the state (an open circuit stays open, counted failures
-        stay counted). A changed ``window_seconds`` starts an empty window.
+        stay counted). A changed ``window``, ``window_seconds`` or ``window_size`` starts an
+        empty window.
 
         A changed ``state_url`` swaps the storage: a new Redis is asked from the next call on
         (its state is adopted then); with no URL any more, the breaker goes on in memory from
@@ -529,12 +564,7 @@ class CircuitBreaker(CompatBreaker):
         retired = None
         with self.lock:
             self.options = options
-            self._limits = Limits(
-                options.fail_max,
-                options.timeout,
-                options.success_threshold,
-                options.half_open_max_calls,
-            )
+            self._limits = _limits(options)
             if swap:
                 retired = self._remote
                 self._use_storage(new_remote)
@@ -553,7 +583,12 @@ class CircuitBreaker(CompatBreaker):
                 self._excluded_types, self._excluded_predicates = _exclusions(
                     self.excluded_exceptions
                 )
-            if self._window is None or options.window_seconds != previous.window_seconds:
+            if (
+                self._window is None
+                or options.window != previous.window
+                or options.window_seconds != previous.window_seconds
+                or options.window_size != previous.window_size
+            ):
                 self._window = self._new_window(options, _clock.monotonic())
             elif (
                 options.failure_rate_threshold is None and options.slow_call_rate_threshold is None
@@ -659,7 +694,7 @@ class CircuitBreaker(CompatBreaker):
             phase = self._visible_phase(now)
             left: float | None = None
             if self._override is None and phase == OPEN:
-                left = self._m.opened_at + self.reset_timeout - now
+                left = self._m.opened_at + self._m.open_time(self._limits) - now
             return CircuitSnapshot(
                 service=self.service,
                 state=self._override or phase,
@@ -674,7 +709,7 @@ class CircuitBreaker(CompatBreaker):
     def _visible_phase(self, now: float) -> str:
         """The phase, with an open circuit whose open time has run out read as half-open."""
         phase = self._m.phase
-        if phase == OPEN and now >= self._m.opened_at + self.reset_timeout:
+        if phase == OPEN and now >= self._m.opened_at + self._m.open_time(self._limits):
             return HALF_OPEN
         return phase
 
@@ -854,7 +889,9 @@ class CircuitBreaker(CompatBreaker):
             self._outbox.append((handlers, events.CircuitTrialStarted(self.service, m.trials)))
         return m.generation << 1 | 1
 
-    def _record(self, token: int, outcome: str, now: float, *, slow: bool) -> None:
+    def _record(
+        self, token: int, outcome: str, now: float, *, slow: bool, hold: float = 0.0
+    ) -> None:
         m = self._m
         if token >> 1 != m.generation:
             return  # admitted under a state that has ended: not evidence about this one
@@ -864,17 +901,18 @@ class CircuitBreaker(CompatBreaker):
             window.add(now, failed=outcome == FAILURE, slow=slow)
         override = self._override
         # Forced closed counts, and never trips.
+        limits = self._limits if not hold else self._limits._replace(hold=hold)
         decision = m.record(
-            token >> 1, bool(token & 1), outcome, self._limits, now, trips=override is None
+            token >> 1, bool(token & 1), outcome, limits, now, trips=override is None
         )
         if decision.change is not None:
             self._after_move(override or phase, None, decision.change, now)
         elif window is not None and override is None:
             reason = self._window_trip(window)
             if reason is not None:
-                self._move(OPEN, None, reason, now)
+                self._move(OPEN, None, reason, now, hold=hold)
 
-    def _window_trip(self, window: Window) -> str | None:
+    def _window_trip(self, window: Window | CountWindow) -> str | None:
         """The reason the rate window trips the circuit now (failure_rate, slow_call_rate)."""
         opts = self.options
         if window.calls >= opts.minimum_calls:
@@ -894,17 +932,31 @@ class CircuitBreaker(CompatBreaker):
         ``locked``: the caller holds the lock, so the event is queued and the caller delivers
         it once it has released the lock (``_deliver``).
         """
-        handlers = events.ROUTES.get(events.ShadowDecision if shadow else CallRejected)
-        if handlers:
-            event: Any = (
-                events.ShadowDecision(self.service, PATTERN, "reject")
-                if shadow
-                else CallRejected(self.service, PATTERN, reason, retry_after)
-            )
-            if locked:
-                self._outbox.append((handlers, event))
-            else:
-                self._publish(handlers, event)
+        if shadow:
+            handlers = events.ROUTES.get(events.ShadowDecision)
+            if handlers:
+                event = events.ShadowDecision(self.service, PATTERN, "reject")
+                if locked:
+                    self._outbox.append((handlers, event))
+                else:
+                    self._publish(handlers, event)
+        else:
+            record = self._rejected.record
+            if record is not None:
+                if locked:
+                    self._outbox.append(
+                        _later(record, CallRejected, self.service, PATTERN, reason, retry_after)
+                    )
+                elif self._outbox or self._delivering:
+                    self._publish(
+                        *_later(record, CallRejected, self.service, PATTERN, reason, retry_after)
+                    )
+                else:
+                    # Nothing queued to deliver before it: the fast path, no event built.
+                    try:
+                        record(PATTERN, reason, retry_after)
+                    except Exception:  # noqa: BLE001 - a subscriber must never break the call
+                        events.failed(record)
         if shadow:
             return _UNCOUNTED
         raise _open_error(self._messages[reason], self.service, retry_after)
@@ -951,21 +1003,31 @@ class CircuitBreaker(CompatBreaker):
     def _announce(
         self, outcome: str, elapsed: float, exc: BaseException | None, slow: bool
     ) -> None:
-        handlers = events.ROUTES.get(CircuitCallRecorded)
-        if handlers:
+        record = self._recorded.record
+        if record is not None:
             window = self._window
-            self._publish(
-                handlers,
-                CircuitCallRecorded(
-                    self.service,
-                    outcome,
-                    elapsed,
-                    slow,
-                    None if exc is None else type(exc).__name__,
-                    None if window is None else window.failure_rate,
-                    None if window is None else window.slow_call_rate,
-                ),
-            )
+            error_type = None if exc is None else type(exc).__name__
+            failure_rate = None if window is None else window.failure_rate
+            slow_call_rate = None if window is None else window.slow_call_rate
+            if self._outbox or self._delivering:
+                self._publish(
+                    *_later(
+                        record,
+                        CircuitCallRecorded,
+                        self.service,
+                        outcome,
+                        elapsed,
+                        slow,
+                        error_type,
+                        failure_rate,
+                        slow_call_rate,
+                    )
+                )
+            else:
+                try:
+                    record(outcome, elapsed, slow, error_type, failure_rate, slow_call_rate)
+                except Exception:  # noqa: BLE001 - a subscriber must never break the call
+                    events.failed(record)
         if outcome == SUCCESS and self._success_hooks:
             self._publish(self._success_hooks, self)
 
@@ -985,10 +1047,13 @@ class CircuitBreaker(CompatBreaker):
         if self._outbox:
             self._deliver()
 
-    def _move(self, phase: str, override: str | None, reason: str, now: float) -> None:
+    def _move(
+        self, phase: str, override: str | None, reason: str, now: float, *, hold: float = 0.0
+    ) -> None:
         """Enter a state: a new generation, fresh counters for it, storage, listeners, event."""
         old_label = self._override or self._m.phase
         self._m.move(phase, now)
+        self._m.hold = hold
         self._after_move(old_label, override, reason, now)
 
     def _after_move(self, old_label: str, override: str | None, reason: str, now: float) -> None:
@@ -1041,7 +1106,7 @@ class CircuitBreaker(CompatBreaker):
         if self._override == FORCED_OPEN:
             self._open_until = _FOREVER
         elif self._override is None and m.phase == OPEN and local:
-            self._open_until = m.opened_at + self.reset_timeout
+            self._open_until = m.opened_at + m.open_time(self._limits)
         else:
             self._open_until = _NEVER
 
@@ -1053,9 +1118,11 @@ class CircuitBreaker(CompatBreaker):
         self._change_hooks = tuple(_StateChangeHook(x, self) for x in listeners)
 
     @staticmethod
-    def _new_window(options: CircuitBreakerOptions, now: float) -> Window | None:
+    def _new_window(options: CircuitBreakerOptions, now: float) -> Window | CountWindow | None:
         if options.failure_rate_threshold is None and options.slow_call_rate_threshold is None:
             return None
+        if options.window == "count":
+            return CountWindow(options.window_size)
         return Window(options.window_seconds, now)
 
     # --- the shared path: Redis decides, this process keeps its labels, events and window ------
@@ -1107,6 +1174,11 @@ class CircuitBreaker(CompatBreaker):
             return None
         decision = ticket[0]
         asked = next(self._asked)
+        limits = self._limits
+        if outcome == FAILURE:
+            hold = self._hold(exc)  # type: ignore[arg-type]
+            if hold:
+                limits = limits._replace(hold=hold)
 
         def recorded(after: Decision | None) -> Effect | None:
             # Nothing to settle after a plain closed-state call with no window: no lock.
@@ -1125,7 +1197,7 @@ class CircuitBreaker(CompatBreaker):
                         "Effect | None",
                         remote.setting(
                             OPEN,
-                            self._limits,
+                            limits,
                             expected=decision.generation,
                             always=False,
                             then=tripped,
@@ -1136,7 +1208,7 @@ class CircuitBreaker(CompatBreaker):
             self._announce(outcome, elapsed, exc, slow)
             return None
 
-        return cast("Effect | None", remote.recording(decision, outcome, self._limits, recorded))
+        return cast("Effect | None", remote.recording(decision, outcome, limits, recorded))
 
     def _outcome(self, exc: BaseException | None, started: float) -> tuple[str, float, float, bool]:
         """``(outcome, now, elapsed, slow)`` of a call that ended; tells pybreaker listeners."""
@@ -1202,6 +1274,10 @@ class CircuitBreaker(CompatBreaker):
         self._seen_generation = decision.generation
         self._adopted_at = max(asked, self._adopted_at)
         now = _clock.monotonic()
+        if decision.state == OPEN and decision.retry_after is not None:
+            # Redis chose the open time (its streak, a Retry-After): this copy's is all of it.
+            self._m.streak = 0
+            self._m.hold = decision.age + decision.retry_after
         self._adopt(decision.state, reason, now, now - decision.age)
 
     # --- the storage seam: the only methods that read or write self._store ------------------------
@@ -1235,6 +1311,21 @@ class CircuitBreaker(CompatBreaker):
         if opened is None:
             return now
         return now - max(0.0, _clock.wall() - opened.timestamp())
+
+
+def _later(
+    record: Callable[..., object], kind: type[Any], service: str, *fields: Any
+) -> tuple[tuple[events.Handler, ...], Any]:
+    """A recorder's call queued behind the events waiting in the outbox, in their order.
+
+    Delivered as an event (as every queued one is) whose fields are handed to ``record``, so the
+    subscribers see what the fast path would have given them.
+    """
+
+    def replay(event: Any) -> None:
+        record(*event[1:])
+
+    return (replay,), kind(service, *fields)
 
 
 def _open_error(message: str, service: str, retry_after: float | None) -> CircuitOpenError:

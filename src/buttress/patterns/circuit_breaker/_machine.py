@@ -9,6 +9,7 @@ fleet, and ``tests/redis/test_machine_drift.py`` runs both on the same operation
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -24,6 +25,11 @@ class Limits(NamedTuple):
     reset_timeout: float
     success_threshold: int
     half_open_max_calls: int
+    open_backoff: float = 1.0  # the n-th trip in a row stays open reset_timeout*backoff**(n-1)
+    max_timeout: float = math.inf  # ... at most this long
+    # Not an option: the least time a circuit this very request opens stays open (a server's
+    # Retry-After on the failure it records, already capped); 0 on every other request.
+    hold: float = 0.0
 
 
 class Decision(NamedTuple):
@@ -73,6 +79,10 @@ class Machine:
     pybreaker storage): ``failures``, ``successes``, ``_count_failure``, ``_clear_failures``,
     ``_count_success`` and ``_entered``.
 
+    The open time grows on repeated trips: the ``streak``-th trip in a row without a close stays
+    open ``reset_timeout * open_backoff ** (streak - 1)``, capped at ``max_timeout``, or ``hold``
+    (a server's Retry-After on the failure that opened it) if that is longer.
+
     Args:
         now: the monotonic time the machine starts at (closed).
         generations: the numbers of the states it enters, in order.
@@ -82,10 +92,12 @@ class Machine:
         "_generations",
         "base",
         "generation",
+        "hold",
         "opened_at",
         "phase",
         "seq",
         "since",
+        "streak",
         "succ",
         "trials",
     )
@@ -98,6 +110,8 @@ class Machine:
         self.trials = 0  # trials of this machine in flight
         self.since = now  # when the phase began
         self.opened_at = now
+        self.streak = 0  # trips since the circuit last closed
+        self.hold = 0.0  # seconds the current open state lasts at least
 
     # --- where the counters live ----------------------------------------------------------------
 
@@ -128,10 +142,19 @@ class Machine:
 
     # --- decisions ------------------------------------------------------------------------------
 
+    def open_time(self, limits: Limits) -> float:
+        """Seconds the current open state lasts (see the class)."""
+        seconds = limits.reset_timeout
+        if self.streak > 1 and limits.open_backoff != 1.0:
+            seconds = min(
+                seconds * limits.open_backoff ** min(self.streak - 1, 64), limits.max_timeout
+            )
+        return seconds if seconds >= self.hold else self.hold
+
     def decision(
         self,
         now: float,
-        reset_timeout: float,
+        open_time: float,
         *,
         admitted: bool = False,
         trial: bool = False,
@@ -140,7 +163,7 @@ class Machine:
         """The current state as a :class:`Decision` (with what was just decided)."""
         retry_after = None
         if self.phase == OPEN:
-            retry_after = max(0.0, self.opened_at + reset_timeout - now)
+            retry_after = max(0.0, self.opened_at + open_time - now)
         return Decision(
             self.phase,
             self.generation,
@@ -157,6 +180,11 @@ class Machine:
 
     def move(self, phase: str, now: float) -> None:
         """Enter ``phase``: a new generation, fresh counters, no trial in flight."""
+        if phase == OPEN:
+            self.streak += 1
+        elif phase == CLOSED:
+            self.streak = 0
+        self.hold = 0.0
         self.adopt(phase, now, now)
         self._entered(phase)
 
@@ -164,18 +192,17 @@ class Machine:
         """Whether a call may run now (an open circuit whose time is up half-opens first)."""
         change = None
         if self.phase == OPEN:
-            if now < self.opened_at + limits.reset_timeout:
-                return self.decision(now, limits.reset_timeout)
+            open_time = self.open_time(limits)
+            if now < self.opened_at + open_time:
+                return self.decision(now, open_time)
             self.move(HALF_OPEN, now)
             change = "timeout_elapsed"
         if self.phase == HALF_OPEN:
             if self.trials >= limits.half_open_max_calls:
-                return self.decision(now, limits.reset_timeout, change=change)
+                return self.decision(now, 0.0, change=change)
             self.trials += 1
-            return self.decision(
-                now, limits.reset_timeout, admitted=True, trial=True, change=change
-            )
-        return self.decision(now, limits.reset_timeout, admitted=True, change=change)
+            return self.decision(now, 0.0, admitted=True, trial=True, change=change)
+        return self.decision(now, 0.0, admitted=True, change=change)
 
     def record(
         self,
@@ -193,11 +220,11 @@ class Machine:
         An outcome from a generation that has ended changes nothing. ``limits`` None counts
         without tripping at ``fail_max`` or closing at ``success_threshold`` (for a breaker that
         decides those itself, as pybreaker does); ``trips`` False counts in the closed state
-        without ever tripping (forced closed). A failed trial re-opens the circuit in any case.
+        without ever tripping (forced closed). A failed trial re-opens the circuit in any case
+        (and counts as a repeated trip); a circuit it opens stays open ``limits.hold`` at least.
         """
-        reset_timeout = 0.0 if limits is None else limits.reset_timeout
         if generation != self.generation:
-            return self.decision(now, reset_timeout)
+            return self._now(now, limits)
         if trial and self.trials:
             self.trials -= 1
         change = None
@@ -207,10 +234,13 @@ class Machine:
                 failures = self._count_failure()
                 if trips and limits is not None and failures >= limits.fail_max:
                     self.move(OPEN, now)
+                    self.hold = limits.hold
                     change = "fail_max"
             elif phase == HALF_OPEN:
                 self._count_failure()  # kept while open, as pybreaker counts a failed trial
                 self.move(OPEN, now)
+                if limits is not None:
+                    self.hold = limits.hold
                 change = "trial_failed"
         elif outcome == SUCCESS:
             if phase == CLOSED:
@@ -220,7 +250,11 @@ class Machine:
                 if limits is not None and successes >= limits.success_threshold:
                     self.move(CLOSED, now)
                     change = "success_threshold"
-        return self.decision(now, reset_timeout, change=change)
+        return self._now(now, limits, change)
+
+    def _now(self, now: float, limits: Limits | None, change: str | None = None) -> Decision:
+        open_time = 0.0 if limits is None or self.phase != OPEN else self.open_time(limits)
+        return self.decision(now, open_time, change=change)
 
     def force(
         self, phase: str, now: float, *, always: bool, expected: int | None = None
@@ -252,6 +286,10 @@ class Machine:
             self.since = now - decision.age
             if decision.state == OPEN:
                 self.opened_at = self.since
+        if decision.state == OPEN and decision.retry_after is not None:
+            # Redis chose the open time (its streak and hold): this copy's is all of it.
+            self.streak = 0
+            self.hold = decision.age + decision.retry_after
         self.phase = decision.state
         self.generation = decision.generation
         self.seq = decision.seq

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from buttress._values import STATE_URL_SCHEMES, PositiveSeconds, StateURL
+from buttress._values import GrowthFactor, PositiveSeconds, StateURL
 from buttress.patterns._base import Options
 
 __all__ = ["PATTERN", "CircuitBreakerOptions", "ExcludeSpec"]
@@ -25,6 +25,20 @@ class CircuitBreakerOptions(Options):
     enabled: bool = True
     fail_max: int = Field(5, gt=0, description="consecutive failures that open the circuit")
     timeout: PositiveSeconds = Field(60.0, description="seconds the circuit stays open")
+    open_backoff: GrowthFactor = Field(
+        1.0,
+        description="each trip after another without a close multiplies the open time by this",
+    )
+    max_timeout: PositiveSeconds | None = Field(
+        None,
+        description="cap on the open time (grown by open_backoff or held by a server's "
+        "Retry-After); unset: 10 x timeout",
+    )
+    honor_retry_after: bool = Field(
+        default=True,
+        description="a failure that opens the circuit and carries a server's Retry-After keeps "
+        "it open at least that long (capped by max_timeout)",
+    )
     success_threshold: int = Field(1, gt=0, description="half-open successes that close it")
     half_open_max_calls: int = Field(1, gt=0, description="concurrent half-open trial calls")
     failure_rate_threshold: float | None = Field(
@@ -37,7 +51,12 @@ class CircuitBreakerOptions(Options):
         None, gt=0, le=1, description="slow-call rate over the window that opens it"
     )
     minimum_calls: int = Field(10, gt=0, description="calls in the window before rates count")
-    window_seconds: PositiveSeconds = Field(60.0, description="length of the rate window")
+    window: Literal["time", "count"] = Field(
+        "time",
+        description="the rate window: the last window_seconds, or the last window_size calls",
+    )
+    window_seconds: PositiveSeconds = Field(60.0, description="length of the time window")
+    window_size: int = Field(100, gt=0, description="calls in the count window")
     exclude: tuple[ExcludeSpec, ...] = Field(
         (), description="exceptions (types or predicates) that are neither success nor failure"
     )
@@ -56,19 +75,16 @@ class CircuitBreakerOptions(Options):
         "(valkey forms too) to share circuit state across processes",
     )
 
-    @field_validator("state_url")
-    @classmethod
-    def _a_redis_url(cls, value: str | None) -> str | None:
-        # Checked when settings load (not on the first call); the message never repeats the
-        # value, which may be a password typed in the wrong place.
-        if value is not None:
-            scheme, sep, rest = value.partition("://")
-            if not sep or scheme.lower() not in STATE_URL_SCHEMES or not rest:
-                raise ValueError(
-                    "must be a redis://, rediss:// or unix:// URL, or redis+sentinel://, "
-                    "redis+cluster:// (valkey:// forms too)"
-                )
-        return value
+    @property
+    def open_cap(self) -> float:
+        """The longest the circuit stays open at a time (``max_timeout`` or 10 x ``timeout``)."""
+        return 10 * self.timeout if self.max_timeout is None else self.max_timeout
+
+    @model_validator(mode="after")
+    def _cap_above_timeout(self) -> CircuitBreakerOptions:
+        if self.max_timeout is not None and self.max_timeout < self.timeout:
+            raise ValueError("max_timeout must be at least timeout")
+        return self
 
     @model_validator(mode="after")
     def _slow_calls_need_both(self) -> CircuitBreakerOptions:

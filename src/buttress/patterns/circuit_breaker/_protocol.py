@@ -6,6 +6,7 @@ packed once into the Redis wire format (RESP) and sent as they are by ``_transpo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from importlib import resources
@@ -23,11 +24,13 @@ __all__ = [
     "Order",
     "admit_request",
     "bulk",
+    "longest_open",
     "observe_request",
     "parse",
     "prefix",
     "record_request",
     "set_request",
+    "tail",
 ]
 
 # One script for every operation: one SHA to load after a Redis restart, one code path to review.
@@ -73,7 +76,7 @@ def prefix(
     """The constant head of a request: command, keys and the limits-derived arguments.
 
     ``ttl``: seconds the keys outlive their last change; ``lease``: seconds a trial holds its
-    slot. Seven per-request arguments follow it (ARGV 8-14).
+    slot. Seven per-request arguments follow it (ARGV 8-14), then :func:`tail`'s three.
     """
     if limits is None:
         numbers: tuple[bytes, ...] = (b"0", b"0", b"0", b"", b"")
@@ -86,8 +89,32 @@ def prefix(
             b"%d" % limits.success_threshold,
         )
     head = (b"EVALSHA", SHA, b"2", *keys, op, b"%d" % math.ceil(ttl * 1000))
-    return b"*%d\r\n" % (len(head) + len(numbers) + 7) + b"".join(
+    return b"*%d\r\n" % (len(head) + len(numbers) + 10) + b"".join(
         bulk(part) for part in (*head, *numbers)
+    )
+
+
+_NO_TAIL: Final = EMPTY * 3
+
+
+def longest_open(limits: Limits) -> float:
+    """The longest the circuit may stay open at a time under ``limits`` (for the keys' TTL)."""
+    longest = max(limits.reset_timeout, limits.hold)
+    if limits.open_backoff != 1.0 and not math.isinf(limits.max_timeout):
+        longest = max(longest, limits.max_timeout)
+    return longest
+
+
+@functools.lru_cache(maxsize=64)  # limits change rarely; a hold is one failure's
+def tail(limits: Limits | None) -> bytes:
+    """ARGV 15-17, after every request: ``open_backoff``, ``max_timeout`` (ms) and ``hold`` (ms,
+    the least time a circuit this request opens stays open)."""
+    if limits is None:
+        return _NO_TAIL
+    return (
+        bulk(repr(limits.open_backoff).encode())
+        + (EMPTY if math.isinf(limits.max_timeout) else bulk(b"%d" % (limits.max_timeout * 1000)))
+        + bulk(b"%d" % math.ceil(limits.hold * 1000))
     )
 
 
@@ -176,13 +203,11 @@ def parse(reply: bytes, limits: Limits | None) -> tuple[Decision, Order]:
     fields = reply.split(b" ")
     state = fields[0].decode()
     gen, seq, base, succ, since, now, admitted, trial = map(int, fields[1:9])
-    change_b, lease_b = fields[9], fields[10]
+    change_b, lease_b, open_ms = fields[9], fields[10], int(fields[11])
     if change_b == b"corrupt":
         raise CorruptStateError("the circuit's keys in Redis were unreadable")
     if state == OPEN and limits is not None:
-        retry_after: float | None = max(
-            0.0, (since + math.ceil(limits.reset_timeout * 1000) - now) / 1000
-        )
+        retry_after: float | None = max(0.0, (since + open_ms - now) / 1000)
     else:
         retry_after = None
     change = change_b.decode()

@@ -1,10 +1,11 @@
-"""The rate window: calls, failures and slow calls of the last ``window_seconds``."""
+"""The rate windows: calls, failures and slow calls of the last ``window_seconds`` (``Window``)
+or of the last ``window_size`` calls (``CountWindow``)."""
 
 from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["Window"]
+__all__ = ["CountWindow", "Window"]
 
 # The rate window slides in this many steps: a call leaves it at most window_seconds/20 late.
 _BUCKETS: Final = 20
@@ -54,6 +55,47 @@ class Window:
         if slow:
             self._slow[i] += 1
             self.slow += 1
+
+    @property
+    def failure_rate(self) -> float:
+        return self.failures / self.calls if self.calls else 0.0
+
+    @property
+    def slow_call_rate(self) -> float:
+        return self.slow / self.calls if self.calls else 0.0
+
+
+class CountWindow:
+    """Calls, failures and slow calls of the last ``size`` calls, in a ring: O(1) per call.
+
+    Time does not move it (``roll`` is there so both windows read alike): a quiet service keeps
+    its last calls' rates until new calls push them out.
+    """
+
+    __slots__ = ("_next", "_ring", "calls", "failures", "slow")
+
+    def __init__(self, size: int) -> None:
+        # Each slot holds a call's bits: 1 failed, 2 slow; None until that many calls were seen.
+        self._ring: list[int | None] = [None] * size
+        self._next = 0
+        self.calls = self.failures = self.slow = 0
+
+    def roll(self, now: float) -> int:
+        return self._next
+
+    def add(self, now: float, *, failed: bool, slow: bool) -> None:
+        ring = self._ring
+        i = self._next
+        old = ring[i]
+        if old is None:
+            self.calls += 1
+        else:
+            self.failures -= old & 1
+            self.slow -= old >> 1
+        ring[i] = failed | slow << 1
+        self.failures += failed
+        self.slow += slow
+        self._next = i + 1 if i + 1 < len(ring) else 0
 
     @property
     def failure_rate(self) -> float:

@@ -6,7 +6,8 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- corrupt: someone wrote it by hand, or a version of buttress that knows more. It is started over
 -- (closed, clean, a new generation) and the reply says 'corrupt': that call decides locally.
 local corrupt = false
-local h = redis.pcall('HMGET', circuit, 'state', 'gen', 'seq', 'base', 'succ', 'since')
+local h = redis.pcall('HMGET', circuit, 'state', 'gen', 'seq', 'base', 'succ', 'since', 'streak',
+  'hold')
 if h.err then
   if not string.find(h.err, 'WRONGTYPE', 1, true) then
     return redis.error_reply(h.err)  -- any other error fails the script as it would have
@@ -31,6 +32,8 @@ if state ~= 'closed' and state ~= 'open' and state ~= 'half_open' then
   corrupt = true
 end
 local gen, seq, base, succ, since = count(2), count(3), count(4), count(5), count(6)
+-- Trips since the circuit last closed, and the least ms this open state lasts (Retry-After).
+local streak, hold = count(7), count(8)
 local ttl = tonumber(ARGV[2])
 local dirty = false
 local admitted, trial, change = 0, 0, ''
@@ -49,8 +52,29 @@ local function on_trials(...)
   return reply
 end
 
+-- ARGV 15-17: open_backoff, max_timeout (ms; '' none), the hold of a circuit this request opens.
+-- The open time, as _machine.py's open_time: reset_timeout * open_backoff ^ (streak - 1), capped,
+-- or the hold if longer.
+local function open_time()
+  local ms = tonumber(ARGV[3])
+  local backoff = tonumber(ARGV[15]) or 1
+  if streak > 1 and backoff ~= 1 then
+    ms = math.min(ms * backoff ^ math.min(streak - 1, 64), tonumber(ARGV[16]) or math.huge)
+  end
+  return math.max(ms, hold)
+end
+
 local function move(to, why)
   state = to
+  if to == 'open' then
+    streak = streak + 1
+    hold = tonumber(ARGV[17]) or 0
+  else
+    if to == 'closed' then
+      streak = 0
+    end
+    hold = 0
+  end
   -- generations follow Redis time, so a Redis restarted empty never reuses one
   gen = math.max(gen + 1, now)
   -- failures are kept until the circuit closes (while open and half-open, as pybreaker does)
@@ -87,7 +111,7 @@ if ARGV[8] ~= '' and state == 'closed' and tonumber(ARGV[8]) == gen then
 end
 
 if op == 'admit' then
-  if state == 'open' and now >= since + tonumber(ARGV[3]) then
+  if state == 'open' and now >= since + open_time() then
     move('half_open', 'timeout_elapsed')
   end
   if state == 'closed' then
@@ -141,9 +165,11 @@ if corrupt then
 end
 if dirty then
   redis.call('HSET', circuit, 'state', state, 'gen', gen, 'seq', seq, 'base', base,
-    'succ', succ, 'since', since)
+    'succ', succ, 'since', since, 'streak', streak, 'hold', hold)
   redis.call('PEXPIRE', circuit, ttl)
 end
 -- one bulk string: parsing an 11-element array costs the client more than the round trip
-return string.format('%s %d %d %d %d %d %d %d %d %s %s', state, gen, seq, base, succ, since,
-  now, admitted, trial, change, trial == 1 and ARGV[10] or '')
+-- (the last field: the open time in ms while open, for retry_after)
+return string.format('%s %d %d %d %d %d %d %d %d %s %s %d', state, gen, seq, base, succ, since,
+  now, admitted, trial, change, trial == 1 and ARGV[10] or '',
+  state == 'open' and math.ceil(open_time()) or 0)

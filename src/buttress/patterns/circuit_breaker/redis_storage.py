@@ -27,6 +27,7 @@ from buttress import _clock, events
 from buttress._values import redact
 from buttress.exceptions import ConfigurationError
 from buttress.patterns._base import DRIVERS, AskStore
+from buttress.patterns._redis import connectors
 from buttress.patterns.circuit_breaker import _protocol as protocol
 from buttress.patterns.circuit_breaker._machine import Decision, Limits, Machine
 from buttress.patterns.circuit_breaker._protocol import CorruptStateError
@@ -39,7 +40,6 @@ from buttress.patterns.circuit_breaker._states import (
     SUCCESS,
     TO_PYBREAKER,
 )
-from buttress.patterns.circuit_breaker._topology import connectors
 from buttress.patterns.circuit_breaker._transport import RedisTransport
 
 __all__ = [
@@ -356,7 +356,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
                 ttl, lease = self.idle_ttl, 0.0
             else:
                 lease = self._lease_seconds(limits)
-                ttl = max(self.idle_ttl, 2 * limits.reset_timeout + lease)
+                ttl = max(self.idle_ttl, 2 * protocol.longest_open(limits) + lease)
             head = protocol.prefix(self._keys, op, ttl, limits, lease)
             if len(self._prefixes) > 64:  # limits change rarely; never grow without bound
                 self._prefixes.clear()
@@ -387,6 +387,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         orphans = self._take_orphans()
         lease = f"{self._lease_prefix}:{next(self._lease_ids)}".encode()
         request = protocol.admit_request(self._prefix(b"admit", limits), cleared, lease, orphans)
+        request += protocol.tail(limits)
         # With no reply, Redis may have granted this lease: it joins the orphans.
         return request, (cleared, (*orphans, lease))
 
@@ -407,6 +408,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         orphans = self._take_orphans()
         head = self._prefix(b"record", limits)
         request = protocol.record_request(head, cleared, ticket, outcome, orphans)
+        request += protocol.tail(limits)
         # With no reply, the trial's lease may still be held: it joins the orphans.
         lease = ticket.lease.encode()
         return request, (cleared, (*orphans, lease) if lease else orphans)
@@ -415,6 +417,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         cleared = self._take_cleared()
         orphans = self._take_orphans()
         request = protocol.observe_request(self._prefix(b"observe", None), cleared, orphans)
+        request += protocol.tail(None)
         return request, (cleared, orphans)
 
     def _set_request(
@@ -423,6 +426,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         head = self._prefix(b"set", limits)
         orphans = self._take_orphans()
         request = protocol.set_request(head, state, expected, always=always, orphans=orphans)
+        request += protocol.tail(limits)
         return request, (None, orphans)
 
     def _note_cleared(self, generation: int, seq: int) -> None:
@@ -657,61 +661,42 @@ def make_storage(
         ConfigurationError: the URL is not a Redis URL, or the ``redis`` package is missing.
     """
     shown = redact(state_url)  # the one redaction helper: masked, or nothing of a non-URL
+    key = f"services.{service}.circuit_breaker.state_url"
     try:
-        # The optional dependency, imported only when a service shares its state.
-        import redis.asyncio  # noqa: PLC0415
-        import redis.asyncio.retry  # noqa: PLC0415
-        import redis.backoff  # noqa: PLC0415
-        import redis.retry  # noqa: PLC0415
+        import redis  # noqa: F401, PLC0415 - the optional dependency, only for shared state
     except ImportError:
         raise ConfigurationError(
             f"service {service!r}: circuit_breaker.state_url is set ({shown}) but the 'redis' "
             "package is not installed; install buttress[redis]",
-            errors=(
-                (
-                    f"services.{service}.circuit_breaker.state_url",
-                    "state_url",
-                    "redis not installed",
-                ),
-            ),
+            errors=((key, "state_url", "redis not installed"),),
         ) from None
     if shown.startswith("<"):
         raise ConfigurationError(
             f"service {service!r}: circuit_breaker.state_url must be a redis://, rediss://, "
             "unix://, redis+sentinel://, redis+cluster:// or valkey:// URL (the value is not "
             "repeated here: it may hold a password)",
-            errors=(
-                (f"services.{service}.circuit_breaker.state_url", "state_url", "not a Redis URL"),
-            ),
+            errors=((key, "state_url", "not a Redis URL"),),
         )
-    options = {
-        "socket_timeout": socket_timeout,
-        "socket_connect_timeout": connect_timeout,
-        "retry_on_timeout": False,
-        "health_check_interval": 0,
-    }
     try:
-        # No client retries: a fault falls back to local state at once. Each pool gets the
-        # Retry of its own world; redis-py 8.2 warns when a sync one reaches an asyncio pool.
-        made = connectors(
+        # No client retries: a fault falls back to local state at once. The pools only parse
+        # the URL; the storage keeps its own connections (see _transport).
+        make_sync, make_async, stale = connectors(
             state_url,
-            service.encode(),
-            options,
-            redis.retry.Retry(redis.backoff.NoBackoff(), 0),
-            redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0),
+            tag=service,
+            socket_timeout=socket_timeout,
+            connect_timeout=connect_timeout,
         )
-    except (ValueError, TypeError) as exc:
+    except ValueError as exc:
         raise ConfigurationError(
-            f"service {service!r}: circuit_breaker.state_url {shown} is not valid: "
-            f"{type(exc).__name__}",
-            errors=((f"services.{service}.circuit_breaker.state_url", "state_url", "invalid URL"),),
+            f"service {service!r}: circuit_breaker.state_url {shown} is not valid: {exc}",
+            errors=((key, "state_url", "invalid URL"),),
         ) from None
     return SharedStateStorage(
         service,
         url=shown,
-        make_sync=made.make_sync,
-        make_async=made.make_async,
-        stale=made.stale,
+        make_sync=make_sync,
+        make_async=make_async,
+        stale=stale,
         socket_timeout=socket_timeout,
         connect_timeout=connect_timeout,
         idle_ttl=idle_ttl,
