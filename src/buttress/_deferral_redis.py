@@ -1,10 +1,10 @@
 """A deferral queue in a Redis stream: queued calls outlive the process that queued them.
 
-One stream per protected function, ``buttress:defer:{service}:{module.qualname}``; each entry
-holds one call as JSON (its arguments, keyword arguments, idempotency key and the wall-clock
-time it was queued), so arguments must be JSON values (a call whose arguments are not is not
-deferred: its caller gets the rejection, and ``buttress_deferral_dropped_total{reason=
-"unserializable"}`` counts it).
+One stream per protected function, ``buttress:defer:{service}:module.qualname`` (the braces are
+part of the key: the service is its hash tag); each entry holds one call as JSON (its arguments,
+keyword arguments, idempotency key and the wall-clock time it was queued), so arguments must be
+JSON values (a call whose arguments are not is not deferred: its caller gets the rejection, and
+``buttress_deferral_dropped_total{reason="unserializable"}`` counts it).
 
 Exactly one process replays at a time: the one holding the lease key (``SET NX PX``), renewed
 after each item and given back when the drain stops; an entry is deleted (``XDEL``) once its
@@ -98,7 +98,9 @@ class RedisStore:
                 f"service {service!r}: fallback.defer.state_url {self.shown} is not valid: {exc}",
                 errors=((f"services.{service}.fallback.defer.state_url", "state_url", "invalid"),),
             ) from None
-        self.stream = f"buttress:defer:{service}:{site}"
+        # The service is the hash tag (as in every key buttress keeps): in a cluster the stream
+        # and its lease live in the slot the client's connections go to.
+        self.stream = f"buttress:defer:{{{service}}}:{site}"
         self.lease_key = f"{self.stream}:lease"
         self.token = uuid.uuid4().hex  # this process's lease token
         self._push = self.client.register_script(_PUSH)

@@ -10,15 +10,19 @@ import asyncio
 import multiprocessing
 import threading
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from buttress import events
+from buttress import DeferOptions, Deferred, circuit_breaker, events, with_fallback
 from buttress._values import redact
-from buttress.exceptions import ConfigurationError
+from buttress.exceptions import ConfigurationError, RateLimitedError
 from buttress.patterns.circuit_breaker.redis_storage import Limits, make_storage
+from buttress.patterns.rate_limit import RateLimiter, RateLimitOptions, RateLimitStrategy
 from buttress.policy import asettle
+from buttress.testing import capture_events, force_circuit_state
 
 pytestmark = pytest.mark.redis
 
@@ -246,3 +250,278 @@ def test_settings_accept_the_topology_urls(url: str) -> None:
     env = {"BUTTRESS_SERVICES__PAY__CIRCUIT_BREAKER__STATE_URL": url}
     settings = config.load_settings(env=env)
     assert settings.services["pay"].circuit_breaker.state_url == url
+
+
+# --- every state_url user: the fleet rate limit and the deferral stream ---------------------------
+
+QUOTA = "quota"
+
+
+@pytest.fixture
+def limiters(mode: Any) -> Iterator[Callable[[str], Any]]:
+    """``limit(url, rate=..., burst=...)``: another process's fleet limiter of ``QUOTA`` and a
+    call through it (the mode's kind); their connections are closed afterwards."""
+    made: list[RateLimiter] = []
+
+    def make(url: str, **options: Any) -> Any:
+        limiter = RateLimiter(QUOTA, RateLimitOptions(state_url=url, **options))
+        made.append(limiter)
+        return mode.chain(RateLimitStrategy(limiter), mode.define())
+
+    yield make
+    for limiter in made:
+        assert limiter.fleet is not None
+        if mode.is_async:
+            mode.run(limiter.fleet.transport.aclose)
+        limiter.fleet.transport.close()
+
+
+def _shares_one_burst(mode: Any, first: Any, second: Any) -> None:
+    assert [mode.run(first), mode.run(second), mode.run(first)] == ["ok"] * 3
+    refused = mode.outcome(second)
+    assert isinstance(refused, RateLimitedError)
+    assert 90 < refused.retry_after <= 100  # the next token, on Redis's clock
+
+
+def test_a_fleet_rate_limit_is_shared_through_sentinel(
+    mode: Any, sentinel_set: Any, limiters: Any, clock: Any
+) -> None:
+    first = limiters(sentinel_set.url, rate=0.01, burst=3)
+    second = limiters(sentinel_set.url.replace("redis+", "valkey+"), rate=0.01, burst=3)
+    _shares_one_burst(mode, first, second)
+    assert sentinel_set.master.client().exists("buttress:{quota}:rate")
+
+
+def test_a_fleet_rate_limit_is_shared_through_a_cluster(
+    mode: Any, redis_cluster: Any, limiters: Any, clock: Any
+) -> None:
+    owner = redis_cluster.owner("buttress:{quota}:rate")
+    other = next(node for node in redis_cluster.nodes if node is not owner)
+    first = limiters(f"redis+cluster://127.0.0.1:{other.port}", rate=0.01, burst=3)
+    second = limiters(redis_cluster.url, rate=0.01, burst=3)
+    _shares_one_burst(mode, first, second)
+    assert owner.client().exists("buttress:{quota}:rate", "buttress:{quota}:rate:pods") == 2
+
+
+def test_the_loss_of_the_rate_limits_cluster_node_fails_no_call(
+    mode: Any, redis_cluster: Any, limiters: Any, clock: Any
+) -> None:
+    call = limiters(redis_cluster.url, rate=100, burst=100, expected_pods=2)
+    assert mode.run(call) == "ok"
+    redis_cluster.owner("buttress:{quota}:rate").kill()
+    with capture_events([events.StateStoreError]) as faults:
+        assert [mode.run(call) for _ in range(20)] == ["ok"] * 20  # the pod's share: 50
+    assert [(f.service, f.operation) for f in faults] == [(QUOTA, "rate_limit")]
+    clock.advance(0.6)  # Redis is asked again: the slot's owner is looked up again, still gone
+    with capture_events([events.StateStoreError]) as faults:
+        assert mode.run(call) == "ok"
+    assert len(faults) == 1
+
+
+@pytest.mark.parametrize("topology", ["sentinel", "cluster"])
+def test_deferred_calls_are_kept_in_a_stream_through_the_topology(
+    topology: str, request: pytest.FixtureRequest
+) -> None:
+    setup = request.getfixturevalue("sentinel_set" if topology == "sentinel" else "redis_cluster")
+
+    @with_fallback(name="notify", defer=DeferOptions(state_url=setup.url, retry_interval=0.05))
+    @circuit_breaker(name="notify", fail_max=1, timeout=60)
+    def send(text: str) -> str:
+        return f"sent {text}"
+
+    force_circuit_state("notify", "forced_open")
+    handle = send("hello")
+    assert isinstance(handle, Deferred)
+    # The stream and its lease carry the service's hash tag: one node holds both.
+    holder = setup.master if topology == "sentinel" else setup.owner("buttress:defer:{notify}:")
+    streams = list(holder.client().scan_iter("buttress:defer:{notify}:*"))
+    assert len(streams) == 1
+    assert holder.client().xlen(streams[0]) == 1
+    force_circuit_state("notify", "closed")
+    assert handle.result(timeout=5) == "sent hello"
+    assert holder.client().xlen(streams[0]) == 0
+
+
+# --- four processes (spawned) through the topologies, real time -----------------------------------
+
+SPAWN = multiprocessing.get_context("spawn")
+RATE, BURST = 20.0, 5
+
+
+@pytest.fixture
+def spawnable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spawned process imports this module by name: the repository root must be on its path."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
+
+
+def _quota_worker(url: str, is_async: bool, ready: Any, stop: Any, results: Any) -> None:
+    """In a spawned process: two threads or two tasks call a counting upstream behind the fleet
+    rate limit and a shared circuit until ``stop`` is set; report when each admitted call
+    reached it and what else happened."""
+    from buttress import circuit_breaker, with_rate_limit
+
+    faults: list[Any] = []
+    events.subscribe(faults.append, [events.StateStoreError])
+    reached: list[float] = []  # wall-clock times: comparable across the processes
+    seen = {"limited": 0, "failed": 0}
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def upstream() -> str:
+        with lock:
+            reached.append(time.time())
+        return "ok"
+
+    async def aupstream() -> str:
+        return upstream()
+
+    # While Redis cannot answer each process takes its fair share: a quarter of the rate.
+    limit = with_rate_limit(QUOTA, rate=RATE, burst=BURST, state_url=url, expected_pods=4)
+    shared = circuit_breaker(name=QUOTA, fail_max=3, timeout=30, state_url=url)
+    call = limit(shared(aupstream if is_async else upstream))
+
+    def note(error: BaseException) -> None:
+        with lock:
+            if isinstance(error, RateLimitedError):
+                seen["limited"] += 1  # the limit doing its job, not a failure
+            else:
+                seen["failed"] += 1
+                errors.append(repr(error))
+
+    ready.wait(60)
+    started = time.time()
+    deadline = time.monotonic() + 15  # in case the test never says stop
+
+    def running() -> bool:
+        return not stop.is_set() and time.monotonic() < deadline
+
+    def loop() -> None:
+        while running():
+            try:
+                call()
+            except Exception as exc:  # counted; the test fails on it
+                note(exc)
+            time.sleep(0.003)
+
+    async def aloop() -> None:
+        while running():
+            try:
+                await call()
+            except Exception as exc:  # counted; the test fails on it
+                note(exc)
+            await asyncio.sleep(0.003)
+
+    if is_async:
+
+        async def main() -> None:
+            await asyncio.gather(aloop(), aloop())
+
+        asyncio.run(main())
+    else:
+        threads = [threading.Thread(target=loop) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    results.put(
+        {
+            **seen,
+            "reached": reached,
+            "errors": errors[:3],
+            "store_errors": len(faults),
+            "started": started,
+            "ended": time.time(),
+        }
+    )
+
+
+def _run_fleet(url: str, during: Callable[[], None]) -> list[Any]:
+    """Four spawned processes (two on threads, two on tasks) calling while ``during`` runs in
+    the test; their reports."""
+    ready, stop, results = SPAWN.Barrier(5), SPAWN.Event(), SPAWN.Queue()
+    workers = [
+        SPAWN.Process(target=_quota_worker, args=(url, i % 2 == 1, ready, stop, results))
+        for i in range(4)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        ready.wait(60)  # a spawned interpreter takes a while to import everything
+        try:
+            during()
+        finally:
+            stop.set()
+        summaries = [results.get(timeout=30) for _ in workers]
+    finally:
+        for worker in workers:
+            worker.join(10)
+            if worker.exitcode is None:
+                worker.kill()
+    assert [worker.exitcode for worker in workers] == [0] * 4
+    return summaries
+
+
+def _within_the_rate(summaries: list[Any], extra: int = 0) -> None:
+    reached = sorted(t for s in summaries for t in s["reached"])
+    window = max(s["ended"] for s in summaries) - min(s["started"] for s in summaries)
+    assert RATE * window * 0.5 <= len(reached) <= RATE * window + BURST + extra, (
+        len(reached),
+        window,
+    )
+
+
+@pytest.mark.realtime
+@pytest.mark.parametrize("topology", ["sentinel", "cluster"])
+def test_four_processes_see_at_most_rate_times_t_plus_burst_through_the_topology(
+    topology: str, request: pytest.FixtureRequest, spawnable: None
+) -> None:
+    setup = request.getfixturevalue("sentinel_set" if topology == "sentinel" else "redis_cluster")
+    summaries = _run_fleet(setup.url, lambda: time.sleep(1.5))
+    assert [(s["failed"], s["errors"]) for s in summaries] == [(0, [])] * 4
+    # All four asked the fleet's bucket, where the topology keeps it (a reply made late by a
+    # loaded machine is decided locally at the fair share: the bound holds either way).
+    holder = setup.master if topology == "sentinel" else setup.owner("buttress:{quota}:rate")
+    assert holder.client().zcard("buttress:{quota}:rate:pods") == 4
+    _within_the_rate(summaries)
+
+
+@pytest.mark.realtime
+def test_a_sentinel_failover_mid_load_fails_no_call_of_a_spawned_fleet(
+    sentinel_set: Any, spawnable: None
+) -> None:
+    """Four spawned processes call through the fleet rate limit and a shared circuit while the
+    Sentinel master is killed and its replica promoted: no call fails (the limit refuses some,
+    as it should), and every process goes back to deciding in the promoted master."""
+    moments: dict[str, float] = {}
+
+    def fail_over() -> None:
+        time.sleep(0.4)
+        moments["killed"] = time.time()
+        sentinel_set.fail_over()  # the master is killed; the replica is promoted (~1 s)
+        moments["promoted"] = time.time()
+        # Each process's limiter beats in the fleet's heartbeat set as soon as Redis answers
+        # it again (it asks again after 0.5 s, then 1 s, 2 s...): wait for all four, bounded.
+        master = sentinel_set.replica.client()
+        seconds, micros = master.time()
+        since = seconds * 1_000_000 + micros
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            if len(master.zrangebyscore("buttress:{quota}:rate:pods", since, "+inf")) == 4:
+                break
+            time.sleep(0.05)
+        moments["back"] = time.time()
+        time.sleep(0.3)
+
+    summaries = _run_fleet(sentinel_set.url, fail_over)
+    assert [(s["failed"], s["errors"]) for s in summaries] == [(0, [])] * 4
+    assert all(s["limited"] > 0 for s in summaries)  # the limit held throughout
+    assert all(s["store_errors"] >= 1 for s in summaries)  # each saw the master go
+    pods = sentinel_set.replica.client().zrange("buttress:{quota}:rate:pods", 0, -1)
+    assert len(pods) == 4  # and each went on with the promoted replica
+    assert sum(t > moments["promoted"] for s in summaries for t in s["reached"]) > 0
+    # From the kill until the last process is back on Redis, the processes that decide locally
+    # take their fair shares (together at most the rate, plus a share of the burst each) while
+    # those already back share the whole rate in Redis, whose bucket refilled meanwhile: the
+    # fleet gets at most the rate more over that time, and one burst more.
+    outage = moments["back"] - moments["killed"]
+    _within_the_rate(summaries, extra=round(RATE * outage) + BURST + 4 * max(1, BURST // 4))
