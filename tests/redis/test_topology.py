@@ -7,6 +7,7 @@ The promise under test through every topology change: a Redis fault never fails 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import multiprocessing
 import threading
 import time
@@ -346,6 +347,7 @@ def test_deferred_calls_are_kept_in_a_stream_through_the_topology(
 
 SPAWN = multiprocessing.get_context("spawn")
 RATE, BURST = 20.0, 5
+SHARE_BURST = max(1, BURST // 4)  # each of the four processes' share of the burst
 
 
 @pytest.fixture
@@ -357,19 +359,36 @@ def spawnable(monkeypatch: pytest.MonkeyPatch) -> None:
 def _quota_worker(url: str, is_async: bool, ready: Any, stop: Any, results: Any) -> None:
     """In a spawned process: two threads or two tasks call a counting upstream behind the fleet
     rate limit and a shared circuit until ``stop`` is set; report when each admitted call
-    reached it and what else happened."""
-    from buttress import circuit_breaker, with_rate_limit
+    reached it, whether its token came from Redis, and what else happened."""
+    try:
+        _quota_calls(url, is_async, ready, stop, results)
+    except BaseException as exc:  # reported: the test fails with it instead of waiting
+        results.put({"failed": 1, "errors": [repr(exc)]})
+
+
+def _quota_calls(url: str, is_async: bool, ready: Any, stop: Any, results: Any) -> None:
+    from buttress import circuit_breaker, registry, with_rate_limit
 
     faults: list[Any] = []
     events.subscribe(faults.append, [events.StateStoreError])
     reached: list[float] = []  # wall-clock times: comparable across the processes
+    local: list[float] = []  # those whose token the process's fair share gave
     seen = {"limited": 0, "failed": 0}
     errors: list[str] = []
     lock = threading.Lock()
+    # Whether the limiter decided locally when this thread's or task's call started.
+    was_down: contextvars.ContextVar[bool] = contextvars.ContextVar("was_down", default=False)
+
+    def is_down() -> bool:
+        limiter = registry.instances("rate_limit").get(QUOTA)  # made on the first call
+        return limiter is not None and bool(limiter.fleet.is_down())
 
     def upstream() -> str:
+        # Down before the call or now: the token came from the fair share (a fault and a
+        # recovery between the two cannot happen: Redis is asked again 0.5 s after a fault).
+        off = was_down.get() or is_down()
         with lock:
-            reached.append(time.time())
+            (local if off else reached).append(time.time())
         return "ok"
 
     async def aupstream() -> str:
@@ -397,6 +416,7 @@ def _quota_worker(url: str, is_async: bool, ready: Any, stop: Any, results: Any)
 
     def loop() -> None:
         while running():
+            was_down.set(is_down())
             try:
                 call()
             except Exception as exc:  # counted; the test fails on it
@@ -405,6 +425,7 @@ def _quota_worker(url: str, is_async: bool, ready: Any, stop: Any, results: Any)
 
     async def aloop() -> None:
         while running():
+            was_down.set(is_down())
             try:
                 await call()
             except Exception as exc:  # counted; the test fails on it
@@ -427,8 +448,11 @@ def _quota_worker(url: str, is_async: bool, ready: Any, stop: Any, results: Any)
         {
             **seen,
             "reached": reached,
+            "local": local,
             "errors": errors[:3],
             "store_errors": len(faults),
+            "rate_faults": sum(f.operation == "rate_limit" for f in faults),
+            "store_error_types": sorted({(f.operation, f.error_type) for f in faults}),
             "started": started,
             "ended": time.time(),
         }
@@ -461,13 +485,12 @@ def _run_fleet(url: str, during: Callable[[], None]) -> list[Any]:
     return summaries
 
 
-def _within_the_rate(summaries: list[Any], extra: int = 0) -> None:
-    reached = sorted(t for s in summaries for t in s["reached"])
-    window = max(s["ended"] for s in summaries) - min(s["started"] for s in summaries)
-    assert RATE * window * 0.5 <= len(reached) <= RATE * window + BURST + extra, (
-        len(reached),
-        window,
-    )
+def _window(summaries: list[Any]) -> float:
+    return float(max(s["ended"] for s in summaries) - min(s["started"] for s in summaries))
+
+
+def _counted(summaries: list[Any], key: str) -> int:
+    return sum(len(s[key]) for s in summaries)
 
 
 @pytest.mark.realtime
@@ -478,11 +501,17 @@ def test_four_processes_see_at_most_rate_times_t_plus_burst_through_the_topology
     setup = request.getfixturevalue("sentinel_set" if topology == "sentinel" else "redis_cluster")
     summaries = _run_fleet(setup.url, lambda: time.sleep(1.5))
     assert [(s["failed"], s["errors"]) for s in summaries] == [(0, [])] * 4
-    # All four asked the fleet's bucket, where the topology keeps it (a reply made late by a
-    # loaded machine is decided locally at the fair share: the bound holds either way).
+    # All four asked the fleet's bucket, where the topology keeps it.
     holder = setup.master if topology == "sentinel" else setup.owner("buttress:{quota}:rate")
     assert holder.client().zcard("buttress:{quota}:rate:pods") == 4
-    _within_the_rate(summaries)
+    window = _window(summaries)
+    in_redis, locally = _counted(summaries, "reached"), _counted(summaries, "local")
+    assert RATE * window * 0.5 <= in_redis + locally  # the processes kept asking
+    assert in_redis <= RATE * window + BURST, (in_redis, window)  # Redis's clock decided
+    # Each fault lets its process decide at its fair share until Redis is asked again (5 s at
+    # the longest): a reply made late by a loaded machine, not the limit failing.
+    faults = sum(s["rate_faults"] for s in summaries)
+    assert locally <= faults * (SHARE_BURST + RATE / 4 * 5.0), (locally, faults)
 
 
 @pytest.mark.realtime
@@ -493,6 +522,7 @@ def test_a_sentinel_failover_mid_load_fails_no_call_of_a_spawned_fleet(
     Sentinel master is killed and its replica promoted: no call fails (the limit refuses some,
     as it should), and every process goes back to deciding in the promoted master."""
     moments: dict[str, float] = {}
+    back: list[bytes] = []
 
     def fail_over() -> None:
         time.sleep(0.4)
@@ -505,10 +535,9 @@ def test_a_sentinel_failover_mid_load_fails_no_call_of_a_spawned_fleet(
         seconds, micros = master.time()
         since = seconds * 1_000_000 + micros
         deadline = time.monotonic() + 8
-        while time.monotonic() < deadline:
-            if len(master.zrangebyscore("buttress:{quota}:rate:pods", since, "+inf")) == 4:
-                break
+        while len(back) < 4 and time.monotonic() < deadline:
             time.sleep(0.05)
+            back[:] = master.zrangebyscore("buttress:{quota}:rate:pods", since, "+inf")
         moments["back"] = time.time()
         time.sleep(0.3)
 
@@ -516,12 +545,12 @@ def test_a_sentinel_failover_mid_load_fails_no_call_of_a_spawned_fleet(
     assert [(s["failed"], s["errors"]) for s in summaries] == [(0, [])] * 4
     assert all(s["limited"] > 0 for s in summaries)  # the limit held throughout
     assert all(s["store_errors"] >= 1 for s in summaries)  # each saw the master go
-    pods = sentinel_set.replica.client().zrange("buttress:{quota}:rate:pods", 0, -1)
-    assert len(pods) == 4  # and each went on with the promoted replica
+    assert len(back) == 4  # and each went on with the promoted replica
     assert sum(t > moments["promoted"] for s in summaries for t in s["reached"]) > 0
+    window, outage = _window(summaries), moments["back"] - moments["killed"]
     # From the kill until the last process is back on Redis, the processes that decide locally
     # take their fair shares (together at most the rate, plus a share of the burst each) while
     # those already back share the whole rate in Redis, whose bucket refilled meanwhile: the
     # fleet gets at most the rate more over that time, and one burst more.
-    outage = moments["back"] - moments["killed"]
-    _within_the_rate(summaries, extra=round(RATE * outage) + BURST + 4 * max(1, BURST // 4))
+    total = _counted(summaries, "reached") + _counted(summaries, "local")
+    assert total <= RATE * window + RATE * outage + BURST + 4 * SHARE_BURST, (total, outage)
