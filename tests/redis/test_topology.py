@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import multiprocessing
 import threading
 import time
@@ -74,6 +75,24 @@ def test_a_malformed_topology_url_fails_when_the_storage_is_made(url: str, why: 
         make_storage(url, "svc")
     assert "services.svc.circuit_breaker.state_url" in str(caught.value.errors)
     assert why in str(caught.value)
+
+
+@pytest.mark.parametrize("user", ["rate_limit", "fallback.defer"])
+def test_every_state_url_user_reads_the_topology_urls_alike(user: str) -> None:
+    # The same parser for all: a malformed URL is refused when the user is built, naming its key.
+    for url, why in [
+        ("redis+sentinel://127.0.0.1:1", "master"),
+        ("valkey+cluster://127.0.0.1:1/0", "path"),
+    ]:
+        if user == "rate_limit":
+            build = functools.partial(RateLimiter, "svc", RateLimitOptions(rate=1, state_url=url))
+        else:
+            # A policy is built on its first call.
+            build = with_fallback(name="svc", defer=DeferOptions(state_url=url))(lambda: "ok")
+        with pytest.raises(ConfigurationError) as caught:
+            build()
+        assert f"services.svc.{user}.state_url" in str(caught.value.errors)
+        assert why in str(caught.value)
 
 
 def test_making_a_topology_storage_connects_to_nothing() -> None:
