@@ -67,7 +67,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_threads.py
 	$(BIN)/python -m bench.sim
 	$(BIN)/python bench/bench_integrations.py
-	@if command -v redis-server >/dev/null; then $(BIN)/python bench/bench_redis.py; \
+	@if command -v redis-server >/dev/null; then $(BIN)/python bench/bench_redis.py \
+		&& $(BIN)/python bench/bench_rate_redis.py; \
 	else echo "redis-server is not installed: skipping the shared-state benchmark"; fi
 
 clean:

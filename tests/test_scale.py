@@ -240,3 +240,20 @@ def test_equal_code_arguments_of_different_types_resolve_apart(mode):
     false = with_fallback(False, name="typed-false")(mode.define(fail))
     assert mode.run(zero) == 0
     assert mode.run(false) is False
+
+
+def test_a_function_decorated_per_request_leaves_no_bookkeeping_behind(mode):
+    # Decorating inside a handler claims the service's instances on every request; the
+    # references to stacks that are gone must not pile up (they did: one per request, forever).
+    def handle(i: int) -> Any:
+        protected = circuit_breaker(name="per-request", fail_max=5)(
+            with_bulkhead(limit=4)(mode.define(lambda: i))
+        )
+        return mode.run(protected)
+
+    for i in range(1_000):
+        assert handle(i) == i
+    gc.collect()
+    for pattern in ("circuit_breaker", "bulkhead"):
+        kept = registry._dependents[pattern, "per-request"]
+        assert len(kept) <= 32, (pattern, len(kept))

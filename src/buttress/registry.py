@@ -65,8 +65,9 @@ _options: dict[tuple[str, str], Any] = {}
 _claims: dict[tuple[str, str], dict[str, tuple[Any, str]]] = {}
 # (pattern, key) -> the compiled stacks that use the shared instance (weakly): a claim that adds
 # an argument makes exactly those rebuild, never a stack of another service. Dead references are
-# dropped when the list is next walked (a few bytes each until then).
+# dropped when the list is walked, and at each power of two it grows to (see claim()).
 _dependents: dict[tuple[str, str], list[weakref.ref[Any]]] = {}
+_PRUNE_FROM = 16  # a dependents list is pruned of dead references from this length on
 # Every dependent, for clear()/clear_claims(), which make every stack rebuild (test isolation).
 _everyone: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -185,6 +186,12 @@ def claim(
                     stale.invalidate()
         if dependent is not None:
             dependents.append(weakref.ref(dependent))
+            count = len(dependents)
+            if count >= _PRUNE_FROM and count & (count - 1) == 0:
+                # A function decorated per request claims on every call: drop the dead
+                # references at each power of two, so the list stays within twice the live ones
+                # at an amortised O(1) per claim.
+                dependents[:] = [ref for ref in dependents if ref() is not None]
 
 
 def code_args(pattern: str, key: str) -> dict[str, Any]:

@@ -474,3 +474,20 @@ def test_cache_and_coalescing_settings_never_share_a_response(
     assert send(client, "billing", "GET", upstream.url).body == b"first"
     assert send(client, "billing", "GET", upstream.url).body == b"second"
     assert len(upstream.seen) == 2
+
+
+def test_a_429_is_retried_but_neither_opens_nor_closes_the_circuit(
+    client: str, upstream: Upstream, clock: FakeClock, settings: Callable[..., None]
+) -> None:
+    settings(throttled__circuit_breaker__fail_max="1")
+    upstream.then(429).then(429).then(429)
+    with capture_events([events.CircuitCallRecorded]) as recorded:
+        answer = send(client, "throttled", "GET", upstream.url + "/a")
+    assert answer.status == 429  # the last answer, after every attempt was throttled
+    assert len(upstream.seen) == 3
+    assert [e.outcome for e in recorded] == ["ignored"] * 3
+    assert registry.breaker("throttled").state_label == "closed"
+    upstream.then(503)  # a real failure opens it (fail_max=1): the retry is rejected
+    with pytest.raises(CircuitOpenError):
+        send(client, "throttled", "GET", upstream.url + "/b")
+    assert registry.breaker("throttled").state_label == "open"
