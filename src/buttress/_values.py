@@ -19,7 +19,6 @@ __all__ = [
     "MAX_SECONDS",
     "MIN_RATE",
     "MIN_SECONDS",
-    "STATE_URL_SCHEMES",
     "GrowthFactor",
     "PositiveSeconds",
     "Rate",
@@ -47,7 +46,7 @@ Rate = Annotated[float, Field(ge=MIN_RATE, le=MAX_RATE, allow_inf_nan=False)]
 GrowthFactor = Annotated[float, Field(ge=1, le=MAX_FACTOR, allow_inf_nan=False)]
 
 # The schemes a state_url may have (the valkey ones name the same protocol).
-STATE_URL_SCHEMES: Final = frozenset(
+_URL_SCHEMES: Final = frozenset(
     {
         "redis",
         "rediss",
@@ -70,7 +69,7 @@ def redact(url: str) -> str:
     wrong place.
     """
     scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in STATE_URL_SCHEMES or not rest:
+    if not sep or scheme.lower() not in _URL_SCHEMES or not rest:
         return "<not a redis://, rediss:// or unix:// URL>"
     try:
         parts = urlsplit(url)
@@ -116,7 +115,7 @@ def _as_redis_url(value: str) -> RedisURL:
     # Checked when settings load (not on the first call); the message never repeats the value,
     # which may be a password typed in the wrong place.
     scheme, sep, rest = value.partition("://")
-    if not sep or scheme.lower() not in STATE_URL_SCHEMES or not rest:
+    if not sep or scheme.lower() not in _URL_SCHEMES or not rest:
         raise ValueError(
             "must be a redis://, rediss:// or unix:// URL, or redis+sentinel://, "
             "redis+cluster:// (valkey:// forms too)"
