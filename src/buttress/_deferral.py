@@ -503,8 +503,12 @@ _queues_lock = threading.Lock()
 _subscribed = False
 
 
-def queue_for(service: str, site: str, options: Any) -> DeferralQueue:
-    """The queue of the function ``site`` of ``service``, made (or remade) for ``options``."""
+def queue_for(service: str, site: str, options: Any, connect: Callable[..., Any]) -> DeferralQueue:
+    """The queue of the function ``site`` of ``service``, made (or remade) for ``options``.
+
+    ``connect`` makes the Redis client of a shared stream (``options.state_url``): see
+    :class:`buttress._deferral_redis.RedisStore`.
+    """
     global _subscribed
     slot = (service, site)
     with _queues_lock:
@@ -518,7 +522,7 @@ def queue_for(service: str, site: str, options: Any) -> DeferralQueue:
         if options.state_url is not None:
             from buttress import _deferral_redis  # noqa: PLC0415 - only for a Redis stream
 
-            store = _deferral_redis.RedisStore(options.state_url, service, site)
+            store = _deferral_redis.RedisStore(options.state_url, service, site, connect)
         else:
             store = LocalStore()
         queue = _queues[slot] = DeferralQueue(service, site, options, store)

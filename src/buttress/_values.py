@@ -45,14 +45,28 @@ Rate = Annotated[float, Field(ge=MIN_RATE, le=MAX_RATE, allow_inf_nan=False)]
 # How much a delay grows per attempt.
 GrowthFactor = Annotated[float, Field(ge=1, le=MAX_FACTOR, allow_inf_nan=False)]
 
-_URL_SCHEMES: Final = frozenset({"redis", "rediss", "unix"})
+# The schemes a state_url may have (the valkey ones name the same protocol).
+_URL_SCHEMES: Final = frozenset(
+    {
+        "redis",
+        "rediss",
+        "unix",
+        "redis+sentinel",
+        "redis+cluster",
+        "valkey",
+        "valkeys",
+        "valkey+sentinel",
+        "valkey+cluster",
+    }
+)
 
 
 def redact(url: str) -> str:
     """``url`` fit to show: its password and ``password=`` query values replaced by ``***``.
 
-    A value that is not a ``redis://``, ``rediss://`` or ``unix://`` URL is not shown at all: it
-    may be a secret typed in the wrong place.
+    A value that is not a ``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://``,
+    ``redis+cluster://`` or ``valkey`` URL is not shown at all: it may be a secret typed in the
+    wrong place.
     """
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in _URL_SCHEMES or not rest:
@@ -98,11 +112,19 @@ class RedisURL(str):
 
 
 def _as_redis_url(value: str) -> RedisURL:
+    # Checked when settings load (not on the first call); the message never repeats the value,
+    # which may be a password typed in the wrong place.
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme.lower() not in _URL_SCHEMES or not rest:
+        raise ValueError(
+            "must be a redis://, rediss:// or unix:// URL, or redis+sentinel://, "
+            "redis+cluster:// (valkey:// forms too)"
+        )
     return RedisURL(value)
 
 
-# The annotation of ``state_url``: validated as a string, kept as a RedisURL (usable as is by the
-# storage), dumped to JSON redacted, like pydantic's SecretStr.
+# The annotation of every ``state_url``: validated as a string of one of the schemes above, kept
+# as a RedisURL (usable as is by its user), dumped to JSON redacted, like pydantic's SecretStr.
 StateURL = Annotated[
     str,
     AfterValidator(_as_redis_url),

@@ -98,8 +98,8 @@ def circuit_breaker(
             (the value is still returned).
         count_throttled: count an HTTP 429 Too Many Requests as a failure (by default it is
             neither success nor failure: the dependency is up and asking callers to slow down).
-        state_url: ``redis://``, ``rediss://`` or ``unix://`` URL to share the circuit across
-            processes.
+        state_url: ``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://`` or
+            ``redis+cluster://`` URL (``valkey`` forms too) to share the circuit across processes.
 
     Raises:
         ConfigurationError: an argument is invalid (also a ``ValueError``).
@@ -302,8 +302,9 @@ def with_rate_limit(
 ) -> Policy:
     """Pace calls with a token bucket: ``rate`` per second, bursts of ``burst``.
 
-    With ``state_url`` (a Redis URL) the rate and burst are the whole fleet's; while Redis is
-    unreachable each process takes its fair share (``expected_pods``, or the pods Redis counted).
+    With ``state_url`` (a Redis URL, Sentinel and Cluster forms too) the rate and burst are the
+    whole fleet's; while Redis is unreachable each process takes its fair share
+    (``expected_pods``, or the pods Redis counted).
     """
     given = _given(
         rate=rate,

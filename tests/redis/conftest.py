@@ -8,6 +8,7 @@ the shared-state tests would prove nothing.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -29,6 +30,19 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _cluster_port() -> int:
+    """A free loopback port whose cluster bus port (port + 10000) is free and valid too."""
+    while True:
+        port = random.randrange(20000, 55000)
+        with socket.socket() as one, socket.socket() as bus:
+            try:
+                one.bind(("127.0.0.1", port))
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
 class RedisServer:
     """One ``redis-server`` process: start, kill, freeze, thaw, restart (always empty)."""
 
@@ -38,12 +52,15 @@ class RedisServer:
         directory: Path,
         password: str | None = None,
         unixsocket: Path | None = None,
+        extra: tuple[str, ...] = (),
+        port: int | None = None,
     ) -> None:
         self.binary = binary
         self.directory = directory
         self.password = password
         self.unixsocket = unixsocket
-        self.port = _free_port()
+        self.extra = extra
+        self.port = port or _free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.frozen = False
 
@@ -66,6 +83,7 @@ class RedisServer:
             args += ["--requirepass", self.password]
         if self.unixsocket is not None:
             args += ["--unixsocket", str(self.unixsocket), "--unixsocketperm", "700"]
+        args += self.extra
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -197,6 +215,173 @@ def unix_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     finally:
         server.stop()
         shutil.rmtree(short, ignore_errors=True)
+
+
+class SentinelSet:
+    """A master, one replica and three sentinels (quorum 2), all on loopback.
+
+    Timeouts are short so a failover after the master dies takes about a second.
+    """
+
+    MASTER = "bt"
+
+    def __init__(self, binary: str, directory: Path) -> None:
+        self.directory = directory
+        (directory / "master").mkdir()
+        (directory / "replica").mkdir()
+        self.master = RedisServer(binary, directory / "master")
+        self.replica = RedisServer(
+            binary,
+            directory / "replica",
+            extra=("--replicaof", "127.0.0.1", "0"),  # the port is set in start()
+        )
+        self.sentinel_ports = [_free_port() for _ in range(3)]
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{self.MASTER}/0"
+
+    def start(self) -> None:
+        self.master.start()
+        self.replica.extra = ("--replicaof", "127.0.0.1", str(self.master.port))
+        self.replica.start()
+        sentinel = shutil.which("redis-sentinel")
+        assert sentinel is not None, "redis-sentinel is installed with redis-server"
+        for port in self.sentinel_ports:
+            conf = self.directory / f"sentinel-{port}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self.directory}\n"
+                f"logfile {self.directory}/sentinel-{port}.log\n"
+                f"sentinel monitor {self.MASTER} 127.0.0.1 {self.master.port} 2\n"
+                f"sentinel down-after-milliseconds {self.MASTER} 300\n"
+                f"sentinel failover-timeout {self.MASTER} 2000\n"
+            )
+            self.sentinels.append(
+                subprocess.Popen(
+                    [sentinel, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
+            )
+        # Ready when every sentinel knows the replica and the other sentinels.
+        self.wait(lambda info: info["num-slaves"] >= 1 and info["num-other-sentinels"] >= 2)
+
+    def sentinel_client(self, port: int) -> Any:
+        import redis
+
+        return redis.Redis(
+            host="127.0.0.1", port=port, socket_timeout=1, socket_connect_timeout=1,
+            decode_responses=True,
+        )  # fmt: skip
+
+    def wait(self, ready: Callable[[dict[str, Any]], bool], seconds: float = 10) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                if all(
+                    ready(self.sentinel_client(port).sentinel_master(self.MASTER))
+                    for port in self.sentinel_ports
+                ):
+                    return
+            except Exception:  # a sentinel still starting
+                pass
+            time.sleep(0.02)
+        raise RuntimeError("the sentinels did not get ready in time")
+
+    def fail_over(self) -> None:
+        """Kill the master; return once the sentinels have promoted the replica."""
+        self.master.kill()
+        self.wait(lambda info: int(info["port"]) == self.replica.port)
+
+    def stop(self) -> None:
+        for process in self.sentinels:
+            process.terminate()
+        for process in self.sentinels:
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+        self.replica.stop()
+        self.master.stop()
+
+
+@pytest.fixture
+def sentinel_set(tmp_path: Path) -> Iterator[SentinelSet]:
+    """A fresh Sentinel setup (1 master, 1 replica, 3 sentinels); stopped afterwards."""
+    setup = SentinelSet(_binary(), tmp_path)
+    try:
+        setup.start()
+        yield setup
+    finally:
+        setup.stop()
+
+
+class RedisCluster:
+    """Three masters (no replicas), the slots split evenly, joined with CLUSTER MEET.
+
+    ``cluster-require-full-coverage no``: the loss of one node takes only its slots away.
+    """
+
+    def __init__(self, binary: str, directory: Path) -> None:
+        self.nodes = []
+        for i in range(3):
+            home = directory / f"n{i}"
+            home.mkdir()
+            extra = (
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(home / "nodes.conf"),
+                "--cluster-node-timeout", "500",
+                "--cluster-require-full-coverage", "no",
+            )  # fmt: skip
+            self.nodes.append(RedisServer(binary, home, extra=extra, port=_cluster_port()))
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        step = 16384 // len(self.nodes)
+        for i, node in enumerate(self.nodes):
+            last = 16383 if i == len(self.nodes) - 1 else (i + 1) * step - 1
+            node.client().execute_command("CLUSTER ADDSLOTSRANGE", i * step, last)
+        for node in self.nodes[1:]:
+            node.client().execute_command("CLUSTER MEET", "127.0.0.1", self.nodes[0].port)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            infos = [node.client().cluster("INFO") for node in self.nodes]
+            if all(
+                i["cluster_state"] == "ok"
+                and int(i["cluster_known_nodes"]) == len(self.nodes)
+                and int(i["cluster_slots_assigned"]) == 16384
+                for i in infos
+            ):
+                return
+            time.sleep(0.02)
+        raise RuntimeError("the cluster did not form in time")
+
+    def owner(self, key: str) -> RedisServer:
+        """The node that serves ``key``'s slot."""
+        slot = self.nodes[0].client().execute_command("CLUSTER KEYSLOT", key)
+        step = 16384 // len(self.nodes)
+        return self.nodes[min(int(slot) // step, len(self.nodes) - 1)]
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
+    """A fresh 3-master Redis Cluster; stopped afterwards."""
+    cluster = RedisCluster(_binary(), tmp_path)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

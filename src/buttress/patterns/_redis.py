@@ -13,6 +13,9 @@ from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
+# Where the connections go (one server, Sentinel, Cluster) is the topology module's to say.
+from buttress.patterns._topology import connectors
+
 __all__ = ["RedisTransport", "connectors"]
 
 
@@ -38,8 +41,13 @@ class _SyncLink:
         try:
             born, conn = self._idle.pop()
         except IndexError:
-            born, conn = incarnation, self._make()
+            born, conn = incarnation, None
         try:
+            if conn is None:
+                conn = self._make()
+                # Connected here, not on the first send: a send connects without the
+                # connection's own connect(), where a Sentinel-managed one finds the master.
+                conn.connect()
             conn.send_packed_command((request,), check_health=False)
             try:
                 reply = conn.read_response()
@@ -51,7 +59,8 @@ class _SyncLink:
                 conn.read_response()
                 reply = conn.read_response()
         except BaseException:
-            conn.disconnect()
+            if conn is not None:
+                conn.disconnect()
             raise
         if born == self._incarnation:
             self._idle.append((born, conn))
@@ -189,9 +198,11 @@ class RedisTransport:
         timeout: seconds an asyncio reply may take (the sync connections have their own).
         load: the packed ``SCRIPT LOAD`` of the script the requests ``EVALSHA``: sent once when
             Redis answers ``NOSCRIPT`` (it restarted or flushed its scripts).
+        stale: called on :meth:`reset`: where the connections go may have moved (a cluster
+            slot's owner); the next connection asks again.
     """
 
-    __slots__ = ("_alink", "_link", "acall", "call")
+    __slots__ = ("_alink", "_link", "_stale", "acall", "call")
 
     def __init__(
         self,
@@ -199,7 +210,9 @@ class RedisTransport:
         make_async: Callable[[], Any],
         timeout: float,
         load: bytes,
+        stale: Callable[[], None] | None = None,
     ) -> None:
+        self._stale = stale
         self._link = _SyncLink(make_sync, load)
         self._alink = _AsyncLink(make_async, timeout, load)
         # The links' own methods, with no call in between (one of each per shared call).
@@ -212,6 +225,8 @@ class RedisTransport:
         """Drop the pooled connections (after a fault they are probably broken)."""
         self._link.reset()
         self._alink.reset()
+        if self._stale is not None:
+            self._stale()
 
     def forget(self) -> None:
         """After fork: the pooled sockets belong to the parent; leave them alone."""
@@ -245,52 +260,3 @@ class RedisTransport:
 # Closing connections of a transport taken out of use on a running event loop (strong
 # references: the loop keeps only weak ones to its tasks).
 _closing: set[asyncio.Task[None]] = set()
-
-
-def connectors(
-    state_url: str, *, socket_timeout: float, connect_timeout: float
-) -> tuple[Callable[[], Any], Callable[[], Any]]:
-    """Makers of redis-py's sync and asyncio connections to ``state_url`` (not yet connected).
-
-    The URL is parsed by redis-py's own pools, with no client-side retries and no health
-    checks: a fault is the caller's to handle at once.
-
-    Raises:
-        ImportError: the ``redis`` package is missing.
-        ValueError: ``state_url`` is not a Redis URL redis-py accepts (the message is only the
-            kind of error redis-py raised).
-    """
-    # The optional dependency, imported only when something is shared through Redis.
-    import redis.asyncio  # noqa: PLC0415
-    import redis.asyncio.retry  # noqa: PLC0415
-    import redis.backoff  # noqa: PLC0415
-    import redis.retry  # noqa: PLC0415
-
-    options = {
-        "socket_timeout": socket_timeout,
-        "socket_connect_timeout": connect_timeout,
-        "retry_on_timeout": False,
-        "health_check_interval": 0,
-    }
-    try:
-        sync_pool = redis.ConnectionPool.from_url(
-            state_url, retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0), **options
-        )
-        async_pool = redis.asyncio.ConnectionPool.from_url(
-            state_url, retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0), **options
-        )
-    except (ValueError, TypeError) as exc:
-        # Only the kind of error: redis-py's message may repeat part of the URL.
-        raise ValueError(type(exc).__name__) from None
-    return (
-        _connector(sync_pool.connection_class, sync_pool.connection_kwargs),
-        _connector(async_pool.connection_class, async_pool.connection_kwargs),
-    )
-
-
-def _connector(connection_class: Any, kwargs: dict[str, Any]) -> Callable[[], Any]:
-    # A closure, not functools.partial: a partial's repr would show the password.
-    def connect() -> Any:
-        return connection_class(**kwargs)
-
-    return connect

@@ -29,7 +29,7 @@ from buttress import _clock, _context, _deferral, events
 from buttress._deferral import Deferred
 from buttress._values import PositiveSeconds, StateURL
 from buttress.exceptions import ButtressError, ConfigurationError, RejectedError, set_note
-from buttress.patterns import _transient
+from buttress.patterns import _topology, _transient
 from buttress.patterns._base import (
     BuildContext,
     Effect,
@@ -71,7 +71,9 @@ class DeferOptions(Options):
         "gave no retry_after",
     )
     state_url: StateURL | None = Field(
-        default=None, description="redis:// URL of a stream that keeps the queue across restarts"
+        default=None,
+        description="redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URL "
+        "(valkey forms too) of a stream that keeps the queue across restarts",
     )
 
 
@@ -311,7 +313,7 @@ def build(ctx: BuildContext) -> FallbackStrategy | None:
         return None
     defer = DeferOptions() if options.defer is True else options.defer or None
     if defer is not None:
-        queue = _deferral.queue_for(ctx.service, ctx.site or ctx.key, defer)
+        queue = _deferral.queue_for(ctx.service, ctx.site or ctx.key, defer, _topology.client)
         return DeferringFallback(ctx.service, options, queue, ctx.mode)
     if (
         options.value is MISSING

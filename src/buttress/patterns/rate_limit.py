@@ -21,7 +21,7 @@ import threading
 import uuid
 from typing import Any, ClassVar, NotRequired, TypedDict
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from buttress import _clock, _context, events
 from buttress._deadline import caller_gave_up, not_started
@@ -55,7 +55,8 @@ class RateLimitOptions(Options):
     max_wait: Seconds = Field(0.0, description="seconds a call may wait for a token")
     state_url: StateURL | None = Field(
         None,
-        description="redis://, rediss:// or unix:// URL: one rate for every process sharing it",
+        description="redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URL "
+        "(valkey forms too): one rate for every process sharing it",
     )
     expected_pods: int = Field(
         1,
@@ -63,16 +64,6 @@ class RateLimitOptions(Options):
         description="pods sharing the rate; with Redis unreachable each takes rate/pods "
         "(the larger of this and the pods Redis last counted)",
     )
-
-    @field_validator("state_url")
-    @classmethod
-    def _a_redis_url(cls, value: str | None) -> str | None:
-        # Checked when settings load; the message never repeats the value (it may be a secret).
-        if value is not None:
-            scheme, sep, rest = value.partition("://")
-            if not sep or scheme.lower() not in {"redis", "rediss", "unix"} or not rest:
-                raise ValueError("must be a redis://, rediss:// or unix:// URL")
-        return value
 
 
 class RateLimitSnapshot(TypedDict):
@@ -335,7 +326,9 @@ class _Fleet:
         self.url = url
         shown = redact(url)
         try:
-            make_sync, make_async = connectors(url, socket_timeout=0.1, connect_timeout=0.1)
+            make_sync, make_async, stale = connectors(
+                url, tag=service, socket_timeout=0.1, connect_timeout=0.1
+            )
         except ImportError:
             raise ConfigurationError(
                 f"service {service!r}: rate_limit.state_url is set ({shown}) but the 'redis' "
@@ -347,7 +340,7 @@ class _Fleet:
                 f"service {service!r}: rate_limit.state_url {shown} is not valid: {exc}",
                 errors=((f"services.{service}.rate_limit.state_url", "state_url", "invalid"),),
             ) from None
-        self.transport = RedisTransport(make_sync, make_async, 0.1, _rate_redis.LOAD)
+        self.transport = RedisTransport(make_sync, make_async, 0.1, _rate_redis.LOAD, stale)
         self._id = uuid.uuid4().hex[:16]
         self._seen = 0
         self._next_beat = 0.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from buttress._values import GrowthFactor, PositiveSeconds, StateURL
 from buttress.patterns._base import Options
@@ -71,19 +71,9 @@ class CircuitBreakerOptions(Options):
     )
     state_url: StateURL | None = Field(
         None,
-        description="redis://, rediss:// or unix:// URL to share circuit state across processes",
+        description="redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URL "
+        "(valkey forms too) to share circuit state across processes",
     )
-
-    @field_validator("state_url")
-    @classmethod
-    def _a_redis_url(cls, value: str | None) -> str | None:
-        # Checked when settings load (not on the first call); the message never repeats the
-        # value, which may be a password typed in the wrong place.
-        if value is not None:
-            scheme, sep, rest = value.partition("://")
-            if not sep or scheme.lower() not in {"redis", "rediss", "unix"} or not rest:
-                raise ValueError("must be a redis://, rediss:// or unix:// URL")
-        return value
 
     @property
     def open_cap(self) -> float:

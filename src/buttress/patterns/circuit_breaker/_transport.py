@@ -21,6 +21,10 @@ class RedisTransport(_Transport):
     __slots__ = ()
 
     def __init__(
-        self, make_sync: Callable[[], Any], make_async: Callable[[], Any], timeout: float
+        self,
+        make_sync: Callable[[], Any],
+        make_async: Callable[[], Any],
+        timeout: float,
+        stale: Callable[[], None] | None = None,
     ) -> None:
-        super().__init__(make_sync, make_async, timeout, LOAD)
+        super().__init__(make_sync, make_async, timeout, LOAD, stale)

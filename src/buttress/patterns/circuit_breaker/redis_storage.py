@@ -150,6 +150,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         reconnect_min: float,
         reconnect_max: float,
         trial_lease: float | None,
+        stale: Callable[[], None] | None = None,
     ) -> None:
         super().__init__("redis")
         self.service = service
@@ -163,7 +164,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
             b"%s:{%s}:circuit" % (KEY_PREFIX.encode(), tag),
             b"%s:{%s}:trials" % (KEY_PREFIX.encode(), tag),
         )
-        self._transport = RedisTransport(make_sync, make_async, socket_timeout)
+        self._transport = RedisTransport(make_sync, make_async, socket_timeout, stale)
         self._lock = threading.Lock()
         # The circuit as this process alone sees it: it mirrors every shared decision, so an
         # outage starts from the last state seen in Redis; negative generations. Guarded by _lock.
@@ -641,8 +642,12 @@ def make_storage(
     first calls decide locally.
 
     Args:
-        state_url: ``redis://[user:password@]host[:port][/db]``, ``rediss://`` (TLS) or
-            ``unix://``.
+        state_url: ``redis://[user:password@]host[:port][/db]``, ``rediss://`` (TLS),
+            ``unix://``, ``redis+sentinel://[user:password@]host:port[,host:port...]/master[/db]``
+            (the master found through redis-py's ``Sentinel``),
+            ``redis+cluster://[user:password@]host:port[,host:port...]`` (the node owning the
+            circuit's slot, through redis-py's cluster map), or any of these with ``valkey`` in
+            place of ``redis`` (``valkeys://`` for ``rediss://``).
         service: the service name (the keys are ``buttress:{service}:...``).
         socket_timeout: seconds a Redis reply may take.
         connect_timeout: seconds a connection may take.
@@ -667,15 +672,19 @@ def make_storage(
         ) from None
     if shown.startswith("<"):
         raise ConfigurationError(
-            f"service {service!r}: circuit_breaker.state_url must be a redis://, rediss:// or "
-            "unix:// URL (the value is not repeated here: it may hold a password)",
+            f"service {service!r}: circuit_breaker.state_url must be a redis://, rediss://, "
+            "unix://, redis+sentinel://, redis+cluster:// or valkey:// URL (the value is not "
+            "repeated here: it may hold a password)",
             errors=((key, "state_url", "not a Redis URL"),),
         )
     try:
         # No client retries: a fault falls back to local state at once. The pools only parse
         # the URL; the storage keeps its own connections (see _transport).
-        make_sync, make_async = connectors(
-            state_url, socket_timeout=socket_timeout, connect_timeout=connect_timeout
+        make_sync, make_async, stale = connectors(
+            state_url,
+            tag=service,
+            socket_timeout=socket_timeout,
+            connect_timeout=connect_timeout,
         )
     except ValueError as exc:
         raise ConfigurationError(
@@ -687,6 +696,7 @@ def make_storage(
         url=shown,
         make_sync=make_sync,
         make_async=make_async,
+        stale=stale,
         socket_timeout=socket_timeout,
         connect_timeout=connect_timeout,
         idle_ttl=idle_ttl,
