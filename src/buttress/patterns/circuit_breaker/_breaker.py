@@ -253,7 +253,9 @@ class CircuitBreaker(CompatBreaker):
     ) -> None:
         opts = options if options is not None else CircuitBreakerOptions.model_validate({})
         if state_storage is None and opts.state_url is not None:
-            state_storage = redis_storage.make_storage(opts.state_url, service)
+            state_storage = redis_storage.make_storage(
+                opts.state_url, service, near_ttl=opts.near_cache_ttl
+            )
         remote = state_storage if isinstance(state_storage, SharedStateStorage) else None
         # Every decision of a shared circuit takes these; fail_max, reset_timeout and
         # success_threshold (pybreaker's public setters included) read and write them here.
@@ -560,7 +562,9 @@ class CircuitBreaker(CompatBreaker):
         swap = options.state_url != previous.state_url
         new_remote = None
         if swap and options.state_url is not None:
-            new_remote = redis_storage.make_storage(options.state_url, self.service)
+            new_remote = redis_storage.make_storage(
+                options.state_url, self.service, near_ttl=options.near_cache_ttl
+            )
         retired = None
         with self.lock:
             self.options = options
@@ -572,6 +576,8 @@ class CircuitBreaker(CompatBreaker):
                 if retired is not None and not self._shared:
                     # Back in memory, from the state this process last knew.
                     self._m.save(self._m.phase, self._opened_wall())
+            if self._remote is not None:
+                self._remote.near_ttl = options.near_cache_ttl
             self._slow_after = options.slow_call_duration
             self._count_throttled = options.count_throttled
             self._failure_on_result = options.failure_on_result

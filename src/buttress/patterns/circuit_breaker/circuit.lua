@@ -170,6 +170,13 @@ if dirty then
 end
 -- one bulk string: parsing an 11-element array costs the client more than the round trip
 -- (the last field: the open time in ms while open, for retry_after)
-return string.format('%s %d %d %d %d %d %d %d %d %s %s %d', state, gen, seq, base, succ, since,
-  now, admitted, trial, change, trial == 1 and ARGV[10] or '',
-  state == 'open' and math.ceil(open_time()) or 0)
+local function reply(admitted_now, trial_now, lease)
+  return string.format('%s %d %d %d %d %d %d %d %d %s %s %d', state, gen, seq, base, succ, since,
+    now, admitted_now, trial_now, change, lease, state == 'open' and math.ceil(open_time()) or 0)
+end
+-- A transition is told to every process at once (their near-caches): the new state, as a
+-- reply that admits nothing, on the circuit's channel.
+if change ~= '' and change ~= 'stale' then
+  redis.call('PUBLISH', circuit .. ':changes', reply(0, 0, ''))
+end
+return reply(admitted, trial, trial == 1 and ARGV[10] or '')

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextvars
 import datetime as dt
 import functools
+import hashlib
 import itertools
 import math
 import os
@@ -28,6 +29,7 @@ from buttress._values import redact
 from buttress.exceptions import ConfigurationError
 from buttress.patterns._base import DRIVERS, AskStore
 from buttress.patterns._redis import connectors
+from buttress.patterns.circuit_breaker import _listener
 from buttress.patterns.circuit_breaker import _protocol as protocol
 from buttress.patterns.circuit_breaker._machine import Decision, Limits, Machine
 from buttress.patterns.circuit_breaker._protocol import CorruptStateError
@@ -150,10 +152,17 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         reconnect_min: float,
         reconnect_max: float,
         trial_lease: float | None,
+        near_ttl: float = 0.0,
+        redis_id: bytes = b"",
     ) -> None:
         super().__init__("redis")
         self.service = service
         self.url = url
+        self.near_ttl = near_ttl
+        # Which Redis the URL names (a digest: the URL may hold a password): the storages of
+        # one Redis share one pub/sub subscription.
+        self._redis_id = redis_id
+        self._make_sync = make_sync
         self.max_delay = connect_timeout + 2 * socket_timeout
         self.idle_ttl = idle_ttl
         self.trial_lease = trial_lease
@@ -164,6 +173,15 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
             b"%s:{%s}:trials" % (KEY_PREFIX.encode(), tag),
         )
         self._transport = RedisTransport(make_sync, make_async, socket_timeout)
+        self.channel = self._keys[0] + b":changes"
+        # The near-cache: the admission of a closed (or open) circuit as last heard from Redis,
+        # valid until _fresh_until (monotonic; with an open one, until its open time ends too).
+        # Calls it admits cost no request. Replaced whole, read without the lock.
+        self._near: Decision | None = None
+        self._fresh_until = -math.inf
+        self._open_until = math.inf
+        self._heard_limits: Limits | None = None  # for the open time of a published state
+        self._subscribed = False
         self._lock = threading.Lock()
         # The circuit as this process alone sees it: it mirrors every shared decision, so an
         # outage starts from the last state seen in Redis; negative generations. Guarded by _lock.
@@ -215,7 +233,21 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
     # (admit, record, ...) perform it for a thread.
 
     def admission(self, limits: Limits, then: Callable[[Decision], Any] = _same) -> Any:
-        """Decide whether a call may run (one request to Redis, or local while it is down)."""
+        """Decide whether a call may run (one request to Redis, or local while it is down).
+
+        With the near-cache (``near_ttl``), a circuit known to be closed admits at once, and one
+        known to be open rejects at once, for ``near_ttl`` seconds after Redis last told this
+        process its state (a transition published by any process ends that sooner).
+        """
+        near = self._near
+        if near is not None:
+            now = _clock.monotonic()
+            if now < self._fresh_until:
+                if near.admitted:
+                    return then(near)
+                if now < self._open_until:
+                    return then(near._replace(retry_after=self._open_until - now))
+        self._heard_limits = limits
         if self._may_try():
             request, carry = self._admit_request(limits)
             local = functools.partial(self._admit_locally, limits)
@@ -309,7 +341,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         return self._transport
 
     def close(self) -> None:
-        """Close the pooled synchronous connections."""
+        """Close the pooled synchronous connections (and stop hearing transitions)."""
+        self._unsubscribe()
         self._transport.close()
 
     def aclose(self) -> Awaitable[None]:
@@ -430,6 +463,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
 
     def _note_cleared(self, generation: int, seq: int) -> None:
         # Generations only grow, so the newest generation's highest seq is the one that matters.
+        # The next call asks Redis, carrying the clearing (the near-cache would hold it back).
+        self._near = None
         with self._lock:
             if self._cleared is None or (generation, seq) > self._cleared:
                 self._cleared = (generation, seq)
@@ -447,7 +482,62 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
                     self._adopted_order = order
                     self._adopted_mark = next(self._requests)
                     self._local.mirror(decision, _clock.monotonic())
+                    self._cache(decision)
+        elif self.near_ttl:
+            # The same state again: cached (again) for another near_ttl.
+            self._cache(decision)
         return decision
+
+    # --- the near-cache --------------------------------------------------------------------------
+
+    def _cache(self, decision: Decision) -> None:
+        """Remember how this state admits calls, for near_ttl seconds; holds the lock."""
+        if not self.near_ttl:
+            return
+        now = _clock.monotonic()
+        if decision.state == CLOSED:
+            self._open_until = math.inf
+            self._near = decision._replace(admitted=True, trial=False, change=None, lease="")
+        elif decision.state == OPEN and decision.retry_after:
+            self._open_until = now + decision.retry_after
+            self._near = decision._replace(admitted=False, trial=False, change=None, lease="")
+        else:
+            self._near = None  # half-open: each trial's lease is Redis's to grant
+            return
+        self._fresh_until = now + self.near_ttl
+        if not self._subscribed:
+            self._subscribed = True
+            _listener.subscribe(self._redis_id, self._make_sync, self)
+
+    def heard(self, message: bytes) -> None:
+        """A transition another request made, published by the script (the listener's thread)."""
+        self._near = None  # whatever comes of it, the cached state has ended
+        try:
+            decision, order = protocol.parse(message, self._heard_limits)
+        except Exception:  # noqa: BLE001 - unreadable: the next call asks Redis
+            return
+        with self._lock:
+            if order > self._adopted_order:
+                self._mirrored = (
+                    decision.generation,
+                    decision.failures,
+                    decision.successes,
+                    decision.state,
+                )
+                self._adopted_order = order
+                self._adopted_mark = next(self._requests)
+                self._local.mirror(decision, _clock.monotonic())
+                self._cache(decision)
+
+    def resubscribed(self) -> None:
+        """The listener (re)connected: transitions may have been missed; ask Redis next."""
+        self._near = None
+
+    def _unsubscribe(self) -> None:
+        if self._subscribed:
+            self._subscribed = False
+            self._near = None
+            _listener.unsubscribe(self._redis_id, self)
 
     # --- Redis health ----------------------------------------------------------------------------
 
@@ -472,6 +562,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
                 self._faults = 0
 
     def _failed(self, operation: str, exc: Exception, carry: _Carry) -> None:
+        self._near = None
         with self._lock:
             self._faults += 1
             low, high = self._reconnect
@@ -492,6 +583,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         Redis works, so it is not marked down; this one call decides locally, from the last
         state this process read, and the next request reads the repaired state (closed).
         """
+        self._near = None
         with self._lock:
             self._keep(carry)  # a lease granted in that reply is nobody's
         self._recovered()
@@ -518,6 +610,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
 
     def _after_fork(self) -> None:
         self._transport.forget()
+        self._subscribed = False  # the parent's listener thread is not the child's
+        self._near = None
         self._lease_prefix = os.urandom(6).hex()
         self._lock = threading.Lock()
         self._probing = False
@@ -634,6 +728,7 @@ def make_storage(
     reconnect_min: float = 0.5,
     reconnect_max: float = 5.0,
     trial_lease: float | None = None,
+    near_ttl: float = 0.0,
 ) -> SharedStateStorage:
     """The shared state of ``service``'s circuit in the Redis at ``state_url``.
 
@@ -651,6 +746,9 @@ def make_storage(
         reconnect_max: the longest wait between attempts while Redis stays down.
         trial_lease: seconds a half-open trial holds its slot if its process never reports
             (default: ``max(1, reset_timeout)``).
+        near_ttl: seconds a closed (or open) state read from Redis decides this process's
+            calls without asking again (the near-cache; transitions published through Redis
+            pub/sub end it sooner); 0: every call asks Redis.
 
     Raises:
         ConfigurationError: the URL is not a Redis URL, or the ``redis`` package is missing.
@@ -693,4 +791,6 @@ def make_storage(
         reconnect_min=reconnect_min,
         reconnect_max=reconnect_max,
         trial_lease=trial_lease,
+        near_ttl=near_ttl,
+        redis_id=hashlib.sha256(state_url.encode()).digest(),
     )
