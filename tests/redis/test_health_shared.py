@@ -45,6 +45,7 @@ def test_a_shared_circuit_past_its_open_time_reads_ready_to_probe_without_asking
         fail_max=LIMITS.fail_max,
         timeout=LIMITS.reset_timeout,
         half_open_max_calls=LIMITS.half_open_max_calls,
+        near_cache_ttl=0,  # the next call learns the trip (not a message, some time later)
     )(mode.define(lambda: "ok"))
     assert mode.run(call) == "ok"
     peers(SERVICE).force("open", LIMITS)  # another process of the fleet tripped it

@@ -602,7 +602,7 @@ class CircuitBreaker(CompatBreaker):
                 self._window = None
             self._refresh_fast_paths()
         if retired is not None:
-            retired.transport.retire()
+            retired.retire()
 
     # --- pybreaker's public readers and limits, also for a circuit kept in Redis ----------------
 

@@ -62,8 +62,8 @@ class Subscriber:
     def add(self, storage: Subscribing) -> None:
         with self._lock:
             self._storages.setdefault(storage.channel, weakref.WeakSet()).add(storage)
-            if self._thread is None or not self._thread.is_alive():
-                self._stopped.clear()
+            self._stopped.clear()  # a thread about to end for want of storages goes on
+            if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="buttress-circuit-changes", daemon=True
                 )
@@ -89,7 +89,8 @@ class Subscriber:
     def stop(self) -> None:
         """End the thread (at its next poll) and wait for it."""
         self._stopped.set()
-        thread = self._thread
+        with self._lock:
+            thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(2 * _POLL + 1.0)
 
@@ -100,7 +101,13 @@ class Subscriber:
 
     def _run(self) -> None:
         faults = 0
-        while not self._stopped.is_set():
+        while True:
+            with self._lock:
+                # Decided under the lock add() takes: a storage added after this starts a
+                # new thread.
+                if self._stopped.is_set() or self._idle_locked():
+                    self._thread = None
+                    return
             try:
                 self._listen()
                 faults = 0
@@ -108,7 +115,7 @@ class Subscriber:
                 faults += 1
             finally:
                 self.connected = False
-            if not self._stopped.is_set():
+            if faults:
                 self._stopped.wait(min(_RETRY_MAX, _RETRY_MIN * 2 ** min(faults - 1, 10)))
 
     def _listen(self) -> None:
@@ -116,7 +123,6 @@ class Subscriber:
         try:
             conn.connect()
             subscribed: set[bytes] = set()
-            first = True
             while not self._stopped.is_set():
                 wanted = self._wanted()
                 if wanted - subscribed:
@@ -124,31 +130,31 @@ class Subscriber:
                 if subscribed - wanted:
                     conn.send_command("UNSUBSCRIBE", *sorted(subscribed - wanted))
                 subscribed = wanted
-                if first:
-                    # What was published before the subscription is lost: every cache re-reads.
-                    self.connected = True
-                    self._each(lambda storage: storage.resubscribed())
-                    first = False
                 if not conn.can_read(timeout=_POLL):
                     continue
                 # RESP3 (redis-py's default) delivers pub/sub as push messages: asked for here.
+                # A refused SUBSCRIBE (an ACL without it) raises here: retried later.
                 message = conn.read_response(push_request=True)
-                if isinstance(message, list) and len(message) == 3 and message[0] == b"message":
-                    self._deliver(message[1], message[2])
+                if not isinstance(message, list) or len(message) != 3:
+                    continue
+                kind, channel, payload = message
+                if kind == b"message":
+                    self._deliver(channel, payload)
+                elif kind == b"subscribe":
+                    # What was published before the subscription is lost: those caches re-read.
+                    self.connected = True
+                    self._each(channel, lambda storage: storage.resubscribed())
         finally:
             conn.disconnect()
 
-    def _each(self, action: Callable[[Any], None]) -> None:
+    def _each(self, channel: bytes, action: Callable[[Any], None]) -> None:
         with self._lock:
-            storages = [s for listeners in self._storages.values() for s in listeners]
+            storages = list(self._storages.get(channel, ()))
         for storage in storages:
             action(storage)
 
     def _deliver(self, channel: bytes, payload: bytes) -> None:
-        with self._lock:
-            listeners = list(self._storages.get(channel, ()))
-        for storage in listeners:
-            storage.heard(payload)
+        self._each(channel, lambda storage: storage.heard(payload))
 
 
 _subscribers: dict[bytes, Subscriber] = {}

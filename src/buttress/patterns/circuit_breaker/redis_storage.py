@@ -345,6 +345,12 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         self._unsubscribe()
         self._transport.close()
 
+    def retire(self) -> None:
+        """Taken out of use (a reload changed the URL): stop hearing transitions, and close the
+        connections (see ``RedisTransport.retire``)."""
+        self._unsubscribe()
+        self._transport.retire()
+
     def aclose(self) -> Awaitable[None]:
         """Close the pooled connections of the running event loop (await it there)."""
         return self._transport.aclose()
