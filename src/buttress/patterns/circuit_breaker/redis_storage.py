@@ -37,6 +37,7 @@ from buttress.patterns.circuit_breaker._pybreaker_compat import noticing_a_close
 from buttress.patterns.circuit_breaker._states import (
     CLOSED,
     FAILURE,
+    FORCED_OPEN,
     FROM_PYBREAKER,
     OPEN,
     SUCCESS,
@@ -171,6 +172,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         self._keys = (
             b"%s:{%s}:circuit" % (KEY_PREFIX.encode(), tag),
             b"%s:{%s}:trials" % (KEY_PREFIX.encode(), tag),
+            b"%s:{%s}:reporters" % (KEY_PREFIX.encode(), tag),
         )
         self._transport = RedisTransport(make_sync, make_async, socket_timeout)
         self.channel = self._keys[0] + b":changes"
@@ -182,6 +184,11 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         self._open_until = math.inf
         self._heard_limits: Limits | None = None  # for the open time of a published state
         self._subscribed = False
+        # Quorum: this process's rate window tripped but the fleet's did not open; this process
+        # alone rejects until then (monotonic). Replaced whole, read without the lock.
+        self._held: Decision | None = None
+        self._held_until = -math.inf
+        self._reporter = os.urandom(8).hex().encode()  # this process, among the reporters
         self._lock = threading.Lock()
         # The circuit as this process alone sees it: it mirrors every shared decision, so an
         # outage starts from the last state seen in Redis; negative generations. Guarded by _lock.
@@ -218,7 +225,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
 
     @property
     def keys(self) -> tuple[str, str]:
-        """The Redis keys of this circuit: the state hash and the trial-lease sorted set."""
+        """The Redis keys of this circuit: the state hash and the trial-lease sorted set (the
+        reporters of a quorum, ``...:reporters``, exist only while a vote is open)."""
         return self._keys[0].decode(), self._keys[1].decode()
 
     @property
@@ -239,11 +247,15 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         known to be open rejects at once, for ``near_ttl`` seconds after Redis last told this
         process its state (a transition published by any process ends that sooner).
         """
+        if self._held is not None:
+            held = self._held_open()
+            if held is not None:
+                return then(held)
         near = self._near
         if near is not None:
             now = _clock.monotonic()
             if now < self._fresh_until:
-                if near.admitted:
+                if near.admitted or near.override:
                     return then(near)
                 if now < self._open_until:
                     return then(near._replace(retry_after=self._open_until - now))
@@ -293,6 +305,71 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
             local = functools.partial(self._force_locally, state, expected, always)
             return _Ask(self, "set_state", request, carry, limits, local, then)
         return then(self._force_locally(state, expected, always))
+
+    def overriding(
+        self,
+        override: str,
+        ttl: float,
+        limits: Limits | None,
+        then: Callable[[Decision], Any] = _same,
+    ) -> Any:
+        """Put the whole fleet under ``override`` (forced_open, forced_closed, disabled) for
+        ``ttl`` seconds, or end the override in place (``override`` empty: closed, fresh).
+
+        Without Redis the decision is this process's (``shared`` False): the caller applies
+        the override to this process alone.
+        """
+        if self._may_try():
+            head = self._prefix(b"override", limits)
+            orphans = self._take_orphans()
+            request = protocol.override_request(head, override, ttl, orphans=orphans)
+            request += protocol.tail(limits)
+            return _Ask(self, "override", request, (None, orphans), limits, self.last_known, then)
+        return then(self.last_known())
+
+    def voting(
+        self,
+        generation: int,
+        window: float,
+        min_reporters: int,
+        limits: Limits,
+        then: Callable[[Decision], Any] = _same,
+    ) -> Any:
+        """This process's rate window tripped in ``generation``: the fleet opens once
+        ``min_reporters`` processes reported within ``window`` seconds. The state after (still
+        closed: the quorum is not there yet, see :meth:`hold_open`)."""
+        if self._may_try():
+            head = self._prefix(b"vote", limits)
+            orphans = self._take_orphans()
+            request = protocol.vote_request(
+                head, self._reporter, generation, window, min_reporters, orphans
+            )
+            request += protocol.tail(limits)
+            local = functools.partial(self._force_locally, OPEN, None, always=False)
+            return _Ask(self, "vote", request, (None, orphans), limits, local, then)
+        return then(self._force_locally(OPEN, None, always=False))
+
+    def hold_open(self, seconds: float, reason: str) -> Decision:
+        """Reject this process's calls for ``seconds`` (its own window tripped below the
+        fleet's quorum), then go on from the fleet's state. No request."""
+        now = _clock.monotonic()
+        with self._lock:
+            self._local.move(OPEN, now)
+            held = self._local.decision(now, seconds, change=reason)
+        self._held_until = now + seconds
+        self._held = held
+        return held
+
+    def _held_open(self) -> Decision | None:
+        held = self._held
+        if held is None:
+            return None
+        left = self._held_until - _clock.monotonic()
+        if left > 0:
+            return held._replace(retry_after=left, change=None)
+        self._held = None
+        self._near = None  # the fleet's state, read again
+        return None
 
     def observation(self, then: Callable[[Decision], Any] = _same) -> Any:
         """The current state, read from Redis (or local while it is down); changes nothing."""
@@ -501,6 +578,19 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         if not self.near_ttl:
             return
         now = _clock.monotonic()
+        if decision.override:
+            # Decided by the override until it ends (then read again).
+            self._open_until = math.inf
+            self._near = decision._replace(
+                admitted=decision.override != FORCED_OPEN,
+                trial=False,
+                change=None,
+                lease="",
+                retry_after=None,
+            )
+            self._fresh_until = now + min(self.near_ttl, decision.override_left)
+            self._ensure_subscribed()
+            return
         if decision.state == CLOSED:
             self._open_until = math.inf
             self._near = decision._replace(admitted=True, trial=False, change=None, lease="")
@@ -511,6 +601,9 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
             self._near = None  # half-open: each trial's lease is Redis's to grant
             return
         self._fresh_until = now + self.near_ttl
+        self._ensure_subscribed()
+
+    def _ensure_subscribed(self) -> None:
         if not self._subscribed:
             self._subscribed = True
             _listener.subscribe(self._redis_id, self._make_sync, self)
