@@ -138,6 +138,8 @@ def run(url: str, *, workers: int = 4, calls: int = 2000, ttl: float = 30.0) -> 
             raise RuntimeError(f"the circuit did not trip: {after}")
         rejections = [results.get(timeout=30) for _ in processes]
         tripper.close()
+        # Redis's own CPU time per script run (the commands it runs inside included).
+        script_usec = float(client.info("commandstats")["cmdstat_evalsha"]["usec_per_call"])
     finally:
         for process in processes:
             process.join(10)
@@ -149,6 +151,7 @@ def run(url: str, *, workers: int = 4, calls: int = 2000, ttl: float = 30.0) -> 
     return {
         "commands_per_1000_healthy_calls": 1000 * healthy / (workers * calls),
         "seconds_to_reject": max(0.0, max(rejections) - tripped_at),
+        "script_usec": script_usec,
     }
 
 
@@ -173,6 +176,11 @@ def main() -> None:
         f"  every call asks (near_cache_ttl=0): {every['commands_per_1000_healthy_calls']:8.2f} "
         f"Redis commands per 1,000 healthy calls; every process rejects "
         f"{1000 * every['seconds_to_reject']:.1f} ms after the trip"
+    )
+    usec = every["script_usec"]
+    print(
+        f"  Redis CPU per script run: {usec:.1f} us, so one Redis core runs about "
+        f"{1e6 / usec:,.0f} scripts/s (docs/distributed.md, Sizing, extrapolates from this)"
     )
 
 
