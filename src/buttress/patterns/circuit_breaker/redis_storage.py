@@ -2,7 +2,10 @@
 
 ``circuit_breaker(state_url="redis://...")`` makes every process of a service decide from one state
 kept in Redis, each decision one atomic Lua script, with a local copy of the state while Redis is
-unreachable. This module decides; ``_protocol`` builds the requests and parses the replies,
+unreachable. A closed (or open) state read from Redis decides the next ``near_ttl`` seconds of
+calls without a request (the near-cache); the script publishes every transition and ``_listener``
+hears it, so the copy rarely lives that long. This module decides; ``_protocol`` builds the
+requests and parses the replies,
 ``_transport`` holds the connections, and the drivers send the requests (an ``AskStore`` effect).
 The script's algorithm, the keys, the reconnection policy and the two ways to drive the storage:
 ``docs/internals.md`` (Circuit state in Redis).
