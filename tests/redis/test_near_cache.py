@@ -252,3 +252,23 @@ def test_four_spawned_processes_cost_redis_nothing_and_all_reject_soon_after_a_t
     figures = bench_fleet.run(redis_server.url, workers=4, calls=500)
     assert figures["commands_per_1000_healthy_calls"] < 10  # one re-read per process at most
     assert figures["seconds_to_reject"] < 0.5  # pub/sub, not the 30 s near_cache_ttl
+
+
+def test_redis_killed_and_restarted_under_a_near_cached_circuit_fails_no_call(
+    mode: Any, redis_server: Any, clock: Any
+) -> None:
+    dep = Dependency()
+    call = protected(mode, redis_server.url, dep, near_cache_ttl=2.0)
+    warm(mode, call)
+    redis_server.kill()
+    for _ in range(20):  # near-cached: nothing asks the dead Redis
+        assert mode.run(call) == "ok"
+    clock.advance(2.0)
+    for _ in range(20):  # the copy ran out: the re-read fails, the calls go on locally
+        assert mode.run(call) == "ok"
+    assert not storage().available
+    redis_server.start()  # empty
+    clock.advance(5.0)  # past the reconnect backoff
+    assert mode.run(call) == "ok"
+    assert storage().available
+    assert dep.calls >= 41
