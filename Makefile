@@ -70,6 +70,8 @@ bench: $(STAMP)
 	@if command -v redis-server >/dev/null; then $(BIN)/python bench/bench_redis.py \
 		&& $(BIN)/python bench/bench_rate_redis.py; \
 	else echo "redis-server is not installed: skipping the shared-state benchmark"; fi
+	@if command -v redis-server >/dev/null; then $(BIN)/python bench/bench_fleet.py; \
+	else echo "redis-server is not installed: skipping the fleet benchmark"; fi
 
 clean:
 	rm -rf $(VENV) $(LOWEST) site .mypy_cache .ruff_cache

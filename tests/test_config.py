@@ -873,6 +873,7 @@ EXTREMES = [
 COMPANIONS = {
     ("circuit_breaker", "timeout"): {"fail_max": 1},
     ("circuit_breaker", "open_backoff"): {"fail_max": 1},
+    ("circuit_breaker", "near_cache_ttl"): {"fail_max": 1},
     ("circuit_breaker", "max_timeout"): {"fail_max": 1, "timeout": bounds.MIN_SECONDS},
     ("circuit_breaker", "failure_rate_threshold"): {"minimum_calls": 2, "fail_max": 100},
     ("circuit_breaker", "window_seconds"): {

@@ -406,6 +406,23 @@ def test_admin_actions_with_the_token(app_kind, clock):
     assert client.request("POST", "/circuits/openfga/explode", TOKEN).status_code == 404
 
 
+def test_admin_overrides_take_a_ttl_and_end_by_themselves(app_kind, clock):
+    tripped("openfga")
+    client = Client(app_kind, admin_token=TOKEN)
+    response = client.request("POST", "/circuits/openfga/force_open?ttl=30", TOKEN)
+    assert (response.status_code, response.json()["ttl"]) == (200, 30.0)
+    assert breaker("openfga").snapshot()["state"] == "forced_open"
+    clock.advance(30)
+    assert breaker("openfga").snapshot()["state"] != "forced_open"
+    response = client.request("POST", "/circuits/openfga/disable?ttl=5", TOKEN)
+    assert response.json()["circuit"]["state"] == "disabled"
+    for bad in ("0", "-1", "nan", "soon", "1e9"):
+        response = client.request("POST", f"/circuits/openfga/force_closed?ttl={bad}", TOKEN)
+        assert response.status_code == 400, bad
+        assert "ttl" in response.json()["error"]
+    assert breaker("openfga").snapshot()["state"] == "disabled"  # a refused action did nothing
+
+
 def test_the_token_can_come_from_the_environment(app_kind, monkeypatch, clock):
     tripped("openfga")
     monkeypatch.setenv("BUTTRESS_ADMIN_TOKEN", TOKEN)

@@ -71,6 +71,8 @@ def circuit_breaker(
     failure_on_result: Callable[[Any], object] | None = None,
     count_throttled: bool | None = None,
     state_url: str | None = None,
+    near_cache_ttl: float | None = None,
+    min_reporters: int | None = None,
 ) -> Policy:
     """Stop calling a failing dependency for a while, then probe it.
 
@@ -100,6 +102,12 @@ def circuit_breaker(
             neither success nor failure: the dependency is up and asking callers to slow down).
         state_url: ``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://`` or
             ``redis+cluster://`` URL (``valkey`` forms too) to share the circuit across processes.
+        near_cache_ttl: with ``state_url``, seconds a closed (or open) state read from Redis
+            decides this process's calls without asking Redis again; transitions arrive sooner
+            through pub/sub (default 1; 0 asks Redis on every call).
+        min_reporters: with ``state_url``, how many processes' own rate windows must trip
+            before a rate-based trip opens the fleet's circuit (default 1); below it only the
+            reporting process opens.
 
     Raises:
         ConfigurationError: an argument is invalid (also a ``ValueError``).
@@ -130,6 +138,8 @@ def circuit_breaker(
             failure_on_result=failure_on_result,
             count_throttled=count_throttled,
             state_url=state_url,
+            near_cache_ttl=near_cache_ttl,
+            min_reporters=min_reporters,
         ),
     )
 

@@ -2,8 +2,9 @@
 
 ``buttress.health()`` returns a JSON-ready dict. :func:`asgi_app` and :func:`wsgi_app` serve it
 with no web framework: ``GET`` answers 200 while healthy or degraded and 503 when critical, so a
-load balancer can poll it. Admin actions (reset, force open, force closed a circuit) exist only
-when a token is configured and are refused without it.
+load balancer can poll it. Admin actions (reset, force open, force closed, disable a circuit;
+``?ttl=<seconds>`` for an override that ends by itself, fleet-wide for a circuit shared through
+Redis) exist only when a token is configured and are refused without it.
 
 **Degradation level** (0 normal ... 4 critical), from the circuits and the criticality each
 service declares in settings (``services.<name>.criticality``: ``low``, ``normal``, ``high``,
@@ -46,6 +47,7 @@ import logging
 import os
 import queue
 import threading
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from http import HTTPStatus
 from typing import Any, Literal, NotRequired, TypedDict
@@ -86,7 +88,16 @@ CRITICAL_LEVEL = 4
 DOWN_STATES = frozenset({"open", "forced_open"})
 FALLBACK_WINDOW_SECONDS = 60.0
 MIN_TOKEN_LENGTH = 16
-ADMIN_ACTIONS = {"reset": "reset", "force_open": "force_open", "force_closed": "force_closed"}
+MAX_OVERRIDE_SECONDS = 7 * 24 * 3600.0  # an override a week long is a config change
+ADMIN_ACTIONS = {
+    "reset": "reset",
+    "force_open": "force_open",
+    "force_closed": "force_closed",
+    "disable": "disable",
+}
+# The actions that take ``?ttl=<seconds>`` (an override that ends by itself: for the whole fleet
+# when the circuit is shared through Redis).
+TIMED_ACTIONS = frozenset({"force_open", "force_closed", "disable"})
 OPERATOR_ROUTES = frozenset({"/events", "/events/stream", "/settings"})
 RECENT_EVENTS = 256  # events the ring buffer keeps (the oldest go first)
 # What an operator asks "what just happened?" about: transitions, reloads, store faults, workers
@@ -375,6 +386,20 @@ def _json(status: int, body: object, *extra: tuple[str, str]) -> Response:
     return status, headers, payload
 
 
+def _ttl(query: str) -> float | str | None:
+    """``ttl`` of an admin action's query string: seconds, None when absent, or the error."""
+    values = urllib.parse.parse_qs(query).get("ttl")
+    if not values:
+        return None
+    try:
+        ttl = float(values[-1])
+    except ValueError:
+        return "ttl must be a number of seconds"
+    if not 0 < ttl <= MAX_OVERRIDE_SECONDS:
+        return f"ttl must be more than 0 and at most {MAX_OVERRIDE_SECONDS:g} seconds"
+    return ttl
+
+
 def _admin_token(admin_token: str | None) -> bytes | None:
     token = os.environ.get(config.ADMIN_TOKEN_VARIABLE, "") if admin_token is None else admin_token
     if not token:
@@ -394,7 +419,9 @@ class _Handler:
     def __init__(self, admin_token: str | None) -> None:
         self._token = _admin_token(admin_token)
 
-    def __call__(self, method: str, path: str, authorization: str | None) -> Response | None:
+    def __call__(
+        self, method: str, path: str, authorization: str | None, query: str = ""
+    ) -> Response | None:
         """The response; ``None``: an authorized ``GET /events/stream`` (the app streams)."""
         path = path.rstrip("/")
         if not path:
@@ -404,7 +431,7 @@ class _Handler:
             return _json(503 if snapshot["status"] == "critical" else 200, snapshot)
         if self._token is not None:
             if path.startswith("/circuits/"):
-                return self._admin(method, path.removeprefix("/circuits/"), authorization)
+                return self._admin(method, path.removeprefix("/circuits/"), authorization, query)
             if path in OPERATOR_ROUTES:
                 return self._operator(method, path, authorization)
         return _json(404, {"error": "not found"})
@@ -425,7 +452,9 @@ class _Handler:
             return _json(503, {"settings_error": str(exc)})
         return _json(200, described)
 
-    def _admin(self, method: str, rest: str, authorization: str | None) -> Response:
+    def _admin(
+        self, method: str, rest: str, authorization: str | None, query: str = ""
+    ) -> Response:
         key, _, action = rest.rpartition("/")
         if not key or action not in ADMIN_ACTIONS:
             return _json(404, {"error": "not found"})
@@ -437,9 +466,22 @@ class _Handler:
         breaker = _find_breaker(key)
         if breaker is None:
             return _json(404, {"error": f"no circuit for service {key!r}"})
-        getattr(breaker, ADMIN_ACTIONS[action])()
-        _log.warning("buttress.admin.action", extra={"service": key, "action": action})
-        return _json(200, {"service": key, "action": action, "circuit": dict(breaker.snapshot())})
+        ttl = _ttl(query) if action in TIMED_ACTIONS else None
+        if isinstance(ttl, str):
+            return _json(400, {"error": ttl})
+        if ttl is None:
+            getattr(breaker, ADMIN_ACTIONS[action])()
+        else:
+            getattr(breaker, ADMIN_ACTIONS[action])(ttl=ttl)
+        _log.warning("buttress.admin.action", extra={"service": key, "action": action, "ttl": ttl})
+        body: dict[str, Any] = {
+            "service": key,
+            "action": action,
+            "circuit": dict(breaker.snapshot()),
+        }
+        if ttl is not None:
+            body["ttl"] = ttl
+        return _json(200, body)
 
     def _authorized(self, authorization: str | None) -> bool:
         assert self._token is not None  # noqa: S101 - admin routes exist only with a token
@@ -471,7 +513,8 @@ def asgi_app(*, admin_token: str | None = None) -> ASGIApp:
     """An ASGI app serving :func:`health`; mount it anywhere (it routes below its mount point).
 
     Args:
-        admin_token: enables ``POST <mount>/circuits/<service>/{reset,force_open,force_closed}``
+        admin_token: enables ``POST <mount>/circuits/<service>/{reset,force_open,force_closed,
+            disable}`` (the last three with an optional ``?ttl=<seconds>``)
             for requests carrying ``Authorization: Bearer <token>``. ``None`` reads
             ``BUTTRESS_ADMIN_TOKEN``; empty (the default when neither is set) disables them.
 
@@ -500,7 +543,8 @@ def asgi_app(*, admin_token: str | None = None) -> ASGIApp:
             (v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"authorization"),
             None,
         )
-        response = handle(method, path, authorization)
+        query = scope.get("query_string", b"").decode("latin-1")
+        response = handle(method, path, authorization, query)
         if response is None:
             last = next(
                 (v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"last-event-id"),
@@ -582,7 +626,12 @@ def wsgi_app(*, admin_token: str | None = None) -> WSGIApplication:
 
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
-        response = handle(method, environ.get("PATH_INFO", ""), environ.get("HTTP_AUTHORIZATION"))
+        response = handle(
+            method,
+            environ.get("PATH_INFO", ""),
+            environ.get("HTTP_AUTHORIZATION"),
+            environ.get("QUERY_STRING", ""),
+        )
         if response is None:
             start_response("200 OK", list(_STREAM_HEADERS))
             return _stream(_last_event_id(environ.get("HTTP_LAST_EVENT_ID")))

@@ -63,7 +63,15 @@ class Dependency:
 class Worker:
     """What runs inside one process: ``concurrency`` threads or tasks, each making calls."""
 
-    def __init__(self, kind: str, url: str, limits: Limits, **storage_options: Any) -> None:
+    def __init__(
+        self,
+        kind: str,
+        url: str,
+        limits: Limits,
+        near_cache_ttl: float = 1.0,
+        **storage_options: Any,
+    ) -> None:
+        self.near_cache_ttl = near_cache_ttl  # of the decorated kinds
         self.kind = kind
         self.url = url
         self.limits = limits
@@ -158,6 +166,7 @@ class Worker:
             success_threshold=limits.success_threshold,
             half_open_max_calls=limits.half_open_max_calls,
             state_url=self.url,
+            near_cache_ttl=self.near_cache_ttl,
         )
         # A call was a half-open trial when the breaker announced one in the caller's context.
         trial: contextvars.ContextVar[bool] = contextvars.ContextVar("trial", default=False)
@@ -446,9 +455,11 @@ def test_redis_frozen_killed_and_restarted_mid_load_fails_no_call(
     redis_server: Any, kind: str
 ) -> None:
     limits = Limits(fail_max=5, reset_timeout=30, success_threshold=1, half_open_max_calls=1)
+    # Every call asks Redis, so each worker meets each fault (the near-cache under faults:
+    # test_near_cache.py).
     worker = Worker(
-        kind, redis_server.url, limits, socket_timeout=0.1, connect_timeout=0.1,
-        reconnect_min=0.1, reconnect_max=0.2,
+        kind, redis_server.url, limits, near_cache_ttl=0, socket_timeout=0.1,
+        connect_timeout=0.1, reconnect_min=0.1, reconnect_max=0.2,
     )  # fmt: skip
     bound = make_storage(redis_server.url, "fleet", socket_timeout=0.1, connect_timeout=0.1)
     barrier = FORK.Barrier(WORKERS + 1)

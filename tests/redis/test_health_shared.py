@@ -45,6 +45,7 @@ def test_a_shared_circuit_past_its_open_time_reads_ready_to_probe_without_asking
         fail_max=LIMITS.fail_max,
         timeout=LIMITS.reset_timeout,
         half_open_max_calls=LIMITS.half_open_max_calls,
+        near_cache_ttl=0,  # the next call learns the trip (not a message, some time later)
     )(mode.define(lambda: "ok"))
     assert mode.run(call) == "ok"
     peers(SERVICE).force("open", LIMITS)  # another process of the fleet tripped it
@@ -64,3 +65,25 @@ def test_a_shared_circuit_past_its_open_time_reads_ready_to_probe_without_asking
     client = redis_server.client()
     assert client.hget(f"buttress:{{{SERVICE}}}:circuit", "state") == "open"  # not moved
     assert client.zcard(f"buttress:{{{SERVICE}}}:trials") == 0  # and no trial lease taken
+
+
+def test_an_admin_override_with_a_ttl_reaches_the_whole_fleet(
+    mode: Any, redis_server: Any, peers: Any
+) -> None:
+    from buttress.health_app import _Handler
+
+    call = circuit_breaker(name=SERVICE, state_url=redis_server.url, fail_max=LIMITS.fail_max)(
+        mode.define(lambda: "ok")
+    )
+    assert mode.run(call) == "ok"
+    token = "an-admin-token-long-enough"
+    response = _Handler(token)(
+        "POST", f"/circuits/{SERVICE}/force_open", f"Bearer {token}", "ttl=60"
+    )
+    assert response is not None
+    assert response[0] == 200
+    decision = peers(SERVICE).admit(LIMITS)  # another process, asking Redis
+    assert (decision.admitted, decision.override) == (False, "forced_open")
+    assert 59 < decision.override_left <= 60
+    assert isinstance(mode.outcome(call), CircuitOpenError)
+    assert buttress.health()["circuits"][SERVICE]["state"] == "forced_open"

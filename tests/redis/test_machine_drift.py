@@ -252,3 +252,50 @@ def test_a_record_after_a_move_changes_nothing_on_either_side(redis_server, outc
     assert python(ours, retry_after=False) == theirs
     assert theirs["change"] is None
     assert theirs["state"] == "open"
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_every_transition_the_script_makes_is_published_and_nothing_else(redis_server, seed):
+    # The near-caches of the other processes learn transitions from these messages only: one per
+    # transition, carrying the state the reply carries; none for a decision that moved nothing.
+    import redis
+
+    client = redis.Redis(port=redis_server.port, password=redis_server.password)
+    limits = Limits(2, 1.0, 1, 1)
+    lua = Lua(client, limits)
+    channel = lua.keys[0] + ":changes"
+    pubsub = client.pubsub()
+    pubsub.subscribe(channel)
+    assert pubsub.get_message(timeout=1.0)["type"] == "subscribe"
+    now = 0
+    tickets: list[tuple[int, int, str]] = []
+    for operation in operations(seed):
+        kind = operation[0]
+        if kind == "advance":
+            now += operation[1]
+            lua.set_time(now)
+            continue
+        if kind == "admit":
+            theirs, ticket = lua.run("admit", lease=f"lease-{next(lua.leases)}")
+            if theirs["admitted"]:
+                tickets.append(ticket)
+        elif kind == "record" and tickets:
+            gen, seq, lease = tickets.pop(operation[1] % len(tickets))
+            theirs, _ = lua.run(
+                "record", lease=lease, gen=str(gen), arg12=operation[2], arg13=str(seq)
+            )
+        elif kind == "force":
+            theirs, _ = lua.run("set", arg12=operation[1], arg13="force" if operation[2] else "")
+        else:
+            continue
+        if theirs["change"] is None:
+            assert pubsub.get_message(timeout=0.01) is None, operation
+        else:
+            message = pubsub.get_message(timeout=1.0)
+            assert message is not None, operation
+            assert message["channel"].decode() == channel
+            published = message["data"].decode().split(" ")
+            assert (published[0], published[9]) == (theirs["state"], theirs["change"])
+            assert published[7:9] == ["0", "0"]  # it admits nothing and grants no trial
+    pubsub.close()
+    client.close()

@@ -372,7 +372,7 @@ def test_a_wrong_password_is_a_store_error_that_names_no_secret(
 # The least-privilege ACL of docs/distributed.md.
 ACL = (
     "+evalsha +script|load +hello +time +hmget +hset +pexpire +del +zadd +zrem +zcard "
-    "+zremrangebyscore"
+    "+zremrangebyscore +publish +subscribe +unsubscribe &buttress:*"
 )
 
 

@@ -252,7 +252,9 @@ class CircuitBreaker(CompatBreaker):
     ) -> None:
         opts = options if options is not None else CircuitBreakerOptions.model_validate({})
         if state_storage is None and opts.state_url is not None:
-            state_storage = redis_storage.make_storage(opts.state_url, service)
+            state_storage = redis_storage.make_storage(
+                opts.state_url, service, near_ttl=opts.near_cache_ttl
+            )
         remote = state_storage if isinstance(state_storage, SharedStateStorage) else None
         # Every decision of a shared circuit takes these; fail_max, reset_timeout and
         # success_threshold (pybreaker's public setters included) read and write them here.
@@ -297,6 +299,10 @@ class CircuitBreaker(CompatBreaker):
         self._seen_generation: int | None = None  # of the last shared decision adopted
         self._adopted_at = 0  # the number of the request that decision answered
         self._override: str | None = None  # sits on top of the machine's phase
+        # When a timed override of this process ends (monotonic), None: until a manual change.
+        self._override_until: float | None = None
+        # A fleet-wide override (in Redis, with a TTL), as the last shared decision said.
+        self._fleet_override: str | None = None
         self._since = now  # when the current state (as labelled) began
         self._slow_after = opts.slow_call_duration
         self._window = self._new_window(opts, now)
@@ -511,8 +517,11 @@ class CircuitBreaker(CompatBreaker):
         asked = next(self._asked)  # numbered before it is sent
         shared_remote = remote
 
-        def admitted(decision: Decision) -> _SharedCall:
-            shared = (self._enter_shared(decision, asked, shadow=shadow), shared_remote)
+        def admitted(decision: Decision) -> _SharedCall | int:
+            ticket = self._enter_shared(decision, asked, shadow=shadow)
+            if decision.override == DISABLED:
+                return _BYPASS  # disabled for the fleet: straight through, nothing recorded
+            shared = (ticket, shared_remote)
             if self._before_hooks:
                 self._publish(self._before_hooks, (call, args, kwargs))
             return shared
@@ -521,25 +530,124 @@ class CircuitBreaker(CompatBreaker):
 
     # --- manual control ------------------------------------------------------------------------
 
-    def force_open(self) -> None:
-        """Reject every call until ``reset()`` (or ``close()``), whatever the outcomes."""
+    def force_open(self, *, ttl: float | None = None) -> None:
+        """Reject every call until ``reset()`` (or ``close()``), whatever the outcomes.
+
+        ``ttl``: for that many seconds only; with ``state_url``, for the whole fleet (see
+        :meth:`_timed`), then open as after a trip (a trial probes before it closes).
+        """
+        if ttl is not None:
+            self._timed(FORCED_OPEN, ttl)
+            return
         self._manual(OPEN, FORCED_OPEN, "manual")
 
-    def force_closed(self) -> None:
-        """Admit every call until ``reset()``; outcomes are counted but never trip the circuit."""
+    def force_closed(self, *, ttl: float | None = None) -> None:
+        """Admit every call until ``reset()``; outcomes are counted but never trip the circuit.
+
+        ``ttl``: for that many seconds only; with ``state_url``, for the whole fleet.
+        """
+        if ttl is not None:
+            self._timed(FORCED_CLOSED, ttl)
+            return
         self._manual(CLOSED, FORCED_CLOSED, "manual")
 
-    def disable(self) -> None:
-        """Let every call straight through and record nothing until ``enable()`` or ``reset()``."""
+    def disable(self, *, ttl: float | None = None) -> None:
+        """Let every call straight through and record nothing until ``enable()`` or ``reset()``.
+
+        ``ttl``: for that many seconds only; with ``state_url``, for the whole fleet.
+        """
+        if ttl is not None:
+            self._timed(DISABLED, ttl)
+            return
         self._manual(CLOSED, DISABLED, "manual")
 
+    def _timed(self, override: str, ttl: float) -> None:
+        """An override for ``ttl`` seconds.
+
+        With ``state_url`` it is written to Redis with that TTL: every process obeys it (at
+        once through pub/sub, within ``near_cache_ttl`` at worst) and it ends by itself, even
+        if this process is gone; ``reset()``, ``enable()`` or ``close()`` in any process end
+        it sooner. Without Redis (or while Redis is unreachable) it holds in this process only.
+
+        Raises:
+            ValueError: ``ttl`` is not a positive number of seconds.
+        """
+        if not 0 < ttl < math.inf:
+            raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
+        remote = self._remote
+        if remote is not None:
+            asked = next(self._asked)
+            decision = cast(
+                "Decision", DRIVERS.settle(remote.overriding(override, ttl, self._limits))
+            )
+            if decision.shared:
+                with self.lock:
+                    old_label = self._label()
+                    self._override = None
+                    self._override_until = None
+                    self._fleet_override = decision.override or None
+                    if self._is_news(decision, asked):
+                        self._adopt_decision(decision, "manual", asked, old_label=old_label)
+                    else:
+                        self._announce_state(old_label, "manual", _clock.monotonic())
+                if self._outbox:
+                    self._deliver()
+                return
+        phase = OPEN if override == FORCED_OPEN else CLOSED
+        with self.lock:
+            now = _clock.monotonic()
+            self._move(phase, override, "manual", now)
+            self._override_until = now + ttl
+            self._refresh_fast_paths()
+        if self._outbox:
+            self._deliver()
+
+    def _end_timed_override(self) -> None:
+        """A timed override of this process ran out (the caller holds the lock)."""
+        old_label = self._label()
+        self._override = None
+        self._override_until = None
+        self._refresh_fast_paths()
+        self._announce_state(old_label, "override_expired", _clock.monotonic())
+
+    def _visible_override(self, now: float) -> str | None:
+        """The override as health sees it: this process's unless it has run out, else the
+        fleet's."""
+        until = self._override_until
+        if until is not None and now >= until:
+            return self._fleet_override
+        return self._override or self._fleet_override
+
+    def _label(self) -> str:
+        """The state as labelled: an override (this process's, then the fleet's), or the phase."""
+        return self._override or self._fleet_override or self._m.phase
+
     def enable(self) -> None:
-        """Undo ``disable()``: back to closed with fresh counters (no effect unless disabled)."""
+        """Undo ``disable()``: back to closed with fresh counters (no effect unless disabled);
+        a fleet-wide ``disable(ttl=...)`` ends for every process."""
+        if self._fleet_override == DISABLED:
+            self._end_fleet_override("manual")
         with self.lock:
             if self._override == DISABLED:
                 self._move(CLOSED, None, "manual", _clock.monotonic())
         if self._outbox:
             self._deliver()
+
+    def _end_fleet_override(self, reason: str) -> None:
+        """End the fleet-wide override in Redis: closed, fresh counters, for every process."""
+        remote = self._remote
+        if remote is None:
+            return
+        asked = next(self._asked)
+        decision = cast("Decision", DRIVERS.settle(remote.overriding("", 0.0, self._limits)))
+        if decision.shared:
+            with self.lock:
+                old_label = self._label()
+                self._fleet_override = None
+                if self._is_news(decision, asked):
+                    self._adopt_decision(decision, reason, asked, old_label=old_label)
+            if self._outbox:
+                self._deliver()
 
     def reset(self) -> None:
         """Closed, with every counter and the rate window cleared; ends any override."""
@@ -582,7 +690,9 @@ class CircuitBreaker(CompatBreaker):
         swap = options.state_url != previous.state_url
         new_remote = None
         if swap and options.state_url is not None:
-            new_remote = redis_storage.make_storage(options.state_url, self.service)
+            new_remote = redis_storage.make_storage(
+                options.state_url, self.service, near_ttl=options.near_cache_ttl
+            )
         retired = None
         with self.lock:
             self.options = options
@@ -591,9 +701,12 @@ class CircuitBreaker(CompatBreaker):
                 retired = self._remote
                 self._use_storage(new_remote)
                 self._seen_generation = None
+                self._fleet_override = None
                 if retired is not None and not self._shared:
                     # Back in memory, from the state this process last knew.
                     self._m.save(self._m.phase, self._opened_wall())
+            if self._remote is not None:
+                self._remote.near_ttl = options.near_cache_ttl
             self._slow_after = options.slow_call_duration
             self._count_throttled = options.count_throttled
             self._failure_on_result = options.failure_on_result
@@ -618,7 +731,7 @@ class CircuitBreaker(CompatBreaker):
                 self._window = None
             self._refresh_fast_paths()
         if retired is not None:
-            retired.transport.retire()
+            retired.retire()
 
     # --- pybreaker's public readers and limits, also for a circuit kept in Redis ----------------
 
@@ -691,7 +804,8 @@ class CircuitBreaker(CompatBreaker):
         slot), and an idle service, say one its load balancer stopped sending to, would otherwise
         read ``open`` for ever.
         """
-        return self._override or self._visible_phase(_clock.monotonic())
+        now = _clock.monotonic()
+        return self._visible_override(now) or self._visible_phase(now)
 
     def snapshot(self) -> CircuitSnapshot:
         """The circuit's state and counters, read consistently under the lock.
@@ -709,17 +823,18 @@ class CircuitBreaker(CompatBreaker):
             window = self._window
             if window is not None:
                 window.roll(now)
-            if known is not None and self._override is None:
+            override = self._visible_override(now)
+            if known is not None and override is None:
                 failures, successes = known.failures, known.successes
             else:
                 failures, successes = self._store.counter, self._store.success_counter
             phase = self._visible_phase(now)
             left: float | None = None
-            if self._override is None and phase == OPEN:
+            if override is None and phase == OPEN:
                 left = self._m.opened_at + self._m.open_time(self._limits) - now
             return CircuitSnapshot(
                 service=self.service,
-                state=self._override or phase,
+                state=override or phase,
                 failures=failures,
                 successes=successes,
                 trials_in_flight=self._m.trials,
@@ -884,6 +999,10 @@ class CircuitBreaker(CompatBreaker):
 
     def _admit_locked(self, shadow: bool) -> int:
         override = self._override
+        until = self._override_until
+        if until is not None and _clock.monotonic() >= until:
+            self._end_timed_override()
+            override = None
         m = self._m
         if override is not None:
             if override == DISABLED:
@@ -1055,6 +1174,9 @@ class CircuitBreaker(CompatBreaker):
 
     def _manual(self, phase: str, override: str | None, reason: str) -> None:
         remote = self._remote
+        if remote is not None and override is None and self._fleet_override is not None:
+            self._end_fleet_override(reason)  # reset, close, open, half_open end it first
+        self._override_until = None
         if remote is not None and override is None:
             # The fleet's circuit moves (the overrides stay in this process).
             asked = next(self._asked)
@@ -1073,7 +1195,7 @@ class CircuitBreaker(CompatBreaker):
         self, phase: str, override: str | None, reason: str, now: float, *, hold: float = 0.0
     ) -> None:
         """Enter a state: a new generation, fresh counters for it, storage, listeners, event."""
-        old_label = self._override or self._m.phase
+        old_label = self._label()
         self._m.move(phase, now)
         self._m.hold = hold
         self._after_move(old_label, override, reason, now)
@@ -1087,9 +1209,16 @@ class CircuitBreaker(CompatBreaker):
         self._refresh_fast_paths()
         self._announce_state(old_label, reason, now)
 
-    def _adopt(self, phase: str, reason: str, now: float, opened_at: float) -> None:
+    def _adopt(
+        self,
+        phase: str,
+        reason: str,
+        now: float,
+        opened_at: float,
+        old_label: str | None = None,
+    ) -> None:
         """Take on a state another process wrote to the shared storage (nothing is written)."""
-        old_label = self._override or self._m.phase
+        old_label = old_label or self._label()
         self._m.adopt(phase, now, opened_at)
         if phase == CLOSED and self._window is not None:
             self._window = self._new_window(self.options, now)
@@ -1100,7 +1229,7 @@ class CircuitBreaker(CompatBreaker):
         change = self._show_state(TO_PYBREAKER[self._m.phase])
         if change is not None and self._change_hooks:
             self._outbox.append((self._change_hooks, change))
-        new_label = self._override or self._m.phase
+        new_label = self._label()
         if new_label == old_label:
             return
         handlers = events.ROUTES.get(events.CircuitStateChanged)
@@ -1117,6 +1246,11 @@ class CircuitBreaker(CompatBreaker):
 
     def _refresh_fast_paths(self) -> None:
         # Readers look at these without the lock: each is one attribute, replaced whole.
+        if self._override_until is not None:
+            # A timed override: every call goes through _admit_locked, which ends it on time.
+            self._fast_token = None
+            self._open_until = _NEVER
+            return
         local = not self._shared
         m = self._m
         if self._override == DISABLED:
@@ -1159,7 +1293,15 @@ class CircuitBreaker(CompatBreaker):
             CircuitOpenError: not admitted (open, or the fleet's trial calls are all taken).
         """
         with self.lock:
-            if self._is_news(decision, asked):
+            fleet = decision.override or None
+            if fleet != self._fleet_override and (decision.shared or fleet is None):
+                old_label = self._label()
+                self._fleet_override = fleet
+                if self._is_news(decision, asked):
+                    self._adopt_decision(decision, "manual", asked, old_label=old_label)
+                else:
+                    self._announce_state(old_label, "manual", _clock.monotonic())
+            elif self._is_news(decision, asked):
                 self._adopt_decision(decision, decision.change or "shared_state", asked)
             if decision.admitted:
                 if decision.trial:
@@ -1174,7 +1316,9 @@ class CircuitBreaker(CompatBreaker):
                 ticket = None
         try:
             if ticket is None:
-                if decision.state == OPEN:
+                if decision.override == FORCED_OPEN:
+                    self._reject("forced_open", None, shadow, locked=False)
+                elif decision.state == OPEN:
                     self._reject("open", decision.retry_after, shadow, locked=False)
                 else:
                     self._reject("half_open_full", None, shadow, locked=False)
@@ -1215,6 +1359,29 @@ class CircuitBreaker(CompatBreaker):
                             self._deliver()
                         self._announce(outcome, elapsed, exc, slow)
 
+                    quorum = self.options.min_reporters
+                    if quorum > 1:
+                        # The fleet opens once `quorum` processes' windows tripped; until then
+                        # this process alone rejects, for the open time.
+                        def voted(moved: Decision) -> None:
+                            if (
+                                moved.shared
+                                and moved.state == CLOSED
+                                and moved.generation == decision.generation
+                            ):
+                                moved = remote.hold_open(self._limits.reset_timeout, reason)
+                            tripped(moved)
+
+                        return cast(
+                            "Effect | None",
+                            remote.voting(
+                                decision.generation,
+                                self.options.window_seconds,
+                                quorum,
+                                limits,
+                                then=voted,
+                            ),
+                        )
                     return cast(
                         "Effect | None",
                         remote.setting(
@@ -1260,6 +1427,10 @@ class CircuitBreaker(CompatBreaker):
             current = generation == self._m.generation
             if decision.trial and current:
                 self._m.trials -= 1
+            if after is not None and (after.override or None) != self._fleet_override:
+                old_label = self._label()
+                self._fleet_override = after.override or None
+                self._announce_state(old_label, "manual", now)
             if after is not None and self._is_news(after, asked):
                 self._adopt_decision(after, after.change or "shared_state", asked)
                 return None
@@ -1270,6 +1441,7 @@ class CircuitBreaker(CompatBreaker):
                 or outcome == IGNORED
                 or decision.state != CLOSED
                 or self._override is not None
+                or self._fleet_override is not None
             ):
                 return None
             window.add(now, failed=outcome == FAILURE, slow=slow)
@@ -1292,7 +1464,9 @@ class CircuitBreaker(CompatBreaker):
         # answer last adopted is old news, unless its shared generation is visibly newer.
         return asked > self._adopted_at or (seen is not None and generation > seen > 0)
 
-    def _adopt_decision(self, decision: Decision, reason: str, asked: int) -> None:
+    def _adopt_decision(
+        self, decision: Decision, reason: str, asked: int, old_label: str | None = None
+    ) -> None:
         self._seen_generation = decision.generation
         self._adopted_at = max(asked, self._adopted_at)
         now = _clock.monotonic()
@@ -1300,7 +1474,7 @@ class CircuitBreaker(CompatBreaker):
             # Redis chose the open time (its streak, a Retry-After): this copy's is all of it.
             self._m.streak = 0
             self._m.hold = decision.age + decision.retry_after
-        self._adopt(decision.state, reason, now, now - decision.age)
+        self._adopt(decision.state, reason, now, now - decision.age, old_label)
 
     # --- the storage seam: the only methods that read or write self._store ------------------------
 

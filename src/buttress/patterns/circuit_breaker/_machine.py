@@ -50,6 +50,9 @@ class Decision(NamedTuple):
         age: seconds since the state began (Redis's clock when shared).
         seq: failures recorded in this generation when decided (bookkeeping).
         lease: the trial lease held in Redis, or ``""`` (bookkeeping).
+        override: a fleet-wide override in Redis (``forced_open``, ``forced_closed``,
+            ``disabled``), or ``""``; the machine knows none.
+        override_left: seconds until that override ends.
     """
 
     state: str
@@ -64,6 +67,8 @@ class Decision(NamedTuple):
     age: float
     seq: int = 0
     lease: str = ""
+    override: str = ""
+    override_left: float = 0.0
 
 
 class Machine:

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from buttress._values import GrowthFactor, PositiveSeconds, StateURL
+from buttress._values import GrowthFactor, PositiveSeconds, Seconds, StateURL
 from buttress.patterns._base import Options
 
 __all__ = ["PATTERN", "CircuitBreakerOptions", "ExcludeSpec"]
@@ -73,6 +73,20 @@ class CircuitBreakerOptions(Options):
         None,
         description="redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URL "
         "(valkey forms too) to share circuit state across processes",
+    )
+
+    near_cache_ttl: Seconds = Field(
+        1.0,
+        description="with state_url: seconds a closed (or open) state read from Redis decides "
+        "this process's calls without asking Redis again (transitions arrive sooner by pub/sub); "
+        "0 asks Redis on every call",
+    )
+    min_reporters: int = Field(
+        1,
+        gt=0,
+        description="with state_url: processes whose own rate window must trip within "
+        "window_seconds before a rate-based trip opens the fleet's circuit (below it, only the "
+        "reporting process opens)",
     )
 
     @property

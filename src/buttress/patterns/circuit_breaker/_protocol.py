@@ -26,11 +26,13 @@ __all__ = [
     "bulk",
     "longest_open",
     "observe_request",
+    "override_request",
     "parse",
     "prefix",
     "record_request",
     "set_request",
     "tail",
+    "vote_request",
 ]
 
 # One script for every operation: one SHA to load after a Redis restart, one code path to review.
@@ -39,7 +41,11 @@ __all__ = [
 # '' none), 10 lease, 11 generation the call was admitted in ('' any), 12 outcome | target state,
 # 13 seq at admission | set mode ('force' or ''), 14 trial leases to give back (space-separated:
 # granted to requests whose reply never arrived, '' none).
-# Reply: "state gen seq base succ since now admitted trial change lease" (lease: if granted).
+# Ops 'override' (ARGV 12: forced_open, forced_closed, disabled or '' to end it; 13: its ms to
+# live) and 'vote' (ARGV 10: the process; 11: its window's generation; 12: the window in ms; 13:
+# min_reporters) use the same places. KEYS: the circuit hash, the trial leases, the reporters.
+# Reply: "state gen seq base succ since now admitted trial change lease open_ms override
+# override_ms" (lease: if granted; override: '-' for none).
 SCRIPT: Final = (resources.files(__package__) / "circuit.lua").read_bytes()
 SHA: Final = hashlib.sha1(SCRIPT, usedforsecurity=False).hexdigest().encode()
 
@@ -71,7 +77,7 @@ _ADMIT_TAIL: Final = EMPTY * 4  # no generation, outcome, seq; no orphans
 
 
 def prefix(
-    keys: tuple[bytes, bytes], op: bytes, ttl: float, limits: Limits | None, lease: float
+    keys: tuple[bytes, ...], op: bytes, ttl: float, limits: Limits | None, lease: float
 ) -> bytes:
     """The constant head of a request: command, keys and the limits-derived arguments.
 
@@ -88,7 +94,7 @@ def prefix(
             b"%d" % limits.fail_max,
             b"%d" % limits.success_threshold,
         )
-    head = (b"EVALSHA", SHA, b"2", *keys, op, b"%d" % math.ceil(ttl * 1000))
+    head = (b"EVALSHA", SHA, b"%d" % len(keys), *keys, op, b"%d" % math.ceil(ttl * 1000))
     return b"*%d\r\n" % (len(head) + len(numbers) + 10) + b"".join(
         bulk(part) for part in (*head, *numbers)
     )
@@ -194,6 +200,48 @@ def set_request(
     )
 
 
+def override_request(
+    head: bytes, override: str, ttl: float, *, orphans: tuple[bytes, ...]
+) -> bytes:
+    """Put the fleet under ``override`` (forced_open, forced_closed, disabled) for ``ttl``
+    seconds, or end the one in place (``override`` empty)."""
+    return head + b"".join(
+        bulk(part)
+        for part in (
+            b"",
+            b"",
+            b"",
+            b"",
+            override.encode(),
+            b"%d" % math.ceil(ttl * 1000),
+            b" ".join(orphans),
+        )
+    )
+
+
+def vote_request(  # noqa: PLR0917 - each is one of the script's arguments
+    head: bytes,
+    reporter: bytes,
+    generation: int,
+    window: float,
+    min_reporters: int,
+    orphans: tuple[bytes, ...],
+) -> bytes:
+    """Report that this process's rate window tripped in ``generation`` (``window`` seconds)."""
+    return head + b"".join(
+        bulk(part)
+        for part in (
+            b"",
+            b"",
+            reporter,
+            b"%d" % generation,
+            b"%d" % math.ceil(window * 1000),
+            b"%d" % min_reporters,
+            b" ".join(orphans),
+        )
+    )
+
+
 def parse(reply: bytes, limits: Limits | None) -> tuple[Decision, Order]:
     """The script's reply as a decision, and its place in the order Redis ran the requests.
 
@@ -204,6 +252,7 @@ def parse(reply: bytes, limits: Limits | None) -> tuple[Decision, Order]:
     state = fields[0].decode()
     gen, seq, base, succ, since, now, admitted, trial = map(int, fields[1:9])
     change_b, lease_b, open_ms = fields[9], fields[10], int(fields[11])
+    override = "" if fields[12] == b"-" else fields[12].decode()
     if change_b == b"corrupt":
         raise CorruptStateError("the circuit's keys in Redis were unreadable")
     if state == OPEN and limits is not None:
@@ -224,5 +273,7 @@ def parse(reply: bytes, limits: Limits | None) -> tuple[Decision, Order]:
         age=max(0, now - since) / 1000 if since else 0.0,
         seq=seq,
         lease=lease_b.decode(),
+        override=override,
+        override_left=int(fields[13]) / 1000 if override else 0.0,
     )
     return decision, (now, gen, seq, base, succ)

@@ -1,4 +1,4 @@
-local circuit, trials = KEYS[1], KEYS[2]
+local circuit, trials, reporters = KEYS[1], KEYS[2], KEYS[3]
 local op = ARGV[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -7,7 +7,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- (closed, clean, a new generation) and the reply says 'corrupt': that call decides locally.
 local corrupt = false
 local h = redis.pcall('HMGET', circuit, 'state', 'gen', 'seq', 'base', 'succ', 'since', 'streak',
-  'hold')
+  'hold', 'override', 'until')
 if h.err then
   if not string.find(h.err, 'WRONGTYPE', 1, true) then
     return redis.error_reply(h.err)  -- any other error fails the script as it would have
@@ -34,6 +34,12 @@ end
 local gen, seq, base, succ, since = count(2), count(3), count(4), count(5), count(6)
 -- Trips since the circuit last closed, and the least ms this open state lasts (Retry-After).
 local streak, hold = count(7), count(8)
+-- A fleet-wide manual override (forced_open, forced_closed, disabled) and when it ends (ms).
+local override, override_until = h[9] or '', count(10)
+if override ~= '' and override ~= 'forced_open' and override ~= 'forced_closed'
+    and override ~= 'disabled' then
+  corrupt = true
+end
 local ttl = tonumber(ARGV[2])
 local dirty = false
 local admitted, trial, change = 0, 0, ''
@@ -89,6 +95,15 @@ local function move(to, why)
   change = why
 end
 
+if corrupt then
+  override, override_until = '', 0
+end
+-- An override whose time is up has ended: the circuit goes on from the state beneath it.
+if override ~= '' and override_until <= now then
+  override, override_until = '', 0
+  dirty = true
+end
+
 local function clear_before(upto)
   local cleared = math.min(upto, seq)
   if cleared > base then
@@ -110,7 +125,12 @@ if ARGV[8] ~= '' and state == 'closed' and tonumber(ARGV[8]) == gen then
   clear_before(tonumber(ARGV[9]))
 end
 
-if op == 'admit' then
+if op == 'admit' and override ~= '' then
+  -- forced closed and disabled admit every call as closed-state calls; forced open none
+  if override ~= 'forced_open' then
+    admitted = 1
+  end
+elseif op == 'admit' then
   if state == 'open' and now >= since + open_time() then
     move('half_open', 'timeout_elapsed')
   end
@@ -134,7 +154,7 @@ elseif op == 'record' then
     if state == 'closed' then
       seq = seq + 1
       dirty = true
-      if ARGV[6] ~= '' and seq - base >= tonumber(ARGV[6]) then
+      if ARGV[6] ~= '' and override == '' and seq - base >= tonumber(ARGV[6]) then
         move('open', 'fail_max')
       end
     elseif state == 'half_open' then
@@ -158,6 +178,33 @@ elseif op == 'set' then
   elseif ARGV[13] == 'force' or ARGV[12] ~= state then
     move(ARGV[12], 'manual')
   end
+elseif op == 'override' then
+  -- ARGV[12]: forced_open, forced_closed, disabled, or '' (end it); ARGV[13]: its ms to live.
+  -- Forced open opens the circuit beneath (once it ends, a trial probes before closing); the
+  -- others close it.
+  if ARGV[12] == 'forced_open' then
+    move('open', 'manual')
+  else
+    move('closed', 'manual')
+  end
+  override = ARGV[12]
+  override_until = override ~= '' and now + tonumber(ARGV[13]) or 0
+elseif op == 'vote' then
+  -- A process whose own rate window tripped (ARGV[10]: its id; ARGV[11]: the generation its
+  -- window counted in; ARGV[12]: the window in ms; ARGV[13]: min_reporters). The fleet opens
+  -- once that many distinct processes reported within the window.
+  if ARGV[11] ~= '' and tonumber(ARGV[11]) ~= gen then
+    change = 'stale'
+  elseif state == 'closed' and override == '' then
+    local window = tonumber(ARGV[12])
+    redis.call('ZADD', reporters, now, ARGV[10])
+    redis.call('ZREMRANGEBYSCORE', reporters, '-inf', now - window)
+    redis.call('PEXPIRE', reporters, window)
+    if redis.call('ZCARD', reporters) >= tonumber(ARGV[13]) then
+      redis.call('DEL', reporters)
+      move('open', 'quorum')
+    end
+  end
 end
 
 if corrupt then
@@ -165,11 +212,23 @@ if corrupt then
 end
 if dirty then
   redis.call('HSET', circuit, 'state', state, 'gen', gen, 'seq', seq, 'base', base,
-    'succ', succ, 'since', since, 'streak', streak, 'hold', hold)
-  redis.call('PEXPIRE', circuit, ttl)
+    'succ', succ, 'since', since, 'streak', streak, 'hold', hold, 'override', override,
+    'until', override_until)
+  -- an override outlives the keys' idle TTL if it is longer
+  redis.call('PEXPIRE', circuit, math.max(ttl, override_until - now))
 end
 -- one bulk string: parsing an 11-element array costs the client more than the round trip
--- (the last field: the open time in ms while open, for retry_after)
-return string.format('%s %d %d %d %d %d %d %d %d %s %s %d', state, gen, seq, base, succ, since,
-  now, admitted, trial, change, trial == 1 and ARGV[10] or '',
-  state == 'open' and math.ceil(open_time()) or 0)
+-- (then: the open time in ms while open, for retry_after; the override, '-' for none, and its
+-- ms left)
+local function reply(admitted_now, trial_now, lease)
+  return string.format('%s %d %d %d %d %d %d %d %d %s %s %d %s %d', state, gen, seq, base, succ,
+    since, now, admitted_now, trial_now, change, lease,
+    state == 'open' and math.ceil(open_time()) or 0, override ~= '' and override or '-',
+    override ~= '' and override_until - now or 0)
+end
+-- A transition is told to every process at once (their near-caches): the new state, as a
+-- reply that admits nothing, on the circuit's channel.
+if change ~= '' and change ~= 'stale' then
+  redis.call('PUBLISH', circuit .. ':changes', reply(0, 0, ''))
+end
+return reply(admitted, trial, trial == 1 and ARGV[10] or '')

@@ -2,7 +2,10 @@
 
 ``circuit_breaker(state_url="redis://...")`` makes every process of a service decide from one state
 kept in Redis, each decision one atomic Lua script, with a local copy of the state while Redis is
-unreachable. This module decides; ``_protocol`` builds the requests and parses the replies,
+unreachable. A closed (or open) state read from Redis decides the next ``near_ttl`` seconds of
+calls without a request (the near-cache); the script publishes every transition and ``_listener``
+hears it, so the copy rarely lives that long. This module decides; ``_protocol`` builds the
+requests and parses the replies,
 ``_transport`` holds the connections, and the drivers send the requests (an ``AskStore`` effect).
 The script's algorithm, the keys, the reconnection policy and the two ways to drive the storage:
 ``docs/internals.md`` (Circuit state in Redis).
@@ -13,6 +16,7 @@ from __future__ import annotations
 import contextvars
 import datetime as dt
 import functools
+import hashlib
 import itertools
 import math
 import os
@@ -28,6 +32,7 @@ from buttress._values import redact
 from buttress.exceptions import ConfigurationError
 from buttress.patterns._base import DRIVERS, AskStore
 from buttress.patterns._redis import connectors
+from buttress.patterns.circuit_breaker import _listener
 from buttress.patterns.circuit_breaker import _protocol as protocol
 from buttress.patterns.circuit_breaker._machine import Decision, Limits, Machine
 from buttress.patterns.circuit_breaker._protocol import CorruptStateError
@@ -35,6 +40,7 @@ from buttress.patterns.circuit_breaker._pybreaker_compat import noticing_a_close
 from buttress.patterns.circuit_breaker._states import (
     CLOSED,
     FAILURE,
+    FORCED_OPEN,
     FROM_PYBREAKER,
     OPEN,
     SUCCESS,
@@ -151,10 +157,17 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         reconnect_max: float,
         trial_lease: float | None,
         stale: Callable[[], None] | None = None,
+        near_ttl: float = 0.0,
+        redis_id: bytes = b"",
     ) -> None:
         super().__init__("redis")
         self.service = service
         self.url = url
+        self.near_ttl = near_ttl
+        # Which Redis the URL names (a digest: the URL may hold a password): the storages of
+        # one Redis share one pub/sub subscription.
+        self._redis_id = redis_id
+        self._make_sync = make_sync
         self.max_delay = connect_timeout + 2 * socket_timeout
         self.idle_ttl = idle_ttl
         self.trial_lease = trial_lease
@@ -163,8 +176,23 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         self._keys = (
             b"%s:{%s}:circuit" % (KEY_PREFIX.encode(), tag),
             b"%s:{%s}:trials" % (KEY_PREFIX.encode(), tag),
+            b"%s:{%s}:reporters" % (KEY_PREFIX.encode(), tag),
         )
         self._transport = RedisTransport(make_sync, make_async, socket_timeout, stale)
+        self.channel = self._keys[0] + b":changes"
+        # The near-cache: the admission of a closed (or open) circuit as last heard from Redis,
+        # valid until _fresh_until (monotonic; with an open one, until its open time ends too).
+        # Calls it admits cost no request. Replaced whole, read without the lock.
+        self._near: Decision | None = None
+        self._fresh_until = -math.inf
+        self._open_until = math.inf
+        self._heard_limits: Limits | None = None  # for the open time of a published state
+        self._subscribed = False
+        # Quorum: this process's rate window tripped but the fleet's did not open; this process
+        # alone rejects until then (monotonic). Replaced whole, read without the lock.
+        self._held: Decision | None = None
+        self._held_until = -math.inf
+        self._reporter = os.urandom(8).hex().encode()  # this process, among the reporters
         self._lock = threading.Lock()
         # The circuit as this process alone sees it: it mirrors every shared decision, so an
         # outage starts from the last state seen in Redis; negative generations. Guarded by _lock.
@@ -201,7 +229,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
 
     @property
     def keys(self) -> tuple[str, str]:
-        """The Redis keys of this circuit: the state hash and the trial-lease sorted set."""
+        """The Redis keys of this circuit: the state hash and the trial-lease sorted set (the
+        reporters of a quorum, ``...:reporters``, exist only while a vote is open)."""
         return self._keys[0].decode(), self._keys[1].decode()
 
     @property
@@ -216,7 +245,25 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
     # (admit, record, ...) perform it for a thread.
 
     def admission(self, limits: Limits, then: Callable[[Decision], Any] = _same) -> Any:
-        """Decide whether a call may run (one request to Redis, or local while it is down)."""
+        """Decide whether a call may run (one request to Redis, or local while it is down).
+
+        With the near-cache (``near_ttl``), a circuit known to be closed admits at once, and one
+        known to be open rejects at once, for ``near_ttl`` seconds after Redis last told this
+        process its state (a transition published by any process ends that sooner).
+        """
+        if self._held is not None:
+            held = self._held_open()
+            if held is not None:
+                return then(held)
+        near = self._near
+        if near is not None:
+            now = _clock.monotonic()
+            if now < self._fresh_until:
+                if near.admitted or near.override:
+                    return then(near)
+                if now < self._open_until:
+                    return then(near._replace(retry_after=self._open_until - now))
+        self._heard_limits = limits
         if self._may_try():
             request, carry = self._admit_request(limits)
             local = functools.partial(self._admit_locally, limits)
@@ -262,6 +309,71 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
             local = functools.partial(self._force_locally, state, expected, always)
             return _Ask(self, "set_state", request, carry, limits, local, then)
         return then(self._force_locally(state, expected, always))
+
+    def overriding(
+        self,
+        override: str,
+        ttl: float,
+        limits: Limits | None,
+        then: Callable[[Decision], Any] = _same,
+    ) -> Any:
+        """Put the whole fleet under ``override`` (forced_open, forced_closed, disabled) for
+        ``ttl`` seconds, or end the override in place (``override`` empty: closed, fresh).
+
+        Without Redis the decision is this process's (``shared`` False): the caller applies
+        the override to this process alone.
+        """
+        if self._may_try():
+            head = self._prefix(b"override", limits)
+            orphans = self._take_orphans()
+            request = protocol.override_request(head, override, ttl, orphans=orphans)
+            request += protocol.tail(limits)
+            return _Ask(self, "override", request, (None, orphans), limits, self.last_known, then)
+        return then(self.last_known())
+
+    def voting(
+        self,
+        generation: int,
+        window: float,
+        min_reporters: int,
+        limits: Limits,
+        then: Callable[[Decision], Any] = _same,
+    ) -> Any:
+        """This process's rate window tripped in ``generation``: the fleet opens once
+        ``min_reporters`` processes reported within ``window`` seconds. The state after (still
+        closed: the quorum is not there yet, see :meth:`hold_open`)."""
+        if self._may_try():
+            head = self._prefix(b"vote", limits)
+            orphans = self._take_orphans()
+            request = protocol.vote_request(
+                head, self._reporter, generation, window, min_reporters, orphans
+            )
+            request += protocol.tail(limits)
+            local = functools.partial(self._force_locally, OPEN, None, always=False)
+            return _Ask(self, "vote", request, (None, orphans), limits, local, then)
+        return then(self._force_locally(OPEN, None, always=False))
+
+    def hold_open(self, seconds: float, reason: str) -> Decision:
+        """Reject this process's calls for ``seconds`` (its own window tripped below the
+        fleet's quorum), then go on from the fleet's state. No request."""
+        now = _clock.monotonic()
+        with self._lock:
+            self._local.move(OPEN, now)
+            held = self._local.decision(now, seconds, change=reason)
+        self._held_until = now + seconds
+        self._held = held
+        return held
+
+    def _held_open(self) -> Decision | None:
+        held = self._held
+        if held is None:
+            return None
+        left = self._held_until - _clock.monotonic()
+        if left > 0:
+            return held._replace(retry_after=left, change=None)
+        self._held = None
+        self._near = None  # the fleet's state, read again
+        return None
 
     def observation(self, then: Callable[[Decision], Any] = _same) -> Any:
         """The current state, read from Redis (or local while it is down); changes nothing."""
@@ -310,8 +422,15 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         return self._transport
 
     def close(self) -> None:
-        """Close the pooled synchronous connections."""
+        """Close the pooled synchronous connections (and stop hearing transitions)."""
+        self._unsubscribe()
         self._transport.close()
+
+    def retire(self) -> None:
+        """Taken out of use (a reload changed the URL): stop hearing transitions, and close the
+        connections (see ``RedisTransport.retire``)."""
+        self._unsubscribe()
+        self._transport.retire()
 
     def aclose(self) -> Awaitable[None]:
         """Close the pooled connections of the running event loop (await it there)."""
@@ -431,6 +550,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
 
     def _note_cleared(self, generation: int, seq: int) -> None:
         # Generations only grow, so the newest generation's highest seq is the one that matters.
+        # The next call asks Redis, carrying the clearing (the near-cache would hold it back).
+        self._near = None
         with self._lock:
             if self._cleared is None or (generation, seq) > self._cleared:
                 self._cleared = (generation, seq)
@@ -448,7 +569,78 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
                     self._adopted_order = order
                     self._adopted_mark = next(self._requests)
                     self._local.mirror(decision, _clock.monotonic())
+                    self._cache(decision)
+        elif self.near_ttl:
+            # The same state again: cached (again) for another near_ttl.
+            self._cache(decision)
         return decision
+
+    # --- the near-cache --------------------------------------------------------------------------
+
+    def _cache(self, decision: Decision) -> None:
+        """Remember how this state admits calls, for near_ttl seconds; holds the lock."""
+        if not self.near_ttl:
+            return
+        now = _clock.monotonic()
+        if decision.override:
+            # Decided by the override until it ends (then read again).
+            self._open_until = math.inf
+            self._near = decision._replace(
+                admitted=decision.override != FORCED_OPEN,
+                trial=False,
+                change=None,
+                lease="",
+                retry_after=None,
+            )
+            self._fresh_until = now + min(self.near_ttl, decision.override_left)
+            self._ensure_subscribed()
+            return
+        if decision.state == CLOSED:
+            self._open_until = math.inf
+            self._near = decision._replace(admitted=True, trial=False, change=None, lease="")
+        elif decision.state == OPEN and decision.retry_after:
+            self._open_until = now + decision.retry_after
+            self._near = decision._replace(admitted=False, trial=False, change=None, lease="")
+        else:
+            self._near = None  # half-open: each trial's lease is Redis's to grant
+            return
+        self._fresh_until = now + self.near_ttl
+        self._ensure_subscribed()
+
+    def _ensure_subscribed(self) -> None:
+        if not self._subscribed:
+            self._subscribed = True
+            _listener.subscribe(self._redis_id, self._make_sync, self)
+
+    def heard(self, message: bytes) -> None:
+        """A transition another request made, published by the script (the listener's thread)."""
+        self._near = None  # whatever comes of it, the cached state has ended
+        try:
+            decision, order = protocol.parse(message, self._heard_limits)
+        except Exception:  # noqa: BLE001 - unreadable: the next call asks Redis
+            return
+        with self._lock:
+            if order > self._adopted_order:
+                self._mirrored = (
+                    decision.generation,
+                    decision.failures,
+                    decision.successes,
+                    decision.state,
+                )
+                self._adopted_order = order
+                self._adopted_mark = next(self._requests)
+                self._local.mirror(decision, _clock.monotonic())
+                self._cache(decision)
+
+    def resubscribed(self) -> None:
+        """The listener (re)connected: transitions may have been missed; ask Redis next."""
+        self._near = None
+
+    def _unsubscribe(self) -> None:
+        if self._subscribed:
+            self._subscribed = False
+            self._near = None
+            _listener.unsubscribe(self._redis_id, self)
 
     # --- Redis health ----------------------------------------------------------------------------
 
@@ -473,6 +665,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
                 self._faults = 0
 
     def _failed(self, operation: str, exc: Exception, carry: _Carry) -> None:
+        self._near = None
         with self._lock:
             self._faults += 1
             low, high = self._reconnect
@@ -493,6 +686,7 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
         Redis works, so it is not marked down; this one call decides locally, from the last
         state this process read, and the next request reads the repaired state (closed).
         """
+        self._near = None
         with self._lock:
             self._keep(carry)  # a lease granted in that reply is nobody's
         self._recovered()
@@ -519,6 +713,8 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
 
     def _after_fork(self) -> None:
         self._transport.forget()
+        self._subscribed = False  # the parent's listener thread is not the child's
+        self._near = None
         self._lease_prefix = os.urandom(6).hex()
         self._lock = threading.Lock()
         self._probing = False
@@ -635,6 +831,7 @@ def make_storage(
     reconnect_min: float = 0.5,
     reconnect_max: float = 5.0,
     trial_lease: float | None = None,
+    near_ttl: float = 0.0,
 ) -> SharedStateStorage:
     """The shared state of ``service``'s circuit in the Redis at ``state_url``.
 
@@ -656,6 +853,9 @@ def make_storage(
         reconnect_max: the longest wait between attempts while Redis stays down.
         trial_lease: seconds a half-open trial holds its slot if its process never reports
             (default: ``max(1, reset_timeout)``).
+        near_ttl: seconds a closed (or open) state read from Redis decides this process's
+            calls without asking again (the near-cache; transitions published through Redis
+            pub/sub end it sooner); 0: every call asks Redis.
 
     Raises:
         ConfigurationError: the URL is not a Redis URL, or the ``redis`` package is missing.
@@ -703,4 +903,6 @@ def make_storage(
         reconnect_min=reconnect_min,
         reconnect_max=reconnect_max,
         trial_lease=trial_lease,
+        near_ttl=near_ttl,
+        redis_id=hashlib.sha256(state_url.encode()).digest(),
     )
