@@ -22,11 +22,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,40 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVICE = "fleet"
 FAIL_MAX = 3
 SPAWN = multiprocessing.get_context("spawn")
-
-
-@contextmanager
-def redis_server() -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not installed (Debian package redis-server)")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with tempfile.TemporaryDirectory() as directory:
-        process = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", directory],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            import redis
-
-            client = redis.Redis(port=port)
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.01)
-            client.close()
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            process.terminate()
-            process.wait(5)
 
 
 def _commands(client: Any) -> int:
@@ -163,6 +125,8 @@ def main() -> None:
     args = parser.parse_args()
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
+    from bench.bench_redis import redis_server
+
     with redis_server() if args.url is None else _given(args.url) as url:
         near = run(url, workers=args.workers, calls=args.calls)
         every = run(url, workers=args.workers, calls=args.calls, ttl=0.0)

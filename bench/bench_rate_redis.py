@@ -22,11 +22,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
-from bench_redis import redis_client, redis_server  # a sibling: run as python bench/<this file>
+from bench_redis import (  # a sibling: run as python bench/<this file>
+    redis_client,
+    redis_server,
+    timed,
+)
 
 SAMPLE_CALLS = 300
 RATE = 1e9  # never reached: no call waits for a token
@@ -34,16 +36,6 @@ RATE = 1e9  # never reached: no call waits for a token
 
 def f() -> int:
     return 1
-
-
-def timed(call: Callable[[], Any]) -> Callable[[int], float]:
-    def run(n: int) -> float:
-        started = time.perf_counter_ns()
-        for _ in range(n):
-            call()
-        return (time.perf_counter_ns() - started) / n
-
-    return run
 
 
 def script_usec_per_call(client: Any) -> float:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pybreaker
 import pytest
+from tests.redis._doubles import Dependency, Down
 
 from buttress import events
 from buttress.exceptions import CircuitOpenError
@@ -23,24 +24,6 @@ from buttress.patterns.circuit_breaker.redis_storage import make_storage
 from buttress.testing import capture_events
 
 pytestmark = pytest.mark.redis
-
-
-class Down(ConnectionError):
-    """The dependency failed."""
-
-
-class Dependency:
-    """Counts the calls that reached it; fails while ``down``."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.down = False
-
-    def __call__(self) -> str:
-        self.calls += 1
-        if self.down:
-            raise Down("dependency down")
-        return "ok"
 
 
 @pytest.fixture

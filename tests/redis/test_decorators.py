@@ -19,6 +19,7 @@ from typing import Any
 
 import pybreaker
 import pytest
+from tests.redis._doubles import Dependency, Down
 
 from buttress import circuit_breaker, config, events, registry
 from buttress.exceptions import CircuitOpenError
@@ -30,24 +31,6 @@ pytestmark = pytest.mark.redis
 
 SERVICE = "svc"
 LIMITS = Limits(fail_max=3, reset_timeout=30.0, success_threshold=1, half_open_max_calls=1)
-
-
-class Down(ConnectionError):
-    """The dependency failed."""
-
-
-class Dependency:
-    """Counts the calls that reached it; fails while ``down``."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.down = False
-
-    def __call__(self) -> str:
-        self.calls += 1
-        if self.down:
-            raise Down("dependency down")
-        return "ok"
 
 
 def fail() -> None:

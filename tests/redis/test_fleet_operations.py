@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from tests.redis._doubles import Dependency, Down
 
 from buttress import events
 from buttress.exceptions import CircuitOpenError
@@ -25,22 +26,6 @@ from buttress.testing import capture_events
 pytestmark = pytest.mark.redis
 
 CIRCUIT = "buttress:{svc}:circuit"
-
-
-class Down(ConnectionError):
-    """The dependency failed."""
-
-
-class Dependency:
-    def __init__(self) -> None:
-        self.calls = 0
-        self.down = False
-
-    def __call__(self) -> str:
-        self.calls += 1
-        if self.down:
-            raise Down("dependency down")
-        return "ok"
 
 
 class Process:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.redis._doubles import Dependency, Down
 
 from buttress import circuit_breaker, config, registry
 from buttress.exceptions import CircuitOpenError
@@ -35,22 +36,6 @@ SERVICE = "svc"
 LIMITS = Limits(fail_max=3, reset_timeout=30.0, success_threshold=1, half_open_max_calls=1)
 # The script's own commands, which INFO commandstats counts too.
 SCRIPT_INNER = {"time", "hmget", "hset", "pexpire", "del", "zadd", "zrem", "zcard", "publish"}
-
-
-class Down(ConnectionError):
-    """The dependency failed."""
-
-
-class Dependency:
-    def __init__(self) -> None:
-        self.calls = 0
-        self.down = False
-
-    def __call__(self) -> str:
-        self.calls += 1
-        if self.down:
-            raise Down("dependency down")
-        return "ok"
 
 
 @pytest.fixture(autouse=True)
