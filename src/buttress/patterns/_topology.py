@@ -118,11 +118,8 @@ def connectors(
         # The pools only parse the URL; the transport keeps its own connections.
         sync_parsed = redis.ConnectionPool.from_url(url, retry=retry, **options)
         async_parsed = redis.asyncio.ConnectionPool.from_url(url, retry=aretry, **options)
-    except _BadURLError:
-        raise
     except (ValueError, TypeError) as exc:
-        # Only the kind of error: redis-py's message may repeat part of the URL.
-        raise ValueError(type(exc).__name__) from None
+        raise _unreadable(exc) from None
     return Connectors(_from_pool(sync_parsed), _from_pool(async_parsed), None)
 
 
@@ -155,10 +152,14 @@ def client(
             )
             return redis.Redis(connection_pool=pool), owner.stale
         return redis.Redis.from_url(f"{scheme}://{rest}", retry=retry, **options), None
-    except _BadURLError:
-        raise
     except (ValueError, TypeError) as exc:
-        raise ValueError(type(exc).__name__) from None
+        raise _unreadable(exc) from None
+
+
+def _unreadable(exc: ValueError | TypeError) -> ValueError:
+    """The error to raise for a URL that cannot be read: ours as it is; redis-py's by its kind
+    only, since its message may repeat part of the URL."""
+    return exc if isinstance(exc, _BadURLError) else ValueError(type(exc).__name__)
 
 
 def _from_pool(pool: Any) -> Callable[[], Any]:
