@@ -73,6 +73,13 @@ _SharedCall = tuple[_Ticket | None, SharedStateStorage]
 _NEVER = -math.inf
 _FOREVER = math.inf
 
+# Numbers the requests of every breaker to its shared storage, in the order they are sent (one
+# counter for all: the numbers of each breaker still increase, which is all _is_news needs).
+_ASKED = itertools.count(1)
+# Guards each breaker's ``_delivering`` flag (held for a test and a flip, never while delivering):
+# one lock for every breaker rather than one each.
+_DELIVERY = threading.Lock()
+
 
 class CircuitSnapshot(TypedDict):
     """One circuit as health checks see it."""
@@ -184,15 +191,49 @@ class _StoredMachine(Machine):
 
     Only the counting differs from :class:`Machine`: a success clears every failure
     (pybreaker's rule), and each transition is written to the storage.
+
+    It also holds the breaker's own state that no call on a fast path reads (overrides, the
+    shared circuit's bookkeeping, the direct steps): in slots here, because the breaker's
+    instance dictionary is pybreaker's and stays small only while it has few keys (see
+    :class:`CircuitBreaker`).
     """
 
-    __slots__ = ("store",)
+    __slots__ = (
+        "adopted_at",
+        "async_step",
+        "change_hooks",
+        "failure_hooks",
+        "fleet_override",
+        "label_since",
+        "override",
+        "override_until",
+        "seen_generation",
+        "shared",
+        "store",
+        "sync_step",
+    )
 
     def __init__(self, now: float) -> None:
         super().__init__(now)
         self.store: pybreaker.CircuitBreakerStorage = pybreaker.CircuitMemoryStorage(
             pybreaker.STATE_CLOSED
         )
+        # The storage decides for other processes too (Redis, or a storage given by the user).
+        self.shared = False
+        self.override: str | None = None  # sits on top of the machine's phase
+        # When a timed override of this process ends (monotonic), None: until a manual change.
+        self.override_until: float | None = None
+        # A fleet-wide override (in Redis, with a TTL), as the last shared decision said.
+        self.fleet_override: str | None = None
+        self.seen_generation: int | None = None  # of the last shared decision adopted
+        self.adopted_at = 0  # the number of the request that decision answered
+        self.label_since = now  # when the current state (as labelled) began
+        # The drivers' steps for call() and acall(), linked on first use.
+        self.sync_step: Any = None
+        self.async_step: Any = None
+        # pybreaker listeners' failure and state-change hooks (see _refresh_listeners).
+        self.failure_hooks: tuple[Any, ...] = ()
+        self.change_hooks: tuple[Any, ...] = ()
 
     @property
     def failures(self) -> int:
@@ -228,6 +269,26 @@ class _StoredMachine(Machine):
         store.state = TO_PYBREAKER[phase]
 
 
+class _Limit:
+    """pybreaker's own copy of one limit (``_fail_max``...): a view of the breaker's ``_limits``.
+
+    pybreaker's constructor stores them; the breaker keeps them in ``_limits`` (every decision
+    reads them there), so no instance holds a second copy.
+    """
+
+    __slots__ = ("field",)
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+
+    def __get__(self, cb: CircuitBreaker | None, owner: type | None = None) -> Any:
+        return self if cb is None else getattr(cb._limits, self.field)
+
+    def __set__(self, cb: CircuitBreaker, value: Any) -> None:
+        if getattr(cb._limits, self.field) != value:
+            cb._limits = cb._limits._replace(**{self.field: value})
+
+
 class CircuitBreaker(CompatBreaker):
     """The shared breaker of one service: lock-free calls over pybreaker's state and storage.
 
@@ -240,7 +301,20 @@ class CircuitBreaker(CompatBreaker):
 
     Raises:
         ConfigurationError: ``state_url`` is set but the ``redis`` package is missing.
+
+    Memory: an instance of at most 29 attributes keeps them in a compact array of values whose
+    keys all instances share; one more and it gets a dictionary of its own, ≈ 1.3 KB more per
+    service (CPython 3.11). pybreaker's attributes count too, so what no fast path reads
+    lives in slots of ``_m`` (overrides, the shared circuit's bookkeeping), and pybreaker's copies
+    of the limits are views of ``_limits`` (``tests/test_scale.py`` checks the size).
     """
+
+    # pybreaker's constructor sets these; the limits live in _limits, and buttress never raises
+    # CircuitBreakerError (open() returns False), so none is an instance attribute.
+    _fail_max = _Limit("fail_max")
+    _reset_timeout = _Limit("reset_timeout")
+    _success_threshold = _Limit("success_threshold")
+    _throw_new_error_on_trip = property(lambda _: False, lambda _, __: None)
 
     def __init__(
         self,
@@ -265,8 +339,7 @@ class CircuitBreaker(CompatBreaker):
         # A list, not a deque: it holds an event or two at a time, and an empty deque weighs
         # about 600 bytes more, per service. append and pop(0) are atomic under the GIL.
         self._outbox: list[tuple[tuple[events.Handler, ...], Any]] = []
-        self._delivery = threading.Lock()
-        self._delivering = False
+        self._delivering = False  # flipped under _DELIVERY
         # The per-call events' fast paths: no event built where a subscriber bound its series.
         self._recorded = events.recorder(CircuitCallRecorded, service)
         self._rejected = events.recorder(CallRejected, service)
@@ -290,26 +363,16 @@ class CircuitBreaker(CompatBreaker):
             "half_open_full": f"circuit of {service!r} is half-open and its trial calls are taken",
             "forced_open": f"circuit of {service!r} is forced open",
         }
-        # The phase, generation, counters (in pybreaker's storage) and trials in flight.
+        # The phase, generation, counters (in pybreaker's storage) and trials in flight, and
+        # the state no fast path reads (overrides, the shared circuit's bookkeeping).
         self._m = _StoredMachine(now)
         self._use_storage(remote)
-        self._asked = itertools.count(1)  # numbers the requests to the shared storage
-        # The drivers' steps for call() and acall(), linked on first use.
-        self._direct_steps: list[Any] = [None, None]
-        self._seen_generation: int | None = None  # of the last shared decision adopted
-        self._adopted_at = 0  # the number of the request that decision answered
-        self._override: str | None = None  # sits on top of the machine's phase
-        # When a timed override of this process ends (monotonic), None: until a manual change.
-        self._override_until: float | None = None
-        # A fleet-wide override (in Redis, with a TTL), as the last shared decision said.
-        self._fleet_override: str | None = None
-        self._since = now  # when the current state (as labelled) began
         self._slow_after = opts.slow_call_duration
         self._window = self._new_window(opts, now)
         self._fast_token: int | None = None
         self._open_until = _NEVER
-        self._excluded_types, self._excluded_predicates = _exclusions(self.excluded_exceptions)
-        self._count_throttled = opts.count_throttled
+        # What is_system_error() excludes: (types, predicates, whether a 429 counts).
+        self._excluding = (*_exclusions(self.excluded_exceptions), opts.count_throttled)
         self._failure_on_result = opts.failure_on_result
         self._refresh_listeners()
         with self.lock:
@@ -399,9 +462,9 @@ class CircuitBreaker(CompatBreaker):
                 return None
             error = FailedResult(result)
         outcome = FAILURE if self.is_system_error(error) else IGNORED
-        if outcome == FAILURE and self._failure_hooks:
+        if outcome == FAILURE and self._m.failure_hooks:
             # pybreaker's order: the failure, then the state change it causes.
-            self._publish(self._failure_hooks, error)
+            self._publish(self._m.failure_hooks, error)
         if token >= 0:
             hold = self._hold(error) if outcome == FAILURE else 0.0
             with self.lock:
@@ -504,7 +567,7 @@ class CircuitBreaker(CompatBreaker):
         shadow: bool,
     ) -> Any:
         remote = self._remote
-        if remote is None or self._override is not None:
+        if remote is None or self._m.override is not None:
             token = self.admit(shadow)
             remote = self._remote
             if token != _REROUTE or remote is None:
@@ -514,7 +577,7 @@ class CircuitBreaker(CompatBreaker):
             # The storage changed meanwhile: Redis decides after all.
         # The state is in Redis: the storage decides (asking Redis is an effect), and this
         # process adopts what it learns and hands out a ticket.
-        asked = next(self._asked)  # numbered before it is sent
+        asked = next(_ASKED)  # numbered before it is sent
         shared_remote = remote
 
         def admitted(decision: Decision) -> _SharedCall | int:
@@ -576,16 +639,16 @@ class CircuitBreaker(CompatBreaker):
             raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
         remote = self._remote
         if remote is not None:
-            asked = next(self._asked)
+            asked = next(_ASKED)
             decision = cast(
                 "Decision", DRIVERS.settle(remote.overriding(override, ttl, self._limits))
             )
             if decision.shared:
                 with self.lock:
                     old_label = self._label()
-                    self._override = None
-                    self._override_until = None
-                    self._fleet_override = decision.override or None
+                    self._m.override = None
+                    self._m.override_until = None
+                    self._m.fleet_override = decision.override or None
                     if self._is_news(decision, asked):
                         self._adopt_decision(decision, "manual", asked, old_label=old_label)
                     else:
@@ -597,7 +660,7 @@ class CircuitBreaker(CompatBreaker):
         with self.lock:
             now = _clock.monotonic()
             self._move(phase, override, "manual", now)
-            self._override_until = now + ttl
+            self._m.override_until = now + ttl
             self._refresh_fast_paths()
         if self._outbox:
             self._deliver()
@@ -605,30 +668,30 @@ class CircuitBreaker(CompatBreaker):
     def _end_timed_override(self) -> None:
         """A timed override of this process ran out (the caller holds the lock)."""
         old_label = self._label()
-        self._override = None
-        self._override_until = None
+        self._m.override = None
+        self._m.override_until = None
         self._refresh_fast_paths()
         self._announce_state(old_label, "override_expired", _clock.monotonic())
 
     def _visible_override(self, now: float) -> str | None:
         """The override as health sees it: this process's unless it has run out, else the
         fleet's."""
-        until = self._override_until
+        until = self._m.override_until
         if until is not None and now >= until:
-            return self._fleet_override
-        return self._override or self._fleet_override
+            return self._m.fleet_override
+        return self._m.override or self._m.fleet_override
 
     def _label(self) -> str:
         """The state as labelled: an override (this process's, then the fleet's), or the phase."""
-        return self._override or self._fleet_override or self._m.phase
+        return self._m.override or self._m.fleet_override or self._m.phase
 
     def enable(self) -> None:
         """Undo ``disable()``: back to closed with fresh counters (no effect unless disabled);
         a fleet-wide ``disable(ttl=...)`` ends for every process."""
-        if self._fleet_override == DISABLED:
+        if self._m.fleet_override == DISABLED:
             self._end_fleet_override("manual")
         with self.lock:
-            if self._override == DISABLED:
+            if self._m.override == DISABLED:
                 self._move(CLOSED, None, "manual", _clock.monotonic())
         if self._outbox:
             self._deliver()
@@ -638,12 +701,12 @@ class CircuitBreaker(CompatBreaker):
         remote = self._remote
         if remote is None:
             return
-        asked = next(self._asked)
+        asked = next(_ASKED)
         decision = cast("Decision", DRIVERS.settle(remote.overriding("", 0.0, self._limits)))
         if decision.shared:
             with self.lock:
                 old_label = self._label()
-                self._fleet_override = None
+                self._m.fleet_override = None
                 if self._is_news(decision, asked):
                     self._adopt_decision(decision, reason, asked, old_label=old_label)
             if self._outbox:
@@ -700,24 +763,21 @@ class CircuitBreaker(CompatBreaker):
             if swap:
                 retired = self._remote
                 self._use_storage(new_remote)
-                self._seen_generation = None
-                self._fleet_override = None
-                if retired is not None and not self._shared:
+                self._m.seen_generation = None
+                self._m.fleet_override = None
+                if retired is not None and not self._m.shared:
                     # Back in memory, from the state this process last knew.
                     self._m.save(self._m.phase, self._opened_wall())
             if self._remote is not None:
                 self._remote.near_ttl = options.near_cache_ttl
             self._slow_after = options.slow_call_duration
-            self._count_throttled = options.count_throttled
             self._failure_on_result = options.failure_on_result
             if options.exclude != previous.exclude:
                 for old in self.excluded_exceptions:
                     super().remove_excluded_exception(old)  # type: ignore[arg-type,type-var]
                 for new in options.exclude:
                     super().add_excluded_exception(new)  # type: ignore[arg-type,type-var]
-                self._excluded_types, self._excluded_predicates = _exclusions(
-                    self.excluded_exceptions
-                )
+            self._excluding = (*_exclusions(self.excluded_exceptions), options.count_throttled)
             if (
                 self._window is None
                 or options.window != previous.window
@@ -752,7 +812,7 @@ class CircuitBreaker(CompatBreaker):
     def fail_counter(self) -> int:
         """Consecutive failures towards ``fail_max``; in Redis: the fleet's, as last seen."""
         remote = self._remote
-        if remote is not None and self._override is None:
+        if remote is not None and self._m.override is None:
             return remote.last_known().failures
         return self._store.counter
 
@@ -760,7 +820,7 @@ class CircuitBreaker(CompatBreaker):
     def success_counter(self) -> int:
         """Half-open successes towards ``success_threshold``; in Redis: as last seen."""
         remote = self._remote
-        if remote is not None and self._override is None:
+        if remote is not None and self._m.override is None:
             return remote.last_known().successes
         return self._store.success_counter
 
@@ -903,10 +963,10 @@ class CircuitBreaker(CompatBreaker):
                 f"breaker.call() runs def functions; {func.__qualname__} is async def: "
                 "use `await breaker.acall(...)`"
             )
-        step = self._direct_steps[0]
+        step = self._m.sync_step
         if step is None:
             step = DRIVERS.link(_Direct(self), _apply)
-            self._direct_steps[0] = step
+            self._m.sync_step = step
         return cast("T", step((func, *args), kwargs))
 
     def acall(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> Awaitable[T]:
@@ -914,10 +974,10 @@ class CircuitBreaker(CompatBreaker):
 
         With state in Redis, the requests are awaited: the event loop is never blocked.
         """
-        step = self._direct_steps[1]
+        step = self._m.async_step
         if step is None:
             step = DRIVERS.alink(_Direct(self), _apply)
-            self._direct_steps[1] = step
+            self._m.async_step = step
         return cast("Awaitable[T]", step((func, *args), kwargs))
 
     @contextlib.contextmanager
@@ -962,25 +1022,26 @@ class CircuitBreaker(CompatBreaker):
             return True
         if not isinstance(exception, Exception) or isinstance(exception, RejectedError):
             return False
-        if isinstance(exception, self._excluded_types):
+        types, predicates, count_throttled = self._excluding
+        if isinstance(exception, types):
             return False
-        for predicate in self._excluded_predicates:
+        for predicate in predicates:
             try:
                 if predicate(exception):
                     return False
             except Exception:  # noqa: BLE001 - a broken predicate must not replace the error
                 return True
-        return self._count_throttled or not _throttled(exception)
+        return count_throttled or not _throttled(exception)
 
     def add_excluded_exception(self, exception: type[BaseException]) -> None:
         with self.lock:
             super().add_excluded_exception(exception)
-            self._excluded_types, self._excluded_predicates = _exclusions(self.excluded_exceptions)
+            self._excluding = (*_exclusions(self.excluded_exceptions), self._excluding[2])
 
     def remove_excluded_exception(self, exception: type[BaseException]) -> None:
         with self.lock:
             super().remove_excluded_exception(exception)
-            self._excluded_types, self._excluded_predicates = _exclusions(self.excluded_exceptions)
+            self._excluding = (*_exclusions(self.excluded_exceptions), self._excluding[2])
 
     def add_listener(self, listener: pybreaker.CircuitBreakerListener) -> None:
         with self.lock:
@@ -998,8 +1059,8 @@ class CircuitBreaker(CompatBreaker):
     # --- decisions (the caller holds the lock) ---------------------------------------------------
 
     def _admit_locked(self, shadow: bool) -> int:
-        override = self._override
-        until = self._override_until
+        override = self._m.override
+        until = self._m.override_until
         if until is not None and _clock.monotonic() >= until:
             self._end_timed_override()
             override = None
@@ -1011,7 +1072,7 @@ class CircuitBreaker(CompatBreaker):
                 return m.generation << 1
             return self._reject("forced_open", None, shadow)
         now = _clock.monotonic()
-        if self._shared:
+        if self._m.shared:
             if self._remote is not None:
                 return _REROUTE
             self._sync_shared(now)
@@ -1040,7 +1101,7 @@ class CircuitBreaker(CompatBreaker):
         window = self._window if phase == CLOSED and outcome != IGNORED else None
         if window is not None:
             window.add(now, failed=outcome == FAILURE, slow=slow)
-        override = self._override
+        override = self._m.override
         # Forced closed counts, and never trips.
         limits = self._limits if not hold else self._limits._replace(hold=hold)
         decision = m.record(
@@ -1120,7 +1181,7 @@ class CircuitBreaker(CompatBreaker):
         that calls the breaker finds its own events delivered after it returns).
         """
         outbox = self._outbox
-        with self._delivery:
+        with _DELIVERY:
             if self._delivering:
                 return
             self._delivering = True
@@ -1129,7 +1190,7 @@ class CircuitBreaker(CompatBreaker):
                 try:
                     handlers, event = outbox.pop(0)
                 except IndexError:
-                    with self._delivery:
+                    with _DELIVERY:
                         # Another thread may have queued since, and left it to this one.
                         if not outbox:
                             self._delivering = False
@@ -1137,7 +1198,7 @@ class CircuitBreaker(CompatBreaker):
                     continue
                 events.dispatch(handlers, event)
         except BaseException:
-            with self._delivery:
+            with _DELIVERY:
                 self._delivering = False
             raise
 
@@ -1174,17 +1235,17 @@ class CircuitBreaker(CompatBreaker):
 
     def _manual(self, phase: str, override: str | None, reason: str) -> None:
         remote = self._remote
-        if remote is not None and override is None and self._fleet_override is not None:
+        if remote is not None and override is None and self._m.fleet_override is not None:
             self._end_fleet_override(reason)  # reset, close, open, half_open end it first
-        self._override_until = None
+        self._m.override_until = None
         if remote is not None and override is None:
             # The fleet's circuit moves (the overrides stay in this process).
-            asked = next(self._asked)
+            asked = next(_ASKED)
             decision = remote.force(phase, self._limits)
             with self.lock:
                 self._move(decision.state, None, reason, _clock.monotonic())
-                self._seen_generation = decision.generation
-                self._adopted_at = max(asked, self._adopted_at)
+                self._m.seen_generation = decision.generation
+                self._m.adopted_at = max(asked, self._m.adopted_at)
         else:
             with self.lock:
                 self._move(phase, override, reason, _clock.monotonic())
@@ -1202,10 +1263,10 @@ class CircuitBreaker(CompatBreaker):
 
     def _after_move(self, old_label: str, override: str | None, reason: str, now: float) -> None:
         """What follows a transition of the machine: window, override, fast paths, events."""
-        self._seen_generation = None  # a shared circuit adopts the next state it is told
+        self._m.seen_generation = None  # a shared circuit adopts the next state it is told
         if self._m.phase == CLOSED and self._window is not None:
             self._window = self._new_window(self.options, now)
-        self._override = override
+        self._m.override = override
         self._refresh_fast_paths()
         self._announce_state(old_label, reason, now)
 
@@ -1227,8 +1288,8 @@ class CircuitBreaker(CompatBreaker):
 
     def _announce_state(self, old_label: str, reason: str, now: float) -> None:
         change = self._show_state(TO_PYBREAKER[self._m.phase])
-        if change is not None and self._change_hooks:
-            self._outbox.append((self._change_hooks, change))
+        if change is not None and self._m.change_hooks:
+            self._outbox.append((self._m.change_hooks, change))
         new_label = self._label()
         if new_label == old_label:
             return
@@ -1238,30 +1299,30 @@ class CircuitBreaker(CompatBreaker):
                 (
                     handlers,
                     events.CircuitStateChanged(
-                        self.service, old_label, new_label, reason, now - self._since
+                        self.service, old_label, new_label, reason, now - self._m.label_since
                     ),
                 )
             )
-        self._since = now
+        self._m.label_since = now
 
     def _refresh_fast_paths(self) -> None:
         # Readers look at these without the lock: each is one attribute, replaced whole.
-        if self._override_until is not None:
+        if self._m.override_until is not None:
             # A timed override: every call goes through _admit_locked, which ends it on time.
             self._fast_token = None
             self._open_until = _NEVER
             return
-        local = not self._shared
+        local = not self._m.shared
         m = self._m
-        if self._override == DISABLED:
+        if self._m.override == DISABLED:
             self._fast_token = _BYPASS
-        elif self._override is None and m.phase == CLOSED and local:
+        elif self._m.override is None and m.phase == CLOSED and local:
             self._fast_token = m.generation << 1
         else:
             self._fast_token = None
-        if self._override == FORCED_OPEN:
+        if self._m.override == FORCED_OPEN:
             self._open_until = _FOREVER
-        elif self._override is None and m.phase == OPEN and local:
+        elif self._m.override is None and m.phase == OPEN and local:
             self._open_until = m.opened_at + m.open_time(self._limits)
         else:
             self._open_until = _NEVER
@@ -1270,8 +1331,8 @@ class CircuitBreaker(CompatBreaker):
         listeners = self.listeners
         self._before_hooks = tuple(_BeforeCallHook(x, self) for x in listeners)
         self._success_hooks = tuple(x.success for x in listeners)
-        self._failure_hooks = tuple(functools.partial(x.failure, self) for x in listeners)
-        self._change_hooks = tuple(_StateChangeHook(x, self) for x in listeners)
+        self._m.failure_hooks = tuple(functools.partial(x.failure, self) for x in listeners)
+        self._m.change_hooks = tuple(_StateChangeHook(x, self) for x in listeners)
 
     @staticmethod
     def _new_window(options: CircuitBreakerOptions, now: float) -> Window | CountWindow | None:
@@ -1294,9 +1355,9 @@ class CircuitBreaker(CompatBreaker):
         """
         with self.lock:
             fleet = decision.override or None
-            if fleet != self._fleet_override and (decision.shared or fleet is None):
+            if fleet != self._m.fleet_override and (decision.shared or fleet is None):
                 old_label = self._label()
-                self._fleet_override = fleet
+                self._m.fleet_override = fleet
                 if self._is_news(decision, asked):
                     self._adopt_decision(decision, "manual", asked, old_label=old_label)
                 else:
@@ -1339,7 +1400,7 @@ class CircuitBreaker(CompatBreaker):
             self._announce(outcome, elapsed, exc, slow)
             return None
         decision = ticket[0]
-        asked = next(self._asked)
+        asked = next(_ASKED)
         limits = self._limits
         if outcome == FAILURE:
             hold = self._hold(exc)  # type: ignore[arg-type]
@@ -1351,7 +1412,7 @@ class CircuitBreaker(CompatBreaker):
             if after is not None or decision.trial or self._window is not None:
                 reason = self._settle(ticket, outcome, after, asked, now=now, slow=slow)
                 if reason is not None:
-                    trip_asked = next(self._asked)
+                    trip_asked = next(_ASKED)
 
                     def tripped(moved: Decision) -> None:
                         self._settle_trip(moved, trip_asked, reason)
@@ -1407,8 +1468,8 @@ class CircuitBreaker(CompatBreaker):
         if exc is None:
             return SUCCESS, now, elapsed, slow
         outcome = FAILURE if self.is_system_error(exc) else IGNORED
-        if outcome == FAILURE and self._failure_hooks:
-            self._publish(self._failure_hooks, exc)
+        if outcome == FAILURE and self._m.failure_hooks:
+            self._publish(self._m.failure_hooks, exc)
         return outcome, now, elapsed, slow
 
     def _settle(
@@ -1427,9 +1488,9 @@ class CircuitBreaker(CompatBreaker):
             current = generation == self._m.generation
             if decision.trial and current:
                 self._m.trials -= 1
-            if after is not None and (after.override or None) != self._fleet_override:
+            if after is not None and (after.override or None) != self._m.fleet_override:
                 old_label = self._label()
-                self._fleet_override = after.override or None
+                self._m.fleet_override = after.override or None
                 self._announce_state(old_label, "manual", now)
             if after is not None and self._is_news(after, asked):
                 self._adopt_decision(after, after.change or "shared_state", asked)
@@ -1440,8 +1501,8 @@ class CircuitBreaker(CompatBreaker):
                 or not current
                 or outcome == IGNORED
                 or decision.state != CLOSED
-                or self._override is not None
-                or self._fleet_override is not None
+                or self._m.override is not None
+                or self._m.fleet_override is not None
             ):
                 return None
             window.add(now, failed=outcome == FAILURE, slow=slow)
@@ -1456,19 +1517,19 @@ class CircuitBreaker(CompatBreaker):
 
     def _is_news(self, decision: Decision, asked: int) -> bool:
         """Whether ``decision`` (the answer to request ``asked``) is a state to adopt."""
-        seen = self._seen_generation
+        seen = self._m.seen_generation
         generation = decision.generation
         if generation == seen:
             return False
         # Answers to concurrent requests arrive in any order: one to a request sent before the
         # answer last adopted is old news, unless its shared generation is visibly newer.
-        return asked > self._adopted_at or (seen is not None and generation > seen > 0)
+        return asked > self._m.adopted_at or (seen is not None and generation > seen > 0)
 
     def _adopt_decision(
         self, decision: Decision, reason: str, asked: int, old_label: str | None = None
     ) -> None:
-        self._seen_generation = decision.generation
-        self._adopted_at = max(asked, self._adopted_at)
+        self._m.seen_generation = decision.generation
+        self._m.adopted_at = max(asked, self._m.adopted_at)
         now = _clock.monotonic()
         if decision.state == OPEN and decision.retry_after is not None:
             # Redis chose the open time (its streak, a Retry-After): this copy's is all of it.
@@ -1487,7 +1548,9 @@ class CircuitBreaker(CompatBreaker):
         self._remote = remote
         self._store = super().storage
         self._m.store = self._store
-        self._shared = remote is not None or type(self._store) is not pybreaker.CircuitMemoryStorage
+        self._m.shared = (
+            remote is not None or type(self._store) is not pybreaker.CircuitMemoryStorage
+        )
 
     def _opened_wall(self) -> dt.datetime | None:
         """When the circuit opened, on the wall clock; None unless open."""
