@@ -25,15 +25,12 @@ from buttress import _clock, events
 from buttress._context import RetryScope
 from buttress._values import PositiveSeconds
 from buttress.patterns._base import BuildContext, Options
-from buttress.patterns._sliding import SlidingCounts
+from buttress.patterns._sliding import SLOTS
 
 __all__ = ["BUDGET", "RetryBudget", "RetryBudgetOptions", "RetryBudgetSnapshot", "shared_budget"]
 
 # The key of the shared instance (``BuildContext.shared``): one budget per service.
 BUDGET = "retry_budget"
-
-# The two counters of the window.
-_REQUESTS, _RETRIES = 0, 1
 
 Draw = Literal["retry", "hedge"]
 
@@ -78,28 +75,76 @@ class RetryBudget:
     A first attempt within the current slot of the window takes no lock: it steps a counter
     (``next()`` on an ``itertools.count``, one atomic C call), and the locked steps (a slot's end,
     ``withdraw``, ``snapshot``) fold what it counted into the slot before they read the window.
+
+    The window is :data:`SLOTS` slots that slide one at a time (as ``_sliding.SlidingCounts``, kept
+    here in the budget itself, compactly: one budget per service): a first attempt leaves it
+    between ``window`` and ``window * (1 + 1/SLOTS)`` seconds after it was counted. The retries
+    have slots of their own from the first retry on: a service that never retried has none.
     """
 
     __slots__ = (
-        "_counts",
         "_deposits",
         "_folded",
         "_lock",
+        "_requests",
+        "_retries",
+        "_slot",
+        "_tick",
         "enabled",
         "min_per_second",
         "ratio",
+        "requests",
+        "retries",
         "service",
+        "slot_end",
+        "window",
     )
 
     def __init__(self, service: str, options: RetryBudgetOptions) -> None:
         self.service = service
         self._lock = threading.Lock()
-        self._counts = SlidingCounts(options.window_seconds, 2)
+        self._restart(options.window_seconds)
         # First attempts counted without the lock: every value ``_deposits`` gave below
         # ``_folded`` is in the window already (see _fold).
         self._deposits = itertools.count()
         self._folded = 0
         self._configure(options)
+
+    def _restart(self, window: float) -> None:
+        """An empty window of ``window`` seconds (under the lock, or while the budget is built)."""
+        self.window = window
+        self._slot = window / SLOTS
+        self._requests = [0] * SLOTS  # first attempts per slot
+        self._retries: list[int] | None = None  # retries and hedges per slot, from the first
+        self._tick = 0  # the slot being filled is _tick % SLOTS, until slot_end
+        self.slot_end = 0.0  # the first deposit slides to its own time
+        # Each count's sum over the window as of the last _advance.
+        self.requests = 0
+        self.retries = 0
+
+    def _advance(self, now: float) -> None:
+        """Slide the window to ``now`` (locked): the slots that passed are emptied."""
+        if now < self.slot_end:
+            return
+        tick = int(now // self._slot)
+        passed = tick - self._tick
+        if passed:
+            requests, retries = self._requests, self._retries
+            if passed >= SLOTS or passed < 0:
+                requests[:] = [0] * SLOTS
+                if retries is not None:
+                    retries[:] = [0] * SLOTS
+                self.requests = self.retries = 0
+            else:
+                for step in range(1, passed + 1):
+                    gone = (self._tick + step) % SLOTS
+                    self.requests -= requests[gone]
+                    requests[gone] = 0
+                    if retries is not None:
+                        self.retries -= retries[gone]
+                        retries[gone] = 0
+            self._tick = tick
+        self.slot_end = (tick + 1) * self._slot
 
     def _configure(self, options: RetryBudgetOptions) -> None:
         self.enabled = options.enabled
@@ -109,9 +154,9 @@ class RetryBudget:
     def reconfigure(self, options: RetryBudgetOptions) -> None:
         """Adopt new options; the counts in the window are kept (a new length restarts them)."""
         with self._lock:
-            if options.window_seconds != self._counts.window:
+            if options.window_seconds != self.window:
                 self._fold()  # into the counts about to restart: dropped with them
-                self._counts = SlidingCounts(options.window_seconds, 2)
+                self._restart(options.window_seconds)
             self._configure(options)
 
     def _fold(self) -> None:
@@ -121,26 +166,27 @@ class RetryBudget:
         pending = seen - self._folded
         self._folded = seen + 1
         if pending:
-            counts = self._counts
-            counts.current[_REQUESTS] += pending
-            counts.totals[_REQUESTS] += pending
+            self._requests[self._tick % SLOTS] += pending
+            self.requests += pending
 
     def _deposit_late(self, now: float) -> None:
         """A first attempt past the current slot's end: fold, then slide the window to ``now``."""
         with self._lock:
             self._fold()
-            self._counts.add(now, _REQUESTS)
+            self._advance(now)
+            self._requests[self._tick % SLOTS] += 1
+            self.requests += 1
 
     def _allowed(self) -> float:
         # The floor is a reserve for the whole window (Finagle's): a quiet service, or one just
         # started, may spend it at once.
-        floor = self.min_per_second * self._counts.window
-        return max(self.ratio * self._counts.totals[_REQUESTS], floor)
+        floor = self.min_per_second * self.window
+        return max(self.ratio * self.requests, floor)
 
     def deposit(self) -> None:
         """Count one first attempt (on every call of a retrying call site: kept short)."""
         now = _clock.monotonic()
-        if now < self._counts.slot_end:
+        if now < self.slot_end:
             next(self._deposits)
         else:
             self._deposit_late(now)
@@ -148,7 +194,7 @@ class RetryBudget:
     def new_scope(self) -> RetryScope:
         """``deposit()``, then a fresh retry scope: retry's ``new_scope``, one call per call."""
         now = _clock.monotonic()
-        if now < self._counts.slot_end:
+        if now < self.slot_end:
             next(self._deposits)
         else:
             self._deposit_late(now)
@@ -161,11 +207,14 @@ class RetryBudget:
         now = _clock.monotonic()
         with self._lock:
             self._fold()
-            counts = self._counts
-            counts.advance(now)
-            allowed = counts.totals[_RETRIES] + 1 <= self._allowed()
+            self._advance(now)
+            allowed = self.retries + 1 <= self._allowed()
             if allowed:
-                counts.add(now, _RETRIES)
+                retries = self._retries
+                if retries is None:
+                    retries = self._retries = [0] * SLOTS
+                retries[self._tick % SLOTS] += 1
+                self.retries += 1
         if not allowed:
             handlers = events.ROUTES.get(events.RetryBudgetExhausted)
             if handlers:
@@ -177,8 +226,8 @@ class RetryBudget:
         now = _clock.monotonic()
         with self._lock:
             self._fold()
-            self._counts.advance(now)
-            requests, retries = self._counts.totals
+            self._advance(now)
+            requests, retries = self.requests, self.retries
             remaining = max(0, int(self._allowed()) - retries)
         return RetryBudgetSnapshot(
             service=self.service,
