@@ -140,6 +140,10 @@ class RetryStrategy:
     # ``idempotency_key()`` read), which the driver sets around it.
     scope = _context.retry_scope
     new_scope: Callable[[], RetryScope] = RetryScope
+    # tenacity decides, never sleeps (the driver does): one template for def and async def
+    # callers, copied per retried call because a copy keeps that call's state. Only ever
+    # copied, never run, so one serves every strategy (none is built per service).
+    _retrying: ClassVar[tenacity.Retrying] = tenacity.Retrying()
 
     def __init__(
         self,
@@ -167,9 +171,6 @@ class RetryStrategy:
                     raise RetriedResult(result)
 
             self.check_result = check_result
-        # tenacity decides, never sleeps (the driver does): one template for def and async def
-        # callers, copied per retried call because a copy keeps that call's state.
-        self._retrying = tenacity.Retrying()
 
     # -- decisions --------------------------------------------------------------------------------
     def retryable(self, exc: BaseException) -> bool:
