@@ -12,6 +12,7 @@ import functools
 import threading
 import weakref
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from buttress.exceptions import ConfigurationError
@@ -57,19 +58,27 @@ class Dependent(Protocol):
 T = TypeVar("T", bound=Reconfigurable)
 
 _lock = threading.RLock()
-# pattern -> key -> the instance, and the options it was built or last reconfigured with. By
-# pattern first, so instances(pattern) and a lookup by service never walk other patterns.
+# Every table is by pattern, then by key: instances(pattern) and a lookup by service never walk
+# other patterns, and no (pattern, key) tuple is kept per service.
+# pattern -> key -> the instance, and the options it was built or last reconfigured with.
 _instances: dict[str, dict[str, Any]] = {}
-_options: dict[tuple[str, str], Any] = {}
-# (pattern, key) -> argument name -> (value, the call site that gave it)
-_claims: dict[tuple[str, str], dict[str, tuple[Any, str]]] = {}
-# (pattern, key) -> the compiled stacks that use the shared instance (weakly): a claim that adds
-# an argument makes exactly those rebuild, never a stack of another service. Dead references are
-# dropped when the list is walked, and at each power of two it grows to (see claim()).
-_dependents: dict[tuple[str, str], list[weakref.ref[Any]]] = {}
-_PRUNE_FROM = 16  # a dependents list is pruned of dead references from this length on
-# Every dependent, for clear()/clear_claims(), which make every stack rebuild (test isolation).
-_everyone: weakref.WeakSet[Any] = weakref.WeakSet()
+_options: dict[str, dict[str, Any]] = {}
+# pattern -> key -> the claims that gave an argument first, flat: (site, code_args, site,
+# code_args, ...) in the order they came. An argument's value is that of the first claim that
+# gives it; a claim that adds no argument is not kept. code_args is the caller's mapping (a
+# spec's, immutable), not a copy.
+_claims: dict[str, dict[str, tuple[Any, ...]]] = {}
+# pattern -> key -> the compiled stacks that use the shared instance (weakly): a claim that adds
+# an argument makes exactly those rebuild, never a stack of another service. One reference, or a
+# list of them once there are two; dead references are dropped when the list is walked, and at
+# each power of two it grows to (see claim()).
+_Refs = weakref.ref[Any] | list[weakref.ref[Any]]
+_dependents: dict[str, dict[str, _Refs]] = {}
+_PRUNE_FROM = 16  # a list of references is pruned of dead ones from this length on
+# Every dependent, for clear()/clear_claims(), which make every stack rebuild (test isolation):
+# plain references (the same object as its references in _dependents: a weakref.ref without a
+# callback is shared), pruned like the dependents.
+_everyone: list[weakref.ref[Any]] = []
 
 
 def shared(pattern: str, key: str, options: Any, factory: Callable[[Any], T]) -> T:
@@ -79,19 +88,19 @@ def shared(pattern: str, key: str, options: Any, factory: Callable[[Any], T]) ->
     reconfigured in place.
     """
     key = service_name(key)
-    slot = (pattern, key)
     instance = _instances.get(pattern, {}).get(key)
-    if instance is not None and _options[slot] == options:
+    if instance is not None and _options[pattern][key] == options:
         return instance  # type: ignore[no-any-return]
     with _lock:
         by_key = _instances.setdefault(pattern, {})
+        built = _options.setdefault(pattern, {})
         instance = by_key.get(key)
         if instance is None:
             instance = factory(options)
             by_key[key] = instance
-        elif _options[slot] != options:
+        elif built[key] != options:
             instance.reconfigure(options)
-        _options[slot] = options
+        built[key] = options
         return instance
 
 
@@ -138,7 +147,28 @@ def instances(pattern: str) -> dict[str, Any]:
 def depend(dependent: Dependent) -> None:
     """Have ``dependent`` (held weakly) invalidated by :func:`clear` and :func:`clear_claims`."""
     with _lock:
-        _everyone.add(dependent)
+        _append(_everyone, weakref.ref(dependent))
+
+
+def _append(refs: list[weakref.ref[Any]], ref: weakref.ref[Any]) -> None:
+    """Append ``ref``; at each power of two from _PRUNE_FROM, drop the dead references (locked).
+
+    A function decorated per request adds one on every call: the list stays within twice the
+    live ones, at an amortised O(1) per reference.
+    """
+    refs.append(ref)
+    count = len(refs)
+    if count >= _PRUNE_FROM and count & (count - 1) == 0:
+        refs[:] = [ref for ref in refs if ref() is not None]
+
+
+def _given(claims: tuple[Any, ...], name: str) -> tuple[Any, str] | None:
+    """``(value, site)`` of the first claim in ``claims`` that gives ``name``, or None."""
+    for at in range(0, len(claims), 2):
+        args = claims[at + 1]
+        if name in args:
+            return args[name], claims[at]
+    return None
 
 
 def claim(
@@ -158,12 +188,15 @@ def claim(
             shared instance.
     """
     key = service_name(key)
-    slot = (pattern, key)
     with _lock:
-        given = _claims.setdefault(slot, {})
+        by_key = _claims.setdefault(pattern, {})
+        claims = by_key.get(key, ())
+        added = False
         for name, value in code_args.items():
-            previous = given.get(name)
-            if previous is not None and previous[1] != site and previous[0] != value:
+            previous = _given(claims, name)
+            if previous is None:
+                added = True
+            elif previous[1] != site and previous[0] != value:
                 raise ConfigurationError(
                     f"service {key!r}: {pattern} argument {name} is given two values in code: "
                     # A state_url arrives as a RedisURL (see policy.Spec): its repr masks the
@@ -173,32 +206,39 @@ def claim(
                     f"settings (services.{key}.{pattern}.{name}), or use different service names.",
                     errors=((f"services.{key}.{pattern}.{name}", site, "conflicting values"),),
                 )
-        added = code_args.keys() - given.keys()
-        for name in added:
-            given[name] = (code_args[name], site)
-        dependents = _dependents.setdefault(slot, [])
         if added:
-            alive = [ref for ref in dependents if ref() is not None]
-            dependents[:] = alive
+            if type(code_args) is not MappingProxyType:
+                code_args = MappingProxyType(dict(code_args))  # kept: nobody may change it
+            by_key[key] = (*claims, site, code_args)
+        stacks = _dependents.setdefault(pattern, {})
+        dependents = stacks.get(key)
+        if added and dependents is not None:
+            refs = dependents if isinstance(dependents, list) else [dependents]
+            alive = [ref for ref in refs if ref() is not None]
+            dependents = stacks[key] = alive  # a list from here on: it may grow again
             for ref in alive:
                 stale = ref()
                 if stale is not None:
                     stale.invalidate()
         if dependent is not None:
-            dependents.append(weakref.ref(dependent))
-            count = len(dependents)
-            if count >= _PRUNE_FROM and count & (count - 1) == 0:
-                # A function decorated per request claims on every call: drop the dead
-                # references at each power of two, so the list stays within twice the live ones
-                # at an amortised O(1) per claim.
-                dependents[:] = [ref for ref in dependents if ref() is not None]
+            ref = weakref.ref(dependent)
+            if dependents is None:
+                stacks[key] = ref  # the common case: one stack per shared instance
+            elif isinstance(dependents, list):
+                _append(dependents, ref)
+            elif dependents is not ref:
+                stacks[key] = [dependents, ref]
 
 
 def code_args(pattern: str, key: str) -> dict[str, Any]:
     """The code arguments every call site gave ``pattern`` of ``key``, merged."""
     with _lock:
-        claims = _claims.get((pattern, service_name(key)), {})
-        return {name: value for name, (value, _) in claims.items()}
+        claims = _claims.get(pattern, {}).get(service_name(key), ())
+        merged: dict[str, Any] = {}
+        for at in range(1, len(claims), 2):
+            for name, value in claims[at].items():
+                merged.setdefault(name, value)  # the first claim that gives it
+        return merged
 
 
 def forget(key: str) -> None:
@@ -208,7 +248,7 @@ def forget(key: str) -> None:
         # One lookup per pattern (a handful), never a walk over the instances.
         for pattern, by_key in _instances.items():
             if by_key.pop(key, None) is not None:
-                del _options[pattern, key]
+                del _options[pattern][key]
 
 
 def clear() -> None:
@@ -232,5 +272,9 @@ def clear_claims() -> None:
 
 
 def _invalidate_everyone() -> None:
-    for dependent in list(_everyone):
-        dependent.invalidate()
+    alive = [ref for ref in _everyone if ref() is not None]
+    _everyone[:] = alive
+    for ref in alive:
+        dependent = ref()
+        if dependent is not None:
+            dependent.invalidate()
