@@ -32,7 +32,7 @@ import inspect
 import itertools
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -203,6 +203,12 @@ class _Compiled:
         self.answers = answers
 
 
+# The locks a stack compiles under: one of these per stack rather than a lock each (a stack
+# compiles on its first call and after a reload; two stacks that share one wait for each other
+# then, never on a call). Reentrant: a stack may compile while another one does on its thread.
+_COMPILING = tuple(threading.RLock() for _ in range(16))
+
+
 class _Bound:
     """A policy applied to one function: knows the services and compiles per settings snapshot.
 
@@ -213,13 +219,11 @@ class _Bound:
 
     __slots__ = (
         "__weakref__",
-        "_lock",
-        "_named",
+        "_private",
         "_stale",
         "compiled",
         "fn",
         "is_async",
-        "keys",
         "policy",
         "service",
     )
@@ -230,34 +234,41 @@ class _Bound:
         self.is_async = is_async
         site = _site(fn)
         self.service = policy.service or registry.service_name(_qualified_name(fn))
-        # A spec that names no service shares the stack's service when the stack names one; when
-        # nothing in the stack is named, its state is private to this call site.
-        self.keys: list[tuple[Spec, str, str]] = []
-        private = f"{self.service}#{next(_private_keys)}"
-        self._lock = threading.Lock()
+        # The key of this call site's own state (see keys()).
+        self._private = private = f"{self.service}#{next(_private_keys)}"
         self._stale = False
         self.compiled = _STALE
         registry.depend(self)
-        for spec in policy.specs:
-            service = spec.service or self.service
-            named = bool(spec.service or policy.service)
-            if spec.pattern in registry.SHARED_PATTERNS and named:
+        for spec, service, key, named in self.keys():
+            if key is not private:  # a shared instance of a named service
                 registry.claim(spec.pattern, service, spec.code_args, site, self)
-                self.keys.append((spec, service, service))
-            else:
-                self.keys.append((spec, service, private))
             if spec.pattern == "retry" and named and "budget" in spec.code_args:
                 # The retry budget is the service's, whatever the call site: claimed as the
                 # shared instances' arguments are, so two sites cannot give it two values.
                 registry.claim("retry", service, {"budget": spec.code_args["budget"]}, site, self)
         if any(
             key == private and spec.pattern in registry.SHARED_PATTERNS
-            for spec, _, key in self.keys
+            for spec, _, key, _ in self.keys()
         ):
             # Private state lives as long as the decorated function: a function decorated per
             # request (a closure, a lambda) must not leave a breaker behind for each one.
             weakref.finalize(self, registry.forget, private)
-        self._named = [bool(spec.service or policy.service) for spec in policy.specs]
+
+    def keys(self) -> Iterator[tuple[Spec, str, str, bool]]:
+        """``(spec, service, key, named)`` for each spec, outermost first.
+
+        A spec that names no service shares the stack's service when the stack names one
+        (``named``); a shared pattern of a named service is keyed by the service, anything else
+        by this call site's private key (when nothing in the stack is named, its state is private
+        to this call site). Worked out again when asked (at decoration and at each compile)
+        rather than kept per call site.
+        """
+        policy = self.policy
+        for spec in policy.specs:
+            service = spec.service or self.service
+            named = bool(spec.service or policy.service)
+            shared = named and spec.pattern in registry.SHARED_PATTERNS
+            yield spec, service, service if shared else self._private, named
 
     def invalidate(self) -> None:
         """Compile again before the next call (a shared instance's code arguments changed)."""
@@ -266,7 +277,7 @@ class _Bound:
 
     def compile(self) -> _Compiled:
         snapshot = config.SNAPSHOT
-        with self._lock:
+        with _COMPILING[hash(self) % len(_COMPILING)]:
             current = self.compiled
             if current.snapshot is snapshot:
                 return current
@@ -286,14 +297,14 @@ class _Bound:
         local = next(
             (
                 {"budget": spec.code_args["budget"]}
-                for spec, _, _ in self.keys
+                for spec, _, _, _ in self.keys()
                 if spec.pattern == "retry" and "budget" in spec.code_args
             ),
             {},
         )
         strategies = [
             strategy
-            for (spec, service, key), named in zip(self.keys, self._named, strict=True)
+            for spec, service, key, named in self.keys()
             if (
                 strategy := _build(
                     spec,
