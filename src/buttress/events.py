@@ -407,8 +407,10 @@ _failed_handlers: set[int] = set()
 # for that service. Keyed by (kind, handler): the handler still takes events given to emit().
 Binder = Callable[[str], "Callable[..., object] | None"]
 _binders: dict[tuple[type[Any], Handler], Binder] = {}
-# (kind, service) -> its Recorder; rebound when a subscription of that kind changes.
-_recorders: dict[tuple[type[Any], str], Recorder] = {}
+# kind -> service -> its Recorder; rebound when a subscription of that kind changes. By kind,
+# then by service: no (kind, service) tuple is kept per recorder, and a change of one kind's
+# subscriptions walks the recorders of that kind only.
+_recorders: dict[type[Any], dict[str, Recorder]] = {}
 
 
 class Recorder:
@@ -446,15 +448,19 @@ class Recorder:
 
 def recorder(kind: type[Any], service: str) -> Recorder:
     """The :class:`Recorder` of ``kind`` for ``service`` (one object per pair, made once)."""
-    found = _recorders.get((kind, service))
+    found = _recorders.get(kind, _NONE).get(service)
     if found is None:
         with _lock:
-            found = _recorders.get((kind, service))
+            by_service = _recorders.setdefault(kind, {})
+            found = by_service.get(service)
             if found is None:
                 found = Recorder(kind, service)
                 found.record = _pending(found)
-                _recorders[kind, service] = found
+                by_service[service] = found
     return found
+
+
+_NONE: dict[str, Recorder] = {}  # (never written)
 
 
 def _pending(found: Recorder) -> Callable[..., object] | None:
@@ -549,9 +555,8 @@ def failed(record: Callable[..., object]) -> None:
 
 def _rebind(kinds: Iterable[type[Any]]) -> None:
     # The caller holds _lock. Only the recorders of the kinds whose subscriptions changed.
-    changed = set(kinds)
-    for (kind, _), found in _recorders.items():
-        if kind in changed:
+    for kind in set(kinds):
+        for found in _recorders.get(kind, _NONE).values():
             found.record = _pending(found)
 
 
