@@ -66,6 +66,12 @@ class RetryBudgetSnapshot(TypedDict):
     remaining: int  # retries and hedges it would allow now
 
 
+# The budgets' locks: each budget takes one of these (by its service) rather than a lock of its
+# own. Held for a few counts at a slot's end, a retry or a snapshot, never across a call or an
+# event, and never two at once.
+_LOCKS = tuple(threading.Lock() for _ in range(16))
+
+
 class RetryBudget:
     """First attempts and retries of one service over a sliding window, under a lock.
 
@@ -102,7 +108,7 @@ class RetryBudget:
 
     def __init__(self, service: str, options: RetryBudgetOptions) -> None:
         self.service = service
-        self._lock = threading.Lock()
+        self._lock = _LOCKS[hash(service) % len(_LOCKS)]
         self._restart(options.window_seconds)
         # First attempts counted without the lock: every value ``_deposits`` gave below
         # ``_folded`` is in the window already (see _fold).

@@ -8,7 +8,6 @@ fleet, and ``tests/redis/test_machine_drift.py`` runs both on the same operation
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -90,7 +89,7 @@ class Machine:
 
     Args:
         now: the monotonic time the machine starts at (closed).
-        generations: the numbers of the states it enters, in order.
+        generations: the numbers of the states it enters, in order (None: 1, 2, 3...).
     """
 
     __slots__ = (
@@ -108,7 +107,8 @@ class Machine:
     )
 
     def __init__(self, now: float, generations: Iterator[int] | None = None) -> None:
-        self._generations = itertools.count(1) if generations is None else generations
+        # None: each state is numbered one more than the last (no counter kept per machine).
+        self._generations = generations
         self.phase: str = CLOSED
         self.generation = 0
         self.seq = self.base = self.succ = 0
@@ -278,7 +278,8 @@ class Machine:
         """Take on a phase someone else entered (a shared storage): a new generation, no trial
         in flight, the counters as they are (they live with whoever moved)."""
         self.phase = phase
-        self.generation = next(self._generations)
+        generations = self._generations
+        self.generation = self.generation + 1 if generations is None else next(generations)
         self.trials = 0
         self.since = now
         if phase == OPEN:
