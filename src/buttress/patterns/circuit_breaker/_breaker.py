@@ -136,8 +136,14 @@ class FailedResult(Exception):  # noqa: N818 - it names what failed: a result, n
         self.value = value
 
 
+# Equal limits are one object, whichever breaker has them (most services share a configuration);
+# up to _INTERNED distinct ones, past which each breaker keeps its own.
+_LIMITS: dict[Limits, Limits] = {}
+_INTERNED: Final = 1024
+
+
 def _limits(opts: CircuitBreakerOptions) -> Limits:
-    return Limits(
+    limits = Limits(
         opts.fail_max,
         opts.timeout,
         opts.success_threshold,
@@ -145,6 +151,9 @@ def _limits(opts: CircuitBreakerOptions) -> Limits:
         opts.open_backoff,
         opts.open_cap,
     )
+    if len(_LIMITS) >= _INTERNED:
+        return _LIMITS.get(limits, limits)
+    return _LIMITS.setdefault(limits, limits)
 
 
 _THROTTLED: Final = frozenset({429, "RESOURCE_EXHAUSTED"})
@@ -183,6 +192,19 @@ def _exclusions(
         elif callable(item):
             predicates.append(item)
     return tuple(types), tuple(predicates)
+
+
+_Excluding = tuple[tuple[type, ...], tuple[Callable[[BaseException], object], ...], bool]
+# A breaker that excludes nothing (most) shares one of these.
+_NOTHING_EXCLUDED: Final[dict[bool, _Excluding]] = {False: ((), (), False), True: ((), (), True)}
+
+
+def _excluding(excluded: Sequence[object], count_throttled: bool) -> _Excluding:
+    """What is_system_error() excludes: (types, predicates, whether a 429 counts)."""
+    types, predicates = _exclusions(excluded)
+    if not types and not predicates:
+        return _NOTHING_EXCLUDED[bool(count_throttled)]
+    return types, predicates, count_throttled
 
 
 class _StoredMachine(Machine):
@@ -372,7 +394,7 @@ class CircuitBreaker(CompatBreaker):
         self._fast_token: int | None = None
         self._open_until = _NEVER
         # What is_system_error() excludes: (types, predicates, whether a 429 counts).
-        self._excluding = (*_exclusions(self.excluded_exceptions), opts.count_throttled)
+        self._excluding = _excluding(self.excluded_exceptions, opts.count_throttled)
         self._failure_on_result = opts.failure_on_result
         self._refresh_listeners()
         with self.lock:
@@ -777,7 +799,7 @@ class CircuitBreaker(CompatBreaker):
                     super().remove_excluded_exception(old)  # type: ignore[arg-type,type-var]
                 for new in options.exclude:
                     super().add_excluded_exception(new)  # type: ignore[arg-type,type-var]
-            self._excluding = (*_exclusions(self.excluded_exceptions), options.count_throttled)
+            self._excluding = _excluding(self.excluded_exceptions, options.count_throttled)
             if (
                 self._window is None
                 or options.window != previous.window
@@ -1036,12 +1058,12 @@ class CircuitBreaker(CompatBreaker):
     def add_excluded_exception(self, exception: type[BaseException]) -> None:
         with self.lock:
             super().add_excluded_exception(exception)
-            self._excluding = (*_exclusions(self.excluded_exceptions), self._excluding[2])
+            self._excluding = _excluding(self.excluded_exceptions, self._excluding[2])
 
     def remove_excluded_exception(self, exception: type[BaseException]) -> None:
         with self.lock:
             super().remove_excluded_exception(exception)
-            self._excluding = (*_exclusions(self.excluded_exceptions), self._excluding[2])
+            self._excluding = _excluding(self.excluded_exceptions, self._excluding[2])
 
     def add_listener(self, listener: pybreaker.CircuitBreakerListener) -> None:
         with self.lock:
