@@ -6,17 +6,33 @@ services' instances, how many series a call binds. Timing figures live in bench/
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import gc
 import statistics
 import threading
 import tracemalloc
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from buttress import circuit_breaker, instrumentation, policy, registry, with_bulkhead
+import buttress
+from buttress import (
+    circuit_breaker,
+    events,
+    instrumentation,
+    policy,
+    registry,
+    retry_with_backoff,
+    testing,
+    with_bulkhead,
+)
 from buttress.instrumentation.prometheus.series import CounterSeries, HistogramSeries
+from buttress.patterns import retry
+from buttress.patterns._budget import RetryBudget, RetryBudgetOptions
+from buttress.patterns.circuit_breaker import CircuitBreaker, CircuitBreakerOptions
 
 
 class NoScan(dict[str, Any]):
@@ -207,6 +223,138 @@ def test_memory_per_service_does_not_grow_with_the_number_of_services():
     finally:
         tracemalloc.stop()
     assert late < early * 1.25
+
+
+def _bytes_each(make: Callable[[int], Any], count: int = 10, batches: int = 7) -> float:
+    """Bytes at rest per object ``make(i)`` builds (``tracemalloc``), the median of batches.
+
+    Medians of small batches: a dict that doubles (the registry's, Prometheus's) costs one batch a
+    spike wherever it falls, which depends on what ran before in the process.
+    """
+    kept: list[Any] = []
+    for _ in range(count):  # first-use costs of the modules
+        kept.append(make(len(kept)))
+    tracemalloc.start()
+    try:
+        sizes = []
+        for _ in range(batches):
+            gc.collect()
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(count):
+                kept.append(make(len(kept)))
+            gc.collect()
+            sizes.append((tracemalloc.get_traced_memory()[0] - before) / count)
+    finally:
+        tracemalloc.stop()
+    return statistics.median(sizes)
+
+
+# Bytes at rest per service of bench/bench_scale.py's stack (breaker + retry + bulkhead, called
+# once, default subscribers, the service's own Prometheus label): ≈ 11.1 KB in this test, from
+# ≈ 16.9 KB before issue 15's memory work (docs/performance.md, Scale). A margin for other
+# interpreters and library versions; what it catches is a table or a per-kind object per service.
+SERVICE_AT_REST = 12_000
+
+
+def test_a_service_at_rest_stays_within_its_bytes():
+    prometheus = CollectorRegistry()
+    before = instrumentation.installed()
+    instrumentation.configure(prometheus=prometheus)  # its own label: no "_other" series
+
+    def service(i: int) -> Any:
+        @circuit_breaker(name=f"at-rest-{i}", fail_max=5, timeout=60)
+        @retry_with_backoff(max_attempts=3, exponential_base=2)
+        @with_bulkhead(limit=50)
+        def call() -> int:
+            return 1
+
+        call()
+        return call
+
+    try:
+        each = _bytes_each(service)
+    finally:
+        instrumentation.configure(prometheus=before.get("prometheus", False))  # type: ignore[arg-type]
+    print(f"{each:,.0f} bytes per service at rest")
+    assert each < SERVICE_AT_REST, f"{each:,.0f} bytes per service at rest"
+
+
+def test_a_breaker_keeps_its_attributes_compact():
+    # CPython keeps an instance's attributes in an array of values whose keys all instances of
+    # the class share while they number at most 29; past that each instance gets a dictionary
+    # of its own, ≈ 1.3 KB more per service. pybreaker's attributes count too.
+    cb = CircuitBreaker("compact")
+    assert len(vars(cb)) <= 26, sorted(vars(cb))  # 3 to spare below 29
+    options = CircuitBreakerOptions()
+    each = _bytes_each(lambda i: CircuitBreaker(f"compact-{i}", options))
+    assert each < 2_000, f"{each:,.0f} bytes per breaker"  # ≈ 1.65 KB (3.5 KB with 43 attributes)
+
+
+def test_what_a_service_never_used_costs_it_nothing():
+    # A budget has slots for retries from its first retry on; every retry strategy copies one
+    # tenacity template; a breaker that excludes nothing shares its exclusions.
+    budget = RetryBudget("quiet", RetryBudgetOptions())
+    for _ in range(100):
+        budget.deposit()
+    assert budget._retries is None
+    assert budget.withdraw("retry")
+    assert budget._retries is not None
+    assert sum(budget._retries) == budget.snapshot()["retries"] == 1
+    first = retry.RetryStrategy("a", retry.RetryOptions())
+    second = retry.RetryStrategy("b", retry.RetryOptions())
+    assert first._retrying is second._retrying
+    assert CircuitBreaker("x")._excluding is CircuitBreaker("y")._excluding
+
+
+def test_threads_and_tasks_racing_on_a_new_services_first_call_retry_and_failure(mode, compiles):
+    # What is made on first use (the compiled stack, the budget's slots and its retry slots, the
+    # recorders' bindings) is made once, and no count is lost, whoever arrives first.
+    seen: list[Any] = []
+    undo = events.subscribe(seen.append, [events.RetryScheduled, events.CircuitCallRecorded])
+
+    def body() -> str:
+        if buttress.attempt() == 1:
+            raise ConnectionError("the first attempt of every call fails")
+        return "ok"
+
+    protected = retry_with_backoff(name="racing", max_attempts=2)(
+        circuit_breaker(fail_max=1_000)(with_bulkhead(limit=64)(mode.define(body)))
+    )
+    callers = 16
+    try:
+        with testing.testing_mode():
+            if mode.is_async:
+
+                async def race() -> list[Any]:
+                    return await asyncio.gather(*(protected() for _ in range(callers)))
+
+                results = mode.run(race)
+            else:
+                start = threading.Barrier(callers)
+                results = []
+
+                def call() -> None:
+                    start.wait()
+                    results.append(protected())
+
+                workers = [threading.Thread(target=call) for _ in range(callers)]
+                for worker in workers:
+                    worker.start()
+                for worker in workers:
+                    worker.join()
+    finally:
+        undo()
+    assert results == ["ok"] * callers
+    assert compiles == ["racing"]
+    budget = registry.instances("retry_budget")["racing"]
+    counted = budget.snapshot()
+    assert (counted["requests"], counted["retries"]) == (callers, callers)
+    kinds = collections.Counter((type(e).__name__, getattr(e, "outcome", None)) for e in seen)
+    assert kinds == {
+        ("RetryScheduled", None): callers,
+        ("CircuitCallRecorded", "failure"): callers,
+        ("CircuitCallRecorded", "success"): callers,
+    }
 
 
 def test_services_settings_leave_alone_share_their_resolved_options(monkeypatch):
