@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, get_args
 
 __all__ = [
+    "REJECTED_ERROR",
     "ROUTES",
     "Binder",
     "BulkheadAcquired",
@@ -39,6 +40,7 @@ __all__ = [
     "HedgeWon",
     "RateLimitAcquired",
     "Recorder",
+    "RejectedCall",
     "RetryBudgetExhausted",
     "RetryExhausted",
     "RetryScheduled",
@@ -53,6 +55,7 @@ __all__ = [
     "dispatch",
     "emit",
     "failed",
+    "fuse",
     "recorder",
     "subscribe",
     "unsubscribe",
@@ -82,6 +85,23 @@ class CallRejected(NamedTuple):
     pattern: str  # circuit_breaker | adaptive_throttle | rate_limit | bulkhead
     reason: str  # open | half_open_full | forced_open | throttled | full | queue_timeout |
     #              no_tokens | deadline
+    retry_after: float | None
+
+
+class RejectedCall(NamedTuple):
+    """Not an event of its own: a :class:`Recorder` kind for the call an open circuit rejects
+    when nothing outside the breaker can answer it, so the rejection ends the call.
+
+    Recording one delivers what two recordings did: ``CallRejected(service, pattern, reason,
+    retry_after)`` and then ``CallFinished(service, "rejected", 0.0, "CircuitOpenError")`` (a
+    call that never ran is recorded with no duration). A subscriber may offer one bound function
+    for both (:func:`fuse`); a plain handler of either kind gets its event, built, as before.
+    Nobody subscribes to this kind; it is not in :data:`EVENT_TYPES`.
+    """
+
+    service: str
+    pattern: str
+    reason: str
     retry_after: float | None
 
 
@@ -468,14 +488,35 @@ def _pending(found: Recorder) -> Callable[..., object] | None:
 
     The caller holds ``_lock``.
     """
+    if found.kind is RejectedCall:
+        return found if ROUTES.get(CallRejected) or ROUTES.get(CallFinished) else None
     return found if ROUTES.get(found.kind) else None
+
+
+# A subscriber's one bound function for a rejected call (RejectedCall), by the handler it
+# subscribed to CallRejected: (its CallFinished handler, the binder). See fuse().
+_fused: dict[Handler, tuple[Handler, Binder]] = {}
+# What a rejected call records as its CallFinished (the only rejection that ends a call inside
+# the breaker is the circuit breaker's; see RejectedCall).
+REJECTED_ERROR = "CircuitOpenError"
 
 
 def _compose(kind: type[Any], service: str) -> Callable[..., object] | None:
     """What a recorder of ``kind`` for ``service`` calls now (the caller holds ``_lock``)."""
-    parts: list[tuple[Handler, Callable[..., object]]] = []
+    if kind is RejectedCall:
+        return _joined(RejectedCall, _rejected_call_parts(service))
+    return _joined(kind, _parts(kind, service, ROUTES.get(kind, ())))
+
+
+Part = tuple[Callable[..., object], Callable[..., object]]  # (whom to report, what to call)
+
+
+def _parts(kind: type[Any], service: str, handlers: Iterable[Handler]) -> list[Part]:
+    """The bound functions of ``handlers`` for ``kind``, and one that builds the event for the
+    handlers that offer none (the caller holds ``_lock``)."""
+    parts: list[Part] = []
     plain: list[Handler] = []
-    for handler in ROUTES.get(kind, ()):
+    for handler in handlers:
         binder = _binders.get((kind, handler))
         if binder is None:
             plain.append(handler)
@@ -495,6 +536,47 @@ def _compose(kind: type[Any], service: str) -> Callable[..., object] | None:
             dispatch(handlers, kind(service, *fields))
 
         parts.append((build, build))
+    return parts
+
+
+def _rejected_call_parts(service: str) -> list[Part]:
+    """A RejectedCall's parts: each subscriber's fused function where it offers one
+    (:func:`fuse`), then the CallRejected and CallFinished of every other handler."""
+    finishing = ROUTES.get(CallFinished, ())
+    parts: list[Part] = []
+    covered: set[Handler] = set()
+    rejecting: list[Handler] = []
+    for handler in ROUTES.get(CallRejected, ()):
+        entry = _fused.get(handler)
+        if entry is None or entry[0] not in finishing:
+            rejecting.append(handler)
+            continue
+        try:
+            bound = entry[1](service)
+        except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
+            _report(handler)
+            rejecting.append(handler)
+            continue
+        covered.add(entry[0])
+        if bound is not None:
+            parts.append((handler, bound))
+    rejected = _joined(CallRejected, _parts(CallRejected, service, rejecting))
+    if rejected is not None:
+        parts.append((rejected, rejected))
+    finished = _joined(
+        CallFinished, _parts(CallFinished, service, [h for h in finishing if h not in covered])
+    )
+    if finished is not None:
+
+        def rejected_finished(_pattern: str, _reason: str, _retry_after: float | None) -> None:
+            finished("rejected", 0.0, REJECTED_ERROR)
+
+        parts.append((finished, rejected_finished))
+    return parts
+
+
+def _joined(kind: type[Any], parts: list[Part]) -> Callable[..., object] | None:
+    """One function that calls every part, reporting (once) and skipping a part that fails."""
     if not parts:
         return None
     if len(parts) == 1:
@@ -527,7 +609,26 @@ def _compose(kind: type[Any], service: str) -> Callable[..., object] | None:
 
         return both
 
-    if len(kind._fields) == 4:  # CallRejected with the three default subscribers
+    if len(kind._fields) == 4 and len(parts) == 3:  # the three default subscribers: no loop
+        (first_handler, first), (second_handler, second), (third_handler, third) = parts
+
+        def three3(a: Any, b: Any, c: Any) -> None:
+            try:
+                first(a, b, c)
+            except Exception:  # noqa: BLE001 - a subscriber must never break the call
+                _report(first_handler)
+            try:
+                second(a, b, c)
+            except Exception:  # noqa: BLE001 - a subscriber must never break the call
+                _report(second_handler)
+            try:
+                third(a, b, c)
+            except Exception:  # noqa: BLE001 - a subscriber must never break the call
+                _report(third_handler)
+
+        return three3
+
+    if len(kind._fields) == 4:
 
         def each3(a: Any, b: Any, c: Any) -> None:
             for handler, bound in parts:
@@ -555,7 +656,10 @@ def failed(record: Callable[..., object]) -> None:
 
 def _rebind(kinds: Iterable[type[Any]]) -> None:
     # The caller holds _lock. Only the recorders of the kinds whose subscriptions changed.
-    for kind in set(kinds):
+    changed = set(kinds)
+    if CallRejected in changed or CallFinished in changed:
+        changed.add(RejectedCall)
+    for kind in changed:
         for found in _recorders.get(kind, _NONE).values():
             found.record = _pending(found)
 
@@ -609,6 +713,28 @@ def unsubscribe(handler: Handler) -> None:
                 routes[kind] = kept
         ROUTES = routes
         _rebind(changed)
+
+
+def fuse(rejected: Handler, finished: Handler, binder: Binder) -> Callable[[], None]:
+    """Let ``binder`` record a :class:`RejectedCall` for two subscribed handlers at once.
+
+    ``rejected`` and ``finished`` are one subscriber's handlers of ``CallRejected`` and
+    ``CallFinished``; ``binder(service)`` returns one function of ``(pattern, reason,
+    retry_after)`` that records what both would record for a call that the rejection ended
+    (``None``: nothing). While either handler is not subscribed, each is given its own kind as
+    usual. Returns a function that undoes it.
+    """
+    with _lock:
+        _fused[rejected] = (finished, binder)
+        _rebind((RejectedCall,))
+
+    def undo() -> None:
+        with _lock:
+            if _fused.get(rejected, (None,))[0] is finished:
+                del _fused[rejected]
+                _rebind((RejectedCall,))
+
+    return undo
 
 
 def dispatch(handlers: tuple[Handler, ...], event: Any) -> None:

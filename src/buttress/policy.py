@@ -320,18 +320,29 @@ class _Bound:
         view = snapshot.service(self.service)
         if not strategies and not view.enabled:
             return _Compiled(snapshot, None, _UNHEARD, direct=True)
+        # Whether a pattern of the chain may answer in the call's place (see _context.answered).
+        answers = any(getattr(s, "pattern", None) in _ANSWERING for s in strategies)
+        calls = events.recorder(CallFinished, self.service)
+        outermost = strategies[0] if strategies else None
+        if (
+            not answers
+            and view.rollout >= 1.0
+            and getattr(outermost, "final", None) is not None
+            and outermost.breaker.service == self.service  # type: ignore[union-attr]
+        ):
+            # The breaker is outermost and nothing can answer in the call's place, so its
+            # rejection ends the call: its step records the call (the wrapper records nothing),
+            # and a rejection is one pre-bound record with no catch on its way out.
+            inner = strategies[1:]
+            if self.is_async:
+                chain = _afinal(outermost, calls, self._chain_async(inner))
+            else:
+                chain = _final(outermost, calls, self._chain_sync(inner))
+            return _Compiled(snapshot, chain, _UNHEARD, direct=False)
         chain = self._chain_async(strategies) if self.is_async else self._chain_sync(strategies)
         if view.rollout < 1.0:
             chain = self._rollout(chain, view)
-        # Whether a pattern of the chain may answer in the call's place (see _context.answered).
-        answers = any(getattr(s, "pattern", None) in _ANSWERING for s in strategies)
-        return _Compiled(
-            snapshot,
-            chain,
-            events.recorder(CallFinished, self.service),
-            direct=False,
-            answers=answers,
-        )
+        return _Compiled(snapshot, chain, calls, direct=False, answers=answers)
 
     def _chain_sync(self, strategies: list[Strategy]) -> Call:
         fn = self.fn
@@ -859,6 +870,91 @@ def _judged(before: Admit, judge: Judged, call: Call) -> Call:
         return result
 
     return judged
+
+
+def _final(strategy: Any, calls: events.Recorder, call: Call) -> Call:
+    """The outermost step of a chain whose breaker's rejection ends the call (see _compile).
+
+    It admits, judges and records the call's CallFinished itself (``calls``), so the wrapper
+    has nothing to record: a rejection (``strategy.final`` records RejectedCall) leaves with no
+    ``except`` on its way, and a call takes one ``try`` and three clock reads for both jobs.
+    """
+    before, judge, ended = strategy.final, strategy.judge, strategy.ended
+
+    def final(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        token = before(call, args, kwargs)
+        # From here: before()'s own work is a local check (a rejection records no duration);
+        # with state in Redis, the round trip is settled below and counts.
+        began = started = _clock.monotonic()
+        if isinstance(token, Effect):  # state in Redis: its rejection comes from settling
+            try:
+                token = settle(token)
+            except RejectedError as exc:
+                ended(exc)
+                raise
+            started = _clock.monotonic()  # the breaker times the call, not the round trip
+        try:
+            result = call(args, kwargs)
+        except BaseException as exc:
+            effect = judge(token, started, exc, None)
+            if effect is not None:
+                settle(effect)
+            if isinstance(exc, Exception):
+                record = calls.record
+                if record is not None:
+                    _finished(record, exc, _clock.monotonic() - began)
+            raise
+        effect = judge(token, started, None, result)
+        if effect is not None:
+            settle(effect)
+        record = calls.record
+        if record is not None:
+            try:
+                record("success", _clock.monotonic() - began, None)
+            except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
+                events.failed(record)
+        return result
+
+    return final
+
+
+def _afinal(strategy: Any, calls: events.Recorder, call: AsyncCall) -> AsyncCall:
+    """:func:`_final` for ``async def`` callers."""
+    before, judge, ended = strategy.final, strategy.judge, strategy.ended
+
+    async def final(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        token = before(call, args, kwargs)
+        began = started = _clock.monotonic()
+        if isinstance(token, Effect):
+            try:
+                token = await asettle(token)
+            except RejectedError as exc:
+                ended(exc)
+                raise
+            started = _clock.monotonic()
+        try:
+            result = await call(args, kwargs)
+        except BaseException as exc:
+            effect = judge(token, started, exc, None)
+            if effect is not None:
+                await asettle(effect)
+            if isinstance(exc, Exception):
+                record = calls.record
+                if record is not None:
+                    _finished(record, exc, _clock.monotonic() - began)
+            raise
+        effect = judge(token, started, None, result)
+        if effect is not None:
+            await asettle(effect)
+        record = calls.record
+        if record is not None:
+            try:
+                record("success", _clock.monotonic() - began, None)
+            except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
+                events.failed(record)
+        return result
+
+    return final
 
 
 Finish = Callable[[Any, BaseException | None], None]

@@ -119,14 +119,20 @@ def test_a_trip_elsewhere_rejects_here_without_calling(
     call = protected(mode, redis_server.url, dep)
     assert mode.run(call) == "ok"
     peers(SERVICE).force("open", LIMITS)
-    with capture_events([events.CircuitStateChanged, events.CallRejected]) as seen:
+    kinds = [events.CircuitStateChanged, events.CallRejected, events.CallFinished]
+    with capture_events(kinds) as seen:
         rejected = mode.outcome(call)
+        again = mode.outcome(call)  # known open here now
     assert isinstance(rejected, CircuitOpenError)
+    assert isinstance(again, CircuitOpenError)
     assert dep.calls == 1
     assert [(e.new_state, e.reason) for e in seen.of(events.CircuitStateChanged)] == [
         ("open", "shared_state")
     ]
-    assert [e.reason for e in seen.of(events.CallRejected)] == ["open"]
+    assert [e.reason for e in seen.of(events.CallRejected)] == ["open", "open"]
+    # The rejection ends each call, recorded once (the breaker is outermost: its step records).
+    finished = [(e.outcome, e.error_type) for e in seen.of(events.CallFinished)]
+    assert finished == [("rejected", "CircuitOpenError")] * 2
     assert breaker(SERVICE).snapshot()["state"] == "open"
 
 

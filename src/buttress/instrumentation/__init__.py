@@ -135,13 +135,19 @@ def _switch(name: str, target: Any, build: Callable[[Any], Any]) -> None:
         return
     subscriber = build(target)
     binders = subscriber.binders() if hasattr(subscriber, "binders") else {}
+    handlers = subscriber.handlers()
     undos = [
         events.subscribe(handler, [kind], binder=binders.get(kind))
-        for kind, handler in subscriber.handlers().items()
+        for kind, handler in handlers.items()
     ]
+    fused = binders.get(events.RejectedCall)
+    if fused is not None:  # one bound function for a rejected call's two records
+        undos.append(
+            events.fuse(handlers[events.CallRejected], handlers[events.CallFinished], fused)
+        )
 
     def undo() -> None:
-        for each in undos:
+        for each in reversed(undos):
             each()
 
     _installed[name] = (target, undo)

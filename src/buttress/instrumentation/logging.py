@@ -146,7 +146,11 @@ class LoggingSubscriber:
 
     def binders(self) -> dict[type[Any], events.Binder]:
         """The fast path of the per-call kinds: the level is checked before an event is built."""
-        return {CallFinished: self._bind_call_finished, CallRejected: self._bind_rejected}
+        return {
+            CallFinished: self._bind_call_finished,
+            CallRejected: self._bind_rejected,
+            events.RejectedCall: self._bind_rejected_call,
+        }
 
     def _bind_call_finished(self, service: str) -> Callable[[str, float, str | None], None]:
         log = self.logger.log
@@ -180,6 +184,28 @@ class LoggingSubscriber:
                 log(level, name, extra=_fields(name, event))
 
         return rejected
+
+    def _bind_rejected_call(self, service: str) -> Callable[[str, str, float | None], None]:
+        """A call the rejection ended (events.RejectedCall): its CallRejected and CallFinished
+        lines, each after its own level check."""
+        log = self.logger.log
+        known: dict[int, bool] = getattr(self.logger, "_cache", {})
+        enabled = self.logger.isEnabledFor
+        rejected_name = EVENT_NAMES[CallRejected][0]
+        finished_name = EVENT_NAMES[CallFinished][0]
+
+        def rejected_call(pattern: str, reason: str, retry_after: float | None) -> None:
+            # _rejection_level, _outcome_level("rejected") and the cache inline: while a
+            # circuit is open, every call comes here.
+            level = DEBUG if pattern == "circuit_breaker" else INFO
+            if known.get(level) is not False and enabled(level):
+                event: Any = CallRejected(service, pattern, reason, retry_after)
+                log(level, rejected_name, extra=_fields(rejected_name, event))
+            if known.get(INFO) is not False and enabled(INFO):
+                event = CallFinished(service, "rejected", 0.0, events.REJECTED_ERROR)
+                log(INFO, finished_name, extra=_fields(finished_name, event))
+
+        return rejected_call
 
     def _handler(self, name: str, level: int | Callable[[Any], int]) -> events.Handler:
         log = self.logger.log

@@ -152,6 +152,7 @@ def children(
 
 # Reads of the series (scrapes) are serialised; writes (calls) never wait for anything.
 _read_lock = threading.Lock()
+_zeros_lock = threading.Lock()  # a histogram series' count of zeros is made once
 
 
 class CounterSeries:
@@ -185,11 +186,23 @@ class HistogramSeries:
     :meth:`observe` (``cells``, ``bounds``, :meth:`cell`): one frame less on every call.
     """
 
-    __slots__ = ("bounds", "cells")
+    __slots__ = ("_zeros", "bounds", "cells")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         self.cells: dict[int, list[float]] = {}
+        self._zeros: CounterSeries | None = None
+
+    def zeros(self) -> Inc:
+        """An ``inc`` that observes 0: a count of its own, added to the first bucket at read.
+
+        For the calls an open circuit rejects (recorded with no duration): one C call each,
+        where an observation finds the thread's cell and searches the buckets.
+        """
+        with _zeros_lock:
+            if self._zeros is None:
+                self._zeros = CounterSeries()
+            return self._zeros.inc
 
     def observe(self, amount: float) -> None:
         cell = self.cells.get(get_ident())
@@ -213,6 +226,8 @@ class HistogramSeries:
             for index, count in enumerate(cell[:-1]):
                 buckets[index] += int(count)
             total += cell[-1]
+        if self._zeros is not None:
+            buckets[bisect_left(self.bounds, 0.0)] += int(self._zeros.read())
         return buckets, total
 
 

@@ -85,6 +85,8 @@ from buttress.instrumentation.prometheus.series import (
 
 __all__ = ["PrometheusSubscriber"]
 
+_BREAKER = "circuit_breaker"  # the pattern whose rejections may end a call (RejectedCall)
+
 # A call's outcome, duration and error type, recorded without building a CallFinished.
 RecordCall = Callable[[str, float, "str | None"], None]
 
@@ -272,6 +274,7 @@ class PrometheusSubscriber:
             BulkheadAcquired: self._bind_bulkhead_acquired,
             TimedCallFinished: self._bind_timed_call,
             CallRejected: self._bind_rejected,
+            events.RejectedCall: self._bind_rejected_call,
             CacheLookup: self._bind_cache_lookup,
         }
 
@@ -290,6 +293,25 @@ class PrometheusSubscriber:
             rejections[pattern, service, reason]()
 
         return rejected
+
+    def _bind_rejected_call(self, service: str) -> Callable[[str, str, float | None], None]:
+        """A call an open circuit rejected and so ended (events.RejectedCall): the rejection's
+        counter, and the ``rejected`` series of the calls histogram observed with no duration.
+
+        Two C calls and a lookup: while a circuit is open, every call comes here.
+        """
+        rejections = self._rejections
+        by_reason: Lazy[str, Inc] = Lazy(lambda reason: rejections[_BREAKER, service, reason])
+        ended = self._local_calls[service]["rejected"].zeros()
+
+        def rejected_call(pattern: str, reason: str, _retry_after: float | None) -> None:
+            if pattern == _BREAKER:
+                by_reason[reason]()
+            else:
+                rejections[pattern, service, reason]()
+            ended()
+
+        return rejected_call
 
     def _bind_circuit_call(
         self, service: str

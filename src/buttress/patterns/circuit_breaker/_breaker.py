@@ -365,6 +365,8 @@ class CircuitBreaker(CompatBreaker):
         # The per-call events' fast paths: no event built where a subscriber bound its series.
         self._recorded = events.recorder(CircuitCallRecorded, service)
         self._rejected = events.recorder(CallRejected, service)
+        # The same rejection when it ends the call (before_final): one record for both events.
+        self._rejected_call = events.recorder(events.RejectedCall, service)
         super().__init__(
             name=service,
             fail_max=opts.fail_max,
@@ -573,6 +575,53 @@ class CircuitBreaker(CompatBreaker):
         if self._before_hooks and token != _BYPASS:
             self._publish(self._before_hooks, (call, args, kwargs))
         return token
+
+    def before_final(
+        self, call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """:meth:`before` for a breaker whose rejection ends the call: the outermost step of a
+        chain that nothing outside can answer, and that records the call's CallFinished itself
+        (the policy's final step). A rejection records ``RejectedCall``: the CallRejected and
+        the rejected call's CallFinished in one pre-bound call, with no catch anywhere.
+
+        An admission that takes an effect (state in Redis) rejects when the step settles it;
+        the step records that call's CallFinished then.
+        """
+        token = self._fast_token  # before()'s own first check: closed, it is all there is
+        if token is None:
+            until = self._open_until
+            if until != _NEVER and self._remote is None:
+                # before()'s shortest path, recording the fused kind: every call comes here
+                # while the circuit is open.
+                retry_after = None if until == _FOREVER else until - _clock.monotonic()
+                if (retry_after is None or retry_after > 0) and not (
+                    self._outbox or self._delivering
+                ):
+                    reason = "open" if retry_after is not None else "forced_open"
+                    record = self._rejected_call.record
+                    if record is not None:
+                        try:
+                            record(PATTERN, reason, retry_after)
+                        except Exception:  # noqa: BLE001 - a subscriber must never break it
+                            events.failed(record)
+                    raise _open_error(self._messages[reason], self.service, retry_after)
+            try:
+                return self.before(call, args, kwargs)
+            except RejectedError as exc:  # rarer rejections: half-open full, events queued
+                self._ended(exc)
+                raise
+        if self._before_hooks and token != _BYPASS:
+            self._publish(self._before_hooks, (call, args, kwargs))
+        return token
+
+    def _ended(self, exc: RejectedError) -> None:
+        """Record the CallFinished of a call that a rejection recorded as CallRejected ended."""
+        record = events.recorder(events.CallFinished, self.service).record
+        if record is not None:
+            try:
+                record("rejected", 0.0, type(exc).__name__)
+            except Exception:  # noqa: BLE001 - a subscriber must never break the call
+                events.failed(record)
 
     def before_shadow(
         self, call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -1635,13 +1684,17 @@ class CircuitBreakerStrategy:
     how each call ended (``judge``); the drivers run the call and perform its effects."""
 
     pattern: ClassVar[str] = PATTERN
-    __slots__ = ("before", "breaker", "judge", "shadow")
+    __slots__ = ("before", "breaker", "ended", "final", "judge", "shadow")
 
     def __init__(self, cb: CircuitBreaker, *, shadow: bool) -> None:
         self.breaker = cb
         self.shadow = shadow
         self.before = cb.before_shadow if shadow else cb.before
         self.judge = cb.judge
+        # For the policy's final step (see final_step): how it admits, and records a rejection
+        # it settles (state in Redis) as the call's end.
+        self.final = None if shadow else cb.before_final
+        self.ended = cb._ended
 
 
 class _Direct:
