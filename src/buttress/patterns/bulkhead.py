@@ -397,9 +397,11 @@ class Bulkhead:
                     return wait
         record = self._acquired.record
         if record is not None:  # inline, not note_acquired(): this runs on every call
+            # _in_flight() inline: a fair reading, as any count taken without the lock.
+            active = self.limit + self._debt - len(self._free) - self._spare
             try:
                 # Nobody was queued: waiters exist only while every slot is busy.
-                record(0.0, self._in_flight(), 0, self.limit)
+                record(0.0, active if active > 0 else 0, 0, self.limit)
             except Exception:  # noqa: BLE001 - a subscriber must never break the call
                 events.failed(record)
         return None
