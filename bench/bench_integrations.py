@@ -20,7 +20,8 @@ ratios:
   classification) and ``stack alone - bare`` the policy stack's.
 
 Each overhead is also given as a share of a bare sync request's client CPU on loopback, measured
-in the same round (issue 15's goal: at most 1 %).
+in the same round. The verdict is the whole integration's (stack and the integration's own code,
+in-process) against issue 15's goal: at most 1 % of a request.
 
 Usage: ``python bench/bench_integrations.py [--rounds N] [--requests N]``.
 """
@@ -198,15 +199,20 @@ def main() -> int:
             f"{statistics.median(samples[case]) * us:7.1f}us {overhead * us:7.1f}us "
             f"{ratio:5.2f}x {share:9.2%}"
         )
-    own = median_of(
-        samples,
-        lambda f, p, r: (f - p) / r,
-        "buttress in-process",
-        "stack alone in-process",
-        "bare sync",
+
+    # The goal is what a request pays for going through the integration at all: the stack and
+    # the integration's own code together, against a bare request (in-process, so the network's
+    # noise is out of it; the loopback rows above show the same with it).
+    def share(case: str, base: str) -> float:
+        return median_of(samples, lambda f, p, r: (f - p) / r, case, base, "bare sync")
+
+    whole = share("buttress in-process", "bare in-process")
+    own = share("buttress in-process", "stack alone in-process")
+    verdict = "ok" if whole <= GOAL else "OVER GOAL"
+    print(
+        f"\nthrough the integration / request: {whole:.2%} (goal {GOAL:.0%}: {verdict}); "
+        f"the integration's own code {own:.2%}, the stack {whole - own:.2%}"
     )
-    verdict = "ok" if own <= GOAL else "OVER GOAL"
-    print(f"\nthe integration's own cost / request: {own:.2%} (goal {GOAL:.0%}: {verdict})")
     return 0
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import pytest
@@ -23,7 +25,7 @@ from buttress.events import (
 )
 from buttress.exceptions import BulkheadFullError, TimeoutExceededError
 from buttress.patterns import bulkhead
-from buttress.patterns._base import BuildContext
+from buttress.patterns._base import BuildContext, Waiter
 from buttress.patterns.bulkhead import Bulkhead, BulkheadOptions, BulkheadStrategy
 from buttress.patterns.timeout import TimeoutStrategy
 from buttress.policy import alink, asettle, link, settle
@@ -583,6 +585,187 @@ def test_one_bulkhead_serves_four_event_loops_in_four_threads_at_once():
     assert (snapshot["active"], snapshot["queued"]) == (0, 0)
 
 
+class Told(Waiter):
+    """A waiter that only notes it was woken (the drivers' own wait is not under test here)."""
+
+    __slots__ = ("woken",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.woken = False
+
+    def wake(self) -> bool:
+        self.woken = True
+        return True
+
+
+def test_a_slot_given_back_without_the_lock_as_a_call_queues_is_found_by_the_queue():
+    # The interleaving the lock-free release must survive: the queue looked for a free slot, found
+    # none, and before the waiter is in the queue a holder gives its slot back (lock-free: nothing
+    # was owed yet, so it takes no lock). The queue must find that slot when it looks again.
+    bh = Bulkhead("race", BulkheadOptions(limit=1, max_queue=1))
+    assert bh.admit() is None  # the one slot is taken
+
+    class ReleasedMeanwhile(deque[Waiter]):
+        def append(self, waiter: Waiter) -> None:
+            bh.release()  # the holder, "on another thread", in the lock-free path
+            super().append(waiter)
+
+    bh._waiters = ReleasedMeanwhile()
+    wait = bh.admit()
+    assert wait is not None
+    waiter = Told()
+    assert wait.queue(waiter) is False  # no wait: it holds the slot given back meanwhile
+    assert waiter.granted
+    assert bh.snapshot() == {
+        "service": "race",
+        "active": 1,
+        "queued": 0,
+        "limit": 1,
+        "utilization": 1.0,
+    }
+    bh.release()
+    assert (bh.snapshot()["active"], len(bh._free), bh._claims) == (0, 1, 0)
+
+
+def test_a_newcomer_never_takes_a_free_slot_a_waiter_is_owed():
+    # A slot given back while a call waits sits, for an instant, among the free slots before its
+    # giver hands it on under the lock. A newcomer that takes it then must pass it to the waiter
+    # and queue behind it.
+    bh = Bulkhead("fair", BulkheadOptions(limit=1, max_queue=2))
+    assert bh.admit() is None
+    first = Told()
+    assert bh.admit().queue(first) is True  # type: ignore[union-attr]
+    bh._free.append(True)  # the holder's release, stopped between its append and its check
+    newcomer = bh.admit()
+    assert newcomer is not None  # queued, not admitted
+    assert first.granted
+    assert first.woken
+    second = Told()
+    assert newcomer.queue(second) is True
+    assert (bh.snapshot()["active"], bh.snapshot()["queued"]) == (1, 1)
+    bh.release()  # the first waiter's call ends: the second waiter's turn
+    assert second.granted
+    bh.release()
+    assert (bh.snapshot()["active"], bh.snapshot()["queued"], bh._claims) == (0, 0, 0)
+
+
+def test_a_newcomer_never_takes_a_free_slot_a_lowered_limit_is_owed():
+    bh = Bulkhead("owed", BulkheadOptions(limit=2))
+    assert bh.admit() is None
+    assert bh.admit() is None
+    bh.reconfigure(BulkheadOptions(limit=1))  # two in flight over a limit of one: one is owed
+    assert (bh._debt, bh._claims) == (1, 1)
+    bh._free.append(True)  # a release stopped between its append and its check
+    assert bh.admit() is not None  # must queue (and, with no queue, be rejected): 2 in flight
+    assert (bh.snapshot()["active"], bh._debt) == (1, 0)  # the slot paid what was owed
+    bh.release()
+    assert (bh.snapshot()["active"], len(bh._free) + bh._spare, bh._claims) == (0, 1, 0)
+
+
+@pytest.fixture
+def switch_often():
+    """Switch threads as often as CPython allows: races in the lock-free paths get their turn."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(before)
+
+
+def _assert_at_rest(bh: Bulkhead, limit: int) -> None:
+    """Every slot is back: free (with or without the lock), none in flight, none owed."""
+    snapshot = bh.snapshot()
+    assert (snapshot["active"], snapshot["queued"], snapshot["limit"]) == (0, 0, limit)
+    assert (bh._debt, bh._claims) == (0, 0)
+    assert len(bh._free) + bh._spare == limit
+
+
+@pytest.mark.parametrize("fast_slots", [bulkhead.FAST_SLOTS, 2])
+def test_threads_hammering_the_lock_free_slots_never_exceed_the_limit_nor_lose_one(
+    fast_slots, switch_often, monkeypatch
+):
+    # No call waits on anything but the bulkhead: the slots go round as fast as the threads can
+    # take them, through admit()/release() without the lock and the queue when none is free.
+    monkeypatch.setattr(bulkhead, "FAST_SLOTS", fast_slots)
+    bh = Bulkhead("hammer", BulkheadOptions(limit=3, max_queue=64))
+    peak = Peak()
+    done = [0] * 8
+
+    def worker(n: int) -> None:
+        for _ in range(1500):
+            acquire(bh)
+            peak.enter()
+            peak.leave()
+            bh.release()
+            done[n] += 1
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads), "a waiter was never woken"
+    assert done == [1500] * 8
+    assert peak.peak <= 3
+    _assert_at_rest(bh, 3)
+
+
+def test_threads_and_tasks_through_a_limit_that_keeps_changing_keep_every_slot(switch_often):
+    # Threads and two event loops call through one bulkhead while another thread moves its limit
+    # between 1 and 4: never more calls in flight than the largest limit, and when all is done
+    # every slot is back and nothing is owed.
+    bh = Bulkhead("moving", BulkheadOptions(limit=2, max_queue=1000))
+    peak = Peak()
+    stop = threading.Event()
+    counts: dict[str, int] = {}
+
+    def thread_calls(name: str) -> None:
+        for _ in range(800):
+            acquire(bh)
+            peak.enter()
+            peak.leave()
+            bh.release()
+        counts[name] = 800
+
+    def loop_calls(name: str) -> None:
+        async def one() -> None:
+            await aacquire(bh)
+            peak.enter()
+            await asyncio.sleep(0)
+            peak.leave()
+            bh.release()
+
+        async def many() -> None:
+            for _ in range(20):
+                await asyncio.gather(*(one() for _ in range(20)))
+
+        asyncio.run(many())
+        counts[name] = 400
+
+    def mover() -> None:
+        limits = [1, 4, 2, 3]
+        i = 0
+        while not stop.is_set():
+            bh.reconfigure(BulkheadOptions(limit=limits[i % 4], max_queue=1000))
+            i += 1
+        bh.reconfigure(BulkheadOptions(limit=2, max_queue=1000))
+
+    workers = [threading.Thread(target=thread_calls, args=(f"thread{n}",)) for n in range(4)]
+    workers += [threading.Thread(target=loop_calls, args=(f"loop{n}",)) for n in range(2)]
+    moving = threading.Thread(target=mover)
+    moving.start()
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join(60)
+    stop.set()
+    moving.join(10)
+    assert not any(thread.is_alive() for thread in workers), "a waiter was never woken"
+    assert counts == {**{f"thread{n}": 800 for n in range(4)}, "loop0": 400, "loop1": 400}
+    assert peak.peak <= 4
+    _assert_at_rest(bh, 2)
+
+
 # --- reconfiguration, snapshot, shadow ------------------------------------------------------------
 
 
@@ -786,6 +969,14 @@ class BulkheadMachine(RuleBasedStateMachine):
         assert self.inside == self.running
         assert snapshot["active"] == len(self.running)
         assert snapshot["queued"] == len(self.queue)
+        # The slots taken without the lock agree with the counts kept under it.
+        bh = self.built.bulkhead
+        assert bh._debt == max(0, len(self.running) - self.options.limit)
+        assert bh._claims == bh._debt + len(self.queue)
+        assert bh._spare >= 0
+        assert len(bh._free) <= bulkhead.FAST_SLOTS
+        if self.queue or bh._debt:  # something is owed a slot: none is free
+            assert (len(bh._free), bh._spare) == (0, 0)
         for call, reason in self.rejected.items():
             task = self.tasks[call]
             assert task.done()
@@ -813,6 +1004,29 @@ class BulkheadMachine(RuleBasedStateMachine):
 
 TestBulkheadMachine = BulkheadMachine.TestCase
 TestBulkheadMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+class OneFreeSlotMachine(BulkheadMachine):
+    """The same model with one free slot kept where a call takes it without the lock.
+
+    The other free slots are then the count under the lock: every path between the two (a slot
+    given back past the share, a raised limit, a lowered one) runs with limits of 1 to 3.
+    """
+
+    def __init__(self) -> None:
+        self.fast_slots = bulkhead.FAST_SLOTS
+        bulkhead.FAST_SLOTS = 1  # type: ignore[misc]
+        super().__init__()
+
+    def teardown(self) -> None:
+        try:
+            super().teardown()
+        finally:
+            bulkhead.FAST_SLOTS = self.fast_slots  # type: ignore[misc]
+
+
+TestOneFreeSlotMachine = OneFreeSlotMachine.TestCase
+TestOneFreeSlotMachine.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
 
 
 # --- waiting within the enclosing deadline --------------------------------------------------------

@@ -1,8 +1,10 @@
 """Bulkhead: cap the concurrent calls to a dependency so one slow service cannot take them all.
 
 One :class:`Bulkhead` per service (shared by every call site that names it) counts the calls in
-flight under a plain lock and keeps a FIFO queue of waiters. A released slot is handed straight to
-the oldest waiter, so a newcomer never overtakes the queue. The drivers in :mod:`buttress.policy`
+flight and keeps a FIFO queue of waiters. A free slot is taken and given back without a lock (a
+list of tokens, popped and appended in single C calls); the queue, a changed limit and a slot
+that someone is owed go through a plain lock. A released slot is handed straight to the oldest
+waiter, so a newcomer never overtakes the queue. The drivers in :mod:`buttress.policy`
 make the waiters: threads (a ``threading.Event``) or tasks on any event loop (a future resolved on
 its own loop), so one bulkhead serves threads and several event loops at once. The lock is never
 held while a protected call runs or while anybody waits.
@@ -131,15 +133,41 @@ def dropped(failure: BaseException | None, now: float) -> bool | None:
     return None
 
 
+# Free slots kept where a call takes one without the lock (see Bulkhead); the rest of the free
+# slots are a count under the lock. Enough for the calls a service usually has in flight at once;
+# a bulkhead holds at most about this many references however large its limit.
+FAST_SLOTS: Final = 16
+
+
 class Bulkhead:
-    """The shared state of one service's bulkhead: slots in use and the queue of waiters."""
+    """The shared state of one service's bulkhead: slots in use and the queue of waiters.
+
+    A free slot is taken without a lock: ``_free`` is a list of tokens, and ``list.pop()`` and
+    ``list.append()`` are single C calls, atomic under the GIL, so taking and giving back a slot
+    is a semaphore with no Python-level lock. Everything else (the queue, a changed limit, the
+    free slots beyond ``FAST_SLOTS``, kept as the count ``_spare``) is under ``_lock``. Slots are
+    never made or lost: ``len(_free) + _spare + in flight == limit + _debt`` at every instant,
+    where ``_debt`` is how far a lowered limit is below the calls in flight (slots to drop as
+    they come back).
+
+    ``_claims`` (``_debt`` plus the queued waiters, written under the lock) says whether a free
+    slot is owed to someone before any newcomer. Both lock-free paths read it *after* their own
+    step, which makes them safe against the locked ones: a newcomer that took a slot while
+    anything is owed gives it back under the lock and queues (so it never overtakes a waiter nor
+    runs over a lowered limit), and a slot given back while anything is owed is handed on under
+    the lock. A waiter is queued (and its claim written) before the queue looks for a free slot
+    once more, so a slot given back in between is found by one side or the other.
+    """
 
     __slots__ = (
         "_acquired",
-        "_active",
+        "_claims",
+        "_debt",
+        "_free",
         "_limiter",
         "_lock",
         "_overflow",
+        "_spare",
         "_waiters",
         "limit",
         "max_queue",
@@ -150,7 +178,12 @@ class Bulkhead:
     def __init__(self, service: str, options: BulkheadOptions) -> None:
         self.service = service
         self._lock = threading.Lock()
-        self._active = 0
+        self.limit = limit = _limit(options)
+        fast = min(limit, FAST_SLOTS)
+        self._free = [True] * fast
+        self._spare = limit - fast
+        self._debt = 0
+        self._claims = 0
         # Calls let through by shadow mode although no slot was free (never queued, never counted
         # in ``active``): how far over the limit enforcement would have been.
         self._overflow = 0
@@ -158,17 +191,95 @@ class Bulkhead:
         self._waiters: deque[Waiter] = _NO_WAITERS
         # Where a slot taken at once is reported: a pre-bound recorder, no event built for it.
         self._acquired = events.recorder(events.BulkheadAcquired, service)
-        self.limit = _limit(options)
         self.max_queue = options.max_queue
         self.queue_timeout = options.queue_timeout
         self._limiter = _adaptive(options)
+
+    # -- the slots (``_locked`` methods: the caller holds the lock) -------------------------------
+    def _in_flight(self) -> int:
+        """Calls holding a slot (exact under the lock; a fair reading without it)."""
+        return max(0, self.limit + self._debt - len(self._free) - self._spare)
+
+    def _take_locked(self) -> bool:
+        """Take a free slot if there is one (lock held; a lock-free pop may race it)."""
+        if self._spare:
+            self._spare -= 1
+            return True
+        try:
+            self._free.pop()
+        except IndexError:
+            return False
+        return True
+
+    def _put_locked(self) -> None:
+        """Put a slot back among the free ones (lock held)."""
+        if len(self._free) < FAST_SLOTS:
+            self._free.append(True)
+        else:
+            self._spare += 1
+
+    def _distribute_locked(self) -> None:
+        """Hand free slots to whoever is owed them: a lowered limit's debt, then the oldest
+        waiters (lock held). Ends with ``_claims`` up to date.
+        """
+        free = self._free
+        while len(free) > FAST_SLOTS:  # given back past the lock-free share: into the count
+            try:
+                free.pop()
+            except IndexError:
+                break
+            self._spare += 1
+        while self._debt and self._take_locked():
+            self._debt -= 1
+        waiters = self._waiters
+        while waiters and self._take_locked():
+            while waiters:
+                waiter = waiters.popleft()
+                waiter.granted = True
+                if waiter.wake():
+                    break
+                waiter.granted = False  # its event loop is closed: the next one
+            else:
+                self._put_locked()
+        self._claims = claims = self._debt + len(waiters)
+        if not claims:  # a raised limit's slots: where a call takes one without the lock
+            while self._spare and len(free) < FAST_SLOTS:
+                self._spare -= 1
+                free.append(True)
+
+    def _resize_locked(self, limit: int) -> None:
+        """Make the limit ``limit``: free slots added or dropped, the rest as debt (lock held)."""
+        delta = limit - self.limit
+        self.limit = limit
+        if delta > 0:
+            paid = min(delta, self._debt)
+            self._debt -= paid
+            self._spare += delta - paid
+        elif delta < 0:
+            owed = -delta
+            while owed and self._take_locked():
+                owed -= 1
+            self._debt += owed
+        self._distribute_locked()
+
+    def _admit_locked(self, *, holding: bool) -> _SlotWait | None:
+        """``admit()``'s slow path: ``holding`` a slot taken while something was owed, or none
+        free without the lock. Takes a slot nobody is owed (``None``), else queue for one.
+        """
+        with self._lock:
+            if holding:
+                self._put_locked()
+            self._distribute_locked()
+            if not self._claims and self._take_locked():
+                return None
+        return _SlotWait(self)
 
     # -- decisions (plain code the drivers call; nothing here waits) --------------------------
     def _enqueue(self, waiter: Waiter) -> str | None:
         """Queue ``waiter``, or take a slot freed meanwhile; return the rejection reason if full."""
         with self._lock:
-            if self._active < self.limit:
-                self._active += 1
+            self._distribute_locked()
+            if not self._claims and self._take_locked():
                 waiter.granted = True
                 return None
             if len(self._waiters) >= self.max_queue:
@@ -176,6 +287,12 @@ class Bulkhead:
             if self._waiters is _NO_WAITERS:
                 self._waiters = deque()
             self._waiters.append(waiter)
+            # Claimed first, then looked again: a slot given back without the lock since the
+            # look above is found here, or its giver sees the claim (see the class docstring).
+            self._claims += 1
+            self._distribute_locked()
+            if waiter.granted:
+                return None
             queued = len(self._waiters)
         handlers = events.ROUTES.get(events.BulkheadQueued)
         if handlers:
@@ -193,37 +310,32 @@ class Bulkhead:
             # Gone already if a release found its event loop closed and passed the slot on.
             with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)
+            self._claims = self._debt + len(self._waiters)
             return False
 
     def release(self, _token: object = None) -> None:
         """Give a slot back: to the oldest waiter if the limit allows, else to the pool.
 
         Also the driver's ``after`` (which passes the call's token, unused here): one frame less
-        on every call than a method that forwards to it.
+        on every call than a method that forwards to it. Without a lock unless something is owed
+        a slot (a waiter, a lowered limit) or the lock-free share is full.
         """
-        with self._lock:
-            if self._active <= self.limit:
-                while self._waiters:
-                    waiter = self._waiters.popleft()
-                    waiter.granted = True
-                    if waiter.wake():
-                        break
-                    waiter.granted = False
-                else:
-                    self._active -= 1
-            else:  # over a lowered limit: shrink instead of handing the slot on
-                self._active -= 1
-            active, queued = self._active, len(self._waiters)
+        free = self._free
+        free.append(True)
+        if self._claims or len(free) > FAST_SLOTS:
+            with self._lock:
+                self._distribute_locked()
         handlers = events.ROUTES.get(events.BulkheadReleased)
         if handlers:
-            events.dispatch(handlers, events.BulkheadReleased(self.service, active, queued))
+            event = events.BulkheadReleased(self.service, self._in_flight(), len(self._waiters))
+            events.dispatch(handlers, event)
 
     def note_acquired(self, waited: float) -> None:
         """Emit ``BulkheadAcquired`` (if anyone listens) for a slot taken after ``waited`` s."""
         handlers = events.ROUTES.get(events.BulkheadAcquired)
         if handlers:
             event = events.BulkheadAcquired(
-                self.service, waited, self._active, len(self._waiters), self.limit
+                self.service, waited, self._in_flight(), len(self._waiters), self.limit
             )
             events.dispatch(handlers, event)
 
@@ -268,19 +380,28 @@ class Bulkhead:
     def admit(self) -> _SlotWait | None:
         """Take a free slot (``None``), or ask the driver to queue for one.
 
-        Waiters exist only while every slot is busy, so a free slot is never taken out of turn.
-        A full queue raises ``BulkheadFullError`` when the driver queues the call.
+        A free slot is never taken out of turn: one taken while a waiter is queued (or a lowered
+        limit is owed slots) goes to them, and this call queues. A full queue raises
+        ``BulkheadFullError`` when the driver queues the call.
         """
-        with self._lock:
-            active = self._active
-            if active >= self.limit:
-                return _SlotWait(self)
-            self._active = active = active + 1
+        try:
+            self._free.pop()
+        except IndexError:
+            wait = self._admit_locked(holding=False)
+            if wait is not None:
+                return wait
+        else:
+            if self._claims:
+                wait = self._admit_locked(holding=True)
+                if wait is not None:
+                    return wait
         record = self._acquired.record
         if record is not None:  # inline, not note_acquired(): this runs on every call
+            # _in_flight() inline: a fair reading, as any count taken without the lock.
+            active = self.limit + self._debt - len(self._free) - self._spare
             try:
                 # Nobody was queued: waiters exist only while every slot is busy.
-                record(0.0, active, 0, self.limit)
+                record(0.0, active if active > 0 else 0, 0, self.limit)
             except Exception:  # noqa: BLE001 - a subscriber must never break the call
                 events.failed(record)
         return None
@@ -293,21 +414,10 @@ class Bulkhead:
         nobody until the count is under it. A smaller ``max_queue`` only affects new arrivals.
         """
         with self._lock:
-            self.limit = _limit(options)
             self.max_queue = options.max_queue
             self.queue_timeout = options.queue_timeout
             self._limiter = _adaptive(options)
-            self._admit_waiters()
-
-    def _admit_waiters(self) -> None:
-        """Hand the slots a raised limit frees to the oldest waiters (lock held)."""
-        while self._waiters and self._active < self.limit:
-            waiter = self._waiters.popleft()
-            waiter.granted = True
-            if waiter.wake():
-                self._active += 1
-            else:
-                waiter.granted = False
+            self._resize_locked(_limit(options))
 
     # -- the adaptive limit ------------------------------------------------------------------------
     def admit_timed(self) -> float | _SlotWait:
@@ -326,10 +436,9 @@ class Bulkhead:
         limiter = self._limiter
         if verdict is not None and limiter is not None:
             with self._lock:
-                limit = limiter.sample(now, now - started, self._active, verdict)
-                self.limit = limit
-                if limit > previous:
-                    self._admit_waiters()
+                limit = limiter.sample(now, now - started, self._in_flight(), verdict)
+                if limit != self.limit:
+                    self._resize_locked(limit)
         self.release()
         if limit != previous:
             handlers = events.ROUTES.get(events.BulkheadLimitChanged)
@@ -341,7 +450,7 @@ class Bulkhead:
     def snapshot(self) -> BulkheadSnapshot:
         """Calls in flight and queued, the limit and the utilization (active / limit)."""
         with self._lock:
-            active, queued, limit = self._active, len(self._waiters), self.limit
+            active, queued, limit = self._in_flight(), len(self._waiters), self.limit
         return BulkheadSnapshot(
             service=self.service,
             active=active,
@@ -359,8 +468,8 @@ class Bulkhead:
         ``ShadowDecision``.
         """
         with self._lock:
-            if self._active < self.limit:
-                self._active += 1
+            self._distribute_locked()
+            if not self._claims and self._take_locked():
                 return True
             would_reject = self._overflow >= self.max_queue
             self._overflow += 1
