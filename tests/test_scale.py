@@ -292,7 +292,8 @@ def test_a_breaker_keeps_its_attributes_compact():
 
 def test_what_a_service_never_used_costs_it_nothing():
     # A budget has slots for retries from its first retry on; every retry strategy copies one
-    # tenacity template; a breaker that excludes nothing shares its exclusions.
+    # tenacity template; a breaker that excludes nothing shares its exclusions, and has no
+    # rejection messages until its calls may be rejected.
     budget = RetryBudget("quiet", RetryBudgetOptions())
     for _ in range(100):
         budget.deposit()
@@ -304,6 +305,13 @@ def test_what_a_service_never_used_costs_it_nothing():
     second = retry.RetryStrategy("b", retry.RetryOptions())
     assert first._retrying is second._retrying
     assert CircuitBreaker("x")._excluding is CircuitBreaker("y")._excluding
+    # A breaker's rejection messages are made when its calls may first be rejected.
+    cb = CircuitBreaker("Quiet")
+    assert len(cb._messages) == 0
+    cb.force_open()
+    assert type(cb._messages) is dict
+    with pytest.raises(buttress.CircuitOpenError, match=r"^circuit of 'Quiet' is forced open$"):
+        cb.call(lambda: 1)
 
 
 def test_threads_and_tasks_racing_on_a_new_services_first_call_retry_and_failure(mode, compiles):

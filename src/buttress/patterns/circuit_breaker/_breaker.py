@@ -291,6 +291,38 @@ class _StoredMachine(Machine):
         store.state = TO_PYBREAKER[phase]
 
 
+_MESSAGES: Final = {
+    "open": "circuit of {!r} is open",
+    "half_open_full": "circuit of {!r} is half-open and its trial calls are taken",
+    "forced_open": "circuit of {!r} is forced open",
+}
+
+
+def _messages(service: str) -> dict[str, str]:
+    """The messages of a breaker's rejections (``CircuitOpenError``), by reason."""
+    return {reason: message.format(service) for reason, message in _MESSAGES.items()}
+
+
+class _Messages(dict[str, str]):
+    """The messages of a breaker that has not rejected yet: each made when first asked.
+
+    A closed breaker holds this empty dict rather than three strings (≈ 0.27 KB less per
+    service); the breaker swaps in a plain dict (:func:`_messages`) when its calls may be
+    rejected, so a rejection does not pay the subclass's lookup.
+    """
+
+    __slots__ = ("service",)
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def __missing__(self, reason: str) -> str:
+        message = _MESSAGES[reason].format(self.service)
+        self[reason] = message
+        return message
+
+
 class _Limit:
     """pybreaker's own copy of one limit (``_fail_max``...): a view of the breaker's ``_limits``.
 
@@ -382,11 +414,9 @@ class CircuitBreaker(CompatBreaker):
         now = _clock.monotonic()
         self.service = service
         self.options = opts
-        self._messages = {
-            "open": f"circuit of {service!r} is open",
-            "half_open_full": f"circuit of {service!r} is half-open and its trial calls are taken",
-            "forced_open": f"circuit of {service!r} is forced open",
-        }
+        # The rejection messages, by reason: made when the circuit first leaves the closed fast
+        # path (see _refresh_fast_paths); most breakers never reject.
+        self._messages: dict[str, str] = _Messages(service)
         # The phase, generation, counters (in pybreaker's storage) and trials in flight, and
         # the state no fast path reads (overrides, the shared circuit's bookkeeping).
         self._m = _StoredMachine(now)
@@ -1380,6 +1410,7 @@ class CircuitBreaker(CompatBreaker):
         # Readers look at these without the lock: each is one attribute, replaced whole.
         if self._m.override_until is not None:
             # A timed override: every call goes through _admit_locked, which ends it on time.
+            self._may_reject()
             self._fast_token = None
             self._open_until = _NEVER
             return
@@ -1391,12 +1422,20 @@ class CircuitBreaker(CompatBreaker):
             self._fast_token = m.generation << 1
         else:
             self._fast_token = None
+        if self._fast_token is None:
+            self._may_reject()
         if self._m.override == FORCED_OPEN:
             self._open_until = _FOREVER
         elif self._m.override is None and m.phase == OPEN and local:
             self._open_until = m.opened_at + m.open_time(self._limits)
         else:
             self._open_until = _NEVER
+
+    def _may_reject(self) -> None:
+        """The calls may be rejected from now on: the messages as a plain dict (set before the
+        fast paths that read them are, so that a rejection finds them)."""
+        if type(self._messages) is not dict:
+            self._messages = _messages(self.service)
 
     def _refresh_listeners(self) -> None:
         listeners = self.listeners
