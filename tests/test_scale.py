@@ -305,11 +305,14 @@ def test_what_a_service_never_used_costs_it_nothing():
     second = retry.RetryStrategy("b", retry.RetryOptions())
     assert first._retrying is second._retrying
     assert CircuitBreaker("x")._excluding is CircuitBreaker("y")._excluding
-    # A breaker's rejection messages are made when its calls may first be rejected.
+    # A breaker's rejection messages and recorders are made when its calls may first be
+    # rejected.
     cb = CircuitBreaker("Quiet")
     assert len(cb._messages) == 0
+    assert "Quiet" not in events._recorders.get(events.CallRejected, {})
     cb.force_open()
     assert type(cb._messages) is dict
+    assert cb._rejected is events.recorder(events.CallRejected, "Quiet")
     with pytest.raises(buttress.CircuitOpenError, match=r"^circuit of 'Quiet' is forced open$"):
         cb.call(lambda: 1)
 

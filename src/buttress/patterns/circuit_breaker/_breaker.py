@@ -291,6 +291,9 @@ class _StoredMachine(Machine):
         store.state = TO_PYBREAKER[phase]
 
 
+# The rejections' recorder of a breaker that has not rejected yet: it records nothing.
+_NOT_REJECTING: Final = events.Recorder(CallRejected, "")
+
 _MESSAGES: Final = {
     "open": "circuit of {!r} is open",
     "half_open_full": "circuit of {!r} is half-open and its trial calls are taken",
@@ -396,9 +399,11 @@ class CircuitBreaker(CompatBreaker):
         self._delivering = False  # flipped under _DELIVERY
         # The per-call events' fast paths: no event built where a subscriber bound its series.
         self._recorded = events.recorder(CircuitCallRecorded, service)
-        self._rejected = events.recorder(CallRejected, service)
-        # The same rejection when it ends the call (before_final): one record for both events.
-        self._rejected_call = events.recorder(events.RejectedCall, service)
+        # A rejection's, and the same rejection when it ends the call (before_final: one record
+        # for both events). Made when the calls may first be rejected (see _may_reject): until
+        # then one that records nothing stands in for both (most breakers never reject).
+        self._rejected = _NOT_REJECTING
+        self._rejected_call = _NOT_REJECTING
         super().__init__(
             name=service,
             fail_max=opts.fail_max,
@@ -1432,8 +1437,11 @@ class CircuitBreaker(CompatBreaker):
             self._open_until = _NEVER
 
     def _may_reject(self) -> None:
-        """The calls may be rejected from now on: the messages as a plain dict (set before the
-        fast paths that read them are, so that a rejection finds them)."""
+        """The calls may be rejected from now on: the rejections' recorders, and the messages as
+        a plain dict (set before the fast paths that read them are, so a rejection finds them)."""
+        if self._rejected is _NOT_REJECTING:
+            self._rejected = events.recorder(CallRejected, self.service)
+            self._rejected_call = events.recorder(events.RejectedCall, self.service)
         if type(self._messages) is not dict:
             self._messages = _messages(self.service)
 
