@@ -23,6 +23,7 @@ from buttress import (
     config,
     events,
     instrumentation,
+    retry_with_backoff,
     with_bulkhead,
     with_timeout,
 )
@@ -580,6 +581,56 @@ def test_multiprocess_gauges_follow_the_events():
         events.emit(SettingsReloaded(ok=True, generation=7, error=None))
         assert value("buttress_config_generation") == 7
         assert value("buttress_config_reloads_total", outcome="success") == 1
+
+
+@pytest.mark.parametrize("multiprocess", [False, True], ids=["single", "multiprocess"])
+def test_the_default_stack_writes_the_same_numbers_in_both_modes(multiprocess, mode, clock):
+    # Through the recorders as configure() binds them (single process: the bulkhead's declined,
+    # the histograms inlined; multiprocess: gauges written from built events), with logging at
+    # its default level (its binders decline): every per-call number the stack writes.
+    registry = CollectorRegistry()
+    subscriber = PrometheusSubscriber(registry, multiprocess=multiprocess)
+    binders = subscriber.binders()
+    undos = [
+        events.subscribe(handler, [kind], binder=binders.get(kind))
+        for kind, handler in subscriber.handlers().items()
+    ]
+    before = instrumentation.installed()
+    instrumentation.configure(prometheus=False, otel=True, logging=True)
+    service = f"both-modes-{mode.name}-{'mp' if multiprocess else 'sp'}"
+    try:
+        fn = circuit_breaker(name=service, fail_max=5)(
+            retry_with_backoff(name=service, max_attempts=2)(
+                with_timeout(name=service, seconds=5)(
+                    with_bulkhead(name=service, limit=3)(mode.define(latency=0.002))
+                )
+            )
+        )
+        for _ in range(7):
+            assert mode.run(fn) == "ok"
+    finally:
+        for undo in undos:
+            undo()
+        instrumentation.configure(
+            prometheus=before.get("prometheus", False),  # type: ignore[arg-type]
+            otel=before.get("otel", False),  # type: ignore[arg-type]
+            logging=before.get("logging", False),  # type: ignore[arg-type]
+        )
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, {"service": service, **labels})
+
+    assert value("buttress_calls_total", outcome="success") == 7
+    assert value("buttress_call_duration_seconds_count", outcome="success") == 7
+    assert value("buttress_call_duration_seconds_bucket", outcome="success", le="0.005") == 7
+    assert value("buttress_call_duration_seconds_bucket", outcome="success", le="0.001") == 0
+    assert value("buttress_call_duration_seconds_sum", outcome="success") == pytest.approx(0.014)
+    assert value("buttress_timeout_elapsed_seconds_count") == 7
+    assert value("buttress_timeout_elapsed_seconds_sum") == pytest.approx(0.014)
+    assert value("buttress_circuit_breaker_successes_total") == 7
+    assert value("buttress_bulkhead_queue_wait_seconds_count") in (None, 0)
+    assert value("buttress_bulkhead_limit") == 3
+    assert value("buttress_bulkhead_active") == 0
 
 
 def wait_for(condition, seconds=2.0):
