@@ -318,3 +318,14 @@ def test_a_logger_outside_logging_manager_or_disabled_is_always_bound(restore_su
     assert len(handler.named("buttress.call.finished")) == 1
     named.removeHandler(handler)
     named.setLevel(logging.NOTSET)
+
+
+def test_a_level_change_never_fails_for_buttress(quiet, monkeypatch):
+    logger, _ = quiet
+
+    def broken(*_args: object, **_kwargs: object) -> bool:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(events, "rebind", broken)
+    logger.setLevel(logging.DEBUG)
+    assert logger.isEnabledFor(logging.DEBUG)

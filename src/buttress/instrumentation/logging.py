@@ -15,6 +15,7 @@ decision that changes what callers get (circuit opening, retries running out, ti
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -141,7 +142,9 @@ class _LevelWatch(dict[int, bool]):
 
     def clear(self) -> None:
         super().clear()
-        _levels_changed()
+        # setLevel() must never fail for buttress's sake (no thread at interpreter shutdown).
+        with contextlib.suppress(Exception):
+            _levels_changed()
 
 
 def _levels_changed() -> None:
