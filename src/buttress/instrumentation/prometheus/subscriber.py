@@ -364,12 +364,17 @@ class PrometheusSubscriber:
         series = self.local.child(FAMILIES["buttress_timeout_elapsed_seconds"], (service,))
         cells, bounds = series.cells, series.bounds
         first, total = layout(bounds)
+        hot, hot_cell = series.mine()  # the binding thread's cell, found by one comparison
 
         def timed_call(elapsed: float, _timed_out: bool) -> None:
             # HistogramSeries.observe inline, one frame per call.
-            cell = cells.get(get_ident())
-            if cell is None:
-                cell = series.cell()
+            cell: list[float] | None
+            if get_ident() == hot:
+                cell = hot_cell
+            else:
+                cell = cells.get(get_ident())
+                if cell is None:
+                    cell = series.cell()
             if elapsed <= first:
                 cell[0] += 1
             else:
@@ -401,13 +406,18 @@ class PrometheusSubscriber:
         # Every outcome's series has the family's bounds.
         bounds = success.bounds
         first, total = layout(bounds)
+        hot, hot_cell = success.mine()  # the binding thread's cell, found by one comparison
 
         def observe(outcome: str, duration: float, _unrecorded: str | None) -> None:
             # HistogramSeries.observe inline, one frame per call: this runs on every call.
+            cell: list[float] | None
             if outcome == "success":
-                cell = success_cells.get(get_ident())
-                if cell is None:
-                    cell = success.cell()
+                if get_ident() == hot:
+                    cell = hot_cell
+                else:
+                    cell = success_cells.get(get_ident())
+                    if cell is None:
+                        cell = success.cell()
             else:
                 series = by_outcome[outcome]
                 cell = series.cells.get(get_ident())
