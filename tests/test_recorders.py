@@ -152,3 +152,29 @@ def test_a_failing_call_recorder_leaves_a_rejection_as_it_was(mode, clock):
         assert isinstance(mode.outcome(fn), CircuitOpenError)
     finally:
         undo()
+
+
+def test_a_timed_call_hands_its_elapsed_time_to_the_recorder(mode, clock):
+    # The async driver calls the recorder of TimedCallFinished inline; both drivers hand it the
+    # same fields, and a recorder that raises never breaks the call.
+    from buttress import with_timeout
+    from buttress.events import TimedCallFinished
+
+    seen: list[tuple[object, ...]] = []
+
+    def binder(service: str):
+        def timed(*fields: object) -> None:
+            seen.append((service, *fields))
+            if len(seen) > 1:
+                raise RuntimeError("subscriber bug")
+
+        return timed
+
+    undo = events.subscribe(lambda event: None, [TimedCallFinished], binder=binder)
+    try:
+        fn = with_timeout(name="timed-recorder", seconds=5)(mode.define(latency=2))
+        assert mode.run(fn) == "ok"
+        assert mode.run(fn) == "ok"
+    finally:
+        undo()
+    assert seen == [("timed-recorder", 2.0, False)] * 2

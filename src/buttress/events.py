@@ -56,6 +56,7 @@ __all__ = [
     "emit",
     "failed",
     "fuse",
+    "rebind",
     "recorder",
     "subscribe",
     "unsubscribe",
@@ -652,6 +653,22 @@ def _joined(kind: type[Any], parts: list[Part]) -> Callable[..., object] | None:
 def failed(record: Callable[..., object]) -> None:
     """For an emit site: ``record`` (a recorder's function) raised; report it once, go on."""
     _report(record)
+
+
+def rebind(kinds: Iterable[type[Any]], *, blocking: bool = True) -> bool:
+    """Bind the recorders of ``kinds`` again at their next event: a subscriber's binders would
+    now answer differently (the logging subscriber's, after a level changed).
+
+    Without ``blocking``, gives up and returns ``False`` if the hub's lock is taken (for a
+    caller holding a lock that code under the hub's lock may wait for).
+    """
+    if not _lock.acquire(blocking=blocking):
+        return False
+    try:
+        _rebind(kinds)
+    finally:
+        _lock.release()
+    return True
 
 
 def _rebind(kinds: Iterable[type[Any]]) -> None:

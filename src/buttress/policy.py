@@ -651,6 +651,10 @@ def _abounded(strategy: Any, call: AsyncCall) -> AsyncCall:
     """Run under a deadline, for a task: a timer on its loop cancels it when the time is up."""
     limit_of, exceeded, finished = strategy.limit, strategy.exceeded, strategy.finished
     deadline_var = _context.deadline
+    # The strategy's TimedCallFinished recorder (TimeoutStrategy.recorded): its record called
+    # here, inline, and the clock read for it only when somebody listens. Without one (another
+    # bounded strategy), finished() is told every end.
+    recorded: events.Recorder | None = getattr(strategy, "recorded", None)
 
     async def timed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         start = _clock.monotonic()
@@ -686,7 +690,15 @@ def _abounded(strategy: Any, call: AsyncCall) -> AsyncCall:
                 # withdraw it so it does not hit the caller's next await.
                 task.uncancel()
             deadline_var.reset(token)
-            finished(_clock.monotonic() - start, timed_out)
+            if recorded is None:
+                finished(_clock.monotonic() - start, timed_out)
+            else:
+                record = recorded.record
+                if record is not None:
+                    try:
+                        record(_clock.monotonic() - start, timed_out)
+                    except Exception:  # noqa: BLE001 - a subscriber must never break the call
+                        events.failed(record)
 
     return timed
 

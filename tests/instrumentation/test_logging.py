@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -176,3 +177,155 @@ def test_a_rejection_through_the_recorder_is_logged_like_the_event(logged):
     fields = ("levelno", "service", "pattern", "reason", "retry_after")
     assert [getattr(full, f) for f in fields] == [getattr(emitted, f) for f in fields]
     assert full.levelno == logging.INFO
+
+
+# --- nothing bound for the per-call kinds while neither of their levels is on -------------------
+
+
+@pytest.fixture
+def quiet(restore_subscribers):
+    """The logging subscriber alone, on a dedicated logger at WARNING (the default level)."""
+    logger = logging.getLogger("tests.buttress.quiet")
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+    handler = Records()
+    logger.addHandler(handler)
+    instrumentation.configure(prometheus=False, otel=False, logging=logger)
+    yield logger, handler
+    logger.removeHandler(handler)
+    logger.setLevel(logging.NOTSET)
+
+
+def test_calls_bind_nothing_of_logging_until_a_level_change_lets_them_log(quiet, mode, clock):
+    logger, handler = quiet
+    fn = circuit_breaker(name="quiet", fail_max=5)(mode.define())
+    finished = events.recorder(CallFinished, "quiet")
+    assert mode.run(fn) == "ok"
+    assert finished.record is None  # WARNING: no call is ever logged, nothing is called
+    logger.setLevel(logging.DEBUG)
+    assert mode.run(fn) == "ok"
+    (record,) = handler.named("buttress.call.finished")
+    assert (record.levelno, record.service, record.outcome) == (logging.DEBUG, "quiet", "success")
+    assert finished.record is not None
+    logger.setLevel(logging.INFO)  # failures only: bound, successes not logged
+    assert mode.run(fn) == "ok"
+    assert finished.record is not None
+    logger.setLevel(logging.WARNING)
+    assert mode.run(fn) == "ok"
+    assert finished.record is None
+    assert len(handler.named("buttress.call.finished")) == 1
+
+
+def test_a_rejection_binds_nothing_of_logging_until_a_level_change_lets_it_log(quiet, mode, clock):
+    # Both ways a rejection is recorded: the call it ends (the breaker outermost: one fused
+    # RejectedCall) and one a pattern outside the breaker sees (CallRejected, then CallFinished).
+    logger, handler = quiet
+
+    def down() -> str:
+        raise ConnectionError("down")
+
+    breaker = circuit_breaker(name="quiet-rejections", fail_max=1, timeout=30)
+    ended = breaker(mode.define(down))
+    retried = retry_with_backoff(name="quiet-rejections", max_attempts=2)(
+        breaker(mode.define(down))
+    )
+    mode.outcome(ended)
+    for fn in (ended, retried):
+        assert isinstance(mode.outcome(fn), Exception)
+    recorders = [events.recorder(kind, "quiet-rejections") for kind in _REJECTION_KINDS]
+    assert [r.record for r in recorders] == [None, None, None]
+    logger.setLevel(logging.DEBUG)
+    for fn in (ended, retried):
+        assert isinstance(mode.outcome(fn), Exception)
+    records = handler.named("buttress.call.rejected")
+    assert [(r.levelno, r.pattern, r.reason) for r in records] == [
+        (logging.DEBUG, "circuit_breaker", "open")
+    ] * 2
+    finished = handler.named("buttress.call.finished")
+    assert [(r.levelno, r.outcome) for r in finished] == [(logging.INFO, "rejected")] * 2
+    assert all(r.record is not None for r in recorders)
+
+
+_REJECTION_KINDS = (events.RejectedCall, events.CallRejected, CallFinished)
+
+
+def test_a_level_changed_on_an_ancestor_or_by_logging_disable_rebinds_too(
+    quiet, restore_subscribers
+):
+    logger, handler = quiet
+    parent = logging.getLogger("tests.buttress")
+    before = parent.level
+    logger.setLevel(logging.NOTSET)  # inherits from its ancestors
+    parent.setLevel(logging.WARNING)
+    finished = events.recorder(CallFinished, "inherited")
+    try:
+        finished.record("success", 0.01, None)  # binds
+        assert finished.record is None
+        parent.setLevel(logging.DEBUG)
+        finished.record("success", 0.01, None)
+        assert len(handler.named("buttress.call.finished")) == 1
+        logging.disable(logging.INFO)
+        assert finished.record is not None  # not bound yet: it binds at the next call
+        finished.record("failure", 0.01, "OSError")
+        assert finished.record is None
+        logging.disable(logging.NOTSET)
+        finished.record("failure", 0.01, "OSError")
+        assert len(handler.named("buttress.call.finished")) == 2
+    finally:
+        logging.disable(logging.NOTSET)
+        parent.setLevel(before)
+
+
+def test_a_level_change_while_the_events_lock_is_taken_rebinds_once_it_is_free(quiet):
+    # logging calls back under its own lock, which code under the events lock may wait for: the
+    # rebinding never waits there, a thread does it once the events lock is free.
+    logger, handler = quiet
+    finished = events.recorder(CallFinished, "contended")
+    finished.record("success", 0.01, None)
+    assert finished.record is None
+    with events._lock:
+        logger.setLevel(logging.DEBUG)
+        assert finished.record is None  # not yet: the lock is taken
+    limit = time.monotonic() + 5
+    while finished.record is None:  # the rebinding thread's progress (bounded real-time poll)
+        assert time.monotonic() < limit, "not rebound"
+        time.sleep(0.0005)
+    finished.record("success", 0.01, None)
+    assert len(handler.named("buttress.call.finished")) == 1
+
+
+def test_a_logger_outside_logging_manager_or_disabled_is_always_bound(restore_subscribers):
+    # A level change of a logger that logging's manager does not know is never announced, and
+    # `disabled` changes without one: for them the bound function checks per record.
+    direct = logging.Logger("tests.direct", logging.WARNING)  # noqa: LOG001 - the point
+    handler = Records()
+    instrumentation.configure(prometheus=False, otel=False, logging=direct)
+    finished = events.recorder(CallFinished, "direct")
+    finished.record("success", 0.01, None)
+    assert finished.record is not None
+
+    named = logging.getLogger("tests.buttress.disabled")
+    named.setLevel(logging.DEBUG)
+    named.disabled = True
+    named.addHandler(handler)
+    instrumentation.configure(logging=named)
+    finished = events.recorder(CallFinished, "disabled")
+    finished.record("success", 0.01, None)
+    assert finished.record is not None
+    assert handler.named("buttress.call.finished") == []
+    named.disabled = False
+    finished.record("success", 0.01, None)
+    assert len(handler.named("buttress.call.finished")) == 1
+    named.removeHandler(handler)
+    named.setLevel(logging.NOTSET)
+
+
+def test_a_level_change_never_fails_for_buttress(quiet, monkeypatch):
+    logger, _ = quiet
+
+    def broken(*_args: object, **_kwargs: object) -> bool:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(events, "rebind", broken)
+    logger.setLevel(logging.DEBUG)
+    assert logger.isEnabledFor(logging.DEBUG)

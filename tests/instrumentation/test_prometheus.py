@@ -23,6 +23,7 @@ from buttress import (
     config,
     events,
     instrumentation,
+    retry_with_backoff,
     with_bulkhead,
     with_timeout,
 )
@@ -302,6 +303,86 @@ def test_a_single_process_exposes_counters_and_histograms_like_prometheus_client
     assert metrics.value("buttress_calls_total", service="svc", outcome="timeout") == 0
 
 
+# Amounts at, just above and far from the bounds of the call and timeout histograms, for the
+# recorders' inlined observation (the first bucket tested with one comparison, then a search).
+_AMOUNTS = (0.0, 0.0004, 0.001, 0.0010000001, 0.003, 0.25, 0.2500001, 60, 120, 121.5, 1e9)
+
+
+@pytest.mark.parametrize("kind", [CallFinished, events.TimedCallFinished], ids=lambda k: k.__name__)
+def test_a_histogram_written_from_threads_and_tasks_scrapes_what_was_observed(
+    kind, restore_subscribers
+):
+    # Through the recorder (the inlined observation of the bound path), from 8 threads and from
+    # tasks on two of them: every bucket, the count and the sum are what prometheus_client's own
+    # Histogram shows for the same amounts.
+    registry = CollectorRegistry()
+    instrumentation.configure(prometheus=registry, otel=False, logging=False)
+    reference = CollectorRegistry()
+    family = FAMILIES[
+        "buttress_call_duration_seconds"
+        if kind is CallFinished
+        else "buttress_timeout_elapsed_seconds"
+    ]
+    expected = prometheus.series.create(family, reference)
+    service = f"observed-{kind.__name__}"
+    labels = (service, "success") if kind is CallFinished else (service,)
+    record = events.recorder(kind, service)
+
+    def observe(amount: float) -> None:
+        if kind is CallFinished:
+            record.record("success", amount, None)
+        else:
+            record.record(amount, False)
+
+    rounds, threads = 40, 8
+    start = threading.Barrier(threads)
+
+    def run(index: int) -> None:
+        start.wait()
+        for _ in range(rounds):
+            for amount in _AMOUNTS:
+                observe(amount)
+        if index < 2:  # tasks share their thread's cell
+
+            async def task() -> None:
+                for amount in _AMOUNTS:
+                    observe(amount)
+                    await asyncio.sleep(0)
+
+            async def main() -> None:
+                await asyncio.gather(*(task() for _ in range(5)))
+
+            asyncio.run(main())
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    observed = threads * rounds + 2 * 5
+    for _ in range(observed):
+        for amount in _AMOUNTS:
+            expected.labels(*labels).observe(amount)
+
+    def samples(source: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for metric in source.collect()
+            if metric.name == family.name
+            for sample in metric.samples
+            if sample.labels.get("service") == service
+            and not sample.name.endswith("_created")
+            and sample.labels.get("outcome", "success") == "success"
+        }
+
+    got, want = samples(registry), samples(reference)
+    [total] = [key for key in want if key[0].endswith("_sum")]
+    assert got.pop(total) == pytest.approx(want.pop(total))
+    assert got == want
+    [count] = [value for key, value in got.items() if key[0].endswith("_count")]
+    assert count == observed * len(_AMOUNTS)
+
+
 # --- counters and histograms from events ----------------------------------------------------------
 
 
@@ -500,6 +581,56 @@ def test_multiprocess_gauges_follow_the_events():
         events.emit(SettingsReloaded(ok=True, generation=7, error=None))
         assert value("buttress_config_generation") == 7
         assert value("buttress_config_reloads_total", outcome="success") == 1
+
+
+@pytest.mark.parametrize("multiprocess", [False, True], ids=["single", "multiprocess"])
+def test_the_default_stack_writes_the_same_numbers_in_both_modes(multiprocess, mode, clock):
+    # Through the recorders as configure() binds them (single process: the bulkhead's declined,
+    # the histograms inlined; multiprocess: gauges written from built events), with logging at
+    # its default level (its binders decline): every per-call number the stack writes.
+    registry = CollectorRegistry()
+    subscriber = PrometheusSubscriber(registry, multiprocess=multiprocess)
+    binders = subscriber.binders()
+    undos = [
+        events.subscribe(handler, [kind], binder=binders.get(kind))
+        for kind, handler in subscriber.handlers().items()
+    ]
+    before = instrumentation.installed()
+    instrumentation.configure(prometheus=False, otel=True, logging=True)
+    service = f"both-modes-{mode.name}-{'mp' if multiprocess else 'sp'}"
+    try:
+        fn = circuit_breaker(name=service, fail_max=5)(
+            retry_with_backoff(name=service, max_attempts=2)(
+                with_timeout(name=service, seconds=5)(
+                    with_bulkhead(name=service, limit=3)(mode.define(latency=0.002))
+                )
+            )
+        )
+        for _ in range(7):
+            assert mode.run(fn) == "ok"
+    finally:
+        for undo in undos:
+            undo()
+        instrumentation.configure(
+            prometheus=before.get("prometheus", False),  # type: ignore[arg-type]
+            otel=before.get("otel", False),  # type: ignore[arg-type]
+            logging=before.get("logging", False),  # type: ignore[arg-type]
+        )
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, {"service": service, **labels})
+
+    assert value("buttress_calls_total", outcome="success") == 7
+    assert value("buttress_call_duration_seconds_count", outcome="success") == 7
+    assert value("buttress_call_duration_seconds_bucket", outcome="success", le="0.005") == 7
+    assert value("buttress_call_duration_seconds_bucket", outcome="success", le="0.001") == 0
+    assert value("buttress_call_duration_seconds_sum", outcome="success") == pytest.approx(0.014)
+    assert value("buttress_timeout_elapsed_seconds_count") == 7
+    assert value("buttress_timeout_elapsed_seconds_sum") == pytest.approx(0.014)
+    assert value("buttress_circuit_breaker_successes_total") == 7
+    assert value("buttress_bulkhead_queue_wait_seconds_count") in (None, 0)
+    assert value("buttress_bulkhead_limit") == 3
+    assert value("buttress_bulkhead_active") == 0
 
 
 def wait_for(condition, seconds=2.0):
@@ -804,7 +935,6 @@ def test_docs_map_the_adr_names():
         events.CircuitCallRecorded("fast", "failure", 0.002, False, "OSError", 0.5, None),
         events.CircuitCallRecorded("fast", "ignored", 0.002, False, "KeyError", None, None),
         events.BulkheadAcquired("fast", 0.0, 1, 0, 4),
-        events.BulkheadAcquired("fast", 0.02, 1, 0, 4),
         events.TimedCallFinished("fast", 0.3, timed_out=False),
         events.CallRejected("fast", "circuit_breaker", "open", 2.5),
         events.CallRejected("fast", "bulkhead", "full", None),
@@ -833,3 +963,28 @@ def test_a_recorder_writes_what_the_event_handler_writes(event, restore_subscrib
     assert through_recorder == through_handler
     # Something was written, but for a slot taken at once (the gauges are read at scrape time).
     assert through_recorder or event == events.BulkheadAcquired("fast", 0.0, 1, 0, 4)
+
+
+def test_a_slot_taken_at_once_costs_the_bulkhead_no_recorder_call(mode, restore_subscribers):
+    # The recorder of BulkheadAcquired carries only slots taken at once, which write nothing
+    # (the gauges are read at scrape time): with the default subscribers its record is None, so
+    # the bulkhead makes no call per slot. A wait still comes as an event and is observed, and a
+    # plain handler still gets every acquisition.
+    registry = CollectorRegistry()
+    instrumentation.configure(prometheus=registry, otel=True, logging=True)
+    fn = with_bulkhead(name="slot-at-once", limit=2)(mode.define())
+    assert mode.run(fn) == "ok"
+    assert events.recorder(BulkheadAcquired, "slot-at-once").record is None
+    seen: list[object] = []
+    undo = events.subscribe(seen.append, [BulkheadAcquired])
+    try:
+        assert mode.run(fn) == "ok"
+    finally:
+        undo()
+    assert seen == [BulkheadAcquired("slot-at-once", 0.0, 1, 0, 2)]
+    assert mode.run(fn) == "ok"
+    assert events.recorder(BulkheadAcquired, "slot-at-once").record is None
+    events.emit(BulkheadAcquired("slot-at-once", 0.25, 2, 1, 2))
+    waits = {"service": "slot-at-once"}
+    assert registry.get_sample_value("buttress_bulkhead_queue_wait_seconds_count", waits) == 1
+    assert registry.get_sample_value("buttress_bulkhead_queue_wait_seconds_sum", waits) == 0.25

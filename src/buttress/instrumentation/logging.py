@@ -15,7 +15,9 @@ decision that changes what callers get (circuit opening, retries running out, ti
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -122,6 +124,68 @@ EVENT_NAMES: dict[type[Any], tuple[str, int | Callable[[Any], int]]] = {
 logging.getLogger("buttress").addHandler(logging.NullHandler())
 
 
+# --- the per-call kinds: nothing bound while nothing of theirs can be logged ---------------------
+# CallFinished and CallRejected come at DEBUG (a success, a rejection by an open circuit) or INFO:
+# while a logger has neither enabled (its default, WARNING, inherited from the root), their
+# binders decline, so the recorders call nothing of this subscriber's on the call path. logging
+# empties every logger's cache of isEnabledFor answers whenever a level changes anywhere
+# (setLevel, logging.disable, dictConfig); the watched logger's cache tells us (_LevelWatch),
+# and the recorders of these kinds bind again at their next event (and those of RejectedCall,
+# which records both: events rebinds it with either).
+_BOUND_KINDS: tuple[type[Any], ...] = (CallFinished, CallRejected)
+
+
+class _LevelWatch(dict[int, bool]):
+    """A logger's cache of ``isEnabledFor`` answers that says when logging empties it."""
+
+    __slots__ = ()
+
+    def clear(self) -> None:
+        super().clear()
+        # setLevel() must never fail for buttress's sake (no thread at interpreter shutdown).
+        with contextlib.suppress(Exception):
+            _levels_changed()
+
+
+def _levels_changed() -> None:
+    # Called under logging's module lock. Code under the events lock may wait for that lock (a
+    # subscriber that logs while it binds), so this never waits for the events lock: when it is
+    # taken, a thread rebinds once it is free (no logging lock held there).
+    if not events.rebind(_BOUND_KINDS, blocking=False):
+        threading.Thread(
+            target=events.rebind, args=(_BOUND_KINDS,), name="buttress-log-levels", daemon=True
+        ).start()
+
+
+def _watch(logger: logging.Logger) -> bool:
+    """Whether a change of ``logger``'s levels is seen (its cache is then a :class:`_LevelWatch`).
+
+    Only a logger that logging's manager empties the cache of: the root, or one that
+    ``getLogger`` made. Its cache is replaced by an empty one, which is always right (logging
+    fills it again on the next question); an answer written meanwhile to the old one is lost.
+    """
+    cache = getattr(logger, "_cache", None)
+    if isinstance(cache, _LevelWatch):
+        return True
+    manager = getattr(logger, "manager", None)
+    if type(cache) is not dict or manager is None:
+        return False
+    if logger is not manager.root and manager.loggerDict.get(logger.name) is not logger:
+        return False
+    logger._cache = _LevelWatch()
+    return True
+
+
+def _may_log(logger: logging.Logger, level: int) -> bool:
+    """``isEnabledFor(level)`` without its cache, its lock or ``disabled``.
+
+    Not ``disabled``: logging turns it on and off without emptying caches, so it is checked
+    where a record would be made, never decided on in advance. No lock: a binder runs under the
+    events lock (see _levels_changed).
+    """
+    return bool(logger.manager.disable < level and level >= logger.getEffectiveLevel())
+
+
 def _fields(name: str, event: Any) -> dict[str, Any]:
     fields: dict[str, Any] = {"event": name, **event._asdict()}
     error = fields.get("error")
@@ -139,6 +203,9 @@ class LoggingSubscriber:
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self.logger = logging.getLogger("buttress") if logger is None else logger
+        # Whether a level change is seen: then the per-call kinds bind nothing while neither
+        # of their levels is enabled (see _BOUND_KINDS).
+        self._watched = _watch(self.logger)
 
     def handlers(self) -> dict[type[Any], events.Handler]:
         """The handler for each event kind this subscriber consumes."""
@@ -146,13 +213,21 @@ class LoggingSubscriber:
 
     def binders(self) -> dict[type[Any], events.Binder]:
         """The fast path of the per-call kinds: the level is checked before an event is built."""
+        # Rebound when a level changes: _BOUND_KINDS (and so RejectedCall, see events._rebind).
         return {
             CallFinished: self._bind_call_finished,
             CallRejected: self._bind_rejected,
             events.RejectedCall: self._bind_rejected_call,
         }
 
-    def _bind_call_finished(self, service: str) -> Callable[[str, float, str | None], None]:
+    def _quiet(self) -> bool:
+        """Whether no record of the per-call kinds can be made until a level changes: neither
+        DEBUG nor INFO is enabled, and a change would be seen."""
+        return self._watched and not _may_log(self.logger, INFO)
+
+    def _bind_call_finished(self, service: str) -> Callable[[str, float, str | None], None] | None:
+        if self._quiet():
+            return None  # bound again when a level changes
         log = self.logger.log
         # The logger's own answers to isEnabledFor, which logging empties whenever a level
         # changes: a "no" found there saves a call per event. Anything else (a "yes", no answer
@@ -170,7 +245,9 @@ class LoggingSubscriber:
 
         return record_call
 
-    def _bind_rejected(self, service: str) -> Callable[[str, str, float | None], None]:
+    def _bind_rejected(self, service: str) -> Callable[[str, str, float | None], None] | None:
+        if self._quiet():
+            return None  # bound again when a level changes
         log = self.logger.log
         known: dict[int, bool] = getattr(self.logger, "_cache", {})
         enabled = self.logger.isEnabledFor
@@ -185,9 +262,11 @@ class LoggingSubscriber:
 
         return rejected
 
-    def _bind_rejected_call(self, service: str) -> Callable[[str, str, float | None], None]:
+    def _bind_rejected_call(self, service: str) -> Callable[[str, str, float | None], None] | None:
         """A call the rejection ended (events.RejectedCall): its CallRejected and CallFinished
         lines, each after its own level check."""
+        if self._quiet():
+            return None  # bound again when a level changes
         log = self.logger.log
         known: dict[int, bool] = getattr(self.logger, "_cache", {})
         enabled = self.logger.isEnabledFor

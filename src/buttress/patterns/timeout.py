@@ -78,8 +78,10 @@ class TimeoutStrategy:
         self.service = service
         self.seconds = seconds
         self.mode = mode
-        # Every call reports its elapsed time: through a pre-bound recorder, no event built.
-        self._finished = events.recorder(events.TimedCallFinished, service)
+        # Every call reports its elapsed time: through a pre-bound recorder, no event built. The
+        # async driver calls its ``record`` inline (one frame less than ``finished``), and reads
+        # the clock at the call's end only when it is not ``None``.
+        self.recorded = events.recorder(events.TimedCallFinished, service)
         if mode == "shadow":
             self.before: Callable[[], tuple[float, float]] = self._started
             self.after: Callable[[tuple[float, float]], None] = self._observed
@@ -113,7 +115,7 @@ class TimeoutStrategy:
 
     def finished(self, elapsed: float, timed_out: bool) -> None:
         """The call is over for its caller, after ``elapsed`` s."""
-        record = self._finished.record
+        record = self.recorded.record
         if record is not None:
             try:
                 record(elapsed, timed_out)

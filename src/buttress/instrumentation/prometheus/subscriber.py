@@ -80,6 +80,7 @@ from buttress.instrumentation.prometheus.series import (
     ServiceLabels,
     children,
     create,
+    layout,
     multiprocess_mode,
 )
 
@@ -346,27 +347,39 @@ class PrometheusSubscriber:
 
         return circuit_call
 
-    def _bind_bulkhead_acquired(self, service: str) -> Callable[[float, int, int, int], None]:
-        waits = self._observe["buttress_bulkhead_queue_wait_seconds"]
+    def _bind_bulkhead_acquired(self, service: str) -> None:
+        """Nothing: the recorder of ``BulkheadAcquired`` carries only slots taken at once.
 
-        def acquired(waited: float, _active: int, _queued: int, _limit: int) -> None:
-            if waited > 0:  # a slot taken at once is shown by the gauges, read at scrape time
-                waits[service](waited)
-
-        return acquired
+        A slot taken at once has waited 0 s, which the queue-wait histogram does not observe;
+        the occupancy it changes is shown by the gauges, read from the bulkheads at scrape time.
+        A call that waited for its slot is emitted as an event (``Bulkhead.note_acquired``), and
+        the plain handler observes its wait. Declining leaves the recorder's ``record`` at
+        ``None`` when nobody else binds the kind: the bulkhead then makes no call at all per
+        slot (the default subscribers). In multiprocess mode the plain handler writes the
+        gauges from every event instead, and this subscriber binds no fast path for the kind.
+        """
 
     def _bind_timed_call(self, service: str) -> Callable[[float, bool], None]:
         # Bound at the service's first timed call (recorders bind on their first event).
         series = self.local.child(FAMILIES["buttress_timeout_elapsed_seconds"], (service,))
         cells, bounds = series.cells, series.bounds
+        first, total = layout(bounds)
+        hot, hot_cell = series.mine()  # the binding thread's cell, found by one comparison
 
         def timed_call(elapsed: float, _timed_out: bool) -> None:
             # HistogramSeries.observe inline, one frame per call.
-            cell = cells.get(get_ident())
-            if cell is None:
-                cell = series.cell()
-            cell[bisect_left(bounds, elapsed)] += 1
-            cell[-1] += elapsed
+            cell: list[float] | None
+            if get_ident() == hot:
+                cell = hot_cell
+            else:
+                cell = cells.get(get_ident())
+                if cell is None:
+                    cell = series.cell()
+            if elapsed <= first:
+                cell[0] += 1
+            else:
+                cell[bisect_left(bounds, elapsed)] += 1
+            cell[total] += elapsed
 
         return timed_call
 
@@ -389,15 +402,32 @@ class PrometheusSubscriber:
         # buttress_calls_total is the count of this histogram series, read at scrape time.
         by_outcome = self._local_calls[service]
         success = by_outcome["success"]
+        success_cells = success.cells
+        # Every outcome's series has the family's bounds.
+        bounds = success.bounds
+        first, total = layout(bounds)
+        hot, hot_cell = success.mine()  # the binding thread's cell, found by one comparison
 
         def observe(outcome: str, duration: float, _unrecorded: str | None) -> None:
             # HistogramSeries.observe inline, one frame per call: this runs on every call.
-            series = success if outcome == "success" else by_outcome[outcome]
-            cell = series.cells.get(get_ident())
-            if cell is None:
-                cell = series.cell()
-            cell[bisect_left(series.bounds, duration)] += 1
-            cell[-1] += duration
+            cell: list[float] | None
+            if outcome == "success":
+                if get_ident() == hot:
+                    cell = hot_cell
+                else:
+                    cell = success_cells.get(get_ident())
+                    if cell is None:
+                        cell = success.cell()
+            else:
+                series = by_outcome[outcome]
+                cell = series.cells.get(get_ident())
+                if cell is None:
+                    cell = series.cell()
+            if duration <= first:
+                cell[0] += 1
+            else:
+                cell[bisect_left(bounds, duration)] += 1
+            cell[total] += duration
 
         return observe
 
