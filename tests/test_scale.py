@@ -29,6 +29,8 @@ from buttress import (
     testing,
     with_bulkhead,
 )
+from buttress.events import BulkheadAcquired, CallRejected
+from buttress.instrumentation.prometheus import PrometheusSubscriber
 from buttress.instrumentation.prometheus.series import CounterSeries, HistogramSeries
 from buttress.patterns import retry
 from buttress.patterns._budget import RetryBudget, RetryBudgetOptions
@@ -189,6 +191,70 @@ def test_past_the_cardinality_guard_services_share_one_label_and_lose_no_count()
         assert prometheus.get_sample_value("buttress_flag_service_enabled", flags) is None
     finally:
         instrumentation.configure(prometheus=before.get("prometheus", False), max_services=500)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("multiprocess", [False, True], ids=["single", "multiprocess"])
+def test_bound_functions_shared_past_the_guard_still_write_each_services_numbers(
+    mode: Any, multiprocess: bool
+) -> None:
+    # Past the cardinality guard every service writes the "_other" series through one bound
+    # function per kind; the services before it keep functions (and numbers) of their own.
+    prometheus = CollectorRegistry()
+    subscriber = PrometheusSubscriber(prometheus, multiprocess=multiprocess, max_services=2)
+    binders = subscriber.binders()
+    undos = [
+        events.subscribe(handler, [kind], binder=binders.get(kind))
+        for kind, handler in subscriber.handlers().items()
+    ]
+    names = [f"shared-{mode.name}-{'mp' if multiprocess else 'sp'}-{i}" for i in range(5)]
+    failing = {"now": False}
+
+    def body() -> str:
+        if failing["now"]:
+            raise ValueError("down")
+        return "ok"
+
+    try:
+        for i, name in enumerate(names):
+            fn = circuit_breaker(name=name, fail_max=100)(
+                with_bulkhead(name=name, limit=4)(mode.define(body))
+            )
+            failing["now"] = False
+            for _ in range(i + 1):
+                assert mode.run(fn) == "ok"
+            failing["now"] = True
+            assert isinstance(mode.outcome(fn), ValueError)
+            events.recorder(CallRejected, name)("bulkhead", "full", None)
+        for kind in binders:
+            bind = binders[kind]
+            assert bind(names[2]) is bind(names[3]) is bind(names[4])
+            if kind is not BulkheadAcquired:  # (declined: no function at all)
+                assert bind(names[0]) is not bind(names[1])
+    finally:
+        for undo in undos:
+            undo()
+
+    def value(name: str, **labels: str) -> float | None:
+        return prometheus.get_sample_value(name, labels)
+
+    for service, successes, failures in (
+        (names[0], 1, 1),
+        (names[1], 2, 1),
+        ("_other", 3 + 4 + 5, 3),
+    ):
+        calls = "buttress_calls_total"
+        assert value(calls, service=service, outcome="success") == successes
+        assert value(calls, service=service, outcome="failure") == failures
+        count = "buttress_call_duration_seconds_count"
+        assert value(count, service=service, outcome="success") == successes
+        breaker = "buttress_circuit_breaker_successes_total"
+        assert value(breaker, service=service) == successes
+        breaker = "buttress_circuit_breaker_failures_total"
+        assert value(breaker, service=service, error_type="ValueError") == failures
+        rejected = "buttress_bulkhead_rejected_total"
+        assert value(rejected, service=service, reason="full") == failures
+    for name in names[2:]:
+        assert value("buttress_calls_total", service=name, outcome="success") is None
 
 
 def test_memory_per_service_does_not_grow_with_the_number_of_services():

@@ -31,6 +31,7 @@ __all__ = [
     "LocalFamilies",
     "Observe",
     "ServiceLabels",
+    "ServiceSeries",
     "children",
     "create",
     "layout",
@@ -137,6 +138,24 @@ class Lazy(dict[K, V], Generic[K, V]):
 
     def __missing__(self, key: K) -> V:
         return self.setdefault(key, self._factory(key))
+
+
+class ServiceSeries(dict[str, "HistogramSeries"]):
+    """One service's series of a histogram family by their last label (a call's outcome), each
+    made at its first use: what a ``Lazy`` with a closure over the three would do, in one object.
+    """
+
+    __slots__ = ("family", "local", "service")
+
+    def __init__(self, local: LocalFamilies, family: Family, service: str) -> None:
+        super().__init__()
+        self.local = local
+        self.family = family
+        self.service = service
+
+    def __missing__(self, key: str) -> HistogramSeries:
+        series: HistogramSeries = self.local.child(self.family, (self.service, key))
+        return self.setdefault(key, series)
 
 
 def children(

@@ -72,12 +72,14 @@ from buttress.instrumentation.prometheus.catalog import (
 from buttress.instrumentation.prometheus.collector import Collector
 from buttress.instrumentation.prometheus.series import (
     DEFAULT_MAX_SERVICES,
+    OTHER_SERVICE,
     HistogramSeries,
     Inc,
     Lazy,
     LocalFamilies,
     Observe,
     ServiceLabels,
+    ServiceSeries,
     children,
     create,
     layout,
@@ -87,6 +89,7 @@ from buttress.instrumentation.prometheus.series import (
 __all__ = ["PrometheusSubscriber"]
 
 _BREAKER = "circuit_breaker"  # the pattern whose rejections may end a call (RejectedCall)
+_CALL_DURATIONS = FAMILIES["buttress_call_duration_seconds"]
 
 # A call's outcome, duration and error type, recorded without building a CallFinished.
 RecordCall = Callable[[str, float, "str | None"], None]
@@ -139,6 +142,9 @@ class PrometheusSubscriber:
         self._call_recorders: Lazy[str, RecordCall] = Lazy(self._bind_call_finished)
         # Rejections come in floods while a circuit is open: one lookup per rejection.
         self._rejections: Lazy[tuple[str, str, str], Inc] = Lazy(self._bind_rejection)
+        # What every service past the cardinality guard shares, by binder: they all write the
+        # "_other" series, so one binding (made for the first of them) serves them all.
+        self._other: dict[str, Any] = {}
         if self.multiprocess:
             # An unlabelled gauge shows 0 from the moment it exists in a file, and 0 would read
             # "kill switch off": that one is created when first written.
@@ -279,23 +285,57 @@ class PrometheusSubscriber:
             CacheLookup: self._bind_cache_lookup,
         }
 
-    def _bind_cache_lookup(self, service: str) -> Callable[[str], None]:
-        lookups = self._inc["buttress_cache_lookups_total"]
+    def _shared(self, service: str, bind: Callable[[str], Any]) -> Any:
+        """What ``bind`` binds for ``service``: for a service past the cardinality guard, the one
+        binding that all of them share (made for the first of them; they write the same series).
 
-        def looked_up(result: str) -> None:
+        Binders run under the events lock (one at a time); ``setdefault`` keeps the first anyway.
+        """
+        if self.service_labels(service) != OTHER_SERVICE:
+            return bind(service)
+        name = bind.__name__
+        found = self._other.get(name)
+        if found is None:
+            found = self._other.setdefault(name, bind(service))
+        return found
+
+    def _bind_cache_lookup(self, service: str) -> Callable[[str], None]:
+        bound: Callable[[str], None] = self._shared(service, self._cache_lookup_for)
+        return bound
+
+    def _cache_lookup_for(self, service: str) -> Callable[[str], None]:
+        def looked_up(
+            result: str,
+            service: str = service,
+            lookups: Lazy[Any, Inc] = self._inc["buttress_cache_lookups_total"],
+        ) -> None:
             lookups[service, result]()
 
         return looked_up
 
     def _bind_rejected(self, service: str) -> Callable[[str, str, float | None], None]:
-        rejections = self._rejections
+        bound: Callable[[str, str, float | None], None] = self._shared(service, self._rejected_for)
+        return bound
 
-        def rejected(pattern: str, reason: str, _retry_after: float | None) -> None:
+    def _rejected_for(self, service: str) -> Callable[[str, str, float | None], None]:
+        def rejected(
+            pattern: str,
+            reason: str,
+            _retry_after: float | None,
+            service: str = service,
+            rejections: Lazy[tuple[str, str, str], Inc] = self._rejections,
+        ) -> None:
             rejections[pattern, service, reason]()
 
         return rejected
 
     def _bind_rejected_call(self, service: str) -> Callable[[str, str, float | None], None]:
+        bound: Callable[[str, str, float | None], None] = self._shared(
+            service, self._rejected_call_for
+        )
+        return bound
+
+    def _rejected_call_for(self, service: str) -> Callable[[str, str, float | None], None]:
         """A call an open circuit rejected and so ended (events.RejectedCall): the rejection's
         counter, and the ``rejected`` series of the calls histogram observed with no duration.
 
@@ -317,21 +357,33 @@ class PrometheusSubscriber:
     def _bind_circuit_call(
         self, service: str
     ) -> Callable[[str, float, bool, str | None, float | None, float | None], None]:
+        bound: Callable[[str, float, bool, str | None, float | None, float | None], None] = (
+            self._shared(service, self._circuit_call_for)
+        )
+        return bound
+
+    def _circuit_call_for(
+        self, service: str
+    ) -> Callable[[str, float, bool, str | None, float | None, float | None], None]:
         inc = self._inc
         successes = inc["buttress_circuit_breaker_successes_total"]
-        failures = inc["buttress_circuit_breaker_failures_total"]
-        ignored = inc["buttress_circuit_breaker_ignored_total"]
-        slow_calls = inc["buttress_circuit_breaker_slow_calls_total"]
         # The success series, bound at the first success (no series before its first value).
         success: Inc | None = None
 
-        def circuit_call(
+        # What the function only reads is in its defaults (smaller than closure cells, and read
+        # as locals); the success series, set once, is its one cell.
+        def circuit_call(  # noqa: PLR0917 - defaults, never passed
             outcome: str,
             _duration: float,
             slow: bool,
             error_type: str | None,
             _failure_rate: float | None,
             _slow_call_rate: float | None,
+            service: str = service,
+            successes: Lazy[Any, Inc] = successes,
+            failures: Lazy[Any, Inc] = inc["buttress_circuit_breaker_failures_total"],
+            ignored: Lazy[Any, Inc] = inc["buttress_circuit_breaker_ignored_total"],
+            slow_calls: Lazy[Any, Inc] = inc["buttress_circuit_breaker_slow_calls_total"],
         ) -> None:
             nonlocal success
             if outcome == "success":
@@ -360,14 +412,28 @@ class PrometheusSubscriber:
         """
 
     def _bind_timed_call(self, service: str) -> Callable[[float, bool], None]:
+        bound: Callable[[float, bool], None] = self._shared(service, self._timed_call_for)
+        return bound
+
+    def _timed_call_for(self, service: str) -> Callable[[float, bool], None]:
         # Bound at the service's first timed call (recorders bind on their first event).
         series = self.local.child(FAMILIES["buttress_timeout_elapsed_seconds"], (service,))
         cells, bounds = series.cells, series.bounds
         first, total = layout(bounds)
         hot, hot_cell = series.mine()  # the binding thread's cell, found by one comparison
 
-        def timed_call(elapsed: float, _timed_out: bool) -> None:
-            # HistogramSeries.observe inline, one frame per call.
+        def timed_call(  # noqa: PLR0917 - defaults, never passed
+            elapsed: float,
+            _timed_out: bool,
+            series: HistogramSeries = series,
+            cells: dict[int, list[float]] = cells,
+            bounds: tuple[float, ...] = bounds,
+            first: float = first,
+            total: int = total,
+            hot: int = hot,
+            hot_cell: list[float] = hot_cell,
+        ) -> None:
+            # HistogramSeries.observe inline, one frame per call; what it reads in its defaults.
             cell: list[float] | None
             if get_ident() == hot:
                 cell = hot_cell
@@ -388,13 +454,25 @@ class PrometheusSubscriber:
 
         Called at the service's first call (recorders bind on their first event), so a
         subscriber added later does not show services it never saw; every outcome's series is
-        made then.
+        made then. The services past the cardinality guard share one function.
         """
         if self.multiprocess:
-            calls = self._calls
+            self._calls[service]  # the service's first call: its label fixed
+        else:
+            self._local_calls[service]  # (the same)
+        bound: RecordCall = self._shared(service, self._call_finished_for)
+        return bound
 
-            def record_call(outcome: str, duration: float, _error_type: str | None) -> None:
-                count, time = calls[service][outcome]
+    def _call_finished_for(self, service: str) -> RecordCall:
+        if self.multiprocess:
+
+            def record_call(
+                outcome: str,
+                duration: float,
+                _error_type: str | None,
+                by_outcome: dict[str, tuple[Inc, Observe]] = self._calls[service],
+            ) -> None:
+                count, time = by_outcome[outcome]
                 count()
                 time(duration)
 
@@ -402,13 +480,24 @@ class PrometheusSubscriber:
         # buttress_calls_total is the count of this histogram series, read at scrape time.
         by_outcome = self._local_calls[service]
         success = by_outcome["success"]
-        success_cells = success.cells
         # Every outcome's series has the family's bounds.
-        bounds = success.bounds
-        first, total = layout(bounds)
+        first, total = layout(success.bounds)
         hot, hot_cell = success.mine()  # the binding thread's cell, found by one comparison
 
-        def observe(outcome: str, duration: float, _unrecorded: str | None) -> None:
+        # What it reads is in its defaults: smaller than closure cells, and read as locals.
+        def observe(  # noqa: PLR0917 - defaults, never passed
+            outcome: str,
+            duration: float,
+            _unrecorded: str | None,
+            by_outcome: dict[str, HistogramSeries] = by_outcome,
+            success: HistogramSeries = success,
+            success_cells: dict[int, list[float]] = success.cells,
+            bounds: tuple[float, ...] = success.bounds,
+            first: float = first,
+            total: int = total,
+            hot: int = hot,
+            hot_cell: list[float] = hot_cell,
+        ) -> None:
             # HistogramSeries.observe inline, one frame per call: this runs on every call.
             cell: list[float] | None
             if outcome == "success":
@@ -432,6 +521,12 @@ class PrometheusSubscriber:
         return observe
 
     def _bind_calls(self, service: str) -> dict[str, tuple[Inc, Observe]]:
+        """A service's (multiprocess) call series by outcome; one dict for all under ``_other``."""
+        self._first_call(service)
+        shared: dict[str, tuple[Inc, Observe]] = self._shared(service, self._calls_for)
+        return shared
+
+    def _calls_for(self, service: str) -> dict[str, tuple[Inc, Observe]]:
         calls = self.metrics["buttress_calls_total"]
         durations = self.metrics["buttress_call_duration_seconds"]
 
@@ -443,22 +538,23 @@ class PrometheusSubscriber:
         by_outcome: dict[str, tuple[Inc, Observe]] = Lazy(bind)
         for outcome in OUTCOMES:
             by_outcome[outcome] = bind(outcome)
-        self._first_call(service)
         return by_outcome
 
     def _bind_local_calls(self, service: str) -> dict[str, HistogramSeries]:
-        family = FAMILIES["buttress_call_duration_seconds"]
-        local = self.local
-        by_outcome: dict[str, HistogramSeries] = Lazy(
-            lambda outcome: local.child(family, (service, outcome))
-        )
-        # Each outcome's series is made at its first call; until then the collector shows it as
-        # zeros (the service is in ``services``), which costs the service nothing at rest. The
-        # label is fixed now, so the cardinality guard counts services in the order of their
-        # first calls.
+        """A service's call series by outcome, each made at its first call; one dict for all
+        the services under ``_other``.
+
+        Until an outcome's first call the collector shows it as zeros (the service is in
+        ``services``), which costs the service nothing at rest. The label is fixed now, so the
+        cardinality guard counts services in the order of their first calls.
+        """
         self.service_labels(service)
         self._first_call(service)
-        return by_outcome
+        shared: dict[str, HistogramSeries] = self._shared(service, self._local_calls_for)
+        return shared
+
+    def _local_calls_for(self, service: str) -> dict[str, HistogramSeries]:
+        return ServiceSeries(self.local, _CALL_DURATIONS, service)
 
     def _first_call(self, service: str) -> None:
         # Every outcome exists from the first call, so a ratio such as timeouts / calls has its
