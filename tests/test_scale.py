@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import gc
+import pickle
 import statistics
 import threading
 import tracemalloc
 from collections.abc import Callable
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -465,6 +467,54 @@ def test_equal_code_arguments_of_different_types_resolve_apart(mode):
     false = with_fallback(False, name="typed-false")(mode.define(fail))
     assert mode.run(zero) == 0
     assert mode.run(false) is False
+
+
+def test_equal_code_arguments_are_one_mapping_shared_by_their_specs() -> None:
+    # The same fail_max=5, timeout=60 at many services: one validated mapping for all of them.
+    def spec(service: str, **code_args: Any) -> policy.Spec:
+        return policy.Spec("circuit_breaker", service, code_args)
+
+    first, second = spec("args-a", fail_max=5, timeout=60), spec("args-b", fail_max=5, timeout=60)
+    assert first.code_args is second.code_args
+    assert type(first.code_args) is MappingProxyType  # read-only, as the registry expects
+    with pytest.raises(TypeError):
+        first.code_args["fail_max"] = 6  # type: ignore[index]
+    # Equal values of other types, or another order, are other arguments.
+    as_float = spec("args-c", fail_max=5, timeout=60.0)
+    assert as_float.code_args is not first.code_args
+    assert type(as_float.code_args["timeout"]) is float
+    assert type(first.code_args["timeout"]) is int
+    reordered = spec("args-d", timeout=60, fail_max=5)
+    assert list(reordered.code_args) == ["timeout", "fail_max"]
+    assert list(first.code_args) == ["fail_max", "timeout"]
+    assert policy._flat(-0.0) != policy._flat(0.0)
+    assert policy._flat((1, "a")) != policy._flat((True, "a"))
+    unshared = policy.Spec("fallback", "args-e", {"value": [1]})  # a list: never shared
+    assert unshared.code_args is not policy.Spec("fallback", "args-f", {"value": [1]}).code_args
+    # Pickled, a spec is an equal spec, sharing again once loaded.
+    loaded = pickle.loads(pickle.dumps(first))
+    assert loaded == first
+    assert loaded.code_args is first.code_args
+    # Threads racing on new equal arguments get one mapping.
+    made: list[policy.Spec] = []
+    barrier = threading.Barrier(16)
+
+    def make(i: int) -> None:
+        barrier.wait()
+        made.append(spec(f"args-race-{i}", fail_max=7, timeout=61))
+
+    workers = [threading.Thread(target=make, args=(i,)) for i in range(16)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert len({id(each.code_args) for each in made}) == 1
+    # The shared entry goes with the last spec that gives those arguments.
+    entries = len(policy._args)
+    made.clear()
+    del first, second, loaded
+    gc.collect()
+    assert len(policy._args) < entries
 
 
 def test_a_function_decorated_per_request_leaves_no_bookkeeping_behind(mode):

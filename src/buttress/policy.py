@@ -110,11 +110,62 @@ class Spec:
             name: value if not isinstance(kept := getattr(validated, name), RedisURL) else kept
             for name, value in self.code_args.items()
         }
-        object.__setattr__(self, "code_args", MappingProxyType(code_args))
+        object.__setattr__(self, "code_args", _shared_args(code_args))
 
     def __reduce__(self) -> tuple[Any, ...]:
         # A mappingproxy cannot be pickled: rebuild from a plain dict (validated again on load).
         return (Spec, (self.pattern, self.service, dict(self.code_args), self.preset))
+
+
+class _Args(dict[str, Any]):
+    """Validated code arguments that equal specs share (see :func:`_shared_args`): a dict that
+    can be referenced weakly, and its read-only view, which is what a spec holds."""
+
+    __slots__ = ("__weakref__", "view")
+
+    view: Mapping[str, Any]
+
+
+# Equal code arguments, one mapping for all the specs that give them (the same ``fail_max=5,
+# timeout=60`` at many services), by their names, types and values in order. An entry goes
+# when its last spec does (the view and its dict are a cycle, so at a garbage collection).
+_args: weakref.WeakValueDictionary[tuple[Any, ...], _Args] = weakref.WeakValueDictionary()
+_args_lock = threading.Lock()
+_UNSHARED = object()
+# Values compared for sharing: a value of another type (1 and True, or 1.0) is another value.
+_FLAT = frozenset({str, int, bool, type(None), type})
+
+
+def _flat(value: Any) -> Any:
+    """What tells ``value`` apart from every other (its type, and for a float its bits), or
+    ``_UNSHARED`` for a value whose equality says less than that (lists, objects, ...)."""
+    kind = type(value)
+    if kind in _FLAT:
+        return (kind, value)
+    if kind is float:
+        return (kind, value.hex())  # -0.0 apart from 0.0, and a NaN equal to itself
+    if kind is tuple:
+        parts = tuple(_flat(each) for each in value)
+        return _UNSHARED if _UNSHARED in parts else (kind, parts)
+    return _UNSHARED
+
+
+def _shared_args(code_args: dict[str, Any]) -> Mapping[str, Any]:
+    """A read-only view of ``code_args``: the one that equal arguments already have, if any.
+
+    Arguments with a value :func:`_flat` cannot tell apart from every other get a view of
+    their own. The order of the arguments is part of the key (a policy's repr shows it).
+    """
+    key = tuple((name, _flat(value)) for name, value in code_args.items())
+    if any(flat is _UNSHARED for _, flat in key):
+        return MappingProxyType(code_args)
+    with _args_lock:
+        found = _args.get(key)
+        if found is None:
+            found = _Args(code_args)
+            found.view = MappingProxyType(found)
+            _args[key] = found
+        return found.view
 
 
 def _argument_error(pattern: str, exc: ValueError) -> ConfigurationError:
