@@ -436,6 +436,48 @@ def test_threads_and_tasks_racing_on_a_new_services_first_call_retry_and_failure
     }
 
 
+def test_threads_and_tasks_racing_on_a_policys_first_call_make_one_runner(
+    monkeypatch: pytest.MonkeyPatch, compiles: list[str]
+) -> None:
+    # call() and acall() make their runner at their first use (a policy that only decorates
+    # holds none): racing first calls make it once, and every call runs through it.
+    made: list[bool] = []
+    original = policy._target_runner
+
+    def counting(*, is_async: bool) -> Callable[..., Any]:
+        made.append(is_async)
+        return original(is_async=is_async)
+
+    monkeypatch.setattr(policy, "_target_runner", counting)
+    shared = policy.Policy(policy.Spec("bulkhead", "runner-race", {"limit": 64}))
+    assert shared._call_runner is None
+    assert shared._acall_runner is None
+    barrier = threading.Barrier(16)
+    results: list[int] = []
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results.append(shared.call(lambda: i))
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert sorted(results) == list(range(16))
+
+    async def answer(i: int) -> int:
+        await asyncio.sleep(0)
+        return i
+
+    async def tasks() -> list[int]:
+        return await asyncio.gather(*(shared.acall(answer, i) for i in range(16)))
+
+    assert asyncio.run(tasks()) == list(range(16))
+    assert sorted(made) == [False, True]
+    assert compiles.count("runner-race") == 2  # one stack each for call() and acall()
+
+
 def test_services_settings_leave_alone_share_their_resolved_options(monkeypatch):
     # At rest a service costs little: views with nothing from settings share one options cache,
     # so the same code arguments resolve to one object whichever service gives them; a service

@@ -1464,7 +1464,7 @@ class Policy:
     extra and keeps nothing): when no spec names a service, that state is private to the policy.
     """
 
-    __slots__ = ("_runners", "_runners_lock", "service", "specs")
+    __slots__ = ("_acall_runner", "_call_runner", "service", "specs")
 
     def __init__(self, *specs: Spec) -> None:
         if not specs:
@@ -1476,8 +1476,9 @@ class Policy:
         init = object.__setattr__
         init(self, "specs", specs)
         init(self, "service", next((s.service for s in specs if s.service), None))
-        init(self, "_runners", {})
-        init(self, "_runners_lock", threading.Lock())
+        # What call() and acall() run: made at the first of each (most policies only decorate).
+        init(self, "_call_runner", None)
+        init(self, "_acall_runner", None)
 
     def __repr__(self) -> str:
         inner = ", ".join(
@@ -1490,8 +1491,8 @@ class Policy:
 
     specs: tuple[Spec, ...]
     service: str | None
-    _runners: dict[bool, Callable[..., Any]]
-    _runners_lock: threading.Lock
+    _call_runner: Callable[..., Any] | None
+    _acall_runner: Callable[..., Any] | None
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"Policy is immutable: cannot set {name!r}")
@@ -1547,14 +1548,19 @@ class Policy:
             _call_target.reset(token)
 
     def _runner(self, *, is_async: bool) -> Callable[..., Any]:
-        runner = self._runners.get(is_async)
+        runner = self._acall_runner if is_async else self._call_runner
         if runner is None:
-            with self._runners_lock:
-                runner = self._runners.get(is_async)
+            # One lock for every policy: it is taken once per policy and kind of call.
+            with _runners_lock:
+                name = "_acall_runner" if is_async else "_call_runner"
+                runner = getattr(self, name)
                 if runner is None:
                     runner = self(_target_runner(is_async=is_async))
-                    self._runners[is_async] = runner
+                    object.__setattr__(self, name, runner)
         return runner
+
+
+_runners_lock = threading.RLock()  # (reentrant: a runner is made by decorating)
 
 
 # The function Policy.call()/acall() is running (in _context: a cache key includes it).
