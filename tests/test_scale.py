@@ -257,6 +257,8 @@ def test_bound_functions_shared_past_the_guard_still_write_each_services_numbers
         assert value(rejected, service=service, reason="full") == failures
     for name in names[2:]:
         assert value("buttress_calls_total", service=name, outcome="success") is None
+    # The first of the services past the guard stands for all of them (none has flags).
+    assert subscriber.services == set(names[:3])
 
 
 def test_memory_per_service_does_not_grow_with_the_number_of_services():

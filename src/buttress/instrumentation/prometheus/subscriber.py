@@ -122,7 +122,8 @@ class PrometheusSubscriber:
         # The cardinality guard: services past max_services share the service label "_other".
         self.service_labels = ServiceLabels(max_services)
         self._lock = threading.Lock()
-        # Services that made a call: their flags are shown even when they have no breaker.
+        # Services that made a call: their flags are shown even when they have no breaker (of
+        # the services past the cardinality guard, only the first).
         self.services: set[str] = set()
         # Services whose sync calls were ever abandoned: shown with 0 once their workers finish.
         self.abandoning: set[str] = set()
@@ -145,6 +146,7 @@ class PrometheusSubscriber:
         # What every service past the cardinality guard shares, by binder: they all write the
         # "_other" series, so one binding (made for the first of them) serves them all.
         self._other: dict[str, Any] = {}
+        self._other_called = False  # whether ``services`` holds one of them (one is enough)
         if self.multiprocess:
             # An unlabelled gauge shows 0 from the moment it exists in a file, and 0 would read
             # "kill switch off": that one is created when first written.
@@ -558,9 +560,13 @@ class PrometheusSubscriber:
 
     def _first_call(self, service: str) -> None:
         # Every outcome exists from the first call, so a ratio such as timeouts / calls has its
-        # series, and rate() sees the first increment of a new outcome.
+        # series, and rate() sees the first increment of a new outcome. Past the cardinality
+        # guard the first service stands for all: they show as "_other" and have no flags.
+        other = self.service_labels(service) == OTHER_SERVICE
         with self._lock:
-            self.services.add(service)
+            if not other or not self._other_called:
+                self._other_called = self._other_called or other
+                self.services.add(service)
         if self.multiprocess:
             self._write_flags(service)
 
