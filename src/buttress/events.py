@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, get_args
 
 __all__ = [
+    "FUSED",
     "REJECTED_ERROR",
     "ROUTES",
     "Binder",
@@ -48,6 +49,7 @@ __all__ = [
     "SettingsReloaded",
     "ShadowDecision",
     "StateStoreError",
+    "SucceededCall",
     "TimedCallFinished",
     "TimeoutExceeded",
     "WorkerAbandoned",
@@ -104,6 +106,20 @@ class RejectedCall(NamedTuple):
     pattern: str
     reason: str
     retry_after: float | None
+
+
+class SucceededCall(NamedTuple):
+    """Not an event of its own: a :class:`Recorder` kind for a successful call whose breaker
+    is the final step (see :class:`RejectedCall`) and had nothing to judge but the outcome.
+
+    Recording one delivers what two recordings did: ``CircuitCallRecorded(service, "success",
+    duration, False, None, None, None)`` and then ``CallFinished(service, "success", duration,
+    None)`` (the breaker admitted the call when it started; a breaker with a slow-call duration
+    has a window, so it never records this kind). Nobody subscribes to this kind.
+    """
+
+    service: str
+    duration: float
 
 
 # --- circuit breaker -----------------------------------------------------------------------------
@@ -489,23 +505,60 @@ def _pending(found: Recorder) -> Callable[..., object] | None:
 
     The caller holds ``_lock``.
     """
-    if found.kind is RejectedCall:
-        return found if ROUTES.get(CallRejected) or ROUTES.get(CallFinished) else None
+    fusion = _FUSIONS.get(found.kind)
+    if fusion is not None:
+        first, second = fusion[0], fusion[1]
+        return found if ROUTES.get(first) or ROUTES.get(second) else None
     return found if ROUTES.get(found.kind) else None
 
 
-# A subscriber's one bound function for a rejected call (RejectedCall), by the handler it
-# subscribed to CallRejected: (its CallFinished handler, the binder). See fuse().
-_fused: dict[Handler, tuple[Handler, Binder]] = {}
 # What a rejected call records as its CallFinished (the only rejection that ends a call inside
 # the breaker is the circuit breaker's; see RejectedCall).
 REJECTED_ERROR = "CircuitOpenError"
 
+Adapter = Callable[[Callable[..., object]], Callable[..., object]]
+
+
+def _rejected_finished(finished: Callable[..., object]) -> Callable[..., object]:
+    def part(_pattern: str, _reason: str, _retry_after: float | None) -> None:
+        finished("rejected", 0.0, REJECTED_ERROR)
+
+    return part
+
+
+def _succeeded_recorded(recorded: Callable[..., object]) -> Callable[..., object]:
+    def part(duration: float) -> None:
+        recorded("success", duration, False, None, None, None)  # noqa: FBT003 - the fields
+
+    return part
+
+
+def _succeeded_finished(finished: Callable[..., object]) -> Callable[..., object]:
+    def part(duration: float) -> None:
+        finished("success", duration, None)
+
+    return part
+
+
+# A fused kind -> the two kinds it records, in order, and how each one's function is called
+# with the fused kind's fields (None: with the same fields).
+_FUSIONS: dict[type[Any], tuple[type[Any], type[Any], Adapter | None, Adapter]] = {
+    RejectedCall: (CallRejected, CallFinished, None, _rejected_finished),
+    SucceededCall: (CircuitCallRecorded, CallFinished, _succeeded_recorded, _succeeded_finished),
+}
+# The two kinds each fused kind stands for (for subscribers that offer a fused binder).
+FUSED: dict[type[Any], tuple[type[Any], type[Any]]] = {
+    kind: (first, second) for kind, (first, second, _, _) in _FUSIONS.items()
+}
+# A subscriber's one bound function for a fused kind, by (the fused kind, the handler it
+# subscribed to the first kind): (its handler of the second kind, the binder). See fuse().
+_fused: dict[tuple[type[Any], Handler], tuple[Handler, Binder]] = {}
+
 
 def _compose(kind: type[Any], service: str) -> Callable[..., object] | None:
     """What a recorder of ``kind`` for ``service`` calls now (the caller holds ``_lock``)."""
-    if kind is RejectedCall:
-        return _joined(RejectedCall, _rejected_call_parts(service))
+    if kind in _FUSIONS:
+        return _joined(kind, _fused_parts(kind, service))
     return _joined(kind, _parts(kind, service, ROUTES.get(kind, ())))
 
 
@@ -540,39 +593,36 @@ def _parts(kind: type[Any], service: str, handlers: Iterable[Handler]) -> list[P
     return parts
 
 
-def _rejected_call_parts(service: str) -> list[Part]:
-    """A RejectedCall's parts: each subscriber's fused function where it offers one
-    (:func:`fuse`), then the CallRejected and CallFinished of every other handler."""
-    finishing = ROUTES.get(CallFinished, ())
+def _fused_parts(kind: type[Any], service: str) -> list[Part]:
+    """A fused kind's parts: each subscriber's one function where it offers one (:func:`fuse`),
+    then the two kinds' functions for every other handler, in the kinds' order."""
+    first_kind, second_kind, first_adapter, second_adapter = _FUSIONS[kind]
+    seconds = ROUTES.get(second_kind, ())
     parts: list[Part] = []
     covered: set[Handler] = set()
-    rejecting: list[Handler] = []
-    for handler in ROUTES.get(CallRejected, ()):
-        entry = _fused.get(handler)
-        if entry is None or entry[0] not in finishing:
-            rejecting.append(handler)
+    firsts: list[Handler] = []
+    for handler in ROUTES.get(first_kind, ()):
+        entry = _fused.get((kind, handler))
+        if entry is None or entry[0] not in seconds:
+            firsts.append(handler)
             continue
         try:
             bound = entry[1](service)
         except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
             _report(handler)
-            rejecting.append(handler)
+            firsts.append(handler)
             continue
         covered.add(entry[0])
         if bound is not None:
             parts.append((handler, bound))
-    rejected = _joined(CallRejected, _parts(CallRejected, service, rejecting))
-    if rejected is not None:
-        parts.append((rejected, rejected))
-    finished = _joined(
-        CallFinished, _parts(CallFinished, service, [h for h in finishing if h not in covered])
+    first = _joined(first_kind, _parts(first_kind, service, firsts))
+    if first is not None:
+        parts.append((first, first if first_adapter is None else first_adapter(first)))
+    second = _joined(
+        second_kind, _parts(second_kind, service, [h for h in seconds if h not in covered])
     )
-    if finished is not None:
-
-        def rejected_finished(_pattern: str, _reason: str, _retry_after: float | None) -> None:
-            finished("rejected", 0.0, REJECTED_ERROR)
-
-        parts.append((finished, rejected_finished))
+    if second is not None:
+        parts.append((second, second_adapter(second)))
     return parts
 
 
@@ -674,8 +724,9 @@ def rebind(kinds: Iterable[type[Any]], *, blocking: bool = True) -> bool:
 def _rebind(kinds: Iterable[type[Any]]) -> None:
     # The caller holds _lock. Only the recorders of the kinds whose subscriptions changed.
     changed = set(kinds)
-    if CallRejected in changed or CallFinished in changed:
-        changed.add(RejectedCall)
+    for fused, (first, second, _, _) in _FUSIONS.items():
+        if first in changed or second in changed:
+            changed.add(fused)
     for kind in changed:
         for found in _recorders.get(kind, _NONE).values():
             found.record = _pending(found)
@@ -732,24 +783,26 @@ def unsubscribe(handler: Handler) -> None:
         _rebind(changed)
 
 
-def fuse(rejected: Handler, finished: Handler, binder: Binder) -> Callable[[], None]:
-    """Let ``binder`` record a :class:`RejectedCall` for two subscribed handlers at once.
+def fuse(kind: type[Any], first: Handler, second: Handler, binder: Binder) -> Callable[[], None]:
+    """Let ``binder`` record the fused ``kind`` (:data:`FUSED`) for two handlers at once.
 
-    ``rejected`` and ``finished`` are one subscriber's handlers of ``CallRejected`` and
-    ``CallFinished``; ``binder(service)`` returns one function of ``(pattern, reason,
-    retry_after)`` that records what both would record for a call that the rejection ended
+    ``first`` and ``second`` are one subscriber's handlers of the two kinds ``kind`` stands for
+    (for :class:`RejectedCall`: ``CallRejected`` and ``CallFinished``); ``binder(service)``
+    returns one function of the fused kind's fields that records what both would record
     (``None``: nothing). While either handler is not subscribed, each is given its own kind as
     usual. Returns a function that undoes it.
     """
+    if kind not in _FUSIONS:
+        raise TypeError(f"not a fused kind: {kind!r}")
     with _lock:
-        _fused[rejected] = (finished, binder)
-        _rebind((RejectedCall,))
+        _fused[kind, first] = (second, binder)
+        _rebind((kind,))
 
     def undo() -> None:
         with _lock:
-            if _fused.get(rejected, (None,))[0] is finished:
-                del _fused[rejected]
-                _rebind((RejectedCall,))
+            if _fused.get((kind, first), (None,))[0] is second:
+                del _fused[kind, first]
+                _rebind((kind,))
 
     return undo
 

@@ -41,7 +41,7 @@ from typing import Any, ParamSpec, TypeVar, cast, overload
 from buttress import _clock, _context, _deadline, config, events, registry
 from buttress._context import answered_as
 from buttress._values import RedisURL
-from buttress.events import CallFinished
+from buttress.events import CallFinished, SucceededCall
 from buttress.exceptions import ConfigurationError, RejectedError, TimeoutExceededError
 from buttress.patterns import PATTERNS
 from buttress.patterns._base import (
@@ -940,9 +940,11 @@ def _final(strategy: Any, calls: events.Recorder, call: Call) -> Call:
 
     It admits, judges and records the call's CallFinished itself (``calls``), so the wrapper
     has nothing to record: a rejection (``strategy.final`` records RejectedCall) leaves with no
-    ``except`` on its way, and a call takes one ``try`` and three clock reads for both jobs.
+    ``except`` on its way, and the common success is judged and recorded by one call of the
+    breaker's (``strategy.succeeded`` records SucceededCall). One ``try`` for both jobs.
     """
     before, judge, ended = strategy.final, strategy.judge, strategy.ended
+    succeeded, succeeded_calls = strategy.succeeded, events.recorder(SucceededCall, calls.service)
 
     def final(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         token = before(call, args, kwargs)
@@ -967,6 +969,8 @@ def _final(strategy: Any, calls: events.Recorder, call: Call) -> Call:
                 if record is not None:
                     _finished(record, exc, _clock.monotonic() - began)
             raise
+        if succeeded(token, started, succeeded_calls):  # the common success: one call
+            return result
         effect = judge(token, started, None, result)
         if effect is not None:
             settle(effect)
@@ -984,6 +988,7 @@ def _final(strategy: Any, calls: events.Recorder, call: Call) -> Call:
 def _afinal(strategy: Any, calls: events.Recorder, call: AsyncCall) -> AsyncCall:
     """:func:`_final` for ``async def`` callers."""
     before, judge, ended = strategy.final, strategy.judge, strategy.ended
+    succeeded, succeeded_calls = strategy.succeeded, events.recorder(SucceededCall, calls.service)
 
     async def final(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         token = before(call, args, kwargs)
@@ -1006,6 +1011,8 @@ def _afinal(strategy: Any, calls: events.Recorder, call: AsyncCall) -> AsyncCall
                 if record is not None:
                     _finished(record, exc, _clock.monotonic() - began)
             raise
+        if succeeded(token, started, succeeded_calls):
+            return result
         effect = judge(token, started, None, result)
         if effect is not None:
             await asettle(effect)

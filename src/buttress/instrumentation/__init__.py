@@ -140,11 +140,10 @@ def _switch(name: str, target: Any, build: Callable[[Any], Any]) -> None:
         events.subscribe(handler, [kind], binder=binders.get(kind))
         for kind, handler in handlers.items()
     ]
-    fused = binders.get(events.RejectedCall)
-    if fused is not None:  # one bound function for a rejected call's two records
-        undos.append(
-            events.fuse(handlers[events.CallRejected], handlers[events.CallFinished], fused)
-        )
+    for kind, (first, second) in events.FUSED.items():
+        fused = binders.get(kind)
+        if fused is not None:  # one bound function for the two records of one call
+            undos.append(events.fuse(kind, handlers[first], handlers[second], fused))
 
     def undo() -> None:
         for each in reversed(undos):

@@ -284,6 +284,7 @@ class PrometheusSubscriber:
             TimedCallFinished: self._bind_timed_call,
             CallRejected: self._bind_rejected,
             events.RejectedCall: self._bind_rejected_call,
+            events.SucceededCall: self._bind_succeeded_call,
             CacheLookup: self._bind_cache_lookup,
         }
 
@@ -355,6 +356,36 @@ class PrometheusSubscriber:
             ended()
 
         return rejected_call
+
+    def _bind_succeeded_call(self, service: str) -> Callable[[float], None]:
+        """A successful call whose breaker is the final step (events.SucceededCall): the
+        breaker's success counter and the call's observation, in one frame.
+
+        What ``_bind_circuit_call`` and ``_bind_call_finished`` write for a success: every
+        successful call of such a stack comes here.
+        """
+        success = self._inc["buttress_circuit_breaker_successes_total"][service]
+        series = self._local_calls[service]["success"]
+        cells = series.cells
+        bounds = series.bounds
+        first, total = layout(bounds)
+        hot, hot_cell = series.mine()  # the binding thread's cell, found by one comparison
+
+        def succeeded_call(duration: float) -> None:
+            success()
+            # HistogramSeries.observe inline (as in _bind_call_finished's success).
+            if get_ident() == hot:
+                cell = hot_cell
+            else:
+                found = cells.get(get_ident())
+                cell = series.cell() if found is None else found
+            if duration <= first:
+                cell[0] += 1
+            else:
+                cell[bisect_left(bounds, duration)] += 1
+            cell[total] += duration
+
+        return succeeded_call
 
     def _bind_circuit_call(
         self, service: str

@@ -533,6 +533,37 @@ class CircuitBreaker(CompatBreaker):
         self._announce(outcome, elapsed, error, slow)
         return None
 
+    def succeeded(self, token: Any, started: float, succeeded: events.Recorder) -> bool:
+        """Judge the success of the policy's final step (the call admitted with ``token`` at
+        ``started`` returned) when there is nothing to judge but that: closed with memory
+        storage (``token`` is the fast token), no failure to clear, no window (so no
+        slow-call duration either), no ``failure_on_result``, no listener, nothing queued. Then
+        it records ``succeeded`` (the
+        step's ``SucceededCall`` recorder, of this breaker's service: its
+        ``CircuitCallRecorded`` and the call's ``CallFinished`` in one call; the clock is read
+        only if somebody listens) and returns ``True``. Otherwise ``False``: the step calls
+        :meth:`judge` and records the call as usual. (The recorder is the step's, not an
+        attribute: a breaker keeps its attributes within CPython's shared-keys limit.)
+        """
+        if (
+            token != self._fast_token
+            or token < 0  # disabled: no event of the breaker's
+            or self._failure_on_result is not None
+            or self._window is not None
+            or self._success_hooks
+            or self._outbox
+            or self._delivering
+            or self._store.counter
+        ):
+            return False
+        record = succeeded.record
+        if record is not None:
+            try:
+                record(_clock.monotonic() - started)
+            except Exception:  # noqa: BLE001 - a subscriber must never break the call
+                events.failed(record)
+        return True
+
     def _hold(self, error: BaseException) -> float:
         """Seconds a circuit this failure opens stays open at least: the server's Retry-After
         (``honor_retry_after``), capped at ``max_timeout``; 0 if none."""
@@ -1731,7 +1762,7 @@ class CircuitBreakerStrategy:
     how each call ended (``judge``); the drivers run the call and perform its effects."""
 
     pattern: ClassVar[str] = PATTERN
-    __slots__ = ("before", "breaker", "ended", "final", "judge", "shadow")
+    __slots__ = ("before", "breaker", "ended", "final", "judge", "shadow", "succeeded")
 
     def __init__(self, cb: CircuitBreaker, *, shadow: bool) -> None:
         self.breaker = cb
@@ -1742,6 +1773,7 @@ class CircuitBreakerStrategy:
         # it settles (state in Redis) as the call's end.
         self.final = None if shadow else cb.before_final
         self.ended = cb._ended
+        self.succeeded = cb.succeeded
 
 
 class _Direct:

@@ -1,9 +1,11 @@
-"""A rejection that ends the call: the breaker records it once, for both events (RejectedCall).
+"""The breaker as the final step: a rejection or a plain success recorded once, for two events.
 
 When the breaker is the outermost step and nothing outside it can answer in the call's place,
 its rejection is the call's end. The policy's final step then records the call itself, and the
 breaker records a rejection in one pre-bound call that writes what ``CallRejected`` and the
-rejected call's ``CallFinished`` wrote: these tests pin what every subscriber still sees.
+rejected call's ``CallFinished`` wrote (``RejectedCall``); a success with nothing else to judge
+writes what ``CircuitCallRecorded`` and the call's ``CallFinished`` wrote (``SucceededCall``).
+These tests pin what every subscriber still sees.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from buttress import (
     retry_with_backoff,
     with_fallback,
 )
-from buttress.events import CallFinished, CallRejected
+from buttress.events import CallFinished, CallRejected, CircuitCallRecorded
 from buttress.instrumentation import otel
 
 
@@ -100,7 +102,12 @@ def test_a_fused_binder_is_called_once_and_covers_its_two_handlers(mode, clock, 
         events.subscribe(rejected, [CallRejected]),
         events.subscribe(finished, [CallFinished]),
     ]
-    unfuse = events.fuse(rejected, finished, lambda service: lambda *f: fused.append((service, *f)))
+    unfuse = events.fuse(
+        events.RejectedCall,
+        rejected,
+        finished,
+        lambda service: lambda *f: fused.append((service, *f)),
+    )
     try:
         fn = _open(mode, "fused")
         own.clear()
@@ -135,7 +142,7 @@ def test_a_failing_fused_binder_never_breaks_the_call_nor_the_others(mode, clock
     undos = [
         events.subscribe(rejected, [CallRejected]),
         events.subscribe(finished, [CallFinished]),
-        events.fuse(rejected, finished, broken),
+        events.fuse(events.RejectedCall, rejected, finished, broken),
     ]
     try:
         fn = _open(mode, "broken-fused")
@@ -269,3 +276,131 @@ def test_the_span_lookup_answers_as_get_current_span_does():
     tracer = TracerProvider().get_tracer("test")
     with tracer.start_as_current_span("request") as span:
         assert current().get(key) is span is get_current_span()
+
+
+# --- a success with nothing to judge: SucceededCall ------------------------------------------
+
+
+@pytest.fixture
+def plain_success():
+    """A plain handler (no binder) of CircuitCallRecorded and CallFinished."""
+    seen: list[Any] = []
+    undo = events.subscribe(seen.append, [CircuitCallRecorded, CallFinished])
+    yield seen
+    undo()
+
+
+def test_a_success_gives_a_plain_handler_both_events_in_order(mode, clock, plain_success):
+    fn = circuit_breaker(name="plain-success", fail_max=5)(mode.define(latency=0.75))
+    assert mode.run(fn) == "ok"
+    assert plain_success == [
+        CircuitCallRecorded(
+            "plain-success", "success", pytest.approx(0.75), False, None, None, None
+        ),
+        CallFinished("plain-success", "success", pytest.approx(0.75), None),
+    ]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"failure_rate_threshold": 0.5},  # a window: judged as before
+        {"slow_call_duration": 1.0, "slow_call_rate_threshold": 0.5},
+        {"failure_on_result": lambda result: result == "bad"},
+        {},
+    ],
+    ids=["window", "slow_calls", "failure_on_result", "plain"],
+)
+def test_every_kind_of_breaker_records_a_success_the_same_way(mode, clock, plain_success, options):
+    fn = circuit_breaker(name="same-way", fail_max=5, **options)(mode.define(latency=0.25))
+    assert mode.run(fn) == "ok"
+    assert [(type(e).__name__, e.outcome, e.duration) for e in plain_success] == [
+        ("CircuitCallRecorded", "success", pytest.approx(0.25)),
+        ("CallFinished", "success", pytest.approx(0.25)),
+    ]
+
+
+def test_a_success_after_a_failure_clears_it(mode, clock):
+    """Failures to clear: the success is judged under the lock, not by the fused path."""
+    outcomes = iter([ConnectionError("down"), "ok", ConnectionError("down"), "ok"])
+
+    def flaky() -> str:
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    fn = circuit_breaker(name="cleared", fail_max=2)(mode.define(flaky))
+    for _ in range(4):
+        mode.outcome(fn)
+    # Never two failures in a row: each success cleared the one before it.
+    assert registry.instances("circuit_breaker")["cleared"].current_state == "closed"
+
+
+def test_a_pybreaker_listener_hears_every_success(mode, clock):
+    import pybreaker
+
+    heard: list[str] = []
+
+    class Listener(pybreaker.CircuitBreakerListener):
+        def success(self, cb: Any) -> None:
+            heard.append("success")
+
+    fn = circuit_breaker(name="listened", fail_max=5)(mode.define())
+    assert mode.run(fn) == "ok"
+    registry.instances("circuit_breaker")["listened"].add_listener(Listener())
+    for _ in range(3):
+        assert mode.run(fn) == "ok"
+    assert heard == ["success"] * 3
+
+
+def test_the_default_subscribers_count_a_success_once(mode, clock, subscribers):
+    fn = circuit_breaker(name="counted", fail_max=5)(mode.define(latency=0.75))
+    for _ in range(3):
+        assert mode.run(fn) == "ok"
+
+    def value(name: str, **labels: str) -> float | None:
+        return subscribers.get_sample_value(name, {"service": "counted", **labels})
+
+    assert value("buttress_calls_total", outcome="success") == 3
+    assert value("buttress_call_duration_seconds_sum", outcome="success") == pytest.approx(2.25)
+    assert value("buttress_circuit_breaker_successes_total") == 3
+
+
+def test_a_failing_fused_success_binder_never_breaks_the_call(mode, clock, plain_success):
+    def recorded(event: object) -> None: ...
+
+    def finished(event: object) -> None: ...
+
+    def broken(service: str):
+        def record(*fields: object) -> None:
+            raise RuntimeError("subscriber bug")
+
+        return record
+
+    undos = [
+        events.subscribe(recorded, [CircuitCallRecorded]),
+        events.subscribe(finished, [CallFinished]),
+        events.fuse(events.SucceededCall, recorded, finished, broken),
+    ]
+    try:
+        fn = circuit_breaker(name="broken-success", fail_max=5)(mode.define())
+        for _ in range(2):
+            assert mode.run(fn) == "ok"
+        assert [type(e).__name__ for e in plain_success] == [
+            "CircuitCallRecorded",
+            "CallFinished",
+        ] * 2
+    finally:
+        for undo in reversed(undos):
+            undo()
+
+
+def test_a_success_from_many_threads_or_tasks_loses_no_count(mode, clock, subscribers):
+    fn = circuit_breaker(name="many", fail_max=5)(mode.define())
+    for _ in range(5):
+        assert mode.gather(fn, 16) == ["ok"] * 16
+    labels = {"service": "many", "outcome": "success"}
+    assert subscribers.get_sample_value("buttress_calls_total", labels) == 80
+    successes = {"service": "many"}
+    assert subscribers.get_sample_value("buttress_circuit_breaker_successes_total", successes) == 80
