@@ -362,16 +362,30 @@ class PrometheusSubscriber:
         breaker's success counter and the call's observation, in one frame.
 
         What ``_bind_circuit_call`` and ``_bind_call_finished`` write for a success: every
-        successful call of such a stack comes here.
+        successful call of such a stack comes here. The services past the cardinality guard
+        share one function.
         """
-        success = self._inc["buttress_circuit_breaker_successes_total"][service]
+        self._local_calls[service]  # the service's first call: its label fixed
+        bound: Callable[[float], None] = self._shared(service, self._succeeded_call_for)
+        return bound
+
+    def _succeeded_call_for(self, service: str) -> Callable[[float], None]:
         series = self._local_calls[service]["success"]
-        cells = series.cells
-        bounds = series.bounds
-        first, total = layout(bounds)
+        first, total = layout(series.bounds)
         hot, hot_cell = series.mine()  # the binding thread's cell, found by one comparison
 
-        def succeeded_call(duration: float) -> None:
+        # What it reads is in its defaults: smaller than closure cells, and read as locals.
+        def succeeded_call(  # noqa: PLR0917 - defaults, never passed
+            duration: float,
+            success: Inc = self._inc["buttress_circuit_breaker_successes_total"][service],
+            series: HistogramSeries = series,
+            cells: dict[int, list[float]] = series.cells,
+            bounds: tuple[float, ...] = series.bounds,
+            first: float = first,
+            total: int = total,
+            hot: int = hot,
+            hot_cell: list[float] = hot_cell,
+        ) -> None:
             success()
             # HistogramSeries.observe inline (as in _bind_call_finished's success).
             if get_ident() == hot:
