@@ -710,6 +710,92 @@ def test_threads_hammering_the_lock_free_slots_never_exceed_the_limit_nor_lose_o
     _assert_at_rest(bh, 3)
 
 
+def test_a_new_bulkhead_keeps_one_lock_free_token_and_grows_the_list_when_calls_overlap():
+    # Memory at rest: one token, the rest of the free slots a count. Calls that never overlap
+    # stay on the lock-free path with it; the first overlap refills the list to its share.
+    bh = Bulkhead("grow", BulkheadOptions(limit=50))
+    assert (len(bh._free), bh._spare) == (1, 49)
+    for _ in range(3):
+        assert bh.admit() is None
+        bh.release()
+    assert (len(bh._free), bh._spare) == (1, 49)
+    assert bh.admit() is None
+    assert bh.admit() is None  # found the list empty: refilled under the lock
+    assert (len(bh._free), bh._spare) == (bulkhead.FAST_SLOTS, 48 - bulkhead.FAST_SLOTS)
+    bh.release()
+    bh.release()
+    _assert_at_rest(bh, 50)
+    assert len(bh._free) == bulkhead.FAST_SLOTS
+    assert (len(Bulkhead("one", BulkheadOptions(limit=1))._free), bulkhead.FAST_SLOTS) == (1, 16)
+
+
+@pytest.mark.parametrize("limit", [4, 50])
+def test_threads_and_tasks_racing_on_a_new_bulkheads_first_calls_never_exceed_it(
+    limit, switch_often
+):
+    # 16 threads and 16 tasks take their first slots of a new bulkhead at once (its list holds
+    # one token): every call gets one, never more in flight than the limit, every slot comes back.
+    bh = Bulkhead(f"first-{limit}", BulkheadOptions(limit=limit, max_queue=64))
+    peak = Peak()
+    start = threading.Barrier(17)
+    done: list[str] = []
+
+    def thread_call(name: str) -> None:
+        start.wait()
+        acquire(bh)
+        peak.enter()
+        peak.leave()
+        bh.release()
+        done.append(name)
+
+    async def task_call(name: str) -> None:
+        await aacquire(bh)
+        peak.enter()
+        await asyncio.sleep(0)
+        peak.leave()
+        bh.release()
+        done.append(name)
+
+    async def tasks() -> None:
+        start.wait()
+        await asyncio.gather(*(task_call(f"task-{n}") for n in range(16)))
+
+    threads = [threading.Thread(target=thread_call, args=(f"thread-{n}",)) for n in range(16)]
+    threads.append(threading.Thread(target=asyncio.run, args=(tasks(),)))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads), "a waiter was never woken"
+    assert len(done) == 32
+    assert peak.peak <= limit
+    _assert_at_rest(bh, limit)
+
+
+def test_bulkheads_sharing_a_lock_hand_their_slots_on_independently(monkeypatch):
+    # Bulkheads take one of 16 shared locks: two that share one keep their own slots and queues,
+    # and one's release (which wakes its waiter under the lock) never needs the other's turn.
+    monkeypatch.setattr(bulkhead, "_LOCKS", (threading.Lock(),))
+    first = Bulkhead("first", BulkheadOptions(limit=1, max_queue=1))
+    second = Bulkhead("second", BulkheadOptions(limit=1, max_queue=1))
+    assert first._lock is second._lock
+    assert first.admit() is None
+    assert second.admit() is None
+    waiters = Told(), Told()
+    for bh, waiter in zip((first, second), waiters, strict=True):
+        assert bh.admit().queue(waiter) is True  # type: ignore[union-attr]
+    first.release()
+    assert waiters[0].granted
+    assert not waiters[1].granted
+    assert (first.snapshot()["queued"], second.snapshot()["queued"]) == (0, 1)
+    second.release()
+    assert waiters[1].granted
+    first.release()
+    second.release()
+    _assert_at_rest(first, 1)
+    _assert_at_rest(second, 1)
+
+
 def test_threads_and_tasks_through_a_limit_that_keeps_changing_keep_every_slot(switch_often):
     # Threads and two event loops call through one bulkhead while another thread moves its limit
     # between 1 and 4: never more calls in flight than the largest limit, and when all is done
