@@ -199,3 +199,53 @@ def test_first_attempts_counted_without_the_lock_are_all_in_the_window(clock: Fa
     clock.advance(5.5)  # the first slot has left the window; the second has not
     assert spent.snapshot()["requests"] == 1
     assert spent.withdraw("retry") is False  # 0.5 x 1 first attempt: not one whole retry
+
+
+def test_a_budget_keeps_no_slots_until_the_window_slides_past_counted_ones(
+    clock: FakeClock,
+) -> None:
+    # At rest (a service called within one slot, or once): no list of slots. The first slide
+    # past a slot that counted first attempts makes it, with those counts in their slot.
+    spent = budget(ratio=0.5, min_per_second=0.0, window_seconds=10)
+    for _ in range(3):
+        spent.deposit()
+    assert spent._requests is None
+    assert spent.snapshot()["requests"] == 3
+    clock.advance(1.5)  # the next slot: the first one's three are still in the window
+    spent.deposit()
+    assert spent._requests is not None
+    assert spent.snapshot()["requests"] == 4
+    clock.advance(9.2)  # the first slot leaves the window, the second stays
+    assert spent.snapshot()["requests"] == 1
+    quiet = budget(window_seconds=10)
+    clock.advance(30)
+    quiet.deposit()
+    clock.advance(30)  # a whole window passed: nothing to keep, still no list
+    quiet.deposit()
+    assert quiet._requests is None
+    assert quiet.snapshot()["requests"] == 1
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_budgets_window_counts_as_sliding_counts_do(seed: int, clock: FakeClock) -> None:
+    # The budget keeps its window compactly (and its slots only once they are needed); the
+    # first attempts and retries in it are always those of ``SlidingCounts`` over the same steps.
+    import random
+
+    from buttress.patterns._sliding import SlidingCounts
+
+    draw = random.Random(seed)
+    spent = budget(ratio=1.0, min_per_second=100.0, window_seconds=10)
+    model = SlidingCounts(10, 2)
+    for _ in range(300):
+        clock.advance(draw.choice((0.0, 0.0, 0.05, 0.4, 1.0, 3.0, 12.0)))
+        now = clock.monotonic()
+        if draw.random() < 0.8:
+            spent.deposit()
+            model.add(now, 0)
+        else:
+            assert spent.withdraw("retry") is True  # the floor allows every one here
+            model.add(now, 1)
+        model.advance(now)
+        snapshot = spent.snapshot()
+        assert (snapshot["requests"], snapshot["retries"]) == tuple(model.totals)

@@ -120,7 +120,11 @@ class RetryBudget:
         """An empty window of ``window`` seconds (under the lock, or while the budget is built)."""
         self.window = window
         self._slot = window / SLOTS
-        self._requests = [0] * SLOTS  # first attempts per slot
+        # First attempts per slot, from the first time the window slides past a slot that
+        # counted some: until then every first attempt in the window is in the slot being filled,
+        # and ``requests`` is that slot's count (a budget of a service called within one slot,
+        # or never again, keeps no list: ≈ 136 bytes).
+        self._requests: list[int] | None = None
         self._retries: list[int] | None = None  # retries and hedges per slot, from the first
         self._tick = 0  # the slot being filled is _tick % SLOTS, until slot_end
         self.slot_end = 0.0  # the first deposit slides to its own time
@@ -137,15 +141,21 @@ class RetryBudget:
         if passed:
             requests, retries = self._requests, self._retries
             if passed >= SLOTS or passed < 0:
-                requests[:] = [0] * SLOTS
+                if requests is not None:
+                    requests[:] = [0] * SLOTS
                 if retries is not None:
                     retries[:] = [0] * SLOTS
                 self.requests = self.retries = 0
             else:
+                if requests is None and self.requests:
+                    # The slot being left holds every first attempt of the window: slots now.
+                    requests = self._requests = [0] * SLOTS
+                    requests[self._tick % SLOTS] = self.requests
                 for step in range(1, passed + 1):
                     gone = (self._tick + step) % SLOTS
-                    self.requests -= requests[gone]
-                    requests[gone] = 0
+                    if requests is not None:
+                        self.requests -= requests[gone]
+                        requests[gone] = 0
                     if retries is not None:
                         self.retries -= retries[gone]
                         retries[gone] = 0
@@ -172,7 +182,9 @@ class RetryBudget:
         pending = seen - self._folded
         self._folded = seen + 1
         if pending:
-            self._requests[self._tick % SLOTS] += pending
+            requests = self._requests
+            if requests is not None:
+                requests[self._tick % SLOTS] += pending
             self.requests += pending
 
     def _deposit_late(self, now: float) -> None:
@@ -180,7 +192,9 @@ class RetryBudget:
         with self._lock:
             self._fold()
             self._advance(now)
-            self._requests[self._tick % SLOTS] += 1
+            requests = self._requests
+            if requests is not None:
+                requests[self._tick % SLOTS] += 1
             self.requests += 1
 
     def _allowed(self) -> float:
