@@ -303,6 +303,15 @@ def test_a_single_process_exposes_counters_and_histograms_like_prometheus_client
     assert metrics.value("buttress_calls_total", service="svc", outcome="timeout") == 0
 
 
+@pytest.fixture
+def switch_often() -> Iterator[None]:
+    """Switch threads as often as CPython allows: races on a series' first cells get their turn."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(before)
+
+
 # Amounts at, just above and far from the bounds of the call and timeout histograms, for the
 # recorders' inlined observation (the first bucket tested with one comparison, then a search).
 _AMOUNTS = (0.0, 0.0004, 0.001, 0.0010000001, 0.003, 0.25, 0.2500001, 60, 120, 121.5, 1e9)
@@ -381,6 +390,120 @@ def test_a_histogram_written_from_threads_and_tasks_scrapes_what_was_observed(
     assert got == want
     [count] = [value for key, value in got.items() if key[0].endswith("_count")]
     assert count == observed * len(_AMOUNTS)
+
+
+def test_a_histogram_series_observed_by_one_thread_keeps_its_cell_without_a_dict():
+    # Most series only ever see one thread: its cell is the series' ``first``, no dict of its own.
+    series = prometheus.series.HistogramSeries((0.1, 1.0))
+    assert series.read() == ([0, 0, 0], 0.0)
+    for amount in (0.05, 0.5, 5.0, 0.5):
+        series.observe(amount)
+    assert series.cells is prometheus.series._NO_CELLS
+    assert series.mine() == (threading.get_ident(), series.first)
+    assert series.read() == ([1, 2, 1], 6.05)
+    assert prometheus.series._NO_CELLS == {}
+
+
+def test_threads_and_tasks_racing_on_a_new_histogram_series_keep_every_observation(
+    switch_often,
+):
+    # 16 threads (one of them running 8 tasks) make their first cells of a new series at once,
+    # through observe(), cell() and mine(): each thread has one cell, the first thread's is in
+    # the dict the second one made, and a read (taken while they write, and after) loses nothing.
+    series = prometheus.series.HistogramSeries((0.1, 1.0))
+    start = threading.Barrier(17)
+    cells: dict[int, list[list[float]]] = {}
+    reads: list[int] = []
+
+    def observe(n: int) -> None:
+        cell = series.cell() if n % 3 == 1 else series.mine()[1] if n % 3 == 2 else None
+        for _ in range(500):
+            series.observe(0.5)
+        cells.setdefault(threading.get_ident(), []).append(series.cell())
+        if cell is not None:
+            cells[threading.get_ident()].append(cell)
+
+    def thread(n: int) -> None:
+        start.wait()
+        observe(n)
+
+    async def tasks() -> None:
+        start.wait()
+
+        async def task(n: int) -> None:
+            await asyncio.sleep(0)
+            observe(n)
+
+        await asyncio.gather(*(task(n) for n in range(8)))
+
+    def reader() -> None:
+        start.wait()
+        for _ in range(50):
+            reads.append(sum(series.read()[0]))
+
+    workers = [threading.Thread(target=thread, args=(n,)) for n in range(15)]
+    workers += [threading.Thread(target=asyncio.run, args=(tasks(),))]
+    workers += [threading.Thread(target=reader)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(30)
+    buckets, total = series.read()
+    assert buckets == [0, 500 * 23, 0]
+    assert total == pytest.approx(0.5 * 500 * 23)
+    assert reads == sorted(reads)  # a read never loses what an earlier one counted
+    assert all(read <= 500 * 23 for read in reads)
+    # One cell per thread, every one in the dict (the first thread's too).
+    assert len(cells) == 16
+    assert all(len({id(cell) for cell in mine}) == 1 for mine in cells.values())
+    assert {ident: mine[0] for ident, mine in cells.items()} == series.cells
+    assert series.first is series.cells[series.ident]
+
+
+def test_a_thread_that_observed_first_finds_its_cell_after_another_binds(restore_subscribers):
+    # The series' first cell is one thread's; a recorder bound on another thread later (its hot
+    # thread) leaves the first thread to the dict, where its cell is, not a new one.
+    series = prometheus.series.HistogramSeries((0.1, 1.0))
+    series.observe(0.5)
+    first = series.first
+    bound: list[tuple[int, list[float]]] = []
+    binder = threading.Thread(target=lambda: bound.append(series.mine()))
+    binder.start()
+    binder.join()
+    assert bound[0][1] is not first
+    assert series.cells == {threading.get_ident(): first, bound[0][0]: bound[0][1]}
+    series.observe(0.5)
+    assert series.read() == ([0, 2, 0], 1.0)
+
+
+def test_a_failing_outcome_on_one_thread_makes_its_cell_once(restore_subscribers, monkeypatch):
+    # The recorder's inlined path for an outcome other than success finds the thread's cell in
+    # the series' ``first`` (no dict, no call to cell() after the first observation).
+    registry = CollectorRegistry()
+    instrumentation.configure(prometheus=registry, otel=False, logging=False)
+    made: list[int] = []
+    cell = prometheus.series.HistogramSeries.cell
+
+    def counted(self: prometheus.series.HistogramSeries) -> list[float]:
+        made.append(1)
+        return cell(self)
+
+    monkeypatch.setattr(prometheus.series.HistogramSeries, "cell", counted)
+    record = events.recorder(CallFinished, "one-thread-failures")
+    for _ in range(5):
+        record.record("failure", 0.5, "ConnectionError")
+    for _ in range(5):
+        record.record("success", 0.05, None)
+    assert len(made) == 2  # the success series' (bound), the failure series' (first observed)
+    metric = {
+        (sample.name, sample.labels.get("outcome")): sample.value
+        for family in registry.collect()
+        if family.name == "buttress_call_duration_seconds"
+        for sample in family.samples
+        if sample.labels.get("service") == "one-thread-failures"
+    }
+    assert metric["buttress_call_duration_seconds_count", "failure"] == 5
+    assert metric["buttress_call_duration_seconds_count", "success"] == 5
 
 
 # --- counters and histograms from events ----------------------------------------------------------

@@ -379,7 +379,6 @@ class PrometheusSubscriber:
             duration: float,
             success: Inc = self._inc["buttress_circuit_breaker_successes_total"][service],
             series: HistogramSeries = series,
-            cells: dict[int, list[float]] = series.cells,
             bounds: tuple[float, ...] = series.bounds,
             first: float = first,
             total: int = total,
@@ -390,8 +389,8 @@ class PrometheusSubscriber:
             # HistogramSeries.observe inline (as in _bind_call_finished's success).
             if get_ident() == hot:
                 cell = hot_cell
-            else:
-                found = cells.get(get_ident())
+            else:  # another thread: its cell is in the series' dict (made by a second thread)
+                found = series.cells.get(get_ident())
                 cell = series.cell() if found is None else found
             if duration <= first:
                 cell[0] += 1
@@ -465,7 +464,7 @@ class PrometheusSubscriber:
     def _timed_call_for(self, service: str) -> Callable[[float, bool], None]:
         # Bound at the service's first timed call (recorders bind on their first event).
         series = self.local.child(FAMILIES["buttress_timeout_elapsed_seconds"], (service,))
-        cells, bounds = series.cells, series.bounds
+        bounds = series.bounds
         first, total = layout(bounds)
         hot, hot_cell = series.mine()  # the binding thread's cell, found by one comparison
 
@@ -473,7 +472,6 @@ class PrometheusSubscriber:
             elapsed: float,
             _timed_out: bool,
             series: HistogramSeries = series,
-            cells: dict[int, list[float]] = cells,
             bounds: tuple[float, ...] = bounds,
             first: float = first,
             total: int = total,
@@ -484,8 +482,8 @@ class PrometheusSubscriber:
             cell: list[float] | None
             if get_ident() == hot:
                 cell = hot_cell
-            else:
-                cell = cells.get(get_ident())
+            else:  # another thread: its cell is in the series' dict (made by a second thread)
+                cell = series.cells.get(get_ident())
                 if cell is None:
                     cell = series.cell()
             if elapsed <= first:
@@ -538,7 +536,6 @@ class PrometheusSubscriber:
             _unrecorded: str | None,
             by_outcome: dict[str, HistogramSeries] = by_outcome,
             success: HistogramSeries = success,
-            success_cells: dict[int, list[float]] = success.cells,
             bounds: tuple[float, ...] = success.bounds,
             first: float = first,
             total: int = total,
@@ -550,13 +547,14 @@ class PrometheusSubscriber:
             if outcome == "success":
                 if get_ident() == hot:
                     cell = hot_cell
-                else:
-                    cell = success_cells.get(get_ident())
+                else:  # another thread: its cell is in the series' dict (made by a second one)
+                    cell = success.cells.get(get_ident())
                     if cell is None:
                         cell = success.cell()
             else:
                 series = by_outcome[outcome]
-                cell = series.cells.get(get_ident())
+                ident = get_ident()
+                cell = series.first if ident == series.ident else series.cells.get(ident)
                 if cell is None:
                     cell = series.cell()
             if duration <= first:
