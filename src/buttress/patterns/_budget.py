@@ -85,7 +85,8 @@ class RetryBudget:
     The window is :data:`SLOTS` slots that slide one at a time (as ``_sliding.SlidingCounts``, kept
     here in the budget itself, compactly: one budget per service): a first attempt leaves it
     between ``window`` and ``window * (1 + 1/SLOTS)`` seconds after it was counted. The retries
-    have slots of their own from the first retry on: a service that never retried has none.
+    have slots of their own from the first retry on: a service that never retried has none; the
+    first attempts from the first slide past a slot that counted some (see ``_restart``).
     """
 
     __slots__ = (
