@@ -17,6 +17,7 @@ from collections.abc import Callable
 from types import MappingProxyType
 from typing import Any
 
+import pybreaker
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -441,6 +442,101 @@ def test_threads_and_tasks_racing_on_a_new_services_first_call_retry_and_failure
         ("CircuitCallRecorded", "failure"): callers,
         ("CircuitCallRecorded", "success"): callers,
     }
+
+
+def test_a_breaker_makes_its_lock_lists_and_outbox_when_first_needed() -> None:
+    # A closed circuit that never failed holds no lock, no outbox, no listener or exclusion
+    # list and no rejection messages; each is made at its first use, and behaves as pybreaker's.
+    cb = CircuitBreaker("lazy")
+    cb.call(lambda: 1)
+    assert (cb._rlock, cb._outbox, cb._listening, cb._excluded) == (None, (), (), ())
+    assert "_messages" not in vars(cb)
+    lock = cb.lock
+    assert lock is cb.lock is cb._lock
+    assert lock.acquire(blocking=False)
+    lock.release()
+    listener = pybreaker.CircuitBreakerListener()
+    cb.add_listener(listener)
+    assert cb._listeners == [listener]
+    assert cb.listeners == (listener,)
+    cb.remove_listener(listener)
+    assert cb._listening == ()
+    with pytest.raises(ValueError):
+        cb.remove_listener(listener)
+    cb.add_excluded_exceptions(KeyError, ValueError)
+    assert cb._excluded_exceptions == [KeyError, ValueError]
+    assert not cb.is_system_error(KeyError())
+    cb.remove_excluded_exception(KeyError)
+    cb.remove_excluded_exception(ValueError)
+    assert cb._excluded == ()
+    assert cb.is_system_error(KeyError())
+    with pytest.raises(ValueError):
+        cb.remove_excluded_exception(KeyError)
+
+
+def test_threads_racing_on_a_new_breakers_lock_get_one_lock() -> None:
+    cb = CircuitBreaker("lock-race")
+    start = threading.Barrier(16)
+    locks: list[Any] = []
+
+    def take() -> None:
+        start.wait()
+        with cb.lock:
+            locks.append(cb.lock)
+
+    workers = [threading.Thread(target=take) for _ in range(16)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert len(locks) == 16
+    assert all(lock is cb._rlock for lock in locks)
+
+
+def test_threads_and_tasks_racing_on_a_new_breakers_first_failure_and_rejection(mode):
+    # The first failure makes the breaker's lock, the trip its outbox and rejection messages:
+    # racing callers make each once and lose no count or event.
+    callers = 16
+    seen: list[Any] = []
+    undo = events.subscribe(
+        seen.append, [events.CircuitCallRecorded, events.CircuitStateChanged, CallRejected]
+    )
+    start = threading.Barrier(callers)
+
+    def body() -> None:
+        if not mode.is_async:
+            start.wait()  # every thread fails, and records its failure, at once
+        raise ConnectionError("down")
+
+    async def abody() -> None:
+        await asyncio.sleep(0)
+        raise ConnectionError("down")
+
+    protected = circuit_breaker(name="first-failure-race", fail_max=callers, timeout=60)(
+        abody if mode.is_async else body
+    )
+    try:
+        failed = mode.gather(protected, callers)
+        rejected = mode.gather(protected, callers)
+    finally:
+        undo()
+    assert all(isinstance(exc, ConnectionError) for exc in failed)
+    assert all(isinstance(exc, buttress.CircuitOpenError) for exc in rejected)
+    cb = registry.breaker("first-failure-race")
+    assert cb.state_label == "open"
+    assert cb.fail_counter == callers
+    kinds = collections.Counter(
+        (type(e).__name__, getattr(e, "outcome", None) or getattr(e, "new_state", None))
+        for e in seen
+    )
+    assert kinds == {
+        ("CircuitCallRecorded", "failure"): callers,
+        ("CircuitStateChanged", "open"): 1,
+        ("CallRejected", None): callers,
+    }
+    assert cb._rlock is not None
+    assert cb._outbox == []
+    assert "_messages" in vars(cb)
 
 
 def test_threads_and_tasks_racing_on_a_policys_first_call_make_one_runner(
