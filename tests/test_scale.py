@@ -451,6 +451,7 @@ def test_a_breaker_makes_its_lock_lists_and_outbox_when_first_needed() -> None:
     cb.call(lambda: 1)
     assert (cb._rlock, cb._outbox, cb._listening, cb._excluded) == (None, (), (), ())
     assert "_messages" not in vars(cb)
+    assert cb._shown == pybreaker.STATE_CLOSED  # pybreaker's state object: its name, until read
     lock = cb.lock
     assert lock is cb.lock is cb._lock
     assert lock.acquire(blocking=False)
@@ -472,6 +473,23 @@ def test_a_breaker_makes_its_lock_lists_and_outbox_when_first_needed() -> None:
     assert cb.is_system_error(KeyError())
     with pytest.raises(ValueError):
         cb.remove_excluded_exception(KeyError)
+    state = cb.state
+    assert isinstance(state, pybreaker.CircuitClosedState)
+    assert state is cb.state is cb._state
+    cb.force_open()  # no listener: only the name is kept
+    assert cb._shown == pybreaker.STATE_OPEN
+    assert isinstance(cb.state, pybreaker.CircuitOpenState)
+    assert cb.current_state == pybreaker.STATE_OPEN
+    changes: list[tuple[str, str]] = []
+
+    class Changes(pybreaker.CircuitBreakerListener):
+        def state_change(self, cb: Any, old: Any, new: Any) -> None:
+            changes.append((old.name, new.name))
+
+    cb.add_listener(Changes())
+    cb.reset()
+    assert changes == [(pybreaker.STATE_OPEN, pybreaker.STATE_CLOSED)]
+    assert isinstance(cb._shown, pybreaker.CircuitClosedState)
 
 
 def test_threads_racing_on_a_new_breakers_lock_get_one_lock() -> None:

@@ -405,6 +405,45 @@ class CircuitBreaker(CompatBreaker):
 
     _lock = property(lambda self: self.lock, _set_lock)
 
+    # pybreaker's state object (``_state``, what ``state`` returns): its name (pybreaker's
+    # STATE_* string) until somebody reads it, then the object (see _show_state).
+    _shown: pybreaker.CircuitBreakerState | str
+
+    def _get_state(self) -> pybreaker.CircuitBreakerState:
+        shown = self._shown
+        if shown.__class__ is str:
+            # Under the breaker's lock, which _show_state holds: a state change is never lost.
+            with self.lock:
+                shown = self._shown
+                if isinstance(shown, str):
+                    shown = self._shown = self._create_new_state(shown, notify=False)
+        return cast("pybreaker.CircuitBreakerState", shown)
+
+    def _set_state(self, state: pybreaker.CircuitBreakerState) -> None:
+        self._shown = state
+
+    _state = property(_get_state, _set_state)
+
+    def _show_state(
+        self, name: str
+    ) -> tuple[pybreaker.CircuitBreakerState, pybreaker.CircuitBreakerState] | None:
+        """Make ``breaker.state`` report ``name``; the caller holds the lock.
+
+        Returns ``(old, new)`` state objects for the listeners when the name changed and there
+        are listeners, else None (and only the name is kept until ``state`` is read).
+        """
+        old = self._shown
+        if (old if isinstance(old, str) else old.name) == name:
+            return None
+        if not self._m.change_hooks:
+            self._shown = name
+            return None
+        if isinstance(old, str):
+            old = self._create_new_state(old, notify=False)
+        new = self._create_new_state(name, prev_state=old, notify=False)
+        self._shown = new
+        return old, new
+
     # The lists: the empty tuple while empty, a list from the first add on (which pybreaker's
     # add_listener and add_excluded_exception append to, under the lock).
     _listening: list[pybreaker.CircuitBreakerListener] | tuple[()]
@@ -488,6 +527,9 @@ class CircuitBreaker(CompatBreaker):
         # pybreaker's lock is made on first use (see lock): a closed circuit's calls never
         # take it, and nobody else holds this breaker yet.
         self._rlock = None
+        shown = self._shown
+        if not isinstance(shown, str):
+            self._shown = shown.name  # the object is made when first read
         stored = FROM_PYBREAKER.get(self._store.state, CLOSED)
         if stored != CLOSED:
             with self.lock:
