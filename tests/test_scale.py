@@ -106,6 +106,34 @@ def test_a_claim_recompiles_only_the_stacks_of_its_own_service(compiles):
     assert registry.instances("bulkhead")["shared"].limit == 2
 
 
+def test_a_services_claims_of_every_pattern_are_one_entry_and_stay_apart() -> None:
+    # One tuple per service for all its patterns' claims: an argument of one pattern never
+    # conflicts with, or merges into, the same name of another.
+    registry.claim("circuit_breaker", "Claims", {"timeout": 5}, "site a")
+    registry.claim("bulkhead", "claims", {"timeout": 1, "limit": 3}, "site b")
+    registry.claim("circuit_breaker", "claims", {"timeout": 5, "fail_max": 2}, "site c")
+    registry.claim("bulkhead", "claims", {"limit": 3}, "site d")  # adds nothing: not kept
+    assert registry._claims["claims"] == (
+        "circuit_breaker",
+        "site a",
+        {"timeout": 5},
+        "bulkhead",
+        "site b",
+        {"timeout": 1, "limit": 3},
+        "circuit_breaker",
+        "site c",
+        {"timeout": 5, "fail_max": 2},
+    )
+    assert registry.code_args("circuit_breaker", "CLAIMS") == {"timeout": 5, "fail_max": 2}
+    assert registry.code_args("bulkhead", "claims") == {"timeout": 1, "limit": 3}
+    assert registry.code_args("rate_limit", "claims") == {}
+    with pytest.raises(buttress.ConfigurationError, match="bulkhead argument limit"):
+        registry.claim("bulkhead", "claims", {"limit": 4}, "site e")
+    with pytest.raises(buttress.ConfigurationError, match="site a and timeout=6 at site f"):
+        registry.claim("circuit_breaker", "claims", {"timeout": 6}, "site f")
+    registry.claim("circuit_breaker", "claims", {"timeout": 6}, "site a")  # its own site: fine
+
+
 def test_decoration_first_call_and_drop_never_walk_other_instances(monkeypatch):
     for i in range(50):  # instances of other services, built before the tables are guarded
 
