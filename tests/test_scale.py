@@ -38,6 +38,7 @@ from buttress.instrumentation.prometheus.series import CounterSeries, HistogramS
 from buttress.patterns import retry
 from buttress.patterns._budget import RetryBudget, RetryBudgetOptions
 from buttress.patterns.circuit_breaker import CircuitBreaker, CircuitBreakerOptions
+from buttress.patterns.circuit_breaker._breaker import _UNMADE
 
 
 class NoScan(dict[str, Any]):
@@ -414,7 +415,7 @@ def test_what_a_service_never_used_costs_it_nothing():
     # A breaker's rejection messages and recorders are made when its calls may first be
     # rejected.
     cb = CircuitBreaker("Quiet")
-    assert "_messages" not in vars(cb)
+    assert cb._messages is _UNMADE
     assert "Quiet" not in events._recorders.get(events.CallRejected, {})
     cb.force_open()
     assert type(cb._messages) is dict
@@ -480,7 +481,7 @@ def test_a_breaker_makes_its_lock_lists_and_outbox_when_first_needed() -> None:
     cb = CircuitBreaker("lazy")
     cb.call(lambda: 1)
     assert (cb._rlock, cb._outbox, cb._listening, cb._excluded) == (None, (), (), ())
-    assert "_messages" not in vars(cb)
+    assert cb._messages is _UNMADE
     assert cb._shown == pybreaker.STATE_CLOSED  # pybreaker's state object: its name, until read
     lock = cb.lock
     assert lock is cb.lock is cb._lock
@@ -584,7 +585,8 @@ def test_threads_and_tasks_racing_on_a_new_breakers_first_failure_and_rejection(
     }
     assert cb._rlock is not None
     assert cb._outbox == []
-    assert "_messages" in vars(cb)
+    assert type(cb._messages) is dict
+    assert cb._messages["open"] == "circuit of 'first-failure-race' is open"
 
 
 def test_threads_and_tasks_racing_on_a_policys_first_call_make_one_runner(

@@ -311,24 +311,27 @@ def _messages(service: str) -> dict[str, str]:
     return {reason: message.format(service) for reason, message in _MESSAGES.items()}
 
 
-class _Messages:
-    """A breaker's rejection messages (``_messages``), made on first use.
+class _Unmade(dict[str, str]):
+    """The rejection messages of every breaker that has not rejected yet: none, shared.
 
-    A breaker that has not rejected holds no messages (≈ 0.3 KB less per service): this
-    non-data descriptor makes the plain dict (:func:`_messages`) when it is first read and
-    stores it on the instance, where every later read finds it first (no descriptor call on
-    the rejection paths). The breaker reads it when its calls may first be rejected (see
-    ``_may_reject``), before it publishes a state that rejects. Two threads that race here
-    make equal dicts; either one stays.
+    A closed breaker holds this one empty dict rather than three strings of its own (≈ 0.3 KB
+    less per service); ``_may_reject`` swaps in the breaker's plain dict (:func:`_messages`)
+    before it publishes a state that rejects, so every rejection path reads a plain instance
+    attribute and a plain dict (no descriptor: a class attribute of that name would keep
+    CPython from specialising the read). Only a rejection that got past that order would miss
+    here; it gets the message without the service's name rather than an error of its own.
     """
 
-    def __get__(self, cb: CircuitBreaker | None, owner: type | None = None) -> Any:
-        if cb is None:
-            return self
-        messages = _messages(cb.service)
-        # setattr, not cb.__dict__: reading __dict__ would give the instance a dict of its own.
-        cb._messages = messages
-        return messages
+    __slots__ = ()
+
+    def __missing__(self, reason: str) -> str:
+        return _MESSAGES[reason].format("this service")
+
+    def __setitem__(self, key: str, value: str) -> None:
+        raise TypeError("the shared unmade messages are read-only")
+
+
+_UNMADE: Final = _Unmade()
 
 
 class _Limit:
@@ -377,10 +380,6 @@ class CircuitBreaker(CompatBreaker):
     _reset_timeout = _Limit("reset_timeout")
     _success_threshold = _Limit("success_threshold")
     _throw_new_error_on_trip = property(lambda _: False, lambda _, __: None)
-
-    # The rejection messages, by reason: made when the circuit first leaves the closed fast
-    # path (see _may_reject); most breakers never reject.
-    _messages: dict[str, str] = _Messages()  # type: ignore[assignment]
 
     # pybreaker's lock and lists, made when first needed: a closed circuit that never fails
     # takes no lock, and most breakers have no listener and exclude nothing (≈ 0.2 KB less per
@@ -527,6 +526,9 @@ class CircuitBreaker(CompatBreaker):
         # pybreaker's lock is made on first use (see lock): a closed circuit's calls never
         # take it, and nobody else holds this breaker yet.
         self._rlock = None
+        # The rejection messages, by reason: made when the circuit first leaves the closed fast
+        # path (see _may_reject); most breakers never reject.
+        self._messages: dict[str, str] = _UNMADE
         shown = self._shown
         if not isinstance(shown, str):
             self._shown = shown.name  # the object is made when first read
@@ -1601,7 +1603,8 @@ class CircuitBreaker(CompatBreaker):
         if self._rejected is _NOT_REJECTING:
             self._rejected = events.recorder(CallRejected, self.service)
             self._rejected_call = events.recorder(events.RejectedCall, self.service)
-        self._messages  # noqa: B018 - made on first read (see _Messages)
+        if self._messages is _UNMADE:
+            self._messages = _messages(self.service)
 
     def _refresh_listeners(self) -> None:
         listeners = self.listeners
