@@ -351,8 +351,8 @@ def _bytes_each(make: Callable[[int], Any], count: int = 10, batches: int = 7) -
 
 # Bytes at rest per service of bench/bench_scale.py's stack (breaker + retry + bulkhead, called
 # once, default subscribers), by whether the service has its own Prometheus label or counts under
-# "_other" (past the cardinality guard, where it shares its bound functions): ≈ 7.57 KB and
-# ≈ 5.66 KB in this test, from ≈ 8.02 KB and ≈ 6.12 KB before the breaker's third pass
+# "_other" (past the cardinality guard, where it shares its bound functions): ≈ 7.58 KB and
+# ≈ 5.67 KB in this test, from ≈ 8.02 KB and ≈ 6.12 KB before the breaker's third pass
 # (docs/performance.md, Scale). A margin for other interpreters and library versions; what it
 # catches is a table or a per-kind object per service.
 SERVICE_AT_REST = {"own label": 8_000, "_other": 6_100}
