@@ -17,6 +17,7 @@ from collections.abc import Callable
 from types import MappingProxyType
 from typing import Any
 
+import pybreaker
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -37,6 +38,7 @@ from buttress.instrumentation.prometheus.series import CounterSeries, HistogramS
 from buttress.patterns import retry
 from buttress.patterns._budget import RetryBudget, RetryBudgetOptions
 from buttress.patterns.circuit_breaker import CircuitBreaker, CircuitBreakerOptions
+from buttress.patterns.circuit_breaker._breaker import _UNMADE
 
 
 class NoScan(dict[str, Any]):
@@ -103,6 +105,34 @@ def test_a_claim_recompiles_only_the_stacks_of_its_own_service(compiles):
     assert compiles.count("shared") == 3  # unlimited twice (its bulkhead appears), limited once
     assert compiles.count("elsewhere") == 1
     assert registry.instances("bulkhead")["shared"].limit == 2
+
+
+def test_a_services_claims_of_every_pattern_are_one_entry_and_stay_apart() -> None:
+    # One tuple per service for all its patterns' claims: an argument of one pattern never
+    # conflicts with, or merges into, the same name of another.
+    registry.claim("circuit_breaker", "Claims", {"timeout": 5}, "site a")
+    registry.claim("bulkhead", "claims", {"timeout": 1, "limit": 3}, "site b")
+    registry.claim("circuit_breaker", "claims", {"timeout": 5, "fail_max": 2}, "site c")
+    registry.claim("bulkhead", "claims", {"limit": 3}, "site d")  # adds nothing: not kept
+    assert registry._claims["claims"] == (
+        "circuit_breaker",
+        "site a",
+        {"timeout": 5},
+        "bulkhead",
+        "site b",
+        {"timeout": 1, "limit": 3},
+        "circuit_breaker",
+        "site c",
+        {"timeout": 5, "fail_max": 2},
+    )
+    assert registry.code_args("circuit_breaker", "CLAIMS") == {"timeout": 5, "fail_max": 2}
+    assert registry.code_args("bulkhead", "claims") == {"timeout": 1, "limit": 3}
+    assert registry.code_args("rate_limit", "claims") == {}
+    with pytest.raises(buttress.ConfigurationError, match="bulkhead argument limit"):
+        registry.claim("bulkhead", "claims", {"limit": 4}, "site e")
+    with pytest.raises(buttress.ConfigurationError, match="site a and timeout=6 at site f"):
+        registry.claim("circuit_breaker", "claims", {"timeout": 6}, "site f")
+    registry.claim("circuit_breaker", "claims", {"timeout": 6}, "site a")  # its own site: fine
 
 
 def test_decoration_first_call_and_drop_never_walk_other_instances(monkeypatch):
@@ -321,11 +351,11 @@ def _bytes_each(make: Callable[[int], Any], count: int = 10, batches: int = 7) -
 
 # Bytes at rest per service of bench/bench_scale.py's stack (breaker + retry + bulkhead, called
 # once, default subscribers), by whether the service has its own Prometheus label or counts under
-# "_other" (past the cardinality guard, where it shares its bound functions): ≈ 7.4 KB and
-# ≈ 5.7 KB in this test, from ≈ 10.1 KB and ≈ 9.1 KB before (docs/performance.md, Scale). A
-# margin for other interpreters and library versions; what it catches is a table or a per-kind
-# object per service.
-SERVICE_AT_REST = {"own label": 8_500, "_other": 6_700}
+# "_other" (past the cardinality guard, where it shares its bound functions): ≈ 7.0 KB and
+# ≈ 5.2 KB in this test, from ≈ 10.1 KB and ≈ 9.1 KB at the start of issue 15's memory work
+# (docs/performance.md, Scale). A margin for other interpreters and library versions; what it
+# catches is a table or a per-kind object per service.
+SERVICE_AT_REST = {"own label": 7_600, "_other": 5_800}
 
 
 @pytest.mark.parametrize("label", SERVICE_AT_REST)
@@ -362,7 +392,9 @@ def test_a_breaker_keeps_its_attributes_compact():
     assert len(vars(cb)) <= 26, sorted(vars(cb))  # 3 to spare below 29
     options = CircuitBreakerOptions()
     each = _bytes_each(lambda i: CircuitBreaker(f"compact-{i}", options))
-    assert each < 2_000, f"{each:,.0f} bytes per breaker"  # ≈ 1.65 KB (3.5 KB with 43 attributes)
+    # ≈ 0.78 KB (1.2 KB with its lock, lists, outbox, messages and state object made up front;
+    # 3.5 KB with 43 attributes)
+    assert each < 1_000, f"{each:,.0f} bytes per breaker"
 
 
 def test_what_a_service_never_used_costs_it_nothing():
@@ -383,7 +415,7 @@ def test_what_a_service_never_used_costs_it_nothing():
     # A breaker's rejection messages and recorders are made when its calls may first be
     # rejected.
     cb = CircuitBreaker("Quiet")
-    assert len(cb._messages) == 0
+    assert cb._messages is _UNMADE
     assert "Quiet" not in events._recorders.get(events.CallRejected, {})
     cb.force_open()
     assert type(cb._messages) is dict
@@ -441,6 +473,120 @@ def test_threads_and_tasks_racing_on_a_new_services_first_call_retry_and_failure
         ("CircuitCallRecorded", "failure"): callers,
         ("CircuitCallRecorded", "success"): callers,
     }
+
+
+def test_a_breaker_makes_its_lock_lists_and_outbox_when_first_needed() -> None:
+    # A closed circuit that never failed holds no lock, no outbox, no listener or exclusion
+    # list and no rejection messages; each is made at its first use, and behaves as pybreaker's.
+    cb = CircuitBreaker("lazy")
+    cb.call(lambda: 1)
+    assert (cb._rlock, cb._outbox, cb._listening, cb._excluded) == (None, (), (), ())
+    assert cb._messages is _UNMADE
+    assert cb._shown == pybreaker.STATE_CLOSED  # pybreaker's state object: its name, until read
+    lock = cb.lock
+    assert lock is cb.lock is cb._lock
+    assert lock.acquire(blocking=False)
+    lock.release()
+    listener = pybreaker.CircuitBreakerListener()
+    cb.add_listener(listener)
+    assert cb._listeners == [listener]
+    assert cb.listeners == (listener,)
+    cb.remove_listener(listener)
+    assert cb._listening == ()
+    with pytest.raises(ValueError):
+        cb.remove_listener(listener)
+    cb.add_excluded_exceptions(KeyError, ValueError)
+    assert cb._excluded_exceptions == [KeyError, ValueError]
+    assert not cb.is_system_error(KeyError())
+    cb.remove_excluded_exception(KeyError)
+    cb.remove_excluded_exception(ValueError)
+    assert cb._excluded == ()
+    assert cb.is_system_error(KeyError())
+    with pytest.raises(ValueError):
+        cb.remove_excluded_exception(KeyError)
+    state = cb.state
+    assert isinstance(state, pybreaker.CircuitClosedState)
+    assert state is cb.state is cb._state
+    cb.force_open()  # no listener: only the name is kept
+    assert cb._shown == pybreaker.STATE_OPEN
+    assert isinstance(cb.state, pybreaker.CircuitOpenState)
+    assert cb.current_state == pybreaker.STATE_OPEN
+    changes: list[tuple[str, str]] = []
+
+    class Changes(pybreaker.CircuitBreakerListener):
+        def state_change(self, cb: Any, old: Any, new: Any) -> None:
+            changes.append((old.name, new.name))
+
+    cb.add_listener(Changes())
+    cb.reset()
+    assert changes == [(pybreaker.STATE_OPEN, pybreaker.STATE_CLOSED)]
+    assert isinstance(cb._shown, pybreaker.CircuitClosedState)
+
+
+def test_threads_racing_on_a_new_breakers_lock_get_one_lock() -> None:
+    cb = CircuitBreaker("lock-race")
+    start = threading.Barrier(16)
+    locks: list[Any] = []
+
+    def take() -> None:
+        start.wait()
+        with cb.lock:
+            locks.append(cb.lock)
+
+    workers = [threading.Thread(target=take) for _ in range(16)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert len(locks) == 16
+    assert all(lock is cb._rlock for lock in locks)
+
+
+def test_threads_and_tasks_racing_on_a_new_breakers_first_failure_and_rejection(mode):
+    # The first failure makes the breaker's lock, the trip its outbox and rejection messages:
+    # racing callers make each once and lose no count or event.
+    callers = 16
+    seen: list[Any] = []
+    undo = events.subscribe(
+        seen.append, [events.CircuitCallRecorded, events.CircuitStateChanged, CallRejected]
+    )
+    start = threading.Barrier(callers)
+
+    def body() -> None:
+        if not mode.is_async:
+            start.wait()  # every thread fails, and records its failure, at once
+        raise ConnectionError("down")
+
+    async def abody() -> None:
+        await asyncio.sleep(0)
+        raise ConnectionError("down")
+
+    protected = circuit_breaker(name="first-failure-race", fail_max=callers, timeout=60)(
+        abody if mode.is_async else body
+    )
+    try:
+        failed = mode.gather(protected, callers)
+        rejected = mode.gather(protected, callers)
+    finally:
+        undo()
+    assert all(isinstance(exc, ConnectionError) for exc in failed)
+    assert all(isinstance(exc, buttress.CircuitOpenError) for exc in rejected)
+    cb = registry.breaker("first-failure-race")
+    assert cb.state_label == "open"
+    assert cb.fail_counter == callers
+    kinds = collections.Counter(
+        (type(e).__name__, getattr(e, "outcome", None) or getattr(e, "new_state", None))
+        for e in seen
+    )
+    assert kinds == {
+        ("CircuitCallRecorded", "failure"): callers,
+        ("CircuitStateChanged", "open"): 1,
+        ("CallRejected", None): callers,
+    }
+    assert cb._rlock is not None
+    assert cb._outbox == []
+    assert type(cb._messages) is dict
+    assert cb._messages["open"] == "circuit of 'first-failure-race' is open"
 
 
 def test_threads_and_tasks_racing_on_a_policys_first_call_make_one_runner(

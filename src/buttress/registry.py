@@ -63,11 +63,12 @@ _lock = threading.RLock()
 # pattern -> key -> the instance, and the options it was built or last reconfigured with.
 _instances: dict[str, dict[str, Any]] = {}
 _options: dict[str, dict[str, Any]] = {}
-# pattern -> key -> the claims that gave an argument first, flat: (site, code_args, site,
-# code_args, ...) in the order they came. An argument's value is that of the first claim that
-# gives it; a claim that adds no argument is not kept. code_args is the caller's mapping (a
+# key -> the claims that gave an argument first, of every pattern, flat: (pattern, site,
+# code_args, pattern, site, code_args, ...) in the order they came (one entry and one tuple per
+# service, not one per pattern). An argument's value is that of the first claim of its pattern
+# that gives it; a claim that adds no argument is not kept. code_args is the caller's mapping (a
 # spec's, immutable), not a copy.
-_claims: dict[str, dict[str, tuple[Any, ...]]] = {}
+_claims: dict[str, tuple[Any, ...]] = {}
 # pattern -> key -> the compiled stacks that use the shared instance (weakly): a claim that adds
 # an argument makes exactly those rebuild, never a stack of another service. One reference, or a
 # list of them once there are two; dead references are dropped when the list is walked, and at
@@ -162,12 +163,14 @@ def _append(refs: list[weakref.ref[Any]], ref: weakref.ref[Any]) -> None:
         refs[:] = [ref for ref in refs if ref() is not None]
 
 
-def _given(claims: tuple[Any, ...], name: str) -> tuple[Any, str] | None:
-    """``(value, site)`` of the first claim in ``claims`` that gives ``name``, or None."""
-    for at in range(0, len(claims), 2):
-        args = claims[at + 1]
-        if name in args:
-            return args[name], claims[at]
+def _given(claims: tuple[Any, ...], pattern: str, name: str) -> tuple[Any, str] | None:
+    """``(value, site)`` of the first claim of ``pattern`` in ``claims`` that gives ``name``, or
+    None."""
+    for at in range(0, len(claims), 3):
+        if claims[at] == pattern:
+            args = claims[at + 2]
+            if name in args:
+                return args[name], claims[at + 1]
     return None
 
 
@@ -189,11 +192,10 @@ def claim(
     """
     key = service_name(key)
     with _lock:
-        by_key = _claims.setdefault(pattern, {})
-        claims = by_key.get(key, ())
+        claims = _claims.get(key, ())
         added = False
         for name, value in code_args.items():
-            previous = _given(claims, name)
+            previous = _given(claims, pattern, name)
             if previous is None:
                 added = True
             elif previous[1] != site and previous[0] != value:
@@ -209,7 +211,7 @@ def claim(
         if added:
             if type(code_args) is not MappingProxyType:
                 code_args = MappingProxyType(dict(code_args))  # kept: nobody may change it
-            by_key[key] = (*claims, site, code_args)
+            _claims[key] = (*claims, pattern, site, code_args)
         stacks = _dependents.setdefault(pattern, {})
         dependents = stacks.get(key)
         if added and dependents is not None:
@@ -233,11 +235,12 @@ def claim(
 def code_args(pattern: str, key: str) -> dict[str, Any]:
     """The code arguments every call site gave ``pattern`` of ``key``, merged."""
     with _lock:
-        claims = _claims.get(pattern, {}).get(service_name(key), ())
+        claims = _claims.get(service_name(key), ())
         merged: dict[str, Any] = {}
-        for at in range(1, len(claims), 2):
-            for name, value in claims[at].items():
-                merged.setdefault(name, value)  # the first claim that gives it
+        for at in range(0, len(claims), 3):
+            if claims[at] == pattern:
+                for name, value in claims[at + 2].items():
+                    merged.setdefault(name, value)  # the first claim that gives it
         return merged
 
 

@@ -76,9 +76,14 @@ _FOREVER = math.inf
 # Numbers the requests of every breaker to its shared storage, in the order they are sent (one
 # counter for all: the numbers of each breaker still increase, which is all _is_news needs).
 _ASKED = itertools.count(1)
-# Guards each breaker's ``_delivering`` flag (held for a test and a flip, never while delivering):
-# one lock for every breaker rather than one each.
+# Guards each breaker's ``_delivering`` flag (held for a test and a flip, never while delivering),
+# and the making of its outbox: one lock for every breaker rather than one each.
 _DELIVERY = threading.Lock()
+# Guards the making of a breaker's own lock, on its first use (see CircuitBreaker.lock).
+_MAKING_LOCK = threading.Lock()
+
+# An event waiting in a breaker's outbox: the handlers, and the event.
+_Queued = tuple[tuple[events.Handler, ...], Any]
 
 
 class CircuitSnapshot(TypedDict):
@@ -306,24 +311,27 @@ def _messages(service: str) -> dict[str, str]:
     return {reason: message.format(service) for reason, message in _MESSAGES.items()}
 
 
-class _Messages(dict[str, str]):
-    """The messages of a breaker that has not rejected yet: each made when first asked.
+class _Unmade(dict[str, str]):
+    """The rejection messages of every breaker that has not rejected yet: none, shared.
 
-    A closed breaker holds this empty dict rather than three strings (≈ 0.27 KB less per
-    service); the breaker swaps in a plain dict (:func:`_messages`) when its calls may be
-    rejected, so a rejection does not pay the subclass's lookup.
+    A closed breaker holds this one empty dict rather than three strings of its own (≈ 0.3 KB
+    less per service); ``_may_reject`` swaps in the breaker's plain dict (:func:`_messages`)
+    before it publishes a state that rejects, so every rejection path reads a plain instance
+    attribute and a plain dict (no descriptor: a class attribute of that name would keep
+    CPython from specialising the read). Only a rejection that got past that order would miss
+    here; it gets the message without the service's name rather than an error of its own.
     """
 
-    __slots__ = ("service",)
-
-    def __init__(self, service: str) -> None:
-        super().__init__()
-        self.service = service
+    __slots__ = ()
 
     def __missing__(self, reason: str) -> str:
-        message = _MESSAGES[reason].format(self.service)
-        self[reason] = message
-        return message
+        return _MESSAGES[reason].format("this service")
+
+    def __setitem__(self, key: str, value: str) -> None:
+        raise TypeError("the shared unmade messages are read-only")
+
+
+_UNMADE: Final = _Unmade()
 
 
 class _Limit:
@@ -373,6 +381,89 @@ class CircuitBreaker(CompatBreaker):
     _success_threshold = _Limit("success_threshold")
     _throw_new_error_on_trip = property(lambda _: False, lambda _, __: None)
 
+    # pybreaker's lock and lists, made when first needed: a closed circuit that never fails
+    # takes no lock, and most breakers have no listener and exclude nothing (≈ 0.2 KB less per
+    # service). pybreaker's constructor sets all three; each is a view of an attribute of the
+    # breaker's own (no more attributes than pybreaker's three).
+    _rlock: threading.RLock | None
+
+    @property
+    def lock(self) -> threading.RLock:
+        """pybreaker's own lock (``_lock``), made on first use; held only for bookkeeping,
+        never around the protected call."""
+        lock = self._rlock
+        if lock is None:
+            with _MAKING_LOCK:
+                lock = self._rlock
+                if lock is None:
+                    lock = self._rlock = threading.RLock()
+        return lock
+
+    def _set_lock(self, lock: threading.RLock) -> None:
+        self._rlock = lock
+
+    _lock = property(lambda self: self.lock, _set_lock)
+
+    # pybreaker's state object (``_state``, what ``state`` returns): its name (pybreaker's
+    # STATE_* string) until somebody reads it, then the object (see _show_state).
+    _shown: pybreaker.CircuitBreakerState | str
+
+    def _get_state(self) -> pybreaker.CircuitBreakerState:
+        shown = self._shown
+        if shown.__class__ is str:
+            # Under the breaker's lock, which _show_state holds: a state change is never lost.
+            with self.lock:
+                shown = self._shown
+                if isinstance(shown, str):
+                    shown = self._shown = self._create_new_state(shown, notify=False)
+        return cast("pybreaker.CircuitBreakerState", shown)
+
+    def _set_state(self, state: pybreaker.CircuitBreakerState) -> None:
+        self._shown = state
+
+    _state = property(_get_state, _set_state)
+
+    def _show_state(
+        self, name: str
+    ) -> tuple[pybreaker.CircuitBreakerState, pybreaker.CircuitBreakerState] | None:
+        """Make ``breaker.state`` report ``name``; the caller holds the lock.
+
+        Returns ``(old, new)`` state objects for the listeners when the name changed and there
+        are listeners, else None (and only the name is kept until ``state`` is read).
+        """
+        old = self._shown
+        if (old if isinstance(old, str) else old.name) == name:
+            return None
+        if not self._m.change_hooks:
+            self._shown = name
+            return None
+        if isinstance(old, str):
+            old = self._create_new_state(old, notify=False)
+        new = self._create_new_state(name, prev_state=old, notify=False)
+        self._shown = new
+        return old, new
+
+    # The lists: the empty tuple while empty, a list from the first add on (which pybreaker's
+    # add_listener and add_excluded_exception append to, under the lock).
+    _listening: list[pybreaker.CircuitBreakerListener] | tuple[()]
+    _excluded: list[object] | tuple[()]
+
+    def _get_listeners(self) -> list[pybreaker.CircuitBreakerListener] | tuple[()]:
+        return self._listening
+
+    def _set_listeners(self, listeners: list[pybreaker.CircuitBreakerListener]) -> None:
+        self._listening = listeners or ()
+
+    _listeners = property(_get_listeners, _set_listeners)
+
+    def _get_excluded(self) -> list[object] | tuple[()]:
+        return self._excluded
+
+    def _set_excluded(self, excluded: list[object]) -> None:
+        self._excluded = excluded or ()
+
+    _excluded_exceptions = property(_get_excluded, _set_excluded)
+
     def __init__(
         self,
         service: str,
@@ -394,8 +485,9 @@ class CircuitBreaker(CompatBreaker):
         # Events decided under the lock wait here and are delivered after it is released, one
         # thread at a time and in the order they were decided (see _deliver).
         # A list, not a deque: it holds an event or two at a time, and an empty deque weighs
-        # about 600 bytes more, per service. append and pop(0) are atomic under the GIL.
-        self._outbox: list[tuple[tuple[events.Handler, ...], Any]] = []
+        # about 600 bytes more, per service. append and pop(0) are atomic under the GIL. The
+        # empty tuple until the first event is queued (see _queue): most breakers never queue.
+        self._outbox: list[_Queued] | tuple[()] = cast("list[_Queued] | tuple[()]", ())
         self._delivering = False  # flipped under _DELIVERY
         # The per-call events' fast paths: no event built where a subscriber bound its series.
         self._recorded = events.recorder(CircuitCallRecorded, service)
@@ -419,9 +511,6 @@ class CircuitBreaker(CompatBreaker):
         now = _clock.monotonic()
         self.service = service
         self.options = opts
-        # The rejection messages, by reason: made when the circuit first leaves the closed fast
-        # path (see _refresh_fast_paths); most breakers never reject.
-        self._messages: dict[str, str] = _Messages(service)
         # The phase, generation, counters (in pybreaker's storage) and trials in flight, and
         # the state no fast path reads (overrides, the shared circuit's bookkeeping).
         self._m = _StoredMachine(now)
@@ -434,11 +523,22 @@ class CircuitBreaker(CompatBreaker):
         self._excluding = _excluding(self.excluded_exceptions, opts.count_throttled)
         self._failure_on_result = opts.failure_on_result
         self._refresh_listeners()
-        with self.lock:
-            stored = FROM_PYBREAKER.get(self._store.state, CLOSED)
-            if stored != CLOSED:
+        # pybreaker's lock is made on first use (see lock): a closed circuit's calls never
+        # take it, and nobody else holds this breaker yet.
+        self._rlock = None
+        # The rejection messages, by reason: made when the circuit first leaves the closed fast
+        # path (see _may_reject); most breakers never reject.
+        self._messages: dict[str, str] = _UNMADE
+        shown = self._shown
+        if not isinstance(shown, str):
+            self._shown = shown.name  # the object is made when first read
+        stored = FROM_PYBREAKER.get(self._store.state, CLOSED)
+        if stored != CLOSED:
+            with self.lock:
                 opened_at = self._stored_opened_at(now) if stored == OPEN else now
                 self._adopt(stored, "shared_state", now, opened_at)
+                self._refresh_fast_paths()
+        else:
             self._refresh_fast_paths()
         if self._outbox:
             self._deliver()
@@ -1172,22 +1272,36 @@ class CircuitBreaker(CompatBreaker):
 
     def add_excluded_exception(self, exception: type[BaseException]) -> None:
         with self.lock:
+            if not self._excluded:
+                self._excluded = []  # pybreaker's method appends to it
             super().add_excluded_exception(exception)
             self._excluding = _excluding(self.excluded_exceptions, self._excluding[2])
 
     def remove_excluded_exception(self, exception: type[BaseException]) -> None:
         with self.lock:
-            super().remove_excluded_exception(exception)
+            if not self._excluded:
+                self._excluded = []  # pybreaker's method removes from it (ValueError)
+            try:
+                super().remove_excluded_exception(exception)
+            finally:
+                self._excluded = self._excluded or ()
             self._excluding = _excluding(self.excluded_exceptions, self._excluding[2])
 
     def add_listener(self, listener: pybreaker.CircuitBreakerListener) -> None:
         with self.lock:
+            if not self._listening:
+                self._listening = []  # pybreaker's method appends to it
             super().add_listener(listener)
             self._refresh_listeners()
 
     def remove_listener(self, listener: pybreaker.CircuitBreakerListener) -> None:
         with self.lock:
-            super().remove_listener(listener)
+            if not self._listening:
+                self._listening = []  # pybreaker's method removes from it (ValueError)
+            try:
+                super().remove_listener(listener)
+            finally:
+                self._listening = self._listening or ()
             self._refresh_listeners()
 
     def __repr__(self) -> str:
@@ -1225,7 +1339,7 @@ class CircuitBreaker(CompatBreaker):
             return self._reject("half_open_full", None, shadow)
         handlers = events.ROUTES.get(events.CircuitTrialStarted)
         if handlers:
-            self._outbox.append((handlers, events.CircuitTrialStarted(self.service, m.trials)))
+            self._queue((handlers, events.CircuitTrialStarted(self.service, m.trials)))
         return m.generation << 1 | 1
 
     def _record(
@@ -1276,14 +1390,14 @@ class CircuitBreaker(CompatBreaker):
             if handlers:
                 event = events.ShadowDecision(self.service, PATTERN, "reject")
                 if locked:
-                    self._outbox.append((handlers, event))
+                    self._queue((handlers, event))
                 else:
                     self._publish(handlers, event)
         else:
             record = self._rejected.record
             if record is not None:
                 if locked:
-                    self._outbox.append(
+                    self._queue(
                         _later(record, CallRejected, self.service, PATTERN, reason, retry_after)
                     )
                 elif self._outbox or self._delivering:
@@ -1303,10 +1417,23 @@ class CircuitBreaker(CompatBreaker):
     def _publish(self, handlers: tuple[events.Handler, ...], event: Any) -> None:
         """Deliver an event decided outside the lock, behind any that are still queued."""
         if self._outbox or self._delivering:
-            self._outbox.append((handlers, event))
+            self._queue((handlers, event))
             self._deliver()
         else:
             events.dispatch(handlers, event)
+
+    def _queue(self, item: _Queued) -> None:
+        """Queue an event for :meth:`_deliver`; the outbox is made here, the first time.
+
+        Once a list, the outbox stays that list (``_deliver`` holds it while it delivers).
+        """
+        outbox = self._outbox
+        if outbox.__class__ is tuple:
+            with _DELIVERY:
+                outbox = self._outbox
+                if outbox.__class__ is tuple:
+                    outbox = self._outbox = []
+        cast("list[_Queued]", outbox).append(item)
 
     def _deliver(self) -> None:
         """Deliver the queued events; the caller holds no lock of this breaker.
@@ -1318,6 +1445,9 @@ class CircuitBreaker(CompatBreaker):
         that calls the breaker finds its own events delivered after it returns).
         """
         outbox = self._outbox
+        if outbox.__class__ is tuple:  # nothing was ever queued
+            return
+        outbox = cast("list[_Queued]", outbox)
         with _DELIVERY:
             if self._delivering:
                 return
@@ -1426,13 +1556,13 @@ class CircuitBreaker(CompatBreaker):
     def _announce_state(self, old_label: str, reason: str, now: float) -> None:
         change = self._show_state(TO_PYBREAKER[self._m.phase])
         if change is not None and self._m.change_hooks:
-            self._outbox.append((self._m.change_hooks, change))
+            self._queue((self._m.change_hooks, change))
         new_label = self._label()
         if new_label == old_label:
             return
         handlers = events.ROUTES.get(events.CircuitStateChanged)
         if handlers:
-            self._outbox.append(
+            self._queue(
                 (
                     handlers,
                     events.CircuitStateChanged(
@@ -1473,7 +1603,7 @@ class CircuitBreaker(CompatBreaker):
         if self._rejected is _NOT_REJECTING:
             self._rejected = events.recorder(CallRejected, self.service)
             self._rejected_call = events.recorder(events.RejectedCall, self.service)
-        if type(self._messages) is not dict:
+        if self._messages is _UNMADE:
             self._messages = _messages(self.service)
 
     def _refresh_listeners(self) -> None:
@@ -1518,7 +1648,7 @@ class CircuitBreaker(CompatBreaker):
                     self._m.trials += 1
                     handlers = events.ROUTES.get(events.CircuitTrialStarted)
                     if handlers:
-                        self._outbox.append(
+                        self._queue(
                             (handlers, events.CircuitTrialStarted(self.service, self._m.trials))
                         )
                 ticket = decision, self._m.generation
