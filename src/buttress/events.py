@@ -660,26 +660,7 @@ def _joined(kind: type[Any], parts: list[Part]) -> Callable[..., object] | None:
 
         return both
 
-    if len(kind._fields) == 4 and len(parts) == 3:  # the three default subscribers: no loop
-        (first_handler, first), (second_handler, second), (third_handler, third) = parts
-
-        def three3(a: Any, b: Any, c: Any) -> None:
-            try:
-                first(a, b, c)
-            except Exception:  # noqa: BLE001 - a subscriber must never break the call
-                _report(first_handler)
-            try:
-                second(a, b, c)
-            except Exception:  # noqa: BLE001 - a subscriber must never break the call
-                _report(second_handler)
-            try:
-                third(a, b, c)
-            except Exception:  # noqa: BLE001 - a subscriber must never break the call
-                _report(third_handler)
-
-        return three3
-
-    if len(kind._fields) == 4:
+    if len(kind._fields) == 4:  # CallRejected with three subscribers: no tuple to pack
 
         def each3(a: Any, b: Any, c: Any) -> None:
             for handler, bound in parts:
