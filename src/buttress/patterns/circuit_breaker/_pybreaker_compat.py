@@ -1,8 +1,10 @@
-"""The one place buttress reaches into pybreaker's internals.
+"""Where buttress reaches into pybreaker's internals.
 
-Only this module touches pybreaker 1.4's private members (``_lock``, ``_state_storage``,
+This module touches pybreaker 1.4's private members (``_lock``, ``_state_storage``,
 ``_state``, ``_create_new_state``) and the one call site inside it that the Redis storage must
-recognise (:func:`noticing_a_close`); ``tests/patterns/test_pybreaker_contract.py`` checks each of
+recognise (:func:`noticing_a_close`); the breaker (``_breaker.py``) also redefines ``_lock``,
+``_state``, ``_listeners`` and ``_excluded_exceptions`` as views of its own attributes, made when
+first needed. ``tests/patterns/test_pybreaker_contract.py`` checks each of
 them against the installed pybreaker, and :func:`incompatibilities` runs the structural part of it
 when this module is imported. Why each is needed: ``docs/internals.md`` (The reach into pybreaker).
 """
