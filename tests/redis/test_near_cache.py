@@ -3,7 +3,8 @@
 A closed circuit read from Redis decides this process's calls for ``near_cache_ttl`` seconds; a
 transition anywhere in the fleet reaches it sooner, through the message the script publishes.
 Another storage (the ``peers`` fixture, asking Redis on every call) stands for another process.
-Every behaviour runs on ``def`` and ``async def`` (the ``mode`` fixture); the four-process fleet
+Every behaviour runs on ``def`` and ``async def`` (the ``mode`` fixture), on one server, through
+Sentinel (before and after a failover) and through a Cluster; the four-process fleet
 (spawned interpreters) is measured by ``bench/bench_fleet.py``, run here with a bound.
 """
 
@@ -257,3 +258,75 @@ def test_redis_killed_and_restarted_under_a_near_cached_circuit_fails_no_call(
     assert mode.run(call) == "ok"
     assert storage().available
     assert dep.calls >= 41
+
+
+# --- through Sentinel and Cluster -----------------------------------------------------------------
+
+
+def trip_from(other: Any, check: Callable[[], bool]) -> None:
+    """Trip the circuit through ``other`` (another process's storage) until Redis says open.
+
+    Right after a topology change ``other`` may still decide locally for a moment (its own
+    reconnect backoff): it records again until the shared state shows the trip.
+    """
+
+    def tripped() -> bool:
+        for _ in range(LIMITS.fail_max):
+            other.record(other.admit(LIMITS), "failure", LIMITS)
+        return check()
+
+    until(tripped, "tripped in Redis", within=5.0)
+
+
+def heard_within(mode: Any, call: Any, seconds: float) -> None:
+    tripped = time.monotonic()
+    until(lambda: isinstance(mode.outcome(call), CircuitOpenError), "rejected", within=seconds)
+    assert time.monotonic() - tripped < seconds  # pub/sub, not the 30 s of near_cache_ttl
+
+
+@pytest.mark.realtime
+def test_a_trip_reaches_a_near_cache_through_sentinel_before_and_after_a_failover(
+    mode: Any, peers: Any, sentinel_set: Any
+) -> None:
+    key = "buttress:{svc}:circuit"
+    dep = Dependency()
+    call = protected(mode, sentinel_set.url, dep)
+    warm(mode, call)
+    other = peers(SERVICE, url=sentinel_set.url)
+    trip_from(other, lambda: sentinel_set.master.client().hget(key, "state") == "open")
+    heard_within(mode, call, 0.5)
+    other.force("closed", LIMITS)
+    until(lambda: mode.outcome(call) == "ok", "closed again", within=0.5)
+
+    subscriber = _listener._subscribers[storage()._redis_id]
+    sentinel_set.fail_over()  # the master (and the listener's connection) is gone
+    until(lambda: not subscriber.connected, "the lost subscription noticed", within=2.0)
+    # The listener finds the promoted replica through the sentinels and subscribes there.
+    until(lambda: subscriber.connected, "subscribed to the new master", within=10.0)
+    until(lambda: mode.outcome(call) == "ok" and storage().available, "settled", within=10.0)
+    assert mode.run(call) == "ok"
+    trip_from(other, lambda: sentinel_set.replica.client().hget(key, "state") == "open")
+    heard_within(mode, call, 0.5)
+
+
+@pytest.mark.realtime
+def test_a_trip_reaches_a_near_cache_through_a_cluster(
+    mode: Any, peers: Any, redis_cluster: Any
+) -> None:
+    key = "buttress:{svc}:circuit"
+    owner = redis_cluster.owner(key)
+    # Told only about a node that does not own the circuit's slot, as both "processes" are.
+    other_node = next(node for node in redis_cluster.nodes if node is not owner)
+    url = f"redis+cluster://127.0.0.1:{other_node.port}"
+    dep = Dependency()
+    call = protected(mode, url, dep)
+    warm(mode, call)
+    other = peers(SERVICE, url=url)
+    trip_from(other, lambda: owner.client().hget(key, "state") == "open")
+    heard_within(mode, call, 0.5)
+    counts = owner.counter()
+    for _ in range(50):  # known open here: rejected here, nothing asked
+        assert isinstance(mode.outcome(call), CircuitOpenError)
+    assert counts().get("evalsha", 0) == 0
+    other.force("closed", LIMITS)
+    until(lambda: mode.outcome(call) == "ok", "closed again", within=0.5)

@@ -16,6 +16,7 @@ pub/sub reaches every node of a cluster.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import weakref
@@ -120,6 +121,7 @@ class Subscriber:
 
     def _listen(self) -> None:
         conn = self._make()
+        read = _push_reader(conn)
         try:
             conn.connect()
             subscribed: set[bytes] = set()
@@ -134,7 +136,7 @@ class Subscriber:
                     continue
                 # RESP3 (redis-py's default) delivers pub/sub as push messages: asked for here.
                 # A refused SUBSCRIBE (an ACL without it) raises here: retried later.
-                message = conn.read_response(push_request=True)
+                message = read()
                 if not isinstance(message, list) or len(message) != 3:
                     continue
                 kind, channel, payload = message
@@ -155,6 +157,22 @@ class Subscriber:
 
     def _deliver(self, channel: bytes, payload: bytes) -> None:
         self._each(channel, lambda storage: storage.heard(payload))
+
+
+def _push_reader(conn: Any) -> Callable[[], Any]:
+    """``conn.read_response(push_request=True)``: the next reply, push messages included.
+
+    Past redis-py's Sentinel connection: before 5.1 its ``read_response`` either refuses
+    ``push_request`` (5.0.0: every read raised TypeError, so no Sentinel user ever heard a
+    transition) or drops it. That override only turns a demoted master's READONLY error into a
+    reconnect, which a subscriber never gets (a demoted master still relays what is published).
+    """
+    import redis.sentinel  # noqa: PLC0415 - redis is installed wherever a storage made conn
+
+    read = conn.read_response
+    if isinstance(conn, redis.sentinel.SentinelManagedConnection):
+        read = super(redis.sentinel.SentinelManagedConnection, conn).read_response
+    return functools.partial(read, push_request=True)
 
 
 _subscribers: dict[bytes, Subscriber] = {}
