@@ -2,7 +2,9 @@
 
 Every argument defaults to ``None``, meaning "not set here": the value then comes from settings,
 the preset, or the built-in default (see ``docs/configuration.md``). Arguments are validated when
-the decorator is applied, so ``with_bulkhead(limit=0)`` fails at import time, naming ``limit``.
+the decorator is applied, strictly (``fail_max="5"`` or ``fail_max=True`` is refused: only settings
+are read from text), so ``with_bulkhead(limit=0)`` fails at import time, naming ``limit``. A list
+stands for a tuple, one exception class for a tuple of it (``config.code_arguments``).
 Stacked decorators fuse into one policy (see :mod:`buttress.policy`).
 """
 
@@ -134,7 +136,7 @@ def circuit_breaker(
             window_size=window_size,
             slow_call_duration=slow_call_duration,
             slow_call_rate_threshold=slow_call_rate_threshold,
-            exclude=tuple(exclude) if exclude is not None else None,
+            exclude=exclude,
             failure_on_result=failure_on_result,
             count_throttled=count_throttled,
             state_url=state_url,
@@ -181,12 +183,6 @@ def retry_with_backoff(
         retry_on_result: a predicate on the returned value: ``True`` retries the call as if it
             had failed; when no attempt is left, the last value is returned (code only).
     """
-    if budget is False:
-        budget = {"enabled": False}
-    if isinstance(retry_on, type):
-        retry_on = (retry_on,)
-    elif isinstance(retry_on, list):
-        retry_on = tuple(retry_on)
     return _one(
         "retry",
         name,
@@ -355,13 +351,9 @@ def with_fallback(
         on: exceptions (types or a predicate) that trigger it; default ``ButtressError`` and
             transient errors.
     """
-    if isinstance(on, type):
-        on = (on,)
-    elif isinstance(on, list):
-        on = tuple(on)
     code_args = _given(
         handler=handler,
-        chain=tuple(chain) if chain is not None else None,
+        chain=chain,
         cache_ttl=cache_ttl,
         defer=defer,
         on=on,
