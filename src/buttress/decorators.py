@@ -109,7 +109,8 @@ def circuit_breaker(
             through pub/sub (default 1; 0 asks Redis on every call).
         min_reporters: with ``state_url``, how many processes' own rate windows must trip
             before a rate-based trip opens the fleet's circuit (default 1); below it only the
-            reporting process opens.
+            reporting process opens. A vote stands ``window_seconds``, or with
+            ``window="count"`` the voter's open time (``timeout``).
 
     Raises:
         ConfigurationError: an argument is invalid (also a ``ValueError``).
