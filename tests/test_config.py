@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
 import itertools
 import math
 import os
 import subprocess
 import sys
 import threading
+import types
 import typing
 from pathlib import Path
 
@@ -25,17 +27,27 @@ from buttress import (
     TimeoutExceededError,
     circuit_breaker,
     config,
+    decorators,
     events,
     get_settings,
     registry,
     reload_settings,
     resilient,
     retry_with_backoff,
+    with_adaptive_throttle,
+    with_bulkhead,
+    with_cache,
+    with_chaos,
+    with_coalescing,
+    with_fallback,
+    with_hedging,
+    with_rate_limit,
     with_timeout,
 )
 from buttress import _values as bounds
 from buttress.health_app import wsgi_app
 from buttress.patterns._base import BuildContext
+from buttress.patterns.fallback import DeferOptions
 from buttress.policy import Spec
 from buttress.registry import breaker
 from buttress.testing import capture_events
@@ -1265,3 +1277,248 @@ def test_resilient_with_no_configuration_gets_the_documented_defaults():
     assert (
         view({"BUTTRESS_DEFAULTS__BULKHEAD__LIMIT": "8"}).options("bulkhead", {}, None).limit == 8
     )
+
+
+# --- code arguments are strict, settings lax ----------------------------------------------------
+
+
+def _handler(exc, *args, **kwargs):
+    return "handled"
+
+
+# Every public decorator, the pattern it configures, and what it needs besides the argument
+# under test (hedging must be declared idempotent; a fallback needs something to fall back to).
+DECORATORS = {
+    circuit_breaker: ("circuit_breaker", {}),
+    retry_with_backoff: ("retry", {}),
+    with_timeout: ("timeout", {}),
+    with_bulkhead: ("bulkhead", {}),
+    with_hedging: ("hedging", {"idempotent": True}),
+    with_adaptive_throttle: ("adaptive_throttle", {}),
+    with_rate_limit: ("rate_limit", {}),
+    with_fallback: ("fallback", {"handler": _handler}),
+    with_cache: ("cache", {"ttl": 1.0}),
+    with_coalescing: ("coalescing", {}),
+    with_chaos: ("chaos", {}),
+}
+ALIASES = {"reset_timeout": "timeout"}  # a decorator argument that is another option's alias
+ANY_VALUE = {"name", "result"}  # the service name (checked apart), chaos's wrong answer (any)
+# What an argument needs besides it to be valid (a cap above its floor, both slow-call halves).
+NEEDS = {
+    "max_timeout": {"timeout": 1},
+    "slow_call_duration": {"slow_call_rate_threshold": 0.5},
+    "slow_call_rate_threshold": {"slow_call_duration": 1.0},
+}
+
+# Per scalar type of an option: values of a typed API's other types, which pydantic's lax mode
+# would convert, and a right value inside every bound.
+WRONG = {
+    int: ["5", True, 5.0, 2.5, b"5"],
+    float: ["1", "1.5", True, False, b"1"],
+    bool: [1, 0, "true", "false", 1.0],
+    str: [5, b"redis://127.0.0.1:6379/0", 1.0],
+}
+RIGHT = {int: 2, float: 1, bool: True, str: "redis://127.0.0.1:6379/0"}
+
+# The arguments that are not a scalar: wrong values, right values.
+OTHER_ARGUMENTS = {
+    (circuit_breaker, "window"): (["COUNT", 1, True], ["count", "time"]),
+    (circuit_breaker, "exclude"): (
+        [KeyError("x"), "KeyError", 5],
+        [[KeyError], (KeyError,), KeyError, (lambda exc: False,), [KeyError, callable]],
+    ),
+    (circuit_breaker, "failure_on_result"): (["x", 5], [bool, lambda value: value is None]),
+    (retry_with_backoff, "jitter"): (["FULL", 1, True], ["none", "full", "equal", "decorrelated"]),
+    (retry_with_backoff, "retry_on"): (
+        [5, "ConnectionError", True],
+        ["network", "transient", ConnectionError, [ConnectionError], (OSError,), callable],
+    ),
+    (retry_with_backoff, "budget"): (
+        [{"ratio": "0.2"}, {"enabled": 1}, {"min_per_second": True}, {"window_seconds": "10"}],
+        [{"ratio": 0.2}, {"enabled": False}, {"min_per_second": 1, "window_seconds": 10}, False],
+    ),
+    (retry_with_backoff, "retry_on_result"): (["x", 5], [callable]),
+    (with_hedging, "delay"): (["0.05", "1", True, b"p95", [0.1]], ["p95", "p99.9", 1, 0.05]),
+    (with_bulkhead, "adaptive"): (["AIMD", 1, True], ["aimd", "gradient2"]),
+    (with_fallback, "handler"): (["x", 5], [_handler]),
+    (with_fallback, "chain"): (["x", 5, _handler], [[_handler], (_handler, _handler)]),
+    (with_fallback, "on"): ([5, "KeyError"], [KeyError, [KeyError], (KeyError,), callable]),
+    (with_fallback, "defer"): (
+        [1, "true", {"max_items": "3"}],
+        [True, False, DeferOptions(max_items=3), {"max_items": 3, "max_age": 60}],
+    ),
+    (with_cache, "key"): (["x", 5], [lambda *args, **kwargs: args]),
+    (with_coalescing, "key"): (["x", 5], [lambda *args, **kwargs: args]),
+    (with_chaos, "exception"): ([5, "KeyError", KeyError("x")], [KeyError, lambda: KeyError("x")]),
+}
+
+
+def scalar_type(annotation):
+    """``int``, ``float``, ``bool`` or ``str`` when an option holds that (or ``None``), else
+    ``None``: a literal, a union of two types, a tuple, a callable, a group..."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        return scalar_type(typing.get_args(annotation)[0])
+    members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return scalar_type(members[0]) if len(members) == 1 else None
+    return annotation if annotation in RIGHT else None
+
+
+def keyword_arguments(decorator):
+    return [
+        name
+        for name, parameter in inspect.signature(decorator).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name not in ANY_VALUE
+    ]
+
+
+def scalar_arguments():
+    for decorator, (pattern, _) in DECORATORS.items():
+        fields = config.options_model(pattern).model_fields
+        for name in keyword_arguments(decorator):
+            kind = scalar_type(fields[ALIASES.get(name, name)].annotation)
+            if kind is not None:
+                yield decorator, name, kind
+
+
+SCALAR_ARGUMENTS = list(scalar_arguments())
+
+
+def arguments_table():
+    """(decorator, argument, wrong values, right values) for every argument of every decorator."""
+    for decorator, name, kind in SCALAR_ARGUMENTS:
+        yield decorator, name, WRONG[kind], [RIGHT[kind]]
+    for (decorator, name), (wrong, right) in OTHER_ARGUMENTS.items():
+        yield decorator, name, wrong, right
+
+
+TABLE = [
+    pytest.param(decorator, name, wrong, right, id=f"{decorator.__name__}.{name}")
+    for decorator, name, wrong, right in arguments_table()
+]
+
+
+def test_the_table_covers_every_argument_of_every_decorator():
+    public = {getattr(decorators, name) for name in decorators.__all__} - {resilient}
+    assert set(DECORATORS) == public
+    covered = {(decorator, name) for decorator, name, _, _ in arguments_table()}
+    every = {(d, name) for d in DECORATORS for name in keyword_arguments(d)}
+    assert covered == every, every - covered
+    # The scalar rows are found in the options models; these must be among them.
+    assert {(circuit_breaker, "fail_max", int), (circuit_breaker, "timeout", float)} <= set(
+        SCALAR_ARGUMENTS
+    )
+    assert (with_rate_limit, "state_url", str) in SCALAR_ARGUMENTS
+
+
+def _decorate(decorator, name, value):
+    _, base = DECORATORS[decorator]
+    return decorator(**{**base, **NEEDS.get(name, {}), name: value})
+
+
+def _resilient(decorator, name, value):
+    pattern, base = DECORATORS[decorator]
+    return resilient("svc", **{pattern: {**base, **NEEDS.get(name, {}), name: value}})
+
+
+@pytest.mark.parametrize(("decorator", "name", "wrong", "right"), TABLE)
+def test_a_wrong_typed_code_argument_fails_at_decoration_naming_it(decorator, name, wrong, right):
+    pattern, _ = DECORATORS[decorator]
+    option = ALIASES.get(name, name)
+    # The alias exists only as a decorator argument; every other goes through resilient() too.
+    entry_points = [_decorate] if name in ALIASES else [_decorate, _resilient]
+    for value in wrong:
+        for entry_point in entry_points:
+            with pytest.raises(ConfigurationError) as info:
+                entry_point(decorator, name, value)
+            message = str(info.value)
+            assert message.startswith(f"invalid argument for {pattern}: {option}"), (value, message)
+            assert {(path.split(".")[0], source) for path, source, _ in info.value.errors} == {
+                (option, "code")
+            }, (value, info.value.errors)
+
+
+@pytest.mark.parametrize(("decorator", "name", "wrong", "right"), TABLE)
+def test_a_right_typed_code_argument_is_accepted(decorator, name, wrong, right):
+    for value in right:
+        assert isinstance(_decorate(decorator, name, value), Policy), value
+        if name not in ALIASES:
+            assert isinstance(_resilient(decorator, name, value), Policy), value
+
+
+def test_a_wrong_type_is_named_and_the_value_is_not():
+    with pytest.raises(ConfigurationError) as info:
+        circuit_breaker("svc", fail_max="5")
+    assert str(info.value) == (
+        "invalid argument for circuit_breaker: fail_max: Input should be a valid integer (got str)"
+    )
+    with pytest.raises(ConfigurationError) as info:
+        circuit_breaker("svc", fail_max=True)
+    assert str(info.value).endswith("(got bool)")
+    with pytest.raises(ConfigurationError) as info:
+        circuit_breaker("svc", state_url=b"redis://app:s3cret@host")
+    assert "s3cret" not in str(info.value)
+    assert str(info.value).endswith("state_url: Input should be a valid string (got bytes)")
+
+
+def test_code_arguments_are_strict_and_the_same_values_in_settings_are_converted(apply):
+    # Settings are text (a variable) or a file's own types: "5" and "true" are what they can say.
+    env = {
+        "BUTTRESS_SERVICES__SVC__CIRCUIT_BREAKER__FAIL_MAX": "5",
+        "BUTTRESS_SERVICES__SVC__CIRCUIT_BREAKER__TIMEOUT": "60",
+        "BUTTRESS_SERVICES__SVC__CIRCUIT_BREAKER__COUNT_THROTTLED": "true",
+        "BUTTRESS_SERVICES__SVC__HEDGING__DELAY": "0.05",
+        "BUTTRESS_SERVICES__SVC__HEDGING__IDEMPOTENT": "yes",
+    }
+    options = view(env).options("circuit_breaker", {}, None)
+    assert (options.fail_max, options.timeout, options.count_throttled) == (5, 60.0, True)
+    assert view(env).options("hedging", {}, None).delay == 0.05
+    for make in (
+        lambda: circuit_breaker("svc", fail_max="5"),  # type: ignore[arg-type]
+        lambda: circuit_breaker("svc", timeout="60"),  # type: ignore[arg-type]
+        lambda: circuit_breaker("svc", count_throttled="true"),  # type: ignore[arg-type]
+        lambda: with_hedging("svc", delay="0.05", idempotent=True),
+    ):
+        with pytest.raises(ConfigurationError, match="invalid argument"):
+            make()
+
+
+def test_every_preset_holds_values_code_could_give():
+    # A preset is written in code: it obeys the rule for code arguments, not the one for text.
+    for name, sections in config.PRESETS.items():
+        for pattern, values in sections.items():
+            given, _ = config.code_arguments(pattern, values)
+            assert given == dict(values), (name, pattern)
+
+
+def test_an_unknown_preset_fails_at_decoration():
+    with pytest.raises(ConfigurationError, match="unknown preset 'fast'; known: api, ai"):
+        resilient("svc", preset="fast")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="unknown preset"):
+        Policy(Spec("retry", "svc", {}, preset="API"))
+
+
+def test_one_exception_class_or_a_list_in_resilient_is_a_tuple_of_them(mode, clock, apply):
+    # One class given alone is a tuple of it, not a predicate called with the failure (a class
+    # is callable: KeyError(exc) is always true, so every failure would have been retried).
+    apply()
+    calls = []
+
+    def body(kind):
+        calls.append(kind)
+        raise kind("down")
+
+    policy = resilient(
+        "svc",
+        retry={"retry_on": KeyError, "max_attempts": 2, "initial": 0},
+        fallback={"on": [LookupError], "value": "fallback"},
+        circuit_breaker={"exclude": [KeyError, ValueError]},
+    )
+    fn = policy(mode.define(body))
+    assert mode.run(fn, KeyError) == "fallback"
+    assert calls == [KeyError, KeyError]
+    calls.clear()
+    assert isinstance(mode.outcome(fn, ValueError), ValueError)
+    assert calls == [ValueError]
+    assert dict(policy.specs[3].code_args)["retry_on"] == (KeyError,)
+    assert dict(policy.specs[5].code_args)["exclude"] == (KeyError, ValueError)

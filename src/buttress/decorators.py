@@ -2,7 +2,9 @@
 
 Every argument defaults to ``None``, meaning "not set here": the value then comes from settings,
 the preset, or the built-in default (see ``docs/configuration.md``). Arguments are validated when
-the decorator is applied, so ``with_bulkhead(limit=0)`` fails at import time, naming ``limit``.
+the decorator is applied, strictly (``fail_max="5"`` or ``fail_max=True`` is refused: only settings
+are read from text), so ``with_bulkhead(limit=0)`` fails at import time, naming ``limit``. A list
+stands for a tuple, one exception class for a tuple of it (``config.code_arguments``).
 Stacked decorators fuse into one policy (see :mod:`buttress.policy`).
 """
 
@@ -107,7 +109,8 @@ def circuit_breaker(
             through pub/sub (default 1; 0 asks Redis on every call).
         min_reporters: with ``state_url``, how many processes' own rate windows must trip
             before a rate-based trip opens the fleet's circuit (default 1); below it only the
-            reporting process opens.
+            reporting process opens. A vote stands ``window_seconds``, or with
+            ``window="count"`` the voter's open time (``timeout``).
 
     Raises:
         ConfigurationError: an argument is invalid (also a ``ValueError``).
@@ -134,7 +137,7 @@ def circuit_breaker(
             window_size=window_size,
             slow_call_duration=slow_call_duration,
             slow_call_rate_threshold=slow_call_rate_threshold,
-            exclude=tuple(exclude) if exclude is not None else None,
+            exclude=exclude,
             failure_on_result=failure_on_result,
             count_throttled=count_throttled,
             state_url=state_url,
@@ -181,12 +184,6 @@ def retry_with_backoff(
         retry_on_result: a predicate on the returned value: ``True`` retries the call as if it
             had failed; when no attempt is left, the last value is returned (code only).
     """
-    if budget is False:
-        budget = {"enabled": False}
-    if isinstance(retry_on, type):
-        retry_on = (retry_on,)
-    elif isinstance(retry_on, list):
-        retry_on = tuple(retry_on)
     return _one(
         "retry",
         name,
@@ -355,13 +352,9 @@ def with_fallback(
         on: exceptions (types or a predicate) that trigger it; default ``ButtressError`` and
             transient errors.
     """
-    if isinstance(on, type):
-        on = (on,)
-    elif isinstance(on, list):
-        on = tuple(on)
     code_args = _given(
         handler=handler,
-        chain=tuple(chain) if chain is not None else None,
+        chain=chain,
         cache_ttl=cache_ttl,
         defer=defer,
         on=on,

@@ -99,16 +99,23 @@ class Spec:
         if self.service is not None:
             # Names are case-insensitive: one spelling for instances, labels and settings.
             object.__setattr__(self, "service", registry.service_name(self.service))
-        # Validate now so a misuse fails at decoration time, naming the argument.
+        preset: object = self.preset  # checked at run time for untyped callers
+        if preset is not None and preset not in config.PRESETS:
+            raise ConfigurationError(
+                f"unknown preset {preset!r}; known: {', '.join(config.PRESETS)}",
+                errors=(("preset", "code", f"unknown preset {preset!r}"),),
+            )
+        # Validate now, strictly (code arguments are typed values, not text), so a misuse fails
+        # at decoration time, naming the argument.
         try:
-            validated = config.options_model(self.pattern).model_validate(dict(self.code_args))
+            given, validated = config.code_arguments(self.pattern, self.code_args)
         except ValueError as exc:
             raise _argument_error(self.pattern, exc) from None
         # A URL that may hold a password is kept in its validated form, whose repr masks it, so
         # no repr of this spec, its policy or a conflict between call sites shows the secret.
         code_args = {
             name: value if not isinstance(kept := getattr(validated, name), RedisURL) else kept
-            for name, value in self.code_args.items()
+            for name, value in given.items()
         }
         object.__setattr__(self, "code_args", _shared_args(code_args))
 
@@ -176,13 +183,18 @@ def _argument_error(pattern: str, exc: ValueError) -> ConfigurationError:
             (
                 ".".join(str(p) for p in err["loc"]) or pattern,
                 "code",
-                str(err["msg"]).removeprefix("Value error, "),
+                str(err["msg"]).removeprefix("Value error, ") + _got_type(err),
             )
             for err in exc.errors()
         )
         detail = "; ".join(f"{loc or pattern}: {msg}" for loc, _, msg in problems)
         return ConfigurationError(f"invalid argument for {pattern}: {detail}", errors=problems)
     return ConfigurationError(f"invalid argument for {pattern}: {exc}")
+
+
+def _got_type(error: Mapping[str, Any]) -> str:
+    # A wrong type is named; the value is not (it may be a secret typed in the wrong place).
+    return f" (got {type(error['input']).__name__})" if error["type"].endswith("_type") else ""
 
 
 def _build(

@@ -18,7 +18,7 @@ import requests
 
 import buttress
 from buttress import events, registry
-from buttress.exceptions import CircuitOpenError, RejectedError
+from buttress.exceptions import CircuitOpenError, ConfigurationError, RejectedError
 from buttress.integrations import aiohttp as b_aiohttp
 from buttress.integrations import httpx as b_httpx
 from buttress.integrations import requests as b_requests
@@ -383,12 +383,39 @@ def test_settings_of_the_service_apply_per_host(
 
 
 def test_bad_arguments_fail_at_construction() -> None:
-    with pytest.raises(ValueError, match="max_hosts"):
+    with pytest.raises(ConfigurationError, match="max_hosts"):
         b_httpx.ResilientTransport("billing", max_hosts=0)
-    with pytest.raises(ValueError, match="on_exhausted"):
+    with pytest.raises(ConfigurationError, match="on_exhausted"):
         b_requests.ResilientAdapter("billing", on_exhausted="explode")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="service name"):
         b_httpx.AsyncResilientTransport("")
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [
+        ("max_hosts", "8"),
+        ("max_hosts", True),
+        ("max_hosts", 8.0),
+        ("per_host", "no"),
+        ("per_host", 1),
+        ("idempotency_key", "false"),
+        ("idempotency_key", 0),
+        ("deadline_header", 5),
+        ("deadline_header", ""),
+        ("on_exhausted", "RAISE"),
+    ],
+)
+def test_wrong_typed_arguments_fail_at_construction_naming_them(
+    argument: str, value: object
+) -> None:
+    # Strict like a decorator's arguments: "no" is not a truthy flag, "8" not a number.
+    for make in (b_httpx.ResilientTransport, b_requests.ResilientAdapter):
+        with pytest.raises(
+            ConfigurationError, match=f"invalid argument for the integration: {argument}:"
+        ) as info:
+            make("billing", **{argument: value})
+        assert info.value.errors[0][:2] == (argument, "code")
 
 
 @pytest.mark.realtime

@@ -221,6 +221,63 @@ def test_the_quorum_reached_opens_the_fleet(fleet: Any, redis_server: Any) -> No
     until(lambda: rejected(c), "c, which saw no failure, rejects too")
 
 
+REPORTERS = "buttress:{svc}:reporters"
+# How long a vote stands: a time window's span (window_seconds, here 300), or, for a count
+# window, which has none, the voter's own open time (Process's timeout, 30).
+STANDING = {"time": 300, "count": 30}
+
+
+def trip(process: Process) -> None:
+    """The process's own rate window trips: it votes, and rejects from then on."""
+    process.dep.down = True
+    for _ in range(RATE["minimum_calls"]):
+        process.outcome()
+    assert rejected(process)
+
+
+def age_votes(redis_server: Any, seconds: float) -> None:
+    """Every vote cast so far, ``seconds`` older. Redis scores votes by its own time, which the
+    injected clock does not move: this moves it for them."""
+    client = redis_server.client()
+    votes = client.zrange(REPORTERS, 0, -1, withscores=True)
+    client.zadd(REPORTERS, {member: score - seconds * 1000 for member, score in votes})
+
+
+@pytest.mark.parametrize(
+    ("window", "later", "fleet_opens"),
+    [
+        ("count", 29, True),
+        ("count", 31, False),  # by window_seconds (300) it would still stand
+        ("time", 31, True),
+        ("time", 299, True),
+        ("time", 301, False),
+    ],
+)
+def test_a_vote_stands_for_its_time_windows_span_or_its_count_windows_open_time(
+    fleet: Any, redis_server: Any, clock: Any, window: str, later: float, fleet_opens: bool
+) -> None:
+    options = {"window": window, "window_size": 4, "window_seconds": 300, **RATE}
+    a, b = fleet(min_reporters=2, **options), fleet(min_reporters=2, **options)
+    a.outcome(), b.outcome()
+    trip(a)
+    assert 0 < redis_server.client().pttl(REPORTERS) <= STANDING[window] * 1000
+    # `later` seconds on, for this process and for Redis alike.
+    clock.advance(later)
+    age_votes(redis_server, later)
+    if later > STANDING["count"]:  # a's own open time is over: it calls again, and is answered
+        a.dep.down = False
+        assert a.outcome() == "ok"
+    trip(b)
+    state = redis_server.client().hget(CIRCUIT, "state")
+    if fleet_opens:
+        assert state == "open"  # a's vote stood: two processes reported
+        until(lambda: rejected(a), "a rejects with the fleet")
+    else:
+        assert state in {None, "closed"}  # a's vote aged out: b opened alone, and voted
+        assert redis_server.client().zcard(REPORTERS) == 1
+        assert a.outcome() == "ok"
+
+
 def test_one_reporter_is_todays_behaviour(fleet: Any, redis_server: Any) -> None:
     a, b = fleet(**RATE), fleet(**RATE)
     a.outcome(), b.outcome()

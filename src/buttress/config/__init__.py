@@ -43,6 +43,7 @@ from buttress.config._models import (
     SECTIONS,
     ServiceSettings,
     Settings,
+    code_arguments,
     nested_fields,
     options_model,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "Settings",
     "SettingsWatcher",
     "Snapshot",
+    "code_arguments",
     "describe",
     "get_settings",
     "load_settings",

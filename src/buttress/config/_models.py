@@ -6,6 +6,8 @@ are defined once, in the pattern.
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
@@ -14,7 +16,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, cr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from buttress.patterns import PATTERNS
-from buttress.patterns._base import Options
+from buttress.patterns._base import CODE_CONTEXT, Options
 from buttress.patterns.adaptive_throttle import AdaptiveThrottleOptions
 from buttress.patterns.bulkhead import BulkheadOptions
 from buttress.patterns.cache import CacheOptions
@@ -318,3 +320,75 @@ def merge_options(*layers: Mapping[str, Any]) -> dict[str, Any]:
                 value = {**below, **value}
             merged[name] = value
     return merged
+
+
+# --- code arguments ----------------------------------------------------------------------------
+
+
+def _tuple_items(annotation: Any) -> tuple[Any, ...] | None:
+    """The item types of the ``tuple[X, ...]`` that ``annotation`` admits (alone or in a union),
+    each member of a union of items apart; ``None`` when it admits no tuple."""
+    for member in typing.get_args(annotation) if _is_union(annotation) else (annotation,):
+        if typing.get_origin(member) is tuple:
+            item = typing.get_args(member)[0]
+            return typing.get_args(item) if _is_union(item) else (item,)
+    return None
+
+
+def _is_union(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
+
+
+# The shorthand forms code may give an option in, by the option's type (see code_arguments).
+_Form = Literal["tuple", "exceptions", "group"]
+
+
+def _code_form(annotation: Any) -> _Form | None:
+    items = _tuple_items(annotation)
+    if items is not None:
+        return "exceptions" if any(typing.get_origin(item) is type for item in items) else "tuple"
+    group = nested_fields(annotation)
+    return "group" if group is not None and "enabled" in group else None
+
+
+_CODE_FORMS: Final = MappingProxyType(
+    {
+        pattern: {
+            name: form
+            for name, info in _OPTIONS[pattern].model_fields.items()
+            if (form := _code_form(info.annotation)) is not None
+        }
+        for pattern in PATTERNS
+    }
+)
+
+
+def code_arguments(pattern: str, given: Mapping[str, Any]) -> tuple[dict[str, Any], Options]:
+    """Code arguments of ``pattern`` as a spec keeps them, and the options they validate to.
+
+    Code arguments are values of a typed Python API, validated in pydantic's strict mode: a
+    number given as text, a bool for a number, or a float for an int is refused, where settings
+    (text, from a variable or a file) are converted. Three shorthands are spelled out first, in
+    a decorator's arguments and in the mappings of ``resilient()`` alike: a list stands for a
+    tuple (``exclude=[KeyError]``), one exception class for a tuple of it
+    (``retry_on=ConnectionError``), and ``False`` for a group option switched off
+    (``budget=False``).
+
+    Raises:
+        pydantic.ValidationError: an argument is invalid (a ``ValueError``).
+    """
+    forms = _CODE_FORMS[pattern]
+    args = dict(given)
+    for name, value in args.items():
+        form = forms.get(name)
+        if form is None:
+            continue
+        if form == "group":
+            if value is False:
+                args[name] = {"enabled": False}
+        elif isinstance(value, list):
+            args[name] = tuple(value)
+        elif form == "exceptions" and isinstance(value, type) and issubclass(value, BaseException):
+            args[name] = (value,)
+    options = options_model(pattern).model_validate(args, strict=True, context={CODE_CONTEXT: True})
+    return args, options

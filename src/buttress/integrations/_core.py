@@ -21,6 +21,7 @@ from opentelemetry.trace import INVALID_SPAN, ProxyTracerProvider, Span, SpanKin
 
 from buttress import _clock, _context, registry
 from buttress.decorators import CANONICAL_ORDER
+from buttress.exceptions import ConfigurationError
 from buttress.patterns._transient import (
     GRPC_TRANSIENT,
     IDEMPOTENT_METHODS,
@@ -99,6 +100,13 @@ def transient_status(status: int, headers: Mapping[str, str]) -> bool:
     return status >= 400 and should_retry(headers) is True
 
 
+def _argument_error(name: str, expected: str, value: object) -> ConfigurationError:
+    return ConfigurationError(
+        f"invalid argument for the integration: {name}: must be {expected}, got {value!r}",
+        errors=((name, "code", f"must be {expected}"),),
+    )
+
+
 class Edge:
     """The policies and options of one integration object.
 
@@ -132,11 +140,19 @@ class Edge:
         name: object = service  # checked at run time for untyped callers
         if not isinstance(name, str) or not name or "[" in name:
             raise TypeError(f"a service name (a non-empty string without '['), got {service!r}")
+        # Checked as strictly as a decorator's arguments (docs/configuration.md#validation):
+        # ``per_host="no"`` is a typed API misused, not a truthy value.
         bound: object = max_hosts
         if isinstance(bound, bool) or not isinstance(bound, int) or bound < 1:
-            raise ValueError(f"max_hosts must be a positive integer, got {max_hosts!r}")
+            raise _argument_error("max_hosts", "a positive integer", max_hosts)
         if on_exhausted not in ("return", "raise"):
-            raise ValueError(f'on_exhausted must be "return" or "raise", got {on_exhausted!r}')
+            raise _argument_error("on_exhausted", '"return" or "raise"', on_exhausted)
+        for flag, value in (("per_host", per_host), ("idempotency_key", idempotency_key)):
+            if not isinstance(value, bool):
+                raise _argument_error(flag, "True or False", value)
+        header: object = deadline_header
+        if header is not None and (not isinstance(header, str) or not header):
+            raise _argument_error("deadline_header", "a header name or None", deadline_header)
         self.service = registry.service_name(service)
         self.per_host = per_host
         self.max_hosts = max_hosts

@@ -39,11 +39,12 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol, TypeVar, cast
+from typing import Any, ClassVar, Final, Literal, Protocol, TypeVar, cast
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo
 
 __all__ = [
+    "CODE_CONTEXT",
     "DRIVERS",
     "AskStore",
     "AsyncCall",
@@ -69,12 +70,25 @@ __all__ = [
     "WaitForSlot",
     "Waiter",
     "error_type",
+    "from_code",
 ]
 
 Call = Callable[[tuple[Any, ...], dict[str, Any]], Any]
 AsyncCall = Callable[[tuple[Any, ...], dict[str, Any]], Awaitable[Any]]
 Mode = Literal["enforce", "shadow"]
 T = TypeVar("T")
+
+
+# The validation context of code arguments (``config.code_arguments``), which are validated in
+# pydantic's strict mode. Strict mode does not reach a "before" validator: one that turns text
+# into a value, for settings (where every value is text), asks this to leave code's text alone.
+CODE_CONTEXT: Final = "buttress.code"
+
+
+def from_code(info: ValidationInfo) -> bool:
+    """Whether the value a validator sees is a code argument (else a setting or a default)."""
+    context = info.context
+    return isinstance(context, dict) and context.get(CODE_CONTEXT) is True
 
 
 class Options(BaseModel):

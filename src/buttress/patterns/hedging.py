@@ -21,11 +21,11 @@ import threading
 from collections.abc import Callable
 from typing import Any, ClassVar, Final, cast
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from buttress import _clock, _context, events
 from buttress._values import PositiveSeconds
-from buttress.patterns._base import BuildContext, Hedge, Mode, Options
+from buttress.patterns._base import BuildContext, Hedge, Mode, Options, from_code
 from buttress.patterns._budget import RetryBudget, shared_budget
 
 __all__ = ["PATTERN", "HedgingOptions", "HedgingStrategy", "LatencyPercentile", "build"]
@@ -58,13 +58,25 @@ class HedgingOptions(Options):
 
     @field_validator("delay", mode="before")
     @classmethod
-    def _seconds_or_percentile(cls, delay: object) -> object:
-        # Settings give every value as text: "0.05" is seconds, "p95" a percentile.
+    def _seconds_or_percentile(cls, delay: object, info: ValidationInfo) -> object:
+        # Settings give every value as text: "0.05" is seconds, "p95" a percentile. Code gives
+        # seconds as a number: there "0.05" is refused, like any number given as text (and a
+        # bool, which the union would otherwise report twice, once per member).
         if not isinstance(delay, str):
+            wrong = isinstance(delay, bool) or not isinstance(delay, int | float | None)
+            if wrong and from_code(info):
+                raise ValueError(
+                    "delay must be seconds (a number) or a percentile such as 'p95', got "
+                    f"{type(delay).__name__}"
+                )
             return delay
         match = _PERCENTILE.fullmatch(delay.strip())
         if match is not None and 0 < float(match.group(1)) < 100:
             return delay.strip()
+        if from_code(info):
+            raise ValueError(
+                f"delay must be seconds (a number) or a percentile such as 'p95', got {delay!r}"
+            )
         try:
             return float(delay)
         except ValueError:

@@ -1703,23 +1703,27 @@ class CircuitBreaker(CompatBreaker):
                     if quorum > 1:
                         # The fleet opens once `quorum` processes' windows tripped; until then
                         # this process alone rejects, for the open time.
+                        held = self._limits.reset_timeout
+                        # A vote stands as long as what it reports: a time window's span. A
+                        # count window has no span: its vote stands while this process holds
+                        # open on it (then it calls again with a fresh window, whose own trip
+                        # votes again). docs/distributed.md#quorum-for-rate-based-trips
+                        options = self.options
+                        standing = options.window_seconds if options.window == "time" else held
+
                         def voted(moved: Decision) -> None:
                             if (
                                 moved.shared
                                 and moved.state == CLOSED
                                 and moved.generation == decision.generation
                             ):
-                                moved = remote.hold_open(self._limits.reset_timeout, reason)
+                                moved = remote.hold_open(held, reason)
                             tripped(moved)
 
                         return cast(
                             "Effect | None",
                             remote.voting(
-                                decision.generation,
-                                self.options.window_seconds,
-                                quorum,
-                                limits,
-                                then=voted,
+                                decision.generation, standing, quorum, limits, then=voted
                             ),
                         )
                     return cast(

@@ -84,9 +84,9 @@ class CircuitBreakerOptions(Options):
     min_reporters: int = Field(
         1,
         gt=0,
-        description="with state_url: processes whose own rate window must trip within "
-        "window_seconds before a rate-based trip opens the fleet's circuit (below it, only the "
-        "reporting process opens)",
+        description="with state_url: processes whose own rate window must have tripped, each "
+        "within the last window_seconds (with window='count': the last timeout), before a "
+        "rate-based trip opens the fleet's circuit (below it, only the reporting process opens)",
     )
 
     @property

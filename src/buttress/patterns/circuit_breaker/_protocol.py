@@ -42,7 +42,7 @@ __all__ = [
 # 13 seq at admission | set mode ('force' or ''), 14 trial leases to give back (space-separated:
 # granted to requests whose reply never arrived, '' none).
 # Ops 'override' (ARGV 12: forced_open, forced_closed, disabled or '' to end it; 13: its ms to
-# live) and 'vote' (ARGV 10: the process; 11: its window's generation; 12: the window in ms; 13:
+# live) and 'vote' (ARGV 10: the process; 11: its window's generation; 12: ms a vote stands; 13:
 # min_reporters) use the same places. KEYS: the circuit hash, the trial leases, the reporters.
 # Reply: "state gen seq base succ since now admitted trial change lease open_ms override
 # override_ms" (lease: if granted; override: '-' for none).
@@ -223,11 +223,12 @@ def vote_request(  # noqa: PLR0917 - each is one of the script's arguments
     head: bytes,
     reporter: bytes,
     generation: int,
-    window: float,
+    standing: float,
     min_reporters: int,
     orphans: tuple[bytes, ...],
 ) -> bytes:
-    """Report that this process's rate window tripped in ``generation`` (``window`` seconds)."""
+    """Report that this process's rate window tripped in ``generation``; the fleet counts the
+    votes cast within the last ``standing`` seconds."""
     return head + b"".join(
         bulk(part)
         for part in (
@@ -235,7 +236,7 @@ def vote_request(  # noqa: PLR0917 - each is one of the script's arguments
             b"",
             reporter,
             b"%d" % generation,
-            b"%d" % math.ceil(window * 1000),
+            b"%d" % math.ceil(standing * 1000),
             b"%d" % min_reporters,
             b" ".join(orphans),
         )

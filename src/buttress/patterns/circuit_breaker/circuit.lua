@@ -191,8 +191,9 @@ elseif op == 'override' then
   override_until = override ~= '' and now + tonumber(ARGV[13]) or 0
 elseif op == 'vote' then
   -- A process whose own rate window tripped (ARGV[10]: its id; ARGV[11]: the generation its
-  -- window counted in; ARGV[12]: the window in ms; ARGV[13]: min_reporters). The fleet opens
-  -- once that many distinct processes reported within the window.
+  -- window counted in; ARGV[12]: ms a vote stands, the span of a time window or the open time
+  -- of a count window's trip; ARGV[13]: min_reporters). The fleet opens once that many
+  -- distinct processes voted within that time.
   if ARGV[11] ~= '' and tonumber(ARGV[11]) ~= gen then
     change = 'stale'
   elseif state == 'closed' and override == '' then

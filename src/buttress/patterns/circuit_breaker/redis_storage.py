@@ -334,19 +334,20 @@ class SharedStateStorage(pybreaker.CircuitBreakerStorage):
     def voting(
         self,
         generation: int,
-        window: float,
+        standing: float,
         min_reporters: int,
         limits: Limits,
         then: Callable[[Decision], Any] = _same,
     ) -> Any:
         """This process's rate window tripped in ``generation``: the fleet opens once
-        ``min_reporters`` processes reported within ``window`` seconds. The state after (still
-        closed: the quorum is not there yet, see :meth:`hold_open`)."""
+        ``min_reporters`` processes' votes stand, each for ``standing`` seconds after it was
+        cast. The state after (still closed: the quorum is not there yet, see
+        :meth:`hold_open`)."""
         if self._may_try():
             head = self._prefix(b"vote", limits)
             orphans = self._take_orphans()
             request = protocol.vote_request(
-                head, self._reporter, generation, window, min_reporters, orphans
+                head, self._reporter, generation, standing, min_reporters, orphans
             )
             request += protocol.tail(limits)
             local = functools.partial(self._force_locally, OPEN, None, always=False)
