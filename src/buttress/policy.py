@@ -31,6 +31,7 @@ import importlib
 import inspect
 import itertools
 import threading
+import types
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextvars import ContextVar
@@ -69,12 +70,6 @@ T = TypeVar("T")
 _POLICY_ATTR = "__buttress_policy__"
 # Numbers the decorations whose state is private (no service named anywhere in the stack).
 _private_keys = itertools.count(1)
-# The wrappers buttress made, with their policy and target. Fusion trusts only this, never the
-# __buttress_policy__ attribute: functools.wraps copies a function's __dict__, so a third-party
-# decorator stacked over a buttress wrapper carries it too, and fusing past it would drop it.
-_wrappers: weakref.WeakKeyDictionary[Callable[..., Any], tuple[Policy, Callable[..., Any]]] = (
-    weakref.WeakKeyDictionary()
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1589,11 +1584,10 @@ class Policy:
         if isinstance(fn, classmethod):
             return classmethod(self(fn.__func__))
         _check_decoratable(fn)
-        inner = _wrappers.get(fn) if fn in _wrappers else None  # `in`: fn may not be weakrefable
+        inner = _bound_of(fn)
         if inner is not None:
             # Fuse with the policy already on fn: one wrapper for the whole stack.
-            inner_policy, target = inner
-            return Policy(*self.specs, *inner_policy.specs)(target)
+            return Policy(*self.specs, *inner.policy.specs)(inner.fn)
         if _is_async(fn):
             return _wrap_async(self, fn)
         return _wrap_sync(self, fn)
@@ -1705,7 +1699,7 @@ def _wrap_sync(policy: Policy, fn: Callable[P, R]) -> Callable[P, R]:
             events.failed(record)
         return result
 
-    _mark(wrapper, policy, fn)
+    _mark(wrapper, policy)
     return wrapper
 
 
@@ -1746,7 +1740,7 @@ def _wrap_async(policy: Policy, fn: Callable[P, Awaitable[R]]) -> Callable[P, Aw
             events.failed(record)
         return result
 
-    _mark(wrapper, policy, fn)
+    _mark(wrapper, policy)
     return wrapper
 
 
@@ -1816,9 +1810,30 @@ def _finished(record: Callable[..., object], exc: Exception, elapsed: float) -> 
         events.failed(record)
 
 
-def _mark(wrapper: Callable[..., Any], policy: Policy, fn: Callable[..., Any]) -> None:
+# The code of the wrappers buttress makes: fusion recognises one by it, never by the
+# __buttress_policy__ attribute (functools.wraps copies a function's __dict__, so a third-party
+# decorator stacked over a buttress wrapper carries that too, and fusing past it would drop it).
+# Its policy and target are those of the _Bound in its closure: nothing is kept per wrapper for
+# this (a table of wrappers cost ≈ 0.2 KB a stack).
+_WRAPPER_CODES = tuple(
+    next(c for c in maker.__code__.co_consts if getattr(c, "co_name", None) == "wrapper")
+    for maker in (_wrap_sync, _wrap_async)
+)
+_BOUND_CELL = {code: code.co_freevars.index("bound") for code in _WRAPPER_CODES}
+
+
+def _bound_of(fn: object) -> _Bound | None:
+    """The _Bound of ``fn`` when ``fn`` is a wrapper buttress made, else None."""
+    if type(fn) is not types.FunctionType:
+        return None
+    cell = _BOUND_CELL.get(fn.__code__)
+    if cell is None:
+        return None
+    return cast("_Bound", fn.__closure__[cell].cell_contents)  # type: ignore[index] # has cells
+
+
+def _mark(wrapper: Callable[..., Any], policy: Policy) -> None:
     setattr(wrapper, _POLICY_ATTR, policy)
-    _wrappers[wrapper] = (policy, fn)
 
 
 def _is_async(fn: object) -> bool:
