@@ -1667,8 +1667,8 @@ def _wrap_sync(policy: Policy, fn: Callable[P, R]) -> Callable[P, R]:
         compiled = bound.compiled
         if compiled.snapshot is not config.SNAPSHOT:
             compiled = bound.compile()
-        if compiled.direct:
-            return fn(*args, **kwargs)
+        if compiled.direct:  # (bound.fn: the closure keeps one cell, not two)
+            return bound.fn(*args, **kwargs)  # type: ignore[no-any-return]
         # Annotated rather than cast(): typing.cast is a real call, on every call.
         result: R
         record = compiled.calls.record
@@ -1712,7 +1712,7 @@ def _wrap_async(policy: Policy, fn: Callable[P, Awaitable[R]]) -> Callable[P, Aw
         if compiled.snapshot is not config.SNAPSHOT:
             compiled = bound.compile()
         if compiled.direct:
-            return await fn(*args, **kwargs)
+            return await bound.fn(*args, **kwargs)  # type: ignore[no-any-return]
         result: R
         record = compiled.calls.record
         if record is None:
