@@ -135,6 +135,41 @@ def test_a_services_claims_of_every_pattern_are_one_entry_and_stay_apart() -> No
     registry.claim("circuit_breaker", "claims", {"timeout": 6}, "site a")  # its own site: fine
 
 
+def test_a_call_site_is_kept_as_its_code_and_named_only_in_a_conflict(mode):
+    # A claim keeps the decorated function's code (shared by every decoration of one def), not a
+    # string per service: a function decorated per request is one site, and a conflict still
+    # names both sites by their qualified name, file and line.
+    def per_request(fail_max: int) -> Callable[[], Any]:
+        if mode.is_async:
+
+            async def call() -> int:
+                return 1
+
+        else:
+
+            def call() -> int:
+                return 1
+
+        return circuit_breaker(name="sites", fail_max=fail_max)(call)
+
+    first = per_request(5)
+    for _ in range(3):
+        assert mode.run(per_request(6)) == 1  # its own site: never a conflict with itself
+    code = first.__wrapped__.__code__
+    assert registry._claims["sites"][1] is code
+    with pytest.raises(buttress.ConfigurationError) as info:
+
+        @circuit_breaker(name="sites", fail_max=7)
+        def elsewhere() -> int:
+            return 1
+
+    name = "test_a_call_site_is_kept_as_its_code_and_named_only_in_a_conflict.<locals>"
+    first_site = f"{name}.per_request.<locals>.call ({__file__}:{code.co_firstlineno})"
+    assert f"fail_max=5 at {first_site} and fail_max=7 at {name}.elsewhere ({__file__}:" in str(
+        info.value
+    )
+
+
 def test_decoration_first_call_and_drop_never_walk_other_instances(monkeypatch):
     for i in range(50):  # instances of other services, built before the tables are guarded
 

@@ -1865,7 +1865,10 @@ def _qualified_name(fn: Callable[..., Any]) -> str:
     return f"{module}.{name}"
 
 
-def _site(fn: Callable[..., Any]) -> str:
+def _site(fn: Callable[..., Any]) -> registry.Site:
+    """What identifies ``fn``'s call site in the registry's claims: the code of the function it
+    wraps (shared by every decoration of one ``def``, so a function decorated per request never
+    conflicts with itself), described only when a conflict is reported (see registry.describe);
+    a callable without code is its qualified name."""
     code = getattr(inspect.unwrap(fn), "__code__", None)
-    where = f" ({code.co_filename}:{code.co_firstlineno})" if code is not None else ""
-    return _qualified_name(fn) + where
+    return code if isinstance(code, types.CodeType) else _qualified_name(fn)
