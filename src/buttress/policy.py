@@ -265,7 +265,7 @@ class _Bound:
 
     __slots__ = (
         "__weakref__",
-        "_private",
+        "_number",
         "_stale",
         "compiled",
         "fn",
@@ -280,25 +280,32 @@ class _Bound:
         self.is_async = is_async
         site = _site(fn)
         self.service = policy.service or registry.service_name(_qualified_name(fn))
-        # The key of this call site's own state (see keys()).
-        self._private = private = f"{self.service}#{next(_private_keys)}"
+        # The number of this call site's own state: its key (see keys()) is made when asked, a
+        # string per stack costing more than this number (most stacks keep nothing under it).
+        self._number = next(_private_keys)
         self._stale = False
         self.compiled = _STALE
         registry.depend(self)
-        for spec, service, key, named in self.keys():
-            if key is not private:  # a shared instance of a named service
-                registry.claim(spec.pattern, service, spec.code_args, site, self)
+        private = False  # whether a shared pattern's instance is this call site's own
+        for spec, service, _, named in self.keys():
+            if spec.pattern in registry.SHARED_PATTERNS:
+                if named:  # a shared instance of a named service
+                    registry.claim(spec.pattern, service, spec.code_args, site, self)
+                else:
+                    private = True
             if spec.pattern == "retry" and named and "budget" in spec.code_args:
                 # The retry budget is the service's, whatever the call site: claimed as the
                 # shared instances' arguments are, so two sites cannot give it two values.
                 registry.claim("retry", service, {"budget": spec.code_args["budget"]}, site, self)
-        if any(
-            key == private and spec.pattern in registry.SHARED_PATTERNS
-            for spec, _, key, _ in self.keys()
-        ):
+        if private:
             # Private state lives as long as the decorated function: a function decorated per
             # request (a closure, a lambda) must not leave a breaker behind for each one.
-            weakref.finalize(self, registry.forget, private)
+            weakref.finalize(self, registry.forget, self._private)
+
+    @property
+    def _private(self) -> str:
+        """The key of this call site's own state: the same string each time it is made."""
+        return f"{self.service}#{self._number}"
 
     def keys(self) -> Iterator[tuple[Spec, str, str, bool]]:
         """``(spec, service, key, named)`` for each spec, outermost first.
@@ -310,11 +317,12 @@ class _Bound:
         rather than kept per call site.
         """
         policy = self.policy
+        private = self._private
         for spec in policy.specs:
             service = spec.service or self.service
             named = bool(spec.service or policy.service)
             shared = named and spec.pattern in registry.SHARED_PATTERNS
-            yield spec, service, service if shared else self._private, named
+            yield spec, service, service if shared else private, named
 
     def invalidate(self) -> None:
         """Compile again before the next call (a shared instance's code arguments changed)."""
