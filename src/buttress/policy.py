@@ -1675,8 +1675,8 @@ def _wrap_sync(policy: Policy, fn: Callable[P, R]) -> Callable[P, R]:
         compiled = bound.compiled
         if compiled.snapshot is not config.SNAPSHOT:
             compiled = bound.compile()
-        if compiled.direct:  # (bound.fn: the closure keeps one cell, not two)
-            return bound.fn(*args, **kwargs)  # type: ignore[no-any-return]
+        if compiled.direct:
+            return fn(*args, **kwargs)
         # Annotated rather than cast(): typing.cast is a real call, on every call.
         result: R
         record = compiled.calls.record
@@ -1720,7 +1720,7 @@ def _wrap_async(policy: Policy, fn: Callable[P, Awaitable[R]]) -> Callable[P, Aw
         if compiled.snapshot is not config.SNAPSHOT:
             compiled = bound.compile()
         if compiled.direct:
-            return await bound.fn(*args, **kwargs)  # type: ignore[no-any-return]
+            return await fn(*args, **kwargs)
         result: R
         record = compiled.calls.record
         if record is None:
