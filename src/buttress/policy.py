@@ -399,10 +399,12 @@ class _Bound:
         return _Compiled(snapshot, chain, calls, direct=False, answers=answers)
 
     def _chain_sync(self, strategies: list[Strategy]) -> Call:
-        # Each step of a chain keeps what it reads in default arguments rather than closure
-        # cells: a cell is an object of its own (48 bytes a value, against 8 in the defaults'
-        # tuple), and a stack is a handful of steps per call site, so ≈ 0.6 KB a stack;
-        # read as locals, they cost nothing per call. Steps are only ever called (args, kwargs).
+        # The common steps (the final step, a held gate, a scoped recovery, the innermost call)
+        # are module functions bound to a tuple of what they read, ``MethodType(_held, (before,
+        # after, call))``: a method object is 64 bytes, where a function made per stack is 152
+        # plus its closure cells (48 bytes a value) or defaults; a stack is a handful of steps
+        # per call site. Unpacked into locals, they cost a call nothing more (bench/run.py).
+        # Steps are only ever called (args, kwargs).
         step: Call = types.MethodType(_innermost, self.fn)
         for strategy in reversed(strategies):
             step = link(strategy, step)
@@ -874,24 +876,25 @@ def _gate(before: Callable[[], Any], after: Callable[[Any], None] | None, call: 
 
         return gated
 
-    def held(
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        before: Callable[[], Any] = before,
-        after: Callable[[Any], None] = after,
-        call: Call = call,
-    ) -> Any:
-        token = before()
-        if token is not None and isinstance(token, Effect):
-            token = settle(token)
-            if isinstance(token, Return):
-                return token.value
-        try:
-            return call(args, kwargs)
-        finally:
-            after(token)
+    return types.MethodType(_held, (before, after, call))
 
-    return held
+
+def _held(
+    state: tuple[Callable[[], Any], Callable[[Any], None], Call],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """A gate that holds what it admitted for the length of the call (see _chain_sync)."""
+    before, after, call = state
+    token = before()
+    if token is not None and isinstance(token, Effect):
+        token = settle(token)
+        if isinstance(token, Return):
+            return token.value
+    try:
+        return call(args, kwargs)
+    finally:
+        after(token)
 
 
 def _agate(
@@ -916,24 +919,25 @@ def _agate(
 
         return gated
 
-    async def held(
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        before: Callable[[], Any] = before,
-        after: Callable[[Any], None] = after,
-        call: AsyncCall = call,
-    ) -> Any:
-        token = before()
-        if token is not None and isinstance(token, Effect):
-            token = await asettle(token)
-            if isinstance(token, Return):
-                return token.value
-        try:
-            return await call(args, kwargs)
-        finally:
-            after(token)
+    return types.MethodType(_aheld, (before, after, call))
 
-    return held
+
+async def _aheld(
+    state: tuple[Callable[[], Any], Callable[[Any], None], AsyncCall],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """:func:`_held` for ``async def`` callers."""
+    before, after, call = state
+    token = before()
+    if token is not None and isinstance(token, Effect):
+        token = await asettle(token)
+        if isinstance(token, Return):
+            return token.value
+    try:
+        return await call(args, kwargs)
+    finally:
+        after(token)
 
 
 Admit = Callable[[Call, tuple[Any, ...], dict[str, Any]], Any]
@@ -973,100 +977,98 @@ def _final(strategy: Any, calls: events.Recorder, call: Call) -> Call:
     """
 
     succeeded_calls = events.recorder(SucceededCall, calls.service)
+    return types.MethodType(_final_step, (strategy.breaker, succeeded_calls, calls, call))
 
-    def final(  # noqa: PLR0917 - what it reads kept in defaults (see _chain_sync)
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        breaker: Any = strategy.breaker,  # (a CircuitBreaker: patterns import this module)
-        succeeded_calls: events.Recorder = succeeded_calls,
-        calls: events.Recorder = calls,
-        call: Call = call,
-    ) -> Any:
-        token = breaker.before_final(call, args, kwargs)
-        # From here: before()'s own work is a local check (a rejection records no duration);
-        # with state in Redis, the round trip is settled below and counts.
-        began = started = _clock.monotonic()
-        if isinstance(token, Effect):  # state in Redis: its rejection comes from settling
-            try:
-                token = settle(token)
-            except RejectedError as exc:
-                breaker.ended(exc)
-                raise
-            started = _clock.monotonic()  # the breaker times the call, not the round trip
+
+def _final_step(
+    state: tuple[Any, events.Recorder, events.Recorder, Call],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """The final step (see :func:`_final`)."""
+    breaker, succeeded_calls, calls, call = state  # (breaker: a CircuitBreaker)
+    token = breaker.before_final(call, args, kwargs)
+    # From here: before()'s own work is a local check (a rejection records no duration);
+    # with state in Redis, the round trip is settled below and counts.
+    began = started = _clock.monotonic()
+    if isinstance(token, Effect):  # state in Redis: its rejection comes from settling
         try:
-            result = call(args, kwargs)
-        except BaseException as exc:
-            effect = breaker.judge(token, started, exc, None)
-            if effect is not None:
-                settle(effect)
-            if isinstance(exc, Exception):
-                record = calls.record
-                if record is not None:
-                    _finished(record, exc, _clock.monotonic() - began)
+            token = settle(token)
+        except RejectedError as exc:
+            breaker.ended(exc)
             raise
-        if breaker.succeeded(token, started, succeeded_calls):  # the common success: one call
-            return result
-        effect = breaker.judge(token, started, None, result)
+        started = _clock.monotonic()  # the breaker times the call, not the round trip
+    try:
+        result = call(args, kwargs)
+    except BaseException as exc:
+        effect = breaker.judge(token, started, exc, None)
         if effect is not None:
             settle(effect)
-        record = calls.record
-        if record is not None:
-            try:
-                record("success", _clock.monotonic() - began, None)
-            except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
-                events.failed(record)
+        if isinstance(exc, Exception):
+            record = calls.record
+            if record is not None:
+                _finished(record, exc, _clock.monotonic() - began)
+        raise
+    if breaker.succeeded(token, started, succeeded_calls):  # the common success: one call
         return result
-
-    return final
+    effect = breaker.judge(token, started, None, result)
+    if effect is not None:
+        settle(effect)
+    record = calls.record
+    if record is not None:
+        try:
+            record("success", _clock.monotonic() - began, None)
+        except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
+            events.failed(record)
+    return result
 
 
 def _afinal(strategy: Any, calls: events.Recorder, call: AsyncCall) -> AsyncCall:
     """:func:`_final` for ``async def`` callers."""
 
     succeeded_calls = events.recorder(SucceededCall, calls.service)
+    return types.MethodType(_afinal_step, (strategy.breaker, succeeded_calls, calls, call))
 
-    async def final(  # noqa: PLR0917 - what it reads kept in defaults (see _chain_sync)
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        breaker: Any = strategy.breaker,  # (a CircuitBreaker: patterns import this module)
-        succeeded_calls: events.Recorder = succeeded_calls,
-        calls: events.Recorder = calls,
-        call: AsyncCall = call,
-    ) -> Any:
-        token = breaker.before_final(call, args, kwargs)
-        began = started = _clock.monotonic()
-        if isinstance(token, Effect):
-            try:
-                token = await asettle(token)
-            except RejectedError as exc:
-                breaker.ended(exc)
-                raise
-            started = _clock.monotonic()
+
+async def _afinal_step(
+    state: tuple[Any, events.Recorder, events.Recorder, AsyncCall],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """The final step (see :func:`_afinal`)."""
+    breaker, succeeded_calls, calls, call = state  # (breaker: a CircuitBreaker)
+    token = breaker.before_final(call, args, kwargs)
+    began = started = _clock.monotonic()
+    if isinstance(token, Effect):
         try:
-            result = await call(args, kwargs)
-        except BaseException as exc:
-            effect = breaker.judge(token, started, exc, None)
-            if effect is not None:
-                await asettle(effect)
-            if isinstance(exc, Exception):
-                record = calls.record
-                if record is not None:
-                    _finished(record, exc, _clock.monotonic() - began)
+            token = await asettle(token)
+        except RejectedError as exc:
+            breaker.ended(exc)
             raise
-        if breaker.succeeded(token, started, succeeded_calls):
-            return result
-        effect = breaker.judge(token, started, None, result)
+        started = _clock.monotonic()
+    try:
+        result = await call(args, kwargs)
+    except BaseException as exc:
+        effect = breaker.judge(token, started, exc, None)
         if effect is not None:
             await asettle(effect)
-        record = calls.record
-        if record is not None:
-            try:
-                record("success", _clock.monotonic() - began, None)
-            except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
-                events.failed(record)
+        if isinstance(exc, Exception):
+            record = calls.record
+            if record is not None:
+                _finished(record, exc, _clock.monotonic() - began)
+        raise
+    if breaker.succeeded(token, started, succeeded_calls):
         return result
-
-    return final
+    effect = breaker.judge(token, started, None, result)
+    if effect is not None:
+        await asettle(effect)
+    record = calls.record
+    if record is not None:
+        try:
+            record("success", _clock.monotonic() - began, None)
+        except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
+            events.failed(record)
+    return result
 
 
 Finish = Callable[[Any, BaseException | None], None]
@@ -1327,33 +1329,31 @@ def _scoped_recovery(
     succeeded: Succeeded | None,
     call: Call,
 ) -> Call:
-    # A recovery with a scope of its own around the call and its answer (retry's attempt
-    # count, a deferring fallback's idempotency key), set here inline: no hook call on the
-    # success path.
-    def scoped(  # noqa: PLR0917 - what it reads kept in defaults (see _chain_sync)
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        scope: ContextVar[Any] = scope,
-        new_scope: Callable[[], Any] = new_scope,
-        recover: Recover = recover,
-        succeeded: Succeeded | None = succeeded,
-        call: Call = call,
-    ) -> Any:
-        token = scope.set(new_scope())
-        try:
-            try:
-                result = call(args, kwargs)
-            except Exception as exc:  # noqa: BLE001 - the strategy re-raises what it does not answer
-                failure = exc
-            else:
-                if succeeded is not None:
-                    succeeded(args, kwargs, result)
-                return result
-            return _answer(recover(failure, args, kwargs), failure, call, args, kwargs)
-        finally:
-            scope.reset(token)
+    return types.MethodType(_scoped, (scope, new_scope, recover, succeeded, call))
 
-    return scoped
+
+def _scoped(
+    state: tuple[ContextVar[Any], Callable[[], Any], Recover, Succeeded | None, Call],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """A recovery with a scope of its own around the call and its answer (retry's attempt
+    count, a deferring fallback's idempotency key), set here inline: no hook call on the
+    success path (see _chain_sync)."""
+    scope, new_scope, recover, succeeded, call = state
+    token = scope.set(new_scope())
+    try:
+        try:
+            result = call(args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - the strategy re-raises what it does not answer
+            failure = exc
+        else:
+            if succeeded is not None:
+                succeeded(args, kwargs, result)
+            return result
+        return _answer(recover(failure, args, kwargs), failure, call, args, kwargs)
+    finally:
+        scope.reset(token)
 
 
 def _ascoped_recovery(
@@ -1363,30 +1363,29 @@ def _ascoped_recovery(
     succeeded: Succeeded | None,
     call: AsyncCall,
 ) -> AsyncCall:
-    async def scoped(  # noqa: PLR0917 - what it reads kept in defaults (see _chain_sync)
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        scope: ContextVar[Any] = scope,
-        new_scope: Callable[[], Any] = new_scope,
-        recover: Recover = recover,
-        succeeded: Succeeded | None = succeeded,
-        call: AsyncCall = call,
-    ) -> Any:
-        token = scope.set(new_scope())
-        try:
-            try:
-                result = await call(args, kwargs)
-            except Exception as exc:  # noqa: BLE001 - the strategy re-raises what it does not answer
-                failure = exc
-            else:
-                if succeeded is not None:
-                    succeeded(args, kwargs, result)
-                return result
-            return await _aanswer(recover(failure, args, kwargs), failure, call, args, kwargs)
-        finally:
-            scope.reset(token)
+    return types.MethodType(_ascoped, (scope, new_scope, recover, succeeded, call))
 
-    return scoped
+
+async def _ascoped(
+    state: tuple[ContextVar[Any], Callable[[], Any], Recover, Succeeded | None, AsyncCall],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """:func:`_scoped` for ``async def`` callers."""
+    scope, new_scope, recover, succeeded, call = state
+    token = scope.set(new_scope())
+    try:
+        try:
+            result = await call(args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - the strategy re-raises what it does not answer
+            failure = exc
+        else:
+            if succeeded is not None:
+                succeeded(args, kwargs, result)
+            return result
+        return await _aanswer(recover(failure, args, kwargs), failure, call, args, kwargs)
+    finally:
+        scope.reset(token)
 
 
 # -- keyed strategies (cache, coalescing) and the shared run of a Join ---------------------------
