@@ -50,7 +50,6 @@ from buttress import (
     with_bulkhead,
     with_timeout,
 )
-from buttress import policy as policy_module
 from buttress.health_app import asgi_app
 
 try:
@@ -803,6 +802,11 @@ def test_one_circuit_serves_uvicorns_loop_the_tests_loops_and_threads(
     assert upstream.count() == seen
 
 
+def _live_stacks() -> int:
+    """The decorated functions alive (each one's stack is known to the registry, weakly)."""
+    return sum(ref() is not None for ref in registry._everyone)
+
+
 def _options_cache_sizes() -> dict[str, int]:
     views = config.SNAPSHOT.service.__self__  # type: ignore[attr-defined]
     return {name: len(view._cache) for name, view in dict(views).items()}
@@ -828,7 +832,7 @@ def test_decorating_per_request_keeps_nothing_behind(service: Service, upstream:
 
             return await asyncio.gather(*(one(b) for b in budgets))
 
-    wrappers = len(policy_module._wrappers)
+    stacks = _live_stacks()
     labels = service.label_values("service")
     # Every request gives its own budget: that many distinct code arguments.
     budgets = [1 + i / 10_000 for i in range(PER_REQUEST_ASYNC)]
@@ -842,8 +846,9 @@ def test_decorating_per_request_keeps_nothing_behind(service: Service, upstream:
     # and goes with it. Named services keep one instance each.
     assert sorted(registry.instances("circuit_breaker")) == ["upstream"]
     assert len(registry._instances) <= 3  # upstream's breaker, bulkhead (and rate limiter)
-    # At most as many as before: earlier tests' apps may be collected meanwhile.
-    assert len(policy_module._wrappers) <= wrappers
+    # No decoration outlives its request (at most as many stacks as before: earlier tests' apps
+    # may be collected meanwhile).
+    assert _live_stacks() <= stacks
     # One metrics series per service, whatever the number of decorations.
     unnamed = f"{__name__}.build_app.<locals>.per_request_sync.<locals>.call"
     assert service.label_values("service") - labels <= {"upstream", unnamed}

@@ -31,6 +31,7 @@ import importlib
 import inspect
 import itertools
 import threading
+import types
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextvars import ContextVar
@@ -69,12 +70,6 @@ T = TypeVar("T")
 _POLICY_ATTR = "__buttress_policy__"
 # Numbers the decorations whose state is private (no service named anywhere in the stack).
 _private_keys = itertools.count(1)
-# The wrappers buttress made, with their policy and target. Fusion trusts only this, never the
-# __buttress_policy__ attribute: functools.wraps copies a function's __dict__, so a third-party
-# decorator stacked over a buttress wrapper carries it too, and fusing past it would drop it.
-_wrappers: weakref.WeakKeyDictionary[Callable[..., Any], tuple[Policy, Callable[..., Any]]] = (
-    weakref.WeakKeyDictionary()
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,7 +277,7 @@ class _Bound:
 
     __slots__ = (
         "__weakref__",
-        "_private",
+        "_number",
         "_stale",
         "compiled",
         "fn",
@@ -297,25 +292,32 @@ class _Bound:
         self.is_async = is_async
         site = _site(fn)
         self.service = policy.service or registry.service_name(_qualified_name(fn))
-        # The key of this call site's own state (see keys()).
-        self._private = private = f"{self.service}#{next(_private_keys)}"
+        # The number of this call site's own state: its key (see keys()) is made when asked, a
+        # string per stack costing more than this number (most stacks keep nothing under it).
+        self._number = next(_private_keys)
         self._stale = False
         self.compiled = _STALE
         registry.depend(self)
-        for spec, service, key, named in self.keys():
-            if key is not private:  # a shared instance of a named service
-                registry.claim(spec.pattern, service, spec.code_args, site, self)
+        private = False  # whether a shared pattern's instance is this call site's own
+        for spec, service, _, named in self.keys():
+            if spec.pattern in registry.SHARED_PATTERNS:
+                if named:  # a shared instance of a named service
+                    registry.claim(spec.pattern, service, spec.code_args, site, self)
+                else:
+                    private = True
             if spec.pattern == "retry" and named and "budget" in spec.code_args:
                 # The retry budget is the service's, whatever the call site: claimed as the
                 # shared instances' arguments are, so two sites cannot give it two values.
                 registry.claim("retry", service, {"budget": spec.code_args["budget"]}, site, self)
-        if any(
-            key == private and spec.pattern in registry.SHARED_PATTERNS
-            for spec, _, key, _ in self.keys()
-        ):
+        if private:
             # Private state lives as long as the decorated function: a function decorated per
             # request (a closure, a lambda) must not leave a breaker behind for each one.
-            weakref.finalize(self, registry.forget, private)
+            weakref.finalize(self, registry.forget, self._private)
+
+    @property
+    def _private(self) -> str:
+        """The key of this call site's own state: the same string each time it is made."""
+        return f"{self.service}#{self._number}"
 
     def keys(self) -> Iterator[tuple[Spec, str, str, bool]]:
         """``(spec, service, key, named)`` for each spec, outermost first.
@@ -327,11 +329,12 @@ class _Bound:
         rather than kept per call site.
         """
         policy = self.policy
+        private = self._private
         for spec in policy.specs:
             service = spec.service or self.service
             named = bool(spec.service or policy.service)
             shared = named and spec.pattern in registry.SHARED_PATTERNS
-            yield spec, service, service if shared else self._private, named
+            yield spec, service, service if shared else private, named
 
     def invalidate(self) -> None:
         """Compile again before the next call (a shared instance's code arguments changed)."""
@@ -390,7 +393,7 @@ class _Bound:
         if (
             not answers
             and view.rollout >= 1.0
-            and getattr(outermost, "final", None) is not None
+            and getattr(outermost, "final", False)
             and outermost.breaker.service == self.service  # type: ignore[union-attr]
         ):
             # The breaker is outermost and nothing can answer in the call's place, so its
@@ -408,27 +411,19 @@ class _Bound:
         return _Compiled(snapshot, chain, calls, direct=False, answers=answers)
 
     def _chain_sync(self, strategies: list[Strategy]) -> Call:
-        # Each step of a chain keeps what it reads in default arguments rather than closure
-        # cells: a cell is an object of its own (48 bytes a value, against 8 in the defaults'
-        # tuple), and a stack is a handful of steps per call site, so ≈ 0.6 KB a stack;
-        # read as locals, they cost nothing per call. Steps are only ever called (args, kwargs).
-        def innermost(
-            args: tuple[Any, ...], kwargs: dict[str, Any], fn: Callable[..., Any] = self.fn
-        ) -> Any:
-            return fn(*args, **kwargs)
-
-        step: Call = innermost
+        # The common steps (the final step, a held gate, a scoped recovery, the innermost call)
+        # are module functions bound to a tuple of what they read, ``MethodType(_held, (before,
+        # after, call))``: a method object is 64 bytes, where a function made per stack is 152
+        # plus its closure cells (48 bytes a value) or defaults; a stack is a handful of steps
+        # per call site. Unpacked into locals, they cost a call nothing more (bench/run.py).
+        # Steps are only ever called (args, kwargs).
+        step: Call = types.MethodType(_innermost, self.fn)
         for strategy in reversed(strategies):
             step = link(strategy, step)
         return step
 
     def _chain_async(self, strategies: list[Strategy]) -> AsyncCall:
-        def innermost(
-            args: tuple[Any, ...], kwargs: dict[str, Any], fn: Callable[..., Any] = self.fn
-        ) -> Awaitable[Any]:
-            return cast("Awaitable[Any]", fn(*args, **kwargs))
-
-        step: AsyncCall = innermost
+        step: AsyncCall = types.MethodType(_innermost, self.fn)
         for strategy in reversed(strategies):
             step = alink(strategy, step)
         return step
@@ -451,6 +446,13 @@ class _Bound:
             return fn(*args, **kwargs)
 
         return rolled_out
+
+
+def _innermost(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The last step of every chain, bound to its function (``MethodType(_innermost, fn)``): a
+    method object is 64 bytes where a function of its own, with ``fn`` in its defaults, is 200.
+    For an ``async def`` function it returns the awaitable, which the step above awaits."""
+    return fn(*args, **kwargs)
 
 
 # -- the two drivers -------------------------------------------------------------------------------
@@ -886,24 +888,25 @@ def _gate(before: Callable[[], Any], after: Callable[[Any], None] | None, call: 
 
         return gated
 
-    def held(
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        before: Callable[[], Any] = before,
-        after: Callable[[Any], None] = after,
-        call: Call = call,
-    ) -> Any:
-        token = before()
-        if token is not None and isinstance(token, Effect):
-            token = settle(token)
-            if isinstance(token, Return):
-                return token.value
-        try:
-            return call(args, kwargs)
-        finally:
-            after(token)
+    return types.MethodType(_held, (before, after, call))
 
-    return held
+
+def _held(
+    state: tuple[Callable[[], Any], Callable[[Any], None], Call],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """A gate that holds what it admitted for the length of the call (see _chain_sync)."""
+    before, after, call = state
+    token = before()
+    if token is not None and isinstance(token, Effect):
+        token = settle(token)
+        if isinstance(token, Return):
+            return token.value
+    try:
+        return call(args, kwargs)
+    finally:
+        after(token)
 
 
 def _agate(
@@ -928,24 +931,25 @@ def _agate(
 
         return gated
 
-    async def held(
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        before: Callable[[], Any] = before,
-        after: Callable[[Any], None] = after,
-        call: AsyncCall = call,
-    ) -> Any:
-        token = before()
-        if token is not None and isinstance(token, Effect):
-            token = await asettle(token)
-            if isinstance(token, Return):
-                return token.value
-        try:
-            return await call(args, kwargs)
-        finally:
-            after(token)
+    return types.MethodType(_aheld, (before, after, call))
 
-    return held
+
+async def _aheld(
+    state: tuple[Callable[[], Any], Callable[[Any], None], AsyncCall],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """:func:`_held` for ``async def`` callers."""
+    before, after, call = state
+    token = before()
+    if token is not None and isinstance(token, Effect):
+        token = await asettle(token)
+        if isinstance(token, Return):
+            return token.value
+    try:
+        return await call(args, kwargs)
+    finally:
+        after(token)
 
 
 Admit = Callable[[Call, tuple[Any, ...], dict[str, Any]], Any]
@@ -977,112 +981,106 @@ def _final(strategy: Any, calls: events.Recorder, call: Call) -> Call:
     """The outermost step of a chain whose breaker's rejection ends the call (see _compile).
 
     It admits, judges and records the call's CallFinished itself (``calls``), so the wrapper
-    has nothing to record: a rejection (``strategy.final`` records RejectedCall) leaves with no
-    ``except`` on its way, and the common success is judged and recorded by one call of the
-    breaker's (``strategy.succeeded`` records SucceededCall). One ``try`` for both jobs.
+    has nothing to record: a rejection (``breaker.before_final`` records RejectedCall) leaves with
+    no ``except`` on its way, and the common success is judged and recorded by one call of the
+    breaker's (``breaker.succeeded`` records SucceededCall). One ``try`` for both jobs. It keeps
+    the breaker and calls its methods, rather than keeping four bound methods (0.25 KB a stack;
+    a method looked up on the breaker costs a call no more).
     """
 
     succeeded_calls = events.recorder(SucceededCall, calls.service)
+    return types.MethodType(_final_step, (strategy.breaker, succeeded_calls, calls, call))
 
-    def final(  # noqa: PLR0917 - what it reads kept in defaults (see _chain_sync)
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        before: Admit = strategy.final,
-        judge: Judged = strategy.judge,
-        ended: Callable[[RejectedError], None] = strategy.ended,
-        succeeded: Callable[[Any, float, events.Recorder], bool] = strategy.succeeded,
-        succeeded_calls: events.Recorder = succeeded_calls,
-        calls: events.Recorder = calls,
-        call: Call = call,
-    ) -> Any:
-        token = before(call, args, kwargs)
-        # From here: before()'s own work is a local check (a rejection records no duration);
-        # with state in Redis, the round trip is settled below and counts.
-        began = started = _clock.monotonic()
-        if isinstance(token, Effect):  # state in Redis: its rejection comes from settling
-            try:
-                token = settle(token)
-            except RejectedError as exc:
-                ended(exc)
-                raise
-            started = _clock.monotonic()  # the breaker times the call, not the round trip
+
+def _final_step(
+    state: tuple[Any, events.Recorder, events.Recorder, Call],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """The final step (see :func:`_final`)."""
+    breaker, succeeded_calls, calls, call = state  # (breaker: a CircuitBreaker)
+    token = breaker.before_final(call, args, kwargs)
+    # From here: before()'s own work is a local check (a rejection records no duration);
+    # with state in Redis, the round trip is settled below and counts.
+    began = started = _clock.monotonic()
+    if isinstance(token, Effect):  # state in Redis: its rejection comes from settling
         try:
-            result = call(args, kwargs)
-        except BaseException as exc:
-            effect = judge(token, started, exc, None)
-            if effect is not None:
-                settle(effect)
-            if isinstance(exc, Exception):
-                record = calls.record
-                if record is not None:
-                    _finished(record, exc, _clock.monotonic() - began)
+            token = settle(token)
+        except RejectedError as exc:
+            breaker.ended(exc)
             raise
-        if succeeded(token, started, succeeded_calls):  # the common success: one call
-            return result
-        effect = judge(token, started, None, result)
+        started = _clock.monotonic()  # the breaker times the call, not the round trip
+    try:
+        result = call(args, kwargs)
+    except BaseException as exc:
+        effect = breaker.judge(token, started, exc, None)
         if effect is not None:
             settle(effect)
-        record = calls.record
-        if record is not None:
-            try:
-                record("success", _clock.monotonic() - began, None)
-            except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
-                events.failed(record)
+        if isinstance(exc, Exception):
+            record = calls.record
+            if record is not None:
+                _finished(record, exc, _clock.monotonic() - began)
+        raise
+    if breaker.succeeded(token, started, succeeded_calls):  # the common success: one call
         return result
-
-    return final
+    effect = breaker.judge(token, started, None, result)
+    if effect is not None:
+        settle(effect)
+    record = calls.record
+    if record is not None:
+        try:
+            record("success", _clock.monotonic() - began, None)
+        except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
+            events.failed(record)
+    return result
 
 
 def _afinal(strategy: Any, calls: events.Recorder, call: AsyncCall) -> AsyncCall:
     """:func:`_final` for ``async def`` callers."""
 
     succeeded_calls = events.recorder(SucceededCall, calls.service)
+    return types.MethodType(_afinal_step, (strategy.breaker, succeeded_calls, calls, call))
 
-    async def final(  # noqa: PLR0917 - what it reads kept in defaults (see _chain_sync)
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        before: Admit = strategy.final,
-        judge: Judged = strategy.judge,
-        ended: Callable[[RejectedError], None] = strategy.ended,
-        succeeded: Callable[[Any, float, events.Recorder], bool] = strategy.succeeded,
-        succeeded_calls: events.Recorder = succeeded_calls,
-        calls: events.Recorder = calls,
-        call: AsyncCall = call,
-    ) -> Any:
-        token = before(call, args, kwargs)
-        began = started = _clock.monotonic()
-        if isinstance(token, Effect):
-            try:
-                token = await asettle(token)
-            except RejectedError as exc:
-                ended(exc)
-                raise
-            started = _clock.monotonic()
+
+async def _afinal_step(
+    state: tuple[Any, events.Recorder, events.Recorder, AsyncCall],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """The final step (see :func:`_afinal`)."""
+    breaker, succeeded_calls, calls, call = state  # (breaker: a CircuitBreaker)
+    token = breaker.before_final(call, args, kwargs)
+    began = started = _clock.monotonic()
+    if isinstance(token, Effect):
         try:
-            result = await call(args, kwargs)
-        except BaseException as exc:
-            effect = judge(token, started, exc, None)
-            if effect is not None:
-                await asettle(effect)
-            if isinstance(exc, Exception):
-                record = calls.record
-                if record is not None:
-                    _finished(record, exc, _clock.monotonic() - began)
+            token = await asettle(token)
+        except RejectedError as exc:
+            breaker.ended(exc)
             raise
-        if succeeded(token, started, succeeded_calls):
-            return result
-        effect = judge(token, started, None, result)
+        started = _clock.monotonic()
+    try:
+        result = await call(args, kwargs)
+    except BaseException as exc:
+        effect = breaker.judge(token, started, exc, None)
         if effect is not None:
             await asettle(effect)
-        record = calls.record
-        if record is not None:
-            try:
-                record("success", _clock.monotonic() - began, None)
-            except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
-                events.failed(record)
+        if isinstance(exc, Exception):
+            record = calls.record
+            if record is not None:
+                _finished(record, exc, _clock.monotonic() - began)
+        raise
+    if breaker.succeeded(token, started, succeeded_calls):
         return result
-
-    return final
+    effect = breaker.judge(token, started, None, result)
+    if effect is not None:
+        await asettle(effect)
+    record = calls.record
+    if record is not None:
+        try:
+            record("success", _clock.monotonic() - began, None)
+        except Exception:  # noqa: BLE001 - a subscriber must never break the protected call
+            events.failed(record)
+    return result
 
 
 Finish = Callable[[Any, BaseException | None], None]
@@ -1343,33 +1341,31 @@ def _scoped_recovery(
     succeeded: Succeeded | None,
     call: Call,
 ) -> Call:
-    # A recovery with a scope of its own around the call and its answer (retry's attempt
-    # count, a deferring fallback's idempotency key), set here inline: no hook call on the
-    # success path.
-    def scoped(  # noqa: PLR0917 - what it reads kept in defaults (see _chain_sync)
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        scope: ContextVar[Any] = scope,
-        new_scope: Callable[[], Any] = new_scope,
-        recover: Recover = recover,
-        succeeded: Succeeded | None = succeeded,
-        call: Call = call,
-    ) -> Any:
-        token = scope.set(new_scope())
-        try:
-            try:
-                result = call(args, kwargs)
-            except Exception as exc:  # noqa: BLE001 - the strategy re-raises what it does not answer
-                failure = exc
-            else:
-                if succeeded is not None:
-                    succeeded(args, kwargs, result)
-                return result
-            return _answer(recover(failure, args, kwargs), failure, call, args, kwargs)
-        finally:
-            scope.reset(token)
+    return types.MethodType(_scoped, (scope, new_scope, recover, succeeded, call))
 
-    return scoped
+
+def _scoped(
+    state: tuple[ContextVar[Any], Callable[[], Any], Recover, Succeeded | None, Call],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """A recovery with a scope of its own around the call and its answer (retry's attempt
+    count, a deferring fallback's idempotency key), set here inline: no hook call on the
+    success path (see _chain_sync)."""
+    scope, new_scope, recover, succeeded, call = state
+    token = scope.set(new_scope())
+    try:
+        try:
+            result = call(args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - the strategy re-raises what it does not answer
+            failure = exc
+        else:
+            if succeeded is not None:
+                succeeded(args, kwargs, result)
+            return result
+        return _answer(recover(failure, args, kwargs), failure, call, args, kwargs)
+    finally:
+        scope.reset(token)
 
 
 def _ascoped_recovery(
@@ -1379,30 +1375,29 @@ def _ascoped_recovery(
     succeeded: Succeeded | None,
     call: AsyncCall,
 ) -> AsyncCall:
-    async def scoped(  # noqa: PLR0917 - what it reads kept in defaults (see _chain_sync)
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        scope: ContextVar[Any] = scope,
-        new_scope: Callable[[], Any] = new_scope,
-        recover: Recover = recover,
-        succeeded: Succeeded | None = succeeded,
-        call: AsyncCall = call,
-    ) -> Any:
-        token = scope.set(new_scope())
-        try:
-            try:
-                result = await call(args, kwargs)
-            except Exception as exc:  # noqa: BLE001 - the strategy re-raises what it does not answer
-                failure = exc
-            else:
-                if succeeded is not None:
-                    succeeded(args, kwargs, result)
-                return result
-            return await _aanswer(recover(failure, args, kwargs), failure, call, args, kwargs)
-        finally:
-            scope.reset(token)
+    return types.MethodType(_ascoped, (scope, new_scope, recover, succeeded, call))
 
-    return scoped
+
+async def _ascoped(
+    state: tuple[ContextVar[Any], Callable[[], Any], Recover, Succeeded | None, AsyncCall],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """:func:`_scoped` for ``async def`` callers."""
+    scope, new_scope, recover, succeeded, call = state
+    token = scope.set(new_scope())
+    try:
+        try:
+            result = await call(args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - the strategy re-raises what it does not answer
+            failure = exc
+        else:
+            if succeeded is not None:
+                succeeded(args, kwargs, result)
+            return result
+        return await _aanswer(recover(failure, args, kwargs), failure, call, args, kwargs)
+    finally:
+        scope.reset(token)
 
 
 # -- keyed strategies (cache, coalescing) and the shared run of a Join ---------------------------
@@ -1601,11 +1596,10 @@ class Policy:
         if isinstance(fn, classmethod):
             return classmethod(self(fn.__func__))
         _check_decoratable(fn)
-        inner = _wrappers.get(fn) if fn in _wrappers else None  # `in`: fn may not be weakrefable
+        inner = _bound_of(fn)
         if inner is not None:
             # Fuse with the policy already on fn: one wrapper for the whole stack.
-            inner_policy, target = inner
-            return Policy(*self.specs, *inner_policy.specs)(target)
+            return Policy(*self.specs, *inner.policy.specs)(inner.fn)
         if _is_async(fn):
             return _wrap_async(self, fn)
         return _wrap_sync(self, fn)
@@ -1717,7 +1711,7 @@ def _wrap_sync(policy: Policy, fn: Callable[P, R]) -> Callable[P, R]:
             events.failed(record)
         return result
 
-    _mark(wrapper, policy, fn)
+    _mark(wrapper, policy)
     return wrapper
 
 
@@ -1758,7 +1752,7 @@ def _wrap_async(policy: Policy, fn: Callable[P, Awaitable[R]]) -> Callable[P, Aw
             events.failed(record)
         return result
 
-    _mark(wrapper, policy, fn)
+    _mark(wrapper, policy)
     return wrapper
 
 
@@ -1828,9 +1822,30 @@ def _finished(record: Callable[..., object], exc: Exception, elapsed: float) -> 
         events.failed(record)
 
 
-def _mark(wrapper: Callable[..., Any], policy: Policy, fn: Callable[..., Any]) -> None:
+# The code of the wrappers buttress makes: fusion recognises one by it, never by the
+# __buttress_policy__ attribute (functools.wraps copies a function's __dict__, so a third-party
+# decorator stacked over a buttress wrapper carries that too, and fusing past it would drop it).
+# Its policy and target are those of the _Bound in its closure: nothing is kept per wrapper for
+# this (a table of wrappers cost ≈ 0.2 KB a stack).
+_WRAPPER_CODES = tuple(
+    next(c for c in maker.__code__.co_consts if getattr(c, "co_name", None) == "wrapper")
+    for maker in (_wrap_sync, _wrap_async)
+)
+_BOUND_CELL = {code: code.co_freevars.index("bound") for code in _WRAPPER_CODES}
+
+
+def _bound_of(fn: object) -> _Bound | None:
+    """The _Bound of ``fn`` when ``fn`` is a wrapper buttress made, else None."""
+    if type(fn) is not types.FunctionType:
+        return None
+    cell = _BOUND_CELL.get(fn.__code__)
+    if cell is None:
+        return None
+    return cast("_Bound", fn.__closure__[cell].cell_contents)  # type: ignore[index] # has cells
+
+
+def _mark(wrapper: Callable[..., Any], policy: Policy) -> None:
     setattr(wrapper, _POLICY_ATTR, policy)
-    _wrappers[wrapper] = (policy, fn)
 
 
 def _is_async(fn: object) -> bool:
@@ -1862,7 +1877,10 @@ def _qualified_name(fn: Callable[..., Any]) -> str:
     return f"{module}.{name}"
 
 
-def _site(fn: Callable[..., Any]) -> str:
+def _site(fn: Callable[..., Any]) -> registry.Site:
+    """What identifies ``fn``'s call site in the registry's claims: the code of the function it
+    wraps (shared by every decoration of one ``def``, so a function decorated per request never
+    conflicts with itself), described only when a conflict is reported (see registry.describe);
+    a callable without code is its qualified name."""
     code = getattr(inspect.unwrap(fn), "__code__", None)
-    where = f" ({code.co_filename}:{code.co_firstlineno})" if code is not None else ""
-    return _qualified_name(fn) + where
+    return code if isinstance(code, types.CodeType) else _qualified_name(fn)

@@ -12,7 +12,7 @@ import functools
 import threading
 import weakref
 from collections.abc import Callable, Mapping
-from types import MappingProxyType
+from types import CodeType, MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from buttress.exceptions import ConfigurationError
@@ -24,11 +24,13 @@ __all__ = [
     "SHARED_PATTERNS",
     "Dependent",
     "Reconfigurable",
+    "Site",
     "breaker",
     "claim",
     "clear",
     "clear_claims",
     "code_args",
+    "describe",
     "forget",
     "instances",
     "service_name",
@@ -63,7 +65,7 @@ _lock = threading.RLock()
 # pattern -> key -> the instance, and the options it was built or last reconfigured with.
 _instances: dict[str, dict[str, Any]] = {}
 _options: dict[str, dict[str, Any]] = {}
-# key -> the claims that gave an argument first, of every pattern, flat: (pattern, site,
+# key -> the claims that gave an argument first, of every pattern, flat: (pattern, Site,
 # code_args, pattern, site, code_args, ...) in the order they came (one entry and one tuple per
 # service, not one per pattern). An argument's value is that of the first claim of its pattern
 # that gives it; a claim that adds no argument is not kept. code_args is the caller's mapping (a
@@ -163,7 +165,19 @@ def _append(refs: list[weakref.ref[Any]], ref: weakref.ref[Any]) -> None:
         refs[:] = [ref for ref in refs if ref() is not None]
 
 
-def _given(claims: tuple[Any, ...], pattern: str, name: str) -> tuple[Any, str] | None:
+# What identifies a call site in a claim: a function's code (every decoration of one ``def``
+# is one site), or a name for a callable without one. A string is made of it only for a message.
+Site = CodeType | str
+
+
+def describe(site: Site) -> str:
+    """``site`` as a conflict names it: ``qualified.name (file:line)``, or the name given."""
+    if isinstance(site, str):
+        return site
+    return f"{site.co_qualname} ({site.co_filename}:{site.co_firstlineno})"
+
+
+def _given(claims: tuple[Any, ...], pattern: str, name: str) -> tuple[Any, Site] | None:
     """``(value, site)`` of the first claim of ``pattern`` in ``claims`` that gives ``name``, or
     None."""
     for at in range(0, len(claims), 3):
@@ -178,7 +192,7 @@ def claim(
     pattern: str,
     key: str,
     code_args: Mapping[str, Any],
-    site: str,
+    site: Site,
     dependent: Dependent | None = None,
 ) -> None:
     """Record that ``site`` configures ``pattern`` of ``key`` with ``code_args``.
@@ -198,16 +212,20 @@ def claim(
             previous = _given(claims, pattern, name)
             if previous is None:
                 added = True
-            elif previous[1] != site and previous[0] != value:
-                raise ConfigurationError(
-                    f"service {key!r}: {pattern} argument {name} is given two values in code: "
-                    # A state_url arrives as a RedisURL (see policy.Spec): its repr masks the
-                    # password.
-                    f"{name}={previous[0]!r} at {previous[1]} and {name}={value!r} at {site}. "
-                    "Give both call sites the same value (or give it at one only), move it to "
-                    f"settings (services.{key}.{pattern}.{name}), or use different service names.",
-                    errors=((f"services.{key}.{pattern}.{name}", site, "conflicting values"),),
-                )
+            elif previous[0] != value:
+                # Two sites are one when they read the same: the same code (or code reloaded).
+                there, here = describe(previous[1]), describe(site)
+                if there != here:
+                    raise ConfigurationError(
+                        f"service {key!r}: {pattern} argument {name} is given two values in "
+                        # A state_url arrives as a RedisURL (see policy.Spec): its repr masks
+                        # the password.
+                        f"code: {name}={previous[0]!r} at {there} and {name}={value!r} at "
+                        f"{here}. Give both call sites the same value (or give it at one only), "
+                        f"move it to settings (services.{key}.{pattern}.{name}), or use "
+                        "different service names.",
+                        errors=((f"services.{key}.{pattern}.{name}", here, "conflicting values"),),
+                    )
         if added:
             if type(code_args) is not MappingProxyType:
                 code_args = MappingProxyType(dict(code_args))  # kept: nobody may change it
