@@ -18,6 +18,8 @@ from buttress import (
     resilient,
     retry_with_backoff,
     with_bulkhead,
+    with_cache,
+    with_coalescing,
     with_fallback,
     with_rate_limit,
     with_timeout,
@@ -362,6 +364,25 @@ def test_private_state_goes_with_the_function_decorated():
         decorate_and_call()
     gc.collect()
     assert registry.instances("bulkhead") == {}
+
+
+@pytest.mark.parametrize("name", [None, "per-request-cache"])
+def test_a_cache_and_coalescing_go_with_the_function_decorated(mode, name):
+    # Their state is the call site's own even in a named service: a function decorated per
+    # request left a cache and a coalescing table behind on every request.
+    import gc
+
+    def handle(i: int) -> int:
+        protected = with_cache(name=name, ttl=60)(
+            with_coalescing(name=name)(mode.define(lambda: i))
+        )
+        return mode.run(protected)  # type: ignore[no-any-return]
+
+    for i in range(200):
+        assert handle(i) == i  # a fresh function each time: a fresh cache
+    gc.collect()
+    assert registry.instances("cache") == {}
+    assert registry.instances("coalescing") == {}
 
 
 # --- a foreign decorator in the stack ------------------------------------------------------------

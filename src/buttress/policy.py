@@ -298,20 +298,22 @@ class _Bound:
         self._stale = False
         self.compiled = _STALE
         registry.depend(self)
-        private = False  # whether a shared pattern's instance is this call site's own
+        private = False  # whether an instance will be kept under this call site's own key
         for spec, service, _, named in self.keys():
             if spec.pattern in registry.SHARED_PATTERNS:
                 if named:  # a shared instance of a named service
                     registry.claim(spec.pattern, service, spec.code_args, site, self)
                 else:
                     private = True
+            elif spec.pattern in registry.CALL_SITE_PATTERNS:
+                private = True
             if spec.pattern == "retry" and named and "budget" in spec.code_args:
                 # The retry budget is the service's, whatever the call site: claimed as the
                 # shared instances' arguments are, so two sites cannot give it two values.
                 registry.claim("retry", service, {"budget": spec.code_args["budget"]}, site, self)
         if private:
             # Private state lives as long as the decorated function: a function decorated per
-            # request (a closure, a lambda) must not leave a breaker behind for each one.
+            # request (a closure, a lambda) must not leave a breaker or a cache behind for each.
             weakref.finalize(self, registry.forget, self._private)
 
     @property

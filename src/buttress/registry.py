@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from buttress.patterns.circuit_breaker import CircuitBreaker
 
 __all__ = [
+    "CALL_SITE_PATTERNS",
     "SHARED_PATTERNS",
     "Dependent",
     "Reconfigurable",
@@ -38,6 +39,9 @@ __all__ = [
 ]
 
 SHARED_PATTERNS = frozenset({"circuit_breaker", "adaptive_throttle", "bulkhead", "rate_limit"})
+# Patterns that keep an instance here for every call site, under the site's private key whatever
+# the service (a cache's entries, coalescing's flights belong to one function).
+CALL_SITE_PATTERNS = frozenset({"cache", "coalescing"})
 
 
 def service_name(name: str) -> str:
