@@ -403,6 +403,7 @@ def test_bad_arguments_fail_at_construction() -> None:
         ("idempotency_key", 0),
         ("deadline_header", 5),
         ("deadline_header", ""),
+        ("deadline_header", "X Budget"),
         ("on_exhausted", "RAISE"),
     ],
 )

@@ -18,7 +18,12 @@ import pytest
 import uvicorn
 
 import buttress
-from buttress.exceptions import BulkheadFullError, CircuitOpenError, RateLimitedError
+from buttress.exceptions import (
+    BulkheadFullError,
+    CircuitOpenError,
+    ConfigurationError,
+    RateLimitedError,
+)
 from buttress.integrations.asgi import ResilienceMiddleware as AsgiMiddleware
 from buttress.integrations.httpx import AsyncResilientTransport
 from buttress.integrations.wsgi import ResilienceMiddleware as WsgiMiddleware
@@ -162,6 +167,15 @@ def test_an_escaping_rejection_becomes_503_or_429(
     assert answer_status == status
     assert headers.get("retry-after") == retry_after
     assert type(error).__name__.encode() in body
+
+
+@pytest.mark.parametrize("value", [None, "", 5, "X Budget", "X-Budget:", "Budget-\u00e9"])
+def test_a_deadline_header_that_is_no_header_name_fails_at_construction(value: object) -> None:
+    # A space, a colon or a non-ASCII letter could never arrive as that header; "" never matches.
+    for middleware in (AsgiMiddleware, WsgiMiddleware):
+        with pytest.raises(ConfigurationError, match="deadline_header") as info:
+            middleware(lambda *args: None, deadline_header=value)  # type: ignore[arg-type]
+        assert info.value.errors[0][:2] == ("deadline_header", "code")
 
 
 def test_the_deadline_header_name_is_configurable(clock: FakeClock) -> None:

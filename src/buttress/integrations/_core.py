@@ -39,6 +39,7 @@ __all__ = [
     "EdgeOptions",
     "Exchange",
     "OnExhausted",
+    "header_name",
     "note_error",
     "note_outcome",
     "repeatable",
@@ -107,6 +108,22 @@ def _argument_error(name: str, expected: str, value: object) -> ConfigurationErr
     )
 
 
+# RFC 9110's token characters: what a field name may be made of.
+_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+def header_name(value: object, argument: str = "deadline_header") -> str:
+    """``value``, checked to be an HTTP header name (RFC 9110's token), for ``argument``.
+
+    Raises:
+        ConfigurationError: anything else (also a ``ValueError``), when the object is made:
+            ``""`` would never match and a space or a non-ASCII letter would break the wire.
+    """
+    if not isinstance(value, str) or not value or not _TOKEN.issuperset(value):
+        raise _argument_error(argument, "a header name (letters, digits, '-' and the like)", value)
+    return value
+
+
 class Edge:
     """The policies and options of one integration object.
 
@@ -150,9 +167,8 @@ class Edge:
         for flag, value in (("per_host", per_host), ("idempotency_key", idempotency_key)):
             if not isinstance(value, bool):
                 raise _argument_error(flag, "True or False", value)
-        header: object = deadline_header
-        if header is not None and (not isinstance(header, str) or not header):
-            raise _argument_error("deadline_header", "a header name or None", deadline_header)
+        if deadline_header is not None:
+            header_name(deadline_header)
         self.service = registry.service_name(service)
         self.per_host = per_host
         self.max_hosts = max_hosts

@@ -15,7 +15,7 @@ from typing import Any
 
 from buttress import _context
 from buttress.exceptions import RejectedError
-from buttress.integrations._core import DEFAULT_DEADLINE_HEADER
+from buttress.integrations._core import DEFAULT_DEADLINE_HEADER, header_name
 from buttress.integrations._inbound import EXPIRED_BODY, EXPIRED_STATUS, budget, rejection
 
 __all__ = ["ResilienceMiddleware"]
@@ -48,7 +48,7 @@ class ResilienceMiddleware:
 
     def __init__(self, app: ASGIApp, *, deadline_header: str = DEFAULT_DEADLINE_HEADER) -> None:
         self.app = app
-        self.deadline_header = deadline_header
+        self.deadline_header = header_name(deadline_header)
         self._key = deadline_header.lower().encode("latin-1")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
