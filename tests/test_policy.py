@@ -637,3 +637,10 @@ def test_a_strategy_of_no_known_shape_is_refused_when_linked(is_async: bool) -> 
     linker = alink if is_async else link
     with pytest.raises(TypeError, match=r"circuit_breaker: the strategy .*Wrapping has no known"):
         linker(Wrapping(), body)
+
+
+@pytest.mark.parametrize("name", ["", None, 5])
+def test_registry_breaker_refuses_a_name_no_decorator_takes(name):
+    # An empty name made a circuit no call site can reach, shown on /health.
+    with pytest.raises(TypeError, match="non-empty string"):
+        registry.breaker(name)

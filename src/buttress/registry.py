@@ -115,11 +115,18 @@ def breaker(service: str) -> CircuitBreaker:
     """The shared breaker of ``service``; built from its current settings if no call built it yet.
 
     Manual control and health checks use it: ``breaker("openfga").force_open()``.
+
+    Raises:
+        TypeError: ``service`` is not a non-empty string.
     """
     # Imported here: config imports this module, and the breaker's build() uses shared().
     from buttress import config  # noqa: PLC0415
     from buttress.patterns.circuit_breaker import PATTERN, CircuitBreaker  # noqa: PLC0415
 
+    name: object = service  # checked at run time for untyped callers
+    if not isinstance(name, str) or not name:
+        # As a decorator's name: an empty one would be a circuit no call site can reach.
+        raise TypeError(f"name must be a non-empty string, got {service!r}")
     service = service_name(service)
     existing = _instances.get(PATTERN, {}).get(service)
     if isinstance(existing, CircuitBreaker):

@@ -178,8 +178,10 @@ def test_a_local_breaker_takes_a_ttl_too(mode: Any, clock: Any) -> None:
     assert cb.state_label == "closed"
     cb.force_open(ttl=5)
     assert isinstance(mode.outcome(call), CircuitOpenError)
-    with pytest.raises(ValueError, match="ttl"):
-        cb.force_open(ttl=0)
+    for wrong in (0, -1, float("nan"), float("inf"), "5", True):
+        for override in (cb.force_open, cb.force_closed, cb.disable):
+            with pytest.raises(ValueError, match="ttl"):
+                override(ttl=wrong)  # type: ignore[arg-type]
 
 
 # --- quorum: a rate-based trip opens the fleet only when min_reporters processes saw it -----------

@@ -872,7 +872,12 @@ class CircuitBreaker(CompatBreaker):
         Raises:
             ValueError: ``ttl`` is not a positive number of seconds.
         """
-        if not 0 < ttl < math.inf:
+        seconds: object = ttl  # checked at run time for untyped callers ("5", True)
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not 0 < ttl < math.inf
+        ):
             raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
         remote = self._remote
         if remote is not None:
