@@ -263,8 +263,12 @@ class SentinelSet:
                     [sentinel, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
                 )
             )
-        # Ready when every sentinel knows the replica and the other sentinels.
-        self.wait(lambda info: info["num-slaves"] >= 1 and info["num-other-sentinels"] >= 2)
+        # Ready when every sentinel knows the replica and the other sentinels. A sentinel learns
+        # of replicas from the master's INFO, which it asks every 10 s: on a busy host the first
+        # answer can take longer than that, so the bound is generous (it is not a sleep).
+        self.wait(
+            lambda info: info["num-slaves"] >= 1 and info["num-other-sentinels"] >= 2, seconds=40
+        )
 
     def sentinel_client(self, port: int) -> Any:
         import redis
@@ -291,7 +295,7 @@ class SentinelSet:
     def fail_over(self) -> None:
         """Kill the master; return once the sentinels have promoted the replica."""
         self.master.kill()
-        self.wait(lambda info: int(info["port"]) == self.replica.port)
+        self.wait(lambda info: int(info["port"]) == self.replica.port, seconds=30)
 
     def stop(self) -> None:
         for process in self.sentinels:
