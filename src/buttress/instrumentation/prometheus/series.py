@@ -189,16 +189,16 @@ class CounterSeries:
     grow with the number of threads). A read advances the count too; ``_reads`` takes those out.
     """
 
-    __slots__ = ("_count", "_reads", "inc")
+    __slots__ = ("_reads", "inc")
 
     def __init__(self) -> None:
-        self._count = itertools.count()
         self._reads = 0
-        self.inc: Callable[[], object] = self._count.__next__
+        # The count is the bound method's ``__self__``: no slot of its own (8 bytes a series).
+        self.inc: Callable[[], int] = itertools.count().__next__
 
     def read(self) -> float:
         with _read_lock:
-            value = next(self._count) - self._reads
+            value = self.inc() - self._reads
             self._reads += 1
         return float(value)
 
@@ -277,7 +277,10 @@ class HistogramSeries:
         comparison instead of a lookup. Another thread with that id later is a thread that
         reused the id of one that ended, and takes its cell over, as it would by lookup.
         """
-        return get_ident(), self.cell()
+        cell = self.cell()
+        ident = get_ident()
+        # The first thread's id is the series' own int (an id is a 32-byte int): kept once.
+        return (self.ident if ident == self.ident else ident), cell
 
     def read(self) -> tuple[list[int], float]:
         by_thread, first = self.cells, self.first
