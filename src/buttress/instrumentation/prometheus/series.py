@@ -34,6 +34,7 @@ __all__ = [
     "ServiceSeries",
     "children",
     "create",
+    "label_values",
     "layout",
     "multiprocess_mode",
 ]
@@ -312,6 +313,11 @@ def layout(bounds: tuple[float, ...]) -> tuple[float, int]:
     return (bounds[0] if bounds else math.inf), len(bounds) + 1
 
 
+def label_values(key: str | tuple[str, ...]) -> tuple[str, ...]:
+    """The label values of a key of :attr:`LocalFamilies.series` (one label's is the value)."""
+    return (key,) if isinstance(key, str) else key
+
+
 class LocalFamilies:
     """The counters and histograms of a single process, by family and label values.
 
@@ -325,21 +331,24 @@ class LocalFamilies:
     def __init__(self, service_labels: ServiceLabels | None = None) -> None:
         self._lock = threading.Lock()
         self.service_labels = ServiceLabels() if service_labels is None else service_labels
-        self.series: dict[str, dict[tuple[str, ...], Any]] = {
+        # By family, then by label values: a family of one label by the value itself (a tuple
+        # of one kept for every series would cost 48 bytes each), see :func:`label_values`.
+        self.series: dict[str, dict[str | tuple[str, ...], Any]] = {
             family.name: {} for family in CATALOG if family.kind != "gauge"
         }
 
     def child(self, family: Family, labels: tuple[str, ...]) -> Any:
         labels = self.service_labels.labels(family, labels)
+        key = labels[0] if len(labels) == 1 else labels
         with self._lock:
             by_labels = self.series[family.name]
-            series = by_labels.get(labels)
+            series = by_labels.get(key)
             if series is None:
                 if family.kind == "counter":
                     series = CounterSeries()
                 else:
                     series = HistogramSeries(family.buckets or ())
-                by_labels[labels] = series
+                by_labels[key] = series
             return series
 
     def binder(self, name: str, method: str) -> Lazy[Any, Any]:
