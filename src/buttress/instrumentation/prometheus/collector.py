@@ -27,7 +27,12 @@ from buttress.instrumentation.prometheus.catalog import (
     OUTCOMES,
     Family,
 )
-from buttress.instrumentation.prometheus.series import OTHER_SERVICE, LocalFamilies, ServiceLabels
+from buttress.instrumentation.prometheus.series import (
+    OTHER_SERVICE,
+    LocalFamilies,
+    ServiceLabels,
+    label_values,
+)
 
 __all__ = ["Collector"]
 
@@ -68,7 +73,8 @@ class Collector:
             if family.kind == "gauge":
                 continue
             metric = out[family.name]
-            items: dict[tuple[str, ...], Any] = dict(series[family.name])
+            found = dict(series[family.name])  # one C-level copy: safe while threads add series
+            items: dict[tuple[str, ...], Any] = {label_values(k): v for k, v in found.items()}
             if family.name == "buttress_call_duration_seconds":
                 # Every outcome of a service that made a call is shown; the subscriber makes an
                 # outcome's series at its first call, and this one reads as zeros until then.
