@@ -88,12 +88,10 @@ class Spec:
     def __post_init__(self) -> None:
         if self.pattern not in PATTERNS:
             raise ValueError(f"unknown pattern {self.pattern!r}; expected one of {PATTERNS}")
-        service: object = self.service  # checked at run time for untyped callers
-        if service is not None and (not isinstance(service, str) or service == ""):
-            raise TypeError(f"name must be a non-empty string, got {self.service!r}")
         if self.service is not None:
-            # Names are case-insensitive: one spelling for instances, labels and settings.
-            object.__setattr__(self, "service", registry.service_name(self.service))
+            # Checked at run time for untyped callers. Names are case-insensitive: one spelling
+            # for instances, labels and settings.
+            object.__setattr__(self, "service", registry.given_name(self.service))
         preset: object = self.preset  # checked at run time for untyped callers
         if preset is not None and preset not in config.PRESETS:
             raise ConfigurationError(
@@ -402,10 +400,8 @@ class _Bound:
             # rejection ends the call: its step records the call (the wrapper records nothing),
             # and a rejection is one pre-bound record with no catch on its way out.
             inner = strategies[1:]
-            if self.is_async:
-                chain = _afinal(outermost, calls, self._chain_async(inner))
-            else:
-                chain = _final(outermost, calls, self._chain_sync(inner))
+            rest = self._chain_async(inner) if self.is_async else self._chain_sync(inner)
+            chain = _final(outermost, calls, rest, is_async=self.is_async)
             return _Compiled(snapshot, chain, _UNHEARD, direct=False)
         chain = self._chain_async(strategies) if self.is_async else self._chain_sync(strategies)
         if view.rollout < 1.0:
@@ -979,7 +975,7 @@ def _judged(before: Admit, judge: Judged, call: Call) -> Call:
     return judged
 
 
-def _final(strategy: Any, calls: events.Recorder, call: Call) -> Call:
+def _final(strategy: Any, calls: events.Recorder, call: Any, *, is_async: bool) -> Any:
     """The outermost step of a chain whose breaker's rejection ends the call (see _compile).
 
     It admits, judges and records the call's CallFinished itself (``calls``), so the wrapper
@@ -991,7 +987,8 @@ def _final(strategy: Any, calls: events.Recorder, call: Call) -> Call:
     """
 
     succeeded_calls = events.recorder(SucceededCall, calls.service)
-    return types.MethodType(_final_step, (strategy.breaker, succeeded_calls, calls, call))
+    step = _afinal_step if is_async else _final_step
+    return types.MethodType(step, (strategy.breaker, succeeded_calls, calls, call))
 
 
 def _final_step(
@@ -1037,19 +1034,12 @@ def _final_step(
     return result
 
 
-def _afinal(strategy: Any, calls: events.Recorder, call: AsyncCall) -> AsyncCall:
-    """:func:`_final` for ``async def`` callers."""
-
-    succeeded_calls = events.recorder(SucceededCall, calls.service)
-    return types.MethodType(_afinal_step, (strategy.breaker, succeeded_calls, calls, call))
-
-
 async def _afinal_step(
     state: tuple[Any, events.Recorder, events.Recorder, AsyncCall],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
-    """The final step (see :func:`_afinal`)."""
+    """The final step for ``async def`` callers (see :func:`_final`)."""
     breaker, succeeded_calls, calls, call = state  # (breaker: a CircuitBreaker)
     token = breaker.before_final(call, args, kwargs)
     began = started = _clock.monotonic()

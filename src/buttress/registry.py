@@ -33,6 +33,7 @@ __all__ = [
     "code_args",
     "describe",
     "forget",
+    "given_name",
     "instances",
     "service_name",
     "shared",
@@ -49,6 +50,18 @@ def service_name(name: str) -> str:
     lowered = name.lower()
     # The same string object when it is lower case already: a name is stored in several tables.
     return name if lowered == name else lowered
+
+
+def given_name(name: object) -> str:
+    """The canonical spelling of a name a caller gave (a decorator's, ``breaker()``'s).
+
+    Raises:
+        TypeError: ``name`` is not a non-empty string (an empty one would be a service no call
+            site can reach).
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty string, got {name!r}")
+    return service_name(name)
 
 
 class Reconfigurable(Protocol):
@@ -123,11 +136,7 @@ def breaker(service: str) -> CircuitBreaker:
     from buttress import config  # noqa: PLC0415
     from buttress.patterns.circuit_breaker import PATTERN, CircuitBreaker  # noqa: PLC0415
 
-    name: object = service  # checked at run time for untyped callers
-    if not isinstance(name, str) or not name:
-        # As a decorator's name: an empty one would be a circuit no call site can reach.
-        raise TypeError(f"name must be a non-empty string, got {service!r}")
-    service = service_name(service)
+    service = given_name(service)  # checked at run time for untyped callers
     existing = _instances.get(PATTERN, {}).get(service)
     if isinstance(existing, CircuitBreaker):
         return existing
