@@ -17,7 +17,11 @@ ratios:
   which takes the network's noise out; ``stack alone`` runs the same compiled policy around the
   bare transport's call with none of the integration's code, so ``buttress - stack alone`` is the
   integration's own cost (the Exchange, the deadline header, the timeouts, the answer's
-  classification) and ``stack alone - bare`` the policy stack's.
+  classification) and ``stack alone - bare`` the policy stack's. Beside them, for scale, the same
+  request through what a careful programmer writes by hand at the same place (``hand-written
+  floor``: breaker + retry + bulkhead, no metrics, no library: bench/run.py's floor) and
+  through the assembly a user makes of the peers today (``pybreaker + tenacity``: tenacity's
+  retry over ``pybreaker.CircuitBreaker.call``, a pre-bound Prometheus counter and histogram).
 
 Each overhead is also given as a share of a bare sync request's client CPU on loopback, measured
 in the same round. Last, the calls each in-process case makes per request (Python functions and
@@ -41,6 +45,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
+from run import hand_written
 
 from buttress import _context
 from buttress.decorators import CANONICAL_ORDER
@@ -95,6 +100,52 @@ class StackAlone(httpx.BaseTransport):
             return self.run(request)  # type: ignore[no-any-return]
         finally:
             _context.bounds_own_io.reset(token)
+
+
+class Wrapped(httpx.BaseTransport):
+    """The inner transport's call through ``wrap`` (a decorator): the comparison cases."""
+
+    def __init__(self, wrap: Callable[..., Any], transport: httpx.BaseTransport) -> None:
+        self.run = wrap(transport.handle_request)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        return self.run(request)  # type: ignore[no-any-return]
+
+
+def peers(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The assembly a user makes today: tenacity over pybreaker, a counter and a histogram."""
+    import prometheus_client as prom
+    import pybreaker
+    import tenacity
+
+    registry = prom.CollectorRegistry()
+    calls = prom.Counter("edge_calls", "calls", ["service", "outcome"], registry=registry)
+    latency = prom.Histogram("edge_latency_seconds", "latency", ["service"], registry=registry)
+    ok, failed = calls.labels("edge", "success"), calls.labels("edge", "failure")
+    seconds = latency.labels("edge")
+    breaker = pybreaker.CircuitBreaker(fail_max=5, reset_timeout=60)
+
+    @tenacity.retry(
+        stop=tenacity.stop_after_attempt(3),
+        wait=tenacity.wait_exponential(multiplier=0.1, max=2),
+        retry=tenacity.retry_if_exception_type(httpx.TransportError),
+        reraise=True,
+    )
+    def attempt(request: httpx.Request) -> httpx.Response:
+        return breaker.call(fn, request)  # type: ignore[no-any-return]
+
+    def observed(request: httpx.Request) -> httpx.Response:
+        started = time.perf_counter()
+        try:
+            response = attempt(request)
+        except Exception:
+            failed.inc()
+            raise
+        ok.inc()
+        seconds.observe(time.perf_counter() - started)
+        return response
+
+    return observed
 
 
 def per_request_sync(client: httpx.Client, url: str, n: int) -> float:
@@ -181,6 +232,12 @@ def main() -> int:
             "buttress in-process": httpx.Client(
                 transport=ResilientTransport("bench-edge-mock", httpx.MockTransport(answer))
             ),
+            "hand-written floor in-process": httpx.Client(
+                transport=Wrapped(hand_written, httpx.MockTransport(answer))
+            ),
+            "pybreaker + tenacity in-process": httpx.Client(
+                transport=Wrapped(peers, httpx.MockTransport(answer))
+            ),
         }
         clients: dict[str, Any] = {**loopback, **in_process}
         for client in clients.values():
@@ -210,6 +267,8 @@ def main() -> int:
         ("in-process, whole", "bare in-process", "buttress in-process"),
         ("in-process, stack alone", "bare in-process", "stack alone in-process"),
         ("in-process, integration", "stack alone in-process", "buttress in-process"),
+        ("in-process, hand-written", "bare in-process", "hand-written floor in-process"),
+        ("in-process, pybreaker+ten.", "bare in-process", "pybreaker + tenacity in-process"),
     )
     for label, base, case in rows:
         overhead = median_of(samples, lambda f, p: f - p, case, base)

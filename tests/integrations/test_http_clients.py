@@ -580,3 +580,28 @@ def test_httpx_io_timeouts_are_the_clients_no_longer_than_the_time_left(
         asyncio.run(go())
     (handed,) = inner.timeouts
     assert tuple(handed[key] for key in ("connect", "read", "write", "pool")) == expected
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_httpx_a_request_with_no_timeout_extension_gets_the_time_left(
+    flavour: str, upstream: Upstream, clock: FakeClock, settings: Callable[..., None]
+) -> None:
+    # A transport called directly (no client) gets a request with no "timeout" extension.
+    settings(BILLING__TIMEOUT__SECONDS="2.5")
+    request = httpx.Request("GET", upstream.url)
+    if flavour == "sync":
+        inner = _Recording()
+        transport = b_httpx.ResilientTransport("billing", inner)
+        assert transport.handle_request(request).status_code == 200
+        transport.close()
+    else:
+        inner = _AsyncRecording()  # type: ignore[assignment]
+
+        async def go() -> None:
+            transport = b_httpx.AsyncResilientTransport("billing", inner)  # type: ignore[arg-type]
+            assert (await transport.handle_async_request(request)).status_code == 200
+            await transport.aclose()
+
+        asyncio.run(go())
+    (handed,) = inner.timeouts
+    assert handed == {"connect": 2.5, "read": 2.5, "write": 2.5, "pool": 2.5}

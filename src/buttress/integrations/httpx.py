@@ -10,9 +10,11 @@ from __future__ import annotations
 from typing import Any, Unpack
 
 import httpx
+from opentelemetry import trace
 from opentelemetry.trace import INVALID_SPAN, Span
 
 from buttress.integrations._core import Edge, EdgeOptions, Exchange, repeatable
+from buttress.patterns._transient import IDEMPOTENT_METHODS
 
 __all__ = ["AsyncResilientTransport", "ResilientTransport"]
 
@@ -20,7 +22,9 @@ _TIMEOUT_KEYS = ("connect", "read", "write", "pool")
 
 
 def _exchange(edge: Edge, request: httpx.Request) -> Exchange:
-    traced = edge.tracing()
+    # Edge.tracing() and repeatable() asked only where their answer is not plain: this runs on
+    # every request, and a call costs more here, among httpx's own, than in a tight loop.
+    traced = edge.traced or (trace._TRACER_PROVIDER is not None and edge.tracing())
     host = None
     if traced or edge.per_host:  # reading it decodes the URL's host: only when something uses it
         url = request.url
@@ -34,22 +38,18 @@ def _exchange(edge: Edge, request: httpx.Request) -> Exchange:
             response=response,
         )
 
-    method = request.method
-    repeat = edge.idempotency_key or repeatable(method, request.headers)
+    method = request.method  # upper case: httpx.Request made it so
+    repeat = (
+        edge.idempotency_key or method in IDEMPOTENT_METHODS or repeatable(method, request.headers)
+    )
     return Exchange(edge, method, host, repeat, error, traced=traced)
 
 
-def _bounded(given: Any, seconds: float) -> dict[str, float] | None:
-    """The client's I/O timeouts no longer than ``seconds``; ``None`` if they already are.
-
-    A client's default timeouts (5 s) are usually inside the time left: nothing is rebuilt then.
-    """
-    try:
-        # The request's "timeout" extension (httpx.Timeout.as_dict()): seconds or None per key.
-        if max(given["connect"], given["read"], given["write"], given["pool"]) <= seconds:
-            return None
-    except (TypeError, KeyError):  # none given, one missing or None (no limit): bound them all
-        given = given or {}
+def _bounded(given: Any, seconds: float) -> dict[str, float]:
+    """The client's I/O timeouts (the request's "timeout" extension, ``httpx.Timeout.as_dict()``:
+    seconds or ``None`` per key) no longer than ``seconds``; a key missing or ``None`` (no
+    limit), or no extension at all, gets ``seconds``."""
+    given = given or {}
     return {
         key: seconds if (value := given.get(key)) is None else min(value, seconds)
         for key in _TIMEOUT_KEYS
@@ -61,9 +61,13 @@ def _prepare(ex: Exchange, request: httpx.Request) -> None:
     seconds = ex.outbound(request.headers)
     if seconds is not None:
         extensions = request.extensions
-        bounded = _bounded(extensions.get("timeout"), seconds)
-        if bounded is not None:
-            extensions["timeout"] = bounded
+        given: Any = extensions.get("timeout")
+        try:  # the common case, inline: the client's timeouts (5 s by default) are shorter
+            if max(given["connect"], given["read"], given["write"], given["pool"]) <= seconds:
+                return
+        except (TypeError, KeyError):
+            pass
+        extensions["timeout"] = _bounded(given, seconds)
 
 
 def _kept(response: httpx.Response, raw: bytes) -> httpx.Response:
@@ -80,7 +84,10 @@ def _send(transport: httpx.BaseTransport, ex: Exchange, request: httpx.Request) 
     """One attempt: the only I/O of the sync transport."""
     _prepare(ex, request)
     if not ex.traced:  # no span scope to enter: this runs on every attempt
-        return _answer(ex, INVALID_SPAN, transport.handle_request(request))
+        response = transport.handle_request(request)
+        # Below 400 nothing makes an answer a failure (Exchange.transient) and no span is there
+        # to note it on: the common answer returns at once.
+        return response if response.status_code < 400 else _answer(ex, INVALID_SPAN, response)
     with ex.attempt() as span:
         return _answer(ex, span, transport.handle_request(request))
 
@@ -103,7 +110,10 @@ async def _asend(
     """One attempt: the only I/O of the async transport."""
     _prepare(ex, request)
     if not ex.traced:
-        return await _aanswer(ex, INVALID_SPAN, await transport.handle_async_request(request))
+        response = await transport.handle_async_request(request)
+        if response.status_code < 400:  # as in _send
+            return response
+        return await _aanswer(ex, INVALID_SPAN, response)
     with ex.attempt() as span:
         return await _aanswer(ex, span, await transport.handle_async_request(request))
 
