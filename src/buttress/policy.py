@@ -641,6 +641,8 @@ def _bounded(strategy: Any, call: Call) -> Call:
     """Run under a deadline, for a thread: on a worker, waiting for it at most the limit."""
     service = strategy.service
     limit_of, exceeded, finished = strategy.limit, strategy.exceeded, strategy.finished
+    # As in _abounded: the strategy's TimedCallFinished recorder called inline where it has one.
+    recorded: events.Recorder | None = getattr(strategy, "recorded", None)
     pool = _deadline.POOL
     refused = (
         f" (not started: all {pool.per_service} worker threads {service!r} may hold are "
@@ -649,32 +651,7 @@ def _bounded(strategy: Any, call: Call) -> Call:
     deadline_var = _context.deadline
     own_io = _context.bounds_own_io
 
-    def inline(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        # The call bounds its own I/O by the deadline (an integration's client timeouts): no
-        # worker. An error once the deadline has passed is that deadline's doing: a timeout.
-        start = _clock.monotonic()
-        limit = limit_of(start)
-        deadline = start + limit
-        token = deadline_var.set(deadline)
-        inner = own_io.set(False)  # for the call's own calls, which bound nothing themselves
-        try:
-            result = call(args, kwargs)
-        except Exception as exc:
-            elapsed = _clock.monotonic() - start
-            if elapsed < limit and type(exc) is not _deadline.NotStartedError:
-                finished(elapsed, timed_out=False)
-                raise
-            finished(elapsed, timed_out=True)
-            raise exceeded(limit, elapsed) from exc
-        finally:
-            own_io.reset(inner)
-            deadline_var.reset(token)
-        finished(_clock.monotonic() - start, timed_out=False)
-        return result
-
-    def timed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if own_io.get():
-            return inline(args, kwargs)
+    def on_worker(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         start = _clock.monotonic()
         limit = limit_of(start)
         deadline = start + limit
@@ -710,6 +687,40 @@ def _bounded(strategy: Any, call: Call) -> Call:
         elapsed = _clock.monotonic() - start
         finished(elapsed, timed_out=True)
         raise exceeded(limit, elapsed, _deadline.DETAILS.get(state, ""))
+
+    def timed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not own_io.get():
+            # The hand-off to a worker costs far more than this frame: the frame is spent here,
+            # not on the inline path below, which an integration's every attempt takes.
+            return on_worker(args, kwargs)
+        # The call bounds its own I/O by the deadline (an integration's client timeouts): no
+        # worker. An error once the deadline has passed is that deadline's doing: a timeout.
+        start = _clock.monotonic()
+        limit = limit_of(start)
+        token = deadline_var.set(start + limit)
+        inner = own_io.set(False)  # for the call's own calls, which bound nothing themselves
+        try:
+            result = call(args, kwargs)
+        except Exception as exc:
+            elapsed = _clock.monotonic() - start
+            if elapsed < limit and type(exc) is not _deadline.NotStartedError:
+                finished(elapsed, timed_out=False)
+                raise
+            finished(elapsed, timed_out=True)
+            raise exceeded(limit, elapsed) from exc
+        finally:
+            own_io.reset(inner)
+            deadline_var.reset(token)
+        if recorded is None:
+            finished(_clock.monotonic() - start, timed_out=False)
+        else:
+            record = recorded.record
+            if record is not None:  # the clock read only when somebody listens
+                try:
+                    record(_clock.monotonic() - start, False)  # noqa: FBT003 - (elapsed, timed_out)
+                except Exception:  # noqa: BLE001 - a subscriber must never break the call
+                    events.failed(record)
+        return result
 
     return timed
 

@@ -605,3 +605,48 @@ def test_httpx_a_request_with_no_timeout_extension_gets_the_time_left(
         asyncio.run(go())
     (handed,) = inner.timeouts
     assert handed == {"connect": 2.5, "read": 2.5, "write": 2.5, "pool": 2.5}
+
+
+@pytest.mark.parametrize("broken", [False, True])
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_httpx_each_attempt_reports_its_time_and_a_failing_recorder_breaks_nothing(
+    flavour: str, broken: bool, clock: FakeClock
+) -> None:
+    """The timeout's TimedCallFinished goes to its bound recorder on the integration's path
+    (inline for the sync client, a loop timer for the async one); a recorder that raises is a
+    subscriber bug the request never sees."""
+    seen: list[tuple[object, ...]] = []
+
+    def binder(service: str) -> Callable[..., None]:
+        def record(*fields: object) -> None:
+            if broken:
+                raise RuntimeError("subscriber bug")
+            seen.append((service, *fields))
+
+        return record
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        clock.advance(0.25)
+        return httpx.Response(200, content=b"ok")
+
+    undo = events.subscribe(lambda event: None, [events.TimedCallFinished], binder=binder)
+    try:
+        if flavour == "sync":
+            transport = b_httpx.ResilientTransport("timed-edge", httpx.MockTransport(answer))
+            with httpx.Client(transport=transport) as c:
+                statuses = [c.get("http://127.0.0.1:1/").status_code for _ in range(2)]
+        else:
+
+            async def go() -> list[int]:
+                transport = b_httpx.AsyncResilientTransport(
+                    "timed-edge-async", httpx.MockTransport(answer)
+                )
+                async with httpx.AsyncClient(transport=transport) as c:
+                    return [(await c.get("http://127.0.0.1:1/")).status_code for _ in range(2)]
+
+            statuses = asyncio.run(go())
+    finally:
+        undo()
+    assert statuses == [200, 200]
+    service = "timed-edge" if flavour == "sync" else "timed-edge-async"
+    assert seen == ([] if broken else [(service, pytest.approx(0.25), False)] * 2)
