@@ -407,13 +407,14 @@ DETAILS: Final = {
 
 
 class Expiry:
-    """The deadline of one async call: cancels its task when it fires."""
+    """The deadline of one async call: cancels its task when it fires.
 
-    __slots__ = ("fired", "task")
+    Made per call as ``Expiry()`` and given its ``task``: no ``__init__`` frame on every call;
+    ``fired`` reads the class's ``False`` until it fires.
+    """
 
-    def __init__(self, task: asyncio.Task[Any]) -> None:
-        self.task = task
-        self.fired = False
+    fired = False
+    task: asyncio.Task[Any]
 
     def fire(self) -> None:
         self.fired = True

@@ -743,7 +743,8 @@ def _abounded(strategy: Any, call: AsyncCall) -> AsyncCall:
         # What asyncio.timeout does, inline: cancel the task at the deadline, then tell that
         # cancellation (ours) from one requested by anybody else (theirs: it propagates).
         cancelling = task.cancelling()
-        expiry = _deadline.Expiry(task)
+        expiry = _deadline.Expiry()
+        expiry.task = task
         handle = _clock.call_later(limit, expiry.fire)
         token = deadline_var.set(start + limit)
         timed_out = False
