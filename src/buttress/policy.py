@@ -30,6 +30,7 @@ import functools
 import importlib
 import inspect
 import itertools
+import operator
 import threading
 import types
 import weakref
@@ -119,11 +120,13 @@ class Spec:
 
 class _Args(dict[str, Any]):
     """Validated code arguments that equal specs share (see :func:`_shared_args`): a dict that
-    can be referenced weakly, and its read-only view, which is what a spec holds."""
+    can be referenced weakly, and its read-only view, which is what a spec holds; and the specs
+    of these arguments that name no service, by pattern (see :func:`_shared_spec`)."""
 
-    __slots__ = ("__weakref__", "view")
+    __slots__ = ("__weakref__", "unnamed", "view")
 
     view: Mapping[str, Any]
+    unnamed: dict[str, Spec] | None
 
 
 # Equal code arguments, one mapping for all the specs that give them (the same ``fail_max=5,
@@ -156,16 +159,45 @@ def _shared_args(code_args: dict[str, Any]) -> Mapping[str, Any]:
     Arguments with a value :func:`_flat` cannot tell apart from every other get a view of
     their own. The order of the arguments is part of the key (a policy's repr shows it).
     """
-    key = tuple((name, _flat(value)) for name, value in code_args.items())
-    if any(flat is _UNSHARED for _, flat in key):
+    key = _args_key(code_args)
+    if key is None:
         return MappingProxyType(code_args)
     with _args_lock:
         found = _args.get(key)
         if found is None:
             found = _Args(code_args)
             found.view = MappingProxyType(found)
+            found.unnamed = None
             _args[key] = found
         return found.view
+
+
+def _args_key(code_args: Mapping[str, Any]) -> tuple[Any, ...] | None:
+    """The key of ``code_args`` in ``_args``, or None if they cannot be shared (see _flat)."""
+    key = tuple((name, _flat(value)) for name, value in code_args.items())
+    return None if any(flat is _UNSHARED for _, flat in key) else key
+
+
+def _shared_spec(spec: Spec) -> Spec:
+    """The spec equal to ``spec`` that a policy already holds, if it names no service (nor a
+    preset) and its arguments are shared: the inner decorators of most stacks
+    (``@retry_with_backoff(max_attempts=3)`` under a named breaker) give the same spec at every
+    service, and a spec is immutable. One per pattern and shared arguments, kept by those
+    arguments' mapping (so as long as any spec gives them): ≈ 64 bytes less per such decorator.
+    """
+    if spec.service is not None or spec.preset is not None:
+        return spec
+    key = _args_key(spec.code_args)
+    if key is None:
+        return spec
+    with _args_lock:
+        found = _args.get(key)
+        if found is None or found.view is not spec.code_args:
+            return spec
+        unnamed = found.unnamed
+        if unnamed is None:
+            unnamed = found.unnamed = {}
+        return unnamed.setdefault(spec.pattern, spec)
 
 
 def _argument_error(pattern: str, exc: ValueError) -> ConfigurationError:
@@ -410,10 +442,11 @@ class _Bound:
 
     def _chain_sync(self, strategies: list[Strategy]) -> Call:
         # The common steps (the final step, a held gate, a scoped recovery, the innermost call)
-        # are module functions bound to a tuple of what they read, ``MethodType(_held, (before,
-        # after, call))``: a method object is 64 bytes, where a function made per stack is 152
-        # plus its closure cells (48 bytes a value) or defaults; a stack is a handful of steps
-        # per call site. Unpacked into locals, they cost a call nothing more (bench/run.py).
+        # are module functions bound to a tuple of what they read, ``MethodType(_held, (admit,
+        # bulkhead, release, bulkhead, call))``: a method object is 64 bytes, where a function
+        # made per stack is 152 plus its closure cells (48 bytes a value) or defaults; a stack is
+        # a handful of steps per call site. A strategy's hooks are kept as their class's function
+        # and object (see _split). Unpacked into locals, they cost a call nothing more.
         # Steps are only ever called (args, kwargs).
         step: Call = types.MethodType(_innermost, self.fn)
         for strategy in reversed(strategies):
@@ -898,17 +931,31 @@ def _gate(before: Callable[[], Any], after: Callable[[Any], None] | None, call: 
 
         return gated
 
-    return types.MethodType(_held, (before, after, call))
+    return types.MethodType(_held, (*_split(before), *_split(after), call))
+
+
+def _split(hook: Callable[..., Any]) -> tuple[Callable[..., Any], Any]:
+    """``(function, owner)`` that a step calls as ``function(owner, ...)`` for ``hook(...)``.
+
+    A strategy's hooks are most often methods (a bulkhead's ``admit`` and ``release``, a retry
+    budget's ``new_scope``): a step keeps the object and the class's function rather than a
+    method object of its own (64 bytes each, per stack), and calling the function on the
+    object costs the same. Any other callable is called through ``operator.call``, which costs
+    what calling it directly does.
+    """
+    if isinstance(hook, types.MethodType):
+        return hook.__func__, hook.__self__
+    return operator.call, hook
 
 
 def _held(
-    state: tuple[Callable[[], Any], Callable[[Any], None], Call],
+    state: tuple[Callable[[Any], Any], Any, Callable[[Any, Any], None], Any, Call],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
     """A gate that holds what it admitted for the length of the call (see _chain_sync)."""
-    before, after, call = state
-    token = before()
+    before, admitting, after, releasing, call = state  # (see _split)
+    token = before(admitting)
     if token is not None and isinstance(token, Effect):
         token = settle(token)
         if isinstance(token, Return):
@@ -916,7 +963,7 @@ def _held(
     try:
         return call(args, kwargs)
     finally:
-        after(token)
+        after(releasing, token)
 
 
 def _agate(
@@ -941,17 +988,17 @@ def _agate(
 
         return gated
 
-    return types.MethodType(_aheld, (before, after, call))
+    return types.MethodType(_aheld, (*_split(before), *_split(after), call))
 
 
 async def _aheld(
-    state: tuple[Callable[[], Any], Callable[[Any], None], AsyncCall],
+    state: tuple[Callable[[Any], Any], Any, Callable[[Any, Any], None], Any, AsyncCall],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
     """:func:`_held` for ``async def`` callers."""
-    before, after, call = state
-    token = before()
+    before, admitting, after, releasing, call = state  # (see _split)
+    token = before(admitting)
     if token is not None and isinstance(token, Effect):
         token = await asettle(token)
         if isinstance(token, Return):
@@ -959,7 +1006,7 @@ async def _aheld(
     try:
         return await call(args, kwargs)
     finally:
-        after(token)
+        after(releasing, token)
 
 
 Admit = Callable[[Call, tuple[Any, ...], dict[str, Any]], Any]
@@ -1345,19 +1392,18 @@ def _scoped_recovery(
     succeeded: Succeeded | None,
     call: Call,
 ) -> Call:
-    return types.MethodType(_scoped, (scope, new_scope, recover, succeeded, call))
+    return types.MethodType(_scoped, (scope, *_split(new_scope), *_split(recover), succeeded, call))
 
 
-def _scoped(
-    state: tuple[ContextVar[Any], Callable[[], Any], Recover, Succeeded | None, Call],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> Any:
+_ScopedState = tuple[ContextVar[Any], Callable[[Any], Any], Any, Callable[..., Any], Any, Any, Any]
+
+
+def _scoped(state: _ScopedState, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """A recovery with a scope of its own around the call and its answer (retry's attempt
     count, a deferring fallback's idempotency key), set here inline: no hook call on the
-    success path (see _chain_sync)."""
-    scope, new_scope, recover, succeeded, call = state
-    token = scope.set(new_scope())
+    success path (see _chain_sync). ``new_scope`` and ``recover`` are split (see _split)."""
+    scope, new_scope, scoping, recover, recovering, succeeded, call = state
+    token = scope.set(new_scope(scoping))
     try:
         try:
             result = call(args, kwargs)
@@ -1367,7 +1413,7 @@ def _scoped(
             if succeeded is not None:
                 succeeded(args, kwargs, result)
             return result
-        return _answer(recover(failure, args, kwargs), failure, call, args, kwargs)
+        return _answer(recover(recovering, failure, args, kwargs), failure, call, args, kwargs)
     finally:
         scope.reset(token)
 
@@ -1379,17 +1425,15 @@ def _ascoped_recovery(
     succeeded: Succeeded | None,
     call: AsyncCall,
 ) -> AsyncCall:
-    return types.MethodType(_ascoped, (scope, new_scope, recover, succeeded, call))
+    return types.MethodType(
+        _ascoped, (scope, *_split(new_scope), *_split(recover), succeeded, call)
+    )
 
 
-async def _ascoped(
-    state: tuple[ContextVar[Any], Callable[[], Any], Recover, Succeeded | None, AsyncCall],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> Any:
+async def _ascoped(state: _ScopedState, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """:func:`_scoped` for ``async def`` callers."""
-    scope, new_scope, recover, succeeded, call = state
-    token = scope.set(new_scope())
+    scope, new_scope, scoping, recover, recovering, succeeded, call = state
+    token = scope.set(new_scope(scoping))
     try:
         try:
             result = await call(args, kwargs)
@@ -1399,7 +1443,9 @@ async def _ascoped(
             if succeeded is not None:
                 succeeded(args, kwargs, result)
             return result
-        return await _aanswer(recover(failure, args, kwargs), failure, call, args, kwargs)
+        return await _aanswer(
+            recover(recovering, failure, args, kwargs), failure, call, args, kwargs
+        )
     finally:
         scope.reset(token)
 
@@ -1552,6 +1598,7 @@ class Policy:
         for spec in specs:
             if not isinstance(spec, Spec):
                 raise TypeError(f"Policy takes Spec objects, got {spec!r}")
+        specs = tuple(_shared_spec(spec) for spec in specs)
         # Immutable: attributes are set once here, through object.__setattr__.
         init = object.__setattr__
         init(self, "specs", specs)

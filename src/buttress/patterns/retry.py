@@ -133,13 +133,16 @@ class RetryStrategy:
     and ``recover``, which hands the driver the loop of one failed call.
     """
 
+    # Slots: a strategy lives as long as its compiled stack (the step's ``recover``), one per
+    # retrying call site; attributes in a dict of their own would cost ≈ 40 bytes more.
+    __slots__ = ("_matches", "_shadow", "budget", "check_result", "options", "service")
+
     pattern: ClassVar[str] = PATTERN
     alternatives = ()  # nothing for a driver to call in the call's place
     succeeded = None
     # Each logical call, its retries included, runs in a fresh scope (what ``attempt()`` and
     # ``idempotency_key()`` read), which the driver sets around it.
     scope = _context.retry_scope
-    new_scope: Callable[[], RetryScope] = RetryScope
     # tenacity decides, never sleeps (the driver does): one template for def and async def
     # callers, copied per retried call because a copy keeps that call's state. Only ever
     # copied, never run, so one serves every strategy (none is built per service).
@@ -157,8 +160,6 @@ class RetryStrategy:
         # The service's shared budget: every logical call counts as a first attempt in it (as
         # its scope is made), and every retry must draw on it (in ``stop``).
         self.budget = budget
-        if budget is not None:
-            self.new_scope = budget.new_scope
         self._shadow = mode == "shadow"
         self._matches = _predicate(options.retry_on)
         # The drivers run check_result on what each attempt returns (only when it is set).
@@ -171,6 +172,17 @@ class RetryStrategy:
                     raise RetriedResult(result)
 
             self.check_result = check_result
+
+    @property
+    def new_scope(self) -> Callable[[], RetryScope]:
+        """What makes each logical call's scope: the budget's ``new_scope``, which also counts
+        the call as a first attempt, or a bare :class:`RetryScope` with no budget.
+
+        Asked when the driver links the step (which keeps the budget, not a method object of
+        its own: see ``policy._split``), not per call.
+        """
+        budget = self.budget
+        return RetryScope if budget is None else budget.new_scope
 
     # -- decisions --------------------------------------------------------------------------------
     def retryable(self, exc: BaseException) -> bool:
