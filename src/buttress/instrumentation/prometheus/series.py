@@ -144,6 +144,10 @@ class Lazy(dict[K, V], Generic[K, V]):
 class ServiceSeries(dict[str, "HistogramSeries"]):
     """One service's series of a histogram family by their last label (a call's outcome), each
     made at its first use: what a ``Lazy`` with a closure over the three would do, in one object.
+
+    The success series is found, never kept here: it is looked up only by the functions that
+    bind it (and keep it), where every other outcome is looked up here on its calls. A service
+    that only ever succeeded keeps an empty dict (no table: ≈ 120 bytes less).
     """
 
     __slots__ = ("family", "local", "service")
@@ -155,7 +159,10 @@ class ServiceSeries(dict[str, "HistogramSeries"]):
         self.service = service
 
     def __missing__(self, key: str) -> HistogramSeries:
+        # child() hands out one series per label set, so a success looked up again is the same.
         series: HistogramSeries = self.local.child(self.family, (self.service, key))
+        if key == "success":
+            return series
         return self.setdefault(key, series)
 
 
