@@ -56,11 +56,37 @@ _shared_cache: OrderedDict[Any, Options] = OrderedDict()
 _shared_cache_lock = threading.Lock()
 
 
+# A C-level call: the common case costs ~nothing. One of each for every service (an endless
+# ``repeat`` keeps no state that a call changes, so threads share it safely): ≈ 96 bytes less
+# per service than a pair of its own.
+_ALWAYS: Callable[[], bool] = itertools.repeat(object=True).__next__
+_NEVER: Callable[[], bool] = itertools.repeat(object=False).__next__
+
+
+def _sampler(rollout: float, seed: int | None) -> Callable[[], bool]:
+    if rollout >= 1.0:
+        return _ALWAYS
+    if rollout <= 0.0:
+        return _NEVER
+    draw = random.Random(seed).random if seed is not None else random.random
+
+    def sample() -> bool:
+        return draw() < rollout
+
+    return sample
+
+
 class ServiceView:
     """The flags and resolved options of one service in one snapshot.
 
     The flags are plain attributes and ``sample`` is a precomputed callable, so reading them on
     every call costs a few attribute loads and allocates nothing.
+
+    A service that settings say nothing about (no section of its own, and defaults that set no
+    flag and no option: most services) keeps its name only; every other attribute is this
+    class's own (the built-in flags, the shared empty layers and options cache), about 90 bytes
+    less per service. A service that settings configure is a :class:`_ConfiguredView`, which
+    keeps each attribute itself. ``ServiceView(name, settings)`` makes the one that fits.
 
     Attributes:
         name: the service name, lower-cased.
@@ -72,23 +98,27 @@ class ServiceView:
             when a ``seed`` is configured.
     """
 
-    __slots__ = (
-        "_cache",
-        "_cache_lock",
-        "_flag_sources",
-        "_layers",
-        "criticality",
-        "enabled",
-        "mode",
-        "name",
-        "preset",
-        "rollout",
-        "sample",
-        "seed",
-    )
+    __slots__ = ("name",)
 
-    def __init__(self, name: str, settings: Settings) -> None:
-        self.name = name
+    name: str
+    # A view of a service that settings say nothing about reads these.
+    enabled: bool = _DEFAULT_FLAGS["enabled"][0]
+    mode: Mode = _DEFAULT_FLAGS["mode"][0]
+    rollout: float = _DEFAULT_FLAGS["rollout"][0]
+    seed: int | None = _DEFAULT_FLAGS["seed"][0]
+    criticality: Criticality = _DEFAULT_FLAGS["criticality"][0]
+    preset: str | None = _DEFAULT_FLAGS["preset"][0]
+    sample: Callable[[], bool] = _sampler(rollout, seed)
+    _flag_sources: dict[str, Sourced] = _DEFAULT_FLAGS
+    # Per pattern: the keys settings set, service section over defaults.
+    _layers: dict[str, dict[str, Sourced]] = _NO_LAYERS
+    # Resolved options by (pattern, preset, code arguments): least recently used first, and
+    # at most CACHE_SIZE of them, since a function decorated per request with its own
+    # arguments (with_timeout(seconds=budget)) would otherwise add one per request.
+    _cache: OrderedDict[Any, Options] = _shared_cache
+    _cache_lock: threading.Lock = _shared_cache_lock
+
+    def __new__(cls, name: str, settings: Settings) -> ServiceView:
         # A per-host instance of a service (``billing[api.example.com]``, made by the
         # integrations' ``per_host=True``) follows its service's section unless it has its own.
         section = name
@@ -96,7 +126,7 @@ class ServiceView:
             section = name[: name.index("[")]
         own = settings.services.get(section)
         defaults = settings.defaults
-        self._flag_sources: dict[str, Sourced] = {}
+        flag_sources: dict[str, Sourced] = {}
         for flag in FLAGS:
             if own is not None and flag in own.model_fields_set:
                 value = getattr(own, flag)
@@ -107,19 +137,8 @@ class ServiceView:
             else:
                 value = ServiceSettings.model_fields[flag].default
                 source = "default"
-            self._flag_sources[flag] = (value, source)
-        if self._flag_sources == _DEFAULT_FLAGS:
-            self._flag_sources = _DEFAULT_FLAGS
-        self.enabled: bool = self._flag_sources["enabled"][0]
-        self.mode: Mode = self._flag_sources["mode"][0]
-        self.rollout: float = self._flag_sources["rollout"][0]
-        self.seed: int | None = self._flag_sources["seed"][0]
-        self.criticality: Criticality = self._flag_sources["criticality"][0]
-        self.preset: str | None = self._flag_sources["preset"][0]
-        self.sample: Callable[[], bool] = _sampler(self.rollout, self.seed)
-
-        # Per pattern: the keys settings set, service section over defaults.
-        self._layers: dict[str, dict[str, Sourced]] = {}
+            flag_sources[flag] = (value, source)
+        layers: dict[str, dict[str, Sourced]] = {}
         for pattern in PATTERNS:
             layer: dict[str, Sourced] = {}
             for field, value in explicit(defaults, pattern).items():
@@ -136,16 +155,13 @@ class ServiceView:
                         else value
                     )
                     layer[field] = (merged, source)
-            self._layers[pattern] = layer or _EMPTY_LAYER
-        # Resolved options by (pattern, preset, code arguments): least recently used first, and
-        # at most CACHE_SIZE of them, since a function decorated per request with its own
-        # arguments (with_timeout(seconds=budget)) would otherwise add one per request.
-        self._cache: OrderedDict[Any, Options]
-        if self.preset is None and not any(self._layers.values()):
-            self._layers = _NO_LAYERS
-            self._cache, self._cache_lock = _shared_cache, _shared_cache_lock
+            layers[pattern] = layer or _EMPTY_LAYER
+        if flag_sources == _DEFAULT_FLAGS and not any(layers.values()):
+            view = object.__new__(ServiceView)
         else:
-            self._cache, self._cache_lock = OrderedDict(), threading.Lock()
+            view = _ConfiguredView.configured(flag_sources, layers)
+        view.name = name
+        return view
 
     def __repr__(self) -> str:
         return (
@@ -261,6 +277,48 @@ class ServiceView:
             raise configuration_error(problems) from None
 
 
+class _ConfiguredView(ServiceView):
+    """The view of a service that settings configure: each attribute its own (see ServiceView)."""
+
+    __slots__ = (
+        "_cache",
+        "_cache_lock",
+        "_flag_sources",
+        "_layers",
+        "criticality",
+        "enabled",
+        "mode",
+        "preset",
+        "rollout",
+        "sample",
+        "seed",
+    )
+
+    @classmethod
+    def configured(
+        cls, flag_sources: dict[str, Sourced], layers: dict[str, dict[str, Sourced]]
+    ) -> _ConfiguredView:
+        """A view with these flags and layers (its ``name`` is the caller's to set)."""
+        view = object.__new__(cls)
+        view._flag_sources = _DEFAULT_FLAGS if flag_sources == _DEFAULT_FLAGS else flag_sources
+        view.enabled = flag_sources["enabled"][0]
+        view.mode = flag_sources["mode"][0]
+        view.rollout = flag_sources["rollout"][0]
+        view.seed = flag_sources["seed"][0]
+        view.criticality = flag_sources["criticality"][0]
+        view.preset = flag_sources["preset"][0]
+        view.sample = _sampler(view.rollout, view.seed)
+        view._layers = layers
+        # A view with no layer and no preset from settings resolves from the code arguments
+        # alone: it shares the options cache of the views of this class's base.
+        if view.preset is None and not any(layers.values()):
+            view._layers = _NO_LAYERS
+            view._cache, view._cache_lock = _shared_cache, _shared_cache_lock
+        else:
+            view._cache, view._cache_lock = OrderedDict(), threading.Lock()
+        return view
+
+
 def _plain(value: object) -> object:
     """A value as ``config show`` prints it: a group option as a dict, secrets redacted."""
     if isinstance(value, BaseModel):
@@ -270,26 +328,6 @@ def _plain(value: object) -> object:
 
 def _via_defaults(source: str | None) -> str:
     return f"{source} (defaults)" if source else "default"
-
-
-# A C-level call: the common case costs ~nothing. One of each for every service (an endless
-# ``repeat`` keeps no state that a call changes, so threads share it safely): ≈ 96 bytes less
-# per service than a pair of its own.
-_ALWAYS: Callable[[], bool] = itertools.repeat(object=True).__next__
-_NEVER: Callable[[], bool] = itertools.repeat(object=False).__next__
-
-
-def _sampler(rollout: float, seed: int | None) -> Callable[[], bool]:
-    if rollout >= 1.0:
-        return _ALWAYS
-    if rollout <= 0.0:
-        return _NEVER
-    draw = random.Random(seed).random if seed is not None else random.random
-
-    def sample() -> bool:
-        return draw() < rollout
-
-    return sample
 
 
 class _Views(dict[str, ServiceView]):

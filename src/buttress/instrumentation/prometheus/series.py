@@ -187,6 +187,21 @@ _cells_lock = threading.Lock()
 # The ``cells`` of every histogram series that only one thread has observed: always empty, never
 # written to (a series gets a dict of its own when a second thread makes a cell).
 _NO_CELLS: dict[int, list[float]] = {}
+# A thread's id, one int object for every series that thread observes first (an id is a 32-byte
+# int: kept once per thread rather than once per series). Ids are reused as threads come and go,
+# so the table is emptied when it reaches _IDENTS_KEPT (an id then is merely not shared).
+_IDENTS: dict[int, int] = {}
+_IDENTS_KEPT = 64
+
+
+def _interned(ident: int) -> int:
+    """``ident`` as the one int object kept for it (the caller holds ``_cells_lock``)."""
+    kept = _IDENTS.get(ident)
+    if kept is None:
+        if len(_IDENTS) >= _IDENTS_KEPT:
+            _IDENTS.clear()
+        kept = _IDENTS[ident] = ident
+    return kept
 
 
 # ``itertools.count`` is generic to type checkers only (not subscriptable at run time).
@@ -283,7 +298,7 @@ class HistogramSeries:
             cell: list[float] = [0] * (len(self.bounds) + 1) + [0.0]
             if self.first is None:
                 self.first = cell
-                self.ident = ident  # after the cell: an ident that matches has its cell
+                self.ident = _interned(ident)  # after the cell: an ident that matches has it
             elif cells is _NO_CELLS:
                 self.cells = {self.ident: self.first, ident: cell}
             else:
