@@ -88,12 +88,14 @@ _options: dict[str, dict[str, Any]] = {}
 # that gives it; a claim that adds no argument is not kept. code_args is the caller's mapping (a
 # spec's, immutable), not a copy.
 _claims: dict[str, tuple[Any, ...]] = {}
-# pattern -> key -> the compiled stacks that use the shared instance (weakly): a claim that adds
-# an argument makes exactly those rebuild, never a stack of another service. One reference, or a
-# list of them once there are two; dead references are dropped when the list is walked, and at
-# each power of two it grows to (see claim()).
+# key -> the compiled stacks that use a shared instance of it, of any pattern (weakly): a claim
+# that adds an argument makes those rebuild, never a stack of another service (one entry per
+# service rather than one per pattern: a stack of the service that uses another of its patterns
+# only compiles once more, at the next call). One reference, or a list of them once there are
+# two; dead references are dropped when the list is walked, and at each power of two it grows to
+# (see claim()).
 _Refs = weakref.ref[Any] | list[weakref.ref[Any]]
-_dependents: dict[str, dict[str, _Refs]] = {}
+_dependents: dict[str, _Refs] = {}
 _PRUNE_FROM = 16  # a list of references is pruned of dead ones from this length on
 # Every dependent, for clear()/clear_claims(), which make every stack rebuild (test isolation):
 # plain references (the same object as its references in _dependents: a weakref.ref without a
@@ -217,8 +219,9 @@ def claim(
 ) -> None:
     """Record that ``site`` configures ``pattern`` of ``key`` with ``code_args``.
 
-    ``dependent`` (held weakly) is invalidated whenever a later claim adds an argument to this
-    shared instance, so it rebuilds with the merged arguments; no other stack is touched.
+    ``dependent`` (held weakly) is invalidated whenever a later claim adds an argument to a
+    shared instance of ``key`` (this one or another pattern's), so it rebuilds with the merged
+    arguments; no stack of another key is touched.
 
     Raises:
         ConfigurationError: another site already gave different code arguments for the same
@@ -250,24 +253,29 @@ def claim(
             if type(code_args) is not MappingProxyType:
                 code_args = MappingProxyType(dict(code_args))  # kept: nobody may change it
             _claims[key] = (*claims, pattern, site, code_args)
-        stacks = _dependents.setdefault(pattern, {})
-        dependents = stacks.get(key)
+        dependents = _dependents.get(key)
         if added and dependents is not None:
-            refs = dependents if isinstance(dependents, list) else [dependents]
-            alive = [ref for ref in refs if ref() is not None]
-            dependents = stacks[key] = alive  # a list from here on: it may grow again
-            for ref in alive:
+            if isinstance(dependents, list):
+                refs = dependents = _dependents[key] = [r for r in dependents if r() is not None]
+            elif dependents() is None:  # its one stack is gone
+                del _dependents[key]
+                refs, dependents = [], None
+            else:
+                refs = [dependents]
+            for ref in refs:
                 stale = ref()
-                if stale is not None:
+                # (The dependent itself, at its claim of another pattern, compiles anyway.)
+                if stale is not None and stale is not dependent:
                     stale.invalidate()
         if dependent is not None:
-            ref = weakref.ref(dependent)
+            ref = weakref.ref(dependent)  # (the same object at each claim of one stack)
             if dependents is None:
-                stacks[key] = ref  # the common case: one stack per shared instance
+                _dependents[key] = ref  # the common case: one stack per service
             elif isinstance(dependents, list):
-                _append(dependents, ref)
+                if not dependents or dependents[-1] is not ref:  # (its claim of a 2nd pattern)
+                    _append(dependents, ref)
             elif dependents is not ref:
-                stacks[key] = [dependents, ref]
+                _dependents[key] = [dependents, ref]
 
 
 def code_args(pattern: str, key: str) -> dict[str, Any]:
