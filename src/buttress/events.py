@@ -466,10 +466,17 @@ class Recorder:
     event.
     """
 
-    __slots__ = ("kind", "record", "service")
+    __slots__ = ("record", "service")
+
+    # Each kind's recorders are of a subclass of this class that names the kind (made once per
+    # kind, see _of_kind): a slot less per recorder, and a service has one recorder per kind.
+    kind: type[Any]
+
+    def __new__(cls, kind: type[Any], _service: str) -> Recorder:
+        return object.__new__(_of_kind(kind))
 
     def __init__(self, kind: type[Any], service: str) -> None:
-        self.kind = kind
+        del kind  # (the class names it)
         self.service = service
         self.record: Callable[..., object] | None = None
 
@@ -481,6 +488,19 @@ class Recorder:
             record = me.record
         if record is not None:
             record(*fields)
+
+
+# Event kind -> the subclass of Recorder for it (made under _lock, or racing harmlessly: a kind
+# whose class is made twice has two equivalent classes, one of them kept).
+_KINDS: dict[type[Any], type[Recorder]] = {}
+
+
+def _of_kind(kind: type[Any]) -> type[Recorder]:
+    found = _KINDS.get(kind)
+    if found is None:
+        made = type(f"Recorder[{kind.__name__}]", (Recorder,), {"__slots__": (), "kind": kind})
+        found = _KINDS.setdefault(kind, made)
+    return found
 
 
 def recorder(kind: type[Any], service: str) -> Recorder:
