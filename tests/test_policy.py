@@ -644,3 +644,105 @@ def test_registry_breaker_refuses_a_name_no_decorator_takes(name):
     # An empty name made a circuit no call site can reach, shown on /health.
     with pytest.raises(TypeError, match="non-empty string"):
         registry.breaker(name)
+
+
+class _Slots:
+    """A gate and a scoped recovery whose hooks are methods, as the patterns' are."""
+
+    pattern = "bulkhead"
+
+    def __init__(self, seen: list[object]) -> None:
+        self.seen = seen
+
+    def admit(self) -> str:
+        self.seen.append("admit")
+        return "slot"
+
+    def release(self, token: object) -> None:
+        self.seen.append(("release", token))
+
+
+@pytest.mark.parametrize("hooks", ["methods", "functions"])
+def test_a_held_gate_calls_its_hooks_on_their_objects_or_as_given(mode, hooks: str) -> None:
+    # The step keeps a method hook as its class's function and its object (policy._split), any
+    # other callable as it is: either way each hook is called as the strategy gave it, once per
+    # call, the call's token handed back, on success and on failure.
+    seen: list[object] = []
+    owner = _Slots(seen)
+
+    class Gate:
+        pattern = "bulkhead"
+        if hooks == "methods":
+            before, after = owner.admit, owner.release
+        else:
+            before = staticmethod(lambda: owner.admit())
+            after = staticmethod(lambda token: owner.release(token))
+
+    def work(fail: bool) -> str:
+        if fail:
+            raise ConnectionError("down")
+        return "done"
+
+    protected = mode.chain(Gate(), mode.define(work))
+    assert mode.run(protected, False) == "done"
+    with pytest.raises(ConnectionError):
+        mode.run(protected, True)
+    assert seen == ["admit", ("release", "slot")] * 2
+
+
+@pytest.mark.parametrize("budget", [True, False], ids=["budget", "no-budget"])
+def test_a_retrying_call_gets_a_new_scope_each_time_from_its_budget_or_none(
+    mode, clock, budget: bool
+) -> None:
+    # Retry's new_scope is its budget's method (the step keeps the budget: policy._split), or a
+    # bare RetryScope with no budget: each logical call runs in a scope of its own either way,
+    # and with a budget each counts as a first attempt.
+    scopes: list[object] = []
+    attempts = iter([ConnectionError("down"), "ok", "ok"])
+
+    def work() -> str:
+        scopes.append(buttress.attempt())
+        outcome = next(attempts)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    name = f"scoped-{mode.name}-{budget}"
+    switched = {} if budget else {"budget": False}
+    protected = retry_with_backoff(name=name, max_attempts=2, **switched)(mode.define(work))
+    assert mode.run(protected) == "ok"
+    assert mode.run(protected) == "ok"
+    assert scopes == [1, 2, 1]  # the second call starts over: a new scope
+    budgets = registry.instances("retry_budget")
+    if budget:
+        assert budgets[name].snapshot()["requests"] == 2
+    else:
+        assert name not in budgets
+
+
+def test_specs_that_name_no_service_are_shared_by_the_policies_that_give_them() -> None:
+    # The inner decorators of most stacks give the same spec at every service: one object for
+    # all (a spec is immutable). A spec naming a service, a preset, or arguments that cannot be
+    # shared (a list) stays its own; the policies behave as before.
+    def stack(name: str) -> Policy:
+        @circuit_breaker(name=name, fail_max=5)
+        @retry_with_backoff(max_attempts=3, exponential_base=2)
+        @with_bulkhead(limit=50)
+        def call() -> int:
+            return 1
+
+        assert call() == 1
+        return call.__buttress_policy__  # type: ignore[attr-defined, no-any-return]
+
+    first, second = stack("spec-share-a"), stack("spec-share-b")
+    assert first.specs[0] is not second.specs[0]  # each names its service
+    assert first.specs[1] is second.specs[1]
+    assert first.specs[2] is second.specs[2]
+    assert first.specs[1:] == (
+        Spec("retry", None, {"max_attempts": 3, "exponential_base": 2}),
+        Spec("bulkhead", None, {"limit": 50}),
+    )
+    preset = Policy(Spec("retry", None, {"max_attempts": 3, "exponential_base": 2}, "api"))
+    assert preset.specs[0] is not first.specs[1]
+    listed = [Policy(Spec("fallback", None, {"value": [1]})) for _ in range(2)]
+    assert listed[0].specs[0] is not listed[1].specs[0]

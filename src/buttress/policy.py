@@ -185,7 +185,11 @@ def _shared_spec(spec: Spec) -> Spec:
     service, and a spec is immutable. One per pattern and shared arguments, kept by those
     arguments' mapping (so as long as any spec gives them): ≈ 64 bytes less per such decorator.
     """
-    if spec.service is not None or spec.preset is not None:
+    if (
+        spec.service is not None
+        or spec.preset is not None
+        or _last_shared.get(spec.pattern) is spec
+    ):
         return spec
     key = _args_key(spec.code_args)
     if key is None:
@@ -197,7 +201,13 @@ def _shared_spec(spec: Spec) -> Spec:
         unnamed = found.unnamed
         if unnamed is None:
             unnamed = found.unnamed = {}
-        return unnamed.setdefault(spec.pattern, spec)
+        shared = _last_shared[spec.pattern] = unnamed.setdefault(spec.pattern, spec)
+        return shared
+
+
+# The spec each pattern last shared: the specs of a fused policy are its decorators' (shared
+# already), found here by identity rather than by their arguments' key again.
+_last_shared: dict[str, Spec] = {}
 
 
 def _argument_error(pattern: str, exc: ValueError) -> ConfigurationError:
