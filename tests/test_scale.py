@@ -386,13 +386,12 @@ def _bytes_each(make: Callable[[int], Any], count: int = 10, batches: int = 7) -
 
 # Bytes at rest per service of bench/bench_scale.py's stack (breaker + retry + bulkhead, called
 # once, default subscribers), by whether the service has its own Prometheus label or counts under
-# "_other" (past the cardinality guard, where it shares its bound functions): ≈ 5.6 KB and
-# ≈ 4.2 KB in this test (≈ 5.8 KB own before the fifth pass, ≈ 6.9 KB and ≈ 5.2 KB before the
-# fourth), from ≈ 10.1 KB and ≈ 9.1 KB at the start of issue 15's memory work
-# (docs/performance.md, Scale). A margin of
-# ≈ 10 % for other interpreters and library versions; what it catches is a table, a per-kind
-# object or a function made per service.
-SERVICE_AT_REST = {"own label": 6_200, "_other": 4_600}
+# "_other" (past the cardinality guard, where it shares its bound functions): ≈ 4.6 KB and
+# ≈ 3.6 KB in this test since the sixth pass (≈ 5.6 KB and ≈ 4.2 KB before it, ≈ 6.9 KB and
+# ≈ 5.2 KB before the fourth), from ≈ 10.1 KB and ≈ 9.1 KB at the start of issue 15's memory
+# work (docs/performance.md, Scale). A margin of ≈ 10 % for other interpreters and library
+# versions; what it catches is a table, a per-kind object or a function made per service.
+SERVICE_AT_REST = {"own label": 5_100, "_other": 4_000}
 
 
 @pytest.mark.parametrize("label", SERVICE_AT_REST)
