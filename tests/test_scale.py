@@ -764,3 +764,32 @@ def test_a_function_decorated_per_request_leaves_no_bookkeeping_behind(mode):
     assert not isinstance(kept, list) or len(kept) <= 32, len(kept)
     alive = sum(ref() is not None for ref in registry._everyone)
     assert len(registry._everyone) <= 2 * max(alive, 16)
+
+
+def test_a_shared_instance_is_reconfigured_when_its_options_change_and_only_then() -> None:
+    # Most instances of a pattern have the options its first one was built with, and the
+    # registry keeps no entry for those: whichever options an instance has, a build with equal
+    # ones returns it as it is, and other ones reconfigure it (once).
+    class Counted:
+        def __init__(self, options: dict[str, int]) -> None:
+            self.options = options
+            self.reconfigured: list[dict[str, int]] = []
+
+        def reconfigure(self, options: dict[str, int]) -> None:
+            self.reconfigured.append(options)
+
+    usual, other = {"limit": 1}, {"limit": 2}
+    first = registry.shared("usual-test", "first", usual, Counted)
+    second = registry.shared("usual-test", "second", dict(usual), Counted)
+    assert registry.shared("usual-test", "first", dict(usual), Counted) is first
+    assert registry.shared("usual-test", "SECOND", other, Counted) is second
+    assert registry.shared("usual-test", "second", dict(other), Counted) is second
+    assert (first.reconfigured, second.reconfigured) == ([], [other])
+    assert registry.shared("usual-test", "second", usual, Counted) is second
+    assert registry.shared("usual-test", "first", other, Counted) is first
+    assert (first.reconfigured, second.reconfigured) == ([other], [other, usual])
+    registry.forget("first")
+    third = registry.shared("usual-test", "first", usual, Counted)
+    assert third is not first
+    assert third.reconfigured == []
+    assert registry.shared("usual-test", "first", other, Counted).reconfigured == [other]

@@ -79,9 +79,13 @@ T = TypeVar("T", bound=Reconfigurable)
 _lock = threading.RLock()
 # Every table is by pattern, then by key: instances(pattern) and a lookup by service never walk
 # other patterns, and no (pattern, key) tuple is kept per service.
-# pattern -> key -> the instance, and the options it was built or last reconfigured with.
+# pattern -> key -> the instance, and the options it was built or last reconfigured with where
+# they differ from the pattern's usual ones: the options its first instance was built with
+# (pattern -> options). Most instances of a pattern have equal options (settings say nothing
+# about their service and its code gives the same arguments), and keep no entry of their own.
 _instances: dict[str, dict[str, Any]] = {}
 _options: dict[str, dict[str, Any]] = {}
+_usual: dict[str, Any] = {}
 # key -> the claims that gave an argument first, of every pattern, flat: (pattern, Site,
 # code_args, pattern, site, code_args, ...) in the order they came (one entry and one tuple per
 # service, not one per pattern). An argument's value is that of the first claim of its pattern
@@ -111,18 +115,22 @@ def shared(pattern: str, key: str, options: Any, factory: Callable[[Any], T]) ->
     """
     key = service_name(key)
     instance = _instances.get(pattern, {}).get(key)
-    if instance is not None and _options[pattern][key] == options:
+    if instance is not None and _options[pattern].get(key, _usual[pattern]) == options:
         return instance  # type: ignore[no-any-return]
     with _lock:
         by_key = _instances.setdefault(pattern, {})
         built = _options.setdefault(pattern, {})
+        usual = _usual.setdefault(pattern, options)
         instance = by_key.get(key)
         if instance is None:
             instance = factory(options)
             by_key[key] = instance
-        elif built[key] != options:
+        elif built.get(key, usual) != options:
             instance.reconfigure(options)
-        built[key] = options
+        if options is usual or options == usual:
+            built.pop(key, None)
+        else:
+            built[key] = options
         return instance
 
 
@@ -297,7 +305,7 @@ def forget(key: str) -> None:
         # One lookup per pattern (a handful), never a walk over the instances.
         for pattern, by_key in _instances.items():
             if by_key.pop(key, None) is not None:
-                del _options[pattern][key]
+                _options[pattern].pop(key, None)
 
 
 def clear() -> None:
@@ -310,6 +318,7 @@ def clear() -> None:
     with _lock:
         _instances.clear()
         _options.clear()
+        _usual.clear()
         _invalidate_everyone()
 
 
