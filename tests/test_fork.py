@@ -1,0 +1,77 @@
+"""A process forked after buttress ran calls (a pre-forking server that warms up, then forks its
+workers): the child's protected calls work, with none of the parent's threads.
+
+A child of ``os.fork`` has only the thread that forked; whatever bookkeeping the parent kept about
+its other threads (idle workers of the sync timeouts' pool) describes threads the child does not
+have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from buttress import _deadline, with_timeout
+
+pytestmark = [
+    pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork"),
+    # The child's call runs on real threads (the sync timeouts' workers): bounded by its limit.
+    pytest.mark.realtime,
+]
+
+LIMIT = 5.0  # the timeout of the child's call: a child that cannot run it reports within this
+
+
+def in_child(run: Callable[[], Any]) -> str:
+    """``repr(run())`` in a forked child (or the error it raised), as the parent reads it."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, then leave without running the parent's teardown
+        try:
+            try:
+                report = repr(run())
+            except BaseException as exc:  # reported to the parent, which asserts
+                report = f"{type(exc).__name__}: {exc}"
+            os.write(write, report.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        ready, _, _ = select.select([read], [], [], LIMIT * 4)
+        assert ready, "the child did not report"
+        return os.read(read, 4096).decode()
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+
+
+def run_in_child(mode: Any, fn: Callable[[], Any]) -> str:
+    # The parent's event loop is not the child's to use (its selector is shared with the parent).
+    return in_child(lambda: asyncio.run(fn()) if mode.is_async else fn())
+
+
+def test_a_timeout_call_runs_in_a_child_forked_after_the_parent_made_one(mode) -> None:
+    protected = with_timeout("forked", seconds=LIMIT)(mode.define(lambda: os.getpid()))
+    assert mode.run(protected) == os.getpid()
+    if not mode.is_async:
+        # The parent's worker stays alive, idle, after the call: the state the child inherits.
+        assert _deadline.POOL.snapshot()["idle"] >= 1
+
+    report = run_in_child(mode, protected)
+
+    assert report.isdigit(), report
+    assert int(report) != os.getpid()  # it ran, in the child
+
+
+def test_a_forked_child_starts_with_an_empty_worker_pool() -> None:
+    protected = with_timeout("forked-pool", seconds=LIMIT)(lambda: None)
+    protected()
+
+    report = in_child(_deadline.worker_pool_snapshot)
+
+    assert report == repr({"threads": 0, "idle": 0, "pending": 0, "abandoned": {}})
