@@ -154,11 +154,17 @@ class PrometheusSubscriber:
             # An unlabelled gauge shows 0 from the moment it exists in a file, and 0 would read
             # "kill switch off": that one is created when first written.
             self._registry = registry
-            self.metrics = {
-                family.name: create(family, registry)
-                for family in CATALOG
-                if family.name != KILL_SWITCH
-            }
+            try:
+                for family in CATALOG:
+                    if family.name != KILL_SWITCH:
+                        self.metrics[family.name] = create(family, registry)
+            except ValueError:
+                # A name the registry already has (DuplicateTimeseries): leave it as it was, so
+                # nothing of this subscriber is half there.
+                if registry is not None:
+                    for metric in self.metrics.values():
+                        registry.unregister(metric)
+                raise
             self._inc = {
                 f.name: children(self.metrics[f.name], "inc", f, self.service_labels)
                 for f in CATALOG
