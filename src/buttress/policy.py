@@ -1864,6 +1864,10 @@ def _check_decoratable(fn: object) -> None:
 
 
 def _qualified_name(fn: Callable[..., Any]) -> str:
+    # A partial is named by the function it calls, not "functools.partial": the name is an
+    # unnamed stack's service, and a deferring function's queue (and durable stream).
+    while isinstance(fn, functools.partial):
+        fn = fn.func
     module = getattr(fn, "__module__", None) or "<unknown>"
     name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
     return f"{module}.{name}"
@@ -1874,5 +1878,8 @@ def _site(fn: Callable[..., Any]) -> registry.Site:
     wraps (shared by every decoration of one ``def``, so a function decorated per request never
     conflicts with itself), described only when a conflict is reported (see registry.describe);
     a callable without code is its qualified name."""
-    code = getattr(inspect.unwrap(fn), "__code__", None)
+    target = fn
+    while isinstance(target, functools.partial):  # the site of the function it calls
+        target = target.func
+    code = getattr(inspect.unwrap(target), "__code__", None)
     return code if isinstance(code, types.CodeType) else _qualified_name(fn)

@@ -1,0 +1,61 @@
+"""What a call site is when the decorated callable is no plain function.
+
+A ``functools.partial`` is the function it calls: its site (a conflict between code arguments
+is told apart, and named, by that function) and, for an unnamed stack, its service.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pytest
+
+from buttress import ConfigurationError, circuit_breaker, retry_with_backoff
+from buttress.testing import capture_events
+
+
+def send_email(to: str) -> str:
+    return f"emailed {to}"
+
+
+def charge_card(to: str) -> str:
+    return f"charged {to}"
+
+
+async def asend_email(to: str) -> str:
+    return f"emailed {to}"
+
+
+async def acharge_card(to: str) -> str:
+    return f"charged {to}"
+
+
+def test_partials_of_two_functions_that_give_one_argument_two_values_conflict(mode) -> None:
+    email, charge = (asend_email, acharge_card) if mode.is_async else (send_email, charge_card)
+    protected = circuit_breaker(name="billing", fail_max=5)(functools.partial(email, "ann"))
+    assert mode.run(protected) == "emailed ann"
+
+    with pytest.raises(ConfigurationError) as info:
+        circuit_breaker(name="billing", fail_max=9)(functools.partial(charge, "bob"))
+
+    message = str(info.value)
+    assert f"fail_max=5 at {email.__qualname__} ({__file__}:" in message
+    assert f"fail_max=9 at {charge.__qualname__} ({__file__}:" in message
+
+
+def test_partials_of_one_function_are_one_site(mode) -> None:
+    email = asend_email if mode.is_async else send_email
+    first = circuit_breaker(name="mailer", fail_max=5)(functools.partial(email, "ann"))
+    second = circuit_breaker(name="mailer", fail_max=5)(functools.partial(email, "bob"))
+    assert [mode.run(first), mode.run(second)] == ["emailed ann", "emailed bob"]
+
+
+def test_an_unnamed_partial_is_the_service_of_the_function_it_calls(mode) -> None:
+    email = asend_email if mode.is_async else send_email
+    protected: Any = retry_with_backoff()(functools.partial(functools.partial(email), "ann"))
+
+    with capture_events() as seen:
+        assert mode.run(protected) == "emailed ann"
+
+    assert {event.service for event in seen} == {f"{__name__}.{email.__qualname__}".lower()}
