@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import os
 import select
+import signal
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from buttress import _deadline, with_timeout
+from buttress import _deadline, circuit_breaker, with_fallback, with_timeout
+from buttress.testing import force_circuit_state
 
 pytestmark = [
     pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork"),
@@ -43,6 +45,8 @@ def in_child(run: Callable[[], Any]) -> str:
     os.close(write)
     try:
         ready, _, _ = select.select([read], [], [], LIMIT * 4)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
         assert ready, "the child did not report"
         return os.read(read, 4096).decode()
     finally:
@@ -75,3 +79,38 @@ def test_a_forked_child_starts_with_an_empty_worker_pool() -> None:
     report = in_child(_deadline.worker_pool_snapshot)
 
     assert report == repr({"threads": 0, "idle": 0, "pending": 0, "abandoned": {}})
+
+
+def test_a_child_replays_its_own_deferred_calls_and_not_the_parents(mode) -> None:
+    ran: list[str] = []
+    protected = with_fallback(name="forked-defer", defer=True)(
+        circuit_breaker(name="forked-defer", timeout=30)(mode.define(ran.append))
+    )
+    force_circuit_state("forked-defer", "forced_open")
+    parents = mode.run(protected, "parent's")  # queued: a replay thread waits for its turn
+
+    def child() -> list[str]:
+        async def deferred_and_replayed() -> Any:
+            # One loop: a task's replay runs on the loop its function was last called on.
+            handle = await protected("child's")
+            force_circuit_state("forked-defer", "closed")
+            async with asyncio.timeout(LIMIT):
+                return await handle.wait()
+
+        if mode.is_async:
+            asyncio.run(deferred_and_replayed())
+        else:
+            handle = protected("child's")
+            force_circuit_state("forked-defer", "closed")
+            handle.result(LIMIT)
+        return ran
+
+    # The parent's call is the parent's to replay: the child replays only its own.
+    assert in_child(child) == repr(["child's"])
+    assert ran == []
+    force_circuit_state("forked-defer", "closed")
+    if mode.is_async:
+        # The parent's async replay runs as a task on the loop its function was called on.
+        mode.run(asyncio.sleep, 0)
+    assert parents.result(LIMIT) is None
+    assert ran == ["parent's"]

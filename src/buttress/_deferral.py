@@ -28,6 +28,7 @@ import concurrent.futures
 import contextvars
 import itertools
 import logging
+import os
 import threading
 import uuid
 from collections import deque
@@ -324,6 +325,24 @@ class DeferralQueue:
         self.schedule(rejection.retry_after or self.options.retry_interval)
         return handle
 
+    def forked(self) -> None:
+        """In a forked child: no replay thread (the parent's is not here), no lock held by
+        another of the parent's threads, and none of the parent's calls from a queue of this
+        process (the parent replays those; a child replaying them too would run each twice)."""
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._draining = threading.Lock()
+        self._thread = None
+        self._due = None
+        self._loop = None  # the parent's event loop runs nothing here
+        if isinstance(self.store, LocalStore):
+            self.store = LocalStore()
+            self.handles.clear()
+            self._depth = 0
+        else:
+            # A durable stream's calls are whoever takes its lease's: look soon, as at a start.
+            self.schedule(self.options.retry_interval)
+
     def _note_loop(self) -> None:
         try:
             self._loop = asyncio.get_running_loop()
@@ -558,6 +577,16 @@ def _on_state_changed(event: events.CircuitStateChanged) -> None:
         ready = [q for (service, _), q in _queues.items() if service == event.service]
     for queue in ready:
         queue.schedule(0.0)
+
+
+def _after_fork_in_child() -> None:
+    global _queues_lock
+    _queues_lock = threading.Lock()  # another of the parent's threads may have held it
+    for queue in _queues.values():
+        queue.forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def queues() -> dict[tuple[str, str], DeferralQueue]:
