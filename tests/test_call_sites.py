@@ -59,3 +59,29 @@ def test_an_unnamed_partial_is_the_service_of_the_function_it_calls(mode) -> Non
         assert mode.run(protected) == "emailed ann"
 
     assert {event.service for event in seen} == {f"{__name__}.{email.__qualname__}".lower()}
+
+
+def run_through(mode: Any, policy: Any, fn: Any) -> Any:
+    return mode.run(policy.acall, fn) if mode.is_async else policy.call(fn)
+
+
+def test_two_policies_run_with_call_that_give_one_argument_two_values_conflict(mode) -> None:
+    # Policy.call()/acall() decorate one runner of buttress's: the site is the policy.
+    first = circuit_breaker(name="runner", fail_max=3)
+    assert run_through(mode, first, mode.define()) == "ok"
+
+    with pytest.raises(ConfigurationError) as info:
+        run_through(mode, circuit_breaker(name="runner", fail_max=9), mode.define())
+
+    kind = "acall" if mode.is_async else "call"
+    message = str(info.value)
+    assert f"fail_max=3 at Policy(circuit_breaker(runner, fail_max=3)).{kind}()" in message
+    assert f"fail_max=9 at Policy(circuit_breaker(runner, fail_max=9)).{kind}()" in message
+    assert "policy.py" not in message
+
+
+def test_a_policy_run_with_call_and_acall_with_the_same_values_shares_freely(mode) -> None:
+    policy = circuit_breaker(name="runner-twice", fail_max=3)
+    same = circuit_breaker(name="runner-twice", fail_max=3)
+    assert [run_through(mode, p, mode.define()) for p in (policy, same)] == ["ok", "ok"]
+    assert policy.call(lambda: "sync") == "sync"

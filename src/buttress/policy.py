@@ -288,7 +288,7 @@ class _Bound:
         self.policy = policy
         self.fn = fn
         self.is_async = is_async
-        site = _site(fn)
+        site = _site(fn, policy)
         self.service = policy.service or registry.service_name(_qualified_name(fn))
         # The number of this call site's own state: its key (see keys()) is made when asked, a
         # string per stack costing more than this number (most stacks keep nothing under it).
@@ -1873,11 +1873,22 @@ def _qualified_name(fn: Callable[..., Any]) -> str:
     return f"{module}.{name}"
 
 
-def _site(fn: Callable[..., Any]) -> registry.Site:
+# The code of what Policy.call() and acall() decorate: one for every policy, so not a site.
+_RUNNER_CODES = frozenset(
+    c for c in _target_runner.__code__.co_consts if isinstance(c, types.CodeType)
+)
+
+
+def _site(fn: Callable[..., Any], policy: Policy) -> registry.Site:
     """What identifies ``fn``'s call site in the registry's claims: the code of the function it
     wraps (shared by every decoration of one ``def``, so a function decorated per request never
     conflicts with itself), described only when a conflict is reported (see registry.describe);
-    a callable without code is its qualified name."""
+    a callable without code is its qualified name, and ``policy.call()``/``acall()`` the
+    policy (every policy's runner has one code: two policies that give one argument two values
+    must still conflict, and a conflict must name the policy, not buttress's runner)."""
+    code = getattr(fn, "__code__", None)
+    if code in _RUNNER_CODES:
+        return f"{policy!r}.{code.co_name.removeprefix('policy_')}()"
     target = fn
     while isinstance(target, functools.partial):  # the site of the function it calls
         target = target.func
