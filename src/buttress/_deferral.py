@@ -335,13 +335,12 @@ class DeferralQueue:
         self._thread = None
         self._due = None
         self._loop = None  # the parent's event loop runs nothing here
+        self.handles.clear()  # the parent's callers wait on theirs, in the parent
+        # (A durable stream's calls stay whoever takes its lease's: the parent's, while it
+        # lives. No thread is started here: a fork hook also runs before a subprocess's exec.)
         if isinstance(self.store, LocalStore):
             self.store = LocalStore()
-            self.handles.clear()
             self._depth = 0
-        else:
-            # A durable stream's calls are whoever takes its lease's: look soon, as at a start.
-            self.schedule(self.options.retry_interval)
 
     def _note_loop(self) -> None:
         try:
