@@ -9,15 +9,19 @@ have.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import select
 import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
-from buttress import _deadline, circuit_breaker, with_fallback, with_timeout
+from buttress import _deadline, circuit_breaker, events, with_fallback, with_timeout
+from buttress.instrumentation.prometheus import PrometheusSubscriber
 from buttress.testing import force_circuit_state
 
 pytestmark = [
@@ -110,7 +114,52 @@ def test_a_child_replays_its_own_deferred_calls_and_not_the_parents(mode) -> Non
     assert ran == []
     force_circuit_state("forked-defer", "closed")
     if mode.is_async:
-        # The parent's async replay runs as a task on the loop its function was called on.
-        mode.run(asyncio.sleep, 0)
-    assert parents.result(LIMIT) is None
+
+        async def replayed() -> Any:
+            # The parent's async replay runs as a task on the loop its function was called on.
+            async with asyncio.timeout(LIMIT):
+                return await parents.wait()
+
+        assert mode.run(replayed) is None
+    else:
+        assert parents.result(LIMIT) is None
     assert ran == ["parent's"]
+
+
+def test_a_childs_multiprocess_gauges_follow_its_circuits_open_time(mode, clock) -> None:
+    # In multiprocess mode a watcher thread of the subscriber writes half_open when an idle
+    # circuit's open time runs out. The parent's watcher (a circuit of its was open at the fork)
+    # is not in the child: the child starts its own for its circuits.
+    registry = CollectorRegistry()
+    subscriber = PrometheusSubscriber(registry, multiprocess=True)
+
+    def state(service: str, name: str) -> float | None:
+        labels = {"service": service, "state": name}
+        return registry.get_sample_value("buttress_circuit_breaker_state", labels)
+
+    def down() -> None:
+        raise ConnectionError("down")
+
+    undos = [events.subscribe(h, [kind]) for kind, h in subscriber.handlers().items()]
+    try:
+        parents = circuit_breaker(name="forked-pay", fail_max=1, timeout=20)(mode.define(down))
+        assert isinstance(mode.outcome(parents), ConnectionError)
+        assert subscriber._watcher is not None  # watching the parent's open circuit
+
+        def child() -> float | None:
+            childs = circuit_breaker(name="forked-ship", fail_max=1, timeout=20)(down)
+            with contextlib.suppress(ConnectionError):
+                childs()
+            assert state("forked-ship", "open") == 1
+            clock.advance(20)
+            ready = threading.Event()
+            for _ in range(int(LIMIT / 0.01)):  # the watcher reads the clock in slices
+                if state("forked-ship", "half_open") == 1:
+                    break
+                ready.wait(0.01)
+            return state("forked-ship", "half_open")
+
+        assert in_child(child) == "1.0"
+    finally:
+        for undo in undos:
+            undo()
