@@ -99,6 +99,9 @@ _PRUNE_FROM = 16  # a list of references is pruned of dead ones from this length
 # plain references (the same object as its references in _dependents: a weakref.ref without a
 # callback is shared), pruned like the dependents.
 _everyone: list[weakref.ref[Any]] = []
+# The services whose breaker was built before a claim added a code argument to it: breaker()
+# applies them (a call site's stack does at its first call).
+_unapplied: set[str] = set()
 
 
 def shared(pattern: str, key: str, options: Any, factory: Callable[[Any], T]) -> T:
@@ -138,8 +141,11 @@ def breaker(service: str) -> CircuitBreaker:
 
     service = given_name(service)  # checked at run time for untyped callers
     existing = _instances.get(PATTERN, {}).get(service)
-    if isinstance(existing, CircuitBreaker):
+    if isinstance(existing, CircuitBreaker) and service not in _unapplied:
         return existing
+    # Built before a call site claimed code arguments for it (breaker() asked first): they
+    # apply now, not at that call site's first call.
+    _unapplied.discard(service)
     # The same options the service's call sites would resolve: settings over their code arguments.
     options = config.SNAPSHOT.service(service).options(PATTERN, code_args(PATTERN, service))
     return shared(PATTERN, service, options, functools.partial(CircuitBreaker, service))
@@ -250,6 +256,8 @@ def claim(
             if type(code_args) is not MappingProxyType:
                 code_args = MappingProxyType(dict(code_args))  # kept: nobody may change it
             _claims[key] = (*claims, pattern, site, code_args)
+            if pattern == "circuit_breaker" and key in _instances.get(pattern, {}):
+                _unapplied.add(key)
         stacks = _dependents.setdefault(pattern, {})
         dependents = stacks.get(key)
         if added and dependents is not None:
@@ -302,6 +310,7 @@ def clear() -> None:
     with _lock:
         _instances.clear()
         _options.clear()
+        _unapplied.clear()
         _invalidate_everyone()
 
 
