@@ -33,6 +33,7 @@ __all__ = [
     "code_args",
     "describe",
     "forget",
+    "forget_gone",
     "given_name",
     "instances",
     "service_name",
@@ -233,6 +234,13 @@ def claim(
     key = service_name(key)
     with _lock:
         claims = _claims.get(key, ())
+        if claims and _gone(pattern, key) and _redecorated(claims, pattern, code_args, site):
+            # This site gives another value while every stack that claimed this instance's
+            # arguments is gone (a helper decorating for one test, then for the next): nothing
+            # runs with the old value any more, so the new one is taken, not ignored. (Another
+            # site's value still conflicts, whether or not its stacks exist: see forget_gone.)
+            claims = _without(claims, pattern)
+            _claims[key] = claims
         added = False
         for name, value in code_args.items():
             previous = _given(claims, pattern, name)
@@ -278,6 +286,39 @@ def claim(
                 stacks[key] = [dependents, ref]
 
 
+def _gone(pattern: str, key: str) -> bool:
+    """Whether stacks claimed ``pattern`` of ``key`` and none of them exists any more (a claim
+    made without a dependent, as a test of the registry makes, never goes)."""
+    refs = _dependents.get(pattern, {}).get(key)
+    if refs is None:
+        return False
+    if isinstance(refs, list):
+        return all(ref() is None for ref in refs)
+    return refs() is None
+
+
+def _redecorated(
+    claims: tuple[Any, ...], pattern: str, code_args: Mapping[str, Any], site: Site
+) -> bool:
+    """Whether ``site`` gives an argument of ``pattern`` another value than it gave before."""
+    here = describe(site)
+    for name, value in code_args.items():
+        previous = _given(claims, pattern, name)
+        if previous is not None and previous[0] != value and describe(previous[1]) == here:
+            return True
+    return False
+
+
+def _without(claims: tuple[Any, ...], pattern: str) -> tuple[Any, ...]:
+    """``claims`` without those of ``pattern``."""
+    return tuple(
+        part
+        for at in range(0, len(claims), 3)
+        if claims[at] != pattern
+        for part in claims[at : at + 3]
+    )
+
+
 def code_args(pattern: str, key: str) -> dict[str, Any]:
     """The code arguments every call site gave ``pattern`` of ``key``, merged."""
     with _lock:
@@ -312,6 +353,25 @@ def clear() -> None:
         _options.clear()
         _unapplied.clear()
         _invalidate_everyone()
+
+
+def forget_gone() -> None:
+    """Forget the code arguments of every instance whose claiming stacks are all gone.
+
+    Between tests (``buttress.testing.reset``): a test's own decorated functions are gone once it
+    ends, and the next test may give the same service other values at another site. The claims
+    of functions that still exist (the code under test, decorated at import) stay.
+    """
+    with _lock:
+        for key, claims in list(_claims.items()):
+            kept = claims
+            for pattern in {claims[at] for at in range(0, len(claims), 3)}:
+                if _gone(pattern, key):
+                    kept = _without(kept, pattern)
+            if not kept:
+                del _claims[key]
+            elif kept is not claims:
+                _claims[key] = kept
 
 
 def clear_claims() -> None:
