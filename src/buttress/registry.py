@@ -234,7 +234,7 @@ def claim(
     key = service_name(key)
     with _lock:
         claims = _claims.get(key, ())
-        if claims and _gone(pattern, key) and _redecorated(claims, pattern, code_args, site):
+        if claims and _redecorated(claims, pattern, code_args, site) and _gone(pattern, key):
             # This site gives another value while every stack that claimed this instance's
             # arguments is gone (a helper decorating for one test, then for the next): nothing
             # runs with the old value any more, so the new one is taken, not ignored. (Another
@@ -301,11 +301,11 @@ def _redecorated(
     claims: tuple[Any, ...], pattern: str, code_args: Mapping[str, Any], site: Site
 ) -> bool:
     """Whether ``site`` gives an argument of ``pattern`` another value than it gave before."""
-    here = describe(site)
     for name, value in code_args.items():
         previous = _given(claims, pattern, name)
-        if previous is not None and previous[0] != value and describe(previous[1]) == here:
-            return True
+        # (Described only on a new value: a site decorated per request gives the same one.)
+        if previous is not None and previous[0] != value:
+            return describe(previous[1]) == describe(site)
     return False
 
 
