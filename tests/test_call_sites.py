@@ -85,3 +85,15 @@ def test_a_policy_run_with_call_and_acall_with_the_same_values_shares_freely(mod
     same = circuit_breaker(name="runner-twice", fail_max=3)
     assert [run_through(mode, p, mode.define()) for p in (policy, same)] == ["ok", "ok"]
     assert policy.call(lambda: "sync") == "sync"
+
+
+def test_the_wrapper_of_a_partial_is_named_after_the_function_it_calls(mode) -> None:
+    email = asend_email if mode.is_async else send_email
+    protected: Any = circuit_breaker()(functools.partial(email, "ann"))
+
+    assert (protected.__module__, protected.__name__, protected.__qualname__) == (
+        __name__,
+        email.__name__,
+        email.__qualname__,
+    )
+    assert mode.run(protected) == "emailed ann"

@@ -1703,6 +1703,8 @@ def _wrap_sync(policy: Policy, fn: Callable[P, R]) -> Callable[P, R]:
             events.failed(record)
         return result
 
+    if isinstance(fn, functools.partial):
+        _name_after(wrapper, fn)
     _mark(wrapper, policy)
     return wrapper
 
@@ -1744,6 +1746,8 @@ def _wrap_async(policy: Policy, fn: Callable[P, Awaitable[R]]) -> Callable[P, Aw
             events.failed(record)
         return result
 
+    if isinstance(fn, functools.partial):
+        _name_after(wrapper, fn)
     _mark(wrapper, policy)
     return wrapper
 
@@ -1834,6 +1838,19 @@ def _bound_of(fn: object) -> _Bound | None:
     if cell is None:
         return None
     return cast("_Bound", fn.__closure__[cell].cell_contents)  # type: ignore[index] # has cells
+
+
+def _name_after(wrapper: Callable[..., Any], partial: functools.partial[Any]) -> None:
+    """Name the wrapper of a partial after the function it calls (functools.wraps finds no
+    name on a partial, and the module it finds is functools'): what a traceback, a log and
+    ``config show`` print."""
+    fn: Any = partial
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    for name in ("__module__", "__name__", "__qualname__"):
+        value = getattr(fn, name, None)
+        if isinstance(value, str):
+            setattr(wrapper, name, value)
 
 
 def _mark(wrapper: Callable[..., Any], policy: Policy) -> None:
