@@ -104,3 +104,20 @@ def test_a_reset_keeps_the_arguments_of_functions_that_exist(mode) -> None:
         circuit_breaker(name="again", fail_max=3)(as_mode(mode, body))
     assert [mode.run(under_test), mode.run(kept)] == ["ok", "ok"]
     assert registry.breaker("again").fail_max == 1
+
+
+def test_a_predicate_made_anew_at_each_decoration_is_not_a_new_value(mode) -> None:
+    # A function decorated per request with a lambda: each request's lambda is another object,
+    # not another setting; taking it would reconfigure the shared breaker on every request.
+    predicates = []
+
+    def handle() -> Any:
+        predicate = lambda result: result is None  # noqa: E731 - one per request, as written inline
+        predicates.append(predicate)
+        return circuit_breaker(name="again", failure_on_result=predicate)(mode.define())
+
+    for _ in range(3):
+        assert mode.run(handle()) == "ok"
+        gc.collect()
+
+    assert registry.code_args("circuit_breaker", "again")["failure_on_result"] is predicates[0]

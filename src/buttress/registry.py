@@ -300,13 +300,25 @@ def _gone(pattern: str, key: str) -> bool:
 def _redecorated(
     claims: tuple[Any, ...], pattern: str, code_args: Mapping[str, Any], site: Site
 ) -> bool:
-    """Whether ``site`` gives an argument of ``pattern`` another value than it gave before."""
+    """Whether ``site`` gives an argument of ``pattern`` another value than it gave before.
+
+    Only a value of data (a number, a text, classes) counts: a function made anew at each
+    decoration (a ``lambda`` predicate of a function decorated per request) is not another
+    value, or each request would reconfigure the shared instance.
+    """
     for name, value in code_args.items():
         previous = _given(claims, pattern, name)
         # (Described only on a new value: a site decorated per request gives the same one.)
         if previous is not None and previous[0] != value:
-            return describe(previous[1]) == describe(site)
+            return _data(previous[0]) and _data(value) and describe(previous[1]) == describe(site)
     return False
+
+
+def _data(value: object) -> bool:
+    """Whether ``value`` is data (compared by what it holds), not a function or an object."""
+    if isinstance(value, tuple):
+        return all(_data(each) for each in value)
+    return value is None or isinstance(value, (int, float, str, type))
 
 
 def _without(claims: tuple[Any, ...], pattern: str) -> tuple[Any, ...]:
