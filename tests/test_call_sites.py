@@ -97,3 +97,15 @@ def test_the_wrapper_of_a_partial_is_named_after_the_function_it_calls(mode) -> 
         email.__qualname__,
     )
     assert mode.run(protected) == "emailed ann"
+
+
+def test_a_policy_made_per_call_with_a_predicate_is_one_site(mode) -> None:
+    # circuit_breaker(..., failure_on_result=lambda ...).call(fn) written inline, once a request:
+    # each request's lambda is another object, its policy the same site (never a conflict).
+    def handle(value: str) -> Any:
+        policy = circuit_breaker(name="inline", fail_max=3, failure_on_result=lambda r: r is None)
+        return run_through(mode, policy, mode.define(lambda: value))
+
+    assert [handle(value) for value in ("a", "b", "c")] == ["a", "b", "c"]
+    with pytest.raises(ConfigurationError, match=r"fail_max=3, failure_on_result=<function>\)"):
+        circuit_breaker(name="inline", fail_max=4).call(lambda: None)

@@ -1549,9 +1549,13 @@ class Policy:
         init(self, "_acall_runner", None)
 
     def __repr__(self) -> str:
+        return self._text(repr)
+
+    def _text(self, shown: Callable[[Any], str]) -> str:
+        """The policy as its repr writes it, each code argument's value written by ``shown``."""
         inner = ", ".join(
             f"{s.pattern}({s.service or ''}{', ' if s.service and s.code_args else ''}"
-            + ", ".join(f"{k}={v!r}" for k, v in s.code_args.items())
+            + ", ".join(f"{k}={shown(v)}" for k, v in s.code_args.items())
             + ")"
             for s in self.specs
         )
@@ -1896,6 +1900,17 @@ _RUNNER_CODES = frozenset(
 )
 
 
+def _site_value(value: Any) -> str:
+    """A code argument's value in a policy's site: a function as its kind only, so that a policy
+    made per call with a ``lambda`` predicate is one site each time (data is written in full:
+    two policies that give it two values are two sites)."""
+    if isinstance(value, tuple):
+        return f"({', '.join(_site_value(each) for each in value)}{',' * (len(value) == 1)})"
+    if callable(value) and not isinstance(value, type):
+        return f"<{type(value).__name__}>"
+    return repr(value)
+
+
 def _site(fn: Callable[..., Any], policy: Policy) -> registry.Site:
     """What identifies ``fn``'s call site in the registry's claims: the code of the function it
     wraps (shared by every decoration of one ``def``, so a function decorated per request never
@@ -1905,7 +1920,7 @@ def _site(fn: Callable[..., Any], policy: Policy) -> registry.Site:
     must still conflict, and a conflict must name the policy, not buttress's runner)."""
     code = getattr(fn, "__code__", None)
     if code in _RUNNER_CODES:
-        return f"{policy!r}.{code.co_name.removeprefix('policy_')}()"
+        return f"{policy._text(_site_value)}.{code.co_name.removeprefix('policy_')}()"
     target = fn
     while isinstance(target, functools.partial):  # the site of the function it calls
         target = target.func
