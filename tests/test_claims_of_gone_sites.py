@@ -121,3 +121,25 @@ def test_a_predicate_made_anew_at_each_decoration_is_not_a_new_value(mode) -> No
         gc.collect()
 
     assert registry.code_args("circuit_breaker", "again")["failure_on_result"] is predicates[0]
+
+
+def test_a_policy_run_with_call_in_one_test_leaves_the_next_free_after_a_reset(mode) -> None:
+    # pybreaker's tests make a breaker per test and call it; translated: a policy per test,
+    # run with call()/acall(). Dropped, the policy and its runner go at once (no cycle for a
+    # garbage collection to find), so a reset forgets what it claimed.
+    gc.disable()
+    try:
+        first = circuit_breaker(name="again", fail_max=1)
+        assert run_through(mode, first, mode.define()) == "ok"
+        del first
+        testing.reset()
+
+        second = circuit_breaker(name="again", fail_max=3)
+        assert run_through(mode, second, mode.define()) == "ok"
+        assert registry.breaker("again").fail_max == 3
+    finally:
+        gc.enable()
+
+
+def run_through(mode: Any, policy: Any, fn: Any) -> Any:
+    return mode.run(policy.acall, fn) if mode.is_async else policy.call(fn)

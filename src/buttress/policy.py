@@ -1626,7 +1626,10 @@ class Policy:
                 name = "_acall_runner" if is_async else "_call_runner"
                 runner = getattr(self, name)
                 if runner is None:
-                    runner = self(_target_runner(is_async=is_async))
+                    # Decorated by an equal policy, not this one: the runner would hold this
+                    # policy, which holds the runner, a cycle only a garbage collection frees (a
+                    # policy made per call would keep its state until then).
+                    runner = Policy(*self.specs)(_target_runner(is_async=is_async))
                     object.__setattr__(self, name, runner)
         return runner
 
