@@ -170,7 +170,7 @@ def _decorated(module: ModuleType) -> Iterator[tuple[Any, Policy]]:
             function = getattr(candidate, "__func__", candidate)  # staticmethod, classmethod
             policy = getattr(function, "__buttress_policy__", None)
             if isinstance(policy, Policy):
-                yield getattr(function, "__buttress_target__", function), policy
+                yield function, policy
 
 
 def _explain_site(site: _Site, settings: config.Settings) -> dict[str, Any]:

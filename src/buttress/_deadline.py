@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import itertools
+import os
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Final, TypedDict
@@ -196,17 +199,28 @@ class WorkerPool:
         self._max_workers = max_workers
         self.per_service = max(1, max_workers // 4) if per_service is None else per_service
         self._idle_seconds = idle_seconds
+        self._names = itertools.count(1)
+        self._empty()
+        # A forked child has none of the parent's threads, only their bookkeeping: idle workers
+        # that would never take its jobs. It starts with an empty pool (held weakly: a test's
+        # throwaway pool may go).
+        reset = weakref.WeakMethod(self._empty)
+        os.register_at_fork(after_in_child=functools.partial(_forked, reset))
+
+    def _empty(self) -> None:
+        """No thread, no job (a new pool, or the child of a fork)."""
+        # A new lock too: another thread of the parent may have held the old one at the fork.
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._jobs: deque[Job] = deque()
         self._threads = 0
         self._idle = 0
+        # (The parent's abandoned workers do not run in a child: none holds its service's share.)
         self._abandoned: dict[str, int] = {}
         # Per service: its jobs in ``_jobs``, running or abandoned (at most ``per_service``) ...
         self._held: dict[str, int] = {}
         # ... and its jobs waiting for one of those to end, oldest first.
         self._parked: dict[str, deque[Job]] = {}
-        self._names = itertools.count(1)
 
     def submit(self, job: Job) -> bool:
         """Queue ``job`` for a worker; ``False``: refused, its service's share is all abandoned."""
@@ -390,6 +404,12 @@ class WorkerPool:
             if handlers:
                 overran = finished_at - job.deadline
                 events.dispatch(handlers, events.WorkerFinishedLate(job.service, count, overran))
+
+
+def _forked(empty: weakref.WeakMethod[Callable[[], None]]) -> None:
+    method = empty()
+    if method is not None:
+        method()
 
 
 POOL = WorkerPool(MAX_WORKERS, per_service=MAX_WORKERS_PER_SERVICE)

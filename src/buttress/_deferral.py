@@ -28,6 +28,7 @@ import concurrent.futures
 import contextvars
 import itertools
 import logging
+import os
 import threading
 import uuid
 from collections import deque
@@ -160,6 +161,12 @@ class Item:
     key: str  # the idempotency key of the call
     queued_at: float  # wall-clock seconds (the age of an item must survive a restart)
     target: Callable[..., Any] | None = None  # the function Policy.call() ran, if it did
+    # The stack it was queued from (``step``, ``is_async``: see DeferralQueue.link), when it is
+    # kept in this process: several functions of one service and one name (lambdas, partials,
+    # instances of one class, a function decorated per request) share a queue, and each call is
+    # replayed through its own. None: the queue's (an item a durable stream handed back).
+    step: Callable[..., Any] | None = field(default=None, compare=False)
+    is_async: bool = False
     handle: Deferred | None = field(default=None, compare=False)
     entry: Any = None  # the store's own id of the item (a stream entry id)
 
@@ -265,9 +272,19 @@ class DeferralQueue:
             self.schedule(self.options.retry_interval)
 
     def put(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], rejection: RejectedError
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        rejection: RejectedError,
+        step: Callable[..., Any] | None = None,
+        *,
+        is_async: bool = False,
     ) -> Deferred | None:
-        """Queue a rejected call; its handle, or ``None`` when it could not be queued."""
+        """Queue a rejected call; its handle, or ``None`` when it could not be queued.
+
+        ``step`` (with ``is_async``): the stack the call came through, which replays it from a
+        queue of this process (a durable stream's items replay through the queue's ``link``).
+        """
         scope = _context.call_scope.get()
         key = _context.idempotency_key() if scope is not None else None
         item = Item(
@@ -278,6 +295,8 @@ class DeferralQueue:
             queued_at=_clock.wall(),
             target=_context.call_target.get(None),
         )
+        if isinstance(self.store, LocalStore):
+            item.step, item.is_async = step, is_async
         try:
             if item.target is not None and not isinstance(self.store, LocalStore):
                 # Policy.call(fn, ...): another process could not know which fn to replay.
@@ -297,7 +316,7 @@ class DeferralQueue:
             events.emit(events.DeferralDropped(self.service, "full"))
             return None
         self._depth = depth
-        if self._is_async:
+        if is_async or self._is_async:
             self._note_loop()
         handle = item.handle = Deferred(item.id, self.service, item.key)
         with self._lock:
@@ -305,6 +324,23 @@ class DeferralQueue:
         events.emit(events.DeferralQueued(self.service, type(rejection).__name__, depth))
         self.schedule(rejection.retry_after or self.options.retry_interval)
         return handle
+
+    def forked(self) -> None:
+        """In a forked child: no replay thread (the parent's is not here), no lock held by
+        another of the parent's threads, and none of the parent's calls from a queue of this
+        process (the parent replays those; a child replaying them too would run each twice)."""
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._draining = threading.Lock()
+        self._thread = None
+        self._due = None
+        self._loop = None  # the parent's event loop runs nothing here
+        self.handles.clear()  # the parent's callers wait on theirs, in the parent
+        # (A durable stream's calls stay whoever takes its lease's: the parent's, while it
+        # lives. No thread is started here: a fork hook also runs before a subprocess's exec.)
+        if isinstance(self.store, LocalStore):
+            self.store = LocalStore()
+            self._depth = 0
 
     def _note_loop(self) -> None:
         try:
@@ -393,12 +429,12 @@ class DeferralQueue:
             events.emit(events.DeferralDropped(self.service, "expired"))
             self._settle(item, "dropped", None, _expired(self.service, waited))
             return True
-        step = self._step
+        step, is_async = (item.step, item.is_async) if item.step else (self._step, self._is_async)
         if step is None:
             return False
         started = _clock.monotonic()
         try:
-            result = self._run(step, item)
+            result = self._run(step, item, is_async=is_async)
         except RejectedError as exc:
             # Counted from before the replay (the refusal came later, never earlier): a loop or
             # this thread that sees the refusal late must not push the next try further out.
@@ -417,10 +453,10 @@ class DeferralQueue:
         self._settle(item, "replayed", result, None)
         return True
 
-    def _run(self, step: Callable[..., Any], item: Item) -> Any:
+    def _run(self, step: Callable[..., Any], item: Item, *, is_async: bool) -> Any:
         context = contextvars.Context()
         context.run(_enter_replay, item)
-        if not self._is_async:
+        if not is_async:
             return context.run(step, item.args, item.kwargs)
         loop = self._loop
         if loop is None or loop.is_closed():
@@ -540,6 +576,16 @@ def _on_state_changed(event: events.CircuitStateChanged) -> None:
         ready = [q for (service, _), q in _queues.items() if service == event.service]
     for queue in ready:
         queue.schedule(0.0)
+
+
+def _after_fork_in_child() -> None:
+    global _queues_lock
+    _queues_lock = threading.Lock()  # another of the parent's threads may have held it
+    for queue in _queues.values():
+        queue.forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def queues() -> dict[tuple[str, str], DeferralQueue]:

@@ -619,6 +619,15 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             return
 
 
+def _wsgi_text(path: str) -> str:
+    """A PEP 3333 path (the URL's bytes, one character each) as text, as the ASGI app gets it:
+    a service named in UTF-8 is found by its name. Bytes that are no UTF-8 stay as given."""
+    try:
+        return path.encode("latin-1").decode()
+    except UnicodeError:
+        return path
+
+
 def wsgi_app(*, admin_token: str | None = None) -> WSGIApplication:
     """A WSGI app serving :func:`health`; same routes and token rules as :func:`asgi_app`."""
     handle = _Handler(admin_token)
@@ -628,7 +637,7 @@ def wsgi_app(*, admin_token: str | None = None) -> WSGIApplication:
         method = environ["REQUEST_METHOD"]
         response = handle(
             method,
-            environ.get("PATH_INFO", ""),
+            _wsgi_text(environ.get("PATH_INFO", "")),
             environ.get("HTTP_AUTHORIZATION"),
             environ.get("QUERY_STRING", ""),
         )

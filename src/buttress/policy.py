@@ -330,7 +330,7 @@ class _Bound:
         self.policy = policy
         self.fn = fn
         self.is_async = is_async
-        site = _site(fn)
+        site = _site(fn, policy)
         self.service = policy.service or registry.service_name(_qualified_name(fn))
         # The number of this call site's own state: its key (see keys()) is made when asked, a
         # string per stack costing more than this number (most stacks keep nothing under it).
@@ -1643,9 +1643,13 @@ class Policy:
         init(self, "_acall_runner", None)
 
     def __repr__(self) -> str:
+        return self._text(repr)
+
+    def _text(self, shown: Callable[[Any], str]) -> str:
+        """The policy as its repr writes it, each code argument's value written by ``shown``."""
         inner = ", ".join(
             f"{s.pattern}({s.service or ''}{', ' if s.service and s.code_args else ''}"
-            + ", ".join(f"{k}={v!r}" for k, v in s.code_args.items())
+            + ", ".join(f"{k}={shown(v)}" for k, v in s.code_args.items())
             + ")"
             for s in self.specs
         )
@@ -1716,7 +1720,10 @@ class Policy:
                 name = "_acall_runner" if is_async else "_call_runner"
                 runner = getattr(self, name)
                 if runner is None:
-                    runner = self(_target_runner(is_async=is_async))
+                    # Decorated by an equal policy, not this one: the runner would hold this
+                    # policy, which holds the runner, a cycle only a garbage collection frees (a
+                    # policy made per call would keep its state until then).
+                    runner = Policy(*self.specs)(_target_runner(is_async=is_async))
                     object.__setattr__(self, name, runner)
         return runner
 
@@ -1797,6 +1804,8 @@ def _wrap_sync(policy: Policy, fn: Callable[P, R]) -> Callable[P, R]:
             events.failed(record)
         return result
 
+    if isinstance(fn, functools.partial):
+        _name_after(wrapper, fn)
     _mark(wrapper, policy)
     return wrapper
 
@@ -1838,6 +1847,8 @@ def _wrap_async(policy: Policy, fn: Callable[P, Awaitable[R]]) -> Callable[P, Aw
             events.failed(record)
         return result
 
+    if isinstance(fn, functools.partial):
+        _name_after(wrapper, fn)
     _mark(wrapper, policy)
     return wrapper
 
@@ -1930,6 +1941,19 @@ def _bound_of(fn: object) -> _Bound | None:
     return cast("_Bound", fn.__closure__[cell].cell_contents)  # type: ignore[index] # has cells
 
 
+def _name_after(wrapper: Callable[..., Any], partial: functools.partial[Any]) -> None:
+    """Name the wrapper of a partial after the function it calls (functools.wraps finds no
+    name on a partial, and the module it finds is functools'): what a traceback, a log and
+    ``config show`` print."""
+    fn: Any = partial
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    for name in ("__module__", "__name__", "__qualname__"):
+        value = getattr(fn, name, None)
+        if isinstance(value, str):
+            setattr(wrapper, name, value)
+
+
 def _mark(wrapper: Callable[..., Any], policy: Policy) -> None:
     setattr(wrapper, _POLICY_ATTR, policy)
 
@@ -1958,15 +1982,44 @@ def _check_decoratable(fn: object) -> None:
 
 
 def _qualified_name(fn: Callable[..., Any]) -> str:
+    # A partial is named by the function it calls, not "functools.partial": the name is an
+    # unnamed stack's service, and a deferring function's queue (and durable stream).
+    while isinstance(fn, functools.partial):
+        fn = fn.func
     module = getattr(fn, "__module__", None) or "<unknown>"
     name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
     return f"{module}.{name}"
 
 
-def _site(fn: Callable[..., Any]) -> registry.Site:
+# The code of what Policy.call() and acall() decorate: one for every policy, so not a site.
+_RUNNER_CODES = frozenset(
+    c for c in _target_runner.__code__.co_consts if isinstance(c, types.CodeType)
+)
+
+
+def _site_value(value: Any) -> str:
+    """A code argument's value in a policy's site: a function as its kind only, so that a policy
+    made per call with a ``lambda`` predicate is one site each time (data is written in full:
+    two policies that give it two values are two sites)."""
+    if isinstance(value, tuple):
+        return f"({', '.join(_site_value(each) for each in value)}{',' * (len(value) == 1)})"
+    if callable(value) and not isinstance(value, type):
+        return f"<{type(value).__name__}>"
+    return repr(value)
+
+
+def _site(fn: Callable[..., Any], policy: Policy) -> registry.Site:
     """What identifies ``fn``'s call site in the registry's claims: the code of the function it
     wraps (shared by every decoration of one ``def``, so a function decorated per request never
     conflicts with itself), described only when a conflict is reported (see registry.describe);
-    a callable without code is its qualified name."""
-    code = getattr(inspect.unwrap(fn), "__code__", None)
+    a callable without code is its qualified name, and ``policy.call()``/``acall()`` the
+    policy (every policy's runner has one code: two policies that give one argument two values
+    must still conflict, and a conflict must name the policy, not buttress's runner)."""
+    code = getattr(fn, "__code__", None)
+    if code in _RUNNER_CODES:
+        return f"{policy._text(_site_value)}.{code.co_name.removeprefix('policy_')}()"
+    target = fn
+    while isinstance(target, functools.partial):  # the site of the function it calls
+        target = target.func
+    code = getattr(inspect.unwrap(target), "__code__", None)
     return code if isinstance(code, types.CodeType) else _qualified_name(fn)

@@ -33,6 +33,7 @@ __all__ = [
     "code_args",
     "describe",
     "forget",
+    "forget_gone",
     "given_name",
     "instances",
     "service_name",
@@ -105,6 +106,9 @@ _PRUNE_FROM = 16  # a list of references is pruned of dead ones from this length
 # plain references (the same object as its references in _dependents: a weakref.ref without a
 # callback is shared), pruned like the dependents.
 _everyone: list[weakref.ref[Any]] = []
+# The services whose breaker was built before a claim added a code argument to it: breaker()
+# applies them (a call site's stack does at its first call).
+_unapplied: set[str] = set()
 
 
 def shared(pattern: str, key: str, options: Any, factory: Callable[[Any], T]) -> T:
@@ -148,8 +152,11 @@ def breaker(service: str) -> CircuitBreaker:
 
     service = given_name(service)  # checked at run time for untyped callers
     existing = _instances.get(PATTERN, {}).get(service)
-    if isinstance(existing, CircuitBreaker):
+    if isinstance(existing, CircuitBreaker) and service not in _unapplied:
         return existing
+    # Built before a call site claimed code arguments for it (breaker() asked first): they
+    # apply now, not at that call site's first call.
+    _unapplied.discard(service)
     # The same options the service's call sites would resolve: settings over their code arguments.
     options = config.SNAPSHOT.service(service).options(PATTERN, code_args(PATTERN, service))
     return shared(PATTERN, service, options, functools.partial(CircuitBreaker, service))
@@ -238,6 +245,13 @@ def claim(
     key = service_name(key)
     with _lock:
         claims = _claims.get(key, ())
+        if claims and _redecorated(claims, pattern, code_args, site) and _gone(key):
+            # This site gives another value while every stack that uses the service's shared
+            # instances is gone (a helper decorating for one test, then for the next): nothing
+            # runs with the old value any more, so the new one is taken, not ignored. (Another
+            # site's value still conflicts, whether or not its stacks exist: see forget_gone.)
+            claims = _without(claims, pattern)
+            _claims[key] = claims
         added = False
         for name, value in code_args.items():
             previous = _given(claims, pattern, name)
@@ -261,6 +275,8 @@ def claim(
             if type(code_args) is not MappingProxyType:
                 code_args = MappingProxyType(dict(code_args))  # kept: nobody may change it
             _claims[key] = (*claims, pattern, site, code_args)
+            if pattern == "circuit_breaker" and key in _instances.get(pattern, {}):
+                _unapplied.add(key)
         dependents = _dependents.get(key)
         if added and dependents is not None:
             if isinstance(dependents, list):
@@ -284,6 +300,52 @@ def claim(
                     _append(dependents, ref)
             elif dependents is not ref:
                 _dependents[key] = [dependents, ref]
+
+
+def _gone(key: str) -> bool:
+    """Whether stacks used a shared instance of ``key`` (of any pattern: one entry per service)
+    and none of them exists any more (a claim made without a dependent, as a test of the
+    registry makes, never goes)."""
+    refs = _dependents.get(key)
+    if refs is None:
+        return False
+    if isinstance(refs, list):
+        return all(ref() is None for ref in refs)
+    return refs() is None
+
+
+def _redecorated(
+    claims: tuple[Any, ...], pattern: str, code_args: Mapping[str, Any], site: Site
+) -> bool:
+    """Whether ``site`` gives an argument of ``pattern`` another value than it gave before.
+
+    Only a value of data (a number, a text, classes) counts: a function made anew at each
+    decoration (a ``lambda`` predicate of a function decorated per request) is not another
+    value, or each request would reconfigure the shared instance.
+    """
+    for name, value in code_args.items():
+        previous = _given(claims, pattern, name)
+        # (Described only on a new value: a site decorated per request gives the same one.)
+        if previous is not None and previous[0] != value:
+            return _data(previous[0]) and _data(value) and describe(previous[1]) == describe(site)
+    return False
+
+
+def _data(value: object) -> bool:
+    """Whether ``value`` is data (compared by what it holds), not a function or an object."""
+    if isinstance(value, tuple):
+        return all(_data(each) for each in value)
+    return value is None or isinstance(value, (int, float, str, type))
+
+
+def _without(claims: tuple[Any, ...], pattern: str) -> tuple[Any, ...]:
+    """``claims`` without those of ``pattern``."""
+    return tuple(
+        part
+        for at in range(0, len(claims), 3)
+        if claims[at] != pattern
+        for part in claims[at : at + 3]
+    )
 
 
 def code_args(pattern: str, key: str) -> dict[str, Any]:
@@ -319,7 +381,20 @@ def clear() -> None:
         _instances.clear()
         _options.clear()
         _usual.clear()
+        _unapplied.clear()
         _invalidate_everyone()
+
+
+def forget_gone() -> None:
+    """Forget the code arguments of every instance whose claiming stacks are all gone.
+
+    Between tests (``buttress.testing.reset``): a test's own decorated functions are gone once it
+    ends, and the next test may give the same service other values at another site. The claims
+    of functions that still exist (the code under test, decorated at import) stay.
+    """
+    with _lock:
+        for key in [key for key in _claims if _gone(key)]:
+            del _claims[key]
 
 
 def clear_claims() -> None:

@@ -255,8 +255,9 @@ def force_circuit_state(service: str, state: str) -> None:
 
 
 def reset() -> None:
-    """Forget every built breaker, bulkhead and rate limiter, the fallbacks health remembers, and
-    the queues of deferred calls.
+    """Forget every built breaker, bulkhead and rate limiter, the fallbacks health remembers, the
+    queues of deferred calls, and the code arguments of decorated functions that no longer exist
+    (a test's own: the next test may give the same service other values).
 
     The next call of each decorated function builds fresh instances from the current settings:
     a clean start between tests without re-importing the code under test.
@@ -265,5 +266,6 @@ def reset() -> None:
     from buttress.health_app import reset as forget_fallbacks  # noqa: PLC0415
 
     registry.clear()
+    registry.forget_gone()  # the code arguments of functions that no longer exist
     forget_fallbacks()
     _deferral.clear()

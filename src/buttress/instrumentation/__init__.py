@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging as _stdlib_logging
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,8 +40,23 @@ _max_services: int | None = DEFAULT_MAX_SERVICES
 
 
 def install_defaults() -> None:
-    """Switch on the three default subscribers, and health's tracking of fallbacks (idempotent)."""
-    configure(prometheus=True, otel=True, logging=True)
+    """Switch on the three default subscribers, and health's tracking of fallbacks (idempotent).
+
+    When the default registry already has a metric of one of buttress's names (the
+    application's own), the Prometheus subscriber stays off with a warning that says so:
+    ``import buttress`` calls this, and must not fail for it.
+    """
+    try:
+        configure(prometheus=True)
+    except ValueError as exc:  # prometheus_client's DuplicateTimeseries
+        warnings.warn(
+            f"buttress's Prometheus metrics are off: {exc}. Give buttress a registry of its own "
+            "(buttress.instrumentation.configure(prometheus=CollectorRegistry())) or rename "
+            "the application's metric.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    configure(otel=True, logging=True)
     _track_fallbacks(on=True)
 
 
@@ -126,14 +142,16 @@ def installed() -> dict[str, object]:
 
 def _switch(name: str, target: Any, build: Callable[[Any], Any]) -> None:
     current = _installed.get(name)
+    if current is not None and current[0] is target:
+        return
+    # Built first: a target it cannot be built for (a registry that already has one of its
+    # metric names) leaves the subscriber that was on as it was.
+    subscriber = None if target is None else build(target)
     if current is not None:
-        if current[0] is target:
-            return
         current[1]()
         del _installed[name]
-    if target is None:
+    if subscriber is None:
         return
-    subscriber = build(target)
     binders = subscriber.binders() if hasattr(subscriber, "binders") else {}
     handlers = subscriber.handlers()
     undos = [

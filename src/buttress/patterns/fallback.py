@@ -286,9 +286,13 @@ class DeferringFallback(FallbackStrategy):
     ) -> None:
         super().__init__(service, options, mode)
         self.queue = queue
+        # The driver's step inside this fallback (what a replay of its calls runs), once linked.
+        self.step: Callable[..., Any] | None = None
+        self.is_async = False
 
     def replay_through(self, step: Callable[..., Any], *, is_async: bool) -> None:
         """The driver's step inside this fallback: what a replay runs."""
+        self.step, self.is_async = step, is_async
         self.queue.link(step, is_async=is_async)
 
     def recover(self, failure: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Effect:
@@ -297,7 +301,7 @@ class DeferringFallback(FallbackStrategy):
             if self._shadow:
                 events.emit(events.ShadowDecision(self.service, PATTERN, "deferred"))
                 raise failure
-            handle = self.queue.put(args, kwargs, failure)
+            handle = self.queue.put(args, kwargs, failure, self.step, is_async=self.is_async)
             if handle is not None:
                 _context.answered("deferred")
                 return Return(handle)

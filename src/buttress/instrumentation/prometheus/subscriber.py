@@ -15,8 +15,11 @@ hook).
 
 from __future__ import annotations
 
+import functools
 import itertools
+import os
 import threading
+import weakref
 from bisect import bisect_left
 from collections.abc import Callable
 from threading import get_ident
@@ -153,14 +156,24 @@ class PrometheusSubscriber:
         self._other: dict[str, Any] = {}
         self._other_called = False  # whether ``services`` holds one of them (one is enough)
         if self.multiprocess:
+            # A forked worker (what multiprocess mode is for) has no copy of the parent's watcher
+            # thread: it starts its own when one of its circuits opens.
+            reset = weakref.WeakMethod(self._forked)
+            os.register_at_fork(after_in_child=functools.partial(_call, reset))
             # An unlabelled gauge shows 0 from the moment it exists in a file, and 0 would read
             # "kill switch off": that one is created when first written.
             self._registry = registry
-            self.metrics = {
-                family.name: create(family, registry)
-                for family in CATALOG
-                if family.name != KILL_SWITCH
-            }
+            try:
+                for family in CATALOG:
+                    if family.name != KILL_SWITCH:
+                        self.metrics[family.name] = create(family, registry)
+            except ValueError:
+                # A name the registry already has (DuplicateTimeseries): leave it as it was, so
+                # nothing of this subscriber is half there.
+                if registry is not None:
+                    for metric in self.metrics.values():
+                        registry.unregister(metric)
+                raise
             self._inc = {
                 f.name: children(self.metrics[f.name], "inc", f, self.service_labels)
                 for f in CATALOG
@@ -866,6 +879,11 @@ class PrometheusSubscriber:
     # A daemon thread, alive only while a circuit of this process is open, writes ``half_open``
     # (ready to probe) when the open time runs out, as the breaker's own snapshot then reads.
 
+    def _forked(self) -> None:
+        self._lock = threading.Lock()  # another of the parent's threads may have held it
+        self._wake = threading.Event()
+        self._watcher = None
+
     def _watch(self, service: str) -> None:
         # The caller holds self._lock.
         self._open[service] = next(self._open_writes)
@@ -969,3 +987,10 @@ _WATCH_SLICE_SECONDS = 0.25
 # A circuit that is down until it closes again, and the states that end that (recovery time).
 _DOWN_STATES = frozenset({"open", "forced_open", "half_open"})
 _UP_STATES = frozenset({"closed", "forced_closed", "disabled"})
+
+
+def _call(method: weakref.WeakMethod[Callable[[], None]]) -> None:
+    """Call ``method`` if its object still exists (a fork hook that must not keep it alive)."""
+    bound = method()
+    if bound is not None:
+        bound()
