@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import asyncio
 import importlib
 import inspect
 
@@ -207,6 +208,29 @@ def test_generator_functions_are_refused():
     for fn in (gen, agen):
         with pytest.raises(TypeError, match="generator function"):
             retry_with_backoff()(fn)
+
+
+def test_policy_call_refuses_generator_functions_before_running_anything():
+    """As the decorators refuse them: a generator's body would run after the call returned."""
+    policy = Policy(Spec("circuit_breaker", "gen-call"), Spec("retry", "gen-call"))
+
+    class Feed:
+        def items(self):
+            yield 1
+
+    def gen():
+        yield 1
+
+    async def agen():
+        yield 1
+
+    with capture_events() as seen:
+        for fn in (gen, Feed().items, agen):
+            with pytest.raises(TypeError, match="generator function"):
+                policy.call(fn)
+        with pytest.raises(TypeError, match="generator function"):
+            asyncio.run(policy.acall(agen))  # type: ignore[arg-type]
+    assert list(seen) == []  # refused before the stack ran: no call recorded
 
 
 def test_classes_and_non_callables_are_refused():

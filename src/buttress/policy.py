@@ -1698,6 +1698,7 @@ class Policy:
         """Run ``fn(*args, **kwargs)`` through the policy (``fn`` must be a ``def`` function)."""
         if _is_async(fn):
             raise TypeError("Policy.call() runs def functions; use `await policy.acall(...)`")
+        _refuse_generator(fn)
         token = _call_target.set(fn)
         try:
             return cast("T", self._runner(is_async=False)(*args, **kwargs))
@@ -1706,6 +1707,7 @@ class Policy:
 
     async def acall(self, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T:
         """Run ``await fn(*args, **kwargs)`` through the policy."""
+        _refuse_generator(fn)
         token = _call_target.set(fn)
         try:
             return cast("T", await self._runner(is_async=True)(*args, **kwargs))
@@ -1974,11 +1976,27 @@ def _check_decoratable(fn: object) -> None:
         raise TypeError(f"buttress decorates callables, got {type(fn).__name__}: {fn!r}")
     call = type(fn).__call__  # a callable object's generator __call__ counts too
     if any(inspect.isgeneratorfunction(f) or inspect.isasyncgenfunction(f) for f in (fn, call)):
-        raise TypeError(
-            f"{_qualified_name(fn)} is a generator function: its body runs while the caller "
-            "iterates, after the protected call has returned, so no pattern could cover it. "
-            "Decorate a function that returns the collected results instead."
-        )
+        raise _generator_error(fn)
+
+
+def _generator_error(fn: Callable[..., Any]) -> TypeError:
+    return TypeError(
+        f"{_qualified_name(fn)} is a generator function: its body runs while the caller "
+        "iterates, after the protected call has returned, so no pattern could cover it. "
+        "Protect a function that returns the collected results instead."
+    )
+
+
+_GENERATOR_FLAGS = inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR
+
+
+def _refuse_generator(fn: Callable[..., Any]) -> None:
+    """What a decorator refuses, for ``Policy.call()``/``acall()``, which run per call: read from
+    the code of a function or method only (one attribute; inspect's checks of every callable
+    would cost a call half again)."""
+    code = getattr(fn, "__code__", None)
+    if code is not None and code.co_flags & _GENERATOR_FLAGS:
+        raise _generator_error(fn)
 
 
 def _qualified_name(fn: Callable[..., Any]) -> str:
