@@ -434,6 +434,19 @@ def test_the_token_can_come_from_the_environment(app_kind, monkeypatch, clock):
     assert breaker("openfga").snapshot()["state"] == "forced_open"
 
 
+def test_the_token_variable_is_read_in_any_case_as_the_settings_read_it(
+    app_kind, monkeypatch, clock
+):
+    # The settings take buttress_admin_token for BUTTRESS_ADMIN_TOKEN (no "unknown key" error):
+    # the app ran without admin routes instead, and an operator's force_open answered 404.
+    tripped("openfga")
+    monkeypatch.delenv("BUTTRESS_ADMIN_TOKEN", raising=False)
+    monkeypatch.setenv("buttress_admin_token", TOKEN)
+    client = Client(app_kind)
+    assert client.request("POST", "/circuits/openfga/force_open", TOKEN).status_code == 200
+    assert breaker("openfga").snapshot()["state"] == "forced_open"
+
+
 def test_a_short_token_is_a_configuration_error(app_kind):
     with pytest.raises(ConfigurationError, match="at least 16 characters"):
         Client(app_kind, admin_token="short")

@@ -55,6 +55,7 @@ from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 from buttress import _clock, _deferral, config, events, registry
 from buttress._values import redact_text
+from buttress.config._sources import variable_value
 from buttress.events import CacheServedStale, DeferralQueued, FallbackUsed
 from buttress.exceptions import ConfigurationError
 from buttress.patterns.timeout import WorkerPoolSnapshot, worker_pool_snapshot
@@ -401,7 +402,12 @@ def _ttl(query: str) -> float | str | None:
 
 
 def _admin_token(admin_token: str | None) -> bytes | None:
-    token = os.environ.get(config.ADMIN_TOKEN_VARIABLE, "") if admin_token is None else admin_token
+    if admin_token is None:
+        # Any case, as the settings read every variable: they accept buttress_admin_token as
+        # this one, so the app must not then run without the token it names.
+        token = variable_value(os.environ, config.ADMIN_TOKEN_VARIABLE) or ""
+    else:
+        token = admin_token
     if not token:
         return None
     if len(token) < MIN_TOKEN_LENGTH:

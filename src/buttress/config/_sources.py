@@ -183,14 +183,34 @@ def _merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def is_variable(name: str, variable: str) -> bool:
+    """Whether the environment variable ``name`` is ``variable`` (an ASCII name), in any case.
+
+    Only ASCII letters fold: ``str.upper()`` also turns ``ß`` into ``SS`` and the long s
+    (U+017F) into ``S``, so a name no one meant as ours would be taken for it.
+    """
+    return name.isascii() and name.upper() == variable
+
+
+def variable_value(environ: Mapping[str, str], variable: str) -> str | None:
+    """The value of ``variable`` in ``environ``, whatever case its name is spelled in."""
+    return next((v for k, v in environ.items() if is_variable(k, variable)), None)
+
+
 def _env_parts(name: str) -> tuple[str, ...] | None:
-    upper = name.upper()
-    if upper in KILL_SWITCH_VARIABLES:
-        return ("enabled",)
-    if upper == CHAOS_VARIABLE:
-        return ("chaos_enabled",)
-    if upper.startswith(ENV_PREFIX) and upper not in OTHER_VARIABLES:
-        return tuple(upper[len(ENV_PREFIX) :].lower().split("__"))
+    if name.isascii():
+        upper = name.upper()
+        if upper in KILL_SWITCH_VARIABLES:
+            return ("enabled",)
+        if upper == CHAOS_VARIABLE:
+            return ("chaos_enabled",)
+        if upper in OTHER_VARIABLES:
+            return None
+    if is_variable(name[: len(ENV_PREFIX)], ENV_PREFIX):
+        # The name as given, lower-cased as registry.service_name lowers a name in code:
+        # upper-casing it first made BUTTRESS_SERVICES__STRAßE__... the service 'strasse',
+        # which no call site of @resilient("Straße") (service 'straße') is.
+        return tuple(name[len(ENV_PREFIX) :].lower().split("__"))
     return None
 
 
@@ -208,7 +228,7 @@ def _read_env(
         if parts is None:
             continue
         label = f"env {name}"
-        if parts == ("chaos_enabled",) and name.upper() != CHAOS_VARIABLE:
+        if parts == ("chaos_enabled",) and not is_variable(name, CHAOS_VARIABLE):
             problems.append(Problem("chaos_enabled", label, _CHAOS_ARMING))
             continue
         verdict = _classify(parts)
@@ -396,7 +416,7 @@ def load_settings(
 
 def _watch_interval(environ: Mapping[str, str], problems: list[Problem]) -> float:
     """Seconds between two looks at the config file: ``BUTTRESS_CONFIG_WATCH_INTERVAL``, 0 = off."""
-    raw = next((v for k, v in environ.items() if k.upper() == WATCH_INTERVAL_VARIABLE), None)
+    raw = variable_value(environ, WATCH_INTERVAL_VARIABLE)
     if raw is None or not raw.strip():
         return DEFAULT_WATCH_INTERVAL
     low, high = WATCH_INTERVAL_BOUNDS
@@ -423,7 +443,9 @@ def locate_file(
     """The config file to read (``None``: none), and what named it."""
     if config_file is not None:
         return os.fspath(config_file), "argument config_file"
-    named = next((v for k, v in environ.items() if k.upper() == CONFIG_FILE_VARIABLE and v), None)
+    named = next(
+        (v for k, v in environ.items() if is_variable(k, CONFIG_FILE_VARIABLE) and v), None
+    )
     return named, f"env {CONFIG_FILE_VARIABLE}"
 
 
