@@ -32,6 +32,7 @@ from buttress.config._models import (
     SECTIONS,
     WATCH_INTERVAL_BOUNDS,
     WATCH_INTERVAL_VARIABLE,
+    ServiceSettings,
     Settings,
     explicit,
     merge_options,
@@ -54,6 +55,8 @@ class _Key(NamedTuple):
     kind: Literal["value", "section", "bad"]
     depth: int = 0  # index of the offending part when bad
     message: str = ""
+    table: type[BaseModel] | None = None  # a value that may also be this model's table
+    annotation: Any = None  # a value's type
 
 
 def _unknown(name: str, known: Iterator[str] | tuple[str, ...] | list[str]) -> str:
@@ -67,7 +70,11 @@ def _classify(parts: tuple[str, ...]) -> _Key:
     """What the key path ``parts`` names in the settings document, or why it names nothing."""
     top = parts[0]
     if top in ("enabled", "chaos_enabled"):
-        return _Key("value") if len(parts) == 1 else _Key("bad", 1, f"{top!r} is a value")
+        return (
+            _Key("value", annotation=bool)
+            if len(parts) == 1
+            else _Key("bad", 1, f"{top!r} is a value")
+        )
     if top not in ("defaults", "services"):
         return _Key("bad", 0, _unknown(top, ["enabled", "defaults", "services"]))
     offset = 1
@@ -82,7 +89,9 @@ def _classify(parts: tuple[str, ...]) -> _Key:
         return _Key("section")
     head = rest[0]
     if head in FLAGS:
-        return _Key("value") if len(rest) == 1 else _Key("bad", offset + 1, f"{head!r} is a value")
+        if len(rest) > 1:
+            return _Key("bad", offset + 1, f"{head!r} is a value")
+        return _Key("value", annotation=ServiceSettings.model_fields[head].annotation)
     if head not in PATTERNS:
         return _Key("bad", offset, _unknown(head, [*FLAGS, *PATTERNS]))
     if len(rest) == 1:
@@ -105,14 +114,16 @@ def _classify(parts: tuple[str, ...]) -> _Key:
     if nested is None:
         if len(rest) > 2:
             return _Key("bad", offset + 2, f"{option!r} is a value")
-        return _Key("value")
+        return _Key("value", annotation=annotation)
     if len(rest) == 2:
-        return _Key("section") if nested is annotation else _Key("value")
+        if nested is annotation:
+            return _Key("section")
+        return _Key("value", table=nested, annotation=annotation)
     if rest[2] not in nested.model_fields:
         return _Key("bad", offset + 2, _unknown(rest[2], list(nested.model_fields)))
     if len(rest) > 3:
         return _Key("bad", offset + 3, f"{rest[2]!r} is a value")
-    return _Key("value")
+    return _Key("value", annotation=nested.model_fields[rest[2]].annotation)
 
 
 def _nested_model(annotation: Any) -> type[BaseModel] | None:
@@ -123,26 +134,49 @@ def _nested_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _admits(annotation: Any, kinds: tuple[type, ...]) -> bool:
+    """Whether a value of one of ``kinds`` is among the types ``annotation`` names."""
+    if annotation in kinds:
+        return True
+    return any(_admits(arg, kinds) for arg in typing.get_args(annotation))
+
+
 def _check_tree(
     tree: Mapping[str, Any],
     label_of: Callable[[tuple[str, ...]], str],
     problems: list[Problem],
     path: tuple[str, ...] = (),
 ) -> None:
-    """Report every key of ``tree`` (at any depth) that the settings models do not know."""
+    """Report every key of ``tree`` (at any depth) that the settings models do not know, and
+    a boolean given for a number."""
     for key, value in tree.items():
         here = (*path, str(key))
         verdict = _classify(here)
         if verdict.kind == "bad":
             problems.append(Problem(".".join(here), label_of(here), verdict.message))
-        elif verdict.kind == "section" and isinstance(value, Mapping):
+        elif (
+            isinstance(value, bool)
+            and _admits(verdict.annotation, (int, float))
+            and not _admits(verdict.annotation, (bool,))
+        ):
+            # pydantic's lax mode reads true as 1: `fail_max = true` in a file (or a JSON
+            # value) opened the circuit at the first failure. Text stays text ("true" is no
+            # number), so only a file's or a JSON value's own booleans get here.
+            problems.append(
+                Problem(
+                    ".".join(here), label_of(here), f"expected a number, not a boolean{_got(value)}"
+                )
+            )
+        elif (verdict.kind == "section" or verdict.table) and isinstance(value, Mapping):
             _check_tree(value, label_of, problems, here)
 
 
 def _leaves(tree: Mapping[str, Any], path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
     for key, value in tree.items():
         here = (*path, str(key))
-        if isinstance(value, Mapping) and value and _classify(here).kind == "section":
+        verdict = _classify(here)
+        # A value given as a table (fallback.defer) has leaves too: its keys' own sources.
+        if isinstance(value, Mapping) and value and (verdict.kind == "section" or verdict.table):
             yield from _leaves(value, here)
         else:
             yield here
@@ -239,8 +273,9 @@ def _read_env(
             )
             continue
         parsed: Any = value  # a value stays the string it is; the models convert it
-        if verdict.kind == "section":
-            # A variable that names a whole section holds it as a JSON object.
+        if verdict.kind == "section" or (verdict.table and value.lstrip().startswith("{")):
+            # A variable that names a whole section holds it as a JSON object, and so may one
+            # for a value that is true/false or a table (fallback.defer).
             parsed = _json_object(value)
             if parsed is None:
                 problems.append(
@@ -397,12 +432,16 @@ def load_settings(
         settings = Settings(**merged)
     except ValidationError as exc:
         for error in exc.errors():
-            path = ".".join(str(part) for part in error["loc"])
+            loc = _key_of(error)
+            if loc is None:
+                continue
+            path = ".".join(loc)
             if path in reported:
                 continue
-            problems.append(
-                Problem(path, _source_of_loc(error["loc"], sources), error_message(error, path))
-            )
+            # One problem per key: a value refused by each type of a union (hedging.delay, a
+            # number or a percentile) is reported by the first, the one its own type tried.
+            reported.add(path)
+            problems.append(Problem(path, _source_of_loc(loc, sources), error_message(error, path)))
     if settings is not None:
         problems.extend(_check_sections(settings, sources))
     if problems:
@@ -447,6 +486,33 @@ def locate_file(
         (v for k, v in environ.items() if is_variable(k, CONFIG_FILE_VARIABLE) and v), None
     )
     return named, f"env {CONFIG_FILE_VARIABLE}"
+
+
+def _key_of(error: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The key path of a validation error, or ``None`` for an error no one needs to read.
+
+    pydantic puts the member of a union that refused a value after the value's key
+    (``hedging.delay.constrained-float``, ``fallback.defer.DeferOptions.max_items``): no key a
+    user could write, so it is dropped. A value that may be a table (``fallback.defer``: true,
+    or its options) is refused by each member: only the refusals of the kind given are kept
+    (a table's keys; else the scalar's), not "should be a valid boolean" for a table.
+    """
+    parts = tuple(str(part) for part in error["loc"])
+    for end in range(1, len(parts) + 1):
+        verdict = _classify(parts[:end])
+        if verdict.kind != "value":
+            continue
+        key, member = parts[:end], parts[end : end + 1]
+        if verdict.table is None or not member:
+            return key
+        given_table = isinstance(error.get("input"), Mapping)
+        if member[0] == verdict.table.__name__:
+            inner = parts[end + 1 : end + 2]
+            if not inner:  # the value itself refused as a table
+                return key if given_table else None
+            return (*key, *inner)
+        return None if given_table else key
+    return parts
 
 
 def _source_of_loc(loc: tuple[int | str, ...], sources: Mapping[tuple[str, ...], str]) -> str:
@@ -502,8 +568,13 @@ def _check_sections(settings: Settings, sources: Mapping[tuple[str, ...], str]) 
                 keys += [(*prefix, pattern, f) for f in own]
                 labels = sorted({sources[key] for key in keys if key in sources})
                 source = ", ".join(labels) if labels else f"preset {preset}"
+                seen: set[str] = set()
                 for error in exc.errors():
-                    path = ".".join((*prefix, pattern, *(str(part) for part in error["loc"])))
+                    loc = _key_of({**error, "loc": (*prefix, pattern, *error["loc"])})
+                    if loc is None or ".".join(loc) in seen:
+                        continue  # one problem per key, as in load_settings
+                    path = ".".join(loc)
+                    seen.add(path)
                     problems.append(Problem(path, source, error_message(error, path)))
     return problems
 
