@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from buttress import CircuitOpenError, circuit_breaker, config, reload_settings
+from buttress import CircuitOpenError, ConfigurationError, circuit_breaker, config, reload_settings
 from buttress.config._sources import is_variable
 
 
@@ -82,3 +82,44 @@ def test_a_name_that_only_folds_into_the_prefix_is_not_ours(apply, name):
 )
 def test_a_variable_is_ours_in_any_ascii_case_only(name, ours):
     assert is_variable(name, "BUTTRESS_CONFIG_FILE") is ours
+
+
+@pytest.mark.parametrize(
+    ("env", "path"),
+    [
+        # A POSIX environment may hold one variable in two spellings: it was a ValueError from
+        # deep inside the loader (the kill switches' rule looked the name up in their list).
+        (
+            {"FF_ENABLE_CHAOS_INJECTION": "true", "ff_enable_chaos_injection": "false"},
+            "chaos_enabled",
+        ),
+        (
+            {"BUTTRESS_SERVICES__X__SEED": "1", "buttress_services__x__seed": "2"},
+            "services.x.seed",
+        ),
+        (
+            {"FF_ENABLE_RESILIENCE_PATTERNS": "true", "ff_enable_resilience_patterns": "no"},
+            "enabled",
+        ),
+    ],
+)
+def test_one_variable_in_two_spellings_with_two_values_is_a_settings_error(env, path):
+    with pytest.raises(ConfigurationError) as info:
+        config.load_settings(env=env)
+    [(found, source, message)] = info.value.errors
+    assert found == path
+    assert source == "env {}, env {}".format(*sorted(env))
+    assert message == "set twice with different values (variable names are case-insensitive)"
+
+
+def test_one_variable_in_two_spellings_that_agree_is_fine():
+    settings = config.load_settings(
+        env={
+            "BUTTRESS_SERVICES__X__SEED": "7",
+            "buttress_services__x__seed": "7",
+            "FF_ENABLE_CHAOS_INJECTION": "true",
+            "ff_enable_chaos_injection": "yes",
+        }
+    )
+    assert settings.services["x"].seed == 7
+    assert settings.chaos_enabled is True

@@ -284,16 +284,20 @@ def _read_env(
                 continue
         other = variables.get(parts)
         if other is not None:
-            # Only the two kill switches name the same key; the FF_ variable is the one in force.
-            first, second = sorted(
-                (other, name), key=lambda n: KILL_SWITCH_VARIABLES.index(n.upper())
-            )
-            if truth(environ[first]) != truth(environ[second]):
-                problems.append(
-                    Problem("enabled", f"env {first}, env {second}", "the kill switches disagree")
+            # Two variables for one key: the two kill switches, or one variable spelled in two
+            # cases (the environment of a POSIX process may hold both). One is in force, the
+            # FF_ kill switch first; they must not say different things.
+            first, second = sorted((other, name), key=_precedence)
+            if _disagree(parts, environ[first], environ[second]):
+                message = (
+                    "the kill switches disagree"
+                    if first.upper() != second.upper()
+                    else "set twice with different values (variable names are case-insensitive)"
                 )
-            variables[parts] = first
-            values[parts] = environ[first]
+                problems.append(Problem(".".join(parts), f"env {first}, env {second}", message))
+            if first == name:
+                variables[parts] = name
+                values[parts] = parsed
             continue
         variables[parts] = name
         values[parts] = parsed
@@ -316,6 +320,20 @@ def _read_env(
 
     _check_tree(raw, label_of, problems)
     return raw, {leaf: label_of(leaf) for leaf in _leaves(raw)}
+
+
+def _precedence(name: str) -> tuple[int, str]:
+    """Which of two variables for one key is in force: the FF_ kill switch, then by name."""
+    upper = name.upper()
+    rank = KILL_SWITCH_VARIABLES.index(upper) if upper in KILL_SWITCH_VARIABLES else 0
+    return rank, name
+
+
+def _disagree(parts: tuple[str, ...], one: str, other: str) -> bool:
+    """Whether two values for the key ``parts`` differ (switches by their truth)."""
+    if parts in (("enabled",), ("chaos_enabled",)):
+        return truth(one) != truth(other)
+    return one != other
 
 
 def _other_variable_hint(top: str) -> str | None:
