@@ -423,6 +423,28 @@ def test_admin_overrides_take_a_ttl_and_end_by_themselves(app_kind, clock):
     assert breaker("openfga").snapshot()["state"] == "disabled"  # a refused action did nothing
 
 
+@pytest.mark.parametrize(
+    ("action", "query"),
+    [
+        # Each was an override for ever: the query was read for ttl alone, a blank value dropped.
+        ("force_open", "ttl="),  # a script's unset variable: ?ttl=$TTL
+        ("force_open", "TTL=30"),
+        ("force_closed", "tll=30"),
+        ("disable", "ttl=30&force=1"),
+        ("reset", "ttl=30"),  # reset ends overrides; it has none of its own to time
+    ],
+)
+def test_an_admin_query_other_than_a_ttl_is_refused_and_changes_nothing(
+    app_kind, clock, action, query
+):
+    tripped("openfga")
+    client = Client(app_kind, admin_token=TOKEN)
+    response = client.request("POST", f"/circuits/openfga/{action}?{query}", TOKEN)
+    assert response.status_code == 400
+    assert response.json()["error"]
+    assert breaker("openfga").snapshot()["state"] == "open"
+
+
 def test_the_token_can_come_from_the_environment(app_kind, monkeypatch, clock):
     tripped("openfga")
     monkeypatch.setenv("BUTTRESS_ADMIN_TOKEN", TOKEN)

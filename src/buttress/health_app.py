@@ -388,8 +388,16 @@ def _json(status: int, body: object, *extra: tuple[str, str]) -> Response:
 
 
 def _ttl(query: str) -> float | str | None:
-    """``ttl`` of an admin action's query string: seconds, None when absent, or the error."""
-    values = urllib.parse.parse_qs(query).get("ttl")
+    """``ttl`` of an admin action's query string: seconds, None when absent, or the error.
+
+    Anything else in the query is an error too: an override without its ttl is for ever, so
+    ``?ttl=`` (a script's unset variable) or ``?TTL=30`` (a typo) must not become one.
+    """
+    parsed = urllib.parse.parse_qs(query, keep_blank_values=True)
+    unknown = sorted(set(parsed) - {"ttl"})
+    if unknown:
+        return f"unknown query parameter {unknown[0]!r}: only ttl=<seconds> is understood"
+    values = parsed.get("ttl")
     if not values:
         return None
     try:
@@ -472,9 +480,11 @@ class _Handler:
         breaker = _find_breaker(key)
         if breaker is None:
             return _json(404, {"error": f"no circuit for service {key!r}"})
-        ttl = _ttl(query) if action in TIMED_ACTIONS else None
+        ttl = _ttl(query)
         if isinstance(ttl, str):
             return _json(400, {"error": ttl})
+        if ttl is not None and action not in TIMED_ACTIONS:
+            return _json(400, {"error": f"{action} takes no ttl: it ends no override of its own"})
         if ttl is None:
             getattr(breaker, ADMIN_ACTIONS[action])()
         else:
