@@ -124,3 +124,49 @@ def test_booleans_stay_welcome_where_a_boolean_is_meant(tmp_path: Path) -> None:
         "[services.x.hedging]\nidempotent = true\n"
     )
     assert problems(tmp_path, toml) == []
+
+
+def yaml_problems(tmp_path: Path, text: str) -> list[tuple[str, str, str]]:
+    file = tmp_path / "buttress.yaml"
+    file.write_text(text)
+    try:
+        config.load_settings(env={}, config_file=file)
+    except ConfigurationError as exc:
+        return [tuple(error) for error in exc.errors]  # type: ignore[misc]
+    return []
+
+
+def test_a_yaml_key_given_twice_is_refused_as_toml_refuses_it(tmp_path: Path) -> None:
+    # PyYAML kept the last one: the first circuit_breaker section was lost without a word.
+    text = (
+        "services:\n  billing:\n    circuit_breaker:\n      fail_max: 3\n"
+        "    circuit_breaker:\n      timeout: 10\n"
+    )
+    [(path, _, message)] = yaml_problems(tmp_path, text)
+    assert path == "config_file"
+    assert "key 'circuit_breaker' is given twice" in message
+    assert "line 5" in message
+
+
+def test_a_yaml_merge_key_may_still_be_overridden(tmp_path: Path) -> None:
+    file = tmp_path / "buttress.yaml"
+    file.write_text(
+        "services:\n  b:\n    circuit_breaker: &shared\n      fail_max: 1\n      timeout: 7\n"
+        "  c:\n    circuit_breaker:\n      <<: *shared\n      fail_max: 3\n"
+    )
+    breaker = config.load_settings(env={}, config_file=file).services["c"].circuit_breaker
+    assert (breaker.fail_max, breaker.timeout) == (3, 7.0)
+
+
+def test_a_yaml_unhashable_key_is_still_a_parse_error(tmp_path: Path) -> None:
+    [(path, _, message)] = yaml_problems(tmp_path, "services:\n  ? [a, b]\n  : 1\n")
+    assert path == "config_file"
+    assert "unhashable" in message
+
+
+def test_a_directory_named_as_the_file_is_said_to_be_one(tmp_path: Path) -> None:
+    folder = tmp_path / "buttress.toml"
+    folder.mkdir()
+    with pytest.raises(ConfigurationError) as info:
+        config.load_settings(env={}, config_file=folder)
+    assert info.value.errors[0][2] == f"{folder}: a directory, not a file"

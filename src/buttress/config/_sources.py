@@ -14,7 +14,7 @@ import json
 import os
 import tomllib
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final, Literal, NamedTuple
 
@@ -382,7 +382,8 @@ def read_file(
         )
         return {}, {}
     if not path.is_file():
-        problems.append(Problem("config_file", path_source, f"{path}: no such file"))
+        what = "a directory, not a file" if path.is_dir() else "no such file"
+        problems.append(Problem("config_file", path_source, f"{path}: {what}"))
         return {}, {}
     raw: object
     try:
@@ -414,9 +415,36 @@ def _read_yaml(path: Path) -> object:
         raise ValueError("YAML files need PyYAML: pip install 'buttress[yaml]'") from None
     try:
         # YamlConfigSettingsSource would turn an empty or non-mapping document into {} silently.
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        loader = _unique_keys_loader(yaml)  # a SafeLoader: no tag builds an object
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=loader) or {}  # noqa: S506
     except yaml.YAMLError as exc:
         raise ValueError(str(exc)) from None
+
+
+def _unique_keys_loader(yaml: Any) -> Any:
+    """PyYAML's safe loader, refusing a key given twice in one mapping.
+
+    PyYAML keeps the last one silently: a service's ``circuit_breaker:`` written twice lost the
+    first section, where TOML refuses the file.
+    """
+
+    class UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc]
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[object] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *defaults`: the keys written after it override it, rightly
+                key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key, Hashable):
+                    break  # refused below as PyYAML refuses it ("found unhashable key")
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def load_settings(
