@@ -469,6 +469,52 @@ def test_the_token_variable_is_read_in_any_case_as_the_settings_read_it(
     assert breaker("openfga").snapshot()["state"] == "forced_open"
 
 
+def test_a_token_outside_ascii_matches_when_sent_in_utf8(app_kind, clock):
+    # The header arrives as latin-1 text; it was encoded again as UTF-8, so the right token
+    # (sent as UTF-8 bytes) never matched.
+    token = "clé-très-secrète-ünd-lang"
+    tripped("openfga")
+    app = asgi_app(admin_token=token) if app_kind == "asgi" else wsgi_app(admin_token=token)
+    sent = f"Bearer {token}".encode()
+    status, _ = _raw_post(app_kind, app, "/circuits/openfga/force_open", sent)
+    assert status == 200
+    assert breaker("openfga").snapshot()["state"] == "forced_open"
+    status, _ = _raw_post(app_kind, app, "/circuits/openfga/reset", b"Bearer cl\xe9-wrong")
+    assert status == 401
+
+
+def _raw_post(kind, app, path, authorization: bytes):
+    """POST with the Authorization header's exact bytes (httpx would refuse non-ASCII text)."""
+    if kind == "wsgi":
+        got: list[str] = []
+        environ = {
+            "REQUEST_METHOD": "POST",
+            "PATH_INFO": path,
+            "QUERY_STRING": "",
+            "HTTP_AUTHORIZATION": authorization.decode("latin-1"),
+        }
+        body = b"".join(app(environ, lambda status, headers: got.append(status)))
+        return int(got[0].split()[0]), body
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"authorization", authorization)],
+    }
+    asyncio.run(app(scope, receive, send))
+    return sent[0]["status"], sent[1]["body"]
+
+
 def test_a_short_token_is_a_configuration_error(app_kind):
     with pytest.raises(ConfigurationError, match="at least 16 characters"):
         Client(app_kind, admin_token="short")

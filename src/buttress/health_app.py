@@ -503,7 +503,10 @@ class _Handler:
         assert self._token is not None  # noqa: S101 - admin routes exist only with a token
         scheme, _, given = (authorization or "").partition(" ")
         # Compared in constant time, whatever the scheme, so timing reveals nothing of the token.
-        matches = hmac.compare_digest(given.strip().encode(), self._token)
+        # Both apps hand the header over as its bytes decoded one character each (latin-1), so
+        # those bytes are compared: a token with letters outside ASCII, sent in UTF-8, matches.
+        wire = given.strip().encode("latin-1", errors="replace")
+        matches = hmac.compare_digest(wire, self._token)
         return matches and scheme.lower() == "bearer"
 
 
