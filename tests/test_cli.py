@@ -281,6 +281,18 @@ def test_a_module_that_cannot_be_imported_is_a_usage_error(app_module):
     assert "module no_such_module_here cannot be imported" in done.stderr
 
 
+@pytest.mark.parametrize("command", ["show", "check"])
+def test_a_module_that_raises_at_import_is_a_usage_error_too(tmp_path, command):
+    # It was the module's traceback and exit 1, which a deploy check reads as invalid settings.
+    (tmp_path / "broken_app.py").write_text("raise RuntimeError('no database at import')\n")
+    env = {"PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{tmp_path}"}
+    done = run("config", command, "--module", "broken_app", env=env)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "module broken_app cannot be imported: it raised RuntimeError: no database at import"
+    )
+
+
 def test_config_show_prints_the_retry_budget_as_an_inline_table():
     done = run(
         "config",

@@ -423,6 +423,28 @@ def test_admin_overrides_take_a_ttl_and_end_by_themselves(app_kind, clock):
     assert breaker("openfga").snapshot()["state"] == "disabled"  # a refused action did nothing
 
 
+@pytest.mark.parametrize(
+    ("action", "query"),
+    [
+        # Each was an override for ever: the query was read for ttl alone, a blank value dropped.
+        ("force_open", "ttl="),  # a script's unset variable: ?ttl=$TTL
+        ("force_open", "TTL=30"),
+        ("force_closed", "tll=30"),
+        ("disable", "ttl=30&force=1"),
+        ("reset", "ttl=30"),  # reset ends overrides; it has none of its own to time
+    ],
+)
+def test_an_admin_query_other_than_a_ttl_is_refused_and_changes_nothing(
+    app_kind, clock, action, query
+):
+    tripped("openfga")
+    client = Client(app_kind, admin_token=TOKEN)
+    response = client.request("POST", f"/circuits/openfga/{action}?{query}", TOKEN)
+    assert response.status_code == 400
+    assert response.json()["error"]
+    assert breaker("openfga").snapshot()["state"] == "open"
+
+
 def test_the_token_can_come_from_the_environment(app_kind, monkeypatch, clock):
     tripped("openfga")
     monkeypatch.setenv("BUTTRESS_ADMIN_TOKEN", TOKEN)
@@ -432,6 +454,65 @@ def test_the_token_can_come_from_the_environment(app_kind, monkeypatch, clock):
     assert client.request("POST", "/circuits/openfga/force_open", TOKEN).status_code == 200
     assert disabled.request("POST", "/circuits/openfga/reset", TOKEN).status_code == 404
     assert breaker("openfga").snapshot()["state"] == "forced_open"
+
+
+def test_the_token_variable_is_read_in_any_case_as_the_settings_read_it(
+    app_kind, monkeypatch, clock
+):
+    # The settings take buttress_admin_token for BUTTRESS_ADMIN_TOKEN (no "unknown key" error):
+    # the app ran without admin routes instead, and an operator's force_open answered 404.
+    tripped("openfga")
+    monkeypatch.delenv("BUTTRESS_ADMIN_TOKEN", raising=False)
+    monkeypatch.setenv("buttress_admin_token", TOKEN)
+    client = Client(app_kind)
+    assert client.request("POST", "/circuits/openfga/force_open", TOKEN).status_code == 200
+    assert breaker("openfga").snapshot()["state"] == "forced_open"
+
+
+def test_a_token_outside_ascii_matches_when_sent_in_utf8(app_kind, clock):
+    # The header arrives as latin-1 text; it was encoded again as UTF-8, so the right token
+    # (sent as UTF-8 bytes) never matched.
+    token = "clé-très-secrète-ünd-lang"
+    tripped("openfga")
+    app = asgi_app(admin_token=token) if app_kind == "asgi" else wsgi_app(admin_token=token)
+    sent = f"Bearer {token}".encode()
+    status, _ = _raw_post(app_kind, app, "/circuits/openfga/force_open", sent)
+    assert status == 200
+    assert breaker("openfga").snapshot()["state"] == "forced_open"
+    status, _ = _raw_post(app_kind, app, "/circuits/openfga/reset", b"Bearer cl\xe9-wrong")
+    assert status == 401
+
+
+def _raw_post(kind, app, path, authorization: bytes):
+    """POST with the Authorization header's exact bytes (httpx would refuse non-ASCII text)."""
+    if kind == "wsgi":
+        got: list[str] = []
+        environ = {
+            "REQUEST_METHOD": "POST",
+            "PATH_INFO": path,
+            "QUERY_STRING": "",
+            "HTTP_AUTHORIZATION": authorization.decode("latin-1"),
+        }
+        body = b"".join(app(environ, lambda status, headers: got.append(status)))
+        return int(got[0].split()[0]), body
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"authorization", authorization)],
+    }
+    asyncio.run(app(scope, receive, send))
+    return sent[0]["status"], sent[1]["body"]
 
 
 def test_a_short_token_is_a_configuration_error(app_kind):

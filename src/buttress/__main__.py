@@ -153,6 +153,13 @@ def _import_sites(modules: list[str], err: TextIO) -> list[_Site] | None:
         except ImportError as exc:
             print(f"module {name} cannot be imported: {exc}", file=err)
             return None
+        except Exception as exc:  # noqa: BLE001 - any error of its own code at import
+            # A traceback and exit 1 read as "invalid settings" to a deploy check.
+            print(
+                f"module {name} cannot be imported: it raised {type(exc).__name__}: {exc}",
+                file=err,
+            )
+            return None
         for fn, policy in _decorated(module):
             qualified = f"{fn.__module__}.{fn.__qualname__}"
             service = policy.service or registry.service_name(qualified)

@@ -55,6 +55,7 @@ from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 from buttress import _clock, _deferral, config, events, registry
 from buttress._values import redact_text
+from buttress.config._sources import variable_value
 from buttress.events import CacheServedStale, DeferralQueued, FallbackUsed
 from buttress.exceptions import ConfigurationError
 from buttress.patterns.timeout import WorkerPoolSnapshot, worker_pool_snapshot
@@ -387,8 +388,16 @@ def _json(status: int, body: object, *extra: tuple[str, str]) -> Response:
 
 
 def _ttl(query: str) -> float | str | None:
-    """``ttl`` of an admin action's query string: seconds, None when absent, or the error."""
-    values = urllib.parse.parse_qs(query).get("ttl")
+    """``ttl`` of an admin action's query string: seconds, None when absent, or the error.
+
+    Anything else in the query is an error too: an override without its ttl is for ever, so
+    ``?ttl=`` (a script's unset variable) or ``?TTL=30`` (a typo) must not become one.
+    """
+    parsed = urllib.parse.parse_qs(query, keep_blank_values=True)
+    unknown = sorted(set(parsed) - {"ttl"})
+    if unknown:
+        return f"unknown query parameter {unknown[0]!r}: only ttl=<seconds> is understood"
+    values = parsed.get("ttl")
     if not values:
         return None
     try:
@@ -401,7 +410,12 @@ def _ttl(query: str) -> float | str | None:
 
 
 def _admin_token(admin_token: str | None) -> bytes | None:
-    token = os.environ.get(config.ADMIN_TOKEN_VARIABLE, "") if admin_token is None else admin_token
+    if admin_token is None:
+        # Any case, as the settings read every variable: they accept buttress_admin_token as
+        # this one, so the app must not then run without the token it names.
+        token = variable_value(os.environ, config.ADMIN_TOKEN_VARIABLE) or ""
+    else:
+        token = admin_token
     if not token:
         return None
     if len(token) < MIN_TOKEN_LENGTH:
@@ -466,9 +480,11 @@ class _Handler:
         breaker = _find_breaker(key)
         if breaker is None:
             return _json(404, {"error": f"no circuit for service {key!r}"})
-        ttl = _ttl(query) if action in TIMED_ACTIONS else None
+        ttl = _ttl(query)
         if isinstance(ttl, str):
             return _json(400, {"error": ttl})
+        if ttl is not None and action not in TIMED_ACTIONS:
+            return _json(400, {"error": f"{action} takes no ttl: it ends no override of its own"})
         if ttl is None:
             getattr(breaker, ADMIN_ACTIONS[action])()
         else:
@@ -487,7 +503,10 @@ class _Handler:
         assert self._token is not None  # noqa: S101 - admin routes exist only with a token
         scheme, _, given = (authorization or "").partition(" ")
         # Compared in constant time, whatever the scheme, so timing reveals nothing of the token.
-        matches = hmac.compare_digest(given.strip().encode(), self._token)
+        # Both apps hand the header over as its bytes decoded one character each (latin-1), so
+        # those bytes are compared: a token with letters outside ASCII, sent in UTF-8, matches.
+        wire = given.strip().encode("latin-1", errors="replace")
+        matches = hmac.compare_digest(wire, self._token)
         return matches and scheme.lower() == "bearer"
 
 

@@ -130,6 +130,24 @@ def test_an_unreadable_header_is_ignored(serve: Any, clock: FakeClock, value: st
     assert body.startswith(b"None")
 
 
+def test_a_deadline_said_twice_is_read_alike_by_both_twins(clock: FakeClock) -> None:
+    # A WSGI server joins the two lines ("250,90000": unreadable, so no deadline); the ASGI twin
+    # took the first line alone, so one request had a deadline on one server and none on another.
+    lines = [(b"x-buttress-deadline-ms", b"250"), (b"x-buttress-deadline-ms", b"90000")]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": lines}
+    asyncio.run(asgi_app(remaining)(scope, receive, send))
+    joined = wsgi_call(wsgi_app(remaining), {"X-Buttress-Deadline-Ms": "250,90000"})
+    assert sent[1]["body"] == b"None" == joined[2][: len(b"None")]
+
+
 def test_a_huge_deadline_is_capped_at_a_day(serve: Any, clock: FakeClock) -> None:
     assert serve(remaining, {"X-Buttress-Deadline-Ms": "1e300"})[2].startswith(b"86400.0")
 

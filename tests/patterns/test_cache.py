@@ -168,6 +168,17 @@ def test_lists_and_dicts_are_part_of_the_default_key(mode, clock: FakeClock) -> 
     assert source.calls == 3
 
 
+def test_a_dicts_keys_are_told_apart_by_type_as_arguments_are(mode, clock: FakeClock) -> None:
+    # {1: v} == {True: v} == {1.0: v}: the keys were compared as values, so all three calls got
+    # the first one's answer.
+    source = Source()
+    ask = cached(mode, source, ttl=10)
+    for options in ({1: "x"}, {True: "x"}, {1.0: "x"}, {(1,): "x"}, {(True,): "x"}):
+        mode.run(ask, options)
+    mode.run(ask, {1: "x"})
+    assert source.calls == 5
+
+
 class Opaque:
     __hash__ = None  # type: ignore[assignment]
 

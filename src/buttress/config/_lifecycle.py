@@ -29,7 +29,13 @@ from buttress.config._models import (
     WATCH_INTERVAL_BOUNDS,
     Settings,
 )
-from buttress.config._sources import load_settings, locate_file, read_file, truth
+from buttress.config._sources import (
+    is_variable,
+    load_settings,
+    locate_file,
+    read_file,
+    truth,
+)
 from buttress.config._view import Snapshot
 from buttress.exceptions import ConfigurationError
 from buttress.patterns._base import Options
@@ -148,7 +154,7 @@ def _switched_off(
     environ = os.environ if env is None else env
     for variable in KILL_SWITCH_VARIABLES:
         for name, value in environ.items():
-            if name.upper() == variable:
+            if is_variable(name, variable):
                 return _off(f"env {name}") if truth(value) is False else None
     file_name, path_source = locate_file(environ, config_file)
     if file_name is not None:

@@ -14,7 +14,7 @@ import json
 import os
 import tomllib
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final, Literal, NamedTuple
 
@@ -32,6 +32,7 @@ from buttress.config._models import (
     SECTIONS,
     WATCH_INTERVAL_BOUNDS,
     WATCH_INTERVAL_VARIABLE,
+    ServiceSettings,
     Settings,
     explicit,
     merge_options,
@@ -54,6 +55,8 @@ class _Key(NamedTuple):
     kind: Literal["value", "section", "bad"]
     depth: int = 0  # index of the offending part when bad
     message: str = ""
+    table: type[BaseModel] | None = None  # a value that may also be this model's table
+    annotation: Any = None  # a value's type
 
 
 def _unknown(name: str, known: Iterator[str] | tuple[str, ...] | list[str]) -> str:
@@ -67,7 +70,11 @@ def _classify(parts: tuple[str, ...]) -> _Key:
     """What the key path ``parts`` names in the settings document, or why it names nothing."""
     top = parts[0]
     if top in ("enabled", "chaos_enabled"):
-        return _Key("value") if len(parts) == 1 else _Key("bad", 1, f"{top!r} is a value")
+        return (
+            _Key("value", annotation=bool)
+            if len(parts) == 1
+            else _Key("bad", 1, f"{top!r} is a value")
+        )
     if top not in ("defaults", "services"):
         return _Key("bad", 0, _unknown(top, ["enabled", "defaults", "services"]))
     offset = 1
@@ -82,7 +89,9 @@ def _classify(parts: tuple[str, ...]) -> _Key:
         return _Key("section")
     head = rest[0]
     if head in FLAGS:
-        return _Key("value") if len(rest) == 1 else _Key("bad", offset + 1, f"{head!r} is a value")
+        if len(rest) > 1:
+            return _Key("bad", offset + 1, f"{head!r} is a value")
+        return _Key("value", annotation=ServiceSettings.model_fields[head].annotation)
     if head not in PATTERNS:
         return _Key("bad", offset, _unknown(head, [*FLAGS, *PATTERNS]))
     if len(rest) == 1:
@@ -105,14 +114,16 @@ def _classify(parts: tuple[str, ...]) -> _Key:
     if nested is None:
         if len(rest) > 2:
             return _Key("bad", offset + 2, f"{option!r} is a value")
-        return _Key("value")
+        return _Key("value", annotation=annotation)
     if len(rest) == 2:
-        return _Key("section") if nested is annotation else _Key("value")
+        if nested is annotation:
+            return _Key("section")
+        return _Key("value", table=nested, annotation=annotation)
     if rest[2] not in nested.model_fields:
         return _Key("bad", offset + 2, _unknown(rest[2], list(nested.model_fields)))
     if len(rest) > 3:
         return _Key("bad", offset + 3, f"{rest[2]!r} is a value")
-    return _Key("value")
+    return _Key("value", annotation=nested.model_fields[rest[2]].annotation)
 
 
 def _nested_model(annotation: Any) -> type[BaseModel] | None:
@@ -123,26 +134,49 @@ def _nested_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _admits(annotation: Any, kinds: tuple[type, ...]) -> bool:
+    """Whether a value of one of ``kinds`` is among the types ``annotation`` names."""
+    if annotation in kinds:
+        return True
+    return any(_admits(arg, kinds) for arg in typing.get_args(annotation))
+
+
 def _check_tree(
     tree: Mapping[str, Any],
     label_of: Callable[[tuple[str, ...]], str],
     problems: list[Problem],
     path: tuple[str, ...] = (),
 ) -> None:
-    """Report every key of ``tree`` (at any depth) that the settings models do not know."""
+    """Report every key of ``tree`` (at any depth) that the settings models do not know, and
+    a boolean given for a number."""
     for key, value in tree.items():
         here = (*path, str(key))
         verdict = _classify(here)
         if verdict.kind == "bad":
             problems.append(Problem(".".join(here), label_of(here), verdict.message))
-        elif verdict.kind == "section" and isinstance(value, Mapping):
+        elif (
+            isinstance(value, bool)
+            and _admits(verdict.annotation, (int, float))
+            and not _admits(verdict.annotation, (bool,))
+        ):
+            # pydantic's lax mode reads true as 1: `fail_max = true` in a file (or a JSON
+            # value) opened the circuit at the first failure. Text stays text ("true" is no
+            # number), so only a file's or a JSON value's own booleans get here.
+            problems.append(
+                Problem(
+                    ".".join(here), label_of(here), f"expected a number, not a boolean{_got(value)}"
+                )
+            )
+        elif (verdict.kind == "section" or verdict.table) and isinstance(value, Mapping):
             _check_tree(value, label_of, problems, here)
 
 
 def _leaves(tree: Mapping[str, Any], path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
     for key, value in tree.items():
         here = (*path, str(key))
-        if isinstance(value, Mapping) and value and _classify(here).kind == "section":
+        verdict = _classify(here)
+        # A value given as a table (fallback.defer) has leaves too: its keys' own sources.
+        if isinstance(value, Mapping) and value and (verdict.kind == "section" or verdict.table):
             yield from _leaves(value, here)
         else:
             yield here
@@ -183,14 +217,34 @@ def _merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def is_variable(name: str, variable: str) -> bool:
+    """Whether the environment variable ``name`` is ``variable`` (an ASCII name), in any case.
+
+    Only ASCII letters fold: ``str.upper()`` also turns ``ß`` into ``SS`` and the long s
+    (U+017F) into ``S``, so a name no one meant as ours would be taken for it.
+    """
+    return name.isascii() and name.upper() == variable
+
+
+def variable_value(environ: Mapping[str, str], variable: str) -> str | None:
+    """The value of ``variable`` in ``environ``, whatever case its name is spelled in."""
+    return next((v for k, v in environ.items() if is_variable(k, variable)), None)
+
+
 def _env_parts(name: str) -> tuple[str, ...] | None:
-    upper = name.upper()
-    if upper in KILL_SWITCH_VARIABLES:
-        return ("enabled",)
-    if upper == CHAOS_VARIABLE:
-        return ("chaos_enabled",)
-    if upper.startswith(ENV_PREFIX) and upper not in OTHER_VARIABLES:
-        return tuple(upper[len(ENV_PREFIX) :].lower().split("__"))
+    if name.isascii():
+        upper = name.upper()
+        if upper in KILL_SWITCH_VARIABLES:
+            return ("enabled",)
+        if upper == CHAOS_VARIABLE:
+            return ("chaos_enabled",)
+        if upper in OTHER_VARIABLES:
+            return None
+    if is_variable(name[: len(ENV_PREFIX)], ENV_PREFIX):
+        # The name as given, lower-cased as registry.service_name lowers a name in code:
+        # upper-casing it first made BUTTRESS_SERVICES__STRAßE__... the service 'strasse',
+        # which no call site of @resilient("Straße") (service 'straße') is.
+        return tuple(name[len(ENV_PREFIX) :].lower().split("__"))
     return None
 
 
@@ -208,7 +262,7 @@ def _read_env(
         if parts is None:
             continue
         label = f"env {name}"
-        if parts == ("chaos_enabled",) and name.upper() != CHAOS_VARIABLE:
+        if parts == ("chaos_enabled",) and not is_variable(name, CHAOS_VARIABLE):
             problems.append(Problem("chaos_enabled", label, _CHAOS_ARMING))
             continue
         verdict = _classify(parts)
@@ -219,8 +273,9 @@ def _read_env(
             )
             continue
         parsed: Any = value  # a value stays the string it is; the models convert it
-        if verdict.kind == "section":
-            # A variable that names a whole section holds it as a JSON object.
+        if verdict.kind == "section" or (verdict.table and value.lstrip().startswith("{")):
+            # A variable that names a whole section holds it as a JSON object, and so may one
+            # for a value that is true/false or a table (fallback.defer).
             parsed = _json_object(value)
             if parsed is None:
                 problems.append(
@@ -229,16 +284,20 @@ def _read_env(
                 continue
         other = variables.get(parts)
         if other is not None:
-            # Only the two kill switches name the same key; the FF_ variable is the one in force.
-            first, second = sorted(
-                (other, name), key=lambda n: KILL_SWITCH_VARIABLES.index(n.upper())
-            )
-            if truth(environ[first]) != truth(environ[second]):
-                problems.append(
-                    Problem("enabled", f"env {first}, env {second}", "the kill switches disagree")
+            # Two variables for one key: the two kill switches, or one variable spelled in two
+            # cases (the environment of a POSIX process may hold both). One is in force, the
+            # FF_ kill switch first; they must not say different things.
+            first, second = sorted((other, name), key=_precedence)
+            if _disagree(parts, environ[first], environ[second]):
+                message = (
+                    "the kill switches disagree"
+                    if first.upper() != second.upper()
+                    else "set twice with different values (variable names are case-insensitive)"
                 )
-            variables[parts] = first
-            values[parts] = environ[first]
+                problems.append(Problem(".".join(parts), f"env {first}, env {second}", message))
+            if first == name:
+                variables[parts] = name
+                values[parts] = parsed
             continue
         variables[parts] = name
         values[parts] = parsed
@@ -261,6 +320,20 @@ def _read_env(
 
     _check_tree(raw, label_of, problems)
     return raw, {leaf: label_of(leaf) for leaf in _leaves(raw)}
+
+
+def _precedence(name: str) -> tuple[int, str]:
+    """Which of two variables for one key is in force: the FF_ kill switch, then by name."""
+    upper = name.upper()
+    rank = KILL_SWITCH_VARIABLES.index(upper) if upper in KILL_SWITCH_VARIABLES else 0
+    return rank, name
+
+
+def _disagree(parts: tuple[str, ...], one: str, other: str) -> bool:
+    """Whether two values for the key ``parts`` differ (switches by their truth)."""
+    if parts in (("enabled",), ("chaos_enabled",)):
+        return truth(one) != truth(other)
+    return one != other
 
 
 def _other_variable_hint(top: str) -> str | None:
@@ -309,7 +382,8 @@ def read_file(
         )
         return {}, {}
     if not path.is_file():
-        problems.append(Problem("config_file", path_source, f"{path}: no such file"))
+        what = "a directory, not a file" if path.is_dir() else "no such file"
+        problems.append(Problem("config_file", path_source, f"{path}: {what}"))
         return {}, {}
     raw: object
     try:
@@ -341,9 +415,36 @@ def _read_yaml(path: Path) -> object:
         raise ValueError("YAML files need PyYAML: pip install 'buttress[yaml]'") from None
     try:
         # YamlConfigSettingsSource would turn an empty or non-mapping document into {} silently.
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        loader = _unique_keys_loader(yaml)  # a SafeLoader: no tag builds an object
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=loader) or {}  # noqa: S506
     except yaml.YAMLError as exc:
         raise ValueError(str(exc)) from None
+
+
+def _unique_keys_loader(yaml: Any) -> Any:
+    """PyYAML's safe loader, refusing a key given twice in one mapping.
+
+    PyYAML keeps the last one silently: a service's ``circuit_breaker:`` written twice lost the
+    first section, where TOML refuses the file.
+    """
+
+    class UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc]
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[object] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *defaults`: the keys written after it override it, rightly
+                key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key, Hashable):
+                    break  # refused below as PyYAML refuses it ("found unhashable key")
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def load_settings(
@@ -377,12 +478,16 @@ def load_settings(
         settings = Settings(**merged)
     except ValidationError as exc:
         for error in exc.errors():
-            path = ".".join(str(part) for part in error["loc"])
+            loc = _key_of(error)
+            if loc is None:
+                continue
+            path = ".".join(loc)
             if path in reported:
                 continue
-            problems.append(
-                Problem(path, _source_of_loc(error["loc"], sources), error_message(error, path))
-            )
+            # One problem per key: a value refused by each type of a union (hedging.delay, a
+            # number or a percentile) is reported by the first, the one its own type tried.
+            reported.add(path)
+            problems.append(Problem(path, _source_of_loc(loc, sources), error_message(error, path)))
     if settings is not None:
         problems.extend(_check_sections(settings, sources))
     if problems:
@@ -396,7 +501,7 @@ def load_settings(
 
 def _watch_interval(environ: Mapping[str, str], problems: list[Problem]) -> float:
     """Seconds between two looks at the config file: ``BUTTRESS_CONFIG_WATCH_INTERVAL``, 0 = off."""
-    raw = next((v for k, v in environ.items() if k.upper() == WATCH_INTERVAL_VARIABLE), None)
+    raw = variable_value(environ, WATCH_INTERVAL_VARIABLE)
     if raw is None or not raw.strip():
         return DEFAULT_WATCH_INTERVAL
     low, high = WATCH_INTERVAL_BOUNDS
@@ -423,8 +528,37 @@ def locate_file(
     """The config file to read (``None``: none), and what named it."""
     if config_file is not None:
         return os.fspath(config_file), "argument config_file"
-    named = next((v for k, v in environ.items() if k.upper() == CONFIG_FILE_VARIABLE and v), None)
+    named = next(
+        (v for k, v in environ.items() if is_variable(k, CONFIG_FILE_VARIABLE) and v), None
+    )
     return named, f"env {CONFIG_FILE_VARIABLE}"
+
+
+def _key_of(error: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The key path of a validation error, or ``None`` for an error no one needs to read.
+
+    pydantic puts the member of a union that refused a value after the value's key
+    (``hedging.delay.constrained-float``, ``fallback.defer.DeferOptions.max_items``): no key a
+    user could write, so it is dropped. A value that may be a table (``fallback.defer``: true,
+    or its options) is refused by each member: only the refusals of the kind given are kept
+    (a table's keys; else the scalar's), not "should be a valid boolean" for a table.
+    """
+    parts = tuple(str(part) for part in error["loc"])
+    for end in range(1, len(parts) + 1):
+        verdict = _classify(parts[:end])
+        if verdict.kind != "value":
+            continue
+        key, member = parts[:end], parts[end : end + 1]
+        if verdict.table is None or not member:
+            return key
+        given_table = isinstance(error.get("input"), Mapping)
+        if member[0] == verdict.table.__name__:
+            inner = parts[end + 1 : end + 2]
+            if not inner:  # the value itself refused as a table
+                return key if given_table else None
+            return (*key, *inner)
+        return None if given_table else key
+    return parts
 
 
 def _source_of_loc(loc: tuple[int | str, ...], sources: Mapping[tuple[str, ...], str]) -> str:
@@ -480,8 +614,13 @@ def _check_sections(settings: Settings, sources: Mapping[tuple[str, ...], str]) 
                 keys += [(*prefix, pattern, f) for f in own]
                 labels = sorted({sources[key] for key in keys if key in sources})
                 source = ", ".join(labels) if labels else f"preset {preset}"
+                seen: set[str] = set()
                 for error in exc.errors():
-                    path = ".".join((*prefix, pattern, *(str(part) for part in error["loc"])))
+                    loc = _key_of({**error, "loc": (*prefix, pattern, *error["loc"])})
+                    if loc is None or ".".join(loc) in seen:
+                        continue  # one problem per key, as in load_settings
+                    path = ".".join(loc)
+                    seen.add(path)
                     problems.append(Problem(path, source, error_message(error, path)))
     return problems
 

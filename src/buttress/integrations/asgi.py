@@ -55,11 +55,13 @@ class ResilienceMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        value = next(
-            (v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() == self._key),
-            None,
-        )
-        seconds = budget(value)
+        # Every line of the header, joined as a WSGI server joins them: a request that says its
+        # deadline twice gets the same answer from both twins (none read), not the first line
+        # here and nothing there.
+        values = [
+            v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() == self._key
+        ]
+        seconds = budget(",".join(values) if values else None)
         if seconds is not None and seconds <= 0:
             await _answer(
                 send, EXPIRED_STATUS, [("content-type", "text/plain; charset=utf-8")], EXPIRED_BODY

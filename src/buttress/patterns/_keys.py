@@ -2,10 +2,11 @@
 
 The default key is built from the arguments: each value is itself when it can be hashed, tagged
 with its type (so ``f(1)``, ``f(1.0)`` and ``f(True)`` stay apart); lists and tuples become
-tuples, dicts become sets of their items and sets become frozen sets, at any depth (so a list of
-chat messages is a key). A value of any other unhashable type raises a ``TypeError`` at the call
-that names its type and asks for a ``key=`` function: a key that silently never matches would
-hide that nothing is cached or shared. Keyword arguments count by name, in any order.
+tuples, dicts become sets of their items (keys tagged as well) and sets become frozen sets, at
+any depth (so a list of chat messages is a key). A value of any other unhashable type raises a
+``TypeError`` at the call that names its type and asks for a ``key=`` function: a key that
+silently never matches would hide that nothing is cached or shared. Keyword arguments count by
+name, in any order.
 
 Under ``Policy.call(fn, ...)`` the function is part of the key: one policy may run several.
 """
@@ -30,7 +31,13 @@ def _freeze(value: Any, pattern: str) -> Hashable:
     if kind in _SEQUENCES:
         return (kind, tuple(_freeze(item, pattern) for item in value))
     if kind is dict:
-        return (dict, frozenset((key, _freeze(item, pattern)) for key, item in value.items()))
+        # Keys tagged too: {1: v} and {True: v} are equal dicts, yet not the same argument.
+        return (
+            dict,
+            frozenset(
+                (_freeze(key, pattern), _freeze(item, pattern)) for key, item in value.items()
+            ),
+        )
     if kind in (set, frozenset):
         return (frozenset, frozenset(_freeze(item, pattern) for item in value))
     try:
