@@ -30,7 +30,7 @@ from buttress.config._models import (
     Settings,
 )
 from buttress.config._sources import (
-    is_variable,
+    find_variable,
     load_settings,
     locate_file,
     read_file,
@@ -153,9 +153,10 @@ def _switched_off(
     """
     environ = os.environ if env is None else env
     for variable in KILL_SWITCH_VARIABLES:
-        for name, value in environ.items():
-            if is_variable(name, variable):
-                return _off(f"env {name}") if truth(value) is False else None
+        found = find_variable(environ, variable)
+        if found is not None:
+            name, value = found
+            return _off(f"env {name}") if truth(value) is False else None
     file_name, path_source = locate_file(environ, config_file)
     if file_name is not None:
         raw, _ = read_file(Path(file_name), path_source, [])

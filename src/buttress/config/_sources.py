@@ -10,6 +10,7 @@ text, which the models convert (the same on every supported pydantic-settings ve
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
 import tomllib
@@ -226,9 +227,15 @@ def is_variable(name: str, variable: str) -> bool:
     return name.isascii() and name.upper() == variable
 
 
+def find_variable(environ: Mapping[str, str], variable: str) -> tuple[str, str] | None:
+    """``(name, value)`` of ``variable`` in ``environ``, whatever case its name is spelled in."""
+    return next(((k, v) for k, v in environ.items() if is_variable(k, variable)), None)
+
+
 def variable_value(environ: Mapping[str, str], variable: str) -> str | None:
     """The value of ``variable`` in ``environ``, whatever case its name is spelled in."""
-    return next((v for k, v in environ.items() if is_variable(k, variable)), None)
+    found = find_variable(environ, variable)
+    return None if found is None else found[1]
 
 
 def _env_parts(name: str) -> tuple[str, ...] | None:
@@ -415,20 +422,22 @@ def _read_yaml(path: Path) -> object:
         raise ValueError("YAML files need PyYAML: pip install 'buttress[yaml]'") from None
     try:
         # YamlConfigSettingsSource would turn an empty or non-mapping document into {} silently.
-        loader = _unique_keys_loader(yaml)  # a SafeLoader: no tag builds an object
+        loader = _unique_keys_loader()  # a SafeLoader: no tag builds an object
         return yaml.load(path.read_text(encoding="utf-8"), Loader=loader) or {}  # noqa: S506
     except yaml.YAMLError as exc:
         raise ValueError(str(exc)) from None
 
 
-def _unique_keys_loader(yaml: Any) -> Any:
+@functools.cache  # one class, made at the first YAML file read (PyYAML is optional)
+def _unique_keys_loader() -> Any:
     """PyYAML's safe loader, refusing a key given twice in one mapping.
 
     PyYAML keeps the last one silently: a service's ``circuit_breaker:`` written twice lost the
     first section, where TOML refuses the file.
     """
+    import yaml  # noqa: PLC0415 - optional, and _read_yaml imported it already
 
-    class UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc]
+    class UniqueKeyLoader(yaml.SafeLoader):
         def construct_mapping(self, node: Any, deep: bool = False) -> Any:
             seen: set[object] = set()
             for key_node, _ in node.value:
