@@ -8,29 +8,13 @@ named by); each call queued in this process remembers the stack it came through.
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import time
 from typing import Any
 
-from buttress import Deferred, circuit_breaker, with_fallback
+from tests.patterns.test_deferral import replayed
+
+from buttress import circuit_breaker, with_fallback
 from buttress.testing import FakeClock, force_circuit_state
-
-
-def replayed(mode: Any, handle: Deferred) -> Any:
-    """The handle's result once the replay thread settled it (bounded real-time wait)."""
-    if mode.is_async:
-
-        async def wait() -> Any:
-            async with asyncio.timeout(5):
-                return await handle.wait()
-
-        return mode.run(wait)
-    limit = time.monotonic() + 5
-    while not handle.done():
-        assert time.monotonic() < limit, "not replayed in time"
-        time.sleep(0.001)
-    return handle.result(0)
 
 
 def deferring(fn: Any) -> Any:
